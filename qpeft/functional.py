@@ -1,0 +1,123 @@
+"""Public quantization API: tensors in, (codes, QuantState) out, and back.
+
+Thin over the registered ops (``torch.ops.qpeft.*``): this layer adds argument
+defaults, double quantization, the non-finite check and QuantState bookkeeping.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ops  # noqa: F401  (defines torch.ops.qpeft.*)
+from . import backends  # noqa: F401  (registers every backend's kernels)
+from ._formats import NESTED_BLOCKSIZE, code4, dynamic_map
+from ._validate import float_input
+from .quant_state import QuantState
+
+__all__ = ["quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise"]
+
+
+def _check_finite(x: torch.Tensor, absmax: torch.Tensor, allow_nonfinite: bool) -> None:
+    # A block's absmax is non-finite exactly when the block holds a NaN or an Inf
+    # (absmax propagates NaN), so the full scan below runs only on bad input.
+    if allow_nonfinite or bool(torch.isfinite(absmax).all()):
+        return
+    bad = ~torch.isfinite(x.reshape(-1))
+    count = int(bad.sum())
+    first = int(bad.nonzero()[0, 0])
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), x.shape)) if x.dim() > 1 else (first,)
+    raise ValueError(
+        f"input has {count} non-finite value(s) (NaN or Inf); the first is at index {index} "
+        f"(flat {first}) = {float(x.reshape(-1)[first])}. Pass allow_nonfinite=True to quantize anyway "
+        "(the blocks holding them then decode to non-finite values)."
+    )
+
+
+def quantize_4bit(
+    x: torch.Tensor,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    *,
+    allow_nonfinite: bool = False,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``x`` (fp32/fp16/bf16, any shape) to packed 4-bit NF4 or FP4 codes.
+
+    Returns ``(packed, state)``: ``packed`` is uint8 ``[(numel + 1) // 2, 1]``, two
+    codes per byte with the first element in the high nibble; ``state`` holds one
+    fp32 absmax per ``blocksize`` elements, double-quantized to 8 bits (blocks of
+    256, plus an fp32 offset) when ``double_quant``. Bit-compatible with
+    ``bitsandbytes.functional.quantize_4bit(x, blocksize, compress_statistics=double_quant,
+    quant_type=quant_type)``.
+    """
+    float_input(x, "input")
+    packed, absmax = torch.ops.qpeft.quantize_4bit(x, blocksize, quant_type)
+    _check_finite(x, absmax, allow_nonfinite)
+    state = QuantState(
+        absmax=absmax,
+        shape=x.shape,
+        code=code4(quant_type, x.device).clone(),
+        blocksize=blocksize,
+        quant_type=quant_type,
+        dtype=x.dtype,
+    )
+    if double_quant:
+        offset = absmax.mean()
+        absmax_codes, nested = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+        state.absmax = absmax_codes
+        state.offset = offset
+        state.state2 = nested
+    return packed, state
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decode ``packed`` with ``state`` to a tensor of ``state.shape`` and ``out_dtype``
+    (default ``state.dtype``). Double-quantized statistics are decoded in the same pass."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a qpeft.QuantState, got {type(state).__name__}")
+    if state.quant_type is None or state.shape is None:
+        raise ValueError("state is not a 4-bit quantization state (no quant_type/shape)")
+    dtype = out_dtype if out_dtype is not None else state.dtype
+    if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage: the same bytes in another dtype
+        packed = packed.contiguous().view(torch.uint8)
+    if state.nested:
+        return torch.ops.qpeft.dequantize_4bit_nested(
+            packed,
+            state.absmax,
+            state.state2.absmax,
+            state.state2.code,
+            state.offset.reshape(1).to(torch.float32),
+            state.blocksize,
+            state.state2.blocksize,
+            state.quant_type,
+            list(state.shape),
+            dtype,
+        )
+    return torch.ops.qpeft.dequantize_4bit(packed, state.absmax, state.blocksize, state.quant_type, list(state.shape), dtype)
+
+
+def quantize_blockwise(
+    x: torch.Tensor,
+    blocksize: int = 256,
+    code: torch.Tensor | None = None,
+    *,
+    allow_nonfinite: bool = False,
+) -> tuple[torch.Tensor, QuantState]:
+    """8-bit blockwise quantization with a sorted 256-value map (default: the signed
+    dynamic map). Returns ``(q, state)``: uint8 codes of ``x``'s shape and a state with
+    one fp32 absmax per block. Bit-compatible with bitsandbytes' CPU quantize_blockwise."""
+    float_input(x, "input")
+    if code is None:
+        code = dynamic_map(signed=True, device=x.device)
+    q, absmax = torch.ops.qpeft.quantize_blockwise(x, code, blocksize)
+    _check_finite(x, absmax, allow_nonfinite)
+    return q, QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=x.dtype, shape=x.shape)
+
+
+def dequantize_blockwise(q: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Decode 8-bit blockwise codes: ``code[q] * absmax[block]`` cast to ``out_dtype``
+    (default ``state.dtype``, fp32 when unset)."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a qpeft.QuantState, got {type(state).__name__}")
+    dtype = out_dtype or state.dtype or torch.float32
+    return torch.ops.qpeft.dequantize_blockwise(q, state.absmax, state.code, state.blocksize, dtype)

@@ -1,0 +1,127 @@
+"""Bit-compatibility with bitsandbytes (>= 0.45; CI installs 0.50.x) on CPU.
+
+Codes, absmax, nested statistics and dequantized values must be identical, and
+serialized states must load in both directions.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import qpeft
+import qpeft.functional as qf
+from qpeft import QuantState
+from qpeft._formats import BLOCKSIZES_4BIT, code4, dynamic_map
+
+from .conftest import CPU_BACKENDS, DTYPES, assert_bits_equal
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    bnb = pytest.importorskip("bitsandbytes")
+    bnbF = pytest.importorskip("bitsandbytes.functional")
+
+BACKENDS = ["default", *CPU_BACKENDS]
+SIZES = [1, 7, 64, 4097, 64 * 300 + 33, 70_000]
+
+
+def _bnb_quantize(x, blocksize, quant_type, double_quant):
+    return bnbF.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("blocksize", BLOCKSIZES_4BIT)
+def test_quantize_4bit_identical(backend, dtype, quant_type, double_quant, blocksize):
+    g = torch.Generator().manual_seed(blocksize)
+    for n in SIZES:
+        x = (torch.randn(n, generator=g) * 2.5).to(dtype)
+        p_bnb, s_bnb = _bnb_quantize(x, blocksize, quant_type, double_quant)
+        packed, state = qf.quantize_4bit(x, blocksize, quant_type, double_quant)
+        what = f"n={n}"
+        assert_bits_equal(packed, p_bnb, f"{what} packed codes")
+        assert_bits_equal(state.absmax, s_bnb.absmax, f"{what} absmax")
+        assert torch.equal(state.code, s_bnb.code)
+        if double_quant:
+            assert_bits_equal(state.offset, s_bnb.offset, f"{what} offset")
+            assert_bits_equal(state.state2.absmax, s_bnb.state2.absmax, f"{what} nested absmax")
+            assert_bits_equal(state.state2.code, s_bnb.state2.code, f"{what} nested code")
+            assert state.state2.blocksize == s_bnb.state2.blocksize == 256
+        out = qf.dequantize_4bit(packed, state)
+        ref = bnbF.dequantize_4bit(p_bnb, s_bnb)
+        assert out.dtype == ref.dtype == dtype and out.shape == x.shape
+        ref = ref.reshape(x.shape)  # bitsandbytes' CPU kernel returns 1-D inputs as [1, n]
+        assert_bits_equal(out, ref, f"{what} dequantized")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("signed", [True, False])
+def test_quantize_blockwise_identical(backend, dtype, signed):
+    g = torch.Generator().manual_seed(3)
+    code = dynamic_map(signed=signed)
+    for n in (5, 256, 1000, 256 * 77 + 13):
+        x = torch.randn(n, generator=g) * 4
+        x = (x if signed else x.abs()).to(dtype)
+        q_bnb, s_bnb = bnbF.quantize_blockwise(x, code=code.clone(), blocksize=256)
+        q, s = qf.quantize_blockwise(x, 256, code)
+        assert_bits_equal(q, q_bnb, f"n={n} 8-bit codes")
+        assert_bits_equal(s.absmax, s_bnb.absmax, f"n={n} 8-bit absmax")
+        assert_bits_equal(
+            qf.dequantize_blockwise(q, s), bnbF.dequantize_blockwise(q_bnb, s_bnb), "8-bit values"
+        )
+
+
+def test_tables_match_bitsandbytes():
+    for qt in ("nf4", "fp4"):
+        assert_bits_equal(code4(qt), bnbF.get_4bit_type(qt, device="cpu"), f"{qt} table")
+    for signed in (True, False):
+        assert_bits_equal(dynamic_map(signed), bnbF.create_dynamic_map(signed=signed), f"dynamic map {signed}")
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_state_dict_bitsandbytes_to_qpeft(double_quant, quant_type):
+    x = torch.randn(96, 40, dtype=torch.bfloat16)
+    p_bnb, s_bnb = _bnb_quantize(x, 64, quant_type, double_quant)
+    d = {f"weight.{k}": v for k, v in s_bnb.as_dict(packed=True).items()}
+    state = QuantState.from_dict(d, device="cpu")
+    assert state.shape == x.shape and state.dtype == x.dtype and state.nested == double_quant
+    assert torch.equal(qf.dequantize_4bit(p_bnb, state), bnbF.dequantize_4bit(p_bnb, s_bnb))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_state_dict_qpeft_to_bitsandbytes(double_quant, quant_type):
+    x = torch.randn(33, 70, dtype=torch.float16)
+    packed, state = qf.quantize_4bit(x, 128, quant_type, double_quant)
+    ours = state.as_dict(packed=True)
+    theirs = _bnb_quantize(x, 128, quant_type, double_quant)[1].as_dict(packed=True)
+    assert ours.keys() == theirs.keys()
+    for k in ours:  # identical tensors, including the JSON bytes of the packed entry
+        assert_bits_equal(ours[k], theirs[k], k)
+    s_bnb = bnbF.QuantState.from_dict(dict(ours), device="cpu")
+    assert torch.equal(bnbF.dequantize_4bit(packed, s_bnb), qf.dequantize_4bit(packed, state))
+
+
+def test_nonfinite_blocks_are_nonfinite_like_bitsandbytes():
+    x = torch.randn(256)
+    x[3], x[200] = float("nan"), float("inf")
+    packed, state = qf.quantize_4bit(x, 64, allow_nonfinite=True, double_quant=False)
+    p_bnb, s_bnb = _bnb_quantize(x, 64, "nf4", False)
+    ours, theirs = qf.dequantize_4bit(packed, state), bnbF.dequantize_4bit(p_bnb, s_bnb).reshape(-1)
+    for blk in range(4):
+        sl = slice(64 * blk, 64 * blk + 64)
+        assert bool(torch.isfinite(ours[sl]).all()) == bool(torch.isfinite(theirs[sl]).all()), blk
+    assert bool(torch.isfinite(ours[64:192]).all())
+    assert torch.equal(ours[64:192], theirs[64:192])
+
+
+def test_use_backend_default_runs_reference_on_cpu():
+    with qpeft.use_backend("default"):
+        assert qpeft.current_backend() == "default"
+    assert qpeft.current_backend() is None

@@ -1,0 +1,59 @@
+"""The registered ops: torch.library.opcheck on each, and torch.compile(fullgraph)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qpeft  # noqa: F401
+from qpeft._formats import dynamic_map
+
+from .conftest import CPU_BACKENDS, assert_bits_equal
+
+
+def _op_samples():
+    x = torch.randn(37, 19, dtype=torch.bfloat16)
+    packed, absmax = torch.ops.qpeft.quantize_4bit.default(x, 64, "nf4")
+    code = dynamic_map()
+    q, nested_absmax = torch.ops.qpeft.quantize_blockwise.default(absmax - absmax.mean(), code, 256)
+    offset = absmax.mean().reshape(1)
+    return [
+        (torch.ops.qpeft.quantize_4bit.default, (x, 64, "nf4")),
+        (torch.ops.qpeft.quantize_4bit.default, (x.float(), 32, "fp4")),
+        (torch.ops.qpeft.dequantize_4bit.default, (packed, absmax, 64, "nf4", [37, 19], torch.float16)),
+        (
+            torch.ops.qpeft.dequantize_4bit_nested.default,
+            (packed, q, nested_absmax, code, offset, 64, 256, "nf4", [37, 19], torch.bfloat16),
+        ),
+        (torch.ops.qpeft.quantize_blockwise.default, (x, code, 128)),
+        (torch.ops.qpeft.dequantize_blockwise.default, (q, nested_absmax, code, 256, torch.float32)),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["default", *CPU_BACKENDS], indirect=True)
+@pytest.mark.parametrize("index", range(6))
+def test_opcheck(backend, index):
+    op, args = _op_samples()[index]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", ["default", *CPU_BACKENDS], indirect=True)
+def test_ops_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    code = dynamic_map()
+
+    def roundtrip(x):
+        packed, absmax = torch.ops.qpeft.quantize_4bit(x, 64, "nf4")
+        offset = absmax.mean()
+        q, nested = torch.ops.qpeft.quantize_blockwise(absmax - offset, code, 256)
+        w = torch.ops.qpeft.dequantize_4bit_nested(
+            packed, q, nested, code, offset.reshape(1), 64, 256, "nf4", list(x.shape), torch.float32
+        )
+        w2 = torch.ops.qpeft.dequantize_4bit(packed, absmax, 64, "nf4", list(x.shape), torch.float32)
+        a = torch.ops.qpeft.dequantize_blockwise(q, nested, code, 256, torch.float32)
+        return w, w2, a
+
+    x = torch.randn(128, 96)
+    compiled = torch.compile(roundtrip, fullgraph=True, backend="inductor")
+    for got, want in zip(compiled(x), roundtrip(x)):
+        assert_bits_equal(got, want, "compiled vs eager")
