@@ -14,7 +14,7 @@ from ._formats import NESTED_BLOCKSIZE, code4, dynamic_map
 from ._validate import float_input
 from .quant_state import QuantState
 
-__all__ = ["quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise"]
+__all__ = ["quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise", "qlora_linear"]
 
 
 def _check_finite(x: torch.Tensor, absmax: torch.Tensor, allow_nonfinite: bool) -> None:
@@ -62,7 +62,12 @@ def quantize_4bit(
         dtype=x.dtype,
     )
     if double_quant:
-        offset = absmax.mean()
+        offset = absmax.mean()  # fp32, as bitsandbytes computes it (the bits must match)
+        if not bool(torch.isfinite(offset)):
+            raise ValueError(
+                "double quantization overflowed: the mean of the block absmax values is not finite in fp32 "
+                f"(largest absmax {float(absmax.max()):.3e}); quantize with double_quant=False"
+            )
         absmax_codes, nested = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
         state.absmax = absmax_codes
         state.offset = offset
@@ -121,3 +126,4 @@ def dequantize_blockwise(q: torch.Tensor, state: QuantState, out_dtype: torch.dt
         raise TypeError(f"state must be a qpeft.QuantState, got {type(state).__name__}")
     dtype = out_dtype or state.dtype or torch.float32
     return torch.ops.qpeft.dequantize_blockwise(q, state.absmax, state.code, state.blocksize, dtype)
+

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+
+# Without a GPU, Triton's interpreter runs the Triton kernels on CPU tensors (how CI
+# executes them); it must be chosen before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings
 
 import qpeft

@@ -78,15 +78,21 @@ def test_4bit_edge_cases(backend, quant_type, case):
         x = torch.tensor([0.0, -0.0, 1e-3, -1e-3, 1.0] * 20)
     elif case == "constant":
         x = torch.full((200,), -7.25)
-    else:  # huge magnitudes: still finite in fp32
+    else:  # huge magnitudes: still finite in fp32 and bf16
         x = torch.tensor([3e38, -3e38, 1e38, 1.0] * 50)
     for dtype in DTYPES:
         xd = x.to(dtype)
         if not bool(torch.isfinite(xd).all()):
             continue  # 3e38 overflows fp16: covered by the non-finite tests
         for blocksize in (32, 64, 4096):
-            _assert_same_quantization(xd, blocksize, quant_type, True, f"{backend} {case} {dtype} bs{blocksize}")
-            _assert_same_quantization(xd, blocksize, quant_type, False, f"{backend} {case} {dtype} bs{blocksize}")
+            what = f"{backend} {case} {dtype} bs{blocksize}"
+            _assert_same_quantization(xd, blocksize, quant_type, False, what)
+            absmax = _reference(torch.ops.qpeft.quantize_4bit, xd, blocksize, quant_type)[1]
+            if not bool(torch.isfinite(absmax.mean())):  # the fp32 mean overflows: a clear error
+                with pytest.raises(ValueError, match="double quantization overflowed"):
+                    qf.quantize_4bit(xd, blocksize, quant_type, True)
+            else:
+                _assert_same_quantization(xd, blocksize, quant_type, True, what)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
