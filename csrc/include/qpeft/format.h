@@ -69,8 +69,9 @@ constexpr float kAbsmaxFloor = 1e-38f;  // bitsandbytes clamps absmax to this be
 #define QPEFT_NF4_ORDER 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
 #define QPEFT_FP4_ORDER 11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3
 
-constexpr float kNF4[kNumCodes4] = {QPEFT_NF4_VALUES};
-constexpr float kFP4[kNumCodes4] = {QPEFT_FP4_VALUES};
+// (Named *Values: kNF4 / kFP4 are the QuantType enumerators above.)
+constexpr float kNF4Values[kNumCodes4] = {QPEFT_NF4_VALUES};
+constexpr float kFP4Values[kNumCodes4] = {QPEFT_FP4_VALUES};
 constexpr uint8_t kNF4Order[kNumCodes4] = {QPEFT_NF4_ORDER};
 constexpr uint8_t kFP4Order[kNumCodes4] = {QPEFT_FP4_ORDER};
 
@@ -88,8 +89,8 @@ constexpr float midpoint(float a, float b) { return (a + b) / 2.0f; }
    midpoint(V[O[12]], V[O[13]]), midpoint(V[O[13]], V[O[14]]),                        \
    midpoint(V[O[14]], V[O[15]])}
 
-constexpr float kNF4Mid[kNumCodes4 - 1] = QPEFT_MIDPOINTS(kNF4, kNF4Order);
-constexpr float kFP4Mid[kNumCodes4 - 1] = QPEFT_MIDPOINTS(kFP4, kFP4Order);
+constexpr float kNF4Mid[kNumCodes4 - 1] = QPEFT_MIDPOINTS(kNF4Values, kNF4Order);
+constexpr float kFP4Mid[kNumCodes4 - 1] = QPEFT_MIDPOINTS(kFP4Values, kFP4Order);
 
 static_assert(kNF4Mid[6] < 0.0f && kNF4Mid[7] > 0.0f, "NF4 midpoints must bracket zero");
 static_assert(kFP4Mid[7] == 0.0f, "FP4 +0/-0 midpoint is zero");
@@ -185,7 +186,8 @@ QPEFT_HD float f16_to_f32(uint16_t h) {
   uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t exp = (h >> 10) & 0x1fu;
   uint32_t man = h & 0x3ffu;
-  if (exp == 0x1fu) return bits_f32(sign | 0x7f800000u | (man << 13));
+  // inf, or NaN made quiet (bit 22) as F16C's vcvtph2ps and torch do
+  if (exp == 0x1fu) return bits_f32(sign | 0x7f800000u | (man << 13) | (man != 0 ? 0x400000u : 0u));
   if (exp != 0) return bits_f32(sign | ((exp + 112u) << 23) | (man << 13));
   if (man == 0) return bits_f32(sign);
   // subnormal half: value = man * 2^-24, exact in fp32

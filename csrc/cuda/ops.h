@@ -1,0 +1,52 @@
+// Host entry points of qpeft._C_cuda (defined in csrc/cuda/*.cu).
+//
+// Plain C++ with no CUDA headers, so csrc/bindings/cuda_module.cpp compiles with
+// the host compiler. The ABI is csrc/README.md's: raw device pointers as
+// uintptr_t, 64-bit element counts, a `*_len` per buffer (checked before any
+// launch; std::invalid_argument on mismatch), and a trailing cudaStream_t passed
+// as uintptr_t. Kernels are enqueued on `stream` and not waited for; a failed
+// launch throws std::runtime_error. n == 0 validates and returns without
+// touching CUDA.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace qpeft {
+namespace cuda {
+
+// x: n elements of x_dtype (0 f32, 1 f16, 2 bf16); packed: uint8[(n+1)/2];
+// absmax: fp32[ceil(n/blocksize)]; quant_type 1 = fp4, 2 = nf4.
+void quantize_4bit(std::uintptr_t x, int x_dtype, std::int64_t n, std::int64_t blocksize,
+                   int quant_type, std::uintptr_t packed, std::int64_t packed_len,
+                   std::uintptr_t absmax, std::int64_t absmax_len, std::uintptr_t stream);
+
+// nested_absmax == 0: absmax is fp32[ceil(n/blocksize)]. Otherwise absmax holds
+// uint8 codes, decoded as nested_code[q] * nested_absmax[i / nested_blocksize] + *offset
+// (nested_code: fp32[256] and offset: fp32[1], both device pointers).
+void dequantize_4bit(std::uintptr_t packed, std::int64_t packed_len, std::uintptr_t absmax,
+                     std::int64_t absmax_len, std::int64_t n, std::int64_t blocksize,
+                     int quant_type, std::uintptr_t out, int out_dtype,
+                     std::uintptr_t nested_absmax, std::int64_t nested_absmax_len,
+                     std::uintptr_t nested_code, std::uintptr_t offset,
+                     std::int64_t nested_blocksize, std::uintptr_t stream);
+
+// code: fp32[256] sorted ascending; q: uint8[n]; absmax: fp32[ceil(n/blocksize)].
+void quantize_blockwise(std::uintptr_t x, int x_dtype, std::int64_t n, std::int64_t blocksize,
+                        std::uintptr_t code, std::uintptr_t q, std::int64_t q_len,
+                        std::uintptr_t absmax, std::int64_t absmax_len, std::uintptr_t stream);
+
+void dequantize_blockwise(std::uintptr_t q, std::int64_t q_len, std::uintptr_t absmax,
+                          std::int64_t absmax_len, std::uintptr_t code, std::int64_t n,
+                          std::int64_t blocksize, std::uintptr_t out, int out_dtype,
+                          std::uintptr_t stream);
+
+// Architectures compiled into this module, e.g. {75, 80, 86, 89, 90, 100, 120}
+// (nvcc's __CUDA_ARCH_LIST__ / 10: the virtual archs of the -gencode list).
+std::vector<int> compiled_archs();
+
+// cudaGetDeviceCount, called only when this is; 0 when there is no driver or GPU.
+int device_count();
+
+}  // namespace cuda
+}  // namespace qpeft

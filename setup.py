@@ -1,0 +1,200 @@
+"""Build qpeft: setuptools drives CMake (CMakeLists.txt) for the native modules.
+
+Environment:
+  QPEFT_CUDA        auto (default): build qpeft._C_cuda when nvcc is found;
+                    1: require it (error if nvcc is missing); 0: CPU only.
+  QPEFT_CUDA_ARCHS  CMAKE_CUDA_ARCHITECTURES list, default
+                    75-real;80-real;86-real;89-real;90-real;100-real;120
+  QPEFT_BUILD_JOBS  parallel compile jobs (default 2)
+  CMAKE_CUDA_COMPILER / CUDACXX   nvcc to use (else `nvcc` on PATH, else
+                    /usr/local/cuda/bin/nvcc)
+
+The build never probes hardware and never downloads anything. Build trees live
+under build/cmake-*; the CMake + compiler output (with the ptxas -v
+register/spill report of the CUDA kernels) is passed through and also written to
+build/qpeft-native-build.log.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCHS = "75-real;80-real;86-real;89-real;90-real;100-real;120"
+
+
+class CMakeExtension(Extension):
+    """An extension built by CMake: the one target produces qpeft._C (and
+    qpeft._C_cuda when CUDA is on) into the package directory."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+def _cmake_executable() -> str:
+    try:  # the `cmake` package from build-system.requires
+        import cmake  # type: ignore
+
+        exe = Path(cmake.CMAKE_BIN_DIR) / "cmake"
+        if exe.exists():
+            return str(exe)
+    except ImportError:
+        pass
+    exe = shutil.which("cmake")
+    if exe is None:
+        raise RuntimeError("qpeft: CMake >= 3.21 is required to build the native modules (pip install cmake)")
+    return exe
+
+
+def _find_nvcc() -> str | None:
+    for var in ("CMAKE_CUDA_COMPILER", "CUDACXX"):
+        path = os.environ.get(var)
+        if path:
+            return path
+    path = shutil.which("nvcc")
+    if path:
+        return path
+    fallback = "/usr/local/cuda/bin/nvcc"
+    return fallback if os.path.exists(fallback) else None
+
+
+def _cuda_setting() -> tuple[bool, str | None]:
+    mode = os.environ.get("QPEFT_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise RuntimeError(f"qpeft: QPEFT_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False, None
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        if mode == "1":
+            raise RuntimeError(
+                "qpeft: QPEFT_CUDA=1 but nvcc was not found (looked at $CMAKE_CUDA_COMPILER, $CUDACXX, "
+                "PATH and /usr/local/cuda/bin/nvcc); install the CUDA toolkit or set QPEFT_CUDA=0"
+            )
+        return False, None
+    return True, nvcc
+
+
+class CMakeBuild(build_ext):
+    """One CMake run builds every CMakeExtension; the modules are then copied to
+    where setuptools expects them (the build/lib tree, or the source tree for
+    editable / --inplace builds)."""
+
+    def build_extensions(self) -> None:
+        cmake_exts = [e for e in self.extensions if isinstance(e, CMakeExtension)]
+        others = [e for e in self.extensions if not isinstance(e, CMakeExtension)]
+        for ext in others:
+            self.build_extension(ext)
+        if not cmake_exts:
+            return
+        lib_dir = self._cmake_build()
+        for ext in list(cmake_exts):
+            stem = ext.name.rsplit(".", 1)[-1]
+            built = sorted(p for p in lib_dir.glob(f"{stem}.*") if p.suffix in (".so", ".pyd", ".dylib"))
+            if not built:
+                if ext.name == "qpeft._C_cuda" and os.environ.get("QPEFT_CUDA", "auto").strip() != "1":
+                    print("qpeft: qpeft._C_cuda was not built (see the CMake warning above); CPU only")
+                    self.extensions.remove(ext)
+                    continue
+                raise RuntimeError(f"qpeft: CMake did not produce {ext.name} in {lib_dir}")
+            dest = Path(self.get_ext_fullpath(ext.name))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(built[0], dest)
+        if not any(e.name == "qpeft._C_cuda" for e in self.extensions):
+            # A module of an earlier CUDA build must not linger next to the new _C.
+            for stale in (ROOT / "qpeft").glob("_C_cuda*.so"):
+                stale.unlink()
+
+    def _cmake_build(self) -> Path:
+        import pybind11
+
+        with_cuda, nvcc = _cuda_setting()
+        archs = os.environ.get("QPEFT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+        jobs = os.environ.get("QPEFT_BUILD_JOBS", "2")
+        if not jobs.isdigit() or int(jobs) < 1:
+            raise RuntimeError(f"qpeft: QPEFT_BUILD_JOBS must be a positive integer, got {jobs!r}")
+
+        # A persistent tree under build/ (editable installs get a throwaway
+        # build_temp, which would recompile every CUDA arch each time), one per
+        # configuration and interpreter, so switching QPEFT_CUDA does not reconfigure.
+        tag = f"{'cuda' if with_cuda else 'cpu'}-py{sys.version_info[0]}{sys.version_info[1]}"
+        build_dir = ROOT / "build" / f"cmake-{tag}"
+        lib_dir = build_dir / "lib"  # fixed, so a new temp build-lib does not force a relink
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cmake = _cmake_executable()
+        self._drop_stale_cache(build_dir, cmake)
+        for old in lib_dir.glob("_C*"):
+            old.unlink()  # so a module CMake skipped this time is not picked up from a previous run
+
+        args = [
+            f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DQPEFT_OUTPUT_DIR={lib_dir}",
+            f"-DQPEFT_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
+        ]
+        if with_cuda:
+            args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DQPEFT_CUDA_ARCHS={archs}"]
+
+        log_path = ROOT / "build" / "qpeft-native-build.log"
+        with open(log_path, "w") as log:
+            self._run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], log)
+            self._run([cmake, "--build", str(build_dir), "--parallel", jobs], log)
+        return lib_dir
+
+    @staticmethod
+    def _drop_stale_cache(build_dir: Path, cmake: str) -> None:
+        """Start the tree over when it was configured by another CMake version.
+
+        pip builds in a fresh isolated environment each time, so the cmake path
+        changes from build to build; a re-configure with the same version simply
+        regenerates the build files (and keeps the objects: incremental CUDA
+        builds), a different version might not read the old cache."""
+        cache = build_dir / "CMakeCache.txt"
+        if not cache.exists():
+            return
+        text = cache.read_text(errors="replace")
+        cached = tuple(
+            (re.search(rf"^CMAKE_CACHE_{part}_VERSION:INTERNAL=(\d+)$", text, re.M) or [None, "?"])[1]
+            for part in ("MAJOR", "MINOR", "PATCH")
+        )
+        out = subprocess.run([cmake, "--version"], capture_output=True, text=True, check=True).stdout
+        m = re.search(r"(\d+)\.(\d+)\.(\d+)", out)
+        if m is None or tuple(m.groups()) != cached:
+            shutil.rmtree(build_dir)
+            build_dir.mkdir(parents=True)
+
+    @staticmethod
+    def _run(cmd: list[str], log) -> None:
+        """Run a build step, streaming its output to our stdout and the log file."""
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        sys.stdout.flush()
+        if proc.wait() != 0:
+            raise RuntimeError(f"qpeft: command failed ({proc.returncode}): {' '.join(cmd)}; see {log.name}")
+
+
+ext_modules = [CMakeExtension("qpeft._C")]
+if _cuda_setting()[0]:  # raises here already for QPEFT_CUDA=1 without nvcc
+    ext_modules.append(CMakeExtension("qpeft._C_cuda"))
+
+setup(
+    packages=find_packages(include=["qpeft", "qpeft.*"]) + ["qpeft.triton_kernels"],
+    package_dir={"qpeft.triton_kernels": "triton_kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": CMakeBuild},
+    zip_safe=False,
+)

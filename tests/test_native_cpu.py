@@ -1,0 +1,137 @@
+"""The C++ CPU kernels beyond the reference comparison: every SIMD path against the
+scalar path, thread counts, the shared tables, and 64-bit indexing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qpeft
+import qpeft.functional as qf
+from qpeft import _formats
+from qpeft._native import cpu_module
+
+from .conftest import DTYPES, assert_bits_equal
+
+
+@pytest.fixture
+def native():
+    return cpu_module()
+
+
+def _isa_paths(native):
+    feats = native.cpu_features()
+    return ["scalar"] + (["avx2"] if feats["avx2"] and feats["fma"] and feats["f16c"] else [])
+
+
+def _run_all(x, double_quant, quant_type, blocksize):
+    packed, state = qf.quantize_4bit(x, blocksize, quant_type, double_quant, allow_nonfinite=True)
+    outs = [qf.dequantize_4bit(packed, state, out_dtype=d) for d in DTYPES]
+    q8, s8 = qf.quantize_blockwise(x, blocksize, allow_nonfinite=True)
+    outs += [qf.dequantize_blockwise(q8, s8, d) for d in DTYPES]
+    return [packed, state.absmax, q8, s8.absmax, *outs]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_simd_equals_scalar(native, dtype, quant_type):
+    g = torch.Generator().manual_seed(7)
+    inputs = [
+        torch.randn(4096 * 3 + 77, generator=g),
+        torch.randn(1, generator=g),
+        torch.randn(33, generator=g) * 1e-20,
+        torch.tensor([0.0, -0.0, 1e-45, -1e-40, 65504.0, -65504.0, 3.0, -3.0] * 33),
+        torch.tensor([float("nan"), 1.0, float("inf"), -2.0] + [0.5] * 200),
+    ]
+    for x in inputs:
+        x = x.to(dtype)
+        for blocksize in (32, 64, 256, 4096):
+            for dq in (False, True):
+                if dq and not bool(torch.isfinite(x).all()):
+                    continue
+                results = {}
+                for isa in _isa_paths(native):
+                    prev = native.set_isa(isa)
+                    try:
+                        with qpeft.use_backend("cpu"):
+                            results[isa] = _run_all(x, dq, quant_type, blocksize)
+                    finally:
+                        native.set_isa(prev)
+                for isa, outs in results.items():
+                    for i, (a, b) in enumerate(zip(outs, results["scalar"])):
+                        assert_bits_equal(a, b, f"{isa} vs scalar, output {i}, n={x.numel()} bs={blocksize}")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts_agree(threads):
+    x = torch.randn(1000, 333, dtype=torch.bfloat16)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with qpeft.use_backend("cpu"):
+            want = _run_all(x, True, "nf4", 64)
+        torch.set_num_threads(threads)
+        with qpeft.use_backend("cpu"):
+            got = _run_all(x, True, "nf4", 64)
+    finally:
+        torch.set_num_threads(old)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_bits_equal(a, b, f"output {i} with {threads} threads")
+
+
+def test_native_rechecks_sizes(native):
+    # Python validates first; the raw entry points refuse inconsistent sizes on their own.
+    x = torch.randn(128)
+    packed = torch.empty(10, dtype=torch.uint8)
+    absmax = torch.empty(2)
+    with pytest.raises(ValueError):
+        native.quantize_4bit(x.data_ptr(), 0, 128, 64, 2, packed.data_ptr(), packed.numel(), absmax.data_ptr(), 2, 1)
+    with pytest.raises(ValueError):
+        native.quantize_4bit(x.data_ptr(), 0, 128, 64, 2, packed.data_ptr(), 64, absmax.data_ptr(), 1, 1)
+
+
+HUGE = 2**31 + 4096 + 64 + 3  # past int32 indexing, with a partial last block
+
+
+def test_dequantize_beyond_2_31_elements():
+    # 1 GiB of packed codes -> 4 GiB of bf16: element indices past 2^31 must be addressed correctly.
+    blocksize = 4096
+    nblocks = -(HUGE // -blocksize)
+    packed = torch.full(((HUGE + 1) // 2, 1), 0xF0, dtype=torch.uint8)  # codes 15 (1.0) then 0 (-1.0)
+    absmax = torch.arange(1, nblocks + 1, dtype=torch.float32)
+    with qpeft.use_backend("cpu"):
+        out = torch.ops.qpeft.dequantize_4bit(packed, absmax, blocksize, "nf4", [HUGE], torch.bfloat16)
+    tail = out[-(2 * blocksize + 64):].float()
+    del out, packed
+    idx = torch.arange(HUGE - tail.numel(), HUGE)
+    sign = torch.where(idx % 2 == 0, 1.0, -1.0)
+    expected = (sign * (idx // blocksize + 1).float()).to(torch.bfloat16).float()
+    assert torch.equal(tail, expected)
+
+
+def test_quantize_beyond_2_31_elements():
+    x = torch.zeros(HUGE, dtype=torch.bfloat16)
+    x[-1] = 3.0  # last, partial block
+    x[-4096 - 65] = -2.0  # the last full block
+    with qpeft.use_backend("cpu"):
+        packed, absmax = torch.ops.qpeft.quantize_4bit(x, 4096, "nf4")
+    del x
+    assert absmax.numel() == -(HUGE // -4096)
+    assert absmax[-1] == 3.0 and absmax[-2] == 2.0 and bool((absmax[:-2] == 0).all())
+    assert packed[-1, 0] == (15 << 4) | 7  # 3.0 -> code 15, then the padding nibble (code of 0.0)
+    byte = (HUGE - 4096 - 65) // 2  # even index: high nibble
+    assert packed[byte, 0] == (0 << 4) | 7
+    assert int(packed[: byte].max()) == 0x77 and int(packed[: byte].min()) == 0x77
+
+
+def test_tables_match_header(native):
+    t = native.format_tables()
+    assert t["nf4"] == list(_formats._code4_cpu("nf4").tolist())
+    assert t["fp4"] == list(_formats._code4_cpu("fp4").tolist())
+    for qt in ("nf4", "fp4"):
+        mid, order = _formats.encode4_tables(qt)
+        assert t[f"{qt}_mid"] == mid.tolist()
+        assert t[f"{qt}_order"] == order.tolist()
+    assert t["lut_bins"] == _formats.LUT_BINS
+    code = _formats.dynamic_map(True)
+    assert torch.equal(torch.tensor(native.lut8(code.data_ptr()), dtype=torch.uint8), _formats.lut8(code))
