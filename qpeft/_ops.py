@@ -12,6 +12,7 @@ Shapes (n = numel of the quantized tensor):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
@@ -105,3 +106,95 @@ def dequantize_blockwise(
 @dequantize_blockwise.register_fake
 def _(q, absmax, code, blocksize, dtype):
     return q.new_empty(q.shape, dtype=dtype)
+
+
+# --- Fused 4-bit dequant + LoRA linear (QLoRA) -------------------------------------------
+# W [out_features, in_features] travels packed with its state: absmax (fp32, or uint8
+# codes when nested_absmax/nested_code/offset are given: double quantization).
+#   y  = out_scale * (x @ W^T + bias + (scaling * (x @ A^T) * rank_scale) @ B^T)
+# out_scale (IA3) scales the whole output of the adapted layer, bias included, as PEFT's
+# IA3 scales its base layer's output; rank_scale is AdaLoRA's per-rank scale.
+
+
+@torch.library.custom_op("qpeft::qlora_linear", mutates_args=())
+def qlora_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    blocksize: int,
+    nested_blocksize: int,
+    quant_type: str,
+    out_features: int,
+    in_features: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+    rank_scale: Optional[torch.Tensor],
+    out_scale: Optional[torch.Tensor],
+    return_xa: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K], A [r, K], B [N, r] -> (y [M, N], xa = x @ A^T [M, r] or empty), both in x's dtype."""
+    return kernel_for("qlora_linear", x.device)(
+        x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+        out_features, in_features, lora_A, lora_B, scaling, bias, rank_scale, out_scale, return_xa,
+    )  # fmt: skip
+
+
+@qlora_linear.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+      out_features, in_features, lora_A, lora_B, scaling, bias, rank_scale, out_scale, return_xa):  # fmt: skip
+    y = x.new_empty((x.shape[0], out_features))
+    xa = x.new_empty((x.shape[0], lora_A.shape[0]) if return_xa else (0,))
+    return y, xa
+
+
+@torch.library.custom_op("qpeft::qlora_linear_backward", mutates_args=())
+def qlora_linear_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    blocksize: int,
+    nested_blocksize: int,
+    quant_type: str,
+    out_features: int,
+    in_features: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    xa: torch.Tensor,
+    scaling: float,
+    rank_scale: Optional[torch.Tensor],
+    out_scale: Optional[torch.Tensor],
+    need_dx: bool,
+    need_dA: bool,
+    need_dB: bool,
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB, dbias) of ``qlora_linear``; the ones not asked for are empty tensors.
+
+    xa is the forward's x @ A^T (needed only for dB; may be empty otherwise). No
+    gradient for W is formed. dx/dA/dB/dbias take the dtypes of x/A/B/grad_y.
+    """
+    return kernel_for("qlora_linear_backward", grad_y.device)(
+        grad_y, x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+        out_features, in_features, lora_A, lora_B, xa, scaling, rank_scale, out_scale,
+        need_dx, need_dA, need_dB, need_dbias,
+    )  # fmt: skip
+
+
+@qlora_linear_backward.register_fake
+def _(grad_y, x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+      out_features, in_features, lora_A, lora_B, xa, scaling, rank_scale, out_scale,
+      need_dx, need_dA, need_dB, need_dbias):  # fmt: skip
+    dx = x.new_empty(x.shape if need_dx else (0,))
+    da = lora_A.new_empty(lora_A.shape if need_dA else (0,))
+    db = lora_B.new_empty(lora_B.shape if need_dB else (0,))
+    dbias = grad_y.new_empty((out_features,) if need_dbias else (0,))
+    return dx, da, db, dbias

@@ -12,6 +12,7 @@ from . import _ops  # noqa: F401  (defines torch.ops.qpeft.*)
 from . import backends  # noqa: F401  (registers every backend's kernels)
 from ._formats import NESTED_BLOCKSIZE, code4, dynamic_map
 from ._validate import float_input
+from .autograd import QLoRAFunction
 from .quant_state import QuantState
 
 __all__ = ["quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise", "qlora_linear"]
@@ -127,3 +128,81 @@ def dequantize_blockwise(q: torch.Tensor, state: QuantState, out_dtype: torch.dt
     dtype = out_dtype or state.dtype or torch.float32
     return torch.ops.qpeft.dequantize_blockwise(q, state.absmax, state.code, state.blocksize, dtype)
 
+
+def qlora_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    state: QuantState,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    *,
+    out_scale: torch.Tensor | None = None,
+    rank_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """QLoRA linear over a 4-bit weight W [N, K] (``packed``, ``state`` from ``quantize_4bit``)::
+
+        y = out_scale * (x @ W^T + bias + scaling * ((x @ lora_A^T) * rank_scale) @ lora_B^T)
+
+    x: [..., K]; lora_A: [r, K]; lora_B: [N, r]; bias, out_scale: [N]; rank_scale: [r]
+    (AdaLoRA's per-rank scale). ``out_scale`` is IA3's: it scales the whole output of the
+    adapted layer, bias included, as PEFT's IA3 scales its base layer's output.
+    Differentiable in x, lora_A, lora_B and bias (no gradient for W is ever formed);
+    rank_scale and out_scale are constants (no gradient). Runs the fused Triton kernel
+    on CUDA when available, else the reference.
+    """
+    _check_qlora_args(x, packed, state, lora_A, lora_B, bias, out_scale, rank_scale)
+    if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage: the same bytes in another dtype
+        packed = packed.contiguous().view(torch.uint8)
+    n, k = state.shape
+    if state.nested:
+        nested = (state.state2.absmax, state.state2.code, state.offset.reshape(1).to(torch.float32))
+        nested_blocksize = state.state2.blocksize
+    else:
+        nested, nested_blocksize = (None, None, None), NESTED_BLOCKSIZE
+    quant = (state.blocksize, nested_blocksize, state.quant_type, n, k)
+    return QLoRAFunction.apply(
+        x, lora_A, lora_B, bias, packed, state.absmax, *nested, quant, float(scaling), rank_scale, out_scale
+    )
+
+
+def _check_qlora_args(x, packed, state, lora_A, lora_B, bias, out_scale, rank_scale) -> None:
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a qpeft.QuantState, got {type(state).__name__}")
+    if state.quant_type is None or state.shape is None or len(state.shape) != 2:
+        shape = None if state.shape is None else tuple(state.shape)
+        raise ValueError(f"state must describe a 4-bit [out_features, in_features] weight, got shape {shape}")
+    n, k = state.shape
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias), ("out_scale", out_scale),
+                    ("rank_scale", rank_scale)):  # fmt: skip
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"x has {x.shape[-1] if x.dim() else 0} input features (shape {tuple(x.shape)}) but the quantized "
+            f"weight is [out_features={n}, in_features={k}]"
+        )
+    if lora_A.dim() != 2 or lora_A.shape[1] != k:
+        raise ValueError(f"lora_A must be [r, in_features={k}], got {tuple(lora_A.shape)}")
+    if lora_B.dim() != 2 or lora_B.shape[0] != n:
+        raise ValueError(f"lora_B must be [out_features={n}, r], got {tuple(lora_B.shape)}")
+    if lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(
+            f"LoRA rank mismatch: lora_A {tuple(lora_A.shape)} has r={lora_A.shape[0]} but lora_B "
+            f"{tuple(lora_B.shape)} has r={lora_B.shape[1]}"
+        )
+    r = lora_A.shape[0]
+    for name, t, size in (("bias", bias, n), ("out_scale", out_scale, n), ("rank_scale", rank_scale, r)):
+        if t is not None and tuple(t.shape) != (size,):
+            raise ValueError(f"{name} must have shape ({size},), got {tuple(t.shape)}")
+    for name, t in (("out_scale", out_scale), ("rank_scale", rank_scale)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError(
+                f"qlora_linear has no gradient for {name}; pass {name}.detach() (or train it with a separate op)"
+            )
+    tensors = [("x", x), ("packed", packed), ("state.absmax", state.absmax), ("lora_A", lora_A), ("lora_B", lora_B),
+               ("bias", bias), ("out_scale", out_scale), ("rank_scale", rank_scale)]  # fmt: skip
+    for name, t in tensors[1:]:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")

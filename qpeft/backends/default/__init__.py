@@ -1,0 +1,1 @@
+from . import ops, qlora  # noqa: F401

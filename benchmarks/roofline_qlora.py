@@ -1,0 +1,211 @@
+"""Roofline ESTIMATE of the fused QLoRA forward (no GPU timing), plus static evidence.
+
+    python -m benchmarks.roofline_qlora [--no-aot] [--out benchmarks/roofline_qlora.md]
+
+Writes benchmarks/roofline_qlora.md: for M in {1, 16, 4096}, K = N = 4096, r = 16 on an
+H100 SXM (peaks assumed below), the bytes and FLOPs of the fused Triton forward
+(qpeft.triton_kernels.qlora.qlora_fwd_kernel) with the tile config its launcher uses,
+the predicted time max(bytes / HBM, MMA FLOPs / tensor peak, dequant instructions /
+CUDA-core issue rate), and the ratio to a bf16 cuBLAS GEMM on the unquantized weight.
+Unless --no-aot, it also compiles every tile config of the launchers' tables for sm_80
+and sm_90 without a GPU and lists registers / stack (spills) from the cubin.
+Nothing here is a measurement of GPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HBM_BPS = 3.35e12  # H100 SXM HBM3, bytes/s
+MMA_FLOPS = 989e12  # H100 SXM dense bf16 tensor-core FLOP/s
+# CUDA-core issue rate: 132 SMs x 4 schedulers x 32 lanes x 1.98 GHz boost (lane-instructions/s)
+ALU_IPS = 132 * 128 * 1.98e9
+# Dequant cost per W element and per decode, in lane-instructions: byte shift/mask (1),
+# code-table load (1), absmax multiply (1), bf16 convert (0.5, packed pairs), the
+# operand's register->shared->ldmatrix move for the MMA (~2), amortized byte and absmax
+# loads and index math (~0.5). An assumption, not a count from SASS.
+INSTR_PER_DECODE = 6.0
+
+K = N = 4096
+R = 16
+BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256
+MS = (1, 16, 4096)
+
+
+def _tile(m: int) -> dict:
+    """The launcher's default forward config for this M (first entry of its table)."""
+    from qpeft.backends.triton.qlora import _kernels
+
+    kern = _kernels()
+    cfg = kern._FWD_CONFIGS[kern._regime(m, kern.block_r(R))][0]
+    return {"BLOCK_M": cfg.kwargs["BLOCK_M"], "BLOCK_N": cfg.kwargs["BLOCK_N"], "BLOCK_K": cfg.kwargs["BLOCK_K"],
+            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}  # fmt: skip
+
+
+def estimate(m: int, tile: dict) -> dict:
+    bm, bn = tile["BLOCK_M"], tile["BLOCK_N"]
+    m_tiles, n_tiles = -(-m // bm), -(-N // bn)
+    w_bytes = N * K // 2  # packed NF4
+    absmax_bytes = N * K // BLOCKSIZE + 4 * (N * K // BLOCKSIZE // NESTED_BLOCKSIZE) + 4  # uint8 codes + fp32 nested
+    act = 2 * (m * K + R * K + N * R + m * N + m * R)  # x, A, B, y, xa (bf16), each once
+    fused_bytes = w_bytes + absmax_bytes + act
+    # MMA work as issued: M padded to BLOCK_M; x @ A^T recomputed by each of the n_tiles programs.
+    mp = m_tiles * bm
+    mma_flops = 2 * mp * N * K + 2 * mp * K * max(R, 16) * n_tiles + 2 * mp * max(R, 16) * N
+    decodes = N * K * m_tiles  # every M-tile program decodes the whole W once
+    t_mem, t_mma, t_alu = fused_bytes / HBM_BPS, mma_flops / MMA_FLOPS, decodes * INSTR_PER_DECODE / ALU_IPS
+    fused = max(t_mem, t_mma, t_alu)
+    base_bytes = 2 * (N * K + m * K + m * N)  # cuBLAS bf16: W at 2 bytes/param
+    base_flops = 2 * m * N * K
+    t_base = max(base_bytes / HBM_BPS, base_flops / MMA_FLOPS)
+    return {
+        "m": m, "tile": tile, "fused_bytes": fused_bytes, "mma_flops": mma_flops, "useful_flops": 2 * m * N * K
+        + 2 * m * K * R + 2 * m * R * N, "decodes": decodes, "t_mem": t_mem, "t_mma": t_mma, "t_alu": t_alu,
+        "fused": fused, "bound": {t_mem: "HBM", t_mma: "MMA", t_alu: "dequant ALU"}[fused],
+        "base_bytes": base_bytes, "base_flops": base_flops, "t_base": t_base, "ratio": t_base / fused,
+    }  # fmt: skip
+
+
+def _aot_rows() -> list[dict]:
+    """Compile every table config (worst BLOCK_R of its bucket) for sm_80/sm_90 in a clean process."""
+    code = r"""
+import json, os, subprocess, sys, tempfile, warnings
+warnings.filterwarnings("ignore")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qpeft.backends.triton.qlora import _kernels
+kern = _kernels()
+cuobj = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+rows = []
+for name, table in (("fwd", kern._FWD_CONFIGS), ("dx", kern._DX_CONFIGS)):
+    for regime, configs in table.items():
+        r = 64 if regime[1] == "lo" else 256
+        for i, cfg in enumerate(configs):
+            entry = kern._aot_entry(name, regime, r)
+            constexprs = dict(entry["constexprs"], **cfg.kwargs)
+            for arch in (80, 90):
+                src = ASTSource(entry["fn"], entry["signature"], constexprs, entry["attrs"])
+                k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(k.asm["cubin"]); f.flush()
+                    dump = subprocess.run([cuobj, "--dump-resource-usage", f.name], capture_output=True,
+                                          text=True, check=True).stdout
+                line = next(l for l in dump.splitlines() if "REG:" in l).split()
+                res = dict(item.split(":", 1) for item in line if ":" in item)
+                rows.append({"kernel": name, "regime": "/".join(regime), "r": r, "default": i == 0,
+                             "tile": [cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")],
+                             "warps": cfg.num_warps, "stages": cfg.num_stages, "arch": f"sm_{arch}",
+                             "reg": int(res["REG"]), "stack": int(res["STACK"]), "local": int(res["LOCAL"]),
+                             "smem": int(k.metadata.shared)})
+print(json.dumps(rows))
+"""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f}"
+
+
+def markdown(rows: list[dict], aot: list[dict] | None) -> str:
+    lines = [
+        "# Fused QLoRA forward: roofline ESTIMATE (H100 SXM)",
+        "",
+        "**An estimate from byte and FLOP counts, not a measurement: no GPU was available and no GPU "
+        "time was measured.** Generated by `python -m benchmarks.roofline_qlora`.",
+        "",
+        f"Problem: y = x @ dequant(W)^T + s * (x @ A^T) @ B^T, K = N = {K}, r = {R}, bf16 activations, "
+        f"W NF4 with double quantization (blocksize {BLOCKSIZE}, nested {NESTED_BLOCKSIZE}).",
+        "",
+        "Assumed peaks: HBM3 3.35 TB/s; dense bf16 tensor core 989 TFLOP/s; CUDA-core issue "
+        f"{ALU_IPS / 1e12:.1f} T lane-instructions/s (132 SMs x 128 lanes x 1.98 GHz). Dequant cost: "
+        f"{INSTR_PER_DECODE:g} lane-instructions per decoded W element (assumed; see the script).",
+        "",
+        "Model: fused time = max(bytes / HBM, issued MMA FLOPs / tensor peak, decodes x instr / issue rate), "
+        "i.e. perfect overlap of the three; every operand crosses HBM once (L2 absorbs re-reads of x, A, B "
+        "and absmax across programs). Issued MMA FLOPs pad M to BLOCK_M and include x @ A^T recomputed by "
+        "each of the N / BLOCK_N programs (r / BLOCK_N extra work). Each M-tile program decodes all of W "
+        "once: decodes = N x K x ceil(M / BLOCK_M). Baseline: a bf16 cuBLAS GEMM on the unquantized W "
+        "(2 bytes/param) at the same peaks, max(bytes / HBM, 2MNK / peak), without the LoRA path.",
+        "",
+        "| M | tile (BM x BN x BK, warps, stages) | fused bytes | issued MMA GFLOP | W decodes (M) "
+        "| HBM us | MMA us | dequant us | fused us (bound) | cuBLAS bf16 bytes | cuBLAS us | predicted speedup |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for e in rows:
+        t = e["tile"]
+        lines.append(
+            f"| {e['m']} | {t['BLOCK_M']}x{t['BLOCK_N']}x{t['BLOCK_K']}, {t['num_warps']}, {t['num_stages']} "
+            f"| {e['fused_bytes'] / 1e6:.2f} MB | {e['mma_flops'] / 1e9:.2f} | {e['decodes'] / 1e6:.1f} "
+            f"| {_us(e['t_mem'])} | {_us(e['t_mma'])} | {_us(e['t_alu'])} | {_us(e['fused'])} ({e['bound']}) "
+            f"| {e['base_bytes'] / 1e6:.1f} MB | {_us(e['t_base'])} | {e['ratio']:.2f}x |"
+        )
+    small, large = rows[0], rows[-1]
+    lines += [
+        "",
+        f"Reading: at M = {small['m']} (decode) the bf16 GEMM is bound by HBM traffic, and the fused "
+        f"kernel moves {small['base_bytes'] / small['fused_bytes']:.1f}x fewer bytes than the bf16 GEMM "
+        f"(about 0.53 vs 2 bytes per parameter); its predicted speedup, {small['ratio']:.2f}x, is capped by "
+        f"the dequant instruction estimate ({_us(small['t_alu'])} us against {_us(small['t_mem'])} us of HBM "
+        "time), which is why the small-M tile decodes each W element exactly once (one M-tile). At "
+        f"M = {large['m']} both are tensor-core bound; the fused kernel issues "
+        f"{large['mma_flops'] / large['base_flops'] - 1:.1%} more MMA work (the x @ A^T recomputed per "
+        "N-tile plus the LoRA up-projection) and hides its dequant work only if it overlaps the MMAs, so it "
+        f"is predicted at {large['ratio']:.2f}x of cuBLAS on a bf16 weight -- while reading 4x fewer weight "
+        "bytes and computing the LoRA path, which an unfused PEFT layer adds as two more GEMMs and a second "
+        "read of x.",
+        "",
+    ]
+    if aot:
+        lines += [
+            "## Static evidence: registers and spills of every tile config",
+            "",
+            "Each config of the launchers' autotune tables compiled ahead of time (triton "
+            "`compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget(\"cuda\", arch, 32))`, "
+            "bf16, NF4 + double quant, blocksize 64, bias and rank_scale on, K % blocksize == 0) at the "
+            "largest BLOCK_R of its bucket (64 or 256), with the divisibility-by-16 hints the JIT derives "
+            "at run time for torch tensors and LLM shapes. REG/STACK/LOCAL from `cuobjdump "
+            "--dump-resource-usage` (Triton's wheel); STACK > 0 means spills. Default = first of its table.",
+            "",
+            "| kernel | regime | r | default | BM x BN x BK | warps | stages | arch | REG | STACK | LOCAL | smem B |",
+            "| --- | --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        ]
+        for a in aot:
+            lines.append(
+                f"| {a['kernel']} | {a['regime']} | {a['r']} | {'yes' if a['default'] else ''} "
+                f"| {'x'.join(map(str, a['tile']))} | {a['warps']} | {a['stages']} | {a['arch']} | {a['reg']} "
+                f"| {a['stack']} | {a['local']} | {a['smem']} |"
+            )
+        spills = [a for a in aot if a["stack"] or a["local"]]
+        lines += ["", f"{len(spills)} of {len(aot)} compilations spill"
+                  + (": " + ", ".join(f"{a['kernel']} {a['regime']} {'x'.join(map(str, a['tile']))} {a['arch']}"
+                                      for a in spills) if spills else "."), ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-aot", action="store_true", help="skip the ahead-of-time compile section")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "roofline_qlora.md")
+    args = parser.parse_args(argv)
+    rows = [estimate(m, _tile(m)) for m in MS]
+    aot = None if args.no_aot else _aot_rows()
+    text = markdown(rows, aot)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""Triton kernels of ``qpeft::qlora_linear`` and ``qpeft::qlora_linear_backward``.
+
+The fused dequant + LoRA GEMMs are in ``qpeft.triton_kernels.qlora``: the forward, and
+dx of the backward (which also returns g = dy' @ B). dA and dB are rank-r products
+that torch's matmul does well: dA = s * (g * rank_scale)^T @ x, dB = s * dy'^T @ (xa *
+rank_scale), dbias = sum(dy'), with dy' = dy * out_scale computed once here because dx,
+dB and dbias all use it. Triton is imported on the first call, never at registration.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..._formats import code4
+from ..._registry import register_kernel
+from ..default.qlora import check_backward, validate
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernels():
+    from ...triton_kernels import qlora  # installed as qpeft.triton_kernels (setup.py package_dir)
+
+    return qlora
+
+
+def _kernel_dtype(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"the Triton kernel takes {name} in fp16, bf16 or fp32, got {t.dtype}")
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, act_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    # On CUDA in the activation dtype with fp32 accumulation (cuBLAS); on the CPU (only
+    # under the interpreter) in fp32, as DESIGN.md asks for CPU math.
+    cdt = act_dtype if a.is_cuda and act_dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return (a.to(cdt) @ b.to(cdt)).to(out_dtype)
+
+
+@register_kernel("qlora_linear", "triton")
+def qlora_linear(
+    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+    n, k, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa,
+):  # fmt: skip
+    validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+             n, k, lora_a, lora_b, bias, rank_scale, out_scale)  # fmt: skip
+    for name, t in (("x", x), ("lora_A", lora_a), ("lora_B", lora_b)):
+        _kernel_dtype(t, name)
+    return _kernels().qlora_forward(
+        x, packed.reshape(-1), absmax, nested_absmax, nested_code, offset, code4(quant_type, x.device),
+        blocksize, nested_blocksize, n, k, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa,
+    )  # fmt: skip
+
+
+@register_kernel("qlora_linear_backward", "triton")
+def qlora_linear_backward(
+    grad_y, x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+    n, k, lora_a, lora_b, xa, scaling, rank_scale, out_scale, need_dx, need_da, need_db, need_dbias,
+):  # fmt: skip
+    validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+             n, k, lora_a, lora_b, None, rank_scale, out_scale)  # fmt: skip
+    check_backward(grad_y, x, xa, lora_a, n, need_db)
+    for name, t in (("x", x), ("grad_y", grad_y), ("lora_A", lora_a), ("lora_B", lora_b)):
+        _kernel_dtype(t, name)
+    dy = grad_y.to(x.dtype)
+    if out_scale is not None:
+        dy = (dy.float() * out_scale.float()).to(x.dtype)  # dy' in the kernel's operand dtype
+    dx, da, db, dbias = (x.new_empty((0,)) for _ in range(4))  # distinct: outputs must not alias
+    g = None
+    if need_dx:
+        dx, g = _kernels().qlora_dx(
+            dy, packed.reshape(-1), absmax, nested_absmax, nested_code, offset, code4(quant_type, x.device),
+            blocksize, nested_blocksize, n, k, lora_a, lora_b, scaling, rank_scale, return_g=need_da,
+        )  # fmt: skip
+    if need_da:
+        if g is None:
+            g = _matmul(dy, lora_b, x.dtype, torch.float32)
+        gs = g * scaling if rank_scale is None else g * scaling * rank_scale.float()
+        da = _matmul(gs.T, x, x.dtype, lora_a.dtype)
+    if need_db:
+        xs = xa.float() * scaling if rank_scale is None else xa.float() * scaling * rank_scale.float()
+        db = _matmul(dy.T, xs, x.dtype, lora_b.dtype)
+    if need_dbias:
+        dbias = dy.sum(0, dtype=torch.float32).to(grad_y.dtype)
+    return dx, da, db, dbias

@@ -1,0 +1,290 @@
+"""The Triton quantization kernels against the reference, bit for bit.
+
+Without a GPU, conftest.py sets TRITON_INTERPRET=1 and these run the real kernels
+on CPU tensors. The interpreter is slow, so shapes are small but chosen to hit every
+mask edge: odd n (padding nibble), a partial last block (the division rule), tiles
+with rows past the last block, and more than one program per launch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qpeft
+import qpeft.functional as qf
+from qpeft._formats import BLOCKSIZES_4BIT, LUT_BINS, dynamic_map, encode4_tables
+
+from .conftest import DTYPES, assert_bits_equal
+
+pytest.importorskip("triton")
+
+QUANT_TYPES = ["nf4", "fp4"]
+# The interpreter evaluates with numpy, which warns on 1/0 and NaN casts that the kernels
+# resolve on purpose (absmax 0, NaN inputs).
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    with qpeft.use_backend("triton"):
+        yield
+
+
+def _reference(fn, *args, **kwargs):
+    with qpeft.use_backend("default"):
+        return fn(*args, **kwargs)
+
+
+def _assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Bit-exact, except that any NaN matches any NaN (payloads are not part of the format:
+    torch's own fp32->bf16 cast writes 0xFFFF, a GPU's cvt 0x7FFF)."""
+    nan = torch.isnan(expected.float())
+    assert bool((torch.isnan(actual.float()) == nan).all()), f"{what}: NaN positions differ"
+    assert_bits_equal(actual.masked_fill(nan, 0), expected.masked_fill(nan, 0), what)
+
+
+def _check_4bit(x, blocksize, quant_type, double_quant, what, out_dtypes=DTYPES):
+    try:
+        p_ref, s_ref = _reference(qf.quantize_4bit, x, blocksize, quant_type, double_quant, allow_nonfinite=True)
+    except ValueError:  # double quantization of a non-finite absmax mean: refused either way
+        with pytest.raises(ValueError):
+            qf.quantize_4bit(x, blocksize, quant_type, double_quant, allow_nonfinite=True)
+        return
+    packed, state = qf.quantize_4bit(x, blocksize, quant_type, double_quant, allow_nonfinite=True)
+    assert_bits_equal(packed, p_ref, f"{what} packed")
+    _assert_same(state.absmax, s_ref.absmax, f"{what} absmax")
+    if double_quant:
+        _assert_same(state.offset, s_ref.offset, f"{what} offset")
+        _assert_same(state.state2.absmax, s_ref.state2.absmax, f"{what} nested absmax")
+    for dtype in out_dtypes:
+        out = qf.dequantize_4bit(packed, state, out_dtype=dtype)
+        _assert_same(out, _reference(qf.dequantize_4bit, p_ref, s_ref, out_dtype=dtype), f"{what} -> {dtype}")
+
+
+def _check_8bit(x, blocksize, code, what, out_dtypes=DTYPES):
+    q_ref, s_ref = _reference(qf.quantize_blockwise, x, blocksize, code, allow_nonfinite=True)
+    q, s = qf.quantize_blockwise(x, blocksize, code, allow_nonfinite=True)
+    assert_bits_equal(q, q_ref, f"{what} codes")
+    _assert_same(s.absmax, s_ref.absmax, f"{what} absmax")
+    for dtype in out_dtypes:
+        out = qf.dequantize_blockwise(q, s, dtype)
+        _assert_same(out, _reference(qf.dequantize_blockwise, q_ref, s_ref, dtype), f"{what} -> {dtype}")
+
+
+def _mask_edges(blocksize: int) -> list[int]:
+    """n values for one blocksize: a lone element, a partial single block, and two
+    programs' worth plus a partial odd block (ROWS * blocksize is 1024 or one block)."""
+    tile = max(blocksize, 1024)
+    return [1, blocksize // 2 + 1, 2 * tile + blocksize + 3]
+
+
+# --- 4-bit ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES_4BIT)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_4bit_every_blocksize(blocksize, quant_type):
+    g = torch.Generator().manual_seed(blocksize)
+    for i, n in enumerate(_mask_edges(blocksize)):
+        x = torch.randn(n, generator=g) * 3
+        for dtype in DTYPES:
+            _check_4bit(x.to(dtype), blocksize, quant_type, i % 2 == 0, f"n={n} bs={blocksize} {dtype}")
+    # Double quantization both ways at the largest n (more than one nested block at bs 32).
+    x = torch.randn(_mask_edges(blocksize)[-1], generator=g)
+    _check_4bit(x, blocksize, quant_type, False, f"bs={blocksize} dq off", [torch.float32])
+    _check_4bit(x, blocksize, quant_type, True, f"bs={blocksize} dq on", [torch.float32])
+
+
+@settings(max_examples=max(1, settings.default.max_examples // 3))  # the interpreter is slow
+@given(
+    shape=st.lists(st.integers(1, 70), min_size=1, max_size=2),
+    blocksize=st.sampled_from(BLOCKSIZES_4BIT),
+    quant_type=st.sampled_from(QUANT_TYPES),
+    double_quant=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e4]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_4bit_matches_reference(shape, blocksize, quant_type, double_quant, dtype, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * scale).to(dtype)
+    _check_4bit(x, blocksize, quant_type, double_quant, f"{shape} bs={blocksize} {dtype}")
+
+
+def _edge_input(case: str, quant_type: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    if case == "zeros":
+        return torch.zeros(3 * 64 + 5)
+    if case == "one_element":
+        return torch.tensor([-2.5])
+    if case == "odd":
+        return torch.randn(13, 7, generator=g)
+    if case == "ties":
+        # Exactly on the midpoints of the sorted code with block absmax 1.0: the lower code
+        # wins. 32 elements: a full block at bs 32 (multiply rule), partial at 64 (divide rule).
+        mid, _ = encode4_tables(quant_type)
+        return torch.cat([torch.tensor([1.0]), mid, -mid, torch.tensor([-1.0])])
+    if case == "subnormal":
+        return torch.tensor([1e-45, -3e-39, 2e-40, 0.0] * 40)
+    if case == "signed_zeros":
+        return torch.tensor([0.0, -0.0, 1e-3, -1e-3, 1.0] * 20)
+    if case == "constant":
+        return torch.full((200,), -7.25)
+    if case == "huge":
+        return torch.tensor([3e38, -3e38, 1e38, 1.0] * 50)
+    # Non-finite values (allow_nonfinite=True): a NaN block, an Inf block, a clean block,
+    # and NaN/Inf in the partial last block and in the odd padding byte's block.
+    x = torch.randn(32 * 3 + 7, generator=g)
+    x[5], x[40], x[41], x[100], x[102] = float("nan"), float("inf"), -float("inf"), float("nan"), float("-inf")
+    return x
+
+
+EDGE_CASES = ["zeros", "one_element", "odd", "ties", "subnormal", "signed_zeros", "constant", "huge", "nonfinite"]
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("case", EDGE_CASES)
+def test_4bit_edge_cases(quant_type, case):
+    x = _edge_input(case, quant_type)
+    for dtype in DTYPES:
+        xd = x.to(dtype)
+        if case != "nonfinite" and not bool(torch.isfinite(xd).all()):
+            continue  # 3e38 overflows fp16
+        for blocksize in (32, 64, 4096):
+            for double_quant in (False, True):
+                _check_4bit(xd, blocksize, quant_type, double_quant, f"{case} {dtype} bs={blocksize} dq={double_quant}")
+
+
+def test_4bit_strided_input():
+    x = torch.randn(130, 90).to(torch.bfloat16).t()[::2]
+    assert not x.is_contiguous()
+    _check_4bit(x, 64, "nf4", True, "strided")
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_4bit_dequantize_any_absmax(quant_type):
+    # Every code against absmax values spanning all fp32 exponents (random bit patterns,
+    # finite and not), plus bf16/fp16 rounding ties and overflow: the output cast must
+    # round to nearest even exactly as torch's does.
+    g = torch.Generator().manual_seed(7)
+    bits = torch.randint(0, 2**31 - 1, (96,), generator=g, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor(
+        [1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-11, 3.3e38, 6.6e4, 1e-40, 0.0, -0.0, float("inf"), float("nan"),
+         -1.0, 2**-24, 3 * 2**-25, 2**-133, 65520.0, 65519.0]
+    )  # fmt: skip
+    absmax = torch.cat([bits.view(torch.float32), special])
+    blocksize = 32
+    n = absmax.numel() * blocksize - 9  # partial, odd last block
+    packed = torch.randint(0, 256, ((n + 1) // 2, 1), generator=g, dtype=torch.uint8)
+    packed[: absmax.numel() * 8, 0] = torch.arange(256, dtype=torch.uint8).repeat(absmax.numel() * 8 // 256 + 1)[
+        : absmax.numel() * 8
+    ]
+    for dtype in DTYPES:
+        out = torch.ops.qpeft.dequantize_4bit(packed, absmax, blocksize, quant_type, [n], dtype)
+        ref = _reference(torch.ops.qpeft.dequantize_4bit, packed, absmax, blocksize, quant_type, [n], dtype)
+        _assert_same(out, ref, f"dequantize_4bit -> {dtype}")
+
+
+@pytest.mark.parametrize("nested_blocksize", [32, 256])
+def test_4bit_dequantize_nested_any_state(nested_blocksize):
+    # Arbitrary 8-bit absmax codes, nested absmax and offset (not only what quantize_4bit
+    # produces), with more blocks than one nested block so b // nested_blocksize varies.
+    g = torch.Generator().manual_seed(nested_blocksize)
+    blocksize = 32
+    nblocks = 2 * nested_blocksize + 5
+    n = nblocks * blocksize - 1
+    packed = torch.randint(0, 256, ((n + 1) // 2, 1), generator=g, dtype=torch.uint8)
+    absmax_codes = torch.randint(0, 256, (nblocks,), generator=g, dtype=torch.uint8)
+    nested_absmax = torch.rand(-(nblocks // -nested_blocksize), generator=g) * 10
+    offset = torch.tensor([0.3])
+    code = dynamic_map(signed=True)
+    for dtype in DTYPES:
+        args = (packed, absmax_codes, nested_absmax, code, offset, blocksize, nested_blocksize, "nf4", [n], dtype)
+        out = torch.ops.qpeft.dequantize_4bit_nested(*args)
+        ref = _reference(torch.ops.qpeft.dequantize_4bit_nested, *args)
+        _assert_same(out, ref, f"dequantize_4bit_nested nbs={nested_blocksize} -> {dtype}")
+
+
+# --- 8-bit ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES_4BIT)
+def test_8bit_every_blocksize(blocksize):
+    g = torch.Generator().manual_seed(blocksize)
+    for n in _mask_edges(blocksize):
+        x = torch.randn(n, generator=g)
+        for dtype in DTYPES:
+            _check_8bit(x.to(dtype), blocksize, dynamic_map(signed=True), f"n={n} bs={blocksize} {dtype}")
+        _check_8bit(x.abs(), blocksize, dynamic_map(signed=False), f"unsigned n={n} bs={blocksize}", [torch.float32])
+
+
+@settings(max_examples=max(1, settings.default.max_examples // 4))
+@given(
+    n=st.integers(1, 3000),
+    blocksize=st.sampled_from(BLOCKSIZES_4BIT),
+    dtype=st.sampled_from(DTYPES),
+    signed=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_8bit_matches_reference(n, blocksize, dtype, signed, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g)
+    x = (x if signed else x.abs()).to(dtype)
+    _check_8bit(x, blocksize, dynamic_map(signed=signed), f"n={n} bs={blocksize} {dtype}")
+
+
+def test_8bit_grid_without_division():
+    # quantize_blockwise_kernel computes the reference's grid value -1 + (2b) / 65535 as
+    # -1 + (t + (t2 + t2 * 2^-16)), t = 2b * 2^-16, t2 = t * 2^-16 (no division): equal
+    # for every bin, in fp32 with each step rounded (no FMA: the kernel disables fusion).
+    bins = torch.arange(LUT_BINS, dtype=torch.float32)
+    expected = -1.0 + (2.0 * bins) / (LUT_BINS - 1)
+    t = (2.0 * bins) * 2.0**-16
+    t2 = t * 2.0**-16
+    assert_bits_equal(-1.0 + (t + (t2 + t2 * 2.0**-16)), expected, "grid")
+
+
+def test_8bit_every_lookup_bin():
+    # Each of the 65536 grid values (and their negatives) once, in blocks whose absmax is
+    # 1.0: the in-kernel bin + binary search must equal the reference's lookup table.
+    grid = -1.0 + (2.0 * torch.arange(LUT_BINS, dtype=torch.float32)) / (LUT_BINS - 1)
+    x = torch.cat([torch.tensor([1.0]), grid, -grid])
+    for signed in (True, False):
+        _check_8bit(x, 4096, dynamic_map(signed=signed), f"all bins signed={signed}", [])
+
+
+def test_8bit_edge_cases():
+    code = dynamic_map(signed=True)
+    mids = (code[:-1] + code[1:]) / 2
+    nonfinite = torch.randn(300)
+    nonfinite[3], nonfinite[70], nonfinite[299] = float("nan"), float("inf"), -float("inf")
+    cases = {
+        "zeros": torch.zeros(300),
+        "midpoints": torch.cat([torch.tensor([1.0]), mids]),
+        "codes": torch.cat([torch.tensor([-1.0]), code[1:], torch.zeros(10)]),
+        "subnormal": torch.tensor([1e-45, -1e-44, 2e-40] * 100),
+        "signed_zeros": torch.tensor([0.0, -0.0, 1e-3] * 50),
+        "nonfinite": nonfinite,
+    }
+    for name, x in cases.items():
+        for blocksize in (32, 256, 4096):
+            _check_8bit(x, blocksize, code, f"{name} bs={blocksize}", [torch.float32, torch.bfloat16])
+
+
+def test_8bit_custom_code():
+    # Any sorted map, including repeated values (ties between midpoints).
+    g = torch.Generator().manual_seed(3)
+    code = torch.sort(torch.rand(256, generator=g) * 2 - 1).values
+    code[10:20] = code[10]
+    code[-1] = 1.0
+    _check_8bit(torch.randn(1000, generator=g), 64, code, "custom code")
+
+
+def test_kernels_ran():
+    # The autouse fixture forces "triton": make sure the ops really dispatched to it.
+    from qpeft._registry import kernel_for
+
+    assert kernel_for("quantize_4bit", torch.device("cpu")).__module__ == "qpeft.backends.triton.quant"

@@ -1,0 +1,514 @@
+"""Fused 4-bit dequant + LoRA GEMM (forward and the dX backward), as plain launchers.
+
+    y  = out_scale * (x @ dequant(W)^T + bias + ((s * (x @ A^T) * rank_scale) @ B^T))
+    dx = dy' @ dequant(W) + ((s * (dy' @ B) * rank_scale) @ A),   dy' = dy * out_scale
+
+W is the qpeft packed layout (DESIGN.md, "Formats"): uint8 codes of the row-major
+[N, K] weight flattened, two per byte (high nibble first), one absmax per
+``BLOCKSIZE`` consecutive elements of the flat weight, so a quant block can straddle
+rows. Double quantization decodes absmax in the kernel as
+``nested_code[q] * nested_absmax[b // NESTED_BLOCKSIZE] + offset``. W tiles are
+dequantized in registers inside the K (or N) loop and never written to memory.
+
+The LoRA down-projection (x @ A^T, or dy @ B in the backward) is accumulated from the
+same activation tiles as the base GEMM, so the activations are read once per program;
+every program along N (K) recomputes it for its rows, which costs r / BLOCK_N extra
+FLOPs and no extra activation traffic. The program at pid_n == 0 (pid_k == 0) writes it
+out when the backward needs it.
+
+No registration or autograd here (``qpeft.backends.triton.qlora`` does that); the
+launchers take contiguous-or-strided torch tensors and return new ones.
+
+Interpreter (TRITON_INTERPRET=1, CPU): autotune is skipped for one small fixed config,
+and ``UPCAST`` turns bf16 tiles into fp32 before ``tl.dot`` (the interpreter's bf16
+dot returns garbage); the tiles are rounded to bf16 first, so the values are those
+the GPU multiplies (up to the interpreter's truncating fp32->bf16 cast).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, mask,
+            NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):  # fmt: skip
+    """fp32 absmax of quant blocks ``blk`` (int32), 0 where masked."""
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0)
+        scale = tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        # Same fp32 steps as the reference (code * nested_absmax, then + offset); on GPU
+        # the compiler may contract them into one FMA (an ulp of absmax at most).
+        absmax = tl.where(mask, tl.load(nested_code_ptr + q) * scale + tl.load(offset_ptr), 0.0)
+    else:
+        absmax = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return absmax
+
+
+@triton.jit
+def _dequant_rows(
+    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
+    offs_n, n_base, k0, N, K,
+    BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """W[offs_n, k0 : k0 + BLOCK_K] as fp32 [BN, BLOCK_K], 0 outside W.
+
+    offs_n = n_base + arange(BN); n_base and k0 are multiples of power-of-two BLOCK sizes
+    >= 16, so every tile starts on an even flat index (a whole byte).
+    ALIGNED (K % BLOCKSIZE == 0, every LLM shape): rows hold whole quant blocks and K is
+    even, so the tile is [BN, BLOCK_K/2] contiguous bytes per row (vector loads) whose two
+    nibbles are interleaved with tl.join, and absmax is one value per row and per
+    min(BLOCK_K, BLOCKSIZE) run: BN * max(1, BLOCK_K/BLOCKSIZE) loads, not BN * BLOCK_K.
+    Otherwise (quant blocks straddle rows) every element computes its byte and block
+    from its flat index: a 64-bit scalar base plus a 32-bit offset, so the index tiles
+    stay 32-bit; blocks are counted in int32 (W < 2^36 elements).
+    """
+    BN: tl.constexpr = offs_n.shape[0]
+    n_ok = offs_n < N
+    if ALIGNED:
+        HALF: tl.constexpr = BLOCK_K // 2
+        j = tl.arange(0, HALF)
+        row_byte = offs_n.to(tl.int64) * (K // 2)
+        byte = tl.load(packed_ptr + row_byte[:, None] + (k0 // 2 + j)[None, :],
+                       mask=n_ok[:, None] & (k0 + 2 * j < K)[None, :], other=0)  # fmt: skip
+        codes = tl.join(byte >> 4, byte & 0xF).reshape(BN, BLOCK_K)  # element 2j: high nibble
+        value = tl.load(code_ptr + codes)  # 16-entry table, L1-resident
+        SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
+        G: tl.constexpr = BLOCK_K // SUB
+        g_k = k0 + tl.arange(0, G) * SUB
+        blk = offs_n[:, None] * (K // BLOCKSIZE) + (g_k // BLOCKSIZE)[None, :]
+        scale = _absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk,
+                        n_ok[:, None] & (g_k < K)[None, :], NESTED_BLOCKSIZE, NESTED)  # fmt: skip
+        scale = tl.broadcast_to(scale[:, :, None], (BN, G, SUB)).reshape(BN, BLOCK_K)
+        return value * scale  # masked: finite code value * 0 (groups are wholly in or out)
+    e0 = tl.cast(n_base, tl.int64) * K + k0
+    offs_k = tl.arange(0, BLOCK_K)
+    local = (offs_n - n_base)[:, None] * K + offs_k[None, :]
+    mask = n_ok[:, None] & (k0 + offs_k < K)[None, :]
+    byte = tl.load(packed_ptr + (e0 >> 1) + (local >> 1), mask=mask, other=0)
+    value = tl.load(code_ptr + tl.where((local & 1) == 0, byte >> 4, byte & 0xF))
+    blk = (e0 // BLOCKSIZE).to(tl.int32) + ((e0 % BLOCKSIZE).to(tl.int32) + local) // BLOCKSIZE
+    scale = _absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, mask, NESTED_BLOCKSIZE, NESTED)
+    return tl.where(mask, value * scale, 0.0)
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b with fp32 accumulation (see module docstring for UPCAST)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:  # fp32 operands: exact fp32 products, not TF32
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def qlora_fwd_kernel(
+    x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
+    a_ptr, b_ptr, bias_ptr, rank_scale_ptr, out_scale_ptr, y_ptr, xa_ptr,
+    M, N, K, R, M_BUCKET, scaling,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RANK_SCALE: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, WRITE_XA: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_M, BLOCK_N] tile of y; loops over K in BLOCK_K steps.
+
+    Per step: x tile [BM, BK] (read once, used twice), W tile [BN, BK] dequantized in
+    registers (used transposed), A^T tile [BK, BR]; acc += x @ W^T, xa += x @ A^T.
+    Epilogue: acc += (s * xa * rank_scale) @ B^T, + bias, * out_scale. Grouped program
+    order (GROUP_M M-tiles walk each N-column of W together) keeps W tiles in L2 at large M.
+    """
+    dt = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_base = pid_n * BLOCK_N
+    offs_n = n_base + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    r_ok = offs_r < R
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :], other=0.0,
+        )  # fmt: skip
+        w = _dequant_rows(
+            packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
+            offs_n, n_base, k0, N, K, BLOCK_K, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, ALIGNED,
+        )  # fmt: skip
+        acc = _mma(x, tl.trans(w.to(dt)), acc, UPCAST, IEEE)
+        at = tl.load(
+            a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+            mask=k_ok[:, None] & r_ok[None, :], other=0.0,
+        )  # fmt: skip
+        xa = _mma(x, at.to(dt), xa, UPCAST, IEEE)
+
+    t = xa * scaling
+    if HAS_RANK_SCALE:
+        t = t * tl.load(rank_scale_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    bt = tl.load(
+        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+        mask=r_ok[:, None] & n_ok[None, :], other=0.0,
+    )  # fmt: skip
+    acc = _mma(t.to(dt), bt.to(dt), acc, UPCAST, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_OUT_SCALE:
+        acc *= tl.load(out_scale_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :],
+    )  # fmt: skip
+    if WRITE_XA:
+        if pid_n == 0:  # xa: contiguous [M, R]
+            tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], xa.to(xa_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & r_ok[None, :])  # fmt: skip
+
+
+@triton.jit
+def qlora_dx_kernel(
+    dy_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
+    a_ptr, b_ptr, rank_scale_ptr, dx_ptr, g_ptr,
+    M, N, K, R, M_BUCKET, scaling,
+    stride_dym, stride_dyn, stride_ar, stride_ak, stride_bn, stride_br, stride_dxm, stride_dxk,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_RANK_SCALE: tl.constexpr, WRITE_G: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_M, BLOCK_K] tile of dx; loops over N in BLOCK_N steps (dy already scaled by out_scale).
+
+    Per step: dy tile [BM, BN] (read once, used twice), W tile [BN, BK] dequantized in
+    registers, B tile [BN, BR]; acc += dy @ W, g += dy @ B. Epilogue: acc += (s * g *
+    rank_scale) @ A. g = dy @ B is written in fp32 by the pid_k == 0 programs when dA is
+    needed.
+    """
+    dt = dy_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_k = tl.cdiv(K, BLOCK_K)
+    per_group = GROUP_M * num_k
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_k = (pid % per_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    k_ok = offs_k < K
+    r_ok = offs_r < R
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n_base in range(0, N, BLOCK_N):
+        offs_n = n_base + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        dy = tl.load(
+            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=m_ok[:, None] & n_ok[None, :], other=0.0,
+        )  # fmt: skip
+        w = _dequant_rows(
+            packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
+            offs_n, n_base, k0, N, K, BLOCK_K, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, ALIGNED,
+        )  # fmt: skip
+        acc = _mma(dy, w.to(dt), acc, UPCAST, IEEE)
+        b = tl.load(
+            b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+            mask=n_ok[:, None] & r_ok[None, :], other=0.0,
+        )  # fmt: skip
+        g = _mma(dy, b.to(dt), g, UPCAST, IEEE)
+
+    t = g * scaling
+    if HAS_RANK_SCALE:
+        t = t * tl.load(rank_scale_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    a = tl.load(
+        a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+        mask=r_ok[:, None] & k_ok[None, :], other=0.0,
+    )  # fmt: skip
+    acc = _mma(t.to(dt), a.to(dt), acc, UPCAST, IEEE)
+    tl.store(
+        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+        acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :],
+    )  # fmt: skip
+    if WRITE_G:
+        if pid_k == 0:  # g: contiguous fp32 [M, R]
+            tl.store(g_ptr + offs_m[:, None] * R + offs_r[None, :], g, mask=m_ok[:, None] & r_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Tile configurations
+# ---------------------------------------------------------------------------------------
+# Why these tiles (registers: AOT build for bf16 + nested NF4 at the bucket's largest
+# r, sm_80 / sm_90, all with 0 spills; full table in benchmarks/roofline_qlora.md):
+# - Large M (training), forward 128x128x32, 8 warps: the usual tensor-core tile; BK = 32
+#   keeps the dequantized W tile at 16 fp32 values per thread next to the 64-register
+#   accumulator (255 / 196 regs at r = 64). r > 64 adds a BM x BLOCK_R fp32 LoRA
+#   accumulator (up to 256 columns), so BM halves: 64x64x32 (255 / 196 regs at r = 256).
+# - Small M (decode, M <= 16), forward 16x32x128, 4 warps: GEMV-shaped. BM = 16 is the
+#   tl.dot minimum, so each W element is decoded exactly once; N / 32 = 128 programs at
+#   N = 4096 fill an H100's 132 SMs without split-K, so the result is deterministic and
+#   needs no fp32 scratch or atomics; BK = 128 gives each program 2 KiB of packed W per
+#   step to stream (196 / 255 regs at r = 64). r > 64: 16x32x32 (168 / 152 regs).
+# - dx mirrors this with the output tile [BM, BLOCK_K] and the loop over N (BLOCK_N):
+#   128x32x128 at large M (255 / 219), 16x64x32 at small M (124 / 124 regs).
+# Pointers, N, K and strides divisible by 16 matter: without those hints (the JIT adds
+# them at run time) the same tiles spill; see AOT_CONFIGS' "attrs". The per-element
+# path for K % blocksize != 0 (no LLM shape) is not tuned: with these tiles it spills up
+# to 152 B/thread on sm_80 (fwd small-M), 24 B on sm_90 (dx large-M, r = 256).
+
+
+def _cfg(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps,
+                         num_stages=stages)  # fmt: skip
+
+
+# (regime, r bucket) -> configs, default first; "small" is M <= 16, r bucket "lo" is
+# BLOCK_R <= 64. Registers/spills of every config below, compiled ahead of time with
+# run-time-like divisibility hints for bf16, nested NF4, at the bucket's largest BLOCK_R
+# (64 / 256) for sm_80 / sm_90 (ptxas of triton 3.9), are in benchmarks/roofline_qlora.md.
+_FWD_CONFIGS = {
+    ("small", "lo"): [_cfg(16, 32, 128, 4, 3), _cfg(16, 32, 128, 4, 4), _cfg(16, 32, 64, 4, 3),
+                      _cfg(16, 16, 128, 2, 4)],
+    ("small", "hi"): [_cfg(16, 32, 32, 4, 3), _cfg(16, 32, 64, 8, 3), _cfg(16, 16, 64, 4, 3)],
+    ("large", "lo"): [_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 32, 8, 3)],
+    ("large", "hi"): [_cfg(64, 64, 32, 8, 3), _cfg(32, 128, 32, 8, 3), _cfg(64, 64, 32, 8, 2)],
+}
+# In the dx kernel BLOCK_N is the loop dimension and BLOCK_K the output tile.
+_DX_CONFIGS = {
+    ("small", "lo"): [_cfg(16, 64, 32, 4, 3), _cfg(16, 128, 32, 8, 3), _cfg(16, 64, 64, 4, 3)],
+    ("small", "hi"): [_cfg(16, 32, 32, 4, 3), _cfg(16, 64, 32, 8, 3)],
+    ("large", "lo"): [_cfg(128, 32, 128, 8, 3), _cfg(128, 32, 128, 8, 4), _cfg(64, 64, 128, 8, 3)],
+    ("large", "hi"): [_cfg(64, 32, 128, 8, 3), _cfg(64, 64, 64, 8, 3)],
+}
+# Under the interpreter: one small config that still exercises every mask edge.
+_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 2}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _regime(m: int, br: int) -> tuple[str, str]:
+    return ("small" if m <= 16 else "large", "lo" if br <= 64 else "hi")
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), 8192)
+
+
+@functools.cache
+def _tuned(kernel_name: str, regime: tuple[str, str]):
+    kernel, table = {"fwd": (qlora_fwd_kernel, _FWD_CONFIGS), "dx": (qlora_dx_kernel, _DX_CONFIGS)}[kernel_name]
+    return triton.autotune(configs=table[regime], key=["M_BUCKET", "N", "K"])(kernel)
+
+
+def _launch(kernel_name: str, kernel, m: int, n_out, br: int, args: tuple, kwargs: dict) -> None:
+    """Launch over ceil(m / BLOCK_M) * n_out(meta) programs (n_out: tiles along N or K)."""
+    if interpreting():
+        cfg = _INTERPRET_CONFIG
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * n_out(cfg),)
+        kernel[grid](*args, **kwargs, **cfg)
+        return
+    tuned = _tuned(kernel_name, _regime(m, br))
+    tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * n_out(meta),)](*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------
+
+
+def _check_offsets(**tensors: torch.Tensor) -> None:
+    # Activation/output offsets are int32 in the kernels (offs * stride); W's are 64-bit.
+    for name, t in tensors.items():
+        span = sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
+        if span >= 2**31:
+            raise ValueError(f"{name} spans {span} elements (shape {tuple(t.shape)}): the fused QLoRA kernels "
+                             "index activations with 32-bit offsets; split the batch")  # fmt: skip
+
+
+def _flags(dtype: torch.dtype) -> dict:
+    upcast = interpreting() and dtype == torch.bfloat16
+    return {"UPCAST": upcast, "IEEE": dtype == torch.float32 or upcast}
+
+
+def qlora_forward(
+    x, packed, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize, n, k,
+    lora_a, lora_b, scaling, bias=None, rank_scale=None, out_scale=None, return_xa=False,
+):  # fmt: skip
+    """y [M, N] in x's dtype (and xa = x @ A^T [M, r] in x's dtype when ``return_xa``).
+
+    x: [M, K] fp16/bf16/fp32 (any strides); packed: uint8 [(N*K+1)//2] flat; absmax fp32
+    [blocks], or uint8 codes with nested_absmax/nested_code/offset; code: fp32 [16];
+    lora_a [r, K], lora_b [N, r], bias/out_scale [N], rank_scale [r]: any float dtype.
+    """
+    m, r = x.shape[0], lora_a.shape[0]
+    br = block_r(r)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    xa = torch.empty((m, r) if return_xa else (0,), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return y, xa
+    _check_offsets(x=x, y=y, lora_a=lora_a, lora_b=lora_b)
+    nested = nested_absmax is not None
+    dummy = code
+    args = (
+        x, packed, absmax, nested_absmax if nested else dummy, nested_code if nested else dummy,
+        offset if nested else dummy, code, lora_a, lora_b,
+        bias if bias is not None else dummy, rank_scale if rank_scale is not None else dummy,
+        out_scale if out_scale is not None else dummy, y, xa if return_xa else dummy,
+        m, n, k, r, _m_bucket(m), float(scaling),
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
+        y.stride(0), y.stride(1),
+    )  # fmt: skip
+    kwargs = dict(
+        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=nested, ALIGNED=k % blocksize == 0,
+        HAS_BIAS=bias is not None, HAS_RANK_SCALE=rank_scale is not None, HAS_OUT_SCALE=out_scale is not None,
+        WRITE_XA=return_xa, BLOCK_R=br, **_flags(x.dtype),
+    )  # fmt: skip
+    _launch("fwd", qlora_fwd_kernel, m, lambda meta: triton.cdiv(n, meta["BLOCK_N"]), br, args, kwargs)
+    return y, xa
+
+
+def qlora_dx(
+    dy, packed, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize, n, k,
+    lora_a, lora_b, scaling, rank_scale=None, return_g=False,
+):  # fmt: skip
+    """dx [M, K] in dy's dtype (and g = dy @ B [M, r] in fp32 when ``return_g``).
+
+    dy: [M, N], already multiplied by out_scale; other arguments as ``qlora_forward``.
+    """
+    m, r = dy.shape[0], lora_a.shape[0]
+    br = block_r(r)
+    dx = torch.empty((m, k), device=dy.device, dtype=dy.dtype)
+    g = torch.empty((m, r) if return_g else (0,), device=dy.device, dtype=torch.float32)
+    if m == 0:
+        return dx, g
+    _check_offsets(dy=dy, dx=dx, lora_a=lora_a, lora_b=lora_b)
+    nested = nested_absmax is not None
+    dummy = code
+    args = (
+        dy, packed, absmax, nested_absmax if nested else dummy, nested_code if nested else dummy,
+        offset if nested else dummy, code, lora_a, lora_b,
+        rank_scale if rank_scale is not None else dummy, dx, g if return_g else dummy,
+        m, n, k, r, _m_bucket(m), float(scaling),
+        dy.stride(0), dy.stride(1), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
+        dx.stride(0), dx.stride(1),
+    )  # fmt: skip
+    kwargs = dict(
+        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=nested, ALIGNED=k % blocksize == 0,
+        HAS_RANK_SCALE=rank_scale is not None, WRITE_G=return_g, BLOCK_R=br, **_flags(dy.dtype),
+    )  # fmt: skip
+    _launch("dx", qlora_dx_kernel, m, lambda meta: triton.cdiv(k, meta["BLOCK_K"]), br, args, kwargs)
+    return dx, g
+
+
+# ---------------------------------------------------------------------------------------
+# Ahead-of-time compilation: AOT_CONFIGS in the format of triton_kernels/__init__.py, plus
+# "attrs" (ASTSource's fourth argument): the tt.divisibility=16 hints the JIT derives at
+# run time for 16-byte aligned torch tensors and N, K, strides divisible by 16. Without
+# them the AOT build is not the kernel that runs: no vector loads, per-element masks, and
+# even a plain masked 128x128x32 bf16 GEMM takes 240 registers on sm_80 (126 with them).
+# ---------------------------------------------------------------------------------------
+
+_FWD_ARGS = [
+    ("x_ptr", "*{dt}"), ("packed_ptr", "*u8"), ("absmax_ptr", "*{am}"), ("nested_absmax_ptr", "*fp32"),
+    ("nested_code_ptr", "*fp32"), ("offset_ptr", "*fp32"), ("code_ptr", "*fp32"), ("a_ptr", "*{dt}"),
+    ("b_ptr", "*{dt}"), ("bias_ptr", "*{dt}"), ("rank_scale_ptr", "*fp32"), ("out_scale_ptr", "*{dt}"),
+    ("y_ptr", "*{dt}"), ("xa_ptr", "*{dt}"),
+]  # fmt: skip
+_DX_ARGS = [
+    ("dy_ptr", "*{dt}"), ("packed_ptr", "*u8"), ("absmax_ptr", "*{am}"), ("nested_absmax_ptr", "*fp32"),
+    ("nested_code_ptr", "*fp32"), ("offset_ptr", "*fp32"), ("code_ptr", "*fp32"), ("a_ptr", "*{dt}"),
+    ("b_ptr", "*{dt}"), ("rank_scale_ptr", "*fp32"), ("dx_ptr", "*{dt}"), ("g_ptr", "*fp32"),
+]  # fmt: skip
+_SCALARS = [("M", "i32"), ("N", "i32"), ("K", "i32"), ("R", "i32"), ("M_BUCKET", "i32"), ("scaling", "fp32")]
+# Strides of contiguous operands: the JIT specializes an int argument equal to 1 as a
+# constant, so the AOT build does the same for the unit strides.
+_FWD_STRIDES = [("stride_xm", "i32"), ("stride_xk", 1), ("stride_ar", "i32"), ("stride_ak", 1),
+                ("stride_bn", "i32"), ("stride_br", 1), ("stride_ym", "i32"), ("stride_yn", 1)]  # fmt: skip
+_DX_STRIDES = [("stride_dym", "i32"), ("stride_dyn", 1), ("stride_ar", "i32"), ("stride_ak", 1),
+               ("stride_bn", "i32"), ("stride_br", 1), ("stride_dxm", "i32"), ("stride_dxk", 1)]  # fmt: skip
+
+
+def _aot_entry(kernel_name: str, regime: tuple[str, str], r: int, dtype: str = "bf16", nested: bool = True) -> dict:
+    """The default (first) config of ``regime`` as an AOT description: bf16, NF4 with double
+    quantization, blocksize 64, bias and rank_scale on, out_scale off."""
+    cfg = (_FWD_CONFIGS if kernel_name == "fwd" else _DX_CONFIGS)[regime][0]
+    ptrs, strides = (_FWD_ARGS, _FWD_STRIDES) if kernel_name == "fwd" else (_DX_ARGS, _DX_STRIDES)
+    signature = {name: t.format(dt=dtype, am="u8" if nested else "fp32") for name, t in ptrs}
+    signature.update(dict(_SCALARS))
+    constexprs = {}
+    for name, t in strides:
+        signature[name] = "constexpr" if t == 1 else t
+        if t == 1:
+            constexprs[name] = 1
+    constexprs.update(BLOCKSIZE=64, NESTED_BLOCKSIZE=256, NESTED=nested, ALIGNED=True, HAS_RANK_SCALE=True,
+                      UPCAST=False, IEEE=dtype == "fp32", BLOCK_R=block_r(r), **cfg.kwargs)  # fmt: skip
+    if kernel_name == "fwd":
+        constexprs.update(HAS_BIAS=True, HAS_OUT_SCALE=False, WRITE_XA=True)
+    else:
+        constexprs.update(WRITE_G=True)
+    for name in constexprs:
+        signature[name] = "constexpr"
+    fn = qlora_fwd_kernel if kernel_name == "fwd" else qlora_dx_kernel
+    signature = {name: signature[name] for name in fn.arg_names}  # kernel argument order
+    # What the JIT infers at run time for torch tensors and LLM shapes: 16-byte aligned
+    # pointers and N, K, row strides divisible by 16 (M and R are not assumed to be).
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*") or (signature[name] == "i32" and name not in ("M", "R", "M_BUCKET"))
+    }
+    return {
+        "name": f"qlora_{kernel_name}_{regime[0]}M_r{r}_{dtype}",
+        "fn": fn,
+        "signature": signature,
+        "constexprs": constexprs,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+        "attrs": attrs,  # ASTSource(fn, signature, constexprs, attrs)
+    }
+
+
+AOT_CONFIGS = [
+    _aot_entry(kernel_name, regime, r)
+    for kernel_name in ("fwd", "dx")
+    for regime, r in ((("small", "lo"), 16), (("large", "lo"), 16), (("small", "hi"), 256), (("large", "hi"), 256))
+]
