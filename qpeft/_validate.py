@@ -45,6 +45,20 @@ def out_dtype(dtype: torch.dtype) -> None:
         raise TypeError(f"output dtype must be float32, float16 or bfloat16, got {dtype}")
 
 
+def out_tensor(out: torch.Tensor | None, shape: Sequence[int], dtype: torch.dtype, like: torch.Tensor) -> None:
+    """``out=`` of a dequantize: a tensor of exactly the result's shape, dtype and device."""
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(int(s) for s in shape) or out.dtype != dtype:
+        raise ValueError(
+            f"out is {tuple(out.shape)} {out.dtype} but the result is {tuple(int(s) for s in shape)} {dtype}"
+        )
+    if out.device != like.device:
+        raise ValueError(f"out is on {out.device} but the quantized data is on {like.device}")
+
+
 def same_device(*named: tuple[str, torch.Tensor]) -> None:
     first_name, first = named[0]
     for name, t in named[1:]:
@@ -68,7 +82,9 @@ def quantize_4bit(x: torch.Tensor, bs: int, qt: str) -> None:
     quant_type(qt)
 
 
-def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, bs: int, qt: str, shape: Sequence[int], dtype) -> int:
+def dequantize_4bit(
+    packed: torch.Tensor, absmax: torch.Tensor, bs: int, qt: str, shape: Sequence[int], dtype, out=None
+) -> int:
     blocksize(bs)
     quant_type(qt)
     out_dtype(dtype)
@@ -80,11 +96,12 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, bs: int, qt: str
     same_device(("packed", packed), ("absmax", absmax))
     tensor(packed, "packed", torch.uint8, (n + 1) // 2)
     tensor(absmax, "absmax", torch.float32, _blocks(n, bs))
+    out_tensor(out, shape, dtype, packed)
     return n
 
 
 def dequantize_4bit_nested(
-    packed, absmax_codes, nested_absmax, nested_code, offset, bs, nested_bs, qt, shape, dtype
+    packed, absmax_codes, nested_absmax, nested_code, offset, bs, nested_bs, qt, shape, dtype, out=None
 ) -> int:
     blocksize(bs)
     blocksize(nested_bs)
@@ -106,6 +123,7 @@ def dequantize_4bit_nested(
     tensor(nested_absmax, "nested_absmax", torch.float32, _blocks(nb, nested_bs))
     tensor(nested_code, "nested_code", torch.float32, 256)
     tensor(offset, "offset", torch.float32, 1)
+    out_tensor(out, shape, dtype, packed)
     return n
 
 
@@ -122,7 +140,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, bs: int) -> None:
     code8(code)
 
 
-def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, bs: int, dtype) -> None:
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, bs: int, dtype, out=None) -> None:
     blocksize(bs)
     out_dtype(dtype)
     if q.dtype != torch.uint8:
@@ -132,3 +150,4 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     same_device(("codes", q), ("absmax", absmax), ("code", code))
     tensor(absmax, "absmax", torch.float32, _blocks(q.numel(), bs))
     tensor(code, "code", torch.float32, 256)
+    out_tensor(out, q.shape, dtype, q)

@@ -11,6 +11,7 @@ import torch
 from . import _ops  # noqa: F401  (defines torch.ops.qpeft.*)
 from . import backends  # noqa: F401  (registers every backend's kernels)
 from ._formats import NESTED_BLOCKSIZE, code4, dynamic_map
+from . import _validate
 from ._validate import float_input
 from .autograd import QLoRAFunction
 from .quant_state import QuantState
@@ -76,30 +77,45 @@ def quantize_4bit(
     return packed, state
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_4bit(
+    packed: torch.Tensor,
+    state: QuantState,
+    out_dtype: torch.dtype | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Decode ``packed`` with ``state`` to a tensor of ``state.shape`` and ``out_dtype``
-    (default ``state.dtype``). Double-quantized statistics are decoded in the same pass."""
+    (default ``state.dtype``, or ``out.dtype``). Double-quantized statistics are decoded
+    in the same pass. With ``out`` the result is written there (and ``out`` returned):
+    a reused buffer saves the page faults of a fresh allocation on CPU."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a qpeft.QuantState, got {type(state).__name__}")
     if state.quant_type is None or state.shape is None:
         raise ValueError("state is not a 4-bit quantization state (no quant_type/shape)")
-    dtype = out_dtype if out_dtype is not None else state.dtype
+    dtype = _result_dtype(out_dtype, out, state.dtype)
     if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage: the same bytes in another dtype
         packed = packed.contiguous().view(torch.uint8)
+    if out is not None:
+        _validate.out_tensor(out, state.shape, dtype, packed)
     if state.nested:
-        return torch.ops.qpeft.dequantize_4bit_nested(
-            packed,
-            state.absmax,
-            state.state2.absmax,
-            state.state2.code,
-            state.offset.reshape(1).to(torch.float32),
-            state.blocksize,
-            state.state2.blocksize,
-            state.quant_type,
-            list(state.shape),
-            dtype,
-        )
+        nested = (state.absmax, state.state2.absmax, state.state2.code, state.offset.reshape(1).to(torch.float32))
+        quant = (state.blocksize, state.state2.blocksize, state.quant_type)
+        if out is not None:
+            torch.ops.qpeft.dequantize_4bit_nested_out(packed, *nested, *quant, out)
+            return out
+        return torch.ops.qpeft.dequantize_4bit_nested(packed, *nested, *quant, list(state.shape), dtype)
+    if out is not None:
+        torch.ops.qpeft.dequantize_4bit_out(packed, state.absmax, state.blocksize, state.quant_type, out)
+        return out
     return torch.ops.qpeft.dequantize_4bit(packed, state.absmax, state.blocksize, state.quant_type, list(state.shape), dtype)
+
+
+def _result_dtype(out_dtype, out, default) -> torch.dtype:
+    if out is not None and out_dtype is not None and out.dtype != out_dtype:
+        raise ValueError(f"out is {out.dtype} but out_dtype={out_dtype} was asked for")
+    if out_dtype is not None:
+        return out_dtype
+    return out.dtype if out is not None else default
 
 
 def quantize_blockwise(
@@ -120,12 +136,18 @@ def quantize_blockwise(
     return q, QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=x.dtype, shape=x.shape)
 
 
-def dequantize_blockwise(q: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_blockwise(
+    q: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Decode 8-bit blockwise codes: ``code[q] * absmax[block]`` cast to ``out_dtype``
-    (default ``state.dtype``, fp32 when unset)."""
+    (default ``state.dtype``, fp32 when unset; or ``out.dtype``), into ``out`` if given."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a qpeft.QuantState, got {type(state).__name__}")
-    dtype = out_dtype or state.dtype or torch.float32
+    dtype = _result_dtype(out_dtype, out, state.dtype or torch.float32)
+    if out is not None:
+        _validate.out_tensor(out, q.shape, dtype, q)
+        torch.ops.qpeft.dequantize_blockwise_out(q, state.absmax, state.code, state.blocksize, out)
+        return out
     return torch.ops.qpeft.dequantize_blockwise(q, state.absmax, state.code, state.blocksize, dtype)
 
 

@@ -140,3 +140,16 @@ def test_unavailable_backend(backend):
         with pytest.raises(BackendUnavailableError, match="cuda"):
             with qpeft.use_backend("cuda"):
                 pass
+
+
+def test_bad_out_tensor(backend):
+    packed, state = qf.quantize_4bit(torch.randn(8, 8))
+    with pytest.raises(ValueError, match=r"out is \(64,\).*result is \(8, 8\)"):
+        qf.dequantize_4bit(packed, state, out=torch.empty(64))
+    with pytest.raises(ValueError, match="out is torch.float16 but out_dtype=torch.float32"):
+        qf.dequantize_4bit(packed, state, torch.float32, out=torch.empty(8, 8, dtype=torch.float16))
+    q, s8 = qf.quantize_blockwise(torch.randn(8))
+    with pytest.raises(ValueError, match=r"out is \(9,\)"):  # the op checks too
+        torch.ops.qpeft.dequantize_blockwise_out(q, s8.absmax, s8.code, 256, torch.empty(9))
+    with pytest.raises(TypeError, match="output dtype"):
+        torch.ops.qpeft.dequantize_blockwise_out(q, s8.absmax, s8.code, 256, torch.empty(8, dtype=torch.int32))

@@ -27,11 +27,17 @@ def _op_samples():
         ),
         (torch.ops.qpeft.quantize_blockwise.default, (x, code, 128)),
         (torch.ops.qpeft.dequantize_blockwise.default, (q, nested_absmax, code, 256, torch.float32)),
+        (torch.ops.qpeft.dequantize_4bit_out.default, (packed, absmax, 64, "nf4", torch.empty(37, 19))),
+        (
+            torch.ops.qpeft.dequantize_4bit_nested_out.default,
+            (packed, q, nested_absmax, code, offset, 64, 256, "nf4", torch.empty(37, 19, dtype=torch.bfloat16)),
+        ),
+        (torch.ops.qpeft.dequantize_blockwise_out.default, (q, nested_absmax, code, 256, torch.empty(q.shape))),
     ]
 
 
 @pytest.mark.parametrize("backend", ["default", *CPU_BACKENDS], indirect=True)
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(9))
 def test_opcheck(backend, index):
     op, args = _op_samples()[index]
     torch.library.opcheck(op, args)

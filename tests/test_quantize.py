@@ -200,3 +200,27 @@ def test_8bit_roundtrip_error_bounds():
     err = (qf.dequantize_blockwise(q, s) - x).abs()
     assert err.mean() < 0.011
     assert (err / (x.abs() + 1e-8)).mean() < 0.018
+
+
+# --- out= ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["default", *CPU_BACKENDS], indirect=True)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_into_out(backend, double_quant, dtype):
+    x = torch.randn(67, 45)
+    packed, state = qf.quantize_4bit(x, 64, "nf4", double_quant)
+    want = _reference(qf.dequantize_4bit, packed, state, dtype)
+    dense = torch.full((67, 45), float("nan"), dtype=dtype)
+    assert qf.dequantize_4bit(packed, state, out=dense) is dense
+    assert_bits_equal(dense, want, "into a contiguous out")
+    strided = torch.full((45, 67), float("nan"), dtype=dtype).t()  # a transposed view
+    assert qf.dequantize_4bit(packed, state, dtype, out=strided) is strided
+    assert_bits_equal(strided.contiguous(), want, "into a strided out")
+
+    q, s8 = qf.quantize_blockwise(x)
+    want8 = _reference(qf.dequantize_blockwise, q, s8, dtype)
+    out8 = torch.empty(67, 45, dtype=dtype)
+    assert qf.dequantize_blockwise(q, s8, out=out8) is out8
+    assert_bits_equal(out8, want8, "8-bit into out")

@@ -288,3 +288,17 @@ def test_kernels_ran():
     from qpeft._registry import kernel_for
 
     assert kernel_for("quantize_4bit", torch.device("cpu")).__module__ == "qpeft.backends.triton.quant"
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_into_out(double_quant):
+    x = torch.randn(33, 70)
+    packed, state = qf.quantize_4bit(x, 64, "nf4", double_quant)
+    want = _reference(qf.dequantize_4bit, packed, state, torch.float16)
+    for out in (torch.empty(33, 70, dtype=torch.float16), torch.empty(70, 33, dtype=torch.float16).t()):
+        assert qf.dequantize_4bit(packed, state, out=out) is out
+        assert_bits_equal(out.contiguous(), want, f"into out (contiguous={out.is_contiguous()})")
+    q, s8 = qf.quantize_blockwise(x)
+    out8 = torch.empty(33, 70, dtype=torch.bfloat16)
+    qf.dequantize_blockwise(q, s8, out=out8)
+    assert_bits_equal(out8, _reference(qf.dequantize_blockwise, q, s8, torch.bfloat16), "8-bit into out")

@@ -270,10 +270,15 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
     return packed, absmax
 
 
-def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype) -> torch.Tensor:
-    """Contiguous packed codes + fp32 absmax -> a ``shape``/``dtype`` tensor."""
+def _out(out, shape, dtype, device) -> torch.Tensor:
+    """The caller's contiguous ``out`` (checked by the wrapper), or a new tensor."""
+    return torch.empty(tuple(shape), dtype=dtype, device=device) if out is None else out
+
+
+def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out=None) -> torch.Tensor:
+    """Contiguous packed codes + fp32 absmax -> a ``shape``/``dtype`` tensor (into ``out`` if given)."""
     n = prod(int(s) for s in shape)
-    out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
+    out = _out(out, shape, dtype, packed.device)
     rows, warps = launch_config(blocksize)
     dequantize_4bit_kernel[_grid(n, blocksize, rows)](
         packed, absmax, code4(quant_type, packed.device), out, n,
@@ -283,11 +288,12 @@ def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype) -> torc
 
 
 def dequantize_4bit_nested(
-    packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
+    packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype,
+    out=None,
 ) -> torch.Tensor:
     """As dequantize_4bit with double-quantized absmax, decoded in the same kernel."""
     n = prod(int(s) for s in shape)
-    out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
+    out = _out(out, shape, dtype, packed.device)
     rows, warps = launch_config(blocksize)
     dequantize_4bit_nested_kernel[_grid(n, blocksize, rows)](
         packed, absmax_codes, nested_absmax, nested_code, offset, code4(quant_type, packed.device), out,
@@ -308,10 +314,10 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
     return q, absmax
 
 
-def dequantize_blockwise(q, absmax, code, blocksize, dtype) -> torch.Tensor:
+def dequantize_blockwise(q, absmax, code, blocksize, dtype, out=None) -> torch.Tensor:
     """Contiguous uint8 codes + fp32 absmax + fp32[256] code -> ``dtype`` tensor of q's shape."""
     n = q.numel()
-    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    out = _out(out, q.shape, dtype, q.device)
     rows, warps = launch_config(blocksize)
     dequantize_blockwise_kernel[_grid(n, blocksize, rows)](
         q, absmax, code, out, n, BLOCKSIZE=blocksize, ROWS=rows, num_warps=warps, **_FP

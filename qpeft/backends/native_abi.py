@@ -18,6 +18,7 @@ import torch
 from .. import _validate
 from .._formats import DTYPE_IDS, QUANT_TYPE_IDS
 from .._registry import register_kernel
+from ._out import into
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -28,7 +29,9 @@ def register_native(
     backend: str,
     module: Callable[[], ModuleType],
     extra_args: Callable[[torch.device], tuple],
+    empty: Callable[..., torch.Tensor] = torch.empty,
 ) -> None:
+    """``empty(shape, dtype=, device=)`` allocates every output the kernels write."""
     def guard(device: torch.device):
         if device.type == "cuda":
             return torch.cuda.device(device)
@@ -39,8 +42,8 @@ def register_native(
         _validate.quantize_4bit(x, blocksize, quant_type)
         x = x.contiguous()
         n = x.numel()
-        packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=x.device)
-        absmax = torch.empty((-(n // -blocksize),), dtype=torch.float32, device=x.device)
+        packed = empty(((n + 1) // 2, 1), dtype=torch.uint8, device=x.device)
+        absmax = empty((-(n // -blocksize),), dtype=torch.float32, device=x.device)
         with guard(x.device):
             module().quantize_4bit(
                 _ptr(x), DTYPE_IDS[x.dtype], n, blocksize, QUANT_TYPE_IDS[quant_type],
@@ -48,11 +51,12 @@ def register_native(
             )  # fmt: skip
         return packed, absmax
 
-    def _dequantize(packed, absmax, blocksize, quant_type, shape, dtype, nested):
+    def _dequantize(packed, absmax, blocksize, quant_type, shape, dtype, nested, out):
         packed = packed.contiguous()
         absmax = absmax.contiguous()
         n = prod(int(s) for s in shape)
-        out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
+        if out is None:
+            out = empty(tuple(shape), dtype=dtype, device=packed.device)
         if nested is None:
             nested_args = (0, 0, 0, 0, 0)
         else:
@@ -68,20 +72,23 @@ def register_native(
         return out
 
     @register_kernel("dequantize_4bit", backend)
-    def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
-        _validate.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
-        return _dequantize(packed, absmax, blocksize, quant_type, shape, dtype, None)
+    def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out=None):
+        _validate.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out)
+        return into(out, lambda target: _dequantize(packed, absmax, blocksize, quant_type, shape, dtype, None, target))
 
     @register_kernel("dequantize_4bit_nested", backend)
     def dequantize_4bit_nested(
-        packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
+        packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype,
+        out=None,
     ):
         _validate.dequantize_4bit_nested(
             packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-            shape, dtype,
+            shape, dtype, out,
         )  # fmt: skip
         nested = (nested_absmax.contiguous(), nested_code.contiguous(), offset.contiguous(), nested_blocksize)
-        return _dequantize(packed, absmax_codes, blocksize, quant_type, shape, dtype, nested)
+        return into(out, lambda target: _dequantize(
+            packed, absmax_codes, blocksize, quant_type, shape, dtype, nested, target
+        ))  # fmt: skip
 
     @register_kernel("quantize_blockwise", backend)
     def quantize_blockwise(x, code, blocksize):
@@ -89,8 +96,8 @@ def register_native(
         x = x.contiguous()
         code = code.contiguous()
         n = x.numel()
-        q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-        absmax = torch.empty((-(n // -blocksize),), dtype=torch.float32, device=x.device)
+        q = empty(x.shape, dtype=torch.uint8, device=x.device)
+        absmax = empty((-(n // -blocksize),), dtype=torch.float32, device=x.device)
         with guard(x.device):
             module().quantize_blockwise(
                 _ptr(x), DTYPE_IDS[x.dtype], n, blocksize, _ptr(code),
@@ -99,15 +106,20 @@ def register_native(
         return q, absmax
 
     @register_kernel("dequantize_blockwise", backend)
-    def dequantize_blockwise(q, absmax, code, blocksize, dtype):
-        _validate.dequantize_blockwise(q, absmax, code, blocksize, dtype)
+    def dequantize_blockwise(q, absmax, code, blocksize, dtype, out=None):
+        _validate.dequantize_blockwise(q, absmax, code, blocksize, dtype, out)
         q = q.contiguous()
         absmax = absmax.contiguous()
         code = code.contiguous()
-        out = torch.empty(q.shape, dtype=dtype, device=q.device)
-        with guard(q.device):
-            module().dequantize_blockwise(
-                _ptr(q), q.numel(), _ptr(absmax), absmax.numel(), _ptr(code), q.numel(), blocksize,
-                _ptr(out), DTYPE_IDS[dtype], *extra_args(q.device),
-            )  # fmt: skip
-        return out
+
+        def run(target):
+            if target is None:
+                target = empty(q.shape, dtype=dtype, device=q.device)
+            with guard(q.device):
+                module().dequantize_blockwise(
+                    _ptr(q), q.numel(), _ptr(absmax), absmax.numel(), _ptr(code), q.numel(), blocksize,
+                    _ptr(target), DTYPE_IDS[dtype], *extra_args(q.device),
+                )  # fmt: skip
+            return target
+
+        return into(out, run)

@@ -63,16 +63,17 @@ def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()
 
 
-def _decode4(packed, absmax, blocksize, quant_type, shape, dtype) -> torch.Tensor:
+def _decode4(packed, absmax, blocksize, quant_type, shape, dtype, out) -> torch.Tensor:
     n = prod(int(s) for s in shape)
     values = code4(quant_type, packed.device)[_unpack(packed, n)]
-    return _scale_blocks(values, absmax, blocksize).to(dtype).reshape(tuple(shape))
+    result = _scale_blocks(values, absmax, blocksize).to(dtype).reshape(tuple(shape))
+    return result if out is None else out.copy_(result)
 
 
 @register_kernel("dequantize_4bit", "default")
-def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
-    _validate.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
-    return _decode4(packed, absmax, blocksize, quant_type, shape, dtype)
+def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out=None):
+    _validate.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out)
+    return _decode4(packed, absmax, blocksize, quant_type, shape, dtype, out)
 
 
 def nested_absmax(absmax_codes, nested_absmax_, nested_code, offset, nested_blocksize) -> torch.Tensor:
@@ -83,13 +84,15 @@ def nested_absmax(absmax_codes, nested_absmax_, nested_code, offset, nested_bloc
 
 @register_kernel("dequantize_4bit_nested", "default")
 def dequantize_4bit_nested(
-    packed, absmax_codes, nested_absmax_, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
+    packed, absmax_codes, nested_absmax_, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype,
+    out=None,
 ):
     _validate.dequantize_4bit_nested(
-        packed, absmax_codes, nested_absmax_, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
-    )
+        packed, absmax_codes, nested_absmax_, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype,
+        out,
+    )  # fmt: skip
     absmax = nested_absmax(absmax_codes, nested_absmax_, nested_code, offset, nested_blocksize)
-    return _decode4(packed, absmax, blocksize, quant_type, shape, dtype)
+    return _decode4(packed, absmax, blocksize, quant_type, shape, dtype, out)
 
 
 @register_kernel("quantize_blockwise", "default")
@@ -108,7 +111,8 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
 
 
 @register_kernel("dequantize_blockwise", "default")
-def dequantize_blockwise(q, absmax, code, blocksize, dtype):
-    _validate.dequantize_blockwise(q, absmax, code, blocksize, dtype)
+def dequantize_blockwise(q, absmax, code, blocksize, dtype, out=None):
+    _validate.dequantize_blockwise(q, absmax, code, blocksize, dtype, out)
     values = code[q.reshape(-1).long()]
-    return _scale_blocks(values, absmax, blocksize).to(dtype).reshape(q.shape)
+    result = _scale_blocks(values, absmax, blocksize).to(dtype).reshape(q.shape)
+    return result if out is None else out.copy_(result)

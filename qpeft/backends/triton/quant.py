@@ -11,6 +11,7 @@ import torch
 
 from ... import _validate
 from ..._registry import register_kernel
+from .._out import into
 
 
 def _kernels():
@@ -26,22 +27,26 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
 
 
 @register_kernel("dequantize_4bit", "triton")
-def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
-    _validate.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
-    return _kernels().dequantize_4bit(packed.contiguous(), absmax.contiguous(), blocksize, quant_type, shape, dtype)
+def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out=None):
+    _validate.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out)
+    return into(out, lambda target: _kernels().dequantize_4bit(
+        packed.contiguous(), absmax.contiguous(), blocksize, quant_type, shape, dtype, target
+    ))  # fmt: skip
 
 
 @register_kernel("dequantize_4bit_nested", "triton")
 def dequantize_4bit_nested(
-    packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
+    packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype,
+    out=None,
 ):
     _validate.dequantize_4bit_nested(
-        packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
-    )
-    return _kernels().dequantize_4bit_nested(
-        packed.contiguous(), absmax_codes.contiguous(), nested_absmax.contiguous(), nested_code.contiguous(),
-        offset.contiguous(), blocksize, nested_blocksize, quant_type, shape, dtype,
+        packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype,
+        out,
     )  # fmt: skip
+    return into(out, lambda target: _kernels().dequantize_4bit_nested(
+        packed.contiguous(), absmax_codes.contiguous(), nested_absmax.contiguous(), nested_code.contiguous(),
+        offset.contiguous(), blocksize, nested_blocksize, quant_type, shape, dtype, target,
+    ))  # fmt: skip
 
 
 @register_kernel("quantize_blockwise", "triton")
@@ -51,6 +56,8 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
 
 
 @register_kernel("dequantize_blockwise", "triton")
-def dequantize_blockwise(q, absmax, code, blocksize, dtype):
-    _validate.dequantize_blockwise(q, absmax, code, blocksize, dtype)
-    return _kernels().dequantize_blockwise(q.contiguous(), absmax.contiguous(), code.contiguous(), blocksize, dtype)
+def dequantize_blockwise(q, absmax, code, blocksize, dtype, out=None):
+    _validate.dequantize_blockwise(q, absmax, code, blocksize, dtype, out)
+    return into(out, lambda target: _kernels().dequantize_blockwise(
+        q.contiguous(), absmax.contiguous(), code.contiguous(), blocksize, dtype, target
+    ))  # fmt: skip
