@@ -135,15 +135,3 @@ def test_tables_match_header(native):
     assert t["lut_bins"] == _formats.LUT_BINS
     code = _formats.dynamic_map(True)
     assert torch.equal(torch.tensor(native.lut8(code.data_ptr()), dtype=torch.uint8), _formats.lut8(code))
-
-
-def test_advise_hugepages_is_only_advice():
-    import qpeft._C as C
-
-    assert C.advise_hugepages(0, 1 << 30) is False  # null pointer: nothing to advise
-    small = torch.empty(1024)
-    assert C.advise_hugepages(small.data_ptr(), small.numel() * 4) is False  # no whole 2 MiB page inside
-    big = torch.arange(3 << 20, dtype=torch.float32)  # 12 MiB, already written
-    before = big.clone()
-    assert isinstance(C.advise_hugepages(big.data_ptr(), big.numel() * 4), bool)
-    assert torch.equal(big, before)  # advice never changes contents

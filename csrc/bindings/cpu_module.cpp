@@ -42,10 +42,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("out_dtype"), py::arg("num_threads"),
         "Blockwise 8-bit dequantization: out = code[q] * absmax[block].");
 
-  m.def("advise_hugepages", &qc::advise_hugepages, py::arg("ptr"), py::arg("nbytes"),
-        "madvise(MADV_HUGEPAGE) on the whole 2 MiB pages of a not-yet-written buffer; returns "
-        "whether the advice was taken (False off Linux).");
-
   m.def("set_isa", &qc::set_isa, py::arg("name"),
         "Select the kernel ISA: 'auto', 'scalar' or 'avx2' (ValueError if the CPU lacks it). "
         "Returns the previous setting.");

@@ -26,11 +26,6 @@ void dequantize_blockwise(uintptr_t q, int64_t q_len, uintptr_t absmax, int64_t 
                           uintptr_t code, int64_t n, int64_t blocksize, uintptr_t out, int out_dtype,
                           int num_threads);
 
-// madvise(MADV_HUGEPAGE) on the 2 MiB pages wholly inside [ptr, ptr + nbytes) of a
-// buffer that has not been written yet (memory.cpp says why). Returns whether the
-// advice was taken; never throws.
-bool advise_hugepages(uintptr_t ptr, int64_t nbytes);
-
 // "auto" | "scalar" | "avx2"; returns the previous setting. Throws if the CPU
 // cannot run the requested ISA.
 std::string set_isa(const std::string& name);

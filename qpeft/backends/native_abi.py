@@ -29,9 +29,7 @@ def register_native(
     backend: str,
     module: Callable[[], ModuleType],
     extra_args: Callable[[torch.device], tuple],
-    empty: Callable[..., torch.Tensor] = torch.empty,
 ) -> None:
-    """``empty(shape, dtype=, device=)`` allocates every output the kernels write."""
     def guard(device: torch.device):
         if device.type == "cuda":
             return torch.cuda.device(device)
@@ -42,8 +40,8 @@ def register_native(
         _validate.quantize_4bit(x, blocksize, quant_type)
         x = x.contiguous()
         n = x.numel()
-        packed = empty(((n + 1) // 2, 1), dtype=torch.uint8, device=x.device)
-        absmax = empty((-(n // -blocksize),), dtype=torch.float32, device=x.device)
+        packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=x.device)
+        absmax = torch.empty((-(n // -blocksize),), dtype=torch.float32, device=x.device)
         with guard(x.device):
             module().quantize_4bit(
                 _ptr(x), DTYPE_IDS[x.dtype], n, blocksize, QUANT_TYPE_IDS[quant_type],
@@ -56,7 +54,7 @@ def register_native(
         absmax = absmax.contiguous()
         n = prod(int(s) for s in shape)
         if out is None:
-            out = empty(tuple(shape), dtype=dtype, device=packed.device)
+            out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
         if nested is None:
             nested_args = (0, 0, 0, 0, 0)
         else:
@@ -96,8 +94,8 @@ def register_native(
         x = x.contiguous()
         code = code.contiguous()
         n = x.numel()
-        q = empty(x.shape, dtype=torch.uint8, device=x.device)
-        absmax = empty((-(n // -blocksize),), dtype=torch.float32, device=x.device)
+        q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+        absmax = torch.empty((-(n // -blocksize),), dtype=torch.float32, device=x.device)
         with guard(x.device):
             module().quantize_blockwise(
                 _ptr(x), DTYPE_IDS[x.dtype], n, blocksize, _ptr(code),
@@ -114,7 +112,7 @@ def register_native(
 
         def run(target):
             if target is None:
-                target = empty(q.shape, dtype=dtype, device=q.device)
+                target = torch.empty(q.shape, dtype=dtype, device=q.device)
             with guard(q.device):
                 module().dequantize_blockwise(
                     _ptr(q), q.numel(), _ptr(absmax), absmax.numel(), _ptr(code), q.numel(), blocksize,
