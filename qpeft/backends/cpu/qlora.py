@@ -1,0 +1,144 @@
+"""The fused QLoRA linear on CPU: W decoded a row panel at a time, every product in fp32.
+
+This CPU has no bf16 arithmetic (DESIGN.md, machine facts: a bf16 GEMM is 5x slower
+than fp32 here, and a transposed bf16 weight has no fast path at all), so x, A, B are
+widened to fp32 once and W is decoded to fp32 by the C++ kernel, ``PANEL_ELEMS``
+elements (a few rows of W) at a time, into one reused buffer:
+
+- memory: one 16 MiB panel instead of a whole fp32 copy of W (64 MiB at 4096x4096,
+  224 MiB at 4096x14336), and no first-touch page faults on a fresh buffer per call;
+- time: the decode runs at memory speed (see benchmarks/bench_quant.py) and each panel
+  is consumed by the GEMM while it is still in cache.
+
+Each output element is the fp32 dot product the reference (``backends/default/qlora.py``)
+computes, but the GEMM library may split K differently for a panel than for all of W,
+and dx = dy @ W accumulates panel by panel: the same products, summed in another order.
+Both stay within the fp32 dot-product bounds tests/test_qlora_cpu.py derives.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from ..._registry import register_kernel
+from ..default.qlora import check_backward, validate
+
+# Elements of W decoded per panel: 4M fp32 = 16 MiB, 1024 rows of a 4096-wide weight.
+# On the dev box (M=1, K=N=4096, NF4+DQ): 5.9 ms with 1024-row panels, 20 ms with 256
+# rows (the per-panel op overhead dominates), 60 ms decoding all of W to a fresh tensor.
+PANEL_ELEMS = 1 << 22
+
+_workspace = threading.local()
+
+
+def _panel_buffer(numel: int) -> torch.Tensor:
+    """A reused fp32 buffer of at least ``numel`` elements (one per thread). A panel
+    larger than two regular ones (a weight whose row length forbids aligned panels is
+    decoded whole) gets a buffer of its own that is not kept."""
+    if numel > 2 * PANEL_ELEMS:
+        return torch.empty(numel, dtype=torch.float32)
+    buf = getattr(_workspace, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=torch.float32)
+        _workspace.buf = buf
+    return buf[:numel]
+
+
+def _panel_rows(n: int, k: int, blocksize: int, nested_blocksize: int | None) -> int:
+    """Rows per panel: a panel must start on a quantization block (and, with double
+    quantization, on a block of nested absmax), so its codes and statistics are plain
+    slices of the packed tensors."""
+    align = blocksize * (nested_blocksize or 1)  # elements a panel start must be a multiple of
+    step = align // math.gcd(k, align)  # rows
+    rows = max(step, (PANEL_ELEMS // max(k, 1)) // step * step)
+    return min(rows, n)
+
+
+def _decode_panels(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k):
+    """Yield (r0, r1, W[r0:r1] as fp32 [r1 - r0, k]) through the registered out= ops."""
+    nested = nested_absmax is not None
+    rows = _panel_rows(n, k, blocksize, nested_blocksize if nested else None)
+    buf = _panel_buffer(rows * k)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        e0, count = r0 * k, (r1 - r0) * k
+        b0, blocks = e0 // blocksize, -(count // -blocksize)
+        panel = buf[:count].view(r1 - r0, k)
+        codes = packed.reshape(-1)[e0 // 2 : (e0 + count + 1) // 2]
+        if nested:
+            g0 = b0 // nested_blocksize
+            torch.ops.qpeft.dequantize_4bit_nested_out(
+                codes, absmax[b0 : b0 + blocks], nested_absmax[g0 : g0 - (blocks // -nested_blocksize)],
+                nested_code, offset, blocksize, nested_blocksize, quant_type, panel,
+            )  # fmt: skip
+        else:
+            torch.ops.qpeft.dequantize_4bit_out(codes, absmax[b0 : b0 + blocks], blocksize, quant_type, panel)
+        yield r0, r1, panel
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # fp32, except fp64 inputs (gradcheck) which stay fp64 as in the reference
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@register_kernel("qlora_linear", "cpu")
+def qlora_linear(
+    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+    n, k, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa,
+):  # fmt: skip
+    validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+             n, k, lora_a, lora_b, bias, rank_scale, out_scale)  # fmt: skip
+    cdt = _compute_dtype(x)
+    xc = x.to(cdt)
+    base = torch.empty((x.shape[0], n), dtype=cdt)
+    for r0, r1, w in _decode_panels(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                                    quant_type, n, k):  # fmt: skip
+        base[:, r0:r1] = F.linear(xc, w.to(cdt))
+    xa = F.linear(xc, lora_a.to(cdt))
+    t = xa * scaling
+    if rank_scale is not None:
+        t = t * rank_scale.to(cdt)
+    y = base + F.linear(t, lora_b.to(cdt))
+    if bias is not None:
+        y = y + bias.to(cdt)
+    if out_scale is not None:
+        y = y * out_scale.to(cdt)
+    return y.to(x.dtype), (xa.to(x.dtype) if return_xa else x.new_empty((0,)))
+
+
+@register_kernel("qlora_linear_backward", "cpu")
+def qlora_linear_backward(
+    grad_y, x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+    n, k, lora_a, lora_b, xa, scaling, rank_scale, out_scale, need_dx, need_da, need_db, need_dbias,
+):  # fmt: skip
+    validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+             n, k, lora_a, lora_b, None, rank_scale, out_scale)  # fmt: skip
+    check_backward(grad_y, x, xa, lora_a, n, need_db)
+    cdt = _compute_dtype(x)
+    dy = grad_y.to(cdt)
+    if out_scale is not None:
+        dy = dy * out_scale.to(cdt)
+    rs = None if rank_scale is None else rank_scale.to(cdt)
+    a, b = lora_a.to(cdt), lora_b.to(cdt)
+    dx, da, db, dbias = (x.new_empty((0,)) for _ in range(4))  # distinct: outputs must not alias
+    if need_dx or need_da:
+        g = dy @ b  # [M, r]
+        gs = g * scaling if rs is None else g * scaling * rs
+        if need_dx:
+            acc = gs @ a  # the LoRA term first, then W's panels accumulate onto it
+            for r0, r1, w in _decode_panels(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                            nested_blocksize, quant_type, n, k):  # fmt: skip
+                acc.addmm_(dy[:, r0:r1], w.to(cdt))
+            dx = acc.to(x.dtype)
+        if need_da:
+            da = (gs.T @ x.to(cdt)).to(lora_a.dtype)
+    if need_db:
+        xs = xa.to(cdt) * scaling if rs is None else xa.to(cdt) * scaling * rs
+        db = (dy.T @ xs).to(lora_b.dtype)
+    if need_dbias:
+        dbias = dy.sum(0).to(grad_y.dtype)
+    return dx, da, db, dbias
