@@ -1,22 +1,23 @@
-"""The benchmark harness: timing, this machine's limits, and reports.
+"""The benchmark harness: timing, peak memory, this machine's limits, and what a case is.
 
-Timing is the median of repeated runs after a warm-up (``time.perf_counter`` on
-CPU, with torch's thread count pinned for the whole run). Each run also measures
-the machine's memory-copy bandwidth so memory-bound kernels can be reported as a
-fraction of it: figures from other runs or other machines are never mixed in.
+Timing is the median of repeated runs after a warm-up: ``time.perf_counter`` on CPU
+with torch's thread count pinned for the whole run; CUDA events through
+``triton.testing.do_bench`` (which flushes L2 between runs) on a GPU. Each run also
+measures the machine's memory-copy bandwidth and dense GEMM rate, so every case is
+reported as a fraction of a limit measured in the same run: figures from other runs or
+other machines are never mixed in, and devices are never mixed in a ratio.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 
 import torch
 
@@ -28,7 +29,53 @@ class Timing:
     runs: int
 
 
-def time_cpu(fn: Callable[[], object], min_runs: int = 5, min_seconds: float = 0.5, warmup: int = 1) -> Timing:
+@dataclass
+class Impl:
+    """One implementation of a case: ``run()`` is timed; ``check(run())`` raises
+    (AssertionError) when the result is wrong, and is called before any timing."""
+
+    name: str
+    run: Callable[[], object]
+    check: Callable[[object], None] | None = None
+
+
+@dataclass
+class Case:
+    """One op at one size. ``bound`` says which limit the fraction column uses:
+    "memory" (``nbytes`` read + written against the copy bandwidth) or "compute"
+    (``flops`` against the dense GEMM rate)."""
+
+    group: str  # report section and plot, e.g. "qlora forward"
+    label: str  # the size, e.g. "M=512 4096x4096 r=16"
+    impls: list[Impl]
+    x: float | None = None  # position on the plot's x axis (M, or elements)
+    x_name: str | None = None
+    bound: str | None = None
+    nbytes: int | None = None
+    flops: int | None = None
+    runs: dict = field(default_factory=dict)  # time_case overrides, e.g. min_runs for slow peers
+
+
+@dataclass
+class Result:
+    group: str
+    label: str
+    impl: str
+    timing: Timing | None  # None: the implementation failed (error says why)
+    peak_mb: float | None = None
+    error: str | None = None
+    x: float | None = None
+    x_name: str | None = None
+    bound: str | None = None
+    nbytes: int | None = None
+    flops: int | None = None
+
+
+# --- timing ------------------------------------------------------------------------------
+
+
+def time_cpu(fn: Callable[[], object], min_runs: int = 5, min_seconds: float = 0.5, warmup: int = 1,
+             max_runs: int = 200) -> Timing:  # fmt: skip
     """Median and interquartile range of ``fn``'s wall time: at least ``min_runs`` runs
     and ``min_seconds`` in total."""
     for _ in range(warmup):
@@ -39,18 +86,91 @@ def time_cpu(fn: Callable[[], object], min_runs: int = 5, min_seconds: float = 0
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-        if len(times) >= 200:
+        if len(times) >= max_runs:
             break
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return Timing(statistics.median(times), q[2] - q[0], len(times))
 
 
-def copy_bandwidth_gbs(nbytes: int = 256 << 20) -> float:
+def time_cuda(fn: Callable[[], object], min_runs: int = 5, min_seconds: float = 0.5, **_) -> Timing:
+    """CUDA-event timing with L2 flushed between runs (triton.testing.do_bench)."""
+    from triton.testing import do_bench
+
+    ms = do_bench(fn, warmup=25, rep=max(int(min_seconds * 1e3), 20), quantiles=[0.25, 0.5, 0.75])
+    return Timing(ms[1], ms[2] - ms[0], min_runs)
+
+
+class PeakRSS:
+    """Peak resident-set growth while a block runs, sampled every millisecond from
+    /proc/self/statm (CPU: torch has no allocator statistics there). A lower bound of
+    the true peak: a spike shorter than the sampling period can be missed."""
+
+    def __init__(self) -> None:
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.peak_bytes = 0
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def __enter__(self) -> PeakRSS:
+        self._base = self._rss()
+        self._stop = threading.Event()
+        self._peak = self._base
+
+        def sample() -> None:
+            while not self._stop.wait(0.001):
+                self._peak = max(self._peak, self._rss())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self._peak, self._rss()) - self._base
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
+    """Peak memory one call of ``fn`` adds: torch's max allocated on CUDA, the sampled
+    RSS growth on CPU (None where /proc is missing)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if not os.path.exists("/proc/self/statm"):
+        return None
+    with PeakRSS() as peak:
+        fn()
+    return peak.peak_bytes / 2**20
+
+
+# --- this machine's limits, measured in the same run ----------------------------------
+
+
+def copy_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20) -> float:
     """Memory copy bandwidth in GB/s counting bytes read + written (torch's copy_)."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    t = time_cpu(lambda: dst.copy_(src), min_runs=10, min_seconds=1.0)
+    timer = time_cuda if device == "cuda" else time_cpu
+    t = timer(lambda: dst.copy_(src), min_runs=10, min_seconds=1.0)
     return 2 * nbytes / (t.median_ms * 1e-3) / 1e9
+
+
+def gemm_gflops(device: str = "cpu", size: int = 2048, dtype: torch.dtype = torch.float32) -> float:
+    """Dense GEMM rate (torch.mm, ``size`` cubed) in GFLOP/s: the compute limit."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    timer = time_cuda if device == "cuda" else time_cpu
+    t = timer(lambda: a @ b, min_runs=5, min_seconds=1.0)
+    return 2 * size**3 / (t.median_ms * 1e-3) / 1e9
+
+
+# --- the machine description ----------------------------------------------------------
 
 
 def _version(pkg: str) -> str | None:
@@ -60,7 +180,7 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -68,63 +188,15 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     return {
+        "device": device,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "python": platform.python_version(),
-        "versions": {p: _version(p) for p in ("qpeft", "torch", "bitsandbytes", "triton", "numpy")},
+        "versions": {
+            p: _version(p)
+            for p in ("qpeft", "torch", "bitsandbytes", "torchao", "peft", "transformers", "triton", "numpy")
+        },
     }
-
-
-@dataclass
-class Row:
-    case: str
-    impl: str
-    timing: Timing
-    nbytes: int | None = None  # bytes a memory-bound case must move (read + write)
-    extra: dict = field(default_factory=dict)
-
-    def gbs(self) -> float | None:
-        return None if self.nbytes is None else self.nbytes / (self.timing.median_ms * 1e-3) / 1e9
-
-
-def markdown(rows: list[Row], copy_gbs: float, baseline: str) -> str:
-    """Table: one line per (case, impl): the median, the time relative to ``baseline``
-    on the same case (2.00x: twice as slow as the baseline), and achieved GB/s, also
-    as a fraction of the copy bandwidth measured in the same run."""
-    base = {r.case: r.timing.median_ms for r in rows if r.impl == baseline}
-    lines = [
-        f"| case | implementation | median ms | IQR ms | time / {baseline} | GB/s | of copy BW |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        ratio = r.timing.median_ms / base[r.case] if r.case in base else float("nan")
-        gbs = r.gbs()
-        bw = f"{gbs:.1f}" if gbs is not None else "-"
-        frac = f"{100 * gbs / copy_gbs:.0f}%" if gbs is not None else "-"
-        lines.append(
-            f"| {r.case} | {r.impl} | {r.timing.median_ms:.2f} | {r.timing.iqr_ms:.2f} | {ratio:.2f}x | {bw} | {frac} |"
-        )
-    return "\n".join(lines)
-
-
-def write_report(name: str, rows: list[Row], copy_gbs: float, baseline: str, out_dir: Path, notes: str = "") -> str:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    info = machine()
-    table = markdown(rows, copy_gbs, baseline)
-    header = (
-        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['versions']['torch']} "
-        f"({info['torch_threads']} threads), bitsandbytes {info['versions']['bitsandbytes']}. "
-        f"Measured copy bandwidth in this run: {copy_gbs:.1f} GB/s (read + write)."
-    )
-    text = f"# {name}\n\n{header}\n\n{table}\n" + (f"\n{notes}\n" if notes else "")
-    (out_dir / f"{name}.md").write_text(text)
-    payload = {
-        "machine": info,
-        "copy_bandwidth_gbs": copy_gbs,
-        "rows": [{**asdict(r), "gbs": r.gbs()} for r in rows],
-    }
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    return text

@@ -1,0 +1,88 @@
+"""qpeft's kernel benchmark suite: every op side by side with the installed peers.
+
+    python -m benchmarks [--quick] [--device cpu|cuda] [--ops quant qlora ...] [--out DIR]
+
+Each case first checks every implementation's result (bit for bit against the
+reference where the format is the same, within a stated bound otherwise); a wrong
+result or an exception fails the run (exit 1) after the report is written, so
+``--quick`` in CI catches both. Then it times the medians, measures peak memory, and
+reports time, the ratio to the fastest qpeft implementation, and the achieved rate as
+a fraction of the copy bandwidth or GEMM rate measured in the same run, as markdown,
+JSON and PNG plots in ``--out`` (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from . import report, targets
+from .cases import MODULES
+from .harness import Result, copy_bandwidth_gbs, gemm_gflops, machine, peak_memory_mb, time_cpu, time_cuda
+
+
+def run_case(case, device: str, quick: bool) -> tuple[list[Result], list[str]]:
+    timer = time_cuda if device == "cuda" else time_cpu
+    budget = dict(min_runs=2, min_seconds=0.0) if quick else dict(min_runs=5, min_seconds=1.0)
+    results, failures = [], []
+    for impl in case.impls:
+        common = dict(group=case.group, label=case.label, impl=impl.name, x=case.x, x_name=case.x_name,
+                      bound=case.bound, nbytes=case.nbytes, flops=case.flops)  # fmt: skip
+        try:
+            out = impl.run()
+            if impl.check is not None:
+                impl.check(out)
+            del out
+            timing = timer(impl.run, **{**budget, **case.runs.get(impl.name, {})})
+            peak = peak_memory_mb(impl.run, device)
+            results.append(Result(timing=timing, peak_mb=peak, **common))
+            print(f"  {case.group} | {case.label} | {impl.name}: {timing.median_ms:.3f} ms", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - reported, and fails the run at the end
+            msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            failures.append(f"{case.group} | {case.label} | {impl.name}: {msg}")
+            traceback.print_exc(file=sys.stderr)
+            results.append(Result(timing=None, error=msg, **common))
+    return results, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="every case at tiny sizes, few runs (CI smoke)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--ops", nargs="+", choices=list(MODULES), default=list(MODULES))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)  # pinned for the whole run
+
+    limits = {
+        "copy_gbs": copy_bandwidth_gbs(args.device, 16 << 20 if args.quick else 256 << 20),
+        "gemm_gflops": gemm_gflops(args.device, 256 if args.quick else 2048),
+    }
+    info = machine(args.device)
+    results, failures = [], []
+    for op in args.ops:
+        print(f"== {op}", file=sys.stderr)
+        for case in MODULES[op].cases(args.device, args.quick):
+            r, f = run_case(case, args.device, args.quick)
+            results += r
+            failures += f
+    name = f"{args.device}{'_quick' if args.quick else ''}"
+    notes = ("Every implementation's result was checked before timing (see each case module for the bound).\n\n"
+             "## Targets\n\n" + targets.evaluate(results, limits))
+    print(report.write(results, info, limits, args.out, name, notes))
+    if failures:
+        print("FAILED:\n" + "\n".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

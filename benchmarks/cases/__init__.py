@@ -1,0 +1,8 @@
+"""Benchmark cases, one module per op family. Each module's ``cases(device, quick)``
+returns the cases it can run here, with every installed peer as an implementation."""
+
+from __future__ import annotations
+
+from . import qlora, quant
+
+MODULES = {"quant": quant, "qlora": qlora}

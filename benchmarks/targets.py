@@ -1,0 +1,54 @@
+"""The performance targets of the issues, judged on one run's results (met / not met)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .harness import Result
+from .report import rate
+
+
+@dataclass
+class Target:
+    source: str  # the issue that set it
+    group: str
+    impl: str  # the qpeft implementation held to it
+    peer: str | None  # time ratio peer / impl must be >= speedup
+    speedup: float | None = None
+    fraction: float | None = None  # of the limit (copy bandwidth or GEMM rate)
+    label: str | None = None  # the case; None: the largest one in the run
+
+
+TARGETS = [
+    Target("issue 2", "dequantize 4-bit nf4+dq -> bf16", "qpeft cpu out=", "bitsandbytes", 5.0, 0.5),
+    Target("issue 2", "dequantize 4-bit nf4+dq -> bf16", "qpeft cpu", "bitsandbytes", 5.0, 0.5),
+    Target("issue 2", "quantize 4-bit nf4+dq", "qpeft cpu", "bitsandbytes", 10.0),
+]
+
+
+def evaluate(results: list[Result], limits: dict) -> str:
+    by = {(r.group, r.label, r.impl): r for r in results if r.timing is not None}
+    lines = ["| target | case | measured | met |", "| --- | --- | --- | --- |"]
+    for t in TARGETS:
+        labels = [r.label for r in results if r.group == t.group and r.impl == t.impl and r.timing]
+        if not labels:
+            continue
+        label = t.label or labels[-1]
+        mine, peer = by.get((t.group, label, t.impl)), by.get((t.group, label, t.peer))
+        if mine is None or (t.peer and peer is None):
+            continue
+        parts, ok = [], True
+        if t.speedup is not None:
+            got = peer.timing.median_ms / mine.timing.median_ms
+            parts.append(f"{got:.1f}x faster than {t.peer}")
+            ok &= got >= t.speedup
+        if t.fraction is not None:
+            unit, value = rate(mine)
+            limit = limits["copy_gbs"] if unit == "GB/s" else limits["gemm_gflops"]
+            parts.append(f"{100 * value / limit:.0f}% of the {'copy bandwidth' if unit == 'GB/s' else 'GEMM rate'}")
+            ok &= value / limit >= t.fraction
+        want = " and ".join(w for w in (f">= {t.speedup:g}x {t.peer}" if t.speedup else "",
+                                        f">= {100 * t.fraction:.0f}% of limit" if t.fraction else "") if w)  # fmt: skip
+        lines.append(f"| {t.source}: {t.group}, {t.impl} {want} | {label} | {', '.join(parts)} | "
+                     f"{'yes' if ok else 'no'} |")  # fmt: skip
+    return "\n".join(lines)
