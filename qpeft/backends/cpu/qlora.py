@@ -7,7 +7,7 @@ elements (a few rows of W) at a time, into one reused buffer:
 
 - memory: one 16 MiB panel instead of a whole fp32 copy of W (64 MiB at 4096x4096,
   224 MiB at 4096x14336), and no first-touch page faults on a fresh buffer per call;
-- time: the decode runs at memory speed (see benchmarks/bench_quant.py) and each panel
+- time: the decode runs at memory speed (see the "dequantize" cases of python -m benchmarks) and each panel
   is consumed by the GEMM while it is still in cache.
 
 Each output element is the fp32 dot product the reference (``backends/default/qlora.py``)
