@@ -42,6 +42,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("out_dtype"), py::arg("num_threads"),
         "Blockwise 8-bit dequantization: out = code[q] * absmax[block].");
 
+  m.def("gemv_4bit", &qc::gemv_4bit, nogil, py::arg("x"), py::arg("m"), py::arg("n"), py::arg("k"),
+        py::arg("packed"), py::arg("packed_len"), py::arg("absmax"), py::arg("absmax_len"),
+        py::arg("blocksize"), py::arg("quant_type"), py::arg("nested_absmax"), py::arg("nested_absmax_len"),
+        py::arg("nested_code"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("out"),
+        py::arg("num_threads"),
+        "fp32 out[m, n] = x[m, k] @ W^T with W [n, k] as packed 4-bit codes (decode-sized m).");
+
   m.def("set_isa", &qc::set_isa, py::arg("name"),
         "Select the kernel ISA: 'auto', 'scalar' or 'avx2' (ValueError if the CPU lacks it). "
         "Returns the previous setting.");

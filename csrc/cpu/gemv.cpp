@@ -1,0 +1,110 @@
+// qpeft._C.gemv_4bit: y = x @ W^T for a few rows of x (decode, M <= 8) straight from the
+// packed 4-bit codes: W (0.53 bytes per parameter with double quantization) is read
+// once, and no decoded copy of it is ever written. The panel path of the QLoRA layer
+// (qpeft/backends/cpu/qlora.py) writes and re-reads 4 bytes per parameter instead.
+//
+// Threads split the rows of W. Summation: within a quantization block the products
+// x_k * table[code_k] accumulate, and each block's sum is scaled by its absmax
+// (sum_b absmax_b * sum_k x_k t_k, the decode's multiplication factored out of the
+// block): a different rounding than dequantize-then-dot, bounded in tests/test_gemv_cpu.py.
+#include <qpeft/format.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "api.h"
+#include "gemv_kernels.h"
+#include "thread_pool.h"
+
+namespace qpeft {
+namespace cpu {
+
+namespace {
+
+[[noreturn]] void fail(const std::string& what) {
+  throw std::invalid_argument("qpeft._C.gemv_4bit: " + what);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+float block_scale(const Gemv4Args& a, int64_t b) {
+  if (a.absmax_q == nullptr) return a.absmax[b];
+  return nested_absmax_value(a.absmax_q[b], a.nested_code, a.nested_absmax[b / a.nested_blocksize], a.offset);
+}
+
+}  // namespace
+
+void gemv4_scalar(const Gemv4Args& a, int64_t n0, int64_t n1) {
+  const float* table = a.quant_type == kNF4 ? kNF4Values : kFP4Values;
+  for (int64_t row = n0; row < n1; ++row) {
+    for (int64_t i = 0; i < a.m; ++i) {
+      const float* x = a.x + i * a.k;
+      float total = 0.0f, acc = 0.0f;
+      int64_t e = row * a.k;  // flat element index of W
+      int64_t block = e / a.blocksize;
+      for (int64_t j = 0; j < a.k; ++j, ++e) {
+        if (e / a.blocksize != block) {  // a block ends: scale its sum
+          total += acc * block_scale(a, block);
+          acc = 0.0f;
+          block = e / a.blocksize;
+        }
+        const uint8_t byte = a.packed[e >> 1];
+        acc += x[j] * table[(e & 1) ? (byte & 0x0f) : (byte >> 4)];
+      }
+      total += acc * block_scale(a, block);
+      a.out[i * a.n + row] = total;
+    }
+  }
+}
+
+void gemv_4bit(uintptr_t x, int64_t m, int64_t n, int64_t k, uintptr_t packed, int64_t packed_len,
+               uintptr_t absmax, int64_t absmax_len, int64_t blocksize, int quant_type,
+               uintptr_t nested_absmax, int64_t nested_absmax_len, uintptr_t nested_code,
+               uintptr_t offset, int64_t nested_blocksize, uintptr_t out, int num_threads) {
+  if (m < 0 || n < 0 || k < 0) fail("m, n, k must be >= 0");
+  if (blocksize < 2 || (blocksize & (blocksize - 1)) != 0) fail("blocksize must be a power of two >= 2");
+  if (quant_type != kNF4 && quant_type != kFP4) fail("unknown quant_type " + std::to_string(quant_type));
+  if (n != 0 && k > INT64_MAX / n) fail("n * k overflows");
+  const int64_t numel = n * k;
+  const int64_t blocks = ceil_div(numel, blocksize);
+  if (packed_len != numel / 2 + numel % 2) fail("packed has " + std::to_string(packed_len) + " bytes, expected " +
+                                                std::to_string(numel / 2 + numel % 2));
+  if (absmax_len != blocks) fail("absmax has " + std::to_string(absmax_len) + " entries, expected " +
+                                 std::to_string(blocks));
+  const bool nested = nested_absmax != 0;
+  if (nested) {
+    if (nested_blocksize < 1) fail("nested_blocksize must be >= 1");
+    if (nested_absmax_len != ceil_div(blocks, nested_blocksize)) fail("nested_absmax has the wrong length");
+    if (nested_code == 0 || offset == 0) fail("double quantization needs nested_code and offset");
+  }
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // an empty sum
+    float* o = reinterpret_cast<float*>(out);
+    for (int64_t i = 0; i < m * n; ++i) o[i] = 0.0f;
+    return;
+  }
+  if (x == 0 || packed == 0 || absmax == 0 || out == 0) fail("null pointer");
+  const Gemv4Args args{reinterpret_cast<const float*>(x), m, n, k, reinterpret_cast<const uint8_t*>(packed),
+                       blocksize, quant_type,
+                       nested ? nullptr : reinterpret_cast<const float*>(absmax),
+                       nested ? reinterpret_cast<const uint8_t*>(absmax) : nullptr,
+                       nested ? reinterpret_cast<const float*>(nested_absmax) : nullptr,
+                       nested ? reinterpret_cast<const float*>(nested_code) : nullptr,
+                       nested ? *reinterpret_cast<const float*>(offset) : 0.0f,
+                       nested ? nested_blocksize : 1, reinterpret_cast<float*>(out)};
+  // The AVX2 kernel walks whole blocks per row of W.
+#if QPEFT_HAVE_AVX2_TU
+  auto kernel = (active_isa() == "avx2" && k % blocksize == 0) ? gemv4_avx2 : gemv4_scalar;
+#else
+  auto kernel = gemv4_scalar;
+#endif
+  // ~64K weights per thread at least: below that a worker's wake-up costs more than its share.
+  int64_t threads = num_threads < 1 ? 1 : num_threads;
+  const int64_t by_work = numel / (int64_t{1} << 16) + 1;
+  if (threads > by_work) threads = by_work;
+  if (threads > n) threads = n;
+  parallel_ranges(n, threads, [&](int64_t n0, int64_t n1) { kernel(args, n0, n1); });
+}
+
+}  // namespace cpu
+}  // namespace qpeft
