@@ -198,3 +198,109 @@ def _(grad_y, x, packed, absmax, nested_absmax, nested_code, offset, blocksize, 
     db = lora_B.new_empty(lora_B.shape if need_dB else (0,))
     dbias = grad_y.new_empty((out_features,) if need_dbias else (0,))
     return dx, da, db, dbias
+
+
+# --- Optimizer steps ---------------------------------------------------------------------
+# Fused in-place updates of one parameter and its state (csrc/include/qpeft/optim.h holds
+# the per-element math every backend shares). grad is read in any layout; param and the
+# state tensors must be contiguous. 8-bit state: uint8 codes (one per element) into the
+# sorted 256-value maps (qpeft._formats.dynamic_map: signed for the first moment, unsigned
+# for the second) and fp32 absmax per block of 256 elements. step is the count after this
+# update (>= 1); the bias corrections are computed from it on the host.
+
+
+@torch.library.custom_op("qpeft::adamw32_step_", mutates_args=("param", "exp_avg", "exp_avg_sq"))
+def adamw32_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None:
+    """AdamW (torch.optim.AdamW semantics) with fp32 state, updating param/exp_avg/exp_avg_sq."""
+    kernel_for("adamw32_step_", param.device)(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step)
+
+
+@adamw32_step_.register_fake
+def _(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
+    return None
+
+
+@torch.library.custom_op(
+    "qpeft::adamw8bit_step_",
+    mutates_args=("param", "exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax"),
+)
+def adamw8bit_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg_q: torch.Tensor,
+    exp_avg_absmax: torch.Tensor,
+    exp_avg_sq_q: torch.Tensor,
+    exp_avg_sq_absmax: torch.Tensor,
+    qmap_signed: torch.Tensor,
+    qmap_unsigned: torch.Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None:
+    """AdamW with blockwise 8-bit state: dequantize, update, write param, requantize."""
+    kernel_for("adamw8bit_step_", param.device)(
+        param, grad, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, qmap_signed, qmap_unsigned,
+        lr, beta1, beta2, eps, weight_decay, step,
+    )  # fmt: skip
+
+
+@adamw8bit_step_.register_fake
+def _(param, grad, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, qmap_signed, qmap_unsigned,
+      lr, beta1, beta2, eps, weight_decay, step):  # fmt: skip
+    return None
+
+
+@torch.library.custom_op("qpeft::lion32_step_", mutates_args=("param", "exp_avg"))
+def lion32_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """Lion with fp32 state, updating param/exp_avg."""
+    kernel_for("lion32_step_", param.device)(param, grad, exp_avg, lr, beta1, beta2, weight_decay)
+
+
+@lion32_step_.register_fake
+def _(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
+    return None
+
+
+@torch.library.custom_op("qpeft::lion8bit_step_", mutates_args=("param", "exp_avg_q", "exp_avg_absmax"))
+def lion8bit_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg_q: torch.Tensor,
+    exp_avg_absmax: torch.Tensor,
+    qmap_signed: torch.Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """Lion with blockwise 8-bit state (signed map)."""
+    kernel_for("lion8bit_step_", param.device)(
+        param, grad, exp_avg_q, exp_avg_absmax, qmap_signed, lr, beta1, beta2, weight_decay
+    )
+
+
+@lion8bit_step_.register_fake
+def _(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed, lr, beta1, beta2, weight_decay):
+    return None

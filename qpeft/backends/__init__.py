@@ -8,4 +8,6 @@ no device: availability is checked when a kernel is first chosen.
 from .cpu import ops as _cpu_ops  # noqa: F401
 from .cuda import ops as _cuda_ops  # noqa: F401
 from .default import ops as _default_ops  # noqa: F401
+from .default import optim as _default_optim  # noqa: F401
+from . import native_optim as _native_optim  # noqa: F401
 from . import triton as _triton  # noqa: F401
