@@ -10,6 +10,7 @@ scalar for an fp32 op).
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from typing import NamedTuple
@@ -57,6 +58,7 @@ def check_adam_hparams(lr: float, beta1: float, beta2: float, eps: float, weight
         raise ValueError(f"step must be >= 1 (the count after this update), got {step}")
 
 
+@functools.lru_cache(maxsize=256)  # an optimizer step asks once per parameter with the same values
 def adam_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> AdamScalars:
     check_adam_hparams(lr, beta1, beta2, eps, weight_decay, step)
     w1 = f32(1.0 - beta1)  # ATen casts lerp's scalar weight to fp32, then compares |w| < 0.5
@@ -87,6 +89,7 @@ def check_lion_hparams(lr: float, beta1: float, beta2: float, weight_decay: floa
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
 
 
+@functools.lru_cache(maxsize=256)
 def lion_scalars(lr: float, beta1: float, beta2: float, weight_decay: float) -> LionScalars:
     check_lion_hparams(lr, beta1, beta2, weight_decay)
     return LionScalars(

@@ -99,7 +99,7 @@ void check_lion(const char* fn, const LionScalars& s) {
 
 struct Codec {
   StateCodec c;
-  std::vector<uint8_t> table;  // empty when the key table is not exact for this map
+  std::vector<uint32_t> table;  // empty when the key table is not exact for this map
 };
 
 // The floats whose top 16 bits are `key`, as [lo, hi] in value order.
@@ -121,19 +121,21 @@ std::shared_ptr<const Codec> build_codec(const char* fn, const float* code) {
   for (int k = 0; k < kNumCodes8 - 1; ++k) c.mid[k] = midpoint(c.code[k], c.code[k + 1]);
   c.mid[kNumCodes8 - 1] = std::numeric_limits<float>::infinity();
 
-  // table[key] = count at the low end of the key's range; exact when the count
-  // rises by at most one across every range that finite clamped values can hit.
-  // Keys whose range holds a NaN (exponent all ones) only ever see NaN after the
-  // clamp to [-1, 1], whose count is 0.
-  codec->table.assign(kLutBins + 4, 0);
+  // Exact when the count rises by at most one across every key range that a
+  // clamped value can hit. Ranges holding NaN (exponent all ones) only ever see
+  // NaN after the clamp to [-1, 1]: entry 0 (count 0; NaN compares false).
+  codec->table.assign(kLutBins, 0);
   bool exact = true;
   for (uint32_t key = 0; key < static_cast<uint32_t>(kLutBins); ++key) {
-    if ((key & 0x7f80u) == 0x7f80u) continue;  // inf/NaN ranges: table 0
+    if ((key & 0x7f80u) == 0x7f80u) continue;
     float lo, hi;
     key_range(key, lo, hi);
     const int base = state_count_below(lo, c.mid);
-    codec->table[key] = static_cast<uint8_t>(base);
-    if (state_count_below(hi, c.mid) - base > 1) exact = false;
+    const int top = state_count_below(hi, c.mid);
+    if (top - base > 1) exact = false;
+    // the midpoint inside the range, else the range's largest value (never below x)
+    const uint32_t m = top > base ? f32_bits(c.mid[base]) : f32_bits(hi);
+    codec->table[key] = static_cast<uint32_t>(base) | ((m & 0xffffu) << 8);
   }
   if (!exact) codec->table.clear();
   c.table = exact ? codec->table.data() : nullptr;

@@ -6,8 +6,8 @@
 // _mm256_fmadd, and -ffp-contract=off keeps the compiler from fusing), the
 // element tails call optim.h itself, and the encoder computes the same integer:
 //   dequantize: gather code[q] (vpgatherdd on the 256-float map) * absmax;
-//   requantize: clamp, key = bits >> 16, base = table[key] (a 32-bit gather at
-//               byte offsets into the padded table), q = base + (mid[base] < x).
+//   requantize: clamp, key = bits >> 16, one 32-bit gather of the key table
+//               entry (base and the comparison point), q = base + (point < x).
 // Block absmax: maxps over |x| plus an unordered-compare NaN flag (maxps drops
 // NaNs), then state_absmax_canonical.
 
@@ -130,9 +130,11 @@ inline void encode8(const float* x, float inv, const StateCodec& c, uint8_t* dst
   // when either is NaN.
   v = _mm256_min_ps(_mm256_set1_ps(1.0f), _mm256_max_ps(_mm256_set1_ps(-1.0f), v));
   const __m256i key = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
-  const __m256i base = _mm256_and_si256(_mm256_i32gather_epi32(reinterpret_cast<const int*>(c.table), key, 1),
-                                        _mm256_set1_epi32(0xff));
-  const __m256 below = _mm256_cmp_ps(_mm256_i32gather_ps(c.mid, base, 4), v, _CMP_LT_OQ);  // false for NaN
+  const __m256i entry = _mm256_i32gather_epi32(reinterpret_cast<const int*>(c.table), key, 4);
+  const __m256i base = _mm256_and_si256(entry, _mm256_set1_epi32(0xff));
+  const __m256i m = _mm256_or_si256(_mm256_slli_epi32(key, 16),
+                                    _mm256_and_si256(_mm256_srli_epi32(entry, 8), _mm256_set1_epi32(0xffff)));
+  const __m256 below = _mm256_cmp_ps(_mm256_castsi256_ps(m), v, _CMP_LT_OQ);  // false for NaN
   const __m256i q = _mm256_sub_epi32(base, _mm256_castps_si256(below));  // the mask is -1 where true
   const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(w, w));
@@ -145,8 +147,8 @@ inline void encode_block(const float* x, int64_t len, float inv, const StateCode
     for (; j + 8 <= len; j += 8) encode8(x + j, inv, c, dst + j);
     for (; j < len; ++j) {
       const float v = clamp_unit(x[j] * inv);
-      const int base = c.table[state_key(v)];
-      dst[j] = static_cast<uint8_t>(base + (c.mid[base] < v ? 1 : 0));
+      const uint32_t key = state_key(v);
+      dst[j] = state_code_from_entry(key, c.table[key], v);
     }
   } else {
     for (; j < len; ++j) dst[j] = state_encode(x[j], inv, c.mid);

@@ -22,10 +22,14 @@ namespace cpu {
 struct StateCodec {
   float code[kNumCodes8];  // the map, sorted ascending
   float mid[kNumCodes8];   // (code[k] + code[k+1]) / 2 for k < 255; mid[255] = +inf (never below x)
-  // 65536 + 4 bytes (padding for 32-bit gathers): base count per state_key(x),
-  // see optim.h; nullptr when some key's value range holds two midpoints (then
-  // the kernels use the binary search state_count_below).
-  const uint8_t* table;
+  // 65536 entries, one per state_key(x) (see optim.h): bits 0-7 the count of
+  // midpoints below the key's value range, bits 8-23 the low 16 bits of the one
+  // midpoint inside the range (its high 16 bits are the key itself), or of the
+  // range's largest value when none is inside, so that q = base + (m < x) with m
+  // rebuilt from key and entry: one table load per value, no second lookup.
+  // nullptr when some range holds two midpoints (the kernels then use the binary
+  // search state_count_below).
+  const uint32_t* table;
 };
 
 struct Adam32Args {

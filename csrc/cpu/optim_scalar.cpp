@@ -18,8 +18,8 @@ inline int64_t block_end(int64_t b, int64_t n) {
 inline uint8_t encode(float x, float inv, const StateCodec& c) {
   if (c.table == nullptr) return state_encode(x, inv, c.mid);
   const float v = clamp_unit(x * inv);
-  const int base = c.table[state_key(v)];
-  return static_cast<uint8_t>(base + (c.mid[base] < v ? 1 : 0));
+  const uint32_t key = state_key(v);
+  return state_code_from_entry(key, c.table[key], v);
 }
 
 template <int D>

@@ -139,10 +139,17 @@ QPEFT_HD uint8_t state_encode(float x, float inv, const float* mid) {
 // Key of the CPU encoder's 65536-entry table: the top 16 bits of the fp32
 // pattern (sign, exponent, 7 mantissa bits). For a sorted map whose midpoints
 // are never closer than a key's value range, each key's range holds at most one
-// midpoint, so q = base[key] + (mid[base[key]] < x) with base[key] the count at
-// the low end of the range: the same integer as state_count_below with one
-// table load and one compare. The CPU build checks that property for the map it
-// is given and falls back to the binary search otherwise.
+// midpoint, so q = base[key] + (mid < x) with base[key] the count at the low end
+// of the range and mid the midpoint inside it: the same integer as
+// state_count_below with one table load and one compare. The CPU build checks
+// that property for the map it is given and falls back to the binary search
+// otherwise (csrc/cpu/optim_kernels.h: StateCodec).
 QPEFT_HD uint32_t state_key(float x) { return f32_bits(x) >> 16; }
+
+// Code from a table entry (base | low 16 bits of the comparison point << 8).
+QPEFT_HD uint8_t state_code_from_entry(uint32_t key, uint32_t entry, float v) {
+  const float m = bits_f32((key << 16) | ((entry >> 8) & 0xffffu));
+  return static_cast<uint8_t>((entry & 0xffu) + (m < v ? 1u : 0u));
+}
 
 }  // namespace qpeft
