@@ -631,3 +631,18 @@ def test_cuda_module_paging_entry_points():
     else:
         t = qo.CudaManagedMemory().alloc(1000, torch.float32, torch.device("cuda", 0))
         assert t.device.type == "cuda" and t.numel() == 1000
+
+
+def test_import_is_lean():
+    """Importing qpeft.optim (and building an optimizer on CPU) loads no CUDA module
+    and does not initialise CUDA."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, qpeft.optim as qo\n"
+        "qo.PagedAdamW8bit([torch.nn.Parameter(torch.zeros(10))])\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "assert 'qpeft._C_cuda' not in sys.modules and 'triton' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
