@@ -634,8 +634,9 @@ def test_cuda_module_paging_entry_points():
 
 
 def test_import_is_lean():
-    """Importing qpeft.optim (and building an optimizer on CPU) loads no CUDA module
-    and does not initialise CUDA."""
+    """Importing qpeft.optim (and building an optimizer on CPU) loads no native CUDA
+    module and does not initialise CUDA. (torch.optim.Optimizer itself imports triton
+    when one is built, so that is not checked.)"""
     import subprocess
     import sys
 
@@ -643,6 +644,6 @@ def test_import_is_lean():
         "import sys, torch, qpeft.optim as qo\n"
         "qo.PagedAdamW8bit([torch.nn.Parameter(torch.zeros(10))])\n"
         "assert not torch.cuda.is_initialized()\n"
-        "assert 'qpeft._C_cuda' not in sys.modules and 'triton' not in sys.modules\n"
+        "assert 'qpeft._C_cuda' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
