@@ -109,6 +109,9 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("exp_avg_q_len"), py::arg("exp_avg_absmax"), py::arg("exp_avg_absmax_len"), py::arg("qmap_signed"),
         py::arg("scalars"), py::arg("stream"));
 
+#if !defined(QPEFT_CUDA_EMULATION)
+  // Paged state needs the CUDA runtime (csrc/cuda/paged.cu): not part of an
+  // emulated build of the kernels.
   m.def("managed_dlpack", [](std::int64_t numel, int dl_code, int bits, int device) {
     qpeft::dlpack::ManagedTensor* mt;
     {
@@ -124,4 +127,5 @@ PYBIND11_MODULE(_C_cuda, m) {
         "Last prefetch location of a managed range: device ordinal, -1 host, -2 none or mixed.");
   m.def("concurrent_managed_access", &k::concurrent_managed_access, release(), py::arg("device"),
         "cudaDevAttrConcurrentManagedAccess of a device (prefetch/advice take effect only where true).");
+#endif
 }
