@@ -8,12 +8,38 @@
 
 #include <qpeft/format.h>
 
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "../cpu/api.h"
+#include "dlpack_capsule.h"
 
 namespace py = pybind11;
 namespace qc = qpeft::cpu;
+
+// --- optimizer steps: the fp32 scalars arrive as one tuple per step (csrc/README.md).
+namespace {
+
+std::vector<float> scalars_of(const char* fn, const std::vector<double>& v, size_t count) {
+  if (v.size() != count) {
+    throw std::invalid_argument(std::string("qpeft._C.") + fn + ": scalars must hold " + std::to_string(count) +
+                                " values, got " + std::to_string(v.size()));
+  }
+  return std::vector<float>(v.begin(), v.end());  // double -> float rounds to nearest even
+}
+
+qpeft::AdamScalars adam_scalars(const char* fn, const std::vector<double>& v) {
+  const auto f = scalars_of(fn, v, 8);
+  return qpeft::AdamScalars{f[0], f[1], static_cast<int>(f[2]), f[3], f[4], f[5], f[6], f[7]};
+}
+
+qpeft::LionScalars lion_scalars(const char* fn, const std::vector<double>& v) {
+  const auto f = scalars_of(fn, v, 6);
+  return qpeft::LionScalars{f[0], f[1], f[2], f[3], f[4], f[5]};
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "qpeft CPU kernels (AVX2/FMA/F16C with a scalar fallback); see csrc/README.md";
@@ -79,4 +105,61 @@ PYBIND11_MODULE(_C, m) {
     d["f16c"] = f.f16c;
     return d;
   }, "The CPU features the kernels select on: dict(avx2=..., fma=..., f16c=...).");
+
+  // ---------------------------------------------------------------------------
+  // Optimizer steps (csrc/cpu/optim.cpp) and host DLPack buffers (host_buffer.cpp).
+  m.def("adamw32_step", [](uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg,
+                           int64_t exp_avg_len, uintptr_t exp_avg_sq, int64_t exp_avg_sq_len,
+                           const std::vector<double>& scalars, int num_threads) {
+    const auto s = adam_scalars("adamw32_step", scalars);
+    py::gil_scoped_release nogil_;
+    qc::adamw32_step(param, grad, dtype, n, exp_avg, exp_avg_len, exp_avg_sq, exp_avg_sq_len, s, num_threads);
+  }, py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("exp_avg"),
+        py::arg("exp_avg_len"), py::arg("exp_avg_sq"), py::arg("exp_avg_sq_len"), py::arg("scalars"),
+        py::arg("num_threads"),
+        "AdamW step with fp32 state, in place. scalars: (decay, lerp_c, lerp_from_grad, beta2, omb2, "
+        "bc2_sqrt, eps, neg_step) as qpeft._optim_math.adam_scalars computes them.");
+
+  m.def("adamw8bit_step", [](uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1, int64_t q1_len,
+                             uintptr_t absmax1, int64_t absmax1_len, uintptr_t q2, int64_t q2_len,
+                             uintptr_t absmax2, int64_t absmax2_len, uintptr_t code1, uintptr_t code2,
+                             const std::vector<double>& scalars, int num_threads) {
+    const auto s = adam_scalars("adamw8bit_step", scalars);
+    py::gil_scoped_release nogil_;
+    qc::adamw8bit_step(param, grad, dtype, n, q1, q1_len, absmax1, absmax1_len, q2, q2_len, absmax2, absmax2_len,
+                       code1, code2, s, num_threads);
+  }, py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("exp_avg_q"),
+        py::arg("exp_avg_q_len"), py::arg("exp_avg_absmax"), py::arg("exp_avg_absmax_len"), py::arg("exp_avg_sq_q"),
+        py::arg("exp_avg_sq_q_len"), py::arg("exp_avg_sq_absmax"), py::arg("exp_avg_sq_absmax_len"),
+        py::arg("qmap_signed"), py::arg("qmap_unsigned"), py::arg("scalars"), py::arg("num_threads"),
+        "AdamW step with blockwise 8-bit state (256 per block), in place.");
+
+  m.def("lion32_step", [](uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg,
+                          int64_t exp_avg_len, const std::vector<double>& scalars, int num_threads) {
+    const auto s = lion_scalars("lion32_step", scalars);
+    py::gil_scoped_release nogil_;
+    qc::lion32_step(param, grad, dtype, n, exp_avg, exp_avg_len, s, num_threads);
+  }, py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("exp_avg"),
+        py::arg("exp_avg_len"), py::arg("scalars"), py::arg("num_threads"),
+        "Lion step with fp32 state, in place. scalars: (decay, beta1, omb1, beta2, omb2, neg_lr).");
+
+  m.def("lion8bit_step", [](uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1, int64_t q1_len,
+                            uintptr_t absmax1, int64_t absmax1_len, uintptr_t code1,
+                            const std::vector<double>& scalars, int num_threads) {
+    const auto s = lion_scalars("lion8bit_step", scalars);
+    py::gil_scoped_release nogil_;
+    qc::lion8bit_step(param, grad, dtype, n, q1, q1_len, absmax1, absmax1_len, code1, s, num_threads);
+  }, py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("exp_avg_q"),
+        py::arg("exp_avg_q_len"), py::arg("exp_avg_absmax"), py::arg("exp_avg_absmax_len"), py::arg("qmap_signed"),
+        py::arg("scalars"), py::arg("num_threads"), "Lion step with blockwise 8-bit state, in place.");
+
+  m.def("state_table_exact", &qc::state_table_exact, py::arg("code"),
+        "True when the 8-bit state encoder for this fp32[256] map (pointer) uses its one-compare key table.");
+
+  m.def("host_buffer_dlpack", [](int64_t numel, int dl_code, int bits) {
+    return qpeft::bindings::to_dltensor_capsule(qc::host_buffer(numel, dl_code, bits));
+  }, py::arg("numel"), py::arg("dl_code"), py::arg("bits"),
+        "Zeroed 64-byte-aligned host memory as a 1-D 'dltensor' capsule whose deleter frees it "
+        "(the CPU twin of qpeft._C_cuda.managed_dlpack).");
+  m.def("host_buffers_live", &qc::host_buffers_live, "Host DLPack buffers allocated and not yet freed.");
 }

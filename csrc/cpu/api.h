@@ -50,3 +50,51 @@ CpuFeatures cpu_features();
 
 }  // namespace cpu
 }  // namespace qpeft
+
+// ---------------------------------------------------------------------------
+// Optimizer steps (csrc/cpu/optim.cpp; math in qpeft/optim.h, ABI in csrc/README.md).
+// param/grad: n elements of dtype (0 f32, 1 f16, 2 bf16); fp32 states of exactly
+// n elements; 8-bit states: uint8[n] codes and fp32[ceil(n/256)] absmax, with
+// code1/code2 pointing at sorted fp32[256] maps. Updated in place.
+#include <qpeft/optim.h>
+
+namespace qpeft {
+namespace cpu {
+
+void adamw32_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg,
+                  int64_t exp_avg_len, uintptr_t exp_avg_sq, int64_t exp_avg_sq_len, const AdamScalars& s,
+                  int num_threads);
+
+void adamw8bit_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1, int64_t q1_len,
+                    uintptr_t absmax1, int64_t absmax1_len, uintptr_t q2, int64_t q2_len, uintptr_t absmax2,
+                    int64_t absmax2_len, uintptr_t code1, uintptr_t code2, const AdamScalars& s,
+                    int num_threads);
+
+void lion32_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg, int64_t exp_avg_len,
+                 const LionScalars& s, int num_threads);
+
+void lion8bit_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1, int64_t q1_len,
+                   uintptr_t absmax1, int64_t absmax1_len, uintptr_t code1, const LionScalars& s,
+                   int num_threads);
+
+// Whether the 8-bit encoder for this sorted fp32[256] map uses the one-compare
+// key table (true for both dynamic maps) or falls back to a binary search.
+bool state_table_exact(uintptr_t code);
+
+}  // namespace cpu
+}  // namespace qpeft
+
+// ---------------------------------------------------------------------------
+// Host memory behind a DLPack tensor (csrc/cpu/host_buffer.cpp): zeroed, 64-byte
+// aligned, freed by the ManagedTensor's deleter; host_buffers_live() counts the
+// allocations not yet freed. The CPU twin of the paged optimizer's managed memory.
+#include <qpeft/dlpack.h>
+
+namespace qpeft {
+namespace cpu {
+
+dlpack::ManagedTensor* host_buffer(int64_t numel, int dl_code, int bits);
+int64_t host_buffers_live();
+
+}  // namespace cpu
+}  // namespace qpeft

@@ -50,3 +50,48 @@ int device_count();
 
 }  // namespace cuda
 }  // namespace qpeft
+
+// ---------------------------------------------------------------------------
+// Optimizer steps (csrc/cuda/optim.cu) and paged state (csrc/cuda/paged.cu).
+// Same checks and buffer meanings as the CPU entry points of csrc/cpu/api.h;
+// kernels are enqueued on `stream`, never waited for.
+#include "qpeft/dlpack.h"
+#include "qpeft/optim.h"
+
+namespace qpeft {
+namespace cuda {
+
+void adamw32_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n, std::uintptr_t exp_avg,
+                  std::int64_t exp_avg_len, std::uintptr_t exp_avg_sq, std::int64_t exp_avg_sq_len,
+                  const AdamScalars& s, std::uintptr_t stream);
+
+void adamw8bit_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n, std::uintptr_t q1,
+                    std::int64_t q1_len, std::uintptr_t absmax1, std::int64_t absmax1_len, std::uintptr_t q2,
+                    std::int64_t q2_len, std::uintptr_t absmax2, std::int64_t absmax2_len, std::uintptr_t code1,
+                    std::uintptr_t code2, const AdamScalars& s, std::uintptr_t stream);
+
+void lion32_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n, std::uintptr_t exp_avg,
+                 std::int64_t exp_avg_len, const LionScalars& s, std::uintptr_t stream);
+
+void lion8bit_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n, std::uintptr_t q1,
+                   std::int64_t q1_len, std::uintptr_t absmax1, std::int64_t absmax1_len, std::uintptr_t code1,
+                   const LionScalars& s, std::uintptr_t stream);
+
+// numel elements of DLPack dtype (dl_code, bits) in cudaMallocManaged memory,
+// advised as accessed by `device`; the ManagedTensor's deleter cudaFree's it.
+dlpack::ManagedTensor* managed_dlpack(std::int64_t numel, int dl_code, int bits, int device);
+
+// cudaMemPrefetchAsync of [ptr, ptr + nbytes) to `device`, or to the host when
+// device < 0, on `stream`.
+void prefetch(std::uintptr_t ptr, std::int64_t nbytes, int device, std::uintptr_t stream);
+
+// Where the range was last prefetched: a device ordinal, -1 (host) or -2 (never,
+// or not the same for every page).
+int prefetch_location(std::uintptr_t ptr, std::int64_t nbytes);
+
+// cudaDevAttrConcurrentManagedAccess: prefetching and advice only work where true
+// (Linux, sm_60+); elsewhere managed memory migrates on kernel launch.
+bool concurrent_managed_access(int device);
+
+}  // namespace cuda
+}  // namespace qpeft

@@ -1,0 +1,282 @@
+// qpeft._C optimizer entry points: argument checks, the cached 8-bit state
+// encoders, ISA choice and the split of the work over threads. The kernels are
+// in optim_scalar.cpp / optim_avx2.cpp; the per-element math in qpeft/optim.h.
+
+#include <qpeft/format.h>
+#include <qpeft/optim.h>
+
+#include <cmath>
+#include <cstring>
+#include <deque>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "api.h"
+#include "optim_kernels.h"
+#include "thread_pool.h"
+
+namespace qpeft {
+namespace cpu {
+namespace {
+
+// A thread takes at least 64K elements: an AdamW step moves 28 bytes per fp32
+// element, so 64K elements are ~1.8 MB (~50 us at the ~37 GB/s torch's fused
+// AdamW reaches here), well above a worker's ~10-20 us wake-up.
+constexpr int64_t kMinElemsPerThread = 1 << 16;
+constexpr int kMaxThreads = 256;
+
+int64_t thread_count(int num_threads, int64_t n) {
+  int64_t t = num_threads < 1 ? 1 : (num_threads > kMaxThreads ? kMaxThreads : num_threads);
+  const int64_t by_work = n / kMinElemsPerThread + 1;
+  return t < by_work ? t : by_work;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+const OptimKernelTable& kernels() {
+#if QPEFT_HAVE_AVX2_TU
+  // set_isa / auto-detection live in dispatch.cpp; active_isa() reports its choice.
+  return active_isa() == "avx2" ? kOptimAvx2Kernels : kOptimScalarKernels;
+#else
+  return kOptimScalarKernels;
+#endif
+}
+
+[[noreturn]] void fail(const char* fn, const std::string& what) {
+  throw std::invalid_argument(std::string("qpeft._C.") + fn + ": " + what);
+}
+
+void need(bool ok, const char* fn, const std::string& what) {
+  if (!ok) fail(fn, what);
+}
+
+void check_common(const char* fn, int dtype, int64_t n) {
+  need(n >= 0, fn, "n must be >= 0, got " + std::to_string(n));
+  need(dtype == kF32 || dtype == kF16 || dtype == kBF16, fn,
+       "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
+}
+
+void check_len(const char* fn, const char* name, int64_t len, int64_t required) {
+  need(len == required, fn,
+       std::string(name) + " holds " + std::to_string(len) + " elements, expected " + std::to_string(required));
+}
+
+void check_ptr(const char* fn, const char* name, uintptr_t p) {
+  need(p != 0, fn, std::string(name) + " is a null pointer");
+}
+
+void check_finite(const char* fn, const char* name, float x) {
+  need(std::isfinite(x), fn, std::string(name) + " must be finite, got " + std::to_string(x));
+}
+
+void check_adam(const char* fn, const AdamScalars& s) {
+  check_finite(fn, "decay", s.decay);
+  check_finite(fn, "lerp_c", s.lerp_c);
+  check_finite(fn, "beta2", s.beta2);
+  check_finite(fn, "omb2", s.omb2);
+  check_finite(fn, "bc2_sqrt", s.bc2_sqrt);
+  check_finite(fn, "eps", s.eps);
+  check_finite(fn, "neg_step", s.neg_step);
+  need(s.lerp_from_grad == 0 || s.lerp_from_grad == 1, fn, "lerp_from_grad must be 0 or 1");
+}
+
+void check_lion(const char* fn, const LionScalars& s) {
+  check_finite(fn, "decay", s.decay);
+  check_finite(fn, "beta1", s.beta1);
+  check_finite(fn, "omb1", s.omb1);
+  check_finite(fn, "beta2", s.beta2);
+  check_finite(fn, "omb2", s.omb2);
+  check_finite(fn, "neg_lr", s.neg_lr);
+}
+
+// ---------------------------------------------------------------------------
+// 8-bit state encoders, keyed by the 256 map values. Building one takes ~1 ms
+// (65536 binary searches); an optimizer uses the same two maps every step.
+
+struct Codec {
+  StateCodec c;
+  std::vector<uint32_t> table;  // empty when the key table is not exact for this map
+};
+
+// The floats whose top 16 bits are `key`, as [lo, hi] in value order.
+void key_range(uint32_t key, float& lo, float& hi) {
+  const float a = bits_f32(key << 16), b = bits_f32((key << 16) | 0xffffu);
+  const bool negative = (key & 0x8000u) != 0;
+  lo = negative ? b : a;
+  hi = negative ? a : b;
+}
+
+std::shared_ptr<const Codec> build_codec(const char* fn, const float* code) {
+  auto codec = std::make_shared<Codec>();
+  StateCodec& c = codec->c;
+  std::memcpy(c.code, code, sizeof(c.code));
+  for (int k = 0; k < kNumCodes8; ++k) {
+    need(std::isfinite(c.code[k]), fn, "the state map must be finite");
+    if (k > 0) need(c.code[k - 1] <= c.code[k], fn, "the state map must be sorted ascending");
+  }
+  for (int k = 0; k < kNumCodes8 - 1; ++k) c.mid[k] = midpoint(c.code[k], c.code[k + 1]);
+  c.mid[kNumCodes8 - 1] = std::numeric_limits<float>::infinity();
+
+  // Exact when the count rises by at most one across every key range that a
+  // clamped value can hit. Ranges holding NaN (exponent all ones) only ever see
+  // NaN after the clamp to [-1, 1]: entry 0 (count 0; NaN compares false).
+  codec->table.assign(kLutBins, 0);
+  bool exact = true;
+  for (uint32_t key = 0; key < static_cast<uint32_t>(kLutBins); ++key) {
+    if ((key & 0x7f80u) == 0x7f80u) continue;
+    float lo, hi;
+    key_range(key, lo, hi);
+    const int base = state_count_below(lo, c.mid);
+    const int top = state_count_below(hi, c.mid);
+    if (top - base > 1) exact = false;
+    // the midpoint inside the range, else the range's largest value (never below x)
+    const uint32_t m = top > base ? f32_bits(c.mid[base]) : f32_bits(hi);
+    codec->table[key] = static_cast<uint32_t>(base) | ((m & 0xffffu) << 8);
+  }
+  if (!exact) codec->table.clear();
+  c.table = exact ? codec->table.data() : nullptr;
+  return codec;
+}
+
+std::shared_ptr<const Codec> get_codec(const char* fn, uintptr_t code_ptr) {
+  static std::mutex mu;
+  static std::deque<std::shared_ptr<const Codec>> cache;  // most recent first
+  constexpr size_t kCacheSize = 8;
+  const float* code = reinterpret_cast<const float*>(code_ptr);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = cache.begin(); it != cache.end(); ++it) {
+      if (std::memcmp((*it)->c.code, code, sizeof((*it)->c.code)) == 0) {
+        auto hit = *it;
+        cache.erase(it);
+        cache.push_front(hit);
+        return hit;
+      }
+    }
+  }
+  auto codec = build_codec(fn, code);
+  std::lock_guard<std::mutex> lock(mu);
+  cache.push_front(codec);
+  if (cache.size() > kCacheSize) cache.pop_back();
+  return codec;
+}
+
+// Runs kernel(args, e0, e1) over [0, n) in ranges of whole state blocks.
+template <class Args, class Kernel>
+void run_elements(Kernel kernel, const Args& args, int64_t n, int num_threads) {
+  parallel_ranges(ceil_div(n, kStateBlock), thread_count(num_threads, n), [&](int64_t u0, int64_t u1) {
+    const int64_t e1 = u1 * kStateBlock;
+    kernel(args, u0 * kStateBlock, e1 < n ? e1 : n);
+  });
+}
+
+template <class Args, class Kernel>
+void run_blocks(Kernel kernel, const Args& args, int64_t n, int num_threads) {
+  parallel_ranges(ceil_div(n, kStateBlock), thread_count(num_threads, n),
+                  [&](int64_t b0, int64_t b1) { kernel(args, b0, b1); });
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+
+void adamw32_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg,
+                  int64_t exp_avg_len, uintptr_t exp_avg_sq, int64_t exp_avg_sq_len, const AdamScalars& s,
+                  int num_threads) {
+  const char* fn = "adamw32_step";
+  check_common(fn, dtype, n);
+  check_adam(fn, s);
+  check_len(fn, "exp_avg", exp_avg_len, n);
+  check_len(fn, "exp_avg_sq", exp_avg_sq_len, n);
+  if (n == 0) return;
+  check_ptr(fn, "param", param);
+  check_ptr(fn, "grad", grad);
+  check_ptr(fn, "exp_avg", exp_avg);
+  check_ptr(fn, "exp_avg_sq", exp_avg_sq);
+  const Adam32Args args{reinterpret_cast<void*>(param), reinterpret_cast<const void*>(grad), dtype, n,
+                        reinterpret_cast<float*>(exp_avg), reinterpret_cast<float*>(exp_avg_sq), s};
+  run_elements(kernels().adam32, args, n, num_threads);
+}
+
+void adamw8bit_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1, int64_t q1_len,
+                    uintptr_t absmax1, int64_t absmax1_len, uintptr_t q2, int64_t q2_len, uintptr_t absmax2,
+                    int64_t absmax2_len, uintptr_t code1, uintptr_t code2, const AdamScalars& s,
+                    int num_threads) {
+  const char* fn = "adamw8bit_step";
+  check_common(fn, dtype, n);
+  check_adam(fn, s);
+  check_len(fn, "exp_avg_q", q1_len, n);
+  check_len(fn, "exp_avg_absmax", absmax1_len, ceil_div(n, kStateBlock));
+  check_len(fn, "exp_avg_sq_q", q2_len, n);
+  check_len(fn, "exp_avg_sq_absmax", absmax2_len, ceil_div(n, kStateBlock));
+  check_ptr(fn, "qmap_signed", code1);
+  check_ptr(fn, "qmap_unsigned", code2);
+  const auto c1 = get_codec(fn, code1);
+  const auto c2 = get_codec(fn, code2);
+  if (n == 0) return;
+  check_ptr(fn, "param", param);
+  check_ptr(fn, "grad", grad);
+  check_ptr(fn, "exp_avg_q", q1);
+  check_ptr(fn, "exp_avg_absmax", absmax1);
+  check_ptr(fn, "exp_avg_sq_q", q2);
+  check_ptr(fn, "exp_avg_sq_absmax", absmax2);
+  const Adam8Args args{reinterpret_cast<void*>(param),
+                       reinterpret_cast<const void*>(grad),
+                       dtype,
+                       n,
+                       reinterpret_cast<uint8_t*>(q1),
+                       reinterpret_cast<float*>(absmax1),
+                       reinterpret_cast<uint8_t*>(q2),
+                       reinterpret_cast<float*>(absmax2),
+                       &c1->c,
+                       &c2->c,
+                       s};
+  run_blocks(kernels().adam8, args, n, num_threads);
+}
+
+void lion32_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg, int64_t exp_avg_len,
+                 const LionScalars& s, int num_threads) {
+  const char* fn = "lion32_step";
+  check_common(fn, dtype, n);
+  check_lion(fn, s);
+  check_len(fn, "exp_avg", exp_avg_len, n);
+  if (n == 0) return;
+  check_ptr(fn, "param", param);
+  check_ptr(fn, "grad", grad);
+  check_ptr(fn, "exp_avg", exp_avg);
+  const Lion32Args args{reinterpret_cast<void*>(param), reinterpret_cast<const void*>(grad), dtype, n,
+                        reinterpret_cast<float*>(exp_avg), s};
+  run_elements(kernels().lion32, args, n, num_threads);
+}
+
+void lion8bit_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1, int64_t q1_len,
+                   uintptr_t absmax1, int64_t absmax1_len, uintptr_t code1, const LionScalars& s,
+                   int num_threads) {
+  const char* fn = "lion8bit_step";
+  check_common(fn, dtype, n);
+  check_lion(fn, s);
+  check_len(fn, "exp_avg_q", q1_len, n);
+  check_len(fn, "exp_avg_absmax", absmax1_len, ceil_div(n, kStateBlock));
+  check_ptr(fn, "qmap_signed", code1);
+  const auto c1 = get_codec(fn, code1);
+  if (n == 0) return;
+  check_ptr(fn, "param", param);
+  check_ptr(fn, "grad", grad);
+  check_ptr(fn, "exp_avg_q", q1);
+  check_ptr(fn, "exp_avg_absmax", absmax1);
+  const Lion8Args args{reinterpret_cast<void*>(param), reinterpret_cast<const void*>(grad), dtype, n,
+                       reinterpret_cast<uint8_t*>(q1), reinterpret_cast<float*>(absmax1), &c1->c, s};
+  run_blocks(kernels().lion8, args, n, num_threads);
+}
+
+bool state_table_exact(uintptr_t code) {
+  check_ptr("state_table_exact", "code", code);
+  return get_codec("state_table_exact", code)->c.table != nullptr;
+}
+
+}  // namespace cpu
+}  // namespace qpeft

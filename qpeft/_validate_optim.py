@@ -1,0 +1,90 @@
+"""Argument checks of the optimizer step ops (every backend runs them first).
+
+The step ops update ``param`` and the state tensors in place, so those must be
+contiguous and of the exact dtype and size the kernels write; the gradient is only
+read (any layout; backends make it contiguous). Native code re-checks the sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._formats import FLOAT_DTYPES
+from ._optim_math import state_blocks
+
+
+def _param_and_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    if param.is_complex() or grad.is_complex():
+        raise TypeError(
+            "qpeft optimizers do not support complex parameters or gradients "
+            f"(got param {param.dtype}, grad {grad.dtype}); use torch.view_as_real to optimize the real view"
+        )
+    if param.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"param must be float32, float16 or bfloat16, got {param.dtype}")
+    if grad.layout != torch.strided:
+        raise TypeError(f"grad must be a dense tensor, got layout {grad.layout} (sparse gradients are not supported)")
+    if grad.dtype != param.dtype:
+        raise TypeError(f"grad dtype {grad.dtype} differs from param dtype {param.dtype}")
+    if grad.shape != param.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} differs from param shape {tuple(param.shape)}")
+    if grad.device != param.device:
+        raise ValueError(f"grad is on {grad.device} but param is on {param.device}")
+    if not param.is_contiguous():
+        raise ValueError("param must be contiguous: the step updates it in place")
+
+
+def _state(t: torch.Tensor, name: str, dtype: torch.dtype, numel: int, device: torch.device) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} elements but {numel} are needed (state and param disagree)")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but param is on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous: the step updates it in place")
+
+
+def _qmap(code: torch.Tensor, name: str, device: torch.device) -> None:
+    if code.dtype != torch.float32 or code.numel() != 256:
+        raise ValueError(f"{name} must be a float32 tensor of 256 values, got {code.dtype} with {code.numel()}")
+    if code.device != device:
+        raise ValueError(f"{name} is on {code.device} but param is on {device}")
+    # Sortedness is checked where it is cheap: by the reference (qmap_sorted) and by
+    # the CPU kernels when they build their cached encoder table (not per step here).
+
+
+def qmap_sorted(code: torch.Tensor, name: str) -> None:
+    flat = code.reshape(-1)
+    if not bool(torch.isfinite(flat).all()) or not bool((flat[1:] >= flat[:-1]).all()):
+        raise ValueError(f"{name} must be finite and sorted ascending (the encoder searches its midpoints)")
+
+
+def adamw32(param, grad, exp_avg, exp_avg_sq) -> None:
+    _param_and_grad(param, grad)
+    n = param.numel()
+    _state(exp_avg, "exp_avg", torch.float32, n, param.device)
+    _state(exp_avg_sq, "exp_avg_sq", torch.float32, n, param.device)
+
+
+def adamw8bit(param, grad, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, qmap_signed, qmap_unsigned):
+    _param_and_grad(param, grad)
+    n = param.numel()
+    _state(exp_avg_q, "exp_avg_q", torch.uint8, n, param.device)
+    _state(exp_avg_absmax, "exp_avg_absmax", torch.float32, state_blocks(n), param.device)
+    _state(exp_avg_sq_q, "exp_avg_sq_q", torch.uint8, n, param.device)
+    _state(exp_avg_sq_absmax, "exp_avg_sq_absmax", torch.float32, state_blocks(n), param.device)
+    _qmap(qmap_signed, "qmap_signed", param.device)
+    _qmap(qmap_unsigned, "qmap_unsigned", param.device)
+
+
+def lion32(param, grad, exp_avg) -> None:
+    _param_and_grad(param, grad)
+    _state(exp_avg, "exp_avg", torch.float32, param.numel(), param.device)
+
+
+def lion8bit(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed) -> None:
+    _param_and_grad(param, grad)
+    n = param.numel()
+    _state(exp_avg_q, "exp_avg_q", torch.uint8, n, param.device)
+    _state(exp_avg_absmax, "exp_avg_absmax", torch.float32, state_blocks(n), param.device)
+    _qmap(qmap_signed, "qmap_signed", param.device)

@@ -1,0 +1,28 @@
+"""Optimizers over qpeft's fused step kernels (C++ on CPU, CUDA on GPU).
+
+``AdamW`` / ``AdamW8bit`` / ``Lion`` / ``Lion8bit`` and their paged variants
+``PagedAdamW`` / ``PagedAdamW8bit`` / ``PagedLion`` / ``PagedLion8bit``, which keep
+the state of large parameters in CUDA unified memory (see ``qpeft.optim.paging``).
+All are ``torch.optim.Optimizer`` subclasses: param groups, ``zero_grad``, LR
+schedulers, ``state_dict``/``load_state_dict`` (bit-exact resume, 8-bit state
+included). ``state_bytes_per_param()`` and ``memory_report()`` account for the state.
+"""
+
+from .adamw import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit
+from .lion import Lion, Lion8bit, PagedLion, PagedLion8bit
+from .optimizer import QpeftOptimizer
+from .paging import PAGE_MIN_NUMEL, CudaManagedMemory
+
+__all__ = [
+    "PAGE_MIN_NUMEL",
+    "AdamW",
+    "AdamW8bit",
+    "CudaManagedMemory",
+    "Lion",
+    "Lion8bit",
+    "PagedAdamW",
+    "PagedAdamW8bit",
+    "PagedLion",
+    "PagedLion8bit",
+    "QpeftOptimizer",
+]
