@@ -188,10 +188,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     into the QLoRALinear layers of a converted ``model`` as adapter ``adapter_name``.
 
     Each ``<path>.lora_A/lora_B`` pair must name a QLoRALinear of the model with matching
-    in/out features; if the layer already has an adapter of that name its rank must match
-    too (load under another name otherwise). Layers the file does not cover lose an adapter
-    of that name (the file defines the adapter), so they run their base alone when it is
-    active. Everything is checked before anything changes. Returns ``model``.
+    in/out features. The file defines the adapter: an existing adapter of that name is
+    replaced (its rank, alpha and flavour come from the file), and layers the file does not
+    cover lose an adapter of that name, so they run their base alone while it is active.
+    Everything is checked before anything changes. Returns ``model``.
     """
     config, tensors = _read_adapter(directory)
     if config.get("peft_type") != "LORA":
@@ -236,12 +236,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             errors.append(
                 f"{path}: adapter shapes lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not match the layer "
                 f"(in_features={layer.in_features}, out_features={layer.out_features})"
-            )
-            continue
-        if adapter_name in layer.adapters and layer.adapters[adapter_name].r != r:
-            errors.append(
-                f"{path}: the layer's adapter {adapter_name!r} has r={layer.adapters[adapter_name].r} but the file "
-                f"has r={r}; load it under another adapter_name"
             )
             continue
         use_dora = bool(config.get("use_dora", False))

@@ -24,6 +24,7 @@ from qpeft.functional import dequantize_4bit, quantize_4bit
 from qpeft.nn import IA3Linear, Linear4bit, QLoRALinear
 from qpeft.nn._rows import row_norms, weight_rows
 
+from ._helpers import bnb_linear
 from .test_qlora_triton import U32, _oracle, assert_within
 
 BACKENDS = ["default", "auto", *(["cpu"] if "cpu" in _kernels.get("qlora_linear", {}) else []), "triton"]
@@ -163,17 +164,6 @@ def test_torch_compile_matches_eager():
 bnb = pytest.importorskip("bitsandbytes")
 
 
-def _bnb_linear(lin: nn.Linear, quant_type="nf4", double_quant=True, blocksize=64):
-    layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=torch.float32, compress_statistics=double_quant,
-                              quant_type=quant_type)  # fmt: skip
-    layer.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, compress_statistics=double_quant,
-                                     quant_type=quant_type, blocksize=blocksize)  # fmt: skip
-    if lin.bias is not None:
-        layer.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-    return layer.to("cpu")  # bitsandbytes quantizes on the move to a device
-
-
 def _state_equal(a: dict, b: dict) -> None:
     assert sorted(a) == sorted(b)
     for key in a:
@@ -185,7 +175,7 @@ def test_linear4bit_same_bytes_as_bitsandbytes(quant_type, double_quant, blocksi
     """Quantizing one weight with both libraries gives identical packed bytes and state dicts."""
     lin = _linear(83, 45, seed=7)
     ours = Linear4bit.from_linear(lin, quant_type, blocksize, double_quant)
-    theirs = _bnb_linear(lin, quant_type, double_quant, blocksize)
+    theirs = bnb_linear(lin, quant_type, double_quant, blocksize)
     _state_equal(ours.state_dict(), theirs.state_dict())
 
 
@@ -195,7 +185,7 @@ def test_bitsandbytes_state_dict_loads_into_linear4bit_and_back(tmp_path):
     safetensors file; the outputs agree within fp32 rounding of the same dequantized W."""
     st = pytest.importorskip("safetensors.torch")
     lin = _linear(128, 40, seed=8)
-    theirs = _bnb_linear(lin)
+    theirs = bnb_linear(lin)
     st.save_file(theirs.state_dict(), tmp_path / "bnb.safetensors")
     ours = Linear4bit(128, 40)
     ours.load_state_dict(st.load_file(tmp_path / "bnb.safetensors"))
