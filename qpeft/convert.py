@@ -144,6 +144,9 @@ def _targets(model: nn.Module, target_modules, exclude) -> dict[int, tuple[nn.Li
     excluded = _matcher(exclude, "exclude")
     named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n]
     qpeft_prefixes = [n for n, m in named if isinstance(m, QPEFT_MODULES)]
+    # nn.MultiheadAttention reads out_proj.weight directly (F.multi_head_attention_forward):
+    # its projection cannot be swapped for a module with a packed weight.
+    mha_children = {id(c) for _, m in named if isinstance(m, nn.MultiheadAttention) for c in m.children()}
     names_of: dict[int, list[str]] = {}
     for n, m in named:
         names_of.setdefault(id(m), []).append(n)
@@ -162,6 +165,9 @@ def _targets(model: nn.Module, target_modules, exclude) -> dict[int, tuple[nn.Li
             continue
         if isinstance(m, QPEFT_MODULES):
             already.append(n)
+        elif id(m) in mha_children:
+            if wanted is not None:
+                wrong.append(f"{n} (inside nn.MultiheadAttention, which reads its weight directly)")
         elif not isinstance(m, nn.Linear):
             wrong.append(f"{n} ({type(m).__name__})")
         else:

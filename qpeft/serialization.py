@@ -88,11 +88,30 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return leaves if selected == set(names) else sorted(names)
 
 
+def _modules_to_save(model: nn.Module, names) -> dict[str, nn.Module]:
+    """PEFT's modules_to_save matching (equal or '.'-suffix) over the model's modules."""
+    if not names:
+        return {}
+    names = [names] if isinstance(names, str) else list(names)
+    found = {n: m for n, m in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in names)}
+    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in found)]
+    if missing:
+        raise ValueError(f"modules_to_save names no module of the model: {missing}")
+    wrapped = [n for n, m in found.items() if isinstance(m, (QLoRALinear, IA3Linear, Linear4bit))]
+    if wrapped:
+        raise ValueError(f"modules_to_save must be plain modules (e.g. embeddings, heads), not qpeft layers: {wrapped}")
+    return found
+
+
 def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_name: str | None = None, *,
-                 task_type: str | None = None, base_model_name_or_path: str | None = None) -> None:  # fmt: skip
+                 modules_to_save=None, task_type: str | None = None,
+                 base_model_name_or_path: str | None = None) -> None:  # fmt: skip
     """Write adapter ``adapter_name`` (default: the active one) of every QLoRALinear of ``model``
-    in PEFT's LoRA format (see the module doc). Layers without that adapter are left out."""
+    in PEFT's LoRA format (see the module doc). Layers without that adapter are left out.
+    ``modules_to_save``: names of other modules trained in full (e.g. ``["embed_tokens",
+    "lm_head"]`` after adding tokens), saved whole as PEFT saves its modules_to_save."""
     st = _safetensors()
+    extra = _modules_to_save(model, modules_to_save)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
     if not layers:
         raise ValueError("the model has no qpeft QLoRALinear layer; run qpeft.convert(model) first")
@@ -121,6 +140,9 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
         if m.train_bias:
             tensors[key + ".base_layer.bias"] = m.base_layer.bias.detach().contiguous().cpu()
         ranks[n], alphas[n] = ad.r, ad.alpha
+    for n, module in extra.items():
+        for pname, t in module.state_dict().items():
+            tensors[f"{PREFIX}{n}.{pname}"] = t.detach().contiguous().cpu()
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     config = {
@@ -140,7 +162,7 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
         "bias": "lora_only" if any(m.train_bias for _, m, _ in chosen) else "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted({n.rsplit(".", 1)[-1] for n in extra}) or None,
         "inference_mode": True,
     }
     os.makedirs(save_directory, exist_ok=True)
@@ -199,6 +221,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if config.get("fan_in_fan_out"):
         raise ValueError("fan_in_fan_out adapters (GPT-2 style Conv1D layers) are not supported")
     modules = dict(model.named_modules())
+    saved = _modules_to_save(model, config.get("modules_to_save"))
+    whole: dict[str, torch.Tensor] = {}
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     bad = []
     for key, t in tensors.items():
@@ -206,6 +230,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         m = _KEY.match(name)
         if m:
             grouped.setdefault(m["path"], {})[m["kind"]] = t
+            continue
+        owner = name.rsplit(".", 1)[0]
+        if owner in saved:
+            whole[name] = t
             continue
         b = _BIAS_KEY.match(name)
         if b and config.get("bias") in ("lora_only", "all") and b["path"] in modules:
@@ -218,6 +246,15 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         raise ValueError(f"adapter file in {directory} holds no LoRA weights")
     planned: dict[str, _Planned] = {}
     errors = []
+    targets: dict[str, torch.Tensor] = {}
+    for name, t in whole.items():
+        owner, _, attr = name.rpartition(".")
+        current = saved[owner].state_dict().get(attr)
+        if current is None or current.shape != t.shape:
+            have = None if current is None else tuple(current.shape)
+            errors.append(f"{name}: the file has shape {tuple(t.shape)} but the model's is {have}")
+        else:
+            targets[name] = t
     for path, parts in grouped.items():
         layer = modules.get(path)
         if not isinstance(layer, QLoRALinear):
@@ -264,6 +301,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     busy = [m for m in [p.layer for p in planned.values()] + others if m.merged_adapter == adapter_name]
     if busy:
         raise RuntimeError(f"adapter {adapter_name!r} is merged into some layers; unmerge before loading over it")
+    with torch.no_grad():
+        for name, t in targets.items():
+            owner, _, attr = name.rpartition(".")
+            dst = saved[owner].state_dict(keep_vars=True)[attr]
+            dst.copy_(t)
     for p in planned.values():
         ad = p.adapter
         ad.requires_grad_(False)

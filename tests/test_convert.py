@@ -203,6 +203,11 @@ def test_bad_arguments():
         net.blocks[0].q_proj(torch.randn(3, 32))
     with pytest.raises(ValueError, match="no qpeft QLoRALinear"):
         qpeft.set_adapter(_net(), "default")
+    mha = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
+    with pytest.raises(TypeError, match="MultiheadAttention"):
+        qpeft.convert(mha, target_modules=["out_proj"], verbose=False)
+    qpeft.convert(mha, verbose=False)  # all-linear leaves the attention's projection alone
+    assert isinstance(mha[0], QLoRALinear) and type(mha[1].out_proj) is not QLoRALinear
 
 
 def test_save_and_load_quantized_base(tmp_path):

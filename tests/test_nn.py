@@ -15,6 +15,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -90,6 +92,39 @@ def test_qlora_linear_grads_match_fp64_oracle(backend, dtype):
     assert_within(layer.lora_A.grad, *ref["dA"], "dA")
     assert_within(layer.lora_B.grad, *ref["dB"], "dB")
     assert_within(base.bias.grad, *ref["dbias"], "dbias")
+
+
+@settings(max_examples=25)
+@given(
+    m=st.integers(1, 9), k=st.integers(1, 140), n=st.integers(1, 70), r=st.integers(1, 9),
+    blocksize=st.sampled_from([32, 64, 128]), quant_type=st.sampled_from(["nf4", "fp4"]), double_quant=st.booleans(),
+    bias=st.booleans(), rslora=st.booleans(), seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_qlora_linear_random_shapes_match_oracle(m, k, n, r, blocksize, quant_type, double_quant, bias, rslora, seed):
+    """Random shapes (odd K and N, K below one block, r = 1) through QLoRALinear on the CPU path
+    users get ("auto"): forward and all gradients within the fp64 oracle's bounds."""
+    lin = _linear(k, n, bias=bias, seed=seed)
+    layer = QLoRALinear.from_linear(lin, r=r, alpha=2 * r, quant_type=quant_type, blocksize=blocksize,
+                                    double_quant=double_quant, use_rslora=rslora, train_bias=bias)  # fmt: skip
+    _randomize_b(layer, seed=seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    x = torch.randn(m, k, generator=g, requires_grad=True)
+    dy = torch.randn(m, n, generator=g)
+    y = layer(x)
+    y.backward(dy)
+    base = layer.base_layer
+    p = {
+        "x": x.detach(), "a": layer.lora_A.detach(), "b": layer.lora_B.detach(),
+        "bias": base.bias.detach() if bias else None, "rank_scale": None, "out_scale": None, "dy": dy,
+        "scaling": layer.scaling, "w": base.dequantize(torch.float32).double(),
+    }  # fmt: skip
+    ref = _oracle(p, torch.float32, rounds_operands=False)
+    assert_within(y.detach(), *ref["y"], "y")
+    assert_within(x.grad, *ref["dx"], "dx")
+    assert_within(layer.lora_A.grad, *ref["dA"], "dA")
+    assert_within(layer.lora_B.grad, *ref["dB"], "dB")
+    if bias:
+        assert_within(base.bias.grad, *ref["dbias"], "dbias")
 
 
 def _gradcheck_module(module: nn.Module, x: torch.Tensor, skip: tuple[str, ...] = ()) -> bool:
