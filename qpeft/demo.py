@@ -212,14 +212,14 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="model size (default: small, ~3.3M params)")
-    p.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
+    p.add_argument("--steps", type=int, default=80, help="optimizer steps (default 80)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (alpha = 2r)")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (0: the fully fused path)")
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear warm-up, cosine decay)")
     p.add_argument("--no-train-embeddings", dest="train_embeddings", action="store_false",
                    help="train the LoRA adapters only (by default the new tokenizer's embeddings and lm_head train too)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--sample", type=int, default=80, help="characters of greedy sample after training (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -224,3 +224,42 @@ def test_prompt_methods_run_over_linear4bit(base, ids, kind):
         assert abs(losses[0] - losses[1]) <= 0.02 * losses[1]
     assert all(not torch.equal(trainable[n], p) for n, p in ours.named_parameters() if n in trainable)
     assert all(torch.equal(frozen[n], p) for n, p in ours.named_parameters() if n in frozen)
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(64, 48)
+        self.b = torch.nn.Linear(48, 16)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_bitfit_biases_travel_to_peft(tmp_path):
+    """train_bias=True (BitFit): the trained biases are saved as ``<layer>.base_layer.bias`` with
+    bias "lora_only", and PEFT loads them along with A and B."""
+    torch.manual_seed(4)
+    base = _TwoLinears()
+    ours = qpeft.convert(copy.deepcopy(base), r=2, train_bias=True, exclude=None, verbose=False)
+    _randomize_adapters(ours)
+    with torch.no_grad():
+        ours.a.bias.add_(0.5)
+        ours.b.bias.sub_(0.25)
+    qpeft.save_adapter(ours, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["bias"] == "lora_only"
+    hf = peft.PeftModel.from_pretrained(dequantized_copy(base, ours), tmp_path)
+    assert torch.equal(hf.base_model.model.a.base_layer.bias, ours.a.bias)
+    ref = copy.deepcopy(base).double()
+    for name in ("a", "b"):
+        m = getattr(ours, name)
+        w = m.base_layer.dequantize(torch.float32).double() + m.scaling * m.lora_B.double() @ m.lora_A.double()
+        with torch.no_grad():
+            getattr(ref, name).weight.copy_(w)
+            getattr(ref, name).bias.copy_(m.bias)
+    x = torch.randn(10, 64)
+    with torch.no_grad():
+        assert_close_to_hf(ours(x), hf(x), ref(x.double()), "BitFit outputs")
+    fresh = qpeft.convert(copy.deepcopy(base), r=2, train_bias=True, exclude=None, verbose=False)
+    qpeft.load_adapter(fresh, tmp_path)  # and back into qpeft
+    assert torch.equal(fresh.b.bias, ours.b.bias) and torch.equal(fresh.b.lora_B, ours.b.lora_B)

@@ -70,11 +70,13 @@ def weight_rows(base: nn.Module, chunk_elements: int = CHUNK_ELEMENTS) -> Iterat
 @torch.no_grad()
 def row_norms(base: nn.Module, lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None,
               scaling: float = 0.0, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:  # fmt: skip
-    """||W[j] + scaling * (B @ A)[j]||_2 for every output row j, in fp32 (DoRA's weight norm)."""
+    """||W[j] + scaling * (B @ A)[j]||_2 for every output row j, in fp32 (DoRA's weight norm;
+    autocast is off here: the norm is a weight statistic, not an activation)."""
     out = []
     a = lora_A.detach().float() if lora_A is not None else None
-    for r0, r1, w in weight_rows(base, chunk_elements):
-        if a is not None:
-            w = w + scaling * (lora_B.detach()[r0:r1].float() @ a)
-        out.append(torch.linalg.vector_norm(w, dim=1))
+    with torch.autocast(base.weight.device.type, enabled=False):
+        for r0, r1, w in weight_rows(base, chunk_elements):
+            if a is not None:
+                w = w + scaling * (lora_B.detach()[r0:r1].float() @ a)
+            out.append(torch.linalg.vector_norm(w, dim=1))
     return torch.cat(out)

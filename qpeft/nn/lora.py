@@ -302,6 +302,10 @@ class QLoRALinear(nn.Module):
         """
         if self.merged_adapter is not None:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is already merged; unmerge() first")
+        with torch.autocast(self.base_layer.weight.device.type, enabled=False):  # weight arithmetic in fp32
+            return self._merge(adapter_name, keep_original)
+
+    def _merge(self, adapter_name: str | None, keep_original: bool | None) -> MergeReport:
         name = self.active_adapter if adapter_name is None else adapter_name
         ad = self._adapter(name)
         base = self.base_layer
@@ -325,6 +329,10 @@ class QLoRALinear(nn.Module):
         """Undo ``merge``: restore the kept original bit for bit, or subtract the adapter."""
         if self.merged_adapter is None:
             raise RuntimeError("no adapter is merged")
+        with torch.autocast(self.base_layer.weight.device.type, enabled=False):  # weight arithmetic in fp32
+            return self._unmerge()
+
+    def _unmerge(self) -> MergeReport:
         ad = self._adapter(self.merged_adapter)
         base, cache = self.base_layer, self._merge_cache
         report = MergeReport(0.0, 0.0, 0.0)
