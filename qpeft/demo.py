@@ -143,9 +143,10 @@ def run(args: argparse.Namespace) -> int:
     model, config = build_model(args.size, args.seq_len, args.seed)
     model.to(device)
     total = sum(p.numel() for p in model.parameters())
-    print(f"qpeft {qpeft.__version__} QLoRA demo: Llama-architecture '{args.size}' model, {total / 1e6:.2f}M parameters "
-          f"(random init from a transformers config), byte-level tokens, {len(text):,} characters of shipped text "
-          f"({split:,} train / {data.numel() - split:,} held out), device {device}, {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"qpeft {qpeft.__version__} QLoRA demo: Llama-architecture '{args.size}' model, {total / 1e6:.2f}M "
+          f"parameters (random init from a transformers config), byte-level tokens, {len(text):,} characters of "
+          f"shipped text ({split:,} train / {data.numel() - split:,} held out), device {device}, "
+          f"{torch.get_num_threads()} thread(s)")  # fmt: skip
     qpeft.convert(model, r=args.rank, alpha=2 * args.rank, dropout=args.dropout, verbose=False)
     summary = model.qpeft_summary
     print(f"  {summary}")
@@ -190,12 +191,13 @@ def run(args: argparse.Namespace) -> int:
 
     k = max(1, args.steps // 10)
     marks = sorted({0, len(losses) // 4, len(losses) // 2, 3 * len(losses) // 4, len(losses) - 1})
-    curve = ", ".join(f"step {i + 1}: {sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]):.3f}"
-                      for i in marks)  # fmt: skip
-    print(f"  train loss (mean of the last {k} steps at each mark; ln 256 = {math.log(256):.3f} is a uniform guess): {curve}")
+    window = [losses[max(0, i - k + 1) : i + 1] for i in marks]
+    curve = ", ".join(f"step {i + 1}: {sum(w) / len(w):.3f}" for i, w in zip(marks, window))
+    print(f"  train loss (mean of the last {k} steps at each mark; ln 256 = {math.log(256):.3f} is a uniform "
+          f"guess): {curve}")  # fmt: skip
     print(f"  held-out loss: {before:.3f} before -> {after:.3f} after ({100 * (before - after) / before:.1f}% lower)")
-    print(f"  {args.steps} steps x {args.batch} x {args.seq_len} tokens in {elapsed:.1f} s: {tokens / elapsed:,.0f} tokens/s "
-          f"(forward + backward + optimizer)")  # fmt: skip
+    print(f"  {args.steps} steps x {args.batch} x {args.seq_len} tokens in {elapsed:.1f} s: "
+          f"{tokens / elapsed:,.0f} tokens/s (forward + backward + optimizer)")  # fmt: skip
     for row in _memory_table(model, trainable, total, summary.weight_bytes_after):
         print(row)
     if args.sample > 0:

@@ -65,6 +65,8 @@ def test_nf4_double_quant_embeddings_no_worse_than_bitsandbytes():
         theta_b = math.acos(min(1.0, float(cos_b[i])))
         theta_qb = math.acos(min(1.0, float(cos_qb[i])))
         assert theta_qb <= theta_b / 100, f"{s!r}: qpeft and bitsandbytes disagree by {theta_qb:.2e} rad"
-        assert float(cos_q[i]) >= math.cos(theta_b + theta_qb), f"{s!r}: qpeft {float(cos_q[i]):.6f} < bnb {float(cos_b[i]):.6f}"
+        assert float(cos_q[i]) >= math.cos(theta_b + theta_qb), (
+            f"{s!r}: qpeft {float(cos_q[i]):.6f} < bitsandbytes {float(cos_b[i]):.6f}"
+        )
     # the figure: about 0.97 for NF4 + double quantization of every linear layer
     assert 0.95 < float(cos_q.mean()) < 0.995
