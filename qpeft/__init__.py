@@ -7,16 +7,30 @@ kernels; it loads no native module and never initialises CUDA.
 from . import _ops  # noqa: F401
 from . import backends  # noqa: F401
 from . import functional
+from . import nn
 from ._registry import BackendUnavailableError, available_backends, current_backend, use_backend
 from .quant_state import QuantState
+from .convert import add_adapter, convert, disable_adapters, merge_adapters, set_adapter, unmerge_adapters
+from .serialization import load_adapter, load_quantized, save_adapter, save_quantized
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
     "QuantState",
+    "add_adapter",
     "available_backends",
+    "convert",
     "current_backend",
+    "disable_adapters",
     "functional",
+    "load_adapter",
+    "load_quantized",
+    "merge_adapters",
+    "nn",
+    "save_adapter",
+    "save_quantized",
+    "set_adapter",
+    "unmerge_adapters",
     "use_backend",
 ]

@@ -1,8 +1,9 @@
-"""``python -m qpeft demo``: quantize a weight, report its error and the kernels' speed.
+"""``python -m qpeft``: the QLoRA demo and the quantization report.
 
-The QLoRA fine-tuning demo grows out of this; today it shows the foundation: NF4
-with double quantization of a 4096x4096 bf16 weight on the fastest backend here,
-checked bit for bit against the pure-torch reference, with error and timings.
+``python -m qpeft demo``: QLoRA fine-tuning of a small Llama-architecture model on text that
+ships with qpeft (qpeft/demo.py). ``python -m qpeft quant-report``: NF4 with double
+quantization of a 4096x4096 bf16 weight on the fastest backend here, checked bit for bit
+against the pure-torch reference, with error and timings.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(10 * torch.log10(x.pow(2).mean() / (x - y).pow(2).mean()))
 
 
-def demo(args: argparse.Namespace) -> int:
+def quant_report(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -73,9 +74,15 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import demo
+
     parser = argparse.ArgumentParser(prog="python -m qpeft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="quantize a weight and report error and speed")
+    d = sub.add_parser("demo", help="QLoRA-fine-tune a small causal LM on shipped text (needs transformers)")
+    demo.add_arguments(d)
+    d.set_defaults(func=demo.run)
+    p = sub.add_parser("quant-report", help="quantize a weight and report error and speed")
+    p.set_defaults(func=quant_report)
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--cols", type=int, default=4096)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
-    return demo(args)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -18,19 +18,31 @@ class QLoRAFunction(torch.autograd.Function):
     flow to x, lora_A, lora_B and bias. Saved for the backward: x, A, B, the packed
     weight and its quantization state (never a dequantized W) and xa = x @ A^T (only
     when B needs a gradient). rank_scale and out_scale are constants here.
+
+    Autocast: inside an autocast region x is cast to the region's dtype, as autocast
+    casts the input of ``F.linear``, so y comes out in that dtype; the ops themselves
+    then run with autocast off, forward and backward. Their kernels choose their
+    own compute precision (fp32 accumulation; on CPU fp32 throughout, since the
+    reference's fp32 ``F.linear`` would otherwise be autocast to bf16, which this
+    CPU runs about 5x slower than fp32: DESIGN.md machine facts). Gradients flow
+    back through the cast, so x.grad has x's original dtype.
     """
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, packed, absmax, nested_absmax, nested_code, offset, quant, scaling,
                 rank_scale, out_scale):  # fmt: skip
         blocksize, nested_blocksize, quant_type, n, k = quant
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            x = x.to(torch.get_autocast_dtype(dev))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
         need_db = ctx.needs_input_grad[2]
-        y, xa = torch.ops.qpeft.qlora_linear(
-            x2, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k,
-            lora_a, lora_b, scaling, bias, rank_scale, out_scale, need_db,
-        )  # fmt: skip
+        with torch.autocast(dev, enabled=False):
+            y, xa = torch.ops.qpeft.qlora_linear(
+                x2, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k,
+                lora_a, lora_b, scaling, bias, rank_scale, out_scale, need_db,
+            )  # fmt: skip
         ctx.save_for_backward(x2, lora_a, lora_b, packed, absmax, nested_absmax, nested_code, offset, xa,
                               rank_scale, out_scale)  # fmt: skip
         ctx.quant = quant
@@ -46,11 +58,12 @@ class QLoRAFunction(torch.autograd.Function):
         )
         blocksize, nested_blocksize, quant_type, n, k = ctx.quant
         need_dx, need_da, need_db, need_dbias = ctx.needs_input_grad[:4]
-        dx, da, db, dbias = torch.ops.qpeft.qlora_linear_backward(
-            grad_y.reshape(-1, n), x2, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-            nested_blocksize, quant_type, n, k, lora_a, lora_b, xa, ctx.scaling, rank_scale, out_scale,
-            need_dx, need_da, need_db, need_dbias,
-        )  # fmt: skip
+        with torch.autocast(x2.device.type, enabled=False):  # CPU backward runs on the caller's thread
+            dx, da, db, dbias = torch.ops.qpeft.qlora_linear_backward(
+                grad_y.reshape(-1, n), x2, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                nested_blocksize, quant_type, n, k, lora_a, lora_b, xa, ctx.scaling, rank_scale, out_scale,
+                need_dx, need_da, need_db, need_dbias,
+            )  # fmt: skip
         return (
             dx.reshape(ctx.x_shape) if need_dx else None,
             da if need_da else None,

@@ -1,0 +1,352 @@
+"""Model conversion: swap ``nn.Linear`` layers of any PyTorch model for qpeft modules, in place.
+
+``convert(model)`` replaces every targeted linear layer by a ``QLoRALinear`` (4-bit NF4 base
+plus a LoRA adapter), an ``IA3Linear`` (``method="ia3"``) or a bare ``Linear4bit``
+(``method="quantize"``), freezes everything but the adapters, and reports trainable
+parameters and weight memory before and after. Target and exclude patterns follow PEFT:
+a string is a regular expression matched against the whole module name, a list matches
+names equal to an entry or ending in ``"." + entry``; ``"all-linear"`` takes every
+``nn.Linear`` (``exclude`` removes the output head, ``lm_head`` by default).
+
+Conversion is atomic: the replacements are all built (weights quantized) before the model
+is touched, so an error midway (a non-finite weight, an unknown option, ...) leaves the
+model exactly as it was. Peak memory is therefore the original weights plus their
+quantized copies (a 4-bit copy is 28% of a 16-bit weight with double quantization).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .nn import IA3Linear, Linear4bit, MergeReport, QLoRALinear
+from .nn.lora import check_rank
+
+__all__ = [
+    "ConversionSummary", "add_adapter", "convert", "disable_adapters", "merge_adapters", "set_adapter",
+    "unmerge_adapters", "weight_bytes",
+]  # fmt: skip
+
+WRAPPERS = (QLoRALinear, IA3Linear)
+QPEFT_MODULES = (QLoRALinear, IA3Linear, Linear4bit)
+METHODS = ("lora", "ia3", "quantize")
+_QUANT_OPTIONS = {"quant_type", "blocksize", "double_quant", "compute_dtype"}
+_OPTIONS = {
+    "lora": _QUANT_OPTIONS | {"init", "use_rslora", "use_dora", "train_bias"},
+    "ia3": _QUANT_OPTIONS,
+    "quantize": _QUANT_OPTIONS,
+}
+
+
+@dataclass
+class ConversionSummary:
+    """What ``convert`` did: layer count, parameter counts and weight bytes (parameters,
+    buffers and 4-bit quantization statistics, shared tensors counted once)."""
+
+    method: str
+    converted: int
+    trainable_params: int
+    total_params: int
+    weight_bytes_before: int
+    weight_bytes_after: int
+    seconds: float
+
+    def __str__(self) -> str:
+        mib = 2.0**20
+        pct = 100.0 * self.trainable_params / max(1, self.total_params)
+        ratio = self.weight_bytes_after / max(1, self.weight_bytes_before)
+        return (
+            f"qpeft.convert ({self.method}): {self.converted} linear layers in {self.seconds:.1f} s; trainable "
+            f"parameters {self.trainable_params:,} of {self.total_params:,} ({pct:.3f}%); weight memory "
+            f"{self.weight_bytes_before / mib:.2f} MiB -> {self.weight_bytes_after / mib:.2f} MiB ({ratio:.1%})"
+        )
+
+
+def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _quant_state_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            st = m.quant_state
+            yield st.absmax
+            if st.nested:
+                yield st.state2.absmax
+                yield st.offset
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters, buffers and 4-bit statistics (each tensor once)."""
+    return _tensor_bytes([*model.parameters(), *model.buffers(), *_quant_state_tensors(model)])
+
+
+def _param_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a packed 4-bit buffer counts 2 parameters per byte."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    for m in model.modules():
+        if isinstance(m, Linear4bit):
+            total += m.in_features * m.out_features
+    return trainable, total
+
+
+def _matcher(spec, what: str):
+    """PEFT's matching: str -> re.fullmatch on the name; list -> equal or '.'-suffix."""
+    if spec is None:
+        return lambda name: False
+    if isinstance(spec, str):
+        try:
+            pattern = re.compile(spec)
+        except re.error as exc:
+            raise ValueError(f"{what} {spec!r} is not a valid regular expression: {exc}") from None
+        return lambda name: pattern.fullmatch(name) is not None
+    entries = list(spec)
+    if not all(isinstance(e, str) for e in entries):
+        raise TypeError(f"{what} must be a string or a list of strings, got {spec!r}")
+    return lambda name: any(name == e or name.endswith("." + e) for e in entries)
+
+
+def _inside_qpeft_module(name: str, qpeft_prefixes: list[str]) -> bool:
+    return any(name.startswith(p + ".") for p in qpeft_prefixes)
+
+
+def _targets(model: nn.Module, target_modules, exclude) -> dict[int, tuple[nn.Linear, list[str]]]:
+    """id(module) -> (module, every name it is reachable under), for the modules to convert."""
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        wanted = _matcher(target_modules, "target_modules")
+    elif target_modules == "all-linear":
+        wanted = None
+    else:
+        if not target_modules:
+            raise ValueError("target_modules is empty")
+        wanted = _matcher(target_modules, "target_modules")
+    excluded = _matcher(exclude, "exclude")
+    named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n]
+    qpeft_prefixes = [n for n, m in named if isinstance(m, QPEFT_MODULES)]
+    # nn.MultiheadAttention reads out_proj.weight directly (F.multi_head_attention_forward):
+    # its projection cannot be swapped for a module with a packed weight.
+    mha_children = {id(c) for _, m in named if isinstance(m, nn.MultiheadAttention) for c in m.children()}
+    names_of: dict[int, list[str]] = {}
+    for n, m in named:
+        names_of.setdefault(id(m), []).append(n)
+    chosen: dict[int, tuple[nn.Linear, list[str]]] = {}
+    wrong, already = [], []
+    for n, m in named:
+        if _inside_qpeft_module(n, qpeft_prefixes) or id(m) in chosen:
+            continue
+        if wanted is None:
+            hit = isinstance(m, nn.Linear)
+        else:
+            hit = wanted(n)
+        if not hit:
+            continue
+        if any(excluded(alias) for alias in names_of[id(m)]):
+            continue
+        if isinstance(m, QPEFT_MODULES):
+            already.append(n)
+        elif id(m) in mha_children:
+            if wanted is not None:
+                wrong.append(f"{n} (inside nn.MultiheadAttention, which reads its weight directly)")
+        elif not isinstance(m, nn.Linear):
+            wrong.append(f"{n} ({type(m).__name__})")
+        else:
+            chosen[id(m)] = (m, names_of[id(m)])
+    if already:
+        raise ValueError(
+            f"already converted: {', '.join(already[:5])}{' ...' if len(already) > 5 else ''}; use "
+            "qpeft.add_adapter(model, name, ...) to add another adapter to converted layers"
+        )
+    if wrong:
+        raise TypeError(
+            "target_modules must select torch.nn.Linear layers only; these are not: "
+            + ", ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else "")
+        )  # fmt: skip
+    if not chosen:
+        raise ValueError(f"target_modules={target_modules!r} (exclude={exclude!r}) selects no nn.Linear layer")
+    return chosen
+
+
+class _Progress:
+    """A one-line stderr progress bar (no tqdm needed); silent unless enabled."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.t0 = total, enabled, time.perf_counter()
+
+    def update(self, done: int, name: str) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        fill = int(width * done / self.total)
+        sys.stderr.write(
+            f"\rqpeft.convert [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} "
+            f"{time.perf_counter() - self.t0:5.1f}s {name[-40:]:<40}"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _build(linear: nn.Linear, method: str, r, alpha, dropout, quantize: bool, adapter_name: str, options) -> nn.Module:
+    if method == "lora":
+        return QLoRALinear.from_linear(linear, r, alpha, dropout, quantize, adapter_name=adapter_name, **options)
+    if method == "ia3":
+        return IA3Linear.from_linear(linear, quantize, **options)
+    return Linear4bit.from_linear(linear, **options)
+
+
+def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def convert(
+    model: nn.Module,
+    target_modules: str | Iterable[str] = "all-linear",
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    quantize: bool = True,
+    exclude: str | Iterable[str] | None = ("lm_head",),
+    *,
+    method: str = "lora",
+    adapter_name: str = "default",
+    verbose: bool = True,
+    progress: bool | None = None,
+    **options,
+) -> nn.Module:
+    """Replace the targeted ``nn.Linear`` layers of ``model`` in place and return ``model``.
+
+    method "lora": ``QLoRALinear.from_linear(linear, r, alpha, dropout, quantize, **options)``
+    (options: quant_type, blocksize, double_quant, compute_dtype, init, use_rslora, use_dora,
+    train_bias); "ia3": ``IA3Linear`` (quantize and quant options); "quantize": a frozen
+    ``Linear4bit`` (quant options; nothing trainable: for PEFT's prompt methods). Every
+    parameter but the new adapters (and BitFit biases) is frozen. The summary
+    (:class:`ConversionSummary`) is stored as ``model.qpeft_summary`` and printed when
+    ``verbose``. ``progress``: a stderr progress bar (default: when stderr is a terminal
+    and more than 16 layers are converted).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert needs a torch.nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "lora":
+        check_rank(r)
+    elif method == "quantize" and not quantize:
+        raise ValueError("method='quantize' with quantize=False would change nothing")
+    unknown = set(options) - _OPTIONS[method]
+    if unknown:
+        raise TypeError(f"unknown option(s) for method {method!r}: {sorted(unknown)}; known: {sorted(_OPTIONS[method])}")
+    t0 = time.perf_counter()
+    targets = _targets(model, target_modules, exclude)
+    before = weight_bytes(model)
+    flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    show = progress if progress is not None else (sys.stderr.isatty() and len(targets) > 16)
+    bar = _Progress(len(targets), show)
+    built: list[tuple[list[str], nn.Module]] = []
+    try:
+        for i, (linear, names) in enumerate(targets.values(), 1):
+            built.append((names, _build(linear, method, r, alpha, dropout, quantize, adapter_name, options)))
+            bar.update(i, names[0])
+    except BaseException:
+        for p, flag in flags.values():  # quantize=False wrappers froze the original layers
+            p.requires_grad_(flag)
+        raise
+    finally:
+        bar.close()
+    for names, module in built:
+        for name in names:
+            _set_child(model, name, module)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, module in built:
+        if isinstance(module, QLoRALinear):
+            module.set_adapter(module.active_adapter)  # re-enables the adapter (and BitFit bias)
+        elif isinstance(module, IA3Linear):
+            module.ia3_l.requires_grad_(True)
+    trainable, total = _param_counts(model)
+    summary = ConversionSummary(method, len(built), trainable, total, before, weight_bytes(model),
+                                time.perf_counter() - t0)  # fmt: skip
+    model.qpeft_summary = summary
+    if verbose:
+        print(summary)
+    return model
+
+
+# --- model-level adapter management ---------------------------------------------------------
+def _lora_layers(model: nn.Module) -> list[QLoRALinear]:
+    layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+    if not layers:
+        raise ValueError("the model has no qpeft QLoRALinear layer; run qpeft.convert(model) first")
+    return layers
+
+
+def add_adapter(model: nn.Module, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0, *,
+                init: str = "default", use_rslora: bool = False, use_dora: bool = False) -> None:  # fmt: skip
+    """Add adapter ``name`` to every QLoRALinear of the model (activate it with set_adapter)."""
+    check_rank(r)
+    layers = _lora_layers(model)
+    clash = [m for m in layers if name in m.adapters]
+    if clash:
+        raise ValueError(f"adapter {name!r} already exists on {len(clash)} layer(s)")
+    for m in layers:
+        m.add_adapter(name, r, alpha, dropout, init, use_rslora, use_dora)
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the active (and only trainable) adapter of every QLoRALinear that has it;
+    layers without it run their base alone."""
+    layers = _lora_layers(model)
+    if not any(name in m.adapters for m in layers):
+        raise KeyError(f"no layer of the model has an adapter named {name!r}")
+    for m in layers:
+        m.set_adapter(name if name in m.adapters else None)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """``with qpeft.disable_adapters(model):`` the model computes its base (quantized) output."""
+    layers = [m for m in model.modules() if isinstance(m, WRAPPERS)]
+    states = [m.adapters_enabled for m in layers]
+    try:
+        for m in layers:
+            m.disable_adapters()
+        yield model
+    finally:
+        for m, on in zip(layers, states):
+            if on:
+                m.enable_adapters()
+
+
+def merge_adapters(model: nn.Module, keep_original: bool | None = None) -> dict[str, MergeReport]:
+    """Merge the active adapter of every QLoRALinear; returns each layer's MergeReport by name."""
+    return {n: m.merge(keep_original=keep_original) for n, m in model.named_modules()
+            if isinstance(m, QLoRALinear) and m.active_adapter is not None}  # fmt: skip
+
+
+def unmerge_adapters(model: nn.Module) -> dict[str, MergeReport]:
+    return {n: m.unmerge() for n, m in model.named_modules() if isinstance(m, QLoRALinear) and m.merged_adapter}

@@ -1,0 +1,253 @@
+"""Linear4bit: a frozen linear layer whose weight is stored 4-bit (NF4/FP4, bitsandbytes layout).
+
+The packed weight is the buffer ``weight`` (uint8 [(out * in + 1) // 2, 1]) and its
+decoding state a :class:`qpeft.QuantState`; the state dict carries the bitsandbytes keys
+(``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
+``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__<type>``, ``bias``), so a
+``bitsandbytes.nn.Linear4bit`` state dict loads here and this one loads there (through
+``Params4bit.from_prequantized``, the way transformers loads 4-bit checkpoints).
+
+The forward runs the fused QLoRA op (``qpeft.functional.qlora_linear``) with a rank-1
+all-zero adapter: the op dequantizes W tile by tile and its backward recomputes from the
+packed weight, so neither pass keeps a dequantized copy of W alive (a
+``F.linear(x, dequantize(W))`` would save the full W for the backward of every layer).
+The zero adapter adds M*(K + N) multiply-adds to the M*N*K of the base product (0.05%
+at K = N = 4096) and contributes exact zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import functional as qf
+from .._formats import BLOCKSIZES_4BIT, QUANT_TYPES
+from ..quant_state import QuantState
+
+__all__ = ["Linear4bit"]
+
+_PACKED_PREFIX = "quant_state.bitsandbytes__"
+
+
+def _check_quant_args(quant_type: str, blocksize: int) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    if blocksize not in BLOCKSIZES_4BIT:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES_4BIT}, got {blocksize!r}")
+
+
+def result_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer returns for x: autocast's inside an autocast region, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def _zero_adapter(k: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(1, k, device=device), torch.zeros(n, 1, device=device)
+
+
+class Linear4bit(nn.Module):
+    """y = x @ dequant(W)^T + bias with W frozen in 4 bits.
+
+    Build one with :meth:`from_linear` (quantizes an ``nn.Linear``), or construct it
+    empty and ``load_state_dict`` a bitsandbytes / qpeft 4-bit state dict (or a plain
+    ``nn.Linear`` state dict, which is quantized on load). ``compute_dtype``: when set,
+    x is cast to it for the matmul and the result cast back to x's dtype (as
+    bitsandbytes does); None computes in x's dtype. On CPU the kernels accumulate in
+    fp32 whatever the dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        _check_quant_args(quant_type, blocksize)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.quant_type = quant_type
+        self.blocksize = blocksize
+        self.double_quant = double_quant
+        self.compute_dtype = compute_dtype
+        # An all-zero weight until from_linear / load_state_dict fills it (quantizing zeros
+        # is exact: every block encodes to the code of 0.0 with absmax 0).
+        zeros = torch.zeros(out_features, in_features, device=device, dtype=dtype or torch.float32)
+        packed, state = qf.quantize_4bit(zeros, blocksize, quant_type, double_quant)
+        self.register_buffer("weight", packed)
+        self.quant_state: QuantState = state
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> Linear4bit:
+        """Quantize ``linear``'s weight (on its device; an fp64 weight is rounded to fp32 first,
+        as the quantizer works in fp32); the bias is copied and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Linear4bit.from_linear needs a torch.nn.Linear, got {type(linear).__name__}")
+        _check_quant_args(quant_type, blocksize)
+        w = linear.weight.detach()
+        if w.dtype == torch.float64:
+            w = w.float()
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        self.compute_dtype = compute_dtype
+        packed, state = qf.quantize_4bit(w, blocksize, quant_type, double_quant)
+        self.register_buffer("weight", packed)
+        self.quant_state = state
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        return self
+
+    # --- compute -------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            got = x.shape[-1] if x.dim() else "a 0-d tensor"
+            raise ValueError(
+                f"{type(self).__name__}(in_features={self.in_features}, out_features={self.out_features}) got an "
+                f"input with {got} features (shape {tuple(x.shape)})"
+            )
+
+    def qlora(
+        self,
+        x: torch.Tensor,
+        lora_A: torch.Tensor | None = None,
+        lora_B: torch.Tensor | None = None,
+        scaling: float = 0.0,
+        *,
+        bias: bool = True,
+        out_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``out_scale * (x @ W^T + bias + scaling * x @ A^T @ B^T)`` through the fused op
+        (without an adapter: the base output). ``bias=False`` leaves the bias out."""
+        self.check_input(x)
+        in_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        if lora_A is None:
+            lora_A, lora_B = _zero_adapter(self.in_features, self.out_features, x.device)
+            scaling = 0.0
+        b = self.bias if bias else None
+        y = qf.qlora_linear(x, self.weight, self.quant_state, lora_A, lora_B, scaling, b, out_scale=out_scale)
+        # y is in x's dtype (autocast's inside an autocast region); compute_dtype casts back
+        return y.to(in_dtype) if self.compute_dtype is not None and y.dtype != in_dtype else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qlora(x)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantized weight [out, in] (default: the dtype it was quantized from)."""
+        return qf.dequantize_4bit(self.weight, self.quant_state, dtype)
+
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Replace the stored weight by the quantization of ``weight`` [out, in] (same settings)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight must be [{self.out_features}, {self.in_features}], got {tuple(weight.shape)}")
+        packed, state = qf.quantize_4bit(weight, self.blocksize, self.quant_type, self.double_quant)
+        self.weight = packed
+        self.quant_state = state
+
+    def weight_bytes(self) -> int:
+        """Bytes of the stored weight: packed codes plus quantization statistics."""
+        st = self.quant_state
+        n = self.weight.numel() * self.weight.element_size() + st.absmax.numel() * st.absmax.element_size()
+        if st.nested:
+            n += st.state2.absmax.numel() * st.state2.absmax.element_size() + 4
+        return n
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}"
+        )
+
+    # --- device moves keep the quantization state in fp32 -------------------------------------
+    def _apply(self, fn, recurse=True):
+        # nn.Module._apply casts floating buffers on .half()/.to(dtype); the quant state is
+        # not a buffer, so it only follows the packed weight's device and keeps its fp32.
+        super()._apply(fn, recurse)
+        if self.quant_state.absmax.device != self.weight.device:
+            self.quant_state.to(self.weight.device)
+        return self
+
+    # --- state dict in the bitsandbytes layout ----------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for k, v in self.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        w_key = prefix + "weight"
+        quant_keys = [k for k in state_dict if k.startswith(w_key + ".")]
+        if w_key in state_dict:
+            try:
+                self._load_weight(state_dict[w_key], {k[len(w_key) + 1 :]: state_dict[k] for k in quant_keys})
+            except (ValueError, TypeError) as exc:
+                error_msgs.append(f"While loading {w_key}: {exc}")
+        elif strict:
+            missing_keys.append(w_key)
+        # The weight is handled above; let nn.Module load the bias (and report its keys).
+        weight = self._buffers.pop("weight")
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)  # fmt: skip
+        finally:
+            self._buffers["weight"] = weight
+        skip = set(quant_keys) | {w_key}
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in skip]
+
+    def _load_weight(self, weight: torch.Tensor, quant: dict[str, torch.Tensor]) -> None:
+        shape = (self.out_features, self.in_features)
+        device = self.weight.device
+        if not quant:
+            if not weight.is_floating_point() or tuple(weight.shape) != shape:
+                raise ValueError(
+                    f"expected a 4-bit weight with its quantization state (weight.absmax, weight.quant_state...) "
+                    f"or a floating-point weight of shape {shape}, got {weight.dtype} {tuple(weight.shape)} "
+                    "without quantization state"
+                )
+            self.requantize_(weight.to(device))
+            return
+        state = QuantState.from_dict(quant, device=device)
+        if state.shape is None or tuple(state.shape) != shape:
+            got = None if state.shape is None else tuple(state.shape)
+            raise ValueError(f"the checkpoint's 4-bit weight has shape {got} but this layer is {shape}")
+        packed = weight.detach().to(device)
+        if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage: the same bytes in another dtype
+            packed = packed.contiguous().view(torch.uint8)
+        n = math.prod(shape)
+        if packed.numel() != (n + 1) // 2:
+            raise ValueError(f"the packed weight has {packed.numel()} bytes but a {shape} weight needs {(n + 1) // 2}")
+        blocks = -(n // -state.blocksize)
+        if state.absmax.numel() != blocks:
+            raise ValueError(f"weight.absmax has {state.absmax.numel()} entries, expected {blocks}")
+        self.weight = packed.reshape(-1, 1).clone()
+        self.quant_state = state
+        self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested

@@ -1,0 +1,238 @@
+"""qpeft.convert on plain PyTorch models: targeting, freezing, the summary, atomicity and errors,
+model-level adapter management, and 4-bit base weights through safetensors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qpeft
+from qpeft.nn import IA3Linear, Linear4bit, QLoRALinear
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(self.q_proj(x) + self.v_proj(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, d: int = 64, vocab: int = 50) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList([Block(d), Block(d)])
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for b in self.blocks:
+            h = b(h)
+        return self.lm_head(h)
+
+
+def _net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def test_all_linear_converts_and_freezes():
+    net = _net()
+    out = qpeft.convert(net, r=4, alpha=8, verbose=False)
+    assert out is net
+    converted = {n for n, m in net.named_modules() if isinstance(m, QLoRALinear)}
+    assert converted == {f"blocks.{i}.{p}" for i in range(2) for p in ("q_proj", "v_proj", "mlp.0", "mlp.2")}
+    assert isinstance(net.lm_head, nn.Linear)  # excluded by default
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {f"{c}.adapters.default.lora_{ab}" for c in converted for ab in "AB"}
+    s = net.qpeft_summary
+    # r * (in + out) per layer: q, v: 4*(64+64); mlp.0: 4*(64+128); mlp.2: 4*(128+64); two blocks
+    assert s.converted == 8 and s.trainable_params == 2 * (512 + 512 + 768 + 768)
+    # before: every fp32 parameter; after: the 4-bit weights as packed bytes + statistics
+    fp32_linear = sum(4 * m.weight.numel() for m in _net().modules() if isinstance(m, nn.Linear) and m.out_features != 50)
+    assert s.weight_bytes_before == 4 * sum(p.numel() for p in _net().parameters())
+    packed = sum(m.base_layer.weight_bytes() for m in net.modules() if isinstance(m, QLoRALinear))
+    adapters = 4 * s.trainable_params
+    assert s.weight_bytes_after == s.weight_bytes_before - fp32_linear + packed + adapters
+    assert "trainable parameters" in str(s) and "MiB" in str(s)
+    y = net(IDS)
+    y.sum().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_target_lists_regex_and_other_methods():
+    net = qpeft.convert(_net(), target_modules=["q_proj", "mlp.2"], r=2, verbose=False)
+    assert {n for n, m in net.named_modules() if isinstance(m, QLoRALinear)} == {
+        "blocks.0.q_proj", "blocks.0.mlp.2", "blocks.1.q_proj", "blocks.1.mlp.2"}  # fmt: skip
+    net = qpeft.convert(_net(), target_modules=r"blocks\.1\..*_proj", r=2, verbose=False)
+    assert {n for n, m in net.named_modules() if isinstance(m, QLoRALinear)} == {"blocks.1.q_proj", "blocks.1.v_proj"}
+    net = qpeft.convert(_net(), method="ia3", exclude=None, verbose=False)
+    assert isinstance(net.lm_head, IA3Linear)
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == {
+        n for n, _ in net.named_parameters() if n.endswith("ia3_l")}  # fmt: skip
+    net = qpeft.convert(_net(), method="quantize", blocksize=128, quant_type="fp4", verbose=False)
+    assert isinstance(net.blocks[0].q_proj, Linear4bit) and net.blocks[0].q_proj.blocksize == 128
+    assert net.qpeft_summary.trainable_params == 0
+    net = qpeft.convert(_net(), r=2, quantize=False, use_dora=True, verbose=False)
+    assert isinstance(net.blocks[0].v_proj.base_layer, nn.Linear)
+
+
+def test_disabled_adapters_give_exactly_the_quantized_base():
+    net = qpeft.convert(_net(), r=4, verbose=False)
+    for m in net.modules():
+        if isinstance(m, QLoRALinear):
+            nn.init.normal_(m.lora_B)
+    quantized_only = qpeft.convert(_net(), method="quantize", verbose=False)
+    with torch.no_grad():
+        adapted = net(IDS)
+        with qpeft.disable_adapters(net):
+            base = net(IDS)
+        assert torch.equal(base, quantized_only(IDS))
+        assert not torch.equal(adapted, base)
+        assert torch.equal(net(IDS), adapted)  # re-enabled on exit
+
+
+def test_named_adapters_across_the_model():
+    net = qpeft.convert(_net(), r=4, verbose=False)
+    qpeft.add_adapter(net, "other", r=2, alpha=2)
+    qpeft.set_adapter(net, "other")
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.other." in n for n in trainable)
+    with pytest.raises(ValueError, match="already exists"):
+        qpeft.add_adapter(net, "other")
+    with pytest.raises(KeyError, match="missing"):
+        qpeft.set_adapter(net, "missing")
+
+
+def test_merge_adapters_model_level():
+    net = qpeft.convert(_net(), r=4, verbose=False)
+    for m in net.modules():
+        if isinstance(m, QLoRALinear):
+            nn.init.normal_(m.lora_B, std=0.1)
+    with torch.no_grad():
+        y = net(IDS)
+        reports = qpeft.merge_adapters(net)
+        assert len(reports) == 8 and all(0 < r.relative < 0.2 for r in reports.values())
+        qpeft.unmerge_adapters(net)
+        assert torch.equal(net(IDS), y)
+
+
+def test_tied_module_is_converted_once_everywhere():
+    net = _net()
+    net.blocks[1].q_proj = net.blocks[0].q_proj  # one module under two names
+    qpeft.convert(net, target_modules=["q_proj"], verbose=False)
+    assert net.blocks[0].q_proj is net.blocks[1].q_proj
+    assert isinstance(net.blocks[0].q_proj, QLoRALinear)
+    assert net.qpeft_summary.converted == 1
+
+
+def test_progress_line(capsys):
+    qpeft.convert(_net(), r=2, progress=True, verbose=True)
+    captured = capsys.readouterr()
+    assert "qpeft.convert [" in captured.err and "8/8" in captured.err
+    assert "qpeft.convert (lora): 8 linear layers" in captured.out
+
+
+def _modules_and_flags(net: nn.Module):
+    return [(n, id(m)) for n, m in net.named_modules()], [(n, p.requires_grad) for n, p in net.named_parameters()]
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_failure_midway_leaves_the_model_untouched(quantize):
+    """A NaN in the sixth linear's weight: quantization raises (quantize=True), or DoRA's
+    magnitude init sees it (quantize=False, where the wrappers freeze the original layers
+    before failing): either way every module and requires_grad flag is as before."""
+    net = _net()
+    with torch.no_grad():
+        net.blocks[1].v_proj.weight[0, 0] = float("nan")
+    net.embed.weight.requires_grad_(False)
+    before = _modules_and_flags(net)
+    if quantize:
+        with pytest.raises(ValueError, match="non-finite"):
+            qpeft.convert(net, r=2, verbose=False)
+    else:
+        original = QLoRALinear.add_adapter
+
+        def failing(self, name, *args, **kwargs):
+            if torch.isnan(self.base_layer.weight).any():
+                raise RuntimeError("injected failure")
+            return original(self, name, *args, **kwargs)
+
+        QLoRALinear.add_adapter = failing
+        try:
+            with pytest.raises(RuntimeError, match="injected"):
+                qpeft.convert(net, r=2, quantize=False, verbose=False)
+        finally:
+            QLoRALinear.add_adapter = original
+    assert _modules_and_flags(net) == before
+    assert not any(isinstance(m, (QLoRALinear, Linear4bit)) for m in net.modules())
+    assert not hasattr(net, "qpeft_summary")
+
+
+def test_bad_arguments():
+    net = _net()
+    for r in (0, -3):
+        with pytest.raises(ValueError, match="positive integer"):
+            qpeft.convert(net, r=r, verbose=False)
+    with pytest.raises(TypeError, match=r"nn.Linear layers only.*embed \(Embedding\)"):
+        qpeft.convert(net, target_modules=["embed", "q_proj"], verbose=False)
+    with pytest.raises(TypeError, match=r"norm \(LayerNorm\)"):
+        qpeft.convert(net, target_modules=r".*norm", verbose=False)
+    with pytest.raises(ValueError, match="selects no nn.Linear"):
+        qpeft.convert(net, target_modules=["nothing_here"], verbose=False)
+    with pytest.raises(TypeError, match="unknown option"):
+        qpeft.convert(net, use_dora=True, method="ia3", verbose=False)
+    with pytest.raises(ValueError, match="method"):
+        qpeft.convert(net, method="adalora", verbose=False)
+    assert not any(isinstance(m, QLoRALinear) for m in net.modules())
+    qpeft.convert(net, target_modules=["q_proj"], verbose=False)
+    with pytest.raises(ValueError, match="already converted"):
+        qpeft.convert(net, target_modules=["q_proj"], verbose=False)
+    with pytest.raises(ValueError, match=r"in_features=64.*got an input with 32 features"):
+        net.blocks[0].q_proj(torch.randn(3, 32))
+    with pytest.raises(ValueError, match="no qpeft QLoRALinear"):
+        qpeft.set_adapter(_net(), "default")
+    mha = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
+    with pytest.raises(TypeError, match="MultiheadAttention"):
+        qpeft.convert(mha, target_modules=["out_proj"], verbose=False)
+    qpeft.convert(mha, verbose=False)  # all-linear leaves the attention's projection alone
+    assert isinstance(mha[0], QLoRALinear) and type(mha[1].out_proj) is not QLoRALinear
+
+
+def test_save_and_load_quantized_base(tmp_path):
+    """The base model without adapters, 4-bit layers in the bitsandbytes layout: loads into an
+    unconverted model (its linears become Linear4bit) and into a converted one."""
+    pytest.importorskip("safetensors")
+    net = qpeft.convert(_net(), r=4, verbose=False)
+    path = tmp_path / "base.safetensors"
+    qpeft.save_quantized(net, path)
+    import safetensors.torch as st
+
+    keys = set(st.load_file(path))
+    assert "blocks.0.q_proj.weight.quant_state.bitsandbytes__nf4" in keys and "blocks.0.v_proj.bias" in keys
+    assert not any("adapters" in k or "base_layer" in k for k in keys)
+    with torch.no_grad(), qpeft.disable_adapters(net):
+        expected = net(IDS)
+    fresh = qpeft.load_quantized(_net(seed=5), path)
+    assert isinstance(fresh.blocks[1].mlp[2], Linear4bit)
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS), expected)
+    converted = qpeft.convert(_net(seed=6), r=4, verbose=False)
+    qpeft.load_quantized(converted, path)
+    with torch.no_grad(), qpeft.disable_adapters(converted):
+        assert torch.equal(converted(IDS), expected)
+    wrong = Net(d=32)
+    with pytest.raises(RuntimeError, match="size mismatch|shape"):
+        qpeft.load_quantized(wrong, path)
+    assert isinstance(wrong.blocks[0].q_proj, nn.Linear)  # the swaps were undone

@@ -1,0 +1,265 @@
+"""qpeft over a transformers LlamaForCausalLM (tiny config, random init, no downloads) against
+HF PEFT: forward vs PEFT LoRA over bitsandbytes' CPU Linear4bit, 30 AdamW steps vs PEFT LoRA
+over the dequantized weights, adapters saved by qpeft loaded by PEFT and the other way round,
+and PEFT's prompt tuning and prefix tuning over qpeft Linear4bit layers.
+
+Tolerances: every comparison of two fp32 models uses ``assert_close_to_hf`` (ours may be at
+most twice as far from the fp64 evaluation of the same quantized model as HF is, FlashAttention's
+rule), except the loss curves, held to the issue's 2% per step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import qpeft
+from qpeft.nn import Linear4bit, QLoRALinear
+
+from ._helpers import assert_close_to_hf, bnb_linear, dequantized_copy, linear_names, replace_linears
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytest.importorskip("safetensors")
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def base():
+    """A 2-layer Llama: hidden 64 (one 64-element quant block per row), GQA 4/2 heads, vocab 128."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+
+
+def _converted(base, **kw):
+    return qpeft.convert(copy.deepcopy(base), verbose=False, **kw)
+
+
+def _randomize_adapters(model, seed=2, std=0.1):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, QLoRALinear):
+            ad = m.adapters[m.active_adapter]
+            with torch.no_grad():
+                ad.lora_B.copy_(torch.randn(ad.lora_B.shape, generator=g) * std)
+                if ad.use_dora:
+                    ad.magnitude.mul_(torch.rand(ad.magnitude.shape, generator=g) * 0.4 + 0.8)
+
+
+def _copy_adapters_into_peft(ours, peft_model, adapter="default"):
+    inner = peft_model.base_model.model
+    for name, m in ours.named_modules():
+        if isinstance(m, QLoRALinear):
+            pl = inner.get_submodule(name)
+            with torch.no_grad():
+                pl.lora_A[adapter].weight.copy_(m.lora_A)
+                pl.lora_B[adapter].weight.copy_(m.lora_B)
+
+
+def _merged_fp64(base, ours):
+    """fp64 model whose linear weights are dequant(W) + s B A (DoRA: scaled) of ``ours``."""
+    ref = copy.deepcopy(base).double()
+    for name, m in ours.named_modules():
+        if isinstance(m, QLoRALinear):
+            w = m.base_layer.dequantize(torch.float32).double()
+            if m.active_adapter is None:  # the layer runs its base alone
+                with torch.no_grad():
+                    ref.get_submodule(name).weight.copy_(w)
+                continue
+            ad = m.adapters[m.active_adapter]
+            w = w + ad.scaling * ad.lora_B.detach().double() @ ad.lora_A.detach().double()
+            if ad.use_dora:
+                w = w * (ad.magnitude.detach().double() / torch.linalg.vector_norm(w, dim=1))[:, None]
+            with torch.no_grad():
+                ref.get_submodule(name).weight.copy_(w)
+    return ref
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_forward_matches_peft_lora_over_bitsandbytes(base, ids):
+    ours = _converted(base, r=8, alpha=16)
+    _randomize_adapters(ours)
+    theirs = replace_linears(copy.deepcopy(base), linear_names(base), bnb_linear)
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=8, lora_alpha=16, target_modules=PROJ))
+    for name, m in ours.named_modules():
+        if isinstance(m, QLoRALinear):  # the same 4-bit bytes on both sides
+            assert torch.equal(theirs.base_model.model.get_submodule(name).base_layer.weight.data, m.base_layer.weight)
+    _copy_adapters_into_peft(ours, theirs)
+    ref = _logits(_merged_fp64(base, ours), ids.clone())
+    assert_close_to_hf(_logits(ours, ids), _logits(theirs, ids), ref, "logits")
+
+
+def test_training_tracks_peft_lora_over_dequantized_weights(base, ids):
+    """30 AdamW steps (lr 1e-2, r = 8, every projection): the loss falls by >= 15% and stays
+    within 2% of HF PEFT LoRA over the dequantized weights with the same initial adapters."""
+    ours = _converted(base, r=8, alpha=16)
+    hf = peft.get_peft_model(dequantized_copy(base, ours), peft.LoraConfig(r=8, lora_alpha=16, target_modules=PROJ))
+    _copy_adapters_into_peft(ours, hf)
+    ours.train(), hf.train()
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-2)
+    # r * (in + out) per layer: q, o 8*(64+64); k, v 8*(64+32) (2 kv heads of 16); gate, up, down 8*(64+128)
+    assert sum(p.numel() for g in opt_ours.param_groups for p in g["params"]) == 2 * (2 * 1024 + 2 * 768 + 3 * 1536)
+    losses = []
+    for _ in range(30):
+        pair = []
+        for model, opt in ((ours, opt_ours), (hf, opt_hf)):
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            pair.append(loss.item())
+        losses.append(pair)
+    with torch.no_grad():
+        final = float(ours(input_ids=ids, labels=ids).loss)
+    for step, (lo, lh) in enumerate(losses):
+        assert abs(lo - lh) <= 0.02 * lh, f"step {step}: qpeft {lo:.5f} vs PEFT {lh:.5f}"
+    assert final <= 0.85 * losses[0][0], f"loss {losses[0][0]:.4f} -> {final:.4f}: less than a 15% drop"
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_saved_adapter_loads_in_peft_on_the_dequantized_base(base, ids, tmp_path, use_dora):
+    ours = _converted(base, r=8, alpha=16, use_dora=use_dora)
+    _randomize_adapters(ours)
+    qpeft.save_adapter(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["r"] == 8
+    assert config["lora_alpha"] == 16 and sorted(config["target_modules"]) == sorted(PROJ)
+    assert config["use_dora"] is use_dora
+    from safetensors.torch import load_file
+
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert len(keys) == 14 * (3 if use_dora else 2)
+    hf = peft.PeftModel.from_pretrained(dequantized_copy(base, ours), tmp_path)
+    ref = _logits(_merged_fp64(base, ours), ids)
+    assert_close_to_hf(_logits(ours, ids), _logits(hf, ids), ref, "logits")
+
+
+def test_load_adapter_saved_by_peft(base, ids, tmp_path):
+    """A PEFT adapter on q_proj and v_proj only, r = 4, alpha 8, with rsLoRA, loaded into a model
+    converted on every projection with r = 8: the file defines adapter "default", so the other
+    layers run their base alone."""
+    ours = _converted(base, r=8, alpha=16)
+    hf = peft.get_peft_model(dequantized_copy(base, ours), peft.LoraConfig(
+        r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # fmt: skip
+    hf.save_pretrained(tmp_path)
+    qpeft.load_adapter(ours, tmp_path)
+    q = ours.model.layers[1].self_attn.q_proj
+    pq = hf.base_model.model.model.layers[1].self_attn.q_proj
+    assert torch.equal(q.lora_A, pq.lora_A["default"].weight) and torch.equal(q.lora_B, pq.lora_B["default"].weight)
+    assert q.scaling == 8 / 2.0  # rsLoRA: alpha / sqrt(r)
+    assert ours.model.layers[0].mlp.up_proj.active_adapter is None
+    ref = _logits(_merged_fp64(base, ours), ids)
+    assert_close_to_hf(_logits(ours, ids), _logits(hf, ids), ref, "logits")
+
+
+def test_load_adapter_with_mismatched_shapes_fails_cleanly(base, tmp_path):
+    small_cfg = copy.deepcopy(base.config)
+    small_cfg.hidden_size, small_cfg.intermediate_size = 32, 64
+    other = peft.get_peft_model(transformers.LlamaForCausalLM(small_cfg),
+                                peft.LoraConfig(r=4, target_modules=["q_proj"]))  # fmt: skip
+    other.save_pretrained(tmp_path)
+    ours = _converted(base, r=8)
+    before = {n: m.adapters["default"] for n, m in ours.named_modules() if isinstance(m, QLoRALinear)}
+    with pytest.raises(ValueError, match=r"q_proj: adapter shapes lora_A \(4, 32\).*do not match"):
+        qpeft.load_adapter(ours, tmp_path)
+    after = {n: m.adapters["default"] for n, m in ours.named_modules() if isinstance(m, QLoRALinear)}
+    assert all(before[n] is after[n] for n in before)  # nothing changed
+    plain = copy.deepcopy(base)
+    peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "ok")
+    with pytest.raises(ValueError, match="not a QLoRALinear"):
+        qpeft.load_adapter(plain, tmp_path / "ok")
+
+
+def _prompt_model(base, config, quantized):
+    """PEFT prompt method over either the qpeft-quantized model or its dequantized fp32 twin."""
+    q = qpeft.convert(copy.deepcopy(base), method="quantize", verbose=False)
+    model = q if quantized else dequantized_copy(base, q)
+    torch.manual_seed(3)  # the same prompt initialisation on both sides
+    return peft.get_peft_model(model, copy.deepcopy(config))
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
+def test_prompt_methods_run_over_linear4bit(base, ids, kind):
+    """PEFT's prompt tuning and prefix tuning, unchanged, over a model whose linears are qpeft
+    Linear4bit: same logits as over the dequantized fp32 model, then 3 AdamW steps that train
+    only the prompt parameters and track the dequantized twin within 2%."""
+    if kind == "prompt_tuning":
+        config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    else:
+        config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    ours, hf = _prompt_model(base, config, True), _prompt_model(base, config, False)
+    assert any(isinstance(m, Linear4bit) for m in ours.modules())
+    ref = copy.deepcopy(hf).double()
+    assert_close_to_hf(_logits(ours, ids), _logits(hf, ids), _logits(ref, ids), f"{kind} logits")
+    frozen = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all("prompt_encoder" in n for n in trainable)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ours, hf)]
+    for _ in range(3):
+        losses = []
+        for model, opt in zip((ours, hf), opts):
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) <= 0.02 * losses[1]
+    assert all(not torch.equal(trainable[n], p) for n, p in ours.named_parameters() if n in trainable)
+    assert all(torch.equal(frozen[n], p) for n, p in ours.named_parameters() if n in frozen)
+
+
+class _TwoLinears(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(64, 48)
+        self.b = torch.nn.Linear(48, 16)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_bitfit_biases_travel_to_peft(tmp_path):
+    """train_bias=True (BitFit): the trained biases are saved as ``<layer>.base_layer.bias`` with
+    bias "lora_only", and PEFT loads them along with A and B."""
+    torch.manual_seed(4)
+    base = _TwoLinears()
+    ours = qpeft.convert(copy.deepcopy(base), r=2, train_bias=True, exclude=None, verbose=False)
+    _randomize_adapters(ours)
+    with torch.no_grad():
+        ours.a.bias.add_(0.5)
+        ours.b.bias.sub_(0.25)
+    qpeft.save_adapter(ours, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["bias"] == "lora_only"
+    hf = peft.PeftModel.from_pretrained(dequantized_copy(base, ours), tmp_path)
+    assert torch.equal(hf.base_model.model.a.base_layer.bias, ours.a.bias)
+    ref = copy.deepcopy(base).double()
+    for name in ("a", "b"):
+        m = getattr(ours, name)
+        w = m.base_layer.dequantize(torch.float32).double() + m.scaling * m.lora_B.double() @ m.lora_A.double()
+        with torch.no_grad():
+            getattr(ref, name).weight.copy_(w)
+            getattr(ref, name).bias.copy_(m.bias)
+    x = torch.randn(10, 64)
+    with torch.no_grad():
+        assert_close_to_hf(ours(x), hf(x), ref(x.double()), "BitFit outputs")
+    fresh = qpeft.convert(copy.deepcopy(base), r=2, train_bias=True, exclude=None, verbose=False)
+    qpeft.load_adapter(fresh, tmp_path)  # and back into qpeft
+    assert torch.equal(fresh.b.bias, ours.b.bias) and torch.equal(fresh.b.lora_B, ours.b.lora_B)
