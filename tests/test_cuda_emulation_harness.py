@@ -276,6 +276,12 @@ def _run_lane_sum32(fn, bug):
     return float(out[0]) == float(x.sum())
 
 
+def _run_spin(fn, bug):
+    out = torch.zeros(64)
+    fn(out.data_ptr(), bug)
+    return bool((out == 1).all())
+
+
 def _run_warp_sums(t, bug, blocks=2):
     x = torch.randint(-8, 8, (blocks * 256,)).float()
     out = torch.zeros(blocks * 8)
@@ -304,6 +310,8 @@ PLANTED = {
         lambda t, bug: _run_lane_sum32(t.bug_deadlock, bug),
         r"deadlock: .*16 of 32 threads wait at __syncthreads\(\) at planted_bugs.cu:\d+.* lanes 0-15 wait in "
         r"__shfl_xor_sync\(mask=0xffffffff\) .* for lanes 16-31", SEEDS),
+    "spin-wait on a flag nobody raises": (
+        lambda t, bug: _run_spin(t.bug_spin_wait, bug), "spin-wait without progress", SEEDS),
     # Reverse order (seed 1) happens to be the dependency order of this reduction.
     "warp-synchronous reduction without __syncwarp": (
         lambda t, bug: _run_warp_sums(t, bug), None, [0, 2, 3, 4, 5]),

@@ -13,8 +13,9 @@
 // one output each. Why a warp per row: at M <= 8 the kernel is a stream over W
 // (N*K/2 bytes) with too little work per row to share a row between warps
 // without a second reduction through shared memory; 4 warps per block keep
-// the table staging (16 floats, plus the 1 KiB nested code in dynamic shared
-// memory) cheap and give N/4 blocks, enough to fill every SM for N >= 2048.
+// the table staging (16 floats, plus the nested code and offset, 1028 bytes of
+// dynamic shared memory) cheap and give N/4 blocks, enough to fill every SM for
+// N >= 2048. Within a chunk a lane works one 32-bit word (8 weights) at a time.
 // Estimate, not a measurement: at M = 1 the W stream dominates (x, K*2 bytes,
 // is re-read per row from L1/L2); at M = 8 the x re-reads are 8x larger than at
 // M = 1 and may make it L2-bound.
@@ -22,8 +23,19 @@
 // The 16-byte path needs K % 32 == 0 (rows then start 16-byte aligned in both
 // W and x, and a chunk never spans two quant blocks since blocksize >= 32 is a
 // power of two) and aligned base pointers; anything else takes a per-element
-// path. M is rounded up to 1, 2, 4 or 8 for the instantiation so that the
-// accumulators are a register array indexed by constants after unrolling.
+// path. One instantiation per M (1..8) and dtype: the accumulators are a
+// register array indexed by constants after unrolling, with no per-row guards.
+//
+// Registers (nvcc 13.0 -Xptxas -v): __launch_bounds__(128, 1) and the two
+// `#pragma unroll 1` loops are what keeps every instantiation free of spills on
+// sm_75..sm_120. With __launch_bounds__(128) alone ptxas aimed at 40-56
+// registers and spilled 4-16 bytes of cold values (the nested offset, the row
+// index) in a few instantiations per arch; a register cap (min 4-8 blocks/SM)
+// let it hoist a whole chunk's x loads (M x 4 x 16 bytes) and spill 8-56 bytes.
+// Now: 31-79 registers for fp16/bf16 x, up to 116 for fp32 x at M = 8 (its
+// 16-byte loads carry 4 values instead of 8). The per-block table staging keeps
+// the nested offset in shared memory, next to the nested code, for the same
+// reason.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -52,30 +64,29 @@ static_assert(kGemvChunk * 4 / 8 == 16, "a chunk is one 16-byte load");
 // dequantize_4bit does (format.h: nested_absmax_value).
 __device__ __forceinline__ float block_absmax(const void* __restrict__ absmax, int64_t blk, bool nested,
                                               const float* __restrict__ nested_absmax, const float* s_ncode,
-                                              float off, int64_t nested_bs) {
+                                              int64_t nested_bs) {
   if (nested) {
     return nested_absmax_value(static_cast<const uint8_t*>(absmax)[blk], s_ncode,
-                               __ldg(nested_absmax + blk / nested_bs), off);
+                               __ldg(nested_absmax + blk / nested_bs), s_ncode[kNumCodes8]);
   }
   return __ldg(static_cast<const float*>(absmax) + blk);
 }
 
-template <int DT, int MAXM>
-__global__ void __launch_bounds__(kGemvThreads)
-gemv4_kernel(const ET<DT>* __restrict__ x, int m, int64_t k, const uint8_t* __restrict__ packed,
+template <int DT, int M>
+__global__ void __launch_bounds__(kGemvThreads, 1)
+gemv4_kernel(const ET<DT>* __restrict__ x, int64_t k, const uint8_t* __restrict__ packed,
              const void* __restrict__ absmax, int64_t n, int log2_bs, int quant_type, bool vec,
              const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
              const float* __restrict__ offset, int64_t nested_bs, ET<DT>* __restrict__ out) {
   __shared__ float s_tab[kNumCodes4];
-  float* s_ncode = dynamic_smem<float>();  // kNumCodes8 floats when nested, else 0 bytes
+  float* s_ncode = dynamic_smem<float>();  // nested: 256 code values, then the offset
   const bool nested = nested_absmax != nullptr;
   if (threadIdx.x < kNumCodes4) {
     s_tab[threadIdx.x] = quant_type == kNF4 ? c_nf4[threadIdx.x] : c_fp4[threadIdx.x];
   }
-  float off = 0.0f;
   if (nested) {
     for (int i = static_cast<int>(threadIdx.x); i < kNumCodes8; i += kGemvThreads) s_ncode[i] = nested_code[i];
-    off = *offset;
+    if (threadIdx.x == 0) s_ncode[kNumCodes8] = *offset;
   }
   __syncthreads();
 
@@ -84,83 +95,82 @@ gemv4_kernel(const ET<DT>* __restrict__ x, int m, int64_t k, const uint8_t* __re
   // Warp-uniform loop: every lane of a warp runs the same rows (full-mask shuffles).
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5); row < n;
        row += row_stride) {
-    float acc[MAXM];
+    float acc[M];
 #pragma unroll
-    for (int i = 0; i < MAXM; ++i) acc[i] = 0.0f;
+    for (int i = 0; i < M; ++i) acc[i] = 0.0f;
     const int64_t w0 = row * k;  // flat index of W[row, 0]
 
     if (vec) {
       const int64_t nchunks = k / kGemvChunk;
+#pragma unroll 1
       for (int64_t c = lane; c < nchunks; c += 32) {
         const int64_t e0 = w0 + c * kGemvChunk;
-        const float am = block_absmax(absmax, e0 >> log2_bs, nested, nested_absmax, s_ncode, off, nested_bs);
+        const float am = block_absmax(absmax, e0 >> log2_bs, nested, nested_absmax, s_ncode, nested_bs);
         const uint4 w = __ldg(reinterpret_cast<const uint4*>(packed + (e0 >> 1)));
-        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
+        const ET<DT>* xc = x + c * kGemvChunk;
+#pragma unroll 1
         for (int q = 0; q < 4; ++q) {
+          const uint32_t word = q == 0 ? w.x : q == 1 ? w.y : q == 2 ? w.z : w.w;  // a select, not an index
           float wv[8];
 #pragma unroll
           for (int b = 0; b < 4; ++b) {  // byte b of the word: its high nibble comes first
-            wv[2 * b] = s_tab[(words[q] >> (8 * b + 4)) & 15u] * am;
-            wv[2 * b + 1] = s_tab[(words[q] >> (8 * b)) & 15u] * am;
+            wv[2 * b] = s_tab[(word >> (8 * b + 4)) & 15u] * am;
+            wv[2 * b + 1] = s_tab[(word >> (8 * b)) & 15u] * am;
           }
 #pragma unroll
-          for (int i = 0; i < MAXM; ++i) {
-            if (i < m) {
-              float xv[8];
-              ldg8<DT>(x + i * k + c * kGemvChunk + 8 * q, xv);
+          for (int i = 0; i < M; ++i) {
+            float xv[8];
+            ldg8<DT>(xc + i * k + 8 * q, xv);
 #pragma unroll
-              for (int j = 0; j < 8; ++j) acc[i] = fmaf(wv[j], xv[j], acc[i]);
-            }
+            for (int j = 0; j < 8; ++j) acc[i] = fmaf(wv[j], xv[j], acc[i]);
           }
         }
       }
     } else {
+#pragma unroll 1
       for (int64_t kk = lane; kk < k; kk += 32) {
         const int64_t e = w0 + kk;
         const uint8_t byte = packed[e >> 1];
-        const float am = block_absmax(absmax, e >> log2_bs, nested, nested_absmax, s_ncode, off, nested_bs);
+        const float am = block_absmax(absmax, e >> log2_bs, nested, nested_absmax, s_ncode, nested_bs);
         const float wv = s_tab[(e & 1) ? (byte & 15u) : (byte >> 4)] * am;
 #pragma unroll
-        for (int i = 0; i < MAXM; ++i) {
-          if (i < m) acc[i] = fmaf(wv, to_f32<DT>(x[i * k + kk]), acc[i]);
-        }
+        for (int i = 0; i < M; ++i) acc[i] = fmaf(wv, to_f32<DT>(x[i * k + kk]), acc[i]);
       }
     }
 
-    // Butterfly: lane l adds lane l^off's partial sum; a + b == b + a exactly, so
-    // all 32 lanes end with the same total. m is uniform over the warp.
+    // Butterfly: lane l adds lane l^o's partial sum; a + b == b + a exactly, so all
+    // 32 lanes end with the same total.
 #pragma unroll
-    for (int i = 0; i < MAXM; ++i) {
-      if (i < m) {
+    for (int i = 0; i < M; ++i) {
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
-      }
+      for (int o = 16; o > 0; o >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
     }
 #pragma unroll
-    for (int i = 0; i < MAXM; ++i) {
-      if (i < m && lane == i) store1<DT>(out, i * n + row, acc[i]);
+    for (int i = 0; i < M; ++i) {
+      if (lane == i) store1<DT>(out, i * n + row, acc[i]);  // lanes 0..M-1 store one row each
     }
   }
 }
 
-template <int DT>
-void launch_gemv(int64_t m, dim3 grid, std::size_t smem, cudaStream_t s, const ET<DT>* x, int64_t k,
-                 const uint8_t* packed, const void* absmax, int64_t n, int log2_bs, int quant_type, bool vec,
-                 const float* na, const float* nc, const float* of, int64_t nested_bs, ET<DT>* out) {
-  const int mi = static_cast<int>(m);
-  if (m == 1) {
-    launch("gemv_4bit", gemv4_kernel<DT, 1>, grid, kGemvThreads, smem, s, x, mi, k, packed, absmax, n, log2_bs,
-           quant_type, vec, na, nc, of, nested_bs, out);
-  } else if (m == 2) {
-    launch("gemv_4bit", gemv4_kernel<DT, 2>, grid, kGemvThreads, smem, s, x, mi, k, packed, absmax, n, log2_bs,
-           quant_type, vec, na, nc, of, nested_bs, out);
-  } else if (m <= 4) {
-    launch("gemv_4bit", gemv4_kernel<DT, 4>, grid, kGemvThreads, smem, s, x, mi, k, packed, absmax, n, log2_bs,
-           quant_type, vec, na, nc, of, nested_bs, out);
-  } else {
-    launch("gemv_4bit", gemv4_kernel<DT, 8>, grid, kGemvThreads, smem, s, x, mi, k, packed, absmax, n, log2_bs,
-           quant_type, vec, na, nc, of, nested_bs, out);
+template <int DT, int M>
+void launch_m(dim3 grid, std::size_t smem, cudaStream_t s, const ET<DT>* x, int64_t k, const uint8_t* packed,
+              const void* absmax, int64_t n, int log2_bs, int quant_type, bool vec, const float* na,
+              const float* nc, const float* of, int64_t nested_bs, ET<DT>* out) {
+  launch("gemv_4bit", gemv4_kernel<DT, M>, grid, kGemvThreads, smem, s, x, k, packed, absmax, n, log2_bs,
+         quant_type, vec, na, nc, of, nested_bs, out);
+}
+
+template <int DT, typename... A>
+void launch_gemv(int64_t m, A... a) {
+  switch (m) {
+    case 1: launch_m<DT, 1>(a...); break;
+    case 2: launch_m<DT, 2>(a...); break;
+    case 3: launch_m<DT, 3>(a...); break;
+    case 4: launch_m<DT, 4>(a...); break;
+    case 5: launch_m<DT, 5>(a...); break;
+    case 6: launch_m<DT, 6>(a...); break;
+    case 7: launch_m<DT, 7>(a...); break;
+    default: launch_m<DT, 8>(a...); break;
   }
 }
 
@@ -196,7 +206,7 @@ void gemv_4bit(std::uintptr_t x, int x_dtype, std::int64_t x_len, std::int64_t m
   check_ptr("out", out);
 
   const dim3 grid(grid_for(n, kGemvWarps));
-  const std::size_t smem = nested ? kNumCodes8 * sizeof(float) : 0;
+  const std::size_t smem = nested ? (kNumCodes8 + 1) * sizeof(float) : 0;
   const bool vec = k % kGemvChunk == 0 && aligned(packed, 16) && aligned(x, 16);
   with_dtype(x_dtype, [&](auto dt) {
     constexpr int DT = decltype(dt)::value;

@@ -1,7 +1,7 @@
 // CUDA kernels of the quantize/dequantize pairs: 4-bit (NF4/FP4) and 8-bit
 // blockwise, plus their host launchers (ABI: csrc/README.md, csrc/cuda/ops.h).
 //
-// The per-element math is format.h's (encode4, inv_absmax4, lut_bin,
+// The per-element math is format.h's (encode4, normalize4, inv_absmax4, lut_bin,
 // code8_for_grid, nested_absmax_value, ...), shared with the CPU kernels; these
 // kernels only load, reduce, call it and store. Build with --fmad=false: a fused
 // multiply-add would change bits relative to the CPU path.
@@ -140,11 +140,17 @@ quantize4_kernel(const ET<DT>* __restrict__ x, int64_t n, int log2_bs, bool vec,
     float v[kQuantElems];
     const float a = load_and_absmax<DT>(x, e0, n, log2_bs, vec, absmax, s_red, v);
     const float inv = inv_absmax4(a);
+    // A partial last quant block divides instead (format.h: normalize4, as the CPU
+    // path of bitsandbytes does); x * (1/a) and x / a differ by an ulp at times,
+    // which moves a value sitting on a midpoint. Found by the emulation harness
+    // (tests/test_cuda_emulated.py: shape [11, 34, 46], blocksize 512, fp4).
+    const bool partial = (((e0 >> log2_bs) + 1) << log2_bs) > n;
+    const float floored = floor_absmax4(a);
     uint32_t word = 0;
 #pragma unroll
     for (int p = 0; p < kQuantElems / 2; ++p) {
-      const uint8_t hi = encode4(v[2 * p] * inv, mid, s_order);
-      const uint8_t lo = e0 + 2 * p + 1 < n ? encode4(v[2 * p + 1] * inv, mid, s_order)
+      const uint8_t hi = encode4(normalize4(v[2 * p], floored, inv, partial), mid, s_order);
+      const uint8_t lo = e0 + 2 * p + 1 < n ? encode4(normalize4(v[2 * p + 1], floored, inv, partial), mid, s_order)
                                             : zero_code4(QT);
       word |= static_cast<uint32_t>(pack_pair(hi, lo)) << (8 * p);  // byte p at the lower address
     }

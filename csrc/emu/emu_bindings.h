@@ -52,6 +52,7 @@ inline void bind(pybind11::module_& m) {
   t.def("bug_shuffle_lane", &k::bug_shuffle_lane, release());
   t.def("bug_shuffle_missing_lanes", &k::bug_shuffle_missing_lanes, release());
   t.def("bug_deadlock", &k::bug_deadlock, release());
+  t.def("bug_spin_wait", &k::bug_spin_wait, release());
   t.def("bug_warp_sync", &k::bug_warp_sync, release());
   t.def("bug_smem_oob", &k::bug_smem_oob, release());
   t.def("bug_dynamic_smem_oob", &k::bug_dynamic_smem_oob, release());

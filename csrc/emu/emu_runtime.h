@@ -25,7 +25,8 @@ struct Stats {
 };
 Stats get_stats();
 
-[[noreturn]] void out_of_bounds(const std::string& msg);
+// Raised by the bounds sanitizer's handlers: fails the running block.
+[[noreturn]] void out_of_bounds(const char* msg);
 
 }  // namespace emu
 }  // namespace qpeft

@@ -91,6 +91,22 @@ __global__ void shuffle_barrier_deadlock_kernel(const float* in, float* out, int
   if (lane == 0) out[0] = v;
 }
 
+// Thread 0 raises a flag the others spin on (with __nanosleep, which yields). The
+// bug names a setter that does not exist: everyone spins forever.
+__global__ void spin_wait_kernel(float* out, int bug) {
+  __shared__ int s_flag;
+  const int t = static_cast<int>(threadIdx.x);
+  if (t == 0) s_flag = 0;
+  __syncthreads();
+  const int setter = bug ? static_cast<int>(blockDim.x) : 0;
+  if (t == setter) {
+    *static_cast<volatile int*>(&s_flag) = 1;
+  } else {
+    while (*static_cast<volatile int*>(&s_flag) == 0) __nanosleep(100);
+  }
+  out[t] = 1.0f;
+}
+
 // Per-warp sum through shared memory. The bug is the pre-Volta idiom relying on
 // lockstep warps (no __syncwarp between the steps).
 __global__ void warp_sync_kernel(const float* in, float* out, int bug) {
@@ -165,6 +181,10 @@ void bug_shuffle_missing_lanes(std::uintptr_t in, std::uintptr_t out, int bug) {
 void bug_deadlock(std::uintptr_t in, std::uintptr_t out, int bug) {
   launch("bug_deadlock", shuffle_barrier_deadlock_kernel, dim3(1), dim3(32), 0, nullptr, ptr<const float>(in),
          ptr<float>(out), bug);
+}
+
+void bug_spin_wait(std::uintptr_t out, int bug) {
+  launch("bug_spin_wait", spin_wait_kernel, dim3(1), dim3(64), 0, nullptr, ptr<float>(out), bug);
 }
 
 void bug_warp_sync(std::uintptr_t in, std::uintptr_t out, int blocks, int bug) {

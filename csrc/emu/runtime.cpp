@@ -28,6 +28,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace qpeft {
@@ -44,6 +45,11 @@ constexpr std::size_t kMaxDynamicSmem = 48 * 1024;  // without cudaFuncSetAttrib
 constexpr std::size_t kCanaryBytes = 1024;          // checked after every barrier
 constexpr unsigned char kPoison = 0xff;             // NaN as float, -1 as int
 constexpr unsigned char kCanary = 0xa5;
+// Yields in a row without progress before a spin-wait is declared hopeless: with
+// N threads ready, a random pick misses the one that would end the wait 256*N
+// times in a row with probability (1 - 1/N)^(256 N) < e^-256.
+constexpr std::uint64_t kMinSpins = 1u << 16;
+constexpr std::uint64_t kSpinsPerThread = 256;
 
 // Default seed 2 (random interleavings); $QPEFT_EMU_SEED overrides it, so a CI
 // run can sweep seeds over the whole test suite.
@@ -207,13 +213,13 @@ class Worker {
   unsigned active_mask(const char* file, int line);
   int barrier(int op, int pred, const char* file, int line);
   void yield_now();
-  [[noreturn]] void fault_and_leave(const std::string& msg);  // no unwinding (sanitizer handler)
+  [[noreturn]] void fault_and_leave(const char* msg);  // no unwinding (sanitizer handler)
   void on_exit();
   void run_body() { body_(arg_); }
   bool in_fiber() const { return current_ >= 0; }
   std::string where() const;
-  void record_error(const std::string& msg) {
-    if (error_.empty()) error_ = msg;
+  void record_error(std::string msg) {
+    if (error_.empty()) error_ = std::move(msg);
   }
   [[noreturn]] void leave_to_main();
 
@@ -258,6 +264,7 @@ class Worker {
   void* arg_ = nullptr;
   std::string error_;
   std::uint64_t switches_ = 0;
+  std::uint64_t spins_ = 0;
   uint3 block_idx_{};
 
  public:
@@ -293,6 +300,7 @@ void Worker::set_current(int t) {
 }
 
 void Worker::set_blocked(int t, State s) {
+  spins_ = 0;  // progress: a thread blocks or exits
   Fiber& f = fibers_[t];
   if (f.state == State::Ready || f.state == State::Running) --warps_[t / kWarp].runnable;
   f.state = s;
@@ -350,8 +358,14 @@ void Worker::switch_away(int self) {
   std::abort();  // setcontext does not return
 }
 
-[[noreturn]] void Worker::fault_and_leave(const std::string& msg) {
-  record_error(msg);
+// The strings are built into error_ (owned by the worker): the abandoned frames
+// between here and the kernel hold no heap memory that would leak.
+[[noreturn]] void Worker::fault_and_leave(const char* msg) {
+  if (error_.empty()) {
+    error_ = where();
+    error_ += ": ";
+    error_ += msg;
+  }
   leave_to_main();
 }
 
@@ -409,24 +423,26 @@ std::uint64_t Worker::collective(int op, unsigned mask, std::uint64_t value, uns
   const int self = current_;
   const int warp = self / kWarp, lane = self % kWarp;
   WarpState& ws = warps_[warp];
-  const std::string what = std::string(op_name(op)) + "(mask=" + hex32(mask) + ") at " + site(file, line);
+  // Built only on the error paths: no heap object may live across the switch
+  // below (an abandoned fiber's frames are never unwound).
+  auto what = [&]() { return std::string(op_name(op)) + "(mask=" + hex32(mask) + ") at " + site(file, line); };
   if (!((mask >> lane) & 1u)) {
-    throw KernelFault(what + ": the calling lane " + std::to_string(lane) + " is not in its own mask");
+    throw KernelFault(what() + ": the calling lane " + std::to_string(lane) + " is not in its own mask");
   }
   if (mask & ~ws.lanes) {
-    throw KernelFault(what + " names lanes " + lanes_of(mask & ~ws.lanes) + " that do not exist (warp " +
+    throw KernelFault(what() + " names lanes " + lanes_of(mask & ~ws.lanes) + " that do not exist (warp " +
                       std::to_string(warp) + " of a block of " + std::to_string(nthreads_) +
                       " threads has lanes " + lanes_of(ws.lanes) + ")");
   }
   if (mask & ws.exited) {
-    throw KernelFault(what + " names lanes " + lanes_of(mask & ws.exited) +
+    throw KernelFault(what() + " names lanes " + lanes_of(mask & ws.exited) +
                       " that have exited (non-participating lanes: they never arrive)");
   }
   WarpGroup* g = nullptr;
   for (WarpGroup& x : ws.groups) {
     if (x.mask & mask) {
       if (x.mask != mask || x.op != op) {
-        throw KernelFault(what + " meets lanes " + lanes_of(x.arrived) + " waiting in " + op_name(x.op) +
+        throw KernelFault(what() + " meets lanes " + lanes_of(x.arrived) + " waiting in " + op_name(x.op) +
                           "(mask=" + hex32(x.mask) + ") at " + site(x.file, x.line) +
                           ": the lanes of one collective must call the same kind with the same mask");
       }
@@ -539,10 +555,29 @@ int Worker::barrier(int op, int pred, const char* file, int line) {
   return static_cast<int>(me.result);
 }
 
+// __nanosleep: let every other ready thread run first (in any policy, including
+// the reverse one, which would otherwise pick the yielding thread again). Spin
+// loops that never end, because they wait for something no thread of the block
+// will do (a hang on the device), are cut off after many yields in a row with
+// no thread blocking or exiting in between.
 void Worker::yield_now() {
   const int self = current_;
+  const std::uint64_t limit = std::max<std::uint64_t>(kMinSpins, kSpinsPerThread * nthreads_);
+  if (++spins_ > limit) {
+    throw KernelFault("spin-wait without progress: " + std::to_string(limit) +
+                      " __nanosleep() calls in a row while no thread reached a barrier, a warp "
+                      "collective or its end");
+  }
+  const int next = pick_ready();
+  if (next < 0) return;
   make_ready(self);
-  switch_away(self);
+  if (policy_ == 1) {  // reverse order picks from the back: queue the yielder at the front
+    ready_.pop_back();
+    ready_.push_front(self);
+  }
+  ++switches_;
+  set_current(next);
+  swapcontext(&fibers_[self].ctx, &fibers_[next].ctx);
 }
 
 // The current fiber's kernel body returned.
@@ -601,6 +636,7 @@ std::string Worker::run_block(dim3 grid, dim3 block, std::uint64_t linear_block,
   first_exited_ = -1;
   bar_arrived_ = 0;
   switches_ = 0;
+  spins_ = 0;
   ready_.clear();
   policy_ = seed == 0 ? 0 : (seed == 1 ? 1 : 2);
   rng_ = seed * 0x9e3779b97f4a7c15ull ^ (linear_block + 1) * 0xd1b54a32d192ed03ull;
@@ -662,8 +698,9 @@ void fiber_entry() {
   } catch (...) {
     err = w.where() + ": unknown C++ exception";
   }
-  // Outside the handler (exception state is per OS thread, shared by the fibers).
-  w.record_error(err);
+  // Outside the handler (exception state is per OS thread, shared by the fibers);
+  // moved out, so this abandoned frame holds no heap memory.
+  w.record_error(std::move(err));
   w.leave_to_main();
 }
 
@@ -816,12 +853,12 @@ int get_workers() {
 Stats get_stats() { return Stats{g_launches.load(), g_blocks.load(), g_switches.load()}; }
 
 // Called by the bounds sanitizer's handler (below) with a ready message.
-[[noreturn]] void out_of_bounds(const std::string& msg) {
+[[noreturn]] void out_of_bounds(const char* msg) {
   if (t_worker != nullptr && t_worker->in_fiber()) {
     // No unwinding from here: the sanitizer call sites are marked as not throwing.
-    t_worker->fault_and_leave(t_worker->where() + ": " + msg);
+    t_worker->fault_and_leave(msg);
   }
-  std::fprintf(stderr, "qpeft: %s (outside an emulated kernel)\n", msg.c_str());
+  std::fprintf(stderr, "qpeft: %s (outside an emulated kernel)\n", msg);
   std::abort();
 }
 
@@ -849,25 +886,32 @@ struct UbsanOutOfBounds {
   const UbsanType* index_type;
 };
 
-std::string ubsan_index(const UbsanType* t, std::uintptr_t v) {
-  if (t == nullptr || t->kind != 0) return "?";
+// Formats the index into buf (no heap: see fault_and_leave).
+void ubsan_index(const UbsanType* t, std::uintptr_t v, char* buf, std::size_t size) {
+  if (t == nullptr || t->kind != 0 || (t->info >> 1) > 6) {
+    std::snprintf(buf, size, "?");
+    return;
+  }
   const unsigned width = 1u << (t->info >> 1);
-  if (width > 64) return "(wide)";
   if (t->info & 1u) {
     const unsigned extra = 64 - width;
     const long long s = static_cast<long long>(static_cast<unsigned long long>(v) << extra) >> extra;
-    return std::to_string(s);
+    std::snprintf(buf, size, "%lld", s);
+  } else {
+    std::snprintf(buf, size, "%llu", static_cast<unsigned long long>(v));
   }
-  return std::to_string(static_cast<unsigned long long>(v));
 }
 
 [[noreturn]] void ubsan_out_of_bounds(void* data, void* index) {
   const auto* d = static_cast<const UbsanOutOfBounds*>(data);
-  std::string msg = "out-of-bounds array access: index " +
-                    ubsan_index(d->index_type, reinterpret_cast<std::uintptr_t>(index)) + " into " +
-                    (d->array_type ? std::string(d->array_type->name) : std::string("an array")) + " at " +
-                    qpeft::emu::site(d->loc.file, static_cast<int>(d->loc.line)) +
-                    " (a __shared__ or local array)";
+  char idx[32];
+  ubsan_index(d->index_type, reinterpret_cast<std::uintptr_t>(index), idx, sizeof idx);
+  const char* file = d->loc.file ? d->loc.file : "?";
+  const char* slash = std::strrchr(file, '/');
+  char msg[512];
+  std::snprintf(msg, sizeof msg,
+                "out-of-bounds array access: index %s into %s at %s:%u (a __shared__ or local array)", idx,
+                d->array_type ? d->array_type->name : "an array", slash ? slash + 1 : file, d->loc.line);
   qpeft::emu::out_of_bounds(msg);
 }
 }  // namespace

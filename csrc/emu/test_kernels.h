@@ -54,6 +54,7 @@ void bug_missing_barrier(std::uintptr_t in, std::uintptr_t out, int blocks, int 
 void bug_shuffle_lane(std::uintptr_t in, std::uintptr_t out, int bug);                      // sum of in[0..16)
 void bug_shuffle_missing_lanes(std::uintptr_t in, std::uintptr_t out, int bug);             // sum of in[0..16)
 void bug_deadlock(std::uintptr_t in, std::uintptr_t out, int bug);                          // sum of in[0..32)
+void bug_spin_wait(std::uintptr_t out, int bug);                                            // out[0..64) = 1
 void bug_warp_sync(std::uintptr_t in, std::uintptr_t out, int blocks, int bug);             // per-warp sums
 void bug_smem_oob(std::uintptr_t in, std::uintptr_t out, int bug);                          // out = in (128)
 void bug_dynamic_smem_oob(std::uintptr_t in, std::uintptr_t out, int bug);                  // out = in (128)
