@@ -3,6 +3,10 @@
 Environment:
   QPEFT_CUDA        auto (default): build qpeft._C_cuda when nvcc is found;
                     1: require it (error if nvcc is missing); 0: CPU only.
+  QPEFT_CUDA_EMULATION  auto (default): build qpeft._C_cuda_emu, the CUDA kernels
+                    compiled as host C++ and run on the CPU by an emulation harness
+                    (a test backend), when the CUDA toolkit headers are found (no
+                    nvcc or GPU needed); 1: require it; 0: skip it.
   QPEFT_CUDA_ARCHS  CMAKE_CUDA_ARCHITECTURES list, default
                     75-real;80-real;86-real;89-real;90-real;100-real;120
   QPEFT_BUILD_JOBS  parallel compile jobs (default 2)
@@ -12,7 +16,8 @@ Environment:
 The build never probes hardware and never downloads anything. Build trees live
 under build/cmake-*; the CMake + compiler output (with the ptxas -v
 register/spill report of the CUDA kernels) is passed through and also written to
-build/qpeft-native-build.log.
+build/qpeft-native-build.log; each CUDA source's ptxas report is also kept in
+build/ptxas-report/<source>.txt.
 """
 
 from __future__ import annotations
@@ -83,6 +88,17 @@ def _cuda_setting() -> tuple[bool, str | None]:
     return True, nvcc
 
 
+def _emulation_setting() -> str:
+    mode = os.environ.get("QPEFT_CUDA_EMULATION", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise RuntimeError(f"qpeft: QPEFT_CUDA_EMULATION must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+# Modules CMake may skip, and the variable that makes them required.
+_OPTIONAL_MODULES = {"qpeft._C_cuda": "QPEFT_CUDA", "qpeft._C_cuda_emu": "QPEFT_CUDA_EMULATION"}
+
+
 class CMakeBuild(build_ext):
     """One CMake run builds every CMakeExtension; the modules are then copied to
     where setuptools expects them (the build/lib tree, or the source tree for
@@ -100,18 +116,21 @@ class CMakeBuild(build_ext):
             stem = ext.name.rsplit(".", 1)[-1]
             built = sorted(p for p in lib_dir.glob(f"{stem}.*") if p.suffix in (".so", ".pyd", ".dylib"))
             if not built:
-                if ext.name == "qpeft._C_cuda" and os.environ.get("QPEFT_CUDA", "auto").strip() != "1":
-                    print("qpeft: qpeft._C_cuda was not built (see the CMake warning above); CPU only")
+                var = _OPTIONAL_MODULES.get(ext.name)
+                if var is not None and os.environ.get(var, "auto").strip() != "1":
+                    print(f"qpeft: {ext.name} was not built (see the CMake messages above)")
                     self.extensions.remove(ext)
                     continue
                 raise RuntimeError(f"qpeft: CMake did not produce {ext.name} in {lib_dir}")
             dest = Path(self.get_ext_fullpath(ext.name))
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(built[0], dest)
-        if not any(e.name == "qpeft._C_cuda" for e in self.extensions):
-            # A module of an earlier CUDA build must not linger next to the new _C.
-            for stale in (ROOT / "qpeft").glob("_C_cuda*.so"):
-                stale.unlink()
+        for name in _OPTIONAL_MODULES:
+            if not any(e.name == name for e in self.extensions):
+                # A module of an earlier build must not linger next to the new _C.
+                stem = name.rsplit(".", 1)[-1]
+                for stale in (ROOT / "qpeft").glob(f"{stem}.*.so"):
+                    stale.unlink()
 
     def _cmake_build(self) -> Path:
         import pybind11
@@ -140,6 +159,8 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DQPEFT_OUTPUT_DIR={lib_dir}",
             f"-DQPEFT_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
+            f"-DQPEFT_CUDA_EMULATION={_emulation_setting()}",
+            f"-DQPEFT_PTXAS_REPORT_DIR={ROOT / 'build' / 'ptxas-report'}",
         ]
         if with_cuda:
             args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DQPEFT_CUDA_ARCHS={archs}"]
@@ -190,6 +211,8 @@ class CMakeBuild(build_ext):
 ext_modules = [CMakeExtension("qpeft._C")]
 if _cuda_setting()[0]:  # raises here already for QPEFT_CUDA=1 without nvcc
     ext_modules.append(CMakeExtension("qpeft._C_cuda"))
+if _emulation_setting() != "0":
+    ext_modules.append(CMakeExtension("qpeft._C_cuda_emu"))
 
 setup(
     packages=find_packages(include=["qpeft", "qpeft.*"]) + ["qpeft.triton_kernels"],

@@ -16,6 +16,10 @@ _HINTS = {
         "qpeft was built without CUDA kernels; rebuild with the CUDA toolkit on PATH "
         "(`QPEFT_CUDA=1 pip install .`)"
     ),
+    "_C_cuda_emu": (
+        "qpeft was built without the CUDA emulation module; rebuild where the CUDA toolkit headers are "
+        "installed (`QPEFT_CUDA_EMULATION=1 pip install .`, with CUDA_HOME set if they are not in /usr/local/cuda)"
+    ),
 }
 
 
@@ -54,3 +58,14 @@ def cuda_unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
     return None
+
+
+def cuda_emu_module() -> ModuleType:
+    mod, err = _load("_C_cuda_emu")
+    if mod is None:
+        raise ImportError(err)
+    return mod
+
+
+def cuda_emu_unavailable() -> str | None:
+    return _load("_C_cuda_emu")[1]

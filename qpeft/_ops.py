@@ -320,3 +320,35 @@ def _define_step_op(name: str, schema: str, mutated: tuple[int, ...]) -> None:
 
 for _name, (_schema, _mutated) in _OPTIM_OPS.items():
     _define_step_op(_name, _schema, _mutated)
+
+# --- 4-bit GEMV for decoding --------------------------------------------------------------
+# y = x @ W^T for a few rows of x (M <= 8: token-by-token decoding), W [out_features,
+# in_features] packed 4-bit with its state as in qlora_linear. Accumulates in fp32 and
+# rounds once to x's dtype; larger M belongs to qlora_linear (a GEMM).
+
+
+@torch.library.custom_op("qpeft::gemv_4bit", mutates_args=())
+def gemv_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor],
+    offset: Optional[torch.Tensor],
+    blocksize: int,
+    nested_blocksize: int,
+    quant_type: str,
+    out_features: int,
+    in_features: int,
+) -> torch.Tensor:
+    """x [M, K] with 1 <= M <= 8 -> x @ W^T [M, N] in x's dtype."""
+    return kernel_for("gemv_4bit", x.device)(
+        x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+        out_features, in_features,
+    )  # fmt: skip
+
+
+@gemv_4bit.register_fake
+def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+      out_features, in_features):  # fmt: skip
+    return x.new_empty((x.shape[0], out_features))

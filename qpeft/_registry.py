@@ -5,6 +5,11 @@ module for a kernel. By default the fastest available backend for the tensors'
 device runs ("cpu" then "default" on CPU; "triton", "cuda", "default" on CUDA).
 ``use_backend(name)`` forces one backend inside a ``with`` block, which is how the
 tests hold every backend to the pure-torch reference ("default").
+
+"cuda_emulated" is a test backend: the CUDA C++ kernels compiled for the CPU and run
+on CPU tensors by an emulation harness (qpeft._C_cuda_emu). It is slow and never
+chosen by default (it is in no priority list); only ``use_backend("cuda_emulated")``
+runs it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-BACKENDS = ("default", "cpu", "cuda", "triton")
+BACKENDS = ("default", "cpu", "cuda", "triton", "cuda_emulated")
 
 # Backends that can run on a device type, in order of preference.
 _PRIORITY = {
@@ -69,6 +74,8 @@ def available_backends() -> list[str]:
 def _device_types(backend: str) -> tuple[str, ...]:
     if backend == "default":
         return ("cpu", "cuda", "meta")
+    if backend == "cuda_emulated":
+        return ("cpu",)  # CUDA kernels run by the emulation harness on CPU memory
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
         return ("cpu", "cuda")  # the interpreter runs Triton kernels on CPU tensors
     return ("cuda",) if backend in ("cuda", "triton") else ("cpu",)

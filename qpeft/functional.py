@@ -16,7 +16,14 @@ from ._validate import float_input
 from .autograd import QLoRAFunction
 from .quant_state import QuantState
 
-__all__ = ["quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise", "qlora_linear"]
+__all__ = [
+    "quantize_4bit",
+    "dequantize_4bit",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "qlora_linear",
+    "gemv_4bit",
+]
 
 
 def _check_finite(x: torch.Tensor, absmax: torch.Tensor, allow_nonfinite: bool) -> None:
@@ -228,3 +235,33 @@ def _check_qlora_args(x, packed, state, lora_A, lora_B, bias, out_scale, rank_sc
     for name, t in tensors[1:]:
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
+
+
+def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """``x @ W^T`` for a 4-bit weight W [N, K] (``packed``, ``state`` from ``quantize_4bit``)
+    and a few rows of x: x is [..., K] with at most 8 rows in all (token-by-token
+    decoding); returns [..., N] in x's dtype, accumulated in fp32. No autograd: this is
+    the inference path (``qlora_linear`` trains)."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a qpeft.QuantState, got {type(state).__name__}")
+    if state.quant_type is None or state.shape is None or len(state.shape) != 2:
+        shape = None if state.shape is None else tuple(state.shape)
+        raise ValueError(f"state must describe a 4-bit [out_features, in_features] weight, got shape {shape}")
+    n, k = state.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)} but the quantized weight is [out_features={n}, in_features={k}]"
+        )
+    if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage: the same bytes in another dtype
+        packed = packed.contiguous().view(torch.uint8)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if state.nested:
+        nested = (state.state2.absmax, state.state2.code, state.offset.reshape(1).to(torch.float32))
+        nested_blocksize = state.state2.blocksize
+    else:
+        nested, nested_blocksize = (None, None, None), NESTED_BLOCKSIZE
+    y = torch.ops.qpeft.gemv_4bit(
+        x2, packed, state.absmax, *nested, state.blocksize, nested_blocksize, state.quant_type, n, k
+    )
+    return y.reshape(*lead, n)

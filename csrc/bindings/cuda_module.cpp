@@ -1,5 +1,10 @@
 // qpeft._C_cuda: pybind11 shim over csrc/cuda/ops.h (ABI: csrc/README.md).
 //
+// Compiled a second time as qpeft._C_cuda_emu (QPEFT_CUDA_EMULATION defined,
+// QPEFT_CUDA_MODULE_NAME=_C_cuda_emu), linked with the same kernel sources built
+// as host C++ (csrc/emu): the same entry points on CPU pointers, the stream
+// argument ignored, plus the emulation's own functions (csrc/emu/emu_bindings.h).
+//
 // Compiled by the host compiler: no CUDA headers here. Importing the module
 // touches no CUDA API; the first kernel call (or device_count()) initialises the
 // runtime. Each kernel entry releases the GIL while it validates and enqueues;
@@ -15,6 +20,13 @@
 
 #include "../cuda/ops.h"
 #include "dlpack_capsule.h"
+
+#if defined(QPEFT_CUDA_EMULATION)
+#include "../emu/emu_bindings.h"
+#endif
+#ifndef QPEFT_CUDA_MODULE_NAME
+#define QPEFT_CUDA_MODULE_NAME _C_cuda
+#endif
 
 namespace py = pybind11;
 
@@ -41,8 +53,13 @@ qpeft::LionScalars lion_scalars(const char* fn, const std::vector<double>& v) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C_cuda, m) {
+PYBIND11_MODULE(QPEFT_CUDA_MODULE_NAME, m) {
+#if defined(QPEFT_CUDA_EMULATION)
+  m.doc() = "qpeft CUDA kernels run on the CPU by the emulation harness (CPU pointers; stream ignored)";
+  qpeft::emu::bind(m);
+#else
   m.doc() = "qpeft CUDA kernels (raw device pointers, sizes and a cudaStream_t as int)";
+#endif
   using release = py::call_guard<py::gil_scoped_release>;
   namespace k = qpeft::cuda;
 
@@ -61,6 +78,11 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("q_len"), py::arg("absmax"), py::arg("absmax_len"), py::arg("code"),
         py::arg("n"), py::arg("blocksize"), py::arg("out"), py::arg("out_dtype"),
         py::arg("stream"));
+  m.def("gemv_4bit", &k::gemv_4bit, release(), py::arg("x"), py::arg("x_dtype"), py::arg("x_len"),
+        py::arg("m"), py::arg("k"), py::arg("packed"), py::arg("packed_len"), py::arg("absmax"),
+        py::arg("absmax_len"), py::arg("n"), py::arg("blocksize"), py::arg("quant_type"),
+        py::arg("nested_absmax"), py::arg("nested_absmax_len"), py::arg("nested_code"), py::arg("offset"),
+        py::arg("nested_blocksize"), py::arg("out"), py::arg("out_len"), py::arg("stream"));
 
   m.def("compiled_archs", &k::compiled_archs,
         "Architectures compiled in, e.g. [75, 80, 86, 89, 90, 100, 120] (__CUDA_ARCH_LIST__ / 10).");

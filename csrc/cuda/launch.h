@@ -6,8 +6,9 @@
 // the native ABI promises (std::runtime_error carrying cudaGetErrorString).
 //
 // Emulation hook: a host build defining QPEFT_CUDA_EMULATION includes
-// "qpeft_cuda_emulation.h" instead (from the harness's include path); it must
-// define qpeft::launch with this signature and the CUDA builtins the kernels use.
+// "qpeft_cuda_emulation.h" instead (csrc/emu, the harness's include path); it
+// defines qpeft::launch and qpeft::dynamic_smem with these signatures and the
+// CUDA builtins the kernels use.
 #pragma once
 
 #if defined(QPEFT_CUDA_EMULATION)
@@ -34,6 +35,15 @@ inline void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 
     throw std::runtime_error(std::string("qpeft: CUDA launch of ") + name +
                              " failed: " + cudaGetErrorString(err));
   }
+}
+
+// The block's dynamic shared memory (the `smem` bytes of the launch). Kernels
+// use this instead of declaring `extern __shared__` arrays, which a host
+// compiler cannot give per-block storage.
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char qpeft_dynamic_smem[];
+  return reinterpret_cast<T*>(qpeft_dynamic_smem);
 }
 
 }  // namespace qpeft

@@ -41,6 +41,17 @@ void dequantize_blockwise(std::uintptr_t q, std::int64_t q_len, std::uintptr_t a
                           std::int64_t blocksize, std::uintptr_t out, int out_dtype,
                           std::uintptr_t stream);
 
+// 4-bit GEMV for decoding (csrc/cuda/gemv_4bit.cu): out[i, r] = sum_j x[i, j] * W[r, j]
+// for 1 <= m <= 8. x: m*k elements of x_dtype (x_len of them); W: n x k as packed
+// 4-bit codes with absmax (and the nested_* double-quantization arguments) exactly
+// as dequantize_4bit takes them for n*k elements; out: m*n elements of x_dtype.
+// fp32 accumulation (fmaf), one rounding to x_dtype at the end.
+void gemv_4bit(std::uintptr_t x, int x_dtype, std::int64_t x_len, std::int64_t m, std::int64_t k,
+               std::uintptr_t packed, std::int64_t packed_len, std::uintptr_t absmax, std::int64_t absmax_len,
+               std::int64_t n, std::int64_t blocksize, int quant_type, std::uintptr_t nested_absmax,
+               std::int64_t nested_absmax_len, std::uintptr_t nested_code, std::uintptr_t offset,
+               std::int64_t nested_blocksize, std::uintptr_t out, std::int64_t out_len, std::uintptr_t stream);
+
 // Architectures compiled into this module, e.g. {75, 80, 86, 89, 90, 100, 120}
 // (nvcc's __CUDA_ARCH_LIST__ / 10: the virtual archs of the -gencode list).
 std::vector<int> compiled_archs();

@@ -1,26 +1,23 @@
 // CUDA kernels of the quantize/dequantize pairs: 4-bit (NF4/FP4) and 8-bit
 // blockwise, plus their host launchers (ABI: csrc/README.md, csrc/cuda/ops.h).
 //
-// The per-element math is format.h's (encode4, inv_absmax4, lut_bin,
+// The per-element math is format.h's (encode4, normalize4, inv_absmax4, lut_bin,
 // code8_for_grid, nested_absmax_value, ...), shared with the CPU kernels; these
 // kernels only load, reduce, call it and store. Build with --fmad=false: a fused
 // multiply-add would change bits relative to the CPU path.
 //
-// Written so a host-C++ emulation can compile it: launches only through
-// qpeft::launch (launch.h), only threadIdx/blockIdx/blockDim/gridDim, __shared__,
-// __syncthreads and __shfl_xor_sync; every local array is indexed by constants
-// after unrolling. Device-only intrinsics sit behind __CUDA_ARCH__ with
-// format.h's software equivalents as the host branch.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// Also compiled as host C++ into the emulation module qpeft._C_cuda_emu
+// (csrc/emu): launches only through qpeft::launch (launch.h), only
+// threadIdx/blockIdx/blockDim/gridDim, __shared__, __syncthreads and
+// __shfl_xor_sync; every local array is indexed by constants after unrolling.
+// Element conversions are kernel_common.h's. Host-side CUDA runtime calls live
+// in device.cu, which the emulation does not compile.
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <stdexcept>
 #include <string>
-#include <type_traits>
-#include <vector>
 
+#include "kernel_common.h"
 #include "launch.h"
 #include "ops.h"
 #include "qpeft/format.h"
@@ -47,7 +44,6 @@ constexpr int kMaxQuantThreads = 4096 / kQuantElems;  // 512
 constexpr int kDequantThreads = 256;
 constexpr int kDequant4Elems = 32;    // one 16-byte load of packed nibbles per thread
 constexpr int kDequant8Elems = 16;    // one 16-byte load of uint8 codes per thread
-constexpr int64_t kMaxGrid = int64_t{1} << 20;  // grid-stride beyond this many blocks
 
 // Measured with nvcc 13.0 -Xptxas -v (24 instantiations x sm_75..sm_120): 0 bytes
 // stack/spill everywhere; 29-32 registers on sm_80/sm_90, 26-40 on sm_86..sm_120,
@@ -59,92 +55,13 @@ constexpr int64_t kMaxGrid = int64_t{1} << 20;  // grid-stride beyond this many 
 static_assert(kDequant4Elems <= 32 && kDequant8Elems <= 32, "a chunk must not span quant blocks");
 static_assert(kQuantElems % 2 == 0, "quantize threads pack whole bytes");
 
-// ----------------------------------------------------------------------------
-// Element types and conversions.
-
-template <int DT> struct Elem { using T = uint16_t; };  // fp16 / bf16 as raw bits
-template <> struct Elem<kF32> { using T = float; };
-
-template <int DT>
-__device__ __forceinline__ float to_f32(typename Elem<DT>::T v) {
-  if constexpr (DT == kF32) {
-    return v;
-  } else if constexpr (DT == kBF16) {
-    return bf16_to_f32(v);
-  } else {
-#if defined(__CUDA_ARCH__)
-    return __half2float(__ushort_as_half(v));  // exact, as f16_to_f32
-#else
-    return f16_to_f32(v);
-#endif
-  }
-}
-
-// Two fp32 values to two 16-bit values (a at the lower address), RNE. Equal to
-// format.h's f32_to_f16 / f32_to_bf16 for every non-NaN input; a NaN stays a NaN
-// (the hardware writes the canonical quiet NaN, format.h keeps the payload).
-template <int DT>
-__device__ __forceinline__ uint32_t pack2_16(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (DT == kBF16) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return static_cast<uint32_t>(__bfloat16_as_ushort(h.x)) |
-           (static_cast<uint32_t>(__bfloat16_as_ushort(h.y)) << 16);
-  } else {
-    const __half2 h = __floats2half2_rn(a, b);
-    return static_cast<uint32_t>(__half_as_ushort(__low2half(h))) |
-           (static_cast<uint32_t>(__half_as_ushort(__high2half(h))) << 16);
-  }
-#else
-  if constexpr (DT == kBF16) {
-    return static_cast<uint32_t>(f32_to_bf16(a)) | (static_cast<uint32_t>(f32_to_bf16(b)) << 16);
-  } else {
-    return static_cast<uint32_t>(f32_to_f16(a)) | (static_cast<uint32_t>(f32_to_f16(b)) << 16);
-  }
-#endif
-}
-
-template <int DT>
-__device__ __forceinline__ void store1(typename Elem<DT>::T* out, int64_t i, float v) {
-  if constexpr (DT == kF32) {
-    out[i] = v;
-  } else {
-    out[i] = static_cast<uint16_t>(pack2_16<DT>(v, 0.0f));
-  }
-}
-
-// Stores v[0..7] at out[i..i+8): 16-byte aligned, in bounds (the callers check).
-template <int DT>
-__device__ __forceinline__ void store8(typename Elem<DT>::T* out, int64_t i, const float (&v)[8]) {
-  if constexpr (DT == kF32) {
-    float4* p = reinterpret_cast<float4*>(out + i);
-    p[0] = make_float4(v[0], v[1], v[2], v[3]);
-    p[1] = make_float4(v[4], v[5], v[6], v[7]);
-  } else {
-    *reinterpret_cast<uint4*>(out + i) =
-        make_uint4(pack2_16<DT>(v[0], v[1]), pack2_16<DT>(v[2], v[3]),
-                   pack2_16<DT>(v[4], v[5]), pack2_16<DT>(v[6], v[7]));
-  }
-}
-
 // Loads x[e0..e0+8) as fp32; elements at or past n read as 0 (no effect on the
 // absmax). vec: x is 16-byte aligned, so a full chunk is one or two 16-byte loads.
 template <int DT>
-__device__ __forceinline__ void load8(const typename Elem<DT>::T* __restrict__ x, int64_t e0,
+__device__ __forceinline__ void load8(const ET<DT>* __restrict__ x, int64_t e0,
                                       int64_t n, bool vec, float (&v)[8]) {
   if (vec && e0 + kQuantElems <= n) {
-    if constexpr (DT == kF32) {
-      const float4* p = reinterpret_cast<const float4*>(x + e0);
-      const float4 a = p[0], b = p[1];
-      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-      v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-    } else {
-      const uint4 w = *reinterpret_cast<const uint4*>(x + e0);
-      v[0] = to_f32<DT>(static_cast<uint16_t>(w.x)); v[1] = to_f32<DT>(static_cast<uint16_t>(w.x >> 16));
-      v[2] = to_f32<DT>(static_cast<uint16_t>(w.y)); v[3] = to_f32<DT>(static_cast<uint16_t>(w.y >> 16));
-      v[4] = to_f32<DT>(static_cast<uint16_t>(w.z)); v[5] = to_f32<DT>(static_cast<uint16_t>(w.z >> 16));
-      v[6] = to_f32<DT>(static_cast<uint16_t>(w.w)); v[7] = to_f32<DT>(static_cast<uint16_t>(w.w >> 16));
-    }
+    ldg8<DT>(x + e0, v);
   } else {
 #pragma unroll
     for (int j = 0; j < kQuantElems; ++j) v[j] = e0 + j < n ? to_f32<DT>(x[e0 + j]) : 0.0f;
@@ -184,7 +101,7 @@ __device__ __forceinline__ float group_absmax(float a, int tpq, float* s_red) {
 // Loads the thread's 8 elements and returns its quant block's absmax (written to
 // absmax[] by the block's first thread).
 template <int DT>
-__device__ __forceinline__ float load_and_absmax(const typename Elem<DT>::T* __restrict__ x,
+__device__ __forceinline__ float load_and_absmax(const ET<DT>* __restrict__ x,
                                                  int64_t e0, int64_t n, int log2_bs, bool vec,
                                                  float* __restrict__ absmax, float* s_red,
                                                  float (&v)[8]) {
@@ -207,7 +124,7 @@ __device__ __forceinline__ float load_and_absmax(const typename Elem<DT>::T* __r
 // grid-strides over tiles. vec: x 16-byte and packed 4-byte aligned.
 template <int DT, int QT>
 __global__ void __launch_bounds__(kMaxQuantThreads)
-quantize4_kernel(const typename Elem<DT>::T* __restrict__ x, int64_t n, int log2_bs, bool vec,
+quantize4_kernel(const ET<DT>* __restrict__ x, int64_t n, int log2_bs, bool vec,
                  uint8_t* __restrict__ packed, float* __restrict__ absmax) {
   __shared__ float s_red[kMaxQuantThreads / 32];
   __shared__ uint8_t s_order[kNumCodes4];  // indexed per element: smem, not constant memory
@@ -223,11 +140,17 @@ quantize4_kernel(const typename Elem<DT>::T* __restrict__ x, int64_t n, int log2
     float v[kQuantElems];
     const float a = load_and_absmax<DT>(x, e0, n, log2_bs, vec, absmax, s_red, v);
     const float inv = inv_absmax4(a);
+    // A partial last quant block divides instead (format.h: normalize4, as the CPU
+    // path of bitsandbytes does); x * (1/a) and x / a differ by an ulp at times,
+    // which moves a value sitting on a midpoint. Found by the emulation harness
+    // (tests/test_cuda_emulated.py: shape [11, 34, 46], blocksize 512, fp4).
+    const bool partial = (((e0 >> log2_bs) + 1) << log2_bs) > n;
+    const float floored = floor_absmax4(a);
     uint32_t word = 0;
 #pragma unroll
     for (int p = 0; p < kQuantElems / 2; ++p) {
-      const uint8_t hi = encode4(v[2 * p] * inv, mid, s_order);
-      const uint8_t lo = e0 + 2 * p + 1 < n ? encode4(v[2 * p + 1] * inv, mid, s_order)
+      const uint8_t hi = encode4(normalize4(v[2 * p], floored, inv, partial), mid, s_order);
+      const uint8_t lo = e0 + 2 * p + 1 < n ? encode4(normalize4(v[2 * p + 1], floored, inv, partial), mid, s_order)
                                             : zero_code4(QT);
       word |= static_cast<uint32_t>(pack_pair(hi, lo)) << (8 * p);  // byte p at the lower address
     }
@@ -249,7 +172,7 @@ quantize4_kernel(const typename Elem<DT>::T* __restrict__ x, int64_t n, int log2
 // host-only, so spelled out here). vec: x 16-byte and q 8-byte aligned.
 template <int DT>
 __global__ void __launch_bounds__(kMaxQuantThreads)
-quantize8_kernel(const typename Elem<DT>::T* __restrict__ x, int64_t n, int log2_bs, bool vec,
+quantize8_kernel(const ET<DT>* __restrict__ x, int64_t n, int log2_bs, bool vec,
                  const float* __restrict__ code, uint8_t* __restrict__ q,
                  float* __restrict__ absmax) {
   __shared__ float s_red[kMaxQuantThreads / 32];
@@ -297,7 +220,7 @@ quantize8_kernel(const typename Elem<DT>::T* __restrict__ x, int64_t n, int log2
 template <int DT, int QT, bool NESTED>
 __global__ void __launch_bounds__(kDequantThreads)
 dequantize4_kernel(const uint8_t* __restrict__ packed, const void* __restrict__ absmax, int64_t n,
-                   int log2_bs, bool vec, typename Elem<DT>::T* __restrict__ out,
+                   int log2_bs, bool vec, ET<DT>* __restrict__ out,
                    const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
                    const float* __restrict__ offset, int64_t nested_bs) {
   __shared__ float s_tab[kNumCodes4];
@@ -362,7 +285,7 @@ template <int DT>
 __global__ void __launch_bounds__(kDequantThreads)
 dequantize8_kernel(const uint8_t* __restrict__ q, const float* __restrict__ absmax,
                    const float* __restrict__ code, int64_t n, int log2_bs, bool vec,
-                   typename Elem<DT>::T* __restrict__ out) {
+                   ET<DT>* __restrict__ out) {
   __shared__ float s_code[kNumCodes8];
   for (int k = static_cast<int>(threadIdx.x); k < kNumCodes8; k += static_cast<int>(blockDim.x)) {
     s_code[k] = code[k];
@@ -394,70 +317,6 @@ dequantize8_kernel(const uint8_t* __restrict__ q, const float* __restrict__ absm
         if (e0 + j < n) store1<DT>(out, e0 + j, s_code[q[e0 + j]] * am);
       }
     }
-  }
-}
-
-// ----------------------------------------------------------------------------
-// Host side: argument checks (std::invalid_argument before any CUDA call) and
-// dispatch to the instantiation for (dtype, quant type, nested).
-
-[[noreturn]] void fail(const std::string& msg) { throw std::invalid_argument("qpeft: " + msg); }
-
-int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
-
-void check_n(int64_t n) {
-  if (n < 0) fail("n must be >= 0, got " + std::to_string(n));
-}
-
-int log2_blocksize(int64_t blocksize) {
-  for (int l = 5; l <= 12; ++l) {
-    if (blocksize == (int64_t{1} << l)) return l;
-  }
-  fail("blocksize must be a power of two in [32, 4096], got " + std::to_string(blocksize));
-}
-
-void check_dtype(const char* what, int dtype) {
-  if (dtype != kF32 && dtype != kF16 && dtype != kBF16) {
-    fail(std::string(what) + " must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
-         std::to_string(dtype));
-  }
-}
-
-void check_quant_type(int quant_type) {
-  if (quant_type != kFP4 && quant_type != kNF4) {
-    fail("quant_type must be 1 (fp4) or 2 (nf4), got " + std::to_string(quant_type));
-  }
-}
-
-void check_len(const char* what, int64_t have, int64_t need) {
-  if (have < need) {
-    fail(std::string(what) + " holds " + std::to_string(have) + " elements, needs " +
-         std::to_string(need));
-  }
-}
-
-void check_ptr(const char* what, std::uintptr_t p) {
-  if (p == 0) fail(std::string(what) + " is a null pointer");
-}
-
-bool aligned(std::uintptr_t p, std::uintptr_t a) { return p % a == 0; }
-
-unsigned grid_for(int64_t units, int64_t per_block) {
-  const int64_t blocks = ceil_div(units, per_block);
-  return static_cast<unsigned>(blocks < kMaxGrid ? blocks : kMaxGrid);
-}
-
-cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
-
-template <int DT> using ET = typename Elem<DT>::T;
-
-// Calls f(std::integral_constant<int, dtype>{}) for a checked dtype code.
-template <typename F>
-void with_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case kF32: f(std::integral_constant<int, kF32>{}); break;
-    case kF16: f(std::integral_constant<int, kF16>{}); break;
-    default: f(std::integral_constant<int, kBF16>{}); break;
   }
 }
 
@@ -607,26 +466,6 @@ void dequantize_blockwise(std::uintptr_t q, std::int64_t q_len, std::uintptr_t a
            reinterpret_cast<const float*>(absmax), reinterpret_cast<const float*>(code), n,
            log2_bs, vec, reinterpret_cast<ET<DT>*>(out));
   });
-}
-
-std::vector<int> compiled_archs() {
-#if defined(__CUDA_ARCH_LIST__)
-  const int list[] = {__CUDA_ARCH_LIST__};
-  std::vector<int> archs;
-  for (int a : list) archs.push_back(a / 10);
-  return archs;
-#else
-  return {};
-#endif
-}
-
-int device_count() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();  // clear the (non-sticky) error: no driver or no device
-    return 0;
-  }
-  return count;
 }
 
 }  // namespace cuda

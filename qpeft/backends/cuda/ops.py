@@ -7,7 +7,14 @@ import torch
 from ... import _native
 from ..._registry import register_availability
 from ..native_abi import register_native
+from ..native_gemv import register_native_gemv
+
+
+def _stream(device: torch.device) -> tuple:
+    return (torch.cuda.current_stream(device).cuda_stream,)
+
 
 register_availability("cuda", _native.cuda_unavailable)
 
-register_native("cuda", _native.cuda_module, lambda device: (torch.cuda.current_stream(device).cuda_stream,))
+register_native("cuda", _native.cuda_module, _stream)
+register_native_gemv("cuda", _native.cuda_module, _stream)

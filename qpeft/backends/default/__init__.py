@@ -1,1 +1,1 @@
-from . import ops, qlora  # noqa: F401
+from . import gemv, ops, qlora  # noqa: F401

@@ -1,0 +1,52 @@
+"""The decode GEMV (``qpeft::gemv_4bit``) of the CUDA modules: ``qpeft._C_cuda`` on CUDA
+tensors and ``qpeft._C_cuda_emu`` (the same kernel, emulated) on CPU tensors.
+
+``register_native_gemv(backend, module, extra_args)`` registers one wrapper that
+validates (the reference's checks), makes the inputs contiguous, allocates the
+output and passes pointers and element counts (ABI: csrc/cuda/ops.h, gemv_4bit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+
+from .._formats import DTYPE_IDS, QUANT_TYPE_IDS
+from .._registry import register_kernel
+from .default.gemv import validate
+
+
+def register_native_gemv(
+    backend: str,
+    module: Callable[[], ModuleType],
+    extra_args: Callable[[torch.device], tuple],
+) -> None:
+    @register_kernel("gemv_4bit", backend)
+    def gemv_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+                  n, k):  # fmt: skip
+        validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+                 n, k)  # fmt: skip
+        x = x.contiguous()
+        packed = packed.contiguous()
+        absmax = absmax.contiguous()
+        m = x.shape[0]
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        if nested_absmax is None:
+            nested_args = (0, 0, 0, 0, nested_blocksize)
+        else:
+            nested_absmax, nested_code, offset = (t.contiguous() for t in (nested_absmax, nested_code, offset))
+            nested_args = (
+                nested_absmax.data_ptr(), nested_absmax.numel(), nested_code.data_ptr(), offset.data_ptr(),
+                nested_blocksize,
+            )  # fmt: skip
+        guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            module().gemv_4bit(
+                x.data_ptr(), DTYPE_IDS[x.dtype], x.numel(), m, k, packed.data_ptr(), packed.numel(),
+                absmax.data_ptr(), absmax.numel(), n, blocksize, QUANT_TYPE_IDS[quant_type], *nested_args,
+                out.data_ptr(), out.numel(), *extra_args(x.device),
+            )  # fmt: skip
+        return out
