@@ -41,8 +41,18 @@ def _run(case, backend, panel_elems=None, monkeypatch=None):
                          rank_scale=p["rank_scale"], out_scale=p["out_scale"])  # fmt: skip
         y.backward(p["dy"])
     ref = _oracle(p, dt, rounds_operands=False)
+    y_want, tol_y = ref["y"]
+    m, k = p["x"].shape
+    if backend == "cpu" and m <= cpu_qlora.GEMV_MAX_ROWS:
+        # x @ W^T is the C++ GEMV here: summation depth 2 * (blocksize + K / blocksize) + 8 and
+        # one more rounding from factoring each block's absmax out (tests/test_gemv_cpu.py)
+        bs = p["state"].blocksize
+        depth = 2 * (bs + -(-k // bs)) + 9
+        s_base = p["x"].double().abs() @ p["w"].abs().T
+        os_ = p["out_scale"].double().abs() if p["out_scale"] is not None else 1.0
+        tol_y = tol_y + os_ * depth * 2.0**-24 * s_base * 1.01  # 1.01: gamma_h vs h*u at these h
     assert y.dtype == dt
-    assert_within(y.detach(), *ref["y"], f"{backend} y")
+    assert_within(y.detach(), y_want, tol_y, f"{backend} y")
     assert_within(x.grad, *ref["dx"], f"{backend} dx")
     assert_within(a.grad, *ref["dA"], f"{backend} dA")
     assert_within(b.grad, *ref["dB"], f"{backend} dB")

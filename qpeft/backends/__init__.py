@@ -8,6 +8,7 @@ when a kernel is first chosen.
 """
 
 from .cpu import ops as _cpu_ops  # noqa: F401
+from .cpu import gemv as _cpu_gemv  # noqa: F401
 from .cpu import qlora as _cpu_qlora  # noqa: F401
 from .cuda import ops as _cuda_ops  # noqa: F401
 from .cuda_emulated import ops as _cuda_emulated_ops  # noqa: F401

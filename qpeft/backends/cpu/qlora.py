@@ -13,7 +13,8 @@ elements (a few rows of W) at a time, into one reused buffer:
 Each output element is the fp32 dot product the reference (``backends/default/qlora.py``)
 computes, but the GEMM library may split K differently for a panel than for all of W,
 and dx = dy @ W accumulates panel by panel: the same products, summed in another order.
-Both stay within the fp32 dot-product bounds tests/test_qlora_cpu.py derives.
+For M <= 8 the forward's x @ W^T is the C++ GEMV of ``qpeft::gemv_4bit`` instead (W read
+once, packed). All stay within the fp32 dot-product bounds tests/test_qlora_cpu.py derives.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ from ..default.qlora import check_backward, validate
 PANEL_ELEMS = 1 << 22
 
 _workspace = threading.local()
+
+# Up to this many rows of x the forward's x @ W^T runs as the C++ GEMV (qpeft::gemv_4bit's
+# row limit); the LoRA terms stay torch matmuls.
+GEMV_MAX_ROWS = 8
 
 
 def _panel_buffer(numel: int) -> torch.Tensor:
@@ -97,10 +102,15 @@ def qlora_linear(
              n, k, lora_a, lora_b, bias, rank_scale, out_scale)  # fmt: skip
     cdt = _compute_dtype(x)
     xc = x.to(cdt)
-    base = torch.empty((x.shape[0], n), dtype=cdt)
-    for r0, r1, w in _decode_panels(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                                    quant_type, n, k):  # fmt: skip
-        base[:, r0:r1] = F.linear(xc, w.to(cdt))
+    if cdt == torch.float32 and 1 <= x.shape[0] <= GEMV_MAX_ROWS:
+        # decode-sized M: the fused GEMV reads the packed codes once instead of decoding panels
+        base = kernel_for("gemv_4bit", x.device)(xc, packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                                 nested_blocksize, quant_type, n, k)  # fmt: skip
+    else:
+        base = torch.empty((x.shape[0], n), dtype=cdt)
+        for r0, r1, w in _decode_panels(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                        nested_blocksize, quant_type, n, k):  # fmt: skip
+            base[:, r0:r1] = F.linear(xc, w.to(cdt))
     xa = F.linear(xc, lora_a.to(cdt))
     t = xa * scaling
     if rank_scale is not None:
