@@ -8,6 +8,7 @@ from . import _ops  # noqa: F401
 from . import backends  # noqa: F401
 from . import functional
 from . import nn
+from . import optim
 from ._registry import BackendUnavailableError, available_backends, current_backend, use_backend
 from .quant_state import QuantState
 from .convert import add_adapter, convert, disable_adapters, merge_adapters, set_adapter, unmerge_adapters
@@ -28,6 +29,7 @@ __all__ = [
     "load_quantized",
     "merge_adapters",
     "nn",
+    "optim",
     "save_adapter",
     "save_quantized",
     "set_adapter",

@@ -63,7 +63,7 @@ def _transformers():
     except ImportError:
         raise SystemExit(
             "python -m qpeft demo builds its model with Hugging Face transformers, which is not installed: "
-            "pip install transformers (or pip install 'qpeft[test]')"
+            "pip install transformers (or pip install 'qpeft[demo]')"
         ) from None
     return transformers
 
