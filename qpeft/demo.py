@@ -37,8 +37,9 @@ BOS = ord("\n")  # generation starts from a newline
 
 
 def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
-    """The demo's optimizer, chosen in this one place."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    """The demo's optimizer, chosen in this one place: QLoRA's paged AdamW with fp32 state
+    (8 bytes per trainable parameter; in CUDA unified memory on a GPU, host memory here)."""
+    return qpeft.optim.PagedAdamW(params, lr=lr, weight_decay=0.0)
 
 
 class ByteTokenizer:
@@ -113,7 +114,8 @@ def _mib(n: float) -> str:
 
 def _memory_table(model, trainable: int, total: int, weights_after: int) -> list[str]:
     """Weights + gradients + AdamW state: this run against full 16-bit fine-tuning of every
-    parameter (bf16 weights and gradients, fp32 AdamW moments: 2 + 2 + 8 bytes/param)."""
+    parameter (bf16 weights and gradients, fp32 AdamW moments: 2 + 2 + 8 bytes/param). The
+    run's optimizer state is PagedAdamW's 8 bytes per trainable parameter."""
     grads_q = 4 * trainable  # fp32 adapter gradients
     adam_q = 8 * trainable  # two fp32 moments per adapter parameter
     full_w, full_g, full_o = 2 * total, 2 * total, 8 * total

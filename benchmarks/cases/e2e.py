@@ -1,0 +1,88 @@
+"""One end-to-end QLoRA training step of the demo model (``python -m qpeft demo``'s
+Llama-architecture model, built offline from a transformers config): forward, loss,
+backward and optimizer step on a batch of 8 x 64 tokens, r = 8 on every projection.
+
+Implementations: qpeft (``qpeft.convert`` + ``qpeft.optim.PagedAdamW``, the demo's
+setup) and HF PEFT LoRA over bitsandbytes' ``Linear4bit`` (fp32 compute, the same
+quantized bytes) with ``torch.optim.AdamW``. fp32 weights: the demo's dtype on CPU.
+
+Check: the first step's loss of each implementation equals qpeft's within 1e-4 relative.
+Both start from the same weights and the same quantized bytes with B = 0 adapters, so
+their first forward is the same fp32 network evaluated in another order; fp32 rounding
+over a few layers of width <= 688 moves a loss of ~5.5 by ~1e-6 relative, so 1e-4 leaves
+room while a wrong layer (an unquantized weight, a missing adapter) moves it by more.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import qpeft
+
+from ..harness import Case, Impl
+from .peers import optional
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BATCH, SEQ, RANK, LR = 8, 64, 8, 1e-3
+
+
+def _base(size: str):
+    from qpeft import demo
+
+    model, _ = demo.build_model(size, SEQ, seed=0)
+    return model
+
+
+def _bnb_linear(lin):
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")  # fmt: skip
+    layer.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4", blocksize=64)  # fmt: skip
+    return layer.to("cpu")  # bitsandbytes quantizes on the move to a device
+
+
+def _trainer(model, opt, ids):
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    if device != "cpu" or optional("transformers") is None:
+        return []
+    size = "tiny" if quick else "small"
+    base = _base(size)
+    ids = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    ours = copy.deepcopy(base)
+    qpeft.convert(ours, r=RANK, alpha=2 * RANK, verbose=False)
+    ours_opt = qpeft.optim.PagedAdamW([p for p in ours.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    impls = [Impl("qpeft convert + PagedAdamW", _trainer(ours, ours_opt, ids))]
+    with torch.no_grad():
+        want = float(copy.deepcopy(ours)(input_ids=ids, labels=ids).loss)
+
+    def close(loss):
+        assert abs(float(loss) - want) <= 1e-4 * abs(want), f"first-step loss {float(loss)} vs qpeft's {want}"
+
+    impls[0].check = close
+    peft, bnb = optional("peft"), optional("bitsandbytes")
+    if peft is not None and bnb is not None:
+        theirs = copy.deepcopy(base)
+        for name, m in list(theirs.named_modules()):
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJ:
+                parent, _, attr = name.rpartition(".")
+                setattr(theirs.get_submodule(parent), attr, _bnb_linear(m))
+        theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=PROJ))
+        opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+        impls.append(Impl("peft+bnb + torch AdamW", _trainer(theirs, opt, ids), close))
+    params = sum(p.numel() for p in base.parameters())
+    return [Case("QLoRA training step (demo model)", f"{size} {params / 1e6:.1f}M params, {BATCH}x{SEQ} tokens",
+                 impls)]  # fmt: skip
