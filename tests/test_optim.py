@@ -256,6 +256,31 @@ def test_paged_adamw_matches_torch_adamw(one_thread):
         assert (a - b).norm() <= 1e-6 * b.norm(), f"param {i}"
 
 
+def test_lion_matches_the_published_update(one_thread):
+    """Lion (Chen et al. 2023, Algorithm 2, as lion-pytorch / bitsandbytes apply it):
+    p <- p * (1 - lr*wd) - lr * sign(beta1*m + (1-beta1)*g);  m <- beta2*m + (1-beta2)*g,
+    written here with plain fp32 torch ops, over 30 steps with two param groups."""
+    torch.manual_seed(0)
+    init = [torch.randn(40, 30), torch.randn(17)]
+    ours_p = [torch.nn.Parameter(t.clone()) for t in init]
+    ref_p = [t.clone() for t in init]
+    m_ref = [torch.zeros_like(t) for t in init]
+    hp = [(3e-3, (0.9, 0.99), 0.1), (1e-3, (0.95, 0.98), 0.0)]
+    opt = qo.Lion([{"params": [p], "lr": lr, "betas": b, "weight_decay": wd} for p, (lr, b, wd) in zip(ours_p, hp)])
+    f = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731  (fp32 scalars)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        for i, (p, (lr, (b1, b2), wd)) in enumerate(zip(ours_p, hp)):
+            p.grad = torch.randn(p.shape, generator=g)
+            x = ref_p[i] * f(1 - lr * wd)
+            update = torch.sign(m_ref[i] * f(b1) + p.grad * f(1 - b1))
+            ref_p[i] = x + f(-lr) * update
+            m_ref[i] = m_ref[i] * f(b2) + p.grad * f(1 - b2)
+        opt.step()
+    for i, (a, b) in enumerate(zip(ours_p, ref_p)):
+        assert_bits_equal(a.detach(), b, f"param {i}")
+
+
 # --- 8-bit state quality ----------------------------------------------------------------
 
 
