@@ -5,6 +5,11 @@ torch.optim.AdamW (single-tensor, foreach, fused) vs bitsandbytes' AdamW8bit on 
 
 Two parameter sets of the same total size: one large tensor (streaming, the
 roofline case) and many LoRA-sized tensors (where per-tensor overhead shows).
+
+Run it twice: as is, and with OMP_WAIT_POLICY=PASSIVE. By default torch's OpenMP
+workers spin for milliseconds after every torch op, holding the second core
+while qpeft's own thread pool (or anything else) wants it: a qpeft step right
+after a torch step runs partly on one core. With PASSIVE they sleep at once.
 Implementations are timed round-robin (one step each per round) so that load
 from other processes on the shared machine hits all of them alike; the table
 gives medians. Before timing, qpeft's steps are checked bit for bit against the
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 import warnings
@@ -182,6 +188,10 @@ def main(argv=None) -> None:
         "against the pure-torch reference first."
     )
     name = "optim_cpu_quick" if args.quick else "optim_cpu"
+    wait_policy = os.environ.get("OMP_WAIT_POLICY", "")
+    if wait_policy:  # torch's OpenMP workers spin (default) or sleep (passive) between torch ops
+        name += f"_omp_{wait_policy.lower()}"
+        header += f" OMP_WAIT_POLICY={wait_policy}."
     text = f"# {name}\n\n{header}\n\n{markdown(results)}\n\n{notes}\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.md").write_text(text)
