@@ -300,6 +300,30 @@ _OPTIM_OPS = {
         "float lr, float beta1, float beta2, float weight_decay",
         (0, 2, 3),
     ),
+    # The same steps over lists of parameters (one param group's worth): equal to
+    # calling the single-tensor op on each, but one native call and, on CPU, one
+    # parallel region for the whole list. steps[i] is the step count of params[i].
+    "adamw32_multi_step_": (
+        "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "float lr, float beta1, float beta2, float eps, float weight_decay, int[] steps",
+        (0, 2, 3),
+    ),
+    "adamw8bit_multi_step_": (
+        "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_qs, Tensor(c!)[] exp_avg_absmaxes, "
+        "Tensor(d!)[] exp_avg_sq_qs, Tensor(e!)[] exp_avg_sq_absmaxes, Tensor qmap_signed, Tensor qmap_unsigned, "
+        "float lr, float beta1, float beta2, float eps, float weight_decay, int[] steps",
+        (0, 2, 3, 4, 5),
+    ),
+    "lion32_multi_step_": (
+        "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, float beta1, float beta2, "
+        "float weight_decay",
+        (0, 2),
+    ),
+    "lion8bit_multi_step_": (
+        "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg_qs, Tensor(c!)[] exp_avg_absmaxes, "
+        "Tensor qmap_signed, float lr, float beta1, float beta2, float weight_decay",
+        (0, 2, 3),
+    ),
 }
 
 
@@ -307,7 +331,16 @@ def _define_step_op(name: str, schema: str, mutated: tuple[int, ...]) -> None:
     _optim_lib.define(f"{name}({schema}) -> ()")
 
     def impl(*args):
-        kernel_for(name, args[0].device)(*args)
+        first = args[0]
+        if isinstance(first, (list, tuple)):  # multi-tensor op
+            if not first:
+                return
+            kernel_for(name, first[0].device)(*args)
+            for i in mutated:
+                for t in args[i]:
+                    torch.autograd.graph.increment_version(t)
+            return
+        kernel_for(name, first.device)(*args)
         for i in mutated:
             torch.autograd.graph.increment_version(args[i])
 

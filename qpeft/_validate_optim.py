@@ -88,3 +88,14 @@ def lion8bit(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed) -> None:
     _state(exp_avg_q, "exp_avg_q", torch.uint8, n, param.device)
     _state(exp_avg_absmax, "exp_avg_absmax", torch.float32, state_blocks(n), param.device)
     _qmap(qmap_signed, "qmap_signed", param.device)
+
+
+def lists(*named: tuple[str, list]) -> None:
+    """The lists of a multi-tensor op: equal lengths, one device."""
+    n = len(named[0][1])
+    for name, lst in named:
+        if len(lst) != n:
+            raise ValueError(f"{name} holds {len(lst)} tensors but {named[0][0]} holds {n}")
+    devices = {t.device for _, lst in named if isinstance(lst[0] if lst else None, torch.Tensor) for t in lst}
+    if len(devices) > 1:
+        raise ValueError(f"a multi-tensor step needs all tensors on one device, got {sorted(map(str, devices))}")

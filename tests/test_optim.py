@@ -129,6 +129,50 @@ def test_native_equals_reference(op, dtype):
                 assert_bits_equal(a, b, f"{op} {dtype} n={n} isa={isa} output {i}")
 
 
+def _multi_call(op, params, grads, states, steps, lr=1e-2, wd=0.1):
+    cols = list(zip(*states)) if states else []
+    cols = [list(c) for c in cols]
+    if op == "adamw32":
+        torch.ops.qpeft.adamw32_multi_step_(params, grads, *cols, lr, 0.9, 0.999, 1e-8, wd, steps)
+    elif op == "adamw8bit":
+        torch.ops.qpeft.adamw8bit_multi_step_(params, grads, *cols, SIGNED, UNSIGNED, lr, 0.9, 0.999, 1e-8, wd, steps)
+    elif op == "lion32":
+        torch.ops.qpeft.lion32_multi_step_(params, grads, *cols, lr, 0.9, 0.99, wd)
+    else:
+        torch.ops.qpeft.lion8bit_multi_step_(params, grads, *cols, SIGNED, lr, 0.9, 0.99, wd)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_multi_tensor_ops_equal_single_tensor_reference(op):
+    """The multi-tensor ops (one native call, one parallel region per list) equal the
+    single-tensor reference on every tensor: mixed dtypes and sizes (tensors smaller
+    than a thread's share and ones split across threads), per-tensor step counts."""
+    sizes = [1, 300, 4096, 70_001, 257, 130_000]
+    dtypes = [DTYPES[i % 3] for i in range(len(sizes))]
+    steps = [1, 5, 2, 9, 1, 3]
+    g = torch.Generator().manual_seed(11)
+    p0 = [torch.randn(n, generator=g).to(dt) for n, dt in zip(sizes, dtypes)]
+    grads = [(torch.randn(n, generator=g) * 1e-2).to(dt) for n, dt in zip(sizes, dtypes)]
+    want_p = [p.clone() for p in p0]
+    want_s = [_new_state(op, n) for n in sizes]
+    with qpeft.use_backend("default"):
+        for p, gr, st, k in zip(want_p, grads, want_s, steps):
+            _step(op, p, gr, st, k)
+    for isa in _isas():
+        got_p = [p.clone() for p in p0]
+        got_s = [_new_state(op, n) for n in sizes]
+        prev = cpu_module().set_isa(isa)
+        try:
+            with qpeft.use_backend("cpu"):
+                _multi_call(op, got_p, grads, got_s, steps)
+        finally:
+            cpu_module().set_isa(prev)
+        for i in range(len(sizes)):
+            assert_bits_equal(got_p[i], want_p[i], f"{op} {isa} param {i}")
+            for j, (a, b) in enumerate(zip(got_s[i], want_s[i])):
+                assert_bits_equal(a, b, f"{op} {isa} tensor {i} state {j}")
+
+
 @pytest.mark.parametrize("op", ["adamw32", "adamw8bit"])
 def test_lerp_from_grad_branch(op):
     """beta1 <= 0.5: torch's lerp then works from the gradient end (lerp_from_grad)."""
@@ -215,6 +259,14 @@ def test_opcheck(backend, op):
         args = (p, g, *state, SIGNED, 1e-4, 0.9, 0.99, 0.0)
     with qpeft.use_backend(backend):
         torch.library.opcheck(getattr(torch.ops.qpeft, f"{op}_step_").default, args)
+        # the multi-tensor op on two tensors
+        q, gq = torch.randn(300), torch.randn(300)
+        st2 = _new_state(op, 300)
+        lists = [[p, q], [g, gq], *[[a, b] for a, b in zip(state, st2)]]
+        rest = list(args[2 + len(state):])
+        if op.startswith("adamw"):
+            rest[-1] = [1, 2]  # steps per tensor
+        torch.library.opcheck(getattr(torch.ops.qpeft, f"{op}_multi_step_").default, (*lists, *rest))
 
 
 # --- AdamW against torch.optim.AdamW ---------------------------------------------------
@@ -254,6 +306,31 @@ def test_paged_adamw_matches_torch_adamw(one_thread):
         diff = (a - b).abs().max().item()
         assert diff <= 1e-6 * b.abs().max().item(), f"param {i}: max diff {diff}"
         assert (a - b).norm() <= 1e-6 * b.norm(), f"param {i}"
+
+
+def test_lion_matches_the_published_update(one_thread):
+    """Lion (Chen et al. 2023, Algorithm 2, as lion-pytorch / bitsandbytes apply it):
+    p <- p * (1 - lr*wd) - lr * sign(beta1*m + (1-beta1)*g);  m <- beta2*m + (1-beta2)*g,
+    written here with plain fp32 torch ops, over 30 steps with two param groups."""
+    torch.manual_seed(0)
+    init = [torch.randn(40, 30), torch.randn(17)]
+    ours_p = [torch.nn.Parameter(t.clone()) for t in init]
+    ref_p = [t.clone() for t in init]
+    m_ref = [torch.zeros_like(t) for t in init]
+    hp = [(3e-3, (0.9, 0.99), 0.1), (1e-3, (0.95, 0.98), 0.0)]
+    opt = qo.Lion([{"params": [p], "lr": lr, "betas": b, "weight_decay": wd} for p, (lr, b, wd) in zip(ours_p, hp)])
+    f = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731  (fp32 scalars)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        for i, (p, (lr, (b1, b2), wd)) in enumerate(zip(ours_p, hp)):
+            p.grad = torch.randn(p.shape, generator=g)
+            x = ref_p[i] * f(1 - lr * wd)
+            update = torch.sign(m_ref[i] * f(b1) + p.grad * f(1 - b1))
+            ref_p[i] = x + f(-lr) * update
+            m_ref[i] = m_ref[i] * f(b2) + p.grad * f(1 - b2)
+        opt.step()
+    for i, (a, b) in enumerate(zip(ours_p, ref_p)):
+        assert_bits_equal(a.detach(), b, f"param {i}")
 
 
 # --- 8-bit state quality ----------------------------------------------------------------
@@ -485,6 +562,19 @@ def test_op_argument_errors(backend):
             torch.ops.qpeft.adamw8bit_step_(p, g, q1, a1, q2, a2, SIGNED, UNSIGNED[:255], 1e-3, 0.9, 0.999, 1e-8, 0, 1)
         with pytest.raises(ValueError, match="sorted"):
             torch.ops.qpeft.lion8bit_step_(p, g, q1, a1, SIGNED.flip(0), 1e-4, 0.9, 0.99, 0.0)
+
+
+@pytest.mark.parametrize("backend", ["default", "cpu"])
+def test_multi_op_argument_errors(backend):
+    p, g, m, v = torch.randn(10), torch.randn(10), torch.zeros(10), torch.zeros(10)
+    with qpeft.use_backend(backend):
+        with pytest.raises(ValueError, match="exp_avgs holds 1 tensors but params holds 2"):
+            torch.ops.qpeft.adamw32_multi_step_([p, p.clone()], [g, g], [m], [v, v], 1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1])
+        with pytest.raises(ValueError, match="steps holds 0 tensors but params holds 1"):
+            torch.ops.qpeft.adamw32_multi_step_([p], [g], [m], [v], 1e-3, 0.9, 0.999, 1e-8, 0.0, [])
+        with pytest.raises(ValueError, match="exp_avg has 9 elements"):
+            torch.ops.qpeft.lion32_multi_step_([p], [g], [m[:9]], 1e-4, 0.9, 0.99, 0.0)
+    torch.ops.qpeft.adamw32_multi_step_([], [], [], [], 1e-3, 0.9, 0.999, 1e-8, 0.0, [])  # nothing to do
 
 
 def test_native_rechecks_sizes():

@@ -153,6 +153,41 @@ PYBIND11_MODULE(_C, m) {
         py::arg("exp_avg_q_len"), py::arg("exp_avg_absmax"), py::arg("exp_avg_absmax_len"), py::arg("qmap_signed"),
         py::arg("scalars"), py::arg("num_threads"), "Lion step with blockwise 8-bit state, in place.");
 
+  // Multi-tensor steps: rows of integers per tensor and one scalars tuple per tensor.
+  m.def("adamw32_multi_step", [](const std::vector<std::vector<int64_t>>& rows,
+                                 const std::vector<std::vector<double>>& scalars, int num_threads) {
+    std::vector<qpeft::AdamScalars> s;
+    for (const auto& v : scalars) s.push_back(adam_scalars("adamw32_multi_step", v));
+    py::gil_scoped_release nogil_;
+    qc::adamw32_multi_step(rows, s, num_threads);
+  }, py::arg("rows"), py::arg("scalars"), py::arg("num_threads"),
+        "adamw32_step over a list: rows of (param, grad, dtype, n, exp_avg, exp_avg_len, exp_avg_sq, "
+        "exp_avg_sq_len), one scalars tuple per row; one parallel region.");
+  m.def("adamw8bit_multi_step", [](const std::vector<std::vector<int64_t>>& rows, uintptr_t code1,
+                                   uintptr_t code2, const std::vector<std::vector<double>>& scalars,
+                                   int num_threads) {
+    std::vector<qpeft::AdamScalars> s;
+    for (const auto& v : scalars) s.push_back(adam_scalars("adamw8bit_multi_step", v));
+    py::gil_scoped_release nogil_;
+    qc::adamw8bit_multi_step(rows, code1, code2, s, num_threads);
+  }, py::arg("rows"), py::arg("qmap_signed"), py::arg("qmap_unsigned"), py::arg("scalars"),
+        py::arg("num_threads"), "adamw8bit_step over a list (rows of 12 values, see adamw8bit_step).");
+  m.def("lion32_multi_step", [](const std::vector<std::vector<int64_t>>& rows,
+                                const std::vector<std::vector<double>>& scalars, int num_threads) {
+    std::vector<qpeft::LionScalars> s;
+    for (const auto& v : scalars) s.push_back(lion_scalars("lion32_multi_step", v));
+    py::gil_scoped_release nogil_;
+    qc::lion32_multi_step(rows, s, num_threads);
+  }, py::arg("rows"), py::arg("scalars"), py::arg("num_threads"), "lion32_step over a list (rows of 6 values).");
+  m.def("lion8bit_multi_step", [](const std::vector<std::vector<int64_t>>& rows, uintptr_t code1,
+                                  const std::vector<std::vector<double>>& scalars, int num_threads) {
+    std::vector<qpeft::LionScalars> s;
+    for (const auto& v : scalars) s.push_back(lion_scalars("lion8bit_multi_step", v));
+    py::gil_scoped_release nogil_;
+    qc::lion8bit_multi_step(rows, code1, s, num_threads);
+  }, py::arg("rows"), py::arg("qmap_signed"), py::arg("scalars"), py::arg("num_threads"),
+        "lion8bit_step over a list (rows of 8 values).");
+
   m.def("state_table_exact", &qc::state_table_exact, py::arg("code"),
         "True when the 8-bit state encoder for this fp32[256] map (pointer) uses its one-compare key table.");
 

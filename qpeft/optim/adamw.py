@@ -49,17 +49,22 @@ class _AdamWBase(QpeftOptimizer):
             state_memory=state_memory,
         )
 
-    def _update(self, p, grad, group, state) -> None:
+    def _update(self, items, group, eight_bit) -> None:
         beta1, beta2 = group["betas"]
         hp = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
-        if self.uses_8bit(p):
-            signed, unsigned = self._qmaps(p.device)
-            torch.ops.qpeft.adamw8bit_step_(
-                p, grad, state["exp_avg_q"], state["exp_avg_absmax"], state["exp_avg_sq_q"],
-                state["exp_avg_sq_absmax"], signed, unsigned, *hp, state["step"],
+        params, grads, states = (list(x) for x in zip(*items))
+        steps = [st["step"] for st in states]
+        if eight_bit:
+            signed, unsigned = self._qmaps(params[0].device)
+            torch.ops.qpeft.adamw8bit_multi_step_(
+                params, grads, [st["exp_avg_q"] for st in states], [st["exp_avg_absmax"] for st in states],
+                [st["exp_avg_sq_q"] for st in states], [st["exp_avg_sq_absmax"] for st in states],
+                signed, unsigned, *hp, steps,
             )  # fmt: skip
         else:
-            torch.ops.qpeft.adamw32_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], *hp, state["step"])
+            torch.ops.qpeft.adamw32_multi_step_(
+                params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], *hp, steps
+            )
 
 
 class AdamW(_AdamWBase):

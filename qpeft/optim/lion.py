@@ -44,14 +44,17 @@ class _LionBase(QpeftOptimizer):
             state_memory=state_memory,
         )
 
-    def _update(self, p, grad, group, state) -> None:
+    def _update(self, items, group, eight_bit) -> None:
         beta1, beta2 = group["betas"]
         hp = (float(group["lr"]), float(beta1), float(beta2), float(group["weight_decay"]))
-        if self.uses_8bit(p):
-            signed, _ = self._qmaps(p.device)
-            torch.ops.qpeft.lion8bit_step_(p, grad, state["exp_avg_q"], state["exp_avg_absmax"], signed, *hp)
+        params, grads, states = (list(x) for x in zip(*items))
+        if eight_bit:
+            signed, _ = self._qmaps(params[0].device)
+            torch.ops.qpeft.lion8bit_multi_step_(
+                params, grads, [st["exp_avg_q"] for st in states], [st["exp_avg_absmax"] for st in states], signed, *hp
+            )
         else:
-            torch.ops.qpeft.lion32_step_(p, grad, state["exp_avg"], *hp)
+            torch.ops.qpeft.lion32_multi_step_(params, grads, [st["exp_avg"] for st in states], *hp)
 
 
 class Lion(_LionBase):

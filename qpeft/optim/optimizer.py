@@ -122,8 +122,10 @@ class QpeftOptimizer(torch.optim.Optimizer):
 
     # --- the step ---------------------------------------------------------------------
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        raise NotImplementedError  # subclasses call their torch.ops.qpeft step op
+    def _update(self, items: list, group: dict[str, Any], eight_bit: bool) -> None:
+        """Update (param, grad, state) items of one group, device and state layout:
+        subclasses call their torch.ops.qpeft multi-tensor step op once."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -155,14 +157,19 @@ class QpeftOptimizer(torch.optim.Optimizer):
                 by_device[p.device].extend(self._state_tensors(state))
             for device, tensors in by_device.items():
                 self._pager.before_update(tensors, device)
+            # One op call per (device, state layout): on CPU one parallel region for
+            # all of the group's tensors. The op updates in place, so a non-contiguous
+            # parameter is stepped as a contiguous copy and written back.
+            batches: dict[tuple[torch.device, bool], list] = defaultdict(list)
             for p, grad, state in todo:
                 state["step"] += 1
-                if p.is_contiguous():
-                    self._update(p, grad, group, state)
-                else:  # the op updates in place: step a contiguous copy and write it back
-                    work = p.contiguous()
-                    self._update(work, grad, group, state)
-                    p.copy_(work)
+                work = p if p.is_contiguous() else p.contiguous()
+                batches[(p.device, self.uses_8bit(p))].append((work, grad, state, p))
+            for (_, eight_bit), items in batches.items():
+                self._update([(w, g, st) for w, g, st, _ in items], group, eight_bit)
+                for work, _, _, p in items:
+                    if work is not p:
+                        p.copy_(work)
             for device, tensors in by_device.items():
                 self._pager.after_update(tensors, device)
         return loss

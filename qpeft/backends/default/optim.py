@@ -158,3 +158,43 @@ def lion8bit_step_(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed, lr, beta
     q, absmax = quantize_state(m, qmap_signed)
     exp_avg_q.copy_(q.view(exp_avg_q.shape))
     exp_avg_absmax.copy_(absmax.view(exp_avg_absmax.shape))
+
+
+# --- multi-tensor ops: the single-tensor reference on each --------------------------------
+
+
+@register_kernel("adamw32_multi_step_", "default")
+def adamw32_multi_step_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, steps):
+    _validate_optim.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
+                          ("exp_avg_sqs", exp_avg_sqs), ("steps", steps))  # fmt: skip
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        adamw32_step_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+
+
+@register_kernel("adamw8bit_multi_step_", "default")
+def adamw8bit_multi_step_(
+    params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes, qmap_signed, qmap_unsigned,
+    lr, beta1, beta2, eps, weight_decay, steps,
+):  # fmt: skip
+    _validate_optim.lists(("params", params), ("grads", grads), ("exp_avg_qs", exp_avg_qs),
+                          ("exp_avg_absmaxes", exp_avg_absmaxes), ("exp_avg_sq_qs", exp_avg_sq_qs),
+                          ("exp_avg_sq_absmaxes", exp_avg_sq_absmaxes), ("steps", steps))  # fmt: skip
+    for p, g, q1, a1, q2, a2, step in zip(
+        params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes, steps
+    ):
+        adamw8bit_step_(p, g, q1, a1, q2, a2, qmap_signed, qmap_unsigned, lr, beta1, beta2, eps, weight_decay, step)
+
+
+@register_kernel("lion32_multi_step_", "default")
+def lion32_multi_step_(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
+    _validate_optim.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs))
+    for p, g, m in zip(params, grads, exp_avgs):
+        lion32_step_(p, g, m, lr, beta1, beta2, weight_decay)
+
+
+@register_kernel("lion8bit_multi_step_", "default")
+def lion8bit_multi_step_(params, grads, exp_avg_qs, exp_avg_absmaxes, qmap_signed, lr, beta1, beta2, weight_decay):
+    _validate_optim.lists(("params", params), ("grads", grads), ("exp_avg_qs", exp_avg_qs),
+                          ("exp_avg_absmaxes", exp_avg_absmaxes))  # fmt: skip
+    for p, g, q1, a1 in zip(params, grads, exp_avg_qs, exp_avg_absmaxes):
+        lion8bit_step_(p, g, q1, a1, qmap_signed, lr, beta1, beta2, weight_decay)
