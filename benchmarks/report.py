@@ -40,7 +40,7 @@ def markdown(results: list[Result], limits: dict) -> str:
                 "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
         for r in rows:
             if r.timing is None:
-                out.append(f"| {r.label} | {r.impl} | failed: {r.error} | | | | | |")
+                out.append(f"| {r.label} | {r.impl} | not timed: {r.error} | | | | | |")
                 continue
             base = _qpeft_ms(results, r.group, r.label)
             ratio = f"{r.timing.median_ms / base:.2f}x" if base else "-"

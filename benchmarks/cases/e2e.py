@@ -6,11 +6,13 @@ Implementations: qpeft (``qpeft.convert`` + ``qpeft.optim.PagedAdamW``, the demo
 setup) and HF PEFT LoRA over bitsandbytes' ``Linear4bit`` (fp32 compute, the same
 quantized bytes) with ``torch.optim.AdamW``. fp32 weights: the demo's dtype on CPU.
 
-Check: the first step's loss of each implementation equals qpeft's within 1e-4 relative.
-Both start from the same weights and the same quantized bytes with B = 0 adapters, so
-their first forward is the same fp32 network evaluated in another order; fp32 rounding
-over a few layers of width <= 688 moves a loss of ~5.5 by ~1e-6 relative, so 1e-4 leaves
-room while a wrong layer (an unquantized weight, a missing adapter) moves it by more.
+Check: the first step's loss of each implementation equals, within 1e-4 relative, the
+loss of the fp32 model whose projections hold the exactly dequantized 4-bit weights.
+With B = 0 adapters the first forward is that network evaluated in another order; fp32
+rounding over a few layers of width <= 688 moves a loss of ~5.5 by ~1e-6 relative, so
+1e-4 leaves room while a wrong layer moves it by more. (bitsandbytes 0.50.2's CPU
+Linear4bit fails it on this model: its output is 23% off the dequantized product for the
+688-wide down_proj, whose rows do not hold whole blocks of 64, with the same bytes.)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import copy
 import torch
 
 import qpeft
+import qpeft.functional as qf
 
 from ..harness import Case, Impl
 from .peers import optional
@@ -62,17 +65,22 @@ def cases(device: str, quick: bool) -> list[Case]:
     size = "tiny" if quick else "small"
     base = _base(size)
     ids = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    dequantized = copy.deepcopy(base)
+    for name, m in dequantized.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJ:
+            with qpeft.use_backend("default"):
+                m.weight.data = qf.dequantize_4bit(*qf.quantize_4bit(m.weight.data, 64, "nf4", True))
+    with torch.no_grad():
+        want = float(dequantized(input_ids=ids, labels=ids).loss)
+
+    def close(loss):
+        err = abs(float(loss) - want) / abs(want)
+        assert err <= 1e-4, f"first-step loss {float(loss):.6f}, the dequantized model's {want:.6f} ({err:.1e} off)"
+
     ours = copy.deepcopy(base)
     qpeft.convert(ours, r=RANK, alpha=2 * RANK, verbose=False)
     ours_opt = qpeft.optim.PagedAdamW([p for p in ours.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
-    impls = [Impl("qpeft convert + PagedAdamW", _trainer(ours, ours_opt, ids))]
-    with torch.no_grad():
-        want = float(copy.deepcopy(ours)(input_ids=ids, labels=ids).loss)
-
-    def close(loss):
-        assert abs(float(loss) - want) <= 1e-4 * abs(want), f"first-step loss {float(loss)} vs qpeft's {want}"
-
-    impls[0].check = close
+    impls = [Impl("qpeft convert + PagedAdamW", _trainer(ours, ours_opt, ids), close)]
     peft, bnb = optional("peft"), optional("bitsandbytes")
     if peft is not None and bnb is not None:
         theirs = copy.deepcopy(base)
