@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._registry import kernel_for, register_kernel
-from ..default.qlora import check_backward, validate
+from ..default.qlora import backward_from, check_backward, validate
 
 # Elements of W decoded per panel: 4M fp32 = 16 MiB, 1024 rows of a 4096-wide weight.
 # On the dev box (M=1, K=N=4096, NF4+DQ): 5.9 ms with 1024-row panels, 20 ms with 256
@@ -131,27 +131,13 @@ def qlora_linear_backward(
     validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
              n, k, lora_a, lora_b, None, rank_scale, out_scale)  # fmt: skip
     check_backward(grad_y, x, xa, lora_a, n, need_db)
-    cdt = _compute_dtype(x)
-    dy = grad_y.to(cdt)
-    if out_scale is not None:
-        dy = dy * out_scale.to(cdt)
-    rs = None if rank_scale is None else rank_scale.to(cdt)
-    a, b = lora_a.to(cdt), lora_b.to(cdt)
-    dx, da, db, dbias = (x.new_empty((0,)) for _ in range(4))  # distinct: outputs must not alias
-    if need_dx or need_da:
-        g = dy @ b  # [M, r]
-        gs = g * scaling if rs is None else g * scaling * rs
-        if need_dx:
-            acc = gs @ a  # the LoRA term first, then W's panels accumulate onto it
-            for r0, r1, w in _decode_panels(packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                            nested_blocksize, quant_type, n, k):  # fmt: skip
-                acc.addmm_(dy[:, r0:r1], w.to(cdt))
-            dx = acc.to(x.dtype)
-        if need_da:
-            da = (gs.T @ x.to(cdt)).to(lora_a.dtype)
-    if need_db:
-        xs = xa.to(cdt) * scaling if rs is None else xa.to(cdt) * scaling * rs
-        db = (dy.T @ xs).to(lora_b.dtype)
-    if need_dbias:
-        dbias = dy.sum(0).to(grad_y.dtype)
-    return dx, da, db, dbias
+
+    def dy_w(dy, cdt):  # dy @ W, W's panels accumulated one after another
+        acc = torch.zeros((dy.shape[0], k), dtype=cdt)
+        for r0, r1, w in _decode_panels(packed, absmax, nested_absmax, nested_code, offset, blocksize,
+                                        nested_blocksize, quant_type, n, k):  # fmt: skip
+            acc.addmm_(dy[:, r0:r1], w.to(cdt))
+        return acc
+
+    return backward_from(dy_w, grad_y, x, lora_a, lora_b, xa, scaling, rank_scale, out_scale,
+                         need_dx, need_da, need_db, need_dbias)  # fmt: skip

@@ -114,6 +114,21 @@ def qlora_linear_backward(
     validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
              n, k, lora_a, lora_b, None, rank_scale, out_scale)  # fmt: skip
     check_backward(grad_y, x, xa, lora_a, n, need_db)
+
+    def dy_w(dy, cdt):  # dy @ W with all of W decoded
+        w = dequantize_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                              quant_type, n, k).to(cdt)  # fmt: skip
+        return dy @ w
+
+    return backward_from(dy_w, grad_y, x, lora_a, lora_b, xa, scaling, rank_scale, out_scale,
+                         need_dx, need_da, need_db, need_dbias)  # fmt: skip
+
+
+def backward_from(dy_w, grad_y, x, lora_a, lora_b, xa, scaling, rank_scale, out_scale,
+                  need_dx, need_da, need_db, need_dbias):  # fmt: skip
+    """(dx, dA, dB, dbias) of qlora_linear given the backend's ``dy_w(dy, dtype) = dy @ W``,
+    the one term that touches the 4-bit weight; the LoRA terms are plain matmuls in the
+    compute dtype (fp32, or fp64 for fp64 inputs), shared by every torch-level backend."""
     cdt = _compute_dtype(x)
     dy = grad_y.to(cdt)
     if out_scale is not None:
@@ -125,9 +140,7 @@ def qlora_linear_backward(
         g = dy @ b  # [M, r]
         gs = g * scaling if rs is None else g * scaling * rs
         if need_dx:
-            w = dequantize_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                                  quant_type, n, k).to(cdt)  # fmt: skip
-            dx = (dy @ w + gs @ a).to(x.dtype)
+            dx = (dy_w(dy, cdt) + gs @ a).to(x.dtype)
         if need_da:
             da = (gs.T @ x.to(cdt)).to(lora_a.dtype)
     if need_db:
