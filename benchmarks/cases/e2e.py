@@ -5,6 +5,8 @@ backward and optimizer step on a batch of 8 x 64 tokens, r = 8 on every projecti
 Implementations: qpeft (``qpeft.convert`` + ``qpeft.optim.PagedAdamW``, the demo's
 setup) and HF PEFT LoRA over bitsandbytes' ``Linear4bit`` (fp32 compute, the same
 quantized bytes) with ``torch.optim.AdamW``. fp32 weights: the demo's dtype on CPU.
+Two models: the demo's own, and the same with its FFN width rounded up to a multiple of
+64 (where bitsandbytes computes correctly, see below).
 
 Check: the first step's loss of each implementation equals, within 1e-4 relative, the
 loss of the fp32 model whose projections hold the exactly dequantized 4-bit weights.
@@ -31,11 +33,21 @@ PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 BATCH, SEQ, RANK, LR = 8, 64, 8, 1e-3
 
 
-def _base(size: str):
+def _base(size: str, aligned: bool = False):
+    """The demo model of ``size``; ``aligned``: its intermediate width rounded up to a
+    multiple of 64, so that every row of every weight holds whole quantization blocks
+    (the case bitsandbytes' CPU Linear4bit computes correctly)."""
     from qpeft import demo
 
-    model, _ = demo.build_model(size, SEQ, seed=0)
-    return model
+    if not aligned:
+        return demo.build_model(size, SEQ, seed=0)[0]
+    saved = demo.SIZES[size]
+    hidden, layers, heads, kv, inter = saved
+    demo.SIZES[size] = (hidden, layers, heads, kv, -(-inter // 64) * 64)
+    try:
+        return demo.build_model(size, SEQ, seed=0)[0]
+    finally:
+        demo.SIZES[size] = saved
 
 
 def _bnb_linear(lin):
@@ -63,7 +75,11 @@ def cases(device: str, quick: bool) -> list[Case]:
     if device != "cpu" or optional("transformers") is None:
         return []
     size = "tiny" if quick else "small"
-    base = _base(size)
+    return [_case(size, aligned=False), _case(size, aligned=True)]
+
+
+def _case(size: str, aligned: bool) -> Case:
+    base = _base(size, aligned)
     ids = torch.randint(0, 256, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     dequantized = copy.deepcopy(base)
     for name, m in dequantized.named_modules():
@@ -92,5 +108,7 @@ def cases(device: str, quick: bool) -> list[Case]:
         opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
         impls.append(Impl("peft+bnb + torch AdamW", _trainer(theirs, opt, ids), close))
     params = sum(p.numel() for p in base.parameters())
-    return [Case("QLoRA training step (demo model)", f"{size} {params / 1e6:.1f}M params, {BATCH}x{SEQ} tokens",
-                 impls)]  # fmt: skip
+    inter = base.config.intermediate_size
+    label = f"{size}{', FFN ' + str(inter) + ' (64-aligned)' if aligned else ''}: {params / 1e6:.1f}M params, " \
+            f"{BATCH}x{SEQ} tokens"
+    return Case("QLoRA training step (demo model)", label, impls)
