@@ -42,12 +42,15 @@ def test_simd_equals_scalar(native, dtype, quant_type):
         torch.randn(33, generator=g) * 1e-20,
         torch.tensor([0.0, -0.0, 1e-45, -1e-40, 65504.0, -65504.0, 3.0, -3.0] * 33),
         torch.tensor([float("nan"), 1.0, float("inf"), -2.0] + [0.5] * 200),
+        # products that round up past the largest finite bf16 (to inf)
+        torch.tensor([3.4028235e38, -3.4028235e38, 1.0, -2.5e38] * 40),
     ]
     for x in inputs:
         x = x.to(dtype)
         for blocksize in (32, 64, 256, 4096):
             for dq in (False, True):
-                if dq and not bool(torch.isfinite(x).all()):
+                # double quant rejects non-finite inputs, and absmax values whose mean overflows
+                if dq and not bool((x.float().abs() < 1e38).all()):
                     continue
                 results = {}
                 for isa in _isa_paths(native):

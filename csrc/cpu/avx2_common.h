@@ -22,8 +22,9 @@ inline __m256 load8(const void* x, int64_t i) {
 }
 
 // f32_to_bf16 of format.h on 8 lanes: round to nearest even by adding
-// 0x7fff + lsb, NaN -> (bits >> 16) | 0x40 (quiet). Returns 8 uint16.
-inline __m128i cvt_bf16(__m256 v) {
+// 0x7fff + lsb, NaN -> (bits >> 16) | 0x40 (quiet). Returns the 8 results in
+// the low halves of the 32-bit lanes.
+inline __m256i bf16_bits(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i absu = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
   const __m256i is_nan = _mm256_cmpgt_epi32(absu, _mm256_set1_epi32(0x7f800000));
@@ -32,7 +33,12 @@ inline __m128i cvt_bf16(__m256 v) {
   const __m256i rounded =
       _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
   const __m256i quiet = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
-  const __m256i r = _mm256_blendv_epi8(rounded, quiet, is_nan);
+  return _mm256_blendv_epi8(rounded, quiet, is_nan);
+}
+
+// The same, packed to 8 uint16.
+inline __m128i cvt_bf16(__m256 v) {
+  const __m256i r = bf16_bits(v);
   // every lane is <= 0xffff, so the signed->unsigned saturating pack is exact
   return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
