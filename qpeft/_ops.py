@@ -313,8 +313,7 @@ def _define_step_op(name: str, schema: str, mutated: tuple[int, ...]) -> None:
                 return
             kernel_for(name, first[0].device)(*args)
             for i in mutated:
-                for t in args[i]:
-                    torch.autograd.graph.increment_version(t)
+                torch.autograd.graph.increment_version(args[i])  # one call per list
             return
         kernel_for(name, first.device)(*args)
         for i in mutated:

@@ -12,6 +12,8 @@ import torch
 from ._formats import FLOAT_DTYPES
 from ._optim_math import state_blocks
 
+_FLOAT_IDS = frozenset(FLOAT_DTYPES)
+
 
 def _param_and_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
     if param.is_complex() or grad.is_complex():
@@ -90,12 +92,53 @@ def lion8bit(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed) -> None:
     _qmap(qmap_signed, "qmap_signed", param.device)
 
 
+def adamw8bit_maps(qmap_signed, qmap_unsigned, device: torch.device) -> None:
+    _qmap(qmap_signed, "qmap_signed", device)
+    _qmap(qmap_unsigned, "qmap_unsigned", device)
+
+
+def lion8bit_map(qmap_signed, device: torch.device) -> None:
+    _qmap(qmap_signed, "qmap_signed", device)
+
+
 def lists(*named: tuple[str, list]) -> None:
-    """The lists of a multi-tensor op: equal lengths, one device."""
+    """The lists of a multi-tensor op have equal lengths."""
     n = len(named[0][1])
     for name, lst in named:
         if len(lst) != n:
             raise ValueError(f"{name} holds {len(lst)} tensors but {named[0][0]} holds {n}")
-    devices = {t.device for _, lst in named if isinstance(lst[0] if lst else None, torch.Tensor) for t in lst}
+
+
+def one_device(*lists: list[torch.Tensor]) -> None:
+    """Every tensor of a multi-tensor op is on one device."""
+    devices = {t.device for lst in lists for t in lst}
     if len(devices) > 1:
         raise ValueError(f"a multi-tensor step needs all tensors on one device, got {sorted(map(str, devices))}")
+
+
+_STRIDED = torch.strided
+
+
+def cpu_step_ok(param, grad, n, s1, dtype1, n1, s2, dtype2, n2) -> bool:
+    """The fast check of one tensor of a CPU multi-tensor step: what the full checks
+    (adamw32 / adamw8bit / lion32 / lion8bit above) ask, for two state tensors of
+    the given dtypes and sizes, plus all on the CPU. False means: run the full
+    checks, which name the problem."""
+    dt = param.dtype
+    return (
+        dt in _FLOAT_IDS
+        and grad.dtype is dt
+        and s1.dtype is dtype1
+        and s2.dtype is dtype2
+        and grad.shape == param.shape
+        and s1.numel() == n1
+        and s2.numel() == n2
+        and grad.layout is _STRIDED
+        and param.is_cpu
+        and grad.is_cpu
+        and s1.is_cpu
+        and s2.is_cpu
+        and param.is_contiguous()
+        and s1.is_contiguous()
+        and s2.is_contiguous()
+    )

@@ -9,6 +9,8 @@ unified memory (there is no GPU here).
 
 from __future__ import annotations
 
+from array import array
+
 import io
 import math
 
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 
 import qpeft
 import qpeft.optim as qo
+from qpeft import _validate_optim
 from qpeft._formats import dynamic_map
 from qpeft._native import cpu_module
 from qpeft._optim_math import state_blocks
@@ -574,7 +577,48 @@ def test_multi_op_argument_errors(backend):
             torch.ops.qpeft.adamw32_multi_step_([p], [g], [m], [v], 1e-3, 0.9, 0.999, 1e-8, 0.0, [])
         with pytest.raises(ValueError, match="exp_avg has 9 elements"):
             torch.ops.qpeft.lion32_multi_step_([p], [g], [m[:9]], 1e-4, 0.9, 0.99, 0.0)
+        # a bad tensor anywhere in the list gets the single-tensor op's error
+        p2, g2, m2, v2 = p.clone(), g.clone(), m.clone(), v.clone()
+        adamw = torch.ops.qpeft.adamw32_multi_step_
+        with pytest.raises(TypeError, match="exp_avg must be torch.float32"):
+            adamw([p, p2], [g, g2], [m, m2.double()], [v, v2], 1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1])
+        with pytest.raises(TypeError, match="grad dtype"):
+            adamw([p, p2], [g, g2.half()], [m, m2], [v, v2], 1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1])
+        with pytest.raises(ValueError, match="contiguous"):
+            adamw([p, torch.randn(20, 10).t()], [g, torch.randn(10, 20)], [m, torch.zeros(200)], [v, torch.zeros(200)],
+                  1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1])  # fmt: skip
+        with pytest.raises(TypeError, match="sparse"):
+            adamw([p, p2], [g, g2.to_sparse()], [m, m2], [v, v2], 1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1])
+        q1, a1, q2, a2 = _new_state("adamw8bit", 600)
+        p6, g6 = torch.randn(600), torch.randn(600)
+        with pytest.raises(ValueError, match="exp_avg_absmax has 2 elements but 3"):
+            torch.ops.qpeft.adamw8bit_multi_step_(
+                [p6, p6.clone()], [g6, g6], [q1, q1.clone()], [a1, a1[:2].clone()], [q2, q2.clone()], [a2, a2.clone()],
+                SIGNED, UNSIGNED, 1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1],
+            )  # fmt: skip
+        with pytest.raises(ValueError, match="qmap_signed must be a float32 tensor of 256"):
+            torch.ops.qpeft.lion8bit_multi_step_([p6], [g6], [q1], [a1], SIGNED[:128], 1e-4, 0.9, 0.99, 0.0)
     torch.ops.qpeft.adamw32_multi_step_([], [], [], [], 1e-3, 0.9, 0.999, 1e-8, 0.0, [])  # nothing to do
+
+
+def test_one_device_check():
+    cpu, meta = torch.zeros(4), torch.zeros(4, device="meta")
+    _validate_optim.one_device([cpu, cpu], [cpu])
+    with pytest.raises(ValueError, match="one device, got \\['cpu', 'meta'\\]"):
+        _validate_optim.one_device([cpu, cpu], [meta])
+
+
+def test_param_dtype_changed_after_state_rejected():
+    """The step loop checks a parameter when it makes its state; a later change of
+    dtype is caught by the step op."""
+    p = torch.nn.Parameter(torch.randn(16))
+    opt = qo.AdamW([p])
+    p.grad = torch.randn(16)
+    opt.step()
+    p.data = p.data.double()
+    p.grad = torch.randn(16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        opt.step()
 
 
 def test_native_rechecks_sizes():
@@ -587,6 +631,21 @@ def test_native_rechecks_sizes():
         cpu_module().adamw32_step(p.data_ptr(), g.data_ptr(), 0, 10, m.data_ptr(), 10, v.data_ptr(), 10, (1.0,), 1)
     with pytest.raises(ValueError, match="null pointer"):
         cpu_module().adamw32_step(0, g.data_ptr(), 0, 10, m.data_ptr(), 10, v.data_ptr(), 10, scalars, 1)
+
+    # multi-tensor rows: one flat int64 buffer of (8 values + scalar set index) per tensor
+    row = [p.data_ptr(), g.data_ptr(), 0, 10, m.data_ptr(), 10, v.data_ptr(), 10]
+    multi = cpu_module().adamw32_multi_step
+    multi(array("q", row + [0]), [scalars], 1)  # well formed
+    with pytest.raises(ValueError, match="int64"):
+        multi(array("i", row[2:4] + [0]), [scalars], 1)
+    with pytest.raises(ValueError, match="not a multiple of the row width 9"):
+        multi(array("q", row), [scalars], 1)
+    with pytest.raises(ValueError, match="names scalar set 1 of 1"):
+        multi(array("q", row + [1]), [scalars], 1)
+    with pytest.raises(ValueError, match="exp_avg_sq holds 9 elements"):
+        multi(array("q", row[:7] + [9, 0]), [scalars], 1)
+    with pytest.raises(TypeError):
+        multi(row + [0], [scalars], 1)  # a list is not a buffer
 
 
 # --- paging -----------------------------------------------------------------------------

@@ -39,6 +39,23 @@ qpeft::LionScalars lion_scalars(const char* fn, const std::vector<double>& v) {
   return qpeft::LionScalars{f[0], f[1], f[2], f[3], f[4], f[5]};
 }
 
+// The rows of a multi-tensor step: a 1-D, contiguous buffer of int64 (Python's
+// array("q")) whose length is a multiple of the row width. The caller keeps the
+// buffer alive for the call, which reads it with the GIL released.
+qc::Rows rows_of(const char* fn, const py::buffer& rows, int64_t width) {
+  const py::buffer_info b = rows.request();
+  const auto bad = [&](const std::string& what) {
+    throw std::invalid_argument(std::string("qpeft._C.") + fn + ": rows " + what);
+  };
+  if (b.itemsize != 8 || (b.format != "q" && b.format != "l")) bad("must be a buffer of int64 (array('q'))");
+  if (b.ndim != 1) bad("must be one-dimensional, got " + std::to_string(b.ndim) + " dimensions");
+  if (b.size > 1 && b.strides[0] != 8) bad("must be contiguous");
+  if (b.size % width != 0) {
+    bad("holds " + std::to_string(b.size) + " values, not a multiple of the row width " + std::to_string(width));
+  }
+  return qc::Rows{static_cast<const int64_t*>(b.ptr), static_cast<int64_t>(b.size / width)};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -153,40 +170,49 @@ PYBIND11_MODULE(_C, m) {
         py::arg("exp_avg_q_len"), py::arg("exp_avg_absmax"), py::arg("exp_avg_absmax_len"), py::arg("qmap_signed"),
         py::arg("scalars"), py::arg("num_threads"), "Lion step with blockwise 8-bit state, in place.");
 
-  // Multi-tensor steps: rows of integers per tensor and one scalars tuple per tensor.
-  m.def("adamw32_multi_step", [](const std::vector<std::vector<int64_t>>& rows,
-                                 const std::vector<std::vector<double>>& scalars, int num_threads) {
+  // Multi-tensor steps: a flat int64 buffer of rows (csrc/README.md) and the
+  // distinct scalar sets the rows index. The buffer is read in place.
+  m.def("adamw32_multi_step", [](const py::buffer& rows, const std::vector<std::vector<double>>& scalars,
+                                 int num_threads) {
+    const char* fn = "adamw32_multi_step";
+    const qc::Rows r = rows_of(fn, rows, 9);
     std::vector<qpeft::AdamScalars> s;
-    for (const auto& v : scalars) s.push_back(adam_scalars("adamw32_multi_step", v));
+    for (const auto& v : scalars) s.push_back(adam_scalars(fn, v));
     py::gil_scoped_release nogil_;
-    qc::adamw32_multi_step(rows, s, num_threads);
+    qc::adamw32_multi_step(r, s, num_threads);
   }, py::arg("rows"), py::arg("scalars"), py::arg("num_threads"),
         "adamw32_step over a list: rows of (param, grad, dtype, n, exp_avg, exp_avg_len, exp_avg_sq, "
-        "exp_avg_sq_len), one scalars tuple per row; one parallel region.");
-  m.def("adamw8bit_multi_step", [](const std::vector<std::vector<int64_t>>& rows, uintptr_t code1,
-                                   uintptr_t code2, const std::vector<std::vector<double>>& scalars,
-                                   int num_threads) {
+        "exp_avg_sq_len, scalar set index) in one int64 buffer; one parallel region.");
+  m.def("adamw8bit_multi_step", [](const py::buffer& rows, uintptr_t code1, uintptr_t code2,
+                                   const std::vector<std::vector<double>>& scalars, int num_threads) {
+    const char* fn = "adamw8bit_multi_step";
+    const qc::Rows r = rows_of(fn, rows, 13);
     std::vector<qpeft::AdamScalars> s;
-    for (const auto& v : scalars) s.push_back(adam_scalars("adamw8bit_multi_step", v));
+    for (const auto& v : scalars) s.push_back(adam_scalars(fn, v));
     py::gil_scoped_release nogil_;
-    qc::adamw8bit_multi_step(rows, code1, code2, s, num_threads);
+    qc::adamw8bit_multi_step(r, code1, code2, s, num_threads);
   }, py::arg("rows"), py::arg("qmap_signed"), py::arg("qmap_unsigned"), py::arg("scalars"),
-        py::arg("num_threads"), "adamw8bit_step over a list (rows of 12 values, see adamw8bit_step).");
-  m.def("lion32_multi_step", [](const std::vector<std::vector<int64_t>>& rows,
-                                const std::vector<std::vector<double>>& scalars, int num_threads) {
+        py::arg("num_threads"), "adamw8bit_step over a list (rows of 12 values + scalar set index).");
+  m.def("lion32_multi_step", [](const py::buffer& rows, const std::vector<std::vector<double>>& scalars,
+                                int num_threads) {
+    const char* fn = "lion32_multi_step";
+    const qc::Rows r = rows_of(fn, rows, 7);
     std::vector<qpeft::LionScalars> s;
-    for (const auto& v : scalars) s.push_back(lion_scalars("lion32_multi_step", v));
+    for (const auto& v : scalars) s.push_back(lion_scalars(fn, v));
     py::gil_scoped_release nogil_;
-    qc::lion32_multi_step(rows, s, num_threads);
-  }, py::arg("rows"), py::arg("scalars"), py::arg("num_threads"), "lion32_step over a list (rows of 6 values).");
-  m.def("lion8bit_multi_step", [](const std::vector<std::vector<int64_t>>& rows, uintptr_t code1,
+    qc::lion32_multi_step(r, s, num_threads);
+  }, py::arg("rows"), py::arg("scalars"), py::arg("num_threads"),
+        "lion32_step over a list (rows of 6 values + scalar set index).");
+  m.def("lion8bit_multi_step", [](const py::buffer& rows, uintptr_t code1,
                                   const std::vector<std::vector<double>>& scalars, int num_threads) {
+    const char* fn = "lion8bit_multi_step";
+    const qc::Rows r = rows_of(fn, rows, 9);
     std::vector<qpeft::LionScalars> s;
-    for (const auto& v : scalars) s.push_back(lion_scalars("lion8bit_multi_step", v));
+    for (const auto& v : scalars) s.push_back(lion_scalars(fn, v));
     py::gil_scoped_release nogil_;
-    qc::lion8bit_multi_step(rows, code1, s, num_threads);
+    qc::lion8bit_multi_step(r, code1, s, num_threads);
   }, py::arg("rows"), py::arg("qmap_signed"), py::arg("scalars"), py::arg("num_threads"),
-        "lion8bit_step over a list (rows of 8 values).");
+        "lion8bit_step over a list (rows of 8 values + scalar set index).");
 
   m.def("state_table_exact", &qc::state_table_exact, py::arg("code"),
         "True when the 8-bit state encoder for this fp32[256] map (pointer) uses its one-compare key table.");

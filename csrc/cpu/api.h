@@ -79,18 +79,20 @@ void lion8bit_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintpt
                    uintptr_t absmax1, int64_t absmax1_len, uintptr_t code1, const LionScalars& s,
                    int num_threads);
 
-// Multi-tensor variants: one row of integers per tensor, holding the single
-// call's arguments from `param` to the last length in order (pointers as
-// integers; adamw32: 8, adamw8bit: 12, lion32: 6, lion8bit: 8 values), one set of
-// scalars per tensor, the maps shared. One parallel region covers the whole list.
-void adamw32_multi_step(const std::vector<std::vector<int64_t>>& rows, const std::vector<AdamScalars>& s,
-                        int num_threads);
-void adamw8bit_multi_step(const std::vector<std::vector<int64_t>>& rows, uintptr_t code1, uintptr_t code2,
-                          const std::vector<AdamScalars>& s, int num_threads);
-void lion32_multi_step(const std::vector<std::vector<int64_t>>& rows, const std::vector<LionScalars>& s,
-                       int num_threads);
-void lion8bit_multi_step(const std::vector<std::vector<int64_t>>& rows, uintptr_t code1,
-                         const std::vector<LionScalars>& s, int num_threads);
+// Multi-tensor variants. `rows` is a flat int64 array of `count` rows, one per
+// tensor, each holding the single call's arguments from `param` to the last
+// length in order (pointers as integers) and then the index of its scalar set in
+// `s` (row width: adamw32 9, adamw8bit 13, lion32 7, lion8bit 9). The maps are
+// shared. One parallel region covers the whole list.
+struct Rows {
+  const int64_t* data;
+  int64_t count;
+};
+void adamw32_multi_step(Rows rows, const std::vector<AdamScalars>& s, int num_threads);
+void adamw8bit_multi_step(Rows rows, uintptr_t code1, uintptr_t code2, const std::vector<AdamScalars>& s,
+                          int num_threads);
+void lion32_multi_step(Rows rows, const std::vector<LionScalars>& s, int num_threads);
+void lion8bit_multi_step(Rows rows, uintptr_t code1, const std::vector<LionScalars>& s, int num_threads);
 
 // Whether the 8-bit encoder for this sorted fp32[256] map uses the one-compare
 // key table (true for both dynamic maps) or falls back to a binary search.

@@ -69,35 +69,33 @@ const char* isa_name(int isa) { return isa == kScalar ? "scalar" : (isa == kAvx2
   throw std::invalid_argument(std::string("qpeft._C.") + fn + ": " + what);
 }
 
-void need(bool ok, const char* fn, const std::string& what) {
-  if (!ok) fail(fn, what);
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 // num_threads < 1 is taken as 1 (thread_count clamps it).
 void check_common(const char* fn, int64_t n, int64_t blocksize) {
-  need(n >= 0, fn, "n must be >= 0, got " + std::to_string(n));
-  need(blocksize > 0, fn, "blocksize must be > 0, got " + std::to_string(blocksize));
+  if (n < 0) fail(fn, "n must be >= 0, got " + std::to_string(n));
+  if (blocksize <= 0) fail(fn, "blocksize must be > 0, got " + std::to_string(blocksize));
 }
 
 void check_dtype(const char* fn, const char* what, int dtype) {
-  need(dtype == kF32 || dtype == kF16 || dtype == kBF16, fn,
-       std::string(what) + " must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
+  if (dtype != kF32 && dtype != kF16 && dtype != kBF16) {
+    fail(fn, std::string(what) + " must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
+  }
 }
 
 void check_quant_type(const char* fn, int qt) {
-  need(qt == kFP4 || qt == kNF4, fn, "quant_type must be 1 (fp4) or 2 (nf4), got " + std::to_string(qt));
+  if (qt != kFP4 && qt != kNF4) fail(fn, "quant_type must be 1 (fp4) or 2 (nf4), got " + std::to_string(qt));
 }
 
 void check_len(const char* fn, const char* name, int64_t len, int64_t required) {
-  need(len >= required, fn,
-       std::string(name) + " holds " + std::to_string(len) + " elements, needs at least " +
-           std::to_string(required));
+  if (len < required) {
+    fail(fn, std::string(name) + " holds " + std::to_string(len) + " elements, needs at least " +
+                 std::to_string(required));
+  }
 }
 
 void check_ptr(const char* fn, const char* name, uintptr_t p) {
-  need(p != 0, fn, std::string(name) + " is a null pointer");
+  if (p == 0) fail(fn, std::string(name) + " is a null pointer");
 }
 
 // ---------------------------------------------------------------------------
@@ -206,7 +204,9 @@ void dequantize_4bit(uintptr_t packed, int64_t packed_len, uintptr_t absmax, int
   check_len(fn, "absmax", absmax_len, blocks);
   const bool nested = nested_absmax != 0;
   if (nested) {
-    need(nested_blocksize > 0, fn, "nested_blocksize must be > 0, got " + std::to_string(nested_blocksize));
+    if (nested_blocksize <= 0) {
+      fail(fn, "nested_blocksize must be > 0, got " + std::to_string(nested_blocksize));
+    }
     check_len(fn, "nested_absmax", nested_absmax_len, ceil_div(blocks, nested_blocksize));
   }
   if (n == 0) return;

@@ -48,31 +48,32 @@ const OptimKernelTable& kernels() {
 #endif
 }
 
+// Checks build their message only on failure: a multi-tensor step checks about
+// fifteen values per tensor, and formatting every message eagerly (std::to_string
+// of floats) cost 2.8 us per tensor, more than updating a LoRA-sized one.
 [[noreturn]] void fail(const char* fn, const std::string& what) {
   throw std::invalid_argument(std::string("qpeft._C.") + fn + ": " + what);
 }
 
-void need(bool ok, const char* fn, const std::string& what) {
-  if (!ok) fail(fn, what);
-}
-
 void check_common(const char* fn, int dtype, int64_t n) {
-  need(n >= 0, fn, "n must be >= 0, got " + std::to_string(n));
-  need(dtype == kF32 || dtype == kF16 || dtype == kBF16, fn,
-       "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
+  if (n < 0) fail(fn, "n must be >= 0, got " + std::to_string(n));
+  if (dtype != kF32 && dtype != kF16 && dtype != kBF16) {
+    fail(fn, "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
+  }
 }
 
 void check_len(const char* fn, const char* name, int64_t len, int64_t required) {
-  need(len == required, fn,
-       std::string(name) + " holds " + std::to_string(len) + " elements, expected " + std::to_string(required));
+  if (len != required) {
+    fail(fn, std::string(name) + " holds " + std::to_string(len) + " elements, expected " + std::to_string(required));
+  }
 }
 
 void check_ptr(const char* fn, const char* name, uintptr_t p) {
-  need(p != 0, fn, std::string(name) + " is a null pointer");
+  if (p == 0) fail(fn, std::string(name) + " is a null pointer");
 }
 
 void check_finite(const char* fn, const char* name, float x) {
-  need(std::isfinite(x), fn, std::string(name) + " must be finite, got " + std::to_string(x));
+  if (!std::isfinite(x)) fail(fn, std::string(name) + " must be finite, got " + std::to_string(x));
 }
 
 void check_adam(const char* fn, const AdamScalars& s) {
@@ -83,7 +84,7 @@ void check_adam(const char* fn, const AdamScalars& s) {
   check_finite(fn, "bc2_sqrt", s.bc2_sqrt);
   check_finite(fn, "eps", s.eps);
   check_finite(fn, "neg_step", s.neg_step);
-  need(s.lerp_from_grad == 0 || s.lerp_from_grad == 1, fn, "lerp_from_grad must be 0 or 1");
+  if (s.lerp_from_grad != 0 && s.lerp_from_grad != 1) fail(fn, "lerp_from_grad must be 0 or 1");
 }
 
 void check_lion(const char* fn, const LionScalars& s) {
@@ -117,8 +118,8 @@ std::shared_ptr<const Codec> build_codec(const char* fn, const float* code) {
   StateCodec& c = codec->c;
   std::memcpy(c.code, code, sizeof(c.code));
   for (int k = 0; k < kNumCodes8; ++k) {
-    need(std::isfinite(c.code[k]), fn, "the state map must be finite");
-    if (k > 0) need(c.code[k - 1] <= c.code[k], fn, "the state map must be sorted ascending");
+    if (!std::isfinite(c.code[k])) fail(fn, "the state map must be finite");
+    if (k > 0 && !(c.code[k - 1] <= c.code[k])) fail(fn, "the state map must be sorted ascending");
   }
   for (int k = 0; k < kNumCodes8 - 1; ++k) c.mid[k] = midpoint(c.code[k], c.code[k + 1]);
   c.mid[kNumCodes8 - 1] = std::numeric_limits<float>::infinity();
@@ -170,10 +171,12 @@ std::shared_ptr<const Codec> get_codec(const char* fn, uintptr_t code_ptr) {
 // Work is handed out in chunks of 64 state blocks (16K elements, ~460 KB of
 // AdamW traffic) from a shared counter, each of the `threads` tasks taking the
 // next chunk when done with its last: a thread slowed down by a competitor for
-// its core simply does fewer chunks. Measured on the 2-core dev box: right after
-// a torch op, torch's OpenMP worker spins on the second core for milliseconds,
-// and with one fixed half per thread a 16.8M-element AdamW step took 0.89 ns per
-// element instead of 0.66 (torch's fused AdamW: 0.68).
+// its core simply does fewer chunks. Measured on the 2-core dev box with qpeft's
+// own thread pool: right after a torch op, torch's OpenMP worker spins on the
+// second core for milliseconds, and with one fixed half per thread a
+// 16.8M-element AdamW step took 0.89 ns per element instead of 0.66 (torch's
+// fused AdamW: 0.68). On torch's OpenMP team (thread_pool.cpp) the two splits
+// measure the same.
 constexpr int64_t kChunkBlocks = 64;
 
 // Runs fn(u0, u1) over [0, units) in chunks, on up to `threads` threads.
@@ -306,15 +309,19 @@ Lion8Args lion8_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype,
                    reinterpret_cast<uint8_t*>(q1), reinterpret_cast<float*>(absmax1), c1, s};
 }
 
-// One row of a multi-tensor call: `width` integers in the single call's order.
-void check_rows(const char* fn, const std::vector<std::vector<int64_t>>& rows, size_t width, size_t scalars) {
-  need(rows.size() == scalars, fn,
-       "got " + std::to_string(rows.size()) + " tensor rows but " + std::to_string(scalars) + " scalar sets");
-  for (size_t i = 0; i < rows.size(); ++i) {
-    need(rows[i].size() == width, fn,
-         "row " + std::to_string(i) + " holds " + std::to_string(rows[i].size()) + " values, expected " +
-             std::to_string(width));
+// Row i of a multi-tensor call: `width` integers in the single call's order,
+// then the index of the row's scalar set, checked against `sets`.
+template <class S>
+const int64_t* row(const char* fn, Rows rows, int64_t i, int64_t width, const std::vector<S>& sets,
+                   const S** scalars) {
+  const int64_t* r = rows.data + i * (width + 1);
+  const int64_t k = r[width];
+  if (k < 0 || k >= static_cast<int64_t>(sets.size())) {
+    fail(fn, "row " + std::to_string(i) + " names scalar set " + std::to_string(k) + " of " +
+                 std::to_string(sets.size()));
   }
+  *scalars = &sets[static_cast<size_t>(k)];
+  return r;
 }
 
 uintptr_t up(int64_t v) { return static_cast<uintptr_t>(v); }
@@ -361,63 +368,60 @@ void lion8bit_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintpt
   if (n > 0) run_blocks(kernels().lion8, args, n, num_threads);
 }
 
-void adamw32_multi_step(const std::vector<std::vector<int64_t>>& rows, const std::vector<AdamScalars>& s,
-                        int num_threads) {
+void adamw32_multi_step(Rows rows, const std::vector<AdamScalars>& sets, int num_threads) {
   const char* fn = "adamw32_multi_step";
-  check_rows(fn, rows, 8, s.size());
   std::vector<Adam32Args> list;
-  list.reserve(rows.size());
-  for (size_t i = 0; i < rows.size(); ++i) {
-    const auto& r = rows[i];
+  list.reserve(static_cast<size_t>(rows.count));
+  for (int64_t i = 0; i < rows.count; ++i) {
+    const AdamScalars* s;
+    const int64_t* r = row(fn, rows, i, 8, sets, &s);
     list.push_back(adam32_args(fn, up(r[0]), up(r[1]), static_cast<int>(r[2]), r[3], up(r[4]), r[5], up(r[6]),
-                               r[7], s[i]));
+                               r[7], *s));
   }
   run_list(kernels().adam32, list, true, num_threads);
 }
 
-void adamw8bit_multi_step(const std::vector<std::vector<int64_t>>& rows, uintptr_t code1, uintptr_t code2,
-                          const std::vector<AdamScalars>& s, int num_threads) {
+void adamw8bit_multi_step(Rows rows, uintptr_t code1, uintptr_t code2, const std::vector<AdamScalars>& sets,
+                          int num_threads) {
   const char* fn = "adamw8bit_multi_step";
-  check_rows(fn, rows, 12, s.size());
   check_ptr(fn, "qmap_signed", code1);
   check_ptr(fn, "qmap_unsigned", code2);
   const auto c1 = get_codec(fn, code1);
   const auto c2 = get_codec(fn, code2);
   std::vector<Adam8Args> list;
-  list.reserve(rows.size());
-  for (size_t i = 0; i < rows.size(); ++i) {
-    const auto& r = rows[i];
+  list.reserve(static_cast<size_t>(rows.count));
+  for (int64_t i = 0; i < rows.count; ++i) {
+    const AdamScalars* s;
+    const int64_t* r = row(fn, rows, i, 12, sets, &s);
     list.push_back(adam8_args(fn, up(r[0]), up(r[1]), static_cast<int>(r[2]), r[3], up(r[4]), r[5], up(r[6]), r[7],
-                              up(r[8]), r[9], up(r[10]), r[11], &c1->c, &c2->c, s[i]));
+                              up(r[8]), r[9], up(r[10]), r[11], &c1->c, &c2->c, *s));
   }
   run_list(kernels().adam8, list, false, num_threads);
 }
 
-void lion32_multi_step(const std::vector<std::vector<int64_t>>& rows, const std::vector<LionScalars>& s,
-                       int num_threads) {
+void lion32_multi_step(Rows rows, const std::vector<LionScalars>& sets, int num_threads) {
   const char* fn = "lion32_multi_step";
-  check_rows(fn, rows, 6, s.size());
   std::vector<Lion32Args> list;
-  list.reserve(rows.size());
-  for (size_t i = 0; i < rows.size(); ++i) {
-    const auto& r = rows[i];
-    list.push_back(lion32_args(fn, up(r[0]), up(r[1]), static_cast<int>(r[2]), r[3], up(r[4]), r[5], s[i]));
+  list.reserve(static_cast<size_t>(rows.count));
+  for (int64_t i = 0; i < rows.count; ++i) {
+    const LionScalars* s;
+    const int64_t* r = row(fn, rows, i, 6, sets, &s);
+    list.push_back(lion32_args(fn, up(r[0]), up(r[1]), static_cast<int>(r[2]), r[3], up(r[4]), r[5], *s));
   }
   run_list(kernels().lion32, list, true, num_threads);
 }
 
-void lion8bit_multi_step(const std::vector<std::vector<int64_t>>& rows, uintptr_t code1,
-                         const std::vector<LionScalars>& s, int num_threads) {
+void lion8bit_multi_step(Rows rows, uintptr_t code1, const std::vector<LionScalars>& sets, int num_threads) {
   const char* fn = "lion8bit_multi_step";
-  check_rows(fn, rows, 8, s.size());
   check_ptr(fn, "qmap_signed", code1);
   const auto c1 = get_codec(fn, code1);
   std::vector<Lion8Args> list;
-  list.reserve(rows.size());
-  for (size_t i = 0; i < rows.size(); ++i) {
-    const auto& r = rows[i];
+  list.reserve(static_cast<size_t>(rows.count));
+  for (int64_t i = 0; i < rows.count; ++i) {
+    const LionScalars* s;
+    const int64_t* r = row(fn, rows, i, 8, sets, &s);
     list.push_back(lion8_args(fn, up(r[0]), up(r[1]), static_cast<int>(r[2]), r[3], up(r[4]), r[5], up(r[6]),
-                              r[7], &c1->c, s[i]));
+                              r[7], &c1->c, *s));
   }
   run_list(kernels().lion8, list, false, num_threads);
 }

@@ -9,6 +9,7 @@ gradient may be non-contiguous (it is only read): it is made contiguous first.
 from __future__ import annotations
 
 import contextlib
+from array import array
 from collections.abc import Callable
 from types import ModuleType
 
@@ -16,8 +17,11 @@ import torch
 
 from .. import _native, _validate_optim
 from .._formats import DTYPE_IDS
-from .._optim_math import adam_scalars, lion_scalars
+from .._optim_math import adam_scalars, lion_scalars, state_blocks
 from .._registry import register_kernel
+
+CPU = torch.device("cpu")
+F32, U8 = torch.float32, torch.uint8
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -88,25 +92,72 @@ def register_native_optim(
     # --- multi-tensor ops ------------------------------------------------------------
     # CPU: one native call (one parallel region) per list. CUDA: one launch per tensor
     # (a list-walking CUDA kernel would save launches; not written yet).
-    native_multi = backend == "cpu"
+    if backend != "cpu":
+
+        @register_kernel("adamw32_multi_step_", backend)
+        def adamw32_multi_step_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, steps):
+            _validate_optim.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
+                                  ("exp_avg_sqs", exp_avg_sqs), ("steps", steps))  # fmt: skip
+            _validate_optim.one_device(params, grads, exp_avgs, exp_avg_sqs)
+            for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+                adamw32_step_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+
+        @register_kernel("adamw8bit_multi_step_", backend)
+        def adamw8bit_multi_step_(
+            params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes, qmap_signed,
+            qmap_unsigned, lr, beta1, beta2, eps, weight_decay, steps,
+        ):  # fmt: skip
+            _validate_optim.lists(("params", params), ("grads", grads), ("exp_avg_qs", exp_avg_qs),
+                                  ("exp_avg_absmaxes", exp_avg_absmaxes), ("exp_avg_sq_qs", exp_avg_sq_qs),
+                                  ("exp_avg_sq_absmaxes", exp_avg_sq_absmaxes), ("steps", steps))  # fmt: skip
+            _validate_optim.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes)
+            lists = zip(params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes, steps)
+            for p, g, q1, a1, q2, a2, step in lists:
+                adamw8bit_step_(p, g, q1, a1, q2, a2, qmap_signed, qmap_unsigned, lr, beta1, beta2, eps,
+                                weight_decay, step)  # fmt: skip
+
+        @register_kernel("lion32_multi_step_", backend)
+        def lion32_multi_step_(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
+            _validate_optim.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs))
+            _validate_optim.one_device(params, grads, exp_avgs)
+            for p, g, m in zip(params, grads, exp_avgs):
+                lion32_step_(p, g, m, lr, beta1, beta2, weight_decay)
+
+        @register_kernel("lion8bit_multi_step_", backend)
+        def lion8bit_multi_step_(
+            params, grads, exp_avg_qs, exp_avg_absmaxes, qmap_signed, lr, beta1, beta2, weight_decay
+        ):  # fmt: skip
+            _validate_optim.lists(("params", params), ("grads", grads), ("exp_avg_qs", exp_avg_qs),
+                                  ("exp_avg_absmaxes", exp_avg_absmaxes))  # fmt: skip
+            _validate_optim.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes)
+            for p, g, q1, a1 in zip(params, grads, exp_avg_qs, exp_avg_absmaxes):
+                lion8bit_step_(p, g, q1, a1, qmap_signed, lr, beta1, beta2, weight_decay)
+
+        return
+
+    # On CPU the per-tensor Python work is what a step over many small tensors costs
+    # (128 LoRA-sized tensors: the update itself takes ~10 ms, and torch's fused
+    # AdamW spends ~0.5 ms in Python), so each tensor gets one fast predicate
+    # (qpeft._validate_optim.cpu_step_ok) and only a tensor failing it goes through
+    # the full checks, which raise the precise error. The rows go to C++ as one
+    # int64 buffer, with one scalar set per distinct step count.
 
     @register_kernel("adamw32_multi_step_", backend)
     def adamw32_multi_step_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, steps):
         _validate_optim.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
                               ("exp_avg_sqs", exp_avg_sqs), ("steps", steps))  # fmt: skip
-        if not native_multi:
-            for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-                adamw32_step_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
-            return
-        rows, scalars, keep = [], [], []
+        ok = _validate_optim.cpu_step_ok
+        rows, keep, sets = [], [], _ScalarSets(lambda step: adam_scalars(lr, beta1, beta2, eps, weight_decay, step))
         for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-            _validate_optim.adamw32(p, g, m, v)
-            g = g.contiguous()
-            keep.append(g)
             n = p.numel()
-            rows.append((_ptr(p), _ptr(g), DTYPE_IDS[p.dtype], n, _ptr(m), m.numel(), _ptr(v), v.numel()))
-            scalars.append(adam_scalars(lr, beta1, beta2, eps, weight_decay, step))
-        module().adamw32_multi_step(rows, scalars, *extra_args(params[0].device))
+            if not ok(p, g, n, m, F32, n, v, F32, n):
+                _validate_optim.adamw32(p, g, m, v)
+                _validate_optim.one_device(params, grads, exp_avgs, exp_avg_sqs)
+            if not g.is_contiguous():
+                g = g.contiguous()
+                keep.append(g)
+            rows += (p.data_ptr(), g.data_ptr(), DTYPE_IDS[p.dtype], n, m.data_ptr(), n, v.data_ptr(), n, sets[step])
+        module().adamw32_multi_step(array("q", rows), sets.values, *extra_args(CPU))
 
     @register_kernel("adamw8bit_multi_step_", backend)
     def adamw8bit_multi_step_(
@@ -116,58 +167,84 @@ def register_native_optim(
         _validate_optim.lists(("params", params), ("grads", grads), ("exp_avg_qs", exp_avg_qs),
                               ("exp_avg_absmaxes", exp_avg_absmaxes), ("exp_avg_sq_qs", exp_avg_sq_qs),
                               ("exp_avg_sq_absmaxes", exp_avg_sq_absmaxes), ("steps", steps))  # fmt: skip
-        lists = zip(params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes, steps)
-        if not native_multi:
-            for p, g, q1, a1, q2, a2, step in lists:
-                adamw8bit_step_(p, g, q1, a1, q2, a2, qmap_signed, qmap_unsigned, lr, beta1, beta2, eps,
-                                weight_decay, step)  # fmt: skip
-            return
-        rows, scalars, keep = [], [], []
-        for p, g, q1, a1, q2, a2, step in lists:
-            _validate_optim.adamw8bit(p, g, q1, a1, q2, a2, qmap_signed, qmap_unsigned)
-            g = g.contiguous()
-            keep.append(g)
-            rows.append((
-                _ptr(p), _ptr(g), DTYPE_IDS[p.dtype], p.numel(), _ptr(q1), q1.numel(), _ptr(a1), a1.numel(),
-                _ptr(q2), q2.numel(), _ptr(a2), a2.numel(),
-            ))  # fmt: skip
-            scalars.append(adam_scalars(lr, beta1, beta2, eps, weight_decay, step))
+        if params:
+            _validate_optim.adamw8bit_maps(qmap_signed, qmap_unsigned, CPU)
+        ok = _validate_optim.cpu_step_ok
+        rows, keep, sets = [], [], _ScalarSets(lambda step: adam_scalars(lr, beta1, beta2, eps, weight_decay, step))
+        for p, g, q1, a1, q2, a2, step in zip(
+            params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes, steps
+        ):
+            n = p.numel()
+            blocks = state_blocks(n)
+            if not (ok(p, g, n, q1, U8, n, a1, F32, blocks) and ok(p, g, n, q2, U8, n, a2, F32, blocks)):
+                _validate_optim.adamw8bit(p, g, q1, a1, q2, a2, qmap_signed, qmap_unsigned)
+                _validate_optim.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs,
+                                           exp_avg_sq_absmaxes)  # fmt: skip
+            if not g.is_contiguous():
+                g = g.contiguous()
+                keep.append(g)
+            rows += (
+                p.data_ptr(), g.data_ptr(), DTYPE_IDS[p.dtype], n, q1.data_ptr(), n, a1.data_ptr(), blocks,
+                q2.data_ptr(), n, a2.data_ptr(), blocks, sets[step],
+            )  # fmt: skip
         qs, qu = qmap_signed.contiguous(), qmap_unsigned.contiguous()
-        module().adamw8bit_multi_step(rows, _ptr(qs), _ptr(qu), scalars, *extra_args(params[0].device))
+        module().adamw8bit_multi_step(array("q", rows), _ptr(qs), _ptr(qu), sets.values, *extra_args(CPU))
 
     @register_kernel("lion32_multi_step_", backend)
     def lion32_multi_step_(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
         _validate_optim.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs))
-        if not native_multi:
-            for p, g, m in zip(params, grads, exp_avgs):
-                lion32_step_(p, g, m, lr, beta1, beta2, weight_decay)
-            return
+        ok = _validate_optim.cpu_step_ok
         rows, keep = [], []
         for p, g, m in zip(params, grads, exp_avgs):
-            _validate_optim.lion32(p, g, m)
-            g = g.contiguous()
-            keep.append(g)
-            rows.append((_ptr(p), _ptr(g), DTYPE_IDS[p.dtype], p.numel(), _ptr(m), m.numel()))
+            n = p.numel()
+            if not ok(p, g, n, m, F32, n, m, F32, n):
+                _validate_optim.lion32(p, g, m)
+                _validate_optim.one_device(params, grads, exp_avgs)
+            if not g.is_contiguous():
+                g = g.contiguous()
+                keep.append(g)
+            rows += (p.data_ptr(), g.data_ptr(), DTYPE_IDS[p.dtype], n, m.data_ptr(), n, 0)
         s = lion_scalars(lr, beta1, beta2, weight_decay)
-        module().lion32_multi_step(rows, [s] * len(rows), *extra_args(params[0].device))
+        module().lion32_multi_step(array("q", rows), [s], *extra_args(CPU))
 
     @register_kernel("lion8bit_multi_step_", backend)
     def lion8bit_multi_step_(params, grads, exp_avg_qs, exp_avg_absmaxes, qmap_signed, lr, beta1, beta2, weight_decay):
         _validate_optim.lists(("params", params), ("grads", grads), ("exp_avg_qs", exp_avg_qs),
                               ("exp_avg_absmaxes", exp_avg_absmaxes))  # fmt: skip
-        if not native_multi:
-            for p, g, q1, a1 in zip(params, grads, exp_avg_qs, exp_avg_absmaxes):
-                lion8bit_step_(p, g, q1, a1, qmap_signed, lr, beta1, beta2, weight_decay)
-            return
+        if params:
+            _validate_optim.lion8bit_map(qmap_signed, CPU)
+        ok = _validate_optim.cpu_step_ok
         rows, keep = [], []
         for p, g, q1, a1 in zip(params, grads, exp_avg_qs, exp_avg_absmaxes):
-            _validate_optim.lion8bit(p, g, q1, a1, qmap_signed)
-            g = g.contiguous()
-            keep.append(g)
-            rows.append((_ptr(p), _ptr(g), DTYPE_IDS[p.dtype], p.numel(), _ptr(q1), q1.numel(), _ptr(a1), a1.numel()))
+            n = p.numel()
+            blocks = state_blocks(n)
+            if not ok(p, g, n, q1, U8, n, a1, F32, blocks):
+                _validate_optim.lion8bit(p, g, q1, a1, qmap_signed)
+                _validate_optim.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes)
+            if not g.is_contiguous():
+                g = g.contiguous()
+                keep.append(g)
+            rows += (p.data_ptr(), g.data_ptr(), DTYPE_IDS[p.dtype], n, q1.data_ptr(), n, a1.data_ptr(), blocks, 0)
         s = lion_scalars(lr, beta1, beta2, weight_decay)
         qs = qmap_signed.contiguous()
-        module().lion8bit_multi_step(rows, _ptr(qs), [s] * len(rows), *extra_args(params[0].device))
+        module().lion8bit_multi_step(array("q", rows), _ptr(qs), [s], *extra_args(CPU))
+
+
+class _ScalarSets:
+    """The distinct scalar sets of one multi-tensor call: ``sets[step]`` is the index
+    of step's set in ``values`` (made on first use)."""
+
+    def __init__(self, make: Callable[[int], tuple]) -> None:
+        self.make = make
+        self.values: list[tuple] = []
+        self.index: dict[int, int] = {}
+
+    def __getitem__(self, step: int) -> int:
+        i = self.index.get(step)
+        if i is None:
+            i = self.index[step] = len(self.values)
+            self.values.append(self.make(step))
+        return i
 
 
 # Thread count from torch (never oversubscribing its pool); CUDA kernels on torch's current stream.

@@ -21,6 +21,7 @@ from .._optim_math import MIN_8BIT_NUMEL, state_blocks
 from .paging import PAGE_MIN_NUMEL, StatePager
 
 STATE_DICT_KEY = "qpeft"
+_STRIDED = torch.strided
 STATE_FORMAT = 1
 
 
@@ -136,40 +137,46 @@ class QpeftOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        paged = self._pager.paged
         for gi, group in enumerate(self.param_groups):
-            todo = []
+            # One op call per (device, state layout): on CPU one parallel region for
+            # all of the group's tensors. The op updates in place, so a non-contiguous
+            # parameter is stepped as a contiguous copy and written back. This loop
+            # runs per parameter every step: it does no more than it must (the op
+            # checks dtypes, sizes and devices; a parameter is checked here once,
+            # when its state is made).
+            batches: dict[tuple[torch.device, bool], list] = defaultdict(list)
+            copies = []
             for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
                 grad = p.grad
-                if grad.is_sparse or grad.layout != torch.strided:
+                if grad is None:
+                    continue
+                if grad.layout is not _STRIDED:
                     raise TypeError(
                         f"{type(self).__name__} does not support sparse gradients "
                         f"(parameter {pi} of param group {gi} has a {grad.layout} gradient)"
                     )
-                _check_param(p, f"parameter {pi} of param group {gi}")
                 state = self.state[p]
                 if not state:
+                    _check_param(p, f"parameter {pi} of param group {gi}")
                     state.update(self._new_state(p))
-                todo.append((p, grad, state))
-            by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-            for p, _, state in todo:
-                by_device[p.device].extend(self._state_tensors(state))
-            for device, tensors in by_device.items():
-                self._pager.before_update(tensors, device)
-            # One op call per (device, state layout): on CPU one parallel region for
-            # all of the group's tensors. The op updates in place, so a non-contiguous
-            # parameter is stepped as a contiguous copy and written back.
-            batches: dict[tuple[torch.device, bool], list] = defaultdict(list)
-            for p, grad, state in todo:
                 state["step"] += 1
-                work = p if p.is_contiguous() else p.contiguous()
-                batches[(p.device, self.uses_8bit(p))].append((work, grad, state, p))
+                work = p
+                if not p.is_contiguous():
+                    work = p.contiguous()
+                    copies.append((p, work))
+                batches[(p.device, self.uses_8bit(p))].append((work, grad, state))
+            by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+            if paged:
+                for items in batches.values():
+                    for work, _, state in items:
+                        by_device[work.device].extend(self._state_tensors(state))
+                for device, tensors in by_device.items():
+                    self._pager.before_update(tensors, device)
             for (_, eight_bit), items in batches.items():
-                self._update([(w, g, st) for w, g, st, _ in items], group, eight_bit)
-                for work, _, _, p in items:
-                    if work is not p:
-                        p.copy_(work)
+                self._update(items, group, eight_bit)
+            for p, work in copies:
+                p.copy_(work)
             for device, tensors in by_device.items():
                 self._pager.after_update(tensors, device)
         return loss

@@ -167,6 +167,7 @@ def lion8bit_step_(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed, lr, beta
 def adamw32_multi_step_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, steps):
     _validate_optim.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
                           ("exp_avg_sqs", exp_avg_sqs), ("steps", steps))  # fmt: skip
+    _validate_optim.one_device(params, grads, exp_avgs, exp_avg_sqs)
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         adamw32_step_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
 
@@ -179,6 +180,7 @@ def adamw8bit_multi_step_(
     _validate_optim.lists(("params", params), ("grads", grads), ("exp_avg_qs", exp_avg_qs),
                           ("exp_avg_absmaxes", exp_avg_absmaxes), ("exp_avg_sq_qs", exp_avg_sq_qs),
                           ("exp_avg_sq_absmaxes", exp_avg_sq_absmaxes), ("steps", steps))  # fmt: skip
+    _validate_optim.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes)
     for p, g, q1, a1, q2, a2, step in zip(
         params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes, steps
     ):
@@ -188,6 +190,7 @@ def adamw8bit_multi_step_(
 @register_kernel("lion32_multi_step_", "default")
 def lion32_multi_step_(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
     _validate_optim.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs))
+    _validate_optim.one_device(params, grads, exp_avgs)
     for p, g, m in zip(params, grads, exp_avgs):
         lion32_step_(p, g, m, lr, beta1, beta2, weight_decay)
 
@@ -196,5 +199,6 @@ def lion32_multi_step_(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
 def lion8bit_multi_step_(params, grads, exp_avg_qs, exp_avg_absmaxes, qmap_signed, lr, beta1, beta2, weight_decay):
     _validate_optim.lists(("params", params), ("grads", grads), ("exp_avg_qs", exp_avg_qs),
                           ("exp_avg_absmaxes", exp_avg_absmaxes))  # fmt: skip
+    _validate_optim.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes)
     for p, g, q1, a1 in zip(params, grads, exp_avg_qs, exp_avg_absmaxes):
         lion8bit_step_(p, g, q1, a1, qmap_signed, lr, beta1, beta2, weight_decay)
