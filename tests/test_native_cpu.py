@@ -8,6 +8,7 @@ import torch
 
 import qpeft
 import qpeft.functional as qf
+import qpeft.optim
 from qpeft import _formats
 from qpeft._native import cpu_module
 
@@ -80,6 +81,77 @@ def test_thread_counts_agree(threads):
         torch.set_num_threads(old)
     for i, (a, b) in enumerate(zip(got, want)):
         assert_bits_equal(a, b, f"output {i} with {threads} threads")
+
+
+@pytest.fixture
+def threading(native):
+    """Runs a test body under each of the native module's threading modes."""
+    prev = native.threading()
+    modes = ["pool"] + (["openmp"] if prev == "openmp" else [])
+    yield modes
+    native.set_threading(prev)
+
+
+def test_threading_modes_agree(native, threading):
+    # torch's CPU wheel runs on libgomp, so "auto" picks its OpenMP team here
+    assert native.threading() == "openmp"
+    x = torch.randn(1000, 333, dtype=torch.bfloat16)
+    ps = [torch.randn(70_000), torch.randn(300), torch.randn(5000)]
+    results = {}
+    for mode in threading:
+        native.set_threading(mode)
+        assert native.threading() == mode
+        with qpeft.use_backend("cpu"):
+            outs = _run_all(x, True, "nf4", 64)
+            for cls in (qpeft.optim.AdamW, qpeft.optim.AdamW8bit):
+                params = [torch.nn.Parameter(p.clone()) for p in ps]
+                opt = cls(params, weight_decay=0.1)
+                for step in range(3):
+                    for i, p in enumerate(params):
+                        p.grad = torch.sin(p.detach() * (step + i + 1))
+                    opt.step()
+                outs += [p.detach() for p in params]
+        results[mode] = outs
+    for mode, outs in results.items():
+        for i, (a, b) in enumerate(zip(outs, results["pool"])):
+            assert_bits_equal(a, b, f"output {i} with threading={mode}")
+    with pytest.raises(ValueError, match="unknown threading 'fast'"):
+        native.set_threading("fast")
+
+
+_FORK_SCRIPT = """
+import os, sys, torch
+import qpeft.functional as qf
+from qpeft._native import cpu_module
+C = cpu_module()
+assert C.threading() == sys.argv[1], C.threading()
+w = torch.randn(512, 512)
+packed, state = qf.quantize_4bit(w, double_quant=False)
+out = torch.empty(512, 512)
+# Only the raw kernel and numpy in the child: torch's own parallel ops (even a
+# clone) hang in a child forked after libgomp ran, with or without qpeft.
+def dequant():
+    C.dequantize_4bit(packed.data_ptr(), packed.numel(), state.absmax.data_ptr(), state.absmax.numel(),
+                      w.numel(), 64, 2, out.data_ptr(), 0, 0, 0, 0, 0, 0, 2)
+    return out.numpy().copy()
+want = dequant()
+out.zero_()
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if (dequant() == want).all() else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_kernels_run_in_a_forked_child(native):
+    """A child of fork() cannot use the parent's OpenMP team; the kernels fall back
+    to a fresh pool there instead of hanging."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, native.threading()], capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
 
 
 def test_native_rechecks_sizes(native):

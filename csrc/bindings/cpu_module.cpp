@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../cpu/api.h"
+#include "../cpu/thread_pool.h"
 #include "dlpack_capsule.h"
 
 namespace py = pybind11;
@@ -96,6 +97,9 @@ PYBIND11_MODULE(_C, m) {
         "Select the kernel ISA: 'auto', 'scalar' or 'avx2' (ValueError if the CPU lacks it). "
         "Returns the previous setting.");
   m.def("active_isa", &qc::active_isa, "The ISA the kernels run with now ('scalar' or 'avx2').");
+  m.def("set_threading", &qc::set_threading, py::arg("name"),
+        "Run parallel kernels on 'openmp' (torch's libgomp threads), 'pool' (qpeft's own) or 'auto'.");
+  m.def("threading", &qc::threading, "Where parallel kernels run now: 'openmp' or 'pool'.");
   m.def("lut8", [](uintptr_t code) {
     const std::string t = qc::lut8(code);
     return std::vector<int>(reinterpret_cast<const uint8_t*>(t.data()),

@@ -1,12 +1,15 @@
-// A tiny persistent thread pool for the CPU kernels.
+// How the CPU kernels run in parallel: on torch's OpenMP threads when torch's
+// libgomp is loaded, else on a tiny persistent pool of our own.
 //
-// Why not OpenMP: torch ships its own OpenMP runtime (libgomp/libiomp), and a
-// second runtime in the same process oversubscribes cores or crashes. The caller
-// passes the thread count (Python gives torch.get_num_threads()).
+// We never link or load an OpenMP runtime: torch ships its own (libgomp or
+// libiomp), and a second runtime in the same process oversubscribes cores or
+// crashes. The caller passes the thread count (Python gives
+// torch.get_num_threads()).
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <string>
 
 namespace qpeft {
 namespace cpu {
@@ -18,6 +21,12 @@ namespace cpu {
 // thread instead of waiting. Safe after fork(): a child process starts a fresh
 // pool.
 void parallel_tasks(int64_t num_tasks, const std::function<void(int64_t)>& fn);
+
+// Which threads run the tasks: "openmp" (a GOMP_parallel region of the libgomp
+// torch already loaded: its own worker threads) or "pool" (ours). "auto" picks
+// openmp when libgomp is loaded. For tests and A/B measurements.
+std::string threading();
+void set_threading(const std::string& name);
 
 // Splits [0, total) into `parts` contiguous near-equal ranges and runs
 // fn(begin, end) for each as one task.
