@@ -10,6 +10,13 @@
 //               entry (base and the comparison point), q = base + (point < x).
 // Block absmax: maxps over |x| plus an unordered-compare NaN flag (maxps drops
 // NaNs), then state_absmax_canonical.
+//
+// Every stream is prefetched kAhead elements ahead (prefetcht0 every 16
+// elements). The hardware prefetcher alone left the steps ~10% slower when the
+// state does not fit in cache: on the 2-core VM, 16.8M fp32 elements took
+// 12.1 ms without and 10.9 ms with (torch's fused AdamW: 12.3 ms), 128
+// LoRA-sized tensors 12.7 vs 11.4 ms (fused: 13.0). 256 to 768 elements ahead
+// measured the same; 2048 was slower.
 
 #define QPEFT_HD static inline
 #include <qpeft/format.h>
@@ -23,6 +30,21 @@
 namespace qpeft {
 namespace cpu {
 namespace {
+
+constexpr int64_t kAhead = 512;  // elements
+
+// Prefetch element i + kAhead of a stream of `elem_bytes`-wide elements. Prefetch
+// never faults, so running past the end of the buffer is harmless; the address
+// is formed as an integer, not as an out-of-range pointer.
+inline void prefetch_ahead(const void* base, int64_t i, int64_t elem_bytes) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>((i + kAhead) * elem_bytes);
+  _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T0);
+}
+
+template <int D>
+constexpr int64_t elem_bytes() {
+  return D == kF32 ? 4 : 2;
+}
 
 // ---------------------------------------------------------------------------
 // The updates on 8 lanes (optim.h: adam_update, lion_update).
@@ -127,6 +149,12 @@ void adam32_impl(const Adam32Args& a, int64_t e0, int64_t e1) {
   const AdamVec k(a.s);
   int64_t i = e0;
   for (; i + 8 <= e1; i += 8) {
+    if (((i - e0) & 15) == 0) {
+      prefetch_ahead(a.param, i, elem_bytes<D>());
+      prefetch_ahead(a.grad, i, elem_bytes<D>());
+      prefetch_ahead(a.exp_avg, i, 4);
+      prefetch_ahead(a.exp_avg_sq, i, 4);
+    }
     __m256 p = load8<D>(a.param, i);
     __m256 m = _mm256_loadu_ps(a.exp_avg + i), v = _mm256_loadu_ps(a.exp_avg_sq + i);
     adam_vec<FG>(p, load8<D>(a.grad, i), m, v, k);
@@ -153,6 +181,14 @@ void adam8_impl(const Adam8Args& a, int64_t b0, int64_t b1) {
     int64_t j = 0;
     for (; j + 8 <= len; j += 8) {
       const int64_t i = begin + j;
+      if ((j & 15) == 0) {
+        prefetch_ahead(a.param, i, elem_bytes<D>());
+        prefetch_ahead(a.grad, i, elem_bytes<D>());
+        if ((j & 63) == 0) {
+          prefetch_ahead(a.q1, i, 1);
+          prefetch_ahead(a.q2, i, 1);
+        }
+      }
       __m256 m = dequant8(a.q1 + i, a.c1->code, vam1);
       __m256 v = dequant8(a.q2 + i, a.c2->code, vam2);
       __m256 p = load8<D>(a.param, i);
@@ -188,6 +224,11 @@ void lion32_impl(const Lion32Args& a, int64_t e0, int64_t e1) {
   const LionVec k(a.s);
   int64_t i = e0;
   for (; i + 8 <= e1; i += 8) {
+    if (((i - e0) & 15) == 0) {
+      prefetch_ahead(a.param, i, elem_bytes<D>());
+      prefetch_ahead(a.grad, i, elem_bytes<D>());
+      prefetch_ahead(a.exp_avg, i, 4);
+    }
     __m256 p = load8<D>(a.param, i);
     __m256 m = _mm256_loadu_ps(a.exp_avg + i);
     lion_vec(p, load8<D>(a.grad, i), m, k);
@@ -213,6 +254,11 @@ void lion8_impl(const Lion8Args& a, int64_t b0, int64_t b1) {
     int64_t j = 0;
     for (; j + 8 <= len; j += 8) {
       const int64_t i = begin + j;
+      if ((j & 15) == 0) {
+        prefetch_ahead(a.param, i, elem_bytes<D>());
+        prefetch_ahead(a.grad, i, elem_bytes<D>());
+        if ((j & 63) == 0) prefetch_ahead(a.q1, i, 1);
+      }
       __m256 m = dequant8(a.q1 + i, a.c1->code, vam1);
       __m256 p = load8<D>(a.param, i);
       lion_vec(p, load8<D>(a.grad, i), m, k);
