@@ -107,19 +107,26 @@ def qlora_linear(
         base = kernel_for("gemv_4bit", x.device)(xc, packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                                  nested_blocksize, quant_type, n, k)  # fmt: skip
     else:
-        base = torch.empty((x.shape[0], n), dtype=cdt)
+        base = None
         for r0, r1, w in _decode_panels(packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                         nested_blocksize, quant_type, n, k):  # fmt: skip
+            if r0 == 0 and r1 == n:  # one panel: W whole
+                base = F.linear(xc, w.to(cdt))
+                break
+            if base is None:
+                base = torch.empty((x.shape[0], n), dtype=cdt)
             base[:, r0:r1] = F.linear(xc, w.to(cdt))
     xa = F.linear(xc, lora_a.to(cdt))
     t = xa * scaling
     if rank_scale is not None:
         t = t * rank_scale.to(cdt)
-    y = base + F.linear(t, lora_b.to(cdt))
+    # base is this call's own tensor: the rest is added in place (on a small layer each
+    # extra [M, N] temporary cost about as much as the LoRA products)
+    y = base.addmm_(t, lora_b.to(cdt).t())
     if bias is not None:
-        y = y + bias.to(cdt)
+        y.add_(bias.to(cdt))
     if out_scale is not None:
-        y = y * out_scale.to(cdt)
+        y.mul_(out_scale.to(cdt))
     return y.to(x.dtype), (xa.to(x.dtype) if return_xa else x.new_empty((0,)))
 
 
@@ -132,12 +139,10 @@ def qlora_linear_backward(
              n, k, lora_a, lora_b, None, rank_scale, out_scale)  # fmt: skip
     check_backward(grad_y, x, xa, lora_a, n, need_db)
 
-    def dy_w(dy, cdt):  # dy @ W, W's panels accumulated one after another
-        acc = torch.zeros((dy.shape[0], k), dtype=cdt)
+    def add_dy_w(dy, acc):  # acc += dy @ W, W's panels accumulated one after another
         for r0, r1, w in _decode_panels(packed, absmax, nested_absmax, nested_code, offset, blocksize,
                                         nested_blocksize, quant_type, n, k):  # fmt: skip
-            acc.addmm_(dy[:, r0:r1], w.to(cdt))
-        return acc
+            acc.addmm_(dy[:, r0:r1], w.to(acc.dtype))
 
-    return backward_from(dy_w, grad_y, x, lora_a, lora_b, xa, scaling, rank_scale, out_scale,
+    return backward_from(add_dy_w, grad_y, x, lora_a, lora_b, xa, scaling, rank_scale, out_scale,
                          need_dx, need_da, need_db, need_dbias)  # fmt: skip

@@ -115,20 +115,21 @@ def qlora_linear_backward(
              n, k, lora_a, lora_b, None, rank_scale, out_scale)  # fmt: skip
     check_backward(grad_y, x, xa, lora_a, n, need_db)
 
-    def dy_w(dy, cdt):  # dy @ W with all of W decoded
+    def add_dy_w(dy, acc):  # acc += dy @ W with all of W decoded
         w = dequantize_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                              quant_type, n, k).to(cdt)  # fmt: skip
-        return dy @ w
+                              quant_type, n, k).to(acc.dtype)  # fmt: skip
+        acc.addmm_(dy, w)
 
-    return backward_from(dy_w, grad_y, x, lora_a, lora_b, xa, scaling, rank_scale, out_scale,
+    return backward_from(add_dy_w, grad_y, x, lora_a, lora_b, xa, scaling, rank_scale, out_scale,
                          need_dx, need_da, need_db, need_dbias)  # fmt: skip
 
 
-def backward_from(dy_w, grad_y, x, lora_a, lora_b, xa, scaling, rank_scale, out_scale,
+def backward_from(add_dy_w, grad_y, x, lora_a, lora_b, xa, scaling, rank_scale, out_scale,
                   need_dx, need_da, need_db, need_dbias):  # fmt: skip
-    """(dx, dA, dB, dbias) of qlora_linear given the backend's ``dy_w(dy, dtype) = dy @ W``,
-    the one term that touches the 4-bit weight; the LoRA terms are plain matmuls in the
-    compute dtype (fp32, or fp64 for fp64 inputs), shared by every torch-level backend."""
+    """(dx, dA, dB, dbias) of qlora_linear given the backend's ``add_dy_w(dy, acc)``, which
+    adds dy @ W to acc in place: the one term that touches the 4-bit weight. The LoRA
+    terms are plain matmuls in the compute dtype (fp32, or fp64 for fp64 inputs), shared
+    by every torch-level backend."""
     cdt = _compute_dtype(x)
     dy = grad_y.to(cdt)
     if out_scale is not None:
@@ -140,7 +141,9 @@ def backward_from(dy_w, grad_y, x, lora_a, lora_b, xa, scaling, rank_scale, out_
         g = dy @ b  # [M, r]
         gs = g * scaling if rs is None else g * scaling * rs
         if need_dx:
-            dx = (dy_w(dy, cdt) + gs @ a).to(x.dtype)
+            dx = gs @ a  # [M, K], then + dy @ W in place
+            add_dy_w(dy, dx)
+            dx = dx.to(x.dtype)
         if need_da:
             da = (gs.T @ x.to(cdt)).to(lora_a.dtype)
     if need_db:
