@@ -119,6 +119,29 @@ def test_threading_modes_agree(native, threading):
         native.set_threading("fast")
 
 
+def test_concurrent_python_threads(native, threading):
+    """Python threads calling kernels at once (the GIL is released inside): each call
+    gets its own parallel region (or runs serially when the pool is busy), and every
+    result is the single-threaded one."""
+    import concurrent.futures
+
+    xs = [torch.randn(700, 512, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    with qpeft.use_backend("cpu"):
+        packed = [qf.quantize_4bit(x) for x in xs]
+        want = [qf.dequantize_4bit(p, s) for p, s in packed]
+        for mode in threading:
+            native.set_threading(mode)
+
+            def work(i):
+                p, s = packed[i % len(xs)]
+                return [qf.dequantize_4bit(p, s) for _ in range(5)]
+
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                for i, outs in enumerate(pool.map(work, range(12))):
+                    for got in outs:
+                        assert_bits_equal(got, want[i % len(xs)], f"thread {i}, threading={mode}")
+
+
 _FORK_SCRIPT = """
 import os, sys, torch
 import qpeft.functional as qf
