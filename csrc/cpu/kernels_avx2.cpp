@@ -357,7 +357,12 @@ void quantize_blockwise(const Quant8Args& a, int64_t b0, int64_t b1) {
 }
 
 // ---------------------------------------------------------------------------
-// 8-bit blockwise dequantize: gather code[q], multiply, convert.
+// 8-bit blockwise dequantize: gather code[q], multiply, convert. 16-bit outputs
+// go 16 at a time, and bf16 rounding skips the NaN rule when the block's scale
+// is finite (|code| <= 1, so every product is finite): the conversion, not the
+// gather, was the cost. 4096x4096 on 2 threads, out=: bf16 7.05 -> 3.1 ms, fp16
+// 5.2 -> 3.2 ms (fp32: 2.6 ms). A per-block table of the 256 products (one load
+// per element) measured no faster.
 
 template <int D>
 void dequantize_blockwise_impl(const Dequant8Args& a, int64_t b0, int64_t b1) {
@@ -367,6 +372,27 @@ void dequantize_blockwise_impl(const Dequant8Args& a, int64_t b0, int64_t b1) {
     const float s = a.absmax[b];
     const __m256 vs = _mm256_set1_ps(s);
     int64_t i = begin;
+    if (D != kF32) {
+      const bool finite = std::isfinite(s);
+      for (; i + 16 <= end; i += 16) {
+        __m256 v[2];
+        for (int h = 0; h < 2; ++h) {
+          const __m256i idx =
+              _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.q + i + 8 * h)));
+          v[h] = _mm256_mul_ps(_mm256_i32gather_ps(a.code, idx, 4), vs);
+        }
+        __m256i w;
+        if (D == kF16) {
+          w = _mm256_set_m128i(cvt_half<kF16>(v[1]), cvt_half<kF16>(v[0]));
+        } else {
+          // packus interleaves 128-bit lanes; the qword permute puts them back in order
+          w = finite ? _mm256_packus_epi32(bf16_bits_finite(v[0]), bf16_bits_finite(v[1]))
+                     : _mm256_packus_epi32(bf16_bits(v[0]), bf16_bits(v[1]));
+          w = _mm256_permute4x64_epi64(w, _MM_SHUFFLE(3, 1, 2, 0));
+        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(a.out) + i), w);
+      }
+    }
     for (; i + 8 <= end; i += 8) {
       const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.q + i)));
       store8<D>(a.out, i, _mm256_mul_ps(_mm256_i32gather_ps(a.code, idx, 4), vs));
