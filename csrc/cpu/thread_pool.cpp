@@ -114,8 +114,8 @@ Pool& pool() {
 // same cores then competes with them: measured on the 2-core VM, a 1M-element AdamW
 // step took 0.65 ms on the pool right after a torch op against 0.50 ms for torch's
 // fused AdamW, and 0.575 ms when OMP_WAIT_POLICY=passive stopped the spinning. So
-// when the process already has libgomp loaded (dlopen RTLD_NOLOAD: we neither link
-// nor load an OpenMP runtime), the tasks run as a GOMP_parallel region of that
+// when the process already has libgomp (or libiomp5) loaded (dlopen RTLD_NOLOAD: we
+// neither link nor load an OpenMP runtime), the tasks run as a GOMP_parallel region of that
 // runtime: on the very threads torch uses, already awake. Not after fork(): a
 // child cannot use the parent's libgomp team, so it falls back to the pool.
 
@@ -129,10 +129,15 @@ struct Gomp {
 const Gomp& gomp() {
   static const Gomp g = [] {
     Gomp r;
-    if (void* h = dlopen("libgomp.so.1", RTLD_NOW | RTLD_NOLOAD)) {
-      r.parallel = reinterpret_cast<GompParallelFn>(dlsym(h, "GOMP_parallel"));
-      r.pid = getpid();
+    // GNU OpenMP (torch's pip wheels), else Intel's, which exports the same GOMP_ entry
+    // points for GCC-compiled code (some conda builds of torch)
+    for (const char* lib : {"libgomp.so.1", "libiomp5.so"}) {
+      if (void* h = dlopen(lib, RTLD_NOW | RTLD_NOLOAD)) {
+        r.parallel = reinterpret_cast<GompParallelFn>(dlsym(h, "GOMP_parallel"));
+        if (r.parallel != nullptr) break;
+      }
     }
+    r.pid = getpid();
     return r;
   }();
   return g;
@@ -197,7 +202,7 @@ void set_threading(const std::string& name) {
     g_threading.store(kPool);
   } else if (name == "openmp") {
     if (gomp().parallel == nullptr) {
-      throw std::invalid_argument("qpeft._C.set_threading: no libgomp is loaded in this process");
+      throw std::invalid_argument("qpeft._C.set_threading: no OpenMP runtime (libgomp or libiomp5) is loaded in this process");
     }
     g_threading.store(kOpenMP);
   } else if (name == "auto") {
