@@ -1,4 +1,4 @@
-"""Every qpeft op: its schema (``torch.library.custom_op``) and its fake impl.
+"""Every qpeft op: its schema (low-level ``torch.library`` API) and its fake impl.
 
 The real implementation of each op only picks a kernel (``qpeft._registry``):
 the backends in ``qpeft/backends/*/ops.py`` register them. Ops take and return
@@ -11,9 +11,6 @@ Shapes (n = numel of the quantized tensor):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Optional
-
 import torch
 
 from ._registry import kernel_for
@@ -23,89 +20,114 @@ def _blocks(n: int, blocksize: int) -> int:
     return -(n // -blocksize)
 
 
-@torch.library.custom_op("qpeft::quantize_4bit", mutates_args=())
-def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """4-bit blockwise quantization: (packed codes, fp32 absmax per block)."""
+# Every op is defined with the low-level torch.library API (schema string, one
+# CompositeExplicitAutograd impl that picks the kernel, a fake impl), not custom_op:
+# custom_op's Python wrappers cost 35-60 us per call (a dequantize into a reused buffer
+# took 64 us on a 64x64 weight against ~15 us here), as much as the kernel on small
+# tensors. What those wrappers do for a mutating op is done here: the version counter of
+# `out` is bumped. These ops are not differentiable: their outputs never require grad
+# (the packed weight is a constant of QLoRA training; QLoRAFunction in qpeft/autograd.py
+# is the autograd of the layer ops).
+_lib = torch.library.Library("qpeft", "FRAGMENT")
+
+
+def _define(schema: str, impl, fake, mutated: tuple[int, ...] = ()) -> None:
+    name = schema.split("(", 1)[0]
+    _lib.define(schema)
+    if mutated:
+        kernel = impl
+
+        def impl(*args):
+            kernel(*args)
+            for i in mutated:
+                torch.autograd.graph.increment_version(args[i])
+
+    impl.__name__ = name
+    _lib.impl(name, impl, "CompositeExplicitAutograd")
+    # Not differentiable: autograd falls through, so the outputs are constants that
+    # never require grad (without this, torch would record a node that warns and
+    # silently drops the gradient on backward).
+    _lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    torch.library.register_fake(f"qpeft::{name}", fake, lib=_lib)
+
+
+# --- 4-bit blockwise quantization ----------------------------------------------------------
+
+
+def _quantize_4bit(x, blocksize, quant_type):
+    """(packed codes, fp32 absmax per block)."""
     return kernel_for("quantize_4bit", x.device)(x, blocksize, quant_type)
 
 
-@quantize_4bit.register_fake
-def _(x, blocksize, quant_type):
+def _quantize_4bit_fake(x, blocksize, quant_type):
     n = x.numel()
-    packed = x.new_empty(((n + 1) // 2, 1), dtype=torch.uint8)
-    absmax = x.new_empty((_blocks(n, blocksize),), dtype=torch.float32)
-    return packed, absmax
+    return x.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), x.new_empty((_blocks(n, blocksize),), dtype=torch.float32)
 
 
-@torch.library.custom_op("qpeft::dequantize_4bit", mutates_args=())
-def dequantize_4bit(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    blocksize: int,
-    quant_type: str,
-    shape: Sequence[int],
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Decode packed 4-bit codes with fp32 absmax into a ``shape``/``dtype`` tensor."""
+_define("quantize_4bit(Tensor x, SymInt blocksize, str quant_type) -> (Tensor, Tensor)",
+        _quantize_4bit, _quantize_4bit_fake)  # fmt: skip
+
+
+def _dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
+    """Packed 4-bit codes with fp32 absmax -> a ``shape``/``dtype`` tensor."""
     return kernel_for("dequantize_4bit", packed.device)(packed, absmax, blocksize, quant_type, shape, dtype)
 
 
-@dequantize_4bit.register_fake
-def _(packed, absmax, blocksize, quant_type, shape, dtype):
+def _dequantize_4bit_fake(packed, absmax, blocksize, quant_type, shape, dtype):
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
-@torch.library.custom_op("qpeft::dequantize_4bit_nested", mutates_args=())
-def dequantize_4bit_nested(
-    packed: torch.Tensor,
-    absmax_codes: torch.Tensor,
-    nested_absmax: torch.Tensor,
-    nested_code: torch.Tensor,
-    offset: torch.Tensor,
-    blocksize: int,
-    nested_blocksize: int,
-    quant_type: str,
-    shape: Sequence[int],
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """Decode packed 4-bit codes whose absmax is double-quantized, in one pass.
+_define("dequantize_4bit(Tensor packed, Tensor absmax, SymInt blocksize, str quant_type, SymInt[] shape, "
+        "ScalarType dtype) -> Tensor", _dequantize_4bit, _dequantize_4bit_fake)  # fmt: skip
 
-    absmax[b] = nested_code[absmax_codes[b]] * nested_absmax[b // nested_blocksize] + offset.
-    """
+
+def _dequantize_4bit_nested(packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                            quant_type, shape, dtype):  # fmt: skip
+    """Packed 4-bit codes whose absmax is double-quantized, decoded in one pass:
+    absmax[b] = nested_code[absmax_codes[b]] * nested_absmax[b // nested_blocksize] + offset."""
     return kernel_for("dequantize_4bit_nested", packed.device)(
         packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
     )
 
 
-@dequantize_4bit_nested.register_fake
-def _(packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype):
+def _dequantize_4bit_nested_fake(packed, absmax_codes, nested_absmax, nested_code, offset, blocksize,
+                                 nested_blocksize, quant_type, shape, dtype):  # fmt: skip
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
-@torch.library.custom_op("qpeft::quantize_blockwise", mutates_args=())
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+_NESTED_ARGS = "Tensor packed, Tensor absmax_codes, Tensor nested_absmax, Tensor nested_code, Tensor offset, " \
+               "SymInt blocksize, SymInt nested_blocksize, str quant_type"  # fmt: skip
+_define(f"dequantize_4bit_nested({_NESTED_ARGS}, SymInt[] shape, ScalarType dtype) -> Tensor",
+        _dequantize_4bit_nested, _dequantize_4bit_nested_fake)  # fmt: skip
+
+
+# --- 8-bit blockwise quantization ----------------------------------------------------------
+
+
+def _quantize_blockwise(x, code, blocksize):
     """8-bit blockwise quantization with a sorted 256-value map: (uint8 codes, fp32 absmax)."""
     return kernel_for("quantize_blockwise", x.device)(x, code, blocksize)
 
 
-@quantize_blockwise.register_fake
-def _(x, code, blocksize):
-    q = x.new_empty(x.shape, dtype=torch.uint8)
-    absmax = x.new_empty((_blocks(x.numel(), blocksize),), dtype=torch.float32)
-    return q, absmax
+def _quantize_blockwise_fake(x, code, blocksize):
+    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((_blocks(x.numel(), blocksize),), dtype=torch.float32)
 
 
-@torch.library.custom_op("qpeft::dequantize_blockwise", mutates_args=())
-def dequantize_blockwise(
-    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """Decode 8-bit blockwise codes: code[q] * absmax[block], cast to ``dtype``."""
+_define("quantize_blockwise(Tensor x, Tensor code, SymInt blocksize) -> (Tensor, Tensor)",
+        _quantize_blockwise, _quantize_blockwise_fake)  # fmt: skip
+
+
+def _dequantize_blockwise(q, absmax, code, blocksize, dtype):
+    """8-bit blockwise codes -> code[q] * absmax[block], cast to ``dtype``."""
     return kernel_for("dequantize_blockwise", q.device)(q, absmax, code, blocksize, dtype)
 
 
-@dequantize_blockwise.register_fake
-def _(q, absmax, code, blocksize, dtype):
+def _dequantize_blockwise_fake(q, absmax, code, blocksize, dtype):
     return q.new_empty(q.shape, dtype=dtype)
+
+
+_define("dequantize_blockwise(Tensor q, Tensor absmax, Tensor code, SymInt blocksize, ScalarType dtype) -> Tensor",
+        _dequantize_blockwise, _dequantize_blockwise_fake)  # fmt: skip
 
 
 # --- out= variants of the dequantize ops: write into a caller's tensor ------------------
@@ -113,60 +135,37 @@ def _(q, absmax, code, blocksize, dtype):
 # itself (4096x4096 bf16: torch.empty + fill 8.1 ms vs fill of a reused tensor 0.66 ms on
 # the dev box), so a caller that dequantizes repeatedly reuses one buffer. (MADV_HUGEPAGE
 # on fresh outputs was tried: 3.1 ms when it works, but with the kernel's "defrag=madvise"
-# setting a fault may compact memory synchronously, and medians of 53 ms were seen.) The result's
-# shape and dtype are out's.
+# setting a fault may compact memory synchronously, and medians of 53 ms were seen;
+# MADV_POPULATE_WRITE faults the pages in no faster.) The result's shape and dtype are out's.
 
 
-@torch.library.custom_op("qpeft::dequantize_4bit_out", mutates_args=("out",))
-def dequantize_4bit_out(
-    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, out: torch.Tensor
-) -> None:
-    """``dequantize_4bit`` into ``out`` (its shape and dtype define the result)."""
-    kernel_for("dequantize_4bit", packed.device)(
-        packed, absmax, blocksize, quant_type, list(out.shape), out.dtype, out=out
-    )
+def _dequantize_4bit_out(packed, absmax, blocksize, quant_type, out):
+    kernel_for("dequantize_4bit", packed.device)(packed, absmax, blocksize, quant_type, list(out.shape), out.dtype,
+                                                 out=out)  # fmt: skip
 
 
-@dequantize_4bit_out.register_fake
-def _(packed, absmax, blocksize, quant_type, out):
-    return None
-
-
-@torch.library.custom_op("qpeft::dequantize_4bit_nested_out", mutates_args=("out",))
-def dequantize_4bit_nested_out(
-    packed: torch.Tensor,
-    absmax_codes: torch.Tensor,
-    nested_absmax: torch.Tensor,
-    nested_code: torch.Tensor,
-    offset: torch.Tensor,
-    blocksize: int,
-    nested_blocksize: int,
-    quant_type: str,
-    out: torch.Tensor,
-) -> None:
-    """``dequantize_4bit_nested`` into ``out`` (its shape and dtype define the result)."""
+def _dequantize_4bit_nested_out(packed, absmax_codes, nested_absmax, nested_code, offset, blocksize,
+                                nested_blocksize, quant_type, out):  # fmt: skip
     kernel_for("dequantize_4bit_nested", packed.device)(
         packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
         list(out.shape), out.dtype, out=out,
     )  # fmt: skip
 
 
-@dequantize_4bit_nested_out.register_fake
-def _(packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, out):
-    return None
-
-
-@torch.library.custom_op("qpeft::dequantize_blockwise_out", mutates_args=("out",))
-def dequantize_blockwise_out(
-    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, out: torch.Tensor
-) -> None:
-    """``dequantize_blockwise`` into ``out`` (q's shape; out's dtype)."""
+def _dequantize_blockwise_out(q, absmax, code, blocksize, out):
     kernel_for("dequantize_blockwise", q.device)(q, absmax, code, blocksize, out.dtype, out=out)
 
 
-@dequantize_blockwise_out.register_fake
-def _(q, absmax, code, blocksize, out):
+def _no_result(*args):
     return None
+
+
+_define("dequantize_4bit_out(Tensor packed, Tensor absmax, SymInt blocksize, str quant_type, Tensor(a!) out) -> ()",
+        _dequantize_4bit_out, _no_result, mutated=(4,))  # fmt: skip
+_define(f"dequantize_4bit_nested_out({_NESTED_ARGS}, Tensor(a!) out) -> ()",
+        _dequantize_4bit_nested_out, _no_result, mutated=(8,))  # fmt: skip
+_define("dequantize_blockwise_out(Tensor q, Tensor absmax, Tensor code, SymInt blocksize, Tensor(a!) out) -> ()",
+        _dequantize_blockwise_out, _no_result, mutated=(4,))  # fmt: skip
 
 
 # --- Fused 4-bit dequant + LoRA linear (QLoRA) -------------------------------------------
@@ -335,20 +334,8 @@ for _name, (_schema, _mutated) in _OPTIM_OPS.items():
 # rounds once to x's dtype; larger M belongs to qlora_linear (a GEMM).
 
 
-@torch.library.custom_op("qpeft::gemv_4bit", mutates_args=())
-def gemv_4bit(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    nested_absmax: Optional[torch.Tensor],
-    nested_code: Optional[torch.Tensor],
-    offset: Optional[torch.Tensor],
-    blocksize: int,
-    nested_blocksize: int,
-    quant_type: str,
-    out_features: int,
-    in_features: int,
-) -> torch.Tensor:
+def _gemv_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+               out_features, in_features):  # fmt: skip
     """x [M, K] with 1 <= M <= 8 -> x @ W^T [M, N] in x's dtype."""
     return kernel_for("gemv_4bit", x.device)(
         x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
@@ -356,7 +343,11 @@ def gemv_4bit(
     )  # fmt: skip
 
 
-@gemv_4bit.register_fake
-def _(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-      out_features, in_features):  # fmt: skip
+def _gemv_4bit_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
+                    out_features, in_features):  # fmt: skip
     return x.new_empty((x.shape[0], out_features))
+
+
+_define("gemv_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+        "Tensor? offset, SymInt blocksize, SymInt nested_blocksize, str quant_type, SymInt out_features, "
+        "SymInt in_features) -> Tensor", _gemv_4bit, _gemv_4bit_fake)  # fmt: skip

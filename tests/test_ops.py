@@ -65,3 +65,23 @@ def test_ops_compile_fullgraph(backend):
     compiled = torch.compile(roundtrip, fullgraph=True, backend="inductor")
     for got, want in zip(compiled(x, offset), roundtrip(x, offset)):
         assert_bits_equal(got, want, "compiled vs eager")
+
+
+def test_out_variants_bump_the_version_counter():
+    """The out= ops write through a raw pointer; like any in-place torch op they bump
+    out's version, so autograd notices a saved tensor that was overwritten."""
+    for op, args in _op_samples()[6:]:
+        out = args[-1]
+        before = out._version
+        op(*args)
+        assert out._version > before, op
+
+
+def test_quantization_ops_are_not_differentiable():
+    """No autograd formula: outputs of the quantization ops never require grad, even
+    for an input that does (a weight being quantized)."""
+    w = torch.randn(64, 64, requires_grad=True)
+    packed, absmax = torch.ops.qpeft.quantize_4bit(w, 64, "nf4")
+    assert not packed.requires_grad and not absmax.requires_grad
+    w_hat = torch.ops.qpeft.dequantize_4bit(packed, absmax, 64, "nf4", [64, 64], torch.float32)
+    assert not w_hat.requires_grad
