@@ -6,8 +6,9 @@ Each case first checks every implementation's result (bit for bit against the
 reference where the format is the same, within a stated bound otherwise); a wrong
 result or an exception of qpeft or the reference fails the run (exit 1) after the
 report is written, so ``--quick`` in CI catches both. A peer that fails its check is
-listed as failed, with the reason, and not timed. Then it times the medians, measures peak memory, and
-reports time, the ratio to the fastest qpeft implementation, and the achieved rate as
+listed as failed, with the reason, and not timed. Then it times the medians (on CPU the
+implementations of a case take turns, round by round, so that a noisy spell on a shared
+machine falls on all of them), measures peak memory, and reports time, the ratio to the fastest qpeft implementation, and the achieved rate as
 a fraction of the copy bandwidth or GEMM rate measured in the same run, as markdown,
 JSON and PNG plots in ``--out`` (default benchmarks/results).
 """
@@ -23,33 +24,56 @@ import torch
 
 from . import report, targets
 from .cases import MODULES
-from .harness import Result, copy_bandwidth_gbs, gemm_gflops, machine, peak_memory_mb, time_cpu, time_cuda
+from .harness import Result, copy_bandwidth_gbs, gemm_gflops, machine, peak_memory_mb, time_cpu_interleaved, time_cuda
 
 
 def run_case(case, device: str, quick: bool) -> tuple[list[Result], list[str]]:
-    timer = time_cuda if device == "cuda" else time_cpu
     budget = dict(min_runs=2, min_seconds=0.0) if quick else dict(min_runs=5, min_seconds=1.0)
     results, failures = [], []
+
+    def common(impl):
+        return dict(group=case.group, label=case.label, impl=impl.name, x=case.x, x_name=case.x_name,
+                    bound=case.bound, nbytes=case.nbytes, flops=case.flops)  # fmt: skip
+
+    def failed(impl, exc):
+        msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        if impl.name.startswith("qpeft") or impl.name == "reference":
+            failures.append(f"{case.group} | {case.label} | {impl.name}: {msg}")
+            traceback.print_exc(file=sys.stderr)
+        # a peer that errs or computes a wrong result is a finding about the peer: it is
+        # reported in the table (not timed), and does not fail the run
+        return Result(timing=None, error=msg, **common(impl))
+
+    checked = []  # every result is checked before anything is timed
     for impl in case.impls:
-        common = dict(group=case.group, label=case.label, impl=impl.name, x=case.x, x_name=case.x_name,
-                      bound=case.bound, nbytes=case.nbytes, flops=case.flops)  # fmt: skip
         try:
             out = impl.run()
             if impl.check is not None:
                 impl.check(out)
             del out
-            timing = timer(impl.run, **{**budget, **case.runs.get(impl.name, {})})
-            peak = peak_memory_mb(impl.run, device)
-            results.append(Result(timing=timing, peak_mb=peak, **common))
-            print(f"  {case.group} | {case.label} | {impl.name}: {timing.median_ms:.3f} ms", file=sys.stderr)
+            checked.append(impl)
         except Exception as exc:  # noqa: BLE001 - reported; a qpeft failure fails the run at the end
-            msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-            if impl.name.startswith("qpeft") or impl.name == "reference":
-                failures.append(f"{case.group} | {case.label} | {impl.name}: {msg}")
-                traceback.print_exc(file=sys.stderr)
-            # a peer that errs or computes a wrong result is a finding about the peer: it is
-            # reported in the table (not timed), and does not fail the run
-            results.append(Result(timing=None, error=msg, **common))
+            results.append(failed(impl, exc))
+    budgets = [{**budget, **case.runs.get(impl.name, {})} for impl in checked]
+    if device == "cuda":
+        timings = []
+        for impl, b in zip(checked, budgets):
+            try:
+                timings.append(time_cuda(impl.run, **b))
+            except Exception as exc:  # noqa: BLE001
+                timings.append(exc)
+    else:  # the implementations of a case take turns (see time_cpu_interleaved)
+        timings = time_cpu_interleaved([impl.run for impl in checked], budgets)
+    for impl, timing in zip(checked, timings):
+        try:
+            if isinstance(timing, Exception):
+                raise timing
+            peak = peak_memory_mb(impl.run, device)
+        except Exception as exc:  # noqa: BLE001
+            results.append(failed(impl, exc))
+            continue
+        results.append(Result(timing=timing, peak_mb=peak, **common(impl)))
+        print(f"  {case.group} | {case.label} | {impl.name}: {timing.median_ms:.3f} ms", file=sys.stderr)
     return results, failures
 
 

@@ -92,6 +92,58 @@ def time_cpu(fn: Callable[[], object], min_runs: int = 5, min_seconds: float = 0
     return Timing(statistics.median(times), q[2] - q[0], len(times))
 
 
+def time_cpu_interleaved(fns: list[Callable[[], object]], budgets: list[dict], slice_seconds: float = 0.05,
+                         max_runs: int = 200) -> list[Timing | Exception]:  # fmt: skip
+    """``time_cpu`` for several implementations of one case at once, in rounds: each
+    round runs every implementation still short of its budget (``min_runs`` runs and
+    ``min_seconds`` in total, as ``time_cpu``) for about ``slice_seconds`` (at least one
+    run), the order rotating from round to round. On a shared, noisy machine a slow
+    spell then falls on all of them alike instead of on whichever was being timed.
+    An implementation that raises is dropped; its entry is the exception."""
+    n = len(fns)
+    per_run = [1e-6] * n
+    errors: list[Exception | None] = [None] * n
+    for i, fn in enumerate(fns):  # warm-up, then a first estimate of each one's time
+        try:
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            per_run[i] = max(time.perf_counter() - t0, 1e-6)
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            errors[i] = exc
+    times: list[list[float]] = [[] for _ in fns]
+    spent = [0.0] * n
+
+    def short(i: int) -> bool:
+        b, runs = budgets[i], len(times[i])
+        if errors[i] is not None or runs >= max_runs:
+            return False
+        return runs < b.get("min_runs", 5) or spent[i] < b.get("min_seconds", 0.5)
+
+    rnd = 0
+    while todo := [i for i in range(n) if short(i)]:
+        shift = rnd % len(todo)
+        for i in todo[shift:] + todo[:shift]:
+            try:
+                for _ in range(max(1, min(int(slice_seconds / per_run[i]), max_runs - len(times[i])))):
+                    t0 = time.perf_counter()
+                    fns[i]()
+                    dt = time.perf_counter() - t0
+                    times[i].append(dt * 1e3)
+                    spent[i] += dt
+            except Exception as exc:  # noqa: BLE001
+                errors[i] = exc
+        rnd += 1
+    out: list[Timing | Exception] = []
+    for ts, err in zip(times, errors):
+        if err is not None:
+            out.append(err)
+            continue
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        out.append(Timing(statistics.median(ts), q[2] - q[0], len(ts)))
+    return out
+
+
 def time_cuda(fn: Callable[[], object], min_runs: int = 5, min_seconds: float = 0.5, **_) -> Timing:
     """CUDA-event timing with L2 flushed between runs (triton.testing.do_bench)."""
     from triton.testing import do_bench
