@@ -7,8 +7,8 @@ reference where the format is the same, within a stated bound otherwise); a wron
 result or an exception of qpeft or the reference fails the run (exit 1) after the
 report is written, so ``--quick`` in CI catches both. A peer that fails its check is
 listed as failed, with the reason, and not timed. Then it times the medians (on CPU the
-implementations of a case take turns, round by round, so that a noisy spell on a shared
-machine falls on all of them), measures peak memory, and reports time, the ratio to the fastest qpeft implementation, and the achieved rate as
+implementations of a case take turns, a quarter second each round, so that a noisy
+spell on a shared machine falls on all of them), measures peak memory, and reports time, the ratio to the fastest qpeft implementation, and the achieved rate as
 a fraction of the copy bandwidth or GEMM rate measured in the same run, as markdown,
 JSON and PNG plots in ``--out`` (default benchmarks/results).
 """

@@ -92,13 +92,16 @@ def time_cpu(fn: Callable[[], object], min_runs: int = 5, min_seconds: float = 0
     return Timing(statistics.median(times), q[2] - q[0], len(times))
 
 
-def time_cpu_interleaved(fns: list[Callable[[], object]], budgets: list[dict], slice_seconds: float = 0.05,
+def time_cpu_interleaved(fns: list[Callable[[], object]], budgets: list[dict], slice_seconds: float = 0.25,
                          max_runs: int = 200) -> list[Timing | Exception]:  # fmt: skip
     """``time_cpu`` for several implementations of one case at once, in rounds: each
     round runs every implementation still short of its budget (``min_runs`` runs and
     ``min_seconds`` in total, as ``time_cpu``) for about ``slice_seconds`` (at least one
     run), the order rotating from round to round. On a shared, noisy machine a slow
     spell then falls on all of them alike instead of on whichever was being timed.
+    A slice holds several runs of one implementation, so the median is a warm run's
+    (strict alternation made both demo-model training steps ~25 ms slower: each ran
+    after the other model had taken over the caches and malloc's free lists).
     An implementation that raises is dropped; its entry is the exception."""
     n = len(fns)
     per_run = [1e-6] * n

@@ -114,10 +114,10 @@ Pool& pool() {
 // same cores then competes with them: measured on the 2-core VM, a 1M-element AdamW
 // step took 0.65 ms on the pool right after a torch op against 0.50 ms for torch's
 // fused AdamW, and 0.575 ms when OMP_WAIT_POLICY=passive stopped the spinning. So
-// when the process already has libgomp (or libiomp5) loaded (dlopen RTLD_NOLOAD: we
-// neither link nor load an OpenMP runtime), the tasks run as a GOMP_parallel region of that
-// runtime: on the very threads torch uses, already awake. Not after fork(): a
-// child cannot use the parent's libgomp team, so it falls back to the pool.
+// when the process already has libgomp (or libiomp5) loaded (dlopen RTLD_NOLOAD:
+// we neither link nor load an OpenMP runtime), the tasks run as a GOMP_parallel
+// region of that runtime: on the very threads torch uses, already awake. Not after
+// fork(): a child cannot use the parent's team, so it falls back to the pool.
 
 using GompParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
 
@@ -202,7 +202,8 @@ void set_threading(const std::string& name) {
     g_threading.store(kPool);
   } else if (name == "openmp") {
     if (gomp().parallel == nullptr) {
-      throw std::invalid_argument("qpeft._C.set_threading: no OpenMP runtime (libgomp or libiomp5) is loaded in this process");
+      throw std::invalid_argument(
+          "qpeft._C.set_threading: no OpenMP runtime (libgomp or libiomp5) is loaded in this process");
     }
     g_threading.store(kOpenMP);
   } else if (name == "auto") {
