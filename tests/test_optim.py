@@ -9,10 +9,9 @@ unified memory (there is no GPU here).
 
 from __future__ import annotations
 
-from array import array
-
 import io
 import math
+from array import array
 
 import pytest
 import torch
