@@ -24,7 +24,15 @@ import torch
 
 from . import report, targets
 from .cases import MODULES
-from .harness import Result, copy_bandwidth_gbs, gemm_gflops, machine, peak_memory_mb, time_cpu_interleaved, time_cuda
+from .harness import (
+    Result,
+    copy_bandwidth_gbs,
+    gemm_gflops,
+    machine,
+    peak_memory_mb,
+    time_cpu_interleaved,
+    time_cuda,
+)
 
 
 def run_case(case, device: str, quick: bool) -> tuple[list[Result], list[str]]:
@@ -32,8 +40,16 @@ def run_case(case, device: str, quick: bool) -> tuple[list[Result], list[str]]:
     results, failures = [], []
 
     def common(impl):
-        return dict(group=case.group, label=case.label, impl=impl.name, x=case.x, x_name=case.x_name,
-                    bound=case.bound, nbytes=case.nbytes, flops=case.flops)  # fmt: skip
+        return dict(
+            group=case.group,
+            label=case.label,
+            impl=impl.name,
+            x=case.x,
+            x_name=case.x_name,
+            bound=case.bound,
+            nbytes=case.nbytes,
+            flops=case.flops,
+        )
 
     def failed(impl, exc):
         msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
@@ -52,7 +68,7 @@ def run_case(case, device: str, quick: bool) -> tuple[list[Result], list[str]]:
                 impl.check(out)
             del out
             checked.append(impl)
-        except Exception as exc:  # noqa: BLE001 - reported; a qpeft failure fails the run at the end
+        except Exception as exc:
             results.append(failed(impl, exc))
     budgets = [{**budget, **case.runs.get(impl.name, {})} for impl in checked]
     if device == "cuda":
@@ -60,7 +76,7 @@ def run_case(case, device: str, quick: bool) -> tuple[list[Result], list[str]]:
         for impl, b in zip(checked, budgets):
             try:
                 timings.append(time_cuda(impl.run, **b))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 timings.append(exc)
     else:  # the implementations of a case take turns (see time_cpu_interleaved)
         timings = time_cpu_interleaved([impl.run for impl in checked], budgets)
@@ -69,7 +85,7 @@ def run_case(case, device: str, quick: bool) -> tuple[list[Result], list[str]]:
             if isinstance(timing, Exception):
                 raise timing
             peak = peak_memory_mb(impl.run, device)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             results.append(failed(impl, exc))
             continue
         results.append(Result(timing=timing, peak_mb=peak, **common(impl)))

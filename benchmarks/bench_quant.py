@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.__main__ import main  # noqa: E402
+from benchmarks.__main__ import main
 
 
 def run(argv: list[str]) -> int:

@@ -74,8 +74,13 @@ class Result:
 # --- timing ------------------------------------------------------------------------------
 
 
-def time_cpu(fn: Callable[[], object], min_runs: int = 5, min_seconds: float = 0.5, warmup: int = 1,
-             max_runs: int = 200) -> Timing:  # fmt: skip
+def time_cpu(
+    fn: Callable[[], object],
+    min_runs: int = 5,
+    min_seconds: float = 0.5,
+    warmup: int = 1,
+    max_runs: int = 200,
+) -> Timing:
     """Median and interquartile range of ``fn``'s wall time: at least ``min_runs`` runs
     and ``min_seconds`` in total."""
     for _ in range(warmup):
@@ -92,8 +97,9 @@ def time_cpu(fn: Callable[[], object], min_runs: int = 5, min_seconds: float = 0
     return Timing(statistics.median(times), q[2] - q[0], len(times))
 
 
-def time_cpu_interleaved(fns: list[Callable[[], object]], budgets: list[dict], slice_seconds: float = 0.25,
-                         max_runs: int = 200) -> list[Timing | Exception]:  # fmt: skip
+def time_cpu_interleaved(
+    fns: list[Callable[[], object]], budgets: list[dict], slice_seconds: float = 0.25, max_runs: int = 200
+) -> list[Timing | Exception]:
     """``time_cpu`` for several implementations of one case at once, in rounds: each
     round runs every implementation still short of its budget (``min_runs`` runs and
     ``min_seconds`` in total, as ``time_cpu``) for about ``slice_seconds`` (at least one
@@ -112,7 +118,7 @@ def time_cpu_interleaved(fns: list[Callable[[], object]], budgets: list[dict], s
             t0 = time.perf_counter()
             fn()
             per_run[i] = max(time.perf_counter() - t0, 1e-6)
-        except Exception as exc:  # noqa: BLE001 - reported by the caller
+        except Exception as exc:
             errors[i] = exc
     times: list[list[float]] = [[] for _ in fns]
     spent = [0.0] * n
@@ -134,7 +140,7 @@ def time_cpu_interleaved(fns: list[Callable[[], object]], budgets: list[dict], s
                     dt = time.perf_counter() - t0
                     times[i].append(dt * 1e3)
                     spent[i] += dt
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 errors[i] = exc
         rnd += 1
     out: list[Timing | Exception] = []

@@ -12,8 +12,11 @@ from .harness import Result
 
 def _qpeft_ms(results: list[Result], group: str, label: str) -> float | None:
     """The fastest qpeft implementation of a case: the ratio column's denominator."""
-    times = [r.timing.median_ms for r in results
-             if r.group == group and r.label == label and r.impl.startswith("qpeft") and r.timing]  # fmt: skip
+    times = [
+        r.timing.median_ms
+        for r in results
+        if r.group == group and r.label == label and r.impl.startswith("qpeft") and r.timing
+    ]
     return min(times) if times else None
 
 
@@ -35,9 +38,12 @@ def markdown(results: list[Result], limits: dict) -> str:
     groups = list(dict.fromkeys(r.group for r in results))
     for group in groups:
         rows = [r for r in results if r.group == group]
-        out += [f"### {group}", "",
-                "| case | implementation | median ms | IQR ms | time / qpeft | rate | of limit | peak MB |",
-                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        out += [
+            f"### {group}",
+            "",
+            "| case | implementation | median ms | IQR ms | time / qpeft | rate | of limit | peak MB |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for r in rows:
             if r.timing is None:
                 out.append(f"| {r.label} | {r.impl} | not timed: {r.error} | | | | | |")
@@ -49,8 +55,10 @@ def markdown(results: list[Result], limits: dict) -> str:
             rate_s = f"{value:.1f} {unit}" if value is not None else "-"
             frac = f"{100 * value / limit:.0f}%" if value is not None and limit else "-"
             peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
-            out.append(f"| {r.label} | {r.impl} | {r.timing.median_ms:.3f} | {r.timing.iqr_ms:.3f} | {ratio} "
-                       f"| {rate_s} | {frac} | {peak} |")  # fmt: skip
+            out.append(
+                f"| {r.label} | {r.impl} | {r.timing.median_ms:.3f} | {r.timing.iqr_ms:.3f} | {ratio} "
+                f"| {rate_s} | {frac} | {peak} |"
+            )
         out.append("")
     return "\n".join(out)
 
@@ -104,7 +112,9 @@ def plots(results: list[Result], out_dir: Path, prefix: str) -> list[Path]:
 
 def write(results: list[Result], info: dict, limits: dict, out_dir: Path, name: str, notes: str = "") -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = f"# {name}\n\n{header(info, limits)}\n\n{markdown(results, limits)}" + (f"\n{notes}\n" if notes else "")
+    text = f"# {name}\n\n{header(info, limits)}\n\n{markdown(results, limits)}" + (
+        f"\n{notes}\n" if notes else ""
+    )
     pngs = plots(results, out_dir, name)
     if pngs:
         text += "\nPlots: " + ", ".join(f"[{p.stem}]({p.name})" for p in pngs) + "\n"

@@ -43,15 +43,22 @@ def _tile(m: int) -> dict:
 
     kern = _kernels()
     cfg = kern._FWD_CONFIGS[kern._regime(m, kern.block_r(R))][0]
-    return {"BLOCK_M": cfg.kwargs["BLOCK_M"], "BLOCK_N": cfg.kwargs["BLOCK_N"], "BLOCK_K": cfg.kwargs["BLOCK_K"],
-            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}  # fmt: skip
+    return {
+        "BLOCK_M": cfg.kwargs["BLOCK_M"],
+        "BLOCK_N": cfg.kwargs["BLOCK_N"],
+        "BLOCK_K": cfg.kwargs["BLOCK_K"],
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }
 
 
 def estimate(m: int, tile: dict) -> dict:
     bm, bn = tile["BLOCK_M"], tile["BLOCK_N"]
     m_tiles, n_tiles = -(-m // bm), -(-N // bn)
     w_bytes = N * K // 2  # packed NF4
-    absmax_bytes = N * K // BLOCKSIZE + 4 * (N * K // BLOCKSIZE // NESTED_BLOCKSIZE) + 4  # uint8 codes + fp32 nested
+    absmax_bytes = (
+        N * K // BLOCKSIZE + 4 * (N * K // BLOCKSIZE // NESTED_BLOCKSIZE) + 4
+    )  # uint8 codes + fp32 nested
     act = 2 * (m * K + R * K + N * R + m * N + m * R)  # x, A, B, y, xa (bf16), each once
     fused_bytes = w_bytes + absmax_bytes + act
     # MMA work as issued: M padded to BLOCK_M; x @ A^T recomputed by each of the n_tiles programs.
@@ -64,11 +71,22 @@ def estimate(m: int, tile: dict) -> dict:
     base_flops = 2 * m * N * K
     t_base = max(base_bytes / HBM_BPS, base_flops / MMA_FLOPS)
     return {
-        "m": m, "tile": tile, "fused_bytes": fused_bytes, "mma_flops": mma_flops, "useful_flops": 2 * m * N * K
-        + 2 * m * K * R + 2 * m * R * N, "decodes": decodes, "t_mem": t_mem, "t_mma": t_mma, "t_alu": t_alu,
-        "fused": fused, "bound": {t_mem: "HBM", t_mma: "MMA", t_alu: "dequant ALU"}[fused],
-        "base_bytes": base_bytes, "base_flops": base_flops, "t_base": t_base, "ratio": t_base / fused,
-    }  # fmt: skip
+        "m": m,
+        "tile": tile,
+        "fused_bytes": fused_bytes,
+        "mma_flops": mma_flops,
+        "useful_flops": 2 * m * N * K + 2 * m * K * R + 2 * m * R * N,
+        "decodes": decodes,
+        "t_mem": t_mem,
+        "t_mma": t_mma,
+        "t_alu": t_alu,
+        "fused": fused,
+        "bound": {t_mem: "HBM", t_mma: "MMA", t_alu: "dequant ALU"}[fused],
+        "base_bytes": base_bytes,
+        "base_flops": base_flops,
+        "t_base": t_base,
+        "ratio": t_base / fused,
+    }
 
 
 def _aot_rows() -> list[dict]:
@@ -110,7 +128,9 @@ print(json.dumps(rows))
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -172,7 +192,7 @@ def markdown(rows: list[dict], aot: list[dict] | None) -> str:
             "## Static evidence: registers and spills of every tile config",
             "",
             "Each config of the launchers' autotune tables compiled ahead of time (triton "
-            "`compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget(\"cuda\", arch, 32))`, "
+            '`compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32))`, '
             "bf16, NF4 + double quant, blocksize 64, bias and rank_scale on, K % blocksize == 0) at the "
             "largest BLOCK_R of its bucket (64 or 256), with the divisibility-by-16 hints the JIT derives "
             "at run time for torch tensors and LLM shapes. REG/STACK/LOCAL from `cuobjdump "
@@ -188,9 +208,19 @@ def markdown(rows: list[dict], aot: list[dict] | None) -> str:
                 f"| {a['stack']} | {a['local']} | {a['smem']} |"
             )
         spills = [a for a in aot if a["stack"] or a["local"]]
-        lines += ["", f"{len(spills)} of {len(aot)} compilations spill"
-                  + (": " + ", ".join(f"{a['kernel']} {a['regime']} {'x'.join(map(str, a['tile']))} {a['arch']}"
-                                      for a in spills) if spills else "."), ""]  # fmt: skip
+        lines += [
+            "",
+            f"{len(spills)} of {len(aot)} compilations spill"
+            + (
+                ": "
+                + ", ".join(
+                    f"{a['kernel']} {a['regime']} {'x'.join(map(str, a['tile']))} {a['arch']}" for a in spills
+                )
+                if spills
+                else "."
+            ),
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -60,10 +60,18 @@ def _judge(t: Target, label: str, by: dict, limits: dict) -> str | None:
     if t.fraction is not None:
         unit, value = rate(mine)
         limit = limits["copy_gbs"] if unit == "GB/s" else limits["gemm_gflops"]
-        parts.append(f"{100 * value / limit:.0f}% of the {'copy bandwidth' if unit == 'GB/s' else 'GEMM rate'}")
+        parts.append(
+            f"{100 * value / limit:.0f}% of the {'copy bandwidth' if unit == 'GB/s' else 'GEMM rate'}"
+        )
         ok &= value / limit >= t.fraction
-    want = " and ".join(w for w in (f">= {t.speedup:g}x {t.peer}" if t.speedup else "",
-                                    f">= {100 * t.fraction:.0f}% of limit" if t.fraction else "") if w)  # fmt: skip
-    return (f"| {t.source}: {t.group}, {t.impl} {want} | {label} | {', '.join(parts)} | "
-            f"{'yes' if ok else 'no'} |")  # fmt: skip
-
+    want = " and ".join(
+        w
+        for w in (
+            f">= {t.speedup:g}x {t.peer}" if t.speedup else "",
+            f">= {100 * t.fraction:.0f}% of limit" if t.fraction else "",
+        )
+        if w
+    )
+    return (
+        f"| {t.source}: {t.group}, {t.impl} {want} | {label} | {', '.join(parts)} | {'yes' if ok else 'no'} |"
+    )

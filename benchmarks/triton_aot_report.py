@@ -65,7 +65,9 @@ def compile_one(module: str, index: int, arch: int) -> dict:
     cfg = _configs(module)[index]
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], **cfg.get("options", {})}
     start = time.perf_counter()
-    src = ASTSource(fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"], attrs=cfg.get("attrs"))
+    src = ASTSource(
+        fn=cfg["fn"], signature=cfg["signature"], constexprs=cfg["constexprs"], attrs=cfg.get("attrs")
+    )
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +78,9 @@ def compile_one(module: str, index: int, arch: int) -> dict:
         ).stdout
     found = _RESOURCE.findall(dump)
     if len(found) != 1:
-        raise RuntimeError(f"{cfg['name']} sm_{arch}: expected one function in the cubin, cuobjdump says:\n{dump}")
+        raise RuntimeError(
+            f"{cfg['name']} sm_{arch}: expected one function in the cubin, cuobjdump says:\n{dump}"
+        )
     _, reg, stack, shared, local = (int(v) if v.isdigit() else v for v in found[0])
     ptx = compiled.asm["ptx"]
     return {
@@ -176,9 +180,13 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         f"{len(report['rows'])} compilations in {report['wall_s']} s; "
-        + (f"{len(spilling)} with local memory or stack: " + ", ".join(f"{r['name']} {r['arch']}" for r in spilling)
-           if spilling else "none uses local memory or stack (no spills)."),
-    ]  # fmt: skip
+        + (
+            f"{len(spilling)} with local memory or stack: "
+            + ", ".join(f"{r['name']} {r['arch']}" for r in spilling)
+            if spilling
+            else "none uses local memory or stack (no spills)."
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -189,7 +197,9 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="the first and last config of each kernel only")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--json", help="also write the JSON report here ('-' for stdout, table then on stderr)")
+    parser.add_argument(
+        "--json", help="also write the JSON report here ('-' for stdout, table then on stderr)"
+    )
     args = parser.parse_args(argv)
     report = run(args.modules, tuple(args.arch), args.smoke, args.jobs)
     table = markdown(report)

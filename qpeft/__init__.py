@@ -4,14 +4,16 @@ Importing qpeft defines the ``torch.ops.qpeft`` ops and registers every backend'
 kernels; it loads no native module and never initialises CUDA.
 """
 
-from . import _ops  # noqa: F401
-from . import backends  # noqa: F401
-from . import functional
-from . import nn
-from . import optim
+from . import (
+    _ops,  # noqa: F401
+    backends,  # noqa: F401
+    functional,
+    nn,
+    optim,
+)
 from ._registry import BackendUnavailableError, available_backends, current_backend, use_backend
-from .quant_state import QuantState
 from .convert import add_adapter, convert, disable_adapters, merge_adapters, set_adapter, unmerge_adapters
+from .quant_state import QuantState
 from .serialization import load_adapter, load_quantized, save_adapter, save_quantized
 
 __version__ = "0.1.0"

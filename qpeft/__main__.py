@@ -39,10 +39,15 @@ def quant_report(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     weight = (torch.randn(args.rows, args.cols, device=device) * 0.02).to(dtype)
-    backend = next(b for b in ("cuda", "cpu", "default") if b in qpeft.available_backends() and (
-        b == "default" or (b == "cuda") == (device.type == "cuda")))  # fmt: skip
-    print(f"qpeft {qpeft.__version__}: {args.quant_type} blocksize {args.blocksize}, double quant, "
-          f"{args.rows}x{args.cols} {args.dtype} on {device} (backend {backend!r}, {torch.get_num_threads()} threads)")  # fmt: skip
+    backend = next(
+        b
+        for b in ("cuda", "cpu", "default")
+        if b in qpeft.available_backends() and (b == "default" or (b == "cuda") == (device.type == "cuda"))
+    )
+    print(
+        f"qpeft {qpeft.__version__}: {args.quant_type} blocksize {args.blocksize}, double quant, "
+        f"{args.rows}x{args.cols} {args.dtype} on {device} (backend {backend!r}, {torch.get_num_threads()} threads)"
+    )
 
     with qpeft.use_backend(backend):
         packed, state = qf.quantize_4bit(weight, args.blocksize, args.quant_type, double_quant=True)
@@ -56,8 +61,10 @@ def quant_report(args: argparse.Namespace) -> int:
     stored = packed.numel() + state.absmax.numel() + 4 * state.state2.absmax.numel() + 4
     print(f"  bits per parameter: {8 * stored / params:.3f} (bf16: 16)")
     err = (restored.float() - weight.float()).abs()
-    print(f"  mean |error| / mean |w|: {float(err.mean() / weight.float().abs().mean()):.4f}, "
-          f"SQNR {_sqnr_db(weight, restored):.2f} dB")  # fmt: skip
+    print(
+        f"  mean |error| / mean |w|: {float(err.mean() / weight.float().abs().mean()):.4f}, "
+        f"SQNR {_sqnr_db(weight, restored):.2f} dB"
+    )
     print(f"  identical to the pure-torch reference: {'yes' if same else 'NO'}")
 
     rows = []

@@ -42,7 +42,24 @@ NF4_VALUES = (
 # Bit 3 is the sign; the magnitudes are 2^e * (1 + m/2) with a subnormal 0.0625.
 # Code 8 ("-0") decodes to +0.0: bitsandbytes' table holds +0.0 there (its source
 # writes the integer -0), and its CPU dequantizer writes +0.0.
-FP4_NUMERATORS = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+FP4_NUMERATORS = (
+    0.0,
+    0.0625,
+    8.0,
+    12.0,
+    4.0,
+    6.0,
+    2.0,
+    3.0,
+    0.0,
+    -0.0625,
+    -8.0,
+    -12.0,
+    -4.0,
+    -6.0,
+    -2.0,
+    -3.0,
+)
 
 
 @functools.cache

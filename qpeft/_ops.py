@@ -61,11 +61,16 @@ def _quantize_4bit(x, blocksize, quant_type):
 
 def _quantize_4bit_fake(x, blocksize, quant_type):
     n = x.numel()
-    return x.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), x.new_empty((_blocks(n, blocksize),), dtype=torch.float32)
+    return x.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), x.new_empty(
+        (_blocks(n, blocksize),), dtype=torch.float32
+    )
 
 
-_define("quantize_4bit(Tensor x, SymInt blocksize, str quant_type) -> (Tensor, Tensor)",
-        _quantize_4bit, _quantize_4bit_fake)  # fmt: skip
+_define(
+    "quantize_4bit(Tensor x, SymInt blocksize, str quant_type) -> (Tensor, Tensor)",
+    _quantize_4bit,
+    _quantize_4bit_fake,
+)
 
 
 def _dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype):
@@ -77,28 +82,66 @@ def _dequantize_4bit_fake(packed, absmax, blocksize, quant_type, shape, dtype):
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
-_define("dequantize_4bit(Tensor packed, Tensor absmax, SymInt blocksize, str quant_type, SymInt[] shape, "
-        "ScalarType dtype) -> Tensor", _dequantize_4bit, _dequantize_4bit_fake)  # fmt: skip
+_define(
+    "dequantize_4bit(Tensor packed, Tensor absmax, SymInt blocksize, str quant_type, SymInt[] shape, "
+    "ScalarType dtype) -> Tensor",
+    _dequantize_4bit,
+    _dequantize_4bit_fake,
+)
 
 
-def _dequantize_4bit_nested(packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                            quant_type, shape, dtype):  # fmt: skip
+def _dequantize_4bit_nested(
+    packed,
+    absmax_codes,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    shape,
+    dtype,
+):
     """Packed 4-bit codes whose absmax is double-quantized, decoded in one pass:
     absmax[b] = nested_code[absmax_codes[b]] * nested_absmax[b // nested_blocksize] + offset."""
     return kernel_for("dequantize_4bit_nested", packed.device)(
-        packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype
+        packed,
+        absmax_codes,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        shape,
+        dtype,
     )
 
 
-def _dequantize_4bit_nested_fake(packed, absmax_codes, nested_absmax, nested_code, offset, blocksize,
-                                 nested_blocksize, quant_type, shape, dtype):  # fmt: skip
+def _dequantize_4bit_nested_fake(
+    packed,
+    absmax_codes,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    shape,
+    dtype,
+):
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
-_NESTED_ARGS = "Tensor packed, Tensor absmax_codes, Tensor nested_absmax, Tensor nested_code, Tensor offset, " \
-               "SymInt blocksize, SymInt nested_blocksize, str quant_type"  # fmt: skip
-_define(f"dequantize_4bit_nested({_NESTED_ARGS}, SymInt[] shape, ScalarType dtype) -> Tensor",
-        _dequantize_4bit_nested, _dequantize_4bit_nested_fake)  # fmt: skip
+_NESTED_ARGS = (
+    "Tensor packed, Tensor absmax_codes, Tensor nested_absmax, Tensor nested_code, Tensor offset, "
+    "SymInt blocksize, SymInt nested_blocksize, str quant_type"
+)
+_define(
+    f"dequantize_4bit_nested({_NESTED_ARGS}, SymInt[] shape, ScalarType dtype) -> Tensor",
+    _dequantize_4bit_nested,
+    _dequantize_4bit_nested_fake,
+)
 
 
 # --- 8-bit blockwise quantization ----------------------------------------------------------
@@ -110,11 +153,16 @@ def _quantize_blockwise(x, code, blocksize):
 
 
 def _quantize_blockwise_fake(x, code, blocksize):
-    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((_blocks(x.numel(), blocksize),), dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty(
+        (_blocks(x.numel(), blocksize),), dtype=torch.float32
+    )
 
 
-_define("quantize_blockwise(Tensor x, Tensor code, SymInt blocksize) -> (Tensor, Tensor)",
-        _quantize_blockwise, _quantize_blockwise_fake)  # fmt: skip
+_define(
+    "quantize_blockwise(Tensor x, Tensor code, SymInt blocksize) -> (Tensor, Tensor)",
+    _quantize_blockwise,
+    _quantize_blockwise_fake,
+)
 
 
 def _dequantize_blockwise(q, absmax, code, blocksize, dtype):
@@ -126,8 +174,11 @@ def _dequantize_blockwise_fake(q, absmax, code, blocksize, dtype):
     return q.new_empty(q.shape, dtype=dtype)
 
 
-_define("dequantize_blockwise(Tensor q, Tensor absmax, Tensor code, SymInt blocksize, ScalarType dtype) -> Tensor",
-        _dequantize_blockwise, _dequantize_blockwise_fake)  # fmt: skip
+_define(
+    "dequantize_blockwise(Tensor q, Tensor absmax, Tensor code, SymInt blocksize, ScalarType dtype) -> Tensor",
+    _dequantize_blockwise,
+    _dequantize_blockwise_fake,
+)
 
 
 # --- out= variants of the dequantize ops: write into a caller's tensor ------------------
@@ -140,16 +191,27 @@ _define("dequantize_blockwise(Tensor q, Tensor absmax, Tensor code, SymInt block
 
 
 def _dequantize_4bit_out(packed, absmax, blocksize, quant_type, out):
-    kernel_for("dequantize_4bit", packed.device)(packed, absmax, blocksize, quant_type, list(out.shape), out.dtype,
-                                                 out=out)  # fmt: skip
+    kernel_for("dequantize_4bit", packed.device)(
+        packed, absmax, blocksize, quant_type, list(out.shape), out.dtype, out=out
+    )
 
 
-def _dequantize_4bit_nested_out(packed, absmax_codes, nested_absmax, nested_code, offset, blocksize,
-                                nested_blocksize, quant_type, out):  # fmt: skip
+def _dequantize_4bit_nested_out(
+    packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, out
+):
     kernel_for("dequantize_4bit_nested", packed.device)(
-        packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-        list(out.shape), out.dtype, out=out,
-    )  # fmt: skip
+        packed,
+        absmax_codes,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        list(out.shape),
+        out.dtype,
+        out=out,
+    )
 
 
 def _dequantize_blockwise_out(q, absmax, code, blocksize, out):
@@ -160,12 +222,24 @@ def _no_result(*args):
     return None
 
 
-_define("dequantize_4bit_out(Tensor packed, Tensor absmax, SymInt blocksize, str quant_type, Tensor(a!) out) -> ()",
-        _dequantize_4bit_out, _no_result, mutated=(4,))  # fmt: skip
-_define(f"dequantize_4bit_nested_out({_NESTED_ARGS}, Tensor(a!) out) -> ()",
-        _dequantize_4bit_nested_out, _no_result, mutated=(8,))  # fmt: skip
-_define("dequantize_blockwise_out(Tensor q, Tensor absmax, Tensor code, SymInt blocksize, Tensor(a!) out) -> ()",
-        _dequantize_blockwise_out, _no_result, mutated=(4,))  # fmt: skip
+_define(
+    "dequantize_4bit_out(Tensor packed, Tensor absmax, SymInt blocksize, str quant_type, Tensor(a!) out) -> ()",
+    _dequantize_4bit_out,
+    _no_result,
+    mutated=(4,),
+)
+_define(
+    f"dequantize_4bit_nested_out({_NESTED_ARGS}, Tensor(a!) out) -> ()",
+    _dequantize_4bit_nested_out,
+    _no_result,
+    mutated=(8,),
+)
+_define(
+    "dequantize_blockwise_out(Tensor q, Tensor absmax, Tensor code, SymInt blocksize, Tensor(a!) out) -> ()",
+    _dequantize_blockwise_out,
+    _no_result,
+    mutated=(4,),
+)
 
 
 # --- Fused 4-bit dequant + LoRA linear (QLoRA) -------------------------------------------
@@ -212,17 +286,55 @@ def qlora_linear_backward(*args):
     return kernel_for("qlora_linear_backward", args[0].device)(*args)
 
 
-def _qlora_linear_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                       quant_type, out_features, in_features, lora_A, lora_B, scaling, bias, rank_scale,
-                       out_scale, return_xa):  # fmt: skip
+def _qlora_linear_fake(
+    x,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    out_features,
+    in_features,
+    lora_A,
+    lora_B,
+    scaling,
+    bias,
+    rank_scale,
+    out_scale,
+    return_xa,
+):
     y = x.new_empty((x.shape[0], out_features))
     xa = x.new_empty((x.shape[0], lora_A.shape[0]) if return_xa else (0,))
     return y, xa
 
 
-def _qlora_linear_backward_fake(grad_y, x, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                nested_blocksize, quant_type, out_features, in_features, lora_A, lora_B, xa,
-                                scaling, rank_scale, out_scale, need_dx, need_dA, need_dB, need_dbias):  # fmt: skip
+def _qlora_linear_backward_fake(
+    grad_y,
+    x,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    out_features,
+    in_features,
+    lora_A,
+    lora_B,
+    xa,
+    scaling,
+    rank_scale,
+    out_scale,
+    need_dx,
+    need_dA,
+    need_dB,
+    need_dbias,
+):
     dx = x.new_empty(x.shape if need_dx else (0,))
     da = lora_A.new_empty(lora_A.shape if need_dA else (0,))
     db = lora_B.new_empty(lora_B.shape if need_dB else (0,))
@@ -334,20 +446,55 @@ for _name, (_schema, _mutated) in _OPTIM_OPS.items():
 # rounds once to x's dtype; larger M belongs to qlora_linear (a GEMM).
 
 
-def _gemv_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-               out_features, in_features):  # fmt: skip
+def _gemv_4bit(
+    x,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    out_features,
+    in_features,
+):
     """x [M, K] with 1 <= M <= 8 -> x @ W^T [M, N] in x's dtype."""
     return kernel_for("gemv_4bit", x.device)(
-        x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-        out_features, in_features,
-    )  # fmt: skip
+        x,
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        out_features,
+        in_features,
+    )
 
 
-def _gemv_4bit_fake(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-                    out_features, in_features):  # fmt: skip
+def _gemv_4bit_fake(
+    x,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    out_features,
+    in_features,
+):
     return x.new_empty((x.shape[0], out_features))
 
 
-_define("gemv_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
-        "Tensor? offset, SymInt blocksize, SymInt nested_blocksize, str quant_type, SymInt out_features, "
-        "SymInt in_features) -> Tensor", _gemv_4bit, _gemv_4bit_fake)  # fmt: skip
+_define(
+    "gemv_4bit(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+    "Tensor? offset, SymInt blocksize, SymInt nested_blocksize, str quant_type, SymInt out_features, "
+    "SymInt in_features) -> Tensor",
+    _gemv_4bit,
+    _gemv_4bit_fake,
+)

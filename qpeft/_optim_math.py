@@ -44,7 +44,9 @@ class LionScalars(NamedTuple):
     neg_lr: float
 
 
-def check_adam_hparams(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> None:
+def check_adam_hparams(
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int
+) -> None:
     if not (lr >= 0.0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a finite number >= 0, got {lr}")
     for name, b in (("beta1", beta1), ("beta2", beta2)):
@@ -59,7 +61,9 @@ def check_adam_hparams(lr: float, beta1: float, beta2: float, eps: float, weight
 
 
 @functools.lru_cache(maxsize=256)  # an optimizer step asks once per parameter with the same values
-def adam_scalars(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int) -> AdamScalars:
+def adam_scalars(
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int
+) -> AdamScalars:
     check_adam_hparams(lr, beta1, beta2, eps, weight_decay, step)
     w1 = f32(1.0 - beta1)  # ATen casts lerp's scalar weight to fp32, then compares |w| < 0.5
     from_grad = 0 if abs(w1) < 0.5 else 1

@@ -45,7 +45,9 @@ def out_dtype(dtype: torch.dtype) -> None:
         raise TypeError(f"output dtype must be float32, float16 or bfloat16, got {dtype}")
 
 
-def out_tensor(out: torch.Tensor | None, shape: Sequence[int], dtype: torch.dtype, like: torch.Tensor) -> None:
+def out_tensor(
+    out: torch.Tensor | None, shape: Sequence[int], dtype: torch.dtype, like: torch.Tensor
+) -> None:
     """``out=`` of a dequantize: a tensor of exactly the result's shape, dtype and device."""
     if out is None:
         return
@@ -140,7 +142,9 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, bs: int) -> None:
     code8(code)
 
 
-def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, bs: int, dtype, out=None) -> None:
+def dequantize_blockwise(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, bs: int, dtype, out=None
+) -> None:
     blocksize(bs)
     out_dtype(dtype)
     if q.dtype != torch.uint8:

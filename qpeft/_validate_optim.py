@@ -24,7 +24,9 @@ def _param_and_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
     if param.dtype not in FLOAT_DTYPES:
         raise TypeError(f"param must be float32, float16 or bfloat16, got {param.dtype}")
     if grad.layout != torch.strided:
-        raise TypeError(f"grad must be a dense tensor, got layout {grad.layout} (sparse gradients are not supported)")
+        raise TypeError(
+            f"grad must be a dense tensor, got layout {grad.layout} (sparse gradients are not supported)"
+        )
     if grad.dtype != param.dtype:
         raise TypeError(f"grad dtype {grad.dtype} differs from param dtype {param.dtype}")
     if grad.shape != param.shape:
@@ -48,7 +50,9 @@ def _state(t: torch.Tensor, name: str, dtype: torch.dtype, numel: int, device: t
 
 def _qmap(code: torch.Tensor, name: str, device: torch.device) -> None:
     if code.dtype != torch.float32 or code.numel() != 256:
-        raise ValueError(f"{name} must be a float32 tensor of 256 values, got {code.dtype} with {code.numel()}")
+        raise ValueError(
+            f"{name} must be a float32 tensor of 256 values, got {code.dtype} with {code.numel()}"
+        )
     if code.device != device:
         raise ValueError(f"{name} is on {code.device} but param is on {device}")
     # Sortedness is checked where it is cheap: by the reference (qmap_sorted) and by
@@ -68,7 +72,9 @@ def adamw32(param, grad, exp_avg, exp_avg_sq) -> None:
     _state(exp_avg_sq, "exp_avg_sq", torch.float32, n, param.device)
 
 
-def adamw8bit(param, grad, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, qmap_signed, qmap_unsigned):
+def adamw8bit(
+    param, grad, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, qmap_signed, qmap_unsigned
+):
     _param_and_grad(param, grad)
     n = param.numel()
     _state(exp_avg_q, "exp_avg_q", torch.uint8, n, param.device)
@@ -113,7 +119,9 @@ def one_device(*lists: list[torch.Tensor]) -> None:
     """Every tensor of a multi-tensor op is on one device."""
     devices = {t.device for lst in lists for t in lst}
     if len(devices) > 1:
-        raise ValueError(f"a multi-tensor step needs all tensors on one device, got {sorted(map(str, devices))}")
+        raise ValueError(
+            f"a multi-tensor step needs all tensors on one device, got {sorted(map(str, devices))}"
+        )
 
 
 _STRIDED = torch.strided

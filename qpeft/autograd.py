@@ -29,8 +29,22 @@ class QLoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, bias, packed, absmax, nested_absmax, nested_code, offset, quant, scaling,
-                rank_scale, out_scale):  # fmt: skip
+    def forward(
+        ctx,
+        x,
+        lora_a,
+        lora_b,
+        bias,
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        quant,
+        scaling,
+        rank_scale,
+        out_scale,
+    ):
         blocksize, nested_blocksize, quant_type, n, k = quant
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
@@ -40,11 +54,28 @@ class QLoRAFunction(torch.autograd.Function):
         need_db = ctx.needs_input_grad[2]
         with torch.autocast(dev, enabled=False):
             y, xa = torch.ops.qpeft.qlora_linear(
-                x2, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k,
-                lora_a, lora_b, scaling, bias, rank_scale, out_scale, need_db,
-            )  # fmt: skip
-        ctx.save_for_backward(x2, lora_a, lora_b, packed, absmax, nested_absmax, nested_code, offset, xa,
-                              rank_scale, out_scale)  # fmt: skip
+                x2,
+                packed,
+                absmax,
+                nested_absmax,
+                nested_code,
+                offset,
+                blocksize,
+                nested_blocksize,
+                quant_type,
+                n,
+                k,
+                lora_a,
+                lora_b,
+                scaling,
+                bias,
+                rank_scale,
+                out_scale,
+                need_db,
+            )
+        ctx.save_for_backward(
+            x2, lora_a, lora_b, packed, absmax, nested_absmax, nested_code, offset, xa, rank_scale, out_scale
+        )
         ctx.quant = quant
         ctx.scaling = scaling
         ctx.x_shape = x.shape
@@ -60,10 +91,29 @@ class QLoRAFunction(torch.autograd.Function):
         need_dx, need_da, need_db, need_dbias = ctx.needs_input_grad[:4]
         with torch.autocast(x2.device.type, enabled=False):  # CPU backward runs on the caller's thread
             dx, da, db, dbias = torch.ops.qpeft.qlora_linear_backward(
-                grad_y.reshape(-1, n), x2, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                nested_blocksize, quant_type, n, k, lora_a, lora_b, xa, ctx.scaling, rank_scale, out_scale,
-                need_dx, need_da, need_db, need_dbias,
-            )  # fmt: skip
+                grad_y.reshape(-1, n),
+                x2,
+                packed,
+                absmax,
+                nested_absmax,
+                nested_code,
+                offset,
+                blocksize,
+                nested_blocksize,
+                quant_type,
+                n,
+                k,
+                lora_a,
+                lora_b,
+                xa,
+                ctx.scaling,
+                rank_scale,
+                out_scale,
+                need_dx,
+                need_da,
+                need_db,
+                need_dbias,
+            )
         return (
             dx.reshape(ctx.x_shape) if need_dx else None,
             da if need_da else None,

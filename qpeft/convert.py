@@ -30,9 +30,15 @@ from .nn import IA3Linear, Linear4bit, MergeReport, QLoRALinear
 from .nn.lora import check_rank
 
 __all__ = [
-    "ConversionSummary", "add_adapter", "convert", "disable_adapters", "merge_adapters", "set_adapter",
-    "unmerge_adapters", "weight_bytes",
-]  # fmt: skip
+    "ConversionSummary",
+    "add_adapter",
+    "convert",
+    "disable_adapters",
+    "merge_adapters",
+    "set_adapter",
+    "unmerge_adapters",
+    "weight_bytes",
+]
 
 WRAPPERS = (QLoRALinear, IA3Linear)
 QPEFT_MODULES = (QLoRALinear, IA3Linear, Linear4bit)
@@ -180,10 +186,13 @@ def _targets(model: nn.Module, target_modules, exclude) -> dict[int, tuple[nn.Li
     if wrong:
         raise TypeError(
             "target_modules must select torch.nn.Linear layers only; these are not: "
-            + ", ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else "")
-        )  # fmt: skip
+            + ", ".join(wrong[:8])
+            + (" ..." if len(wrong) > 8 else "")
+        )
     if not chosen:
-        raise ValueError(f"target_modules={target_modules!r} (exclude={exclude!r}) selects no nn.Linear layer")
+        raise ValueError(
+            f"target_modules={target_modules!r} (exclude={exclude!r}) selects no nn.Linear layer"
+        )
     return chosen
 
 
@@ -210,9 +219,13 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _build(linear: nn.Linear, method: str, r, alpha, dropout, quantize: bool, adapter_name: str, options) -> nn.Module:
+def _build(
+    linear: nn.Linear, method: str, r, alpha, dropout, quantize: bool, adapter_name: str, options
+) -> nn.Module:
     if method == "lora":
-        return QLoRALinear.from_linear(linear, r, alpha, dropout, quantize, adapter_name=adapter_name, **options)
+        return QLoRALinear.from_linear(
+            linear, r, alpha, dropout, quantize, adapter_name=adapter_name, **options
+        )
     if method == "ia3":
         return IA3Linear.from_linear(linear, quantize, **options)
     return Linear4bit.from_linear(linear, **options)
@@ -260,7 +273,9 @@ def convert(
         raise ValueError("method='quantize' with quantize=False would change nothing")
     unknown = set(options) - _OPTIONS[method]
     if unknown:
-        raise TypeError(f"unknown option(s) for method {method!r}: {sorted(unknown)}; known: {sorted(_OPTIONS[method])}")
+        raise TypeError(
+            f"unknown option(s) for method {method!r}: {sorted(unknown)}; known: {sorted(_OPTIONS[method])}"
+        )
     t0 = time.perf_counter()
     targets = _targets(model, target_modules, exclude)
     before = weight_bytes(model)
@@ -289,8 +304,9 @@ def convert(
         elif isinstance(module, IA3Linear):
             module.ia3_l.requires_grad_(True)
     trainable, total = _param_counts(model)
-    summary = ConversionSummary(method, len(built), trainable, total, before, weight_bytes(model),
-                                time.perf_counter() - t0)  # fmt: skip
+    summary = ConversionSummary(
+        method, len(built), trainable, total, before, weight_bytes(model), time.perf_counter() - t0
+    )
     model.qpeft_summary = summary
     if verbose:
         print(summary)
@@ -305,8 +321,17 @@ def _lora_layers(model: nn.Module) -> list[QLoRALinear]:
     return layers
 
 
-def add_adapter(model: nn.Module, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0, *,
-                init: str = "default", use_rslora: bool = False, use_dora: bool = False) -> None:  # fmt: skip
+def add_adapter(
+    model: nn.Module,
+    name: str,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    *,
+    init: str = "default",
+    use_rslora: bool = False,
+    use_dora: bool = False,
+) -> None:
     """Add adapter ``name`` to every QLoRALinear of the model (activate it with set_adapter)."""
     check_rank(r)
     layers = _lora_layers(model)
@@ -344,9 +369,14 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 def merge_adapters(model: nn.Module, keep_original: bool | None = None) -> dict[str, MergeReport]:
     """Merge the active adapter of every QLoRALinear; returns each layer's MergeReport by name."""
-    return {n: m.merge(keep_original=keep_original) for n, m in model.named_modules()
-            if isinstance(m, QLoRALinear) and m.active_adapter is not None}  # fmt: skip
+    return {
+        n: m.merge(keep_original=keep_original)
+        for n, m in model.named_modules()
+        if isinstance(m, QLoRALinear) and m.active_adapter is not None
+    }
 
 
 def unmerge_adapters(model: nn.Module) -> dict[str, MergeReport]:
-    return {n: m.unmerge() for n, m in model.named_modules() if isinstance(m, QLoRALinear) and m.merged_adapter}
+    return {
+        n: m.unmerge() for n, m in model.named_modules() if isinstance(m, QLoRALinear) and m.merged_adapter
+    }

@@ -73,10 +73,18 @@ def build_model(size: str, seq_len: int, seed: int):
     transformers = _transformers()
     hidden, layers, heads, kv, inter = SIZES[size]
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=seq_len,
-        bos_token_id=BOS, eos_token_id=BOS, pad_token_id=None, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=seq_len,
+        bos_token_id=BOS,
+        eos_token_id=BOS,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config), config
 
@@ -145,10 +153,12 @@ def run(args: argparse.Namespace) -> int:
     model, config = build_model(args.size, args.seq_len, args.seed)
     model.to(device)
     total = sum(p.numel() for p in model.parameters())
-    print(f"qpeft {qpeft.__version__} QLoRA demo: Llama-architecture '{args.size}' model, {total / 1e6:.2f}M "
-          f"parameters (random init from a transformers config), byte-level tokens, {len(text):,} characters of "
-          f"shipped text ({split:,} train / {data.numel() - split:,} held out), device {device}, "
-          f"{torch.get_num_threads()} thread(s)")  # fmt: skip
+    print(
+        f"qpeft {qpeft.__version__} QLoRA demo: Llama-architecture '{args.size}' model, {total / 1e6:.2f}M "
+        f"parameters (random init from a transformers config), byte-level tokens, {len(text):,} characters of "
+        f"shipped text ({split:,} train / {data.numel() - split:,} held out), device {device}, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
     qpeft.convert(model, r=args.rank, alpha=2 * args.rank, dropout=args.dropout, verbose=False)
     summary = model.qpeft_summary
     print(f"  {summary}")
@@ -159,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
         for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
             layer.weight.requires_grad_(True)
             trainable += layer.weight.numel()
-        print(f"  + token embeddings and lm_head trained in full (new byte tokenizer): {trainable:,} trainable parameters")
+        print(
+            f"  + token embeddings and lm_head trained in full (new byte tokenizer): {trainable:,} trainable parameters"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, args.lr)
     warmup = max(1, args.steps // 10)
@@ -185,8 +197,10 @@ def run(args: argparse.Namespace) -> int:
             eta = elapsed / step * (args.steps - step)
             bar = "#" * (20 * step // args.steps)
             end = "\n" if step == args.steps or not sys.stderr.isatty() else ""
-            sys.stderr.write(f"\r  [{bar:<20}] step {step}/{args.steps} loss {losses[-1]:.3f} "
-                             f"{tokens / elapsed:,.0f} tok/s eta {eta:4.0f}s{end}")  # fmt: skip
+            sys.stderr.write(
+                f"\r  [{bar:<20}] step {step}/{args.steps} loss {losses[-1]:.3f} "
+                f"{tokens / elapsed:,.0f} tok/s eta {eta:4.0f}s{end}"
+            )
             sys.stderr.flush()
     elapsed = time.perf_counter() - t0
     after = _eval_loss(model, held_out, args.seq_len, device)
@@ -195,38 +209,66 @@ def run(args: argparse.Namespace) -> int:
     marks = sorted({0, len(losses) // 4, len(losses) // 2, 3 * len(losses) // 4, len(losses) - 1})
     window = [losses[max(0, i - k + 1) : i + 1] for i in marks]
     curve = ", ".join(f"step {i + 1}: {sum(w) / len(w):.3f}" for i, w in zip(marks, window))
-    print(f"  train loss (mean of the last {k} steps at each mark; ln 256 = {math.log(256):.3f} is a uniform "
-          f"guess): {curve}")  # fmt: skip
-    print(f"  held-out loss: {before:.3f} before -> {after:.3f} after ({100 * (before - after) / before:.1f}% lower)")
-    print(f"  {args.steps} steps x {args.batch} x {args.seq_len} tokens in {elapsed:.1f} s: "
-          f"{tokens / elapsed:,.0f} tokens/s (forward + backward + optimizer)")  # fmt: skip
+    print(
+        f"  train loss (mean of the last {k} steps at each mark; ln 256 = {math.log(256):.3f} is a uniform "
+        f"guess): {curve}"
+    )
+    print(
+        f"  held-out loss: {before:.3f} before -> {after:.3f} after ({100 * (before - after) / before:.1f}% lower)"
+    )
+    print(
+        f"  {args.steps} steps x {args.batch} x {args.seq_len} tokens in {elapsed:.1f} s: "
+        f"{tokens / elapsed:,.0f} tokens/s (forward + backward + optimizer)"
+    )
     for row in _memory_table(model, trainable, total, summary.weight_bytes_after):
         print(row)
     if args.sample > 0:
         prompt = "The ferry"
-        print(f"  greedy sample: {prompt!r} -> {_sample(model, tok, prompt, args.sample, args.seq_len, device)!r}")
+        print(
+            f"  greedy sample: {prompt!r} -> {_sample(model, tok, prompt, args.sample, args.seq_len, device)!r}"
+        )
     if args.out:
         extra = ["embed_tokens", "lm_head"] if args.train_embeddings else None
         qpeft.save_adapter(model, args.out, modules_to_save=extra)
         with open(os.path.join(args.out, "demo_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"size": args.size, "seed": args.seed, "seq_len": args.seq_len, "llama_config": config.to_dict(),
-                       "tokenizer": "utf-8 bytes"}, f, indent=2, default=str)  # fmt: skip
-        print(f"  adapter saved to {args.out}/ (adapter_model.safetensors, adapter_config.json: HF PEFT's format; "
-              f"demo_config.json rebuilds the base)")  # fmt: skip
+            json.dump(
+                {
+                    "size": args.size,
+                    "seed": args.seed,
+                    "seq_len": args.seq_len,
+                    "llama_config": config.to_dict(),
+                    "tokenizer": "utf-8 bytes",
+                },
+                f,
+                indent=2,
+                default=str,
+            )
+        print(
+            f"  adapter saved to {args.out}/ (adapter_model.safetensors, adapter_config.json: HF PEFT's format; "
+            f"demo_config.json rebuilds the base)"
+        )
     return 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", choices=sorted(SIZES), default="small", help="model size (default: small, ~3.3M params)")
+    p.add_argument(
+        "--size", choices=sorted(SIZES), default="small", help="model size (default: small, ~3.3M params)"
+    )
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (alpha = 2r)")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (0: the fully fused path)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear warm-up, cosine decay)")
-    p.add_argument("--no-train-embeddings", dest="train_embeddings", action="store_false",
-                   help="train the LoRA adapters only (by default the new tokenizer's embeddings and lm_head train too)")
+    p.add_argument(
+        "--no-train-embeddings",
+        dest="train_embeddings",
+        action="store_false",
+        help="train the LoRA adapters only (by default the new tokenizer's embeddings and lm_head train too)",
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--sample", type=int, default=80, help="characters of greedy sample after training (0: none)")
+    p.add_argument(
+        "--sample", type=int, default=80, help="characters of greedy sample after training (0: none)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     # torch's thread count by default. (Once qpeft's kernels ran on a pool of their own that

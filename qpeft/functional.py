@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from . import _ops  # noqa: F401  (defines torch.ops.qpeft.*)
-from . import backends  # noqa: F401  (registers every backend's kernels)
+from . import (
+    _ops,  # noqa: F401  (defines torch.ops.qpeft.*)
+    _validate,
+    backends,  # noqa: F401  (registers every backend's kernels)
+)
 from ._formats import NESTED_BLOCKSIZE, code4, dynamic_map
-from . import _validate
 from ._validate import float_input
 from .autograd import QLoRAFunction
 from .quant_state import QuantState
@@ -34,7 +36,9 @@ def _check_finite(x: torch.Tensor, absmax: torch.Tensor, allow_nonfinite: bool) 
     bad = ~torch.isfinite(x.reshape(-1))
     count = int(bad.sum())
     first = int(bad.nonzero()[0, 0])
-    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), x.shape)) if x.dim() > 1 else (first,)
+    index = (
+        tuple(int(i) for i in torch.unravel_index(torch.tensor(first), x.shape)) if x.dim() > 1 else (first,)
+    )
     raise ValueError(
         f"input has {count} non-finite value(s) (NaN or Inf); the first is at index {index} "
         f"(flat {first}) = {float(x.reshape(-1)[first])}. Pass allow_nonfinite=True to quantize anyway "
@@ -105,7 +109,12 @@ def dequantize_4bit(
     if out is not None:
         _validate.out_tensor(out, state.shape, dtype, packed)
     if state.nested:
-        nested = (state.absmax, state.state2.absmax, state.state2.code, state.offset.reshape(1).to(torch.float32))
+        nested = (
+            state.absmax,
+            state.state2.absmax,
+            state.state2.code,
+            state.offset.reshape(1).to(torch.float32),
+        )
         quant = (state.blocksize, state.state2.blocksize, state.quant_type)
         if out is not None:
             torch.ops.qpeft.dequantize_4bit_nested_out(packed, *nested, *quant, out)
@@ -114,7 +123,9 @@ def dequantize_4bit(
     if out is not None:
         torch.ops.qpeft.dequantize_4bit_out(packed, state.absmax, state.blocksize, state.quant_type, out)
         return out
-    return torch.ops.qpeft.dequantize_4bit(packed, state.absmax, state.blocksize, state.quant_type, list(state.shape), dtype)
+    return torch.ops.qpeft.dequantize_4bit(
+        packed, state.absmax, state.blocksize, state.quant_type, list(state.shape), dtype
+    )
 
 
 def _result_dtype(out_dtype, out, default) -> torch.dtype:
@@ -144,7 +155,11 @@ def quantize_blockwise(
 
 
 def dequantize_blockwise(
-    q: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None
+    q: torch.Tensor,
+    state: QuantState,
+    out_dtype: torch.dtype | None = None,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode 8-bit blockwise codes: ``code[q] * absmax[block]`` cast to ``out_dtype``
     (default ``state.dtype``, fp32 when unset; or ``out.dtype``), into ``out`` if given."""
@@ -203,8 +218,14 @@ def _check_qlora_args(x, packed, state, lora_A, lora_B, bias, out_scale, rank_sc
         shape = None if state.shape is None else tuple(state.shape)
         raise ValueError(f"state must describe a 4-bit [out_features, in_features] weight, got shape {shape}")
     n, k = state.shape
-    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias), ("out_scale", out_scale),
-                    ("rank_scale", rank_scale)):  # fmt: skip
+    for name, t in (
+        ("x", x),
+        ("lora_A", lora_A),
+        ("lora_B", lora_B),
+        ("bias", bias),
+        ("out_scale", out_scale),
+        ("rank_scale", rank_scale),
+    ):
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if x.dim() < 1 or x.shape[-1] != k:
@@ -230,8 +251,16 @@ def _check_qlora_args(x, packed, state, lora_A, lora_B, bias, out_scale, rank_sc
             raise NotImplementedError(
                 f"qlora_linear has no gradient for {name}; pass {name}.detach() (or train it with a separate op)"
             )
-    tensors = [("x", x), ("packed", packed), ("state.absmax", state.absmax), ("lora_A", lora_A), ("lora_B", lora_B),
-               ("bias", bias), ("out_scale", out_scale), ("rank_scale", rank_scale)]  # fmt: skip
+    tensors = [
+        ("x", x),
+        ("packed", packed),
+        ("state.absmax", state.absmax),
+        ("lora_A", lora_A),
+        ("lora_B", lora_B),
+        ("bias", bias),
+        ("out_scale", out_scale),
+        ("rank_scale", rank_scale),
+    ]
     for name, t in tensors[1:]:
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")

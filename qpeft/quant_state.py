@@ -16,9 +16,19 @@ from ._formats import BLOCKSIZES_4BIT, QUANT_TYPES
 
 _PACKED_KEY_PREFIX = "quant_state.bitsandbytes__"
 _VALID_KEYS = {
-    "absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state", "quant_type",
-    "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset",
-}  # fmt: skip
+    "absmax",
+    "quant_map",
+    "nested_absmax",
+    "nested_quant_map",
+    "quant_state",
+    "quant_type",
+    "blocksize",
+    "dtype",
+    "shape",
+    "nested_blocksize",
+    "nested_dtype",
+    "nested_offset",
+}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -133,7 +143,9 @@ class QuantState:
                 raise ValueError(f"unknown packed quant_state entry {key!r}")
             d.update(unpack_dict(d.pop(key)))
         elif "quant_type" not in d:
-            raise ValueError("found neither a packed quant_state entry nor unpacked quant_type/blocksize items")
+            raise ValueError(
+                "found neither a packed quant_state entry nor unpacked quant_type/blocksize items"
+            )
         d = {k.split(".")[-1]: v for k, v in d.items()}
         unknown = set(d) - _VALID_KEYS
         if unknown:

@@ -57,9 +57,13 @@ def _safetensors():
 
 def _task_type(model: nn.Module) -> str | None:
     name = type(model).__name__
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
-                         ("ForConditionalGeneration", "SEQ_2_SEQ_LM")):  # fmt: skip
+    for suffix, task in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ):
         if name.endswith(suffix):
             return task
     return None
@@ -93,19 +97,29 @@ def _modules_to_save(model: nn.Module, names) -> dict[str, nn.Module]:
     if not names:
         return {}
     names = [names] if isinstance(names, str) else list(names)
-    found = {n: m for n, m in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in names)}
+    found = {
+        n: m for n, m in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in names)
+    }
     missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in found)]
     if missing:
         raise ValueError(f"modules_to_save names no module of the model: {missing}")
     wrapped = [n for n, m in found.items() if isinstance(m, (QLoRALinear, IA3Linear, Linear4bit))]
     if wrapped:
-        raise ValueError(f"modules_to_save must be plain modules (e.g. embeddings, heads), not qpeft layers: {wrapped}")
+        raise ValueError(
+            f"modules_to_save must be plain modules (e.g. embeddings, heads), not qpeft layers: {wrapped}"
+        )
     return found
 
 
-def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_name: str | None = None, *,
-                 modules_to_save=None, task_type: str | None = None,
-                 base_model_name_or_path: str | None = None) -> None:  # fmt: skip
+def save_adapter(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    adapter_name: str | None = None,
+    *,
+    modules_to_save=None,
+    task_type: str | None = None,
+    base_model_name_or_path: str | None = None,
+) -> None:
     """Write adapter ``adapter_name`` (default: the active one) of every QLoRALinear of ``model``
     in PEFT's LoRA format (see the module doc). Layers without that adapter are left out.
     ``modules_to_save``: names of other modules trained in full (e.g. ``["embed_tokens",
@@ -118,13 +132,17 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
     if adapter_name is None:
         actives = {m.active_adapter for _, m in layers if m.active_adapter is not None}
         if len(actives) != 1:
-            raise ValueError(f"pass adapter_name: the layers' active adapters are {sorted(map(str, actives))}")
+            raise ValueError(
+                f"pass adapter_name: the layers' active adapters are {sorted(map(str, actives))}"
+            )
         adapter_name = actives.pop()
     chosen = [(n, m, m.adapters[adapter_name]) for n, m in layers if adapter_name in m.adapters]
     if not chosen:
         raise KeyError(f"no layer has an adapter named {adapter_name!r}")
     if any(m.merged_adapter == adapter_name for _, m, _ in chosen):
-        raise RuntimeError(f"adapter {adapter_name!r} is merged into the base weights; unmerge it before saving")
+        raise RuntimeError(
+            f"adapter {adapter_name!r} is merged into the base weights; unmerge it before saving"
+        )
     flavours = {(ad.use_rslora, ad.use_dora, ad.dropout_p) for _, _, ad in chosen}
     if len(flavours) > 1:
         raise ValueError("PEFT's format holds one use_rslora/use_dora/dropout per adapter; the layers differ")
@@ -204,8 +222,9 @@ class _Planned:
     bias: torch.Tensor | None
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *,
-                 activate: bool = True) -> nn.Module:  # fmt: skip
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *, activate: bool = True
+) -> nn.Module:
     """Load a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``/``.bin``)
     into the QLoRALinear layers of a converted ``model`` as adapter ``adapter_name``.
 
@@ -217,7 +236,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     """
     config, tensors = _read_adapter(directory)
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{directory} holds a {config.get('peft_type')!r} adapter; load_adapter reads LoRA adapters")
+        raise ValueError(
+            f"{directory} holds a {config.get('peft_type')!r} adapter; load_adapter reads LoRA adapters"
+        )
     if config.get("fan_in_fan_out"):
         raise ValueError("fan_in_fan_out adapters (GPT-2 style Conv1D layers) are not supported")
     modules = dict(model.named_modules())
@@ -241,7 +262,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             continue
         bad.append(key)
     if bad:
-        raise ValueError(f"adapter file has entries that are not LoRA weights: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
+        raise ValueError(
+            f"adapter file has entries that are not LoRA weights: {bad[:5]}{' ...' if len(bad) > 5 else ''}"
+        )
     if not grouped:
         raise ValueError(f"adapter file in {directory} holds no LoRA weights")
     planned: dict[str, _Planned] = {}
@@ -266,7 +289,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             errors.append(f"{path}: the file has {'lora_B' if a is None else 'lora_A'} but not its partner")
             continue
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            errors.append(f"{path}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not [r, in] and [out, r]")
+            errors.append(
+                f"{path}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not [r, in] and [out, r]"
+            )
             continue
         r = a.shape[0]
         if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
@@ -286,8 +311,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             continue
         alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
         device = layer.base_layer.weight.device
-        ad = LoRAAdapter(layer.in_features, layer.out_features, r, alpha, float(config.get("lora_dropout") or 0.0),
-                         "default", bool(config.get("use_rslora", False)), use_dora, device)  # fmt: skip
+        ad = LoRAAdapter(
+            layer.in_features,
+            layer.out_features,
+            r,
+            alpha,
+            float(config.get("lora_dropout") or 0.0),
+            "default",
+            bool(config.get("use_rslora", False)),
+            use_dora,
+            device,
+        )
         with torch.no_grad():
             ad.lora_A.copy_(a)
             ad.lora_B.copy_(b)
@@ -300,7 +334,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     others = [m for m in modules.values() if isinstance(m, QLoRALinear) and id(m) not in covered]
     busy = [m for m in [p.layer for p in planned.values()] + others if m.merged_adapter == adapter_name]
     if busy:
-        raise RuntimeError(f"adapter {adapter_name!r} is merged into some layers; unmerge before loading over it")
+        raise RuntimeError(
+            f"adapter {adapter_name!r} is merged into some layers; unmerge before loading over it"
+        )
     with torch.no_grad():
         for name, t in targets.items():
             owner, _, attr = name.rpartition(".")
@@ -354,7 +390,11 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     state = _base_state_dict(model)
     tensors, tied, seen = {}, {}, {}
     for key, t in state.items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        ident = (
+            (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+            if t.numel()
+            else None
+        )
         if ident is not None and ident in seen:
             tied[key] = seen[ident]
             continue
@@ -380,21 +420,29 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
     mapped = {}
     for key, t in state.items():
         w = next((w for w in wrappers if key.startswith(w + ".")), None)
-        mapped[key if w is None else f"{w}.base_layer.{key[len(w) + 1:]}"] = t
-    four_bit = sorted({k.split(".weight.quant_state.")[0] for k in mapped if ".weight.quant_state.bitsandbytes__" in k})
+        mapped[key if w is None else f"{w}.base_layer.{key[len(w) + 1 :]}"] = t
+    four_bit = sorted(
+        {k.split(".weight.quant_state.")[0] for k in mapped if ".weight.quant_state.bitsandbytes__" in k}
+    )
     swaps = []
     for path_ in four_bit:
         try:
             module = model.get_submodule(path_)
         except AttributeError:
-            raise ValueError(f"the file has a 4-bit weight for {path_!r}, which is not a module of the model") from None
+            raise ValueError(
+                f"the file has a 4-bit weight for {path_!r}, which is not a module of the model"
+            ) from None
         if isinstance(module, Linear4bit):
             continue
         if not isinstance(module, nn.Linear):
-            raise TypeError(f"the file has a 4-bit weight for {path_!r}, a {type(module).__name__} (expected a linear)")
-        new = Linear4bit(module.in_features, module.out_features, module.bias is not None,
-                         device=module.weight.device)  # fmt: skip
+            raise TypeError(
+                f"the file has a 4-bit weight for {path_!r}, a {type(module).__name__} (expected a linear)"
+            )
+        new = Linear4bit(
+            module.in_features, module.out_features, module.bias is not None, device=module.weight.device
+        )
         swaps.append((path_, new))
+
     def put(path_: str, module: nn.Module) -> nn.Module:
         parent_name, _, attr = path_.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -412,5 +460,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
     adapter_like = re.compile(r"\.(adapters\..+|ia3_l)$")
     missing = [k for k in result.missing_keys if not adapter_like.search(k)]
     if strict and (missing or result.unexpected_keys):
-        raise ValueError(f"load_quantized: missing keys {missing[:8]}, unexpected keys {result.unexpected_keys[:8]}")
+        raise ValueError(
+            f"load_quantized: missing keys {missing[:8]}, unexpected keys {result.unexpected_keys[:8]}"
+        )
     return model

@@ -12,15 +12,27 @@ from qpeft.nn import Linear4bit, QLoRALinear
 U32 = 2.0**-24
 
 
-def bnb_linear(lin: nn.Linear, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64) -> nn.Module:
+def bnb_linear(
+    lin: nn.Linear, quant_type: str = "nf4", double_quant: bool = True, blocksize: int = 64
+) -> nn.Module:
     """bitsandbytes' Linear4bit holding ``lin``'s weight, quantized on CPU (fp32 compute)."""
     import bitsandbytes as bnb
 
-    layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=torch.float32, compress_statistics=double_quant,
-                              quant_type=quant_type)  # fmt: skip
-    layer.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, compress_statistics=double_quant,
-                                     quant_type=quant_type, blocksize=blocksize)  # fmt: skip
+    layer = bnb.nn.Linear4bit(
+        lin.in_features,
+        lin.out_features,
+        bias=lin.bias is not None,
+        compute_dtype=torch.float32,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+    )
+    layer.weight = bnb.nn.Params4bit(
+        lin.weight.data.clone(),
+        requires_grad=False,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        blocksize=blocksize,
+    )
     if lin.bias is not None:
         layer.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
     return layer.to("cpu")  # bitsandbytes quantizes on the move to a device
@@ -35,7 +47,11 @@ def replace_linears(model: nn.Module, names: list[str], make) -> nn.Module:
 
 
 def linear_names(model: nn.Module, exclude: tuple[str, ...] = ("lm_head",)) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in exclude]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in exclude
+    ]
 
 
 def dequantized_copy(base: nn.Module, converted: nn.Module, dtype=torch.float32) -> nn.Module:

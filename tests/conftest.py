@@ -16,15 +16,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 from hypothesis import HealthCheck, settings
 
 import qpeft
 
 settings.register_profile(
-    "qpeft", deadline=None, max_examples=int(os.environ.get("QPEFT_HYPOTHESIS_EXAMPLES", "60")),
+    "qpeft",
+    deadline=None,
+    max_examples=int(os.environ.get("QPEFT_HYPOTHESIS_EXAMPLES", "60")),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)  # fmt: skip
+)
 settings.load_profile("qpeft")
 
 # Native CPU kernels are always built by `pip install .`; a missing qpeft._C fails

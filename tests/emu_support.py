@@ -16,7 +16,10 @@ from .conftest import assert_bits_equal
 def cuda_headers_present() -> bool:
     """Whether the build should have produced qpeft._C_cuda_emu (CMakeLists.txt looks in the same places)."""
     roots = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH", "CUDAToolkit_ROOT")]
-    dirs = [Path(r) / "include" for r in roots if r] + [Path("/usr/local/cuda/include"), Path("/opt/cuda/include")]
+    dirs = [Path(r) / "include" for r in roots if r] + [
+        Path("/usr/local/cuda/include"),
+        Path("/opt/cuda/include"),
+    ]
     dirs.append(Path("/usr/include"))
     return any((d / "cuda_bf16.h").exists() and (d / "cuda_runtime.h").exists() for d in dirs)
 

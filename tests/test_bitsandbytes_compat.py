@@ -80,7 +80,9 @@ def test_tables_match_bitsandbytes():
     for qt in ("nf4", "fp4"):
         assert_bits_equal(code4(qt), bnbF.get_4bit_type(qt, device="cpu"), f"{qt} table")
     for signed in (True, False):
-        assert_bits_equal(dynamic_map(signed), bnbF.create_dynamic_map(signed=signed), f"dynamic map {signed}")
+        assert_bits_equal(
+            dynamic_map(signed), bnbF.create_dynamic_map(signed=signed), f"dynamic map {signed}"
+        )
 
 
 @pytest.mark.parametrize("double_quant", [False, True])

@@ -3,8 +3,6 @@ model-level adapter management, and 4-bit base weights through safetensors."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -60,7 +58,9 @@ def test_all_linear_converts_and_freezes():
     # r * (in + out) per layer: q, v: 4*(64+64); mlp.0: 4*(64+128); mlp.2: 4*(128+64); two blocks
     assert s.converted == 8 and s.trainable_params == 2 * (512 + 512 + 768 + 768)
     # before: every fp32 parameter; after: the 4-bit weights as packed bytes + statistics
-    fp32_linear = sum(4 * m.weight.numel() for m in _net().modules() if isinstance(m, nn.Linear) and m.out_features != 50)
+    fp32_linear = sum(
+        4 * m.weight.numel() for m in _net().modules() if isinstance(m, nn.Linear) and m.out_features != 50
+    )
     assert s.weight_bytes_before == 4 * sum(p.numel() for p in _net().parameters())
     packed = sum(m.base_layer.weight_bytes() for m in net.modules() if isinstance(m, QLoRALinear))
     adapters = 4 * s.trainable_params
@@ -74,13 +74,21 @@ def test_all_linear_converts_and_freezes():
 def test_target_lists_regex_and_other_methods():
     net = qpeft.convert(_net(), target_modules=["q_proj", "mlp.2"], r=2, verbose=False)
     assert {n for n, m in net.named_modules() if isinstance(m, QLoRALinear)} == {
-        "blocks.0.q_proj", "blocks.0.mlp.2", "blocks.1.q_proj", "blocks.1.mlp.2"}  # fmt: skip
+        "blocks.0.q_proj",
+        "blocks.0.mlp.2",
+        "blocks.1.q_proj",
+        "blocks.1.mlp.2",
+    }
     net = qpeft.convert(_net(), target_modules=r"blocks\.1\..*_proj", r=2, verbose=False)
-    assert {n for n, m in net.named_modules() if isinstance(m, QLoRALinear)} == {"blocks.1.q_proj", "blocks.1.v_proj"}
+    assert {n for n, m in net.named_modules() if isinstance(m, QLoRALinear)} == {
+        "blocks.1.q_proj",
+        "blocks.1.v_proj",
+    }
     net = qpeft.convert(_net(), method="ia3", exclude=None, verbose=False)
     assert isinstance(net.lm_head, IA3Linear)
     assert {n for n, p in net.named_parameters() if p.requires_grad} == {
-        n for n, _ in net.named_parameters() if n.endswith("ia3_l")}  # fmt: skip
+        n for n, _ in net.named_parameters() if n.endswith("ia3_l")
+    }
     net = qpeft.convert(_net(), method="quantize", blocksize=128, quant_type="fp4", verbose=False)
     assert isinstance(net.blocks[0].q_proj, Linear4bit) and net.blocks[0].q_proj.blocksize == 128
     assert net.qpeft_summary.trainable_params == 0
@@ -145,7 +153,9 @@ def test_progress_line(capsys):
 
 
 def _modules_and_flags(net: nn.Module):
-    return [(n, id(m)) for n, m in net.named_modules()], [(n, p.requires_grad) for n, p in net.named_parameters()]
+    return [(n, id(m)) for n, m in net.named_modules()], [
+        (n, p.requires_grad) for n, p in net.named_parameters()
+    ]
 
 
 @pytest.mark.parametrize("quantize", [True, False])

@@ -93,13 +93,19 @@ def test_every_kernel_reported_without_local_memory():
         assert kernels, f"{source}: the report lists no kernels"
         for name in kernels:
             have = {sm for n, sm in entries if n == name}
-            assert have == archs, f"{source}: {short_name(name)} compiled for sm_{sorted(have)}, module has {sorted(archs)}"
+            assert have == archs, (
+                f"{source}: {short_name(name)} compiled for sm_{sorted(have)}, module has {sorted(archs)}"
+            )
     for source, entries in reports.items():
         for (name, sm), stats in entries.items():
             where = f"{source}: {short_name(name)} on sm_{sm}"
             assert "registers" in stats, f"{where}: no register count"
-            assert stats.get("spill_stores", 0) == 0 and stats.get("spill_loads", 0) == 0, f"{where} spills: {stats}"
-            assert stats.get("stack", 0) == 0, f"{where} uses a {stats['stack']}-byte stack frame (local memory)"
+            assert stats.get("spill_stores", 0) == 0 and stats.get("spill_loads", 0) == 0, (
+                f"{where} spills: {stats}"
+            )
+            assert stats.get("stack", 0) == 0, (
+                f"{where} uses a {stats['stack']}-byte stack frame (local memory)"
+            )
 
 
 def register_table() -> str:
@@ -111,8 +117,10 @@ def register_table() -> str:
             regs[(source, short_name(name))][sm] = stats["registers"]
             archs.add(sm)
     cols = sorted(archs)
-    lines = ["| source | kernel <template args> | " + " | ".join(f"sm_{a}" for a in cols) + " |",
-             "| --- | --- | " + " | ".join("---:" for _ in cols) + " |"]  # fmt: skip
+    lines = [
+        "| source | kernel <template args> | " + " | ".join(f"sm_{a}" for a in cols) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in cols) + " |",
+    ]
     for (source, kernel), by_arch in sorted(regs.items()):
         lines.append(f"| {source} | `{kernel}` | " + " | ".join(str(by_arch.get(a, "")) for a in cols) + " |")
     return "\n".join(lines)

@@ -99,7 +99,9 @@ def test_4bit_non_finite(dtype):
             assert_same_values(state.absmax, s_ref.absmax, "absmax")
             for out in DTYPES:
                 assert_same_values(
-                    qf.dequantize_4bit(packed, state, out), _reference(qf.dequantize_4bit, p_ref, s_ref, out), "out"
+                    qf.dequantize_4bit(packed, state, out),
+                    _reference(qf.dequantize_4bit, p_ref, s_ref, out),
+                    "out",
                 )
 
 
@@ -143,7 +145,9 @@ def test_dequantize_4bit_unaligned_buffers(nested):
     assert shifted.data_ptr() % 16 != 0
     for out in DTYPES:
         assert_same_values(
-            qf.dequantize_4bit(shifted, state, out), _reference(qf.dequantize_4bit, packed, state, out), f"{out}"
+            qf.dequantize_4bit(shifted, state, out),
+            _reference(qf.dequantize_4bit, packed, state, out),
+            f"{out}",
         )
 
 
@@ -172,7 +176,9 @@ def test_blockwise_8bit_every_blocksize(signed, blocksize):
         assert_same_values(s.absmax, s_ref.absmax, f"absmax {dtype} bs{blocksize}")
         for out in DTYPES:
             assert_same_values(
-                qf.dequantize_blockwise(q, s, out), _reference(qf.dequantize_blockwise, q_ref, s_ref, out), f"{out}"
+                qf.dequantize_blockwise(q, s, out),
+                _reference(qf.dequantize_blockwise, q_ref, s_ref, out),
+                f"{out}",
             )
 
 
@@ -201,7 +207,9 @@ def test_dequantize_blockwise_unaligned():
     q = storage[3:]
     q.copy_(q_ref)
     for out in DTYPES:
-        assert_same_values(qf.dequantize_blockwise(q, s, out), _reference(qf.dequantize_blockwise, q_ref, s, out))
+        assert_same_values(
+            qf.dequantize_blockwise(q, s, out), _reference(qf.dequantize_blockwise, q_ref, s, out)
+        )
 
 
 def test_results_do_not_depend_on_the_schedule():
@@ -226,8 +234,28 @@ def test_native_entry_points_recheck_sizes():
         mod.quantize_4bit(x.data_ptr(), 0, 128, 64, 2, packed.data_ptr(), 10, absmax.data_ptr(), 2, 0)
     out = torch.empty(8)
     with pytest.raises(ValueError, match="1 to 8 rows"):
-        mod.gemv_4bit(x.data_ptr(), 0, 128, 9, 16, packed.data_ptr(), 10, absmax.data_ptr(), 2, 8, 64, 2,
-                      0, 0, 0, 0, 256, out.data_ptr(), 8, 0)  # fmt: skip
+        mod.gemv_4bit(
+            x.data_ptr(),
+            0,
+            128,
+            9,
+            16,
+            packed.data_ptr(),
+            10,
+            absmax.data_ptr(),
+            2,
+            8,
+            64,
+            2,
+            0,
+            0,
+            0,
+            0,
+            256,
+            out.data_ptr(),
+            8,
+            0,
+        )
 
 
 # --- GEMV -----------------------------------------------------------------------------
@@ -344,8 +372,19 @@ def test_gemv_functional_shapes_and_errors():
     with pytest.raises(ValueError, match="in_features=64"):
         qf.gemv_4bit(torch.randn(1, 65), packed, state)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        torch.ops.qpeft.gemv_4bit(torch.randn(1, 64, dtype=torch.float64), packed, state.absmax, state.state2.absmax,
-                                  state.state2.code, state.offset.reshape(1), 64, 256, "nf4", 12, 64)  # fmt: skip
+        torch.ops.qpeft.gemv_4bit(
+            torch.randn(1, 64, dtype=torch.float64),
+            packed,
+            state.absmax,
+            state.state2.absmax,
+            state.state2.code,
+            state.offset.reshape(1),
+            64,
+            256,
+            "nf4",
+            12,
+            64,
+        )
 
 
 @pytest.mark.parametrize("backend", ["default", "cuda_emulated"])
@@ -353,8 +392,19 @@ def test_gemv_opcheck(backend):
     w = torch.randn(8, 64)
     with qpeft.use_backend("default"):
         packed, state = qf.quantize_4bit(w, 64, "nf4", True)
-    args = (torch.randn(2, 64, dtype=torch.bfloat16), packed, state.absmax, state.state2.absmax, state.state2.code,
-            state.offset.reshape(1), 64, 256, "nf4", 8, 64)  # fmt: skip
+    args = (
+        torch.randn(2, 64, dtype=torch.bfloat16),
+        packed,
+        state.absmax,
+        state.state2.absmax,
+        state.state2.code,
+        state.offset.reshape(1),
+        64,
+        256,
+        "nf4",
+        8,
+        64,
+    )
     with qpeft.use_backend(backend):
         torch.library.opcheck(torch.ops.qpeft.gemv_4bit.default, args)
 

@@ -37,7 +37,9 @@ def _i32(n):
 # --- builtins, barriers, warp collectives, atomics, shared memory ------------------------
 
 
-@pytest.mark.parametrize("grid,block", [((2, 3, 2), (4, 2, 3)), ((5, 1, 1), (33, 1, 1)), ((1, 2, 1), (1, 1, 64))])
+@pytest.mark.parametrize(
+    "grid,block", [((2, 3, 2), (4, 2, 3)), ((5, 1, 1), (33, 1, 1)), ((1, 2, 1), (1, 1, 64))]
+)
 def test_thread_and_block_indices(t, grid, block):
     nthreads = block[0] * block[1] * block[2]
     nblocks = grid[0] * grid[1] * grid[2]
@@ -101,7 +103,9 @@ def test_shuffles(t, op, width, elem_bytes):
     values = values.to(dtype)
     b = torch.randint(0, 40, (threads,), generator=g, dtype=torch.int32)  # also past the warp
     out = torch.zeros(threads, dtype=dtype)
-    t.probe_shuffle(op, values.data_ptr(), b.data_ptr(), out.data_ptr(), threads, 0xFFFFFFFF, width, elem_bytes)
+    t.probe_shuffle(
+        op, values.data_ptr(), b.data_ptr(), out.data_ptr(), threads, 0xFFFFFFFF, width, elem_bytes
+    )
     expected = _expected_shuffle(op, values, b.tolist(), width, threads)
     assert torch.equal(out, expected)
 
@@ -123,9 +127,11 @@ def test_votes(t, mask):
     threads = 64
     g = torch.Generator().manual_seed(mask & 0xFF)
     for pattern in ("random", "all", "none"):
-        pred = {"random": torch.randint(0, 2, (threads,), generator=g, dtype=torch.int32),
-                "all": torch.ones(threads, dtype=torch.int32),
-                "none": torch.zeros(threads, dtype=torch.int32)}[pattern]  # fmt: skip
+        pred = {
+            "random": torch.randint(0, 2, (threads,), generator=g, dtype=torch.int32),
+            "all": torch.ones(threads, dtype=torch.int32),
+            "none": torch.zeros(threads, dtype=torch.int32),
+        }[pattern]
         out = torch.full((threads * 3,), -7, dtype=torch.int32)
         t.probe_vote(pred.data_ptr(), out.data_ptr(), threads, mask)
         for tid in range(threads):
@@ -199,8 +205,11 @@ def test_activemask_reports_the_converged_lanes(t):
 
 @pytest.mark.parametrize(
     "grid,block,match",
-    [((1, 1, 1), (1025, 1, 1), "1..1024 threads"), ((1, 70000, 1), (32, 1, 1), "out of range"),
-     ((1, 1, 1), (1, 1, 65), "blockDim.z")],  # fmt: skip
+    [
+        ((1, 1, 1), (1025, 1, 1), "1..1024 threads"),
+        ((1, 70000, 1), (32, 1, 1), "out of range"),
+        ((1, 1, 1), (1, 1, 65), "blockDim.z"),
+    ],
 )
 def test_bad_launch_configuration(t, grid, block, match):
     out = _i32(1)
@@ -225,8 +234,14 @@ def test_not_chosen_by_default(emu):
     cpu = torch.device("cpu")
     assert "cuda_emulated" in qpeft.available_backends()
     emulated = {op: table["cuda_emulated"] for op, table in _kernels.items() if "cuda_emulated" in table}
-    assert {"quantize_4bit", "dequantize_4bit", "dequantize_4bit_nested", "quantize_blockwise",
-            "dequantize_blockwise", "gemv_4bit"} <= set(emulated)  # fmt: skip
+    assert {
+        "quantize_4bit",
+        "dequantize_4bit",
+        "dequantize_4bit_nested",
+        "quantize_blockwise",
+        "dequantize_blockwise",
+        "gemv_4bit",
+    } <= set(emulated)
     for op, fn in emulated.items():
         assert kernel_for(op, cpu) is not fn, op
         with qpeft.use_backend("cuda_emulated"):
@@ -299,28 +314,50 @@ def _run_copy(fn, bug):
 PLANTED = {
     # name: (run(t, bug) -> result correct?, error the harness raises or None, seeds that catch it)
     "wrong block index": (lambda t, bug: _run_block_index(t, bug), None, SEEDS),
-    "divergent barrier": (lambda t, bug: _run_block_sum(t, bug), "not every thread of the block reaches", SEEDS),
+    "divergent barrier": (
+        lambda t, bug: _run_block_sum(t, bug),
+        "not every thread of the block reaches",
+        SEEDS,
+    ),
     "missing barrier before another warp's read": (lambda t, bug: _run_reverse(t, bug), None, SEEDS),
     "shuffle reading a lane outside its mask": (
-        lambda t, bug: _run_lane_sum(t.bug_shuffle_lane, bug), "lane 8 reads lane 16, which is not in the mask",
-        SEEDS),
+        lambda t, bug: _run_lane_sum(t.bug_shuffle_lane, bug),
+        "lane 8 reads lane 16, which is not in the mask",
+        SEEDS,
+    ),
     "full-mask shuffle in a half-warp branch": (
-        lambda t, bug: _run_lane_sum(t.bug_shuffle_missing_lanes, bug), "non-participating lane", SEEDS),
+        lambda t, bug: _run_lane_sum(t.bug_shuffle_missing_lanes, bug),
+        "non-participating lane",
+        SEEDS,
+    ),
     "shuffle and barrier waiting for each other": (
         lambda t, bug: _run_lane_sum32(t.bug_deadlock, bug),
         r"deadlock: .*16 of 32 threads wait at __syncthreads\(\) at planted_bugs.cu:\d+.* lanes 0-15 wait in "
-        r"__shfl_xor_sync\(mask=0xffffffff\) .* for lanes 16-31", SEEDS),
+        r"__shfl_xor_sync\(mask=0xffffffff\) .* for lanes 16-31",
+        SEEDS,
+    ),
     "spin-wait on a flag nobody raises": (
-        lambda t, bug: _run_spin(t.bug_spin_wait, bug), "spin-wait without progress", SEEDS),
+        lambda t, bug: _run_spin(t.bug_spin_wait, bug),
+        "spin-wait without progress",
+        SEEDS,
+    ),
     # Reverse order (seed 1) happens to be the dependency order of this reduction.
     "warp-synchronous reduction without __syncwarp": (
-        lambda t, bug: _run_warp_sums(t, bug), None, [0, 2, 3, 4, 5]),
+        lambda t, bug: _run_warp_sums(t, bug),
+        None,
+        [0, 2, 3, 4, 5],
+    ),
     "__shared__ array indexed past its end": (
-        lambda t, bug: _run_copy(t.bug_smem_oob, bug), r"out-of-bounds array access: index 128 into 'float \[128\]'",
-        SEEDS),
+        lambda t, bug: _run_copy(t.bug_smem_oob, bug),
+        r"out-of-bounds array access: index 128 into 'float \[128\]'",
+        SEEDS,
+    ),
     "dynamic shared memory written past its end": (
-        lambda t, bug: _run_copy(t.bug_dynamic_smem_oob, bug), "out-of-bounds write to dynamic shared memory", SEEDS),
-}  # fmt: skip
+        lambda t, bug: _run_copy(t.bug_dynamic_smem_oob, bug),
+        "out-of-bounds write to dynamic shared memory",
+        SEEDS,
+    ),
+}
 
 
 @pytest.mark.parametrize("name", list(PLANTED))

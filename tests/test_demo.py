@@ -20,19 +20,47 @@ pytest.importorskip("safetensors")
 
 def test_demo_runs_and_its_adapter_rebuilds_the_model(tmp_path, capsys):
     out = tmp_path / "adapter"
-    code = cli.main(["demo", "--size", "tiny", "--steps", "4", "--batch", "2", "--seq-len", "32", "--sample", "5",
-                     "--rank", "4", "--out", str(out)])  # fmt: skip
+    code = cli.main(
+        [
+            "demo",
+            "--size",
+            "tiny",
+            "--steps",
+            "4",
+            "--batch",
+            "2",
+            "--seq-len",
+            "32",
+            "--sample",
+            "5",
+            "--rank",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr()
     text = printed.out
-    for needle in ("QLoRA demo", "train loss", "held-out loss", "tokens/s", "full 16-bit fine-tune", "greedy sample",
-                   "adapter saved"):  # fmt: skip
+    for needle in (
+        "QLoRA demo",
+        "train loss",
+        "held-out loss",
+        "tokens/s",
+        "full 16-bit fine-tune",
+        "greedy sample",
+        "adapter saved",
+    ):
         assert needle in text, needle
     assert "step 4/4" in printed.err
     after = float(re.search(r"held-out loss: [\d.]+ before -> ([\d.]+) after", text).group(1))
 
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert (
+        config["r"] == 4
+        and config["lora_alpha"] == 8
+        and config["modules_to_save"] == ["embed_tokens", "lm_head"]
+    )
     meta = json.loads((out / "demo_config.json").read_text())
     model, _ = demo.build_model(meta["size"], meta["seq_len"], meta["seed"])
     qpeft.convert(model, r=8, verbose=False)  # the file defines the adapter (r = 4): it replaces this one

@@ -152,4 +152,6 @@ def test_bad_out_tensor(backend):
     with pytest.raises(ValueError, match=r"out is \(9,\)"):  # the op checks too
         torch.ops.qpeft.dequantize_blockwise_out(q, s8.absmax, s8.code, 256, torch.empty(9))
     with pytest.raises(TypeError, match="output dtype"):
-        torch.ops.qpeft.dequantize_blockwise_out(q, s8.absmax, s8.code, 256, torch.empty(8, dtype=torch.int32))
+        torch.ops.qpeft.dequantize_blockwise_out(
+            q, s8.absmax, s8.code, 256, torch.empty(8, dtype=torch.int32)
+        )

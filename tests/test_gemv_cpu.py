@@ -52,7 +52,9 @@ def _check(m, n, k, dtype, quant_type, blocksize, nested, seed=0):
     with qpeft.use_backend("default"):
         w_deq = qf.dequantize_4bit(packed, state, torch.float32)
     exact = x.double() @ w_deq.double().T
-    tol = gemv_bound(x, w_deq, dtype, _depth(k, blocksize)) + U32 * (x.double().abs() @ w_deq.double().abs().T)
+    tol = gemv_bound(x, w_deq, dtype, _depth(k, blocksize)) + U32 * (
+        x.double().abs() @ w_deq.double().abs().T
+    )
     err = (y.double() - exact).abs()
     what = f"m={m} n={n} k={k} {dtype} {quant_type} bs{blocksize} nested={nested}"
     assert bool((err <= tol).all()), f"{what}: worst excess {float((err - tol).max()):.3e}"
@@ -96,8 +98,19 @@ def test_many_threads_and_rows_agree(isa):
 def test_opcheck_and_errors():
     w = torch.randn(16, 64)
     packed, state = qf.quantize_4bit(w)
-    args = (torch.randn(2, 64), packed, state.absmax, state.state2.absmax, state.state2.code,
-            state.offset.reshape(1), 64, 256, "nf4", 16, 64)  # fmt: skip
+    args = (
+        torch.randn(2, 64),
+        packed,
+        state.absmax,
+        state.state2.absmax,
+        state.state2.code,
+        state.offset.reshape(1),
+        64,
+        256,
+        "nf4",
+        16,
+        64,
+    )
     with qpeft.use_backend("cpu"):
         torch.library.opcheck(torch.ops.qpeft.gemv_4bit.default, args)
         with pytest.raises(ValueError, match="1 to 8 rows"):
@@ -106,6 +119,22 @@ def test_opcheck_and_errors():
             qf.gemv_4bit(torch.randn(1, 63), packed, state)
     with pytest.raises(ValueError, match="packed has"):  # the C++ entry re-checks sizes
         x, out = torch.randn(1, 64), torch.empty(1, 16)
-        _native.cpu_module().gemv_4bit(x.data_ptr(), 1, 16, 64, packed.data_ptr(), packed.numel() - 1,
-                                       state.absmax.data_ptr(), state.absmax.numel(), 64, 2, 0, 0, 0, 0, 256,
-                                       out.data_ptr(), 1)  # fmt: skip
+        _native.cpu_module().gemv_4bit(
+            x.data_ptr(),
+            1,
+            16,
+            64,
+            packed.data_ptr(),
+            packed.numel() - 1,
+            state.absmax.data_ptr(),
+            state.absmax.numel(),
+            64,
+            2,
+            0,
+            0,
+            0,
+            0,
+            256,
+            out.data_ptr(),
+            1,
+        )

@@ -19,7 +19,9 @@ def test_import_is_lean():
 def test_missing_native_module_error_is_actionable(monkeypatch):
     from qpeft import _native
 
-    monkeypatch.setattr(_native, "_load", lambda name: (None, f"qpeft.{name} could not be imported; reinstall"))
+    monkeypatch.setattr(
+        _native, "_load", lambda name: (None, f"qpeft.{name} could not be imported; reinstall")
+    )
     import pytest
 
     with pytest.raises(ImportError, match="reinstall"):

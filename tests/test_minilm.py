@@ -54,8 +54,14 @@ def test_nf4_double_quant_embeddings_no_worse_than_bitsandbytes():
     names = linear_names(fp32, exclude=())
     assert len(names) == 37  # 6 layers x (q, k, v, attn out, ffn in, ffn out) + pooler
 
-    ours = qpeft.convert(copy.deepcopy(fp32), method="quantize", exclude=None, quant_type="nf4", double_quant=True,
-                         verbose=False)  # fmt: skip
+    ours = qpeft.convert(
+        copy.deepcopy(fp32),
+        method="quantize",
+        exclude=None,
+        quant_type="nf4",
+        double_quant=True,
+        verbose=False,
+    )
     assert sum(isinstance(m, Linear4bit) for m in ours.modules()) == 37
     theirs = replace_linears(copy.deepcopy(fp32), names, bnb_linear)
 

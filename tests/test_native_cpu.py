@@ -173,7 +173,9 @@ def test_kernels_run_in_a_forked_child(native):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, native.threading()], capture_output=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", _FORK_SCRIPT, native.threading()], capture_output=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr.decode()[-2000:]
 
 
@@ -183,7 +185,9 @@ def test_native_rechecks_sizes(native):
     packed = torch.empty(10, dtype=torch.uint8)
     absmax = torch.empty(2)
     with pytest.raises(ValueError):
-        native.quantize_4bit(x.data_ptr(), 0, 128, 64, 2, packed.data_ptr(), packed.numel(), absmax.data_ptr(), 2, 1)
+        native.quantize_4bit(
+            x.data_ptr(), 0, 128, 64, 2, packed.data_ptr(), packed.numel(), absmax.data_ptr(), 2, 1
+        )
     with pytest.raises(ValueError):
         native.quantize_4bit(x.data_ptr(), 0, 128, 64, 2, packed.data_ptr(), 64, absmax.data_ptr(), 1, 1)
 
@@ -199,7 +203,7 @@ def test_dequantize_beyond_2_31_elements():
     absmax = torch.arange(1, nblocks + 1, dtype=torch.float32)
     with qpeft.use_backend("cpu"):
         out = torch.ops.qpeft.dequantize_4bit(packed, absmax, blocksize, "nf4", [HUGE], torch.bfloat16)
-    tail = out[-(2 * blocksize + 64):].float()
+    tail = out[-(2 * blocksize + 64) :].float()
     del out, packed
     idx = torch.arange(HUGE - tail.numel(), HUGE)
     sign = torch.where(idx % 2 == 0, 1.0, -1.0)
@@ -219,7 +223,7 @@ def test_quantize_beyond_2_31_elements():
     assert packed[-1, 0] == (15 << 4) | 7  # 3.0 -> code 15, then the padding nibble (code of 0.0)
     byte = (HUGE - 4096 - 65) // 2  # even index: high nibble
     assert packed[byte, 0] == (0 << 4) | 7
-    assert int(packed[: byte].max()) == 0x77 and int(packed[: byte].min()) == 0x77
+    assert int(packed[:byte].max()) == 0x77 and int(packed[:byte].min()) == 0x77
 
 
 def test_tables_match_header(native):

@@ -15,14 +15,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 from torch import nn
 
 import qpeft
 from qpeft._registry import _kernels
-from qpeft.functional import dequantize_4bit, quantize_4bit
+from qpeft.functional import dequantize_4bit
 from qpeft.nn import IA3Linear, Linear4bit, QLoRALinear
 from qpeft.nn._rows import row_norms, weight_rows
 
@@ -82,10 +82,16 @@ def test_qlora_linear_grads_match_fp64_oracle(backend, dtype):
     assert y.dtype == dtype and y.shape == (2, 5, n)
     base = layer.base_layer
     p = {
-        "x": x.detach().reshape(-1, k), "a": layer.lora_A.detach(), "b": layer.lora_B.detach(),
-        "bias": base.bias.detach(), "rank_scale": None, "out_scale": None, "dy": dy.reshape(-1, n),
-        "scaling": layer.scaling, "w": dequantize_4bit(base.weight, base.quant_state, torch.float32).double(),
-    }  # fmt: skip
+        "x": x.detach().reshape(-1, k),
+        "a": layer.lora_A.detach(),
+        "b": layer.lora_B.detach(),
+        "bias": base.bias.detach(),
+        "rank_scale": None,
+        "out_scale": None,
+        "dy": dy.reshape(-1, n),
+        "scaling": layer.scaling,
+        "w": dequantize_4bit(base.weight, base.quant_state, torch.float32).double(),
+    }
     ref = _oracle(p, dtype, rounds_operands=backend == "triton")
     assert_within(y.detach().reshape(-1, n), *ref["y"], "y")
     assert_within(x.grad.reshape(-1, k), *ref["dx"], "dx")
@@ -96,16 +102,33 @@ def test_qlora_linear_grads_match_fp64_oracle(backend, dtype):
 
 @settings(max_examples=25)
 @given(
-    m=st.integers(1, 9), k=st.integers(1, 140), n=st.integers(1, 70), r=st.integers(1, 9),
-    blocksize=st.sampled_from([32, 64, 128]), quant_type=st.sampled_from(["nf4", "fp4"]), double_quant=st.booleans(),
-    bias=st.booleans(), rslora=st.booleans(), seed=st.integers(0, 2**16),
-)  # fmt: skip
-def test_qlora_linear_random_shapes_match_oracle(m, k, n, r, blocksize, quant_type, double_quant, bias, rslora, seed):
+    m=st.integers(1, 9),
+    k=st.integers(1, 140),
+    n=st.integers(1, 70),
+    r=st.integers(1, 9),
+    blocksize=st.sampled_from([32, 64, 128]),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    double_quant=st.booleans(),
+    bias=st.booleans(),
+    rslora=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_qlora_linear_random_shapes_match_oracle(
+    m, k, n, r, blocksize, quant_type, double_quant, bias, rslora, seed
+):
     """Random shapes (odd K and N, K below one block, r = 1) through QLoRALinear on the CPU path
     users get ("auto"): forward and all gradients within the fp64 oracle's bounds."""
     lin = _linear(k, n, bias=bias, seed=seed)
-    layer = QLoRALinear.from_linear(lin, r=r, alpha=2 * r, quant_type=quant_type, blocksize=blocksize,
-                                    double_quant=double_quant, use_rslora=rslora, train_bias=bias)  # fmt: skip
+    layer = QLoRALinear.from_linear(
+        lin,
+        r=r,
+        alpha=2 * r,
+        quant_type=quant_type,
+        blocksize=blocksize,
+        double_quant=double_quant,
+        use_rslora=rslora,
+        train_bias=bias,
+    )
     _randomize_b(layer, seed=seed + 1)
     g = torch.Generator().manual_seed(seed + 2)
     x = torch.randn(m, k, generator=g, requires_grad=True)
@@ -114,10 +137,16 @@ def test_qlora_linear_random_shapes_match_oracle(m, k, n, r, blocksize, quant_ty
     y.backward(dy)
     base = layer.base_layer
     p = {
-        "x": x.detach(), "a": layer.lora_A.detach(), "b": layer.lora_B.detach(),
-        "bias": base.bias.detach() if bias else None, "rank_scale": None, "out_scale": None, "dy": dy,
-        "scaling": layer.scaling, "w": base.dequantize(torch.float32).double(),
-    }  # fmt: skip
+        "x": x.detach(),
+        "a": layer.lora_A.detach(),
+        "b": layer.lora_B.detach(),
+        "bias": base.bias.detach() if bias else None,
+        "rank_scale": None,
+        "out_scale": None,
+        "dy": dy,
+        "scaling": layer.scaling,
+        "w": base.dequantize(torch.float32).double(),
+    }
     ref = _oracle(p, torch.float32, rounds_operands=False)
     assert_within(y.detach(), *ref["y"], "y")
     assert_within(x.grad, *ref["dx"], "dx")
@@ -206,7 +235,9 @@ def _state_equal(a: dict, b: dict) -> None:
         assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128), ("nf4", False, 32)])
+@pytest.mark.parametrize(
+    "quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128), ("nf4", False, 32)]
+)
 def test_linear4bit_same_bytes_as_bitsandbytes(quant_type, double_quant, blocksize):
     """Quantizing one weight with both libraries gives identical packed bytes and state dicts."""
     lin = _linear(83, 45, seed=7)
@@ -236,9 +267,12 @@ def test_bitsandbytes_state_dict_loads_into_linear4bit_and_back(tmp_path):
     sd = st.load_file(tmp_path / "qpeft.safetensors")
     back = bnb.nn.Linear4bit(128, 40, bias=True, compute_dtype=torch.float32, quant_type="nf4")
     back.weight = bnb.nn.Params4bit.from_prequantized(
-        data=sd["weight"], quantized_stats={k: v for k, v in sd.items() if k.startswith("weight.")},
-        requires_grad=False, device="cpu", module=back,
-    )  # fmt: skip
+        data=sd["weight"],
+        quantized_stats={k: v for k, v in sd.items() if k.startswith("weight.")},
+        requires_grad=False,
+        device="cpu",
+        module=back,
+    )
     back.bias = nn.Parameter(sd["bias"], requires_grad=False)
     w2 = ours2.dequantize(torch.float32)
     assert torch.equal(bnb.functional.dequantize_4bit(back.weight.data, back.weight.quant_state), w2)
@@ -356,7 +390,9 @@ def test_dora_matches_peft(quantize, dropout):
     base_w = layer.base_layer.dequantize(torch.float32) if quantize else lin.weight.detach()
     # magnitude starts at the row norms of W (B = 0): the output is unchanged
     expect = torch.linalg.vector_norm(base_w.double(), dim=1)
-    assert_within(layer.adapters["default"].magnitude.detach(), expect, 71 * U32 * expect, "initial magnitude")
+    assert_within(
+        layer.adapters["default"].magnitude.detach(), expect, 71 * U32 * expect, "initial magnitude"
+    )
     _randomize_b(layer)
     with torch.no_grad():
         layer.adapters["default"].magnitude.mul_(torch.linspace(0.8, 1.2, 36))
@@ -365,8 +401,9 @@ def test_dora_matches_peft(quantize, dropout):
     with torch.no_grad():
         host.lin.weight.copy_(base_w)
         host.lin.bias.copy_(lin.bias)
-    pm = peft.get_peft_model(host, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"], use_dora=True,
-                                                   lora_dropout=dropout))  # fmt: skip
+    pm = peft.get_peft_model(
+        host, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"], use_dora=True, lora_dropout=dropout)
+    )
     pl = pm.base_model.model.lin
     with torch.no_grad():
         pl.lora_A["default"].weight.copy_(layer.lora_A)
@@ -383,11 +420,16 @@ def test_dora_matches_peft(quantize, dropout):
     # (K + r + 4) u32 of the magnitudes of its terms (dots of K = 70 and r = 4 terms, the adds),
     # plus the norm's relative error ((K + 4) u32: a sum of 70 squares and a sqrt) times q * |z|;
     # |xd| <= |x| / (1 - p). The two differ by at most twice that.
-    q = (layer.adapters["default"].magnitude.detach() / row_norms(layer.base_layer, layer.lora_A, layer.lora_B,
-                                                                 layer.scaling)).abs()  # fmt: skip
+    q = (
+        layer.adapters["default"].magnitude.detach()
+        / row_norms(layer.base_layer, layer.lora_A, layer.lora_B, layer.scaling)
+    ).abs()
     xa = x.abs().reshape(-1, 70)
     xd = xa / (1 - dropout)
-    z = xd @ base_w.abs().T + layer.scaling * (xd @ layer.lora_A.detach().abs().T) @ layer.lora_B.detach().abs().T
+    z = (
+        xd @ base_w.abs().T
+        + layer.scaling * (xd @ layer.lora_A.detach().abs().T) @ layer.lora_B.detach().abs().T
+    )
     total = xa @ base_w.abs().T + lin.bias.abs() + (q + (q - 1).abs()) * z
     tol = (70 + 4 + 4) * U32 * total + (70 + 4) * U32 * q * z
     diff = (y - y_peft).abs().reshape(-1, 36)
@@ -432,7 +474,9 @@ def test_merge_reports_error_and_unmerge_restores(use_dora):
     # merged forward = x @ Q(W')^T + bias (the base layer alone), within fp32 rounding
     wq = layer.base_layer.dequantize(torch.float32)
     ref = x.double() @ wq.double().T + layer.bias.detach().double()
-    assert_within(merged_y, ref, _fp32_bound(x.abs() @ wq.abs().T + layer.bias.detach().abs(), k=128).double(), "merged")
+    assert_within(
+        merged_y, ref, _fp32_bound(x.abs() @ wq.abs().T + layer.bias.detach().abs(), k=128).double(), "merged"
+    )
     with pytest.raises(RuntimeError, match="merged"):
         layer.set_adapter(None)
     layer.unmerge()
@@ -453,13 +497,19 @@ def test_merge_16bit_base_round_trip():
     w0 = lin.weight.detach().clone()
     assert layer.merge() == qpeft.nn.MergeReport(0.0, 0.0, 0.0)
     # merged: x (W + s B A)^T with W + sBA rounded to fp32 once per element
-    extra = (x.abs() @ (w0.abs() + layer.scaling * layer.lora_B.detach().abs() @ layer.lora_A.detach().abs()).T) * U32
+    extra = (
+        x.abs() @ (w0.abs() + layer.scaling * layer.lora_B.detach().abs() @ layer.lora_A.detach().abs()).T
+    ) * U32
     assert_within(layer(x), ref, tol + extra.double(), "merged")
     layer.unmerge()
     # fp32((W + sBA) - sBA): two roundings of magnitude <= |W| + |sBA|, and sBA's own r-term dot
     sba = layer.scaling * layer.lora_B.detach().abs() @ layer.lora_A.detach().abs()
-    assert_within(lin.weight.detach(), w0.double(), (2 * U32 * (w0.abs() + sba) + 2 * (4 + 2) * U32 * sba).double(),
-                  "unmerged")  # fmt: skip
+    assert_within(
+        lin.weight.detach(),
+        w0.double(),
+        (2 * U32 * (w0.abs() + sba) + 2 * (4 + 2) * U32 * sba).double(),
+        "unmerged",
+    )
 
 
 def test_bitfit_bias_gradient():

@@ -30,9 +30,22 @@ def _op_samples():
         (torch.ops.qpeft.dequantize_4bit_out.default, (packed, absmax, 64, "nf4", torch.empty(37, 19))),
         (
             torch.ops.qpeft.dequantize_4bit_nested_out.default,
-            (packed, q, nested_absmax, code, offset, 64, 256, "nf4", torch.empty(37, 19, dtype=torch.bfloat16)),
+            (
+                packed,
+                q,
+                nested_absmax,
+                code,
+                offset,
+                64,
+                256,
+                "nf4",
+                torch.empty(37, 19, dtype=torch.bfloat16),
+            ),
         ),
-        (torch.ops.qpeft.dequantize_blockwise_out.default, (q, nested_absmax, code, 256, torch.empty(q.shape))),
+        (
+            torch.ops.qpeft.dequantize_blockwise_out.default,
+            (q, nested_absmax, code, 256, torch.empty(q.shape)),
+        ),
     ]
 
 

@@ -137,7 +137,9 @@ def _multi_call(op, params, grads, states, steps, lr=1e-2, wd=0.1):
     if op == "adamw32":
         torch.ops.qpeft.adamw32_multi_step_(params, grads, *cols, lr, 0.9, 0.999, 1e-8, wd, steps)
     elif op == "adamw8bit":
-        torch.ops.qpeft.adamw8bit_multi_step_(params, grads, *cols, SIGNED, UNSIGNED, lr, 0.9, 0.999, 1e-8, wd, steps)
+        torch.ops.qpeft.adamw8bit_multi_step_(
+            params, grads, *cols, SIGNED, UNSIGNED, lr, 0.9, 0.999, 1e-8, wd, steps
+        )
     elif op == "lion32":
         torch.ops.qpeft.lion32_multi_step_(params, grads, *cols, lr, 0.9, 0.99, wd)
     else:
@@ -265,7 +267,7 @@ def test_opcheck(backend, op):
         q, gq = torch.randn(300), torch.randn(300)
         st2 = _new_state(op, 300)
         lists = [[p, q], [g, gq], *[[a, b] for a, b in zip(state, st2)]]
-        rest = list(args[2 + len(state):])
+        rest = list(args[2 + len(state) :])
         if op.startswith("adamw"):
             rest[-1] = [1, 2]  # steps per tensor
         torch.library.opcheck(getattr(torch.ops.qpeft, f"{op}_multi_step_").default, (*lists, *rest))
@@ -320,8 +322,10 @@ def test_lion_matches_the_published_update(one_thread):
     ref_p = [t.clone() for t in init]
     m_ref = [torch.zeros_like(t) for t in init]
     hp = [(3e-3, (0.9, 0.99), 0.1), (1e-3, (0.95, 0.98), 0.0)]
-    opt = qo.Lion([{"params": [p], "lr": lr, "betas": b, "weight_decay": wd} for p, (lr, b, wd) in zip(ours_p, hp)])
-    f = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731  (fp32 scalars)
+    opt = qo.Lion(
+        [{"params": [p], "lr": lr, "betas": b, "weight_decay": wd} for p, (lr, b, wd) in zip(ours_p, hp)]
+    )
+    f = lambda x: torch.tensor(x, dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
     for _ in range(30):
         for i, (p, (lr, (b1, b2), wd)) in enumerate(zip(ours_p, hp)):
@@ -369,7 +373,11 @@ def _classifier_loss(cls, seed: int, **kw) -> float:
     y = teacher.argmax(1)
     torch.manual_seed(seed + 1)
     model = torch.nn.Sequential(
-        torch.nn.Linear(32, 256), torch.nn.GELU(), torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)
+        torch.nn.Linear(32, 256),
+        torch.nn.GELU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.GELU(),
+        torch.nn.Linear(256, 10),
     )
     opt = cls(model.parameters(), **kw)
     for _ in range(200):
@@ -534,7 +542,9 @@ def test_mismatched_state_dict_rejected(one_thread):
     with pytest.raises(ValueError, match="keys"):
         _make(qo.PagedAdamW8bit, model, min_8bit_size=10**6)[0].load_state_dict(sd)
     corrupt = opt.state_dict()
-    corrupt["state"][0] = dict(corrupt["state"][0], exp_avg_absmax=corrupt["state"][0]["exp_avg_absmax"].double())
+    corrupt["state"][0] = dict(
+        corrupt["state"][0], exp_avg_absmax=corrupt["state"][0]["exp_avg_absmax"].double()
+    )
     with pytest.raises(ValueError, match="dtype torch.float64"):
         _make(qo.PagedAdamW8bit, _model())[0].load_state_dict(corrupt)
 
@@ -559,9 +569,13 @@ def test_op_argument_errors(backend):
             step(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0)
         q1, a1, q2, a2 = _new_state("adamw8bit", 600)
         with pytest.raises(ValueError, match="exp_avg_sq_absmax has 2 elements but 3"):
-            torch.ops.qpeft.adamw8bit_step_(p, g, q1, a1, q2, a2[:2], SIGNED, UNSIGNED, 1e-3, 0.9, 0.999, 1e-8, 0, 1)
+            torch.ops.qpeft.adamw8bit_step_(
+                p, g, q1, a1, q2, a2[:2], SIGNED, UNSIGNED, 1e-3, 0.9, 0.999, 1e-8, 0, 1
+            )
         with pytest.raises(ValueError, match="qmap_unsigned must be a float32 tensor of 256"):
-            torch.ops.qpeft.adamw8bit_step_(p, g, q1, a1, q2, a2, SIGNED, UNSIGNED[:255], 1e-3, 0.9, 0.999, 1e-8, 0, 1)
+            torch.ops.qpeft.adamw8bit_step_(
+                p, g, q1, a1, q2, a2, SIGNED, UNSIGNED[:255], 1e-3, 0.9, 0.999, 1e-8, 0, 1
+            )
         with pytest.raises(ValueError, match="sorted"):
             torch.ops.qpeft.lion8bit_step_(p, g, q1, a1, SIGNED.flip(0), 1e-4, 0.9, 0.99, 0.0)
 
@@ -571,7 +585,9 @@ def test_multi_op_argument_errors(backend):
     p, g, m, v = torch.randn(10), torch.randn(10), torch.zeros(10), torch.zeros(10)
     with qpeft.use_backend(backend):
         with pytest.raises(ValueError, match="exp_avgs holds 1 tensors but params holds 2"):
-            torch.ops.qpeft.adamw32_multi_step_([p, p.clone()], [g, g], [m], [v, v], 1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1])
+            torch.ops.qpeft.adamw32_multi_step_(
+                [p, p.clone()], [g, g], [m], [v, v], 1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1]
+            )
         with pytest.raises(ValueError, match="steps holds 0 tensors but params holds 1"):
             torch.ops.qpeft.adamw32_multi_step_([p], [g], [m], [v], 1e-3, 0.9, 0.999, 1e-8, 0.0, [])
         with pytest.raises(ValueError, match="exp_avg has 9 elements"):
@@ -584,17 +600,39 @@ def test_multi_op_argument_errors(backend):
         with pytest.raises(TypeError, match="grad dtype"):
             adamw([p, p2], [g, g2.half()], [m, m2], [v, v2], 1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1])
         with pytest.raises(ValueError, match="contiguous"):
-            adamw([p, torch.randn(20, 10).t()], [g, torch.randn(10, 20)], [m, torch.zeros(200)], [v, torch.zeros(200)],
-                  1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1])  # fmt: skip
+            adamw(
+                [p, torch.randn(20, 10).t()],
+                [g, torch.randn(10, 20)],
+                [m, torch.zeros(200)],
+                [v, torch.zeros(200)],
+                1e-3,
+                0.9,
+                0.999,
+                1e-8,
+                0.0,
+                [1, 1],
+            )
         with pytest.raises(TypeError, match="sparse"):
             adamw([p, p2], [g, g2.to_sparse()], [m, m2], [v, v2], 1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1])
         q1, a1, q2, a2 = _new_state("adamw8bit", 600)
         p6, g6 = torch.randn(600), torch.randn(600)
         with pytest.raises(ValueError, match="exp_avg_absmax has 2 elements but 3"):
             torch.ops.qpeft.adamw8bit_multi_step_(
-                [p6, p6.clone()], [g6, g6], [q1, q1.clone()], [a1, a1[:2].clone()], [q2, q2.clone()], [a2, a2.clone()],
-                SIGNED, UNSIGNED, 1e-3, 0.9, 0.999, 1e-8, 0.0, [1, 1],
-            )  # fmt: skip
+                [p6, p6.clone()],
+                [g6, g6],
+                [q1, q1.clone()],
+                [a1, a1[:2].clone()],
+                [q2, q2.clone()],
+                [a2, a2.clone()],
+                SIGNED,
+                UNSIGNED,
+                1e-3,
+                0.9,
+                0.999,
+                1e-8,
+                0.0,
+                [1, 1],
+            )
         with pytest.raises(ValueError, match="qmap_signed must be a float32 tensor of 256"):
             torch.ops.qpeft.lion8bit_multi_step_([p6], [g6], [q1], [a1], SIGNED[:128], 1e-4, 0.9, 0.99, 0.0)
     torch.ops.qpeft.adamw32_multi_step_([], [], [], [], 1e-3, 0.9, 0.999, 1e-8, 0.0, [])  # nothing to do
@@ -625,9 +663,13 @@ def test_native_rechecks_sizes():
     p, g, m, v = torch.zeros(10), torch.zeros(10), torch.zeros(10), torch.zeros(10)
     scalars = (1.0, 0.1, 0, 0.999, 0.001, 1.0, 1e-8, -1e-3)
     with pytest.raises(ValueError, match="exp_avg_sq holds 9 elements, expected 10"):
-        cpu_module().adamw32_step(p.data_ptr(), g.data_ptr(), 0, 10, m.data_ptr(), 10, v.data_ptr(), 9, scalars, 1)
+        cpu_module().adamw32_step(
+            p.data_ptr(), g.data_ptr(), 0, 10, m.data_ptr(), 10, v.data_ptr(), 9, scalars, 1
+        )
     with pytest.raises(ValueError, match="scalars must hold 8"):
-        cpu_module().adamw32_step(p.data_ptr(), g.data_ptr(), 0, 10, m.data_ptr(), 10, v.data_ptr(), 10, (1.0,), 1)
+        cpu_module().adamw32_step(
+            p.data_ptr(), g.data_ptr(), 0, 10, m.data_ptr(), 10, v.data_ptr(), 10, (1.0,), 1
+        )
     with pytest.raises(ValueError, match="null pointer"):
         cpu_module().adamw32_step(0, g.data_ptr(), 0, 10, m.data_ptr(), 10, v.data_ptr(), 10, scalars, 1)
 
@@ -725,7 +767,9 @@ def test_paging_flow_on_host_memory(page_out, one_thread):
     fresh = qo.PagedAdamW8bit(_clone_model(model).parameters(), state_memory=mem)
     fresh.load_state_dict(opt.state_dict())
     assert cpu_module().host_buffers_live() == live0 + 8
-    assert_bits_equal(fresh.state_dict()["state"][0]["exp_avg_sq_q"], opt.state[model[0].weight]["exp_avg_sq_q"], "")
+    assert_bits_equal(
+        fresh.state_dict()["state"][0]["exp_avg_sq_q"], opt.state[model[0].weight]["exp_avg_sq_q"], ""
+    )
     del opt, fresh, report
     import gc
 

@@ -32,8 +32,15 @@ PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 def base():
     """A 2-layer Llama: hidden 64 (one 64-element quant block per row), GQA 4/2 heads, vocab 128."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -98,7 +105,9 @@ def test_forward_matches_peft_lora_over_bitsandbytes(base, ids):
     theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=8, lora_alpha=16, target_modules=PROJ))
     for name, m in ours.named_modules():
         if isinstance(m, QLoRALinear):  # the same 4-bit bytes on both sides
-            assert torch.equal(theirs.base_model.model.get_submodule(name).base_layer.weight.data, m.base_layer.weight)
+            assert torch.equal(
+                theirs.base_model.model.get_submodule(name).base_layer.weight.data, m.base_layer.weight
+            )
     _copy_adapters_into_peft(ours, theirs)
     ref = _logits(_merged_fp64(base, ours), ids.clone())
     assert_close_to_hf(_logits(ours, ids), _logits(theirs, ids), ref, "logits")
@@ -108,13 +117,17 @@ def test_training_tracks_peft_lora_over_dequantized_weights(base, ids):
     """30 AdamW steps (lr 1e-2, r = 8, every projection): the loss falls by >= 15% and stays
     within 2% of HF PEFT LoRA over the dequantized weights with the same initial adapters."""
     ours = _converted(base, r=8, alpha=16)
-    hf = peft.get_peft_model(dequantized_copy(base, ours), peft.LoraConfig(r=8, lora_alpha=16, target_modules=PROJ))
+    hf = peft.get_peft_model(
+        dequantized_copy(base, ours), peft.LoraConfig(r=8, lora_alpha=16, target_modules=PROJ)
+    )
     _copy_adapters_into_peft(ours, hf)
     ours.train(), hf.train()
     opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
     opt_hf = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-2)
     # r * (in + out) per layer: q, o 8*(64+64); k, v 8*(64+32) (2 kv heads of 16); gate, up, down 8*(64+128)
-    assert sum(p.numel() for g in opt_ours.param_groups for p in g["params"]) == 2 * (2 * 1024 + 2 * 768 + 3 * 1536)
+    assert sum(p.numel() for g in opt_ours.param_groups for p in g["params"]) == 2 * (
+        2 * 1024 + 2 * 768 + 3 * 1536
+    )
     losses = []
     for _ in range(30):
         pair = []
@@ -156,13 +169,19 @@ def test_load_adapter_saved_by_peft(base, ids, tmp_path):
     converted on every projection with r = 8: the file defines adapter "default", so the other
     layers run their base alone."""
     ours = _converted(base, r=8, alpha=16)
-    hf = peft.get_peft_model(dequantized_copy(base, ours), peft.LoraConfig(
-        r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False))  # fmt: skip
+    hf = peft.get_peft_model(
+        dequantized_copy(base, ours),
+        peft.LoraConfig(
+            r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
+    )
     hf.save_pretrained(tmp_path)
     qpeft.load_adapter(ours, tmp_path)
     q = ours.model.layers[1].self_attn.q_proj
     pq = hf.base_model.model.model.layers[1].self_attn.q_proj
-    assert torch.equal(q.lora_A, pq.lora_A["default"].weight) and torch.equal(q.lora_B, pq.lora_B["default"].weight)
+    assert torch.equal(q.lora_A, pq.lora_A["default"].weight) and torch.equal(
+        q.lora_B, pq.lora_B["default"].weight
+    )
     assert q.scaling == 8 / 2.0  # rsLoRA: alpha / sqrt(r)
     assert ours.model.layers[0].mlp.up_proj.active_adapter is None
     ref = _logits(_merged_fp64(base, ours), ids)
@@ -172,8 +191,9 @@ def test_load_adapter_saved_by_peft(base, ids, tmp_path):
 def test_load_adapter_with_mismatched_shapes_fails_cleanly(base, tmp_path):
     small_cfg = copy.deepcopy(base.config)
     small_cfg.hidden_size, small_cfg.intermediate_size = 32, 64
-    other = peft.get_peft_model(transformers.LlamaForCausalLM(small_cfg),
-                                peft.LoraConfig(r=4, target_modules=["q_proj"]))  # fmt: skip
+    other = peft.get_peft_model(
+        transformers.LlamaForCausalLM(small_cfg), peft.LoraConfig(r=4, target_modules=["q_proj"])
+    )
     other.save_pretrained(tmp_path)
     ours = _converted(base, r=8)
     before = {n: m.adapters["default"] for n, m in ours.named_modules() if isinstance(m, QLoRALinear)}
@@ -183,7 +203,8 @@ def test_load_adapter_with_mismatched_shapes_fails_cleanly(base, tmp_path):
     assert all(before[n] is after[n] for n in before)  # nothing changed
     plain = copy.deepcopy(base)
     peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
-        tmp_path / "ok")
+        tmp_path / "ok"
+    )
     with pytest.raises(ValueError, match="not a QLoRALinear"):
         qpeft.load_adapter(plain, tmp_path / "ok")
 
@@ -253,7 +274,10 @@ def test_bitfit_biases_travel_to_peft(tmp_path):
     ref = copy.deepcopy(base).double()
     for name in ("a", "b"):
         m = getattr(ours, name)
-        w = m.base_layer.dequantize(torch.float32).double() + m.scaling * m.lora_B.double() @ m.lora_A.double()
+        w = (
+            m.base_layer.dequantize(torch.float32).double()
+            + m.scaling * m.lora_B.double() @ m.lora_A.double()
+        )
         with torch.no_grad():
             getattr(ref, name).weight.copy_(w)
             getattr(ref, name).bias.copy_(m.bias)

@@ -37,8 +37,17 @@ def _run(case, backend, panel_elems=None, monkeypatch=None):
     b = p["b"].clone().requires_grad_()
     bias = p["bias"].clone().requires_grad_() if p["bias"] is not None else None
     with qpeft.use_backend(backend):
-        y = qlora_linear(x, p["packed"], p["state"], a, b, p["scaling"], bias,
-                         rank_scale=p["rank_scale"], out_scale=p["out_scale"])  # fmt: skip
+        y = qlora_linear(
+            x,
+            p["packed"],
+            p["state"],
+            a,
+            b,
+            p["scaling"],
+            bias,
+            rank_scale=p["rank_scale"],
+            out_scale=p["out_scale"],
+        )
         y.backward(p["dy"])
     ref = _oracle(p, dt, rounds_operands=False)
     y_want, tol_y = ref["y"]
@@ -79,7 +88,11 @@ def test_panel_rows_start_on_blocks():
                 n = 10**6
                 rows = cpu_qlora._panel_rows(n, k, bs, nested)
                 # every panel but the last starts a block; a single panel (rows == n) is W itself
-                assert 1 <= rows <= n and (rows == n or (rows * k) % (bs * (nested or 1)) == 0), (k, bs, nested)
+                assert 1 <= rows <= n and (rows == n or (rows * k) % (bs * (nested or 1)) == 0), (
+                    k,
+                    bs,
+                    nested,
+                )
 
 
 def test_panel_buffer_is_reused(monkeypatch):
@@ -103,12 +116,25 @@ def test_empty_batch():
 
 def test_gradcheck_fp64_cpu_path():
     p = _problem((torch.float64, 3, 7, 40, 2, "nf4", True, 32, True, True, True))
-    args = [p["x"].double().requires_grad_(), p["a"].double().requires_grad_(), p["b"].double().requires_grad_(),
-            p["bias"].double().requires_grad_()]  # fmt: skip
+    args = [
+        p["x"].double().requires_grad_(),
+        p["a"].double().requires_grad_(),
+        p["b"].double().requires_grad_(),
+        p["bias"].double().requires_grad_(),
+    ]
 
     def fn(x, a, b, bias):
-        return qlora_linear(x, p["packed"], p["state"], a, b, p["scaling"], bias,
-                            rank_scale=p["rank_scale"].double(), out_scale=p["out_scale"].double())  # fmt: skip
+        return qlora_linear(
+            x,
+            p["packed"],
+            p["state"],
+            a,
+            b,
+            p["scaling"],
+            bias,
+            rank_scale=p["rank_scale"].double(),
+            out_scale=p["out_scale"].double(),
+        )
 
     with qpeft.use_backend("cpu"):
         assert torch.autograd.gradcheck(fn, args)

@@ -107,10 +107,11 @@ def _oracle(p, dt, rounds_operands=True):
     s_t = s * (ax @ aa.T) * rs.abs()  # bound of |t| including its accumulation
     s_lora = s_t @ ab.T
     err_pre = (
-        (k + 2) * U32 * s_base + u_w * s_base
+        (k + 2) * U32 * s_base
+        + u_w * s_base
         + s_lora * (u_op + (k + r + 4) * U32)
         + U32 * (pre.abs() + bias.abs())
-    )  # fmt: skip
+    )
     tol_y = os_.abs() * err_pre * (1 + U32) + u_out * y.abs() + U32 * y.abs()
     tol_xa = k * U32 * (ax @ aa.T) + u_out * xa.abs()
 
@@ -124,10 +125,12 @@ def _oracle(p, dt, rounds_operands=True):
     s_dxb = ady @ aw
     s_dxl = (s * s_g * rs.abs()) @ aa
     tol_dx = (
-        (n + 2) * U32 * s_dxb + (u_w + u_dy) * s_dxb
+        (n + 2) * U32 * s_dxb
+        + (u_w + u_dy) * s_dxb
         + s_dxl * (u_op + u_dy + (n + r + 4) * U32)
-        + u_out * dx.abs() + U32 * dx.abs()
-    )  # fmt: skip
+        + u_out * dx.abs()
+        + U32 * dx.abs()
+    )
     da = (s * g * rs).T @ x
     s_da = (s * s_g * rs.abs()).T @ ax
     tol_da = s_da * (u_dy + (n + m + 4) * U32) + u_out * da.abs()
@@ -136,8 +139,14 @@ def _oracle(p, dt, rounds_operands=True):
     tol_db = s_db * (u_dy + u_out + (k + m + 4) * U32) + u_out * db.abs()  # xa was stored in dt
     dbias = dyp.sum(0)
     tol_dbias = ady.sum(0) * (u_dy + (m + 1) * U32) + u_out * dbias.abs()
-    return {"y": (y, tol_y), "xa": (xa, tol_xa), "dx": (dx, tol_dx), "dA": (da, tol_da), "dB": (db, tol_db),
-            "dbias": (dbias, tol_dbias)}  # fmt: skip
+    return {
+        "y": (y, tol_y),
+        "xa": (xa, tol_xa),
+        "dx": (dx, tol_dx),
+        "dA": (da, tol_da),
+        "dB": (db, tol_db),
+        "dbias": (dbias, tol_dbias),
+    }
 
 
 def assert_within(actual: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor, what: str) -> None:
@@ -163,8 +172,17 @@ def test_forward_and_grads(case):
     b = p["b"].clone().requires_grad_()
     bias = p["bias"].clone().requires_grad_() if p["bias"] is not None else None
     with qpeft.use_backend("triton"):
-        y = qlora_linear(x, p["packed"], p["state"], a, b, p["scaling"], bias,
-                         rank_scale=p["rank_scale"], out_scale=p["out_scale"])  # fmt: skip
+        y = qlora_linear(
+            x,
+            p["packed"],
+            p["state"],
+            a,
+            b,
+            p["scaling"],
+            bias,
+            rank_scale=p["rank_scale"],
+            out_scale=p["out_scale"],
+        )
         assert y.dtype == dt
         assert_within(y.detach(), *ref["y"], "y")
         y.backward(p["dy"])
@@ -190,7 +208,9 @@ def test_strided_batched_mixed_dtypes():
     a = p["a"].float().requires_grad_()
     b = p["b"].float().requires_grad_()
     with qpeft.use_backend("triton"):
-        y = qlora_linear(x, p["packed"], p["state"], a, b, p["scaling"], p["bias"], rank_scale=p["rank_scale"])
+        y = qlora_linear(
+            x, p["packed"], p["state"], a, b, p["scaling"], p["bias"], rank_scale=p["rank_scale"]
+        )
         y.backward(p["dy"].reshape(2, 5, -1))
     assert y.shape == (2, 5, 45) and y.dtype == torch.bfloat16
     assert_within(y.detach().reshape(10, 45), *ref["y"], "y")
@@ -214,8 +234,24 @@ def _op_args(p, return_xa):
     nested = (st.state2.absmax, st.state2.code, st.offset.reshape(1)) if st.nested else (None, None, None)
     n, k = st.shape
     nested_bs = st.state2.blocksize if st.nested else 256
-    return (p["x"], p["packed"], st.absmax, *nested, st.blocksize, nested_bs, st.quant_type, n, k, p["a"], p["b"],
-            p["scaling"], p["bias"], p["rank_scale"], p["out_scale"], return_xa)  # fmt: skip
+    return (
+        p["x"],
+        p["packed"],
+        st.absmax,
+        *nested,
+        st.blocksize,
+        nested_bs,
+        st.quant_type,
+        n,
+        k,
+        p["a"],
+        p["b"],
+        p["scaling"],
+        p["bias"],
+        p["rank_scale"],
+        p["out_scale"],
+        return_xa,
+    )
 
 
 @pytest.mark.parametrize("backend", ["default", "triton"])
@@ -231,9 +267,19 @@ def test_op_xa_and_empty_outputs(backend):
         assert empty.numel() == 0 and torch.equal(y, y2)
         args = _op_args(p, False)
         grads = torch.ops.qpeft.qlora_linear_backward(
-            p["dy"], *args[:11], p["a"], p["b"], xa, p["scaling"], p["rank_scale"], p["out_scale"],
-            False, True, False, False,
-        )  # fmt: skip
+            p["dy"],
+            *args[:11],
+            p["a"],
+            p["b"],
+            xa,
+            p["scaling"],
+            p["rank_scale"],
+            p["out_scale"],
+            False,
+            True,
+            False,
+            False,
+        )
     assert [g.numel() == 0 for g in grads] == [True, False, True, True]
     assert_within(grads[1], *ref["dA"], "dA")
 
@@ -247,8 +293,20 @@ def test_opcheck(backend):
     with qpeft.use_backend(backend):
         y, xa = torch.ops.qpeft.qlora_linear(*_op_args(p, True))
         torch.library.opcheck(torch.ops.qpeft.qlora_linear.default, _op_args(p, True))
-        bargs = (p["dy"], *_op_args(p, False)[:11], p["a"], p["b"], xa, p["scaling"], p["rank_scale"],
-                 p["out_scale"], True, True, True, True)  # fmt: skip
+        bargs = (
+            p["dy"],
+            *_op_args(p, False)[:11],
+            p["a"],
+            p["b"],
+            xa,
+            p["scaling"],
+            p["rank_scale"],
+            p["out_scale"],
+            True,
+            True,
+            True,
+            True,
+        )
         torch.library.opcheck(torch.ops.qpeft.qlora_linear_backward.default, bargs)
     assert_within(y, *ref["y"], f"{backend} y")
 
@@ -304,4 +362,3 @@ def test_aot_configs_are_well_formed():
         for name in cfg["constexprs"]:
             assert cfg["signature"][name] == "constexpr", (cfg["name"], name)
         assert all((v == "constexpr") == (k in cfg["constexprs"]) for k, v in cfg["signature"].items())
-

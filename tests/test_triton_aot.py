@@ -27,8 +27,12 @@ def report() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.triton_aot_report", "--smoke", "--json", "-"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"triton_aot_report failed:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -49,7 +53,9 @@ def test_every_kernel_compiles_for_sm80_and_sm90(report, module):
     kernels = {cfg["fn"].__name__ for cfg in configs}
     rows = _rows(report, module)
     for kernel in kernels:
-        assert {r["arch"] for r in rows if r["kernel"] == kernel} == set(ARCHS), f"{kernel} not compiled for both"
+        assert {r["arch"] for r in rows if r["kernel"] == kernel} == set(ARCHS), (
+            f"{kernel} not compiled for both"
+        )
     assert all(r["regs"] > 0 for r in rows)
 
 

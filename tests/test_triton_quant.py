@@ -48,7 +48,9 @@ def _assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
 
 def _check_4bit(x, blocksize, quant_type, double_quant, what, out_dtypes=DTYPES):
     try:
-        p_ref, s_ref = _reference(qf.quantize_4bit, x, blocksize, quant_type, double_quant, allow_nonfinite=True)
+        p_ref, s_ref = _reference(
+            qf.quantize_4bit, x, blocksize, quant_type, double_quant, allow_nonfinite=True
+        )
     except ValueError:  # double quantization of a non-finite absmax mean: refused either way
         with pytest.raises(ValueError):
             qf.quantize_4bit(x, blocksize, quant_type, double_quant, allow_nonfinite=True)
@@ -138,11 +140,27 @@ def _edge_input(case: str, quant_type: str) -> torch.Tensor:
     # Non-finite values (allow_nonfinite=True): a NaN block, an Inf block, a clean block,
     # and NaN/Inf in the partial last block and in the odd padding byte's block.
     x = torch.randn(32 * 3 + 7, generator=g)
-    x[5], x[40], x[41], x[100], x[102] = float("nan"), float("inf"), -float("inf"), float("nan"), float("-inf")
+    x[5], x[40], x[41], x[100], x[102] = (
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        float("nan"),
+        float("-inf"),
+    )
     return x
 
 
-EDGE_CASES = ["zeros", "one_element", "odd", "ties", "subnormal", "signed_zeros", "constant", "huge", "nonfinite"]
+EDGE_CASES = [
+    "zeros",
+    "one_element",
+    "odd",
+    "ties",
+    "subnormal",
+    "signed_zeros",
+    "constant",
+    "huge",
+    "nonfinite",
+]
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
@@ -155,7 +173,13 @@ def test_4bit_edge_cases(quant_type, case):
             continue  # 3e38 overflows fp16
         for blocksize in (32, 64, 4096):
             for double_quant in (False, True):
-                _check_4bit(xd, blocksize, quant_type, double_quant, f"{case} {dtype} bs={blocksize} dq={double_quant}")
+                _check_4bit(
+                    xd,
+                    blocksize,
+                    quant_type,
+                    double_quant,
+                    f"{case} {dtype} bs={blocksize} dq={double_quant}",
+                )
 
 
 def test_4bit_strided_input():
@@ -172,16 +196,32 @@ def test_4bit_dequantize_any_absmax(quant_type):
     g = torch.Generator().manual_seed(7)
     bits = torch.randint(0, 2**31 - 1, (96,), generator=g, dtype=torch.int64).to(torch.int32)
     special = torch.tensor(
-        [1.0 + 2**-8, 1.0 + 3 * 2**-8, 1.0 + 2**-11, 3.3e38, 6.6e4, 1e-40, 0.0, -0.0, float("inf"), float("nan"),
-         -1.0, 2**-24, 3 * 2**-25, 2**-133, 65520.0, 65519.0]
-    )  # fmt: skip
+        [
+            1.0 + 2**-8,
+            1.0 + 3 * 2**-8,
+            1.0 + 2**-11,
+            3.3e38,
+            6.6e4,
+            1e-40,
+            0.0,
+            -0.0,
+            float("inf"),
+            float("nan"),
+            -1.0,
+            2**-24,
+            3 * 2**-25,
+            2**-133,
+            65520.0,
+            65519.0,
+        ]
+    )
     absmax = torch.cat([bits.view(torch.float32), special])
     blocksize = 32
     n = absmax.numel() * blocksize - 9  # partial, odd last block
     packed = torch.randint(0, 256, ((n + 1) // 2, 1), generator=g, dtype=torch.uint8)
-    packed[: absmax.numel() * 8, 0] = torch.arange(256, dtype=torch.uint8).repeat(absmax.numel() * 8 // 256 + 1)[
-        : absmax.numel() * 8
-    ]
+    packed[: absmax.numel() * 8, 0] = torch.arange(256, dtype=torch.uint8).repeat(
+        absmax.numel() * 8 // 256 + 1
+    )[: absmax.numel() * 8]
     for dtype in DTYPES:
         out = torch.ops.qpeft.dequantize_4bit(packed, absmax, blocksize, quant_type, [n], dtype)
         ref = _reference(torch.ops.qpeft.dequantize_4bit, packed, absmax, blocksize, quant_type, [n], dtype)
@@ -202,7 +242,18 @@ def test_4bit_dequantize_nested_any_state(nested_blocksize):
     offset = torch.tensor([0.3])
     code = dynamic_map(signed=True)
     for dtype in DTYPES:
-        args = (packed, absmax_codes, nested_absmax, code, offset, blocksize, nested_blocksize, "nf4", [n], dtype)
+        args = (
+            packed,
+            absmax_codes,
+            nested_absmax,
+            code,
+            offset,
+            blocksize,
+            nested_blocksize,
+            "nf4",
+            [n],
+            dtype,
+        )
         out = torch.ops.qpeft.dequantize_4bit_nested(*args)
         ref = _reference(torch.ops.qpeft.dequantize_4bit_nested, *args)
         _assert_same(out, ref, f"dequantize_4bit_nested nbs={nested_blocksize} -> {dtype}")
@@ -218,7 +269,9 @@ def test_8bit_every_blocksize(blocksize):
         x = torch.randn(n, generator=g)
         for dtype in DTYPES:
             _check_8bit(x.to(dtype), blocksize, dynamic_map(signed=True), f"n={n} bs={blocksize} {dtype}")
-        _check_8bit(x.abs(), blocksize, dynamic_map(signed=False), f"unsigned n={n} bs={blocksize}", [torch.float32])
+        _check_8bit(
+            x.abs(), blocksize, dynamic_map(signed=False), f"unsigned n={n} bs={blocksize}", [torch.float32]
+        )
 
 
 @settings(max_examples=max(1, settings.default.max_examples // 4))

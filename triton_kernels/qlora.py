@@ -40,8 +40,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, mask,
-            NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):  # fmt: skip
+def _absmax(
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    blk,
+    mask,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+):
     """fp32 absmax of quant blocks ``blk`` (int32), 0 where masked."""
     if NESTED:
         q = tl.load(absmax_ptr + blk, mask=mask, other=0)
@@ -56,11 +64,23 @@ def _absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, mas
 
 @triton.jit
 def _dequant_rows(
-    packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
-    offs_n, n_base, k0, N, K,
-    BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    code_ptr,
+    offs_n,
+    n_base,
+    k0,
+    N,
+    K,
+    BLOCK_K: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
     ALIGNED: tl.constexpr,
-):  # fmt: skip
+):
     """W[offs_n, k0 : k0 + BLOCK_K] as fp32 [BN, BLOCK_K], 0 outside W.
 
     offs_n = n_base + arange(BN); n_base and k0 are multiples of power-of-two BLOCK sizes
@@ -79,16 +99,27 @@ def _dequant_rows(
         HALF: tl.constexpr = BLOCK_K // 2
         j = tl.arange(0, HALF)
         row_byte = offs_n.to(tl.int64) * (K // 2)
-        byte = tl.load(packed_ptr + row_byte[:, None] + (k0 // 2 + j)[None, :],
-                       mask=n_ok[:, None] & (k0 + 2 * j < K)[None, :], other=0)  # fmt: skip
+        byte = tl.load(
+            packed_ptr + row_byte[:, None] + (k0 // 2 + j)[None, :],
+            mask=n_ok[:, None] & (k0 + 2 * j < K)[None, :],
+            other=0,
+        )
         codes = tl.join(byte >> 4, byte & 0xF).reshape(BN, BLOCK_K)  # element 2j: high nibble
         value = tl.load(code_ptr + codes)  # 16-entry table, L1-resident
         SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
         G: tl.constexpr = BLOCK_K // SUB
         g_k = k0 + tl.arange(0, G) * SUB
         blk = offs_n[:, None] * (K // BLOCKSIZE) + (g_k // BLOCKSIZE)[None, :]
-        scale = _absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk,
-                        n_ok[:, None] & (g_k < K)[None, :], NESTED_BLOCKSIZE, NESTED)  # fmt: skip
+        scale = _absmax(
+            absmax_ptr,
+            nested_absmax_ptr,
+            nested_code_ptr,
+            offset_ptr,
+            blk,
+            n_ok[:, None] & (g_k < K)[None, :],
+            NESTED_BLOCKSIZE,
+            NESTED,
+        )
         scale = tl.broadcast_to(scale[:, :, None], (BN, G, SUB)).reshape(BN, BLOCK_K)
         return value * scale  # masked: finite code value * 0 (groups are wholly in or out)
     e0 = tl.cast(n_base, tl.int64) * K + k0
@@ -98,7 +129,9 @@ def _dequant_rows(
     byte = tl.load(packed_ptr + (e0 >> 1) + (local >> 1), mask=mask, other=0)
     value = tl.load(code_ptr + tl.where((local & 1) == 0, byte >> 4, byte & 0xF))
     blk = (e0 // BLOCKSIZE).to(tl.int32) + ((e0 % BLOCKSIZE).to(tl.int32) + local) // BLOCKSIZE
-    scale = _absmax(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, mask, NESTED_BLOCKSIZE, NESTED)
+    scale = _absmax(
+        absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, mask, NESTED_BLOCKSIZE, NESTED
+    )
     return tl.where(mask, value * scale, 0.0)
 
 
@@ -117,16 +150,50 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def qlora_fwd_kernel(
-    x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
-    a_ptr, b_ptr, bias_ptr, rank_scale_ptr, out_scale_ptr, y_ptr, xa_ptr,
-    M, N, K, R, M_BUCKET, scaling,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn,
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RANK_SCALE: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, WRITE_XA: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    code_ptr,
+    a_ptr,
+    b_ptr,
+    bias_ptr,
+    rank_scale_ptr,
+    out_scale_ptr,
+    y_ptr,
+    xa_ptr,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    scaling,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RANK_SCALE: tl.constexpr,
+    HAS_OUT_SCALE: tl.constexpr,
+    WRITE_XA: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
-):  # fmt: skip
+):
     """One [BLOCK_M, BLOCK_N] tile of y; loops over K in BLOCK_K steps.
 
     Per step: x tile [BM, BK] (read once, used twice), W tile [BN, BK] dequantized in
@@ -159,17 +226,33 @@ def qlora_fwd_kernel(
         k_ok = offs_k < K
         x = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :], other=0.0,
-        )  # fmt: skip
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
         w = _dequant_rows(
-            packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
-            offs_n, n_base, k0, N, K, BLOCK_K, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, ALIGNED,
-        )  # fmt: skip
+            packed_ptr,
+            absmax_ptr,
+            nested_absmax_ptr,
+            nested_code_ptr,
+            offset_ptr,
+            code_ptr,
+            offs_n,
+            n_base,
+            k0,
+            N,
+            K,
+            BLOCK_K,
+            BLOCKSIZE,
+            NESTED_BLOCKSIZE,
+            NESTED,
+            ALIGNED,
+        )
         acc = _mma(x, tl.trans(w.to(dt)), acc, UPCAST, IEEE)
         at = tl.load(
             a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-            mask=k_ok[:, None] & r_ok[None, :], other=0.0,
-        )  # fmt: skip
+            mask=k_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )
         xa = _mma(x, at.to(dt), xa, UPCAST, IEEE)
 
     t = xa * scaling
@@ -177,8 +260,9 @@ def qlora_fwd_kernel(
         t = t * tl.load(rank_scale_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
     bt = tl.load(
         b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-        mask=r_ok[:, None] & n_ok[None, :], other=0.0,
-    )  # fmt: skip
+        mask=r_ok[:, None] & n_ok[None, :],
+        other=0.0,
+    )
     acc = _mma(t.to(dt), bt.to(dt), acc, UPCAST, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -186,26 +270,60 @@ def qlora_fwd_kernel(
         acc *= tl.load(out_scale_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(
         y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-        acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :],
-    )  # fmt: skip
+        acc.to(y_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
     if WRITE_XA:
         if pid_n == 0:  # xa: contiguous [M, R]
-            tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], xa.to(xa_ptr.dtype.element_ty),
-                     mask=m_ok[:, None] & r_ok[None, :])  # fmt: skip
+            tl.store(
+                xa_ptr + offs_m[:, None] * R + offs_r[None, :],
+                xa.to(xa_ptr.dtype.element_ty),
+                mask=m_ok[:, None] & r_ok[None, :],
+            )
 
 
 @triton.jit
 def qlora_dx_kernel(
-    dy_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
-    a_ptr, b_ptr, rank_scale_ptr, dx_ptr, g_ptr,
-    M, N, K, R, M_BUCKET, scaling,
-    stride_dym, stride_dyn, stride_ar, stride_ak, stride_bn, stride_br, stride_dxm, stride_dxk,
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ALIGNED: tl.constexpr,
-    HAS_RANK_SCALE: tl.constexpr, WRITE_G: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    dy_ptr,
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    code_ptr,
+    a_ptr,
+    b_ptr,
+    rank_scale_ptr,
+    dx_ptr,
+    g_ptr,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    scaling,
+    stride_dym,
+    stride_dyn,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    stride_dxm,
+    stride_dxk,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    HAS_RANK_SCALE: tl.constexpr,
+    WRITE_G: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
-):  # fmt: skip
+):
     """One [BLOCK_M, BLOCK_K] tile of dx; loops over N in BLOCK_N steps (dy already scaled by out_scale).
 
     Per step: dy tile [BM, BN] (read once, used twice), W tile [BN, BK] dequantized in
@@ -238,17 +356,33 @@ def qlora_dx_kernel(
         n_ok = offs_n < N
         dy = tl.load(
             dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-            mask=m_ok[:, None] & n_ok[None, :], other=0.0,
-        )  # fmt: skip
+            mask=m_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
         w = _dequant_rows(
-            packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
-            offs_n, n_base, k0, N, K, BLOCK_K, BLOCKSIZE, NESTED_BLOCKSIZE, NESTED, ALIGNED,
-        )  # fmt: skip
+            packed_ptr,
+            absmax_ptr,
+            nested_absmax_ptr,
+            nested_code_ptr,
+            offset_ptr,
+            code_ptr,
+            offs_n,
+            n_base,
+            k0,
+            N,
+            K,
+            BLOCK_K,
+            BLOCKSIZE,
+            NESTED_BLOCKSIZE,
+            NESTED,
+            ALIGNED,
+        )
         acc = _mma(dy, w.to(dt), acc, UPCAST, IEEE)
         b = tl.load(
             b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-            mask=n_ok[:, None] & r_ok[None, :], other=0.0,
-        )  # fmt: skip
+            mask=n_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )
         g = _mma(dy, b.to(dt), g, UPCAST, IEEE)
 
     t = g * scaling
@@ -256,13 +390,15 @@ def qlora_dx_kernel(
         t = t * tl.load(rank_scale_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
     a = tl.load(
         a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-        mask=r_ok[:, None] & k_ok[None, :], other=0.0,
-    )  # fmt: skip
+        mask=r_ok[:, None] & k_ok[None, :],
+        other=0.0,
+    )
     acc = _mma(t.to(dt), a.to(dt), acc, UPCAST, IEEE)
     tl.store(
         dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-        acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & k_ok[None, :],
-    )  # fmt: skip
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & k_ok[None, :],
+    )
     if WRITE_G:
         if pid_k == 0:  # g: contiguous fp32 [M, R]
             tl.store(g_ptr + offs_m[:, None] * R + offs_r[None, :], g, mask=m_ok[:, None] & r_ok[None, :])
@@ -291,8 +427,9 @@ def qlora_dx_kernel(
 
 
 def _cfg(bm, bn, bk, warps, stages, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps,
-                         num_stages=stages)  # fmt: skip
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages
+    )
 
 
 # (regime, r bucket) -> configs, default first; "small" is M <= 16, r bucket "lo" is
@@ -300,8 +437,12 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
 # run-time-like divisibility hints for bf16, nested NF4, at the bucket's largest BLOCK_R
 # (64 / 256) for sm_80 / sm_90 (ptxas of triton 3.9), are in benchmarks/roofline_qlora.md.
 _FWD_CONFIGS = {
-    ("small", "lo"): [_cfg(16, 32, 128, 4, 3), _cfg(16, 32, 128, 4, 4), _cfg(16, 32, 64, 4, 3),
-                      _cfg(16, 16, 128, 2, 4)],
+    ("small", "lo"): [
+        _cfg(16, 32, 128, 4, 3),
+        _cfg(16, 32, 128, 4, 4),
+        _cfg(16, 32, 64, 4, 3),
+        _cfg(16, 16, 128, 2, 4),
+    ],
     ("small", "hi"): [_cfg(16, 32, 32, 4, 3), _cfg(16, 32, 64, 8, 3), _cfg(16, 16, 64, 4, 3)],
     ("large", "lo"): [_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 32, 8, 3)],
     ("large", "hi"): [_cfg(64, 64, 32, 8, 3), _cfg(32, 128, 32, 8, 3), _cfg(64, 64, 32, 8, 2)],
@@ -335,7 +476,9 @@ def _m_bucket(m: int) -> int:
 
 @functools.cache
 def _tuned(kernel_name: str, regime: tuple[str, str]):
-    kernel, table = {"fwd": (qlora_fwd_kernel, _FWD_CONFIGS), "dx": (qlora_dx_kernel, _DX_CONFIGS)}[kernel_name]
+    kernel, table = {"fwd": (qlora_fwd_kernel, _FWD_CONFIGS), "dx": (qlora_dx_kernel, _DX_CONFIGS)}[
+        kernel_name
+    ]
     return triton.autotune(configs=table[regime], key=["M_BUCKET", "N", "K"])(kernel)
 
 
@@ -360,8 +503,10 @@ def _check_offsets(**tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         span = sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
         if span >= 2**31:
-            raise ValueError(f"{name} spans {span} elements (shape {tuple(t.shape)}): the fused QLoRA kernels "
-                             "index activations with 32-bit offsets; split the batch")  # fmt: skip
+            raise ValueError(
+                f"{name} spans {span} elements (shape {tuple(t.shape)}): the fused QLoRA kernels "
+                "index activations with 32-bit offsets; split the batch"
+            )
 
 
 def _flags(dtype: torch.dtype) -> dict:
@@ -370,9 +515,25 @@ def _flags(dtype: torch.dtype) -> dict:
 
 
 def qlora_forward(
-    x, packed, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize, n, k,
-    lora_a, lora_b, scaling, bias=None, rank_scale=None, out_scale=None, return_xa=False,
-):  # fmt: skip
+    x,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    code,
+    blocksize,
+    nested_blocksize,
+    n,
+    k,
+    lora_a,
+    lora_b,
+    scaling,
+    bias=None,
+    rank_scale=None,
+    out_scale=None,
+    return_xa=False,
+):
     """y [M, N] in x's dtype (and xa = x @ A^T [M, r] in x's dtype when ``return_xa``).
 
     x: [M, K] fp16/bf16/fp32 (any strides); packed: uint8 [(N*K+1)//2] flat; absmax fp32
@@ -389,27 +550,69 @@ def qlora_forward(
     nested = nested_absmax is not None
     dummy = code
     args = (
-        x, packed, absmax, nested_absmax if nested else dummy, nested_code if nested else dummy,
-        offset if nested else dummy, code, lora_a, lora_b,
-        bias if bias is not None else dummy, rank_scale if rank_scale is not None else dummy,
-        out_scale if out_scale is not None else dummy, y, xa if return_xa else dummy,
-        m, n, k, r, _m_bucket(m), float(scaling),
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
-        y.stride(0), y.stride(1),
-    )  # fmt: skip
+        x,
+        packed,
+        absmax,
+        nested_absmax if nested else dummy,
+        nested_code if nested else dummy,
+        offset if nested else dummy,
+        code,
+        lora_a,
+        lora_b,
+        bias if bias is not None else dummy,
+        rank_scale if rank_scale is not None else dummy,
+        out_scale if out_scale is not None else dummy,
+        y,
+        xa if return_xa else dummy,
+        m,
+        n,
+        k,
+        r,
+        _m_bucket(m),
+        float(scaling),
+        x.stride(0),
+        x.stride(1),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        lora_b.stride(0),
+        lora_b.stride(1),
+        y.stride(0),
+        y.stride(1),
+    )
     kwargs = dict(
-        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=nested, ALIGNED=k % blocksize == 0,
-        HAS_BIAS=bias is not None, HAS_RANK_SCALE=rank_scale is not None, HAS_OUT_SCALE=out_scale is not None,
-        WRITE_XA=return_xa, BLOCK_R=br, **_flags(x.dtype),
-    )  # fmt: skip
+        BLOCKSIZE=blocksize,
+        NESTED_BLOCKSIZE=nested_blocksize,
+        NESTED=nested,
+        ALIGNED=k % blocksize == 0,
+        HAS_BIAS=bias is not None,
+        HAS_RANK_SCALE=rank_scale is not None,
+        HAS_OUT_SCALE=out_scale is not None,
+        WRITE_XA=return_xa,
+        BLOCK_R=br,
+        **_flags(x.dtype),
+    )
     _launch("fwd", qlora_fwd_kernel, m, lambda meta: triton.cdiv(n, meta["BLOCK_N"]), br, args, kwargs)
     return y, xa
 
 
 def qlora_dx(
-    dy, packed, absmax, nested_absmax, nested_code, offset, code, blocksize, nested_blocksize, n, k,
-    lora_a, lora_b, scaling, rank_scale=None, return_g=False,
-):  # fmt: skip
+    dy,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    code,
+    blocksize,
+    nested_blocksize,
+    n,
+    k,
+    lora_a,
+    lora_b,
+    scaling,
+    rank_scale=None,
+    return_g=False,
+):
     """dx [M, K] in dy's dtype (and g = dy @ B [M, r] in fp32 when ``return_g``).
 
     dy: [M, N], already multiplied by out_scale; other arguments as ``qlora_forward``.
@@ -424,17 +627,43 @@ def qlora_dx(
     nested = nested_absmax is not None
     dummy = code
     args = (
-        dy, packed, absmax, nested_absmax if nested else dummy, nested_code if nested else dummy,
-        offset if nested else dummy, code, lora_a, lora_b,
-        rank_scale if rank_scale is not None else dummy, dx, g if return_g else dummy,
-        m, n, k, r, _m_bucket(m), float(scaling),
-        dy.stride(0), dy.stride(1), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
-        dx.stride(0), dx.stride(1),
-    )  # fmt: skip
+        dy,
+        packed,
+        absmax,
+        nested_absmax if nested else dummy,
+        nested_code if nested else dummy,
+        offset if nested else dummy,
+        code,
+        lora_a,
+        lora_b,
+        rank_scale if rank_scale is not None else dummy,
+        dx,
+        g if return_g else dummy,
+        m,
+        n,
+        k,
+        r,
+        _m_bucket(m),
+        float(scaling),
+        dy.stride(0),
+        dy.stride(1),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        lora_b.stride(0),
+        lora_b.stride(1),
+        dx.stride(0),
+        dx.stride(1),
+    )
     kwargs = dict(
-        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, NESTED=nested, ALIGNED=k % blocksize == 0,
-        HAS_RANK_SCALE=rank_scale is not None, WRITE_G=return_g, BLOCK_R=br, **_flags(dy.dtype),
-    )  # fmt: skip
+        BLOCKSIZE=blocksize,
+        NESTED_BLOCKSIZE=nested_blocksize,
+        NESTED=nested,
+        ALIGNED=k % blocksize == 0,
+        HAS_RANK_SCALE=rank_scale is not None,
+        WRITE_G=return_g,
+        BLOCK_R=br,
+        **_flags(dy.dtype),
+    )
     _launch("dx", qlora_dx_kernel, m, lambda meta: triton.cdiv(k, meta["BLOCK_K"]), br, args, kwargs)
     return dx, g
 
@@ -448,26 +677,63 @@ def qlora_dx(
 # ---------------------------------------------------------------------------------------
 
 _FWD_ARGS = [
-    ("x_ptr", "*{dt}"), ("packed_ptr", "*u8"), ("absmax_ptr", "*{am}"), ("nested_absmax_ptr", "*fp32"),
-    ("nested_code_ptr", "*fp32"), ("offset_ptr", "*fp32"), ("code_ptr", "*fp32"), ("a_ptr", "*{dt}"),
-    ("b_ptr", "*{dt}"), ("bias_ptr", "*{dt}"), ("rank_scale_ptr", "*fp32"), ("out_scale_ptr", "*{dt}"),
-    ("y_ptr", "*{dt}"), ("xa_ptr", "*{dt}"),
-]  # fmt: skip
+    ("x_ptr", "*{dt}"),
+    ("packed_ptr", "*u8"),
+    ("absmax_ptr", "*{am}"),
+    ("nested_absmax_ptr", "*fp32"),
+    ("nested_code_ptr", "*fp32"),
+    ("offset_ptr", "*fp32"),
+    ("code_ptr", "*fp32"),
+    ("a_ptr", "*{dt}"),
+    ("b_ptr", "*{dt}"),
+    ("bias_ptr", "*{dt}"),
+    ("rank_scale_ptr", "*fp32"),
+    ("out_scale_ptr", "*{dt}"),
+    ("y_ptr", "*{dt}"),
+    ("xa_ptr", "*{dt}"),
+]
 _DX_ARGS = [
-    ("dy_ptr", "*{dt}"), ("packed_ptr", "*u8"), ("absmax_ptr", "*{am}"), ("nested_absmax_ptr", "*fp32"),
-    ("nested_code_ptr", "*fp32"), ("offset_ptr", "*fp32"), ("code_ptr", "*fp32"), ("a_ptr", "*{dt}"),
-    ("b_ptr", "*{dt}"), ("rank_scale_ptr", "*fp32"), ("dx_ptr", "*{dt}"), ("g_ptr", "*fp32"),
-]  # fmt: skip
+    ("dy_ptr", "*{dt}"),
+    ("packed_ptr", "*u8"),
+    ("absmax_ptr", "*{am}"),
+    ("nested_absmax_ptr", "*fp32"),
+    ("nested_code_ptr", "*fp32"),
+    ("offset_ptr", "*fp32"),
+    ("code_ptr", "*fp32"),
+    ("a_ptr", "*{dt}"),
+    ("b_ptr", "*{dt}"),
+    ("rank_scale_ptr", "*fp32"),
+    ("dx_ptr", "*{dt}"),
+    ("g_ptr", "*fp32"),
+]
 _SCALARS = [("M", "i32"), ("N", "i32"), ("K", "i32"), ("R", "i32"), ("M_BUCKET", "i32"), ("scaling", "fp32")]
 # Strides of contiguous operands: the JIT specializes an int argument equal to 1 as a
 # constant, so the AOT build does the same for the unit strides.
-_FWD_STRIDES = [("stride_xm", "i32"), ("stride_xk", 1), ("stride_ar", "i32"), ("stride_ak", 1),
-                ("stride_bn", "i32"), ("stride_br", 1), ("stride_ym", "i32"), ("stride_yn", 1)]  # fmt: skip
-_DX_STRIDES = [("stride_dym", "i32"), ("stride_dyn", 1), ("stride_ar", "i32"), ("stride_ak", 1),
-               ("stride_bn", "i32"), ("stride_br", 1), ("stride_dxm", "i32"), ("stride_dxk", 1)]  # fmt: skip
+_FWD_STRIDES = [
+    ("stride_xm", "i32"),
+    ("stride_xk", 1),
+    ("stride_ar", "i32"),
+    ("stride_ak", 1),
+    ("stride_bn", "i32"),
+    ("stride_br", 1),
+    ("stride_ym", "i32"),
+    ("stride_yn", 1),
+]
+_DX_STRIDES = [
+    ("stride_dym", "i32"),
+    ("stride_dyn", 1),
+    ("stride_ar", "i32"),
+    ("stride_ak", 1),
+    ("stride_bn", "i32"),
+    ("stride_br", 1),
+    ("stride_dxm", "i32"),
+    ("stride_dxk", 1),
+]
 
 
-def _aot_entry(kernel_name: str, regime: tuple[str, str], r: int, dtype: str = "bf16", nested: bool = True) -> dict:
+def _aot_entry(
+    kernel_name: str, regime: tuple[str, str], r: int, dtype: str = "bf16", nested: bool = True
+) -> dict:
     """The default (first) config of ``regime`` as an AOT description: bf16, NF4 with double
     quantization, blocksize 64, bias and rank_scale on, out_scale off."""
     cfg = (_FWD_CONFIGS if kernel_name == "fwd" else _DX_CONFIGS)[regime][0]
@@ -479,8 +745,17 @@ def _aot_entry(kernel_name: str, regime: tuple[str, str], r: int, dtype: str = "
         signature[name] = "constexpr" if t == 1 else t
         if t == 1:
             constexprs[name] = 1
-    constexprs.update(BLOCKSIZE=64, NESTED_BLOCKSIZE=256, NESTED=nested, ALIGNED=True, HAS_RANK_SCALE=True,
-                      UPCAST=False, IEEE=dtype == "fp32", BLOCK_R=block_r(r), **cfg.kwargs)  # fmt: skip
+    constexprs.update(
+        BLOCKSIZE=64,
+        NESTED_BLOCKSIZE=256,
+        NESTED=nested,
+        ALIGNED=True,
+        HAS_RANK_SCALE=True,
+        UPCAST=False,
+        IEEE=dtype == "fp32",
+        BLOCK_R=block_r(r),
+        **cfg.kwargs,
+    )
     if kernel_name == "fwd":
         constexprs.update(HAS_BIAS=True, HAS_OUT_SCALE=False, WRITE_XA=True)
     else:
@@ -494,7 +769,8 @@ def _aot_entry(kernel_name: str, regime: tuple[str, str], r: int, dtype: str = "
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(fn.arg_names)
-        if signature[name].startswith("*") or (signature[name] == "i32" and name not in ("M", "R", "M_BUCKET"))
+        if signature[name].startswith("*")
+        or (signature[name] == "i32" and name not in ("M", "R", "M_BUCKET"))
     }
     return {
         "name": f"qlora_{kernel_name}_{regime[0]}M_r{r}_{dtype}",
@@ -510,5 +786,10 @@ def _aot_entry(kernel_name: str, regime: tuple[str, str], r: int, dtype: str = "
 AOT_CONFIGS = [
     _aot_entry(kernel_name, regime, r)
     for kernel_name in ("fwd", "dx")
-    for regime, r in ((("small", "lo"), 16), (("large", "lo"), 16), (("small", "hi"), 256), (("large", "hi"), 256))
+    for regime, r in (
+        (("small", "lo"), 16),
+        (("large", "lo"), 16),
+        (("small", "hi"), 256),
+        (("large", "hi"), 256),
+    )
 ]

@@ -105,9 +105,15 @@ def _encode4(v, mid_ptr, step_ptr):
 
 @triton.jit
 def quantize_4bit_kernel(
-    x_ptr, packed_ptr, absmax_ptr, mid_ptr, step_ptr, n,
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    mid_ptr,
+    step_ptr,
+    n,
+    BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     # Tile [ROWS, BLOCKSIZE] of whole blocks, loaded contiguously then split into the
     # (even, odd) element pairs that share a byte: the absmax is a row reduction and the
     # packed bytes of a row are contiguous, so both loads and stores coalesce.
@@ -157,9 +163,14 @@ def _decode4_tile(packed_ptr, absmax, code_ptr, out_ptr, rows, n, BLOCKSIZE: tl.
 
 @triton.jit
 def dequantize_4bit_kernel(
-    packed_ptr, absmax_ptr, code_ptr, out_ptr, n,
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
-):  # fmt: skip
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    out_ptr,
+    n,
+    BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     # Tile [ROWS, BLOCKSIZE] of whole blocks: one absmax load per row.
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -170,10 +181,18 @@ def dequantize_4bit_kernel(
 
 @triton.jit
 def dequantize_4bit_nested_kernel(
-    packed_ptr, absmax_codes_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, out_ptr,
-    n, nested_blocksize,
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
-):  # fmt: skip
+    packed_ptr,
+    absmax_codes_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    code_ptr,
+    out_ptr,
+    n,
+    nested_blocksize,
+    BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     # As dequantize_4bit_kernel, with each row's absmax decoded in place from its 8-bit
     # code: nested_code[q] * nested_absmax[b // nested_blocksize], then + offset (two
     # roundings: fp fusion is off). ROWS scalars per program, so no separate pass.
@@ -189,9 +208,14 @@ def dequantize_4bit_nested_kernel(
 
 @triton.jit
 def quantize_blockwise_kernel(
-    x_ptr, code_ptr, q_ptr, absmax_ptr, n,
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    code_ptr,
+    q_ptr,
+    absmax_ptr,
+    n,
+    BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     # Tile [ROWS, BLOCKSIZE] of whole blocks. The code of each value is the reference's
     # 65536-bin lookup computed in place: the bin's grid value, then a branchless binary
     # search for #{k : mid[k] < grid} over the 255 midpoints of the (sorted) code, read
@@ -227,9 +251,14 @@ def quantize_blockwise_kernel(
 
 @triton.jit
 def dequantize_blockwise_kernel(
-    q_ptr, absmax_ptr, code_ptr, out_ptr, n,
-    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
-):  # fmt: skip
+    q_ptr,
+    absmax_ptr,
+    code_ptr,
+    out_ptr,
+    n,
+    BLOCKSIZE: tl.constexpr,
+    ROWS: tl.constexpr,
+):
     # Tile [ROWS, BLOCKSIZE] of whole blocks: one absmax load per row, one gather from
     # the 256-entry code table per element.
     pid = tl.program_id(0).to(tl.int64)
@@ -281,14 +310,30 @@ def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out=Non
     out = _out(out, shape, dtype, packed.device)
     rows, warps = launch_config(blocksize)
     dequantize_4bit_kernel[_grid(n, blocksize, rows)](
-        packed, absmax, code4(quant_type, packed.device), out, n,
-        BLOCKSIZE=blocksize, ROWS=rows, num_warps=warps, **_FP,
-    )  # fmt: skip
+        packed,
+        absmax,
+        code4(quant_type, packed.device),
+        out,
+        n,
+        BLOCKSIZE=blocksize,
+        ROWS=rows,
+        num_warps=warps,
+        **_FP,
+    )
     return out
 
 
 def dequantize_4bit_nested(
-    packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype,
+    packed,
+    absmax_codes,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    shape,
+    dtype,
     out=None,
 ) -> torch.Tensor:
     """As dequantize_4bit with double-quantized absmax, decoded in the same kernel."""
@@ -296,13 +341,26 @@ def dequantize_4bit_nested(
     out = _out(out, shape, dtype, packed.device)
     rows, warps = launch_config(blocksize)
     dequantize_4bit_nested_kernel[_grid(n, blocksize, rows)](
-        packed, absmax_codes, nested_absmax, nested_code, offset, code4(quant_type, packed.device), out,
-        n, nested_blocksize, BLOCKSIZE=blocksize, ROWS=rows, num_warps=warps, **_FP,
-    )  # fmt: skip
+        packed,
+        absmax_codes,
+        nested_absmax,
+        nested_code,
+        offset,
+        code4(quant_type, packed.device),
+        out,
+        n,
+        nested_blocksize,
+        BLOCKSIZE=blocksize,
+        ROWS=rows,
+        num_warps=warps,
+        **_FP,
+    )
     return out
 
 
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(
+    x: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x contiguous float, code contiguous sorted fp32[256] -> (uint8 codes of x's shape, fp32 absmax)."""
     n = x.numel()
     q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
@@ -336,7 +394,9 @@ def _aot(name: str, fn, args: dict, blocksize: int) -> dict:
     signature = {a: args.get(a, "constexpr") for a in fn.arg_names}
     # As the JIT specializes a launch on torch tensors: 16-byte aligned pointers. n is
     # left general (not assumed divisible by 16).
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if signature[a].startswith("*")}
+    attrs = {
+        (i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if signature[a].startswith("*")
+    }
     return {
         "name": name,
         "fn": fn,
@@ -355,21 +415,72 @@ def _aot_configs() -> list[dict]:
     for bs in BLOCKSIZES_4BIT:
         for dt in _DTYPES:
             configs += [
-                _aot(f"quantize_4bit_bs{bs}_{dt}", quantize_4bit_kernel, {
-                    "x_ptr": f"*{dt}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "mid_ptr": "*fp32",
-                    "step_ptr": "*i32", "n": "i32"}, bs),
-                _aot(f"dequantize_4bit_bs{bs}_{dt}", dequantize_4bit_kernel, {
-                    "packed_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": f"*{dt}",
-                    "n": "i32"}, bs),
-                _aot(f"dequantize_4bit_nested_bs{bs}_{dt}", dequantize_4bit_nested_kernel, {
-                    "packed_ptr": "*u8", "absmax_codes_ptr": "*u8", "nested_absmax_ptr": "*fp32",
-                    "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": f"*{dt}",
-                    "n": "i32", "nested_blocksize": "i32"}, bs),
-                _aot(f"quantize_blockwise_bs{bs}_{dt}", quantize_blockwise_kernel, {
-                    "x_ptr": f"*{dt}", "code_ptr": "*fp32", "q_ptr": "*u8", "absmax_ptr": "*fp32", "n": "i32"}, bs),
-                _aot(f"dequantize_blockwise_bs{bs}_{dt}", dequantize_blockwise_kernel, {
-                    "q_ptr": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "out_ptr": f"*{dt}", "n": "i32"}, bs),
-            ]  # fmt: skip
+                _aot(
+                    f"quantize_4bit_bs{bs}_{dt}",
+                    quantize_4bit_kernel,
+                    {
+                        "x_ptr": f"*{dt}",
+                        "packed_ptr": "*u8",
+                        "absmax_ptr": "*fp32",
+                        "mid_ptr": "*fp32",
+                        "step_ptr": "*i32",
+                        "n": "i32",
+                    },
+                    bs,
+                ),
+                _aot(
+                    f"dequantize_4bit_bs{bs}_{dt}",
+                    dequantize_4bit_kernel,
+                    {
+                        "packed_ptr": "*u8",
+                        "absmax_ptr": "*fp32",
+                        "code_ptr": "*fp32",
+                        "out_ptr": f"*{dt}",
+                        "n": "i32",
+                    },
+                    bs,
+                ),
+                _aot(
+                    f"dequantize_4bit_nested_bs{bs}_{dt}",
+                    dequantize_4bit_nested_kernel,
+                    {
+                        "packed_ptr": "*u8",
+                        "absmax_codes_ptr": "*u8",
+                        "nested_absmax_ptr": "*fp32",
+                        "nested_code_ptr": "*fp32",
+                        "offset_ptr": "*fp32",
+                        "code_ptr": "*fp32",
+                        "out_ptr": f"*{dt}",
+                        "n": "i32",
+                        "nested_blocksize": "i32",
+                    },
+                    bs,
+                ),
+                _aot(
+                    f"quantize_blockwise_bs{bs}_{dt}",
+                    quantize_blockwise_kernel,
+                    {
+                        "x_ptr": f"*{dt}",
+                        "code_ptr": "*fp32",
+                        "q_ptr": "*u8",
+                        "absmax_ptr": "*fp32",
+                        "n": "i32",
+                    },
+                    bs,
+                ),
+                _aot(
+                    f"dequantize_blockwise_bs{bs}_{dt}",
+                    dequantize_blockwise_kernel,
+                    {
+                        "q_ptr": "*u8",
+                        "absmax_ptr": "*fp32",
+                        "code_ptr": "*fp32",
+                        "out_ptr": f"*{dt}",
+                        "n": "i32",
+                    },
+                    bs,
+                ),
+            ]
     return configs
 
 

@@ -53,10 +53,17 @@ def _base(size: str, aligned: bool = False):
 def _bnb_linear(lin):
     import bitsandbytes as bnb
 
-    layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")  # fmt: skip
-    layer.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, compress_statistics=True,
-                                     quant_type="nf4", blocksize=64)  # fmt: skip
+    layer = bnb.nn.Linear4bit(
+        lin.in_features,
+        lin.out_features,
+        bias=lin.bias is not None,
+        compute_dtype=torch.float32,
+        compress_statistics=True,
+        quant_type="nf4",
+    )
+    layer.weight = bnb.nn.Params4bit(
+        lin.weight.data.clone(), requires_grad=False, compress_statistics=True, quant_type="nf4", blocksize=64
+    )
     return layer.to("cpu")  # bitsandbytes quantizes on the move to a device
 
 
@@ -91,11 +98,15 @@ def _case(size: str, aligned: bool) -> Case:
 
     def close(loss):
         err = abs(float(loss) - want) / abs(want)
-        assert err <= 1e-4, f"first-step loss {float(loss):.6f}, the dequantized model's {want:.6f} ({err:.1e} off)"
+        assert err <= 1e-4, (
+            f"first-step loss {float(loss):.6f}, the dequantized model's {want:.6f} ({err:.1e} off)"
+        )
 
     ours = copy.deepcopy(base)
     qpeft.convert(ours, r=RANK, alpha=2 * RANK, verbose=False)
-    ours_opt = qpeft.optim.PagedAdamW([p for p in ours.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
+    ours_opt = qpeft.optim.PagedAdamW(
+        [p for p in ours.parameters() if p.requires_grad], lr=LR, weight_decay=0.0
+    )
     impls = [Impl("qpeft convert + PagedAdamW", _trainer(ours, ours_opt, ids), close)]
     peft, bnb = optional("peft"), optional("bitsandbytes")
     if peft is not None and bnb is not None:
@@ -104,11 +115,15 @@ def _case(size: str, aligned: bool) -> Case:
             if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJ:
                 parent, _, attr = name.rpartition(".")
                 setattr(theirs.get_submodule(parent), attr, _bnb_linear(m))
-        theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=PROJ))
+        theirs = peft.get_peft_model(
+            theirs, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=PROJ)
+        )
         opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
         impls.append(Impl("peft+bnb + torch AdamW", _trainer(theirs, opt, ids), close))
     params = sum(p.numel() for p in base.parameters())
     inter = base.config.intermediate_size
-    label = f"{size}{', FFN ' + str(inter) + ' (64-aligned)' if aligned else ''}: {params / 1e6:.1f}M params, " \
-            f"{BATCH}x{SEQ} tokens"
+    label = (
+        f"{size}{', FFN ' + str(inter) + ' (64-aligned)' if aligned else ''}: {params / 1e6:.1f}M params, "
+        f"{BATCH}x{SEQ} tokens"
+    )
     return Case("QLoRA training step (demo model)", label, impls)

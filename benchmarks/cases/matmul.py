@@ -72,12 +72,21 @@ def cases(device: str, quick: bool) -> list[Case]:
                 impls.append(Impl(f"qpeft {b} dequantize(out=) + fp32 GEMM", run, same))
         if bnb is not None and bnbF is not None:
             bstate = bnbF.QuantState.from_dict(state.as_dict(packed=True), device=device)
-            impls.append(Impl("bitsandbytes matmul_4bit", lambda x=x: bnb.matmul_4bit(x, packed.t(), bstate), same))
+            impls.append(
+                Impl(
+                    "bitsandbytes matmul_4bit",
+                    lambda x=x, packed=packed, bstate=bstate: bnb.matmul_4bit(x, packed.t(), bstate),
+                    same,
+                )
+            )
         if ao is not None:
             w_nf4 = ao[0](w, 64, 256)
-            impls.append(Impl("torchao linear_nf4", lambda x=x: ao[1](x, w_nf4), other))
+            impls.append(Impl("torchao linear_nf4", lambda x=x, w_nf4=w_nf4: ao[1](x, w_nf4), other))
         impls.append(Impl("torch bf16 F.linear (unquantized)", lambda x=x: F.linear(x, w), other))
         impls.append(Impl("torch fp32 F.linear (unquantized)", lambda x=x: F.linear(x.float(), w32), other))
-        out.append(Case("4-bit matmul", f"M={m} {n}x{k}", impls, x=m, x_name="M", bound="compute",
-                        flops=2 * m * n * k))  # fmt: skip
+        out.append(
+            Case(
+                "4-bit matmul", f"M={m} {n}x{k}", impls, x=m, x_name="M", bound="compute", flops=2 * m * n * k
+            )
+        )
     return out

@@ -70,8 +70,11 @@ def cases(device: str, quick: bool) -> list[Case]:
     if device != "cpu":
         return []  # the paged / CUDA steps need a GPU run of their own (not measured here)
     bnb = optional("bitsandbytes")
-    sets = ({"1 x 256x256": [(256, 256)], "16 x 4096 + 3 x 1000": [(4096,)] * 16 + [(1000,)] * 3} if quick else
-            {"1 x 4096x4096": [(4096, 4096)], "128 x 4096x32 (LoRA-sized)": [(4096, 32)] * 128})  # fmt: skip
+    sets = (
+        {"1 x 256x256": [(256, 256)], "16 x 4096 + 3 x 1000": [(4096,)] * 16 + [(1000,)] * 3}
+        if quick
+        else {"1 x 4096x4096": [(4096, 4096)], "128 x 4096x32 (LoRA-sized)": [(4096, 32)] * 128}
+    )
     out = []
     for label, shapes in sets.items():
         numel = sum(torch.Size(s).numel() for s in shapes)
@@ -87,9 +90,21 @@ def cases(device: str, quick: bool) -> list[Case]:
             "torch AdamW foreach=True": (lambda ps: torch.optim.AdamW(ps, foreach=True, **HP), False),
             "torch AdamW fused=True": (lambda ps: torch.optim.AdamW(ps, fused=True, **HP), False),
         }
-        impls = [Impl(name, step_of(f), _checker(f, check_shapes, exact, 1e-6)) for name, (f, exact) in fp32.items()]
-        out.append(Case("optimizer step, fp32 state", label, impls, x=numel, x_name="parameters", bound="memory",
-                        nbytes=BYTES_32 * numel))  # fmt: skip
+        impls = [
+            Impl(name, step_of(f), _checker(f, check_shapes, exact, 1e-6))
+            for name, (f, exact) in fp32.items()
+        ]
+        out.append(
+            Case(
+                "optimizer step, fp32 state",
+                label,
+                impls,
+                x=numel,
+                x_name="parameters",
+                bound="memory",
+                nbytes=BYTES_32 * numel,
+            )
+        )
 
         eight = {"qpeft AdamW8bit": (lambda ps: qo.AdamW8bit(ps, **HP), True)}
         if bnb is not None:
@@ -97,6 +112,15 @@ def cases(device: str, quick: bool) -> list[Case]:
         # 8-bit state starts at 4096 elements: check on a tensor that has it
         big = [max(shapes, key=lambda s: torch.Size(s).numel())]
         impls = [Impl(name, step_of(f), _checker(f, big, exact, 0.05)) for name, (f, exact) in eight.items()]
-        out.append(Case("optimizer step, 8-bit state", label, impls, x=numel, x_name="parameters", bound="memory",
-                        nbytes=int(BYTES_8 * numel)))  # fmt: skip
+        out.append(
+            Case(
+                "optimizer step, 8-bit state",
+                label,
+                impls,
+                x=numel,
+                x_name="parameters",
+                bound="memory",
+                nbytes=int(BYTES_8 * numel),
+            )
+        )
     return out

@@ -14,7 +14,7 @@ def optional(module: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return importlib.import_module(module)
-    except Exception:  # noqa: BLE001 - a broken optional peer is a missing peer
+    except Exception:
         return None
 
 

@@ -85,10 +85,18 @@ class Layer:
         if bnb is None or peft is None:
             return None
         n, k = self.w.shape
-        lin = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=compute_dtype, quant_type="nf4",
-                                compress_statistics=True, device="meta")  # fmt: skip
-        lin.weight = bnb.nn.Params4bit(self.packed, requires_grad=False, quant_state=self._bnb_state(),
-                                       bnb_quantized=True, module=lin)  # fmt: skip
+        lin = bnb.nn.Linear4bit(
+            k,
+            n,
+            bias=False,
+            compute_dtype=compute_dtype,
+            quant_type="nf4",
+            compress_statistics=True,
+            device="meta",
+        )
+        lin.weight = bnb.nn.Params4bit(
+            self.packed, requires_grad=False, quant_state=self._bnb_state(), bnb_quantized=True, module=lin
+        )
         lin.quant_state = lin.weight.quant_state
 
         class Wrap(torch.nn.Module):
@@ -128,10 +136,12 @@ class Layer:
 def _impls(layer: Layer, device: str, mode: str) -> list[Impl]:
     """mode: "forward" (no grad), "backward" (a kept graph, backward only), "fwdbwd"."""
     makers = [(f"qpeft {bk}", lambda bk=bk: layer.qpeft(bk), True) for bk in qpeft_backends(device)]
-    makers += [("reference", lambda: layer.qpeft("default"), True),
-               ("peft+bnb bf16", lambda: layer.peft_bnb(torch.bfloat16), True),
-               ("peft+bnb fp32", lambda: layer.peft_bnb(torch.float32), True),
-               ("torchao nf4+lora", layer.torchao, False)]  # fmt: skip
+    makers += [
+        ("reference", lambda: layer.qpeft("default"), True),
+        ("peft+bnb bf16", lambda: layer.peft_bnb(torch.bfloat16), True),
+        ("peft+bnb fp32", lambda: layer.peft_bnb(torch.float32), True),
+        ("torchao nf4+lora", layer.torchao, False),
+    ]
     impls = []
     for name, make, same_format in makers:
         made = make()
@@ -178,16 +188,37 @@ def cases(device: str, quick: bool) -> list[Case]:
         forward_ms, train = [1, 16], [(16, 256, 256)]
     else:
         forward_ms, train = [1, 16, 64, 512, 2048], [(512, 4096, 4096), (512, 11008, 4096)]
-    slow = {"reference": {"min_runs": 1, "min_seconds": 0.0}, "peft+bnb bf16": {"min_runs": 3, "min_seconds": 0.0}}
+    slow = {
+        "reference": {"min_runs": 1, "min_seconds": 0.0},
+        "peft+bnb bf16": {"min_runs": 3, "min_seconds": 0.0},
+    }
     out = []
     n = k = 256 if quick else 4096
     for m in forward_ms:
         layer = Layer(m, n, k, device)
-        out.append(Case("qlora forward", f"M={m} {n}x{k} r={R}", _impls(layer, device, "forward"), x=m, x_name="M",
-                        bound="compute", flops=_flops(m, n, k, "forward"), runs=slow))  # fmt: skip
+        out.append(
+            Case(
+                "qlora forward",
+                f"M={m} {n}x{k} r={R}",
+                _impls(layer, device, "forward"),
+                x=m,
+                x_name="M",
+                bound="compute",
+                flops=_flops(m, n, k, "forward"),
+                runs=slow,
+            )
+        )
     for m, n2, k2 in train:
         layer = Layer(m, n2, k2, device)
         for mode, group in (("backward", "qlora backward"), ("fwdbwd", "qlora forward+backward")):
-            out.append(Case(group, f"M={m} {n2}x{k2} r={R}", _impls(layer, device, mode), bound="compute",
-                            flops=_flops(m, n2, k2, mode), runs=slow))  # fmt: skip
+            out.append(
+                Case(
+                    group,
+                    f"M={m} {n2}x{k2} r={R}",
+                    _impls(layer, device, mode),
+                    bound="compute",
+                    flops=_flops(m, n2, k2, mode),
+                    runs=slow,
+                )
+            )
     return out

@@ -24,8 +24,8 @@ namespace {
 
 std::vector<float> scalars_of(const char* fn, const std::vector<double>& v, size_t count) {
   if (v.size() != count) {
-    throw std::invalid_argument(std::string("qpeft._C.") + fn + ": scalars must hold " + std::to_string(count) +
-                                " values, got " + std::to_string(v.size()));
+    throw std::invalid_argument(std::string("qpeft._C.") + fn + ": scalars must hold " +
+                                std::to_string(count) + " values, got " + std::to_string(v.size()));
   }
   return std::vector<float>(v.begin(), v.end());  // double -> float rounds to nearest even
 }
@@ -48,11 +48,13 @@ qc::Rows rows_of(const char* fn, const py::buffer& rows, int64_t width) {
   const auto bad = [&](const std::string& what) {
     throw std::invalid_argument(std::string("qpeft._C.") + fn + ": rows " + what);
   };
-  if (b.itemsize != 8 || (b.format != "q" && b.format != "l")) bad("must be a buffer of int64 (array('q'))");
+  if (b.itemsize != 8 || (b.format != "q" && b.format != "l"))
+    bad("must be a buffer of int64 (array('q'))");
   if (b.ndim != 1) bad("must be one-dimensional, got " + std::to_string(b.ndim) + " dimensions");
   if (b.size > 1 && b.strides[0] != 8) bad("must be contiguous");
   if (b.size % width != 0) {
-    bad("holds " + std::to_string(b.size) + " values, not a multiple of the row width " + std::to_string(width));
+    bad("holds " + std::to_string(b.size) + " values, not a multiple of the row width " +
+        std::to_string(width));
   }
   return qc::Rows{static_cast<const int64_t*>(b.ptr), static_cast<int64_t>(b.size / width)};
 }
@@ -67,14 +69,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_4bit", &qc::quantize_4bit, nogil, py::arg("x"), py::arg("x_dtype"), py::arg("n"),
         py::arg("blocksize"), py::arg("quant_type"), py::arg("packed"), py::arg("packed_len"),
         py::arg("absmax"), py::arg("absmax_len"), py::arg("num_threads"),
-        "Blockwise 4-bit (NF4/FP4) quantization of n elements of x into packed codes and fp32 absmax.");
+        "Blockwise 4-bit (NF4/FP4) quantization of n elements of x into packed codes and fp32 "
+        "absmax.");
 
-  m.def("dequantize_4bit", &qc::dequantize_4bit, nogil, py::arg("packed"), py::arg("packed_len"),
-        py::arg("absmax"), py::arg("absmax_len"), py::arg("n"), py::arg("blocksize"),
-        py::arg("quant_type"), py::arg("out"), py::arg("out_dtype"), py::arg("nested_absmax"),
-        py::arg("nested_absmax_len"), py::arg("nested_code"), py::arg("offset"),
-        py::arg("nested_blocksize"), py::arg("num_threads"),
-        "4-bit dequantization; with nested_absmax != 0, absmax holds uint8 double-quantized codes.");
+  m.def(
+      "dequantize_4bit", &qc::dequantize_4bit, nogil, py::arg("packed"), py::arg("packed_len"),
+      py::arg("absmax"), py::arg("absmax_len"), py::arg("n"), py::arg("blocksize"),
+      py::arg("quant_type"), py::arg("out"), py::arg("out_dtype"), py::arg("nested_absmax"),
+      py::arg("nested_absmax_len"), py::arg("nested_code"), py::arg("offset"),
+      py::arg("nested_blocksize"), py::arg("num_threads"),
+      "4-bit dequantization; with nested_absmax != 0, absmax holds uint8 double-quantized codes.");
 
   m.def("quantize_blockwise", &qc::quantize_blockwise, nogil, py::arg("x"), py::arg("x_dtype"),
         py::arg("n"), py::arg("blocksize"), py::arg("code"), py::arg("q"), py::arg("q_len"),
@@ -82,15 +86,15 @@ PYBIND11_MODULE(_C, m) {
         "Blockwise 8-bit quantization with a sorted 256-entry code (65536-bin lookup rule).");
 
   m.def("dequantize_blockwise", &qc::dequantize_blockwise, nogil, py::arg("q"), py::arg("q_len"),
-        py::arg("absmax"), py::arg("absmax_len"), py::arg("code"), py::arg("n"), py::arg("blocksize"),
-        py::arg("out"), py::arg("out_dtype"), py::arg("num_threads"),
+        py::arg("absmax"), py::arg("absmax_len"), py::arg("code"), py::arg("n"),
+        py::arg("blocksize"), py::arg("out"), py::arg("out_dtype"), py::arg("num_threads"),
         "Blockwise 8-bit dequantization: out = code[q] * absmax[block].");
 
   m.def("gemv_4bit", &qc::gemv_4bit, nogil, py::arg("x"), py::arg("m"), py::arg("n"), py::arg("k"),
         py::arg("packed"), py::arg("packed_len"), py::arg("absmax"), py::arg("absmax_len"),
-        py::arg("blocksize"), py::arg("quant_type"), py::arg("nested_absmax"), py::arg("nested_absmax_len"),
-        py::arg("nested_code"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("out"),
-        py::arg("num_threads"),
+        py::arg("blocksize"), py::arg("quant_type"), py::arg("nested_absmax"),
+        py::arg("nested_absmax_len"), py::arg("nested_code"), py::arg("offset"),
+        py::arg("nested_blocksize"), py::arg("out"), py::arg("num_threads"),
         "fp32 out[m, n] = x[m, k] @ W^T with W [n, k] as packed 4-bit codes (decode-sized m).");
 
   m.def("set_isa", &qc::set_isa, py::arg("name"),
@@ -98,133 +102,174 @@ PYBIND11_MODULE(_C, m) {
         "Returns the previous setting.");
   m.def("active_isa", &qc::active_isa, "The ISA the kernels run with now ('scalar' or 'avx2').");
   m.def("set_threading", &qc::set_threading, py::arg("name"),
-        "Run parallel kernels on 'openmp' (torch's libgomp threads), 'pool' (qpeft's own) or 'auto'.");
+        "Run parallel kernels on 'openmp' (torch's libgomp threads), 'pool' (qpeft's own) or "
+        "'auto'.");
   m.def("threading", &qc::threading, "Where parallel kernels run now: 'openmp' or 'pool'.");
-  m.def("lut8", [](uintptr_t code) {
-    const std::string t = qc::lut8(code);
-    return std::vector<int>(reinterpret_cast<const uint8_t*>(t.data()),
-                            reinterpret_cast<const uint8_t*>(t.data()) + t.size());
-  }, py::arg("code"),
-        "The 8-bit encoder lookup table (65536 ints) for a sorted fp32[256] code (pointer).");
-  m.def("format_tables", [] {
-    auto list = [](const auto* p, int k) { return std::vector<double>(p, p + k); };
-    py::dict d;
-    d["nf4"] = list(qpeft::kNF4Values, qpeft::kNumCodes4);
-    d["fp4"] = list(qpeft::kFP4Values, qpeft::kNumCodes4);
-    d["nf4_mid"] = list(qpeft::kNF4Mid, qpeft::kNumCodes4 - 1);
-    d["fp4_mid"] = list(qpeft::kFP4Mid, qpeft::kNumCodes4 - 1);
-    d["nf4_order"] = std::vector<int>(qpeft::kNF4Order, qpeft::kNF4Order + qpeft::kNumCodes4);
-    d["fp4_order"] = std::vector<int>(qpeft::kFP4Order, qpeft::kFP4Order + qpeft::kNumCodes4);
-    d["lut_bins"] = qpeft::kLutBins;
-    return d;
-  }, "format.h's tables as Python lists (tests compare them with qpeft/_formats.py).");
-  m.def("cpu_features", [] {
-    const qc::CpuFeatures f = qc::cpu_features();
-    py::dict d;
-    d["avx2"] = f.avx2;
-    d["fma"] = f.fma;
-    d["f16c"] = f.f16c;
-    return d;
-  }, "The CPU features the kernels select on: dict(avx2=..., fma=..., f16c=...).");
+  m.def(
+      "lut8",
+      [](uintptr_t code) {
+        const std::string t = qc::lut8(code);
+        return std::vector<int>(reinterpret_cast<const uint8_t*>(t.data()),
+                                reinterpret_cast<const uint8_t*>(t.data()) + t.size());
+      },
+      py::arg("code"),
+      "The 8-bit encoder lookup table (65536 ints) for a sorted fp32[256] code (pointer).");
+  m.def(
+      "format_tables",
+      [] {
+        auto list = [](const auto* p, int k) { return std::vector<double>(p, p + k); };
+        py::dict d;
+        d["nf4"] = list(qpeft::kNF4Values, qpeft::kNumCodes4);
+        d["fp4"] = list(qpeft::kFP4Values, qpeft::kNumCodes4);
+        d["nf4_mid"] = list(qpeft::kNF4Mid, qpeft::kNumCodes4 - 1);
+        d["fp4_mid"] = list(qpeft::kFP4Mid, qpeft::kNumCodes4 - 1);
+        d["nf4_order"] = std::vector<int>(qpeft::kNF4Order, qpeft::kNF4Order + qpeft::kNumCodes4);
+        d["fp4_order"] = std::vector<int>(qpeft::kFP4Order, qpeft::kFP4Order + qpeft::kNumCodes4);
+        d["lut_bins"] = qpeft::kLutBins;
+        return d;
+      },
+      "format.h's tables as Python lists (tests compare them with qpeft/_formats.py).");
+  m.def(
+      "cpu_features",
+      [] {
+        const qc::CpuFeatures f = qc::cpu_features();
+        py::dict d;
+        d["avx2"] = f.avx2;
+        d["fma"] = f.fma;
+        d["f16c"] = f.f16c;
+        return d;
+      },
+      "The CPU features the kernels select on: dict(avx2=..., fma=..., f16c=...).");
 
   // ---------------------------------------------------------------------------
   // Optimizer steps (csrc/cpu/optim.cpp) and host DLPack buffers (host_buffer.cpp).
-  m.def("adamw32_step", [](uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg,
-                           int64_t exp_avg_len, uintptr_t exp_avg_sq, int64_t exp_avg_sq_len,
-                           const std::vector<double>& scalars, int num_threads) {
-    const auto s = adam_scalars("adamw32_step", scalars);
-    py::gil_scoped_release nogil_;
-    qc::adamw32_step(param, grad, dtype, n, exp_avg, exp_avg_len, exp_avg_sq, exp_avg_sq_len, s, num_threads);
-  }, py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("exp_avg"),
-        py::arg("exp_avg_len"), py::arg("exp_avg_sq"), py::arg("exp_avg_sq_len"), py::arg("scalars"),
-        py::arg("num_threads"),
-        "AdamW step with fp32 state, in place. scalars: (decay, lerp_c, lerp_from_grad, beta2, omb2, "
-        "bc2_sqrt, eps, neg_step) as qpeft._optim_math.adam_scalars computes them.");
+  m.def(
+      "adamw32_step",
+      [](uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg,
+         int64_t exp_avg_len, uintptr_t exp_avg_sq, int64_t exp_avg_sq_len,
+         const std::vector<double>& scalars, int num_threads) {
+        const auto s = adam_scalars("adamw32_step", scalars);
+        py::gil_scoped_release nogil_;
+        qc::adamw32_step(param, grad, dtype, n, exp_avg, exp_avg_len, exp_avg_sq, exp_avg_sq_len, s,
+                         num_threads);
+      },
+      py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("exp_avg"),
+      py::arg("exp_avg_len"), py::arg("exp_avg_sq"), py::arg("exp_avg_sq_len"), py::arg("scalars"),
+      py::arg("num_threads"),
+      "AdamW step with fp32 state, in place. scalars: (decay, lerp_c, lerp_from_grad, beta2, omb2, "
+      "bc2_sqrt, eps, neg_step) as qpeft._optim_math.adam_scalars computes them.");
 
-  m.def("adamw8bit_step", [](uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1, int64_t q1_len,
-                             uintptr_t absmax1, int64_t absmax1_len, uintptr_t q2, int64_t q2_len,
-                             uintptr_t absmax2, int64_t absmax2_len, uintptr_t code1, uintptr_t code2,
-                             const std::vector<double>& scalars, int num_threads) {
-    const auto s = adam_scalars("adamw8bit_step", scalars);
-    py::gil_scoped_release nogil_;
-    qc::adamw8bit_step(param, grad, dtype, n, q1, q1_len, absmax1, absmax1_len, q2, q2_len, absmax2, absmax2_len,
-                       code1, code2, s, num_threads);
-  }, py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("exp_avg_q"),
-        py::arg("exp_avg_q_len"), py::arg("exp_avg_absmax"), py::arg("exp_avg_absmax_len"), py::arg("exp_avg_sq_q"),
-        py::arg("exp_avg_sq_q_len"), py::arg("exp_avg_sq_absmax"), py::arg("exp_avg_sq_absmax_len"),
-        py::arg("qmap_signed"), py::arg("qmap_unsigned"), py::arg("scalars"), py::arg("num_threads"),
-        "AdamW step with blockwise 8-bit state (256 per block), in place.");
+  m.def(
+      "adamw8bit_step",
+      [](uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1, int64_t q1_len,
+         uintptr_t absmax1, int64_t absmax1_len, uintptr_t q2, int64_t q2_len, uintptr_t absmax2,
+         int64_t absmax2_len, uintptr_t code1, uintptr_t code2, const std::vector<double>& scalars,
+         int num_threads) {
+        const auto s = adam_scalars("adamw8bit_step", scalars);
+        py::gil_scoped_release nogil_;
+        qc::adamw8bit_step(param, grad, dtype, n, q1, q1_len, absmax1, absmax1_len, q2, q2_len,
+                           absmax2, absmax2_len, code1, code2, s, num_threads);
+      },
+      py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("exp_avg_q"),
+      py::arg("exp_avg_q_len"), py::arg("exp_avg_absmax"), py::arg("exp_avg_absmax_len"),
+      py::arg("exp_avg_sq_q"), py::arg("exp_avg_sq_q_len"), py::arg("exp_avg_sq_absmax"),
+      py::arg("exp_avg_sq_absmax_len"), py::arg("qmap_signed"), py::arg("qmap_unsigned"),
+      py::arg("scalars"), py::arg("num_threads"),
+      "AdamW step with blockwise 8-bit state (256 per block), in place.");
 
-  m.def("lion32_step", [](uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg,
-                          int64_t exp_avg_len, const std::vector<double>& scalars, int num_threads) {
-    const auto s = lion_scalars("lion32_step", scalars);
-    py::gil_scoped_release nogil_;
-    qc::lion32_step(param, grad, dtype, n, exp_avg, exp_avg_len, s, num_threads);
-  }, py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("exp_avg"),
-        py::arg("exp_avg_len"), py::arg("scalars"), py::arg("num_threads"),
-        "Lion step with fp32 state, in place. scalars: (decay, beta1, omb1, beta2, omb2, neg_lr).");
+  m.def(
+      "lion32_step",
+      [](uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg,
+         int64_t exp_avg_len, const std::vector<double>& scalars, int num_threads) {
+        const auto s = lion_scalars("lion32_step", scalars);
+        py::gil_scoped_release nogil_;
+        qc::lion32_step(param, grad, dtype, n, exp_avg, exp_avg_len, s, num_threads);
+      },
+      py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("exp_avg"),
+      py::arg("exp_avg_len"), py::arg("scalars"), py::arg("num_threads"),
+      "Lion step with fp32 state, in place. scalars: (decay, beta1, omb1, beta2, omb2, neg_lr).");
 
-  m.def("lion8bit_step", [](uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1, int64_t q1_len,
-                            uintptr_t absmax1, int64_t absmax1_len, uintptr_t code1,
-                            const std::vector<double>& scalars, int num_threads) {
-    const auto s = lion_scalars("lion8bit_step", scalars);
-    py::gil_scoped_release nogil_;
-    qc::lion8bit_step(param, grad, dtype, n, q1, q1_len, absmax1, absmax1_len, code1, s, num_threads);
-  }, py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("exp_avg_q"),
-        py::arg("exp_avg_q_len"), py::arg("exp_avg_absmax"), py::arg("exp_avg_absmax_len"), py::arg("qmap_signed"),
-        py::arg("scalars"), py::arg("num_threads"), "Lion step with blockwise 8-bit state, in place.");
+  m.def(
+      "lion8bit_step",
+      [](uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1, int64_t q1_len,
+         uintptr_t absmax1, int64_t absmax1_len, uintptr_t code1,
+         const std::vector<double>& scalars, int num_threads) {
+        const auto s = lion_scalars("lion8bit_step", scalars);
+        py::gil_scoped_release nogil_;
+        qc::lion8bit_step(param, grad, dtype, n, q1, q1_len, absmax1, absmax1_len, code1, s,
+                          num_threads);
+      },
+      py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("n"), py::arg("exp_avg_q"),
+      py::arg("exp_avg_q_len"), py::arg("exp_avg_absmax"), py::arg("exp_avg_absmax_len"),
+      py::arg("qmap_signed"), py::arg("scalars"), py::arg("num_threads"),
+      "Lion step with blockwise 8-bit state, in place.");
 
   // Multi-tensor steps: a flat int64 buffer of rows (csrc/README.md) and the
   // distinct scalar sets the rows index. The buffer is read in place.
-  m.def("adamw32_multi_step", [](const py::buffer& rows, const std::vector<std::vector<double>>& scalars,
-                                 int num_threads) {
-    const char* fn = "adamw32_multi_step";
-    const qc::Rows r = rows_of(fn, rows, 9);
-    std::vector<qpeft::AdamScalars> s;
-    for (const auto& v : scalars) s.push_back(adam_scalars(fn, v));
-    py::gil_scoped_release nogil_;
-    qc::adamw32_multi_step(r, s, num_threads);
-  }, py::arg("rows"), py::arg("scalars"), py::arg("num_threads"),
-        "adamw32_step over a list: rows of (param, grad, dtype, n, exp_avg, exp_avg_len, exp_avg_sq, "
-        "exp_avg_sq_len, scalar set index) in one int64 buffer; one parallel region.");
-  m.def("adamw8bit_multi_step", [](const py::buffer& rows, uintptr_t code1, uintptr_t code2,
-                                   const std::vector<std::vector<double>>& scalars, int num_threads) {
-    const char* fn = "adamw8bit_multi_step";
-    const qc::Rows r = rows_of(fn, rows, 13);
-    std::vector<qpeft::AdamScalars> s;
-    for (const auto& v : scalars) s.push_back(adam_scalars(fn, v));
-    py::gil_scoped_release nogil_;
-    qc::adamw8bit_multi_step(r, code1, code2, s, num_threads);
-  }, py::arg("rows"), py::arg("qmap_signed"), py::arg("qmap_unsigned"), py::arg("scalars"),
-        py::arg("num_threads"), "adamw8bit_step over a list (rows of 12 values + scalar set index).");
-  m.def("lion32_multi_step", [](const py::buffer& rows, const std::vector<std::vector<double>>& scalars,
-                                int num_threads) {
-    const char* fn = "lion32_multi_step";
-    const qc::Rows r = rows_of(fn, rows, 7);
-    std::vector<qpeft::LionScalars> s;
-    for (const auto& v : scalars) s.push_back(lion_scalars(fn, v));
-    py::gil_scoped_release nogil_;
-    qc::lion32_multi_step(r, s, num_threads);
-  }, py::arg("rows"), py::arg("scalars"), py::arg("num_threads"),
-        "lion32_step over a list (rows of 6 values + scalar set index).");
-  m.def("lion8bit_multi_step", [](const py::buffer& rows, uintptr_t code1,
-                                  const std::vector<std::vector<double>>& scalars, int num_threads) {
-    const char* fn = "lion8bit_multi_step";
-    const qc::Rows r = rows_of(fn, rows, 9);
-    std::vector<qpeft::LionScalars> s;
-    for (const auto& v : scalars) s.push_back(lion_scalars(fn, v));
-    py::gil_scoped_release nogil_;
-    qc::lion8bit_multi_step(r, code1, s, num_threads);
-  }, py::arg("rows"), py::arg("qmap_signed"), py::arg("scalars"), py::arg("num_threads"),
-        "lion8bit_step over a list (rows of 8 values + scalar set index).");
+  m.def(
+      "adamw32_multi_step",
+      [](const py::buffer& rows, const std::vector<std::vector<double>>& scalars, int num_threads) {
+        const char* fn = "adamw32_multi_step";
+        const qc::Rows r = rows_of(fn, rows, 9);
+        std::vector<qpeft::AdamScalars> s;
+        for (const auto& v : scalars) s.push_back(adam_scalars(fn, v));
+        py::gil_scoped_release nogil_;
+        qc::adamw32_multi_step(r, s, num_threads);
+      },
+      py::arg("rows"), py::arg("scalars"), py::arg("num_threads"),
+      "adamw32_step over a list: rows of (param, grad, dtype, n, exp_avg, exp_avg_len, exp_avg_sq, "
+      "exp_avg_sq_len, scalar set index) in one int64 buffer; one parallel region.");
+  m.def(
+      "adamw8bit_multi_step",
+      [](const py::buffer& rows, uintptr_t code1, uintptr_t code2,
+         const std::vector<std::vector<double>>& scalars, int num_threads) {
+        const char* fn = "adamw8bit_multi_step";
+        const qc::Rows r = rows_of(fn, rows, 13);
+        std::vector<qpeft::AdamScalars> s;
+        for (const auto& v : scalars) s.push_back(adam_scalars(fn, v));
+        py::gil_scoped_release nogil_;
+        qc::adamw8bit_multi_step(r, code1, code2, s, num_threads);
+      },
+      py::arg("rows"), py::arg("qmap_signed"), py::arg("qmap_unsigned"), py::arg("scalars"),
+      py::arg("num_threads"), "adamw8bit_step over a list (rows of 12 values + scalar set index).");
+  m.def(
+      "lion32_multi_step",
+      [](const py::buffer& rows, const std::vector<std::vector<double>>& scalars, int num_threads) {
+        const char* fn = "lion32_multi_step";
+        const qc::Rows r = rows_of(fn, rows, 7);
+        std::vector<qpeft::LionScalars> s;
+        for (const auto& v : scalars) s.push_back(lion_scalars(fn, v));
+        py::gil_scoped_release nogil_;
+        qc::lion32_multi_step(r, s, num_threads);
+      },
+      py::arg("rows"), py::arg("scalars"), py::arg("num_threads"),
+      "lion32_step over a list (rows of 6 values + scalar set index).");
+  m.def(
+      "lion8bit_multi_step",
+      [](const py::buffer& rows, uintptr_t code1, const std::vector<std::vector<double>>& scalars,
+         int num_threads) {
+        const char* fn = "lion8bit_multi_step";
+        const qc::Rows r = rows_of(fn, rows, 9);
+        std::vector<qpeft::LionScalars> s;
+        for (const auto& v : scalars) s.push_back(lion_scalars(fn, v));
+        py::gil_scoped_release nogil_;
+        qc::lion8bit_multi_step(r, code1, s, num_threads);
+      },
+      py::arg("rows"), py::arg("qmap_signed"), py::arg("scalars"), py::arg("num_threads"),
+      "lion8bit_step over a list (rows of 8 values + scalar set index).");
 
   m.def("state_table_exact", &qc::state_table_exact, py::arg("code"),
-        "True when the 8-bit state encoder for this fp32[256] map (pointer) uses its one-compare key table.");
+        "True when the 8-bit state encoder for this fp32[256] map (pointer) uses its one-compare "
+        "key table.");
 
-  m.def("host_buffer_dlpack", [](int64_t numel, int dl_code, int bits) {
-    return qpeft::bindings::to_dltensor_capsule(qc::host_buffer(numel, dl_code, bits));
-  }, py::arg("numel"), py::arg("dl_code"), py::arg("bits"),
-        "Zeroed 64-byte-aligned host memory as a 1-D 'dltensor' capsule whose deleter frees it "
-        "(the CPU twin of qpeft._C_cuda.managed_dlpack).");
-  m.def("host_buffers_live", &qc::host_buffers_live, "Host DLPack buffers allocated and not yet freed.");
+  m.def(
+      "host_buffer_dlpack",
+      [](int64_t numel, int dl_code, int bits) {
+        return qpeft::bindings::to_dltensor_capsule(qc::host_buffer(numel, dl_code, bits));
+      },
+      py::arg("numel"), py::arg("dl_code"), py::arg("bits"),
+      "Zeroed 64-byte-aligned host memory as a 1-D 'dltensor' capsule whose deleter frees it "
+      "(the CPU twin of qpeft._C_cuda.managed_dlpack).");
+  m.def("host_buffers_live", &qc::host_buffers_live,
+        "Host DLPack buffers allocated and not yet freed.");
 }

@@ -13,7 +13,8 @@ namespace bindings {
 // memory when it is destroyed; a consumed one ("used_dltensor") belongs to torch.
 inline void dltensor_capsule_destructor(PyObject* capsule) {
   if (PyCapsule_IsValid(capsule, dlpack::kCapsuleName)) {
-    auto* mt = static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule, dlpack::kCapsuleName));
+    auto* mt =
+        static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule, dlpack::kCapsuleName));
     if (mt != nullptr && mt->deleter != nullptr) mt->deleter(mt);
   }
 }

@@ -23,8 +23,8 @@ void quantize_blockwise(uintptr_t x, int x_dtype, int64_t n, int64_t blocksize, 
                         int num_threads);
 
 void dequantize_blockwise(uintptr_t q, int64_t q_len, uintptr_t absmax, int64_t absmax_len,
-                          uintptr_t code, int64_t n, int64_t blocksize, uintptr_t out, int out_dtype,
-                          int num_threads);
+                          uintptr_t code, int64_t n, int64_t blocksize, uintptr_t out,
+                          int out_dtype, int num_threads);
 
 // y[m, n] = x[m, k] @ W[n, k]^T (all fp32) with W as packed 4-bit codes (plain or
 // double-quantized absmax, as dequantize_4bit takes them), for a few rows of x.
@@ -64,20 +64,20 @@ namespace qpeft {
 namespace cpu {
 
 void adamw32_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg,
-                  int64_t exp_avg_len, uintptr_t exp_avg_sq, int64_t exp_avg_sq_len, const AdamScalars& s,
-                  int num_threads);
+                  int64_t exp_avg_len, uintptr_t exp_avg_sq, int64_t exp_avg_sq_len,
+                  const AdamScalars& s, int num_threads);
 
-void adamw8bit_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1, int64_t q1_len,
-                    uintptr_t absmax1, int64_t absmax1_len, uintptr_t q2, int64_t q2_len, uintptr_t absmax2,
-                    int64_t absmax2_len, uintptr_t code1, uintptr_t code2, const AdamScalars& s,
-                    int num_threads);
+void adamw8bit_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1,
+                    int64_t q1_len, uintptr_t absmax1, int64_t absmax1_len, uintptr_t q2,
+                    int64_t q2_len, uintptr_t absmax2, int64_t absmax2_len, uintptr_t code1,
+                    uintptr_t code2, const AdamScalars& s, int num_threads);
 
-void lion32_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg, int64_t exp_avg_len,
-                 const LionScalars& s, int num_threads);
+void lion32_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg,
+                 int64_t exp_avg_len, const LionScalars& s, int num_threads);
 
-void lion8bit_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1, int64_t q1_len,
-                   uintptr_t absmax1, int64_t absmax1_len, uintptr_t code1, const LionScalars& s,
-                   int num_threads);
+void lion8bit_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1,
+                   int64_t q1_len, uintptr_t absmax1, int64_t absmax1_len, uintptr_t code1,
+                   const LionScalars& s, int num_threads);
 
 // Multi-tensor variants. `rows` is a flat int64 array of `count` rows, one per
 // tensor, each holding the single call's arguments from `param` to the last
@@ -89,10 +89,11 @@ struct Rows {
   int64_t count;
 };
 void adamw32_multi_step(Rows rows, const std::vector<AdamScalars>& s, int num_threads);
-void adamw8bit_multi_step(Rows rows, uintptr_t code1, uintptr_t code2, const std::vector<AdamScalars>& s,
-                          int num_threads);
+void adamw8bit_multi_step(Rows rows, uintptr_t code1, uintptr_t code2,
+                          const std::vector<AdamScalars>& s, int num_threads);
 void lion32_multi_step(Rows rows, const std::vector<LionScalars>& s, int num_threads);
-void lion8bit_multi_step(Rows rows, uintptr_t code1, const std::vector<LionScalars>& s, int num_threads);
+void lion8bit_multi_step(Rows rows, uintptr_t code1, const std::vector<LionScalars>& s,
+                         int num_threads);
 
 // Whether the 8-bit encoder for this sorted fp32[256] map uses the one-compare
 // key table (true for both dynamic maps) or falls back to a binary search.

@@ -16,7 +16,8 @@ namespace {
 template <int D>
 inline __m256 load8(const void* x, int64_t i) {
   if (D == kF32) return _mm256_loadu_ps(static_cast<const float*>(x) + i);
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i));
+  const __m128i h =
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i));
   if (D == kF16) return _mm256_cvtph_ps(h);  // exact, like f16_to_f32
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }

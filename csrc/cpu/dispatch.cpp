@@ -61,7 +61,9 @@ const KernelTable& kernels() {
 #endif
 }
 
-const char* isa_name(int isa) { return isa == kScalar ? "scalar" : (isa == kAvx2 ? "avx2" : "auto"); }
+const char* isa_name(int isa) {
+  return isa == kScalar ? "scalar" : (isa == kAvx2 ? "avx2" : "auto");
+}
 
 // ---------------------------------------------------------------------------
 // Validation.
@@ -69,7 +71,9 @@ const char* isa_name(int isa) { return isa == kScalar ? "scalar" : (isa == kAvx2
   throw std::invalid_argument(std::string("qpeft._C.") + fn + ": " + what);
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+int64_t ceil_div(int64_t a, int64_t b) {
+  return a / b + (a % b != 0);
+}
 
 // num_threads < 1 is taken as 1 (thread_count clamps it).
 void check_common(const char* fn, int64_t n, int64_t blocksize) {
@@ -79,12 +83,14 @@ void check_common(const char* fn, int64_t n, int64_t blocksize) {
 
 void check_dtype(const char* fn, const char* what, int dtype) {
   if (dtype != kF32 && dtype != kF16 && dtype != kBF16) {
-    fail(fn, std::string(what) + " must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
+    fail(fn, std::string(what) + " must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
+                 std::to_string(dtype));
   }
 }
 
 void check_quant_type(const char* fn, int qt) {
-  if (qt != kFP4 && qt != kNF4) fail(fn, "quant_type must be 1 (fp4) or 2 (nf4), got " + std::to_string(qt));
+  if (qt != kFP4 && qt != kNF4)
+    fail(fn, "quant_type must be 1 (fp4) or 2 (nf4), got " + std::to_string(qt));
 }
 
 void check_len(const char* fn, const char* name, int64_t len, int64_t required) {
@@ -141,7 +147,8 @@ std::shared_ptr<const Lut8> get_lut8(const float* code) {
 
 CpuFeatures cpu_features() {
 #if QPEFT_HAVE_AVX2_TU
-  __builtin_cpu_init();  // libgcc runs it from a constructor, but order across .so inits is not guaranteed
+  __builtin_cpu_init();  // libgcc runs it from a constructor, but order across .so inits is not
+                         // guaranteed
   return {__builtin_cpu_supports("avx2") != 0, __builtin_cpu_supports("fma") != 0,
           __builtin_cpu_supports("f16c") != 0};
 #else
@@ -151,15 +158,21 @@ CpuFeatures cpu_features() {
 
 std::string set_isa(const std::string& name) {
   int isa;
-  if (name == "auto") isa = kAuto;
-  else if (name == "scalar") isa = kScalar;
-  else if (name == "avx2") isa = kAvx2;
-  else fail("set_isa", "unknown ISA '" + name + "' (expected 'auto', 'scalar' or 'avx2')");
+  if (name == "auto")
+    isa = kAuto;
+  else if (name == "scalar")
+    isa = kScalar;
+  else if (name == "avx2")
+    isa = kAvx2;
+  else
+    fail("set_isa", "unknown ISA '" + name + "' (expected 'auto', 'scalar' or 'avx2')");
   if (isa == kAvx2 && !has_avx2()) fail("set_isa", "this CPU lacks AVX2/FMA/F16C");
   return isa_name(g_isa.exchange(isa));
 }
 
-std::string active_isa() { return kernels().name; }
+std::string active_isa() {
+  return kernels().name;
+}
 
 std::string lut8(uintptr_t code) {
   check_ptr("lut8", "code", code);
@@ -181,8 +194,13 @@ void quantize_4bit(uintptr_t x, int x_dtype, int64_t n, int64_t blocksize, int q
   check_ptr(fn, "x", x);
   check_ptr(fn, "packed", packed);
   check_ptr(fn, "absmax", absmax);
-  const Quant4Args args{reinterpret_cast<const void*>(x), x_dtype, n, blocksize, quant_type,
-                        reinterpret_cast<uint8_t*>(packed), reinterpret_cast<float*>(absmax)};
+  const Quant4Args args{reinterpret_cast<const void*>(x),
+                        x_dtype,
+                        n,
+                        blocksize,
+                        quant_type,
+                        reinterpret_cast<uint8_t*>(packed),
+                        reinterpret_cast<float*>(absmax)};
   if (blocksize % 2 != 0) {
     // Blocks share bytes: the scalar kernel on one thread (no format uses this).
     kScalarKernels.quantize_4bit(args, 0, blocks);
@@ -251,14 +269,19 @@ void quantize_blockwise(uintptr_t x, int x_dtype, int64_t n, int64_t blocksize, 
   check_ptr(fn, "q", q);
   check_ptr(fn, "absmax", absmax);
   const auto lut = get_lut8(reinterpret_cast<const float*>(code));
-  const Quant8Args args{reinterpret_cast<const void*>(x), x_dtype, n, blocksize, lut->table.data(),
-                        reinterpret_cast<uint8_t*>(q), reinterpret_cast<float*>(absmax)};
+  const Quant8Args args{reinterpret_cast<const void*>(x),
+                        x_dtype,
+                        n,
+                        blocksize,
+                        lut->table.data(),
+                        reinterpret_cast<uint8_t*>(q),
+                        reinterpret_cast<float*>(absmax)};
   run_blocks(kernels().quantize_blockwise, args, blocks, thread_count(num_threads, n));
 }
 
 void dequantize_blockwise(uintptr_t q, int64_t q_len, uintptr_t absmax, int64_t absmax_len,
-                          uintptr_t code, int64_t n, int64_t blocksize, uintptr_t out, int out_dtype,
-                          int num_threads) {
+                          uintptr_t code, int64_t n, int64_t blocksize, uintptr_t out,
+                          int out_dtype, int num_threads) {
   const char* fn = "dequantize_blockwise";
   check_common(fn, n, blocksize);
   check_dtype(fn, "out_dtype", out_dtype);
@@ -270,9 +293,13 @@ void dequantize_blockwise(uintptr_t q, int64_t q_len, uintptr_t absmax, int64_t 
   check_ptr(fn, "absmax", absmax);
   check_ptr(fn, "code", code);
   check_ptr(fn, "out", out);
-  const Dequant8Args args{reinterpret_cast<const uint8_t*>(q), reinterpret_cast<const float*>(absmax),
-                          reinterpret_cast<const float*>(code), n, blocksize,
-                          reinterpret_cast<void*>(out), out_dtype};
+  const Dequant8Args args{reinterpret_cast<const uint8_t*>(q),
+                          reinterpret_cast<const float*>(absmax),
+                          reinterpret_cast<const float*>(code),
+                          n,
+                          blocksize,
+                          reinterpret_cast<void*>(out),
+                          out_dtype};
   run_blocks(kernels().dequantize_blockwise, args, blocks, thread_count(num_threads, n));
 }
 

@@ -25,11 +25,14 @@ namespace {
   throw std::invalid_argument("qpeft._C.gemv_4bit: " + what);
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+int64_t ceil_div(int64_t a, int64_t b) {
+  return a / b + (a % b != 0);
+}
 
 float block_scale(const Gemv4Args& a, int64_t b) {
   if (a.absmax_q == nullptr) return a.absmax[b];
-  return nested_absmax_value(a.absmax_q[b], a.nested_code, a.nested_absmax[b / a.nested_blocksize], a.offset);
+  return nested_absmax_value(a.absmax_q[b], a.nested_code, a.nested_absmax[b / a.nested_blocksize],
+                             a.offset);
 }
 
 }  // namespace
@@ -62,19 +65,24 @@ void gemv_4bit(uintptr_t x, int64_t m, int64_t n, int64_t k, uintptr_t packed, i
                uintptr_t nested_absmax, int64_t nested_absmax_len, uintptr_t nested_code,
                uintptr_t offset, int64_t nested_blocksize, uintptr_t out, int num_threads) {
   if (m < 0 || n < 0 || k < 0) fail("m, n, k must be >= 0");
-  if (blocksize < 2 || (blocksize & (blocksize - 1)) != 0) fail("blocksize must be a power of two >= 2");
-  if (quant_type != kNF4 && quant_type != kFP4) fail("unknown quant_type " + std::to_string(quant_type));
+  if (blocksize < 2 || (blocksize & (blocksize - 1)) != 0)
+    fail("blocksize must be a power of two >= 2");
+  if (quant_type != kNF4 && quant_type != kFP4)
+    fail("unknown quant_type " + std::to_string(quant_type));
   if (n != 0 && k > INT64_MAX / n) fail("n * k overflows");
   const int64_t numel = n * k;
   const int64_t blocks = ceil_div(numel, blocksize);
-  if (packed_len != numel / 2 + numel % 2) fail("packed has " + std::to_string(packed_len) + " bytes, expected " +
-                                                std::to_string(numel / 2 + numel % 2));
-  if (absmax_len != blocks) fail("absmax has " + std::to_string(absmax_len) + " entries, expected " +
-                                 std::to_string(blocks));
+  if (packed_len != numel / 2 + numel % 2)
+    fail("packed has " + std::to_string(packed_len) + " bytes, expected " +
+         std::to_string(numel / 2 + numel % 2));
+  if (absmax_len != blocks)
+    fail("absmax has " + std::to_string(absmax_len) + " entries, expected " +
+         std::to_string(blocks));
   const bool nested = nested_absmax != 0;
   if (nested) {
     if (nested_blocksize < 1) fail("nested_blocksize must be >= 1");
-    if (nested_absmax_len != ceil_div(blocks, nested_blocksize)) fail("nested_absmax has the wrong length");
+    if (nested_absmax_len != ceil_div(blocks, nested_blocksize))
+      fail("nested_absmax has the wrong length");
     if (nested_code == 0 || offset == 0) fail("double quantization needs nested_code and offset");
   }
   if (m == 0 || n == 0) return;
@@ -84,14 +92,20 @@ void gemv_4bit(uintptr_t x, int64_t m, int64_t n, int64_t k, uintptr_t packed, i
     return;
   }
   if (x == 0 || packed == 0 || absmax == 0 || out == 0) fail("null pointer");
-  const Gemv4Args args{reinterpret_cast<const float*>(x), m, n, k, reinterpret_cast<const uint8_t*>(packed),
-                       blocksize, quant_type,
+  const Gemv4Args args{reinterpret_cast<const float*>(x),
+                       m,
+                       n,
+                       k,
+                       reinterpret_cast<const uint8_t*>(packed),
+                       blocksize,
+                       quant_type,
                        nested ? nullptr : reinterpret_cast<const float*>(absmax),
                        nested ? reinterpret_cast<const uint8_t*>(absmax) : nullptr,
                        nested ? reinterpret_cast<const float*>(nested_absmax) : nullptr,
                        nested ? reinterpret_cast<const float*>(nested_code) : nullptr,
                        nested ? *reinterpret_cast<const float*>(offset) : 0.0f,
-                       nested ? nested_blocksize : 1, reinterpret_cast<float*>(out)};
+                       nested ? nested_blocksize : 1,
+                       reinterpret_cast<float*>(out)};
   // The AVX2 kernel walks whole blocks per row of W.
 #if QPEFT_HAVE_AVX2_TU
   auto kernel = (active_isa() == "avx2" && k % blocksize == 0) ? gemv4_avx2 : gemv4_scalar;

@@ -27,7 +27,8 @@ inline float hsum8(__m256 v) {
 
 inline float scale_of(const Gemv4Args& a, int64_t b) {
   if (a.absmax_q == nullptr) return a.absmax[b];
-  return nested_absmax_value(a.absmax_q[b], a.nested_code, a.nested_absmax[b / a.nested_blocksize], a.offset);
+  return nested_absmax_value(a.absmax_q[b], a.nested_code, a.nested_absmax[b / a.nested_blocksize],
+                             a.offset);
 }
 
 // Rows i0 .. i0+MG-1 of x against row `row` of W.
@@ -52,10 +53,12 @@ void row_group(const Gemv4Args& a, int64_t row, int64_t i0, __m256 tlo, __m256 t
       for (int h = 0; h < 2; ++h) {
         for (int q = 0; q < 2; ++q) {
           const __m256i idx = _mm256_cvtepu8_epi32(q == 0 ? c[h] : _mm_srli_si128(c[h], 8));
-          const __m256 w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, idx), _mm256_permutevar8x32_ps(thi, idx),
+          const __m256 w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, idx),
+                                            _mm256_permutevar8x32_ps(thi, idx),
                                             _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
           const int64_t off = j + 16 * h + 8 * q;
-          for (int g = 0; g < MG; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(x[g] + off), w, acc[g]);
+          for (int g = 0; g < MG; ++g)
+            acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(x[g] + off), w, acc[g]);
         }
       }
     }
@@ -74,10 +77,17 @@ void gemv4_avx2(const Gemv4Args& a, int64_t n0, int64_t n1) {
     int64_t i = 0;
     for (; i + 4 <= a.m; i += 4) row_group<4>(a, row, i, tlo, thi);
     switch (a.m - i) {
-      case 3: row_group<3>(a, row, i, tlo, thi); break;
-      case 2: row_group<2>(a, row, i, tlo, thi); break;
-      case 1: row_group<1>(a, row, i, tlo, thi); break;
-      default: break;
+      case 3:
+        row_group<3>(a, row, i, tlo, thi);
+        break;
+      case 2:
+        row_group<2>(a, row, i, tlo, thi);
+        break;
+      case 1:
+        row_group<1>(a, row, i, tlo, thi);
+        break;
+      default:
+        break;
     }
   }
 }

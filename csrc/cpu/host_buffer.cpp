@@ -28,12 +28,16 @@ void free_host(void* p) {
 }  // namespace
 
 dlpack::ManagedTensor* host_buffer(int64_t numel, int dl_code, int bits) {
-  if (numel < 0) throw std::invalid_argument("qpeft._C.host_buffer: numel must be >= 0, got " + std::to_string(numel));
+  if (numel < 0)
+    throw std::invalid_argument("qpeft._C.host_buffer: numel must be >= 0, got " +
+                                std::to_string(numel));
   const bool ok = (dl_code == dlpack::kFloat && (bits == 16 || bits == 32)) ||
-                  (dl_code == dlpack::kUInt && bits == 8) || (dl_code == dlpack::kBfloat && bits == 16);
+                  (dl_code == dlpack::kUInt && bits == 8) ||
+                  (dl_code == dlpack::kBfloat && bits == 16);
   if (!ok) {
-    throw std::invalid_argument("qpeft._C.host_buffer: unsupported DLPack dtype code " + std::to_string(dl_code) +
-                                " with " + std::to_string(bits) + " bits");
+    throw std::invalid_argument("qpeft._C.host_buffer: unsupported DLPack dtype code " +
+                                std::to_string(dl_code) + " with " + std::to_string(bits) +
+                                " bits");
   }
   // 64-byte aligned (a cache line), at least one line so numel == 0 is a valid pointer.
   const size_t bytes = static_cast<size_t>(numel) * static_cast<size_t>(bits / 8);
@@ -43,15 +47,18 @@ dlpack::ManagedTensor* host_buffer(int64_t numel, int dl_code, int bits) {
   std::memset(data, 0, rounded);
   g_live.fetch_add(1);
   try {
-    return dlpack::make_buffer(data, numel, dlpack::DataType{static_cast<uint8_t>(dl_code), static_cast<uint8_t>(bits), 1},
-                               dlpack::Device{dlpack::kCPU, 0}, free_host);
+    return dlpack::make_buffer(
+        data, numel, dlpack::DataType{static_cast<uint8_t>(dl_code), static_cast<uint8_t>(bits), 1},
+        dlpack::Device{dlpack::kCPU, 0}, free_host);
   } catch (...) {
     free_host(data);
     throw;
   }
 }
 
-int64_t host_buffers_live() { return g_live.load(); }
+int64_t host_buffers_live() {
+  return g_live.load();
+}
 
 }  // namespace cpu
 }  // namespace qpeft

@@ -25,7 +25,9 @@ namespace qpeft {
 namespace cpu {
 namespace {
 
-inline int64_t block_end(int64_t begin, int64_t bs, int64_t n) { return begin + bs < n ? begin + bs : n; }
+inline int64_t block_end(int64_t begin, int64_t bs, int64_t n) {
+  return begin + bs < n ? begin + bs : n;
+}
 
 // ---------------------------------------------------------------------------
 // Block absmax: max |x| with a separate NaN flag (cmp_unord), because maxps
@@ -54,8 +56,10 @@ float absmax_range(const void* x, int64_t begin, int64_t end) {
   for (; i < end; ++i) {
     float a = load_as_f32(x, i, D);
     a = a < 0.0f ? -a : a;
-    if (!(a == a)) has_nan = true;
-    else if (a > m) m = a;
+    if (!(a == a))
+      has_nan = true;
+    else if (a > m)
+      m = a;
   }
   return has_nan ? bits_f32(0x7fc00000u) : m;
 }
@@ -91,8 +95,8 @@ struct Encode4Consts {
 // last block is normalised by x / floored absmax instead of x * (1 / absmax),
 // as format.h's normalize4 (and bitsandbytes' CPU path) does.
 template <int D, int QT, bool DIV>
-void encode_block(const Quant4Args& a, const Encode4Consts& k, int64_t i, int64_t end, float floored,
-                  float inv) {
+void encode_block(const Quant4Args& a, const Encode4Consts& k, int64_t i, int64_t end,
+                  float floored, float inv) {
   const float* mid_s = QT == kNF4 ? kNF4Mid : kFP4Mid;
   const uint8_t* order = QT == kNF4 ? kNF4Order : kFP4Order;
   const __m256 scale = _mm256_set1_ps(DIV ? floored : inv);
@@ -108,7 +112,8 @@ void encode_block(const Quant4Args& a, const Encode4Consts& k, int64_t i, int64_
     __m256i codes = pack32(c0, c1, c2, c3);
     if (QT != kNF4) codes = _mm256_shuffle_epi8(k.order_lut, codes);
     const __m256i w = _mm256_maddubs_epi16(codes, k.nibble_weights);
-    const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    const __m128i bytes =
+        _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(a.packed + (i >> 1)), bytes);
   }
   auto code1 = [&](int64_t j) {
@@ -125,7 +130,8 @@ void quantize_4bit_impl(const Quant4Args& a, int64_t b0, int64_t b1) {
   const float* mid_s = QT == kNF4 ? kNF4Mid : kFP4Mid;
   const uint8_t* order = QT == kNF4 ? kNF4Order : kFP4Order;
   for (int j = 0; j < kNumCodes4 - 1; ++j) k.mid[j] = _mm256_set1_ps(mid_s[j]);
-  k.order_lut = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(order)));
+  k.order_lut =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(order)));
   k.nibble_weights = _mm256_set1_epi16(0x0110);
 
   for (int64_t b = b0; b < b1; ++b) {
@@ -134,21 +140,28 @@ void quantize_4bit_impl(const Quant4Args& a, int64_t b0, int64_t b1) {
     const float am = absmax_range<D>(a.x, begin, end);
     a.absmax[b] = am;  // unfloored: 0 for an all-zero block
     const float floored = floor_absmax4(am), inv = inv_absmax4(am);
-    if (end - begin < a.blocksize) encode_block<D, QT, true>(a, k, begin, end, floored, inv);
-    else encode_block<D, QT, false>(a, k, begin, end, floored, inv);
+    if (end - begin < a.blocksize)
+      encode_block<D, QT, true>(a, k, begin, end, floored, inv);
+    else
+      encode_block<D, QT, false>(a, k, begin, end, floored, inv);
   }
 }
 
 template <int QT>
 void quantize_4bit_qt(const Quant4Args& a, int64_t b0, int64_t b1) {
-  if (a.x_dtype == kF32) quantize_4bit_impl<kF32, QT>(a, b0, b1);
-  else if (a.x_dtype == kF16) quantize_4bit_impl<kF16, QT>(a, b0, b1);
-  else quantize_4bit_impl<kBF16, QT>(a, b0, b1);
+  if (a.x_dtype == kF32)
+    quantize_4bit_impl<kF32, QT>(a, b0, b1);
+  else if (a.x_dtype == kF16)
+    quantize_4bit_impl<kF16, QT>(a, b0, b1);
+  else
+    quantize_4bit_impl<kBF16, QT>(a, b0, b1);
 }
 
 void quantize_4bit(const Quant4Args& a, int64_t b0, int64_t b1) {
-  if (a.quant_type == kNF4) quantize_4bit_qt<kNF4>(a, b0, b1);
-  else quantize_4bit_qt<kFP4>(a, b0, b1);
+  if (a.quant_type == kNF4)
+    quantize_4bit_qt<kNF4>(a, b0, b1);
+  else
+    quantize_4bit_qt<kFP4>(a, b0, b1);
 }
 
 // ---------------------------------------------------------------------------
@@ -176,7 +189,8 @@ inline void for_each_block_scale(const Dequant4Args& a, int64_t b0, int64_t b1, 
     const int64_t group = b / a.nested_blocksize;
     const int64_t group_end = std::min(b1, (group + 1) * a.nested_blocksize);
     const float nested = a.nested_absmax[group];
-    for (; b < group_end; ++b) body(b, nested_absmax_value(a.absmax_q[b], a.nested_code, nested, a.offset));
+    for (; b < group_end; ++b)
+      body(b, nested_absmax_value(a.absmax_q[b], a.nested_code, nested, a.offset));
   }
 }
 
@@ -194,8 +208,8 @@ inline void unpack_nibbles(const uint8_t* p, __m128i& c0, __m128i& c1) {
 // at byte c of each lane, hi_tab byte 1. `w` holds the uint16 results of codes
 // 0-7 in lane 0 and 8-15 in lane 1.
 inline void split_tables(__m256i w, __m256i& lo_tab, __m256i& hi_tab) {
-  const __m256i even_odd = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-                                            0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m256i even_odd = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0,
+                                            2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   w = _mm256_shuffle_epi8(w, even_odd);  // qwords: lo 0-7, hi 0-7, lo 8-15, hi 8-15
   lo_tab = _mm256_permute4x64_epi64(w, _MM_SHUFFLE(2, 0, 2, 0));
   hi_tab = _mm256_permute4x64_epi64(w, _MM_SHUFFLE(3, 1, 3, 1));
@@ -206,7 +220,8 @@ inline void split_tables(__m256i w, __m256i& lo_tab, __m256i& hi_tab) {
 inline __m256i bf16_bits_finite(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb),
+                           16);
 }
 
 template <int D>
@@ -215,8 +230,10 @@ void dequantize_4bit_impl(const Dequant4Args& a, int64_t b0, int64_t b1) {
   const __m256 tlo = _mm256_loadu_ps(table), thi = _mm256_loadu_ps(table + 8);
   // For bf16 the products are made in the order codes {0-3, 8-11} / {4-7, 12-15},
   // so that packus (which interleaves 128-bit lanes) yields codes 0-7 | 8-15.
-  const __m256 tmix0 = _mm256_setr_ps(table[0], table[1], table[2], table[3], table[8], table[9], table[10], table[11]);
-  const __m256 tmix1 = _mm256_setr_ps(table[4], table[5], table[6], table[7], table[12], table[13], table[14], table[15]);
+  const __m256 tmix0 = _mm256_setr_ps(table[0], table[1], table[2], table[3], table[8], table[9],
+                                      table[10], table[11]);
+  const __m256 tmix1 = _mm256_setr_ps(table[4], table[5], table[6], table[7], table[12], table[13],
+                                      table[14], table[15]);
   // 32 packed bytes: dwords 0,2,4,6 to lane 0 and 1,3,5,7 to lane 1, so that the
   // in-lane unpacks below leave 16 consecutive outputs in each 256-bit store.
   const __m256i dword_order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
@@ -256,7 +273,8 @@ void dequantize_4bit_impl(const Dequant4Args& a, int64_t b0, int64_t b1) {
 
     __m256i w;
     if (D == kF16) {
-      w = _mm256_set_m128i(cvt_half<kF16>(_mm256_mul_ps(thi, s)), cvt_half<kF16>(_mm256_mul_ps(tlo, s)));
+      w = _mm256_set_m128i(cvt_half<kF16>(_mm256_mul_ps(thi, s)),
+                           cvt_half<kF16>(_mm256_mul_ps(tlo, s)));
     } else {
       const __m256 p0 = _mm256_mul_ps(tmix0, s), p1 = _mm256_mul_ps(tmix1, s);
       // |table[c]| <= 1, so a finite scale gives finite products and the NaN rule
@@ -277,8 +295,10 @@ void dequantize_4bit_impl(const Dequant4Args& a, int64_t b0, int64_t b1) {
       for (int h = 0; h < 2; ++h) {
         const __m256i l = _mm256_shuffle_epi8(lo_tab, codes[h]);
         const __m256i u = _mm256_shuffle_epi8(hi_tab, codes[h]);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 32 * h), _mm256_unpacklo_epi8(l, u));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 32 * h + 16), _mm256_unpackhi_epi8(l, u));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 32 * h),
+                            _mm256_unpacklo_epi8(l, u));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 32 * h + 16),
+                            _mm256_unpackhi_epi8(l, u));
       }
     }
     const __m128i lo128 = _mm256_castsi256_si128(lo_tab), hi128 = _mm256_castsi256_si128(hi_tab);
@@ -306,9 +326,12 @@ void dequantize_4bit_impl(const Dequant4Args& a, int64_t b0, int64_t b1) {
 }
 
 void dequantize_4bit(const Dequant4Args& a, int64_t b0, int64_t b1) {
-  if (a.out_dtype == kF32) dequantize_4bit_impl<kF32>(a, b0, b1);
-  else if (a.out_dtype == kF16) dequantize_4bit_impl<kF16>(a, b0, b1);
-  else dequantize_4bit_impl<kBF16>(a, b0, b1);
+  if (a.out_dtype == kF32)
+    dequantize_4bit_impl<kF32>(a, b0, b1);
+  else if (a.out_dtype == kF16)
+    dequantize_4bit_impl<kF16>(a, b0, b1);
+  else
+    dequantize_4bit_impl<kBF16>(a, b0, b1);
 }
 
 // ---------------------------------------------------------------------------
@@ -351,9 +374,12 @@ void quantize_blockwise_impl(const Quant8Args& a, int64_t b0, int64_t b1) {
 }
 
 void quantize_blockwise(const Quant8Args& a, int64_t b0, int64_t b1) {
-  if (a.x_dtype == kF32) quantize_blockwise_impl<kF32>(a, b0, b1);
-  else if (a.x_dtype == kF16) quantize_blockwise_impl<kF16>(a, b0, b1);
-  else quantize_blockwise_impl<kBF16>(a, b0, b1);
+  if (a.x_dtype == kF32)
+    quantize_blockwise_impl<kF32>(a, b0, b1);
+  else if (a.x_dtype == kF16)
+    quantize_blockwise_impl<kF16>(a, b0, b1);
+  else
+    quantize_blockwise_impl<kBF16>(a, b0, b1);
 }
 
 // ---------------------------------------------------------------------------
@@ -377,8 +403,8 @@ void dequantize_blockwise_impl(const Dequant8Args& a, int64_t b0, int64_t b1) {
       for (; i + 16 <= end; i += 16) {
         __m256 v[2];
         for (int h = 0; h < 2; ++h) {
-          const __m256i idx =
-              _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.q + i + 8 * h)));
+          const __m256i idx = _mm256_cvtepu8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.q + i + 8 * h)));
           v[h] = _mm256_mul_ps(_mm256_i32gather_ps(a.code, idx, 4), vs);
         }
         __m256i w;
@@ -394,7 +420,8 @@ void dequantize_blockwise_impl(const Dequant8Args& a, int64_t b0, int64_t b1) {
       }
     }
     for (; i + 8 <= end; i += 8) {
-      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.q + i)));
+      const __m256i idx =
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.q + i)));
       store8<D>(a.out, i, _mm256_mul_ps(_mm256_i32gather_ps(a.code, idx, 4), vs));
     }
     for (; i < end; ++i) store_from_f32(a.out, i, D, a.code[a.q[i]] * s);
@@ -402,9 +429,12 @@ void dequantize_blockwise_impl(const Dequant8Args& a, int64_t b0, int64_t b1) {
 }
 
 void dequantize_blockwise(const Dequant8Args& a, int64_t b0, int64_t b1) {
-  if (a.out_dtype == kF32) dequantize_blockwise_impl<kF32>(a, b0, b1);
-  else if (a.out_dtype == kF16) dequantize_blockwise_impl<kF16>(a, b0, b1);
-  else dequantize_blockwise_impl<kBF16>(a, b0, b1);
+  if (a.out_dtype == kF32)
+    dequantize_blockwise_impl<kF32>(a, b0, b1);
+  else if (a.out_dtype == kF16)
+    dequantize_blockwise_impl<kF16>(a, b0, b1);
+  else
+    dequantize_blockwise_impl<kBF16>(a, b0, b1);
 }
 
 }  // namespace

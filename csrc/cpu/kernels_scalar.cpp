@@ -21,8 +21,10 @@ float block_absmax(const void* x, int dtype, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     float a = load_as_f32(x, i, dtype);
     a = a < 0.0f ? -a : a;  // -0.0 stays -0.0 here, but 0.0 > -0.0 is false: m stays +0
-    if (!(a == a)) nan = true;
-    else if (a > m) m = a;
+    if (!(a == a))
+      nan = true;
+    else if (a > m)
+      m = a;
   }
   return nan ? bits_f32(0x7fc00000u) : m;
 }
@@ -38,7 +40,9 @@ void quantize_4bit(const Quant4Args& a, int64_t b0, int64_t b1) {
     a.absmax[b] = am;  // unfloored: 0 for an all-zero block
     const float floored = floor_absmax4(am), inv = inv_absmax4(am);
     const bool partial = end - begin < a.blocksize;  // the last block divides (format.h)
-    auto norm = [&](int64_t i) { return normalize4(load_as_f32(a.x, i, a.x_dtype), floored, inv, partial); };
+    auto norm = [&](int64_t i) {
+      return normalize4(load_as_f32(a.x, i, a.x_dtype), floored, inv, partial);
+    };
     for (int64_t i = begin; i < end;) {
       const uint8_t c = encode4(norm(i), mid, order);
       uint8_t& byte = a.packed[i >> 1];

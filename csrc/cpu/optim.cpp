@@ -37,7 +37,9 @@ int64_t thread_count(int num_threads, int64_t n) {
   return t < by_work ? t : by_work;
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+int64_t ceil_div(int64_t a, int64_t b) {
+  return a / b + (a % b != 0);
+}
 
 const OptimKernelTable& kernels() {
 #if QPEFT_HAVE_AVX2_TU
@@ -58,13 +60,15 @@ const OptimKernelTable& kernels() {
 void check_common(const char* fn, int dtype, int64_t n) {
   if (n < 0) fail(fn, "n must be >= 0, got " + std::to_string(n));
   if (dtype != kF32 && dtype != kF16 && dtype != kBF16) {
-    fail(fn, "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
+    fail(fn,
+         "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
   }
 }
 
 void check_len(const char* fn, const char* name, int64_t len, int64_t required) {
   if (len != required) {
-    fail(fn, std::string(name) + " holds " + std::to_string(len) + " elements, expected " + std::to_string(required));
+    fail(fn, std::string(name) + " holds " + std::to_string(len) + " elements, expected " +
+                 std::to_string(required));
   }
 }
 
@@ -222,7 +226,8 @@ void run_list(Kernel kernel, const std::vector<Args>& list, bool element_ranges,
     elems += list[i].n;
   }
   run_chunks(start.back(), thread_count(num_threads, elems), [&](int64_t u0, int64_t u1) {
-    size_t i = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), u0) - start.begin()) - 1;
+    size_t i =
+        static_cast<size_t>(std::upper_bound(start.begin(), start.end(), u0) - start.begin()) - 1;
     for (; i < list.size() && start[i] < u1; ++i) {
       const int64_t a = (u0 > start[i] ? u0 : start[i]) - start[i];
       const int64_t b = (u1 < start[i + 1] ? u1 : start[i + 1]) - start[i];
@@ -239,8 +244,9 @@ void run_list(Kernel kernel, const std::vector<Args>& list, bool element_ranges,
 
 // --- argument checks, shared by the single- and multi-tensor entry points ------
 
-Adam32Args adam32_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg,
-                       int64_t exp_avg_len, uintptr_t exp_avg_sq, int64_t exp_avg_sq_len, const AdamScalars& s) {
+Adam32Args adam32_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype, int64_t n,
+                       uintptr_t exp_avg, int64_t exp_avg_len, uintptr_t exp_avg_sq,
+                       int64_t exp_avg_sq_len, const AdamScalars& s) {
   check_common(fn, dtype, n);
   check_adam(fn, s);
   check_len(fn, "exp_avg", exp_avg_len, n);
@@ -251,14 +257,15 @@ Adam32Args adam32_args(const char* fn, uintptr_t param, uintptr_t grad, int dtyp
     check_ptr(fn, "exp_avg", exp_avg);
     check_ptr(fn, "exp_avg_sq", exp_avg_sq);
   }
-  return Adam32Args{reinterpret_cast<void*>(param), reinterpret_cast<const void*>(grad), dtype, n,
-                    reinterpret_cast<float*>(exp_avg), reinterpret_cast<float*>(exp_avg_sq), s};
+  return Adam32Args{
+      reinterpret_cast<void*>(param),    reinterpret_cast<const void*>(grad),  dtype, n,
+      reinterpret_cast<float*>(exp_avg), reinterpret_cast<float*>(exp_avg_sq), s};
 }
 
-Adam8Args adam8_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1,
-                     int64_t q1_len, uintptr_t absmax1, int64_t absmax1_len, uintptr_t q2, int64_t q2_len,
-                     uintptr_t absmax2, int64_t absmax2_len, const StateCodec* c1, const StateCodec* c2,
-                     const AdamScalars& s) {
+Adam8Args adam8_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype, int64_t n,
+                     uintptr_t q1, int64_t q1_len, uintptr_t absmax1, int64_t absmax1_len,
+                     uintptr_t q2, int64_t q2_len, uintptr_t absmax2, int64_t absmax2_len,
+                     const StateCodec* c1, const StateCodec* c2, const AdamScalars& s) {
   check_common(fn, dtype, n);
   check_adam(fn, s);
   check_len(fn, "exp_avg_q", q1_len, n);
@@ -273,13 +280,21 @@ Adam8Args adam8_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype,
     check_ptr(fn, "exp_avg_sq_q", q2);
     check_ptr(fn, "exp_avg_sq_absmax", absmax2);
   }
-  return Adam8Args{reinterpret_cast<void*>(param), reinterpret_cast<const void*>(grad), dtype, n,
-                   reinterpret_cast<uint8_t*>(q1), reinterpret_cast<float*>(absmax1),
-                   reinterpret_cast<uint8_t*>(q2), reinterpret_cast<float*>(absmax2), c1, c2, s};
+  return Adam8Args{reinterpret_cast<void*>(param),
+                   reinterpret_cast<const void*>(grad),
+                   dtype,
+                   n,
+                   reinterpret_cast<uint8_t*>(q1),
+                   reinterpret_cast<float*>(absmax1),
+                   reinterpret_cast<uint8_t*>(q2),
+                   reinterpret_cast<float*>(absmax2),
+                   c1,
+                   c2,
+                   s};
 }
 
-Lion32Args lion32_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg,
-                       int64_t exp_avg_len, const LionScalars& s) {
+Lion32Args lion32_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype, int64_t n,
+                       uintptr_t exp_avg, int64_t exp_avg_len, const LionScalars& s) {
   check_common(fn, dtype, n);
   check_lion(fn, s);
   check_len(fn, "exp_avg", exp_avg_len, n);
@@ -288,13 +303,17 @@ Lion32Args lion32_args(const char* fn, uintptr_t param, uintptr_t grad, int dtyp
     check_ptr(fn, "grad", grad);
     check_ptr(fn, "exp_avg", exp_avg);
   }
-  return Lion32Args{reinterpret_cast<void*>(param), reinterpret_cast<const void*>(grad), dtype, n,
-                    reinterpret_cast<float*>(exp_avg), s};
+  return Lion32Args{reinterpret_cast<void*>(param),
+                    reinterpret_cast<const void*>(grad),
+                    dtype,
+                    n,
+                    reinterpret_cast<float*>(exp_avg),
+                    s};
 }
 
-Lion8Args lion8_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1,
-                     int64_t q1_len, uintptr_t absmax1, int64_t absmax1_len, const StateCodec* c1,
-                     const LionScalars& s) {
+Lion8Args lion8_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype, int64_t n,
+                     uintptr_t q1, int64_t q1_len, uintptr_t absmax1, int64_t absmax1_len,
+                     const StateCodec* c1, const LionScalars& s) {
   check_common(fn, dtype, n);
   check_lion(fn, s);
   check_len(fn, "exp_avg_q", q1_len, n);
@@ -306,7 +325,7 @@ Lion8Args lion8_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype,
     check_ptr(fn, "exp_avg_absmax", absmax1);
   }
   return Lion8Args{reinterpret_cast<void*>(param), reinterpret_cast<const void*>(grad), dtype, n,
-                   reinterpret_cast<uint8_t*>(q1), reinterpret_cast<float*>(absmax1), c1, s};
+                   reinterpret_cast<uint8_t*>(q1), reinterpret_cast<float*>(absmax1),   c1,    s};
 }
 
 // Row i of a multi-tensor call: `width` integers in the single call's order,
@@ -324,47 +343,51 @@ const int64_t* row(const char* fn, Rows rows, int64_t i, int64_t width, const st
   return r;
 }
 
-uintptr_t up(int64_t v) { return static_cast<uintptr_t>(v); }
+uintptr_t up(int64_t v) {
+  return static_cast<uintptr_t>(v);
+}
 
 }  // namespace
 
 // ---------------------------------------------------------------------------
 
 void adamw32_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg,
-                  int64_t exp_avg_len, uintptr_t exp_avg_sq, int64_t exp_avg_sq_len, const AdamScalars& s,
-                  int num_threads) {
-  const Adam32Args args =
-      adam32_args("adamw32_step", param, grad, dtype, n, exp_avg, exp_avg_len, exp_avg_sq, exp_avg_sq_len, s);
+                  int64_t exp_avg_len, uintptr_t exp_avg_sq, int64_t exp_avg_sq_len,
+                  const AdamScalars& s, int num_threads) {
+  const Adam32Args args = adam32_args("adamw32_step", param, grad, dtype, n, exp_avg, exp_avg_len,
+                                      exp_avg_sq, exp_avg_sq_len, s);
   if (n > 0) run_elements(kernels().adam32, args, n, num_threads);
 }
 
-void adamw8bit_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1, int64_t q1_len,
-                    uintptr_t absmax1, int64_t absmax1_len, uintptr_t q2, int64_t q2_len, uintptr_t absmax2,
-                    int64_t absmax2_len, uintptr_t code1, uintptr_t code2, const AdamScalars& s,
-                    int num_threads) {
+void adamw8bit_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1,
+                    int64_t q1_len, uintptr_t absmax1, int64_t absmax1_len, uintptr_t q2,
+                    int64_t q2_len, uintptr_t absmax2, int64_t absmax2_len, uintptr_t code1,
+                    uintptr_t code2, const AdamScalars& s, int num_threads) {
   const char* fn = "adamw8bit_step";
   check_ptr(fn, "qmap_signed", code1);
   check_ptr(fn, "qmap_unsigned", code2);
   const auto c1 = get_codec(fn, code1);
   const auto c2 = get_codec(fn, code2);
-  const Adam8Args args = adam8_args(fn, param, grad, dtype, n, q1, q1_len, absmax1, absmax1_len, q2, q2_len,
-                                    absmax2, absmax2_len, &c1->c, &c2->c, s);
+  const Adam8Args args = adam8_args(fn, param, grad, dtype, n, q1, q1_len, absmax1, absmax1_len, q2,
+                                    q2_len, absmax2, absmax2_len, &c1->c, &c2->c, s);
   if (n > 0) run_blocks(kernels().adam8, args, n, num_threads);
 }
 
-void lion32_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg, int64_t exp_avg_len,
-                 const LionScalars& s, int num_threads) {
-  const Lion32Args args = lion32_args("lion32_step", param, grad, dtype, n, exp_avg, exp_avg_len, s);
+void lion32_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t exp_avg,
+                 int64_t exp_avg_len, const LionScalars& s, int num_threads) {
+  const Lion32Args args =
+      lion32_args("lion32_step", param, grad, dtype, n, exp_avg, exp_avg_len, s);
   if (n > 0) run_elements(kernels().lion32, args, n, num_threads);
 }
 
-void lion8bit_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1, int64_t q1_len,
-                   uintptr_t absmax1, int64_t absmax1_len, uintptr_t code1, const LionScalars& s,
-                   int num_threads) {
+void lion8bit_step(uintptr_t param, uintptr_t grad, int dtype, int64_t n, uintptr_t q1,
+                   int64_t q1_len, uintptr_t absmax1, int64_t absmax1_len, uintptr_t code1,
+                   const LionScalars& s, int num_threads) {
   const char* fn = "lion8bit_step";
   check_ptr(fn, "qmap_signed", code1);
   const auto c1 = get_codec(fn, code1);
-  const Lion8Args args = lion8_args(fn, param, grad, dtype, n, q1, q1_len, absmax1, absmax1_len, &c1->c, s);
+  const Lion8Args args =
+      lion8_args(fn, param, grad, dtype, n, q1, q1_len, absmax1, absmax1_len, &c1->c, s);
   if (n > 0) run_blocks(kernels().lion8, args, n, num_threads);
 }
 
@@ -375,14 +398,14 @@ void adamw32_multi_step(Rows rows, const std::vector<AdamScalars>& sets, int num
   for (int64_t i = 0; i < rows.count; ++i) {
     const AdamScalars* s;
     const int64_t* r = row(fn, rows, i, 8, sets, &s);
-    list.push_back(adam32_args(fn, up(r[0]), up(r[1]), static_cast<int>(r[2]), r[3], up(r[4]), r[5], up(r[6]),
-                               r[7], *s));
+    list.push_back(adam32_args(fn, up(r[0]), up(r[1]), static_cast<int>(r[2]), r[3], up(r[4]), r[5],
+                               up(r[6]), r[7], *s));
   }
   run_list(kernels().adam32, list, true, num_threads);
 }
 
-void adamw8bit_multi_step(Rows rows, uintptr_t code1, uintptr_t code2, const std::vector<AdamScalars>& sets,
-                          int num_threads) {
+void adamw8bit_multi_step(Rows rows, uintptr_t code1, uintptr_t code2,
+                          const std::vector<AdamScalars>& sets, int num_threads) {
   const char* fn = "adamw8bit_multi_step";
   check_ptr(fn, "qmap_signed", code1);
   check_ptr(fn, "qmap_unsigned", code2);
@@ -393,8 +416,9 @@ void adamw8bit_multi_step(Rows rows, uintptr_t code1, uintptr_t code2, const std
   for (int64_t i = 0; i < rows.count; ++i) {
     const AdamScalars* s;
     const int64_t* r = row(fn, rows, i, 12, sets, &s);
-    list.push_back(adam8_args(fn, up(r[0]), up(r[1]), static_cast<int>(r[2]), r[3], up(r[4]), r[5], up(r[6]), r[7],
-                              up(r[8]), r[9], up(r[10]), r[11], &c1->c, &c2->c, *s));
+    list.push_back(adam8_args(fn, up(r[0]), up(r[1]), static_cast<int>(r[2]), r[3], up(r[4]), r[5],
+                              up(r[6]), r[7], up(r[8]), r[9], up(r[10]), r[11], &c1->c, &c2->c,
+                              *s));
   }
   run_list(kernels().adam8, list, false, num_threads);
 }
@@ -406,12 +430,14 @@ void lion32_multi_step(Rows rows, const std::vector<LionScalars>& sets, int num_
   for (int64_t i = 0; i < rows.count; ++i) {
     const LionScalars* s;
     const int64_t* r = row(fn, rows, i, 6, sets, &s);
-    list.push_back(lion32_args(fn, up(r[0]), up(r[1]), static_cast<int>(r[2]), r[3], up(r[4]), r[5], *s));
+    list.push_back(
+        lion32_args(fn, up(r[0]), up(r[1]), static_cast<int>(r[2]), r[3], up(r[4]), r[5], *s));
   }
   run_list(kernels().lion32, list, true, num_threads);
 }
 
-void lion8bit_multi_step(Rows rows, uintptr_t code1, const std::vector<LionScalars>& sets, int num_threads) {
+void lion8bit_multi_step(Rows rows, uintptr_t code1, const std::vector<LionScalars>& sets,
+                         int num_threads) {
   const char* fn = "lion8bit_multi_step";
   check_ptr(fn, "qmap_signed", code1);
   const auto c1 = get_codec(fn, code1);
@@ -420,8 +446,8 @@ void lion8bit_multi_step(Rows rows, uintptr_t code1, const std::vector<LionScala
   for (int64_t i = 0; i < rows.count; ++i) {
     const LionScalars* s;
     const int64_t* r = row(fn, rows, i, 8, sets, &s);
-    list.push_back(lion8_args(fn, up(r[0]), up(r[1]), static_cast<int>(r[2]), r[3], up(r[4]), r[5], up(r[6]),
-                              r[7], &c1->c, *s));
+    list.push_back(lion8_args(fn, up(r[0]), up(r[1]), static_cast<int>(r[2]), r[3], up(r[4]), r[5],
+                              up(r[6]), r[7], &c1->c, *s));
   }
   run_list(kernels().lion8, list, false, num_threads);
 }

@@ -37,7 +37,8 @@ constexpr int64_t kAhead = 512;  // elements
 // never faults, so running past the end of the buffer is harmless; the address
 // is formed as an integer, not as an out-of-range pointer.
 inline void prefetch_ahead(const void* base, int64_t i, int64_t elem_bytes) {
-  const uintptr_t at = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>((i + kAhead) * elem_bytes);
+  const uintptr_t at =
+      reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>((i + kAhead) * elem_bytes);
   _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T0);
 }
 
@@ -52,8 +53,12 @@ constexpr int64_t elem_bytes() {
 struct AdamVec {
   __m256 decay, lerp_c, beta2, omb2, bc2_sqrt, eps, neg_step;
   explicit AdamVec(const AdamScalars& s)
-      : decay(_mm256_set1_ps(s.decay)), lerp_c(_mm256_set1_ps(s.lerp_c)), beta2(_mm256_set1_ps(s.beta2)),
-        omb2(_mm256_set1_ps(s.omb2)), bc2_sqrt(_mm256_set1_ps(s.bc2_sqrt)), eps(_mm256_set1_ps(s.eps)),
+      : decay(_mm256_set1_ps(s.decay)),
+        lerp_c(_mm256_set1_ps(s.lerp_c)),
+        beta2(_mm256_set1_ps(s.beta2)),
+        omb2(_mm256_set1_ps(s.omb2)),
+        bc2_sqrt(_mm256_set1_ps(s.bc2_sqrt)),
+        eps(_mm256_set1_ps(s.eps)),
         neg_step(_mm256_set1_ps(s.neg_step)) {}
 };
 
@@ -61,7 +66,8 @@ template <bool FROM_GRAD>
 inline void adam_vec(__m256& p, __m256 g, __m256& m, __m256& v, const AdamVec& k) {
   p = _mm256_mul_ps(p, k.decay);
   const __m256 d = _mm256_sub_ps(g, m);
-  m = FROM_GRAD ? _mm256_sub_ps(g, _mm256_mul_ps(d, k.lerp_c)) : _mm256_add_ps(m, _mm256_mul_ps(k.lerp_c, d));
+  m = FROM_GRAD ? _mm256_sub_ps(g, _mm256_mul_ps(d, k.lerp_c))
+                : _mm256_add_ps(m, _mm256_mul_ps(k.lerp_c, d));
   v = _mm256_add_ps(_mm256_mul_ps(v, k.beta2), _mm256_mul_ps(_mm256_mul_ps(k.omb2, g), g));
   const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(v), k.bc2_sqrt), k.eps);
   p = _mm256_add_ps(p, _mm256_div_ps(_mm256_mul_ps(k.neg_step, m), denom));
@@ -70,8 +76,12 @@ inline void adam_vec(__m256& p, __m256 g, __m256& m, __m256& v, const AdamVec& k
 struct LionVec {
   __m256 decay, beta1, omb1, beta2, omb2, neg_lr;
   explicit LionVec(const LionScalars& s)
-      : decay(_mm256_set1_ps(s.decay)), beta1(_mm256_set1_ps(s.beta1)), omb1(_mm256_set1_ps(s.omb1)),
-        beta2(_mm256_set1_ps(s.beta2)), omb2(_mm256_set1_ps(s.omb2)), neg_lr(_mm256_set1_ps(s.neg_lr)) {}
+      : decay(_mm256_set1_ps(s.decay)),
+        beta1(_mm256_set1_ps(s.beta1)),
+        omb1(_mm256_set1_ps(s.omb1)),
+        beta2(_mm256_set1_ps(s.beta2)),
+        omb2(_mm256_set1_ps(s.omb2)),
+        neg_lr(_mm256_set1_ps(s.neg_lr)) {}
 };
 
 inline void lion_vec(__m256& p, __m256 g, __m256& m, const LionVec& k) {
@@ -113,16 +123,19 @@ inline void encode8(const float* x, float inv, const StateCodec& c, uint8_t* dst
   const __m256i key = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
   const __m256i entry = _mm256_i32gather_epi32(reinterpret_cast<const int*>(c.table), key, 4);
   const __m256i base = _mm256_and_si256(entry, _mm256_set1_epi32(0xff));
-  const __m256i m = _mm256_or_si256(_mm256_slli_epi32(key, 16),
-                                    _mm256_and_si256(_mm256_srli_epi32(entry, 8), _mm256_set1_epi32(0xffff)));
+  const __m256i m =
+      _mm256_or_si256(_mm256_slli_epi32(key, 16),
+                      _mm256_and_si256(_mm256_srli_epi32(entry, 8), _mm256_set1_epi32(0xffff)));
   const __m256 below = _mm256_cmp_ps(_mm256_castsi256_ps(m), v, _CMP_LT_OQ);  // false for NaN
-  const __m256i q = _mm256_sub_epi32(base, _mm256_castps_si256(below));  // the mask is -1 where true
+  const __m256i q =
+      _mm256_sub_epi32(base, _mm256_castps_si256(below));  // the mask is -1 where true
   const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(w, w));
 }
 
 // Requantizes len (<= 256) values of one block into dst.
-inline void encode_block(const float* x, int64_t len, float inv, const StateCodec& c, uint8_t* dst) {
+inline void encode_block(const float* x, int64_t len, float inv, const StateCodec& c,
+                         uint8_t* dst) {
   int64_t j = 0;
   if (c.table != nullptr) {
     for (; j + 8 <= len; j += 8) encode8(x + j, inv, c, dst + j);
@@ -285,27 +298,46 @@ void lion8_impl(const Lion8Args& a, int64_t b0, int64_t b1) {
 template <template <int, bool> class F, class Args>
 void by_dtype_fg(const Args& a, int64_t r0, int64_t r1) {
   const bool fg = a.s.lerp_from_grad != 0;
-  if (a.dtype == kF32) fg ? F<kF32, true>::run(a, r0, r1) : F<kF32, false>::run(a, r0, r1);
-  else if (a.dtype == kF16) fg ? F<kF16, true>::run(a, r0, r1) : F<kF16, false>::run(a, r0, r1);
-  else fg ? F<kBF16, true>::run(a, r0, r1) : F<kBF16, false>::run(a, r0, r1);
+  if (a.dtype == kF32)
+    fg ? F<kF32, true>::run(a, r0, r1) : F<kF32, false>::run(a, r0, r1);
+  else if (a.dtype == kF16)
+    fg ? F<kF16, true>::run(a, r0, r1) : F<kF16, false>::run(a, r0, r1);
+  else
+    fg ? F<kBF16, true>::run(a, r0, r1) : F<kBF16, false>::run(a, r0, r1);
 }
 
-template <int D, bool FG> struct Adam32F { static void run(const Adam32Args& a, int64_t r0, int64_t r1) { adam32_impl<D, FG>(a, r0, r1); } };
-template <int D, bool FG> struct Adam8F { static void run(const Adam8Args& a, int64_t r0, int64_t r1) { adam8_impl<D, FG>(a, r0, r1); } };
+template <int D, bool FG>
+struct Adam32F {
+  static void run(const Adam32Args& a, int64_t r0, int64_t r1) { adam32_impl<D, FG>(a, r0, r1); }
+};
+template <int D, bool FG>
+struct Adam8F {
+  static void run(const Adam8Args& a, int64_t r0, int64_t r1) { adam8_impl<D, FG>(a, r0, r1); }
+};
 
-void adam32(const Adam32Args& a, int64_t e0, int64_t e1) { by_dtype_fg<Adam32F>(a, e0, e1); }
-void adam8(const Adam8Args& a, int64_t b0, int64_t b1) { by_dtype_fg<Adam8F>(a, b0, b1); }
+void adam32(const Adam32Args& a, int64_t e0, int64_t e1) {
+  by_dtype_fg<Adam32F>(a, e0, e1);
+}
+void adam8(const Adam8Args& a, int64_t b0, int64_t b1) {
+  by_dtype_fg<Adam8F>(a, b0, b1);
+}
 
 void lion32(const Lion32Args& a, int64_t e0, int64_t e1) {
-  if (a.dtype == kF32) lion32_impl<kF32>(a, e0, e1);
-  else if (a.dtype == kF16) lion32_impl<kF16>(a, e0, e1);
-  else lion32_impl<kBF16>(a, e0, e1);
+  if (a.dtype == kF32)
+    lion32_impl<kF32>(a, e0, e1);
+  else if (a.dtype == kF16)
+    lion32_impl<kF16>(a, e0, e1);
+  else
+    lion32_impl<kBF16>(a, e0, e1);
 }
 
 void lion8(const Lion8Args& a, int64_t b0, int64_t b1) {
-  if (a.dtype == kF32) lion8_impl<kF32>(a, b0, b1);
-  else if (a.dtype == kF16) lion8_impl<kF16>(a, b0, b1);
-  else lion8_impl<kBF16>(a, b0, b1);
+  if (a.dtype == kF32)
+    lion8_impl<kF32>(a, b0, b1);
+  else if (a.dtype == kF16)
+    lion8_impl<kF16>(a, b0, b1);
+  else
+    lion8_impl<kBF16>(a, b0, b1);
 }
 
 }  // namespace

@@ -92,11 +92,14 @@ void lion8_impl(const Lion8Args& a, int64_t b0, int64_t b1) {
 }
 
 // Dtype dispatch: one instantiation per parameter dtype.
-#define QPEFT_BY_DTYPE(NAME, ARGS)                         \
-  void NAME(const ARGS& a, int64_t r0, int64_t r1) {       \
-    if (a.dtype == kF32) NAME##_impl<kF32>(a, r0, r1);     \
-    else if (a.dtype == kF16) NAME##_impl<kF16>(a, r0, r1); \
-    else NAME##_impl<kBF16>(a, r0, r1);                    \
+#define QPEFT_BY_DTYPE(NAME, ARGS)                   \
+  void NAME(const ARGS& a, int64_t r0, int64_t r1) { \
+    if (a.dtype == kF32)                             \
+      NAME##_impl<kF32>(a, r0, r1);                  \
+    else if (a.dtype == kF16)                        \
+      NAME##_impl<kF16>(a, r0, r1);                  \
+    else                                             \
+      NAME##_impl<kBF16>(a, r0, r1);                 \
   }
 QPEFT_BY_DTYPE(adam32, Adam32Args)
 QPEFT_BY_DTYPE(adam8, Adam8Args)

@@ -195,7 +195,9 @@ void parallel_tasks(int64_t num_tasks, const std::function<void(int64_t)>& fn) {
   }
 }
 
-std::string threading() { return threading_now() == kOpenMP ? "openmp" : "pool"; }
+std::string threading() {
+  return threading_now() == kOpenMP ? "openmp" : "pool";
+}
 
 void set_threading(const std::string& name) {
   if (name == "pool") {
@@ -203,7 +205,8 @@ void set_threading(const std::string& name) {
   } else if (name == "openmp") {
     if (gomp().parallel == nullptr) {
       throw std::invalid_argument(
-          "qpeft._C.set_threading: no OpenMP runtime (libgomp or libiomp5) is loaded in this process");
+          "qpeft._C.set_threading: no OpenMP runtime (libgomp or libiomp5) is loaded in this "
+          "process");
     }
     g_threading.store(kOpenMP);
   } else if (name == "auto") {
@@ -214,7 +217,8 @@ void set_threading(const std::string& name) {
   }
 }
 
-void parallel_ranges(int64_t total, int64_t parts, const std::function<void(int64_t, int64_t)>& fn) {
+void parallel_ranges(int64_t total, int64_t parts,
+                     const std::function<void(int64_t, int64_t)>& fn) {
   if (total <= 0) return;
   if (parts > total) parts = total;
   if (parts < 1) parts = 1;

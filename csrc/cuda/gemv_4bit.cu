@@ -62,9 +62,9 @@ static_assert(kGemvChunk * 4 / 8 == 16, "a chunk is one 16-byte load");
 
 // absmax of quant block `blk`: fp32, or the double-quantized code decoded as
 // dequantize_4bit does (format.h: nested_absmax_value).
-__device__ __forceinline__ float block_absmax(const void* __restrict__ absmax, int64_t blk, bool nested,
-                                              const float* __restrict__ nested_absmax, const float* s_ncode,
-                                              int64_t nested_bs) {
+__device__ __forceinline__ float block_absmax(const void* __restrict__ absmax, int64_t blk,
+                                              bool nested, const float* __restrict__ nested_absmax,
+                                              const float* s_ncode, int64_t nested_bs) {
   if (nested) {
     return nested_absmax_value(static_cast<const uint8_t*>(absmax)[blk], s_ncode,
                                __ldg(nested_absmax + blk / nested_bs), s_ncode[kNumCodes8]);
@@ -74,10 +74,10 @@ __device__ __forceinline__ float block_absmax(const void* __restrict__ absmax, i
 
 template <int DT, int M>
 __global__ void __launch_bounds__(kGemvThreads, 1)
-gemv4_kernel(const ET<DT>* __restrict__ x, int64_t k, const uint8_t* __restrict__ packed,
-             const void* __restrict__ absmax, int64_t n, int log2_bs, int quant_type, bool vec,
-             const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
-             const float* __restrict__ offset, int64_t nested_bs, ET<DT>* __restrict__ out) {
+    gemv4_kernel(const ET<DT>* __restrict__ x, int64_t k, const uint8_t* __restrict__ packed,
+                 const void* __restrict__ absmax, int64_t n, int log2_bs, int quant_type, bool vec,
+                 const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
+                 const float* __restrict__ offset, int64_t nested_bs, ET<DT>* __restrict__ out) {
   __shared__ float s_tab[kNumCodes4];
   float* s_ncode = dynamic_smem<float>();  // nested: 256 code values, then the offset
   const bool nested = nested_absmax != nullptr;
@@ -85,7 +85,8 @@ gemv4_kernel(const ET<DT>* __restrict__ x, int64_t k, const uint8_t* __restrict_
     s_tab[threadIdx.x] = quant_type == kNF4 ? c_nf4[threadIdx.x] : c_fp4[threadIdx.x];
   }
   if (nested) {
-    for (int i = static_cast<int>(threadIdx.x); i < kNumCodes8; i += kGemvThreads) s_ncode[i] = nested_code[i];
+    for (int i = static_cast<int>(threadIdx.x); i < kNumCodes8; i += kGemvThreads)
+      s_ncode[i] = nested_code[i];
     if (threadIdx.x == 0) s_ncode[kNumCodes8] = *offset;
   }
   __syncthreads();
@@ -105,12 +106,16 @@ gemv4_kernel(const ET<DT>* __restrict__ x, int64_t k, const uint8_t* __restrict_
 #pragma unroll 1
       for (int64_t c = lane; c < nchunks; c += 32) {
         const int64_t e0 = w0 + c * kGemvChunk;
-        const float am = block_absmax(absmax, e0 >> log2_bs, nested, nested_absmax, s_ncode, nested_bs);
+        const float am =
+            block_absmax(absmax, e0 >> log2_bs, nested, nested_absmax, s_ncode, nested_bs);
         const uint4 w = __ldg(reinterpret_cast<const uint4*>(packed + (e0 >> 1)));
         const ET<DT>* xc = x + c * kGemvChunk;
 #pragma unroll 1
         for (int q = 0; q < 4; ++q) {
-          const uint32_t word = q == 0 ? w.x : q == 1 ? w.y : q == 2 ? w.z : w.w;  // a select, not an index
+          const uint32_t word = q == 0   ? w.x
+                                : q == 1 ? w.y
+                                : q == 2 ? w.z
+                                         : w.w;  // a select, not an index
           float wv[8];
 #pragma unroll
           for (int b = 0; b < 4; ++b) {  // byte b of the word: its high nibble comes first
@@ -131,7 +136,8 @@ gemv4_kernel(const ET<DT>* __restrict__ x, int64_t k, const uint8_t* __restrict_
       for (int64_t kk = lane; kk < k; kk += 32) {
         const int64_t e = w0 + kk;
         const uint8_t byte = packed[e >> 1];
-        const float am = block_absmax(absmax, e >> log2_bs, nested, nested_absmax, s_ncode, nested_bs);
+        const float am =
+            block_absmax(absmax, e >> log2_bs, nested, nested_absmax, s_ncode, nested_bs);
         const float wv = s_tab[(e & 1) ? (byte & 15u) : (byte >> 4)] * am;
 #pragma unroll
         for (int i = 0; i < M; ++i) acc[i] = fmaf(wv, to_f32<DT>(x[i * k + kk]), acc[i]);
@@ -153,36 +159,56 @@ gemv4_kernel(const ET<DT>* __restrict__ x, int64_t k, const uint8_t* __restrict_
 }
 
 template <int DT, int M>
-void launch_m(dim3 grid, std::size_t smem, cudaStream_t s, const ET<DT>* x, int64_t k, const uint8_t* packed,
-              const void* absmax, int64_t n, int log2_bs, int quant_type, bool vec, const float* na,
-              const float* nc, const float* of, int64_t nested_bs, ET<DT>* out) {
-  launch("gemv_4bit", gemv4_kernel<DT, M>, grid, kGemvThreads, smem, s, x, k, packed, absmax, n, log2_bs,
-         quant_type, vec, na, nc, of, nested_bs, out);
+void launch_m(dim3 grid, std::size_t smem, cudaStream_t s, const ET<DT>* x, int64_t k,
+              const uint8_t* packed, const void* absmax, int64_t n, int log2_bs, int quant_type,
+              bool vec, const float* na, const float* nc, const float* of, int64_t nested_bs,
+              ET<DT>* out) {
+  launch("gemv_4bit", gemv4_kernel<DT, M>, grid, kGemvThreads, smem, s, x, k, packed, absmax, n,
+         log2_bs, quant_type, vec, na, nc, of, nested_bs, out);
 }
 
 template <int DT, typename... A>
 void launch_gemv(int64_t m, A... a) {
   switch (m) {
-    case 1: launch_m<DT, 1>(a...); break;
-    case 2: launch_m<DT, 2>(a...); break;
-    case 3: launch_m<DT, 3>(a...); break;
-    case 4: launch_m<DT, 4>(a...); break;
-    case 5: launch_m<DT, 5>(a...); break;
-    case 6: launch_m<DT, 6>(a...); break;
-    case 7: launch_m<DT, 7>(a...); break;
-    default: launch_m<DT, 8>(a...); break;
+    case 1:
+      launch_m<DT, 1>(a...);
+      break;
+    case 2:
+      launch_m<DT, 2>(a...);
+      break;
+    case 3:
+      launch_m<DT, 3>(a...);
+      break;
+    case 4:
+      launch_m<DT, 4>(a...);
+      break;
+    case 5:
+      launch_m<DT, 5>(a...);
+      break;
+    case 6:
+      launch_m<DT, 6>(a...);
+      break;
+    case 7:
+      launch_m<DT, 7>(a...);
+      break;
+    default:
+      launch_m<DT, 8>(a...);
+      break;
   }
 }
 
 }  // namespace
 
 void gemv_4bit(std::uintptr_t x, int x_dtype, std::int64_t x_len, std::int64_t m, std::int64_t k,
-               std::uintptr_t packed, std::int64_t packed_len, std::uintptr_t absmax, std::int64_t absmax_len,
-               std::int64_t n, std::int64_t blocksize, int quant_type, std::uintptr_t nested_absmax,
-               std::int64_t nested_absmax_len, std::uintptr_t nested_code, std::uintptr_t offset,
-               std::int64_t nested_blocksize, std::uintptr_t out, std::int64_t out_len, std::uintptr_t stream) {
+               std::uintptr_t packed, std::int64_t packed_len, std::uintptr_t absmax,
+               std::int64_t absmax_len, std::int64_t n, std::int64_t blocksize, int quant_type,
+               std::uintptr_t nested_absmax, std::int64_t nested_absmax_len,
+               std::uintptr_t nested_code, std::uintptr_t offset, std::int64_t nested_blocksize,
+               std::uintptr_t out, std::int64_t out_len, std::uintptr_t stream) {
   if (m < 1 || m > kMaxRows) fail("gemv_4bit takes 1 to 8 rows of x, got m=" + std::to_string(m));
-  if (k < 1 || n < 1) fail("gemv_4bit needs k >= 1 and n >= 1, got k=" + std::to_string(k) + " n=" + std::to_string(n));
+  if (k < 1 || n < 1)
+    fail("gemv_4bit needs k >= 1 and n >= 1, got k=" + std::to_string(k) +
+         " n=" + std::to_string(n));
   if (k > INT64_MAX / n) fail("n * k overflows 64 bits");
   const int log2_bs = log2_blocksize(blocksize);
   check_dtype("x_dtype", x_dtype);
@@ -195,7 +221,8 @@ void gemv_4bit(std::uintptr_t x, int x_dtype, std::int64_t x_len, std::int64_t m
   check_len("out", out_len, m * n);
   const bool nested = nested_absmax != 0;
   if (nested) {
-    if (nested_blocksize <= 0) fail("nested_blocksize must be > 0, got " + std::to_string(nested_blocksize));
+    if (nested_blocksize <= 0)
+      fail("nested_blocksize must be > 0, got " + std::to_string(nested_blocksize));
     check_len("nested_absmax", nested_absmax_len, ceil_div(nblocks, nested_blocksize));
     check_ptr("nested_code", nested_code);
     check_ptr("offset", offset);
@@ -211,10 +238,11 @@ void gemv_4bit(std::uintptr_t x, int x_dtype, std::int64_t x_len, std::int64_t m
   with_dtype(x_dtype, [&](auto dt) {
     constexpr int DT = decltype(dt)::value;
     launch_gemv<DT>(m, grid, smem, as_stream(stream), reinterpret_cast<const ET<DT>*>(x), k,
-                    reinterpret_cast<const uint8_t*>(packed), reinterpret_cast<const void*>(absmax), n, log2_bs,
-                    quant_type, vec, reinterpret_cast<const float*>(nested_absmax),
-                    reinterpret_cast<const float*>(nested_code), reinterpret_cast<const float*>(offset),
-                    nested_blocksize, reinterpret_cast<ET<DT>*>(out));
+                    reinterpret_cast<const uint8_t*>(packed), reinterpret_cast<const void*>(absmax),
+                    n, log2_bs, quant_type, vec, reinterpret_cast<const float*>(nested_absmax),
+                    reinterpret_cast<const float*>(nested_code),
+                    reinterpret_cast<const float*>(offset), nested_blocksize,
+                    reinterpret_cast<ET<DT>*>(out));
   });
 }
 

@@ -28,9 +28,16 @@ constexpr int64_t kMaxGrid = int64_t{1} << 20;  // launchers grid-stride beyond 
 // ----------------------------------------------------------------------------
 // Element types: fp32 as float, fp16 / bf16 as their raw 16 bits.
 
-template <int DT> struct Elem { using T = uint16_t; };
-template <> struct Elem<kF32> { using T = float; };
-template <int DT> using ET = typename Elem<DT>::T;
+template <int DT>
+struct Elem {
+  using T = uint16_t;
+};
+template <>
+struct Elem<kF32> {
+  using T = float;
+};
+template <int DT>
+using ET = typename Elem<DT>::T;
 
 template <int DT>
 __device__ __forceinline__ float to_f32(ET<DT> v) {
@@ -77,8 +84,8 @@ __device__ __forceinline__ void store8(ET<DT>* out, int64_t i, const float (&v)[
     p[1] = make_float4(v[4], v[5], v[6], v[7]);
   } else {
     *reinterpret_cast<uint4*>(out + i) =
-        make_uint4(pack2_16<DT>(v[0], v[1]), pack2_16<DT>(v[2], v[3]),
-                   pack2_16<DT>(v[4], v[5]), pack2_16<DT>(v[6], v[7]));
+        make_uint4(pack2_16<DT>(v[0], v[1]), pack2_16<DT>(v[2], v[3]), pack2_16<DT>(v[4], v[5]),
+                   pack2_16<DT>(v[6], v[7]));
   }
 }
 
@@ -89,14 +96,24 @@ __device__ __forceinline__ void ldg8(const ET<DT>* __restrict__ p, float (&v)[8]
   if constexpr (DT == kF32) {
     const float4 a = __ldg(reinterpret_cast<const float4*>(p));
     const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    v[0] = a.x;
+    v[1] = a.y;
+    v[2] = a.z;
+    v[3] = a.w;
+    v[4] = b.x;
+    v[5] = b.y;
+    v[6] = b.z;
+    v[7] = b.w;
   } else {
     const uint4 w = __ldg(reinterpret_cast<const uint4*>(p));
-    v[0] = to_f32<DT>(static_cast<uint16_t>(w.x)); v[1] = to_f32<DT>(static_cast<uint16_t>(w.x >> 16));
-    v[2] = to_f32<DT>(static_cast<uint16_t>(w.y)); v[3] = to_f32<DT>(static_cast<uint16_t>(w.y >> 16));
-    v[4] = to_f32<DT>(static_cast<uint16_t>(w.z)); v[5] = to_f32<DT>(static_cast<uint16_t>(w.z >> 16));
-    v[6] = to_f32<DT>(static_cast<uint16_t>(w.w)); v[7] = to_f32<DT>(static_cast<uint16_t>(w.w >> 16));
+    v[0] = to_f32<DT>(static_cast<uint16_t>(w.x));
+    v[1] = to_f32<DT>(static_cast<uint16_t>(w.x >> 16));
+    v[2] = to_f32<DT>(static_cast<uint16_t>(w.y));
+    v[3] = to_f32<DT>(static_cast<uint16_t>(w.y >> 16));
+    v[4] = to_f32<DT>(static_cast<uint16_t>(w.z));
+    v[5] = to_f32<DT>(static_cast<uint16_t>(w.z >> 16));
+    v[6] = to_f32<DT>(static_cast<uint16_t>(w.w));
+    v[7] = to_f32<DT>(static_cast<uint16_t>(w.w >> 16));
   }
 }
 
@@ -104,9 +121,13 @@ __device__ __forceinline__ void ldg8(const ET<DT>* __restrict__ p, float (&v)[8]
 // Host side: argument checks (std::invalid_argument -> ValueError, before any
 // CUDA call) and small launch helpers.
 
-[[noreturn]] inline void fail(const std::string& msg) { throw std::invalid_argument("qpeft: " + msg); }
+[[noreturn]] inline void fail(const std::string& msg) {
+  throw std::invalid_argument("qpeft: " + msg);
+}
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return a / b + (a % b != 0);
+}
 
 inline void check_n(int64_t n) {
   if (n < 0) fail("n must be >= 0, got " + std::to_string(n));
@@ -143,22 +164,32 @@ inline void check_ptr(const char* what, std::uintptr_t p) {
   if (p == 0) fail(std::string(what) + " is a null pointer");
 }
 
-inline bool aligned(std::uintptr_t p, std::uintptr_t a) { return p % a == 0; }
+inline bool aligned(std::uintptr_t p, std::uintptr_t a) {
+  return p % a == 0;
+}
 
 inline unsigned grid_for(int64_t units, int64_t per_block) {
   const int64_t blocks = ceil_div(units, per_block);
   return static_cast<unsigned>(blocks < kMaxGrid ? blocks : kMaxGrid);
 }
 
-inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+inline cudaStream_t as_stream(std::uintptr_t s) {
+  return reinterpret_cast<cudaStream_t>(s);
+}
 
 // Calls f(std::integral_constant<int, dtype>{}) for a checked dtype code.
 template <typename F>
 void with_dtype(int dtype, F&& f) {
   switch (dtype) {
-    case kF32: f(std::integral_constant<int, kF32>{}); break;
-    case kF16: f(std::integral_constant<int, kF16>{}); break;
-    default: f(std::integral_constant<int, kBF16>{}); break;
+    case kF32:
+      f(std::integral_constant<int, kF32>{});
+      break;
+    case kF16:
+      f(std::integral_constant<int, kF16>{});
+      break;
+    default:
+      f(std::integral_constant<int, kBF16>{});
+      break;
   }
 }
 

@@ -47,10 +47,11 @@ void dequantize_blockwise(std::uintptr_t q, std::int64_t q_len, std::uintptr_t a
 // as dequantize_4bit takes them for n*k elements; out: m*n elements of x_dtype.
 // fp32 accumulation (fmaf), one rounding to x_dtype at the end.
 void gemv_4bit(std::uintptr_t x, int x_dtype, std::int64_t x_len, std::int64_t m, std::int64_t k,
-               std::uintptr_t packed, std::int64_t packed_len, std::uintptr_t absmax, std::int64_t absmax_len,
-               std::int64_t n, std::int64_t blocksize, int quant_type, std::uintptr_t nested_absmax,
-               std::int64_t nested_absmax_len, std::uintptr_t nested_code, std::uintptr_t offset,
-               std::int64_t nested_blocksize, std::uintptr_t out, std::int64_t out_len, std::uintptr_t stream);
+               std::uintptr_t packed, std::int64_t packed_len, std::uintptr_t absmax,
+               std::int64_t absmax_len, std::int64_t n, std::int64_t blocksize, int quant_type,
+               std::uintptr_t nested_absmax, std::int64_t nested_absmax_len,
+               std::uintptr_t nested_code, std::uintptr_t offset, std::int64_t nested_blocksize,
+               std::uintptr_t out, std::int64_t out_len, std::uintptr_t stream);
 
 // Architectures compiled into this module, e.g. {75, 80, 86, 89, 90, 100, 120}
 // (nvcc's __CUDA_ARCH_LIST__ / 10: the virtual archs of the -gencode list).
@@ -72,21 +73,24 @@ int device_count();
 namespace qpeft {
 namespace cuda {
 
-void adamw32_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n, std::uintptr_t exp_avg,
-                  std::int64_t exp_avg_len, std::uintptr_t exp_avg_sq, std::int64_t exp_avg_sq_len,
-                  const AdamScalars& s, std::uintptr_t stream);
+void adamw32_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n,
+                  std::uintptr_t exp_avg, std::int64_t exp_avg_len, std::uintptr_t exp_avg_sq,
+                  std::int64_t exp_avg_sq_len, const AdamScalars& s, std::uintptr_t stream);
 
-void adamw8bit_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n, std::uintptr_t q1,
-                    std::int64_t q1_len, std::uintptr_t absmax1, std::int64_t absmax1_len, std::uintptr_t q2,
-                    std::int64_t q2_len, std::uintptr_t absmax2, std::int64_t absmax2_len, std::uintptr_t code1,
+void adamw8bit_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n,
+                    std::uintptr_t q1, std::int64_t q1_len, std::uintptr_t absmax1,
+                    std::int64_t absmax1_len, std::uintptr_t q2, std::int64_t q2_len,
+                    std::uintptr_t absmax2, std::int64_t absmax2_len, std::uintptr_t code1,
                     std::uintptr_t code2, const AdamScalars& s, std::uintptr_t stream);
 
-void lion32_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n, std::uintptr_t exp_avg,
-                 std::int64_t exp_avg_len, const LionScalars& s, std::uintptr_t stream);
+void lion32_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n,
+                 std::uintptr_t exp_avg, std::int64_t exp_avg_len, const LionScalars& s,
+                 std::uintptr_t stream);
 
-void lion8bit_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n, std::uintptr_t q1,
-                   std::int64_t q1_len, std::uintptr_t absmax1, std::int64_t absmax1_len, std::uintptr_t code1,
-                   const LionScalars& s, std::uintptr_t stream);
+void lion8bit_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n,
+                   std::uintptr_t q1, std::int64_t q1_len, std::uintptr_t absmax1,
+                   std::int64_t absmax1_len, std::uintptr_t code1, const LionScalars& s,
+                   std::uintptr_t stream);
 
 // numel elements of DLPack dtype (dl_code, bits) in cudaMallocManaged memory,
 // advised as accessed by `device`; the ManagedTensor's deleter cudaFree's it.

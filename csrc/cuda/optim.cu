@@ -30,10 +30,10 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kElems32 = 4;                      // consecutive elements per thread, 32-bit state
-constexpr int kLaneElems = kStateBlock / 32;     // 8-bit state: a warp owns one 256-element block
+constexpr int kElems32 = 4;                   // consecutive elements per thread, 32-bit state
+constexpr int kLaneElems = kStateBlock / 32;  // 8-bit state: a warp owns one 256-element block
 constexpr int kWarpsPerCta = kThreads / 32;
-constexpr int64_t kMaxGrid = int64_t{1} << 20;   // grid-stride beyond this many CTAs
+constexpr int64_t kMaxGrid = int64_t{1} << 20;  // grid-stride beyond this many CTAs
 static_assert(kLaneElems == 8, "one 8-byte code word and 8 consecutive values per lane");
 // An explicit minimum of one CTA per SM for the 8-bit kernels: with the default,
 // ptxas 13.0 squeezed lion8_kernel<fp32> on sm_120 to 48 registers and spilled 4
@@ -48,22 +48,35 @@ constexpr int kMinCtas8 = 1;
 // ----------------------------------------------------------------------------
 // Element access. T is float (fp32 params) or uint16_t (fp16/bf16 bits).
 
-template <int DT> struct Elem { using T = uint16_t; };
-template <> struct Elem<kF32> { using T = float; };
-template <int DT> using ET = typename Elem<DT>::T;
+template <int DT>
+struct Elem {
+  using T = uint16_t;
+};
+template <>
+struct Elem<kF32> {
+  using T = float;
+};
+template <int DT>
+using ET = typename Elem<DT>::T;
 
 template <int DT>
 __device__ __forceinline__ float to_f32(ET<DT> x) {
-  if constexpr (DT == kF32) return x;
-  else if constexpr (DT == kBF16) return bf16_to_f32(x);
-  else return f16_to_f32(x);
+  if constexpr (DT == kF32)
+    return x;
+  else if constexpr (DT == kBF16)
+    return bf16_to_f32(x);
+  else
+    return f16_to_f32(x);
 }
 
 template <int DT>
 __device__ __forceinline__ ET<DT> from_f32(float x) {
-  if constexpr (DT == kF32) return x;
-  else if constexpr (DT == kBF16) return f32_to_bf16(x);
-  else return f32_to_f16(x);
+  if constexpr (DT == kF32)
+    return x;
+  else if constexpr (DT == kBF16)
+    return f32_to_bf16(x);
+  else
+    return f32_to_f16(x);
 }
 
 // Loads N = 4 or 8 consecutive elements as fp32 (one or two 16-byte loads for
@@ -75,18 +88,27 @@ __device__ __forceinline__ void load_vec(const ET<DT>* __restrict__ x, float (&v
 #pragma unroll
     for (int k = 0; k < N / 4; ++k) {
       const float4 w = reinterpret_cast<const float4*>(x)[k];
-      v[4 * k] = w.x; v[4 * k + 1] = w.y; v[4 * k + 2] = w.z; v[4 * k + 3] = w.w;
+      v[4 * k] = w.x;
+      v[4 * k + 1] = w.y;
+      v[4 * k + 2] = w.z;
+      v[4 * k + 3] = w.w;
     }
   } else if constexpr (N == 4) {
     const uint2 w = *reinterpret_cast<const uint2*>(x);
-    v[0] = to_f32<DT>(static_cast<uint16_t>(w.x)); v[1] = to_f32<DT>(static_cast<uint16_t>(w.x >> 16));
-    v[2] = to_f32<DT>(static_cast<uint16_t>(w.y)); v[3] = to_f32<DT>(static_cast<uint16_t>(w.y >> 16));
+    v[0] = to_f32<DT>(static_cast<uint16_t>(w.x));
+    v[1] = to_f32<DT>(static_cast<uint16_t>(w.x >> 16));
+    v[2] = to_f32<DT>(static_cast<uint16_t>(w.y));
+    v[3] = to_f32<DT>(static_cast<uint16_t>(w.y >> 16));
   } else {
     const uint4 w = *reinterpret_cast<const uint4*>(x);
-    v[0] = to_f32<DT>(static_cast<uint16_t>(w.x)); v[1] = to_f32<DT>(static_cast<uint16_t>(w.x >> 16));
-    v[2] = to_f32<DT>(static_cast<uint16_t>(w.y)); v[3] = to_f32<DT>(static_cast<uint16_t>(w.y >> 16));
-    v[4] = to_f32<DT>(static_cast<uint16_t>(w.z)); v[5] = to_f32<DT>(static_cast<uint16_t>(w.z >> 16));
-    v[6] = to_f32<DT>(static_cast<uint16_t>(w.w)); v[7] = to_f32<DT>(static_cast<uint16_t>(w.w >> 16));
+    v[0] = to_f32<DT>(static_cast<uint16_t>(w.x));
+    v[1] = to_f32<DT>(static_cast<uint16_t>(w.x >> 16));
+    v[2] = to_f32<DT>(static_cast<uint16_t>(w.y));
+    v[3] = to_f32<DT>(static_cast<uint16_t>(w.y >> 16));
+    v[4] = to_f32<DT>(static_cast<uint16_t>(w.z));
+    v[5] = to_f32<DT>(static_cast<uint16_t>(w.z >> 16));
+    v[6] = to_f32<DT>(static_cast<uint16_t>(w.w));
+    v[7] = to_f32<DT>(static_cast<uint16_t>(w.w >> 16));
   }
 }
 
@@ -99,7 +121,8 @@ __device__ __forceinline__ void store_vec(ET<DT>* __restrict__ x, const float (&
   if constexpr (DT == kF32) {
 #pragma unroll
     for (int k = 0; k < N / 4; ++k) {
-      reinterpret_cast<float4*>(x)[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+      reinterpret_cast<float4*>(x)[k] =
+          make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
     }
   } else if constexpr (N == 4) {
     *reinterpret_cast<uint2*>(x) = make_uint2(pack16(from_f32<DT>(v[0]), from_f32<DT>(v[1])),
@@ -114,7 +137,10 @@ __device__ __forceinline__ void store_vec(ET<DT>* __restrict__ x, const float (&
 
 __device__ __forceinline__ void load4f(const float* __restrict__ x, float (&v)[4]) {
   const float4 w = *reinterpret_cast<const float4*>(x);
-  v[0] = w.x; v[1] = w.y; v[2] = w.z; v[3] = w.w;
+  v[0] = w.x;
+  v[1] = w.y;
+  v[2] = w.z;
+  v[3] = w.w;
 }
 
 __device__ __forceinline__ void store4f(float* __restrict__ x, const float (&v)[4]) {
@@ -128,11 +154,12 @@ __device__ __forceinline__ void store4f(float* __restrict__ x, const float (&v)[
 
 template <int DT>
 __global__ void __launch_bounds__(kThreads)
-adam32_kernel(ET<DT>* __restrict__ param, const ET<DT>* __restrict__ grad, float* __restrict__ m_state,
-              float* __restrict__ v_state, int64_t n, AdamScalars s, bool vec) {
+    adam32_kernel(ET<DT>* __restrict__ param, const ET<DT>* __restrict__ grad,
+                  float* __restrict__ m_state, float* __restrict__ v_state, int64_t n,
+                  AdamScalars s, bool vec) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * kElems32;
-  for (int64_t e0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kElems32; e0 < n;
-       e0 += stride) {
+  for (int64_t e0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kElems32;
+       e0 < n; e0 += stride) {
     if (vec && e0 + kElems32 <= n) {
       float p[kElems32], g[kElems32], m[kElems32], v[kElems32];
       load_vec<DT, kElems32>(param + e0, p);
@@ -162,11 +189,11 @@ adam32_kernel(ET<DT>* __restrict__ param, const ET<DT>* __restrict__ grad, float
 
 template <int DT>
 __global__ void __launch_bounds__(kThreads)
-lion32_kernel(ET<DT>* __restrict__ param, const ET<DT>* __restrict__ grad, float* __restrict__ m_state,
-              int64_t n, LionScalars s, bool vec) {
+    lion32_kernel(ET<DT>* __restrict__ param, const ET<DT>* __restrict__ grad,
+                  float* __restrict__ m_state, int64_t n, LionScalars s, bool vec) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * kElems32;
-  for (int64_t e0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kElems32; e0 < n;
-       e0 += stride) {
+  for (int64_t e0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kElems32;
+       e0 < n; e0 += stride) {
     if (vec && e0 + kElems32 <= n) {
       float p[kElems32], g[kElems32], m[kElems32];
       load_vec<DT, kElems32>(param + e0, p);
@@ -202,7 +229,8 @@ lion32_kernel(ET<DT>* __restrict__ param, const ET<DT>* __restrict__ grad, float
 
 // Loads the map into s_code and its midpoints (format.h's midpoint(),
 // constexpr host-only, spelled out) into s_mid, s_mid[255] = +inf.
-__device__ __forceinline__ void stage_map(const float* __restrict__ code, float* s_code, float* s_mid) {
+__device__ __forceinline__ void stage_map(const float* __restrict__ code, float* s_code,
+                                          float* s_mid) {
   for (int k = static_cast<int>(threadIdx.x); k < kNumCodes8; k += static_cast<int>(blockDim.x)) {
     const float c = code[k];
     s_code[k] = c;
@@ -211,8 +239,9 @@ __device__ __forceinline__ void stage_map(const float* __restrict__ code, float*
 }
 
 // Dequantizes a lane's 8 codes (vector path: one 8-byte load).
-__device__ __forceinline__ void dequant_lane(const uint8_t* __restrict__ q, int64_t e0, int64_t n, bool full,
-                                             const float* s_code, float absmax, float (&x)[kLaneElems]) {
+__device__ __forceinline__ void dequant_lane(const uint8_t* __restrict__ q, int64_t e0, int64_t n,
+                                             bool full, const float* s_code, float absmax,
+                                             float (&x)[kLaneElems]) {
   if (full) {
     const uint2 w = *reinterpret_cast<const uint2*>(q + e0);
 #pragma unroll
@@ -222,7 +251,8 @@ __device__ __forceinline__ void dequant_lane(const uint8_t* __restrict__ q, int6
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < kLaneElems; ++j) x[j] = e0 + j < n ? state_dequant(s_code, q[e0 + j], absmax) : 0.0f;
+    for (int j = 0; j < kLaneElems; ++j)
+      x[j] = e0 + j < n ? state_dequant(s_code, q[e0 + j], absmax) : 0.0f;
   }
 }
 
@@ -240,13 +270,17 @@ __device__ __forceinline__ float warp_absmax(const float (&x)[kLaneElems]) {
   return state_absmax_canonical(a);
 }
 
-__device__ __forceinline__ void encode_lane(uint8_t* __restrict__ q, int64_t e0, int64_t n, bool full,
-                                            const float* s_mid, float inv, const float (&x)[kLaneElems]) {
+__device__ __forceinline__ void encode_lane(uint8_t* __restrict__ q, int64_t e0, int64_t n,
+                                            bool full, const float* s_mid, float inv,
+                                            const float (&x)[kLaneElems]) {
   uint32_t w0 = 0, w1 = 0;
 #pragma unroll
   for (int j = 0; j < kLaneElems; ++j) {
     const uint32_t c = state_encode(x[j], inv, s_mid);
-    if (j < 4) w0 |= c << (8 * j); else w1 |= c << (8 * (j - 4));
+    if (j < 4)
+      w0 |= c << (8 * j);
+    else
+      w1 |= c << (8 * (j - 4));
   }
   if (full) {
     *reinterpret_cast<uint2*>(q + e0) = make_uint2(w0, w1);
@@ -259,8 +293,8 @@ __device__ __forceinline__ void encode_lane(uint8_t* __restrict__ q, int64_t e0,
 }
 
 template <int DT>
-__device__ __forceinline__ void load_params(const ET<DT>* __restrict__ x, int64_t e0, int64_t n, bool full,
-                                            float (&v)[kLaneElems]) {
+__device__ __forceinline__ void load_params(const ET<DT>* __restrict__ x, int64_t e0, int64_t n,
+                                            bool full, float (&v)[kLaneElems]) {
   if (full) {
     load_vec<DT, kLaneElems>(x + e0, v);
   } else {
@@ -270,8 +304,8 @@ __device__ __forceinline__ void load_params(const ET<DT>* __restrict__ x, int64_
 }
 
 template <int DT>
-__device__ __forceinline__ void store_params(ET<DT>* __restrict__ x, int64_t e0, int64_t n, bool full,
-                                             const float (&v)[kLaneElems]) {
+__device__ __forceinline__ void store_params(ET<DT>* __restrict__ x, int64_t e0, int64_t n,
+                                             bool full, const float (&v)[kLaneElems]) {
   if (full) {
     store_vec<DT, kLaneElems>(x + e0, v);
   } else {
@@ -284,10 +318,10 @@ __device__ __forceinline__ void store_params(ET<DT>* __restrict__ x, int64_t e0,
 
 template <int DT>
 __global__ void __launch_bounds__(kThreads, kMinCtas8)
-adam8_kernel(ET<DT>* __restrict__ param, const ET<DT>* __restrict__ grad, uint8_t* __restrict__ q1,
-             float* __restrict__ absmax1, uint8_t* __restrict__ q2, float* __restrict__ absmax2,
-             const float* __restrict__ code1, const float* __restrict__ code2, int64_t n, AdamScalars s,
-             bool vec) {
+    adam8_kernel(ET<DT>* __restrict__ param, const ET<DT>* __restrict__ grad,
+                 uint8_t* __restrict__ q1, float* __restrict__ absmax1, uint8_t* __restrict__ q2,
+                 float* __restrict__ absmax2, const float* __restrict__ code1,
+                 const float* __restrict__ code2, int64_t n, AdamScalars s, bool vec) {
   __shared__ float s_code1[kNumCodes8], s_mid1[kNumCodes8], s_code2[kNumCodes8], s_mid2[kNumCodes8];
   stage_map(code1, s_code1, s_mid1);
   stage_map(code2, s_code2, s_mid2);
@@ -297,7 +331,8 @@ adam8_kernel(ET<DT>* __restrict__ param, const ET<DT>* __restrict__ grad, uint8_
   const int64_t nblocks = n / kStateBlock + (n % kStateBlock != 0);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerCta;
   // b is uniform over the warp, so every lane reaches the shuffles together.
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + (threadIdx.x >> 5); b < nblocks; b += stride) {
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + (threadIdx.x >> 5);
+       b < nblocks; b += stride) {
     const int64_t e0 = b * kStateBlock + lane * kLaneElems;
     const bool full = vec && e0 + kLaneElems <= n;
     float p[kLaneElems], g[kLaneElems], m[kLaneElems], v[kLaneElems];
@@ -323,8 +358,9 @@ adam8_kernel(ET<DT>* __restrict__ param, const ET<DT>* __restrict__ grad, uint8_
 
 template <int DT>
 __global__ void __launch_bounds__(kThreads, kMinCtas8)
-lion8_kernel(ET<DT>* __restrict__ param, const ET<DT>* __restrict__ grad, uint8_t* __restrict__ q1,
-             float* __restrict__ absmax1, const float* __restrict__ code1, int64_t n, LionScalars s, bool vec) {
+    lion8_kernel(ET<DT>* __restrict__ param, const ET<DT>* __restrict__ grad,
+                 uint8_t* __restrict__ q1, float* __restrict__ absmax1,
+                 const float* __restrict__ code1, int64_t n, LionScalars s, bool vec) {
   __shared__ float s_code1[kNumCodes8], s_mid1[kNumCodes8];
   stage_map(code1, s_code1, s_mid1);
   __syncthreads();
@@ -332,7 +368,8 @@ lion8_kernel(ET<DT>* __restrict__ param, const ET<DT>* __restrict__ grad, uint8_
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t nblocks = n / kStateBlock + (n % kStateBlock != 0);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerCta;
-  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + (threadIdx.x >> 5); b < nblocks; b += stride) {
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + (threadIdx.x >> 5);
+       b < nblocks; b += stride) {
     const int64_t e0 = b * kStateBlock + lane * kLaneElems;
     const bool full = vec && e0 + kLaneElems <= n;
     float p[kLaneElems], g[kLaneElems], m[kLaneElems];
@@ -359,18 +396,22 @@ lion8_kernel(ET<DT>* __restrict__ param, const ET<DT>* __restrict__ grad, uint8_
   throw std::invalid_argument(std::string("qpeft._C_cuda.") + fn + ": " + msg);
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+int64_t ceil_div(int64_t a, int64_t b) {
+  return a / b + (a % b != 0);
+}
 
 void check_common(const char* fn, int dtype, int64_t n) {
   if (n < 0) fail(fn, "n must be >= 0, got " + std::to_string(n));
   if (dtype != kF32 && dtype != kF16 && dtype != kBF16) {
-    fail(fn, "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
+    fail(fn,
+         "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
   }
 }
 
 void check_len(const char* fn, const char* name, int64_t have, int64_t want) {
   if (have != want) {
-    fail(fn, std::string(name) + " holds " + std::to_string(have) + " elements, expected " + std::to_string(want));
+    fail(fn, std::string(name) + " holds " + std::to_string(have) + " elements, expected " +
+                 std::to_string(want));
   }
 }
 
@@ -403,26 +444,37 @@ void check_lion(const char* fn, const LionScalars& s) {
   check_finite(fn, "neg_lr", s.neg_lr);
 }
 
-bool aligned(std::uintptr_t p, std::uintptr_t a) { return p % a == 0; }
+bool aligned(std::uintptr_t p, std::uintptr_t a) {
+  return p % a == 0;
+}
 
 unsigned grid_for(int64_t units, int64_t per_cta) {
   const int64_t ctas = ceil_div(units, per_cta);
   return static_cast<unsigned>(ctas < kMaxGrid ? ctas : kMaxGrid);
 }
 
-cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+cudaStream_t as_stream(std::uintptr_t s) {
+  return reinterpret_cast<cudaStream_t>(s);
+}
 
 template <typename F>
 void with_dtype(int dtype, F&& f) {
   switch (dtype) {
-    case kF32: f(std::integral_constant<int, kF32>{}); break;
-    case kF16: f(std::integral_constant<int, kF16>{}); break;
-    default: f(std::integral_constant<int, kBF16>{}); break;
+    case kF32:
+      f(std::integral_constant<int, kF32>{});
+      break;
+    case kF16:
+      f(std::integral_constant<int, kF16>{});
+      break;
+    default:
+      f(std::integral_constant<int, kBF16>{});
+      break;
   }
 }
 
 // 32-bit kernels: 16-byte state/param accesses (8-byte for 16-bit params).
-bool vec32(int dtype, std::uintptr_t param, std::uintptr_t grad, std::uintptr_t m, std::uintptr_t v) {
+bool vec32(int dtype, std::uintptr_t param, std::uintptr_t grad, std::uintptr_t m,
+           std::uintptr_t v) {
   const std::uintptr_t pa = dtype == kF32 ? 16 : 8;
   return aligned(param, pa) && aligned(grad, pa) && aligned(m, 16) && aligned(v, 16);
 }
@@ -436,9 +488,9 @@ bool vec8(std::uintptr_t param, std::uintptr_t grad, std::uintptr_t q1, std::uin
 
 // ----------------------------------------------------------------------------
 
-void adamw32_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n, std::uintptr_t exp_avg,
-                  std::int64_t exp_avg_len, std::uintptr_t exp_avg_sq, std::int64_t exp_avg_sq_len,
-                  const AdamScalars& s, std::uintptr_t stream) {
+void adamw32_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n,
+                  std::uintptr_t exp_avg, std::int64_t exp_avg_len, std::uintptr_t exp_avg_sq,
+                  std::int64_t exp_avg_sq_len, const AdamScalars& s, std::uintptr_t stream) {
   const char* fn = "adamw32_step";
   check_common(fn, dtype, n);
   check_adam(fn, s);
@@ -453,15 +505,16 @@ void adamw32_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int
   const bool vec = vec32(dtype, param, grad, exp_avg, exp_avg_sq);
   with_dtype(dtype, [&](auto dt) {
     constexpr int DT = decltype(dt)::value;
-    launch("adamw32_step", adam32_kernel<DT>, grid, kThreads, 0, as_stream(stream), reinterpret_cast<ET<DT>*>(param),
-           reinterpret_cast<const ET<DT>*>(grad), reinterpret_cast<float*>(exp_avg),
-           reinterpret_cast<float*>(exp_avg_sq), n, s, vec);
+    launch("adamw32_step", adam32_kernel<DT>, grid, kThreads, 0, as_stream(stream),
+           reinterpret_cast<ET<DT>*>(param), reinterpret_cast<const ET<DT>*>(grad),
+           reinterpret_cast<float*>(exp_avg), reinterpret_cast<float*>(exp_avg_sq), n, s, vec);
   });
 }
 
-void adamw8bit_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n, std::uintptr_t q1,
-                    std::int64_t q1_len, std::uintptr_t absmax1, std::int64_t absmax1_len, std::uintptr_t q2,
-                    std::int64_t q2_len, std::uintptr_t absmax2, std::int64_t absmax2_len, std::uintptr_t code1,
+void adamw8bit_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n,
+                    std::uintptr_t q1, std::int64_t q1_len, std::uintptr_t absmax1,
+                    std::int64_t absmax1_len, std::uintptr_t q2, std::int64_t q2_len,
+                    std::uintptr_t absmax2, std::int64_t absmax2_len, std::uintptr_t code1,
                     std::uintptr_t code2, const AdamScalars& s, std::uintptr_t stream) {
   const char* fn = "adamw8bit_step";
   check_common(fn, dtype, n);
@@ -485,14 +538,16 @@ void adamw8bit_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::i
   with_dtype(dtype, [&](auto dt) {
     constexpr int DT = decltype(dt)::value;
     launch("adamw8bit_step", adam8_kernel<DT>, grid, kThreads, 0, as_stream(stream),
-           reinterpret_cast<ET<DT>*>(param), reinterpret_cast<const ET<DT>*>(grad), reinterpret_cast<uint8_t*>(q1),
-           reinterpret_cast<float*>(absmax1), reinterpret_cast<uint8_t*>(q2), reinterpret_cast<float*>(absmax2),
+           reinterpret_cast<ET<DT>*>(param), reinterpret_cast<const ET<DT>*>(grad),
+           reinterpret_cast<uint8_t*>(q1), reinterpret_cast<float*>(absmax1),
+           reinterpret_cast<uint8_t*>(q2), reinterpret_cast<float*>(absmax2),
            reinterpret_cast<const float*>(code1), reinterpret_cast<const float*>(code2), n, s, vec);
   });
 }
 
-void lion32_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n, std::uintptr_t exp_avg,
-                 std::int64_t exp_avg_len, const LionScalars& s, std::uintptr_t stream) {
+void lion32_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n,
+                 std::uintptr_t exp_avg, std::int64_t exp_avg_len, const LionScalars& s,
+                 std::uintptr_t stream) {
   const char* fn = "lion32_step";
   check_common(fn, dtype, n);
   check_lion(fn, s);
@@ -505,14 +560,16 @@ void lion32_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int6
   const bool vec = vec32(dtype, param, grad, exp_avg, exp_avg);
   with_dtype(dtype, [&](auto dt) {
     constexpr int DT = decltype(dt)::value;
-    launch("lion32_step", lion32_kernel<DT>, grid, kThreads, 0, as_stream(stream), reinterpret_cast<ET<DT>*>(param),
-           reinterpret_cast<const ET<DT>*>(grad), reinterpret_cast<float*>(exp_avg), n, s, vec);
+    launch("lion32_step", lion32_kernel<DT>, grid, kThreads, 0, as_stream(stream),
+           reinterpret_cast<ET<DT>*>(param), reinterpret_cast<const ET<DT>*>(grad),
+           reinterpret_cast<float*>(exp_avg), n, s, vec);
   });
 }
 
-void lion8bit_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n, std::uintptr_t q1,
-                   std::int64_t q1_len, std::uintptr_t absmax1, std::int64_t absmax1_len, std::uintptr_t code1,
-                   const LionScalars& s, std::uintptr_t stream) {
+void lion8bit_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int64_t n,
+                   std::uintptr_t q1, std::int64_t q1_len, std::uintptr_t absmax1,
+                   std::int64_t absmax1_len, std::uintptr_t code1, const LionScalars& s,
+                   std::uintptr_t stream) {
   const char* fn = "lion8bit_step";
   check_common(fn, dtype, n);
   check_lion(fn, s);
@@ -529,8 +586,9 @@ void lion8bit_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::in
   const bool vec = vec8(param, grad, q1, q1);
   with_dtype(dtype, [&](auto dt) {
     constexpr int DT = decltype(dt)::value;
-    launch("lion8bit_step", lion8_kernel<DT>, grid, kThreads, 0, as_stream(stream), reinterpret_cast<ET<DT>*>(param),
-           reinterpret_cast<const ET<DT>*>(grad), reinterpret_cast<uint8_t*>(q1), reinterpret_cast<float*>(absmax1),
+    launch("lion8bit_step", lion8_kernel<DT>, grid, kThreads, 0, as_stream(stream),
+           reinterpret_cast<ET<DT>*>(param), reinterpret_cast<const ET<DT>*>(grad),
+           reinterpret_cast<uint8_t*>(q1), reinterpret_cast<float*>(absmax1),
            reinterpret_cast<const float*>(code1), n, s, vec);
   });
 }

@@ -62,33 +62,38 @@ cudaError_t advise_accessed_by(const void* p, size_t bytes, int device) {
 #endif
 }
 
-void free_managed(void* p) { cudaFree(p); }  // deleter: no exception may escape
+void free_managed(void* p) {
+  cudaFree(p);
+}  // deleter: no exception may escape
 
 }  // namespace
 
 dlpack::ManagedTensor* managed_dlpack(std::int64_t numel, int dl_code, int bits, int device) {
   if (numel < 0) throw std::invalid_argument("qpeft._C_cuda.managed_dlpack: numel must be >= 0");
   const bool ok = (dl_code == dlpack::kFloat && (bits == 16 || bits == 32)) ||
-                  (dl_code == dlpack::kUInt && bits == 8) || (dl_code == dlpack::kBfloat && bits == 16);
+                  (dl_code == dlpack::kUInt && bits == 8) ||
+                  (dl_code == dlpack::kBfloat && bits == 16);
   if (!ok) {
     throw std::invalid_argument("qpeft._C_cuda.managed_dlpack: unsupported DLPack dtype code " +
-                                std::to_string(dl_code) + " with " + std::to_string(bits) + " bits");
+                                std::to_string(dl_code) + " with " + std::to_string(bits) +
+                                " bits");
   }
   if (device < 0) throw std::invalid_argument("qpeft._C_cuda.managed_dlpack: device must be >= 0");
   const size_t bytes = static_cast<size_t>(numel) * static_cast<size_t>(bits / 8);
   void* p = nullptr;
   // cudaMemAttachGlobal: any stream on any device may access it (the update runs
   // on torch's current stream, which the caller does not pin at allocation).
-  check_cuda(cudaMallocManaged(&p, bytes == 0 ? 1 : bytes, cudaMemAttachGlobal), "cudaMallocManaged");
+  check_cuda(cudaMallocManaged(&p, bytes == 0 ? 1 : bytes, cudaMemAttachGlobal),
+             "cudaMallocManaged");
   // Keep the GPU's mapping while pages sit in host RAM: an access from the device
   // then reads them over the interconnect instead of faulting (the prefetch before
   // each update still migrates them in bulk). Only a hint: ignored where the
   // device lacks concurrent managed access, so a failure is not an error.
   if (advise_accessed_by(p, bytes == 0 ? 1 : bytes, device) != cudaSuccess) cudaGetLastError();
   try {
-    return dlpack::make_buffer(p, numel,
-                               dlpack::DataType{static_cast<uint8_t>(dl_code), static_cast<uint8_t>(bits), 1},
-                               dlpack::Device{dlpack::kCUDA, device}, free_managed);
+    return dlpack::make_buffer(
+        p, numel, dlpack::DataType{static_cast<uint8_t>(dl_code), static_cast<uint8_t>(bits), 1},
+        dlpack::Device{dlpack::kCUDA, device}, free_managed);
   } catch (...) {
     cudaFree(p);
     throw;
@@ -105,17 +110,20 @@ void prefetch(std::uintptr_t ptr, std::int64_t nbytes, int device, std::uintptr_
 }
 
 int prefetch_location(std::uintptr_t ptr, std::int64_t nbytes) {
-  if (nbytes <= 0 || ptr == 0) throw std::invalid_argument("qpeft._C_cuda.prefetch_location: empty range");
+  if (nbytes <= 0 || ptr == 0)
+    throw std::invalid_argument("qpeft._C_cuda.prefetch_location: empty range");
   int loc = cudaInvalidDeviceId;
-  check_cuda(cudaMemRangeGetAttribute(&loc, sizeof(loc), cudaMemRangeAttributeLastPrefetchLocation,
-                                      reinterpret_cast<const void*>(ptr), static_cast<size_t>(nbytes)),
-             "cudaMemRangeGetAttribute");
+  check_cuda(
+      cudaMemRangeGetAttribute(&loc, sizeof(loc), cudaMemRangeAttributeLastPrefetchLocation,
+                               reinterpret_cast<const void*>(ptr), static_cast<size_t>(nbytes)),
+      "cudaMemRangeGetAttribute");
   return loc;  // a device ordinal, cudaCpuDeviceId (-1) or cudaInvalidDeviceId (-2: none / mixed)
 }
 
 bool concurrent_managed_access(int device) {
   int v = 0;
-  check_cuda(cudaDeviceGetAttribute(&v, cudaDevAttrConcurrentManagedAccess, device), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&v, cudaDevAttrConcurrentManagedAccess, device),
+             "cudaDeviceGetAttribute");
   return v != 0;
 }
 

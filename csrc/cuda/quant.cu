@@ -30,7 +30,7 @@ namespace {
 // Tables, defined from format.h's macros and constexpr arrays.
 __constant__ float c_nf4[kNumCodes4] = {QPEFT_NF4_VALUES};
 __constant__ float c_fp4[kNumCodes4] = {QPEFT_FP4_VALUES};
-#define QPEFT_MID15(M)                                                                \
+#define QPEFT_MID15(M) \
   {M[0], M[1], M[2], M[3], M[4], M[5], M[6], M[7], M[8], M[9], M[10], M[11], M[12], M[13], M[14]}
 __constant__ float c_nf4_mid[kNumCodes4 - 1] = QPEFT_MID15(kNF4Mid);
 __constant__ float c_fp4_mid[kNumCodes4 - 1] = QPEFT_MID15(kFP4Mid);
@@ -38,12 +38,12 @@ __constant__ float c_fp4_mid[kNumCodes4 - 1] = QPEFT_MID15(kFP4Mid);
 __constant__ uint8_t c_nf4_order[kNumCodes4] = {QPEFT_NF4_ORDER};
 __constant__ uint8_t c_fp4_order[kNumCodes4] = {QPEFT_FP4_ORDER};
 
-constexpr int kQuantElems = 8;        // consecutive elements per thread in the quantize kernels
-constexpr int kQuantThreads = 256;    // quantize block size, raised to blocksize/8 for 4096
+constexpr int kQuantElems = 8;      // consecutive elements per thread in the quantize kernels
+constexpr int kQuantThreads = 256;  // quantize block size, raised to blocksize/8 for 4096
 constexpr int kMaxQuantThreads = 4096 / kQuantElems;  // 512
 constexpr int kDequantThreads = 256;
-constexpr int kDequant4Elems = 32;    // one 16-byte load of packed nibbles per thread
-constexpr int kDequant8Elems = 16;    // one 16-byte load of uint8 codes per thread
+constexpr int kDequant4Elems = 32;  // one 16-byte load of packed nibbles per thread
+constexpr int kDequant8Elems = 16;  // one 16-byte load of uint8 codes per thread
 
 // Measured with nvcc 13.0 -Xptxas -v (24 instantiations x sm_75..sm_120): 0 bytes
 // stack/spill everywhere; 29-32 registers on sm_80/sm_90, 26-40 on sm_86..sm_120,
@@ -58,8 +58,8 @@ static_assert(kQuantElems % 2 == 0, "quantize threads pack whole bytes");
 // Loads x[e0..e0+8) as fp32; elements at or past n read as 0 (no effect on the
 // absmax). vec: x is 16-byte aligned, so a full chunk is one or two 16-byte loads.
 template <int DT>
-__device__ __forceinline__ void load8(const ET<DT>* __restrict__ x, int64_t e0,
-                                      int64_t n, bool vec, float (&v)[8]) {
+__device__ __forceinline__ void load8(const ET<DT>* __restrict__ x, int64_t e0, int64_t n, bool vec,
+                                      float (&v)[8]) {
   if (vec && e0 + kQuantElems <= n) {
     ldg8<DT>(x + e0, v);
   } else {
@@ -101,8 +101,8 @@ __device__ __forceinline__ float group_absmax(float a, int tpq, float* s_red) {
 // Loads the thread's 8 elements and returns its quant block's absmax (written to
 // absmax[] by the block's first thread).
 template <int DT>
-__device__ __forceinline__ float load_and_absmax(const ET<DT>* __restrict__ x,
-                                                 int64_t e0, int64_t n, int log2_bs, bool vec,
+__device__ __forceinline__ float load_and_absmax(const ET<DT>* __restrict__ x, int64_t e0,
+                                                 int64_t n, int log2_bs, bool vec,
                                                  float* __restrict__ absmax, float* s_red,
                                                  float (&v)[8]) {
   load8<DT>(x, e0, n, vec, v);
@@ -124,8 +124,8 @@ __device__ __forceinline__ float load_and_absmax(const ET<DT>* __restrict__ x,
 // grid-strides over tiles. vec: x 16-byte and packed 4-byte aligned.
 template <int DT, int QT>
 __global__ void __launch_bounds__(kMaxQuantThreads)
-quantize4_kernel(const ET<DT>* __restrict__ x, int64_t n, int log2_bs, bool vec,
-                 uint8_t* __restrict__ packed, float* __restrict__ absmax) {
+    quantize4_kernel(const ET<DT>* __restrict__ x, int64_t n, int log2_bs, bool vec,
+                     uint8_t* __restrict__ packed, float* __restrict__ absmax) {
   __shared__ float s_red[kMaxQuantThreads / 32];
   __shared__ uint8_t s_order[kNumCodes4];  // indexed per element: smem, not constant memory
   const uint8_t* c_order = QT == kNF4 ? c_nf4_order : c_fp4_order;
@@ -150,8 +150,10 @@ quantize4_kernel(const ET<DT>* __restrict__ x, int64_t n, int log2_bs, bool vec,
 #pragma unroll
     for (int p = 0; p < kQuantElems / 2; ++p) {
       const uint8_t hi = encode4(normalize4(v[2 * p], floored, inv, partial), mid, s_order);
-      const uint8_t lo = e0 + 2 * p + 1 < n ? encode4(normalize4(v[2 * p + 1], floored, inv, partial), mid, s_order)
-                                            : zero_code4(QT);
+      const uint8_t lo =
+          e0 + 2 * p + 1 < n
+              ? encode4(normalize4(v[2 * p + 1], floored, inv, partial), mid, s_order)
+              : zero_code4(QT);
       word |= static_cast<uint32_t>(pack_pair(hi, lo)) << (8 * p);  // byte p at the lower address
     }
     uint8_t* dst = packed + (e0 >> 1);
@@ -172,12 +174,13 @@ quantize4_kernel(const ET<DT>* __restrict__ x, int64_t n, int log2_bs, bool vec,
 // host-only, so spelled out here). vec: x 16-byte and q 8-byte aligned.
 template <int DT>
 __global__ void __launch_bounds__(kMaxQuantThreads)
-quantize8_kernel(const ET<DT>* __restrict__ x, int64_t n, int log2_bs, bool vec,
-                 const float* __restrict__ code, uint8_t* __restrict__ q,
-                 float* __restrict__ absmax) {
+    quantize8_kernel(const ET<DT>* __restrict__ x, int64_t n, int log2_bs, bool vec,
+                     const float* __restrict__ code, uint8_t* __restrict__ q,
+                     float* __restrict__ absmax) {
   __shared__ float s_red[kMaxQuantThreads / 32];
   __shared__ float s_mid8[kNumCodes8 - 1];
-  for (int k = static_cast<int>(threadIdx.x); k < kNumCodes8 - 1; k += static_cast<int>(blockDim.x)) {
+  for (int k = static_cast<int>(threadIdx.x); k < kNumCodes8 - 1;
+       k += static_cast<int>(blockDim.x)) {
     s_mid8[k] = (code[k] + code[k + 1]) / 2.0f;
   }
   __syncthreads();
@@ -193,9 +196,13 @@ quantize8_kernel(const ET<DT>* __restrict__ x, int64_t n, int log2_bs, bool vec,
 #pragma unroll
     for (int j = 0; j < kQuantElems; ++j) {
       const uint32_t c =
-          a == 0.0f ? 0u
-                    : static_cast<uint32_t>(code8_for_grid(lut_grid_value(lut_bin(v[j] * inv)), s_mid8));
-      if (j < 4) w0 |= c << (8 * j); else w1 |= c << (8 * (j - 4));
+          a == 0.0f
+              ? 0u
+              : static_cast<uint32_t>(code8_for_grid(lut_grid_value(lut_bin(v[j] * inv)), s_mid8));
+      if (j < 4)
+        w0 |= c << (8 * j);
+      else
+        w1 |= c << (8 * (j - 4));
     }
     uint8_t* dst = q + e0;
     if (vec && e0 + kQuantElems <= n) {
@@ -219,10 +226,11 @@ quantize8_kernel(const ET<DT>* __restrict__ x, int64_t n, int log2_bs, bool vec,
 // 16-byte aligned; partial chunks take the per-byte path.
 template <int DT, int QT, bool NESTED>
 __global__ void __launch_bounds__(kDequantThreads)
-dequantize4_kernel(const uint8_t* __restrict__ packed, const void* __restrict__ absmax, int64_t n,
-                   int log2_bs, bool vec, ET<DT>* __restrict__ out,
-                   const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
-                   const float* __restrict__ offset, int64_t nested_bs) {
+    dequantize4_kernel(const uint8_t* __restrict__ packed, const void* __restrict__ absmax,
+                       int64_t n, int log2_bs, bool vec, ET<DT>* __restrict__ out,
+                       const float* __restrict__ nested_absmax,
+                       const float* __restrict__ nested_code, const float* __restrict__ offset,
+                       int64_t nested_bs) {
   __shared__ float s_tab[kNumCodes4];
   __shared__ float s_ncode[NESTED ? kNumCodes8 : 1];
   const float* c_tab = QT == kNF4 ? c_nf4 : c_fp4;
@@ -283,9 +291,9 @@ dequantize4_kernel(const uint8_t* __restrict__ packed, const void* __restrict__ 
 // 16-byte aligned.
 template <int DT>
 __global__ void __launch_bounds__(kDequantThreads)
-dequantize8_kernel(const uint8_t* __restrict__ q, const float* __restrict__ absmax,
-                   const float* __restrict__ code, int64_t n, int log2_bs, bool vec,
-                   ET<DT>* __restrict__ out) {
+    dequantize8_kernel(const uint8_t* __restrict__ q, const float* __restrict__ absmax,
+                       const float* __restrict__ code, int64_t n, int log2_bs, bool vec,
+                       ET<DT>* __restrict__ out) {
   __shared__ float s_code[kNumCodes8];
   for (int k = static_cast<int>(threadIdx.x); k < kNumCodes8; k += static_cast<int>(blockDim.x)) {
     s_code[k] = code[k];
@@ -349,11 +357,11 @@ void quantize_4bit(std::uintptr_t x, int x_dtype, std::int64_t n, std::int64_t b
     auto* pp = reinterpret_cast<uint8_t*>(packed);
     auto* ap = reinterpret_cast<float*>(absmax);
     if (quant_type == kNF4) {
-      launch("quantize_4bit", quantize4_kernel<DT, kNF4>, grid, threads, 0, as_stream(stream),
-             xp, n, log2_bs, vec, pp, ap);
+      launch("quantize_4bit", quantize4_kernel<DT, kNF4>, grid, threads, 0, as_stream(stream), xp,
+             n, log2_bs, vec, pp, ap);
     } else {
-      launch("quantize_4bit", quantize4_kernel<DT, kFP4>, grid, threads, 0, as_stream(stream),
-             xp, n, log2_bs, vec, pp, ap);
+      launch("quantize_4bit", quantize4_kernel<DT, kFP4>, grid, threads, 0, as_stream(stream), xp,
+             n, log2_bs, vec, pp, ap);
     }
   });
 }
@@ -373,7 +381,8 @@ void dequantize_4bit(std::uintptr_t packed, std::int64_t packed_len, std::uintpt
   check_len("absmax", absmax_len, nblocks);
   const bool nested = nested_absmax != 0;
   if (nested) {
-    if (nested_blocksize <= 0) fail("nested_blocksize must be > 0, got " + std::to_string(nested_blocksize));
+    if (nested_blocksize <= 0)
+      fail("nested_blocksize must be > 0, got " + std::to_string(nested_blocksize));
     check_len("nested_absmax", nested_absmax_len, ceil_div(nblocks, nested_blocksize));
     check_ptr("nested_code", nested_code);
     check_ptr("offset", offset);
@@ -463,8 +472,8 @@ void dequantize_blockwise(std::uintptr_t q, std::int64_t q_len, std::uintptr_t a
     constexpr int DT = decltype(dt)::value;
     launch("dequantize_blockwise", dequantize8_kernel<DT>, grid, kDequantThreads, 0,
            as_stream(stream), reinterpret_cast<const uint8_t*>(q),
-           reinterpret_cast<const float*>(absmax), reinterpret_cast<const float*>(code), n,
-           log2_bs, vec, reinterpret_cast<ET<DT>*>(out));
+           reinterpret_cast<const float*>(absmax), reinterpret_cast<const float*>(code), n, log2_bs,
+           vec, reinterpret_cast<ET<DT>*>(out));
   });
 }
 

@@ -8,9 +8,13 @@
 namespace qpeft {
 namespace cuda {
 
-std::vector<int> compiled_archs() { return {}; }
+std::vector<int> compiled_archs() {
+  return {};
+}
 
-int device_count() { return 0; }
+int device_count() {
+  return 0;
+}
 
 }  // namespace cuda
 }  // namespace qpeft

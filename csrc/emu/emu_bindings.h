@@ -20,23 +20,28 @@ inline void bind(pybind11::module_& m) {
   using release = py::call_guard<py::gil_scoped_release>;
 
   m.def("set_seed", &set_seed, py::arg("seed"),
-        "Scheduling seed: 0 runs ready CUDA threads in order, 1 in reverse, >= 2 at random (per block, "
+        "Scheduling seed: 0 runs ready CUDA threads in order, 1 in reverse, >= 2 at random (per "
+        "block, "
         "reproducibly). Default 2.");
   m.def("seed", &get_seed);
   m.def("set_workers", &set_workers, py::arg("n"),
         "OS threads running blocks in parallel; 0 restores the default ($QPEFT_EMU_WORKERS, else "
         "min(hardware threads, 4)).");
   m.def("workers", &get_workers);
-  m.def("stats", []() {
-    const Stats s = get_stats();
-    py::dict d;
-    d["launches"] = s.launches;
-    d["blocks"] = s.blocks;
-    d["switches"] = s.switches;
-    return d;
-  }, "Counters since import: kernel launches, blocks run, fiber context switches.");
+  m.def(
+      "stats",
+      []() {
+        const Stats s = get_stats();
+        py::dict d;
+        d["launches"] = s.launches;
+        d["blocks"] = s.blocks;
+        d["switches"] = s.switches;
+        return d;
+      },
+      "Counters since import: kernel launches, blocks run, fiber context switches.");
 
-  py::module_ t = m.def_submodule("testing", "Test-only kernels: emulation probes and planted bugs");
+  py::module_ t =
+      m.def_submodule("testing", "Test-only kernels: emulation probes and planted bugs");
   namespace k = qpeft::emu_tests;
   t.def("probe_indices", &k::probe_indices, release());
   t.def("probe_barrier", &k::probe_barrier, release());

@@ -154,8 +154,8 @@ __global__ void dynamic_smem_oob_kernel(const float* in, float* out, int bug) {
 
 void bug_block_index(std::uintptr_t in, std::uintptr_t out, std::int64_t n, int bug) {
   const unsigned blocks = static_cast<unsigned>((n + kBlock - 1) / kBlock);
-  launch("bug_block_index", block_index_kernel, dim3(blocks), dim3(kBlock), 0, nullptr, ptr<const float>(in),
-         ptr<float>(out), n, bug);
+  launch("bug_block_index", block_index_kernel, dim3(blocks), dim3(kBlock), 0, nullptr,
+         ptr<const float>(in), ptr<float>(out), n, bug);
 }
 
 void bug_divergent_barrier(std::uintptr_t in, std::uintptr_t out, int blocks, int bug) {
@@ -169,8 +169,8 @@ void bug_missing_barrier(std::uintptr_t in, std::uintptr_t out, int blocks, int 
 }
 
 void bug_shuffle_lane(std::uintptr_t in, std::uintptr_t out, int bug) {
-  launch("bug_shuffle_lane", shuffle_lane_kernel, dim3(1), dim3(32), 0, nullptr, ptr<const float>(in),
-         ptr<float>(out), bug);
+  launch("bug_shuffle_lane", shuffle_lane_kernel, dim3(1), dim3(32), 0, nullptr,
+         ptr<const float>(in), ptr<float>(out), bug);
 }
 
 void bug_shuffle_missing_lanes(std::uintptr_t in, std::uintptr_t out, int bug) {
@@ -179,8 +179,8 @@ void bug_shuffle_missing_lanes(std::uintptr_t in, std::uintptr_t out, int bug) {
 }
 
 void bug_deadlock(std::uintptr_t in, std::uintptr_t out, int bug) {
-  launch("bug_deadlock", shuffle_barrier_deadlock_kernel, dim3(1), dim3(32), 0, nullptr, ptr<const float>(in),
-         ptr<float>(out), bug);
+  launch("bug_deadlock", shuffle_barrier_deadlock_kernel, dim3(1), dim3(32), 0, nullptr,
+         ptr<const float>(in), ptr<float>(out), bug);
 }
 
 void bug_spin_wait(std::uintptr_t out, int bug) {
@@ -188,18 +188,18 @@ void bug_spin_wait(std::uintptr_t out, int bug) {
 }
 
 void bug_warp_sync(std::uintptr_t in, std::uintptr_t out, int blocks, int bug) {
-  launch("bug_warp_sync", warp_sync_kernel, dim3(blocks), dim3(kBlock), 0, nullptr, ptr<const float>(in),
-         ptr<float>(out), bug);
+  launch("bug_warp_sync", warp_sync_kernel, dim3(blocks), dim3(kBlock), 0, nullptr,
+         ptr<const float>(in), ptr<float>(out), bug);
 }
 
 void bug_smem_oob(std::uintptr_t in, std::uintptr_t out, int bug) {
-  launch("bug_smem_oob", smem_oob_kernel, dim3(1), dim3(128), 0, nullptr, ptr<const float>(in), ptr<float>(out),
-         bug);
+  launch("bug_smem_oob", smem_oob_kernel, dim3(1), dim3(128), 0, nullptr, ptr<const float>(in),
+         ptr<float>(out), bug);
 }
 
 void bug_dynamic_smem_oob(std::uintptr_t in, std::uintptr_t out, int bug) {
-  launch("bug_dynamic_smem_oob", dynamic_smem_oob_kernel, dim3(1), dim3(128), 128 * sizeof(float), nullptr,
-         ptr<const float>(in), ptr<float>(out), bug);
+  launch("bug_dynamic_smem_oob", dynamic_smem_oob_kernel, dim3(1), dim3(128), 128 * sizeof(float),
+         nullptr, ptr<const float>(in), ptr<float>(out), bug);
 }
 
 }  // namespace emu_tests

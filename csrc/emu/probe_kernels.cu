@@ -19,7 +19,8 @@ T* ptr(std::uintptr_t p) {
 __global__ void indices_kernel(int* out) {
   const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
   const unsigned t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
-  const unsigned long long b = blockIdx.x + 1ull * gridDim.x * (blockIdx.y + 1ull * gridDim.y * blockIdx.z);
+  const unsigned long long b =
+      blockIdx.x + 1ull * gridDim.x * (blockIdx.y + 1ull * gridDim.y * blockIdx.z);
   int* o = out + (b * threads + t) * 12;
   const unsigned v[12] = {threadIdx.x, threadIdx.y, threadIdx.z, blockIdx.x, blockIdx.y, blockIdx.z,
                           blockDim.x,  blockDim.y,  blockDim.z,  gridDim.x,  gridDim.y,  gridDim.z};
@@ -48,16 +49,25 @@ __global__ void barrier_kernel(int* out, const int* pred, int* agg, int phases) 
 }
 
 template <typename T>
-__global__ void shuffle_kernel(int op, const T* in, const int* b, T* out, unsigned mask, int width) {
+__global__ void shuffle_kernel(int op, const T* in, const int* b, T* out, unsigned mask,
+                               int width) {
   const int t = static_cast<int>(threadIdx.x);
   const int lane = t & 31;
   T v = in[t];
   if ((mask >> lane) & 1u) {
     switch (op) {
-      case 0: v = __shfl_sync(mask, v, b[t], width); break;
-      case 1: v = __shfl_up_sync(mask, v, static_cast<unsigned>(b[t]), width); break;
-      case 2: v = __shfl_down_sync(mask, v, static_cast<unsigned>(b[t]), width); break;
-      default: v = __shfl_xor_sync(mask, v, b[t], width); break;
+      case 0:
+        v = __shfl_sync(mask, v, b[t], width);
+        break;
+      case 1:
+        v = __shfl_up_sync(mask, v, static_cast<unsigned>(b[t]), width);
+        break;
+      case 2:
+        v = __shfl_down_sync(mask, v, static_cast<unsigned>(b[t]), width);
+        break;
+      default:
+        v = __shfl_xor_sync(mask, v, b[t], width);
+        break;
     }
   }
   out[t] = v;
@@ -123,21 +133,24 @@ __global__ void activemask_kernel(unsigned* out) {
 
 }  // namespace
 
-void probe_indices(std::uintptr_t out, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                   unsigned bz) {
-  launch("probe_indices", indices_kernel, dim3(gx, gy, gz), dim3(bx, by, bz), 0, nullptr, ptr<int>(out));
+void probe_indices(std::uintptr_t out, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                   unsigned by, unsigned bz) {
+  launch("probe_indices", indices_kernel, dim3(gx, gy, gz), dim3(bx, by, bz), 0, nullptr,
+         ptr<int>(out));
 }
 
-void probe_barrier(std::uintptr_t out, std::uintptr_t pred, std::uintptr_t agg, int threads, int phases) {
-  launch("probe_barrier", barrier_kernel, dim3(1), dim3(threads), 0, nullptr, ptr<int>(out), ptr<const int>(pred),
-         ptr<int>(agg), phases);
+void probe_barrier(std::uintptr_t out, std::uintptr_t pred, std::uintptr_t agg, int threads,
+                   int phases) {
+  launch("probe_barrier", barrier_kernel, dim3(1), dim3(threads), 0, nullptr, ptr<int>(out),
+         ptr<const int>(pred), ptr<int>(agg), phases);
 }
 
-void probe_shuffle(int op, std::uintptr_t in, std::uintptr_t b, std::uintptr_t out, int threads, unsigned mask,
-                   int width, int elem_bytes) {
+void probe_shuffle(int op, std::uintptr_t in, std::uintptr_t b, std::uintptr_t out, int threads,
+                   unsigned mask, int width, int elem_bytes) {
   if (elem_bytes == 8) {
-    launch("probe_shuffle", shuffle_kernel<unsigned long long>, dim3(1), dim3(threads), 0, nullptr, op,
-           ptr<const unsigned long long>(in), ptr<const int>(b), ptr<unsigned long long>(out), mask, width);
+    launch("probe_shuffle", shuffle_kernel<unsigned long long>, dim3(1), dim3(threads), 0, nullptr,
+           op, ptr<const unsigned long long>(in), ptr<const int>(b), ptr<unsigned long long>(out),
+           mask, width);
   } else {
     launch("probe_shuffle", shuffle_kernel<unsigned>, dim3(1), dim3(threads), 0, nullptr, op,
            ptr<const unsigned>(in), ptr<const int>(b), ptr<unsigned>(out), mask, width);
@@ -145,25 +158,29 @@ void probe_shuffle(int op, std::uintptr_t in, std::uintptr_t b, std::uintptr_t o
 }
 
 void probe_vote(std::uintptr_t pred, std::uintptr_t out, int threads, unsigned mask) {
-  launch("probe_vote", vote_kernel, dim3(1), dim3(threads), 0, nullptr, ptr<const int>(pred), ptr<int>(out), mask);
+  launch("probe_vote", vote_kernel, dim3(1), dim3(threads), 0, nullptr, ptr<const int>(pred),
+         ptr<int>(out), mask);
 }
 
-void probe_atomics(std::uintptr_t counters, std::uintptr_t sums, int blocks, int threads, unsigned wrap) {
-  launch("probe_atomics", atomics_kernel, dim3(blocks), dim3(threads), 0, nullptr, ptr<int>(counters),
-         ptr<float>(sums), wrap);
+void probe_atomics(std::uintptr_t counters, std::uintptr_t sums, int blocks, int threads,
+                   unsigned wrap) {
+  launch("probe_atomics", atomics_kernel, dim3(blocks), dim3(threads), 0, nullptr,
+         ptr<int>(counters), ptr<float>(sums), wrap);
 }
 
 void probe_dynamic_smem(std::uintptr_t before, std::uintptr_t after, int threads) {
-  launch("probe_dynamic_smem", dynamic_smem_kernel, dim3(1), dim3(threads), threads * sizeof(int), nullptr,
-         ptr<int>(before), ptr<int>(after));
+  launch("probe_dynamic_smem", dynamic_smem_kernel, dim3(1), dim3(threads), threads * sizeof(int),
+         nullptr, ptr<int>(before), ptr<int>(after));
 }
 
 void probe_order(std::uintptr_t out, int blocks, int threads, int phases) {
-  launch("probe_order", order_kernel, dim3(blocks), dim3(threads), 0, nullptr, ptr<int>(out), phases);
+  launch("probe_order", order_kernel, dim3(blocks), dim3(threads), 0, nullptr, ptr<int>(out),
+         phases);
 }
 
 void probe_activemask(std::uintptr_t out, int threads) {
-  launch("probe_activemask", activemask_kernel, dim3(1), dim3(threads), 0, nullptr, ptr<unsigned>(out));
+  launch("probe_activemask", activemask_kernel, dim3(1), dim3(threads), 0, nullptr,
+         ptr<unsigned>(out));
 }
 
 }  // namespace emu_tests

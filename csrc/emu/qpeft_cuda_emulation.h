@@ -68,8 +68,14 @@ extern thread_local Current t_current;
 
 // Warp collectives, in PTX's terms (shfl.sync modes, vote.sync modes).
 enum WarpOp : int {
-  kShflIdx = 0, kShflUp, kShflDown, kShflBfly,
-  kVoteBallot, kVoteAll, kVoteAny, kSyncWarp,
+  kShflIdx = 0,
+  kShflUp,
+  kShflDown,
+  kShflBfly,
+  kVoteBallot,
+  kVoteAll,
+  kVoteAny,
+  kSyncWarp,
 };
 enum BarrierOp : int { kBarSync = 0, kBarCount, kBarAnd, kBarOr };
 
@@ -97,8 +103,9 @@ template <typename T>
 inline ShflType<T> shuffle(int op, unsigned mask, T var, unsigned b, int width, const char* file,
                            int line) {
   using U = ShflType<T>;
-  static_assert(std::is_trivially_copyable<U>::value && (sizeof(U) == 2 || sizeof(U) == 4 || sizeof(U) == 8),
-                "shuffled values are 2, 4 or 8 bytes");
+  static_assert(
+      std::is_trivially_copyable<U>::value && (sizeof(U) == 2 || sizeof(U) == 4 || sizeof(U) == 8),
+      "shuffled values are 2, 4 or 8 bytes");
   const U u = static_cast<U>(var);
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
     trap("shuffle width must be a power of two in [1, 32]", file, line);
@@ -205,27 +212,29 @@ inline int __syncthreads_or(int pred, QPEFT_EMU_SITE) {
 inline void __syncwarp(unsigned mask = 0xffffffffu, QPEFT_EMU_SITE) {
   ::qpeft::emu::warp_collective(::qpeft::emu::kSyncWarp, mask, 0, 0, 0, file, line);
 }
-inline unsigned __activemask(QPEFT_EMU_SITE) { return ::qpeft::emu::active_mask(file, line); }
+inline unsigned __activemask(QPEFT_EMU_SITE) {
+  return ::qpeft::emu::active_mask(file, line);
+}
 
 template <typename T>
 inline ::qpeft::emu::ShflType<T> __shfl_sync(unsigned mask, T var, int src_lane, int width = 32,
                                              QPEFT_EMU_SITE) {
-  return ::qpeft::emu::shuffle(::qpeft::emu::kShflIdx, mask, var, static_cast<unsigned>(src_lane), width,
-                               file, line);
+  return ::qpeft::emu::shuffle(::qpeft::emu::kShflIdx, mask, var, static_cast<unsigned>(src_lane),
+                               width, file, line);
 }
 template <typename T>
-inline ::qpeft::emu::ShflType<T> __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32,
-                                                QPEFT_EMU_SITE) {
+inline ::qpeft::emu::ShflType<T> __shfl_up_sync(unsigned mask, T var, unsigned delta,
+                                                int width = 32, QPEFT_EMU_SITE) {
   return ::qpeft::emu::shuffle(::qpeft::emu::kShflUp, mask, var, delta, width, file, line);
 }
 template <typename T>
-inline ::qpeft::emu::ShflType<T> __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32,
-                                                  QPEFT_EMU_SITE) {
+inline ::qpeft::emu::ShflType<T> __shfl_down_sync(unsigned mask, T var, unsigned delta,
+                                                  int width = 32, QPEFT_EMU_SITE) {
   return ::qpeft::emu::shuffle(::qpeft::emu::kShflDown, mask, var, delta, width, file, line);
 }
 template <typename T>
-inline ::qpeft::emu::ShflType<T> __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32,
-                                                 QPEFT_EMU_SITE) {
+inline ::qpeft::emu::ShflType<T> __shfl_xor_sync(unsigned mask, T var, int lane_mask,
+                                                 int width = 32, QPEFT_EMU_SITE) {
   return ::qpeft::emu::shuffle(::qpeft::emu::kShflBfly, mask, var, static_cast<unsigned>(lane_mask),
                                width, file, line);
 }
@@ -241,47 +250,99 @@ inline int __any_sync(unsigned mask, int pred, QPEFT_EMU_SITE) {
   return static_cast<int>(
       ::qpeft::emu::warp_collective(::qpeft::emu::kVoteAny, mask, pred != 0, 0, 0, file, line));
 }
-inline void __nanosleep(unsigned /*ns*/, QPEFT_EMU_SITE) { ::qpeft::emu::yield(file, line); }
-[[noreturn]] inline void __trap(QPEFT_EMU_SITE) { ::qpeft::emu::trap("__trap()", file, line); }
+inline void __nanosleep(unsigned /*ns*/, QPEFT_EMU_SITE) {
+  ::qpeft::emu::yield(file, line);
+}
+[[noreturn]] inline void __trap(QPEFT_EMU_SITE) {
+  ::qpeft::emu::trap("__trap()", file, line);
+}
 
 #undef QPEFT_EMU_SITE
 
-inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_block() {
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+inline void __threadfence() {
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+inline void __threadfence_system() {
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
 
 // Cache-hinted loads and stores are plain accesses.
-template <typename T> inline T __ldg(const T* p) { return *p; }
-template <typename T> inline T __ldcg(const T* p) { return *p; }
-template <typename T> inline T __ldca(const T* p) { return *p; }
-template <typename T> inline T __ldcs(const T* p) { return *p; }
-template <typename T> inline T __ldlu(const T* p) { return *p; }
-template <typename T> inline T __ldcv(const T* p) { return *p; }
-template <typename T> inline void __stcg(T* p, T v) { *p = v; }
-template <typename T> inline void __stcs(T* p, T v) { *p = v; }
-template <typename T> inline void __stwb(T* p, T v) { *p = v; }
-template <typename T> inline void __stwt(T* p, T v) { *p = v; }
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldca(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldcs(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldlu(const T* p) {
+  return *p;
+}
+template <typename T>
+inline T __ldcv(const T* p) {
+  return *p;
+}
+template <typename T>
+inline void __stcg(T* p, T v) {
+  *p = v;
+}
+template <typename T>
+inline void __stcs(T* p, T v) {
+  *p = v;
+}
+template <typename T>
+inline void __stwb(T* p, T v) {
+  *p = v;
+}
+template <typename T>
+inline void __stwt(T* p, T v) {
+  *p = v;
+}
 
 // ----------------------------------------------------------------------------
 // Atomics (relaxed on the device; sequentially consistent here, which is a
 // strengthening any correct kernel tolerates). Fibers of one block never
 // interleave inside an atomic; blocks on other worker threads may.
-#define QPEFT_EMU_ATOMIC_INT(T)                                                                      \
-  inline T atomicAdd(T* a, T v) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }              \
-  inline T atomicSub(T* a, T v) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); }              \
-  inline T atomicExch(T* a, T v) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); }            \
-  inline T atomicAnd(T* a, T v) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); }              \
-  inline T atomicOr(T* a, T v) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }                \
-  inline T atomicXor(T* a, T v) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); }              \
-  inline T atomicMin(T* a, T v) {                                                                    \
-    return ::qpeft::emu::atomic_cas_update<T>(a, [](T x, T y) { return y < x ? y : x; }, v);        \
-  }                                                                                                  \
-  inline T atomicMax(T* a, T v) {                                                                    \
-    return ::qpeft::emu::atomic_cas_update<T>(a, [](T x, T y) { return y > x ? y : x; }, v);        \
-  }                                                                                                  \
-  inline T atomicCAS(T* a, T compare, T v) {                                                         \
-    __atomic_compare_exchange_n(a, &compare, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);         \
-    return compare;                                                                                  \
+#define QPEFT_EMU_ATOMIC_INT(T)                                                              \
+  inline T atomicAdd(T* a, T v) {                                                            \
+    return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                       \
+  }                                                                                          \
+  inline T atomicSub(T* a, T v) {                                                            \
+    return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST);                                       \
+  }                                                                                          \
+  inline T atomicExch(T* a, T v) {                                                           \
+    return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                      \
+  }                                                                                          \
+  inline T atomicAnd(T* a, T v) {                                                            \
+    return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST);                                       \
+  }                                                                                          \
+  inline T atomicOr(T* a, T v) {                                                             \
+    return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST);                                        \
+  }                                                                                          \
+  inline T atomicXor(T* a, T v) {                                                            \
+    return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST);                                       \
+  }                                                                                          \
+  inline T atomicMin(T* a, T v) {                                                            \
+    return ::qpeft::emu::atomic_cas_update<T>(a, [](T x, T y) { return y < x ? y : x; }, v); \
+  }                                                                                          \
+  inline T atomicMax(T* a, T v) {                                                            \
+    return ::qpeft::emu::atomic_cas_update<T>(a, [](T x, T y) { return y > x ? y : x; }, v); \
+  }                                                                                          \
+  inline T atomicCAS(T* a, T compare, T v) {                                                 \
+    __atomic_compare_exchange_n(a, &compare, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);  \
+    return compare;                                                                          \
   }
 QPEFT_EMU_ATOMIC_INT(int)
 QPEFT_EMU_ATOMIC_INT(unsigned int)
@@ -297,28 +358,45 @@ inline unsigned atomicInc(unsigned* a, unsigned limit) {  // ((old >= limit) ? 0
   return ::qpeft::emu::atomic_cas_update<unsigned>(
       a, [](unsigned old, unsigned lim) { return old >= lim ? 0u : old + 1u; }, limit);
 }
-inline unsigned atomicDec(unsigned* a, unsigned limit) {  // ((old == 0 || old > limit) ? limit : old - 1)
+inline unsigned atomicDec(unsigned* a,
+                          unsigned limit) {  // ((old == 0 || old > limit) ? limit : old - 1)
   return ::qpeft::emu::atomic_cas_update<unsigned>(
-      a, [](unsigned old, unsigned lim) { return (old == 0u || old > lim) ? lim : old - 1u; }, limit);
+      a, [](unsigned old, unsigned lim) { return (old == 0u || old > lim) ? lim : old - 1u; },
+      limit);
 }
 inline float atomicAdd(float* a, float v) {
-  return ::qpeft::emu::atomic_float_update<float, std::uint32_t>(a, [](float x, float y) { return x + y; }, v);
+  return ::qpeft::emu::atomic_float_update<float, std::uint32_t>(
+      a, [](float x, float y) { return x + y; }, v);
 }
 inline double atomicAdd(double* a, double v) {
-  return ::qpeft::emu::atomic_float_update<double, std::uint64_t>(a, [](double x, double y) { return x + y; }, v);
+  return ::qpeft::emu::atomic_float_update<double, std::uint64_t>(
+      a, [](double x, double y) { return x + y; }, v);
 }
 inline float atomicExch(float* a, float v) {
-  return ::qpeft::emu::atomic_float_update<float, std::uint32_t>(a, [](float, float y) { return y; }, v);
+  return ::qpeft::emu::atomic_float_update<float, std::uint32_t>(
+      a, [](float, float y) { return y; }, v);
 }
 
 // ----------------------------------------------------------------------------
 // Integer and bit intrinsics (exact on both sides).
-inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
-inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
-inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x)); }
-inline int __ffs(int x) { return __builtin_ffs(x); }
-inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+inline int __popc(unsigned x) {
+  return __builtin_popcount(x);
+}
+inline int __popcll(unsigned long long x) {
+  return __builtin_popcountll(x);
+}
+inline int __clz(int x) {
+  return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x));
+}
+inline int __clzll(long long x) {
+  return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x));
+}
+inline int __ffs(int x) {
+  return __builtin_ffs(x);
+}
+inline int __ffsll(long long x) {
+  return __builtin_ffsll(x);
+}
 inline unsigned __brev(unsigned x) {
   unsigned r = 0;
   for (int i = 0; i < 32; ++i) r |= ((x >> i) & 1u) << (31 - i);
@@ -327,7 +405,8 @@ inline unsigned __brev(unsigned x) {
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   const unsigned long long v = (static_cast<unsigned long long>(y) << 32) | x;
   unsigned r = 0;
-  for (int i = 0; i < 4; ++i) r |= static_cast<unsigned>((v >> (8 * ((s >> (4 * i)) & 7u))) & 0xffu) << (8 * i);
+  for (int i = 0; i < 4; ++i)
+    r |= static_cast<unsigned>((v >> (8 * ((s >> (4 * i)) & 7u))) & 0xffu) << (8 * i);
   return r;
 }
 inline unsigned __umulhi(unsigned a, unsigned b) {
@@ -341,40 +420,118 @@ inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned s) {
   const unsigned long long v = (static_cast<unsigned long long>(hi) << 32) | lo;
   return static_cast<unsigned>(v >> (s & 31u));
 }
-inline int min(int a, int b) { return a < b ? a : b; }
-inline int max(int a, int b) { return a > b ? a : b; }
-inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
-inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
-inline long long min(long long a, long long b) { return a < b ? a : b; }
-inline long long max(long long a, long long b) { return a > b ? a : b; }
-inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
-inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
-inline float min(float a, float b) { return fminf(a, b); }
-inline float max(float a, float b) { return fmaxf(a, b); }
-inline double min(double a, double b) { return fmin(a, b); }
-inline double max(double a, double b) { return fmax(a, b); }
+inline int min(int a, int b) {
+  return a < b ? a : b;
+}
+inline int max(int a, int b) {
+  return a > b ? a : b;
+}
+inline unsigned min(unsigned a, unsigned b) {
+  return a < b ? a : b;
+}
+inline unsigned max(unsigned a, unsigned b) {
+  return a > b ? a : b;
+}
+inline long long min(long long a, long long b) {
+  return a < b ? a : b;
+}
+inline long long max(long long a, long long b) {
+  return a > b ? a : b;
+}
+inline unsigned long long min(unsigned long long a, unsigned long long b) {
+  return a < b ? a : b;
+}
+inline unsigned long long max(unsigned long long a, unsigned long long b) {
+  return a > b ? a : b;
+}
+inline float min(float a, float b) {
+  return fminf(a, b);
+}
+inline float max(float a, float b) {
+  return fmaxf(a, b);
+}
+inline double min(double a, double b) {
+  return fmin(a, b);
+}
+inline double max(double a, double b) {
+  return fmax(a, b);
+}
 
 // ----------------------------------------------------------------------------
 // Float reinterpretation and IEEE-rounded arithmetic (bit-exact with the device).
-inline int __float_as_int(float f) { int i; std::memcpy(&i, &f, 4); return i; }
-inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
-inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline long long __double_as_longlong(double d) { long long i; std::memcpy(&i, &d, 8); return i; }
-inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __frcp_rn(float a) { return 1.0f / a; }
-inline float __fsqrt_rn(float a) { return std::sqrt(a); }
-inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
-inline float __saturatef(float a) { return a >= 1.0f ? 1.0f : (a > 0.0f ? a : 0.0f); }  // NaN -> 0
+inline int __float_as_int(float f) {
+  int i;
+  std::memcpy(&i, &f, 4);
+  return i;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline long long __double_as_longlong(double d) {
+  long long i;
+  std::memcpy(&i, &d, 8);
+  return i;
+}
+inline double __longlong_as_double(long long i) {
+  double d;
+  std::memcpy(&d, &i, 8);
+  return d;
+}
+inline float __fadd_rn(float a, float b) {
+  return a + b;
+}
+inline float __fsub_rn(float a, float b) {
+  return a - b;
+}
+inline float __fmul_rn(float a, float b) {
+  return a * b;
+}
+inline float __fdiv_rn(float a, float b) {
+  return a / b;
+}
+inline float __frcp_rn(float a) {
+  return 1.0f / a;
+}
+inline float __fsqrt_rn(float a) {
+  return std::sqrt(a);
+}
+inline float __fmaf_rn(float a, float b, float c) {
+  return std::fma(a, b, c);
+}
+inline float __saturatef(float a) {
+  return a >= 1.0f ? 1.0f : (a > 0.0f ? a : 0.0f);
+}  // NaN -> 0
 // Approximate on the device (a few ulp, or flush-to-zero); exact here.
-inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float __expf(float a) { return std::exp(a); }
-inline float __logf(float a) { return std::log(a); }
-inline float __powf(float a, float b) { return std::pow(a, b); }
-inline float __sinf(float a) { return std::sin(a); }
-inline float __cosf(float a) { return std::cos(a); }
+inline float rsqrtf(float a) {
+  return 1.0f / std::sqrt(a);
+}
+inline float __fdividef(float a, float b) {
+  return a / b;
+}
+inline float __expf(float a) {
+  return std::exp(a);
+}
+inline float __logf(float a) {
+  return std::log(a);
+}
+inline float __powf(float a, float b) {
+  return std::pow(a, b);
+}
+inline float __sinf(float a) {
+  return std::sin(a);
+}
+inline float __cosf(float a) {
+  return std::cos(a);
+}

@@ -39,7 +39,7 @@ thread_local Current t_current;
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kMaxThreads = 1024;         // CUDA's limit per block
+constexpr int kMaxThreads = 1024;  // CUDA's limit per block
 constexpr std::size_t kStackBytes = 128 * 1024;
 constexpr std::size_t kMaxDynamicSmem = 48 * 1024;  // without cudaFuncSetAttribute opt-in
 constexpr std::size_t kCanaryBytes = 1024;          // checked after every barrier
@@ -71,7 +71,9 @@ std::string basename_of(const char* path) {
   return slash ? slash + 1 : path;
 }
 
-std::string site(const char* file, int line) { return basename_of(file) + ":" + std::to_string(line); }
+std::string site(const char* file, int line) {
+  return basename_of(file) + ":" + std::to_string(line);
+}
 
 bool same_site(const char* f1, int l1, const char* f2, int l2) {
   return l1 == l2 && (f1 == f2 || (f1 && f2 && std::strcmp(f1, f2) == 0));
@@ -107,24 +109,37 @@ std::string lanes_of(unsigned mask) {
 
 const char* op_name(int op) {
   switch (op) {
-    case kShflIdx: return "__shfl_sync";
-    case kShflUp: return "__shfl_up_sync";
-    case kShflDown: return "__shfl_down_sync";
-    case kShflBfly: return "__shfl_xor_sync";
-    case kVoteBallot: return "__ballot_sync";
-    case kVoteAll: return "__all_sync";
-    case kVoteAny: return "__any_sync";
-    case kSyncWarp: return "__syncwarp";
-    default: return "warp collective";
+    case kShflIdx:
+      return "__shfl_sync";
+    case kShflUp:
+      return "__shfl_up_sync";
+    case kShflDown:
+      return "__shfl_down_sync";
+    case kShflBfly:
+      return "__shfl_xor_sync";
+    case kVoteBallot:
+      return "__ballot_sync";
+    case kVoteAll:
+      return "__all_sync";
+    case kVoteAny:
+      return "__any_sync";
+    case kSyncWarp:
+      return "__syncwarp";
+    default:
+      return "warp collective";
   }
 }
 
 const char* bar_name(int op) {
   switch (op) {
-    case kBarCount: return "__syncthreads_count()";
-    case kBarAnd: return "__syncthreads_and()";
-    case kBarOr: return "__syncthreads_or()";
-    default: return "__syncthreads()";
+    case kBarCount:
+      return "__syncthreads_count()";
+    case kBarAnd:
+      return "__syncthreads_and()";
+    case kBarOr:
+      return "__syncthreads_or()";
+    default:
+      return "__syncthreads()";
   }
 }
 
@@ -170,9 +185,9 @@ struct ActiveGroup {
 };
 
 struct WarpState {
-  unsigned lanes = 0;      // lanes that exist (a last partial warp has fewer)
+  unsigned lanes = 0;  // lanes that exist (a last partial warp has fewer)
   unsigned exited = 0;
-  int runnable = 0;        // lanes Ready or Running
+  int runnable = 0;  // lanes Ready or Running
   std::vector<WarpGroup> groups;
   std::vector<ActiveGroup> active;
 };
@@ -186,8 +201,10 @@ class Worker {
     page_ = static_cast<std::size_t>(page > 0 ? page : 4096);
     slot_ = kStackBytes + page_;
     const std::size_t bytes = slot_ * kMaxThreads;
-    void* mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (mem == MAP_FAILED) throw std::runtime_error("qpeft: CUDA emulation could not reserve fiber stacks");
+    void* mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mem == MAP_FAILED)
+      throw std::runtime_error("qpeft: CUDA emulation could not reserve fiber stacks");
     stacks_ = static_cast<char*>(mem);
     for (int i = 0; i < kMaxThreads; ++i) {
       // The lowest page of each slot is the guard: a stack overflow faults there.
@@ -282,14 +299,16 @@ Worker& worker_or_throw(const char* what) {
 
 std::string Worker::thread_name(int t) const {
   const uint3 i = fibers_[t].tid;
-  return "thread (" + std::to_string(i.x) + "," + std::to_string(i.y) + "," + std::to_string(i.z) + ")";
+  return "thread (" + std::to_string(i.x) + "," + std::to_string(i.y) + "," + std::to_string(i.z) +
+         ")";
 }
 
 std::string Worker::where() const {
-  std::string s = "block (" + std::to_string(block_idx_.x) + "," + std::to_string(block_idx_.y) + "," +
-                  std::to_string(block_idx_.z) + ")";
-  if (current_ >= 0) s += " " + thread_name(current_) + " [warp " + std::to_string(current_ / kWarp) +
-                          " lane " + std::to_string(current_ % kWarp) + "]";
+  std::string s = "block (" + std::to_string(block_idx_.x) + "," + std::to_string(block_idx_.y) +
+                  "," + std::to_string(block_idx_.z) + ")";
+  if (current_ >= 0)
+    s += " " + thread_name(current_) + " [warp " + std::to_string(current_ / kWarp) + " lane " +
+         std::to_string(current_ % kWarp) + "]";
   return s;
 }
 
@@ -373,9 +392,9 @@ void Worker::check_canary(std::size_t span, const char* when) {
   const unsigned char* p = smem_base() + smem_bytes_;
   for (std::size_t i = 0; i < span; ++i) {
     if (p[i] != kCanary) {
-      throw KernelFault("out-of-bounds write to dynamic shared memory: byte " + std::to_string(smem_bytes_ + i) +
-                        " of a " + std::to_string(smem_bytes_) + "-byte allocation was written (found " + when +
-                        ")");
+      throw KernelFault("out-of-bounds write to dynamic shared memory: byte " +
+                        std::to_string(smem_bytes_ + i) + " of a " + std::to_string(smem_bytes_) +
+                        "-byte allocation was written (found " + when + ")");
     }
   }
 }
@@ -425,14 +444,17 @@ std::uint64_t Worker::collective(int op, unsigned mask, std::uint64_t value, uns
   WarpState& ws = warps_[warp];
   // Built only on the error paths: no heap object may live across the switch
   // below (an abandoned fiber's frames are never unwound).
-  auto what = [&]() { return std::string(op_name(op)) + "(mask=" + hex32(mask) + ") at " + site(file, line); };
+  auto what = [&]() {
+    return std::string(op_name(op)) + "(mask=" + hex32(mask) + ") at " + site(file, line);
+  };
   if (!((mask >> lane) & 1u)) {
-    throw KernelFault(what() + ": the calling lane " + std::to_string(lane) + " is not in its own mask");
+    throw KernelFault(what() + ": the calling lane " + std::to_string(lane) +
+                      " is not in its own mask");
   }
   if (mask & ~ws.lanes) {
-    throw KernelFault(what() + " names lanes " + lanes_of(mask & ~ws.lanes) + " that do not exist (warp " +
-                      std::to_string(warp) + " of a block of " + std::to_string(nthreads_) +
-                      " threads has lanes " + lanes_of(ws.lanes) + ")");
+    throw KernelFault(what() + " names lanes " + lanes_of(mask & ~ws.lanes) +
+                      " that do not exist (warp " + std::to_string(warp) + " of a block of " +
+                      std::to_string(nthreads_) + " threads has lanes " + lanes_of(ws.lanes) + ")");
   }
   if (mask & ws.exited) {
     throw KernelFault(what() + " names lanes " + lanes_of(mask & ws.exited) +
@@ -442,9 +464,10 @@ std::uint64_t Worker::collective(int op, unsigned mask, std::uint64_t value, uns
   for (WarpGroup& x : ws.groups) {
     if (x.mask & mask) {
       if (x.mask != mask || x.op != op) {
-        throw KernelFault(what() + " meets lanes " + lanes_of(x.arrived) + " waiting in " + op_name(x.op) +
-                          "(mask=" + hex32(x.mask) + ") at " + site(x.file, x.line) +
-                          ": the lanes of one collective must call the same kind with the same mask");
+        throw KernelFault(
+            what() + " meets lanes " + lanes_of(x.arrived) + " waiting in " + op_name(x.op) +
+            "(mask=" + hex32(x.mask) + ") at " + site(x.file, x.line) +
+            ": the lanes of one collective must call the same kind with the same mask");
       }
       g = &x;
     }
@@ -472,7 +495,10 @@ std::uint64_t Worker::collective(int op, unsigned mask, std::uint64_t value, uns
       if (!((mask >> l) & 1u)) continue;
       Fiber& f = fibers_[warp * kWarp + l];
       switch (op) {
-        case kShflIdx: case kShflUp: case kShflDown: case kShflBfly: {
+        case kShflIdx:
+        case kShflUp:
+        case kShflDown:
+        case kShflBfly: {
           const long long segmask = (f.c >> 8) & 0x1f, cval = f.c & 0x1f;
           const long long max_lane = (l & segmask) | (cval & ~segmask);
           const long long min_lane = l & segmask;
@@ -493,17 +519,26 @@ std::uint64_t Worker::collective(int op, unsigned mask, std::uint64_t value, uns
           }
           if (!pval) j = l;
           if (!((mask >> j) & 1u)) {
-            throw KernelFault(std::string(op_name(op)) + "(mask=" + hex32(mask) + ") at " + site(f.file, f.line) +
-                              ": lane " + std::to_string(l) + " reads lane " + std::to_string(j) +
-                              ", which is not in the mask (a non-participating lane: undefined value)");
+            throw KernelFault(
+                std::string(op_name(op)) + "(mask=" + hex32(mask) + ") at " + site(f.file, f.line) +
+                ": lane " + std::to_string(l) + " reads lane " + std::to_string(j) +
+                ", which is not in the mask (a non-participating lane: undefined value)");
           }
           f.result = fibers_[warp * kWarp + static_cast<int>(j)].value;
           break;
         }
-        case kVoteBallot: f.result = ballot; break;
-        case kVoteAll: f.result = ballot == mask; break;
-        case kVoteAny: f.result = ballot != 0; break;
-        default: f.result = 0; break;
+        case kVoteBallot:
+          f.result = ballot;
+          break;
+        case kVoteAll:
+          f.result = ballot == mask;
+          break;
+        case kVoteAny:
+          f.result = ballot != 0;
+          break;
+        default:
+          f.result = 0;
+          break;
       }
     }
     ws.groups.erase(ws.groups.begin() + (g - ws.groups.data()));
@@ -529,15 +564,23 @@ int Worker::barrier(int op, int pred, const char* file, int line) {
     bar_first_ = self;
     bar_acc_ = op == kBarAnd ? 1 : 0;
   } else if (!same_site(bar_file_, bar_line_, file, line) || bar_op_ != op) {
-    throw KernelFault("divergent barrier: " + std::string(bar_name(op)) + " at " + site(file, line) +
-                      " while " + std::to_string(bar_arrived_) + " threads (first " + thread_name(bar_first_) +
-                      ") wait at " + bar_name(bar_op_) + " at " + site(bar_file_, bar_line_));
+    throw KernelFault("divergent barrier: " + std::string(bar_name(op)) + " at " +
+                      site(file, line) + " while " + std::to_string(bar_arrived_) +
+                      " threads (first " + thread_name(bar_first_) + ") wait at " +
+                      bar_name(bar_op_) + " at " + site(bar_file_, bar_line_));
   }
   switch (op) {
-    case kBarCount: bar_acc_ += pred != 0; break;
-    case kBarAnd: bar_acc_ = bar_acc_ && pred != 0; break;
-    case kBarOr: bar_acc_ = bar_acc_ || pred != 0; break;
-    default: break;
+    case kBarCount:
+      bar_acc_ += pred != 0;
+      break;
+    case kBarAnd:
+      bar_acc_ = bar_acc_ && pred != 0;
+      break;
+    case kBarOr:
+      bar_acc_ = bar_acc_ || pred != 0;
+      break;
+    default:
+      break;
   }
   Fiber& me = fibers_[self];
   set_blocked(self, State::AtBarrier);
@@ -586,14 +629,16 @@ void Worker::on_exit() {
   const int warp = self / kWarp, lane = self % kWarp;
   WarpState& ws = warps_[warp];
   if (bar_arrived_ > 0) {
-    throw KernelFault(thread_name(self) + " exits while " + std::to_string(bar_arrived_) + " threads wait at " +
-                      bar_name(bar_op_) + " at " + site(bar_file_, bar_line_) +
+    throw KernelFault(thread_name(self) + " exits while " + std::to_string(bar_arrived_) +
+                      " threads wait at " + bar_name(bar_op_) + " at " +
+                      site(bar_file_, bar_line_) +
                       ": not every thread of the block reaches this barrier");
   }
   for (const WarpGroup& g : ws.groups) {
     if ((g.mask >> lane) & 1u) {
-      throw KernelFault("lane " + std::to_string(lane) + " exits while lanes " + lanes_of(g.arrived) + " wait in " +
-                        op_name(g.op) + "(mask=" + hex32(g.mask) + ") at " + site(g.file, g.line) +
+      throw KernelFault("lane " + std::to_string(lane) + " exits while lanes " +
+                        lanes_of(g.arrived) + " wait in " + op_name(g.op) +
+                        "(mask=" + hex32(g.mask) + ") at " + site(g.file, g.line) +
                         ", whose mask names it (a non-participating lane)");
     }
   }
@@ -607,14 +652,15 @@ void Worker::on_exit() {
 std::string Worker::deadlock_report() {
   std::string msg = "deadlock: no thread of the block can make progress.";
   if (bar_arrived_ > 0) {
-    msg += " " + std::to_string(bar_arrived_) + " of " + std::to_string(nthreads_) + " threads wait at " +
-           bar_name(bar_op_) + " at " + site(bar_file_, bar_line_) + ".";
+    msg += " " + std::to_string(bar_arrived_) + " of " + std::to_string(nthreads_) +
+           " threads wait at " + bar_name(bar_op_) + " at " + site(bar_file_, bar_line_) + ".";
   }
   for (std::size_t w = 0; w < warps_.size(); ++w) {
     for (const WarpGroup& g : warps_[w].groups) {
-      msg += " Warp " + std::to_string(w) + ": lanes " + lanes_of(g.arrived) + " wait in " + op_name(g.op) +
-             "(mask=" + hex32(g.mask) + ") at " + site(g.file, g.line) + " for lanes " +
-             lanes_of(g.mask & ~g.arrived) + ", which never arrive (non-participating lanes).";
+      msg += " Warp " + std::to_string(w) + ": lanes " + lanes_of(g.arrived) + " wait in " +
+             op_name(g.op) + "(mask=" + hex32(g.mask) + ") at " + site(g.file, g.line) +
+             " for lanes " + lanes_of(g.mask & ~g.arrived) +
+             ", which never arrive (non-participating lanes).";
     }
   }
   std::vector<int> exited;
@@ -640,9 +686,10 @@ std::string Worker::run_block(dim3 grid, dim3 block, std::uint64_t linear_block,
   ready_.clear();
   policy_ = seed == 0 ? 0 : (seed == 1 ? 1 : 2);
   rng_ = seed * 0x9e3779b97f4a7c15ull ^ (linear_block + 1) * 0xd1b54a32d192ed03ull;
-  block_idx_ = uint3{static_cast<unsigned>(linear_block % grid.x),
-                     static_cast<unsigned>((linear_block / grid.x) % grid.y),
-                     static_cast<unsigned>(linear_block / (static_cast<std::uint64_t>(grid.x) * grid.y))};
+  block_idx_ =
+      uint3{static_cast<unsigned>(linear_block % grid.x),
+            static_cast<unsigned>((linear_block / grid.x) % grid.y),
+            static_cast<unsigned>(linear_block / (static_cast<std::uint64_t>(grid.x) * grid.y))};
   t_current.block_idx = block_idx_;
   t_current.block_dim = block;
   t_current.grid_dim = grid;
@@ -659,8 +706,9 @@ std::string Worker::run_block(dim3 grid, dim3 block, std::uint64_t linear_block,
 
   for (int t = 0; t < nthreads_; ++t) {
     Fiber& f = fibers_[t];
-    f.tid = uint3{static_cast<unsigned>(t % block.x), static_cast<unsigned>((t / block.x) % block.y),
-                  static_cast<unsigned>(t / (block.x * block.y))};
+    f.tid =
+        uint3{static_cast<unsigned>(t % block.x), static_cast<unsigned>((t / block.x) % block.y),
+              static_cast<unsigned>(t / (block.x * block.y))};
     f.state = State::Exited;  // make_ready counts the transition
     f.result = 0;
     getcontext(&f.ctx);
@@ -757,37 +805,47 @@ int syncthreads(int op, int pred, const char* file, int line) {
   return worker_or_throw(bar_name(op)).barrier(op, pred, file, line);
 }
 
-void yield(const char* /*file*/, int /*line*/) { worker_or_throw("__nanosleep()").yield_now(); }
+void yield(const char* /*file*/, int /*line*/) {
+  worker_or_throw("__nanosleep()").yield_now();
+}
 
 void trap(const char* what, const char* file, int line) {
   throw KernelFault(std::string(what) + " at " + site(file, line));
 }
 
-void* dynamic_smem_base() { return worker_or_throw("qpeft::dynamic_smem()").dynamic_smem(); }
+void* dynamic_smem_base() {
+  return worker_or_throw("qpeft::dynamic_smem()").dynamic_smem();
+}
 
-void launch_grid(const char* name, dim3 grid, dim3 block, std::size_t smem, void (*body)(void*), void* arg) {
+void launch_grid(const char* name, dim3 grid, dim3 block, std::size_t smem, void (*body)(void*),
+                 void* arg) {
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
-  if (block.x == 0 || block.y == 0 || block.z == 0 || threads > static_cast<unsigned long long>(kMaxThreads)) {
+  if (block.x == 0 || block.y == 0 || block.z == 0 ||
+      threads > static_cast<unsigned long long>(kMaxThreads)) {
     launch_error(name, "block (" + std::to_string(block.x) + "," + std::to_string(block.y) + "," +
                            std::to_string(block.z) + ") must hold 1..1024 threads");
   }
   if (block.z > 64) launch_error(name, "blockDim.z must be <= 64");
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535u || grid.z > 65535u) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535u ||
+      grid.z > 65535u) {
     launch_error(name, "grid (" + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," +
                            std::to_string(grid.z) + ") is out of range");
   }
   if (smem > kMaxDynamicSmem) {
-    launch_error(name, std::to_string(smem) + " bytes of dynamic shared memory exceed the default limit of " +
+    launch_error(name, std::to_string(smem) +
+                           " bytes of dynamic shared memory exceed the default limit of " +
                            std::to_string(kMaxDynamicSmem));
   }
   if (t_worker != nullptr) {
-    throw std::logic_error(std::string("qpeft: launch of ") + name + " from inside an emulated kernel");
+    throw std::logic_error(std::string("qpeft: launch of ") + name +
+                           " from inside an emulated kernel");
   }
   const std::uint64_t nblocks = 1ull * grid.x * grid.y * grid.z;
   const std::uint64_t seed = g_seed.load();
   int nworkers = g_workers.load();
   if (nworkers <= 0) nworkers = default_workers();
-  nworkers = static_cast<int>(std::min<std::uint64_t>(static_cast<std::uint64_t>(nworkers), nblocks));
+  nworkers =
+      static_cast<int>(std::min<std::uint64_t>(static_cast<std::uint64_t>(nworkers), nblocks));
 
   std::atomic<std::uint64_t> next{0};
   std::atomic<bool> stop{false};
@@ -833,24 +891,32 @@ void launch_grid(const char* name, dim3 grid, dim3 block, std::size_t smem, void
   for (std::thread& t : helpers) t.join();
   g_launches.fetch_add(1, std::memory_order_relaxed);
   if (!err_msg.empty()) {
-    throw std::runtime_error(std::string("qpeft: emulated CUDA kernel ") + name + " failed in " + err_msg);
+    throw std::runtime_error(std::string("qpeft: emulated CUDA kernel ") + name + " failed in " +
+                             err_msg);
   }
 }
 
 // ----------------------------------------------------------------------------
 // Settings (csrc/emu/emu_runtime.h).
 
-void set_seed(std::uint64_t seed) { g_seed = seed; }
-std::uint64_t get_seed() { return g_seed.load(); }
+void set_seed(std::uint64_t seed) {
+  g_seed = seed;
+}
+std::uint64_t get_seed() {
+  return g_seed.load();
+}
 void set_workers(int n) {
-  if (n < 0 || n > 64) throw std::invalid_argument("qpeft: emulation workers must be in [0, 64] (0 = default)");
+  if (n < 0 || n > 64)
+    throw std::invalid_argument("qpeft: emulation workers must be in [0, 64] (0 = default)");
   g_workers = n;
 }
 int get_workers() {
   const int n = g_workers.load();
   return n > 0 ? n : default_workers();
 }
-Stats get_stats() { return Stats{g_launches.load(), g_blocks.load(), g_switches.load()}; }
+Stats get_stats() {
+  return Stats{g_launches.load(), g_blocks.load(), g_switches.load()};
+}
 
 // Called by the bounds sanitizer's handler (below) with a ready message.
 [[noreturn]] void out_of_bounds(const char* msg) {
@@ -895,7 +961,8 @@ void ubsan_index(const UbsanType* t, std::uintptr_t v, char* buf, std::size_t si
   const unsigned width = 1u << (t->info >> 1);
   if (t->info & 1u) {
     const unsigned extra = 64 - width;
-    const long long s = static_cast<long long>(static_cast<unsigned long long>(v) << extra) >> extra;
+    const long long s =
+        static_cast<long long>(static_cast<unsigned long long>(v) << extra) >> extra;
     std::snprintf(buf, size, "%lld", s);
   } else {
     std::snprintf(buf, size, "%llu", static_cast<unsigned long long>(v));
@@ -909,9 +976,10 @@ void ubsan_index(const UbsanType* t, std::uintptr_t v, char* buf, std::size_t si
   const char* file = d->loc.file ? d->loc.file : "?";
   const char* slash = std::strrchr(file, '/');
   char msg[512];
-  std::snprintf(msg, sizeof msg,
-                "out-of-bounds array access: index %s into %s at %s:%u (a __shared__ or local array)", idx,
-                d->array_type ? d->array_type->name : "an array", slash ? slash + 1 : file, d->loc.line);
+  std::snprintf(
+      msg, sizeof msg,
+      "out-of-bounds array access: index %s into %s at %s:%u (a __shared__ or local array)", idx,
+      d->array_type ? d->array_type->name : "an array", slash ? slash + 1 : file, d->loc.line);
   qpeft::emu::out_of_bounds(msg);
 }
 }  // namespace
@@ -920,7 +988,8 @@ extern "C" {
 __attribute__((visibility("hidden"))) void __ubsan_handle_out_of_bounds(void* data, void* index) {
   ubsan_out_of_bounds(data, index);
 }
-__attribute__((visibility("hidden"))) void __ubsan_handle_out_of_bounds_abort(void* data, void* index) {
+__attribute__((visibility("hidden"))) void __ubsan_handle_out_of_bounds_abort(void* data,
+                                                                              void* index) {
   ubsan_out_of_bounds(data, index);
 }
 }

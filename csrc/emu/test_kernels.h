@@ -11,20 +11,21 @@ namespace emu_tests {
 
 // Each thread writes 12 int32: threadIdx, blockIdx, blockDim, gridDim (x, y, z
 // each) at row (linear block) * threads + linear thread. out: blocks*threads*12.
-void probe_indices(std::uintptr_t out, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                   unsigned bz);
+void probe_indices(std::uintptr_t out, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                   unsigned by, unsigned bz);
 
 // One block of `threads`. For each of `phases` phases every thread increments a
 // __shared__ counter, waits at __syncthreads() and records the counter
 // (out[p * threads + t], int32); then __syncthreads_count/and/or of pred[t]
 // (int32) go to agg[0..2].
-void probe_barrier(std::uintptr_t out, std::uintptr_t pred, std::uintptr_t agg, int threads, int phases);
+void probe_barrier(std::uintptr_t out, std::uintptr_t pred, std::uintptr_t agg, int threads,
+                   int phases);
 
 // One block of `threads`: lanes in `mask` call shuffle `op` (0 idx, 1 up, 2
 // down, 3 xor) on in[t] with operand b[t] (int32) and `width`; others copy
 // in[t]. elem_bytes: 4 (uint32) or 8 (uint64).
-void probe_shuffle(int op, std::uintptr_t in, std::uintptr_t b, std::uintptr_t out, int threads, unsigned mask,
-                   int width, int elem_bytes);
+void probe_shuffle(int op, std::uintptr_t in, std::uintptr_t b, std::uintptr_t out, int threads,
+                   unsigned mask, int width, int elem_bytes);
 
 // Lanes in `mask` vote on pred[t]: out[3t..3t+2] = ballot, all, any (int32).
 void probe_vote(std::uintptr_t pred, std::uintptr_t out, int threads, unsigned mask);
@@ -32,7 +33,8 @@ void probe_vote(std::uintptr_t pred, std::uintptr_t out, int threads, unsigned m
 // `blocks` x `threads` threads hammer atomics: counters int32[6] =
 // {add 1, max tid, min tid, CAS increment, inc with wrap at `wrap`, exch}, and
 // sums float32[1] of +1.0 (exact in fp32 below 2^24).
-void probe_atomics(std::uintptr_t counters, std::uintptr_t sums, int blocks, int threads, unsigned wrap);
+void probe_atomics(std::uintptr_t counters, std::uintptr_t sums, int blocks, int threads,
+                   unsigned wrap);
 
 // One block: before[t] = dynamic smem word t as found (poisoned); then every
 // thread writes t, __syncthreads(), after[t] = word (threads - 1 - t). int32.
@@ -48,16 +50,19 @@ void probe_activemask(std::uintptr_t out, int threads);
 
 // Planted bugs: bug == 0 runs the correct twin, bug == 1 the planted bug.
 // Each computes something the test checks against torch.
-void bug_block_index(std::uintptr_t in, std::uintptr_t out, std::int64_t n, int bug);       // out = 2 * in
-void bug_divergent_barrier(std::uintptr_t in, std::uintptr_t out, int blocks, int bug);     // per-block sums of 256
-void bug_missing_barrier(std::uintptr_t in, std::uintptr_t out, int blocks, int bug);       // reverse each 256
-void bug_shuffle_lane(std::uintptr_t in, std::uintptr_t out, int bug);                      // sum of in[0..16)
-void bug_shuffle_missing_lanes(std::uintptr_t in, std::uintptr_t out, int bug);             // sum of in[0..16)
-void bug_deadlock(std::uintptr_t in, std::uintptr_t out, int bug);                          // sum of in[0..32)
-void bug_spin_wait(std::uintptr_t out, int bug);                                            // out[0..64) = 1
-void bug_warp_sync(std::uintptr_t in, std::uintptr_t out, int blocks, int bug);             // per-warp sums
-void bug_smem_oob(std::uintptr_t in, std::uintptr_t out, int bug);                          // out = in (128)
-void bug_dynamic_smem_oob(std::uintptr_t in, std::uintptr_t out, int bug);                  // out = in (128)
+void bug_block_index(std::uintptr_t in, std::uintptr_t out, std::int64_t n,
+                     int bug);  // out = 2 * in
+void bug_divergent_barrier(std::uintptr_t in, std::uintptr_t out, int blocks,
+                           int bug);  // per-block sums of 256
+void bug_missing_barrier(std::uintptr_t in, std::uintptr_t out, int blocks,
+                         int bug);                                               // reverse each 256
+void bug_shuffle_lane(std::uintptr_t in, std::uintptr_t out, int bug);           // sum of in[0..16)
+void bug_shuffle_missing_lanes(std::uintptr_t in, std::uintptr_t out, int bug);  // sum of in[0..16)
+void bug_deadlock(std::uintptr_t in, std::uintptr_t out, int bug);               // sum of in[0..32)
+void bug_spin_wait(std::uintptr_t out, int bug);                                 // out[0..64) = 1
+void bug_warp_sync(std::uintptr_t in, std::uintptr_t out, int blocks, int bug);  // per-warp sums
+void bug_smem_oob(std::uintptr_t in, std::uintptr_t out, int bug);               // out = in (128)
+void bug_dynamic_smem_oob(std::uintptr_t in, std::uintptr_t out, int bug);       // out = in (128)
 
 }  // namespace emu_tests
 }  // namespace qpeft

@@ -7,12 +7,12 @@ Registration imports no native module and touches no device: availability is che
 when a kernel is first chosen.
 """
 
-from .cpu import ops as _cpu_ops  # noqa: F401
+from . import native_optim as _native_optim  # noqa: F401
+from . import triton as _triton  # noqa: F401
 from .cpu import gemv as _cpu_gemv  # noqa: F401
+from .cpu import ops as _cpu_ops  # noqa: F401
 from .cpu import qlora as _cpu_qlora  # noqa: F401
 from .cuda import ops as _cuda_ops  # noqa: F401
 from .cuda_emulated import ops as _cuda_emulated_ops  # noqa: F401
 from .default import ops as _default_ops  # noqa: F401
 from .default import optim as _default_optim  # noqa: F401
-from . import native_optim as _native_optim  # noqa: F401
-from . import triton as _triton  # noqa: F401

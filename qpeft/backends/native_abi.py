@@ -44,9 +44,17 @@ def register_native(
         absmax = torch.empty((-(n // -blocksize),), dtype=torch.float32, device=x.device)
         with guard(x.device):
             module().quantize_4bit(
-                _ptr(x), DTYPE_IDS[x.dtype], n, blocksize, QUANT_TYPE_IDS[quant_type],
-                _ptr(packed), packed.numel(), _ptr(absmax), absmax.numel(), *extra_args(x.device),
-            )  # fmt: skip
+                _ptr(x),
+                DTYPE_IDS[x.dtype],
+                n,
+                blocksize,
+                QUANT_TYPE_IDS[quant_type],
+                _ptr(packed),
+                packed.numel(),
+                _ptr(absmax),
+                absmax.numel(),
+                *extra_args(x.device),
+            )
         return packed, absmax
 
     def _dequantize(packed, absmax, blocksize, quant_type, shape, dtype, nested, out):
@@ -60,33 +68,69 @@ def register_native(
         else:
             nested_absmax, nested_code, offset, nested_blocksize = nested
             nested_args = (
-                _ptr(nested_absmax), nested_absmax.numel(), _ptr(nested_code), _ptr(offset), nested_blocksize,
-            )  # fmt: skip
+                _ptr(nested_absmax),
+                nested_absmax.numel(),
+                _ptr(nested_code),
+                _ptr(offset),
+                nested_blocksize,
+            )
         with guard(packed.device):
             module().dequantize_4bit(
-                _ptr(packed), packed.numel(), _ptr(absmax), absmax.numel(), n, blocksize,
-                QUANT_TYPE_IDS[quant_type], _ptr(out), DTYPE_IDS[dtype], *nested_args, *extra_args(packed.device),
-            )  # fmt: skip
+                _ptr(packed),
+                packed.numel(),
+                _ptr(absmax),
+                absmax.numel(),
+                n,
+                blocksize,
+                QUANT_TYPE_IDS[quant_type],
+                _ptr(out),
+                DTYPE_IDS[dtype],
+                *nested_args,
+                *extra_args(packed.device),
+            )
         return out
 
     @register_kernel("dequantize_4bit", backend)
     def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out=None):
         _validate.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out)
-        return into(out, lambda target: _dequantize(packed, absmax, blocksize, quant_type, shape, dtype, None, target))
+        return into(
+            out, lambda target: _dequantize(packed, absmax, blocksize, quant_type, shape, dtype, None, target)
+        )
 
     @register_kernel("dequantize_4bit_nested", backend)
     def dequantize_4bit_nested(
-        packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype,
+        packed,
+        absmax_codes,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        shape,
+        dtype,
         out=None,
     ):
         _validate.dequantize_4bit_nested(
-            packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-            shape, dtype, out,
-        )  # fmt: skip
+            packed,
+            absmax_codes,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            nested_blocksize,
+            quant_type,
+            shape,
+            dtype,
+            out,
+        )
         nested = (nested_absmax.contiguous(), nested_code.contiguous(), offset.contiguous(), nested_blocksize)
-        return into(out, lambda target: _dequantize(
-            packed, absmax_codes, blocksize, quant_type, shape, dtype, nested, target
-        ))  # fmt: skip
+        return into(
+            out,
+            lambda target: _dequantize(
+                packed, absmax_codes, blocksize, quant_type, shape, dtype, nested, target
+            ),
+        )
 
     @register_kernel("quantize_blockwise", backend)
     def quantize_blockwise(x, code, blocksize):
@@ -98,9 +142,17 @@ def register_native(
         absmax = torch.empty((-(n // -blocksize),), dtype=torch.float32, device=x.device)
         with guard(x.device):
             module().quantize_blockwise(
-                _ptr(x), DTYPE_IDS[x.dtype], n, blocksize, _ptr(code),
-                _ptr(q), q.numel(), _ptr(absmax), absmax.numel(), *extra_args(x.device),
-            )  # fmt: skip
+                _ptr(x),
+                DTYPE_IDS[x.dtype],
+                n,
+                blocksize,
+                _ptr(code),
+                _ptr(q),
+                q.numel(),
+                _ptr(absmax),
+                absmax.numel(),
+                *extra_args(x.device),
+            )
         return q, absmax
 
     @register_kernel("dequantize_blockwise", backend)
@@ -115,9 +167,17 @@ def register_native(
                 target = torch.empty(q.shape, dtype=dtype, device=q.device)
             with guard(q.device):
                 module().dequantize_blockwise(
-                    _ptr(q), q.numel(), _ptr(absmax), absmax.numel(), _ptr(code), q.numel(), blocksize,
-                    _ptr(target), DTYPE_IDS[dtype], *extra_args(q.device),
-                )  # fmt: skip
+                    _ptr(q),
+                    q.numel(),
+                    _ptr(absmax),
+                    absmax.numel(),
+                    _ptr(code),
+                    q.numel(),
+                    blocksize,
+                    _ptr(target),
+                    DTYPE_IDS[dtype],
+                    *extra_args(q.device),
+                )
             return target
 
         return into(out, run)

@@ -25,10 +25,22 @@ def register_native_gemv(
     extra_args: Callable[[torch.device], tuple],
 ) -> None:
     @register_kernel("gemv_4bit", backend)
-    def gemv_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-                  n, k):  # fmt: skip
-        validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-                 n, k)  # fmt: skip
+    def gemv_4bit(
+        x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
+    ):
+        validate(
+            x,
+            packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            nested_blocksize,
+            quant_type,
+            n,
+            k,
+        )
         x = x.contiguous()
         packed = packed.contiguous()
         absmax = absmax.contiguous()
@@ -37,16 +49,34 @@ def register_native_gemv(
         if nested_absmax is None:
             nested_args = (0, 0, 0, 0, nested_blocksize)
         else:
-            nested_absmax, nested_code, offset = (t.contiguous() for t in (nested_absmax, nested_code, offset))
+            nested_absmax, nested_code, offset = (
+                t.contiguous() for t in (nested_absmax, nested_code, offset)
+            )
             nested_args = (
-                nested_absmax.data_ptr(), nested_absmax.numel(), nested_code.data_ptr(), offset.data_ptr(),
+                nested_absmax.data_ptr(),
+                nested_absmax.numel(),
+                nested_code.data_ptr(),
+                offset.data_ptr(),
                 nested_blocksize,
-            )  # fmt: skip
+            )
         guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
         with guard:
             module().gemv_4bit(
-                x.data_ptr(), DTYPE_IDS[x.dtype], x.numel(), m, k, packed.data_ptr(), packed.numel(),
-                absmax.data_ptr(), absmax.numel(), n, blocksize, QUANT_TYPE_IDS[quant_type], *nested_args,
-                out.data_ptr(), out.numel(), *extra_args(x.device),
-            )  # fmt: skip
+                x.data_ptr(),
+                DTYPE_IDS[x.dtype],
+                x.numel(),
+                m,
+                k,
+                packed.data_ptr(),
+                packed.numel(),
+                absmax.data_ptr(),
+                absmax.numel(),
+                n,
+                blocksize,
+                QUANT_TYPE_IDS[quant_type],
+                *nested_args,
+                out.data_ptr(),
+                out.numel(),
+                *extra_args(x.device),
+            )
         return out

@@ -41,28 +41,67 @@ def register_native_optim(
         grad = grad.contiguous()
         with guard(param.device):
             module().adamw32_step(
-                _ptr(param), _ptr(grad), DTYPE_IDS[param.dtype], param.numel(),
-                _ptr(exp_avg), exp_avg.numel(), _ptr(exp_avg_sq), exp_avg_sq.numel(), s, *extra_args(param.device),
-            )  # fmt: skip
+                _ptr(param),
+                _ptr(grad),
+                DTYPE_IDS[param.dtype],
+                param.numel(),
+                _ptr(exp_avg),
+                exp_avg.numel(),
+                _ptr(exp_avg_sq),
+                exp_avg_sq.numel(),
+                s,
+                *extra_args(param.device),
+            )
 
     @register_kernel("adamw8bit_step_", backend)
     def adamw8bit_step_(
-        param, grad, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, qmap_signed, qmap_unsigned,
-        lr, beta1, beta2, eps, weight_decay, step,
-    ):  # fmt: skip
+        param,
+        grad,
+        exp_avg_q,
+        exp_avg_absmax,
+        exp_avg_sq_q,
+        exp_avg_sq_absmax,
+        qmap_signed,
+        qmap_unsigned,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        step,
+    ):
         _validate_optim.adamw8bit(
-            param, grad, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, qmap_signed, qmap_unsigned
+            param,
+            grad,
+            exp_avg_q,
+            exp_avg_absmax,
+            exp_avg_sq_q,
+            exp_avg_sq_absmax,
+            qmap_signed,
+            qmap_unsigned,
         )
         s = adam_scalars(lr, beta1, beta2, eps, weight_decay, step)
         grad = grad.contiguous()
         qmap_signed, qmap_unsigned = qmap_signed.contiguous(), qmap_unsigned.contiguous()
         with guard(param.device):
             module().adamw8bit_step(
-                _ptr(param), _ptr(grad), DTYPE_IDS[param.dtype], param.numel(),
-                _ptr(exp_avg_q), exp_avg_q.numel(), _ptr(exp_avg_absmax), exp_avg_absmax.numel(),
-                _ptr(exp_avg_sq_q), exp_avg_sq_q.numel(), _ptr(exp_avg_sq_absmax), exp_avg_sq_absmax.numel(),
-                _ptr(qmap_signed), _ptr(qmap_unsigned), s, *extra_args(param.device),
-            )  # fmt: skip
+                _ptr(param),
+                _ptr(grad),
+                DTYPE_IDS[param.dtype],
+                param.numel(),
+                _ptr(exp_avg_q),
+                exp_avg_q.numel(),
+                _ptr(exp_avg_absmax),
+                exp_avg_absmax.numel(),
+                _ptr(exp_avg_sq_q),
+                exp_avg_sq_q.numel(),
+                _ptr(exp_avg_sq_absmax),
+                exp_avg_sq_absmax.numel(),
+                _ptr(qmap_signed),
+                _ptr(qmap_unsigned),
+                s,
+                *extra_args(param.device),
+            )
 
     @register_kernel("lion32_step_", backend)
     def lion32_step_(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
@@ -71,9 +110,15 @@ def register_native_optim(
         grad = grad.contiguous()
         with guard(param.device):
             module().lion32_step(
-                _ptr(param), _ptr(grad), DTYPE_IDS[param.dtype], param.numel(),
-                _ptr(exp_avg), exp_avg.numel(), s, *extra_args(param.device),
-            )  # fmt: skip
+                _ptr(param),
+                _ptr(grad),
+                DTYPE_IDS[param.dtype],
+                param.numel(),
+                _ptr(exp_avg),
+                exp_avg.numel(),
+                s,
+                *extra_args(param.device),
+            )
 
     @register_kernel("lion8bit_step_", backend)
     def lion8bit_step_(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed, lr, beta1, beta2, weight_decay):
@@ -83,11 +128,18 @@ def register_native_optim(
         qmap_signed = qmap_signed.contiguous()
         with guard(param.device):
             module().lion8bit_step(
-                _ptr(param), _ptr(grad), DTYPE_IDS[param.dtype], param.numel(),
-                _ptr(exp_avg_q), exp_avg_q.numel(), _ptr(exp_avg_absmax), exp_avg_absmax.numel(),
-                _ptr(qmap_signed), s, *extra_args(param.device),
-            )  # fmt: skip
-
+                _ptr(param),
+                _ptr(grad),
+                DTYPE_IDS[param.dtype],
+                param.numel(),
+                _ptr(exp_avg_q),
+                exp_avg_q.numel(),
+                _ptr(exp_avg_absmax),
+                exp_avg_absmax.numel(),
+                _ptr(qmap_signed),
+                s,
+                *extra_args(param.device),
+            )
 
     # --- multi-tensor ops ------------------------------------------------------------
     # CPU: one native call (one parallel region) per list. CUDA: one launch per tensor
@@ -95,26 +147,69 @@ def register_native_optim(
     if backend != "cpu":
 
         @register_kernel("adamw32_multi_step_", backend)
-        def adamw32_multi_step_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, steps):
-            _validate_optim.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
-                                  ("exp_avg_sqs", exp_avg_sqs), ("steps", steps))  # fmt: skip
+        def adamw32_multi_step_(
+            params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, steps
+        ):
+            _validate_optim.lists(
+                ("params", params),
+                ("grads", grads),
+                ("exp_avgs", exp_avgs),
+                ("exp_avg_sqs", exp_avg_sqs),
+                ("steps", steps),
+            )
             _validate_optim.one_device(params, grads, exp_avgs, exp_avg_sqs)
             for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
                 adamw32_step_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
 
         @register_kernel("adamw8bit_multi_step_", backend)
         def adamw8bit_multi_step_(
-            params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes, qmap_signed,
-            qmap_unsigned, lr, beta1, beta2, eps, weight_decay, steps,
-        ):  # fmt: skip
-            _validate_optim.lists(("params", params), ("grads", grads), ("exp_avg_qs", exp_avg_qs),
-                                  ("exp_avg_absmaxes", exp_avg_absmaxes), ("exp_avg_sq_qs", exp_avg_sq_qs),
-                                  ("exp_avg_sq_absmaxes", exp_avg_sq_absmaxes), ("steps", steps))  # fmt: skip
-            _validate_optim.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes)
-            lists = zip(params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes, steps)
+            params,
+            grads,
+            exp_avg_qs,
+            exp_avg_absmaxes,
+            exp_avg_sq_qs,
+            exp_avg_sq_absmaxes,
+            qmap_signed,
+            qmap_unsigned,
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            steps,
+        ):
+            _validate_optim.lists(
+                ("params", params),
+                ("grads", grads),
+                ("exp_avg_qs", exp_avg_qs),
+                ("exp_avg_absmaxes", exp_avg_absmaxes),
+                ("exp_avg_sq_qs", exp_avg_sq_qs),
+                ("exp_avg_sq_absmaxes", exp_avg_sq_absmaxes),
+                ("steps", steps),
+            )
+            _validate_optim.one_device(
+                params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes
+            )
+            lists = zip(
+                params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes, steps
+            )
             for p, g, q1, a1, q2, a2, step in lists:
-                adamw8bit_step_(p, g, q1, a1, q2, a2, qmap_signed, qmap_unsigned, lr, beta1, beta2, eps,
-                                weight_decay, step)  # fmt: skip
+                adamw8bit_step_(
+                    p,
+                    g,
+                    q1,
+                    a1,
+                    q2,
+                    a2,
+                    qmap_signed,
+                    qmap_unsigned,
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    step,
+                )
 
         @register_kernel("lion32_multi_step_", backend)
         def lion32_multi_step_(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
@@ -126,9 +221,13 @@ def register_native_optim(
         @register_kernel("lion8bit_multi_step_", backend)
         def lion8bit_multi_step_(
             params, grads, exp_avg_qs, exp_avg_absmaxes, qmap_signed, lr, beta1, beta2, weight_decay
-        ):  # fmt: skip
-            _validate_optim.lists(("params", params), ("grads", grads), ("exp_avg_qs", exp_avg_qs),
-                                  ("exp_avg_absmaxes", exp_avg_absmaxes))  # fmt: skip
+        ):
+            _validate_optim.lists(
+                ("params", params),
+                ("grads", grads),
+                ("exp_avg_qs", exp_avg_qs),
+                ("exp_avg_absmaxes", exp_avg_absmaxes),
+            )
             _validate_optim.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes)
             for p, g, q1, a1 in zip(params, grads, exp_avg_qs, exp_avg_absmaxes):
                 lion8bit_step_(p, g, q1, a1, qmap_signed, lr, beta1, beta2, weight_decay)
@@ -144,10 +243,19 @@ def register_native_optim(
 
     @register_kernel("adamw32_multi_step_", backend)
     def adamw32_multi_step_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, steps):
-        _validate_optim.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
-                              ("exp_avg_sqs", exp_avg_sqs), ("steps", steps))  # fmt: skip
+        _validate_optim.lists(
+            ("params", params),
+            ("grads", grads),
+            ("exp_avgs", exp_avgs),
+            ("exp_avg_sqs", exp_avg_sqs),
+            ("steps", steps),
+        )
         ok = _validate_optim.cpu_step_ok
-        rows, keep, sets = [], [], _ScalarSets(lambda step: adam_scalars(lr, beta1, beta2, eps, weight_decay, step))
+        rows, keep, sets = (
+            [],
+            [],
+            _ScalarSets(lambda step: adam_scalars(lr, beta1, beta2, eps, weight_decay, step)),
+        )
         for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
             n = p.numel()
             if not ok(p, g, n, m, F32, n, v, F32, n):
@@ -156,21 +264,53 @@ def register_native_optim(
             if not g.is_contiguous():
                 g = g.contiguous()
                 keep.append(g)
-            rows += (p.data_ptr(), g.data_ptr(), DTYPE_IDS[p.dtype], n, m.data_ptr(), n, v.data_ptr(), n, sets[step])
+            rows += (
+                p.data_ptr(),
+                g.data_ptr(),
+                DTYPE_IDS[p.dtype],
+                n,
+                m.data_ptr(),
+                n,
+                v.data_ptr(),
+                n,
+                sets[step],
+            )
         module().adamw32_multi_step(array("q", rows), sets.values, *extra_args(CPU))
 
     @register_kernel("adamw8bit_multi_step_", backend)
     def adamw8bit_multi_step_(
-        params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes, qmap_signed, qmap_unsigned,
-        lr, beta1, beta2, eps, weight_decay, steps,
-    ):  # fmt: skip
-        _validate_optim.lists(("params", params), ("grads", grads), ("exp_avg_qs", exp_avg_qs),
-                              ("exp_avg_absmaxes", exp_avg_absmaxes), ("exp_avg_sq_qs", exp_avg_sq_qs),
-                              ("exp_avg_sq_absmaxes", exp_avg_sq_absmaxes), ("steps", steps))  # fmt: skip
+        params,
+        grads,
+        exp_avg_qs,
+        exp_avg_absmaxes,
+        exp_avg_sq_qs,
+        exp_avg_sq_absmaxes,
+        qmap_signed,
+        qmap_unsigned,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        steps,
+    ):
+        _validate_optim.lists(
+            ("params", params),
+            ("grads", grads),
+            ("exp_avg_qs", exp_avg_qs),
+            ("exp_avg_absmaxes", exp_avg_absmaxes),
+            ("exp_avg_sq_qs", exp_avg_sq_qs),
+            ("exp_avg_sq_absmaxes", exp_avg_sq_absmaxes),
+            ("steps", steps),
+        )
         if params:
             _validate_optim.adamw8bit_maps(qmap_signed, qmap_unsigned, CPU)
         ok = _validate_optim.cpu_step_ok
-        rows, keep, sets = [], [], _ScalarSets(lambda step: adam_scalars(lr, beta1, beta2, eps, weight_decay, step))
+        rows, keep, sets = (
+            [],
+            [],
+            _ScalarSets(lambda step: adam_scalars(lr, beta1, beta2, eps, weight_decay, step)),
+        )
         for p, g, q1, a1, q2, a2, step in zip(
             params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes, steps
         ):
@@ -178,15 +318,27 @@ def register_native_optim(
             blocks = state_blocks(n)
             if not (ok(p, g, n, q1, U8, n, a1, F32, blocks) and ok(p, g, n, q2, U8, n, a2, F32, blocks)):
                 _validate_optim.adamw8bit(p, g, q1, a1, q2, a2, qmap_signed, qmap_unsigned)
-                _validate_optim.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs,
-                                           exp_avg_sq_absmaxes)  # fmt: skip
+                _validate_optim.one_device(
+                    params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes
+                )
             if not g.is_contiguous():
                 g = g.contiguous()
                 keep.append(g)
             rows += (
-                p.data_ptr(), g.data_ptr(), DTYPE_IDS[p.dtype], n, q1.data_ptr(), n, a1.data_ptr(), blocks,
-                q2.data_ptr(), n, a2.data_ptr(), blocks, sets[step],
-            )  # fmt: skip
+                p.data_ptr(),
+                g.data_ptr(),
+                DTYPE_IDS[p.dtype],
+                n,
+                q1.data_ptr(),
+                n,
+                a1.data_ptr(),
+                blocks,
+                q2.data_ptr(),
+                n,
+                a2.data_ptr(),
+                blocks,
+                sets[step],
+            )
         qs, qu = qmap_signed.contiguous(), qmap_unsigned.contiguous()
         module().adamw8bit_multi_step(array("q", rows), _ptr(qs), _ptr(qu), sets.values, *extra_args(CPU))
 
@@ -208,9 +360,15 @@ def register_native_optim(
         module().lion32_multi_step(array("q", rows), [s], *extra_args(CPU))
 
     @register_kernel("lion8bit_multi_step_", backend)
-    def lion8bit_multi_step_(params, grads, exp_avg_qs, exp_avg_absmaxes, qmap_signed, lr, beta1, beta2, weight_decay):
-        _validate_optim.lists(("params", params), ("grads", grads), ("exp_avg_qs", exp_avg_qs),
-                              ("exp_avg_absmaxes", exp_avg_absmaxes))  # fmt: skip
+    def lion8bit_multi_step_(
+        params, grads, exp_avg_qs, exp_avg_absmaxes, qmap_signed, lr, beta1, beta2, weight_decay
+    ):
+        _validate_optim.lists(
+            ("params", params),
+            ("grads", grads),
+            ("exp_avg_qs", exp_avg_qs),
+            ("exp_avg_absmaxes", exp_avg_absmaxes),
+        )
         if params:
             _validate_optim.lion8bit_map(qmap_signed, CPU)
         ok = _validate_optim.cpu_step_ok
@@ -224,7 +382,17 @@ def register_native_optim(
             if not g.is_contiguous():
                 g = g.contiguous()
                 keep.append(g)
-            rows += (p.data_ptr(), g.data_ptr(), DTYPE_IDS[p.dtype], n, q1.data_ptr(), n, a1.data_ptr(), blocks, 0)
+            rows += (
+                p.data_ptr(),
+                g.data_ptr(),
+                DTYPE_IDS[p.dtype],
+                n,
+                q1.data_ptr(),
+                n,
+                a1.data_ptr(),
+                blocks,
+                0,
+            )
         s = lion_scalars(lr, beta1, beta2, weight_decay)
         qs = qmap_signed.contiguous()
         module().lion8bit_multi_step(array("q", rows), _ptr(qs), [s], *extra_args(CPU))

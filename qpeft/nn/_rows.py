@@ -35,7 +35,9 @@ def _fp32_absmax(state: QuantState) -> torch.Tensor:
     return qf.dequantize_blockwise(state.absmax, state.state2, torch.float32) + state.offset.to(torch.float32)
 
 
-def weight_rows(base: nn.Module, chunk_elements: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int, torch.Tensor]]:
+def weight_rows(
+    base: nn.Module, chunk_elements: int = CHUNK_ELEMENTS
+) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(row0, row1, W[row0:row1])`` in fp32 for an ``nn.Linear`` or a ``Linear4bit``."""
     if isinstance(base, nn.Linear):
         w = base.weight.detach()
@@ -68,8 +70,13 @@ def weight_rows(base: nn.Module, chunk_elements: int = CHUNK_ELEMENTS) -> Iterat
 
 
 @torch.no_grad()
-def row_norms(base: nn.Module, lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None,
-              scaling: float = 0.0, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:  # fmt: skip
+def row_norms(
+    base: nn.Module,
+    lora_A: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
+    scaling: float = 0.0,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
     """||W[j] + scaling * (B @ A)[j]||_2 for every output row j, in fp32 (DoRA's weight norm;
     autocast is off here: the norm is a weight statistic, not an activation)."""
     out = []

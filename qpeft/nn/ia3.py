@@ -28,7 +28,9 @@ class IA3Linear(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         if not isinstance(base_layer, (nn.Linear, Linear4bit)):
-            raise TypeError(f"IA3Linear wraps nn.Linear or qpeft.nn.Linear4bit, got {type(base_layer).__name__}")
+            raise TypeError(
+                f"IA3Linear wraps nn.Linear or qpeft.nn.Linear4bit, got {type(base_layer).__name__}"
+            )
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         for p in base_layer.parameters():
@@ -37,11 +39,23 @@ class IA3Linear(nn.Module):
         self.adapters_enabled = True
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, quantize: bool = True, quant_type: str = "nf4", blocksize: int = 64,
-                    double_quant: bool = True, *, compute_dtype: torch.dtype | None = None) -> IA3Linear:  # fmt: skip
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        quantize: bool = True,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        *,
+        compute_dtype: torch.dtype | None = None,
+    ) -> IA3Linear:
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"IA3Linear.from_linear needs a torch.nn.Linear, got {type(linear).__name__}")
-        base = Linear4bit.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype) if quantize else linear
+        base = (
+            Linear4bit.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype)
+            if quantize
+            else linear
+        )
         return cls(base)
 
     @property

@@ -88,7 +88,9 @@ class Linear4bit(nn.Module):
         self.register_buffer("weight", packed)
         self.quant_state: QuantState = state
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False
+            )
         else:
             self.register_parameter("bias", None)
 
@@ -168,7 +170,9 @@ class Linear4bit(nn.Module):
     def requantize_(self, weight: torch.Tensor) -> None:
         """Replace the stored weight by the quantization of ``weight`` [out, in] (same settings)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"weight must be [{self.out_features}, {self.in_features}], got {tuple(weight.shape)}")
+            raise ValueError(
+                f"weight must be [{self.out_features}, {self.in_features}], got {tuple(weight.shape)}"
+            )
         packed, state = qf.quantize_4bit(weight, self.blocksize, self.quant_type, self.double_quant)
         self.weight = packed
         self.quant_state = state
@@ -202,8 +206,9 @@ class Linear4bit(nn.Module):
         for k, v in self.quant_state.as_dict(packed=True).items():
             destination[prefix + "weight." + k] = v if keep_vars else v.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):  # fmt: skip
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         w_key = prefix + "weight"
         quant_keys = [k for k in state_dict if k.startswith(w_key + ".")]
         if w_key in state_dict:
@@ -216,8 +221,9 @@ class Linear4bit(nn.Module):
         # The weight is handled above; let nn.Module load the bias (and report its keys).
         weight = self._buffers.pop("weight")
         try:
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)  # fmt: skip
+            super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
         finally:
             self._buffers["weight"] = weight
         skip = set(quant_keys) | {w_key}
@@ -244,7 +250,9 @@ class Linear4bit(nn.Module):
             packed = packed.contiguous().view(torch.uint8)
         n = math.prod(shape)
         if packed.numel() != (n + 1) // 2:
-            raise ValueError(f"the packed weight has {packed.numel()} bytes but a {shape} weight needs {(n + 1) // 2}")
+            raise ValueError(
+                f"the packed weight has {packed.numel()} bytes but a {shape} weight needs {(n + 1) // 2}"
+            )
         blocks = -(n // -state.blocksize)
         if state.absmax.numel() != blocks:
             raise ValueError(f"weight.absmax has {state.absmax.numel()} entries, expected {blocks}")

@@ -52,7 +52,11 @@ def dense_linear(layer: nn.Linear, x: torch.Tensor, bias: bool = True) -> torch.
     """F.linear of a 16-bit/fp32 base; on CPU 16-bit weights compute in fp32 (see module doc)."""
     w = layer.weight
     dt = torch.promote_types(x.dtype, w.dtype)
-    if x.device.type == "cpu" and dt in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled("cpu"):
+    if (
+        x.device.type == "cpu"
+        and dt in (torch.float16, torch.bfloat16)
+        and not torch.is_autocast_enabled("cpu")
+    ):
         dt = torch.float32
     b = layer.bias if bias else None
     return F.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
@@ -62,9 +66,19 @@ class LoRAAdapter(nn.Module):
     """One adapter's parameters: ``lora_A`` [r, in], ``lora_B`` [out, r] (fp32 by default,
     as PEFT keeps adapters over 4-bit bases), optional DoRA ``magnitude`` [out]."""
 
-    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 init: str = "default", use_rslora: bool = False, use_dora: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        init: str = "default",
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         check_rank(r)
         if not 0.0 <= dropout < 1.0:
@@ -113,12 +127,23 @@ class QLoRALinear(nn.Module):
     """y = base(x) + s * B A x: a frozen base layer (``qpeft.nn.Linear4bit``, or an
     ``nn.Linear`` with ``quantize=False``) plus named LoRA adapters. See the module doc."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str = "default", r: int = 8, alpha: float = 16,
-                 dropout: float = 0.0, init: str = "default", use_rslora: bool = False, use_dora: bool = False,
-                 train_bias: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str = "default",
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        init: str = "default",
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        train_bias: bool = False,
+    ) -> None:
         super().__init__()
         if not isinstance(base_layer, (nn.Linear, Linear4bit)):
-            raise TypeError(f"QLoRALinear wraps nn.Linear or qpeft.nn.Linear4bit, got {type(base_layer).__name__}")
+            raise TypeError(
+                f"QLoRALinear wraps nn.Linear or qpeft.nn.Linear4bit, got {type(base_layer).__name__}"
+            )
         if train_bias and base_layer.bias is None:
             raise ValueError("train_bias=True (BitFit) needs a layer with a bias; this one has none")
         self.base_layer = base_layer
@@ -136,11 +161,24 @@ class QLoRALinear(nn.Module):
         self.set_adapter(adapter_name)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                    quantize: bool = True, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                    init: str = "default", use_rslora: bool = False, use_dora: bool = False,
-                    train_bias: bool = False, *, adapter_name: str = "default",
-                    compute_dtype: torch.dtype | None = None) -> QLoRALinear:  # fmt: skip
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        quantize: bool = True,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        init: str = "default",
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        train_bias: bool = False,
+        *,
+        adapter_name: str = "default",
+        compute_dtype: torch.dtype | None = None,
+    ) -> QLoRALinear:
         """Wrap ``linear``: quantize its weight to 4 bits (``quantize=True``) or keep it
         (plain LoRA over a 16-bit base), and add adapter ``adapter_name``."""
         if not isinstance(linear, nn.Linear):
@@ -148,7 +186,11 @@ class QLoRALinear(nn.Module):
         check_rank(r)
         if train_bias and linear.bias is None:
             raise ValueError("train_bias=True (BitFit) needs a layer with a bias; this one has none")
-        base = Linear4bit.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype) if quantize else linear
+        base = (
+            Linear4bit.from_linear(linear, quant_type, blocksize, double_quant, compute_dtype)
+            if quantize
+            else linear
+        )
         return cls(base, adapter_name, r, alpha, dropout, init, use_rslora, use_dora, train_bias)
 
     # --- adapters ---------------------------------------------------------------------------
@@ -185,8 +227,16 @@ class QLoRALinear(nn.Module):
     def scaling(self) -> float:
         return self._adapter().scaling
 
-    def add_adapter(self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0, init: str = "default",
-                    use_rslora: bool = False, use_dora: bool = False) -> LoRAAdapter:  # fmt: skip
+    def add_adapter(
+        self,
+        name: str,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        init: str = "default",
+        use_rslora: bool = False,
+        use_dora: bool = False,
+    ) -> LoRAAdapter:
         """Add a new adapter (not activated: call ``set_adapter``). DoRA's magnitude starts
         at the row norms of the base weight (B = 0), so the output is unchanged."""
         if not isinstance(name, str) or not name or "." in name:
@@ -194,7 +244,9 @@ class QLoRALinear(nn.Module):
         if name in self.adapters:
             raise ValueError(f"this layer already has an adapter named {name!r}")
         device = self.base_layer.weight.device
-        ad = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, init, use_rslora, use_dora, device)
+        ad = LoRAAdapter(
+            self.in_features, self.out_features, r, alpha, dropout, init, use_rslora, use_dora, device
+        )
         if use_dora:
             with torch.no_grad():
                 ad.magnitude.copy_(row_norms(self.base_layer, ad.lora_A, ad.lora_B, ad.scaling))
@@ -215,7 +267,9 @@ class QLoRALinear(nn.Module):
         if name is not None:
             self._adapter(name)
         if self.merged_adapter is not None and name != self.merged_adapter:
-            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged; unmerge() before switching adapters")
+            raise RuntimeError(
+                f"adapter {self.merged_adapter!r} is merged; unmerge() before switching adapters"
+            )
         self.active_adapter = name
         for n, ad in self.adapters.items():
             ad.requires_grad_(n == name)
@@ -225,7 +279,9 @@ class QLoRALinear(nn.Module):
     def disable_adapters(self) -> None:
         """From now on forward gives exactly the base layer's output."""
         if self.merged_adapter is not None:
-            raise RuntimeError(f"adapter {self.merged_adapter!r} is merged into the base weight; unmerge() first")
+            raise RuntimeError(
+                f"adapter {self.merged_adapter!r} is merged into the base weight; unmerge() first"
+            )
         self.adapters_enabled = False
 
     def enable_adapters(self) -> None:
@@ -242,7 +298,12 @@ class QLoRALinear(nn.Module):
                 f"{x.shape[-1]} features (shape {tuple(x.shape)})"
             )
         name = self.active_adapter
-        if not self.adapters_enabled or name is None or self.merged_adapter is not None or name not in self.adapters:
+        if (
+            not self.adapters_enabled
+            or name is None
+            or self.merged_adapter is not None
+            or name not in self.adapters
+        ):
             return base(x)
         ad = self.adapters[name]
         dropping = self.training and ad.dropout_p > 0
@@ -274,7 +335,11 @@ class QLoRALinear(nn.Module):
                 y = y + bias
             return y.to(result_dtype(x))
         xd = ad.dropout(x)
-        y = self.base_layer(x) if isinstance(self.base_layer, Linear4bit) else dense_linear(self.base_layer, x)
+        y = (
+            self.base_layer(x)
+            if isinstance(self.base_layer, Linear4bit)
+            else dense_linear(self.base_layer, x)
+        )
         y = y + (scale - 1) * self._base_no_bias(xd) + scale * ad.delta(xd, dropout=False)
         return y.to(result_dtype(x))
 
@@ -361,7 +426,9 @@ class QLoRALinear(nn.Module):
         base.quant_state.dtype = dtype  # dequantize() keeps returning the original dtype
         err = base.dequantize(torch.float32) - w
         rms = float(err.pow(2).mean().sqrt())
-        return MergeReport(rms, float(err.abs().max()), float(torch.linalg.vector_norm(err) / torch.linalg.vector_norm(w)))
+        return MergeReport(
+            rms, float(err.abs().max()), float(torch.linalg.vector_norm(err) / torch.linalg.vector_norm(w))
+        )
 
     def extra_repr(self) -> str:
         state = "" if self.adapters_enabled else ", disabled"

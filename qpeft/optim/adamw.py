@@ -51,19 +51,37 @@ class _AdamWBase(QpeftOptimizer):
 
     def _update(self, items, group, eight_bit) -> None:
         beta1, beta2 = group["betas"]
-        hp = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
+        hp = (
+            float(group["lr"]),
+            float(beta1),
+            float(beta2),
+            float(group["eps"]),
+            float(group["weight_decay"]),
+        )
         params, grads, states = (list(x) for x in zip(*items))
         steps = [st["step"] for st in states]
         if eight_bit:
             signed, unsigned = self._qmaps(params[0].device)
             torch.ops.qpeft.adamw8bit_multi_step_(
-                params, grads, [st["exp_avg_q"] for st in states], [st["exp_avg_absmax"] for st in states],
-                [st["exp_avg_sq_q"] for st in states], [st["exp_avg_sq_absmax"] for st in states],
-                signed, unsigned, *hp, steps,
-            )  # fmt: skip
+                params,
+                grads,
+                [st["exp_avg_q"] for st in states],
+                [st["exp_avg_absmax"] for st in states],
+                [st["exp_avg_sq_q"] for st in states],
+                [st["exp_avg_sq_absmax"] for st in states],
+                signed,
+                unsigned,
+                *hp,
+                steps,
+            )
         else:
             torch.ops.qpeft.adamw32_multi_step_(
-                params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], *hp, steps
+                params,
+                grads,
+                [st["exp_avg"] for st in states],
+                [st["exp_avg_sq"] for st in states],
+                *hp,
+                steps,
             )
 
 

@@ -51,7 +51,12 @@ class _LionBase(QpeftOptimizer):
         if eight_bit:
             signed, _ = self._qmaps(params[0].device)
             torch.ops.qpeft.lion8bit_multi_step_(
-                params, grads, [st["exp_avg_q"] for st in states], [st["exp_avg_absmax"] for st in states], signed, *hp
+                params,
+                grads,
+                [st["exp_avg_q"] for st in states],
+                [st["exp_avg_absmax"] for st in states],
+                signed,
+                *hp,
             )
         else:
             torch.ops.qpeft.lion32_multi_step_(params, grads, [st["exp_avg"] for st in states], *hp)

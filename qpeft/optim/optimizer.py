@@ -32,7 +32,9 @@ def _check_param(p: torch.Tensor, where: str) -> None:
             "parameters only (optimize torch.view_as_real(param) instead)"
         )
     if p.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{where} has dtype {p.dtype}; qpeft optimizers support float32, float16 and bfloat16")
+        raise TypeError(
+            f"{where} has dtype {p.dtype}; qpeft optimizers support float32, float16 and bfloat16"
+        )
 
 
 class QpeftOptimizer(torch.optim.Optimizer):
@@ -191,7 +193,10 @@ class QpeftOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 out.append(
-                    sum(prod(shape) * torch.empty((), dtype=dt).element_size() for shape, dt in self._state_spec(p).values())
+                    sum(
+                        prod(shape) * torch.empty((), dtype=dt).element_size()
+                        for shape, dt in self._state_spec(p).values()
+                    )
                 )
         return out
 
@@ -242,7 +247,9 @@ class QpeftOptimizer(torch.optim.Optimizer):
         shapes do not fit the parameters."""
         name = type(self).__name__
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError(f"{name}.load_state_dict expects an optimizer state_dict with 'state' and 'param_groups'")
+            raise ValueError(
+                f"{name}.load_state_dict expects an optimizer state_dict with 'state' and 'param_groups'"
+            )
         tag = state_dict.get(STATE_DICT_KEY)
         if not isinstance(tag, dict):
             raise ValueError(
@@ -250,7 +257,9 @@ class QpeftOptimizer(torch.optim.Optimizer):
                 "a qpeft optimizer (a torch.optim or bitsandbytes state_dict has a different state layout)"
             )
         if tag.get("format") != STATE_FORMAT:
-            raise ValueError(f"{name} cannot load state format {tag.get('format')!r} (this version reads {STATE_FORMAT})")
+            raise ValueError(
+                f"{name} cannot load state format {tag.get('format')!r} (this version reads {STATE_FORMAT})"
+            )
         if (tag.get("algorithm"), tag.get("optim_bits")) != (self.algorithm, self.optim_bits):
             raise ValueError(
                 f"this state_dict was written by {tag.get('optimizer')} ({tag.get('algorithm')}, "
@@ -279,7 +288,9 @@ class QpeftOptimizer(torch.optim.Optimizer):
         new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
         for key, saved in state_dict["state"].items():
             if key not in id_map:
-                raise ValueError(f"the loaded state dict has state for parameter id {key!r}, which no group lists")
+                raise ValueError(
+                    f"the loaded state dict has state for parameter id {key!r}, which no group lists"
+                )
             p = id_map[key]
             new_state[p] = self._load_param_state(p, saved, index_of[id(p)])
 

@@ -25,7 +25,9 @@ PAGE_MIN_NUMEL = 100_000
 DLPACK_DTYPES = {torch.float32: (2, 32), torch.uint8: (1, 8)}
 
 
-def placement(numel: int, device: torch.device, paged: bool, paged_device_type: str, page_min_numel: int) -> str:
+def placement(
+    numel: int, device: torch.device, paged: bool, paged_device_type: str, page_min_numel: int
+) -> str:
     """'paged', 'device' or 'host' for the state of a parameter (see the module docstring)."""
     if paged and device.type == paged_device_type and numel >= page_min_numel:
         return "paged"
@@ -85,7 +87,9 @@ class StatePager:
     alloc/prefetch/location and a ``device_type``).
     """
 
-    def __init__(self, paged: bool, page_out: bool, page_min_numel: int = PAGE_MIN_NUMEL, memory=None) -> None:
+    def __init__(
+        self, paged: bool, page_out: bool, page_min_numel: int = PAGE_MIN_NUMEL, memory=None
+    ) -> None:
         if page_min_numel < 0:
             raise ValueError(f"page_min_numel must be >= 0, got {page_min_numel}")
         self.paged = paged
@@ -94,7 +98,9 @@ class StatePager:
         self.memory = memory if memory is not None else CudaManagedMemory()
 
     def placement(self, param: torch.Tensor) -> str:
-        return placement(param.numel(), param.device, self.paged, self.memory.device_type, self.page_min_numel)
+        return placement(
+            param.numel(), param.device, self.paged, self.memory.device_type, self.page_min_numel
+        )
 
     def zeros(self, param: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         numel = 1

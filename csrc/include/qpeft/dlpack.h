@@ -49,11 +49,14 @@ struct ManagedTensor {
 };
 
 static_assert(sizeof(Device) == 8 && sizeof(DataType) == 4, "DLPack layout");
-static_assert(offsetof(Tensor, device) == 8 && offsetof(Tensor, ndim) == 16 && offsetof(Tensor, dtype) == 20,
+static_assert(offsetof(Tensor, device) == 8 && offsetof(Tensor, ndim) == 16 &&
+                  offsetof(Tensor, dtype) == 20,
               "DLPack layout");
-static_assert(offsetof(Tensor, shape) == 24 && offsetof(Tensor, strides) == 32 && sizeof(Tensor) == 48,
+static_assert(offsetof(Tensor, shape) == 24 && offsetof(Tensor, strides) == 32 &&
+                  sizeof(Tensor) == 48,
               "DLPack layout");
-static_assert(offsetof(ManagedTensor, manager_ctx) == 48 && sizeof(ManagedTensor) == 64, "DLPack layout");
+static_assert(offsetof(ManagedTensor, manager_ctx) == 48 && sizeof(ManagedTensor) == 64,
+              "DLPack layout");
 
 constexpr const char* kCapsuleName = "dltensor";  // renamed "used_dltensor" by the consumer
 

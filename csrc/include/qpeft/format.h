@@ -53,17 +53,16 @@ constexpr int kLutBins = 65536;
 constexpr float kAbsmaxFloor = 1e-38f;  // bitsandbytes clamps absmax to this before 1/absmax
 
 // Value of each 4-bit code (index = code).
-#define QPEFT_NF4_VALUES                                                              \
-  -1.0f, -0x1.647362p-1f, -0x1.0cd66p-1f, -0x1.94654p-2f, -0x1.23449ap-2f,            \
-      -0x1.7a6a7ep-3f, -0x1.74f0e2p-4f, 0.0f, 0x1.45f5fep-4f, 0x1.4995c6p-3f,         \
-      0x1.f809bap-3f, 0x1.5a0674p-2f, 0x1.c3497p-2f, 0x1.200f56p-1f, 0x1.722766p-1f, 1.0f
+#define QPEFT_NF4_VALUES                                                                     \
+  -1.0f, -0x1.647362p-1f, -0x1.0cd66p-1f, -0x1.94654p-2f, -0x1.23449ap-2f, -0x1.7a6a7ep-3f,  \
+      -0x1.74f0e2p-4f, 0.0f, 0x1.45f5fep-4f, 0x1.4995c6p-3f, 0x1.f809bap-3f, 0x1.5a0674p-2f, \
+      0x1.c3497p-2f, 0x1.200f56p-1f, 0x1.722766p-1f, 1.0f
 
 // [0, 0.0625, 8, 12, 4, 6, 2, 3, -0, -0.0625, -8, -12, -4, -6, -2, -3] / 12 in fp32,
 // with code 8 ("-0") stored as +0.0 as in bitsandbytes' table.
-#define QPEFT_FP4_VALUES                                                              \
-  0.0f, 0x1.555556p-8f, 0x1.555556p-1f, 1.0f, 0x1.555556p-2f, 0.5f, 0x1.555556p-3f,   \
-      0.25f, 0.0f, -0x1.555556p-8f, -0x1.555556p-1f, -1.0f, -0x1.555556p-2f, -0.5f,  \
-      -0x1.555556p-3f, -0.25f
+#define QPEFT_FP4_VALUES                                                                         \
+  0.0f, 0x1.555556p-8f, 0x1.555556p-1f, 1.0f, 0x1.555556p-2f, 0.5f, 0x1.555556p-3f, 0.25f, 0.0f, \
+      -0x1.555556p-8f, -0x1.555556p-1f, -1.0f, -0x1.555556p-2f, -0.5f, -0x1.555556p-3f, -0.25f
 
 // Codes in ascending order of value (stable for FP4's +0/-0 pair).
 #define QPEFT_NF4_ORDER 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
@@ -77,17 +76,16 @@ constexpr uint8_t kFP4Order[kNumCodes4] = {QPEFT_FP4_ORDER};
 
 // Midpoints of adjacent codes in sorted order, (a + b) / 2 in fp32 arithmetic
 // exactly as torch computes (code[:-1] + code[1:]) / 2.
-constexpr float midpoint(float a, float b) { return (a + b) / 2.0f; }
+constexpr float midpoint(float a, float b) {
+  return (a + b) / 2.0f;
+}
 
-#define QPEFT_MIDPOINTS(V, O)                                                         \
-  {midpoint(V[O[0]], V[O[1]]),   midpoint(V[O[1]], V[O[2]]),                          \
-   midpoint(V[O[2]], V[O[3]]),   midpoint(V[O[3]], V[O[4]]),                          \
-   midpoint(V[O[4]], V[O[5]]),   midpoint(V[O[5]], V[O[6]]),                          \
-   midpoint(V[O[6]], V[O[7]]),   midpoint(V[O[7]], V[O[8]]),                          \
-   midpoint(V[O[8]], V[O[9]]),   midpoint(V[O[9]], V[O[10]]),                         \
-   midpoint(V[O[10]], V[O[11]]), midpoint(V[O[11]], V[O[12]]),                        \
-   midpoint(V[O[12]], V[O[13]]), midpoint(V[O[13]], V[O[14]]),                        \
-   midpoint(V[O[14]], V[O[15]])}
+#define QPEFT_MIDPOINTS(V, O)                                                                \
+  {midpoint(V[O[0]], V[O[1]]),   midpoint(V[O[1]], V[O[2]]),   midpoint(V[O[2]], V[O[3]]),   \
+   midpoint(V[O[3]], V[O[4]]),   midpoint(V[O[4]], V[O[5]]),   midpoint(V[O[5]], V[O[6]]),   \
+   midpoint(V[O[6]], V[O[7]]),   midpoint(V[O[7]], V[O[8]]),   midpoint(V[O[8]], V[O[9]]),   \
+   midpoint(V[O[9]], V[O[10]]),  midpoint(V[O[10]], V[O[11]]), midpoint(V[O[11]], V[O[12]]), \
+   midpoint(V[O[12]], V[O[13]]), midpoint(V[O[13]], V[O[14]]), midpoint(V[O[14]], V[O[15]])}
 
 constexpr float kNF4Mid[kNumCodes4 - 1] = QPEFT_MIDPOINTS(kNF4Values, kNF4Order);
 constexpr float kFP4Mid[kNumCodes4 - 1] = QPEFT_MIDPOINTS(kFP4Values, kFP4Order);
@@ -112,7 +110,9 @@ QPEFT_HD float inv_absmax4(float absmax) {
 // Scale of a block for the 4-bit encoder: either 1/absmax to multiply by (full
 // blocks), or absmax itself to divide by (a partial last block), see above.
 // NaN passes through (NaN < floor is false), as torch.clamp(min=) lets it.
-QPEFT_HD float floor_absmax4(float absmax) { return absmax < kAbsmaxFloor ? kAbsmaxFloor : absmax; }
+QPEFT_HD float floor_absmax4(float absmax) {
+  return absmax < kAbsmaxFloor ? kAbsmaxFloor : absmax;
+}
 QPEFT_HD float normalize4(float x, float absmax_floored, float inv, bool partial_block) {
   return partial_block ? x / absmax_floored : x * inv;
 }
@@ -124,7 +124,7 @@ QPEFT_HD float clamp_unit(float v) {
 // Index (in sorted order) of the nearest code: #{k : !(v <= mid[k])}.
 QPEFT_HD int sorted_index4(float v, const float* mid) {
   int idx = 0;
-QPEFT_UNROLL
+  QPEFT_UNROLL
   for (int k = 0; k < kNumCodes4 - 1; ++k) idx += !(v <= mid[k]);
   return idx;
 }
@@ -139,7 +139,9 @@ QPEFT_HD uint8_t pack_pair(uint8_t hi, uint8_t lo) {
 }
 
 // Padding nibble of an odd-length tensor: the code of 0.0.
-QPEFT_HD uint8_t zero_code4(int quant_type) { return quant_type == kNF4 ? 7 : 0; }
+QPEFT_HD uint8_t zero_code4(int quant_type) {
+  return quant_type == kNF4 ? 7 : 0;
+}
 
 // 8-bit lookup: grid value of a bin, and the bin of a normalised value.
 QPEFT_HD float lut_grid_value(int bin) {
@@ -157,7 +159,10 @@ QPEFT_HD int code8_for_grid(float g, const float* mid8) {
   int lo = 0, hi = kNumCodes8 - 1;  // answer in [0, 255]
   while (lo < hi) {
     int m = (lo + hi) >> 1;
-    if (mid8[m] < g) lo = m + 1; else hi = m;
+    if (mid8[m] < g)
+      lo = m + 1;
+    else
+      hi = m;
   }
   return lo;
 }
@@ -167,13 +172,25 @@ QPEFT_HD int code8_for_grid(float g, const float* mid8) {
 // (round to nearest even, subnormals kept); NaN becomes a quiet NaN.
 
 QPEFT_HD uint32_t f32_bits(float f) {
-  union { float f; uint32_t u; } c; c.f = f; return c.u;
+  union {
+    float f;
+    uint32_t u;
+  } c;
+  c.f = f;
+  return c.u;
 }
 QPEFT_HD float bits_f32(uint32_t u) {
-  union { float f; uint32_t u; } c; c.u = u; return c.f;
+  union {
+    float f;
+    uint32_t u;
+  } c;
+  c.u = u;
+  return c.f;
 }
 
-QPEFT_HD float bf16_to_f32(uint16_t h) { return bits_f32(static_cast<uint32_t>(h) << 16); }
+QPEFT_HD float bf16_to_f32(uint16_t h) {
+  return bits_f32(static_cast<uint32_t>(h) << 16);
+}
 
 QPEFT_HD uint16_t f32_to_bf16(float f) {
   uint32_t u = f32_bits(f);
@@ -224,14 +241,18 @@ QPEFT_HD float load_as_f32(const void* p, int64_t i, int dtype) {
 }
 
 QPEFT_HD void store_from_f32(void* p, int64_t i, int dtype, float v) {
-  if (dtype == kF32) static_cast<float*>(p)[i] = v;
-  else if (dtype == kBF16) static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
-  else static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
+  if (dtype == kF32)
+    static_cast<float*>(p)[i] = v;
+  else if (dtype == kBF16)
+    static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+  else
+    static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
 }
 
 // Absmax of a double-quantized block: code8[q] * nested_absmax + offset,
 // each step rounded in fp32 as bitsandbytes does (dequantize, then += offset).
-QPEFT_HD float nested_absmax_value(uint8_t q, const float* code8, float nested_absmax, float offset) {
+QPEFT_HD float nested_absmax_value(uint8_t q, const float* code8, float nested_absmax,
+                                   float offset) {
   float v = code8[q] * nested_absmax;
   return v + offset;
 }

@@ -43,8 +43,8 @@
 
 namespace qpeft {
 
-constexpr int kStateBlock = 256;            // elements per absmax block of 8-bit state
-constexpr int64_t kMin8BitNumel = 4096;     // smaller tensors keep fp32 state (Python decides)
+constexpr int kStateBlock = 256;         // elements per absmax block of 8-bit state
+constexpr int64_t kMin8BitNumel = 4096;  // smaller tensors keep fp32 state (Python decides)
 
 // fp32 scalars of one AdamW step (qpeft/_optim_math.py: adam_scalars).
 struct AdamScalars {
@@ -52,17 +52,17 @@ struct AdamScalars {
   float lerp_c;        // lerp coefficient: 1 - beta1, or 1 - (1 - beta1) when lerp_from_grad
   int lerp_from_grad;  // fp32(1 - beta1) >= 0.5: torch's lerp then works from the end point
   float beta2;
-  float omb2;          // 1 - beta2
-  float bc2_sqrt;      // sqrt(1 - beta2^step)
+  float omb2;      // 1 - beta2
+  float bc2_sqrt;  // sqrt(1 - beta2^step)
   float eps;
-  float neg_step;      // -lr / (1 - beta1^step)
+  float neg_step;  // -lr / (1 - beta1^step)
 };
 
 // fp32 scalars of one Lion step (qpeft/_optim_math.py: lion_scalars).
 struct LionScalars {
-  float decay;   // 1 - lr * weight_decay
+  float decay;  // 1 - lr * weight_decay
   float beta1;
-  float omb1;    // 1 - beta1
+  float omb1;  // 1 - beta1
   float beta2;
   float omb2;    // 1 - beta2
   float neg_lr;  // -lr
@@ -86,7 +86,9 @@ QPEFT_HD void adam_update(float& p, float g, float& m, float& v, const AdamScala
 }
 
 // sign() that keeps NaN (and the sign of zero), as torch.sign does.
-QPEFT_HD float sign_keep_nan(float c) { return c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : c); }
+QPEFT_HD float sign_keep_nan(float c) {
+  return c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : c);
+}
 
 // One Lion element: updates p and m in place.
 QPEFT_HD void lion_update(float& p, float g, float& m, const LionScalars& s) {
@@ -109,14 +111,20 @@ QPEFT_HD float absmax_step(float a, float x) {
 // The absmax written for a block: a NaN is stored as the canonical quiet NaN
 // 0x7fc00000 (which NaN a max picks differs between scalar, SIMD and GPU code),
 // so the stored state is bit-identical across backends whatever the input.
-QPEFT_HD float state_absmax_canonical(float a) { return a != a ? bits_f32(0x7fc00000u) : a; }
+QPEFT_HD float state_absmax_canonical(float a) {
+  return a != a ? bits_f32(0x7fc00000u) : a;
+}
 
-QPEFT_HD float state_dequant(const float* code, uint8_t q, float absmax) { return code[q] * absmax; }
+QPEFT_HD float state_dequant(const float* code, uint8_t q, float absmax) {
+  return code[q] * absmax;
+}
 
 // Scale of a block for requantization; 0 for an all-zero block (every element
 // then encodes 0.0's code) and for a NaN absmax (whose dequantized values are
 // NaN whatever the codes).
-QPEFT_HD float state_inv_absmax(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 0.0f; }
+QPEFT_HD float state_inv_absmax(float absmax) {
+  return absmax > 0.0f ? 1.0f / absmax : 0.0f;
+}
 
 // #{k : mid[k] < x} over the 255 sorted midpoints (8-step binary search; NaN
 // compares false everywhere and gives 0). mid may hold a 256th entry: unused.
@@ -124,7 +132,10 @@ QPEFT_HD int state_count_below(float x, const float* mid) {
   int lo = 0, hi = kNumCodes8 - 1;  // answer in [0, 255]
   while (lo < hi) {
     const int m = (lo + hi) >> 1;
-    if (mid[m] < x) lo = m + 1; else hi = m;
+    if (mid[m] < x)
+      lo = m + 1;
+    else
+      hi = m;
   }
   return lo;
 }
@@ -144,7 +155,9 @@ QPEFT_HD uint8_t state_encode(float x, float inv, const float* mid) {
 // state_count_below with one table load and one compare. The CPU build checks
 // that property for the map it is given and falls back to the binary search
 // otherwise (csrc/cpu/optim_kernels.h: StateCodec).
-QPEFT_HD uint32_t state_key(float x) { return f32_bits(x) >> 16; }
+QPEFT_HD uint32_t state_key(float x) {
+  return f32_bits(x) >> 16;
+}
 
 // Code from a table entry (base | low 16 bits of the comparison point << 8).
 QPEFT_HD uint8_t state_code_from_entry(uint32_t key, uint32_t entry, float v) {

@@ -20,9 +20,12 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 
 @register_kernel("gemv_4bit", "cpu")
-def gemv_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-              n, k):  # fmt: skip
-    validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k)
+def gemv_4bit(
+    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
+):
+    validate(
+        x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
+    )
     xf = x.to(torch.float32).contiguous()
     packed, absmax = packed.contiguous(), absmax.contiguous()
     nested = nested_absmax is not None
@@ -30,8 +33,22 @@ def gemv_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, 
         nested_absmax, nested_code, offset = (t.contiguous() for t in (nested_absmax, nested_code, offset))
     out = torch.empty((x.shape[0], n), dtype=torch.float32)
     _native.cpu_module().gemv_4bit(
-        _ptr(xf), x.shape[0], n, k, _ptr(packed), packed.numel(), _ptr(absmax), absmax.numel(), blocksize,
-        QUANT_TYPE_IDS[quant_type], _ptr(nested_absmax), nested_absmax.numel() if nested else 0,
-        _ptr(nested_code), _ptr(offset), nested_blocksize, _ptr(out), torch.get_num_threads(),
-    )  # fmt: skip
+        _ptr(xf),
+        x.shape[0],
+        n,
+        k,
+        _ptr(packed),
+        packed.numel(),
+        _ptr(absmax),
+        absmax.numel(),
+        blocksize,
+        QUANT_TYPE_IDS[quant_type],
+        _ptr(nested_absmax),
+        nested_absmax.numel() if nested else 0,
+        _ptr(nested_code),
+        _ptr(offset),
+        nested_blocksize,
+        _ptr(out),
+        torch.get_num_threads(),
+    )
     return out.to(x.dtype)

@@ -63,7 +63,9 @@ def _panel_rows(n: int, k: int, blocksize: int, nested_blocksize: int | None) ->
     return min(rows, n)
 
 
-def _decode_panels(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k):
+def _decode_panels(
+    packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
+):
     """Yield (r0, r1, W[r0:r1] as fp32 [r1 - r0, k]), decoded by this backend's dequantize
     kernel with out= (called directly: the op's dispatch would add ~80 us per panel, a
     third of a small layer's whole forward)."""
@@ -80,11 +82,22 @@ def _decode_panels(packed, absmax, nested_absmax, nested_code, offset, blocksize
         if nested:
             g0 = b0 // nested_blocksize
             decode(
-                codes, absmax[b0 : b0 + blocks], nested_absmax[g0 : g0 - (blocks // -nested_blocksize)],
-                nested_code, offset, blocksize, nested_blocksize, quant_type, panel.shape, panel.dtype, out=panel,
-            )  # fmt: skip
+                codes,
+                absmax[b0 : b0 + blocks],
+                nested_absmax[g0 : g0 - (blocks // -nested_blocksize)],
+                nested_code,
+                offset,
+                blocksize,
+                nested_blocksize,
+                quant_type,
+                panel.shape,
+                panel.dtype,
+                out=panel,
+            )
         else:
-            decode(codes, absmax[b0 : b0 + blocks], blocksize, quant_type, panel.shape, panel.dtype, out=panel)
+            decode(
+                codes, absmax[b0 : b0 + blocks], blocksize, quant_type, panel.shape, panel.dtype, out=panel
+            )
         yield r0, r1, panel
 
 
@@ -95,21 +108,65 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 @register_kernel("qlora_linear", "cpu")
 def qlora_linear(
-    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-    n, k, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa,
-):  # fmt: skip
-    validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-             n, k, lora_a, lora_b, bias, rank_scale, out_scale)  # fmt: skip
+    x,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    n,
+    k,
+    lora_a,
+    lora_b,
+    scaling,
+    bias,
+    rank_scale,
+    out_scale,
+    return_xa,
+):
+    validate(
+        x,
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        n,
+        k,
+        lora_a,
+        lora_b,
+        bias,
+        rank_scale,
+        out_scale,
+    )
     cdt = _compute_dtype(x)
     xc = x.to(cdt)
     if cdt == torch.float32 and 1 <= x.shape[0] <= GEMV_MAX_ROWS:
         # decode-sized M: the fused GEMV reads the packed codes once instead of decoding panels
-        base = kernel_for("gemv_4bit", x.device)(xc, packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                                 nested_blocksize, quant_type, n, k)  # fmt: skip
+        base = kernel_for("gemv_4bit", x.device)(
+            xc,
+            packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            nested_blocksize,
+            quant_type,
+            n,
+            k,
+        )
     else:
         base = None
-        for r0, r1, w in _decode_panels(packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                        nested_blocksize, quant_type, n, k):  # fmt: skip
+        for r0, r1, w in _decode_panels(
+            packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
+        ):
             if r0 == 0 and r1 == n:  # one panel: W whole
                 base = F.linear(xc, w.to(cdt))
                 break
@@ -132,17 +189,67 @@ def qlora_linear(
 
 @register_kernel("qlora_linear_backward", "cpu")
 def qlora_linear_backward(
-    grad_y, x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-    n, k, lora_a, lora_b, xa, scaling, rank_scale, out_scale, need_dx, need_da, need_db, need_dbias,
-):  # fmt: skip
-    validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-             n, k, lora_a, lora_b, None, rank_scale, out_scale)  # fmt: skip
+    grad_y,
+    x,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    n,
+    k,
+    lora_a,
+    lora_b,
+    xa,
+    scaling,
+    rank_scale,
+    out_scale,
+    need_dx,
+    need_da,
+    need_db,
+    need_dbias,
+):
+    validate(
+        x,
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        n,
+        k,
+        lora_a,
+        lora_b,
+        None,
+        rank_scale,
+        out_scale,
+    )
     check_backward(grad_y, x, xa, lora_a, n, need_db)
 
     def add_dy_w(dy, acc):  # acc += dy @ W, W's panels accumulated one after another
-        for r0, r1, w in _decode_panels(packed, absmax, nested_absmax, nested_code, offset, blocksize,
-                                        nested_blocksize, quant_type, n, k):  # fmt: skip
+        for r0, r1, w in _decode_panels(
+            packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
+        ):
             acc.addmm_(dy[:, r0:r1], w.to(acc.dtype))
 
-    return backward_from(add_dy_w, grad_y, x, lora_a, lora_b, xa, scaling, rank_scale, out_scale,
-                         need_dx, need_da, need_db, need_dbias)  # fmt: skip
+    return backward_from(
+        add_dy_w,
+        grad_y,
+        x,
+        lora_a,
+        lora_b,
+        xa,
+        scaling,
+        rank_scale,
+        out_scale,
+        need_dx,
+        need_da,
+        need_db,
+        need_dbias,
+    )

@@ -18,8 +18,9 @@ from .qlora import dequantize_weight
 MAX_ROWS = 8  # the GEMV is the decode path; csrc/cuda/gemv_4bit.cu instantiates M <= 8
 
 
-def validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-             n, k) -> None:  # fmt: skip
+def validate(
+    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
+) -> None:
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, in_features], got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
@@ -41,16 +42,28 @@ def validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, n
         _validate.dequantize_4bit(packed, absmax, blocksize, quant_type, [n, k], torch.float32)
     else:
         _validate.dequantize_4bit_nested(
-            packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, [n, k],
+            packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            nested_blocksize,
+            quant_type,
+            [n, k],
             torch.float32,
-        )  # fmt: skip
+        )
     _validate.same_device(("x", x), ("packed", packed), ("absmax", absmax))
 
 
 @register_kernel("gemv_4bit", "default")
-def gemv_4bit(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-              n, k):  # fmt: skip
-    validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k)
-    w = dequantize_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                          quant_type, n, k)  # fmt: skip
+def gemv_4bit(
+    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
+):
+    validate(
+        x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
+    )
+    w = dequantize_weight(
+        packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
+    )
     return (x.float() @ w.T).to(x.dtype)

@@ -84,19 +84,39 @@ def nested_absmax(absmax_codes, nested_absmax_, nested_code, offset, nested_bloc
 
 @register_kernel("dequantize_4bit_nested", "default")
 def dequantize_4bit_nested(
-    packed, absmax_codes, nested_absmax_, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype,
+    packed,
+    absmax_codes,
+    nested_absmax_,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    shape,
+    dtype,
     out=None,
 ):
     _validate.dequantize_4bit_nested(
-        packed, absmax_codes, nested_absmax_, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype,
+        packed,
+        absmax_codes,
+        nested_absmax_,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        shape,
+        dtype,
         out,
-    )  # fmt: skip
+    )
     absmax = nested_absmax(absmax_codes, nested_absmax_, nested_code, offset, nested_blocksize)
     return _decode4(packed, absmax, blocksize, quant_type, shape, dtype, out)
 
 
 @register_kernel("quantize_blockwise", "default")
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(
+    x: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     _validate.quantize_blockwise(x, code, blocksize)
     n = x.numel()
     blocks = _blockify(x.reshape(-1).float(), blocksize)

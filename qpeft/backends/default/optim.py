@@ -44,7 +44,7 @@ def sqrt_rn(v: torch.Tensor) -> torch.Tensor:
 
 def adam_math(p, g, m, v, s: AdamScalars):
     """One AdamW update of fp32 tensors (optim.h: adam_update); returns new (p, m, v)."""
-    c = lambda x: _scalar(x, p)  # noqa: E731
+    c = lambda x: _scalar(x, p)
     p = p * c(s.decay)
     d = g - m
     m = g - d * c(s.lerp_c) if s.lerp_from_grad else m + c(s.lerp_c) * d
@@ -56,7 +56,7 @@ def adam_math(p, g, m, v, s: AdamScalars):
 
 def lion_math(p, g, m, s: LionScalars):
     """One Lion update of fp32 tensors (optim.h: lion_update); returns new (p, m)."""
-    c = lambda x: _scalar(x, p)  # noqa: E731
+    c = lambda x: _scalar(x, p)
     p = p * c(s.decay)
     u = m * c(s.beta1) + g * c(s.omb1)
     sign = torch.where(u > 0, c(1.0), torch.where(u < 0, c(-1.0), u))  # keeps NaN and signed zeros
@@ -113,9 +113,21 @@ def adamw32_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weigh
 
 @register_kernel("adamw8bit_step_", "default")
 def adamw8bit_step_(
-    param, grad, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, qmap_signed, qmap_unsigned,
-    lr, beta1, beta2, eps, weight_decay, step,
-):  # fmt: skip
+    param,
+    grad,
+    exp_avg_q,
+    exp_avg_absmax,
+    exp_avg_sq_q,
+    exp_avg_sq_absmax,
+    qmap_signed,
+    qmap_unsigned,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step,
+):
     _validate_optim.adamw8bit(
         param, grad, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, qmap_signed, qmap_unsigned
     )
@@ -165,8 +177,13 @@ def lion8bit_step_(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed, lr, beta
 
 @register_kernel("adamw32_multi_step_", "default")
 def adamw32_multi_step_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, steps):
-    _validate_optim.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
-                          ("exp_avg_sqs", exp_avg_sqs), ("steps", steps))  # fmt: skip
+    _validate_optim.lists(
+        ("params", params),
+        ("grads", grads),
+        ("exp_avgs", exp_avgs),
+        ("exp_avg_sqs", exp_avg_sqs),
+        ("steps", steps),
+    )
     _validate_optim.one_device(params, grads, exp_avgs, exp_avg_sqs)
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         adamw32_step_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
@@ -174,17 +191,39 @@ def adamw32_multi_step_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, 
 
 @register_kernel("adamw8bit_multi_step_", "default")
 def adamw8bit_multi_step_(
-    params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes, qmap_signed, qmap_unsigned,
-    lr, beta1, beta2, eps, weight_decay, steps,
-):  # fmt: skip
-    _validate_optim.lists(("params", params), ("grads", grads), ("exp_avg_qs", exp_avg_qs),
-                          ("exp_avg_absmaxes", exp_avg_absmaxes), ("exp_avg_sq_qs", exp_avg_sq_qs),
-                          ("exp_avg_sq_absmaxes", exp_avg_sq_absmaxes), ("steps", steps))  # fmt: skip
-    _validate_optim.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes)
+    params,
+    grads,
+    exp_avg_qs,
+    exp_avg_absmaxes,
+    exp_avg_sq_qs,
+    exp_avg_sq_absmaxes,
+    qmap_signed,
+    qmap_unsigned,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    steps,
+):
+    _validate_optim.lists(
+        ("params", params),
+        ("grads", grads),
+        ("exp_avg_qs", exp_avg_qs),
+        ("exp_avg_absmaxes", exp_avg_absmaxes),
+        ("exp_avg_sq_qs", exp_avg_sq_qs),
+        ("exp_avg_sq_absmaxes", exp_avg_sq_absmaxes),
+        ("steps", steps),
+    )
+    _validate_optim.one_device(
+        params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes
+    )
     for p, g, q1, a1, q2, a2, step in zip(
         params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes, steps
     ):
-        adamw8bit_step_(p, g, q1, a1, q2, a2, qmap_signed, qmap_unsigned, lr, beta1, beta2, eps, weight_decay, step)
+        adamw8bit_step_(
+            p, g, q1, a1, q2, a2, qmap_signed, qmap_unsigned, lr, beta1, beta2, eps, weight_decay, step
+        )
 
 
 @register_kernel("lion32_multi_step_", "default")
@@ -196,9 +235,15 @@ def lion32_multi_step_(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
 
 
 @register_kernel("lion8bit_multi_step_", "default")
-def lion8bit_multi_step_(params, grads, exp_avg_qs, exp_avg_absmaxes, qmap_signed, lr, beta1, beta2, weight_decay):
-    _validate_optim.lists(("params", params), ("grads", grads), ("exp_avg_qs", exp_avg_qs),
-                          ("exp_avg_absmaxes", exp_avg_absmaxes))  # fmt: skip
+def lion8bit_multi_step_(
+    params, grads, exp_avg_qs, exp_avg_absmaxes, qmap_signed, lr, beta1, beta2, weight_decay
+):
+    _validate_optim.lists(
+        ("params", params),
+        ("grads", grads),
+        ("exp_avg_qs", exp_avg_qs),
+        ("exp_avg_absmaxes", exp_avg_absmaxes),
+    )
     _validate_optim.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes)
     for p, g, q1, a1 in zip(params, grads, exp_avg_qs, exp_avg_absmaxes):
         lion8bit_step_(p, g, q1, a1, qmap_signed, lr, beta1, beta2, weight_decay)

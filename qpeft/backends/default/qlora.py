@@ -29,9 +29,23 @@ def _shape(t: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
 
 
 def validate(
-    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-    n, k, lora_a, lora_b, bias, rank_scale, out_scale,
-) -> None:  # fmt: skip
+    x,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    n,
+    k,
+    lora_a,
+    lora_b,
+    bias,
+    rank_scale,
+    out_scale,
+) -> None:
     """Checks shared by every kernel of qlora_linear / qlora_linear_backward (x: [M, K])."""
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, in_features], got shape {tuple(x.shape)}")
@@ -45,18 +59,32 @@ def validate(
         _validate.dequantize_4bit(packed, absmax, blocksize, quant_type, [n, k], torch.float32)
     else:
         _validate.dequantize_4bit_nested(
-            packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, [n, k],
+            packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            nested_blocksize,
+            quant_type,
+            [n, k],
             torch.float32,
-        )  # fmt: skip
+        )
     if lora_a.dim() != 2 or lora_a.shape[1] != k or lora_a.shape[0] < 1:
         raise ValueError(f"lora_A must be [r, in_features={k}] with r >= 1, got {tuple(lora_a.shape)}")
     r = lora_a.shape[0]
     if lora_b.dim() != 2 or tuple(lora_b.shape) != (n, r):
-        raise ValueError(f"lora_B must be [out_features={n}, r={r}] (r from lora_A), got {tuple(lora_b.shape)}")
+        raise ValueError(
+            f"lora_B must be [out_features={n}, r={r}] (r from lora_A), got {tuple(lora_b.shape)}"
+        )
     _float(lora_a, "lora_A")
     _float(lora_b, "lora_B")
     named = [("x", x), ("packed", packed), ("absmax", absmax), ("lora_A", lora_a), ("lora_B", lora_b)]
-    for name, t, shape in (("bias", bias, (n,)), ("rank_scale", rank_scale, (r,)), ("out_scale", out_scale, (n,))):
+    for name, t, shape in (
+        ("bias", bias, (n,)),
+        ("rank_scale", rank_scale, (r,)),
+        ("out_scale", out_scale, (n,)),
+    ):
         if t is not None:
             _float(t, name)
             _shape(t, name, shape)
@@ -64,15 +92,24 @@ def validate(
     _validate.same_device(*named)
 
 
-def dequantize_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-                      n, k) -> torch.Tensor:  # fmt: skip
+def dequantize_weight(
+    packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
+) -> torch.Tensor:
     """W as fp32 [n, k] through the registered dequantize ops."""
     if nested_absmax is None:
         return torch.ops.qpeft.dequantize_4bit(packed, absmax, blocksize, quant_type, [n, k], torch.float32)
     return torch.ops.qpeft.dequantize_4bit_nested(
-        packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, [n, k],
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        [n, k],
         torch.float32,
-    )  # fmt: skip
+    )
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -85,14 +122,47 @@ def _opt(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 @register_kernel("qlora_linear", "default")
 def qlora_linear(
-    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-    n, k, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa,
-):  # fmt: skip
-    validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-             n, k, lora_a, lora_b, bias, rank_scale, out_scale)  # fmt: skip
+    x,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    n,
+    k,
+    lora_a,
+    lora_b,
+    scaling,
+    bias,
+    rank_scale,
+    out_scale,
+    return_xa,
+):
+    validate(
+        x,
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        n,
+        k,
+        lora_a,
+        lora_b,
+        bias,
+        rank_scale,
+        out_scale,
+    )
     cdt = _compute_dtype(x)
-    w = dequantize_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                          quant_type, n, k).to(cdt)  # fmt: skip
+    w = dequantize_weight(
+        packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
+    ).to(cdt)
     xc = x.to(cdt)
     xa = F.linear(xc, lora_a.to(cdt))
     t = xa * scaling
@@ -108,24 +178,87 @@ def qlora_linear(
 
 @register_kernel("qlora_linear_backward", "default")
 def qlora_linear_backward(
-    grad_y, x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-    n, k, lora_a, lora_b, xa, scaling, rank_scale, out_scale, need_dx, need_da, need_db, need_dbias,
-):  # fmt: skip
-    validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-             n, k, lora_a, lora_b, None, rank_scale, out_scale)  # fmt: skip
+    grad_y,
+    x,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    n,
+    k,
+    lora_a,
+    lora_b,
+    xa,
+    scaling,
+    rank_scale,
+    out_scale,
+    need_dx,
+    need_da,
+    need_db,
+    need_dbias,
+):
+    validate(
+        x,
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        n,
+        k,
+        lora_a,
+        lora_b,
+        None,
+        rank_scale,
+        out_scale,
+    )
     check_backward(grad_y, x, xa, lora_a, n, need_db)
 
     def add_dy_w(dy, acc):  # acc += dy @ W with all of W decoded
-        w = dequantize_weight(packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
-                              quant_type, n, k).to(acc.dtype)  # fmt: skip
+        w = dequantize_weight(
+            packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
+        ).to(acc.dtype)
         acc.addmm_(dy, w)
 
-    return backward_from(add_dy_w, grad_y, x, lora_a, lora_b, xa, scaling, rank_scale, out_scale,
-                         need_dx, need_da, need_db, need_dbias)  # fmt: skip
+    return backward_from(
+        add_dy_w,
+        grad_y,
+        x,
+        lora_a,
+        lora_b,
+        xa,
+        scaling,
+        rank_scale,
+        out_scale,
+        need_dx,
+        need_da,
+        need_db,
+        need_dbias,
+    )
 
 
-def backward_from(add_dy_w, grad_y, x, lora_a, lora_b, xa, scaling, rank_scale, out_scale,
-                  need_dx, need_da, need_db, need_dbias):  # fmt: skip
+def backward_from(
+    add_dy_w,
+    grad_y,
+    x,
+    lora_a,
+    lora_b,
+    xa,
+    scaling,
+    rank_scale,
+    out_scale,
+    need_dx,
+    need_da,
+    need_db,
+    need_dbias,
+):
     """(dx, dA, dB, dbias) of qlora_linear given the backend's ``add_dy_w(dy, acc)``, which
     adds dy @ W to acc in place: the one term that touches the 4-bit weight. The LoRA
     terms are plain matmuls in the compute dtype (fp32, or fp64 for fp64 inputs), shared

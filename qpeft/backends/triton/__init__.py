@@ -27,5 +27,5 @@ def _unavailable() -> str | None:
 
 
 register_availability("triton", _unavailable)
-from . import qlora  # noqa: E402, F401
-from . import quant  # noqa: E402, F401
+
+from . import qlora, quant  # noqa: E402,F401  (registration after availability)

@@ -38,26 +38,110 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, act_dtype: torch.dtype, out_dtype:
 
 @register_kernel("qlora_linear", "triton")
 def qlora_linear(
-    x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-    n, k, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa,
-):  # fmt: skip
-    validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-             n, k, lora_a, lora_b, bias, rank_scale, out_scale)  # fmt: skip
+    x,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    n,
+    k,
+    lora_a,
+    lora_b,
+    scaling,
+    bias,
+    rank_scale,
+    out_scale,
+    return_xa,
+):
+    validate(
+        x,
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        n,
+        k,
+        lora_a,
+        lora_b,
+        bias,
+        rank_scale,
+        out_scale,
+    )
     for name, t in (("x", x), ("lora_A", lora_a), ("lora_B", lora_b)):
         _kernel_dtype(t, name)
     return _kernels().qlora_forward(
-        x, packed.reshape(-1), absmax, nested_absmax, nested_code, offset, code4(quant_type, x.device),
-        blocksize, nested_blocksize, n, k, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa,
-    )  # fmt: skip
+        x,
+        packed.reshape(-1),
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        code4(quant_type, x.device),
+        blocksize,
+        nested_blocksize,
+        n,
+        k,
+        lora_a,
+        lora_b,
+        scaling,
+        bias,
+        rank_scale,
+        out_scale,
+        return_xa,
+    )
 
 
 @register_kernel("qlora_linear_backward", "triton")
 def qlora_linear_backward(
-    grad_y, x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-    n, k, lora_a, lora_b, xa, scaling, rank_scale, out_scale, need_dx, need_da, need_db, need_dbias,
-):  # fmt: skip
-    validate(x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type,
-             n, k, lora_a, lora_b, None, rank_scale, out_scale)  # fmt: skip
+    grad_y,
+    x,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    n,
+    k,
+    lora_a,
+    lora_b,
+    xa,
+    scaling,
+    rank_scale,
+    out_scale,
+    need_dx,
+    need_da,
+    need_db,
+    need_dbias,
+):
+    validate(
+        x,
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        n,
+        k,
+        lora_a,
+        lora_b,
+        None,
+        rank_scale,
+        out_scale,
+    )
     check_backward(grad_y, x, xa, lora_a, n, need_db)
     for name, t in (("x", x), ("grad_y", grad_y), ("lora_A", lora_a), ("lora_B", lora_b)):
         _kernel_dtype(t, name)
@@ -68,9 +152,23 @@ def qlora_linear_backward(
     g = None
     if need_dx:
         dx, g = _kernels().qlora_dx(
-            dy, packed.reshape(-1), absmax, nested_absmax, nested_code, offset, code4(quant_type, x.device),
-            blocksize, nested_blocksize, n, k, lora_a, lora_b, scaling, rank_scale, return_g=need_da,
-        )  # fmt: skip
+            dy,
+            packed.reshape(-1),
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            code4(quant_type, x.device),
+            blocksize,
+            nested_blocksize,
+            n,
+            k,
+            lora_a,
+            lora_b,
+            scaling,
+            rank_scale,
+            return_g=need_da,
+        )
     if need_da:
         if g is None:
             g = _matmul(dy, lora_b, x.dtype, torch.float32)

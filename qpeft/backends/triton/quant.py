@@ -29,28 +29,63 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
 @register_kernel("dequantize_4bit", "triton")
 def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out=None):
     _validate.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out)
-    return into(out, lambda target: _kernels().dequantize_4bit(
-        packed.contiguous(), absmax.contiguous(), blocksize, quant_type, shape, dtype, target
-    ))  # fmt: skip
+    return into(
+        out,
+        lambda target: _kernels().dequantize_4bit(
+            packed.contiguous(), absmax.contiguous(), blocksize, quant_type, shape, dtype, target
+        ),
+    )
 
 
 @register_kernel("dequantize_4bit_nested", "triton")
 def dequantize_4bit_nested(
-    packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype,
+    packed,
+    absmax_codes,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    shape,
+    dtype,
     out=None,
 ):
     _validate.dequantize_4bit_nested(
-        packed, absmax_codes, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, shape, dtype,
+        packed,
+        absmax_codes,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        shape,
+        dtype,
         out,
-    )  # fmt: skip
-    return into(out, lambda target: _kernels().dequantize_4bit_nested(
-        packed.contiguous(), absmax_codes.contiguous(), nested_absmax.contiguous(), nested_code.contiguous(),
-        offset.contiguous(), blocksize, nested_blocksize, quant_type, shape, dtype, target,
-    ))  # fmt: skip
+    )
+    return into(
+        out,
+        lambda target: _kernels().dequantize_4bit_nested(
+            packed.contiguous(),
+            absmax_codes.contiguous(),
+            nested_absmax.contiguous(),
+            nested_code.contiguous(),
+            offset.contiguous(),
+            blocksize,
+            nested_blocksize,
+            quant_type,
+            shape,
+            dtype,
+            target,
+        ),
+    )
 
 
 @register_kernel("quantize_blockwise", "triton")
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(
+    x: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     _validate.quantize_blockwise(x, code, blocksize)
     return _kernels().quantize_blockwise(x.contiguous(), code.contiguous(), blocksize)
 
@@ -58,6 +93,9 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
 @register_kernel("dequantize_blockwise", "triton")
 def dequantize_blockwise(q, absmax, code, blocksize, dtype, out=None):
     _validate.dequantize_blockwise(q, absmax, code, blocksize, dtype, out)
-    return into(out, lambda target: _kernels().dequantize_blockwise(
-        q.contiguous(), absmax.contiguous(), code.contiguous(), blocksize, dtype, target
-    ))  # fmt: skip
+    return into(
+        out,
+        lambda target: _kernels().dequantize_blockwise(
+            q.contiguous(), absmax.contiguous(), code.contiguous(), blocksize, dtype, target
+        ),
+    )
