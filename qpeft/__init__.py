@@ -11,7 +11,7 @@ from . import (
     nn,
     optim,
 )
-from ._registry import BackendUnavailableError, available_backends, current_backend, use_backend
+from ._dispatch import BackendUnavailableError, available_backends, current_backend, use_backend
 from .convert import add_adapter, convert, disable_adapters, merge_adapters, set_adapter, unmerge_adapters
 from .quant_state import QuantState
 from .serialization import load_adapter, load_quantized, save_adapter, save_quantized

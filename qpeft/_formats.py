@@ -11,11 +11,30 @@ import functools
 
 import torch
 
+
+class _Ids(dict):
+    """The native code's id of a dtype or quant type; an unknown key is a clear error
+    (the ops trust their inputs, but a direct op call must not fail with a KeyError)."""
+
+    def __init__(self, what: str, error: type, values: dict, allowed: str) -> None:
+        super().__init__(values)
+        self.what, self.error, self.allowed = what, error, allowed
+
+    def __missing__(self, key):
+        raise self.error(f"{self.what} must be {self.allowed}, got {key}")
+
+
 QUANT_TYPES = ("nf4", "fp4")
-QUANT_TYPE_IDS = {"fp4": 1, "nf4": 2}  # format.h: QuantType
+QUANT_TYPE_IDS = _Ids("quant_type", ValueError, {"fp4": 1, "nf4": 2}, "'nf4' or 'fp4'")  # format.h: QuantType
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # format.h: DType
+# format.h: DType
+DTYPE_IDS = _Ids(
+    "dtype",
+    TypeError,
+    {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2},
+    "float32, float16 or bfloat16",
+)
 
 NESTED_BLOCKSIZE = 256  # double quantization: one fp32 absmax per 256 absmax values
 ABSMAX_FLOOR = 1e-38  # bitsandbytes floors absmax here before taking 1/absmax (4-bit only)
@@ -148,3 +167,8 @@ def lut8(code: torch.Tensor) -> torch.Tensor:
     bins = torch.arange(LUT_BINS, dtype=torch.float32)
     grid = -1.0 + (2.0 * bins) / (LUT_BINS - 1)
     return torch.searchsorted(mid, grid, side="left").to(torch.uint8)
+
+
+# Rows of x up to which y = x @ W^T is the decode GEMV (qpeft::gemv_4bit): the CUDA kernel
+# is instantiated for M = 1..8 (csrc/cuda/gemv_4bit.cu); larger M is a GEMM.
+GEMV_MAX_ROWS = 8

@@ -23,9 +23,9 @@ class QLoRAFunction(torch.autograd.Function):
     casts the input of ``F.linear``, so y comes out in that dtype; the ops themselves
     then run with autocast off, forward and backward. Their kernels choose their
     own compute precision (fp32 accumulation; on CPU fp32 throughout, since the
-    reference's fp32 ``F.linear`` would otherwise be autocast to bf16, which this
-    CPU runs about 5x slower than fp32: DESIGN.md machine facts). Gradients flow
-    back through the cast, so x.grad has x's original dtype.
+    reference's fp32 ``F.linear`` would otherwise be autocast to bf16, which CPUs
+    without bf16 dot products run about 5x slower than fp32). Gradients flow back
+    through the cast, so x.grad has x's original dtype.
     """
 
     @staticmethod

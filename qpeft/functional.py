@@ -1,7 +1,8 @@
 """Public quantization API: tensors in, (codes, QuantState) out, and back.
 
-Thin over the registered ops (``torch.ops.qpeft.*``): this layer adds argument
-defaults, double quantization, the non-finite check and QuantState bookkeeping.
+Thin over the registered ops (``torch.ops.qpeft.*``): this layer is the public boundary
+where every argument is checked, once (``qpeft._checks``), and adds argument defaults,
+double quantization, the non-finite check and QuantState bookkeeping.
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ from __future__ import annotations
 import torch
 
 from . import (
+    _checks,
     _ops,  # noqa: F401  (defines torch.ops.qpeft.*)
-    _validate,
     backends,  # noqa: F401  (registers every backend's kernels)
 )
 from ._formats import NESTED_BLOCKSIZE, code4, dynamic_map
-from ._validate import float_input
 from .autograd import QLoRAFunction
 from .quant_state import QuantState
 
@@ -31,8 +31,8 @@ __all__ = [
 def _check_finite(x: torch.Tensor, absmax: torch.Tensor, allow_nonfinite: bool) -> None:
     # A block's absmax is non-finite exactly when the block holds a NaN or an Inf
     # (absmax propagates NaN), so the full scan below runs only on bad input.
-    if allow_nonfinite or bool(torch.isfinite(absmax).all()):
-        return
+    if allow_nonfinite or absmax.is_meta or bool(torch.isfinite(absmax).all()):
+        return  # meta tensors have no values to check
     bad = ~torch.isfinite(x.reshape(-1))
     count = int(bad.sum())
     first = int(bad.nonzero()[0, 0])
@@ -63,7 +63,7 @@ def quantize_4bit(
     ``bitsandbytes.functional.quantize_4bit(x, blocksize, compress_statistics=double_quant,
     quant_type=quant_type)``.
     """
-    float_input(x, "input")
+    _checks.quantize_4bit(x, blocksize, quant_type)
     packed, absmax = torch.ops.qpeft.quantize_4bit(x, blocksize, quant_type)
     _check_finite(x, absmax, allow_nonfinite)
     state = QuantState(
@@ -76,7 +76,7 @@ def quantize_4bit(
     )
     if double_quant:
         offset = absmax.mean()  # fp32, as bitsandbytes computes it (the bits must match)
-        if not bool(torch.isfinite(offset)):
+        if not offset.is_meta and not bool(torch.isfinite(offset)):
             raise ValueError(
                 "double quantization overflowed: the mean of the block absmax values is not finite in fp32 "
                 f"(largest absmax {float(absmax.max()):.3e}); quantize with double_quant=False"
@@ -99,15 +99,13 @@ def dequantize_4bit(
     (default ``state.dtype``, or ``out.dtype``). Double-quantized statistics are decoded
     in the same pass. With ``out`` the result is written there (and ``out`` returned):
     a reused buffer saves the page faults of a fresh allocation on CPU."""
-    if not isinstance(state, QuantState):
-        raise TypeError(f"state must be a qpeft.QuantState, got {type(state).__name__}")
-    if state.quant_type is None or state.shape is None:
-        raise ValueError("state is not a 4-bit quantization state (no quant_type/shape)")
+    packed = _checks.packed_4bit(packed)
+    _checks.state_4bit(state, packed)
     dtype = _result_dtype(out_dtype, out, state.dtype)
-    if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage: the same bytes in another dtype
-        packed = packed.contiguous().view(torch.uint8)
+    _checks.out_dtype(dtype)
     if out is not None:
-        _validate.out_tensor(out, state.shape, dtype, packed)
+        _checks.out_tensor(out, state.shape, dtype, packed)
+        _checks.no_overlap(out, ("packed", packed), ("state.absmax", state.absmax))
     if state.nested:
         nested = (
             state.absmax,
@@ -146,9 +144,10 @@ def quantize_blockwise(
     """8-bit blockwise quantization with a sorted 256-value map (default: the signed
     dynamic map). Returns ``(q, state)``: uint8 codes of ``x``'s shape and a state with
     one fp32 absmax per block. Bit-compatible with bitsandbytes' CPU quantize_blockwise."""
-    float_input(x, "input")
+    _checks.float_input(x, "input")
     if code is None:
         code = dynamic_map(signed=True, device=x.device)
+    _checks.quantize_blockwise(x, _checks.tensor_arg(code, "code"), blocksize)
     q, absmax = torch.ops.qpeft.quantize_blockwise(x, code, blocksize)
     _check_finite(x, absmax, allow_nonfinite)
     return q, QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=x.dtype, shape=x.shape)
@@ -165,9 +164,13 @@ def dequantize_blockwise(
     (default ``state.dtype``, fp32 when unset; or ``out.dtype``), into ``out`` if given."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a qpeft.QuantState, got {type(state).__name__}")
+    _checks.tensor_arg(q, "q")
+    _checks.tensor_arg(state.absmax, "state.absmax")
+    _checks.tensor_arg(state.code, "state.code")
     dtype = _result_dtype(out_dtype, out, state.dtype or torch.float32)
+    _checks.dequantize_blockwise(q, state.absmax, state.code, state.blocksize, dtype, out)
     if out is not None:
-        _validate.out_tensor(out, q.shape, dtype, q)
+        _checks.no_overlap(out, ("q", q), ("state.absmax", state.absmax), ("state.code", state.code))
         torch.ops.qpeft.dequantize_blockwise_out(q, state.absmax, state.code, state.blocksize, out)
         return out
     return torch.ops.qpeft.dequantize_blockwise(q, state.absmax, state.code, state.blocksize, dtype)
@@ -196,9 +199,8 @@ def qlora_linear(
     rank_scale and out_scale are constants (no gradient). Runs the fused Triton kernel
     on CUDA when available, else the reference.
     """
-    _check_qlora_args(x, packed, state, lora_A, lora_B, bias, out_scale, rank_scale)
-    if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage: the same bytes in another dtype
-        packed = packed.contiguous().view(torch.uint8)
+    packed = _checks.packed_4bit(packed)
+    _checks.qlora_linear(x, packed, state, lora_A, lora_B, bias, rank_scale, out_scale)
     n, k = state.shape
     if state.nested:
         nested = (state.state2.absmax, state.state2.code, state.offset.reshape(1).to(torch.float32))
@@ -211,78 +213,14 @@ def qlora_linear(
     )
 
 
-def _check_qlora_args(x, packed, state, lora_A, lora_B, bias, out_scale, rank_scale) -> None:
-    if not isinstance(state, QuantState):
-        raise TypeError(f"state must be a qpeft.QuantState, got {type(state).__name__}")
-    if state.quant_type is None or state.shape is None or len(state.shape) != 2:
-        shape = None if state.shape is None else tuple(state.shape)
-        raise ValueError(f"state must describe a 4-bit [out_features, in_features] weight, got shape {shape}")
-    n, k = state.shape
-    for name, t in (
-        ("x", x),
-        ("lora_A", lora_A),
-        ("lora_B", lora_B),
-        ("bias", bias),
-        ("out_scale", out_scale),
-        ("rank_scale", rank_scale),
-    ):
-        if t is not None and not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(
-            f"x has {x.shape[-1] if x.dim() else 0} input features (shape {tuple(x.shape)}) but the quantized "
-            f"weight is [out_features={n}, in_features={k}]"
-        )
-    if lora_A.dim() != 2 or lora_A.shape[1] != k:
-        raise ValueError(f"lora_A must be [r, in_features={k}], got {tuple(lora_A.shape)}")
-    if lora_B.dim() != 2 or lora_B.shape[0] != n:
-        raise ValueError(f"lora_B must be [out_features={n}, r], got {tuple(lora_B.shape)}")
-    if lora_A.shape[0] != lora_B.shape[1]:
-        raise ValueError(
-            f"LoRA rank mismatch: lora_A {tuple(lora_A.shape)} has r={lora_A.shape[0]} but lora_B "
-            f"{tuple(lora_B.shape)} has r={lora_B.shape[1]}"
-        )
-    r = lora_A.shape[0]
-    for name, t, size in (("bias", bias, n), ("out_scale", out_scale, n), ("rank_scale", rank_scale, r)):
-        if t is not None and tuple(t.shape) != (size,):
-            raise ValueError(f"{name} must have shape ({size},), got {tuple(t.shape)}")
-    for name, t in (("out_scale", out_scale), ("rank_scale", rank_scale)):
-        if t is not None and t.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError(
-                f"qlora_linear has no gradient for {name}; pass {name}.detach() (or train it with a separate op)"
-            )
-    tensors = [
-        ("x", x),
-        ("packed", packed),
-        ("state.absmax", state.absmax),
-        ("lora_A", lora_A),
-        ("lora_B", lora_B),
-        ("bias", bias),
-        ("out_scale", out_scale),
-        ("rank_scale", rank_scale),
-    ]
-    for name, t in tensors[1:]:
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
-
-
 def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """``x @ W^T`` for a 4-bit weight W [N, K] (``packed``, ``state`` from ``quantize_4bit``)
     and a few rows of x: x is [..., K] with at most 8 rows in all (token-by-token
     decoding); returns [..., N] in x's dtype, accumulated in fp32. No autograd: this is
     the inference path (``qlora_linear`` trains)."""
-    if not isinstance(state, QuantState):
-        raise TypeError(f"state must be a qpeft.QuantState, got {type(state).__name__}")
-    if state.quant_type is None or state.shape is None or len(state.shape) != 2:
-        shape = None if state.shape is None else tuple(state.shape)
-        raise ValueError(f"state must describe a 4-bit [out_features, in_features] weight, got shape {shape}")
+    packed = _checks.packed_4bit(packed)
+    _checks.gemv_4bit(x, packed, state)
     n, k = state.shape
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(
-            f"x has shape {tuple(x.shape)} but the quantized weight is [out_features={n}, in_features={k}]"
-        )
-    if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage: the same bytes in another dtype
-        packed = packed.contiguous().view(torch.uint8)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if state.nested:

@@ -229,11 +229,11 @@ def test_import_loads_no_native_module():
 
 def test_not_chosen_by_default(emu):
     import qpeft
-    from qpeft._registry import _kernels, kernel_for
+    from qpeft._dispatch import kernel_for, kernels_of
 
     cpu = torch.device("cpu")
     assert "cuda_emulated" in qpeft.available_backends()
-    emulated = {op: table["cuda_emulated"] for op, table in _kernels.items() if "cuda_emulated" in table}
+    emulated = kernels_of("cuda_emulated")
     assert {
         "quantize_4bit",
         "dequantize_4bit",

@@ -21,15 +21,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qpeft
-from qpeft._registry import _kernels
+from qpeft._dispatch import kernels_of
 from qpeft.functional import dequantize_4bit
 from qpeft.nn import IA3Linear, Linear4bit, QLoRALinear
-from qpeft.nn._rows import row_norms, weight_rows
+from qpeft.nn.weight_rows import row_norms, weight_rows
 
 from ._helpers import bnb_linear
 from .test_qlora_triton import U32, _oracle, assert_within
 
-BACKENDS = ["default", "auto", *(["cpu"] if "cpu" in _kernels.get("qlora_linear", {}) else []), "triton"]
+BACKENDS = ["default", "auto", *(["cpu"] if "qlora_linear" in kernels_of("cpu") else []), "triton"]
 
 
 def _backend(name: str):

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import qpeft
 import qpeft.optim as qo
-from qpeft import _validate_optim
+from qpeft import _checks
 from qpeft._formats import dynamic_map
 from qpeft._native import cpu_module
 from qpeft._optim_math import state_blocks
@@ -640,9 +640,9 @@ def test_multi_op_argument_errors(backend):
 
 def test_one_device_check():
     cpu, meta = torch.zeros(4), torch.zeros(4, device="meta")
-    _validate_optim.one_device([cpu, cpu], [cpu])
+    _checks.one_device([cpu, cpu], [cpu])
     with pytest.raises(ValueError, match="one device, got \\['cpu', 'meta'\\]"):
-        _validate_optim.one_device([cpu, cpu], [meta])
+        _checks.one_device([cpu, cpu], [meta])
 
 
 def test_param_dtype_changed_after_state_rejected():

@@ -338,7 +338,7 @@ def test_8bit_custom_code():
 
 def test_kernels_ran():
     # The autouse fixture forces "triton": make sure the ops really dispatched to it.
-    from qpeft._registry import kernel_for
+    from qpeft._dispatch import kernel_for
 
     assert kernel_for("quantize_4bit", torch.device("cpu")).__module__ == "qpeft.backends.triton.quant"
 

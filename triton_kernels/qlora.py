@@ -3,7 +3,7 @@
     y  = out_scale * (x @ dequant(W)^T + bias + ((s * (x @ A^T) * rank_scale) @ B^T))
     dx = dy' @ dequant(W) + ((s * (dy' @ B) * rank_scale) @ A),   dy' = dy * out_scale
 
-W is the qpeft packed layout (DESIGN.md, "Formats"): uint8 codes of the row-major
+W is the qpeft packed layout (docs/design.md, "Formats"): uint8 codes of the row-major
 [N, K] weight flattened, two per byte (high nibble first), one absmax per
 ``BLOCKSIZE`` consecutive elements of the flat weight, so a quant block can straddle
 rows. Double quantization decodes absmax in the kernel as

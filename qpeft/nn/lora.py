@@ -13,7 +13,7 @@ Forward paths (s = alpha / r, or alpha / sqrt(r) with rsLoRA; x: [..., in]):
   and the per-row scale multiplies it in torch so the magnitude m gets its gradient.
   With dropout in training PEFT's form is kept: ``base(x) + (m/n - 1) * dropout(x) W^T +
   (m/n) * s * B A dropout(x)``. The row norms are recomputed (chunked over rows, no full
-  dequantized copy: ``_rows.row_norms``) on every forward, as PEFT does.
+  dequantized copy: ``weight_rows.row_norms``) on every forward, as PEFT does.
 - 16-bit base (``quantize=False``): the same with ``F.linear`` on the dense weight (on CPU
   in fp32: torch's bf16 GEMM is about 5x slower than fp32 on this class of CPU).
 
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._rows import row_norms
 from .linear4bit import Linear4bit, result_dtype
+from .weight_rows import row_norms
 
 __all__ = ["LoRAAdapter", "MergeReport", "QLoRALinear"]
 

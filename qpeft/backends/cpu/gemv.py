@@ -11,21 +11,15 @@ import torch
 
 from ... import _native
 from ..._formats import QUANT_TYPE_IDS
-from ..._registry import register_kernel
-from ..default.gemv import validate
 
 
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-@register_kernel("gemv_4bit", "cpu")
 def gemv_4bit(
     x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
 ):
-    validate(
-        x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
-    )
     xf = x.to(torch.float32).contiguous()
     packed, absmax = packed.contiguous(), absmax.contiguous()
     nested = nested_absmax is not None

@@ -1,7 +1,8 @@
 """The fused QLoRA linear on CPU: W decoded a row panel at a time, every product in fp32.
 
-This CPU has no bf16 arithmetic (DESIGN.md, machine facts: a bf16 GEMM is 5x slower
-than fp32 here, and a transposed bf16 weight has no fast path at all), so x, A, B are
+Computed in fp32 on every CPU for now (on an AVX2-only CPU a bf16 GEMM ran 5x slower
+than fp32, and a transposed bf16 weight had no fast path at all; choosing bf16 on CPUs
+with bf16 dot products is the CPU-capability work of docs/design.md), so x, A, B are
 widened to fp32 once and W is decoded to fp32 by the C++ kernel, ``PANEL_ELEMS``
 elements (a few rows of W) at a time, into one reused buffer:
 
@@ -25,8 +26,9 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from ..._registry import kernel_for, register_kernel
-from ..default.qlora import backward_from, check_backward, validate
+from ..._dispatch import kernel_for
+from ..._formats import GEMV_MAX_ROWS
+from ..default.qlora import backward_from
 
 # Elements of W decoded per panel: 4M fp32 = 16 MiB, 1024 rows of a 4096-wide weight.
 # On the dev box (M=1, K=N=4096, NF4+DQ): 5.9 ms with 1024-row panels, 20 ms with 256
@@ -34,10 +36,6 @@ from ..default.qlora import backward_from, check_backward, validate
 PANEL_ELEMS = 1 << 22
 
 _workspace = threading.local()
-
-# Up to this many rows of x the forward's x @ W^T runs as the C++ GEMV (qpeft::gemv_4bit's
-# row limit); the LoRA terms stay torch matmuls.
-GEMV_MAX_ROWS = 8
 
 
 def _panel_buffer(numel: int) -> torch.Tensor:
@@ -106,7 +104,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@register_kernel("qlora_linear", "cpu")
 def qlora_linear(
     x,
     packed,
@@ -127,24 +124,6 @@ def qlora_linear(
     out_scale,
     return_xa,
 ):
-    validate(
-        x,
-        packed,
-        absmax,
-        nested_absmax,
-        nested_code,
-        offset,
-        blocksize,
-        nested_blocksize,
-        quant_type,
-        n,
-        k,
-        lora_a,
-        lora_b,
-        bias,
-        rank_scale,
-        out_scale,
-    )
     cdt = _compute_dtype(x)
     xc = x.to(cdt)
     if cdt == torch.float32 and 1 <= x.shape[0] <= GEMV_MAX_ROWS:
@@ -187,7 +166,6 @@ def qlora_linear(
     return y.to(x.dtype), (xa.to(x.dtype) if return_xa else x.new_empty((0,)))
 
 
-@register_kernel("qlora_linear_backward", "cpu")
 def qlora_linear_backward(
     grad_y,
     x,
@@ -212,25 +190,6 @@ def qlora_linear_backward(
     need_db,
     need_dbias,
 ):
-    validate(
-        x,
-        packed,
-        absmax,
-        nested_absmax,
-        nested_code,
-        offset,
-        blocksize,
-        nested_blocksize,
-        quant_type,
-        n,
-        k,
-        lora_a,
-        lora_b,
-        None,
-        rank_scale,
-        out_scale,
-    )
-    check_backward(grad_y, x, xa, lora_a, n, need_db)
 
     def add_dy_w(dy, acc):  # acc += dy @ W, W's panels accumulated one after another
         for r0, r1, w in _decode_panels(

@@ -1,1 +1,1 @@
-from . import gemv, ops, qlora  # noqa: F401
+"""Backend "default": the pure-torch reference (registered in ``ops.py``)."""

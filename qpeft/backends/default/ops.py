@@ -1,138 +1,26 @@
-"""The pure-torch reference: the oracle of every test and the fallback kernel.
+"""Backend "default": the pure-torch reference, registered for CPU and CUDA tensors.
 
 Written for clarity, not speed: each step is one torch op rounding in fp32, in the
-order DESIGN.md ("Formats") defines, so the native and Triton kernels can be held
-to it bit for bit.
+order docs/design.md ("Formats") defines, so the native and Triton kernels are held to
+it bit for bit. It is every test's oracle and the fallback of every device.
 """
 
 from __future__ import annotations
 
-from math import prod
+from ..._dispatch import register_backend
+from . import gemv, optim, qlora, quant
 
-import torch
-import torch.nn.functional as F
-
-from ... import _validate
-from ..._formats import ABSMAX_FLOOR, LUT_BINS, code4, encode4_tables, lut8, zero_code4
-from ..._registry import register_availability, register_kernel
-
-register_availability("default", lambda: None)
-
-
-def _blockify(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """[n] -> [blocks, blocksize], the last block zero-padded (zeros never raise an absmax)."""
-    pad = -flat.numel() % blocksize
-    return F.pad(flat, (0, pad)).view(-1, blocksize)
-
-
-def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """values[i] * scales[i // blocksize] in fp32, for a flat [n] tensor."""
-    n = values.numel()
-    return (_blockify(values, blocksize) * scales[:, None]).reshape(-1)[:n]
-
-
-def _absmax(blocks: torch.Tensor) -> torch.Tensor:
-    return blocks.abs().amax(dim=1)  # NaN propagates: a block with a NaN has a NaN absmax
-
-
-@register_kernel("quantize_4bit", "default")
-def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    _validate.quantize_4bit(x, blocksize, quant_type)
-    n = x.numel()
-    blocks = _blockify(x.reshape(-1).float(), blocksize)
-    absmax = _absmax(blocks)
-    floored = absmax.clamp(min=ABSMAX_FLOOR)
-    v = blocks * (1.0 / floored)[:, None]
-    if n % blocksize:
-        # The last partial block divides instead (bitsandbytes' CPU path does; the two
-        # differ by an ulp at times, which moves values that sit exactly on a midpoint).
-        v[-1] = blocks[-1] / floored[-1]
-    v = v.clamp(-1.0, 1.0).reshape(-1)[:n]
-    mid, order = encode4_tables(quant_type, x.device)
-    idx = torch.bucketize(v, mid)  # #{k : mid[k] < v}: a value on a midpoint takes the lower code
-    idx = torch.where(torch.isnan(v), len(mid), idx)  # NaN: the top code, as !(NaN <= m) for all m
-    codes = order[idx].to(torch.uint8)
-    if n % 2:
-        codes = torch.cat([codes, codes.new_full((1,), zero_code4(quant_type))])
-    packed = (codes[0::2] << 4) | codes[1::2]
-    return packed.unsqueeze(1), absmax
-
-
-def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
-    flat = packed.reshape(-1)
-    return torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()
-
-
-def _decode4(packed, absmax, blocksize, quant_type, shape, dtype, out) -> torch.Tensor:
-    n = prod(int(s) for s in shape)
-    values = code4(quant_type, packed.device)[_unpack(packed, n)]
-    result = _scale_blocks(values, absmax, blocksize).to(dtype).reshape(tuple(shape))
-    return result if out is None else out.copy_(result)
-
-
-@register_kernel("dequantize_4bit", "default")
-def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out=None):
-    _validate.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out)
-    return _decode4(packed, absmax, blocksize, quant_type, shape, dtype, out)
-
-
-def nested_absmax(absmax_codes, nested_absmax_, nested_code, offset, nested_blocksize) -> torch.Tensor:
-    """fp32 absmax of double quantization: dequantize the 8-bit codes, then add the offset."""
-    values = nested_code[absmax_codes.reshape(-1).long()]
-    return _scale_blocks(values, nested_absmax_, nested_blocksize) + offset.reshape(())
-
-
-@register_kernel("dequantize_4bit_nested", "default")
-def dequantize_4bit_nested(
-    packed,
-    absmax_codes,
-    nested_absmax_,
-    nested_code,
-    offset,
-    blocksize,
-    nested_blocksize,
-    quant_type,
-    shape,
-    dtype,
-    out=None,
-):
-    _validate.dequantize_4bit_nested(
-        packed,
-        absmax_codes,
-        nested_absmax_,
-        nested_code,
-        offset,
-        blocksize,
-        nested_blocksize,
-        quant_type,
-        shape,
-        dtype,
-        out,
-    )
-    absmax = nested_absmax(absmax_codes, nested_absmax_, nested_code, offset, nested_blocksize)
-    return _decode4(packed, absmax, blocksize, quant_type, shape, dtype, out)
-
-
-@register_kernel("quantize_blockwise", "default")
-def quantize_blockwise(
-    x: torch.Tensor, code: torch.Tensor, blocksize: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    _validate.quantize_blockwise(x, code, blocksize)
-    n = x.numel()
-    blocks = _blockify(x.reshape(-1).float(), blocksize)
-    absmax = _absmax(blocks)
-    v = (blocks * (1.0 / absmax)[:, None]).clamp(-1.0, 1.0)
-    # The 65536-bin lookup (format.h: lut_bin): each fp32 step rounds on its own.
-    bins = (((v + 1.0) * 0.5) * float(LUT_BINS - 1) + 0.5).to(torch.int32)
-    bins = torch.where(torch.isnan(v), 0, bins).long()
-    q = lut8(code).to(x.device)[bins]
-    q = torch.where((absmax == 0)[:, None], 0, q).to(torch.uint8)
-    return q.reshape(-1)[:n].reshape(x.shape), absmax
-
-
-@register_kernel("dequantize_blockwise", "default")
-def dequantize_blockwise(q, absmax, code, blocksize, dtype, out=None):
-    _validate.dequantize_blockwise(q, absmax, code, blocksize, dtype, out)
-    values = code[q.reshape(-1).long()]
-    result = _scale_blocks(values, absmax, blocksize).to(dtype).reshape(q.shape)
-    return result if out is None else out.copy_(result)
+register_backend(
+    "default",
+    {
+        "quantize_4bit": quant.quantize_4bit,
+        "dequantize_4bit": quant.dequantize_4bit,
+        "dequantize_4bit_nested": quant.dequantize_4bit_nested,
+        "quantize_blockwise": quant.quantize_blockwise,
+        "dequantize_blockwise": quant.dequantize_blockwise,
+        "gemv_4bit": gemv.gemv_4bit,
+        "qlora_linear": qlora.qlora_linear,
+        "qlora_linear_backward": qlora.qlora_linear_backward,
+        **{name: getattr(optim, name) for name in optim.STEP_OPS},
+    },
+)

@@ -13,9 +13,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ... import _validate_optim
+from ... import _checks
 from ..._optim_math import STATE_BLOCK, AdamScalars, LionScalars, adam_scalars, lion_scalars
-from ..._registry import register_kernel
+
+STEP_OPS = (
+    "adamw32_step_",
+    "adamw8bit_step_",
+    "lion32_step_",
+    "lion8bit_step_",
+    "adamw32_multi_step_",
+    "adamw8bit_multi_step_",
+    "lion32_multi_step_",
+    "lion8bit_multi_step_",
+)
 
 
 def _scalar(x: float, like: torch.Tensor) -> torch.Tensor:
@@ -100,9 +110,8 @@ def _load(param: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.
     return param.reshape(-1).float(), grad.reshape(-1).float()
 
 
-@register_kernel("adamw32_step_", "default")
 def adamw32_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
-    _validate_optim.adamw32(param, grad, exp_avg, exp_avg_sq)
+    _checks.adamw32(param, grad, exp_avg, exp_avg_sq)
     s = adam_scalars(lr, beta1, beta2, eps, weight_decay, step)
     p, g = _load(param, grad)
     p, m, v = adam_math(p, g, exp_avg.reshape(-1), exp_avg_sq.reshape(-1), s)
@@ -111,7 +120,6 @@ def adamw32_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weigh
     exp_avg_sq.copy_(v.view(exp_avg_sq.shape))
 
 
-@register_kernel("adamw8bit_step_", "default")
 def adamw8bit_step_(
     param,
     grad,
@@ -128,11 +136,11 @@ def adamw8bit_step_(
     weight_decay,
     step,
 ):
-    _validate_optim.adamw8bit(
+    _checks.adamw8bit(
         param, grad, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, qmap_signed, qmap_unsigned
     )
-    _validate_optim.qmap_sorted(qmap_signed, "qmap_signed")
-    _validate_optim.qmap_sorted(qmap_unsigned, "qmap_unsigned")
+    _checks.qmap_sorted(qmap_signed, "qmap_signed")
+    _checks.qmap_sorted(qmap_unsigned, "qmap_unsigned")
     s = adam_scalars(lr, beta1, beta2, eps, weight_decay, step)
     p, g = _load(param, grad)
     m = dequantize_state(exp_avg_q, exp_avg_absmax, qmap_signed)
@@ -148,9 +156,8 @@ def adamw8bit_step_(
         absmax_out.copy_(absmax.view(absmax_out.shape))
 
 
-@register_kernel("lion32_step_", "default")
 def lion32_step_(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
-    _validate_optim.lion32(param, grad, exp_avg)
+    _checks.lion32(param, grad, exp_avg)
     s = lion_scalars(lr, beta1, beta2, weight_decay)
     p, g = _load(param, grad)
     p, m = lion_math(p, g, exp_avg.reshape(-1), s)
@@ -158,10 +165,9 @@ def lion32_step_(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
     exp_avg.copy_(m.view(exp_avg.shape))
 
 
-@register_kernel("lion8bit_step_", "default")
 def lion8bit_step_(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed, lr, beta1, beta2, weight_decay):
-    _validate_optim.lion8bit(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed)
-    _validate_optim.qmap_sorted(qmap_signed, "qmap_signed")
+    _checks.lion8bit(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed)
+    _checks.qmap_sorted(qmap_signed, "qmap_signed")
     s = lion_scalars(lr, beta1, beta2, weight_decay)
     p, g = _load(param, grad)
     m = dequantize_state(exp_avg_q, exp_avg_absmax, qmap_signed)
@@ -175,21 +181,19 @@ def lion8bit_step_(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed, lr, beta
 # --- multi-tensor ops: the single-tensor reference on each --------------------------------
 
 
-@register_kernel("adamw32_multi_step_", "default")
 def adamw32_multi_step_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, steps):
-    _validate_optim.lists(
+    _checks.lists(
         ("params", params),
         ("grads", grads),
         ("exp_avgs", exp_avgs),
         ("exp_avg_sqs", exp_avg_sqs),
         ("steps", steps),
     )
-    _validate_optim.one_device(params, grads, exp_avgs, exp_avg_sqs)
+    _checks.one_device(params, grads, exp_avgs, exp_avg_sqs)
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         adamw32_step_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
 
 
-@register_kernel("adamw8bit_multi_step_", "default")
 def adamw8bit_multi_step_(
     params,
     grads,
@@ -206,7 +210,7 @@ def adamw8bit_multi_step_(
     weight_decay,
     steps,
 ):
-    _validate_optim.lists(
+    _checks.lists(
         ("params", params),
         ("grads", grads),
         ("exp_avg_qs", exp_avg_qs),
@@ -215,9 +219,7 @@ def adamw8bit_multi_step_(
         ("exp_avg_sq_absmaxes", exp_avg_sq_absmaxes),
         ("steps", steps),
     )
-    _validate_optim.one_device(
-        params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes
-    )
+    _checks.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes)
     for p, g, q1, a1, q2, a2, step in zip(
         params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes, steps
     ):
@@ -226,24 +228,22 @@ def adamw8bit_multi_step_(
         )
 
 
-@register_kernel("lion32_multi_step_", "default")
 def lion32_multi_step_(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
-    _validate_optim.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs))
-    _validate_optim.one_device(params, grads, exp_avgs)
+    _checks.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs))
+    _checks.one_device(params, grads, exp_avgs)
     for p, g, m in zip(params, grads, exp_avgs):
         lion32_step_(p, g, m, lr, beta1, beta2, weight_decay)
 
 
-@register_kernel("lion8bit_multi_step_", "default")
 def lion8bit_multi_step_(
     params, grads, exp_avg_qs, exp_avg_absmaxes, qmap_signed, lr, beta1, beta2, weight_decay
 ):
-    _validate_optim.lists(
+    _checks.lists(
         ("params", params),
         ("grads", grads),
         ("exp_avg_qs", exp_avg_qs),
         ("exp_avg_absmaxes", exp_avg_absmaxes),
     )
-    _validate_optim.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes)
+    _checks.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes)
     for p, g, q1, a1 in zip(params, grads, exp_avg_qs, exp_avg_absmaxes):
         lion8bit_step_(p, g, q1, a1, qmap_signed, lr, beta1, beta2, weight_decay)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch
 
 from ..._formats import code4
-from ..._registry import register_kernel
-from ..default.qlora import check_backward, validate
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -31,12 +29,11 @@ def _kernel_dtype(t: torch.Tensor, name: str) -> None:
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, act_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
     # On CUDA in the activation dtype with fp32 accumulation (cuBLAS); on the CPU (only
-    # under the interpreter) in fp32, as DESIGN.md asks for CPU math.
+    # under the interpreter) in fp32, as the CPU reference computes.
     cdt = act_dtype if a.is_cuda and act_dtype in (torch.float16, torch.bfloat16) else torch.float32
     return (a.to(cdt) @ b.to(cdt)).to(out_dtype)
 
 
-@register_kernel("qlora_linear", "triton")
 def qlora_linear(
     x,
     packed,
@@ -57,24 +54,6 @@ def qlora_linear(
     out_scale,
     return_xa,
 ):
-    validate(
-        x,
-        packed,
-        absmax,
-        nested_absmax,
-        nested_code,
-        offset,
-        blocksize,
-        nested_blocksize,
-        quant_type,
-        n,
-        k,
-        lora_a,
-        lora_b,
-        bias,
-        rank_scale,
-        out_scale,
-    )
     for name, t in (("x", x), ("lora_A", lora_a), ("lora_B", lora_b)):
         _kernel_dtype(t, name)
     return _kernels().qlora_forward(
@@ -99,7 +78,6 @@ def qlora_linear(
     )
 
 
-@register_kernel("qlora_linear_backward", "triton")
 def qlora_linear_backward(
     grad_y,
     x,
@@ -124,25 +102,6 @@ def qlora_linear_backward(
     need_db,
     need_dbias,
 ):
-    validate(
-        x,
-        packed,
-        absmax,
-        nested_absmax,
-        nested_code,
-        offset,
-        blocksize,
-        nested_blocksize,
-        quant_type,
-        n,
-        k,
-        lora_a,
-        lora_b,
-        None,
-        rank_scale,
-        out_scale,
-    )
-    check_backward(grad_y, x, xa, lora_a, n, need_db)
     for name, t in (("x", x), ("grad_y", grad_y), ("lora_A", lora_a), ("lora_B", lora_b)):
         _kernel_dtype(t, name)
     dy = grad_y.to(x.dtype)

@@ -1,10 +1,5 @@
-"""Kernels of the two native modules, which share one raw-pointer ABI (csrc/README.md).
-
-``register_native(backend, module, extra_args)`` registers the same five wrappers
-for ``qpeft._C`` (CPU: trailing thread count) and ``qpeft._C_cuda`` (CUDA:
-trailing stream handle). Each wrapper validates, makes inputs contiguous,
-allocates outputs and passes pointers and element counts.
-"""
+"""The quantize/dequantize kernels (4-bit, double-quantized 4-bit, 8-bit blockwise) of
+every native module of the shared ABI (see the package docstring)."""
 
 from __future__ import annotations
 
@@ -15,29 +10,27 @@ from types import ModuleType
 
 import torch
 
-from .. import _validate
-from .._formats import DTYPE_IDS, QUANT_TYPE_IDS
-from .._registry import register_kernel
-from ._out import into
+from ..._dispatch import KernelTable
+from ..._formats import DTYPE_IDS, QUANT_TYPE_IDS
 
 
 def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def register_native(
-    backend: str,
-    module: Callable[[], ModuleType],
-    extra_args: Callable[[torch.device], tuple],
-) -> None:
+def kernels(
+    module: Callable[[], ModuleType], extra_args: Callable[[torch.device], tuple]
+) -> dict[str, Callable]:
+    """``{op: kernel}`` over ``module()`` (see the package docstring)."""
+    kernel = KernelTable()
+
     def guard(device: torch.device):
         if device.type == "cuda":
             return torch.cuda.device(device)
         return contextlib.nullcontext()
 
-    @register_kernel("quantize_4bit", backend)
+    @kernel("quantize_4bit")
     def quantize_4bit(x, blocksize, quant_type):
-        _validate.quantize_4bit(x, blocksize, quant_type)
         x = x.contiguous()
         n = x.numel()
         packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=x.device)
@@ -90,14 +83,11 @@ def register_native(
             )
         return out
 
-    @register_kernel("dequantize_4bit", backend)
+    @kernel("dequantize_4bit")
     def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out=None):
-        _validate.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out)
-        return into(
-            out, lambda target: _dequantize(packed, absmax, blocksize, quant_type, shape, dtype, None, target)
-        )
+        return _dequantize(packed, absmax, blocksize, quant_type, shape, dtype, None, out)
 
-    @register_kernel("dequantize_4bit_nested", backend)
+    @kernel("dequantize_4bit_nested")
     def dequantize_4bit_nested(
         packed,
         absmax_codes,
@@ -111,30 +101,11 @@ def register_native(
         dtype,
         out=None,
     ):
-        _validate.dequantize_4bit_nested(
-            packed,
-            absmax_codes,
-            nested_absmax,
-            nested_code,
-            offset,
-            blocksize,
-            nested_blocksize,
-            quant_type,
-            shape,
-            dtype,
-            out,
-        )
         nested = (nested_absmax.contiguous(), nested_code.contiguous(), offset.contiguous(), nested_blocksize)
-        return into(
-            out,
-            lambda target: _dequantize(
-                packed, absmax_codes, blocksize, quant_type, shape, dtype, nested, target
-            ),
-        )
+        return _dequantize(packed, absmax_codes, blocksize, quant_type, shape, dtype, nested, out)
 
-    @register_kernel("quantize_blockwise", backend)
+    @kernel("quantize_blockwise")
     def quantize_blockwise(x, code, blocksize):
-        _validate.quantize_blockwise(x, code, blocksize)
         x = x.contiguous()
         code = code.contiguous()
         n = x.numel()
@@ -155,29 +126,26 @@ def register_native(
             )
         return q, absmax
 
-    @register_kernel("dequantize_blockwise", backend)
+    @kernel("dequantize_blockwise")
     def dequantize_blockwise(q, absmax, code, blocksize, dtype, out=None):
-        _validate.dequantize_blockwise(q, absmax, code, blocksize, dtype, out)
         q = q.contiguous()
         absmax = absmax.contiguous()
         code = code.contiguous()
 
-        def run(target):
-            if target is None:
-                target = torch.empty(q.shape, dtype=dtype, device=q.device)
-            with guard(q.device):
-                module().dequantize_blockwise(
-                    _ptr(q),
-                    q.numel(),
-                    _ptr(absmax),
-                    absmax.numel(),
-                    _ptr(code),
-                    q.numel(),
-                    blocksize,
-                    _ptr(target),
-                    DTYPE_IDS[dtype],
-                    *extra_args(q.device),
-                )
-            return target
+        target = out if out is not None else torch.empty(q.shape, dtype=dtype, device=q.device)
+        with guard(q.device):
+            module().dequantize_blockwise(
+                _ptr(q),
+                q.numel(),
+                _ptr(absmax),
+                absmax.numel(),
+                _ptr(code),
+                q.numel(),
+                blocksize,
+                _ptr(target),
+                DTYPE_IDS[dtype],
+                *extra_args(q.device),
+            )
+        return target
 
-        return into(out, run)
+    return kernel

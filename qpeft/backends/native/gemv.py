@@ -1,10 +1,7 @@
 """The decode GEMV (``qpeft::gemv_4bit``) of the CUDA modules: ``qpeft._C_cuda`` on CUDA
-tensors and ``qpeft._C_cuda_emu`` (the same kernel, emulated) on CPU tensors.
-
-``register_native_gemv(backend, module, extra_args)`` registers one wrapper that
-validates (the reference's checks), makes the inputs contiguous, allocates the
-output and passes pointers and element counts (ABI: csrc/cuda/ops.h, gemv_4bit).
-"""
+tensors and ``qpeft._C_cuda_emu`` (the same kernel, emulated) on CPU tensors (ABI:
+csrc/cuda/ops.h, gemv_4bit). The CPU module's GEMV has its own ABI
+(``qpeft/backends/cpu/gemv.py``)."""
 
 from __future__ import annotations
 
@@ -14,33 +11,17 @@ from types import ModuleType
 
 import torch
 
-from .._formats import DTYPE_IDS, QUANT_TYPE_IDS
-from .._registry import register_kernel
-from .default.gemv import validate
+from ..._dispatch import KernelTable
+from ..._formats import DTYPE_IDS, QUANT_TYPE_IDS
 
 
-def register_native_gemv(
-    backend: str,
-    module: Callable[[], ModuleType],
-    extra_args: Callable[[torch.device], tuple],
-) -> None:
-    @register_kernel("gemv_4bit", backend)
+def kernels(module: Callable[[], ModuleType], extra_args: Callable[[torch.device], tuple]) -> KernelTable:
+    kernel = KernelTable()
+
+    @kernel("gemv_4bit")
     def gemv_4bit(
         x, packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
     ):
-        validate(
-            x,
-            packed,
-            absmax,
-            nested_absmax,
-            nested_code,
-            offset,
-            blocksize,
-            nested_blocksize,
-            quant_type,
-            n,
-            k,
-        )
         x = x.contiguous()
         packed = packed.contiguous()
         absmax = absmax.contiguous()
@@ -80,3 +61,5 @@ def register_native_gemv(
                 *extra_args(x.device),
             )
         return out
+
+    return kernel

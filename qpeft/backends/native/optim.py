@@ -1,10 +1,8 @@
-"""The optimizer step ops on the native modules (``qpeft._C``: trailing thread count;
-``qpeft._C_cuda``: trailing stream), over the raw-pointer ABI of csrc/README.md.
-
-Each wrapper validates (qpeft._validate_optim), computes the step's fp32 scalars
-once (qpeft._optim_math) and passes pointers, element counts and the scalars. The
-gradient may be non-contiguous (it is only read): it is made contiguous first.
-"""
+"""The optimizer step kernels of every native module of the shared ABI (see the package
+docstring). Each checks its tensors (qpeft._checks: the step ops are the optimizers'
+boundary), computes the step's fp32 scalars once (qpeft._optim_math) and passes
+pointers, element counts and the scalars. The gradient may be non-contiguous (it is
+only read): it is made contiguous first."""
 
 from __future__ import annotations
 
@@ -15,10 +13,10 @@ from types import ModuleType
 
 import torch
 
-from .. import _native, _validate_optim
-from .._formats import DTYPE_IDS
-from .._optim_math import adam_scalars, lion_scalars, state_blocks
-from .._registry import register_kernel
+from ... import _checks
+from ..._dispatch import KernelTable
+from ..._formats import DTYPE_IDS
+from ..._optim_math import adam_scalars, lion_scalars, state_blocks
 
 CPU = torch.device("cpu")
 F32, U8 = torch.float32, torch.uint8
@@ -28,15 +26,19 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def register_native_optim(
-    backend: str, module: Callable[[], ModuleType], extra_args: Callable[[torch.device], tuple]
-) -> None:
+def kernels(
+    module: Callable[[], ModuleType], extra_args: Callable[[torch.device], tuple], *, cpu_lists: bool = False
+) -> KernelTable:
+    """``cpu_lists``: the multi-tensor ops pass whole lists to the CPU module's list
+    entry points (one parallel region per list) instead of one call per tensor."""
+    kernel = KernelTable()
+
     def guard(device: torch.device):
         return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
-    @register_kernel("adamw32_step_", backend)
+    @kernel("adamw32_step_")
     def adamw32_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
-        _validate_optim.adamw32(param, grad, exp_avg, exp_avg_sq)
+        _checks.adamw32(param, grad, exp_avg, exp_avg_sq)
         s = adam_scalars(lr, beta1, beta2, eps, weight_decay, step)
         grad = grad.contiguous()
         with guard(param.device):
@@ -53,7 +55,7 @@ def register_native_optim(
                 *extra_args(param.device),
             )
 
-    @register_kernel("adamw8bit_step_", backend)
+    @kernel("adamw8bit_step_")
     def adamw8bit_step_(
         param,
         grad,
@@ -70,7 +72,7 @@ def register_native_optim(
         weight_decay,
         step,
     ):
-        _validate_optim.adamw8bit(
+        _checks.adamw8bit(
             param,
             grad,
             exp_avg_q,
@@ -103,9 +105,9 @@ def register_native_optim(
                 *extra_args(param.device),
             )
 
-    @register_kernel("lion32_step_", backend)
+    @kernel("lion32_step_")
     def lion32_step_(param, grad, exp_avg, lr, beta1, beta2, weight_decay):
-        _validate_optim.lion32(param, grad, exp_avg)
+        _checks.lion32(param, grad, exp_avg)
         s = lion_scalars(lr, beta1, beta2, weight_decay)
         grad = grad.contiguous()
         with guard(param.device):
@@ -120,9 +122,9 @@ def register_native_optim(
                 *extra_args(param.device),
             )
 
-    @register_kernel("lion8bit_step_", backend)
+    @kernel("lion8bit_step_")
     def lion8bit_step_(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed, lr, beta1, beta2, weight_decay):
-        _validate_optim.lion8bit(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed)
+        _checks.lion8bit(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed)
         s = lion_scalars(lr, beta1, beta2, weight_decay)
         grad = grad.contiguous()
         qmap_signed = qmap_signed.contiguous()
@@ -144,24 +146,24 @@ def register_native_optim(
     # --- multi-tensor ops ------------------------------------------------------------
     # CPU: one native call (one parallel region) per list. CUDA: one launch per tensor
     # (a list-walking CUDA kernel would save launches; not written yet).
-    if backend != "cpu":
+    if not cpu_lists:
 
-        @register_kernel("adamw32_multi_step_", backend)
+        @kernel("adamw32_multi_step_")
         def adamw32_multi_step_(
             params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, steps
         ):
-            _validate_optim.lists(
+            _checks.lists(
                 ("params", params),
                 ("grads", grads),
                 ("exp_avgs", exp_avgs),
                 ("exp_avg_sqs", exp_avg_sqs),
                 ("steps", steps),
             )
-            _validate_optim.one_device(params, grads, exp_avgs, exp_avg_sqs)
+            _checks.one_device(params, grads, exp_avgs, exp_avg_sqs)
             for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
                 adamw32_step_(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
 
-        @register_kernel("adamw8bit_multi_step_", backend)
+        @kernel("adamw8bit_multi_step_")
         def adamw8bit_multi_step_(
             params,
             grads,
@@ -178,7 +180,7 @@ def register_native_optim(
             weight_decay,
             steps,
         ):
-            _validate_optim.lists(
+            _checks.lists(
                 ("params", params),
                 ("grads", grads),
                 ("exp_avg_qs", exp_avg_qs),
@@ -187,7 +189,7 @@ def register_native_optim(
                 ("exp_avg_sq_absmaxes", exp_avg_sq_absmaxes),
                 ("steps", steps),
             )
-            _validate_optim.one_device(
+            _checks.one_device(
                 params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes
             )
             lists = zip(
@@ -211,46 +213,46 @@ def register_native_optim(
                     step,
                 )
 
-        @register_kernel("lion32_multi_step_", backend)
+        @kernel("lion32_multi_step_")
         def lion32_multi_step_(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
-            _validate_optim.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs))
-            _validate_optim.one_device(params, grads, exp_avgs)
+            _checks.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs))
+            _checks.one_device(params, grads, exp_avgs)
             for p, g, m in zip(params, grads, exp_avgs):
                 lion32_step_(p, g, m, lr, beta1, beta2, weight_decay)
 
-        @register_kernel("lion8bit_multi_step_", backend)
+        @kernel("lion8bit_multi_step_")
         def lion8bit_multi_step_(
             params, grads, exp_avg_qs, exp_avg_absmaxes, qmap_signed, lr, beta1, beta2, weight_decay
         ):
-            _validate_optim.lists(
+            _checks.lists(
                 ("params", params),
                 ("grads", grads),
                 ("exp_avg_qs", exp_avg_qs),
                 ("exp_avg_absmaxes", exp_avg_absmaxes),
             )
-            _validate_optim.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes)
+            _checks.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes)
             for p, g, q1, a1 in zip(params, grads, exp_avg_qs, exp_avg_absmaxes):
                 lion8bit_step_(p, g, q1, a1, qmap_signed, lr, beta1, beta2, weight_decay)
 
-        return
+        return kernel
 
     # On CPU the per-tensor Python work is what a step over many small tensors costs
     # (128 LoRA-sized tensors: the update itself takes ~10 ms, and torch's fused
     # AdamW spends ~0.5 ms in Python), so each tensor gets one fast predicate
-    # (qpeft._validate_optim.cpu_step_ok) and only a tensor failing it goes through
+    # (qpeft._checks.cpu_step_ok) and only a tensor failing it goes through
     # the full checks, which raise the precise error. The rows go to C++ as one
     # int64 buffer, with one scalar set per distinct step count.
 
-    @register_kernel("adamw32_multi_step_", backend)
+    @kernel("adamw32_multi_step_")
     def adamw32_multi_step_(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, steps):
-        _validate_optim.lists(
+        _checks.lists(
             ("params", params),
             ("grads", grads),
             ("exp_avgs", exp_avgs),
             ("exp_avg_sqs", exp_avg_sqs),
             ("steps", steps),
         )
-        ok = _validate_optim.cpu_step_ok
+        ok = _checks.cpu_step_ok
         rows, keep, sets = (
             [],
             [],
@@ -259,8 +261,8 @@ def register_native_optim(
         for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
             n = p.numel()
             if not ok(p, g, n, m, F32, n, v, F32, n):
-                _validate_optim.adamw32(p, g, m, v)
-                _validate_optim.one_device(params, grads, exp_avgs, exp_avg_sqs)
+                _checks.adamw32(p, g, m, v)
+                _checks.one_device(params, grads, exp_avgs, exp_avg_sqs)
             if not g.is_contiguous():
                 g = g.contiguous()
                 keep.append(g)
@@ -277,7 +279,7 @@ def register_native_optim(
             )
         module().adamw32_multi_step(array("q", rows), sets.values, *extra_args(CPU))
 
-    @register_kernel("adamw8bit_multi_step_", backend)
+    @kernel("adamw8bit_multi_step_")
     def adamw8bit_multi_step_(
         params,
         grads,
@@ -294,7 +296,7 @@ def register_native_optim(
         weight_decay,
         steps,
     ):
-        _validate_optim.lists(
+        _checks.lists(
             ("params", params),
             ("grads", grads),
             ("exp_avg_qs", exp_avg_qs),
@@ -304,8 +306,8 @@ def register_native_optim(
             ("steps", steps),
         )
         if params:
-            _validate_optim.adamw8bit_maps(qmap_signed, qmap_unsigned, CPU)
-        ok = _validate_optim.cpu_step_ok
+            _checks.adamw8bit_maps(qmap_signed, qmap_unsigned, CPU)
+        ok = _checks.cpu_step_ok
         rows, keep, sets = (
             [],
             [],
@@ -317,8 +319,8 @@ def register_native_optim(
             n = p.numel()
             blocks = state_blocks(n)
             if not (ok(p, g, n, q1, U8, n, a1, F32, blocks) and ok(p, g, n, q2, U8, n, a2, F32, blocks)):
-                _validate_optim.adamw8bit(p, g, q1, a1, q2, a2, qmap_signed, qmap_unsigned)
-                _validate_optim.one_device(
+                _checks.adamw8bit(p, g, q1, a1, q2, a2, qmap_signed, qmap_unsigned)
+                _checks.one_device(
                     params, grads, exp_avg_qs, exp_avg_absmaxes, exp_avg_sq_qs, exp_avg_sq_absmaxes
                 )
             if not g.is_contiguous():
@@ -342,16 +344,16 @@ def register_native_optim(
         qs, qu = qmap_signed.contiguous(), qmap_unsigned.contiguous()
         module().adamw8bit_multi_step(array("q", rows), _ptr(qs), _ptr(qu), sets.values, *extra_args(CPU))
 
-    @register_kernel("lion32_multi_step_", backend)
+    @kernel("lion32_multi_step_")
     def lion32_multi_step_(params, grads, exp_avgs, lr, beta1, beta2, weight_decay):
-        _validate_optim.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs))
-        ok = _validate_optim.cpu_step_ok
+        _checks.lists(("params", params), ("grads", grads), ("exp_avgs", exp_avgs))
+        ok = _checks.cpu_step_ok
         rows, keep = [], []
         for p, g, m in zip(params, grads, exp_avgs):
             n = p.numel()
             if not ok(p, g, n, m, F32, n, m, F32, n):
-                _validate_optim.lion32(p, g, m)
-                _validate_optim.one_device(params, grads, exp_avgs)
+                _checks.lion32(p, g, m)
+                _checks.one_device(params, grads, exp_avgs)
             if not g.is_contiguous():
                 g = g.contiguous()
                 keep.append(g)
@@ -359,26 +361,26 @@ def register_native_optim(
         s = lion_scalars(lr, beta1, beta2, weight_decay)
         module().lion32_multi_step(array("q", rows), [s], *extra_args(CPU))
 
-    @register_kernel("lion8bit_multi_step_", backend)
+    @kernel("lion8bit_multi_step_")
     def lion8bit_multi_step_(
         params, grads, exp_avg_qs, exp_avg_absmaxes, qmap_signed, lr, beta1, beta2, weight_decay
     ):
-        _validate_optim.lists(
+        _checks.lists(
             ("params", params),
             ("grads", grads),
             ("exp_avg_qs", exp_avg_qs),
             ("exp_avg_absmaxes", exp_avg_absmaxes),
         )
         if params:
-            _validate_optim.lion8bit_map(qmap_signed, CPU)
-        ok = _validate_optim.cpu_step_ok
+            _checks.lion8bit_map(qmap_signed, CPU)
+        ok = _checks.cpu_step_ok
         rows, keep = [], []
         for p, g, q1, a1 in zip(params, grads, exp_avg_qs, exp_avg_absmaxes):
             n = p.numel()
             blocks = state_blocks(n)
             if not ok(p, g, n, q1, U8, n, a1, F32, blocks):
-                _validate_optim.lion8bit(p, g, q1, a1, qmap_signed)
-                _validate_optim.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes)
+                _checks.lion8bit(p, g, q1, a1, qmap_signed)
+                _checks.one_device(params, grads, exp_avg_qs, exp_avg_absmaxes)
             if not g.is_contiguous():
                 g = g.contiguous()
                 keep.append(g)
@@ -397,6 +399,8 @@ def register_native_optim(
         qs = qmap_signed.contiguous()
         module().lion8bit_multi_step(array("q", rows), _ptr(qs), [s], *extra_args(CPU))
 
+    return kernel
+
 
 class _ScalarSets:
     """The distinct scalar sets of one multi-tensor call: ``sets[step]`` is the index
@@ -413,10 +417,3 @@ class _ScalarSets:
             i = self.index[step] = len(self.values)
             self.values.append(self.make(step))
         return i
-
-
-# Thread count from torch (never oversubscribing its pool); CUDA kernels on torch's current stream.
-register_native_optim("cpu", _native.cpu_module, lambda device: (torch.get_num_threads(),))
-register_native_optim(
-    "cuda", _native.cuda_module, lambda device: (torch.cuda.current_stream(device).cuda_stream,)
-)

@@ -1,0 +1,457 @@
+"""Every Python argument check of qpeft, in one place.
+
+Each public call checks its arguments exactly once, at its boundary:
+``qpeft.functional`` (and the modules through it) for the quantization, GEMV and QLoRA
+ops, which then trust their inputs; the optimizer step ops for their tensors (the step
+ops are the optimizers' boundary, and check every tensor before updating any). The
+native code re-checks every size before it touches memory (csrc/include/qpeft/
+host_checks.h), so a direct ``torch.ops.qpeft.*`` call with inconsistent tensors can
+give a less precise error, but never a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from math import prod
+
+import torch
+
+from ._formats import BLOCKSIZES_4BIT, FLOAT_DTYPES, QUANT_TYPES
+from ._optim_math import state_blocks
+
+
+def _blocks(n: int, blocksize: int) -> int:
+    return -(n // -blocksize)
+
+
+def float_input(x: torch.Tensor, what: str) -> None:
+    tensor_arg(x, what)
+    if x.dtype not in FLOAT_DTYPES:
+        kind = "complex" if x.is_complex() else ("bool" if x.dtype == torch.bool else str(x.dtype))
+        raise TypeError(
+            f"{what} must be float32, float16 or bfloat16, got {kind} ({x.dtype})"
+            + ("; cast float64 data with .float() first" if x.dtype == torch.float64 else "")
+        )
+    if x.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(x.shape)}): there is nothing to quantize")
+
+
+def blocksize(bs: int) -> None:
+    if bs not in BLOCKSIZES_4BIT:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES_4BIT}, got {bs}")
+
+
+def quant_type(qt: str) -> None:
+    if qt not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {qt!r}")
+
+
+def out_dtype(dtype: torch.dtype) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"output dtype must be float32, float16 or bfloat16, got {dtype}")
+
+
+def out_tensor(
+    out: torch.Tensor | None, shape: Sequence[int], dtype: torch.dtype, like: torch.Tensor
+) -> None:
+    """``out=`` of a dequantize: a tensor of exactly the result's shape, dtype and device."""
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(int(s) for s in shape) or out.dtype != dtype:
+        raise ValueError(
+            f"out is {tuple(out.shape)} {out.dtype} but the result is {tuple(int(s) for s in shape)} {dtype}"
+        )
+    if out.device != like.device:
+        raise ValueError(f"out is on {out.device} but the quantized data is on {like.device}")
+
+
+def same_device(*named: tuple[str, torch.Tensor]) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def tensor(t: torch.Tensor, name: str, dtype: torch.dtype, numel: int) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.numel() != numel:
+        raise ValueError(
+            f"{name} has {t.numel()} elements but {numel} are needed; the packed data and its "
+            "quantization state disagree (truncated or mismatched checkpoint?)"
+        )
+
+
+def quantize_4bit(x: torch.Tensor, bs: int, qt: str) -> None:
+    float_input(x, "input")
+    blocksize(bs)
+    quant_type(qt)
+
+
+def dequantize_4bit(
+    packed: torch.Tensor, absmax: torch.Tensor, bs: int, qt: str, shape: Sequence[int], dtype, out=None
+) -> int:
+    blocksize(bs)
+    quant_type(qt)
+    out_dtype(dtype)
+    if any(int(s) < 0 for s in shape):
+        raise ValueError(f"shape must be non-negative, got {tuple(shape)}")
+    n = prod(int(s) for s in shape)
+    if n == 0:
+        raise ValueError(f"shape {tuple(shape)} is empty: there is nothing to dequantize")
+    same_device(("packed", packed), ("absmax", absmax))
+    tensor(packed, "packed", torch.uint8, (n + 1) // 2)
+    tensor(absmax, "absmax", torch.float32, _blocks(n, bs))
+    out_tensor(out, shape, dtype, packed)
+    return n
+
+
+def dequantize_4bit_nested(
+    packed, absmax_codes, nested_absmax, nested_code, offset, bs, nested_bs, qt, shape, dtype, out=None
+) -> int:
+    blocksize(bs)
+    blocksize(nested_bs)
+    quant_type(qt)
+    out_dtype(dtype)
+    n = prod(int(s) for s in shape)
+    if n <= 0:
+        raise ValueError(f"shape {tuple(shape)} is empty: there is nothing to dequantize")
+    same_device(
+        ("packed", packed),
+        ("absmax", absmax_codes),
+        ("nested_absmax", nested_absmax),
+        ("nested_code", nested_code),
+        ("offset", offset),
+    )
+    nb = _blocks(n, bs)
+    tensor(packed, "packed", torch.uint8, (n + 1) // 2)
+    tensor(absmax_codes, "absmax (double-quantized codes)", torch.uint8, nb)
+    tensor(nested_absmax, "nested_absmax", torch.float32, _blocks(nb, nested_bs))
+    tensor(nested_code, "nested_code", torch.float32, 256)
+    tensor(offset, "offset", torch.float32, 1)
+    out_tensor(out, shape, dtype, packed)
+    return n
+
+
+def code8(code: torch.Tensor) -> None:
+    tensor(code, "code", torch.float32, 256)
+    if code.device.type == "cpu" and not bool((code[1:] >= code[:-1]).all()):
+        raise ValueError("code must be sorted ascending (the encoder searches it)")
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, bs: int) -> None:
+    float_input(x, "input")
+    blocksize(bs)
+    same_device(("input", x), ("code", code))
+    code8(code)
+
+
+def dequantize_blockwise(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, bs: int, dtype, out=None
+) -> None:
+    blocksize(bs)
+    out_dtype(dtype)
+    if q.dtype != torch.uint8:
+        raise TypeError(f"codes must be uint8, got {q.dtype}")
+    if q.numel() == 0:
+        raise ValueError("codes are empty: there is nothing to dequantize")
+    same_device(("codes", q), ("absmax", absmax), ("code", code))
+    tensor(absmax, "absmax", torch.float32, _blocks(q.numel(), bs))
+    tensor(code, "code", torch.float32, 256)
+    out_tensor(out, q.shape, dtype, q)
+
+
+# --- the public boundary: qpeft.functional ------------------------------------------------
+
+
+def tensor_arg(t, name: str) -> torch.Tensor:
+    """``t`` must be a tensor (not a list, a number or None)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def packed_4bit(packed, name: str = "packed") -> torch.Tensor:
+    """The packed codes as uint8: bitsandbytes' quant_storage may hold the same bytes in
+    another dtype (viewed, never converted); bool storage has no byte meaning."""
+    tensor_arg(packed, name)
+    if packed.dtype == torch.bool:
+        raise TypeError(
+            f"{name} is a bool tensor: packed 4-bit codes are bytes (uint8, or bitsandbytes' quant_storage "
+            "dtypes holding the same bytes); bool values cannot hold them"
+        )
+    if packed.dtype != torch.uint8:
+        if packed.is_complex():
+            raise TypeError(f"{name} must hold bytes (uint8), got {packed.dtype}")
+        packed = packed.contiguous().view(torch.uint8)
+    return packed
+
+
+def state_4bit(state, packed: torch.Tensor, *, matrix: bool = False) -> None:
+    """``state`` is a consistent 4-bit QuantState for ``packed`` (sizes, dtypes, devices);
+    ``matrix``: it describes a 2-D [out_features, in_features] weight."""
+    from .quant_state import QuantState
+
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a qpeft.QuantState, got {type(state).__name__}")
+    if state.quant_type is None or state.shape is None:
+        raise ValueError("state is not a 4-bit quantization state (no quant_type/shape)")
+    if matrix and len(state.shape) != 2:
+        raise ValueError(
+            f"state must describe a 4-bit [out_features, in_features] weight, got shape {tuple(state.shape)}"
+        )
+    tensor_arg(state.absmax, "state.absmax")
+    shape = [int(s) for s in state.shape]
+    if not state.nested:
+        dequantize_4bit(packed, state.absmax, state.blocksize, state.quant_type, shape, torch.float32)
+        return
+    if not isinstance(state.offset, torch.Tensor):
+        raise TypeError(
+            f"state.offset must be a 0-d float32 tensor (double quantization), got {type(state.offset).__name__}"
+        )
+    tensor_arg(state.state2.absmax, "state.state2.absmax")
+    tensor_arg(state.state2.code, "state.state2.code")
+    dequantize_4bit_nested(
+        packed,
+        state.absmax,
+        state.state2.absmax,
+        state.state2.code,
+        state.offset.reshape(-1).float(),  # any float dtype: the ops get it as fp32
+        state.blocksize,
+        state.state2.blocksize,
+        state.quant_type,
+        shape,
+        torch.float32,
+    )
+
+
+def no_overlap(out: torch.Tensor, *inputs: tuple[str, torch.Tensor | None]) -> None:
+    """``out`` shares no memory with an input: the kernels read the inputs while they
+    write ``out``, so an overlap would decode partly overwritten codes."""
+    lo, hi = _extent(out)
+    for name, t in inputs:
+        if t is None or t.device != out.device or t.numel() == 0:
+            continue
+        a, b = _extent(t)
+        if a < hi and lo < b:
+            raise ValueError(f"out overlaps {name} in memory; pass a separate output tensor")
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    start = t.data_ptr()
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+    return start, start + span * t.element_size()
+
+
+_LORA_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def qlora_linear(x, packed, state, lora_a, lora_b, bias, rank_scale, out_scale) -> None:
+    """The arguments of ``qpeft.functional.qlora_linear`` (x [..., K]; float64 x/A/B are
+    accepted so gradcheck can run through the reference)."""
+    state_4bit(state, packed, matrix=True)
+    n, k = (int(s) for s in state.shape)
+    named = [("x", x), ("lora_A", lora_a), ("lora_B", lora_b)]
+    named += [
+        (nm, t)
+        for nm, t in (("bias", bias), ("out_scale", out_scale), ("rank_scale", rank_scale))
+        if t is not None
+    ]
+    for name, t in named:
+        tensor_arg(t, name)
+        if t.dtype not in _LORA_FLOATS:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"x has {x.shape[-1] if x.dim() else 0} input features (shape {tuple(x.shape)}) but the quantized "
+            f"weight is [out_features={n}, in_features={k}]"
+        )
+    if lora_a.dim() != 2 or lora_a.shape[1] != k or lora_a.shape[0] < 1:
+        raise ValueError(f"lora_A must be [r, in_features={k}] with r >= 1, got {tuple(lora_a.shape)}")
+    if lora_b.dim() != 2 or lora_b.shape[0] != n:
+        raise ValueError(f"lora_B must be [out_features={n}, r], got {tuple(lora_b.shape)}")
+    if lora_a.shape[0] != lora_b.shape[1]:
+        raise ValueError(
+            f"LoRA rank mismatch: lora_A {tuple(lora_a.shape)} has r={lora_a.shape[0]} but lora_B "
+            f"{tuple(lora_b.shape)} has r={lora_b.shape[1]}"
+        )
+    r = lora_a.shape[0]
+    for name, t, size in (("bias", bias, n), ("out_scale", out_scale, n), ("rank_scale", rank_scale, r)):
+        if t is not None and tuple(t.shape) != (size,):
+            raise ValueError(f"{name} must have shape ({size},), got {tuple(t.shape)}")
+    for name, t in (("out_scale", out_scale), ("rank_scale", rank_scale)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError(
+                f"qlora_linear has no gradient for {name}; pass {name}.detach() (or train it with a separate op)"
+            )
+    for name, t in [("packed", packed), ("state.absmax", state.absmax)] + named[1:]:
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
+
+
+def gemv_4bit(x, packed, state) -> None:
+    """The arguments of ``qpeft.functional.gemv_4bit`` (x [..., K], at most GEMV_MAX_ROWS rows)."""
+    from ._formats import GEMV_MAX_ROWS
+
+    state_4bit(state, packed, matrix=True)
+    n, k = (int(s) for s in state.shape)
+    tensor_arg(x, "x")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)} but the quantized weight is [out_features={n}, in_features={k}]"
+        )
+    m = x.numel() // k if k else 0
+    if not 1 <= m <= GEMV_MAX_ROWS:
+        raise ValueError(
+            f"gemv_4bit takes 1 to {GEMV_MAX_ROWS} rows of x (decoding), got {m}; use qlora_linear or "
+            "dequantize_4bit + a matmul for more rows"
+        )
+    same_device(("x", x), ("packed", packed), ("state.absmax", state.absmax))
+
+
+# --- the optimizer step ops ------------------------------------------------------------
+# They update param and the state tensors in place, so those must be contiguous and of
+# the exact dtype and size the kernels write; the gradient is only read (any layout).
+
+_FLOAT_IDS = frozenset(FLOAT_DTYPES)
+
+
+def _param_and_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    if param.is_complex() or grad.is_complex():
+        raise TypeError(
+            "qpeft optimizers do not support complex parameters or gradients "
+            f"(got param {param.dtype}, grad {grad.dtype}); use torch.view_as_real to optimize the real view"
+        )
+    if param.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"param must be float32, float16 or bfloat16, got {param.dtype}")
+    if grad.layout != torch.strided:
+        raise TypeError(
+            f"grad must be a dense tensor, got layout {grad.layout} (sparse gradients are not supported)"
+        )
+    if grad.dtype != param.dtype:
+        raise TypeError(f"grad dtype {grad.dtype} differs from param dtype {param.dtype}")
+    if grad.shape != param.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} differs from param shape {tuple(param.shape)}")
+    if grad.device != param.device:
+        raise ValueError(f"grad is on {grad.device} but param is on {param.device}")
+    if not param.is_contiguous():
+        raise ValueError("param must be contiguous: the step updates it in place")
+
+
+def _state(t: torch.Tensor, name: str, dtype: torch.dtype, numel: int, device: torch.device) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} elements but {numel} are needed (state and param disagree)")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but param is on {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous: the step updates it in place")
+
+
+def _qmap(code: torch.Tensor, name: str, device: torch.device) -> None:
+    if code.dtype != torch.float32 or code.numel() != 256:
+        raise ValueError(
+            f"{name} must be a float32 tensor of 256 values, got {code.dtype} with {code.numel()}"
+        )
+    if code.device != device:
+        raise ValueError(f"{name} is on {code.device} but param is on {device}")
+    # Sortedness is checked where it is cheap: by the reference (qmap_sorted) and by
+    # the CPU kernels when they build their cached encoder table (not per step here).
+
+
+def qmap_sorted(code: torch.Tensor, name: str) -> None:
+    flat = code.reshape(-1)
+    if not bool(torch.isfinite(flat).all()) or not bool((flat[1:] >= flat[:-1]).all()):
+        raise ValueError(f"{name} must be finite and sorted ascending (the encoder searches its midpoints)")
+
+
+def adamw32(param, grad, exp_avg, exp_avg_sq) -> None:
+    _param_and_grad(param, grad)
+    n = param.numel()
+    _state(exp_avg, "exp_avg", torch.float32, n, param.device)
+    _state(exp_avg_sq, "exp_avg_sq", torch.float32, n, param.device)
+
+
+def adamw8bit(
+    param, grad, exp_avg_q, exp_avg_absmax, exp_avg_sq_q, exp_avg_sq_absmax, qmap_signed, qmap_unsigned
+):
+    _param_and_grad(param, grad)
+    n = param.numel()
+    _state(exp_avg_q, "exp_avg_q", torch.uint8, n, param.device)
+    _state(exp_avg_absmax, "exp_avg_absmax", torch.float32, state_blocks(n), param.device)
+    _state(exp_avg_sq_q, "exp_avg_sq_q", torch.uint8, n, param.device)
+    _state(exp_avg_sq_absmax, "exp_avg_sq_absmax", torch.float32, state_blocks(n), param.device)
+    _qmap(qmap_signed, "qmap_signed", param.device)
+    _qmap(qmap_unsigned, "qmap_unsigned", param.device)
+
+
+def lion32(param, grad, exp_avg) -> None:
+    _param_and_grad(param, grad)
+    _state(exp_avg, "exp_avg", torch.float32, param.numel(), param.device)
+
+
+def lion8bit(param, grad, exp_avg_q, exp_avg_absmax, qmap_signed) -> None:
+    _param_and_grad(param, grad)
+    n = param.numel()
+    _state(exp_avg_q, "exp_avg_q", torch.uint8, n, param.device)
+    _state(exp_avg_absmax, "exp_avg_absmax", torch.float32, state_blocks(n), param.device)
+    _qmap(qmap_signed, "qmap_signed", param.device)
+
+
+def adamw8bit_maps(qmap_signed, qmap_unsigned, device: torch.device) -> None:
+    _qmap(qmap_signed, "qmap_signed", device)
+    _qmap(qmap_unsigned, "qmap_unsigned", device)
+
+
+def lion8bit_map(qmap_signed, device: torch.device) -> None:
+    _qmap(qmap_signed, "qmap_signed", device)
+
+
+def lists(*named: tuple[str, list]) -> None:
+    """The lists of a multi-tensor op have equal lengths."""
+    n = len(named[0][1])
+    for name, lst in named:
+        if len(lst) != n:
+            raise ValueError(f"{name} holds {len(lst)} tensors but {named[0][0]} holds {n}")
+
+
+def one_device(*lists: list[torch.Tensor]) -> None:
+    """Every tensor of a multi-tensor op is on one device."""
+    devices = {t.device for lst in lists for t in lst}
+    if len(devices) > 1:
+        raise ValueError(
+            f"a multi-tensor step needs all tensors on one device, got {sorted(map(str, devices))}"
+        )
+
+
+_STRIDED = torch.strided
+
+
+def cpu_step_ok(param, grad, n, s1, dtype1, n1, s2, dtype2, n2) -> bool:
+    """The fast check of one tensor of a CPU multi-tensor step: what the full checks
+    (adamw32 / adamw8bit / lion32 / lion8bit above) ask, for two state tensors of
+    the given dtypes and sizes, plus all on the CPU. False means: run the full
+    checks, which name the problem."""
+    dt = param.dtype
+    return (
+        dt in _FLOAT_IDS
+        and grad.dtype is dt
+        and s1.dtype is dtype1
+        and s2.dtype is dtype2
+        and grad.shape == param.shape
+        and s1.numel() == n1
+        and s2.numel() == n2
+        and grad.layout is _STRIDED
+        and param.is_cpu
+        and grad.is_cpu
+        and s1.is_cpu
+        and s2.is_cpu
+        and param.is_contiguous()
+        and s1.is_contiguous()
+        and s2.is_contiguous()
+    )

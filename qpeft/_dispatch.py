@@ -1,0 +1,257 @@
+"""Which kernel runs an op: torch's dispatcher picks the device, this module the backend.
+
+Every op of ``qpeft._ops`` gets one kernel per device key (``CPU``, ``CUDA``) registered
+with ``torch.library``, so torch's dispatcher, profiler and ``torch.compile`` see real
+device kernels (``torch._C._dispatch_has_kernel_for_dispatch_key("qpeft::dequantize_4bit",
+"CPU")`` is true). Several backends can serve one device (on CUDA: Triton, the CUDA C++
+module, the pure-torch reference), so the kernel registered for a key is a small router:
+
+- default path: the first backend in ``PRIORITY[device]`` that registered the op and can
+  run here, resolved on the first call and cached (availability is probed once per
+  process, never per call);
+- ``use_backend(name)``: a context variable, read once per call, forces one backend; an
+  op or device that backend cannot serve raises instead of falling back silently.
+
+Backends register in ``qpeft/backends/<backend>/ops.py`` through ``register_backend``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+BACKENDS = ("default", "cpu", "cuda", "triton", "cuda_emulated")
+
+# Backends that serve a device type by default, in order of preference.
+PRIORITY = {
+    "cpu": ("cpu", "default"),
+    # Triton first: its kernels are the ones CI executes (under the interpreter) for every op
+    # they cover; the CUDA C++ module serves the ops Triton lacks and triton-less installs.
+    # No GPU measurement exists yet to choose per op by speed (docs/design.md, backends).
+    "cuda": ("triton", "cuda", "default"),
+}
+
+# torch dispatch keys of the device types qpeft has kernels for.
+DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested that cannot run here (missing module, no device, ...)."""
+
+
+class NativeModuleMissingWarning(RuntimeWarning):
+    """qpeft's compiled CPU module is not built: ops run on the (much slower) reference."""
+
+
+@dataclass
+class _Backend:
+    name: str
+    kernels: dict[str, Callable] = field(default_factory=dict)
+    unavailable: Callable[[], str | None] = lambda: None
+    # cached result of unavailable(): probed once
+    reason: str | None = None
+    probed: bool = False
+
+    def why_not(self) -> str | None:
+        if not self.probed:
+            self.reason = self.unavailable()
+            self.probed = True
+        return self.reason
+
+
+_backends: dict[str, _Backend] = {}
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("qpeft_backend", default=None)
+# (op, device type) -> the kernel the default path runs; filled on first use
+_default_kernel: dict[tuple[str, str], Callable] = {}
+_lib = torch.library.Library("qpeft", "IMPL")
+_routed: set[tuple[str, str]] = set()
+# op -> positions of the arguments it updates in place (version counters to bump)
+_mutations: dict[str, tuple[int, ...]] = {}
+
+
+def declare_mutations(op: str, positions: tuple[int, ...]) -> None:
+    """``qpeft::op`` updates the arguments at ``positions`` in place (tensors or lists)."""
+    _mutations[op] = positions
+
+
+class KernelTable(dict):
+    """``{op name: kernel}``, filled with ``@table("op")`` on each kernel definition."""
+
+    def __call__(self, op: str) -> Callable[[Callable], Callable]:
+        def add(fn: Callable) -> Callable:
+            self[op] = fn
+            return fn
+
+        return add
+
+
+def register_backend(
+    name: str, kernels: dict[str, Callable], unavailable: Callable[[], str | None] = lambda: None
+) -> None:
+    """``name`` serves ``kernels`` (op name -> kernel taking the op's arguments);
+    ``unavailable()`` returns None when the backend can run, else the reason it cannot.
+    Called once per backend, at import, by ``qpeft/backends/<name>/ops.py``."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; known: {BACKENDS}")
+    backend = _backends.setdefault(name, _Backend(name))
+    backend.kernels.update(kernels)
+    backend.unavailable = unavailable
+    backend.probed = False
+    _default_kernel.clear()
+    for op in kernels:
+        for device in serves(name):
+            if device in DISPATCH_KEYS and (op, device) not in _routed:
+                _lib.impl(op, _router(op, device), DISPATCH_KEYS[device])
+                _routed.add((op, device))
+
+
+def serves(backend: str) -> tuple[str, ...]:
+    """Device types whose tensors ``backend`` runs on."""
+    if backend == "default":
+        return ("cpu", "cuda")
+    if backend == "cuda_emulated":
+        return ("cpu",)  # CUDA kernels run by the emulation harness on CPU memory
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return ("cpu", "cuda")  # the interpreter runs Triton kernels on CPU tensors
+    return ("cuda",) if backend in ("cuda", "triton") else ("cpu",)
+
+
+def unavailable_reason(backend: str) -> str | None:
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}"
+    entry = _backends.get(backend)
+    if entry is None:
+        return f"no kernels are registered for backend {backend!r}"
+    return entry.why_not()
+
+
+def available_backends() -> list[str]:
+    return [b for b in BACKENDS if unavailable_reason(b) is None]
+
+
+def kernels_of(backend: str) -> dict[str, Callable]:
+    """``{op: kernel}`` registered by ``backend`` (empty when it registered none)."""
+    entry = _backends.get(backend)
+    return dict(entry.kernels) if entry is not None else {}
+
+
+def reset() -> None:
+    """Forget every cached availability probe and default choice (tests that change
+    the environment, e.g. hide a native module, call this)."""
+    for backend in _backends.values():
+        backend.probed = False
+    _default_kernel.clear()
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run every qpeft op inside the block with backend ``name``'s kernels.
+
+    Raises ``BackendUnavailableError`` if the backend cannot run here, and inside the
+    block an op whose tensors live on a device the backend does not serve raises
+    instead of silently falling back.
+    """
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise BackendUnavailableError(f"qpeft backend {name!r} is unavailable: {reason}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def current_backend() -> str | None:
+    """The backend forced by the innermost ``use_backend`` block, or None."""
+    return _forced.get()
+
+
+def kernel_for(op: str, device: torch.device | str) -> Callable:
+    """The kernel ``qpeft::op`` runs on ``device`` right now (forced or default). Kernels
+    that compose other ops (the CPU QLoRA layer decodes W panel by panel) call each
+    other through this, skipping the dispatcher's per-call cost."""
+    device_type = device if isinstance(device, str) else device.type
+    forced = _forced.get()
+    if forced is not None:
+        return _forced_kernel(op, forced, device_type)
+    fn = _default_kernel.get((op, device_type))
+    return fn if fn is not None else _resolve_default(op, device_type)
+
+
+def _forced_kernel(op: str, backend: str, device_type: str) -> Callable:
+    if device_type not in serves(backend):
+        raise BackendUnavailableError(
+            f"qpeft backend {backend!r} cannot run qpeft::{op} on {device_type} tensors"
+        )
+    fn = _backends[backend].kernels.get(op)
+    if fn is None:
+        raise BackendUnavailableError(f"qpeft backend {backend!r} has no kernel for qpeft::{op}")
+    return fn
+
+
+def _resolve_default(op: str, device_type: str) -> Callable:
+    skipped = []
+    for name in PRIORITY.get(device_type, ("default",)):
+        backend = _backends.get(name)
+        fn = None if backend is None else backend.kernels.get(op)
+        if fn is None:
+            continue
+        reason = backend.why_not()
+        if reason is None:
+            if skipped and name == "default" and device_type == "cpu":
+                _warn_reference_fallback(op, skipped)
+            _default_kernel[(op, device_type)] = fn
+            return fn
+        skipped.append((name, reason))
+    raise BackendUnavailableError(f"no qpeft backend can run qpeft::{op} on {device_type} tensors")
+
+
+_warned_reference = False
+
+
+def _warn_reference_fallback(op: str, skipped: list[tuple[str, str]]) -> None:
+    global _warned_reference
+    if _warned_reference:
+        return
+    _warned_reference = True
+    why = "; ".join(f"{name}: {reason}" for name, reason in skipped)
+    warnings.warn(
+        f"qpeft::{op} runs on the pure-torch reference, 10-100x slower than the C++ kernels ({why}). "
+        "Build the native module: `pip install -e .` in the source tree (needs a C++17 compiler and CMake).",
+        NativeModuleMissingWarning,
+        stacklevel=4,
+    )
+
+
+def _router(op: str, device_type: str) -> Callable:
+    """The kernel torch calls for ``qpeft::op`` on ``device_type`` tensors."""
+    key = (op, device_type)
+    default = _default_kernel
+    forced_var = _forced
+
+    def route(*args):
+        forced = forced_var.get()
+        if forced is not None:
+            return _forced_kernel(op, forced, device_type)(*args)
+        fn = default.get(key)
+        if fn is None:
+            fn = _resolve_default(op, device_type)
+        return fn(*args)
+
+    mutated = _mutations.get(op)
+    if mutated:
+        plain = route
+
+        def route(*args):
+            plain(*args)
+            for i in mutated:  # what custom_op's wrappers would do: one call per list
+                torch.autograd.graph.increment_version(args[i])
+
+    route.__name__ = f"{op}_{device_type}"
+    return route
