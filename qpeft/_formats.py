@@ -1,8 +1,13 @@
-"""The quantization formats, defined once for Python.
+"""The quantization formats, defined once for Python (the backends and the Triton kernels
+import them from here).
 
-Mirrors ``csrc/include/qpeft/format.h`` (tests/test_formats.py holds the two to
-each other). Semantics and bit layouts are those of DESIGN.md, "Formats", and are
-bit-compatible with bitsandbytes >= 0.45.
+Mirrors ``csrc/include/qpeft/format.h``: tests/test_formats.py asserts that every table
+and constant here, and what the native modules are passed (dtype and quant-type ids,
+blocksizes, the GEMV row limit, the dynamic 8-bit maps' encoder tables), equals the C++
+values bit for bit, as ``qpeft._C.format_tables()`` reports them. A copy rather than a
+read from the native module, so that importing qpeft needs no compiled code. Semantics
+and bit layouts are those of docs/design.md, "Formats", and are bit-compatible with
+bitsandbytes >= 0.45.
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ import torch
 
 QUANT_TYPES = ("nf4", "fp4")
 QUANT_TYPE_IDS = {"fp4": 1, "nf4": 2}  # format.h: QuantType
-BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # format.h: kBlocksizeLog2Min/Max
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # format.h: DType
 
 NESTED_BLOCKSIZE = 256  # double quantization: one fp32 absmax per 256 absmax values
 ABSMAX_FLOOR = 1e-38  # bitsandbytes floors absmax here before taking 1/absmax (4-bit only)
 LUT_BINS = 65536  # the 8-bit encoder's lookup resolution (format.h: kLutBins)
+GEMV_MAX_ROWS = 8  # most rows of x qpeft::gemv_4bit takes (format.h: kGemvMaxRows)
 
 NF4_VALUES = (
     -1.0,
