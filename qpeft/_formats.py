@@ -18,14 +18,13 @@ import torch
 
 QUANT_TYPES = ("nf4", "fp4")
 QUANT_TYPE_IDS = {"fp4": 1, "nf4": 2}  # format.h: QuantType
-BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # format.h: kBlocksizeLog2Min/Max
+BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # format.h: DType
 
 NESTED_BLOCKSIZE = 256  # double quantization: one fp32 absmax per 256 absmax values
 ABSMAX_FLOOR = 1e-38  # bitsandbytes floors absmax here before taking 1/absmax (4-bit only)
 LUT_BINS = 65536  # the 8-bit encoder's lookup resolution (format.h: kLutBins)
-GEMV_MAX_ROWS = 8  # most rows of x qpeft::gemv_4bit takes (format.h: kGemvMaxRows)
 
 NF4_VALUES = (
     -1.0,
@@ -154,3 +153,8 @@ def lut8(code: torch.Tensor) -> torch.Tensor:
     bins = torch.arange(LUT_BINS, dtype=torch.float32)
     grid = -1.0 + (2.0 * bins) / (LUT_BINS - 1)
     return torch.searchsorted(mid, grid, side="left").to(torch.uint8)
+
+
+# Rows of x up to which y = x @ W^T is the decode GEMV (qpeft::gemv_4bit): the CUDA kernel
+# is instantiated for M = 1..8 (csrc/cuda/gemv_4bit.cu); larger M is a GEMM.
+GEMV_MAX_ROWS = 8

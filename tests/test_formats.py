@@ -51,12 +51,9 @@ def test_ids_and_constants(tables):
     assert _optim_math.MIN_8BIT_NUMEL == tables["min_8bit_numel"]
 
 
-def test_gemv_row_limit_everywhere(tables):
-    """Every Python copy of the GEMV row limit is format.h's kGemvMaxRows: the op's
-    argument check, and the CPU QLoRA forward's switch to the GEMV."""
-    default_gemv = importlib.import_module("qpeft.backends.default.gemv")
+def test_gemv_row_limit_of_the_cpu_forward(tables):
+    """The CPU QLoRA forward switches to the GEMV at format.h's kGemvMaxRows rows."""
     cpu_qlora = importlib.import_module("qpeft.backends.cpu.qlora")
-    assert default_gemv.MAX_ROWS == tables["gemv_max_rows"]
     assert cpu_qlora.GEMV_MAX_ROWS == tables["gemv_max_rows"]
 
 
