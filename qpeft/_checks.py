@@ -41,6 +41,12 @@ def blocksize(bs: int) -> None:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES_4BIT}, got {bs}")
 
 
+def blocksize8(bs: int) -> None:
+    # 8-bit blockwise ops take any blocksize > 0, as bitsandbytes' CPU quantize_blockwise does.
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
+        raise ValueError(f"blocksize must be a positive integer, got {bs!r}")
+
+
 def quant_type(qt: str) -> None:
     if qt not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {qt!r}")
@@ -143,7 +149,7 @@ def code8(code: torch.Tensor) -> None:
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, bs: int) -> None:
     float_input(x, "input")
-    blocksize(bs)
+    blocksize8(bs)
     same_device(("input", x), ("code", code))
     code8(code)
 
@@ -151,7 +157,7 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, bs: int) -> None:
 def dequantize_blockwise(
     q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, bs: int, dtype, out=None
 ) -> None:
-    blocksize(bs)
+    blocksize8(bs)
     out_dtype(dtype)
     if q.dtype != torch.uint8:
         raise TypeError(f"codes must be uint8, got {q.dtype}")

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .nn import IA3Linear, Linear4bit, MergeReport, QLoRALinear
-from .nn.lora import check_rank
+from .nn.lora import check_alpha, check_dropout, check_rank
 
 __all__ = [
     "ConversionSummary",
@@ -157,12 +157,14 @@ def _targets(model: nn.Module, target_modules, exclude) -> dict[int, tuple[nn.Li
     for n, m in named:
         names_of.setdefault(id(m), []).append(n)
     chosen: dict[int, tuple[nn.Linear, list[str]]] = {}
-    wrong, already = [], []
+    wrong, already, converted = [], [], []
     for n, m in named:
         if _inside_qpeft_module(n, qpeft_prefixes) or id(m) in chosen:
             continue
         if wanted is None:
             hit = isinstance(m, nn.Linear)
+            if isinstance(m, QPEFT_MODULES) and not any(excluded(a) for a in names_of[id(m)]):
+                converted.append(n)  # "all-linear" skips these; an error only if nothing is left
         else:
             hit = wanted(n)
         if not hit:
@@ -189,11 +191,30 @@ def _targets(model: nn.Module, target_modules, exclude) -> dict[int, tuple[nn.Li
             + ", ".join(wrong[:8])
             + (" ..." if len(wrong) > 8 else "")
         )
+    if not chosen and converted:
+        raise ValueError(
+            f"the model is already converted ({', '.join(converted[:5])}"
+            f"{' ...' if len(converted) > 5 else ''} are qpeft layers) and has no nn.Linear layer left "
+            "to convert; use qpeft.add_adapter(model, name, ...) to add another adapter"
+        )
     if not chosen:
         raise ValueError(
             f"target_modules={target_modules!r} (exclude={exclude!r}) selects no nn.Linear layer"
         )
     return chosen
+
+
+def _refuse_meta(targets: dict[int, tuple[nn.Linear, list[str]]]) -> None:
+    # Quantizing needs the weight's values (the absmax of each block, the finiteness
+    # check); a meta tensor has none, and torch's own error ("Tensor.item() cannot be
+    # called on meta tensors") does not say which layer or what to do.
+    meta = [names[0] for linear, names in targets.values() if linear.weight.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"meta tensors are not supported: {', '.join(meta[:5])}{' ...' if len(meta) > 5 else ''} "
+            "hold their weights on the meta device, which has no values to quantize; materialize the "
+            "model first (model.to_empty(device=...) then load its weights), or pass quantize=False"
+        )
 
 
 class _Progress:
@@ -269,6 +290,8 @@ def convert(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "lora":
         check_rank(r)
+        check_alpha(alpha)
+        check_dropout(dropout)
     elif method == "quantize" and not quantize:
         raise ValueError("method='quantize' with quantize=False would change nothing")
     unknown = set(options) - _OPTIONS[method]
@@ -278,6 +301,8 @@ def convert(
         )
     t0 = time.perf_counter()
     targets = _targets(model, target_modules, exclude)
+    if quantize:
+        _refuse_meta(targets)
     before = weight_bytes(model)
     flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
     show = progress if progress is not None else (sys.stderr.isatty() and len(targets) > 16)
@@ -334,6 +359,8 @@ def add_adapter(
 ) -> None:
     """Add adapter ``name`` to every QLoRALinear of the model (activate it with set_adapter)."""
     check_rank(r)
+    check_alpha(alpha)
+    check_dropout(dropout)
     layers = _lora_layers(model)
     clash = [m for m in layers if name in m.adapters]
     if clash:

@@ -124,7 +124,6 @@ def quantize_4bit_kernel(
     x = _to_f32(tl.load(x_ptr + offs, mask=offs < n, other=0.0))  # zeros never raise |x|
     absmax = _absmax_rows(x)
     nblocks = (n + BLOCKSIZE - 1) // BLOCKSIZE
-    tl.store(absmax_ptr + rows, absmax, mask=rows < nblocks)
 
     # ABSMAX_FLOOR (1e-38, an fp32 subnormal): a bare literal below 2^-126 would be typed
     # fp64 by Triton and pull the whole computation into fp64. NaN stays NaN.
@@ -134,8 +133,11 @@ def quantize_4bit_kernel(
     if (pid + 1) * ROWS * BLOCKSIZE > n:  # this program holds the last block
         # A partial last block divides instead of multiplying by the reciprocal (the
         # reference's, i.e. bitsandbytes' CPU rule); only this program pays for div_rn.
+        # Its stored absmax is the floored one, as bitsandbytes stores it (format.h).
         partial = (rows == nblocks - 1) & (n % BLOCKSIZE != 0)
         v = tl.where(partial[:, None], tl.math.div_rn(x, floored[:, None]), v)
+        absmax = tl.where(partial, floored, absmax)
+    tl.store(absmax_ptr + rows, absmax, mask=rows < nblocks)
 
     hi, lo = tl.split(tl.reshape(v, (ROWS, HALF, 2)))
     code_hi = _encode4(hi, mid_ptr, step_ptr)
@@ -228,7 +230,14 @@ def quantize_blockwise_kernel(
     nblocks = (n + BLOCKSIZE - 1) // BLOCKSIZE
     tl.store(absmax_ptr + rows, absmax, mask=rows < nblocks)
 
-    v = x * tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), absmax)[:, None]
+    idx = _encode8(x, absmax, code_ptr)
+    tl.store(q_ptr + offs, idx.to(tl.uint8), mask=offs < n)
+
+
+@triton.jit
+def _encode8(x, absmax, code_ptr):
+    """8-bit codes of an fp32 [R, C] tile whose rows have the fp32 absmax [R]."""
+    v = x * tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), absmax)[:, None]
     v = tl.where(v < -1.0, -1.0, tl.where(v > 1.0, 1.0, v))  # clamp; NaN passes through
     bins = (((v + 1.0) * 0.5) * 65535.0 + 0.5).to(tl.int32)  # LUT_BINS - 1; truncation
     bins = tl.where(v != v, 0, bins)
@@ -245,8 +254,42 @@ def quantize_blockwise_kernel(
         k = idx + (step - 1)
         mid = (tl.load(code_ptr + k) + tl.load(code_ptr + k + 1)) * 0.5  # == (a + b) / 2 exactly
         idx = tl.where(mid < grid, idx + step, idx)
-    idx = tl.where((absmax == 0.0)[:, None], 0, idx)  # an all-zero block encodes to index 0
-    tl.store(q_ptr + offs, idx.to(tl.uint8), mask=offs < n)
+    return tl.where((absmax == 0.0)[:, None], 0, idx)  # an all-zero block encodes to index 0
+
+
+@triton.jit
+def quantize_blockwise_any_kernel(x_ptr, code_ptr, q_ptr, absmax_ptr, n, blocksize, CHUNK: tl.constexpr):
+    # Any other blocksize > 0 (bitsandbytes' CPU quantize_blockwise takes every positive
+    # one): one program per block, two passes over it in CHUNK-element steps, the absmax
+    # then the codes, with quantize_blockwise_kernel's per-element math (_encode8).
+    b = tl.program_id(0).to(tl.int64)
+    begin = b * blocksize
+    end = tl.minimum(begin + blocksize, n)
+    cols = tl.arange(0, CHUNK)[None, :]
+    absmax = tl.zeros([1], tl.float32)
+    for start in range(0, blocksize, CHUNK):
+        offs = begin + start + cols
+        x = _to_f32(tl.load(x_ptr + offs, mask=offs < end, other=0.0))
+        a = _absmax_rows(x)
+        absmax = tl.where((a > absmax) | (a != a), a, absmax)  # a NaN, once in, stays
+    tl.store(absmax_ptr + b + tl.arange(0, 1), absmax)
+    for start in range(0, blocksize, CHUNK):
+        offs = begin + start + cols
+        x = _to_f32(tl.load(x_ptr + offs, mask=offs < end, other=0.0))
+        idx = _encode8(x, absmax, code_ptr)
+        tl.store(q_ptr + offs, idx.to(tl.uint8), mask=offs < end)
+
+
+@triton.jit
+def dequantize_blockwise_any_kernel(q_ptr, absmax_ptr, code_ptr, out_ptr, n, blocksize, CHUNK: tl.constexpr):
+    # The blocksizes quantize_blockwise_any_kernel serves: element-wise, the absmax of
+    # each element found by a division.
+    offs = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    live = offs < n
+    absmax = tl.load(absmax_ptr + offs // blocksize, mask=live, other=0.0)
+    q = tl.load(q_ptr + offs, mask=live, other=0).to(tl.int32)
+    v = tl.load(code_ptr + q) * absmax
+    tl.store(out_ptr + offs, _to_out(v, out_ptr.dtype.element_ty), mask=live)
 
 
 @triton.jit
@@ -369,6 +412,11 @@ def quantize_blockwise(
     n = x.numel()
     q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     absmax = torch.empty((triton.cdiv(n, blocksize),), dtype=torch.float32, device=x.device)
+    if blocksize not in BLOCKSIZES_4BIT:
+        quantize_blockwise_any_kernel[(absmax.numel(),)](
+            x, code, q, absmax, n, blocksize, CHUNK=_TILE, num_warps=8, **_FP
+        )
+        return q, absmax
     rows, warps = launch_config(blocksize, "quantize_blockwise")
     quantize_blockwise_kernel[_grid(n, blocksize, rows)](
         x, code, q, absmax, n, BLOCKSIZE=blocksize, ROWS=rows, num_warps=warps, **_FP
@@ -380,6 +428,11 @@ def dequantize_blockwise(q, absmax, code, blocksize, dtype, out=None) -> torch.T
     """Contiguous uint8 codes + fp32 absmax + fp32[256] code -> ``dtype`` tensor of q's shape."""
     n = q.numel()
     out = _out(out, q.shape, dtype, q.device)
+    if blocksize not in BLOCKSIZES_4BIT:
+        dequantize_blockwise_any_kernel[(triton.cdiv(n, _TILE),)](
+            q, absmax, code, out, n, blocksize, CHUNK=_TILE, num_warps=4, **_FP
+        )
+        return out
     rows, warps = launch_config(blocksize)
     dequantize_blockwise_kernel[_grid(n, blocksize, rows)](
         q, absmax, code, out, n, BLOCKSIZE=blocksize, ROWS=rows, num_warps=warps, **_FP

@@ -4,6 +4,7 @@
 
 #include "api.h"
 
+#include <pthread.h>
 #include <qpeft/format.h>
 #include <qpeft/host_checks.h>
 
@@ -92,9 +93,24 @@ struct Lut8 {
   std::vector<uint8_t> table;  // kLutBins + 4 (padding for the AVX2 32-bit gathers)
 };
 
+std::mutex g_lut_mu;                                  // guards g_lut_cache
+std::deque<std::shared_ptr<const Lut8>> g_lut_cache;  // most recent first
+
+// A fork() while another thread holds g_lut_mu would leave the child's copy locked
+// for good (its owner is not copied) and the child's first 8-bit quantize hanging:
+// the forking thread takes the lock around fork() and releases it on both sides.
+// The cached tables themselves are plain memory and stay valid in the child.
+void lut_before_fork() {
+  g_lut_mu.lock();
+}
+void lut_after_fork() {
+  g_lut_mu.unlock();
+}
+const int g_lut_fork_handlers = pthread_atfork(lut_before_fork, lut_after_fork, lut_after_fork);
+
 std::shared_ptr<const Lut8> get_lut8(const float* code) {
-  static std::mutex mu;
-  static std::deque<std::shared_ptr<const Lut8>> cache;  // most recent first
+  auto& mu = g_lut_mu;
+  auto& cache = g_lut_cache;
   constexpr size_t kCacheSize = 8;
   {
     std::lock_guard<std::mutex> lock(mu);

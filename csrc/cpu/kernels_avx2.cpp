@@ -138,9 +138,10 @@ void quantize_4bit_impl(const Quant4Args& a, int64_t b0, int64_t b1) {
     const int64_t begin = b * a.blocksize;  // even: the dispatcher guarantees an even blocksize
     const int64_t end = block_end(begin, a.blocksize, a.n);
     const float am = absmax_range<D>(a.x, begin, end);
-    a.absmax[b] = am;  // unfloored: 0 for an all-zero block
+    const bool partial = end - begin < a.blocksize;
+    a.absmax[b] = stored_absmax4(am, partial);  // full blocks: unfloored, 0 if all zero
     const float floored = floor_absmax4(am), inv = inv_absmax4(am);
-    if (end - begin < a.blocksize)
+    if (partial)
       encode_block<D, QT, true>(a, k, begin, end, floored, inv);
     else
       encode_block<D, QT, false>(a, k, begin, end, floored, inv);

@@ -37,9 +37,9 @@ void quantize_4bit(const Quant4Args& a, int64_t b0, int64_t b1) {
     const int64_t begin = b * a.blocksize;
     const int64_t end = begin + a.blocksize < a.n ? begin + a.blocksize : a.n;
     const float am = block_absmax(a.x, a.x_dtype, begin, end);
-    a.absmax[b] = am;  // unfloored: 0 for an all-zero block
-    const float floored = floor_absmax4(am), inv = inv_absmax4(am);
     const bool partial = end - begin < a.blocksize;  // the last block divides (format.h)
+    a.absmax[b] = stored_absmax4(am, partial);       // full blocks: unfloored, 0 if all zero
+    const float floored = floor_absmax4(am), inv = inv_absmax4(am);
     auto norm = [&](int64_t i) {
       return normalize4(load_as_f32(a.x, i, a.x_dtype), floored, inv, partial);
     };

@@ -1,6 +1,7 @@
 #include "thread_pool.h"
 
 #include <dlfcn.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -99,14 +100,38 @@ class Pool {
 std::mutex g_pool_mu;
 Pool* g_pool = nullptr;  // never deleted: workers block forever, and exit must not join them
 
+// Set in a child of fork() (by the handler below): torch's OpenMP team belongs to
+// the parent and must not be entered from here.
+std::atomic<bool> g_forked_child{false};
+
 Pool& pool() {
   std::lock_guard<std::mutex> lock(g_pool_mu);
   // After fork() only the forking thread exists in the child: the old pool's
   // workers are gone, so start a new pool (the old object is leaked on purpose:
-  // its mutexes may be held by threads that no longer exist).
+  // its mutexes may be held by threads that no longer exist). The fork handler
+  // below clears g_pool; the pid check also covers a fork by raw syscall, which
+  // runs no handlers.
   if (g_pool == nullptr || g_pool->owner_pid() != getpid()) g_pool = new Pool();
   return *g_pool;
 }
+
+// fork() handlers. Another thread may hold g_pool_mu at the moment of a fork (it is
+// inside pool()); the child's copy would then stay locked forever and its first
+// parallel kernel would hang. So the forking thread takes the lock around fork()
+// and releases it on both sides, and the child forgets the parent's pool and
+// OpenMP team (csrc/README.md, "Threads and fork()").
+void before_fork() {
+  g_pool_mu.lock();
+}
+void after_fork_in_parent() {
+  g_pool_mu.unlock();
+}
+void after_fork_in_child() {
+  g_pool = nullptr;
+  g_forked_child.store(true);
+  g_pool_mu.unlock();
+}
+const int g_fork_handlers = pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child);
 
 // --- torch's OpenMP team ----------------------------------------------------------
 // torch's CPU wheel runs its parallel regions on libgomp, whose worker threads spin
@@ -117,7 +142,10 @@ Pool& pool() {
 // when the process already has libgomp (or libiomp5) loaded (dlopen RTLD_NOLOAD:
 // we neither link nor load an OpenMP runtime), the tasks run as a GOMP_parallel
 // region of that runtime: on the very threads torch uses, already awake. Not after
-// fork(): a child cannot use the parent's team, so it falls back to the pool.
+// fork(): a child cannot use the parent's team (libgomp has no fork handler; a
+// region there can wait forever on threads that were not copied), so it falls back
+// to the pool. The fork handler marks the child even when gomp() is first called
+// there (its pid would then match), the pid check covers a fork without handlers.
 
 using GompParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
 
@@ -148,6 +176,7 @@ std::atomic<int> g_threading{-1};  // -1: not chosen yet, else a Threading value
 enum Threading { kPool = 0, kOpenMP = 1 };
 
 int threading_now() {
+  if (g_forked_child.load(std::memory_order_relaxed)) return kPool;
   int t = g_threading.load(std::memory_order_relaxed);
   if (t < 0) {
     t = gomp().parallel != nullptr ? kOpenMP : kPool;
@@ -172,7 +201,7 @@ void gomp_body(void* data) {
 
 bool run_on_gomp(int64_t num_tasks, const std::function<void(int64_t)>& fn) {
   const Gomp& g = gomp();
-  if (g.parallel == nullptr || g.pid != getpid()) return false;
+  if (g.parallel == nullptr || g.pid != getpid() || g_forked_child.load()) return false;
   GompJob job;
   job.fn = &fn;
   job.num_tasks = num_tasks;
@@ -203,6 +232,11 @@ void set_threading(const std::string& name) {
   if (name == "pool") {
     g_threading.store(kPool);
   } else if (name == "openmp") {
+    if (g_forked_child.load()) {
+      throw std::invalid_argument(
+          "qpeft._C.set_threading: this is a child of fork(); it cannot use its parent's "
+          "OpenMP team, so kernels run on qpeft's own pool");
+    }
     if (gomp().parallel == nullptr) {
       throw std::invalid_argument(
           "qpeft._C.set_threading: no OpenMP runtime (libgomp or libiomp5) is loaded in this "

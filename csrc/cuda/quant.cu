@@ -98,21 +98,24 @@ __device__ __forceinline__ float group_absmax(float a, int tpq, float* s_red) {
   return a;
 }
 
-// Loads the thread's 8 elements and returns its quant block's absmax (written to
-// absmax[] by the block's first thread).
+// Loads the thread's 8 elements and returns its quant block's absmax (the caller
+// stores it: the 4-bit encoder stores a partial block's floored, format.h).
 template <int DT>
 __device__ __forceinline__ float load_and_absmax(const ET<DT>* __restrict__ x, int64_t e0,
-                                                 int64_t n, int log2_bs, bool vec,
-                                                 float* __restrict__ absmax, float* s_red,
+                                                 int64_t n, int log2_bs, bool vec, float* s_red,
                                                  float (&v)[8]) {
   load8<DT>(x, e0, n, vec, v);
   float a = 0.0f;
 #pragma unroll
   for (int j = 0; j < kQuantElems; ++j) a = absmax_combine(a, fabsf(v[j]));
   const int tpq = (1 << log2_bs) / kQuantElems;
-  a = group_absmax(a, tpq, s_red);
-  if ((static_cast<int>(threadIdx.x) & (tpq - 1)) == 0 && e0 < n) absmax[e0 >> log2_bs] = a;
-  return a;
+  return group_absmax(a, tpq, s_red);
+}
+
+// Whether this thread stores its quant block's absmax: the block's first thread.
+__device__ __forceinline__ bool stores_absmax(int64_t e0, int64_t n, int log2_bs) {
+  const int tpq = (1 << log2_bs) / kQuantElems;
+  return (static_cast<int>(threadIdx.x) & (tpq - 1)) == 0 && e0 < n;
 }
 
 // ----------------------------------------------------------------------------
@@ -138,7 +141,7 @@ __global__ void __launch_bounds__(kMaxQuantThreads)
        base += static_cast<int64_t>(gridDim.x) * tile) {
     const int64_t e0 = base + static_cast<int64_t>(threadIdx.x) * kQuantElems;
     float v[kQuantElems];
-    const float a = load_and_absmax<DT>(x, e0, n, log2_bs, vec, absmax, s_red, v);
+    const float a = load_and_absmax<DT>(x, e0, n, log2_bs, vec, s_red, v);
     const float inv = inv_absmax4(a);
     // A partial last quant block divides instead (format.h: normalize4, as the CPU
     // path of bitsandbytes does); x * (1/a) and x / a differ by an ulp at times,
@@ -146,6 +149,7 @@ __global__ void __launch_bounds__(kMaxQuantThreads)
     // (tests/test_cuda_emulated.py: shape [11, 34, 46], blocksize 512, fp4).
     const bool partial = (((e0 >> log2_bs) + 1) << log2_bs) > n;
     const float floored = floor_absmax4(a);
+    if (stores_absmax(e0, n, log2_bs)) absmax[e0 >> log2_bs] = stored_absmax4(a, partial);
     uint32_t word = 0;
 #pragma unroll
     for (int p = 0; p < kQuantElems / 2; ++p) {
@@ -190,7 +194,8 @@ __global__ void __launch_bounds__(kMaxQuantThreads)
        base += static_cast<int64_t>(gridDim.x) * tile) {
     const int64_t e0 = base + static_cast<int64_t>(threadIdx.x) * kQuantElems;
     float v[kQuantElems];
-    const float a = load_and_absmax<DT>(x, e0, n, log2_bs, vec, absmax, s_red, v);
+    const float a = load_and_absmax<DT>(x, e0, n, log2_bs, vec, s_red, v);
+    if (stores_absmax(e0, n, log2_bs)) absmax[e0 >> log2_bs] = a;
     const float inv = 1.0f / a;  // unused when a == 0 (all codes 0)
     uint32_t w0 = 0, w1 = 0;
 #pragma unroll
@@ -212,6 +217,52 @@ __global__ void __launch_bounds__(kMaxQuantThreads)
       for (int j = 0; j < kQuantElems; ++j) {
         if (e0 + j < n) dst[j] = static_cast<uint8_t>((j < 4 ? w0 : w1) >> (8 * (j & 3)));
       }
+    }
+  }
+}
+
+// quantize_blockwise at any other blocksize > 0 (a power of two outside [32, 4096],
+// or not a power of two at all): bitsandbytes' CPU quantize_blockwise takes every
+// positive blocksize, and qpeft's 8-bit ops take what it takes. One CUDA block per
+// quant block (grid-strided), its threads striding over the block twice: the
+// absmax (a tree reduction in smem, NaN winning as in absmax_combine), then the
+// codes. Same per-element math as quantize8_kernel, so the same bytes; slower, as
+// no format uses these blocksizes on a hot path.
+template <int DT>
+__global__ void __launch_bounds__(kQuantThreads)
+    quantize8_any_kernel(const ET<DT>* __restrict__ x, int64_t n, int64_t blocksize,
+                         const float* __restrict__ code, uint8_t* __restrict__ q,
+                         float* __restrict__ absmax) {
+  __shared__ float s_red[kQuantThreads];
+  __shared__ float s_mid8[kNumCodes8 - 1];
+  const int tid = static_cast<int>(threadIdx.x);
+  for (int k = tid; k < kNumCodes8 - 1; k += static_cast<int>(blockDim.x)) {
+    s_mid8[k] = (code[k] + code[k + 1]) / 2.0f;
+  }
+  __syncthreads();
+
+  const int64_t nblocks = n / blocksize + (n % blocksize != 0);
+  for (int64_t b = blockIdx.x; b < nblocks; b += gridDim.x) {
+    const int64_t begin = b * blocksize;
+    const int64_t end = begin + blocksize < n ? begin + blocksize : n;
+    float a = 0.0f;
+    for (int64_t i = begin + tid; i < end; i += blockDim.x) {
+      a = absmax_combine(a, fabsf(to_f32<DT>(x[i])));
+    }
+    s_red[tid] = a;
+    __syncthreads();
+    for (int half = static_cast<int>(blockDim.x) >> 1; half > 0; half >>= 1) {
+      if (tid < half) s_red[tid] = absmax_combine(s_red[tid], s_red[tid + half]);
+      __syncthreads();
+    }
+    a = s_red[0];
+    __syncthreads();  // every thread has read s_red[0] before the next block rewrites it
+    if (tid == 0) absmax[b] = a;
+    const float inv = 1.0f / a;  // unused when a == 0 (all codes 0)
+    for (int64_t i = begin + tid; i < end; i += blockDim.x) {
+      q[i] = a == 0.0f ? uint8_t{0}
+                       : static_cast<uint8_t>(code8_for_grid(
+                             lut_grid_value(lut_bin(to_f32<DT>(x[i]) * inv)), s_mid8));
     }
   }
 }
@@ -328,6 +379,23 @@ __global__ void __launch_bounds__(kDequantThreads)
   }
 }
 
+// dequantize_blockwise at the blocksizes quantize8_any_kernel serves: one element
+// per thread, grid-strided, its absmax found by a division.
+template <int DT>
+__global__ void __launch_bounds__(kDequantThreads)
+    dequantize8_any_kernel(const uint8_t* __restrict__ q, const float* __restrict__ absmax,
+                           const float* __restrict__ code, int64_t n, int64_t blocksize,
+                           ET<DT>* __restrict__ out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    store1<DT>(out, i, code[q[i]] * absmax[i / blocksize]);
+  }
+}
+
+// log2 of a blocksize the fast 8-bit kernels serve (a power of two in [32, 4096]),
+// else -1: the *_any kernels take it.
+
 }  // namespace
 
 // ----------------------------------------------------------------------------
@@ -429,7 +497,7 @@ void quantize_blockwise(std::uintptr_t x, int x_dtype, std::int64_t n, std::int6
                         std::uintptr_t absmax, std::int64_t absmax_len, std::uintptr_t stream) {
   const char* fn = "quantize_blockwise";
   host::check_nonneg(fn, "n", n);
-  const int log2_bs = host::log2_blocksize(fn, blocksize);
+  const int log2_bs = host::log2_blocksize8(fn, blocksize);
   host::check_dtype(fn, "x_dtype", x_dtype);
   host::check_len(fn, "q", q_len, n);
   host::check_len(fn, "absmax", absmax_len, ceil_div(n, blocksize));
@@ -439,6 +507,16 @@ void quantize_blockwise(std::uintptr_t x, int x_dtype, std::int64_t n, std::int6
   host::check_ptr(fn, "q", q);
   host::check_ptr(fn, "absmax", absmax);
 
+  if (log2_bs < 0) {
+    with_dtype(x_dtype, [&](auto dt) {
+      constexpr int DT = decltype(dt)::value;
+      launch("quantize_blockwise", quantize8_any_kernel<DT>, grid_for(ceil_div(n, blocksize), 1),
+             kQuantThreads, 0, as_stream(stream), reinterpret_cast<const ET<DT>*>(x), n, blocksize,
+             reinterpret_cast<const float*>(code), reinterpret_cast<uint8_t*>(q),
+             reinterpret_cast<float*>(absmax));
+    });
+    return;
+  }
   const int threads = static_cast<int>(blocksize / kQuantElems) > kQuantThreads
                           ? static_cast<int>(blocksize / kQuantElems)
                           : kQuantThreads;
@@ -459,7 +537,7 @@ void dequantize_blockwise(std::uintptr_t q, std::int64_t q_len, std::uintptr_t a
                           std::uintptr_t stream) {
   const char* fn = "dequantize_blockwise";
   host::check_nonneg(fn, "n", n);
-  const int log2_bs = host::log2_blocksize(fn, blocksize);
+  const int log2_bs = host::log2_blocksize8(fn, blocksize);
   host::check_dtype(fn, "out_dtype", out_dtype);
   host::check_len(fn, "q", q_len, n);
   host::check_len(fn, "absmax", absmax_len, ceil_div(n, blocksize));
@@ -469,6 +547,16 @@ void dequantize_blockwise(std::uintptr_t q, std::int64_t q_len, std::uintptr_t a
   host::check_ptr(fn, "code", code);
   host::check_ptr(fn, "out", out);
 
+  if (log2_bs < 0) {
+    with_dtype(out_dtype, [&](auto dt) {
+      constexpr int DT = decltype(dt)::value;
+      launch("dequantize_blockwise", dequantize8_any_kernel<DT>, grid_for(n, kDequantThreads),
+             kDequantThreads, 0, as_stream(stream), reinterpret_cast<const uint8_t*>(q),
+             reinterpret_cast<const float*>(absmax), reinterpret_cast<const float*>(code), n,
+             blocksize, reinterpret_cast<ET<DT>*>(out));
+    });
+    return;
+  }
   const unsigned grid = grid_for(ceil_div(n, kDequant8Elems), kDequantThreads);
   const bool vec = aligned(q, 16) && aligned(out, 16);
   with_dtype(out_dtype, [&](auto dt) {

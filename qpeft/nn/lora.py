@@ -24,6 +24,7 @@ Adapters are named; ``set_adapter(name)`` picks the active one (only it is train
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,21 @@ def check_rank(r) -> int:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
     return r
+
+
+def check_alpha(alpha) -> float:
+    # Checked where the user passes it (QLoRALinear, add_adapter, convert): a string would
+    # otherwise fail deep inside as "unsupported operand type(s) for /", and a bool is a
+    # flag passed in the wrong place, not a scale.
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise TypeError(f"LoRA alpha must be a finite real number, got {alpha!r}")
+    return alpha
+
+
+def check_dropout(dropout) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    return dropout
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -81,8 +97,8 @@ class LoRAAdapter(nn.Module):
     ) -> None:
         super().__init__()
         check_rank(r)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_alpha(alpha)
+        check_dropout(dropout)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
@@ -184,6 +200,8 @@ class QLoRALinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"QLoRALinear.from_linear needs a torch.nn.Linear, got {type(linear).__name__}")
         check_rank(r)
+        check_alpha(alpha)  # before the (slow) quantization, not after it
+        check_dropout(dropout)
         if train_bias and linear.bias is None:
             raise ValueError("train_bias=True (BitFit) needs a layer with a bias; this one has none")
         base = (

@@ -10,7 +10,9 @@
 //
 //  * 4-bit encode: v = x * (1 / max(absmax, 1e-38)) in fp32 (in the last block,
 //    when it is partial, v = x / max(absmax, 1e-38): bitsandbytes' CPU path
-//    divides there and the two differ by an ulp now and then), clamped to [-1, 1];
+//    divides there and the two differ by an ulp now and then), clamped to [-1, 1].
+//    The stored absmax is the raw one, except in a partial last block, where it is
+//    the floored max(absmax, 1e-38) (stored_absmax4: what bitsandbytes writes);
 //    the code index is the number of midpoints m of the sorted table with
 //    !(v <= m), i.e. a value exactly on a midpoint takes the lower code and NaN
 //    takes the top code (what torch.bucketize does). FP4 has two zeros; its
@@ -125,6 +127,14 @@ QPEFT_HD float inv_absmax4(float absmax) {
 // NaN passes through (NaN < floor is false), as torch.clamp(min=) lets it.
 QPEFT_HD float floor_absmax4(float absmax) {
   return absmax < kAbsmaxFloor ? kAbsmaxFloor : absmax;
+}
+// The absmax the 4-bit encoder stores for a block: the raw one for a full block,
+// the floored one for a partial last block. bitsandbytes (its quantize_4bit on
+// CPU, bitsandbytes/backends/default/ops.py) clamps the partial block's absmax
+// before storing it and the full blocks' only for the reciprocal, so below 1e-38
+// (an all-zero or denormal tail) the two differ and so does the decoded tail.
+QPEFT_HD float stored_absmax4(float absmax, bool partial_block) {
+  return partial_block ? floor_absmax4(absmax) : absmax;
 }
 QPEFT_HD float normalize4(float x, float absmax_floored, float inv, bool partial_block) {
   return partial_block ? x / absmax_floored : x * inv;

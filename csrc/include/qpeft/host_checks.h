@@ -120,6 +120,17 @@ inline int log2_blocksize(const char* fn, int64_t blocksize) {
                std::to_string(1 << kBlocksizeLog2Max) + "], got " + std::to_string(blocksize));
 }
 
+// 8-bit blockwise blocksize: any value > 0 (bitsandbytes' CPU quantize_blockwise takes
+// any). Returns log2 for the powers of two the fast kernels serve, -1 for the others
+// (served by the one-block-per-program kernels).
+inline int log2_blocksize8(const char* fn, int64_t blocksize) {
+  check_positive(fn, "blocksize", blocksize);
+  for (int l = kBlocksizeLog2Min; l <= kBlocksizeLog2Max; ++l) {
+    if (blocksize == (int64_t{1} << l)) return l;
+  }
+  return -1;
+}
+
 // The buffer behind `name` holds `have` elements and the call reads or writes
 // `need` of them: it must hold at least that many (a larger buffer is fine).
 // For the quantization and GEMV entry points, whose outputs Python allocates.

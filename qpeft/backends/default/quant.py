@@ -38,6 +38,8 @@ def quantize_4bit(x: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
         # The last partial block divides instead (bitsandbytes' CPU path does; the two
         # differ by an ulp at times, which moves values that sit exactly on a midpoint).
         v[-1] = blocks[-1] / floored[-1]
+        # bitsandbytes also stores that block's absmax floored (format.h: stored_absmax4).
+        absmax[-1] = floored[-1]
     v = v.clamp(-1.0, 1.0).reshape(-1)[:n]
     mid, order = encode4_tables(quant_type, x.device)
     idx = torch.bucketize(v, mid)  # #{k : mid[k] < v}: a value on a midpoint takes the lower code
