@@ -6,11 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from qpeft import _native
 
-from .conftest import assert_bits_equal
+from ._helpers import assert_same_values  # noqa: F401  (re-exported: the emulation tests' comparison)
 
 
 def cuda_headers_present() -> bool:
@@ -35,19 +34,3 @@ def emu_module():
     if cuda_headers_present():
         pytest.fail(f"the CUDA toolkit headers are installed but the emulation module is missing: {reason}")
     pytest.skip(f"no CUDA toolkit headers: the emulation module cannot be built ({reason})")
-
-
-def assert_same_values(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
-    """Bit-identical where the expected value is not NaN, NaN where it is NaN.
-
-    The device (and so the emulation, which runs its conversions) writes the canonical
-    NaN 0x7fff when rounding a NaN to fp16/bf16, torch writes 0x7fc0 / 0x7e00: only the
-    payload of NaNs may differ.
-    """
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
-    if actual.is_floating_point():
-        nan_a, nan_e = torch.isnan(actual), torch.isnan(expected)
-        assert torch.equal(nan_a, nan_e), f"{what}: NaN positions differ"
-        actual = torch.where(nan_a, torch.zeros((), dtype=actual.dtype), actual)
-        expected = torch.where(nan_e, torch.zeros((), dtype=expected.dtype), expected)
-    assert_bits_equal(actual, expected, what)

@@ -11,7 +11,6 @@ import warnings
 import pytest
 import torch
 
-import qpeft
 import qpeft.functional as qf
 from qpeft import QuantState
 from qpeft._formats import BLOCKSIZES_4BIT, code4, dynamic_map
@@ -121,9 +120,3 @@ def test_nonfinite_blocks_are_nonfinite_like_bitsandbytes():
         assert bool(torch.isfinite(ours[sl]).all()) == bool(torch.isfinite(theirs[sl]).all()), blk
     assert bool(torch.isfinite(ours[64:192]).all())
     assert torch.equal(ours[64:192], theirs[64:192])
-
-
-def test_use_backend_default_runs_reference_on_cpu():
-    with qpeft.use_backend("default"):
-        assert qpeft.current_backend() == "default"
-    assert qpeft.current_backend() is None

@@ -1,6 +1,7 @@
 """Every CUDA C++ kernel, executed on the CPU by the emulation harness (backend
 "cuda_emulated"), against the pure-torch reference: bit-identical for 4-bit and
-8-bit quantize/dequantize, within a derived bound for the GEMV.
+8-bit quantize/dequantize, within a derived bound for the GEMV (bounds in tests/_helpers.py).
+The random properties of every backend, this one included, are in test_backends.py.
 
 The emulator runs every CUDA thread as a fiber (slow): shapes are small but chosen
 to reach every path of the kernels (partial tiles and blocks, odd sizes, the
@@ -12,17 +13,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import qpeft
 import qpeft.functional as qf
 from qpeft._formats import BLOCKSIZES_4BIT, code4, dynamic_map, encode4_tables
 from qpeft.backends.cuda_emulated import emulation
 
-from .conftest import DTYPES
-from .emu_support import assert_same_values, emu_module
-from .test_quantize import _assert_same_quantization
+from ._helpers import DTYPES, assert_same_quantization, assert_same_values, cuda_gemv_roundings, gemv_bound
+from .emu_support import emu_module
 
 QUANT_TYPES = ["nf4", "fp4"]
 
@@ -53,7 +51,7 @@ def test_4bit_every_blocksize(quant_type, dtype, blocksize):
     n = 2 * blocksize + 77
     x = torch.randn(n, generator=g).to(dtype)
     for dq in (False, True):
-        _assert_same_quantization(x, blocksize, quant_type, dq, f"emulated n={n} bs={blocksize} dq={dq}")
+        assert_same_quantization(x, blocksize, quant_type, dq, f"emulated n={n} bs={blocksize} dq={dq}")
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
@@ -83,7 +81,7 @@ def test_4bit_edge_cases(quant_type, case):
         if not bool(torch.isfinite(xd).all()):
             continue
         for blocksize in (32, 4096):
-            _assert_same_quantization(xd, blocksize, quant_type, False, f"{case} {dtype} bs{blocksize}")
+            assert_same_quantization(xd, blocksize, quant_type, False, f"{case} {dtype} bs{blocksize}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -105,24 +103,8 @@ def test_4bit_non_finite(dtype):
                 )
 
 
-@settings(max_examples=12)
-@given(
-    shape=st.lists(st.integers(1, 70), min_size=1, max_size=3),
-    blocksize=st.sampled_from(BLOCKSIZES_4BIT),
-    quant_type=st.sampled_from(QUANT_TYPES),
-    double_quant=st.booleans(),
-    dtype=st.sampled_from(DTYPES),
-    scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e4]),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_4bit_random(shape, blocksize, quant_type, double_quant, dtype, scale, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g) * scale).to(dtype)
-    _assert_same_quantization(x, blocksize, quant_type, double_quant, f"emulated {shape}")
-
-
 def test_4bit_partial_last_block_divides():
-    # Found by test_4bit_random through the emulation: the CUDA kernel multiplied by
+    # Found by the random property (now test_backends.py) through the emulation: the CUDA kernel multiplied by
     # 1/absmax in the partial last block, where the format divides (format.h:
     # normalize4); 103 of this block's 308 values normalise differently, two of
     # them across a midpoint.
@@ -131,7 +113,7 @@ def test_4bit_partial_last_block_divides():
     last = x.reshape(-1)[-(x.numel() % 512) :].float()
     a = last.abs().max()
     assert bool((last * (1.0 / a) != last / a).any())
-    _assert_same_quantization(x, 512, "fp4", False, "partial last block")
+    assert_same_quantization(x, 512, "fp4", False, "partial last block")
 
 
 @pytest.mark.parametrize("nested", [False, True])
@@ -156,7 +138,7 @@ def test_quantize_unaligned_input(dtype):
     storage = torch.randn(1 + 300).to(dtype)
     x = storage[1:]
     assert x.data_ptr() % 16 != 0
-    _assert_same_quantization(x, 64, "fp4", True, "unaligned input")
+    assert_same_quantization(x, 64, "fp4", True, "unaligned input")
 
 
 # --- 8-bit blockwise ---------------------------------------------------------------
@@ -260,56 +242,6 @@ def test_native_entry_points_recheck_sizes():
 
 # --- GEMV -----------------------------------------------------------------------------
 
-U32 = 2.0**-24  # unit roundoff of fp32
-ETA32 = 2.0**-150  # absolute error bound of one fp32 rounding in the subnormal range
-
-
-def _gamma(k: int) -> float:
-    return k * U32 / (1 - k * U32)
-
-
-def _ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of `dtype` at magnitude |v| (float64)."""
-    fi = torch.finfo(dtype)
-    mag = v.abs().clamp(min=fi.tiny)
-    return fi.eps * torch.exp2(torch.floor(torch.log2(mag)))
-
-
-def gemv_bound(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, k_roundings: int) -> torch.Tensor:
-    """How far an fp32 evaluation of y = x @ w^T may be from the exact value, per element.
-
-    The inputs are exact fp32 numbers (x converted from its dtype exactly, w the fp32
-    dequantized weight, which the kernel forms with the same single product as the
-    reference), so only the summation rounds. Whatever the order (a tree, blocks,
-    fma chains), each product x_k w_k reaches the result through at most h
-    roundings when every one of the K terms is at most h levels deep, and then
-    |fl(s) - s| <= gamma_h * sum_k |x_k w_k|, gamma_h = h u / (1 - h u), u = 2^-24
-    (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., 3.1; an fma
-    rounds once where a multiply-add rounds twice, which only helps), plus 2^-150 for
-    each of at most 2K roundings that may land in the subnormal range (gamma assumes
-    none). A 16-bit output is then rounded once more: half an ulp of the output dtype
-    at the result's magnitude.
-    """
-    x64, w64 = x.double(), w.double()
-    a = x64.abs() @ w64.abs().T  # sum_k |x_k w_k|
-    k = x.shape[1]
-    bound = _gamma(k_roundings) * a + 2 * k * ETA32
-    if out_dtype != torch.float32:
-        exact = x64 @ w64.T
-        bound = bound + 0.5 * _ulp(exact.abs() + bound, out_dtype)
-    return bound
-
-
-def _kernel_roundings(k: int) -> int:
-    """Most roundings between any product and the kernel's result (csrc/cuda/gemv_4bit.cu).
-
-    A lane chains fmaf over its share of the row: on the 16-byte path, 32 per chunk
-    for chunks lane, lane + 32, ... of the K/32 chunks (at most 32 * ceil(K/1024));
-    on the per-element path, elements lane, lane + 32, ... (at most ceil(K/32) <=
-    32 * ceil(K/1024)). The 5-step butterfly then adds 5 more.
-    """
-    return 32 * -(-k // 1024) + 5
-
 
 def _check_gemv(m, n, k, dtype, quant_type, blocksize, nested, seed, x_offset=0):
     g = torch.Generator().manual_seed(seed)
@@ -325,7 +257,7 @@ def _check_gemv(m, n, k, dtype, quant_type, blocksize, nested, seed, x_offset=0)
     # Against the exact product: the kernel's own summation depth.
     exact = x.double() @ w_deq.double().T
     err = (y.double() - exact).abs()
-    tol = gemv_bound(x, w_deq, dtype, _kernel_roundings(k))
+    tol = gemv_bound(x, w_deq, dtype, cuda_gemv_roundings(k))
     assert bool((err <= tol).all()), f"{what}: worst error {float((err - tol).max()):.3e} over the bound"
     # Against the reference: both within their bounds of the exact value (torch's
     # summation order is unknown: depth <= K).
@@ -419,7 +351,7 @@ def test_gemv_bound_is_not_vacuous():
     w = torch.randn(4, 256, generator=g)
     packed, state = _reference(qf.quantize_4bit, w, 64, "nf4", False)
     w_deq = _reference(qf.dequantize_4bit, packed, state, torch.float32)
-    tol = gemv_bound(x, w_deq, torch.float32, _kernel_roundings(256))
+    tol = gemv_bound(x, w_deq, torch.float32, cuda_gemv_roundings(256))
     smallest_gap = float((code4("nf4")[1:] - code4("nf4")[:-1]).min())
     effect = float(x.abs().median()) * float(state.absmax.min()) * smallest_gap
     assert effect > 100 * float(tol.max())

@@ -1,15 +1,7 @@
-"""qpeft::gemv_4bit on CPU (csrc/cpu/gemv*.cpp), both ISAs, against the exact product.
-
-The C++ kernel factors each block's absmax out of its sum: it computes
-sum_b s_b * sum_{k in b} x_k t_k (t the code's table value) where the reference sums
-x_k * fl(t_k s_b). Exactly, the two differ by sum_k x_k (t_k s_b - fl(t_k s_b)), at most
-u * sum|x_k w_k| (u = 2^-24; one rounding per decoded weight). Each product then reaches
-the result through at most h roundings: the scalar kernel's chain within a block
-(2 per term: multiply, add), the block's scaling and its add into the row total (2 per
-block), and, in the AVX2 kernel, a shorter lane chain plus a 3-level horizontal sum;
-h = 2 * (blocksize + K / blocksize) + 8 covers both. The bound is
-gamma_h * sum|x w| + u * sum|x w| (gemv_bound of test_cuda_emulated.py, derived there),
-plus the output dtype's half ulp.
+"""qpeft::gemv_4bit on CPU (csrc/cpu/gemv*.cpp), both ISAs, against the exact product, within
+cpu_gemv_bound (derived in tests/_helpers.py: the kernel's summation depth and its factoring of
+each block's absmax out of the block's sum). The random property over every backend is in
+test_backends.py.
 """
 
 from __future__ import annotations
@@ -21,14 +13,7 @@ import qpeft
 import qpeft.functional as qf
 from qpeft import _native
 
-from .conftest import DTYPES
-from .test_cuda_emulated import gemv_bound
-
-U32 = 2.0**-24
-
-
-def _depth(k: int, blocksize: int) -> int:
-    return 2 * (blocksize + -(-k // blocksize)) + 8
+from ._helpers import DTYPES, cpu_gemv_bound
 
 
 @pytest.fixture(params=["scalar", "avx2"])
@@ -52,9 +37,7 @@ def _check(m, n, k, dtype, quant_type, blocksize, nested, seed=0):
     with qpeft.use_backend("default"):
         w_deq = qf.dequantize_4bit(packed, state, torch.float32)
     exact = x.double() @ w_deq.double().T
-    tol = gemv_bound(x, w_deq, dtype, _depth(k, blocksize)) + U32 * (
-        x.double().abs() @ w_deq.double().abs().T
-    )
+    tol = cpu_gemv_bound(x, w_deq, dtype, blocksize)
     err = (y.double() - exact).abs()
     what = f"m={m} n={n} k={k} {dtype} {quant_type} bs{blocksize} nested={nested}"
     assert bool((err <= tol).all()), f"{what}: worst excess {float((err - tol).max()):.3e}"

@@ -1,10 +1,10 @@
 """qpeft.nn modules: Linear4bit (bitsandbytes state-dict interop), QLoRALinear (LoRA, rsLoRA,
 dropout, DoRA, merge, BitFit, named adapters), IA3Linear; gradients against the fp64 oracle of
-tests/test_qlora_triton.py on every backend that runs the fused op on CPU.
+tests/_helpers.py on every backend that runs the fused op on CPU.
 
 Backends: "default" (the pure-torch reference), "auto" (no backend forced: what users get; the
-fastest registered CPU kernel, the reference until a native one is registered), "cpu" when a
-native CPU kernel of qpeft::qlora_linear is registered, and "triton" under the interpreter.
+fastest registered CPU kernel), and conftest.QLORA_BACKENDS: "cpu" (the native CPU kernel) and
+"triton" under the interpreter.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ from hypothesis import strategies as st
 from torch import nn
 
 import qpeft
-from qpeft._dispatch import kernels_of
 from qpeft.functional import dequantize_4bit
 from qpeft.nn import IA3Linear, Linear4bit, QLoRALinear
 from qpeft.nn.weight_rows import row_norms, weight_rows
 
-from ._helpers import bnb_linear
-from .test_qlora_triton import U32, _oracle, assert_within
+from ._helpers import U32, assert_within, bnb_linear
+from ._helpers import oracle as _oracle
+from .conftest import QLORA_BACKENDS
 
-BACKENDS = ["default", "auto", *(["cpu"] if "qlora_linear" in kernels_of("cpu") else []), "triton"]
+# every backend with a qlora_linear kernel (test_backends.py checks the list), and "auto"
+BACKENDS = ["auto", *QLORA_BACKENDS]
 
 
 def _backend(name: str):
@@ -226,7 +227,10 @@ def test_torch_compile_matches_eager(compiler):
 
 
 # --- Linear4bit and bitsandbytes -------------------------------------------------------------
-bnb = pytest.importorskip("bitsandbytes")
+@pytest.fixture
+def bnb():
+    """bitsandbytes, for the tests that compare with it (the others run without it)."""
+    return pytest.importorskip("bitsandbytes")
 
 
 def _state_equal(a: dict, b: dict) -> None:
@@ -238,7 +242,7 @@ def _state_equal(a: dict, b: dict) -> None:
 @pytest.mark.parametrize(
     "quant_type,double_quant,blocksize", [("nf4", True, 64), ("fp4", False, 128), ("nf4", False, 32)]
 )
-def test_linear4bit_same_bytes_as_bitsandbytes(quant_type, double_quant, blocksize):
+def test_linear4bit_same_bytes_as_bitsandbytes(bnb, quant_type, double_quant, blocksize):
     """Quantizing one weight with both libraries gives identical packed bytes and state dicts."""
     lin = _linear(83, 45, seed=7)
     ours = Linear4bit.from_linear(lin, quant_type, blocksize, double_quant)
@@ -246,7 +250,7 @@ def test_linear4bit_same_bytes_as_bitsandbytes(quant_type, double_quant, blocksi
     _state_equal(ours.state_dict(), theirs.state_dict())
 
 
-def test_bitsandbytes_state_dict_loads_into_linear4bit_and_back(tmp_path):
+def test_bitsandbytes_state_dict_loads_into_linear4bit_and_back(bnb, tmp_path):
     """bitsandbytes -> qpeft with load_state_dict (strict), qpeft -> bitsandbytes with
     Params4bit.from_prequantized (how transformers loads 4-bit checkpoints), both through a
     safetensors file; the outputs agree within fp32 rounding of the same dequantized W."""

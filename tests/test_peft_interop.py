@@ -21,6 +21,7 @@ from qpeft.nn import Linear4bit, QLoRALinear
 
 from ._helpers import assert_close_to_hf, bnb_linear, dequantized_copy, linear_names, replace_linears
 
+# Every test needs PEFT, which itself requires transformers and safetensors.
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytest.importorskip("safetensors")
@@ -99,6 +100,7 @@ def _logits(model, ids):
 
 
 def test_forward_matches_peft_lora_over_bitsandbytes(base, ids):
+    pytest.importorskip("bitsandbytes")  # the only test here that needs it
     ours = _converted(base, r=8, alpha=16)
     _randomize_adapters(ours)
     theirs = replace_linears(copy.deepcopy(base), linear_names(base), bnb_linear)

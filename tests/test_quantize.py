@@ -1,55 +1,19 @@
-"""4-bit and 8-bit blockwise quantization: every backend against the reference,
-and the reference against the format's definition."""
+"""4-bit and 8-bit blockwise quantization on the C++ CPU kernels: edge cases, strided input
+and out=, against the reference; the reference against the format's definition. The random
+properties of every backend are in test_backends.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
-import qpeft
 import qpeft.functional as qf
-from qpeft._formats import BLOCKSIZES_4BIT, code4, dynamic_map, encode4_tables
+from qpeft._formats import code4, dynamic_map, encode4_tables
 
-from .conftest import CPU_BACKENDS, DTYPES, assert_bits_equal
+from ._helpers import DTYPES, assert_bits_equal, assert_same_quantization, reference
+from .conftest import CPU_BACKENDS
 
 QUANT_TYPES = ["nf4", "fp4"]
-
-
-def _reference(fn, *args, **kwargs):
-    with qpeft.use_backend("default"):
-        return fn(*args, **kwargs)
-
-
-def _assert_same_quantization(x, blocksize, quant_type, double_quant, what):
-    p_ref, s_ref = _reference(qf.quantize_4bit, x, blocksize, quant_type, double_quant)
-    packed, state = qf.quantize_4bit(x, blocksize, quant_type, double_quant)
-    assert_bits_equal(packed, p_ref, f"{what} packed")
-    assert_bits_equal(state.absmax, s_ref.absmax, f"{what} absmax")
-    if double_quant:
-        assert_bits_equal(state.offset, s_ref.offset, f"{what} offset")
-        assert_bits_equal(state.state2.absmax, s_ref.state2.absmax, f"{what} nested absmax")
-    for dtype in DTYPES:
-        out = qf.dequantize_4bit(packed, state, out_dtype=dtype)
-        ref = _reference(qf.dequantize_4bit, p_ref, s_ref, out_dtype=dtype)
-        assert_bits_equal(out, ref, f"{what} dequantized to {dtype}")
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
-@given(
-    shape=st.lists(st.integers(1, 97), min_size=1, max_size=3),
-    blocksize=st.sampled_from(BLOCKSIZES_4BIT),
-    quant_type=st.sampled_from(QUANT_TYPES),
-    double_quant=st.booleans(),
-    dtype=st.sampled_from(DTYPES),
-    scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e4]),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_4bit_matches_reference(backend, shape, blocksize, quant_type, double_quant, dtype, scale, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g) * scale).to(dtype)
-    _assert_same_quantization(x, blocksize, quant_type, double_quant, f"{backend} {shape}")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
@@ -86,13 +50,13 @@ def test_4bit_edge_cases(backend, quant_type, case):
             continue  # 3e38 overflows fp16: covered by the non-finite tests
         for blocksize in (32, 64, 4096):
             what = f"{backend} {case} {dtype} bs{blocksize}"
-            _assert_same_quantization(xd, blocksize, quant_type, False, what)
-            absmax = _reference(torch.ops.qpeft.quantize_4bit, xd, blocksize, quant_type)[1]
+            assert_same_quantization(xd, blocksize, quant_type, False, what)
+            absmax = reference(torch.ops.qpeft.quantize_4bit, xd, blocksize, quant_type)[1]
             if not bool(torch.isfinite(absmax.mean())):  # the fp32 mean overflows: a clear error
                 with pytest.raises(ValueError, match="double quantization overflowed"):
                     qf.quantize_4bit(xd, blocksize, quant_type, True)
             else:
-                _assert_same_quantization(xd, blocksize, quant_type, True, what)
+                assert_same_quantization(xd, blocksize, quant_type, True, what)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
@@ -101,37 +65,10 @@ def test_4bit_non_contiguous_input(backend, dtype):
     base = torch.randn(130, 90).to(dtype)
     x = base.t()[::2]  # strided and transposed
     assert not x.is_contiguous()
-    _assert_same_quantization(x, 64, "nf4", True, f"{backend} strided")
+    assert_same_quantization(x, 64, "nf4", True, f"{backend} strided")
     packed, _ = qf.quantize_4bit(x)
     packed_c, _ = qf.quantize_4bit(x.contiguous())
     assert_bits_equal(packed, packed_c, "strided vs contiguous")
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
-@given(
-    n=st.integers(1, 3000),
-    blocksize=st.sampled_from(BLOCKSIZES_4BIT),
-    dtype=st.sampled_from(DTYPES),
-    signed=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_blockwise_8bit_matches_reference(backend, n, blocksize, dtype, signed, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, generator=g)
-    if not signed:
-        x = x.abs()
-    x = x.to(dtype)
-    code = dynamic_map(signed=signed)
-    q_ref, s_ref = _reference(qf.quantize_blockwise, x, blocksize, code)
-    q, s = qf.quantize_blockwise(x, blocksize, code)
-    assert_bits_equal(q, q_ref, "8-bit codes")
-    assert_bits_equal(s.absmax, s_ref.absmax, "8-bit absmax")
-    for out_dtype in DTYPES:
-        assert_bits_equal(
-            qf.dequantize_blockwise(q, s, out_dtype),
-            _reference(qf.dequantize_blockwise, q_ref, s_ref, out_dtype),
-            f"8-bit dequantized to {out_dtype}",
-        )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
@@ -146,7 +83,7 @@ def test_blockwise_8bit_edge_cases(backend):
     ]
     for x in cases:
         for bs in (32, 256, 4096):
-            q_ref, s_ref = _reference(qf.quantize_blockwise, x, bs, code)
+            q_ref, s_ref = reference(qf.quantize_blockwise, x, bs, code)
             q, s = qf.quantize_blockwise(x, bs, code)
             assert_bits_equal(q, q_ref, f"8-bit edge codes bs{bs}")
             assert_bits_equal(s.absmax, s_ref.absmax, f"8-bit edge absmax bs{bs}")
@@ -159,7 +96,7 @@ def test_blockwise_8bit_edge_cases(backend):
 @pytest.mark.parametrize("blocksize", [32, 64, 256])
 def test_reference_picks_a_nearest_code(quant_type, blocksize):
     x = torch.randn(64 * 40)
-    packed, state = _reference(qf.quantize_4bit, x, blocksize, quant_type, False)
+    packed, state = reference(qf.quantize_4bit, x, blocksize, quant_type, False)
     codes = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], 1).reshape(-1).long()
     table = code4(quant_type)
     v = (x.view(-1, blocksize) * (1 / state.absmax[:, None])).reshape(-1)
@@ -173,10 +110,10 @@ def test_reference_picks_a_nearest_code(quant_type, blocksize):
 def test_reference_packing_layout():
     # First element in the high nibble; odd numel padded with the code of 0.0.
     x = torch.tensor([1.0, -1.0, 0.0])
-    packed, _ = _reference(qf.quantize_4bit, x, 64, "nf4", False)
+    packed, _ = reference(qf.quantize_4bit, x, 64, "nf4", False)
     assert packed.shape == (2, 1) and packed.dtype == torch.uint8
     assert packed.reshape(-1).tolist() == [(15 << 4) | 0, (7 << 4) | 7]
-    packed, _ = _reference(qf.quantize_4bit, x, 64, "fp4", False)
+    packed, _ = reference(qf.quantize_4bit, x, 64, "fp4", False)
     assert packed.reshape(-1).tolist() == [(3 << 4) | 11, 0]
 
 
@@ -211,7 +148,7 @@ def test_8bit_roundtrip_error_bounds():
 def test_dequantize_into_out(backend, double_quant, dtype):
     x = torch.randn(67, 45)
     packed, state = qf.quantize_4bit(x, 64, "nf4", double_quant)
-    want = _reference(qf.dequantize_4bit, packed, state, dtype)
+    want = reference(qf.dequantize_4bit, packed, state, dtype)
     dense = torch.full((67, 45), float("nan"), dtype=dtype)
     assert qf.dequantize_4bit(packed, state, out=dense) is dense
     assert_bits_equal(dense, want, "into a contiguous out")
@@ -220,7 +157,7 @@ def test_dequantize_into_out(backend, double_quant, dtype):
     assert_bits_equal(strided.contiguous(), want, "into a strided out")
 
     q, s8 = qf.quantize_blockwise(x)
-    want8 = _reference(qf.dequantize_blockwise, q, s8, dtype)
+    want8 = reference(qf.dequantize_blockwise, q, s8, dtype)
     out8 = torch.empty(67, 45, dtype=dtype)
     assert qf.dequantize_blockwise(q, s8, out=out8) is out8
     assert_bits_equal(out8, want8, "8-bit into out")

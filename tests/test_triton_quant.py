@@ -1,4 +1,6 @@
-"""The Triton quantization kernels against the reference, bit for bit.
+"""The Triton quantization kernels against the reference, bit for bit: every mask edge,
+edge-case inputs, out=. The random properties and arbitrary-state dequantization of every
+backend are in test_backends.py.
 
 Without a GPU, conftest.py sets TRITON_INTERPRET=1 and these run the real kernels
 on CPU tensors. The interpreter is slow, so shapes are small but chosen to hit every
@@ -10,14 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import qpeft
 import qpeft.functional as qf
 from qpeft._formats import BLOCKSIZES_4BIT, LUT_BINS, dynamic_map, encode4_tables
 
-from .conftest import DTYPES, assert_bits_equal
+from ._helpers import DTYPES, assert_bits_equal, assert_same_values
 
 pytest.importorskip("triton")
 
@@ -38,14 +38,6 @@ def _reference(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def _assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Bit-exact, except that any NaN matches any NaN (payloads are not part of the format:
-    torch's own fp32->bf16 cast writes 0xFFFF, a GPU's cvt 0x7FFF)."""
-    nan = torch.isnan(expected.float())
-    assert bool((torch.isnan(actual.float()) == nan).all()), f"{what}: NaN positions differ"
-    assert_bits_equal(actual.masked_fill(nan, 0), expected.masked_fill(nan, 0), what)
-
-
 def _check_4bit(x, blocksize, quant_type, double_quant, what, out_dtypes=DTYPES):
     try:
         p_ref, s_ref = _reference(
@@ -57,23 +49,27 @@ def _check_4bit(x, blocksize, quant_type, double_quant, what, out_dtypes=DTYPES)
         return
     packed, state = qf.quantize_4bit(x, blocksize, quant_type, double_quant, allow_nonfinite=True)
     assert_bits_equal(packed, p_ref, f"{what} packed")
-    _assert_same(state.absmax, s_ref.absmax, f"{what} absmax")
+    assert_same_values(state.absmax, s_ref.absmax, f"{what} absmax")
     if double_quant:
-        _assert_same(state.offset, s_ref.offset, f"{what} offset")
-        _assert_same(state.state2.absmax, s_ref.state2.absmax, f"{what} nested absmax")
+        assert_same_values(state.offset, s_ref.offset, f"{what} offset")
+        assert_same_values(state.state2.absmax, s_ref.state2.absmax, f"{what} nested absmax")
     for dtype in out_dtypes:
         out = qf.dequantize_4bit(packed, state, out_dtype=dtype)
-        _assert_same(out, _reference(qf.dequantize_4bit, p_ref, s_ref, out_dtype=dtype), f"{what} -> {dtype}")
+        assert_same_values(
+            out, _reference(qf.dequantize_4bit, p_ref, s_ref, out_dtype=dtype), f"{what} -> {dtype}"
+        )
 
 
 def _check_8bit(x, blocksize, code, what, out_dtypes=DTYPES):
     q_ref, s_ref = _reference(qf.quantize_blockwise, x, blocksize, code, allow_nonfinite=True)
     q, s = qf.quantize_blockwise(x, blocksize, code, allow_nonfinite=True)
     assert_bits_equal(q, q_ref, f"{what} codes")
-    _assert_same(s.absmax, s_ref.absmax, f"{what} absmax")
+    assert_same_values(s.absmax, s_ref.absmax, f"{what} absmax")
     for dtype in out_dtypes:
         out = qf.dequantize_blockwise(q, s, dtype)
-        _assert_same(out, _reference(qf.dequantize_blockwise, q_ref, s_ref, dtype), f"{what} -> {dtype}")
+        assert_same_values(
+            out, _reference(qf.dequantize_blockwise, q_ref, s_ref, dtype), f"{what} -> {dtype}"
+        )
 
 
 def _mask_edges(blocksize: int) -> list[int]:
@@ -98,22 +94,6 @@ def test_4bit_every_blocksize(blocksize, quant_type):
     x = torch.randn(_mask_edges(blocksize)[-1], generator=g)
     _check_4bit(x, blocksize, quant_type, False, f"bs={blocksize} dq off", [torch.float32])
     _check_4bit(x, blocksize, quant_type, True, f"bs={blocksize} dq on", [torch.float32])
-
-
-@settings(max_examples=max(1, settings.default.max_examples // 3))  # the interpreter is slow
-@given(
-    shape=st.lists(st.integers(1, 70), min_size=1, max_size=2),
-    blocksize=st.sampled_from(BLOCKSIZES_4BIT),
-    quant_type=st.sampled_from(QUANT_TYPES),
-    double_quant=st.booleans(),
-    dtype=st.sampled_from(DTYPES),
-    scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e4]),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_4bit_matches_reference(shape, blocksize, quant_type, double_quant, dtype, scale, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g) * scale).to(dtype)
-    _check_4bit(x, blocksize, quant_type, double_quant, f"{shape} bs={blocksize} {dtype}")
 
 
 def _edge_input(case: str, quant_type: str) -> torch.Tensor:
@@ -188,77 +168,6 @@ def test_4bit_strided_input():
     _check_4bit(x, 64, "nf4", True, "strided")
 
 
-@pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_4bit_dequantize_any_absmax(quant_type):
-    # Every code against absmax values spanning all fp32 exponents (random bit patterns,
-    # finite and not), plus bf16/fp16 rounding ties and overflow: the output cast must
-    # round to nearest even exactly as torch's does.
-    g = torch.Generator().manual_seed(7)
-    bits = torch.randint(0, 2**31 - 1, (96,), generator=g, dtype=torch.int64).to(torch.int32)
-    special = torch.tensor(
-        [
-            1.0 + 2**-8,
-            1.0 + 3 * 2**-8,
-            1.0 + 2**-11,
-            3.3e38,
-            6.6e4,
-            1e-40,
-            0.0,
-            -0.0,
-            float("inf"),
-            float("nan"),
-            -1.0,
-            2**-24,
-            3 * 2**-25,
-            2**-133,
-            65520.0,
-            65519.0,
-        ]
-    )
-    absmax = torch.cat([bits.view(torch.float32), special])
-    blocksize = 32
-    n = absmax.numel() * blocksize - 9  # partial, odd last block
-    packed = torch.randint(0, 256, ((n + 1) // 2, 1), generator=g, dtype=torch.uint8)
-    packed[: absmax.numel() * 8, 0] = torch.arange(256, dtype=torch.uint8).repeat(
-        absmax.numel() * 8 // 256 + 1
-    )[: absmax.numel() * 8]
-    for dtype in DTYPES:
-        out = torch.ops.qpeft.dequantize_4bit(packed, absmax, blocksize, quant_type, [n], dtype)
-        ref = _reference(torch.ops.qpeft.dequantize_4bit, packed, absmax, blocksize, quant_type, [n], dtype)
-        _assert_same(out, ref, f"dequantize_4bit -> {dtype}")
-
-
-@pytest.mark.parametrize("nested_blocksize", [32, 256])
-def test_4bit_dequantize_nested_any_state(nested_blocksize):
-    # Arbitrary 8-bit absmax codes, nested absmax and offset (not only what quantize_4bit
-    # produces), with more blocks than one nested block so b // nested_blocksize varies.
-    g = torch.Generator().manual_seed(nested_blocksize)
-    blocksize = 32
-    nblocks = 2 * nested_blocksize + 5
-    n = nblocks * blocksize - 1
-    packed = torch.randint(0, 256, ((n + 1) // 2, 1), generator=g, dtype=torch.uint8)
-    absmax_codes = torch.randint(0, 256, (nblocks,), generator=g, dtype=torch.uint8)
-    nested_absmax = torch.rand(-(nblocks // -nested_blocksize), generator=g) * 10
-    offset = torch.tensor([0.3])
-    code = dynamic_map(signed=True)
-    for dtype in DTYPES:
-        args = (
-            packed,
-            absmax_codes,
-            nested_absmax,
-            code,
-            offset,
-            blocksize,
-            nested_blocksize,
-            "nf4",
-            [n],
-            dtype,
-        )
-        out = torch.ops.qpeft.dequantize_4bit_nested(*args)
-        ref = _reference(torch.ops.qpeft.dequantize_4bit_nested, *args)
-        _assert_same(out, ref, f"dequantize_4bit_nested nbs={nested_blocksize} -> {dtype}")
-
-
 # --- 8-bit ----------------------------------------------------------------------------
 
 
@@ -274,34 +183,10 @@ def test_8bit_every_blocksize(blocksize):
         )
 
 
-@settings(max_examples=max(1, settings.default.max_examples // 4))
-@given(
-    n=st.integers(1, 3000),
-    blocksize=st.sampled_from(BLOCKSIZES_4BIT),
-    dtype=st.sampled_from(DTYPES),
-    signed=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_8bit_matches_reference(n, blocksize, dtype, signed, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, generator=g)
-    x = (x if signed else x.abs()).to(dtype)
-    _check_8bit(x, blocksize, dynamic_map(signed=signed), f"n={n} bs={blocksize} {dtype}")
-
-
-def test_8bit_grid_without_division():
-    # quantize_blockwise_kernel computes the reference's grid value -1 + (2b) / 65535 as
-    # -1 + (t + (t2 + t2 * 2^-16)), t = 2b * 2^-16, t2 = t * 2^-16 (no division): equal
-    # for every bin, in fp32 with each step rounded (no FMA: the kernel disables fusion).
-    bins = torch.arange(LUT_BINS, dtype=torch.float32)
-    expected = -1.0 + (2.0 * bins) / (LUT_BINS - 1)
-    t = (2.0 * bins) * 2.0**-16
-    t2 = t * 2.0**-16
-    assert_bits_equal(-1.0 + (t + (t2 + t2 * 2.0**-16)), expected, "grid")
-
-
 def test_8bit_every_lookup_bin():
-    # Each of the 65536 grid values (and their negatives) once, in blocks whose absmax is
+    # quantize_blockwise_kernel computes the reference's grid value -1 + (2b) / 65535 as
+    # -1 + (t + (t2 + t2 * 2^-16)), t = 2b * 2^-16, t2 = t * 2^-16 (no division; the kernel
+    # disables FMA contraction so each step rounds alone). Each of the 65536 grid values (and their negatives) once, in blocks whose absmax is
     # 1.0: the in-kernel bin + binary search must equal the reference's lookup table.
     grid = -1.0 + (2.0 * torch.arange(LUT_BINS, dtype=torch.float32)) / (LUT_BINS - 1)
     x = torch.cat([torch.tensor([1.0]), grid, -grid])
