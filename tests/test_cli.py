@@ -1,0 +1,71 @@
+"""What a newcomer meets first: the warning when the compiled CPU module is missing, and
+the command-line entry points' errors (``python -m qpeft``): one line on stderr and exit
+status 2 for a bad ``--device``, never a torch traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _python(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter from the repository root (so that this checkout's
+    qpeft is the one imported), with ``env`` added to the environment."""
+    return subprocess.run(
+        [sys.executable, *args, "-c", code] if code else [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+
+
+# --- the pure-torch fallback is announced, once, at the first CPU op --------------------
+
+_WITHOUT_C = """
+import sys, warnings
+sys.modules["qpeft._C"] = None  # what a source tree without the built module looks like
+warnings.simplefilter("always")  # the warning must not rely on the registry to appear once
+with warnings.catch_warnings(record=True) as at_import:
+    import torch, qpeft, qpeft.functional as qf
+assert not at_import, [str(w.message) for w in at_import]
+assert "qpeft._C" not in sys.modules or sys.modules["qpeft._C"] is None
+w = torch.randn(64, 128)
+with warnings.catch_warnings(record=True) as caught:
+    packed, state = qf.quantize_4bit(w, 64, "nf4")  # the line the warning must point at
+    for _ in range(3):
+        qf.dequantize_4bit(*qf.quantize_4bit(w, 64, "nf4"))
+from qpeft._native import ReferenceFallbackWarning
+ours = [x for x in caught if issubclass(x.category, ReferenceFallbackWarning)]
+assert len(ours) == 1, [str(x.message) for x in caught]
+print(ours[0].lineno)
+print(ours[0].message)
+with qpeft.use_backend("default"):
+    ref_packed, _ = qf.quantize_4bit(w, 64, "nf4")
+assert torch.equal(packed, ref_packed)
+"""
+
+
+def test_missing_cpu_module_warns_once_at_the_first_cpu_op_naming_the_fix():
+    r = _python(_WITHOUT_C)
+    assert r.returncode == 0, r.stderr
+    lineno, message = r.stdout.splitlines()[:2]
+    # it points at the user's call, not at qpeft's dispatcher
+    assert _WITHOUT_C.splitlines()[int(lineno) - 1].strip().startswith("packed, state = qf.quantize_4bit")
+    assert "qpeft._C could not be imported" in message
+    assert "pip install -e ." in message and "pure-torch reference" in message
+
+
+def test_no_fallback_warning_when_the_cpu_module_is_built():
+    r = _python(
+        "import warnings, torch, qpeft.functional as qf\n"
+        "from qpeft._native import ReferenceFallbackWarning\n"
+        "warnings.simplefilter('error', ReferenceFallbackWarning)\n"
+        "qf.quantize_4bit(torch.randn(64, 64), 64, 'nf4')\n"
+    )
+    assert r.returncode == 0, r.stderr
