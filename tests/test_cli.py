@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -69,3 +72,68 @@ def test_no_fallback_warning_when_the_cpu_module_is_built():
         "qf.quantize_4bit(torch.randn(64, 64), 64, 'nf4')\n"
     )
     assert r.returncode == 0, r.stderr
+
+
+# --- python -m qpeft: bad command lines are one line on stderr, exit status 2 -----------
+
+
+def _unusable_cuda() -> str:
+    """A CUDA device that does not exist here: plain ``cuda`` without a GPU (the case a
+    newcomer on a laptop meets), else one index past the last GPU."""
+    return "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+
+
+@pytest.mark.parametrize("command", ["demo", "quant-report"])
+@pytest.mark.parametrize("device", [_unusable_cuda(), "tpu"])
+def test_unusable_device_is_one_line_and_exit_2(command, device):
+    r = _python("", "-m", "qpeft", command, "--device", device)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"python -m qpeft {command}: error: --device {device}:"), lines[0]
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_check_device_says_why():
+    from qpeft.__main__ import UsageError, check_device
+
+    assert check_device("cpu") == torch.device("cpu")
+    with pytest.raises(UsageError, match="unknown device"):
+        check_device("mps")
+    with pytest.raises(UsageError, match="unknown device"):
+        check_device("cuda:x")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="CPU-only build|no CUDA device"):
+            check_device("cuda")
+    with pytest.raises(UsageError, match=r"CUDA device\(s\)|CPU-only build|no CUDA device"):
+        check_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_out_that_is_a_file_is_refused_before_training(tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("not a directory")
+    r = _python("", "-m", "qpeft", "demo", "--device", "cpu", "--out", str(target))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"python -m qpeft demo: error: --out {target}: exists and is not a directory"
+    ]
+    assert target.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("command", ["demo", "quant-report"])
+def test_help_is_plain_text_and_shows_defaults(command):
+    r = _python("", "-m", "qpeft", command, "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    assert "``" not in text
+    if command == "demo":
+        assert "optimizer steps (default: 300)" in text
+        assert "(default: qpeft_demo_out)" in text
+        assert "--no-train-embeddings" in text and "(default: True)" not in text
+    else:
+        assert "(default: 4096)" in text and "(default: nf4)" in text
+
+
+def test_top_level_help_is_plain_text():
+    r = _python("", "-m", "qpeft", "--help")
+    assert r.returncode == 0 and "``" not in r.stdout and "quant-report" in r.stdout
