@@ -137,3 +137,48 @@ def test_help_is_plain_text_and_shows_defaults(command):
 def test_top_level_help_is_plain_text():
     r = _python("", "-m", "qpeft", "--help")
     assert r.returncode == 0 and "``" not in r.stdout and "quant-report" in r.stdout
+
+
+# --- python -m benchmarks: says where it wrote and, once, what it skipped ---------------
+
+
+def test_benchmarks_say_where_they_wrote_and_what_they_skipped(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from benchmarks import __main__ as bench
+    from benchmarks import harness
+    from benchmarks.harness import Case, Impl
+
+    # one trivial case and no bandwidth/GEMM measurement: the test is about the messages
+    x = torch.ones(4)
+    fake = SimpleNamespace(
+        cases=lambda device, quick: [Case("tiny group", "4", [Impl("qpeft cpu", x.clone)])]
+    )
+    monkeypatch.setattr(bench, "MODULES", {"tiny": fake})
+    monkeypatch.setattr(bench, "copy_bandwidth_gbs", lambda *a: 1.0)
+    monkeypatch.setattr(bench, "gemm_gflops", lambda *a: 1.0)
+    monkeypatch.setattr(
+        harness, "OPTIONAL", {"json": "never missing", "qpeft_no_such_package": "the made-up rows"}
+    )
+    monkeypatch.setattr(bench, "missing_optional", harness.missing_optional)
+
+    assert bench.main(["--quick", "--ops", "tiny", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    skipped = [line for line in err.splitlines() if "skipped" in line]
+    assert skipped == [
+        "not installed, so skipped: qpeft_no_such_package (the made-up rows). "
+        "pip install -e '.[bench]' installs them."
+    ]
+    assert f"wrote 2 files to {tmp_path.resolve()}: cpu_quick.md, cpu_quick.json" in err
+    report = (tmp_path / "cpu_quick.md").read_text()
+    assert "Not installed, so not compared: qpeft_no_such_package" in report
+
+
+def test_bench_extra_installs_every_optional_package():
+    import tomllib
+
+    from benchmarks.harness import OPTIONAL
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {req.split(">")[0].split("=")[0].split("<")[0].strip() for req in extras["bench"]}
+    assert set(OPTIONAL) <= names
