@@ -1,15 +1,19 @@
-"""What a newcomer meets first: the warning when the compiled CPU module is missing, and
-the command-line entry points' errors (``python -m qpeft``): one line on stderr and exit
-status 2 for a bad ``--device``, never a torch traceback."""
+"""What a newcomer meets first: the warning when the compiled CPU module is missing; the
+command-line entry points (``python -m qpeft``: one line on stderr and exit status 2 for a
+bad ``--device`` or ``--out``, never a torch traceback; ``python -m benchmarks``: where it
+wrote and what it skipped); and the lint/format tool pins that CI, pre-commit and the
+``dev`` extra must share."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import tomllib  # Python 3.11+, which CI and the test extras run on
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,10 +179,24 @@ def test_benchmarks_say_where_they_wrote_and_what_they_skipped(tmp_path, monkeyp
 
 
 def test_bench_extra_installs_every_optional_package():
-    import tomllib
-
     from benchmarks.harness import OPTIONAL
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     names = {req.split(">")[0].split("=")[0].split("<")[0].strip() for req in extras["bench"]}
     assert set(OPTIONAL) <= names
+
+
+# --- developer tooling: one version of each lint/format tool everywhere ----------------
+
+
+def test_lint_tool_pins_agree_across_ci_pre_commit_and_the_dev_extra():
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    hooks = (ROOT / ".pre-commit-config.yaml").read_text()
+    for tool in ("ruff", "clang-format"):
+        (pin,) = [req for req in dev if req.startswith(f"{tool}==")]
+        assert pin in ci and pin in hooks, pin
+        # no other version of the tool is named anywhere
+        assert set(re.findall(rf"{tool}==[\w.]+", ci + hooks)) == {pin}
+    for check in ("ruff check .", "ruff format --check .", "clang-format --dry-run -Werror"):
+        assert check in ci, check
