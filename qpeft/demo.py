@@ -141,7 +141,7 @@ def sample_caveat(held_out_loss: float, bigram: float, steps: int) -> str | None
     return (
         f"(after only {steps} steps the model has not learned the text yet: held-out loss "
         f"{held_out_loss:.3f} is above the {bigram:.3f} of a byte-pair table; this sample is expected to "
-        "be noise. The default --steps gets well below it.)"
+        "be noise)"
     )
 
 
