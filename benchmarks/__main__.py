@@ -10,7 +10,8 @@ listed as failed, with the reason, and not timed. Then it times the medians (on 
 implementations of a case take turns, a quarter second each round, so that a noisy
 spell on a shared machine falls on all of them), measures peak memory, and reports time, the ratio to the fastest qpeft implementation, and the achieved rate as
 a fraction of the copy bandwidth or GEMM rate measured in the same run, as markdown,
-JSON and PNG plots in ``--out`` (default benchmarks/results).
+JSON and PNG plots in ``--out`` (default benchmarks/results), and says on stderr where it
+wrote them and which optional packages (peers, matplotlib) were missing, so skipped.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import torch
 from . import report, targets
 from .cases import MODULES
 from .harness import (
+    INSTALL_HINT,
     Result,
     copy_bandwidth_gbs,
     gemm_gflops,
     machine,
+    missing_optional,
     peak_memory_mb,
     time_cpu_interleaved,
     time_cuda,
@@ -105,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)  # pinned for the whole run
+    missing = missing_optional()
+    if missing:  # said once, up front, rather than rows and plots silently absent at the end
+        print(
+            "not installed, so skipped: "
+            + "; ".join(f"{pkg} ({what})" for pkg, what in missing.items())
+            + f". {INSTALL_HINT} installs them.",
+            file=sys.stderr,
+        )
 
     limits = {
         "copy_gbs": copy_bandwidth_gbs(args.device, 16 << 20 if args.quick else 256 << 20),
@@ -120,9 +131,16 @@ def main(argv: list[str] | None = None) -> int:
             failures += f
     name = f"{args.device}{'_quick' if args.quick else ''}"
     notes = "Every implementation's result was checked before timing (see each case module for the bound)."
+    if missing:
+        notes += f"\n\nNot installed, so not compared: {', '.join(missing)} ({INSTALL_HINT} installs them)."
     if not args.quick:  # tiny sizes and two runs say nothing about the targets
         notes += "\n\n## Targets\n\n" + targets.evaluate(results, limits)
-    print(report.write(results, info, limits, args.out, name, notes))
+    text, written = report.write(results, info, limits, args.out, name, notes)
+    print(text)
+    print(
+        f"wrote {len(written)} files to {args.out.resolve()}: {', '.join(p.name for p in written)}",
+        file=sys.stderr,
+    )
     if failures:
         print("FAILED:\n" + "\n".join(failures), file=sys.stderr)
         return 1

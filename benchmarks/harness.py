@@ -10,11 +10,13 @@ other machines are never mixed in, and devices are never mixed in a ratio.
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import statistics
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -232,6 +234,31 @@ def gemm_gflops(device: str = "cpu", size: int = 2048, dtype: torch.dtype = torc
 
 
 # --- the machine description ----------------------------------------------------------
+
+
+# The optional packages of a full run (all in qpeft's `bench` extra) and what a run without
+# each one lacks. The cases import them if present and leave their rows out otherwise.
+OPTIONAL = {
+    "matplotlib": "the PNG plots",
+    "bitsandbytes": "bitsandbytes and PEFT-over-bitsandbytes rows",
+    "torchao": "torchao NF4 rows",
+    "peft": "PEFT-over-bitsandbytes rows",
+    "transformers": "the demo-model training step",
+}
+INSTALL_HINT = "pip install -e '.[bench]'"
+
+
+def missing_optional() -> dict[str, str]:
+    """{package: what is skipped} for each package of OPTIONAL that cannot be imported here."""
+    missing = {}
+    for pkg, what in OPTIONAL.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # peers warn at import about CPU-only builds
+                importlib.import_module(pkg)
+        except Exception:  # a broken install is skipped by the cases just as a missing one
+            missing[pkg] = what
+    return missing
 
 
 def _version(pkg: str) -> str | None:

@@ -110,7 +110,11 @@ def plots(results: list[Result], out_dir: Path, prefix: str) -> list[Path]:
     return written
 
 
-def write(results: list[Result], info: dict, limits: dict, out_dir: Path, name: str, notes: str = "") -> str:
+def write(
+    results: list[Result], info: dict, limits: dict, out_dir: Path, name: str, notes: str = ""
+) -> tuple[str, list[Path]]:
+    """Writes ``name``.md, ``name``.json and the plots into ``out_dir``; returns the markdown
+    and the paths written, so that the caller can say where they went."""
     out_dir.mkdir(parents=True, exist_ok=True)
     text = f"# {name}\n\n{header(info, limits)}\n\n{markdown(results, limits)}" + (
         f"\n{notes}\n" if notes else ""
@@ -121,4 +125,4 @@ def write(results: list[Result], info: dict, limits: dict, out_dir: Path, name: 
     (out_dir / f"{name}.md").write_text(text)
     payload = {"machine": info, "limits": limits, "results": [asdict(r) for r in results]}
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    return text
+    return text, [out_dir / f"{name}.md", out_dir / f"{name}.json", *pngs]

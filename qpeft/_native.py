@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import sys
+import warnings
 from types import ModuleType
 
 _HINTS = {
-    "_C": "reinstall qpeft from source with a C++17 compiler and CMake (`pip install .`)",
+    "_C": (
+        "build it: run `pip install -e .` in the qpeft source tree (or `pip install .` for a "
+        "non-editable install); it needs a C++17 compiler, and CMake and pybind11 come from pip"
+    ),
     "_C_cuda": (
         "qpeft was built without CUDA kernels; rebuild with the CUDA toolkit on PATH "
         "(`QPEFT_CUDA=1 pip install .`)"
@@ -45,8 +51,49 @@ def cuda_module() -> ModuleType:
     return mod
 
 
+class ReferenceFallbackWarning(RuntimeWarning):
+    """qpeft's compiled CPU kernels are missing, so CPU tensors run the pure-torch reference."""
+
+
+_warned_cpu_fallback = False
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points the warning at the first frame outside qpeft and
+    torch (the user's call), so that it says which line of theirs was slow."""
+    internal = tuple(
+        os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+        for m in (sys.modules["qpeft"], sys.modules["torch"])
+        if getattr(m, "__file__", None)
+    )
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_cpu_fallback(err: str) -> None:
+    # Once per process, by a flag rather than the warnings registry: under an "always"
+    # filter the registry would repeat it on every op call. Not at import (importing qpeft
+    # loads no native module); the first op on a CPU tensor asks whether "cpu" can run.
+    global _warned_cpu_fallback
+    if _warned_cpu_fallback:
+        return
+    _warned_cpu_fallback = True
+    warnings.warn(
+        f"{err}. qpeft's CPU ops are falling back to the pure-torch reference, which is tens to "
+        "hundreds of times slower (a 4096x4096 NF4 quantize takes about a second instead of about "
+        "10 ms).",
+        ReferenceFallbackWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+
+
 def cpu_unavailable() -> str | None:
-    return _load("_C")[1]
+    err = _load("_C")[1]
+    if err is not None:
+        _warn_cpu_fallback(err)
+    return err
 
 
 def cuda_unavailable() -> str | None:

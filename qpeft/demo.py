@@ -1,15 +1,16 @@
-"""``python -m qpeft demo``: QLoRA fine-tuning of a small causal LM, end to end, offline.
+"""python -m qpeft demo: QLoRA fine-tuning of a small causal LM, end to end, offline.
 
 A Llama-architecture model is built from a transformers config (random initialisation:
 nothing is downloaded), every projection layer is quantized to NF4 with double quantization
-and given a LoRA adapter by ``qpeft.convert``, and the adapters are trained on the text that
-ships with qpeft (``qpeft/data/river_town.txt``, byte-level tokens). It prints a progress
+and given a LoRA adapter by qpeft.convert, and the adapters are trained on the text that
+ships with qpeft (qpeft/data/river_town.txt, byte-level tokens). It prints a progress
 line, the loss curve, held-out loss before and after, weight + optimizer memory against full
 16-bit fine-tuning, tokens per second, a greedy sample, and saves the adapter in HF PEFT's
-format (plus ``demo_config.json``, from which the random base is rebuilt exactly).
+format (plus demo_config.json, from which the random base is rebuilt exactly) under --out.
 
 transformers is needed for the model class (it is a test/bench extra of qpeft, not a runtime
-dependency): without it the demo stops with an install hint.
+dependency): without it the demo stops with an install hint. This docstring is plain text
+because its first paragraph is the subcommand's --help description.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ SIZES = {
 }
 VOCAB = 256  # byte-level
 BOS = ord("\n")  # generation starts from a newline
+# Relative to the current directory; the repository's .gitignore lists it, so a demo run
+# from a checkout leaves `git status` clean.
+DEFAULT_OUT = "qpeft_demo_out"
 
 
 def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
@@ -116,6 +120,31 @@ def _sample(model, tok: ByteTokenizer, prompt: str, n: int, seq_len: int, device
     return tok.decode(ids[0, len(prompt.encode("utf-8")) :].tolist())
 
 
+def bigram_entropy(data: torch.Tensor) -> float:
+    """H(next byte | previous byte) of ``data`` in nats: the held-out loss a model reaches by
+    knowing only which byte tends to follow which."""
+    pairs = (
+        torch.bincount(data[:-1] * VOCAB + data[1:], minlength=VOCAB * VOCAB).double().reshape(VOCAB, VOCAB)
+    )
+    joint = pairs / pairs.sum()
+    given = joint / pairs.sum(1, keepdim=True).clamp_min(1) * pairs.sum()
+    nz = joint > 0
+    return float(-(joint[nz] * given[nz].log()).sum())
+
+
+def sample_caveat(held_out_loss: float, bigram: float, steps: int) -> str | None:
+    """A note for the greedy sample when the model has not yet learned more than which byte
+    follows which: short runs (--steps 5, 30) then sample one letter or one pair of letters
+    over and over, which reads like a bug but is what an untrained model does."""
+    if held_out_loss <= bigram:
+        return None
+    return (
+        f"(after only {steps} steps the model has not learned the text yet: held-out loss "
+        f"{held_out_loss:.3f} is above the {bigram:.3f} of a byte-pair table; this sample is expected to "
+        "be noise)"
+    )
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:8.2f} MiB"
 
@@ -143,8 +172,6 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.steps < 1 or args.rank < 1 or args.batch < 1 or args.seq_len < 8:
-        raise SystemExit("steps, rank and batch must be >= 1 and seq-len >= 8")
     tok = ByteTokenizer()
     text = load_text()
     data = tok.encode(text)
@@ -227,6 +254,9 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"  greedy sample: {prompt!r} -> {_sample(model, tok, prompt, args.sample, args.seq_len, device)!r}"
         )
+        caveat = sample_caveat(after, bigram_entropy(train), args.steps)
+        if caveat is not None:
+            print(f"  {caveat}")
     if args.out:
         extra = ["embed_tokens", "lm_head"] if args.train_embeddings else None
         qpeft.save_adapter(model, args.out, modules_to_save=extra)
@@ -244,18 +274,32 @@ def run(args: argparse.Namespace) -> int:
                 default=str,
             )
         print(
-            f"  adapter saved to {args.out}/ (adapter_model.safetensors, adapter_config.json: HF PEFT's format; "
-            f"demo_config.json rebuilds the base)"
+            f"  adapter saved to {os.path.abspath(args.out)}{os.sep} (adapter_model.safetensors, "
+            "adapter_config.json: HF PEFT's format; demo_config.json rebuilds the base; --out sets the "
+            "directory, --out '' skips saving)"
         )
     return 0
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its "invalid integer value" message
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The demo's options; ``--device`` is added (and checked) by ``python -m qpeft``, as
+    for every subcommand that takes one. Defaults appear in ``--help``."""
     p.add_argument(
-        "--size", choices=sorted(SIZES), default="small", help="model size (default: small, ~3.3M params)"
+        "--size", choices=sorted(SIZES), default="small", help="model size (small: ~3.3M parameters)"
     )
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (alpha = 2r)")
+    p.add_argument("--steps", type=_at_least(1), default=300, help="optimizer steps")
+    p.add_argument("--rank", type=_at_least(1), default=8, help="LoRA rank r (alpha = 2r)")
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (0: the fully fused path)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear warm-up, cosine decay)")
     p.add_argument(
@@ -264,16 +308,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="train the LoRA adapters only (by default the new tokenizer's embeddings and lm_head train too)",
     )
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch", type=_at_least(1), default=8, help="sequences per step")
+    p.add_argument("--seq-len", type=_at_least(8), default=64, help="tokens (bytes) per sequence")
     p.add_argument(
-        "--sample", type=int, default=80, help="characters of greedy sample after training (0: none)"
+        "--sample", type=_at_least(0), default=80, help="characters of greedy sample after training (0: none)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation and the batches")
     # torch's thread count by default. (Once qpeft's kernels ran on a pool of their own that
     # competed with torch's spin-waiting OpenMP threads, two threads were 9x slower than one;
     # now they run on torch's OpenMP team and 2 threads beat 1 on the 2-core VM: 6,500 vs
     # 4,260 tokens/s for the 'small' model.)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's choice)")
-    p.add_argument("--out", default="qpeft-demo-adapter", help="where to save the adapter ('' to skip)")
+    p.add_argument(
+        "--threads", type=_at_least(0), default=0, help="CPU threads for torch (0: torch's choice)"
+    )
+    p.add_argument(
+        "--out",
+        default=DEFAULT_OUT,
+        help="directory to save the adapter and demo_config.json in, created if missing ('' to skip saving)",
+    )
