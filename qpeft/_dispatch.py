@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -43,10 +42,6 @@ DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 class BackendUnavailableError(RuntimeError):
     """A backend was requested that cannot run here (missing module, no device, ...)."""
-
-
-class NativeModuleMissingWarning(RuntimeWarning):
-    """qpeft's compiled CPU module is not built: ops run on the (much slower) reference."""
 
 
 @dataclass
@@ -211,37 +206,15 @@ def _forced_kernel(op: str, backend: str, device_type: str) -> Callable:
 
 
 def _resolve_default(op: str, device_type: str) -> Callable:
-    skipped = []
     for name in PRIORITY.get(device_type, ("default",)):
         backend = _backends.get(name)
         fn = None if backend is None else backend.kernels.get(op)
         if fn is None:
             continue
-        reason = backend.why_not()
-        if reason is None:
-            if skipped and name == "default" and device_type == "cpu":
-                _warn_reference_fallback(op, skipped)
+        if backend.why_not() is None:  # the cpu backend's probe warns when it falls back
             _default_kernel[(op, device_type)] = fn
             return fn
-        skipped.append((name, reason))
     raise BackendUnavailableError(f"no qpeft backend can run qpeft::{op} on {device_type} tensors")
-
-
-_warned_reference = False
-
-
-def _warn_reference_fallback(op: str, skipped: list[tuple[str, str]]) -> None:
-    global _warned_reference
-    if _warned_reference:
-        return
-    _warned_reference = True
-    why = "; ".join(f"{name}: {reason}" for name, reason in skipped)
-    warnings.warn(
-        f"qpeft::{op} runs on the pure-torch reference, 10-100x slower than the C++ kernels ({why}). "
-        "Build the native module: `pip install -e .` in the source tree (needs a C++17 compiler and CMake).",
-        NativeModuleMissingWarning,
-        stacklevel=4,
-    )
 
 
 def _router(op: str, device_type: str) -> Callable:

@@ -3,8 +3,6 @@ checked once, at the public boundary (qpeft.functional), with clear errors."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -69,21 +67,22 @@ def test_default_choice_is_probed_once_and_cached(monkeypatch):
         _dispatch.reset()
 
 
-def test_missing_native_module_warns_once_and_runs_the_reference(monkeypatch):
+def test_unavailable_cpu_module_falls_back_to_the_reference(monkeypatch):
+    # (the one-time warning of a missing qpeft._C is tested in test_cli.py, in a subprocess)
     backend = _dispatch._backends["cpu"]
     monkeypatch.setattr(backend, "unavailable", lambda: "qpeft._C could not be imported (test)")
-    monkeypatch.setattr(_dispatch, "_warned_reference", False)
     _dispatch.reset()
     try:
         x = torch.randn(300)
-        with pytest.warns(_dispatch.NativeModuleMissingWarning, match="pip install -e"):
-            packed, state = qf.quantize_4bit(x)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            qf.dequantize_4bit(packed, state)  # no second warning
+        packed = qf.quantize_4bit(x)[0]
+        assert (
+            _dispatch.kernel_for("quantize_4bit", "cpu") is _dispatch.kernels_of("default")["quantize_4bit"]
+        )
         with qpeft.use_backend("default"):
-            ref = qf.quantize_4bit(x)[0]
-        assert torch.equal(packed, ref)
+            assert torch.equal(packed, qf.quantize_4bit(x)[0])
+        with pytest.raises(qpeft.BackendUnavailableError, match="test"):
+            with qpeft.use_backend("cpu"):
+                pass
     finally:
         monkeypatch.undo()
         _dispatch.reset()
