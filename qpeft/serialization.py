@@ -986,18 +986,39 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     _fsync(os.path.dirname(target))
 
 
+def _read_quantized(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    st = _safetensors()
+    with st.safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        tied = json.loads(meta.get("qpeft_tied", "{}"))
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path}: metadata 'qpeft_tied' is not JSON: {exc}") from None
+    if not isinstance(tied, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in tied.items()
+    ):
+        raise ValueError(f"{path}: metadata 'qpeft_tied' must map tensor names to tensor names")
+    for key, src in tied.items():
+        if src not in state or key in state:
+            raise ValueError(
+                f"{path}: metadata 'qpeft_tied' ties {key!r} to {src!r}, which the file does not allow"
+            )
+        state[key] = state[src]
+    return state
+
+
 def load_quantized(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
     """Load a file written by ``save_quantized`` (or a bitsandbytes/transformers 4-bit
     state dict saved as safetensors) into ``model``: layers that are still ``nn.Linear`` where
     the file holds a 4-bit weight become ``Linear4bit`` (inside a QLoRALinear/IA3Linear the
     base layer is swapped), then every tensor is loaded. Adapter parameters are not in the
-    file and are left as they are. Returns ``model``."""
-    st = _safetensors()
-    with st.safe_open(os.fspath(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    for key, src in json.loads(meta.get("qpeft_tied", "{}")).items():
-        state[key] = state[src]
+    file and are left as they are. Returns ``model``.
+
+    Everything is checked before anything changes (each 4-bit state in full: sizes, dtypes,
+    finite statistics; every other tensor's shape and kind), so a failing load raises
+    ValueError/TypeError naming the key and leaves the model as it was."""
+    state = _read_quantized(path)
     wrappers = _wrapper_paths(model)
     mapped = {}
     for key, t in state.items():
@@ -1032,17 +1053,62 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
         setattr(parent, attr, module)
         return old
 
+    # The swaps go in first (so the model's state dict has the keys the file has) and come
+    # back out if anything fails; they change no tensor of the model.
     originals = [(path_, put(path_, new)) for path_, new in swaps]
     try:
-        result = model.load_state_dict(mapped, strict=False)
+        quant4, rest = _plan_quantized(model, mapped, strict)
+        for layer, packed, qstate in quant4:
+            layer.commit_weight(packed, qstate)
+        with torch.no_grad():
+            for dst, src in rest:
+                dst.copy_(src)
     except BaseException:
-        for path_, old in originals:  # the swapped layers go back (tensors already copied stay copied)
+        for path_, old in originals:
             put(path_, old)
         raise
-    adapter_like = re.compile(r"\.(adapters\..+|ia3_l)$")
-    missing = [k for k in result.missing_keys if not adapter_like.search(k)]
-    if strict and (missing or result.unexpected_keys):
-        raise ValueError(
-            f"load_quantized: missing keys {missing[:8]}, unexpected keys {result.unexpected_keys[:8]}"
-        )
     return model
+
+
+def _plan_quantized(model: nn.Module, mapped: dict[str, torch.Tensor], strict: bool):
+    """Check every entry of the file against the model; return the 4-bit weights to install
+    as ``(layer, packed, state)`` and the other copies as ``(model tensor, file tensor)``."""
+    adapter_like = re.compile(r"\.(adapters\..+|ia3_l)$")
+    current = model.state_dict(keep_vars=True)
+    quant4, missing = [], []
+    planned: set[str] = set()  # the 4-bit weights and their quantization entries
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not isinstance(module, Linear4bit):
+            continue
+        prefix = f"{name}." if name else ""
+        w_key = prefix + "weight"
+        quant_keys = [k for k in mapped if k.startswith(w_key + ".")]
+        planned.update(quant_keys, (k for k in current if k.startswith(w_key + ".")), (w_key,))
+        if w_key not in mapped:
+            missing.append(w_key)
+            continue
+        quant = {k[len(prefix) :]: mapped[k] for k in quant_keys}
+        packed, qstate = module.prepare_weight(mapped[w_key], quant, prefix)
+        quant4.append((module, packed, qstate))
+    rest = []
+    for key, dst in current.items():
+        if key in planned:
+            continue
+        if key not in mapped:
+            if not adapter_like.search(key):
+                missing.append(key)
+            continue
+        src = mapped[key]
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ValueError(
+                f"{key}: the file has shape {tuple(src.shape)} but the model's is {tuple(dst.shape)}"
+            )
+        if dst.is_floating_point() != src.is_floating_point() or (
+            not dst.is_floating_point() and dst.dtype != src.dtype
+        ):
+            raise TypeError(f"{key}: the file has {src.dtype} but the model's tensor is {dst.dtype}")
+        rest.append((dst, src))
+    unexpected = sorted(set(mapped) - planned - set(current))
+    if strict and (missing or unexpected):
+        raise ValueError(f"load_quantized: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    return quant4, rest
