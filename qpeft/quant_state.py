@@ -217,7 +217,7 @@ class QuantState:
             raise ValueError(f"unexpected quant state entries: {sorted(unknown)}")
         for key in ("quant_type", "absmax", "blocksize", "quant_map", "dtype", "shape"):
             if key not in d:
-                raise ValueError(f"quant state is missing {key_prefix + key!r}")
+                raise ValueError(f"quant state is missing {names.get(key, key_prefix + key)!r}")
         quant_type = d["quant_type"]
         if quant_type is not None and quant_type not in QUANT_TYPES:
             raise ValueError(f"quant state has unknown quant_type {quant_type!r} ({names['quant_type']})")
@@ -228,16 +228,18 @@ class QuantState:
         blocksize = _int_field(d["blocksize"], names["blocksize"])
         if blocksize not in BLOCKSIZES_4BIT:
             raise ValueError(f"quant state has unsupported blocksize {blocksize!r} ({names['blocksize']})")
+        # tensor keys keep their prefix in messages ("weight.absmax"): name missing ones alike
+        base = names["absmax"][: -len("absmax")] if "absmax" in names else key_prefix
         present = [k for k in _NESTED_KEYS if k in d]
         if strict and present and len(present) != len(_NESTED_KEYS):
-            missing = [key_prefix + k for k in _NESTED_KEYS if k not in d]
+            missing = [base + k for k in _NESTED_KEYS if k not in d]
             raise ValueError(f"double-quantized state is missing {missing} (it has {present})")
 
         state2 = offset = None
         if "nested_absmax" in d:
             for key in _NESTED_KEYS:
                 if key not in d:
-                    raise ValueError(f"double-quantized state is missing {key_prefix + key!r}")
+                    raise ValueError(f"double-quantized state is missing {base + key!r}")
             value = d["nested_offset"]
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{names['nested_offset']} must be a number, got {value!r}")

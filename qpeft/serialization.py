@@ -24,7 +24,6 @@ import collections
 import contextlib
 import ctypes
 import errno
-import hashlib
 import json
 import math
 import os
@@ -46,7 +45,6 @@ __all__ = ["load_adapter", "load_quantized", "save_adapter", "save_quantized"]
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
-_CONFIG_HASH_KEY = "qpeft_config_sha256"
 PREFIX = "base_model.model."
 _KEY = re.compile(
     r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?:\.(?!weight$)[^.]+)?(?:\.weight)?$"
@@ -234,8 +232,7 @@ def _write_adapter_dir(target: str, tensors: dict[str, torch.Tensor], config_byt
                 else:
                     _link_or_copy(entry.path, dst)
         weights = os.path.join(staging, ADAPTER_WEIGHTS)
-        meta = {"format": "pt", _CONFIG_HASH_KEY: hashlib.sha256(config_bytes).hexdigest()}
-        st.save_file(tensors, weights, metadata=meta)
+        st.save_file(tensors, weights, metadata={"format": "pt"})
         _fsync(weights)
         config = os.path.join(staging, ADAPTER_CONFIG)
         _new_file(config)
@@ -644,12 +641,8 @@ def _read_adapter(directory: str | os.PathLike) -> tuple[object, dict[str, torch
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"{cfg_path} is not UTF-8 JSON: {exc}") from None
     st_path, bin_path = os.path.join(directory, ADAPTER_WEIGHTS), os.path.join(directory, ADAPTER_WEIGHTS_BIN)
-    meta: dict = {}
     if os.path.isfile(st_path):
-        st = _safetensors()
-        with st.safe_open(st_path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = _safetensors().load_file(st_path)
     elif os.path.isfile(bin_path):
         tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
         if not isinstance(tensors, dict) or not all(
@@ -658,14 +651,6 @@ def _read_adapter(directory: str | os.PathLike) -> tuple[object, dict[str, torch
             raise ValueError(f"{bin_path} does not hold a dict of named tensors")
     else:
         raise FileNotFoundError(f"neither {ADAPTER_WEIGHTS} nor {ADAPTER_WEIGHTS_BIN} in {directory}")
-    # save_adapter records the config's hash beside the weights: a pair from two saves (e.g. a
-    # copy of one file over an older directory) is refused instead of loading silently mixed
-    want = meta.get(_CONFIG_HASH_KEY)
-    if want is not None and want != hashlib.sha256(raw).hexdigest():
-        raise ValueError(
-            f"{ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} in {directory} come from different saves; "
-            "save the adapter again"
-        )
     return config, tensors
 
 
@@ -1020,10 +1005,11 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
     ValueError/TypeError naming the key and leaves the model as it was."""
     state = _read_quantized(path)
     wrappers = _wrapper_paths(model)
-    mapped = {}
+    mapped, file_keys = {}, {}  # model key -> tensor, model key -> the file's key (for messages)
     for key, t in state.items():
         w = next((w for w in wrappers if key.startswith(w + ".")), None)
-        mapped[key if w is None else f"{w}.base_layer.{key[len(w) + 1 :]}"] = t
+        model_key = key if w is None else f"{w}.base_layer.{key[len(w) + 1 :]}"
+        mapped[model_key], file_keys[model_key] = t, key
     four_bit = sorted(
         {k.split(".weight.quant_state.")[0] for k in mapped if ".weight.quant_state.bitsandbytes__" in k}
     )
@@ -1057,7 +1043,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
     # back out if anything fails; they change no tensor of the model.
     originals = [(path_, put(path_, new)) for path_, new in swaps]
     try:
-        quant4, rest = _plan_quantized(model, mapped, strict)
+        quant4, rest = _plan_quantized(model, mapped, file_keys, strict)
         for layer, packed, qstate in quant4:
             layer.commit_weight(packed, qstate)
         with torch.no_grad():
@@ -1070,7 +1056,9 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
     return model
 
 
-def _plan_quantized(model: nn.Module, mapped: dict[str, torch.Tensor], strict: bool):
+def _plan_quantized(
+    model: nn.Module, mapped: dict[str, torch.Tensor], file_keys: dict[str, str], strict: bool
+):
     """Check every entry of the file against the model; return the 4-bit weights to install
     as ``(layer, packed, state)`` and the other copies as ``(model tensor, file tensor)``."""
     adapter_like = re.compile(r"\.(adapters\..+|ia3_l)$")
@@ -1088,7 +1076,8 @@ def _plan_quantized(model: nn.Module, mapped: dict[str, torch.Tensor], strict: b
             missing.append(w_key)
             continue
         quant = {k[len(prefix) :]: mapped[k] for k in quant_keys}
-        packed, qstate = module.prepare_weight(mapped[w_key], quant, prefix)
+        named = file_keys.get(w_key, w_key)[: -len("weight")]
+        packed, qstate = module.prepare_weight(mapped[w_key], quant, named)
         quant4.append((module, packed, qstate))
     rest = []
     for key, dst in current.items():
@@ -1098,17 +1087,17 @@ def _plan_quantized(model: nn.Module, mapped: dict[str, torch.Tensor], strict: b
             if not adapter_like.search(key):
                 missing.append(key)
             continue
-        src = mapped[key]
+        src, named = mapped[key], file_keys.get(key, key)
         if tuple(src.shape) != tuple(dst.shape):
             raise ValueError(
-                f"{key}: the file has shape {tuple(src.shape)} but the model's is {tuple(dst.shape)}"
+                f"{named}: the file has shape {tuple(src.shape)} but the model's is {tuple(dst.shape)}"
             )
         if dst.is_floating_point() != src.is_floating_point() or (
             not dst.is_floating_point() and dst.dtype != src.dtype
         ):
-            raise TypeError(f"{key}: the file has {src.dtype} but the model's tensor is {dst.dtype}")
+            raise TypeError(f"{named}: the file has {src.dtype} but the model's tensor is {dst.dtype}")
         rest.append((dst, src))
-    unexpected = sorted(set(mapped) - planned - set(current))
+    unexpected = sorted(file_keys.get(k, k) for k in set(mapped) - planned - set(current))
     if strict and (missing or unexpected):
         raise ValueError(f"load_quantized: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
     return quant4, rest

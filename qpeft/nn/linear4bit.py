@@ -269,7 +269,9 @@ class Linear4bit(nn.Module):
                     state_dict[w_key], {k[len(prefix) :]: state_dict[k] for k in quant_keys}, prefix
                 )
             except (ValueError, TypeError) as exc:
+                # the bias is left alone too: a layer is loaded whole or not at all
                 error_msgs.append(f"While loading {w_key}: {exc}")
+                return
         elif strict:
             missing_keys.append(w_key)
         # The weight is handled above; let nn.Module load the bias (and report its keys).
