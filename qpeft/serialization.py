@@ -13,6 +13,12 @@ the keys transformers + bitsandbytes use for a 4-bit model: ``<path>.weight`` (p
 uint8), ``<path>.weight.absmax``, ``...quant_map``, ``...nested_absmax``,
 ``...nested_quant_map``, ``...quant_state.bitsandbytes__nf4``, ``<path>.bias``.
 
+Saves are crash-safe: ``save_adapter`` assembles the new directory beside the old one and
+swaps it in atomically, ``save_quantized`` writes a temporary file and renames it, so a
+reader never sees a torn file or weights and config from different saves. Loads treat the
+files as untrusted input: everything is validated (config field types, tensor dtypes,
+finite values, complete 4-bit states) before the model changes.
+
 safetensors is optional (a test extra): it is imported when a function needs it, and a
 missing package raises an ImportError saying how to install it. ``load_adapter`` also
 reads PEFT's older ``adapter_model.bin``.
@@ -216,6 +222,7 @@ def _write_adapter_dir(target: str, tensors: dict[str, torch.Tensor], config_byt
     if os.path.lexists(target) and not os.path.isdir(target):
         raise FileExistsError(f"{target} exists and is not a directory")
     _remove_stale_temporaries(target)
+    cwd = os.getcwd()
     staging = _temp_name(target)
     os.mkdir(staging)
     try:
@@ -254,6 +261,8 @@ def _write_adapter_dir(target: str, tensors: dict[str, torch.Tensor], config_byt
             staging = old
         # after the swap ``staging`` names the previous version: removed below
         _fsync(os.path.dirname(target))
+        if cwd == target or cwd.startswith(target + os.sep):
+            os.chdir(cwd)  # a working directory inside the old version follows to the new one
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

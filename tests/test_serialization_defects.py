@@ -267,16 +267,17 @@ def test_save_adapter_killed_by_sigkill_then_next_save_cleans_up(tmp_path):
         f"""
         import os, signal, sys
         sys.path.insert(0, {os.path.dirname(os.path.dirname(qpeft.__file__))!r})
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import torch
+        import qpeft
         import qpeft.serialization as ser
-        from test_serialization_defects import _converted
         real = ser._fsync
         def fsync(path):
             real(path)
             if os.path.basename(path).startswith(".adapter.qpeft-tmp-"):  # the staged directory
                 os.kill(os.getpid(), signal.SIGKILL)
         ser._fsync = fsync
-        ser.save_adapter(_converted(seed=3), {str(target)!r})
+        model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 8))
+        ser.save_adapter(qpeft.convert(model, r=4, verbose=False), {str(target)!r})
         """
     )
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=300)
@@ -327,6 +328,23 @@ def test_save_adapter_keeps_other_files_and_works_without_exchange(tmp_path, mon
     assert _temporaries(tmp_path) == []
     fresh = _converted(seed=5)
     qpeft.load_adapter(fresh, target)
+    _assert_same_adapters(fresh, new_model)
+
+
+def test_save_adapter_into_the_working_directory(tmp_path, monkeypatch):
+    """The swap replaces the directory: a working directory inside it follows to the new one
+    instead of being left in the deleted old version."""
+    target = tmp_path / "run"
+    qpeft.save_adapter(_converted(seed=0), target)
+    (target / "logs").mkdir()
+    monkeypatch.chdir(target / "logs")
+    new_model = _converted(seed=3)
+    qpeft.save_adapter(new_model, "..")
+    assert os.path.samefile(os.getcwd(), target / "logs")
+    (tmp_path / "run" / "logs" / "x").write_text("1")  # the directory is live, not deleted
+    assert os.listdir(".") == ["x"]
+    fresh = _converted(seed=5)
+    qpeft.load_adapter(fresh, "..")
     _assert_same_adapters(fresh, new_model)
 
 
