@@ -13,6 +13,12 @@ the keys transformers + bitsandbytes use for a 4-bit model: ``<path>.weight`` (p
 uint8), ``<path>.weight.absmax``, ``...quant_map``, ``...nested_absmax``,
 ``...nested_quant_map``, ``...quant_state.bitsandbytes__nf4``, ``<path>.bias``.
 
+Saves are crash-safe: ``save_adapter`` assembles the new directory beside the old one and
+swaps it in atomically, ``save_quantized`` writes a temporary file and renames it, so a
+reader never sees a torn file or weights and config from different saves. Loads treat the
+files as untrusted input: everything is validated (config field types, tensor dtypes,
+finite values, complete 4-bit states) before the model changes.
+
 safetensors is optional (a test extra): it is imported when a function needs it, and a
 missing package raises an ImportError saying how to install it. ``load_adapter`` also
 reads PEFT's older ``adapter_model.bin``.
@@ -21,9 +27,17 @@ reads PEFT's older ``adapter_model.bin``.
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
+import errno
 import json
+import math
 import os
 import re
+import secrets
+import shutil
+import stat
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +125,148 @@ def _modules_to_save(model: nn.Module, names) -> dict[str, nn.Module]:
     return found
 
 
+# --- crash-safe writes -----------------------------------------------------------------------
+# Files are written under a temporary name beside their target, flushed to disk, then renamed
+# over it, so a reader sees the old or the new content, never a torn file. The temporary names
+# are ".<target name>.qpeft-tmp-<pid>-<random>": a save killed midway leaves one behind, and
+# the next save into the same place removes those whose process is gone.
+_TMP_TAG = ".qpeft-tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill there terminates the process: never probe, never delete
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _temp_name(target: str) -> str:
+    parent, base = os.path.split(target)
+    return os.path.join(parent, f".{base}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(6)}")
+
+
+def _remove_stale_temporaries(target: str) -> None:
+    parent, base = os.path.split(target)
+    prefix = f".{base}{_TMP_TAG}"
+    for entry in os.listdir(parent):
+        pid = entry[len(prefix) :].split("-", 1)[0]
+        if not entry.startswith(prefix) or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        path = os.path.join(parent, entry)
+        with contextlib.suppress(FileNotFoundError):  # another save may be cleaning up too
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+
+
+def _fsync(path: str) -> None:
+    """Flush a file, or a directory's entries, to disk (directories: POSIX only)."""
+    is_dir = os.path.isdir(path)
+    if is_dir and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if is_dir else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not is_dir:  # some file systems cannot sync directories; a file must reach the disk
+            raise
+    finally:
+        os.close(fd)
+
+
+def _new_file(path: str) -> None:
+    # created with the process umask, like open(path, "w"), unlike mkstemp's 0600
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two directory entries (Linux renameat2 RENAME_EXCHANGE); False where
+    the platform or file system has no such call."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _write_adapter_dir(target: str, tensors: dict[str, torch.Tensor], config_bytes: bytes) -> None:
+    """Replace the adapter pair in directory ``target`` so that no reader ever sees weights and
+    config from different saves: the new directory is assembled beside it (the other entries of
+    the old one carried over as hard links, or copies where links fail) and swapped in with one
+    atomic exchange. Without an exchange call the old directory is renamed aside first, so for
+    an instant the target is absent (a reader fails cleanly); it is never mixed."""
+    st = _safetensors()
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise FileExistsError(f"{target} exists and is not a directory")
+    _remove_stale_temporaries(target)
+    cwd = os.getcwd()
+    staging = _temp_name(target)
+    os.mkdir(staging)
+    try:
+        if os.path.isdir(target):
+            os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
+            for entry in os.scandir(target):
+                if entry.name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+                    continue
+                dst = os.path.join(staging, entry.name)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.copytree(entry.path, dst, symlinks=True, copy_function=_link_or_copy)
+                elif entry.is_symlink():
+                    os.symlink(os.readlink(entry.path), dst)
+                else:
+                    _link_or_copy(entry.path, dst)
+        weights = os.path.join(staging, ADAPTER_WEIGHTS)
+        st.save_file(tensors, weights, metadata={"format": "pt"})
+        _fsync(weights)
+        config = os.path.join(staging, ADAPTER_CONFIG)
+        _new_file(config)
+        with open(config, "wb") as f:
+            f.write(config_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(staging)
+        if not os.path.isdir(target):
+            os.rename(staging, target)
+        elif not _exchange(staging, target):
+            old = _temp_name(target)
+            os.rename(target, old)
+            try:
+                os.rename(staging, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            staging = old
+        # after the swap ``staging`` names the previous version: removed below
+        _fsync(os.path.dirname(target))
+        if cwd == target or cwd.startswith(target + os.sep):
+            os.chdir(cwd)  # a working directory inside the old version follows to the new one
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def save_adapter(
     model: nn.Module,
     save_directory: str | os.PathLike,
@@ -124,7 +280,7 @@ def save_adapter(
     in PEFT's LoRA format (see the module doc). Layers without that adapter are left out.
     ``modules_to_save``: names of other modules trained in full (e.g. ``["embed_tokens",
     "lm_head"]`` after adding tokens), saved whole as PEFT saves its modules_to_save."""
-    st = _safetensors()
+    _safetensors()  # fail before any work when the package is missing
     extra = _modules_to_save(model, modules_to_save)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
     if not layers:
@@ -183,36 +339,412 @@ def save_adapter(
         "modules_to_save": sorted({n.rsplit(".", 1)[-1] for n in extra}) or None,
         "inference_mode": True,
     }
-    os.makedirs(save_directory, exist_ok=True)
-    st.save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(save_directory, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
+    config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    # a symlinked directory is replaced where it points, so the link keeps working
+    _write_adapter_dir(os.path.realpath(save_directory), tensors, config_bytes)
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name it ends (as a
-    regular expression) at a '.' boundary."""
+# --- rank_pattern / alpha_pattern keys ------------------------------------------------------
+# PEFT looks a layer up with ``re.match(rf"(.*\.)?({key})$", name)`` for each key in order,
+# the first match winning: the key is a regular expression that must match a whole
+# '.'-separated tail of the module path. The keys come from a file, and Python's
+# backtracking engine can take exponential time on keys such as "(.*)*x", so they are
+# matched here by a small Thompson automaton instead (time linear in the name's length
+# times the key's size) over the regex syntax such keys use: literals (with '.' any
+# character), escapes \d \w \s \D \W \S and escaped punctuation, [...] classes, groups
+# ( ) and (?: ), '|', the quantifiers * + ? {m} {m,} {m,n} (lazy or not: whether a whole
+# name matches does not depend on it), ^ and $. Other syntax (lookarounds, backreferences,
+# flags) raises ValueError naming the key. Module names hold no newline, so '$' is the end.
+_PATTERN_MAX_KEYS = 10_000
+_PATTERN_MAX_LEN = 1_000
+_PATTERN_MAX_STATES = 5_000  # after expanding counted repeats
+_PATTERN_BUDGET = 20_000_000  # automaton steps per load_adapter: a hard bound on the work
+
+_PRED, _SPLIT, _BOL, _EOL, _MATCH = range(5)
+_CLASSES = {
+    "d": str.isdecimal,
+    "D": lambda c: not c.isdecimal(),
+    "w": lambda c: c.isalnum() or c == "_",
+    "W": lambda c: not (c.isalnum() or c == "_"),
+    "s": str.isspace,
+    "S": lambda c: not c.isspace(),
+}
+_ESCAPED = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v"}
+_REPEAT = re.compile(r"\{(\d*)(,(\d*))?\}")
+_LITERAL_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+class _PatternError(ValueError):
+    pass
+
+
+class _Parser:
+    """Recursive descent over a key: nodes are ("pred", fn), ("bol",), ("eol",),
+    ("cat", [nodes]), ("alt", [nodes]), ("rep", node, min, max or None)."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.i = text, 0
+
+    def peek(self) -> str | None:
+        return self.text[self.i] if self.i < len(self.text) else None
+
+    def fail(self, what: str):
+        raise _PatternError(f"{what} at position {self.i}")
+
+    def parse(self):
+        node = self.alt()
+        if self.i != len(self.text):
+            self.fail("unbalanced ')'")
+        return node
+
+    def alt(self):
+        branches = [self.cat()]
+        while self.peek() == "|":
+            self.i += 1
+            branches.append(self.cat())
+        return branches[0] if len(branches) == 1 else ("alt", branches)
+
+    def cat(self):
+        items = []
+        while self.peek() not in (None, "|", ")"):
+            items.append(self.quantified(self.atom()))
+        return ("cat", items)
+
+    def quantified(self, node):
+        while True:
+            c, m = self.peek(), None
+            if c in ("*", "+", "?"):
+                self.i += 1
+                lo, hi = {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
+            elif c == "{" and (m := _REPEAT.match(self.text, self.i)) and (m[1] or m[2]):
+                self.i = m.end()
+                lo = int(m[1]) if m[1] else 0
+                hi = lo if m[2] is None else (int(m[3]) if m[3] else None)
+                if hi is not None and hi < lo:
+                    self.fail("repeat {m,n} with n < m")
+                if max(lo, hi or 0) > _PATTERN_MAX_STATES:
+                    self.fail("repeat count too large")
+            else:
+                return node
+            if node[0] in ("bol", "eol"):
+                self.fail("nothing to repeat")
+            if self.peek() in ("?", "+"):  # lazy / possessive markers: the set of full matches is the same
+                if self.peek() == "+":
+                    self.fail("possessive quantifiers are not supported")
+                self.i += 1
+            node = ("rep", node, lo, hi)
+
+    def atom(self):
+        c = self.text[self.i]
+        self.i += 1
+        if c == "(":
+            if self.text.startswith("?:", self.i):
+                self.i += 2
+            elif self.peek() == "?":
+                self.fail("group extensions other than (?:...) are not supported")
+            node = self.alt()
+            if self.peek() != ")":
+                self.fail("missing ')'")
+            self.i += 1
+            return node
+        if c == "[":
+            return ("pred", self.char_class())
+        if c == ".":
+            return ("pred", lambda ch: ch != "\n")
+        if c == "^":
+            return ("bol",)
+        if c == "$":
+            return ("eol",)
+        if c in "*+?":
+            self.fail("nothing to repeat")
+        if c == "\\":
+            return ("pred", self.escape())
+        return ("pred", c.__eq__)
+
+    def escape(self):
+        if self.i >= len(self.text):
+            self.fail("trailing backslash")
+        c = self.text[self.i]
+        self.i += 1
+        if c in _CLASSES:
+            return _CLASSES[c]
+        if c in _ESCAPED:
+            return _ESCAPED[c].__eq__
+        if c.isalnum():
+            self.fail(f"escape \\{c} is not supported")
+        return c.__eq__
+
+    def class_escape(self):
+        """After a backslash in a class: a character, or the predicate of \\d, \\w..."""
+        if self.i >= len(self.text):
+            self.fail("trailing backslash")
+        c = self.text[self.i]
+        self.i += 1
+        if c in _CLASSES:
+            return _CLASSES[c]
+        if c in _ESCAPED:
+            return _ESCAPED[c]
+        if c.isalnum():
+            self.fail(f"escape \\{c} is not supported")
+        return c
+
+    def char_class(self):
+        negate = self.peek() == "^"
+        if negate:
+            self.i += 1
+        singles: set[str] = set()
+        ranges: list[tuple[str, str]] = []
+        preds = []
+        first = True
+        while True:
+            c = self.peek()
+            if c is None:
+                self.fail("missing ']'")
+            if c == "]" and not first:
+                self.i += 1
+                break
+            first = False
+            self.i += 1
+            lo = c
+            if c == "\\":
+                lo = self.class_escape()
+                if not isinstance(lo, str):
+                    preds.append(lo)
+                    continue
+            if self.peek() == "-" and self.i + 1 < len(self.text) and self.text[self.i + 1] != "]":
+                self.i += 1
+                hi = self.text[self.i]
+                self.i += 1
+                if hi == "\\":
+                    hi = self.class_escape()
+                if not isinstance(hi, str) or hi < lo:
+                    self.fail("bad character range")
+                ranges.append((lo, hi))
+            else:
+                singles.add(lo)
+
+        def pred(ch: str) -> bool:
+            hit = ch in singles or any(a <= ch <= b for a, b in ranges) or any(p(ch) for p in preds)
+            return hit != negate
+
+        return pred
+
+
+class _Pattern:
+    """One rank_pattern/alpha_pattern key, compiled to a Thompson automaton."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.literal = _LITERAL_KEY.fullmatch(key) is not None
+        if self.literal:
+            return
+        self.kind: list[int] = []
+        self.outs: list[list[int]] = []
+        self.preds: list = []
+        match = self._new(_MATCH, [])
+        self.start = self._compile(_Parser(key).parse(), match)
+
+    def _new(self, kind: int, outs: list[int], pred=None) -> int:
+        if len(self.kind) >= _PATTERN_MAX_STATES:
+            raise _PatternError("the pattern is too large")
+        self.kind.append(kind)
+        self.outs.append(outs)
+        self.preds.append(pred)
+        return len(self.kind) - 1
+
+    def _compile(self, node, nxt: int) -> int:
+        # built back to front: each node compiles into states that continue at ``nxt``
+        tag = node[0]
+        if tag == "pred":
+            return self._new(_PRED, [nxt], node[1])
+        if tag in ("bol", "eol"):
+            return self._new(_BOL if tag == "bol" else _EOL, [nxt])
+        if tag == "cat":
+            for child in reversed(node[1]):
+                nxt = self._compile(child, nxt)
+            return nxt
+        if tag == "alt":
+            return self._new(_SPLIT, [self._compile(child, nxt) for child in node[1]])
+        _, body, lo, hi = node
+        if hi is None:
+            loop = self._new(_SPLIT, [])
+            self.outs[loop][:] = [self._compile(body, loop), nxt]
+            start = loop
+        else:
+            start = nxt
+            for _ in range(hi - lo):
+                start = self._new(_SPLIT, [self._compile(body, start), nxt])
+        for _ in range(lo):
+            start = self._compile(body, start)
+        return start
+
+    def matches(self, name: str, budget: list[int]) -> bool:
+        r"""``re.match(rf"(.*\.)?({key})$", name)``: the key matches a '.'-separated tail of name."""
+        n = len(name)
+        if self.literal:  # the common case, without the automaton: '.' still matches any character
+            p = n - len(self.key)
+            return (p == 0 or (p > 0 and name[p - 1] == ".")) and all(
+                k == c or (k == "." and c != "\n") for k, c in zip(self.key, name[p:])
+            )
+        kind, outs, preds = self.kind, self.outs, self.preds
+        current: set[int] = set()
+
+        def close(state: int, pos: int, into: set[int]) -> None:
+            stack = [state]
+            while stack:
+                s = stack.pop()
+                if s in into:
+                    continue
+                budget[0] -= 1
+                k = kind[s]
+                if k == _BOL and pos != 0 or k == _EOL and pos != n:
+                    continue
+                into.add(s)
+                if k in (_SPLIT, _BOL, _EOL):
+                    stack.extend(outs[s])
+
+        for pos in range(n + 1):
+            if pos == 0 or name[pos - 1] == ".":
+                close(self.start, pos, current)
+            if budget[0] < 0:
+                raise _PatternError("matching the patterns takes too long")
+            if pos == n:
+                break
+            ch, following = name[pos], set()
+            for s in current:
+                if kind[s] == _PRED and preds[s](ch):
+                    close(outs[s][0], pos + 1, following)
+            current = following
+        return any(kind[s] == _MATCH for s in current)
+
+
+def _compile_patterns(patterns: dict, field: str) -> list[tuple[_Pattern, object]]:
+    compiled = []
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
+        try:
+            compiled.append((_Pattern(key), value))
+        except _PatternError as exc:
+            raise ValueError(f"{ADAPTER_CONFIG}: {field} key {key!r}: {exc}") from None
+    return compiled
+
+
+def _pattern_value(patterns: list[tuple[_Pattern, object]], name: str, default, budget: list[int]):
+    """PEFT's rank_pattern/alpha_pattern lookup: the value of the first key that matches."""
+    for pattern, value in patterns:
+        try:
+            if pattern.matches(name, budget):
+                return value
+        except _PatternError as exc:
+            raise ValueError(f"{ADAPTER_CONFIG}: pattern key {pattern.key!r}: {exc}") from None
     return default
 
 
-def _read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read_adapter(directory: str | os.PathLike) -> tuple[object, dict[str, torch.Tensor]]:
     cfg_path = os.path.join(directory, ADAPTER_CONFIG)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: not a PEFT adapter directory")
-    with open(cfg_path, encoding="utf-8") as f:
-        config = json.load(f)
+    with open(cfg_path, "rb") as f:
+        raw = f.read()
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{cfg_path} is not UTF-8 JSON: {exc}") from None
     st_path, bin_path = os.path.join(directory, ADAPTER_WEIGHTS), os.path.join(directory, ADAPTER_WEIGHTS_BIN)
     if os.path.isfile(st_path):
         tensors = _safetensors().load_file(st_path)
     elif os.path.isfile(bin_path):
         tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
+        if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+        ):
+            raise ValueError(f"{bin_path} does not hold a dict of named tensors")
     else:
         raise FileNotFoundError(f"neither {ADAPTER_WEIGHTS} nor {ADAPTER_WEIGHTS_BIN} in {directory}")
     return config, tensors
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _checked_config(config, directory) -> dict:
+    """adapter_config.json's fields that load_adapter uses, type-checked (the file is input):
+    a wrong type raises ValueError naming the field instead of being read loosely (the string
+    "false" is truthy). Absent fields take PEFT's defaults."""
+    where = f"{ADAPTER_CONFIG} in {directory}"
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} must hold a JSON object, got a JSON {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{directory} holds a {config.get('peft_type')!r} adapter; load_adapter reads LoRA adapters"
+        )
+
+    def field(key, default, ok, want):
+        value = config.get(key, default)
+        if not ok(value):
+            raise ValueError(f"{where}: {key!r} must be {want}, got {value!r}")
+        return value
+
+    def is_pos_int(v):
+        return type(v) is int and v > 0
+
+    def is_alpha(v):
+        return _is_number(v) and v >= 0
+
+    def is_names(v):
+        return v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v))
+
+    out = {
+        "r": field("r", 8, is_pos_int, "a positive integer"),
+        "lora_alpha": field("lora_alpha", 8, is_alpha, "a finite number >= 0"),
+        "lora_dropout": field(
+            "lora_dropout", 0.0, lambda v: v is None or (_is_number(v) and 0 <= v < 1), "a number in [0, 1)"
+        )
+        or 0.0,
+        "use_rslora": field("use_rslora", False, lambda v: type(v) is bool, "true or false"),
+        "use_dora": field("use_dora", False, lambda v: type(v) is bool, "true or false"),
+        "fan_in_fan_out": field("fan_in_fan_out", False, lambda v: type(v) is bool, "true or false"),
+        "bias": field(
+            "bias", "none", lambda v: v in ("none", "all", "lora_only"), '"none", "all" or "lora_only"'
+        ),
+        "target_modules": field("target_modules", None, is_names, "a string or a list of strings"),
+        "modules_to_save": field("modules_to_save", None, is_names, "a list of strings"),
+    }
+    for key, ok, want in (
+        ("rank_pattern", is_pos_int, "positive integers"),
+        ("alpha_pattern", is_alpha, "finite numbers >= 0"),
+    ):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise ValueError(f"{where}: {key!r} must be an object mapping module names to values")
+        if len(patterns) > _PATTERN_MAX_KEYS:
+            raise ValueError(f"{where}: {key!r} has {len(patterns)} keys, more than {_PATTERN_MAX_KEYS}")
+        for k, v in patterns.items():
+            if not k or len(k) > _PATTERN_MAX_LEN:
+                raise ValueError(f"{where}: {key!r} key of length {len(k)} (must be 1..{_PATTERN_MAX_LEN})")
+            if not ok(v):
+                raise ValueError(f"{where}: {key}[{k!r}] must be one of {want}, got {v!r}")
+        out[key] = _compile_patterns(patterns, key)
+    if out["fan_in_fan_out"]:
+        raise ValueError("fan_in_fan_out adapters (GPT-2 style Conv1D layers) are not supported")
+    return out
+
+
+def _check_tensor(key: str, t: torch.Tensor, like: torch.Tensor | None, allow_nonfinite: bool) -> None:
+    """An adapter-file tensor bound for a floating-point parameter must be floating point
+    (copy_ would silently turn bools and integers into numbers) and finite unless the caller
+    opts in; one bound for a non-floating tensor (e.g. an integer buffer of a module in
+    modules_to_save) must have its dtype."""
+    if like is not None and not like.is_floating_point():
+        if t.dtype != like.dtype:
+            raise TypeError(f"{key}: the file has {t.dtype} but the model's tensor is {like.dtype}")
+        return
+    if not t.is_floating_point():
+        raise TypeError(f"{key}: the file holds a {t.dtype} tensor; adapter weights must be floating point")
+    if not allow_nonfinite and not bool(torch.isfinite(t).all()):
+        raise ValueError(
+            f"{key}: the file holds NaN or infinite values (pass allow_nonfinite=True to load them anyway)"
+        )
 
 
 @dataclass
@@ -223,7 +755,12 @@ class _Planned:
 
 
 def load_adapter(
-    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *, activate: bool = True
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    activate: bool = True,
+    allow_nonfinite: bool = False,
 ) -> nn.Module:
     """Load a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``/``.bin``)
     into the QLoRALinear layers of a converted ``model`` as adapter ``adapter_name``.
@@ -232,33 +769,36 @@ def load_adapter(
     in/out features. The file defines the adapter: an existing adapter of that name is
     replaced (its rank, alpha and flavour come from the file), and layers the file does not
     cover lose an adapter of that name, so they run their base alone while it is active.
-    Everything is checked before anything changes. Returns ``model``.
+
+    The files are input: config fields of the wrong type, non-floating tensors, NaN/Inf
+    values (unless ``allow_nonfinite=True``) and ranks that disagree with ``r`` /
+    ``rank_pattern`` raise ValueError/TypeError naming the key. Everything is checked
+    before anything changes, so a failing load leaves the model as it was. Returns ``model``.
     """
-    config, tensors = _read_adapter(directory)
-    if config.get("peft_type") != "LORA":
-        raise ValueError(
-            f"{directory} holds a {config.get('peft_type')!r} adapter; load_adapter reads LoRA adapters"
-        )
-    if config.get("fan_in_fan_out"):
-        raise ValueError("fan_in_fan_out adapters (GPT-2 style Conv1D layers) are not supported")
+    raw_config, tensors = _read_adapter(directory)
+    config = _checked_config(raw_config, directory)
     modules = dict(model.named_modules())
-    saved = _modules_to_save(model, config.get("modules_to_save"))
+    saved = _modules_to_save(model, config["modules_to_save"])
     whole: dict[str, torch.Tensor] = {}
     grouped: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[tuple[str, str], str] = {}  # (path, kind) -> the file's key, for messages
     bad = []
     for key, t in tensors.items():
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         m = _KEY.match(name)
         if m:
             grouped.setdefault(m["path"], {})[m["kind"]] = t
+            keys[m["path"], m["kind"]] = key
             continue
         owner = name.rsplit(".", 1)[0]
         if owner in saved:
             whole[name] = t
+            keys[name, ""] = key
             continue
         b = _BIAS_KEY.match(name)
-        if b and config.get("bias") in ("lora_only", "all") and b["path"] in modules:
+        if b and config["bias"] in ("lora_only", "all") and b["path"] in modules:
             grouped.setdefault(b["path"], {})["bias"] = t
+            keys[b["path"], "bias"] = key
             continue
         bad.append(key)
     if bad:
@@ -270,14 +810,20 @@ def load_adapter(
     planned: dict[str, _Planned] = {}
     errors = []
     targets: dict[str, torch.Tensor] = {}
+    budget = [_PATTERN_BUDGET]
     for name, t in whole.items():
         owner, _, attr = name.rpartition(".")
         current = saved[owner].state_dict().get(attr)
         if current is None or current.shape != t.shape:
             have = None if current is None else tuple(current.shape)
             errors.append(f"{name}: the file has shape {tuple(t.shape)} but the model's is {have}")
-        else:
-            targets[name] = t
+            continue
+        try:
+            _check_tensor(keys[name, ""], t, current, allow_nonfinite)
+        except (TypeError, ValueError) as exc:
+            errors.append(str(exc))
+            continue
+        targets[name] = t
     for path, parts in grouped.items():
         layer = modules.get(path)
         if not isinstance(layer, QLoRALinear):
@@ -287,6 +833,14 @@ def load_adapter(
         a, b = parts.get("lora_A"), parts.get("lora_B")
         if a is None or b is None:
             errors.append(f"{path}: the file has {'lora_B' if a is None else 'lora_A'} but not its partner")
+            continue
+        bias = parts.get("bias")
+        try:
+            for kind, t in parts.items():
+                like = layer.base_layer.bias if kind == "bias" else None
+                _check_tensor(keys[path, kind], t, like, allow_nonfinite)
+        except (TypeError, ValueError) as exc:
+            errors.append(str(exc))
             continue
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             errors.append(
@@ -300,28 +854,36 @@ def load_adapter(
                 f"(in_features={layer.in_features}, out_features={layer.out_features})"
             )
             continue
-        use_dora = bool(config.get("use_dora", False))
+        want_r = _pattern_value(config["rank_pattern"], path, config["r"], budget)
+        if r != want_r:
+            errors.append(
+                f"{path}: lora_A has rank {r} but {ADAPTER_CONFIG} gives r = {want_r} for this layer"
+            )
+            continue
+        use_dora = config["use_dora"]
         mag = parts.get("lora_magnitude_vector")
         if use_dora and (mag is None or tuple(mag.shape) != (layer.out_features,)):
             errors.append(f"{path}: use_dora needs lora_magnitude_vector of shape ({layer.out_features},)")
             continue
-        bias = parts.get("bias")
         if bias is not None and (layer.base_layer.bias is None or bias.shape != layer.base_layer.bias.shape):
             errors.append(f"{path}: bias {tuple(bias.shape)} does not fit the layer")
             continue
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
+        alpha = _pattern_value(config["alpha_pattern"], path, config["lora_alpha"], budget)
         device = layer.base_layer.weight.device
-        ad = LoRAAdapter(
-            layer.in_features,
-            layer.out_features,
-            r,
-            alpha,
-            float(config.get("lora_dropout") or 0.0),
-            "default",
-            bool(config.get("use_rslora", False)),
-            use_dora,
-            device,
-        )
+        # the initial values are overwritten below; fork_rng keeps the load from moving the
+        # caller's random stream (the constructor draws lora_A)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            ad = LoRAAdapter(
+                layer.in_features,
+                layer.out_features,
+                r,
+                alpha,
+                float(config["lora_dropout"]),
+                "default",
+                config["use_rslora"],
+                use_dora,
+                device,
+            )
         with torch.no_grad():
             ad.lora_A.copy_(a)
             ad.lora_B.copy_(b)
@@ -337,6 +899,8 @@ def load_adapter(
         raise RuntimeError(
             f"adapter {adapter_name!r} is merged into some layers; unmerge before loading over it"
         )
+    # Everything is checked: from here on only copies of validated tensors into tensors of
+    # the same shape and dict updates, none of which can fail on input.
     with torch.no_grad():
         for name, t in targets.items():
             owner, _, attr = name.rpartition(".")
@@ -401,7 +965,41 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
         if ident is not None:
             seen[ident] = key
         tensors[key] = t.detach().contiguous().cpu()
-    st.save_file(tensors, os.fspath(path), metadata={"format": "pt", "qpeft_tied": json.dumps(tied)})
+    target = os.path.realpath(path)
+    _remove_stale_temporaries(target)
+    tmp = _temp_name(target)
+    _new_file(tmp)
+    try:
+        st.save_file(tensors, tmp, metadata={"format": "pt", "qpeft_tied": json.dumps(tied)})
+        _fsync(tmp)
+        os.replace(tmp, target)  # readers see the old file or the new one, never a torn one
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync(os.path.dirname(target))
+
+
+def _read_quantized(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    st = _safetensors()
+    with st.safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        tied = json.loads(meta.get("qpeft_tied", "{}"))
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path}: metadata 'qpeft_tied' is not JSON: {exc}") from None
+    if not isinstance(tied, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in tied.items()
+    ):
+        raise ValueError(f"{path}: metadata 'qpeft_tied' must map tensor names to tensor names")
+    for key, src in tied.items():
+        if src not in state or key in state:
+            raise ValueError(
+                f"{path}: metadata 'qpeft_tied' ties {key!r} to {src!r}, which the file does not allow"
+            )
+        state[key] = state[src]
+    return state
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
@@ -409,18 +1007,18 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
     state dict saved as safetensors) into ``model``: layers that are still ``nn.Linear`` where
     the file holds a 4-bit weight become ``Linear4bit`` (inside a QLoRALinear/IA3Linear the
     base layer is swapped), then every tensor is loaded. Adapter parameters are not in the
-    file and are left as they are. Returns ``model``."""
-    st = _safetensors()
-    with st.safe_open(os.fspath(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    for key, src in json.loads(meta.get("qpeft_tied", "{}")).items():
-        state[key] = state[src]
+    file and are left as they are. Returns ``model``.
+
+    Everything is checked before anything changes (each 4-bit state in full: sizes, dtypes,
+    finite statistics; every other tensor's shape and kind), so a failing load raises
+    ValueError/TypeError naming the key and leaves the model as it was."""
+    state = _read_quantized(path)
     wrappers = _wrapper_paths(model)
-    mapped = {}
+    mapped, file_keys = {}, {}  # model key -> tensor, model key -> the file's key (for messages)
     for key, t in state.items():
         w = next((w for w in wrappers if key.startswith(w + ".")), None)
-        mapped[key if w is None else f"{w}.base_layer.{key[len(w) + 1 :]}"] = t
+        model_key = key if w is None else f"{w}.base_layer.{key[len(w) + 1 :]}"
+        mapped[model_key], file_keys[model_key] = t, key
     four_bit = sorted(
         {k.split(".weight.quant_state.")[0] for k in mapped if ".weight.quant_state.bitsandbytes__" in k}
     )
@@ -450,17 +1048,65 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
         setattr(parent, attr, module)
         return old
 
+    # The swaps go in first (so the model's state dict has the keys the file has) and come
+    # back out if anything fails; they change no tensor of the model.
     originals = [(path_, put(path_, new)) for path_, new in swaps]
     try:
-        result = model.load_state_dict(mapped, strict=False)
+        quant4, rest = _plan_quantized(model, mapped, file_keys, strict)
+        for layer, packed, qstate in quant4:
+            layer.commit_weight(packed, qstate)
+        with torch.no_grad():
+            for dst, src in rest:
+                dst.copy_(src)
     except BaseException:
-        for path_, old in originals:  # the swapped layers go back (tensors already copied stay copied)
+        for path_, old in originals:
             put(path_, old)
         raise
-    adapter_like = re.compile(r"\.(adapters\..+|ia3_l)$")
-    missing = [k for k in result.missing_keys if not adapter_like.search(k)]
-    if strict and (missing or result.unexpected_keys):
-        raise ValueError(
-            f"load_quantized: missing keys {missing[:8]}, unexpected keys {result.unexpected_keys[:8]}"
-        )
     return model
+
+
+def _plan_quantized(
+    model: nn.Module, mapped: dict[str, torch.Tensor], file_keys: dict[str, str], strict: bool
+):
+    """Check every entry of the file against the model; return the 4-bit weights to install
+    as ``(layer, packed, state)`` and the other copies as ``(model tensor, file tensor)``."""
+    adapter_like = re.compile(r"\.(adapters\..+|ia3_l)$")
+    current = model.state_dict(keep_vars=True)
+    quant4, missing = [], []
+    planned: set[str] = set()  # the 4-bit weights and their quantization entries
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not isinstance(module, Linear4bit):
+            continue
+        prefix = f"{name}." if name else ""
+        w_key = prefix + "weight"
+        quant_keys = [k for k in mapped if k.startswith(w_key + ".")]
+        planned.update(quant_keys, (k for k in current if k.startswith(w_key + ".")), (w_key,))
+        if w_key not in mapped:
+            missing.append(w_key)
+            continue
+        quant = {k[len(prefix) :]: mapped[k] for k in quant_keys}
+        named = file_keys.get(w_key, w_key)[: -len("weight")]
+        packed, qstate = module.prepare_weight(mapped[w_key], quant, named)
+        quant4.append((module, packed, qstate))
+    rest = []
+    for key, dst in current.items():
+        if key in planned:
+            continue
+        if key not in mapped:
+            if not adapter_like.search(key):
+                missing.append(key)
+            continue
+        src, named = mapped[key], file_keys.get(key, key)
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ValueError(
+                f"{named}: the file has shape {tuple(src.shape)} but the model's is {tuple(dst.shape)}"
+            )
+        if dst.is_floating_point() != src.is_floating_point() or (
+            not dst.is_floating_point() and dst.dtype != src.dtype
+        ):
+            raise TypeError(f"{named}: the file has {src.dtype} but the model's tensor is {dst.dtype}")
+        rest.append((dst, src))
+    unexpected = sorted(file_keys.get(k, k) for k in set(mapped) - planned - set(current))
+    if strict and (missing or unexpected):
+        raise ValueError(f"load_quantized: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    return quant4, rest

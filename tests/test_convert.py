@@ -243,6 +243,6 @@ def test_save_and_load_quantized_base(tmp_path):
     with torch.no_grad(), qpeft.disable_adapters(converted):
         assert torch.equal(converted(IDS), expected)
     wrong = Net(d=32)
-    with pytest.raises(RuntimeError, match="size mismatch|shape"):
+    with pytest.raises(ValueError, match="shape"):
         qpeft.load_quantized(wrong, path)
     assert isinstance(wrong.blocks[0].q_proj, nn.Linear)  # the swaps were undone

@@ -23,7 +23,15 @@ import torch
 from torch import nn
 
 from .. import functional as qf
-from .._formats import BLOCKSIZES_4BIT, QUANT_TYPES
+from .._formats import (
+    BLOCKSIZES_4BIT,
+    FLOAT_DTYPES,
+    NESTED_BLOCKSIZE,
+    QUANT_TYPES,
+    code4,
+    dynamic_map,
+    zero_code4,
+)
 from ..quant_state import QuantState
 
 __all__ = ["Linear4bit"]
@@ -36,6 +44,39 @@ def _check_quant_args(quant_type: str, blocksize: int) -> None:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     if blocksize not in BLOCKSIZES_4BIT:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES_4BIT}, got {blocksize!r}")
+
+
+def _empty_state(
+    shape: tuple[int, int], blocksize: int, quant_type: str, double_quant: bool, device, dtype: torch.dtype
+) -> tuple[torch.Tensor, QuantState]:
+    """What quantize_4bit returns for an all-zero tensor, built without the dense tensor: every
+    nibble is the code of 0.0, every absmax 0; double quantization of all-zero absmax gives
+    offset 0, absmax codes 0 and nested absmax 0 (tests/test_serialization_defects.py holds
+    this to quantize_4bit bit for bit)."""
+    device = torch.empty(0, device=device).device  # None: torch's default device, as torch.zeros does
+    n = math.prod(shape)
+    z = zero_code4(quant_type)
+    packed = torch.full(((n + 1) // 2, 1), z << 4 | z, dtype=torch.uint8, device=device)
+    blocks = -(n // -blocksize)
+    state = QuantState(
+        absmax=torch.zeros(blocks, dtype=torch.float32, device=device),
+        shape=shape,
+        code=code4(quant_type, device).clone(),
+        blocksize=blocksize,
+        quant_type=quant_type,
+        dtype=dtype,
+    )
+    if double_quant:
+        state.state2 = QuantState(
+            absmax=torch.zeros(-(blocks // -NESTED_BLOCKSIZE), dtype=torch.float32, device=device),
+            shape=(blocks,),
+            code=dynamic_map(signed=True, device=device).clone(),
+            blocksize=NESTED_BLOCKSIZE,
+            dtype=torch.float32,
+        )
+        state.absmax = torch.zeros(blocks, dtype=torch.uint8, device=device)
+        state.offset = torch.zeros((), dtype=torch.float32, device=device)
+    return packed, state
 
 
 def result_dtype(x: torch.Tensor) -> torch.dtype:
@@ -72,19 +113,30 @@ class Linear4bit(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        for what, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{what} must be an int, got {type(v).__name__} {v!r}")
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
         _check_quant_args(quant_type, blocksize)
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32, float16 or bfloat16 (the weight's dtype), got {dtype}")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.quant_type = quant_type
         self.blocksize = blocksize
         self.double_quant = double_quant
         self.compute_dtype = compute_dtype
-        # An all-zero weight until from_linear / load_state_dict fills it (quantizing zeros
-        # is exact: every block encodes to the code of 0.0 with absmax 0).
-        zeros = torch.zeros(out_features, in_features, device=device, dtype=dtype or torch.float32)
-        packed, state = qf.quantize_4bit(zeros, blocksize, quant_type, double_quant)
+        # An all-zero weight until from_linear / load_state_dict fills it, built directly in its
+        # 4-bit form: quantizing a dense zero tensor would peak at 8x the layer's size in fp32.
+        packed, state = _empty_state(
+            (self.out_features, self.in_features),
+            blocksize,
+            quant_type,
+            double_quant,
+            device,
+            dtype or torch.float32,
+        )
         self.register_buffer("weight", packed)
         self.quant_state: QuantState = state
         if bias:
@@ -213,9 +265,13 @@ class Linear4bit(nn.Module):
         quant_keys = [k for k in state_dict if k.startswith(w_key + ".")]
         if w_key in state_dict:
             try:
-                self._load_weight(state_dict[w_key], {k[len(w_key) + 1 :]: state_dict[k] for k in quant_keys})
+                self._load_weight(
+                    state_dict[w_key], {k[len(prefix) :]: state_dict[k] for k in quant_keys}, prefix
+                )
             except (ValueError, TypeError) as exc:
+                # the bias is left alone too: a layer is loaded whole or not at all
                 error_msgs.append(f"While loading {w_key}: {exc}")
+                return
         elif strict:
             missing_keys.append(w_key)
         # The weight is handled above; let nn.Module load the bias (and report its keys).
@@ -229,33 +285,50 @@ class Linear4bit(nn.Module):
         skip = set(quant_keys) | {w_key}
         unexpected_keys[:] = [k for k in unexpected_keys if k not in skip]
 
-    def _load_weight(self, weight: torch.Tensor, quant: dict[str, torch.Tensor]) -> None:
+    def prepare_weight(
+        self, weight: torch.Tensor, quant: dict[str, torch.Tensor], prefix: str = ""
+    ) -> tuple[torch.Tensor, QuantState]:
+        """Check a checkpoint's weight for this layer and return ``(packed, state)`` without
+        changing the layer. ``quant``: the quantization entries keyed ``weight.absmax``,
+        ``weight.quant_state.bitsandbytes__nf4``... (empty for a floating-point weight, which
+        is quantized). ``prefix`` (the layer's state-dict prefix) is used in error messages.
+        Raises ValueError/TypeError naming the key."""
         shape = (self.out_features, self.in_features)
         device = self.weight.device
+        w_key = prefix + "weight"
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{w_key} must be a tensor, got {type(weight).__name__}")
         if not quant:
             if not weight.is_floating_point() or tuple(weight.shape) != shape:
                 raise ValueError(
-                    f"expected a 4-bit weight with its quantization state (weight.absmax, weight.quant_state...) "
-                    f"or a floating-point weight of shape {shape}, got {weight.dtype} {tuple(weight.shape)} "
-                    "without quantization state"
+                    f"expected a 4-bit {w_key} with its quantization state ({w_key}.absmax, "
+                    f"{w_key}.quant_state...) or a floating-point {w_key} of shape {shape}, got "
+                    f"{weight.dtype} {tuple(weight.shape)} without quantization state"
                 )
-            self.requantize_(weight.to(device))
-            return
-        state = QuantState.from_dict(quant, device=device)
-        if state.shape is None or tuple(state.shape) != shape:
-            got = None if state.shape is None else tuple(state.shape)
-            raise ValueError(f"the checkpoint's 4-bit weight has shape {got} but this layer is {shape}")
+            return qf.quantize_4bit(weight.to(device), self.blocksize, self.quant_type, self.double_quant)
+        state = QuantState.from_dict(quant, device=device, strict=True, key_prefix=prefix)
+        if state.quant_type is None:
+            raise ValueError(f"{w_key} has an 8-bit state (no quant_type); Linear4bit holds 4-bit weights")
+        if tuple(state.shape) != shape:
+            raise ValueError(
+                f"the checkpoint's 4-bit {w_key} has shape {tuple(state.shape)} but this layer is {shape}"
+            )
+        if weight.dtype == torch.bool or weight.is_complex():
+            # a bool tensor's bytes are not codes (any nonzero byte may read as True and back as 1)
+            raise TypeError(f"{w_key} is a {weight.dtype} tensor; packed 4-bit codes are stored as uint8")
         packed = weight.detach().to(device)
         if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage: the same bytes in another dtype
             packed = packed.contiguous().view(torch.uint8)
         n = math.prod(shape)
         if packed.numel() != (n + 1) // 2:
-            raise ValueError(
-                f"the packed weight has {packed.numel()} bytes but a {shape} weight needs {(n + 1) // 2}"
-            )
-        blocks = -(n // -state.blocksize)
-        if state.absmax.numel() != blocks:
-            raise ValueError(f"weight.absmax has {state.absmax.numel()} entries, expected {blocks}")
-        self.weight = packed.reshape(-1, 1).clone()
+            raise ValueError(f"{w_key} has {packed.numel()} bytes but a {shape} weight needs {(n + 1) // 2}")
+        return packed.reshape(-1, 1).clone(), state
+
+    def commit_weight(self, packed: torch.Tensor, state: QuantState) -> None:
+        """Install what :meth:`prepare_weight` returned (cannot fail)."""
+        self.weight = packed
         self.quant_state = state
         self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested
+
+    def _load_weight(self, weight: torch.Tensor, quant: dict[str, torch.Tensor], prefix: str = "") -> None:
+        self.commit_weight(*self.prepare_weight(weight, quant, prefix))
