@@ -2,7 +2,7 @@
 
 Field names, nesting (``state2`` holds the double-quantization statistics) and the
 serialized form (``as_dict(packed=True)``) follow bitsandbytes, so a state written
-by either library loads into the other (DESIGN.md, "Serialization").
+by either library loads into the other (docs/design.md, "Formats").
 """
 
 from __future__ import annotations
