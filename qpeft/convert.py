@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -271,7 +272,7 @@ def convert(
     adapter_name: str = "default",
     verbose: bool = True,
     progress: bool | None = None,
-    **options,
+    **options: Any,
 ) -> nn.Module:
     """Replace the targeted ``nn.Linear`` layers of ``model`` in place and return ``model``.
 

@@ -38,6 +38,7 @@ import secrets
 import shutil
 import stat
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -272,7 +273,7 @@ def save_adapter(
     save_directory: str | os.PathLike,
     adapter_name: str | None = None,
     *,
-    modules_to_save=None,
+    modules_to_save: Iterable[str] | None = None,
     task_type: str | None = None,
     base_model_name_or_path: str | None = None,
 ) -> None:
