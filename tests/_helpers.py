@@ -129,3 +129,32 @@ def within_reference(ours: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor,
     e_ours, e_ref = rms(ours - exact), rms(ref - exact)
     bound = 2 * e_ref + ulp * rms(exact)
     assert e_ours <= bound, f"{what}: rms error vs fp64 {e_ours:.3e} > 2 x the reference's {e_ref:.3e} + ulp"
+
+
+class _FactoriesOnDevice(torch.overrides.TorchFunctionMode):
+    """Tensors made without a device land on ``device``; one drawn from a CPU generator is
+    drawn on CPU and moved (the seed keeps its values on any machine)."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.device = device
+        from torch.utils._device import _device_constructors
+
+        self.factories = _device_constructors()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.factories and kwargs.get("device") is None:
+            gen = kwargs.get("generator")
+            if gen is not None and gen.device.type == "cpu":
+                return func(*args, **kwargs).to(self.device)
+            kwargs["device"] = self.device
+        return func(*args, **kwargs)
+
+
+def triton_test_device():
+    """The Triton tests' tensors: on a GPU machine CUDA tensors (the kernels compiled, as
+    they run in training); without one CPU tensors (conftest set TRITON_INTERPRET=1)."""
+    import contextlib
+
+    return _FactoriesOnDevice("cuda") if torch.cuda.is_available() else contextlib.nullcontext()

@@ -114,3 +114,22 @@ def test_qlora_linear_forward_backward(device, backend, dtype, r, m):
     ):
         assert ours.device.type == device, name
         within_reference(ours, theirs, exact, name)
+
+
+def test_triton_test_tensors_follow_the_device():
+    """The Triton test files' factory calls land on the GPU when there is one (checked here
+    with the meta device), seeded CPU draws included, with the same values as on CPU."""
+    from ._helpers import _FactoriesOnDevice
+
+    g = torch.Generator().manual_seed(5)
+    with _FactoriesOnDevice("meta"):
+        made = [
+            torch.zeros(3),
+            torch.tensor([1.0]),
+            torch.randn(4, generator=g),
+            torch.empty(2, device="cpu"),
+        ]
+    assert [t.device.type for t in made] == ["meta", "meta", "meta", "cpu"]
+    with _FactoriesOnDevice("cpu"):
+        drawn = torch.randn(4, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(drawn, torch.randn(4, generator=torch.Generator().manual_seed(5)))

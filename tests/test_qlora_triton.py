@@ -17,11 +17,23 @@ Tolerances are worst-case bounds, derived per output element (u32 = 2^-24):
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import qpeft
 from qpeft.functional import dequantize_4bit, qlora_linear, quantize_4bit
+
+from ._helpers import triton_test_device
+
+
+@pytest.fixture(autouse=True)
+def _on_triton_device(request):
+    # Tests over the CPU `backend` fixture keep CPU tensors; the Triton ones follow the GPU.
+    with contextlib.nullcontext() if "backend" in request.fixturenames else triton_test_device():
+        yield
+
 
 U32 = 2.0**-24
 U_OP = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-7}
