@@ -59,9 +59,9 @@ def out_tensor(
         return
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a tensor, got {type(out).__name__}")
-    if tuple(out.shape) != tuple(int(s) for s in shape) or out.dtype != dtype:
+    if tuple(out.shape) != tuple([int(s) for s in shape]) or out.dtype != dtype:
         raise ValueError(
-            f"out is {tuple(out.shape)} {out.dtype} but the result is {tuple(int(s) for s in shape)} {dtype}"
+            f"out is {tuple(out.shape)} {out.dtype} but the result is {tuple([int(s) for s in shape])} {dtype}"
         )
     if out.device != like.device:
         raise ValueError(f"out is on {out.device} but the quantized data is on {like.device}")
@@ -96,9 +96,9 @@ def dequantize_4bit(
     blocksize(bs)
     quant_type(qt)
     out_dtype(dtype)
-    if any(int(s) < 0 for s in shape):
+    if any([int(s) < 0 for s in shape]):
         raise ValueError(f"shape must be non-negative, got {tuple(shape)}")
-    n = prod(int(s) for s in shape)
+    n = prod([int(s) for s in shape])
     if n == 0:
         raise ValueError(f"shape {tuple(shape)} is empty: there is nothing to dequantize")
     same_device(("packed", packed), ("absmax", absmax))
@@ -115,7 +115,7 @@ def dequantize_4bit_nested(
     blocksize(nested_bs)
     quant_type(qt)
     out_dtype(dtype)
-    n = prod(int(s) for s in shape)
+    n = prod([int(s) for s in shape])
     if n <= 0:
         raise ValueError(f"shape {tuple(shape)} is empty: there is nothing to dequantize")
     same_device(
@@ -170,6 +170,8 @@ def tensor_arg(t, name: str) -> torch.Tensor:
     """``t`` must be a tensor (not a list, a number or None)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     return t
 
 
@@ -241,7 +243,7 @@ def no_overlap(out: torch.Tensor, *inputs: tuple[str, torch.Tensor | None]) -> N
 
 def _extent(t: torch.Tensor) -> tuple[int, int]:
     start = t.data_ptr()
-    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+    span = 1 + sum([(size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0])
     return start, start + span * t.element_size()
 
 
@@ -252,7 +254,7 @@ def qlora_linear(x, packed, state, lora_a, lora_b, bias, rank_scale, out_scale) 
     """The arguments of ``qpeft.functional.qlora_linear`` (x [..., K]; float64 x/A/B are
     accepted so gradcheck can run through the reference)."""
     state_4bit(state, packed, matrix=True)
-    n, k = (int(s) for s in state.shape)
+    n, k = int(state.shape[0]), int(state.shape[1])
     named = [("x", x), ("lora_A", lora_a), ("lora_B", lora_b)]
     named += [
         (nm, t)
@@ -296,7 +298,7 @@ def gemv_4bit(x, packed, state) -> None:
     from ._formats import GEMV_MAX_ROWS
 
     state_4bit(state, packed, matrix=True)
-    n, k = (int(s) for s in state.shape)
+    n, k = int(state.shape[0]), int(state.shape[1])
     tensor_arg(x, "x")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")

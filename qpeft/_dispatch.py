@@ -80,6 +80,21 @@ def declare_mutations(op: str, positions: tuple[int, ...]) -> None:
     _mutations[op] = positions
 
 
+def route_other_keys(op: str) -> None:
+    """Also route calls that reach no device key (a sparse tensor among the arguments, or
+    no tensor at all: empty lists) through the kernel of the first tensor's device type,
+    whose checks then name the problem; with no tensor at all the call is a no-op."""
+
+    def fallback(*args):
+        for a in args:
+            t = a[0] if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor) else a
+            if isinstance(t, torch.Tensor):
+                return _router(op, t.device.type)(*args)
+        return None
+
+    _lib.impl(op, fallback, "CompositeExplicitAutograd")
+
+
 class KernelTable(dict):
     """``{op name: kernel}``, filled with ``@table("op")`` on each kernel definition."""
 

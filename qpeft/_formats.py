@@ -1,8 +1,13 @@
-"""The quantization formats, defined once for Python.
+"""The quantization formats, defined once for Python (the backends and the Triton kernels
+import them from here).
 
-Mirrors ``csrc/include/qpeft/format.h`` (tests/test_formats.py holds the two to
-each other). Semantics and bit layouts are those of DESIGN.md, "Formats", and are
-bit-compatible with bitsandbytes >= 0.45.
+Mirrors ``csrc/include/qpeft/format.h``: tests/test_formats.py asserts that every table
+and constant here, and what the native modules are passed (dtype and quant-type ids,
+blocksizes, the GEMV row limit, the dynamic 8-bit maps' encoder tables), equals the C++
+values bit for bit, as ``qpeft._C.format_tables()`` reports them. A copy rather than a
+read from the native module, so that importing qpeft needs no compiled code. Semantics
+and bit layouts are those of docs/design.md, "Formats", and are bit-compatible with
+bitsandbytes >= 0.45.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import DISPATCH_KEYS, declare_mutations, kernel_for
+from ._dispatch import DISPATCH_KEYS, declare_mutations, kernel_for, route_other_keys
 
 _lib = torch.library.Library("qpeft", "DEF")
 OPS: list[str] = []  # every op's name, in definition order
@@ -255,6 +255,6 @@ _OPTIM_OPS = {
 
 for _name, (_schema, _mutated) in _OPTIM_OPS.items():
     _define(f"{_name}({_schema}) -> ()", _none, _mutated)
-    if "multi" in _name:
-        # a call with no tensor at all (empty lists) reaches no device key: a no-op
-        _lib.impl(_name, _none, "CompositeExplicitAutograd")
+    # a sparse gradient reaches no device key: route it to the kernel, whose check says
+    # sparse gradients are unsupported (and empty lists to a no-op)
+    route_other_keys(_name)

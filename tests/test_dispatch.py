@@ -19,12 +19,12 @@ def test_every_op_has_device_kernels_for_cpu_and_cuda():
     for op in ops:
         for key in ("CPU", "CUDA"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qpeft::{op}", key), (op, key)
-        # no catch-all kernel: the device key decides (the empty-list no-op of the
-        # multi-tensor steps is the one exception, for calls with no tensor at all)
+        # no catch-all kernel: the device key decides (the optimizer steps route what
+        # reaches no device key, a sparse gradient or empty lists, through their checks)
         catch_all = torch._C._dispatch_has_kernel_for_dispatch_key(
             f"qpeft::{op}", "CompositeExplicitAutograd"
         )
-        assert catch_all == op.endswith("_multi_step_"), op
+        assert catch_all == op.endswith("_step_"), op
 
 
 def test_profiler_names_the_op():
@@ -143,6 +143,16 @@ def test_out_version_counter_is_bumped():
     v = out._version
     qf.dequantize_4bit(packed, state, out=out)
     assert out._version > v
+
+
+def test_sparse_tensors_get_clear_errors():
+    p, g, m, v = torch.randn(10), torch.randn(10).to_sparse(), torch.zeros(10), torch.zeros(10)
+    with pytest.raises(TypeError, match="sparse"):
+        torch.ops.qpeft.adamw32_step_(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    with pytest.raises(TypeError, match="sparse"):
+        torch.ops.qpeft.adamw32_multi_step_([p], [g], [m], [v], 1e-3, 0.9, 0.999, 1e-8, 0.0, [1])
+    with pytest.raises(TypeError, match="dense"):
+        qf.quantize_4bit(torch.randn(64).to_sparse())
 
 
 def test_multi_step_with_empty_lists_is_a_no_op():

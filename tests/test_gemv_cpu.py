@@ -117,10 +117,11 @@ def test_opcheck_and_errors():
             qf.gemv_4bit(torch.randn(9, 64), packed, state)
         with pytest.raises(ValueError, match="in_features"):
             qf.gemv_4bit(torch.randn(1, 63), packed, state)
-    with pytest.raises(ValueError, match="packed has"):  # the C++ entry re-checks sizes
+    with pytest.raises(ValueError, match="packed holds"):  # the C++ entry re-checks sizes
         x, out = torch.randn(1, 64), torch.empty(1, 16)
         _native.cpu_module().gemv_4bit(
             x.data_ptr(),
+            x.numel(),
             1,
             16,
             64,
@@ -136,5 +137,6 @@ def test_opcheck_and_errors():
             0,
             256,
             out.data_ptr(),
+            out.numel(),
             1,
         )

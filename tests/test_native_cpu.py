@@ -1,5 +1,5 @@
 """The C++ CPU kernels beyond the reference comparison: every SIMD path against the
-scalar path, thread counts, the shared tables, and 64-bit indexing."""
+scalar path, thread counts and 64-bit indexing (the shared tables: tests/test_formats.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 import qpeft
 import qpeft.functional as qf
 import qpeft.optim
-from qpeft import _formats
 from qpeft._native import cpu_module
 
 from .conftest import DTYPES, assert_bits_equal
@@ -224,16 +223,3 @@ def test_quantize_beyond_2_31_elements():
     byte = (HUGE - 4096 - 65) // 2  # even index: high nibble
     assert packed[byte, 0] == (0 << 4) | 7
     assert int(packed[:byte].max()) == 0x77 and int(packed[:byte].min()) == 0x77
-
-
-def test_tables_match_header(native):
-    t = native.format_tables()
-    assert t["nf4"] == list(_formats._code4_cpu("nf4").tolist())
-    assert t["fp4"] == list(_formats._code4_cpu("fp4").tolist())
-    for qt in ("nf4", "fp4"):
-        mid, order = _formats.encode4_tables(qt)
-        assert t[f"{qt}_mid"] == mid.tolist()
-        assert t[f"{qt}_order"] == order.tolist()
-    assert t["lut_bins"] == _formats.LUT_BINS
-    code = _formats.dynamic_map(True)
-    assert torch.equal(torch.tensor(native.lut8(code.data_ptr()), dtype=torch.uint8), _formats.lut8(code))

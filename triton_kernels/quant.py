@@ -276,7 +276,11 @@ def dequantize_blockwise_kernel(
 
 @functools.cache
 def _encode4_device_tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(midpoints fp32[15], int32[17] = order[0], order[k+1] - order[k] for k < 15, zero code)."""
+    """(midpoints fp32[15], int32[17] = order[0], order[k+1] - order[k] for k < 15, zero code).
+
+    Built from qpeft/_formats.py; tests/test_formats.py checks that they decode back to
+    csrc/include/qpeft/format.h's midpoints, sorted order and padding code bit for bit.
+    """
     mid, order = encode4_tables(quant_type)
     steps = torch.cat([order[:1], order[1:] - order[:-1], torch.tensor([zero_code4(quant_type)])])
     return mid.to(device), steps.to(device=device, dtype=torch.int32)

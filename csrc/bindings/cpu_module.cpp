@@ -15,6 +15,7 @@
 #include "../cpu/api.h"
 #include "../cpu/thread_pool.h"
 #include "dlpack_capsule.h"
+#include "optim_scalars.h"
 
 namespace py = pybind11;
 namespace qc = qpeft::cpu;
@@ -22,32 +23,15 @@ namespace qc = qpeft::cpu;
 // --- optimizer steps: the fp32 scalars arrive as one tuple per step (csrc/README.md).
 namespace {
 
-std::vector<float> scalars_of(const char* fn, const std::vector<double>& v, size_t count) {
-  if (v.size() != count) {
-    throw std::invalid_argument(std::string("qpeft._C.") + fn + ": scalars must hold " +
-                                std::to_string(count) + " values, got " + std::to_string(v.size()));
-  }
-  return std::vector<float>(v.begin(), v.end());  // double -> float rounds to nearest even
-}
-
-qpeft::AdamScalars adam_scalars(const char* fn, const std::vector<double>& v) {
-  const auto f = scalars_of(fn, v, 8);
-  return qpeft::AdamScalars{f[0], f[1], static_cast<int>(f[2]), f[3], f[4], f[5], f[6], f[7]};
-}
-
-qpeft::LionScalars lion_scalars(const char* fn, const std::vector<double>& v) {
-  const auto f = scalars_of(fn, v, 6);
-  return qpeft::LionScalars{f[0], f[1], f[2], f[3], f[4], f[5]};
-}
+using qpeft::bindings::adam_scalars;
+using qpeft::bindings::lion_scalars;
 
 // The rows of a multi-tensor step: a 1-D, contiguous buffer of int64 (Python's
 // array("q")) whose length is a multiple of the row width. The caller keeps the
 // buffer alive for the call, which reads it with the GIL released.
 qc::Rows rows_of(const char* fn, const py::buffer& rows, int64_t width) {
   const py::buffer_info b = rows.request();
-  const auto bad = [&](const std::string& what) {
-    throw std::invalid_argument(std::string("qpeft._C.") + fn + ": rows " + what);
-  };
+  const auto bad = [&](const std::string& what) { qpeft::host::fail(fn, "rows " + what); };
   if (b.itemsize != 8 || (b.format != "q" && b.format != "l"))
     bad("must be a buffer of int64 (array('q'))");
   if (b.ndim != 1) bad("must be one-dimensional, got " + std::to_string(b.ndim) + " dimensions");
@@ -90,11 +74,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("blocksize"), py::arg("out"), py::arg("out_dtype"), py::arg("num_threads"),
         "Blockwise 8-bit dequantization: out = code[q] * absmax[block].");
 
-  m.def("gemv_4bit", &qc::gemv_4bit, nogil, py::arg("x"), py::arg("m"), py::arg("n"), py::arg("k"),
-        py::arg("packed"), py::arg("packed_len"), py::arg("absmax"), py::arg("absmax_len"),
-        py::arg("blocksize"), py::arg("quant_type"), py::arg("nested_absmax"),
-        py::arg("nested_absmax_len"), py::arg("nested_code"), py::arg("offset"),
-        py::arg("nested_blocksize"), py::arg("out"), py::arg("num_threads"),
+  m.def("gemv_4bit", &qc::gemv_4bit, nogil, py::arg("x"), py::arg("x_len"), py::arg("m"),
+        py::arg("n"), py::arg("k"), py::arg("packed"), py::arg("packed_len"), py::arg("absmax"),
+        py::arg("absmax_len"), py::arg("blocksize"), py::arg("quant_type"),
+        py::arg("nested_absmax"), py::arg("nested_absmax_len"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("nested_blocksize"), py::arg("out"), py::arg("out_len"),
+        py::arg("num_threads"),
         "fp32 out[m, n] = x[m, k] @ W^T with W [n, k] as packed 4-bit codes (decode-sized m).");
 
   m.def("set_isa", &qc::set_isa, py::arg("name"),
@@ -117,6 +102,9 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "format_tables",
       [] {
+        // Python reads nothing from here at run time (qpeft/_formats.py holds its own
+        // copy, importable without the native module); tests/test_formats.py asserts
+        // that every entry equals it bit for bit. fp32 values go out as doubles (exact).
         auto list = [](const auto* p, int k) { return std::vector<double>(p, p + k); };
         py::dict d;
         d["nf4"] = list(qpeft::kNF4Values, qpeft::kNumCodes4);
@@ -125,10 +113,31 @@ PYBIND11_MODULE(_C, m) {
         d["fp4_mid"] = list(qpeft::kFP4Mid, qpeft::kNumCodes4 - 1);
         d["nf4_order"] = std::vector<int>(qpeft::kNF4Order, qpeft::kNF4Order + qpeft::kNumCodes4);
         d["fp4_order"] = std::vector<int>(qpeft::kFP4Order, qpeft::kFP4Order + qpeft::kNumCodes4);
+        d["nf4_zero_code"] = static_cast<int>(qpeft::zero_code4(qpeft::kNF4));
+        d["fp4_zero_code"] = static_cast<int>(qpeft::zero_code4(qpeft::kFP4));
         d["lut_bins"] = qpeft::kLutBins;
+        d["num_codes8"] = qpeft::kNumCodes8;
+        d["absmax_floor"] = static_cast<double>(qpeft::kAbsmaxFloor);
+        std::vector<int> blocksizes;
+        for (int l = qpeft::kBlocksizeLog2Min; l <= qpeft::kBlocksizeLog2Max; ++l)
+          blocksizes.push_back(1 << l);
+        d["blocksizes"] = blocksizes;
+        d["gemv_max_rows"] = qpeft::kGemvMaxRows;
+        py::dict dtypes;
+        dtypes["float32"] = static_cast<int>(qpeft::kF32);
+        dtypes["float16"] = static_cast<int>(qpeft::kF16);
+        dtypes["bfloat16"] = static_cast<int>(qpeft::kBF16);
+        d["dtype_ids"] = dtypes;
+        py::dict quant_types;
+        quant_types["fp4"] = static_cast<int>(qpeft::kFP4);
+        quant_types["nf4"] = static_cast<int>(qpeft::kNF4);
+        d["quant_type_ids"] = quant_types;
+        d["state_block"] = qpeft::kStateBlock;
+        d["min_8bit_numel"] = qpeft::kMin8BitNumel;
         return d;
       },
-      "format.h's tables as Python lists (tests compare them with qpeft/_formats.py).");
+      "format.h's (and optim.h's) tables and constants as Python values, for "
+      "tests/test_formats.py.");
   m.def(
       "cpu_features",
       [] {

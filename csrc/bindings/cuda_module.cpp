@@ -20,6 +20,7 @@
 
 #include "../cuda/ops.h"
 #include "dlpack_capsule.h"
+#include "optim_scalars.h"
 
 #if defined(QPEFT_CUDA_EMULATION)
 #include "../emu/emu_bindings.h"
@@ -30,28 +31,9 @@
 
 namespace py = pybind11;
 
-// --- optimizer steps: the fp32 scalars arrive as one tuple per step (csrc/README.md).
-namespace {
-
-std::vector<float> scalars_of(const char* fn, const std::vector<double>& v, size_t count) {
-  if (v.size() != count) {
-    throw std::invalid_argument(std::string("qpeft._C_cuda.") + fn + ": scalars must hold " +
-                                std::to_string(count) + " values, got " + std::to_string(v.size()));
-  }
-  return std::vector<float>(v.begin(), v.end());  // double -> float rounds to nearest even
-}
-
-qpeft::AdamScalars adam_scalars(const char* fn, const std::vector<double>& v) {
-  const auto f = scalars_of(fn, v, 8);
-  return qpeft::AdamScalars{f[0], f[1], static_cast<int>(f[2]), f[3], f[4], f[5], f[6], f[7]};
-}
-
-qpeft::LionScalars lion_scalars(const char* fn, const std::vector<double>& v) {
-  const auto f = scalars_of(fn, v, 6);
-  return qpeft::LionScalars{f[0], f[1], f[2], f[3], f[4], f[5]};
-}
-
-}  // namespace
+// Optimizer steps: the fp32 scalars arrive as one tuple per step (csrc/README.md).
+using qpeft::bindings::adam_scalars;
+using qpeft::bindings::lion_scalars;
 
 PYBIND11_MODULE(QPEFT_CUDA_MODULE_NAME, m) {
 #if defined(QPEFT_CUDA_EMULATION)

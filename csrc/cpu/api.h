@@ -1,6 +1,6 @@
 // Entry points of qpeft._C (see csrc/README.md for the ABI). Pointers arrive as
-// uintptr_t from Python; every function validates sizes and throws
-// std::invalid_argument (a Python ValueError) before touching memory.
+// uintptr_t from Python; every function validates sizes with qpeft/host_checks.h
+// and throws std::invalid_argument (a Python ValueError) before touching memory.
 #pragma once
 
 #include <cstdint>
@@ -27,11 +27,13 @@ void dequantize_blockwise(uintptr_t q, int64_t q_len, uintptr_t absmax, int64_t 
                           int out_dtype, int num_threads);
 
 // y[m, n] = x[m, k] @ W[n, k]^T (all fp32) with W as packed 4-bit codes (plain or
-// double-quantized absmax, as dequantize_4bit takes them), for a few rows of x.
-void gemv_4bit(uintptr_t x, int64_t m, int64_t n, int64_t k, uintptr_t packed, int64_t packed_len,
-               uintptr_t absmax, int64_t absmax_len, int64_t blocksize, int quant_type,
-               uintptr_t nested_absmax, int64_t nested_absmax_len, uintptr_t nested_code,
-               uintptr_t offset, int64_t nested_blocksize, uintptr_t out, int num_threads);
+// double-quantized absmax, as dequantize_4bit takes them), for 1 <= m <=
+// kGemvMaxRows rows of x (format.h). x holds x_len floats, out out_len.
+void gemv_4bit(uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64_t k, uintptr_t packed,
+               int64_t packed_len, uintptr_t absmax, int64_t absmax_len, int64_t blocksize,
+               int quant_type, uintptr_t nested_absmax, int64_t nested_absmax_len,
+               uintptr_t nested_code, uintptr_t offset, int64_t nested_blocksize, uintptr_t out,
+               int64_t out_len, int num_threads);
 
 // "auto" | "scalar" | "avx2"; returns the previous setting. Throws if the CPU
 // cannot run the requested ISA.

@@ -5,6 +5,7 @@
 #include "api.h"
 
 #include <qpeft/format.h>
+#include <qpeft/host_checks.h>
 
 #include <atomic>
 #include <cstring>
@@ -66,42 +67,20 @@ const char* isa_name(int isa) {
 }
 
 // ---------------------------------------------------------------------------
-// Validation.
-[[noreturn]] void fail(const char* fn, const std::string& what) {
-  throw std::invalid_argument(std::string("qpeft._C.") + fn + ": " + what);
-}
+// Validation (the checks themselves: qpeft/host_checks.h). The CPU kernels take
+// any blocksize > 0, not only the formats' powers of two. num_threads < 1 is
+// taken as 1 (thread_count clamps it).
+using host::ceil_div;
+using host::check_dtype;
+using host::check_len;
+using host::check_ptr;
+using host::check_quant_type;
+using host::fail;
+using host::packed4_len;
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return a / b + (a % b != 0);
-}
-
-// num_threads < 1 is taken as 1 (thread_count clamps it).
-void check_common(const char* fn, int64_t n, int64_t blocksize) {
-  if (n < 0) fail(fn, "n must be >= 0, got " + std::to_string(n));
-  if (blocksize <= 0) fail(fn, "blocksize must be > 0, got " + std::to_string(blocksize));
-}
-
-void check_dtype(const char* fn, const char* what, int dtype) {
-  if (dtype != kF32 && dtype != kF16 && dtype != kBF16) {
-    fail(fn, std::string(what) + " must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
-                 std::to_string(dtype));
-  }
-}
-
-void check_quant_type(const char* fn, int qt) {
-  if (qt != kFP4 && qt != kNF4)
-    fail(fn, "quant_type must be 1 (fp4) or 2 (nf4), got " + std::to_string(qt));
-}
-
-void check_len(const char* fn, const char* name, int64_t len, int64_t required) {
-  if (len < required) {
-    fail(fn, std::string(name) + " holds " + std::to_string(len) + " elements, needs at least " +
-                 std::to_string(required));
-  }
-}
-
-void check_ptr(const char* fn, const char* name, uintptr_t p) {
-  if (p == 0) fail(fn, std::string(name) + " is a null pointer");
+void check_n_blocksize(const char* fn, int64_t n, int64_t blocksize) {
+  host::check_nonneg(fn, "n", n);
+  host::check_positive(fn, "blocksize", blocksize);
 }
 
 // ---------------------------------------------------------------------------
@@ -184,11 +163,11 @@ void quantize_4bit(uintptr_t x, int x_dtype, int64_t n, int64_t blocksize, int q
                    uintptr_t packed, int64_t packed_len, uintptr_t absmax, int64_t absmax_len,
                    int num_threads) {
   const char* fn = "quantize_4bit";
-  check_common(fn, n, blocksize);
+  check_n_blocksize(fn, n, blocksize);
   check_dtype(fn, "x_dtype", x_dtype);
   check_quant_type(fn, quant_type);
   const int64_t blocks = ceil_div(n, blocksize);
-  check_len(fn, "packed", packed_len, n / 2 + n % 2);
+  check_len(fn, "packed", packed_len, packed4_len(n));
   check_len(fn, "absmax", absmax_len, blocks);
   if (n == 0) return;
   check_ptr(fn, "x", x);
@@ -214,17 +193,15 @@ void dequantize_4bit(uintptr_t packed, int64_t packed_len, uintptr_t absmax, int
                      uintptr_t nested_absmax, int64_t nested_absmax_len, uintptr_t nested_code,
                      uintptr_t offset, int64_t nested_blocksize, int num_threads) {
   const char* fn = "dequantize_4bit";
-  check_common(fn, n, blocksize);
+  check_n_blocksize(fn, n, blocksize);
   check_dtype(fn, "out_dtype", out_dtype);
   check_quant_type(fn, quant_type);
   const int64_t blocks = ceil_div(n, blocksize);
-  check_len(fn, "packed", packed_len, n / 2 + n % 2);
+  check_len(fn, "packed", packed_len, packed4_len(n));
   check_len(fn, "absmax", absmax_len, blocks);
   const bool nested = nested_absmax != 0;
   if (nested) {
-    if (nested_blocksize <= 0) {
-      fail(fn, "nested_blocksize must be > 0, got " + std::to_string(nested_blocksize));
-    }
+    host::check_positive(fn, "nested_blocksize", nested_blocksize);
     check_len(fn, "nested_absmax", nested_absmax_len, ceil_div(blocks, nested_blocksize));
   }
   if (n == 0) return;
@@ -258,7 +235,7 @@ void quantize_blockwise(uintptr_t x, int x_dtype, int64_t n, int64_t blocksize, 
                         uintptr_t q, int64_t q_len, uintptr_t absmax, int64_t absmax_len,
                         int num_threads) {
   const char* fn = "quantize_blockwise";
-  check_common(fn, n, blocksize);
+  check_n_blocksize(fn, n, blocksize);
   check_dtype(fn, "x_dtype", x_dtype);
   const int64_t blocks = ceil_div(n, blocksize);
   check_len(fn, "q", q_len, n);
@@ -283,7 +260,7 @@ void dequantize_blockwise(uintptr_t q, int64_t q_len, uintptr_t absmax, int64_t 
                           uintptr_t code, int64_t n, int64_t blocksize, uintptr_t out,
                           int out_dtype, int num_threads) {
   const char* fn = "dequantize_blockwise";
-  check_common(fn, n, blocksize);
+  check_n_blocksize(fn, n, blocksize);
   check_dtype(fn, "out_dtype", out_dtype);
   const int64_t blocks = ceil_div(n, blocksize);
   check_len(fn, "q", q_len, n);

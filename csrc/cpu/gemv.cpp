@@ -8,9 +8,7 @@
 // (sum_b absmax_b * sum_k x_k t_k, the decode's multiplication factored out of the
 // block): a different rounding than dequantize-then-dot, bounded in tests/test_gemv_cpu.py.
 #include <qpeft/format.h>
-
-#include <stdexcept>
-#include <string>
+#include <qpeft/host_checks.h>
 
 #include "api.h"
 #include "gemv_kernels.h"
@@ -20,14 +18,6 @@ namespace qpeft {
 namespace cpu {
 
 namespace {
-
-[[noreturn]] void fail(const std::string& what) {
-  throw std::invalid_argument("qpeft._C.gemv_4bit: " + what);
-}
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return a / b + (a % b != 0);
-}
 
 float block_scale(const Gemv4Args& a, int64_t b) {
   if (a.absmax_q == nullptr) return a.absmax[b];
@@ -60,38 +50,38 @@ void gemv4_scalar(const Gemv4Args& a, int64_t n0, int64_t n1) {
   }
 }
 
-void gemv_4bit(uintptr_t x, int64_t m, int64_t n, int64_t k, uintptr_t packed, int64_t packed_len,
-               uintptr_t absmax, int64_t absmax_len, int64_t blocksize, int quant_type,
-               uintptr_t nested_absmax, int64_t nested_absmax_len, uintptr_t nested_code,
-               uintptr_t offset, int64_t nested_blocksize, uintptr_t out, int num_threads) {
-  if (m < 0 || n < 0 || k < 0) fail("m, n, k must be >= 0");
+void gemv_4bit(uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64_t k, uintptr_t packed,
+               int64_t packed_len, uintptr_t absmax, int64_t absmax_len, int64_t blocksize,
+               int quant_type, uintptr_t nested_absmax, int64_t nested_absmax_len,
+               uintptr_t nested_code, uintptr_t offset, int64_t nested_blocksize, uintptr_t out,
+               int64_t out_len, int num_threads) {
+  // The same contract as the CUDA entry point (csrc/cuda/gemv_4bit.cu), but any
+  // power-of-two blocksize: the CPU kernels do not depend on it.
+  using namespace host;
+  const char* fn = "gemv_4bit";
+  check_gemv_rows(fn, m);
+  check_positive(fn, "n", n);
+  check_positive(fn, "k", k);
   if (blocksize < 2 || (blocksize & (blocksize - 1)) != 0)
-    fail("blocksize must be a power of two >= 2");
-  if (quant_type != kNF4 && quant_type != kFP4)
-    fail("unknown quant_type " + std::to_string(quant_type));
-  if (n != 0 && k > INT64_MAX / n) fail("n * k overflows");
-  const int64_t numel = n * k;
+    fail(fn, "blocksize must be a power of two >= 2, got " + std::to_string(blocksize));
+  check_quant_type(fn, quant_type);
+  const int64_t numel = checked_mul(fn, "n", n, "k", k);
   const int64_t blocks = ceil_div(numel, blocksize);
-  if (packed_len != numel / 2 + numel % 2)
-    fail("packed has " + std::to_string(packed_len) + " bytes, expected " +
-         std::to_string(numel / 2 + numel % 2));
-  if (absmax_len != blocks)
-    fail("absmax has " + std::to_string(absmax_len) + " entries, expected " +
-         std::to_string(blocks));
+  check_len(fn, "x", x_len, checked_mul(fn, "m", m, "k", k));
+  check_len(fn, "packed", packed_len, packed4_len(numel));
+  check_len(fn, "absmax", absmax_len, blocks);
+  check_len(fn, "out", out_len, checked_mul(fn, "m", m, "n", n));
   const bool nested = nested_absmax != 0;
   if (nested) {
-    if (nested_blocksize < 1) fail("nested_blocksize must be >= 1");
-    if (nested_absmax_len != ceil_div(blocks, nested_blocksize))
-      fail("nested_absmax has the wrong length");
-    if (nested_code == 0 || offset == 0) fail("double quantization needs nested_code and offset");
+    check_positive(fn, "nested_blocksize", nested_blocksize);
+    check_len(fn, "nested_absmax", nested_absmax_len, ceil_div(blocks, nested_blocksize));
+    check_ptr(fn, "nested_code", nested_code);
+    check_ptr(fn, "offset", offset);
   }
-  if (m == 0 || n == 0) return;
-  if (k == 0) {  // an empty sum
-    float* o = reinterpret_cast<float*>(out);
-    for (int64_t i = 0; i < m * n; ++i) o[i] = 0.0f;
-    return;
-  }
-  if (x == 0 || packed == 0 || absmax == 0 || out == 0) fail("null pointer");
+  check_ptr(fn, "x", x);
+  check_ptr(fn, "packed", packed);
+  check_ptr(fn, "absmax", absmax);
+  check_ptr(fn, "out", out);
   const Gemv4Args args{reinterpret_cast<const float*>(x),
                        m,
                        n,

@@ -4,6 +4,7 @@
 // capsule, unconsumed capsule, tensor freed) on a machine without a GPU.
 
 #include <qpeft/dlpack.h>
+#include <qpeft/host_checks.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -28,19 +29,18 @@ void free_host(void* p) {
 }  // namespace
 
 dlpack::ManagedTensor* host_buffer(int64_t numel, int dl_code, int bits) {
-  if (numel < 0)
-    throw std::invalid_argument("qpeft._C.host_buffer: numel must be >= 0, got " +
-                                std::to_string(numel));
+  const char* fn = "host_buffer_dlpack";
   const bool ok = (dl_code == dlpack::kFloat && (bits == 16 || bits == 32)) ||
                   (dl_code == dlpack::kUInt && bits == 8) ||
                   (dl_code == dlpack::kBfloat && bits == 16);
   if (!ok) {
-    throw std::invalid_argument("qpeft._C.host_buffer: unsupported DLPack dtype code " +
-                                std::to_string(dl_code) + " with " + std::to_string(bits) +
-                                " bits");
+    host::fail(fn, "unsupported DLPack dtype code " + std::to_string(dl_code) + " with " +
+                       std::to_string(bits) + " bits");
   }
   // 64-byte aligned (a cache line), at least one line so numel == 0 is a valid pointer.
-  const size_t bytes = static_cast<size_t>(numel) * static_cast<size_t>(bits / 8);
+  // Checked: an unchecked numel * 4 wraps for numel >= 2^62 and would hand torch a
+  // tensor of numel elements over a 64-byte allocation.
+  const size_t bytes = host::checked_bytes(fn, "numel", numel, bits / 8);
   const size_t rounded = (bytes + 63) / 64 * 64 + (bytes == 0 ? 64 : 0);
   void* data = std::aligned_alloc(64, rounded);
   if (data == nullptr) throw std::bad_alloc();

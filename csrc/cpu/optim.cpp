@@ -3,6 +3,7 @@
 // in optim_scalar.cpp / optim_avx2.cpp; the per-element math in qpeft/optim.h.
 
 #include <qpeft/format.h>
+#include <qpeft/host_checks.h>
 #include <qpeft/optim.h>
 
 #include <algorithm>
@@ -37,10 +38,6 @@ int64_t thread_count(int num_threads, int64_t n) {
   return t < by_work ? t : by_work;
 }
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return a / b + (a % b != 0);
-}
-
 const OptimKernelTable& kernels() {
 #if QPEFT_HAVE_AVX2_TU
   // set_isa / auto-detection live in dispatch.cpp; active_isa() reports its choice.
@@ -50,55 +47,11 @@ const OptimKernelTable& kernels() {
 #endif
 }
 
-// Checks build their message only on failure: a multi-tensor step checks about
-// fifteen values per tensor, and formatting every message eagerly (std::to_string
-// of floats) cost 2.8 us per tensor, more than updating a LoRA-sized one.
-[[noreturn]] void fail(const char* fn, const std::string& what) {
-  throw std::invalid_argument(std::string("qpeft._C.") + fn + ": " + what);
-}
-
-void check_common(const char* fn, int dtype, int64_t n) {
-  if (n < 0) fail(fn, "n must be >= 0, got " + std::to_string(n));
-  if (dtype != kF32 && dtype != kF16 && dtype != kBF16) {
-    fail(fn,
-         "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
-  }
-}
-
-void check_len(const char* fn, const char* name, int64_t len, int64_t required) {
-  if (len != required) {
-    fail(fn, std::string(name) + " holds " + std::to_string(len) + " elements, expected " +
-                 std::to_string(required));
-  }
-}
-
-void check_ptr(const char* fn, const char* name, uintptr_t p) {
-  if (p == 0) fail(fn, std::string(name) + " is a null pointer");
-}
-
-void check_finite(const char* fn, const char* name, float x) {
-  if (!std::isfinite(x)) fail(fn, std::string(name) + " must be finite, got " + std::to_string(x));
-}
-
-void check_adam(const char* fn, const AdamScalars& s) {
-  check_finite(fn, "decay", s.decay);
-  check_finite(fn, "lerp_c", s.lerp_c);
-  check_finite(fn, "beta2", s.beta2);
-  check_finite(fn, "omb2", s.omb2);
-  check_finite(fn, "bc2_sqrt", s.bc2_sqrt);
-  check_finite(fn, "eps", s.eps);
-  check_finite(fn, "neg_step", s.neg_step);
-  if (s.lerp_from_grad != 0 && s.lerp_from_grad != 1) fail(fn, "lerp_from_grad must be 0 or 1");
-}
-
-void check_lion(const char* fn, const LionScalars& s) {
-  check_finite(fn, "decay", s.decay);
-  check_finite(fn, "beta1", s.beta1);
-  check_finite(fn, "omb1", s.omb1);
-  check_finite(fn, "beta2", s.beta2);
-  check_finite(fn, "omb2", s.omb2);
-  check_finite(fn, "neg_lr", s.neg_lr);
-}
+// Argument checks: qpeft/host_checks.h (which builds a message only on failure).
+// Optimizer state must have exactly the size the parameter implies.
+using host::ceil_div;
+using host::check_ptr;
+using host::fail;
 
 // ---------------------------------------------------------------------------
 // 8-bit state encoders, keyed by the 256 map values. Building one takes ~1 ms
@@ -247,10 +200,10 @@ void run_list(Kernel kernel, const std::vector<Args>& list, bool element_ranges,
 Adam32Args adam32_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype, int64_t n,
                        uintptr_t exp_avg, int64_t exp_avg_len, uintptr_t exp_avg_sq,
                        int64_t exp_avg_sq_len, const AdamScalars& s) {
-  check_common(fn, dtype, n);
-  check_adam(fn, s);
-  check_len(fn, "exp_avg", exp_avg_len, n);
-  check_len(fn, "exp_avg_sq", exp_avg_sq_len, n);
+  host::check_n_dtype(fn, dtype, n);
+  host::check_adam_scalars(fn, s);
+  host::check_len_exact(fn, "exp_avg", exp_avg_len, n);
+  host::check_len_exact(fn, "exp_avg_sq", exp_avg_sq_len, n);
   if (n > 0) {
     check_ptr(fn, "param", param);
     check_ptr(fn, "grad", grad);
@@ -266,12 +219,12 @@ Adam8Args adam8_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype,
                      uintptr_t q1, int64_t q1_len, uintptr_t absmax1, int64_t absmax1_len,
                      uintptr_t q2, int64_t q2_len, uintptr_t absmax2, int64_t absmax2_len,
                      const StateCodec* c1, const StateCodec* c2, const AdamScalars& s) {
-  check_common(fn, dtype, n);
-  check_adam(fn, s);
-  check_len(fn, "exp_avg_q", q1_len, n);
-  check_len(fn, "exp_avg_absmax", absmax1_len, ceil_div(n, kStateBlock));
-  check_len(fn, "exp_avg_sq_q", q2_len, n);
-  check_len(fn, "exp_avg_sq_absmax", absmax2_len, ceil_div(n, kStateBlock));
+  host::check_n_dtype(fn, dtype, n);
+  host::check_adam_scalars(fn, s);
+  host::check_len_exact(fn, "exp_avg_q", q1_len, n);
+  host::check_len_exact(fn, "exp_avg_absmax", absmax1_len, ceil_div(n, kStateBlock));
+  host::check_len_exact(fn, "exp_avg_sq_q", q2_len, n);
+  host::check_len_exact(fn, "exp_avg_sq_absmax", absmax2_len, ceil_div(n, kStateBlock));
   if (n > 0) {
     check_ptr(fn, "param", param);
     check_ptr(fn, "grad", grad);
@@ -295,9 +248,9 @@ Adam8Args adam8_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype,
 
 Lion32Args lion32_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype, int64_t n,
                        uintptr_t exp_avg, int64_t exp_avg_len, const LionScalars& s) {
-  check_common(fn, dtype, n);
-  check_lion(fn, s);
-  check_len(fn, "exp_avg", exp_avg_len, n);
+  host::check_n_dtype(fn, dtype, n);
+  host::check_lion_scalars(fn, s);
+  host::check_len_exact(fn, "exp_avg", exp_avg_len, n);
   if (n > 0) {
     check_ptr(fn, "param", param);
     check_ptr(fn, "grad", grad);
@@ -314,10 +267,10 @@ Lion32Args lion32_args(const char* fn, uintptr_t param, uintptr_t grad, int dtyp
 Lion8Args lion8_args(const char* fn, uintptr_t param, uintptr_t grad, int dtype, int64_t n,
                      uintptr_t q1, int64_t q1_len, uintptr_t absmax1, int64_t absmax1_len,
                      const StateCodec* c1, const LionScalars& s) {
-  check_common(fn, dtype, n);
-  check_lion(fn, s);
-  check_len(fn, "exp_avg_q", q1_len, n);
-  check_len(fn, "exp_avg_absmax", absmax1_len, ceil_div(n, kStateBlock));
+  host::check_n_dtype(fn, dtype, n);
+  host::check_lion_scalars(fn, s);
+  host::check_len_exact(fn, "exp_avg_q", q1_len, n);
+  host::check_len_exact(fn, "exp_avg_absmax", absmax1_len, ceil_div(n, kStateBlock));
   if (n > 0) {
     check_ptr(fn, "param", param);
     check_ptr(fn, "grad", grad);

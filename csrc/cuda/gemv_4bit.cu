@@ -55,8 +55,9 @@ __constant__ float c_fp4[kNumCodes4] = {QPEFT_FP4_VALUES};
 
 constexpr int kGemvThreads = 128;
 constexpr int kGemvWarps = kGemvThreads / 32;
-constexpr int kGemvChunk = 32;  // weights per 16-byte load of packed codes
-constexpr int kMaxRows = 8;     // M limit (qpeft::gemv_4bit is the decode path)
+constexpr int kGemvChunk = 32;          // weights per 16-byte load of packed codes
+constexpr int kMaxRows = kGemvMaxRows;  // M limit (format.h; launch_gemv instantiates 1..8)
+static_assert(kMaxRows == 8, "launch_gemv has one case per row count 1..8");
 
 static_assert(kGemvChunk * 4 / 8 == 16, "a chunk is one 16-byte load");
 
@@ -205,32 +206,32 @@ void gemv_4bit(std::uintptr_t x, int x_dtype, std::int64_t x_len, std::int64_t m
                std::uintptr_t nested_absmax, std::int64_t nested_absmax_len,
                std::uintptr_t nested_code, std::uintptr_t offset, std::int64_t nested_blocksize,
                std::uintptr_t out, std::int64_t out_len, std::uintptr_t stream) {
-  if (m < 1 || m > kMaxRows) fail("gemv_4bit takes 1 to 8 rows of x, got m=" + std::to_string(m));
-  if (k < 1 || n < 1)
-    fail("gemv_4bit needs k >= 1 and n >= 1, got k=" + std::to_string(k) +
-         " n=" + std::to_string(n));
-  if (k > INT64_MAX / n) fail("n * k overflows 64 bits");
-  const int log2_bs = log2_blocksize(blocksize);
-  check_dtype("x_dtype", x_dtype);
-  check_quant_type(quant_type);
-  const int64_t numel = n * k;
-  check_len("x", x_len, m * k);
-  check_len("packed", packed_len, numel / 2 + (numel & 1));
+  const char* fn = "gemv_4bit";
+  host::check_gemv_rows(fn, m);
+  host::check_positive(fn, "n", n);
+  host::check_positive(fn, "k", k);
+  const int64_t numel = host::checked_mul(fn, "n", n, "k", k);
+  const int log2_bs = host::log2_blocksize(fn, blocksize);
+  host::check_dtype(fn, "x_dtype", x_dtype);
+  host::check_quant_type(fn, quant_type);
+  // m * k and m * n are checked products too: an unchecked one can wrap to a small
+  // value that a small buffer passes (m <= 8 does not bound k or n).
+  host::check_len(fn, "x", x_len, host::checked_mul(fn, "m", m, "k", k));
+  host::check_len(fn, "packed", packed_len, host::packed4_len(numel));
   const int64_t nblocks = ceil_div(numel, blocksize);
-  check_len("absmax", absmax_len, nblocks);
-  check_len("out", out_len, m * n);
+  host::check_len(fn, "absmax", absmax_len, nblocks);
+  host::check_len(fn, "out", out_len, host::checked_mul(fn, "m", m, "n", n));
   const bool nested = nested_absmax != 0;
   if (nested) {
-    if (nested_blocksize <= 0)
-      fail("nested_blocksize must be > 0, got " + std::to_string(nested_blocksize));
-    check_len("nested_absmax", nested_absmax_len, ceil_div(nblocks, nested_blocksize));
-    check_ptr("nested_code", nested_code);
-    check_ptr("offset", offset);
+    host::check_positive(fn, "nested_blocksize", nested_blocksize);
+    host::check_len(fn, "nested_absmax", nested_absmax_len, ceil_div(nblocks, nested_blocksize));
+    host::check_ptr(fn, "nested_code", nested_code);
+    host::check_ptr(fn, "offset", offset);
   }
-  check_ptr("x", x);
-  check_ptr("packed", packed);
-  check_ptr("absmax", absmax);
-  check_ptr("out", out);
+  host::check_ptr(fn, "x", x);
+  host::check_ptr(fn, "packed", packed);
+  host::check_ptr(fn, "absmax", absmax);
+  host::check_ptr(fn, "out", out);
 
   const dim3 grid(grid_for(n, kGemvWarps));
   const std::size_t smem = nested ? (kNumCodes8 + 1) * sizeof(float) : 0;

@@ -1,11 +1,20 @@
-// Pieces shared by the CUDA kernel files (csrc/cuda/*.cu): element types and
-// their conversions (device side) and the argument checks of the host
-// launchers. Compiled by nvcc for qpeft._C_cuda and by the host compiler for
-// the emulation module qpeft._C_cuda_emu (csrc/emu): the conversions use the
-// cuda_fp16.h / cuda_bf16.h intrinsics unconditionally, because the toolkit
-// implements them for the host too, rounding as the device does (RNE; a NaN
-// becomes the canonical 0x7fff). The emulation then runs the device code path
-// itself, not a stand-in.
+// Pieces shared by the CUDA kernel files (csrc/cuda/*.cu): element types, their
+// loads, stores and conversions (device side), and the launch helpers of the
+// host launchers (whose argument checks are qpeft/host_checks.h's). Compiled by
+// nvcc for qpeft._C_cuda and by the host compiler for the emulation module
+// qpeft._C_cuda_emu (csrc/emu).
+//
+// Two conversion families, which differ only for NaN:
+//  * to_f32 / pack2_16 / store1 / store8 / ldg8 (quantization, GEMV): the
+//    cuda_fp16.h / cuda_bf16.h intrinsics, one instruction each. The toolkit
+//    implements them for the host too, rounding as the device does (RNE; a NaN
+//    becomes the canonical 0x7fff), so the emulation runs the device code path
+//    itself, not a stand-in. Outputs are compared with torch's as values.
+//  * exact_to_f32 / exact_from_f32 / load_vec / store_vec (optimizer steps):
+//    format.h's software conversions, bit-exact with torch's .to() including a
+//    NaN's sign and payload, so a step equals the CPU kernels and the pure-torch
+//    reference bit for bit (a few integer ops per element; those kernels are
+//    memory-bound).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -19,6 +28,7 @@
 
 #include "launch.h"  // first of our headers: in the emulation build it defines the CUDA builtins
 #include "qpeft/format.h"
+#include "qpeft/host_checks.h"
 
 namespace qpeft {
 namespace cuda {
@@ -89,6 +99,102 @@ __device__ __forceinline__ void store8(ET<DT>* out, int64_t i, const float (&v)[
   }
 }
 
+// format.h's conversions (NaN kept as torch keeps it; see the top of the file).
+template <int DT>
+__device__ __forceinline__ float exact_to_f32(ET<DT> x) {
+  if constexpr (DT == kF32)
+    return x;
+  else if constexpr (DT == kBF16)
+    return bf16_to_f32(x);
+  else
+    return f16_to_f32(x);
+}
+
+template <int DT>
+__device__ __forceinline__ ET<DT> exact_from_f32(float x) {
+  if constexpr (DT == kF32)
+    return x;
+  else if constexpr (DT == kBF16)
+    return f32_to_bf16(x);
+  else
+    return f32_to_f16(x);
+}
+
+// Loads N = 4 or 8 consecutive elements as fp32 with exact_to_f32 (one or two
+// 16-byte loads for fp32, one 8- or 16-byte load for 16-bit types); the caller
+// checked alignment and bounds.
+template <int DT, int N>
+__device__ __forceinline__ void load_vec(const ET<DT>* __restrict__ x, float (&v)[N]) {
+  static_assert(N == 4 || N == 8, "4 or 8 elements");
+  if constexpr (DT == kF32) {
+#pragma unroll
+    for (int k = 0; k < N / 4; ++k) {
+      const float4 w = reinterpret_cast<const float4*>(x)[k];
+      v[4 * k] = w.x;
+      v[4 * k + 1] = w.y;
+      v[4 * k + 2] = w.z;
+      v[4 * k + 3] = w.w;
+    }
+  } else if constexpr (N == 4) {
+    const uint2 w = *reinterpret_cast<const uint2*>(x);
+    v[0] = exact_to_f32<DT>(static_cast<uint16_t>(w.x));
+    v[1] = exact_to_f32<DT>(static_cast<uint16_t>(w.x >> 16));
+    v[2] = exact_to_f32<DT>(static_cast<uint16_t>(w.y));
+    v[3] = exact_to_f32<DT>(static_cast<uint16_t>(w.y >> 16));
+  } else {
+    const uint4 w = *reinterpret_cast<const uint4*>(x);
+    v[0] = exact_to_f32<DT>(static_cast<uint16_t>(w.x));
+    v[1] = exact_to_f32<DT>(static_cast<uint16_t>(w.x >> 16));
+    v[2] = exact_to_f32<DT>(static_cast<uint16_t>(w.y));
+    v[3] = exact_to_f32<DT>(static_cast<uint16_t>(w.y >> 16));
+    v[4] = exact_to_f32<DT>(static_cast<uint16_t>(w.z));
+    v[5] = exact_to_f32<DT>(static_cast<uint16_t>(w.z >> 16));
+    v[6] = exact_to_f32<DT>(static_cast<uint16_t>(w.w));
+    v[7] = exact_to_f32<DT>(static_cast<uint16_t>(w.w >> 16));
+  }
+}
+
+__device__ __forceinline__ uint32_t pack16(uint16_t lo, uint16_t hi) {
+  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+}
+
+// Stores N = 4 or 8 fp32 values as consecutive elements with exact_from_f32;
+// the caller checked alignment and bounds.
+template <int DT, int N>
+__device__ __forceinline__ void store_vec(ET<DT>* __restrict__ x, const float (&v)[N]) {
+  static_assert(N == 4 || N == 8, "4 or 8 elements");
+  if constexpr (DT == kF32) {
+#pragma unroll
+    for (int k = 0; k < N / 4; ++k) {
+      reinterpret_cast<float4*>(x)[k] =
+          make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+    }
+  } else if constexpr (N == 4) {
+    *reinterpret_cast<uint2*>(x) =
+        make_uint2(pack16(exact_from_f32<DT>(v[0]), exact_from_f32<DT>(v[1])),
+                   pack16(exact_from_f32<DT>(v[2]), exact_from_f32<DT>(v[3])));
+  } else {
+    *reinterpret_cast<uint4*>(x) =
+        make_uint4(pack16(exact_from_f32<DT>(v[0]), exact_from_f32<DT>(v[1])),
+                   pack16(exact_from_f32<DT>(v[2]), exact_from_f32<DT>(v[3])),
+                   pack16(exact_from_f32<DT>(v[4]), exact_from_f32<DT>(v[5])),
+                   pack16(exact_from_f32<DT>(v[6]), exact_from_f32<DT>(v[7])));
+  }
+}
+
+// Four fp32 values at a 16-byte aligned address.
+__device__ __forceinline__ void load4f(const float* __restrict__ x, float (&v)[4]) {
+  const float4 w = *reinterpret_cast<const float4*>(x);
+  v[0] = w.x;
+  v[1] = w.y;
+  v[2] = w.z;
+  v[3] = w.w;
+}
+
+__device__ __forceinline__ void store4f(float* __restrict__ x, const float (&v)[4]) {
+  *reinterpret_cast<float4*>(x) = make_float4(v[0], v[1], v[2], v[3]);
+}
+
 // Loads p[0..8) as fp32 with 16-byte loads through the read-only cache: p must
 // be 16-byte aligned (one uint4 for fp16/bf16, two float4 for fp32).
 template <int DT>
@@ -118,51 +224,10 @@ __device__ __forceinline__ void ldg8(const ET<DT>* __restrict__ p, float (&v)[8]
 }
 
 // ----------------------------------------------------------------------------
-// Host side: argument checks (std::invalid_argument -> ValueError, before any
-// CUDA call) and small launch helpers.
+// Host side: launch helpers. The launchers check their arguments first, with
+// qpeft/host_checks.h (std::invalid_argument -> ValueError, before any CUDA call).
 
-[[noreturn]] inline void fail(const std::string& msg) {
-  throw std::invalid_argument("qpeft: " + msg);
-}
-
-inline int64_t ceil_div(int64_t a, int64_t b) {
-  return a / b + (a % b != 0);
-}
-
-inline void check_n(int64_t n) {
-  if (n < 0) fail("n must be >= 0, got " + std::to_string(n));
-}
-
-inline int log2_blocksize(int64_t blocksize) {
-  for (int l = 5; l <= 12; ++l) {
-    if (blocksize == (int64_t{1} << l)) return l;
-  }
-  fail("blocksize must be a power of two in [32, 4096], got " + std::to_string(blocksize));
-}
-
-inline void check_dtype(const char* what, int dtype) {
-  if (dtype != kF32 && dtype != kF16 && dtype != kBF16) {
-    fail(std::string(what) + " must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
-         std::to_string(dtype));
-  }
-}
-
-inline void check_quant_type(int quant_type) {
-  if (quant_type != kFP4 && quant_type != kNF4) {
-    fail("quant_type must be 1 (fp4) or 2 (nf4), got " + std::to_string(quant_type));
-  }
-}
-
-inline void check_len(const char* what, int64_t have, int64_t need) {
-  if (have < need) {
-    fail(std::string(what) + " holds " + std::to_string(have) + " elements, needs " +
-         std::to_string(need));
-  }
-}
-
-inline void check_ptr(const char* what, std::uintptr_t p) {
-  if (p == 0) fail(std::string(what) + " is a null pointer");
-}
+using host::ceil_div;
 
 inline bool aligned(std::uintptr_t p, std::uintptr_t a) {
   return p % a == 0;

@@ -6,8 +6,9 @@
 // that the tests hold to the pure-torch reference bit for bit; these kernels
 // only load, call it and store. --fmad=false keeps every product and sum rounded
 // on its own; sqrtf and '/' are IEEE round-to-nearest without fast-math, so the
-// results equal the CPU's. Conversions to/from fp16/bf16 use format.h's exact
-// software routines (a few integer ops per element; the step is memory-bound).
+// results equal the CPU's. Elements are loaded, stored and converted with
+// kernel_common.h's exact_* family (format.h's software conversions, NaN kept as
+// torch keeps it); the argument checks are qpeft/host_checks.h's.
 //
 // Written for the CPU emulation harness too: launches only through
 // qpeft::launch, only threadIdx/blockIdx/blockDim/gridDim, __shared__,
@@ -20,9 +21,11 @@
 #include <string>
 #include <type_traits>
 
+#include "kernel_common.h"
 #include "launch.h"
 #include "ops.h"
 #include "qpeft/format.h"
+#include "qpeft/host_checks.h"
 #include "qpeft/optim.h"
 
 namespace qpeft {
@@ -33,7 +36,6 @@ constexpr int kThreads = 256;
 constexpr int kElems32 = 4;                   // consecutive elements per thread, 32-bit state
 constexpr int kLaneElems = kStateBlock / 32;  // 8-bit state: a warp owns one 256-element block
 constexpr int kWarpsPerCta = kThreads / 32;
-constexpr int64_t kMaxGrid = int64_t{1} << 20;  // grid-stride beyond this many CTAs
 static_assert(kLaneElems == 8, "one 8-byte code word and 8 consecutive values per lane");
 // An explicit minimum of one CTA per SM for the 8-bit kernels: with the default,
 // ptxas 13.0 squeezed lion8_kernel<fp32> on sm_120 to 48 registers and spilled 4
@@ -44,108 +46,6 @@ constexpr int kMinCtas8 = 1;
 // spilled everywhere. Registers: adam32 37-40, lion32 30-40, adam8 53-62 (sm_75..
 // sm_90) / 72-74 (sm_100, sm_120), lion8 43-56 / 61-69. smem: 4 KB (adam8: two
 // maps and their midpoints), 2 KB (lion8).
-
-// ----------------------------------------------------------------------------
-// Element access. T is float (fp32 params) or uint16_t (fp16/bf16 bits).
-
-template <int DT>
-struct Elem {
-  using T = uint16_t;
-};
-template <>
-struct Elem<kF32> {
-  using T = float;
-};
-template <int DT>
-using ET = typename Elem<DT>::T;
-
-template <int DT>
-__device__ __forceinline__ float to_f32(ET<DT> x) {
-  if constexpr (DT == kF32)
-    return x;
-  else if constexpr (DT == kBF16)
-    return bf16_to_f32(x);
-  else
-    return f16_to_f32(x);
-}
-
-template <int DT>
-__device__ __forceinline__ ET<DT> from_f32(float x) {
-  if constexpr (DT == kF32)
-    return x;
-  else if constexpr (DT == kBF16)
-    return f32_to_bf16(x);
-  else
-    return f32_to_f16(x);
-}
-
-// Loads N = 4 or 8 consecutive elements as fp32 (one or two 16-byte loads for
-// fp32, one 8- or 16-byte load for 16-bit types); the caller checked alignment
-// and bounds.
-template <int DT, int N>
-__device__ __forceinline__ void load_vec(const ET<DT>* __restrict__ x, float (&v)[N]) {
-  if constexpr (DT == kF32) {
-#pragma unroll
-    for (int k = 0; k < N / 4; ++k) {
-      const float4 w = reinterpret_cast<const float4*>(x)[k];
-      v[4 * k] = w.x;
-      v[4 * k + 1] = w.y;
-      v[4 * k + 2] = w.z;
-      v[4 * k + 3] = w.w;
-    }
-  } else if constexpr (N == 4) {
-    const uint2 w = *reinterpret_cast<const uint2*>(x);
-    v[0] = to_f32<DT>(static_cast<uint16_t>(w.x));
-    v[1] = to_f32<DT>(static_cast<uint16_t>(w.x >> 16));
-    v[2] = to_f32<DT>(static_cast<uint16_t>(w.y));
-    v[3] = to_f32<DT>(static_cast<uint16_t>(w.y >> 16));
-  } else {
-    const uint4 w = *reinterpret_cast<const uint4*>(x);
-    v[0] = to_f32<DT>(static_cast<uint16_t>(w.x));
-    v[1] = to_f32<DT>(static_cast<uint16_t>(w.x >> 16));
-    v[2] = to_f32<DT>(static_cast<uint16_t>(w.y));
-    v[3] = to_f32<DT>(static_cast<uint16_t>(w.y >> 16));
-    v[4] = to_f32<DT>(static_cast<uint16_t>(w.z));
-    v[5] = to_f32<DT>(static_cast<uint16_t>(w.z >> 16));
-    v[6] = to_f32<DT>(static_cast<uint16_t>(w.w));
-    v[7] = to_f32<DT>(static_cast<uint16_t>(w.w >> 16));
-  }
-}
-
-__device__ __forceinline__ uint32_t pack16(uint16_t lo, uint16_t hi) {
-  return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
-}
-
-template <int DT, int N>
-__device__ __forceinline__ void store_vec(ET<DT>* __restrict__ x, const float (&v)[N]) {
-  if constexpr (DT == kF32) {
-#pragma unroll
-    for (int k = 0; k < N / 4; ++k) {
-      reinterpret_cast<float4*>(x)[k] =
-          make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
-    }
-  } else if constexpr (N == 4) {
-    *reinterpret_cast<uint2*>(x) = make_uint2(pack16(from_f32<DT>(v[0]), from_f32<DT>(v[1])),
-                                              pack16(from_f32<DT>(v[2]), from_f32<DT>(v[3])));
-  } else {
-    *reinterpret_cast<uint4*>(x) = make_uint4(pack16(from_f32<DT>(v[0]), from_f32<DT>(v[1])),
-                                              pack16(from_f32<DT>(v[2]), from_f32<DT>(v[3])),
-                                              pack16(from_f32<DT>(v[4]), from_f32<DT>(v[5])),
-                                              pack16(from_f32<DT>(v[6]), from_f32<DT>(v[7])));
-  }
-}
-
-__device__ __forceinline__ void load4f(const float* __restrict__ x, float (&v)[4]) {
-  const float4 w = *reinterpret_cast<const float4*>(x);
-  v[0] = w.x;
-  v[1] = w.y;
-  v[2] = w.z;
-  v[3] = w.w;
-}
-
-__device__ __forceinline__ void store4f(float* __restrict__ x, const float (&v)[4]) {
-  *reinterpret_cast<float4*>(x) = make_float4(v[0], v[1], v[2], v[3]);
-}
 
 // ----------------------------------------------------------------------------
 // 32-bit state. Each thread updates kElems32 consecutive elements per
@@ -176,9 +76,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < kElems32; ++j) {
         const int64_t i = e0 + j;
         if (i < n) {
-          float p = to_f32<DT>(param[i]), m = m_state[i], v = v_state[i];
-          adam_update(p, to_f32<DT>(grad[i]), m, v, s);
-          param[i] = from_f32<DT>(p);
+          float p = exact_to_f32<DT>(param[i]), m = m_state[i], v = v_state[i];
+          adam_update(p, exact_to_f32<DT>(grad[i]), m, v, s);
+          param[i] = exact_from_f32<DT>(p);
           m_state[i] = m;
           v_state[i] = v;
         }
@@ -208,9 +108,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < kElems32; ++j) {
         const int64_t i = e0 + j;
         if (i < n) {
-          float p = to_f32<DT>(param[i]), m = m_state[i];
-          lion_update(p, to_f32<DT>(grad[i]), m, s);
-          param[i] = from_f32<DT>(p);
+          float p = exact_to_f32<DT>(param[i]), m = m_state[i];
+          lion_update(p, exact_to_f32<DT>(grad[i]), m, s);
+          param[i] = exact_from_f32<DT>(p);
           m_state[i] = m;
         }
       }
@@ -299,7 +199,7 @@ __device__ __forceinline__ void load_params(const ET<DT>* __restrict__ x, int64_
     load_vec<DT, kLaneElems>(x + e0, v);
   } else {
 #pragma unroll
-    for (int j = 0; j < kLaneElems; ++j) v[j] = e0 + j < n ? to_f32<DT>(x[e0 + j]) : 0.0f;
+    for (int j = 0; j < kLaneElems; ++j) v[j] = e0 + j < n ? exact_to_f32<DT>(x[e0 + j]) : 0.0f;
   }
 }
 
@@ -311,7 +211,7 @@ __device__ __forceinline__ void store_params(ET<DT>* __restrict__ x, int64_t e0,
   } else {
 #pragma unroll
     for (int j = 0; j < kLaneElems; ++j) {
-      if (e0 + j < n) x[e0 + j] = from_f32<DT>(v[j]);
+      if (e0 + j < n) x[e0 + j] = exact_from_f32<DT>(v[j]);
     }
   }
 }
@@ -389,88 +289,8 @@ __global__ void __launch_bounds__(kThreads, kMinCtas8)
 }
 
 // ----------------------------------------------------------------------------
-// Host side: the same checks as the CPU entry points (std::invalid_argument
-// before any CUDA call), then one launch on `stream`.
-
-[[noreturn]] void fail(const char* fn, const std::string& msg) {
-  throw std::invalid_argument(std::string("qpeft._C_cuda.") + fn + ": " + msg);
-}
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return a / b + (a % b != 0);
-}
-
-void check_common(const char* fn, int dtype, int64_t n) {
-  if (n < 0) fail(fn, "n must be >= 0, got " + std::to_string(n));
-  if (dtype != kF32 && dtype != kF16 && dtype != kBF16) {
-    fail(fn,
-         "dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
-  }
-}
-
-void check_len(const char* fn, const char* name, int64_t have, int64_t want) {
-  if (have != want) {
-    fail(fn, std::string(name) + " holds " + std::to_string(have) + " elements, expected " +
-                 std::to_string(want));
-  }
-}
-
-void check_ptr(const char* fn, const char* name, std::uintptr_t p) {
-  if (p == 0) fail(fn, std::string(name) + " is a null pointer");
-}
-
-void check_finite(const char* fn, const char* name, float x) {
-  // isfinite without <cmath> in device-compiled code: finite iff exponent != all ones
-  if ((f32_bits(x) & 0x7f800000u) == 0x7f800000u) fail(fn, std::string(name) + " must be finite");
-}
-
-void check_adam(const char* fn, const AdamScalars& s) {
-  check_finite(fn, "decay", s.decay);
-  check_finite(fn, "lerp_c", s.lerp_c);
-  check_finite(fn, "beta2", s.beta2);
-  check_finite(fn, "omb2", s.omb2);
-  check_finite(fn, "bc2_sqrt", s.bc2_sqrt);
-  check_finite(fn, "eps", s.eps);
-  check_finite(fn, "neg_step", s.neg_step);
-  if (s.lerp_from_grad != 0 && s.lerp_from_grad != 1) fail(fn, "lerp_from_grad must be 0 or 1");
-}
-
-void check_lion(const char* fn, const LionScalars& s) {
-  check_finite(fn, "decay", s.decay);
-  check_finite(fn, "beta1", s.beta1);
-  check_finite(fn, "omb1", s.omb1);
-  check_finite(fn, "beta2", s.beta2);
-  check_finite(fn, "omb2", s.omb2);
-  check_finite(fn, "neg_lr", s.neg_lr);
-}
-
-bool aligned(std::uintptr_t p, std::uintptr_t a) {
-  return p % a == 0;
-}
-
-unsigned grid_for(int64_t units, int64_t per_cta) {
-  const int64_t ctas = ceil_div(units, per_cta);
-  return static_cast<unsigned>(ctas < kMaxGrid ? ctas : kMaxGrid);
-}
-
-cudaStream_t as_stream(std::uintptr_t s) {
-  return reinterpret_cast<cudaStream_t>(s);
-}
-
-template <typename F>
-void with_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case kF32:
-      f(std::integral_constant<int, kF32>{});
-      break;
-    case kF16:
-      f(std::integral_constant<int, kF16>{});
-      break;
-    default:
-      f(std::integral_constant<int, kBF16>{});
-      break;
-  }
-}
+// Host side: the same checks as the CPU entry points (qpeft/host_checks.h,
+// std::invalid_argument before any CUDA call), then one launch on `stream`.
 
 // 32-bit kernels: 16-byte state/param accesses (8-byte for 16-bit params).
 bool vec32(int dtype, std::uintptr_t param, std::uintptr_t grad, std::uintptr_t m,
@@ -492,15 +312,15 @@ void adamw32_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int
                   std::uintptr_t exp_avg, std::int64_t exp_avg_len, std::uintptr_t exp_avg_sq,
                   std::int64_t exp_avg_sq_len, const AdamScalars& s, std::uintptr_t stream) {
   const char* fn = "adamw32_step";
-  check_common(fn, dtype, n);
-  check_adam(fn, s);
-  check_len(fn, "exp_avg", exp_avg_len, n);
-  check_len(fn, "exp_avg_sq", exp_avg_sq_len, n);
+  host::check_n_dtype(fn, dtype, n);
+  host::check_adam_scalars(fn, s);
+  host::check_len_exact(fn, "exp_avg", exp_avg_len, n);
+  host::check_len_exact(fn, "exp_avg_sq", exp_avg_sq_len, n);
   if (n == 0) return;
-  check_ptr(fn, "param", param);
-  check_ptr(fn, "grad", grad);
-  check_ptr(fn, "exp_avg", exp_avg);
-  check_ptr(fn, "exp_avg_sq", exp_avg_sq);
+  host::check_ptr(fn, "param", param);
+  host::check_ptr(fn, "grad", grad);
+  host::check_ptr(fn, "exp_avg", exp_avg);
+  host::check_ptr(fn, "exp_avg_sq", exp_avg_sq);
   const unsigned grid = grid_for(n, int64_t{kThreads} * kElems32);
   const bool vec = vec32(dtype, param, grad, exp_avg, exp_avg_sq);
   with_dtype(dtype, [&](auto dt) {
@@ -517,22 +337,22 @@ void adamw8bit_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::i
                     std::uintptr_t absmax2, std::int64_t absmax2_len, std::uintptr_t code1,
                     std::uintptr_t code2, const AdamScalars& s, std::uintptr_t stream) {
   const char* fn = "adamw8bit_step";
-  check_common(fn, dtype, n);
-  check_adam(fn, s);
+  host::check_n_dtype(fn, dtype, n);
+  host::check_adam_scalars(fn, s);
   const int64_t nblocks = ceil_div(n, kStateBlock);
-  check_len(fn, "exp_avg_q", q1_len, n);
-  check_len(fn, "exp_avg_absmax", absmax1_len, nblocks);
-  check_len(fn, "exp_avg_sq_q", q2_len, n);
-  check_len(fn, "exp_avg_sq_absmax", absmax2_len, nblocks);
-  check_ptr(fn, "qmap_signed", code1);
-  check_ptr(fn, "qmap_unsigned", code2);
+  host::check_len_exact(fn, "exp_avg_q", q1_len, n);
+  host::check_len_exact(fn, "exp_avg_absmax", absmax1_len, nblocks);
+  host::check_len_exact(fn, "exp_avg_sq_q", q2_len, n);
+  host::check_len_exact(fn, "exp_avg_sq_absmax", absmax2_len, nblocks);
+  host::check_ptr(fn, "qmap_signed", code1);
+  host::check_ptr(fn, "qmap_unsigned", code2);
   if (n == 0) return;
-  check_ptr(fn, "param", param);
-  check_ptr(fn, "grad", grad);
-  check_ptr(fn, "exp_avg_q", q1);
-  check_ptr(fn, "exp_avg_absmax", absmax1);
-  check_ptr(fn, "exp_avg_sq_q", q2);
-  check_ptr(fn, "exp_avg_sq_absmax", absmax2);
+  host::check_ptr(fn, "param", param);
+  host::check_ptr(fn, "grad", grad);
+  host::check_ptr(fn, "exp_avg_q", q1);
+  host::check_ptr(fn, "exp_avg_absmax", absmax1);
+  host::check_ptr(fn, "exp_avg_sq_q", q2);
+  host::check_ptr(fn, "exp_avg_sq_absmax", absmax2);
   const unsigned grid = grid_for(nblocks, kWarpsPerCta);
   const bool vec = vec8(param, grad, q1, q2);
   with_dtype(dtype, [&](auto dt) {
@@ -549,13 +369,13 @@ void lion32_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::int6
                  std::uintptr_t exp_avg, std::int64_t exp_avg_len, const LionScalars& s,
                  std::uintptr_t stream) {
   const char* fn = "lion32_step";
-  check_common(fn, dtype, n);
-  check_lion(fn, s);
-  check_len(fn, "exp_avg", exp_avg_len, n);
+  host::check_n_dtype(fn, dtype, n);
+  host::check_lion_scalars(fn, s);
+  host::check_len_exact(fn, "exp_avg", exp_avg_len, n);
   if (n == 0) return;
-  check_ptr(fn, "param", param);
-  check_ptr(fn, "grad", grad);
-  check_ptr(fn, "exp_avg", exp_avg);
+  host::check_ptr(fn, "param", param);
+  host::check_ptr(fn, "grad", grad);
+  host::check_ptr(fn, "exp_avg", exp_avg);
   const unsigned grid = grid_for(n, int64_t{kThreads} * kElems32);
   const bool vec = vec32(dtype, param, grad, exp_avg, exp_avg);
   with_dtype(dtype, [&](auto dt) {
@@ -571,17 +391,17 @@ void lion8bit_step(std::uintptr_t param, std::uintptr_t grad, int dtype, std::in
                    std::int64_t absmax1_len, std::uintptr_t code1, const LionScalars& s,
                    std::uintptr_t stream) {
   const char* fn = "lion8bit_step";
-  check_common(fn, dtype, n);
-  check_lion(fn, s);
+  host::check_n_dtype(fn, dtype, n);
+  host::check_lion_scalars(fn, s);
   const int64_t nblocks = ceil_div(n, kStateBlock);
-  check_len(fn, "exp_avg_q", q1_len, n);
-  check_len(fn, "exp_avg_absmax", absmax1_len, nblocks);
-  check_ptr(fn, "qmap_signed", code1);
+  host::check_len_exact(fn, "exp_avg_q", q1_len, n);
+  host::check_len_exact(fn, "exp_avg_absmax", absmax1_len, nblocks);
+  host::check_ptr(fn, "qmap_signed", code1);
   if (n == 0) return;
-  check_ptr(fn, "param", param);
-  check_ptr(fn, "grad", grad);
-  check_ptr(fn, "exp_avg_q", q1);
-  check_ptr(fn, "exp_avg_absmax", absmax1);
+  host::check_ptr(fn, "param", param);
+  host::check_ptr(fn, "grad", grad);
+  host::check_ptr(fn, "exp_avg_q", q1);
+  host::check_ptr(fn, "exp_avg_absmax", absmax1);
   const unsigned grid = grid_for(nblocks, kWarpsPerCta);
   const bool vec = vec8(param, grad, q1, q1);
   with_dtype(dtype, [&](auto dt) {

@@ -19,6 +19,7 @@
 
 #include "ops.h"
 #include "qpeft/dlpack.h"
+#include "qpeft/host_checks.h"
 
 namespace qpeft {
 namespace cuda {
@@ -69,17 +70,17 @@ void free_managed(void* p) {
 }  // namespace
 
 dlpack::ManagedTensor* managed_dlpack(std::int64_t numel, int dl_code, int bits, int device) {
-  if (numel < 0) throw std::invalid_argument("qpeft._C_cuda.managed_dlpack: numel must be >= 0");
+  const char* fn = "managed_dlpack";
   const bool ok = (dl_code == dlpack::kFloat && (bits == 16 || bits == 32)) ||
                   (dl_code == dlpack::kUInt && bits == 8) ||
                   (dl_code == dlpack::kBfloat && bits == 16);
   if (!ok) {
-    throw std::invalid_argument("qpeft._C_cuda.managed_dlpack: unsupported DLPack dtype code " +
-                                std::to_string(dl_code) + " with " + std::to_string(bits) +
-                                " bits");
+    host::fail(fn, "unsupported DLPack dtype code " + std::to_string(dl_code) + " with " +
+                       std::to_string(bits) + " bits");
   }
-  if (device < 0) throw std::invalid_argument("qpeft._C_cuda.managed_dlpack: device must be >= 0");
-  const size_t bytes = static_cast<size_t>(numel) * static_cast<size_t>(bits / 8);
+  host::check_nonneg(fn, "device", device);
+  // Checked: a wrapped numel * elem_size would allocate a small buffer for a large tensor.
+  const size_t bytes = host::checked_bytes(fn, "numel", numel, bits / 8);
   void* p = nullptr;
   // cudaMemAttachGlobal: any stream on any device may access it (the update runs
   // on torch's current stream, which the caller does not pin at allocation).
@@ -101,17 +102,17 @@ dlpack::ManagedTensor* managed_dlpack(std::int64_t numel, int dl_code, int bits,
 }
 
 void prefetch(std::uintptr_t ptr, std::int64_t nbytes, int device, std::uintptr_t stream) {
-  if (nbytes < 0) throw std::invalid_argument("qpeft._C_cuda.prefetch: nbytes must be >= 0");
+  host::check_nonneg("prefetch", "nbytes", nbytes);
   if (nbytes == 0) return;
-  if (ptr == 0) throw std::invalid_argument("qpeft._C_cuda.prefetch: ptr is a null pointer");
+  host::check_ptr("prefetch", "ptr", ptr);
   check_cuda(prefetch_async(reinterpret_cast<const void*>(ptr), static_cast<size_t>(nbytes), device,
                             reinterpret_cast<cudaStream_t>(stream)),
              "cudaMemPrefetchAsync");
 }
 
 int prefetch_location(std::uintptr_t ptr, std::int64_t nbytes) {
-  if (nbytes <= 0 || ptr == 0)
-    throw std::invalid_argument("qpeft._C_cuda.prefetch_location: empty range");
+  host::check_positive("prefetch_location", "nbytes", nbytes);
+  host::check_ptr("prefetch_location", "ptr", ptr);
   int loc = cudaInvalidDeviceId;
   check_cuda(
       cudaMemRangeGetAttribute(&loc, sizeof(loc), cudaMemRangeAttributeLastPrefetchLocation,

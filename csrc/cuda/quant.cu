@@ -335,16 +335,17 @@ __global__ void __launch_bounds__(kDequantThreads)
 void quantize_4bit(std::uintptr_t x, int x_dtype, std::int64_t n, std::int64_t blocksize,
                    int quant_type, std::uintptr_t packed, std::int64_t packed_len,
                    std::uintptr_t absmax, std::int64_t absmax_len, std::uintptr_t stream) {
-  check_n(n);
-  const int log2_bs = log2_blocksize(blocksize);
-  check_dtype("x_dtype", x_dtype);
-  check_quant_type(quant_type);
-  check_len("packed", packed_len, n / 2 + (n & 1));
-  check_len("absmax", absmax_len, ceil_div(n, blocksize));
+  const char* fn = "quantize_4bit";
+  host::check_nonneg(fn, "n", n);
+  const int log2_bs = host::log2_blocksize(fn, blocksize);
+  host::check_dtype(fn, "x_dtype", x_dtype);
+  host::check_quant_type(fn, quant_type);
+  host::check_len(fn, "packed", packed_len, host::packed4_len(n));
+  host::check_len(fn, "absmax", absmax_len, ceil_div(n, blocksize));
   if (n == 0) return;
-  check_ptr("x", x);
-  check_ptr("packed", packed);
-  check_ptr("absmax", absmax);
+  host::check_ptr(fn, "x", x);
+  host::check_ptr(fn, "packed", packed);
+  host::check_ptr(fn, "absmax", absmax);
 
   const int threads = static_cast<int>(blocksize / kQuantElems) > kQuantThreads
                           ? static_cast<int>(blocksize / kQuantElems)
@@ -372,25 +373,25 @@ void dequantize_4bit(std::uintptr_t packed, std::int64_t packed_len, std::uintpt
                      std::uintptr_t nested_absmax, std::int64_t nested_absmax_len,
                      std::uintptr_t nested_code, std::uintptr_t offset,
                      std::int64_t nested_blocksize, std::uintptr_t stream) {
-  check_n(n);
-  const int log2_bs = log2_blocksize(blocksize);
-  check_quant_type(quant_type);
-  check_dtype("out_dtype", out_dtype);
-  check_len("packed", packed_len, n / 2 + (n & 1));
+  const char* fn = "dequantize_4bit";
+  host::check_nonneg(fn, "n", n);
+  const int log2_bs = host::log2_blocksize(fn, blocksize);
+  host::check_quant_type(fn, quant_type);
+  host::check_dtype(fn, "out_dtype", out_dtype);
+  host::check_len(fn, "packed", packed_len, host::packed4_len(n));
   const int64_t nblocks = ceil_div(n, blocksize);
-  check_len("absmax", absmax_len, nblocks);
+  host::check_len(fn, "absmax", absmax_len, nblocks);
   const bool nested = nested_absmax != 0;
   if (nested) {
-    if (nested_blocksize <= 0)
-      fail("nested_blocksize must be > 0, got " + std::to_string(nested_blocksize));
-    check_len("nested_absmax", nested_absmax_len, ceil_div(nblocks, nested_blocksize));
-    check_ptr("nested_code", nested_code);
-    check_ptr("offset", offset);
+    host::check_positive(fn, "nested_blocksize", nested_blocksize);
+    host::check_len(fn, "nested_absmax", nested_absmax_len, ceil_div(nblocks, nested_blocksize));
+    host::check_ptr(fn, "nested_code", nested_code);
+    host::check_ptr(fn, "offset", offset);
   }
   if (n == 0) return;
-  check_ptr("packed", packed);
-  check_ptr("absmax", absmax);
-  check_ptr("out", out);
+  host::check_ptr(fn, "packed", packed);
+  host::check_ptr(fn, "absmax", absmax);
+  host::check_ptr(fn, "out", out);
 
   const unsigned grid = grid_for(ceil_div(n, kDequant4Elems), kDequantThreads);
   const bool vec = aligned(packed, 16) && aligned(out, 16);
@@ -426,16 +427,17 @@ void dequantize_4bit(std::uintptr_t packed, std::int64_t packed_len, std::uintpt
 void quantize_blockwise(std::uintptr_t x, int x_dtype, std::int64_t n, std::int64_t blocksize,
                         std::uintptr_t code, std::uintptr_t q, std::int64_t q_len,
                         std::uintptr_t absmax, std::int64_t absmax_len, std::uintptr_t stream) {
-  check_n(n);
-  const int log2_bs = log2_blocksize(blocksize);
-  check_dtype("x_dtype", x_dtype);
-  check_len("q", q_len, n);
-  check_len("absmax", absmax_len, ceil_div(n, blocksize));
+  const char* fn = "quantize_blockwise";
+  host::check_nonneg(fn, "n", n);
+  const int log2_bs = host::log2_blocksize(fn, blocksize);
+  host::check_dtype(fn, "x_dtype", x_dtype);
+  host::check_len(fn, "q", q_len, n);
+  host::check_len(fn, "absmax", absmax_len, ceil_div(n, blocksize));
   if (n == 0) return;
-  check_ptr("x", x);
-  check_ptr("code", code);
-  check_ptr("q", q);
-  check_ptr("absmax", absmax);
+  host::check_ptr(fn, "x", x);
+  host::check_ptr(fn, "code", code);
+  host::check_ptr(fn, "q", q);
+  host::check_ptr(fn, "absmax", absmax);
 
   const int threads = static_cast<int>(blocksize / kQuantElems) > kQuantThreads
                           ? static_cast<int>(blocksize / kQuantElems)
@@ -455,16 +457,17 @@ void dequantize_blockwise(std::uintptr_t q, std::int64_t q_len, std::uintptr_t a
                           std::int64_t absmax_len, std::uintptr_t code, std::int64_t n,
                           std::int64_t blocksize, std::uintptr_t out, int out_dtype,
                           std::uintptr_t stream) {
-  check_n(n);
-  const int log2_bs = log2_blocksize(blocksize);
-  check_dtype("out_dtype", out_dtype);
-  check_len("q", q_len, n);
-  check_len("absmax", absmax_len, ceil_div(n, blocksize));
+  const char* fn = "dequantize_blockwise";
+  host::check_nonneg(fn, "n", n);
+  const int log2_bs = host::log2_blocksize(fn, blocksize);
+  host::check_dtype(fn, "out_dtype", out_dtype);
+  host::check_len(fn, "q", q_len, n);
+  host::check_len(fn, "absmax", absmax_len, ceil_div(n, blocksize));
   if (n == 0) return;
-  check_ptr("q", q);
-  check_ptr("absmax", absmax);
-  check_ptr("code", code);
-  check_ptr("out", out);
+  host::check_ptr(fn, "q", q);
+  host::check_ptr(fn, "absmax", absmax);
+  host::check_ptr(fn, "code", code);
+  host::check_ptr(fn, "out", out);
 
   const unsigned grid = grid_for(ceil_div(n, kDequant8Elems), kDequantThreads);
   const bool vec = aligned(q, 16) && aligned(out, 16);

@@ -1,9 +1,12 @@
 // qpeft quantization formats: the tables and the per-element math shared by the
 // CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda).
 //
-// Everything here is mirrored by qpeft/_formats.py; tests/test_formats.py checks
-// that the two agree value for value. The semantics are those of DESIGN.md
-// ("Formats") and are bit-compatible with bitsandbytes >= 0.45:
+// Everything here is mirrored by qpeft/_formats.py (and the Triton kernels read
+// it from there); tests/test_formats.py checks that the two agree bit for bit,
+// through qpeft._C.format_tables() (csrc/bindings/cpu_module.cpp), which returns
+// these tables and constants (a new constant goes there and into that test).
+// The semantics are those of docs/design.md ("Formats") and are bit-compatible
+// with bitsandbytes >= 0.45:
 //
 //  * 4-bit encode: v = x * (1 / max(absmax, 1e-38)) in fp32 (in the last block,
 //    when it is partial, v = x / max(absmax, 1e-38): bitsandbytes' CPU path
@@ -51,6 +54,16 @@ constexpr int kNumCodes4 = 16;
 constexpr int kNumCodes8 = 256;
 constexpr int kLutBins = 65536;
 constexpr float kAbsmaxFloor = 1e-38f;  // bitsandbytes clamps absmax to this before 1/absmax
+
+// Blocksizes of the formats: the powers of two 2^5 = 32 .. 2^12 = 4096 (what
+// bitsandbytes supports; the CUDA kernels are built for exactly these).
+constexpr int kBlocksizeLog2Min = 5;
+constexpr int kBlocksizeLog2Max = 12;
+
+// Most rows of x the decode GEMV (qpeft::gemv_4bit) takes: the CUDA kernel is
+// instantiated once per row count 1..kGemvMaxRows, and the CPU QLoRA forward
+// switches to it at or below this M.
+constexpr int kGemvMaxRows = 8;
 
 // Value of each 4-bit code (index = code).
 #define QPEFT_NF4_VALUES                                                                     \

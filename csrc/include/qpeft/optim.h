@@ -20,7 +20,7 @@
 //   p = p + (-lr) * sign(m * beta1 + g * (1 - beta1))
 //   m = m * beta2 + g * (1 - beta2)
 //
-// 8-bit state (DESIGN.md "8-bit optimizer state"): blocks of 256 consecutive
+// 8-bit state (docs/design.md, "8-bit optimizer state"): blocks of 256 consecutive
 // elements of the flattened state, one fp32 absmax per block (the last block may
 // be partial), a uint8 code per element into a sorted 256-entry map (signed
 // dynamic map for the first moment, unsigned for the second). A step dequantizes

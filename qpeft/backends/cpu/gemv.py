@@ -28,6 +28,7 @@ def gemv_4bit(
     out = torch.empty((x.shape[0], n), dtype=torch.float32)
     _native.cpu_module().gemv_4bit(
         _ptr(xf),
+        xf.numel(),
         x.shape[0],
         n,
         k,
@@ -43,6 +44,7 @@ def gemv_4bit(
         _ptr(offset),
         nested_blocksize,
         _ptr(out),
+        out.numel(),
         torch.get_num_threads(),
     )
     return out.to(x.dtype)
