@@ -182,6 +182,24 @@ def current_backend() -> str | None:
     return _forced.get()
 
 
+# One shared instance: nullcontext is reusable, so a CPU call allocates nothing.
+_NO_DEVICE_GUARD = contextlib.nullcontext()
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context every kernel launch and CUDA-runtime call on ``device``'s memory runs in.
+
+    For a CUDA device: ``torch.cuda.device(device)``, so that on a multi-GPU machine the
+    launch goes to the tensor's device and torch's current stream *of that device* (Triton
+    and the CUDA runtime read the current device; a stream of one device used while another
+    is current is an invalid-handle error). For any other device: a shared no-op.
+    ``torch.cuda.device`` is looked up at each call (tests replace it to record launches).
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return _NO_DEVICE_GUARD
+
+
 def kernel_for(op: str, device: torch.device | str) -> Callable:
     """The kernel ``qpeft::op`` runs on ``device`` right now (forced or default). Kernels
     that compose other ops (the CPU QLoRA layer decodes W panel by panel) call each

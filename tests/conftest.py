@@ -113,3 +113,13 @@ BUDGETS = {
 @pytest.fixture
 def budget(backend) -> Budget:
     return BUDGETS[backend]
+
+
+# The same assertions on CPU and CUDA tensors: "cuda" cases are collected everywhere (ids
+# contain "cuda") and skipped, with the reason, where torch sees no GPU.
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.cuda.is_available() is False")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=NO_CUDA)])
+def device(request) -> torch.device:
+    return torch.device(request.param)

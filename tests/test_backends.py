@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import qpeft
 import qpeft.functional as qf
-from qpeft._formats import BLOCKSIZES_4BIT, dynamic_map
+from qpeft._formats import ABSMAX_FLOOR, BLOCKSIZES_4BIT, dynamic_map
 
 from ._helpers import (
     CASES,
@@ -110,11 +110,14 @@ def _check_4bit_definition(x, blocksize, quant_type, packed, state) -> None:
     """The reference against the format (bitsandbytes' NF4/FP4): absmax is each block's max |x|
     (with double quantization: offset = mean(absmax), and the absmax codes are the 8-bit
     blockwise quantization of absmax - offset), each code is a nearest table value to
-    x / absmax, and decoding is table value * absmax, rounded once to the output dtype."""
+    x / absmax, and decoding is table value * absmax, rounded once to the output dtype. A
+    partial last block stores its absmax floored at 1e-38, as bitsandbytes does."""
     n = x.numel()
     flat = x.reshape(-1).float()
     blocks = torch.nn.functional.pad(flat, (0, -n % blocksize)).view(-1, blocksize)
     amax = blocks.abs().amax(1)
+    if n % blocksize:  # bitsandbytes stores a partial last block's absmax floored at 1e-38
+        amax[-1] = amax[-1].clamp(min=ABSMAX_FLOOR)
     if state.nested:
         assert_bits_equal(state.offset.reshape(()), amax.mean(), "offset")
         q, s2 = qf.quantize_blockwise(amax - amax.mean(), state.state2.blocksize, state.state2.code)

@@ -14,15 +14,24 @@ test_backends.py::test_qlora_linear_cases.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import qpeft
 from qpeft.functional import qlora_linear, quantize_4bit
 
-from ._helpers import CASES, assert_within
+from ._helpers import CASES, assert_within, triton_test_device
 from ._helpers import make_problem as _problem
 from ._helpers import oracle as _oracle
+
+
+@pytest.fixture(autouse=True)
+def _on_triton_device(request):
+    # Tests over the CPU `backend` fixture keep CPU tensors; the Triton ones follow the GPU.
+    with contextlib.nullcontext() if "backend" in request.fixturenames else triton_test_device():
+        yield
 
 
 def test_strided_batched_mixed_dtypes():

@@ -17,7 +17,7 @@ import qpeft
 import qpeft.functional as qf
 from qpeft._formats import BLOCKSIZES_4BIT, LUT_BINS, dynamic_map, encode4_tables
 
-from ._helpers import DTYPES, assert_bits_equal, assert_same_values
+from ._helpers import DTYPES, assert_bits_equal, assert_same_values, triton_test_device
 
 pytest.importorskip("triton")
 
@@ -25,6 +25,12 @@ QUANT_TYPES = ["nf4", "fp4"]
 # The interpreter evaluates with numpy, which warns on 1/0 and NaN casts that the kernels
 # resolve on purpose (absmax 0, NaN inputs).
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+@pytest.fixture(autouse=True)
+def _on_triton_device():
+    with triton_test_device():
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -225,7 +231,8 @@ def test_kernels_ran():
     # The autouse fixture forces "triton": make sure the ops really dispatched to it.
     from qpeft._dispatch import kernel_for
 
-    assert kernel_for("quantize_4bit", torch.device("cpu")).__module__ == "qpeft.backends.triton.quant"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert kernel_for("quantize_4bit", device).__module__ == "qpeft.backends.triton.quant"
 
 
 @pytest.mark.parametrize("double_quant", [False, True])

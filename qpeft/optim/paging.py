@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .._dispatch import on_device
+
 PAGE_MIN_NUMEL = 100_000
 
 # DLPack (type code, bits) of the state dtypes.
@@ -40,6 +42,9 @@ class CudaManagedMemory:
     Tensors are made from DLPack capsules whose deleter cudaFree's the memory when
     the last tensor over it dies. Prefetch is skipped on devices without concurrent
     managed access (there the driver migrates managed memory at each kernel launch).
+    Every runtime call runs under ``on_device`` of the parameter's device: the
+    allocation's context and the prefetch's stream must be that device's, not whichever
+    device happens to be current (device 0 by default on a multi-GPU machine).
     """
 
     device_type = "cuda"
@@ -59,24 +64,27 @@ class CudaManagedMemory:
 
     def alloc(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         code, bits = DLPACK_DTYPES[dtype]
-        capsule = self._module().managed_dlpack(numel, code, bits, self._index(device))
+        with on_device(device):
+            capsule = self._module().managed_dlpack(numel, code, bits, self._index(device))
         return torch.utils.dlpack.from_dlpack(capsule)
 
     def prefetch(self, tensors: list[torch.Tensor], device: torch.device, to_host: bool) -> None:
-        index = self._index(device)
-        if index not in self._prefetch_ok:
-            self._prefetch_ok[index] = bool(self._module().concurrent_managed_access(index))
-        if not self._prefetch_ok[index]:
-            return
-        stream = torch.cuda.current_stream(device).cuda_stream
-        target = -1 if to_host else index
-        for t in tensors:
-            self._module().prefetch(t.data_ptr(), t.numel() * t.element_size(), target, stream)
+        with on_device(device):
+            index = self._index(device)
+            if index not in self._prefetch_ok:
+                self._prefetch_ok[index] = bool(self._module().concurrent_managed_access(index))
+            if not self._prefetch_ok[index]:
+                return
+            stream = torch.cuda.current_stream(device).cuda_stream
+            target = -1 if to_host else index
+            for t in tensors:
+                self._module().prefetch(t.data_ptr(), t.numel() * t.element_size(), target, stream)
 
     def location(self, t: torch.Tensor) -> str:
         """'device', 'host' or 'unknown': where the range was last prefetched (the
         driver's record; pages it migrated on its own since are not reflected)."""
-        where = self._module().prefetch_location(t.data_ptr(), max(1, t.numel() * t.element_size()))
+        with on_device(t.device):
+            where = self._module().prefetch_location(t.data_ptr(), max(1, t.numel() * t.element_size()))
         return "host" if where == -1 else ("device" if where >= 0 else "unknown")
 
 

@@ -5,13 +5,12 @@ csrc/cuda/ops.h, gemv_4bit). The CPU module's GEMV has its own ABI
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from types import ModuleType
 
 import torch
 
-from ..._dispatch import KernelTable
+from ..._dispatch import KernelTable, on_device
 from ..._formats import DTYPE_IDS, QUANT_TYPE_IDS
 
 
@@ -40,8 +39,7 @@ def kernels(module: Callable[[], ModuleType], extra_args: Callable[[torch.device
                 offset.data_ptr(),
                 nested_blocksize,
             )
-        guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-        with guard:
+        with on_device(x.device):
             module().gemv_4bit(
                 x.data_ptr(),
                 DTYPE_IDS[x.dtype],

@@ -6,7 +6,6 @@ only read): it is made contiguous first."""
 
 from __future__ import annotations
 
-import contextlib
 from array import array
 from collections.abc import Callable
 from types import ModuleType
@@ -14,7 +13,7 @@ from types import ModuleType
 import torch
 
 from ... import _checks
-from ..._dispatch import KernelTable
+from ..._dispatch import KernelTable, on_device
 from ..._formats import DTYPE_IDS
 from ..._optim_math import adam_scalars, lion_scalars, state_blocks
 
@@ -33,15 +32,12 @@ def kernels(
     entry points (one parallel region per list) instead of one call per tensor."""
     kernel = KernelTable()
 
-    def guard(device: torch.device):
-        return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
     @kernel("adamw32_step_")
     def adamw32_step_(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step):
         _checks.adamw32(param, grad, exp_avg, exp_avg_sq)
         s = adam_scalars(lr, beta1, beta2, eps, weight_decay, step)
         grad = grad.contiguous()
-        with guard(param.device):
+        with on_device(param.device):
             module().adamw32_step(
                 _ptr(param),
                 _ptr(grad),
@@ -85,7 +81,7 @@ def kernels(
         s = adam_scalars(lr, beta1, beta2, eps, weight_decay, step)
         grad = grad.contiguous()
         qmap_signed, qmap_unsigned = qmap_signed.contiguous(), qmap_unsigned.contiguous()
-        with guard(param.device):
+        with on_device(param.device):
             module().adamw8bit_step(
                 _ptr(param),
                 _ptr(grad),
@@ -110,7 +106,7 @@ def kernels(
         _checks.lion32(param, grad, exp_avg)
         s = lion_scalars(lr, beta1, beta2, weight_decay)
         grad = grad.contiguous()
-        with guard(param.device):
+        with on_device(param.device):
             module().lion32_step(
                 _ptr(param),
                 _ptr(grad),
@@ -128,7 +124,7 @@ def kernels(
         s = lion_scalars(lr, beta1, beta2, weight_decay)
         grad = grad.contiguous()
         qmap_signed = qmap_signed.contiguous()
-        with guard(param.device):
+        with on_device(param.device):
             module().lion8bit_step(
                 _ptr(param),
                 _ptr(grad),

@@ -3,14 +3,13 @@ every native module of the shared ABI (see the package docstring)."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from math import prod
 from types import ModuleType
 
 import torch
 
-from ..._dispatch import KernelTable
+from ..._dispatch import KernelTable, on_device
 from ..._formats import DTYPE_IDS, QUANT_TYPE_IDS
 
 
@@ -24,18 +23,13 @@ def kernels(
     """``{op: kernel}`` over ``module()`` (see the package docstring)."""
     kernel = KernelTable()
 
-    def guard(device: torch.device):
-        if device.type == "cuda":
-            return torch.cuda.device(device)
-        return contextlib.nullcontext()
-
     @kernel("quantize_4bit")
     def quantize_4bit(x, blocksize, quant_type):
         x = x.contiguous()
         n = x.numel()
         packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=x.device)
         absmax = torch.empty((-(n // -blocksize),), dtype=torch.float32, device=x.device)
-        with guard(x.device):
+        with on_device(x.device):
             module().quantize_4bit(
                 _ptr(x),
                 DTYPE_IDS[x.dtype],
@@ -67,7 +61,7 @@ def kernels(
                 _ptr(offset),
                 nested_blocksize,
             )
-        with guard(packed.device):
+        with on_device(packed.device):
             module().dequantize_4bit(
                 _ptr(packed),
                 packed.numel(),
@@ -111,7 +105,7 @@ def kernels(
         n = x.numel()
         q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
         absmax = torch.empty((-(n // -blocksize),), dtype=torch.float32, device=x.device)
-        with guard(x.device):
+        with on_device(x.device):
             module().quantize_blockwise(
                 _ptr(x),
                 DTYPE_IDS[x.dtype],
@@ -133,7 +127,7 @@ def kernels(
         code = code.contiguous()
 
         target = out if out is not None else torch.empty(q.shape, dtype=dtype, device=q.device)
-        with guard(q.device):
+        with on_device(q.device):
             module().dequantize_blockwise(
                 _ptr(q),
                 q.numel(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..._dispatch import on_device
 from ..._formats import code4
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -56,26 +57,27 @@ def qlora_linear(
 ):
     for name, t in (("x", x), ("lora_A", lora_a), ("lora_B", lora_b)):
         _kernel_dtype(t, name)
-    return _kernels().qlora_forward(
-        x,
-        packed.reshape(-1),
-        absmax,
-        nested_absmax,
-        nested_code,
-        offset,
-        code4(quant_type, x.device),
-        blocksize,
-        nested_blocksize,
-        n,
-        k,
-        lora_a,
-        lora_b,
-        scaling,
-        bias,
-        rank_scale,
-        out_scale,
-        return_xa,
-    )
+    with on_device(x.device):
+        return _kernels().qlora_forward(
+            x,
+            packed.reshape(-1),
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            code4(quant_type, x.device),
+            blocksize,
+            nested_blocksize,
+            n,
+            k,
+            lora_a,
+            lora_b,
+            scaling,
+            bias,
+            rank_scale,
+            out_scale,
+            return_xa,
+        )
 
 
 def qlora_linear_backward(
@@ -110,24 +112,25 @@ def qlora_linear_backward(
     dx, da, db, dbias = (x.new_empty((0,)) for _ in range(4))  # distinct: outputs must not alias
     g = None
     if need_dx:
-        dx, g = _kernels().qlora_dx(
-            dy,
-            packed.reshape(-1),
-            absmax,
-            nested_absmax,
-            nested_code,
-            offset,
-            code4(quant_type, x.device),
-            blocksize,
-            nested_blocksize,
-            n,
-            k,
-            lora_a,
-            lora_b,
-            scaling,
-            rank_scale,
-            return_g=need_da,
-        )
+        with on_device(x.device):
+            dx, g = _kernels().qlora_dx(
+                dy,
+                packed.reshape(-1),
+                absmax,
+                nested_absmax,
+                nested_code,
+                offset,
+                code4(quant_type, x.device),
+                blocksize,
+                nested_blocksize,
+                n,
+                k,
+                lora_a,
+                lora_b,
+                scaling,
+                rank_scale,
+                return_g=need_da,
+            )
     if need_da:
         if g is None:
             g = _matmul(dy, lora_b, x.dtype, torch.float32)
