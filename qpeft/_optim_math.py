@@ -16,7 +16,7 @@ import struct
 from typing import NamedTuple
 
 STATE_BLOCK = 256  # elements per absmax block of 8-bit state (optim.h: kStateBlock)
-MIN_8BIT_NUMEL = 4096  # smaller tensors keep fp32 state: their 8-bit state would save little
+MIN_8BIT_NUMEL = 4096  # smaller tensors keep fp32 state (docs/design.md, "Formats")
 
 
 def f32(x: float) -> float:
