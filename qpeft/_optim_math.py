@@ -44,18 +44,36 @@ class LionScalars(NamedTuple):
     neg_lr: float
 
 
-def check_adam_hparams(
-    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int
-) -> None:
+def _prefix(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
+def _check_common(lr: float, betas: tuple[float, ...], weight_decay: float, where: str) -> None:
+    # The wording starts as torch.optim.AdamW's ("Invalid learning rate: ...") and then
+    # says what is allowed; the "not (x >= 0)" forms are False for NaN. Unlike torch,
+    # infinities are refused too: an infinite lr or weight decay only makes NaNs.
     if not (lr >= 0.0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr}")
-    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        raise ValueError(f"Invalid learning rate: {lr} ({_prefix(where)}lr must be a finite number >= 0)")
+    for i, b in enumerate(betas):
         if not 0.0 <= b < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {b}")
-    if not (eps >= 0.0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+            raise ValueError(
+                f"Invalid beta parameter at index {i}: {b} ({_prefix(where)}beta{i + 1} must be in [0, 1))"
+            )
     if not (weight_decay >= 0.0 and math.isfinite(weight_decay)):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+        raise ValueError(
+            f"Invalid weight_decay value: {weight_decay} "
+            f"({_prefix(where)}weight_decay must be a finite number >= 0)"
+        )
+
+
+def check_adam_hparams(
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, where: str = ""
+) -> None:
+    """Raise ValueError for hyperparameters the AdamW step cannot use; ``where`` (e.g.
+    "param group 1") goes into the message."""
+    _check_common(lr, (beta1, beta2), weight_decay, where)
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"Invalid epsilon value: {eps} ({_prefix(where)}eps must be a finite number >= 0)")
     if step < 1:
         raise ValueError(f"step must be >= 1 (the count after this update), got {step}")
 
@@ -83,14 +101,9 @@ def adam_scalars(
     )
 
 
-def check_lion_hparams(lr: float, beta1: float, beta2: float, weight_decay: float) -> None:
-    if not (lr >= 0.0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr}")
-    for name, b in (("beta1", beta1), ("beta2", beta2)):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {b}")
-    if not (weight_decay >= 0.0 and math.isfinite(weight_decay)):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+def check_lion_hparams(lr: float, beta1: float, beta2: float, weight_decay: float, where: str = "") -> None:
+    """Raise ValueError for hyperparameters the Lion step cannot use (see check_adam_hparams)."""
+    _check_common(lr, (beta1, beta2), weight_decay, where)
 
 
 @functools.lru_cache(maxsize=256)

@@ -659,7 +659,7 @@ def test_one_device_check():
 
 def test_param_dtype_changed_after_state_rejected():
     """The step loop checks a parameter when it makes its state; a later change of
-    dtype is caught by the step op."""
+    dtype is caught by the step's checks before anything is updated."""
     p = torch.nn.Parameter(torch.randn(16))
     opt = qo.AdamW([p])
     p.grad = torch.randn(16)

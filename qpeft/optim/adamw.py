@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 
 from .._optim_math import MIN_8BIT_NUMEL, check_adam_hparams
-from .optimizer import QpeftOptimizer
+from .optimizer import QpeftOptimizer, beta_pair, group_hparams, real_hparam
 from .paging import PAGE_MIN_NUMEL
 
 
@@ -37,10 +37,14 @@ class _AdamWBase(QpeftOptimizer):
         page_min_numel: int = PAGE_MIN_NUMEL,
         state_memory=None,
     ) -> None:
-        check_adam_hparams(float(lr), betas[0], betas[1], eps, weight_decay, 1)
         super().__init__(
             params,
-            dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+            dict(
+                lr=lr,
+                betas=tuple(betas) if isinstance(betas, list) else betas,
+                eps=eps,
+                weight_decay=weight_decay,
+            ),
             optim_bits=self._BITS,
             paged=self._PAGED,
             page_out=page_out,
@@ -49,17 +53,17 @@ class _AdamWBase(QpeftOptimizer):
             state_memory=state_memory,
         )
 
-    def _update(self, items, group, eight_bit) -> None:
-        beta1, beta2 = group["betas"]
-        hp = (
-            float(group["lr"]),
-            float(beta1),
-            float(beta2),
-            float(group["eps"]),
-            float(group["weight_decay"]),
-        )
+    def _hparams(self, group, where):
+        lr, betas, eps, wd = group_hparams(group, ("lr", "betas", "eps", "weight_decay"), where)
+        beta1, beta2 = beta_pair(betas, where)
+        hp = (real_hparam(lr, "lr", where), beta1, beta2, real_hparam(eps, "eps", where))
+        hp += (real_hparam(wd, "weight_decay", where),)
+        check_adam_hparams(*hp, 1, where)
+        return hp
+
+    def _update(self, items, hp, eight_bit) -> None:
         params, grads, states = (list(x) for x in zip(*items))
-        steps = [st["step"] for st in states]
+        steps = [st["step"] + 1 for st in states]
         if eight_bit:
             signed, unsigned = self._qmaps(params[0].device)
             torch.ops.qpeft.adamw8bit_multi_step_(

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import torch
 
 from .._optim_math import MIN_8BIT_NUMEL, check_lion_hparams
-from .optimizer import QpeftOptimizer
+from .optimizer import QpeftOptimizer, beta_pair, group_hparams, real_hparam
 from .paging import PAGE_MIN_NUMEL
 
 
@@ -32,10 +32,9 @@ class _LionBase(QpeftOptimizer):
         page_min_numel: int = PAGE_MIN_NUMEL,
         state_memory=None,
     ) -> None:
-        check_lion_hparams(float(lr), betas[0], betas[1], weight_decay)
         super().__init__(
             params,
-            dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay),
+            dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, weight_decay=weight_decay),
             optim_bits=self._BITS,
             paged=self._PAGED,
             page_out=page_out,
@@ -44,9 +43,14 @@ class _LionBase(QpeftOptimizer):
             state_memory=state_memory,
         )
 
-    def _update(self, items, group, eight_bit) -> None:
-        beta1, beta2 = group["betas"]
-        hp = (float(group["lr"]), float(beta1), float(beta2), float(group["weight_decay"]))
+    def _hparams(self, group, where):
+        lr, betas, wd = group_hparams(group, ("lr", "betas", "weight_decay"), where)
+        beta1, beta2 = beta_pair(betas, where)
+        hp = (real_hparam(lr, "lr", where), beta1, beta2, real_hparam(wd, "weight_decay", where))
+        check_lion_hparams(*hp, where)
+        return hp
+
+    def _update(self, items, hp, eight_bit) -> None:
         params, grads, states = (list(x) for x in zip(*items))
         if eight_bit:
             signed, _ = self._qmaps(params[0].device)

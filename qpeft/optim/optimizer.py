@@ -8,6 +8,7 @@ layer below); the subclasses (adamw.py, lion.py) say which op and which state.
 
 from __future__ import annotations
 
+import numbers
 from collections import defaultdict
 from collections.abc import Iterable
 from itertools import chain
@@ -22,7 +23,11 @@ from .paging import PAGE_MIN_NUMEL, StatePager
 
 STATE_DICT_KEY = "qpeft"
 _STRIDED = torch.strided
+_FLOATS = frozenset(FLOAT_DTYPES)
+_CPU = torch.device("cpu")
 STATE_FORMAT = 1
+# The step count after an update goes to the ops as an int64.
+MAX_STEP = 2**63 - 2
 
 
 def _check_param(p: torch.Tensor, where: str) -> None:
@@ -35,6 +40,49 @@ def _check_param(p: torch.Tensor, where: str) -> None:
         raise TypeError(
             f"{where} has dtype {p.dtype}; qpeft optimizers support float32, float16 and bfloat16"
         )
+
+
+def _in(where: str) -> str:
+    return f" of {where}" if where else ""
+
+
+class HyperparameterTypeError(TypeError, ValueError):
+    """A hyperparameter that is no number (a string lr, a bool, a 3-tuple of betas).
+    A TypeError as torch.optim raises for one; a ValueError as well, since in a
+    state_dict being loaded it is a bad value like any other (load_state_dict raises
+    ValueError for those)."""
+
+
+def real_hparam(value: Any, name: str, where: str) -> float:
+    """A hyperparameter as a Python float: a real number (not a bool or a string) or a
+    one-element real tensor, as torch.optim accepts for lr. ``where`` names the group."""
+    if type(value) is float:  # the per-step case
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise HyperparameterTypeError(
+                f"{name}{_in(where)} must be a real number or a one-element real tensor, got a "
+                f"{value.dtype} tensor of shape {tuple(value.shape)}"
+            )
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise HyperparameterTypeError(
+            f"{name}{_in(where)} must be a real number, got {type(value).__name__} {value!r}"
+        )
+    return float(value)
+
+
+def beta_pair(value: Any, where: str) -> tuple[float, float]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise HyperparameterTypeError(f"betas{_in(where)} must be a pair (beta1, beta2), got {value!r}")
+    return real_hparam(value[0], "betas[0]", where), real_hparam(value[1], "betas[1]", where)
+
+
+def group_hparams(group: dict[str, Any], names: tuple[str, ...], where: str) -> tuple:
+    try:
+        return tuple(group[name] for name in names)
+    except KeyError as e:
+        raise ValueError(f"{where or 'the group'} has no {e.args[0]!r} hyperparameter") from None
 
 
 class QpeftOptimizer(torch.optim.Optimizer):
@@ -74,10 +122,22 @@ class QpeftOptimizer(torch.optim.Optimizer):
         self.min_8bit_size = min_8bit_size
         self._pager = StatePager(paged, page_out, page_min_numel, state_memory)
         self._maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        super().__init__(params, defaults)
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
+        self._hparams(defaults, "")
+        super().__init__(params, defaults)  # checks each group in add_param_group
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's add_param_group, refusing (TypeError/ValueError, nothing added) a group
+        whose hyperparameters or parameters this optimizer cannot step."""
+        gi = len(self.param_groups)
+        if isinstance(param_group, dict):  # torch raises the TypeError otherwise
+            self._hparams({**self.defaults, **param_group}, f"param group {gi}")
+        super().add_param_group(param_group)
+        try:
+            for pi, p in enumerate(self.param_groups[gi]["params"]):
                 _check_param(p, f"parameter {pi} of param group {gi}")
+        except BaseException:
+            del self.param_groups[gi]
+            raise
 
     # --- what a parameter's state looks like ---------------------------------------
 
@@ -125,63 +185,153 @@ class QpeftOptimizer(torch.optim.Optimizer):
 
     # --- the step ---------------------------------------------------------------------
 
-    def _update(self, items: list, group: dict[str, Any], eight_bit: bool) -> None:
-        """Update (param, grad, state) items of one group, device and state layout:
-        subclasses call their torch.ops.qpeft multi-tensor step op once."""
+    def _hparams(self, group: dict[str, Any], where: str) -> tuple[float, ...]:
+        """The group's hyperparameters as the floats _update passes to the op; raises
+        TypeError/ValueError naming ``where`` (the group) for any the step cannot use."""
+        raise NotImplementedError
+
+    def _update(self, items: list, hp: tuple[float, ...], eight_bit: bool) -> None:
+        """Update (param, grad, state) items of one group, device and state layout with
+        the group's checked hyperparameters ``hp``: subclasses call their
+        torch.ops.qpeft multi-tensor step op once, with step counts state["step"] + 1
+        (the caller counts the step once the op has returned)."""
         raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure=None):
         """One update of every parameter that has a gradient. Paged state of each group
         is prefetched to its device before the group's updates (and paged out after
-        them with page_out=True), all on torch's current stream."""
+        them with page_out=True), all on torch's current stream.
+
+        Everything a step can refuse (hyperparameters, gradients, state) is checked for
+        all groups before anything is updated: a step that raises leaves parameters,
+        state and step counts as they were (and makes no state), so it can be retried
+        once the cause is fixed."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        paged = self._pager.paged
-        for gi, group in enumerate(self.param_groups):
-            # One op call per (device, state layout): on CPU one parallel region for
-            # all of the group's tensors. The op updates in place, so a non-contiguous
-            # parameter is stepped as a contiguous copy and written back. This loop
-            # runs per parameter every step: it does no more than it must (the op
-            # checks dtypes, sizes and devices; a parameter is checked here once,
-            # when its state is made).
-            batches: dict[tuple[torch.device, bool], list] = defaultdict(list)
-            copies = []
-            for pi, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.layout is not _STRIDED:
-                    raise TypeError(
-                        f"{type(self).__name__} does not support sparse gradients "
-                        f"(parameter {pi} of param group {gi} has a {grad.layout} gradient)"
-                    )
-                state = self.state[p]
-                if not state:
-                    _check_param(p, f"parameter {pi} of param group {gi}")
-                    state.update(self._new_state(p))
-                state["step"] += 1
-                work = p
-                if not p.is_contiguous():
-                    work = p.contiguous()
-                    copies.append((p, work))
-                batches[(p.device, self.uses_8bit(p))].append((work, grad, state))
-            by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-            if paged:
-                for items in batches.values():
+        plans = [self._plan(gi, group) for gi, group in enumerate(self.param_groups)]
+        for plan in plans:
+            self._apply(*plan)
+        return loss
+
+    def _plan(self, gi: int, group: dict[str, Any]):
+        """Check one group and sort its (param, grad, state) items by op call; changes
+        nothing. New state is made here but kept out of self.state until stepped."""
+        hp = self._hparams(group, f"param group {gi}")
+        # One op call per (device, state layout): on CPU one parallel region for all of
+        # the group's tensors. The op updates in place, so a non-contiguous parameter
+        # is stepped as a contiguous copy and written back. This loop runs per
+        # parameter every step, so it checks only what can change between steps
+        # without going through this optimizer: the gradient (layout, dtype, shape,
+        # device) and the parameter's dtype, size and device against its state.
+        # The state tensors are made for the parameter (_new_state, load_state_dict);
+        # the first stands for the rest (the op checks all of them again).
+        batches: dict[tuple[torch.device, bool], tuple[list, list]] = {}
+        fresh: dict[torch.Tensor, dict[str, Any]] = {}
+        state_of = self.state.get  # not self.state[p]: that would insert an empty state
+        key8, key32 = self._STATE_8[0][0] + "_q", self._STATE_32[0]
+        for pi, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            state = state_of(p) or fresh.get(p)
+            if not state:
+                self._check_step_args(p, g, None, gi, pi)
+                state = fresh[p] = self._new_state(p)
+            eight_bit = key8 in state
+            first = state.get(key8 if eight_bit else key32)
+            dt = p.dtype
+            if first is not None and p.is_cpu:  # is_cpu costs a third of a device compare
+                device, same_device = _CPU, g.is_cpu and first.is_cpu
+            else:
+                device = p.device
+                same_device = first is not None and g.device == device and first.device == device
+            if not (
+                same_device
+                and g.layout is _STRIDED
+                and g.dtype is dt
+                and dt in _FLOATS
+                and g.shape == p.shape
+                and first.numel() == p.numel()
+            ):
+                self._check_step_args(p, g, state, gi, pi)  # raises, naming the problem
+            work = p
+            batch = batches.get((device, eight_bit))
+            if batch is None:
+                batch = batches[(device, eight_bit)] = ([], [])
+            if not p.is_contiguous():
+                work = p.contiguous()
+                batch[1].append((p, work))
+            batch[0].append((work, g, state))
+        return hp, batches, fresh
+
+    def _apply(self, hp: tuple[float, ...], batches: dict, fresh: dict) -> None:
+        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        try:
+            if self._pager.paged:
+                for items, _ in batches.values():
                     for work, _, state in items:
                         by_device[work.device].extend(self._state_tensors(state))
                 for device, tensors in by_device.items():
                     self._pager.before_update(tensors, device)
-            for (_, eight_bit), items in batches.items():
-                self._update(items, group, eight_bit)
-            for p, work in copies:
-                p.copy_(work)
+            for (_, eight_bit), (items, copies) in batches.items():
+                self._update(items, hp, eight_bit)
+                for _, _, state in items:
+                    state["step"] += 1
+                for p, work in copies:
+                    p.copy_(work)
             for device, tensors in by_device.items():
                 self._pager.after_update(tensors, device)
-        return loss
+        finally:
+            # New state joins self.state once stepped (all of it, unless an op failed
+            # after the checks; then the parameters it updated keep theirs).
+            for p, state in fresh.items():
+                if state["step"]:
+                    self.state[p] = state
+
+    def _check_step_args(
+        self, p: torch.Tensor, g: torch.Tensor, state: dict | None, gi: int, pi: int
+    ) -> None:
+        """Everything the step needs of one parameter, its gradient and its state (None:
+        about to be made), raising TypeError/ValueError that names the problem."""
+        where = f"parameter {pi} of param group {gi}"
+        if g.layout is not _STRIDED:
+            raise TypeError(
+                f"{type(self).__name__} does not support sparse gradients ({where} has a {g.layout} gradient)"
+            )
+        _check_param(p, where)
+        if g.dtype != p.dtype:
+            raise TypeError(f"the gradient of {where} has dtype {g.dtype}, the parameter {p.dtype}")
+        if g.shape != p.shape:
+            raise ValueError(
+                f"the gradient of {where} has shape {tuple(g.shape)}, the parameter {tuple(p.shape)}"
+            )
+        if g.device != p.device:
+            raise ValueError(f"the gradient of {where} is on {g.device}, the parameter on {p.device}")
+        if state is None:
+            return
+        spec = self._state_spec(p)
+        if set(spec) != set(state) - {"step"}:
+            raise ValueError(
+                f"the state of {where} has keys {sorted(state)}, but {type(self).__name__} keeps "
+                f"{sorted(spec)} for a parameter of shape {tuple(p.shape)}: was the parameter replaced?"
+            )
+        for name, (shape, dtype) in spec.items():
+            t = state[name]
+            if not torch.is_tensor(t) or t.dtype != dtype or t.numel() != prod(shape):
+                got = f"{t.dtype} of {t.numel()} elements" if torch.is_tensor(t) else type(t).__name__
+                raise ValueError(
+                    f"state '{name}' of {where} is {got}, expected {dtype} of {prod(shape)} elements "
+                    f"(parameter shape {tuple(p.shape)}): was the parameter replaced?"
+                )
+            if t.device != p.device:
+                raise ValueError(f"state '{name}' of {where} is on {t.device}, the parameter on {p.device}")
+            if not t.is_contiguous():
+                raise ValueError(
+                    f"state '{name}' of {where} must be contiguous (the step updates it in place)"
+                )
 
     # --- accounting -----------------------------------------------------------------
 
@@ -272,6 +422,12 @@ class QpeftOptimizer(torch.optim.Optimizer):
                 f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has {len(groups)}"
             )
         for gi, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if not isinstance(sg, dict) or not isinstance(sg.get("params"), (list, tuple)):
+                raise ValueError(
+                    f"param group {gi} of the loaded state dict must be a dict with a 'params' list"
+                )
+            # The group's hyperparameters are what the next step uses: refuse now what it would.
+            self._hparams(sg, f"param group {gi} of the loaded state dict")
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(
                     f"param group {gi}: the loaded state dict has {len(sg['params'])} parameters, "
@@ -283,7 +439,7 @@ class QpeftOptimizer(torch.optim.Optimizer):
                 chain.from_iterable(g["params"] for g in groups),
             )
         )
-        index_of = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in groups))}
+        index_of = {id(p): (gi, pi) for gi, g in enumerate(groups) for pi, p in enumerate(g["params"])}
 
         new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
         for key, saved in state_dict["state"].items():
@@ -292,7 +448,7 @@ class QpeftOptimizer(torch.optim.Optimizer):
                     f"the loaded state dict has state for parameter id {key!r}, which no group lists"
                 )
             p = id_map[key]
-            new_state[p] = self._load_param_state(p, saved, index_of[id(p)])
+            new_state[p] = self._load_param_state(p, saved, *index_of[id(p)])
 
         new_groups = []
         for g, sg in zip(groups, saved_groups):
@@ -303,24 +459,33 @@ class QpeftOptimizer(torch.optim.Optimizer):
             new_groups.append(ng)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
 
-    def _load_param_state(self, p: torch.Tensor, saved: Any, index: int) -> dict[str, Any]:
-        where = f"parameter {index} (shape {tuple(p.shape)})"
+    def _load_param_state(self, p: torch.Tensor, saved: Any, gi: int, pi: int) -> dict[str, Any]:
+        where = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
         spec = self._state_spec(p)
         if not isinstance(saved, dict):
             raise ValueError(f"state of {where} must be a dict, got {type(saved).__name__}")
         expected = set(spec) | {"step"}
         if set(saved) != expected:
             raise ValueError(
-                f"state of {where} has keys {sorted(saved)}, but {type(self).__name__} keeps {sorted(expected)} "
-                f"for it ({'8-bit' if self.uses_8bit(p) else '32-bit'} state)"
+                f"state of {where} has keys {sorted(saved, key=str)}, but {type(self).__name__} keeps "
+                f"{sorted(expected)} for it ({'8-bit' if self.uses_8bit(p) else '32-bit'} state)"
             )
         step = saved["step"]
-        if torch.is_tensor(step):
+        if (
+            torch.is_tensor(step)
+            and step.numel() == 1
+            and not step.is_floating_point()
+            and not step.is_complex()
+        ):
             step = step.item()
-        if isinstance(step, float) and step.is_integer():
-            step = int(step)
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"state 'step' of {where} must be a non-negative integer, got {saved['step']!r}")
+        # An integer, and no float even if integral: qpeft writes ints, and a float count
+        # past 2**24 (float32) or 2**53 (float64) has lost steps already.
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step <= MAX_STEP:
+            raise ValueError(
+                f"state 'step' of {where} must be an integer in [0, {MAX_STEP}] (the count after the next "
+                f"update goes to the step op as an int64), got {type(saved['step']).__name__} {saved['step']!r}"
+            )
+        step = int(step)
         for name, (shape, dtype) in spec.items():
             t = saved[name]
             if not torch.is_tensor(t):
