@@ -143,16 +143,26 @@ def test_messages_name_module_and_entry_point():
 
 
 def test_cuda_blocksize_list_is_the_formats():
-    """The CUDA launchers take exactly format.h's blocksizes (32..4096, powers of two)."""
+    """The CUDA 4-bit launchers take exactly format.h's blocksizes (32..4096, powers of two);
+    the 8-bit ones any blocksize > 0, as bitsandbytes' CPU path does."""
     emu = emu_module()
     x = torch.randn(64)
-    q, absmax = torch.empty(64, dtype=torch.uint8), torch.empty(4)
+    packed, q, absmax = (
+        torch.empty(32, dtype=torch.uint8),
+        torch.empty(64, dtype=torch.uint8),
+        torch.empty(64),
+    )
     code = torch.linspace(-1, 1, 256)
     for bs in (16, 48, 8192):
         with pytest.raises(ValueError, match=rf"blocksize must be a power of two in \[32, 4096\], got {bs}"):
+            emu.quantize_4bit(x.data_ptr(), 0, 64, bs, 2, packed.data_ptr(), 32, absmax.data_ptr(), 64, 0)
+    emu.quantize_4bit(x.data_ptr(), 0, 64, 32, 2, packed.data_ptr(), 32, absmax.data_ptr(), 64, 0)
+    for bs in (0, -64):
+        with pytest.raises(ValueError, match="blocksize"):
             emu.quantize_blockwise(
-                x.data_ptr(), 0, 64, bs, code.data_ptr(), q.data_ptr(), 64, absmax.data_ptr(), 4, 0
+                x.data_ptr(), 0, 64, bs, code.data_ptr(), q.data_ptr(), 64, absmax.data_ptr(), 64, 0
             )
-    emu.quantize_blockwise(
-        x.data_ptr(), 0, 64, 32, code.data_ptr(), q.data_ptr(), 64, absmax.data_ptr(), 4, 0
-    )
+    for bs in (16, 48, 32):
+        emu.quantize_blockwise(
+            x.data_ptr(), 0, 64, bs, code.data_ptr(), q.data_ptr(), 64, absmax.data_ptr(), 64, 0
+        )

@@ -393,9 +393,6 @@ __global__ void __launch_bounds__(kDequantThreads)
   }
 }
 
-// log2 of a blocksize the fast 8-bit kernels serve (a power of two in [32, 4096]),
-// else -1: the *_any kernels take it.
-
 }  // namespace
 
 // ----------------------------------------------------------------------------

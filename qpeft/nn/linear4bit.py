@@ -24,12 +24,12 @@ from torch import nn
 
 from .. import functional as qf
 from .._formats import (
+    ABSMAX_FLOOR,
     BLOCKSIZES_4BIT,
     FLOAT_DTYPES,
     NESTED_BLOCKSIZE,
     QUANT_TYPES,
     code4,
-    dynamic_map,
     zero_code4,
 )
 from ..quant_state import QuantState
@@ -50,16 +50,20 @@ def _empty_state(
     shape: tuple[int, int], blocksize: int, quant_type: str, double_quant: bool, device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, QuantState]:
     """What quantize_4bit returns for an all-zero tensor, built without the dense tensor: every
-    nibble is the code of 0.0, every absmax 0; double quantization of all-zero absmax gives
-    offset 0, absmax codes 0 and nested absmax 0 (tests/test_serialization_defects.py holds
-    this to quantize_4bit bit for bit)."""
+    nibble is the code of 0.0 and every absmax 0, except a partial last block's, which is stored
+    floored to ABSMAX_FLOOR as bitsandbytes does; double quantization runs on that (small)
+    absmax vector exactly as quantize_4bit does (tests/test_serialization_defects.py holds this
+    to quantize_4bit bit for bit)."""
     device = torch.empty(0, device=device).device  # None: torch's default device, as torch.zeros does
     n = math.prod(shape)
     z = zero_code4(quant_type)
     packed = torch.full(((n + 1) // 2, 1), z << 4 | z, dtype=torch.uint8, device=device)
     blocks = -(n // -blocksize)
+    absmax = torch.zeros(blocks, dtype=torch.float32, device=device)
+    if n % blocksize:
+        absmax[-1] = ABSMAX_FLOOR
     state = QuantState(
-        absmax=torch.zeros(blocks, dtype=torch.float32, device=device),
+        absmax=absmax,
         shape=shape,
         code=code4(quant_type, device).clone(),
         blocksize=blocksize,
@@ -67,15 +71,8 @@ def _empty_state(
         dtype=dtype,
     )
     if double_quant:
-        state.state2 = QuantState(
-            absmax=torch.zeros(-(blocks // -NESTED_BLOCKSIZE), dtype=torch.float32, device=device),
-            shape=(blocks,),
-            code=dynamic_map(signed=True, device=device).clone(),
-            blocksize=NESTED_BLOCKSIZE,
-            dtype=torch.float32,
-        )
-        state.absmax = torch.zeros(blocks, dtype=torch.uint8, device=device)
-        state.offset = torch.zeros((), dtype=torch.float32, device=device)
+        state.offset = absmax.mean()
+        state.absmax, state.state2 = qf.quantize_blockwise(absmax - state.offset, blocksize=NESTED_BLOCKSIZE)
     return packed, state
 
 
