@@ -1,6 +1,7 @@
 """python -m qpeft: the QLoRA demo and the quantization report.
 
-python -m qpeft demo: QLoRA fine-tuning of a small Llama-architecture model on text that
+python -m qpeft selftest: every op of every backend available on a device against the
+pure-torch reference, with the tests' error bounds (qpeft/selftest.py). python -m qpeft demo: QLoRA fine-tuning of a small Llama-architecture model on text that
 ships with qpeft (qpeft/demo.py). python -m qpeft quant-report: NF4 with double
 quantization of a 4096x4096 bf16 weight on the fastest backend here, checked bit for bit
 against the pure-torch reference, with error and timings.
@@ -153,7 +154,7 @@ def _description(doc: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo
+    from . import demo, selftest
 
     fmt = _DefaultsFormatter
     parser = argparse.ArgumentParser(prog="python -m qpeft", description=_description(__doc__))
@@ -167,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(d)
     add_device_argument(d)
     d.set_defaults(func=demo.run)
+    t = sub.add_parser(
+        "selftest",
+        help="check every op of every backend here against the reference (exit 1 on a mismatch)",
+        description=_description(selftest.__doc__),
+        formatter_class=fmt,
+    )
+    selftest.add_arguments(t)
+    add_device_argument(t)
+    t.set_defaults(func=selftest.run)
     p = sub.add_parser(
         "quant-report",
         help="quantize a weight and report error and speed",

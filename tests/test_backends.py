@@ -28,9 +28,7 @@ from ._helpers import (
     assert_within,
     case_id,
     check_qlora_linear,
-    cpu_gemv_bound,
-    cuda_gemv_roundings,
-    gemv_bound,
+    gemv_tolerance,
     make_problem,
     reference,
 )
@@ -314,14 +312,7 @@ def test_quantize_blockwise_matchesreference(backend, budget):
 # --- GEMV ---------------------------------------------------------------------------------------
 
 
-def _gemv_tolerance(backend, x, w_deq, dtype, blocksize) -> torch.Tensor:
-    """Each backend's bound against the exact product (derivations in tests/_helpers.py)."""
-    k = x.shape[1]
-    if backend == "cpu":
-        return cpu_gemv_bound(x, w_deq, dtype, blocksize)
-    if backend == "cuda_emulated":
-        return gemv_bound(x, w_deq, dtype, cuda_gemv_roundings(k))
-    return gemv_bound(x, w_deq, dtype, k)  # torch's matmul: summation order unknown, depth <= K
+_gemv_tolerance = gemv_tolerance  # each backend's bound (derivations in qpeft/testing.py)
 
 
 @pytest.mark.parametrize("backend", GEMV_BACKENDS, indirect=True)

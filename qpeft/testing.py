@@ -1,0 +1,308 @@
+"""Error bounds shared by the tests and ``python -m qpeft selftest`` (qpeft/selftest.py).
+
+Every bound here is derived, not tuned: each function's comment gives the derivation (the
+summation depth of the kernel, the roundings of its operands). The tests assert them and the
+selftest reports each result's worst error against them, so a GPU run is held to exactly the
+bounds CI holds the CPU and emulated kernels to. Where a kernel's result must equal the
+reference bit for bit (quantization, dequantization, the optimizer step ops), the bound is 0.
+Nothing here imports pytest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .functional import dequantize_4bit, quantize_4bit
+from .quant_state import QuantState
+
+U32 = 2.0**-24  # unit roundoff of fp32
+ETA32 = 2.0**-150  # absolute error bound of one fp32 rounding in the subnormal range
+
+# --- error bounds: the 4-bit GEMV -----------------------------------------------------------
+
+
+def _gamma(k: int) -> float:
+    return k * U32 / (1 - k * U32)
+
+
+def _ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of `dtype` at magnitude |v| (float64)."""
+    fi = torch.finfo(dtype)
+    mag = v.abs().clamp(min=fi.tiny)
+    return fi.eps * torch.exp2(torch.floor(torch.log2(mag)))
+
+
+def gemv_bound(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, k_roundings: int) -> torch.Tensor:
+    """How far an fp32 evaluation of y = x @ w^T may be from the exact value, per element.
+
+    The inputs are exact fp32 numbers (x converted from its dtype exactly, w the fp32
+    dequantized weight, which the kernel forms with the same single product as the
+    reference), so only the summation rounds. Whatever the order (a tree, blocks,
+    fma chains), each product x_k w_k reaches the result through at most h
+    roundings when every one of the K terms is at most h levels deep, and then
+    |fl(s) - s| <= gamma_h * sum_k |x_k w_k|, gamma_h = h u / (1 - h u), u = 2^-24
+    (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., 3.1; an fma
+    rounds once where a multiply-add rounds twice, which only helps), plus 2^-150 for
+    each of at most 2K roundings that may land in the subnormal range (gamma assumes
+    none). A 16-bit output is then rounded once more: half an ulp of the output dtype
+    at the result's magnitude.
+    """
+    x64, w64 = x.double(), w.double()
+    a = x64.abs() @ w64.abs().T  # sum_k |x_k w_k|
+    k = x.shape[1]
+    bound = _gamma(k_roundings) * a + 2 * k * ETA32
+    if out_dtype != torch.float32:
+        exact = x64 @ w64.T
+        bound = bound + 0.5 * _ulp(exact.abs() + bound, out_dtype)
+    return bound
+
+
+def cuda_gemv_roundings(k: int) -> int:
+    """Most roundings between any product and the CUDA kernel's result (csrc/cuda/gemv_4bit.cu).
+
+    A lane chains fmaf over its share of the row: on the 16-byte path, 32 per chunk
+    for chunks lane, lane + 32, ... of the K/32 chunks (at most 32 * ceil(K/1024));
+    on the per-element path, elements lane, lane + 32, ... (at most ceil(K/32) <=
+    32 * ceil(K/1024)). The 5-step butterfly then adds 5 more.
+    """
+    return 32 * -(-k // 1024) + 5
+
+
+def cpu_gemv_roundings(k: int, blocksize: int) -> int:
+    """Most roundings between any product and the C++ CPU kernel's result (csrc/cpu/gemv*.cpp).
+
+    The kernel factors each block's absmax out of its sum: it computes
+    sum_b s_b * sum_{k in b} x_k t_k (t the code's table value) where the reference sums
+    x_k * fl(t_k s_b). Exactly, the two differ by sum_k x_k (t_k s_b - fl(t_k s_b)), at most
+    u * sum|x_k w_k| (u = 2^-24; one rounding per decoded weight: cpu_gemv_bound adds it).
+    Each product then reaches the result through at most h roundings: the scalar kernel's
+    chain within a block (2 per term: multiply, add), the block's scaling and its add into
+    the row total (2 per block), and, in the AVX2 kernel, a shorter lane chain plus a
+    3-level horizontal sum; h = 2 * (blocksize + K / blocksize) + 8 covers both.
+    """
+    return 2 * (blocksize + -(-k // blocksize)) + 8
+
+
+def cpu_gemv_bound(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, blocksize: int) -> torch.Tensor:
+    """gemv_bound at the CPU kernel's depth plus its one rounding per decoded weight."""
+    k = x.shape[1]
+    return gemv_bound(x, w, out_dtype, cpu_gemv_roundings(k, blocksize)) + U32 * (
+        x.double().abs() @ w.double().abs().T
+    )
+
+
+# --- error bounds: qlora_linear against an fp64 oracle --------------------------------------
+# Tolerances are worst-case bounds, derived per output element (u32 = 2^-24):
+# - an fp32 dot over n terms: n * u32 * sum|a_i b_i| (one rounding per product and per add);
+# - operands the kernel rounds to the activation dtype (dequantized W, t = s * xa * rank_scale,
+#   g, dy' = dy * out_scale, xa): u_op * (sum of |contributions|), u_op = 2^-11 (fp16, RNE)
+#   or 2^-7 (bf16: the interpreter truncates fp32->bf16; covers RNE's 2^-8 on a GPU);
+#   for fp16 the oracle rounds W exactly as the kernel does, so that term vanishes;
+# - the final cast: u_out * |y|, u_out = 2^-24 (fp32), 2^-11 (fp16), 2^-7 (bf16, truncating).
+
+U_OP = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-7}
+U_OUT = {torch.float32: U32, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-7}
+
+# (dtype, M, N, K, r, quant_type, double_quant, blocksize, bias, rank_scale, out_scale)
+CASES = [
+    (torch.float32, 37, 45, 83, 8, "nf4", True, 64, True, True, True),
+    (torch.float32, 1, 45, 83, 1, "fp4", False, 64, False, False, False),
+    (torch.float32, 20, 17, 150, 64, "fp4", True, 32, False, True, True),
+    (torch.float32, 1, 3, 5, 1, "nf4", False, 32, True, False, False),  # odd numel: padding nibble
+    (torch.float16, 37, 45, 83, 64, "nf4", False, 32, True, False, True),
+    (torch.float16, 1, 33, 100, 8, "fp4", True, 64, False, True, False),
+    (torch.float16, 20, 50, 47, 1, "nf4", True, 256, True, True, True),  # a quant block spans 5+ rows
+    (torch.float16, 5, 45, 200, 8, "nf4", True, 32, False, False, True),  # 282 blocks: nested blocks straddle
+    (torch.bfloat16, 37, 45, 83, 8, "fp4", True, 128, True, True, False),
+    (torch.bfloat16, 1, 45, 83, 64, "nf4", False, 64, False, False, True),
+    (torch.bfloat16, 17, 16, 64, 1, "nf4", True, 64, True, False, False),
+    # K % blocksize == 0: the kernels' ALIGNED path (whole quant blocks per row, vector byte loads)
+    (torch.float32, 37, 45, 96, 8, "nf4", True, 32, True, True, True),  # two blocks per 64-wide K tile
+    (torch.float16, 20, 50, 192, 1, "fp4", False, 64, False, True, False),
+    (torch.float16, 5, 72, 256, 8, "nf4", True, 32, True, False, True),  # 576 blocks: nested blocks straddle
+    (torch.bfloat16, 1, 45, 256, 64, "nf4", False, 128, False, False, True),  # a block spans two K tiles
+]
+
+
+def case_id(case):
+    dt, m, n, k, r, qt, dq, bs, bias, rs, os_ = case
+    flags = "".join(f for f, on in (("b", bias), ("R", rs), ("O", os_)) if on) or "-"
+    return f"{str(dt)[6:]}-{m}x{n}x{k}-r{r}-{qt}{'-dq' if dq else ''}-bs{bs}-{flags}"
+
+
+def make_problem(case, seed=0, device="cpu"):
+    dt, m, n, k, r, qt, dq, bs, has_bias, has_rs, has_os = case
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    packed, state = quantize_4bit(w, bs, qt, double_quant=dq)
+    p = {
+        "packed": packed,
+        "state": state,
+        "w": dequantize_4bit(packed, state, torch.float32).double(),  # exact
+        "x": torch.randn(m, k, generator=g).to(dt),
+        "a": (torch.randn(r, k, generator=g) / k**0.5).to(dt),
+        "b": torch.randn(n, r, generator=g).to(dt),
+        "bias": torch.randn(n, generator=g).to(dt) if has_bias else None,
+        "rank_scale": (torch.rand(r, generator=g) + 0.5) if has_rs else None,
+        "out_scale": (torch.rand(n, generator=g) + 0.5).to(dt) if has_os else None,
+        "dy": torch.randn(m, n, generator=g).to(dt),
+        "scaling": 0.75,
+    }
+    if device != "cpu":  # drawn on CPU (the seed gives the same problem on any machine), then moved
+        p = {key: v.to(device) if isinstance(v, (torch.Tensor, QuantState)) else v for key, v in p.items()}
+    return p
+
+
+def _d(t):
+    return None if t is None else t.double()
+
+
+def oracle(p, dt, rounds_operands=True):
+    """fp64 values and worst-case error bounds of y, dx, dA, dB, dbias (see the comment above U_OP).
+
+    ``rounds_operands``: the kernel rounds W, t, dy' to ``dt`` before its dots (Triton);
+    the reference ("default") does not: it computes in fp32 from the exact operands.
+    """
+    u_op, u_out = (U_OP[dt] if rounds_operands else 0.0), U_OUT[dt]
+    x, a, b, dy, s = _d(p["x"]), _d(p["a"]), _d(p["b"]), _d(p["dy"]), p["scaling"]
+    w = p["w"]
+    mimic = rounds_operands and dt == torch.float16
+    w_op = p["w"].to(dt).double() if mimic else w  # the fp16 kernel multiplies fp16(W)
+    u_w = u_op if dt == torch.bfloat16 else 0.0
+    m, k = x.shape
+    n, r = b.shape
+    f64 = dict(dtype=torch.float64, device=x.device)
+    rs = _d(p["rank_scale"]) if p["rank_scale"] is not None else torch.ones(r, **f64)
+    os_ = _d(p["out_scale"]) if p["out_scale"] is not None else torch.ones(n, **f64)
+    bias = _d(p["bias"]) if p["bias"] is not None else torch.zeros(n, **f64)
+    ax, aa, ab, aw = x.abs(), a.abs(), b.abs(), w.abs()
+
+    # forward
+    xa = x @ a.T
+    t = s * xa * rs
+    pre = x @ w_op.T + t @ b.T + bias
+    y = os_ * pre
+    s_base = ax @ aw.T  # sum_k |x||w|
+    s_t = s * (ax @ aa.T) * rs.abs()  # bound of |t| including its accumulation
+    s_lora = s_t @ ab.T
+    err_pre = (
+        (k + 2) * U32 * s_base
+        + u_w * s_base
+        + s_lora * (u_op + (k + r + 4) * U32)
+        + U32 * (pre.abs() + bias.abs())
+    )
+    tol_y = os_.abs() * err_pre * (1 + U32) + u_out * y.abs() + U32 * y.abs()
+    tol_xa = k * U32 * (ax @ aa.T) + u_out * xa.abs()
+
+    # backward: dy' = dy * out_scale, rounded to the operand dtype when out_scale is set
+    dyp = dy * os_
+    u_dy = u_op if p["out_scale"] is not None else 0.0
+    ady = dyp.abs()
+    g = dyp @ b
+    s_g = ady @ ab  # sum_n |dy'||b|
+    dx = dyp @ w_op + (s * g * rs) @ a
+    s_dxb = ady @ aw
+    s_dxl = (s * s_g * rs.abs()) @ aa
+    tol_dx = (
+        (n + 2) * U32 * s_dxb
+        + (u_w + u_dy) * s_dxb
+        + s_dxl * (u_op + u_dy + (n + r + 4) * U32)
+        + u_out * dx.abs()
+        + U32 * dx.abs()
+    )
+    da = (s * g * rs).T @ x
+    s_da = (s * s_g * rs.abs()).T @ ax
+    tol_da = s_da * (u_dy + (n + m + 4) * U32) + u_out * da.abs()
+    db = dyp.T @ (s * xa * rs)
+    s_db = ady.T @ (s * (ax @ aa.T) * rs.abs())
+    tol_db = s_db * (u_dy + u_out + (k + m + 4) * U32) + u_out * db.abs()  # xa was stored in dt
+    dbias = dyp.sum(0)
+    tol_dbias = ady.sum(0) * (u_dy + (m + 1) * U32) + u_out * dbias.abs()
+    return {
+        "y": (y, tol_y),
+        "xa": (xa, tol_xa),
+        "dx": (dx, tol_dx),
+        "dA": (da, tol_da),
+        "dB": (db, tol_db),
+        "dbias": (dbias, tol_dbias),
+    }
+
+
+def gemv_tolerance(backend: str, x: torch.Tensor, w_deq: torch.Tensor, dtype: torch.dtype, blocksize: int):
+    """Each backend's bound of ``gemv_4bit`` against the exact product x @ w_deq^T."""
+    k = x.shape[1]
+    if backend == "cpu":
+        return cpu_gemv_bound(x, w_deq, dtype, blocksize)
+    if backend in ("cuda", "cuda_emulated"):  # csrc/cuda/gemv_4bit.cu, on a GPU or emulated
+        return gemv_bound(x, w_deq, dtype, cuda_gemv_roundings(k))
+    return gemv_bound(x, w_deq, dtype, k)  # torch's matmul: summation order unknown, depth <= K
+
+
+GEMV_MAX_ROWS = 8  # qpeft.functional.gemv_4bit takes 1 to 8 rows of x
+
+
+def qlora_linear_results(p: dict, backend: str) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """qlora_linear forward and every gradient, run on ``backend``: ``[(name, got, want, tol)]``
+    for y, dx, dA, dB (and dbias), ``want``/``tol`` the fp64 oracle's values and bounds.
+
+    Triton rounds its operands to the activation dtype before its dots (``rounds_operands``);
+    the reference and the CPU backend compute in fp32 from the exactly decoded W. The CPU
+    backend may run x @ W^T through its C++ GEMV for 1 to 8 rows: summation depth
+    cpu_gemv_roundings(K, blocksize) and one more rounding from factoring each block's absmax
+    out (see cpu_gemv_roundings), added to the bound of y.
+    """
+    from . import use_backend
+    from .functional import qlora_linear
+
+    dt = p["x"].dtype
+    x = p["x"].clone().requires_grad_()
+    a = p["a"].clone().requires_grad_()
+    b = p["b"].clone().requires_grad_()
+    bias = p["bias"].clone().requires_grad_() if p["bias"] is not None else None
+    with use_backend(backend):
+        y = qlora_linear(
+            x,
+            p["packed"],
+            p["state"],
+            a,
+            b,
+            p["scaling"],
+            bias,
+            rank_scale=p["rank_scale"],
+            out_scale=p["out_scale"],
+        )
+        y.backward(p["dy"])
+    ref = oracle(p, dt, rounds_operands=backend == "triton")
+    y_want, tol_y = ref["y"]
+    m, k = p["x"].shape
+    if backend == "cpu" and m <= GEMV_MAX_ROWS:
+        depth = cpu_gemv_roundings(k, p["state"].blocksize) + 1
+        s_base = p["x"].double().abs() @ p["w"].abs().T
+        os_ = p["out_scale"].double().abs() if p["out_scale"] is not None else 1.0
+        tol_y = tol_y + os_ * depth * U32 * s_base * 1.01  # 1.01: gamma_h vs h*u at these h
+    if y.dtype != dt:
+        raise AssertionError(f"{backend} y: dtype {y.dtype}, expected {dt}")
+    out = [
+        ("y", y.detach(), y_want, tol_y),
+        ("dx", x.grad, *ref["dx"]),
+        ("dA", a.grad, *ref["dA"]),
+        ("dB", b.grad, *ref["dB"]),
+    ]
+    if bias is not None:
+        out.append(("dbias", bias.grad, *ref["dbias"]))
+    return out
+
+
+# --- optimizer steps ------------------------------------------------------------------------
+# The step ops (adamw32_step_, adamw8bit_step_, lion32_step_, lion8bit_step_) of every backend
+# compute the per-element math of csrc/include/qpeft/optim.h, which the reference mirrors in
+# fp32 with the same operation order (qpeft/backends/default/optim.py), and the CUDA build uses
+# --fmad=false: bound 0, bit for bit (tests/test_optim.py).
+OPTIM_STEP_ATOL = 0.0
+# The optimizer classes over several steps on another device against the reference on CPU
+# (tests/test_device_training.py): 32-bit state is the same fp32 update, fma contraction in
+# torch's own elementwise kernels apart (rtol 1e-5 covers a few ulps per step); an 8-bit state's
+# requantized moment may land one code apart (a tie decided by the last fp32 bit), moving an
+# element by a fraction of lr=1e-2 over three steps (atol 2e-3).
+OPTIM_CLASS_RTOL = 1e-5
+OPTIM_CLASS_ATOL = {"32bit": 1e-5, "8bit": 2e-3}
