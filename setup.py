@@ -1,8 +1,13 @@
 """Build qpeft: setuptools drives CMake (CMakeLists.txt) for the native modules.
 
 Environment:
-  QPEFT_CUDA        auto (default): build qpeft._C_cuda when nvcc is found;
-                    1: require it (error if nvcc is missing); 0: CPU only.
+  QPEFT_CUDA        auto (default): build qpeft._C_cuda when nvcc is found and its CUDA
+                    major version is torch's (torch.version.cuda; nvcc's own with a
+                    CPU-only torch), else say so and skip it; 1: require it (error if
+                    nvcc is missing or of another major); 0: CPU only.
+  QPEFT_TORCH_CUDA  the CUDA version to match ("12.8"; "none": no CUDA torch) when the
+                    torch being built for is not importable (pip's build isolation;
+                    or use pip install --no-build-isolation)
   QPEFT_CUDA_EMULATION  auto (default): build qpeft._C_cuda_emu, the CUDA kernels
                     compiled as host C++ and run on the CPU by an emulation harness
                     (a test backend), when the CUDA toolkit headers are found (no
@@ -71,21 +76,96 @@ def _find_nvcc() -> str | None:
     return fallback if os.path.exists(fallback) else None
 
 
+def _nvcc_version(nvcc: str) -> tuple[int, int] | None:
+    """(major, minor) of ``nvcc --version`` ("release 13.0"), None if it cannot be run."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def _dotted(version: tuple[int, int] | None) -> str:
+    return f"{version[0]}.{version[1]}" if version else "(unknown version)"
+
+
+def _torch_cuda_version() -> tuple[str | None, str]:
+    """(torch.version.cuda, how it was found): the CUDA toolkit torch was built with ("12.8"),
+    None for a CPU-only torch. QPEFT_TORCH_CUDA overrides it (e.g. under pip's build isolation,
+    where the torch being built for is not importable: prefer --no-build-isolation)."""
+    forced = os.environ.get("QPEFT_TORCH_CUDA", "").strip()
+    if forced:
+        return (None if forced.lower() in ("none", "cpu") else forced), "torch (QPEFT_TORCH_CUDA)"
+    try:
+        import torch  # only to read its CUDA version; the build itself needs no torch
+    except ImportError:
+        return None, "torch is not importable in this build environment"
+    return torch.version.cuda, f"torch {torch.__version__}"
+
+
+_CUDA_CHOICE: list = []  # _cuda_setting's answer, computed (and printed) once
+
+
 def _cuda_setting() -> tuple[bool, str | None]:
+    """(build qpeft._C_cuda?, nvcc). The module links the CUDA runtime statically, so it needs a
+    driver as new as its toolkit (docs/gpu.md); it is built with the toolkit of torch's CUDA major
+    version, so that any driver torch runs on also runs qpeft's kernels. An nvcc of another major
+    (after looking for /usr/local/cuda-<major>*/bin/nvcc) is not used: skipped under
+    QPEFT_CUDA=auto with a message, an error under QPEFT_CUDA=1. With a CPU-only torch (or none
+    importable) nvcc's own version is used."""
+    if _CUDA_CHOICE:
+        return _CUDA_CHOICE[0]
     mode = os.environ.get("QPEFT_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
         raise RuntimeError(f"qpeft: QPEFT_CUDA must be auto, 0 or 1, got {mode!r}")
-    if mode == "0":
-        return False, None
-    nvcc = _find_nvcc()
-    if nvcc is None:
-        if mode == "1":
-            raise RuntimeError(
-                "qpeft: QPEFT_CUDA=1 but nvcc was not found (looked at $CMAKE_CUDA_COMPILER, $CUDACXX, "
-                "PATH and /usr/local/cuda/bin/nvcc); install the CUDA toolkit or set QPEFT_CUDA=0"
+    choice = (False, None)
+    if mode != "0":
+        nvcc = _find_nvcc()
+        if nvcc is None:
+            if mode == "1":
+                raise RuntimeError(
+                    "qpeft: QPEFT_CUDA=1 but nvcc was not found (looked at $CMAKE_CUDA_COMPILER, $CUDACXX, "
+                    "PATH and /usr/local/cuda/bin/nvcc); install the CUDA toolkit or set QPEFT_CUDA=0"
+                )
+        else:
+            choice = _match_torch_cuda(nvcc, mode)
+    _CUDA_CHOICE.append(choice)
+    return choice
+
+
+def _match_torch_cuda(nvcc: str, mode: str) -> tuple[bool, str | None]:
+    torch_cuda, source = _torch_cuda_version()
+    found = _nvcc_version(nvcc)
+    if torch_cuda is None:
+        print(f"qpeft: building qpeft._C_cuda with {nvcc} (CUDA {_dotted(found)}; {source}, no CUDA torch)")
+        return True, nvcc
+    want = int(torch_cuda.split(".")[0])
+    if found is not None and found[0] == want:
+        print(
+            f"qpeft: building qpeft._C_cuda with {nvcc} (CUDA {found[0]}.{found[1]}, matching {source}'s CUDA {torch_cuda})"
+        )
+        return True, nvcc
+    for alt in sorted(Path("/usr/local").glob(f"cuda-{want}.*/bin/nvcc"), reverse=True):
+        alt_version = _nvcc_version(str(alt))
+        if alt_version is not None and alt_version[0] == want:
+            print(
+                f"qpeft: building qpeft._C_cuda with {alt} (CUDA {alt_version[0]}.{alt_version[1]}, matching {source}'s CUDA {torch_cuda}; {nvcc} is another major)"
             )
-        return False, None
-    return True, nvcc
+            return True, str(alt)
+    msg = (
+        f"qpeft: {nvcc} is CUDA {_dotted(found)} but {source} is built with CUDA {torch_cuda}: a "
+        f"qpeft._C_cuda built with it would need a driver for CUDA {found[0] if found else '?'} that torch does not "
+        f"(docs/gpu.md). Install the CUDA {want}.x toolkit (or point CUDACXX at its nvcc), or install torch's "
+        f"CUDA {found[0] if found else '?'} wheel"
+    )
+    if mode == "1":
+        raise RuntimeError(msg + ".")
+    print(
+        "=" * 78 + f"\n{msg}. SKIPPING qpeft._C_cuda (QPEFT_CUDA=auto): CUDA tensors will run the Triton "
+        "kernels or the reference.\n" + "=" * 78
+    )
+    return False, None
 
 
 def _emulation_setting() -> str:

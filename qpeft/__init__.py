@@ -12,7 +12,7 @@ from . import (
     optim,
 )
 from ._dispatch import BackendUnavailableError, available_backends, current_backend, use_backend
-from ._native import ReferenceFallbackWarning
+from ._native import CudaFallbackWarning, ReferenceFallbackWarning
 from .convert import add_adapter, convert, disable_adapters, merge_adapters, set_adapter, unmerge_adapters
 from .quant_state import QuantState
 from .serialization import load_adapter, load_quantized, save_adapter, save_quantized
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "CudaFallbackWarning",
     "QuantState",
     "ReferenceFallbackWarning",
     "add_adapter",

@@ -96,7 +96,48 @@ def cpu_unavailable() -> str | None:
     return err
 
 
+class CudaFallbackWarning(ReferenceFallbackWarning):
+    """qpeft._C_cuda is installed but cannot run here (a driver older than the CUDA toolkit it
+    was built with, a GPU whose architecture it lacks, ...), so CUDA tensors run the Triton
+    kernels or the pure-torch reference. A ReferenceFallbackWarning, so one filter silences both."""
+
+
+_warned_cuda_fallback = False
+
+
+def _warn_cuda_fallback(err: str) -> None:
+    # Once per process, like the CPU fallback, and on one line.
+    global _warned_cuda_fallback
+    if _warned_cuda_fallback:
+        return
+    _warned_cuda_fallback = True
+    warnings.warn(
+        f"qpeft's CUDA C++ kernels cannot run here ({err}); CUDA tensors use the Triton kernels or the "
+        "pure-torch reference instead (docs/gpu.md: which driver each CUDA toolkit needs).",
+        CudaFallbackWarning,
+        stacklevel=_caller_stacklevel(),
+    )
+
+
+@functools.cache
+def _cuda_probe() -> str | None:
+    """qpeft._C_cuda's probe() (a tiny kernel launched and waited for on every device), once
+    per process: None when the module's kernels can run here, else the CUDA error."""
+    mod = _load("_C_cuda")[0]
+    if mod is None:
+        return None  # cuda_unavailable reports the import error
+    try:
+        err = mod.probe()
+    except Exception as exc:  # a probe that cannot even be called says the same: unusable
+        err = f"{type(exc).__name__}: {exc}"
+    return err or None
+
+
 def cuda_unavailable() -> str | None:
+    """None when the CUDA C++ backend can run, else why not. Probes the module once per process
+    (``_cuda_probe``), so that a driver too old for the build, which torch's own CUDA build may
+    still accept, makes the backend unavailable (one CudaFallbackWarning) instead of raising at
+    the first op or optimizer step."""
     err = _load("_C_cuda")[1]
     if err is not None:
         return err
@@ -104,6 +145,10 @@ def cuda_unavailable() -> str | None:
 
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
+    probe_err = _cuda_probe()
+    if probe_err is not None:
+        _warn_cuda_fallback(probe_err)
+        return f"qpeft._C_cuda cannot run here: {probe_err}"
     return None
 
 

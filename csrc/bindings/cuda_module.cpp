@@ -72,6 +72,9 @@ PYBIND11_MODULE(QPEFT_CUDA_MODULE_NAME, m) {
       "Architectures compiled in, e.g. [75, 80, 86, 89, 90, 100, 120] (__CUDA_ARCH_LIST__ / 10).");
   m.def("device_count", &k::device_count, release(),
         "cudaGetDeviceCount, evaluated on call; 0 when there is no driver or GPU.");
+  m.def("probe", &k::probe, release(),
+        "Launch a tiny kernel on every device and wait for it: '' when this module's kernels can "
+        "run here, else the CUDA error (e.g. a driver older than the build's toolkit).");
 
   // ---------------------------------------------------------------------------
   // Optimizer steps (csrc/cuda/optim.cu) and paged state (csrc/cuda/paged.cu).

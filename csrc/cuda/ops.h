@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace qpeft {
@@ -59,6 +60,13 @@ std::vector<int> compiled_archs();
 
 // cudaGetDeviceCount, called only when this is; 0 when there is no driver or GPU.
 int device_count();
+
+// Whether this module's kernels can run here: cudaGetDeviceCount, then on each device a
+// one-thread kernel of this module launched, synchronized and its result read back (the
+// caller's current device restored). "" when all of that worked, else what failed, with
+// the CUDA error's name (cudaErrorInsufficientDriver: the driver is older than the toolkit
+// this module was built with; see docs/gpu.md). Called once per process by qpeft/_native.py.
+std::string probe();
 
 }  // namespace cuda
 }  // namespace qpeft

@@ -106,9 +106,23 @@ class StatePager:
         self.memory = memory if memory is not None else CudaManagedMemory()
 
     def placement(self, param: torch.Tensor) -> str:
-        return placement(
+        where = placement(
             param.numel(), param.device, self.paged, self.memory.device_type, self.page_min_numel
         )
+        if (
+            where == "paged"
+            and self.memory.device_type == "cuda"
+            and isinstance(self.memory, CudaManagedMemory)
+        ):
+            from .. import _native
+
+            reason = _native.cuda_unavailable()  # probed once per process
+            if reason is not None:
+                # Managed memory comes from qpeft._C_cuda: without a usable module the state
+                # stays in plain device memory (unpaged) rather than failing the first step.
+                _native._warn_cuda_fallback(reason)
+                return "device"
+        return where
 
     def zeros(self, param: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         numel = 1
