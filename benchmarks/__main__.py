@@ -1,6 +1,6 @@
 """qpeft's kernel benchmark suite: every op side by side with the installed peers.
 
-    python -m benchmarks [--quick] [--device cpu|cuda] [--ops quant qlora ...] [--out DIR]
+    python -m benchmarks [--quick] [--device cpu|cuda] [--ops quant,qlora,...] [--out DIR]
 
 Each case first checks every implementation's result (bit for bit against the
 reference where the format is the same, within a stated bound otherwise); a wrong
@@ -100,10 +100,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="every case at tiny sizes, few runs (CI smoke)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--ops", nargs="+", choices=list(MODULES), default=list(MODULES))
+    parser.add_argument(
+        "--ops",
+        nargs="+",
+        default=list(MODULES),
+        help=f"case modules, space- or comma-separated (quant,matmul): {', '.join(MODULES)}",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    args.ops = [op for item in args.ops for op in item.split(",") if op]
+    unknown = [op for op in args.ops if op not in MODULES]
+    if unknown or not args.ops:
+        parser.error(
+            f"--ops: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(MODULES)}"
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     if args.threads:

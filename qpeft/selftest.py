@@ -2,7 +2,8 @@
 
 For each backend that can run on the device (``qpeft.available_backends()``, the kernel
 tables of qpeft._dispatch) and each op in its table: a grid of shapes (odd sizes, partial
-blocks, 1 to 4096 rows; --quick: fewer), fp32/fp16/bf16, LoRA ranks 8 to 64, checked
+blocks, 1 to 4096 rows; --quick: fewer; --tiny: one or two small shapes per op, for
+the .ci/gpu rehearsal on CPU), fp32/fp16/bf16, LoRA ranks 8 to 64, checked
 against the pure-torch reference ("default") with the bounds the tests use
 (qpeft/testing.py): bit for bit for 4-bit (NF4/FP4, with and without double quantization)
 and 8-bit blockwise quantization and dequantization and the optimizer step ops; the
@@ -94,8 +95,11 @@ def _compare(got: torch.Tensor, want: torch.Tensor, tol: torch.Tensor | float) -
 
 
 class Runner:
-    def __init__(self, device: torch.device, backends: list[str], quick: bool, out=sys.stdout) -> None:
-        self.device, self.backends, self.quick, self.out = device, backends, quick, out
+    def __init__(self, device: torch.device, backends: list[str], grid: str = "full") -> None:
+        """grid: "full", "quick" (fewer shapes) or "tiny" (the first shape or two of each op)."""
+        self.device, self.backends, self.grid = device, backends, grid
+        self.quick = grid != "full"
+        self.tiny = grid == "tiny"
         self.rows: dict[tuple[str, str, str], Row] = {}
         self.errors: list[str] = []
 
@@ -138,6 +142,8 @@ class Runner:
         shapes = [((1, 1), 64), ((3, 5), 32), ((37, 83), 128), ((64, 64), 256), ((257, 255), 4096)]
         if not self.quick:
             shapes += [((7, 33), 64), ((1, 4096), 64), ((4096, 256), 64), ((1000, 1000), 128)]
+        if self.tiny:
+            shapes = [((3, 5), 32), ((37, 83), 128)]
         for (m, k), bs in shapes:
             for dname, dt in DTYPES.items():
                 for qt in QUANT_TYPES:
@@ -191,6 +197,8 @@ class Runner:
         shapes = [((1, 1), 64), ((3, 5), 32), ((37, 83), 256), ((64, 64), 4096), ((257, 255), 2048)]
         if not self.quick:
             shapes += [((1, 4096), 256), ((4096, 256), 4096), ((1000, 1000), 256)]
+        if self.tiny:
+            shapes = [((3, 5), 32), ((37, 83), 256)]
         code = dynamic_map(True, self.device)
         for (m, k), bs in shapes:
             for dname, dt in DTYPES.items():
@@ -237,6 +245,8 @@ class Runner:
         if not self.quick:
             nk += [(17, 4096), (1024, 4096)]
         rows = (1, 3, 8) if not self.quick else (1, 8)
+        if self.tiny:
+            nk, rows = [(45, 83)], (1, 8)
         i = 0
         for n, k in nk:
             for m in rows:
@@ -281,6 +291,8 @@ class Runner:
                 (256, 96, 256, 32, "nf4", False, 128, True, True, False),
                 (4096, 64, 256, 8, "nf4", True, 64, True, False, True),
             ]
+        if self.tiny:
+            cases = cases[:2]
         ops = ("qlora_linear", "qlora_linear_backward")
         for dname, dt in DTYPES.items():
             for case in cases:
@@ -308,6 +320,8 @@ class Runner:
 
     def optim_ops(self) -> None:
         sizes = [1, 257, 5000] if self.quick else [1, 7, 257, 4096, 5000, 70001]
+        if self.tiny:
+            sizes = [1, 257]
         signed, unsigned = dynamic_map(True, self.device), dynamic_map(False, self.device)
         zero = int((signed == 0).nonzero()[0, 0])
         ops = ("adamw32", "adamw8bit", "lion32", "lion8bit")
@@ -436,6 +450,8 @@ class Runner:
             "PagedLion8bit": (optim.PagedLion8bit, {"min_8bit_size": 1, "page_min_numel": 0}, "8bit"),
         }
         sizes = (5000, 300, 17) if self.quick else (70001, 5000, 300, 17)
+        if self.tiny:
+            sizes = (300, 17)
 
         def run(cls, kwargs, device, backend):
             g = torch.Generator().manual_seed(0)
@@ -521,7 +537,11 @@ def backends_on(device: torch.device) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="fewer shapes (seconds on CPU)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer shapes (seconds on CPU)")
+    size.add_argument(
+        "--tiny", action="store_true", help="one or two small shapes per op (the .ci/gpu --rehearse run)"
+    )
     p.add_argument(
         "--checks",
         default=",".join(CHECKS),
@@ -555,8 +575,9 @@ def run(args: argparse.Namespace) -> int:
         backends = available
     import qpeft
 
+    grid = "tiny" if getattr(args, "tiny", False) else "quick" if args.quick else "full"
     print(
-        f"qpeft {qpeft.__version__} selftest on {device} ({'quick' if args.quick else 'full'} grid): backends "
+        f"qpeft {qpeft.__version__} selftest on {device} ({grid} grid): backends "
         f"{', '.join(backends) or 'none'} against the reference 'default'; bounds from qpeft/testing.py"
     )
     if device.type == "cuda":
@@ -566,11 +587,14 @@ def run(args: argparse.Namespace) -> int:
     if not backends:
         print("no backend other than the reference can run here: nothing to check", file=sys.stderr)
         return 1
-    runner = Runner(device, backends, args.quick)
+    runner = Runner(device, backends, grid)
     t0 = time.perf_counter()
     for name in checks:
+        t1 = time.perf_counter()
         with torch.no_grad() if name != "qlora" else contextlib.nullcontext():
             CHECKS[name](runner)
+        # progress, so that a run stopped by a time limit (.ci/gpu) still says how far it got
+        print(f"selftest: {name} done in {time.perf_counter() - t1:.1f} s", file=sys.stderr, flush=True)
     print(runner.table())
     failed = [r for r in runner.rows.values() if not r.ok]
     print(
