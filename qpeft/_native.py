@@ -126,6 +126,8 @@ def _cuda_probe() -> str | None:
     mod = _load("_C_cuda")[0]
     if mod is None:
         return None  # cuda_unavailable reports the import error
+    if not hasattr(mod, "probe"):
+        return "this qpeft._C_cuda predates its probe() (a stale build): rebuild qpeft"
     try:
         err = mod.probe()
     except Exception as exc:  # a probe that cannot even be called says the same: unusable

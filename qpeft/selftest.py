@@ -517,6 +517,12 @@ class Runner:
         return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
+class UsageError(Exception):
+    """A selftest option that cannot work here; ``python -m qpeft`` prints it on one line, exit 2.
+    (Not qpeft.__main__'s class: under ``python -m`` that module runs as ``__main__``, and an
+    import of qpeft.__main__ would make a second, different class.)"""
+
+
 CHECKS = {
     "quant4": Runner.quant_4bit,
     "quant8": Runner.quant_8bit,
@@ -555,8 +561,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .__main__ import UsageError
-
     device = args.device
     checks = [c for c in args.checks.split(",") if c]
     unknown = [c for c in checks if c not in CHECKS]

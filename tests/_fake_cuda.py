@@ -155,6 +155,8 @@ class FakeCuda:
         if name == "concurrent_managed_access":
             self.launches.append(("native", name, self.current, None))
             return True
+        if name == "probe":  # qpeft/_native.py's one availability probe: the stand-in device works
+            return ""
         if name == "prefetch_location":
             self.launches.append(("native", name, self.current, None))
             return self.current
@@ -241,6 +243,7 @@ def fake_cuda(monkeypatch, index: int = 1):
 
     monkeypatch.setattr(QLoRAFunction, "backward", staticmethod(backward))
     _dispatch.reset()  # availability probes ran against the real torch.cuda
+    _native._cuda_probe.cache_clear()  # ... and the module probe against the real module
     try:
         with mode:
             yield fake
@@ -248,3 +251,4 @@ def fake_cuda(monkeypatch, index: int = 1):
         _clear_device_caches()
         monkeypatch.undo()
         _dispatch.reset()
+        _native._cuda_probe.cache_clear()
