@@ -548,15 +548,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     size.add_argument(
         "--tiny", action="store_true", help="one or two small shapes per op (the .ci/gpu --rehearse run)"
     )
-    p.add_argument(
-        "--checks",
-        default=",".join(CHECKS),
-        help=f"comma-separated subset of: {', '.join(CHECKS)}",
-    )
+    p.add_argument("--checks", default=",".join(CHECKS), help="comma-separated checks to run")
     p.add_argument(
         "--backends",
-        default="",
-        help="comma-separated backends to check (default: every one available on the device)",
+        default="all",
+        help="comma-separated backends to check; all: every one available on the device but the reference",
     )
 
 
@@ -567,7 +563,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"--checks: unknown {', '.join(unknown)}; known: {', '.join(CHECKS)}")
     available = backends_on(device)
-    if args.backends:
+    if args.backends not in ("all", ""):
         backends = [b for b in args.backends.split(",") if b]
         missing = [b for b in backends if b not in available]
         if missing:
