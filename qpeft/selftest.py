@@ -74,11 +74,11 @@ def _compare(got: torch.Tensor, want: torch.Tensor, tol: torch.Tensor | float) -
     if got.shape != want.shape:
         return math.inf, 0.0, math.inf
     if isinstance(tol, (int, float)) and tol == 0:
+        if got.dtype != want.dtype:
+            return math.inf, 0.0, math.inf
         g, w = got.contiguous().reshape(-1), want.contiguous().reshape(-1)
         view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[g.element_size()]
         differ = g.view(view) != w.view(view)
-        if g.dtype != w.dtype:
-            return math.inf, 0.0, math.inf
         if not bool(differ.any()):
             return 0.0, 0.0, 0.0
         err = (g[differ].double() - w[differ].double()).abs()

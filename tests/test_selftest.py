@@ -142,3 +142,16 @@ def test_bounds_come_from_the_shared_module():
     assert _helpers.gemv_bound is testing.gemv_bound and _helpers.oracle is testing.oracle
     assert selftest.testing is testing
     assert qpeft.testing is testing
+
+
+def test_compare_is_bitwise_at_bound_zero_and_nan_fails():
+    from qpeft.selftest import _compare
+
+    a = torch.tensor([1.0, 0.0, 2.0])
+    assert _compare(a, a.clone(), 0) == (0.0, 0.0, 0.0)
+    assert _compare(a, torch.tensor([1.0, -0.0, 2.0]), 0)[2] == float("inf")  # -0.0 is not 0.0
+    assert _compare(a, a.half(), 0)[2] == float("inf")  # another dtype
+    err, bound, ratio = _compare(a, a + 1e-5, 1e-6)
+    assert ratio > 1 and bound == pytest.approx(1e-6)
+    assert _compare(a, a + 1e-7, torch.full((3,), 1e-6))[2] < 1
+    assert _compare(torch.tensor([float("nan")]), torch.tensor([1.0]), 1.0)[2] == float("inf")
