@@ -83,10 +83,12 @@ std::string probe() {
     int driver = 0;
     if (err == cudaErrorInsufficientDriver && cudaDriverGetVersion(&driver) == cudaSuccess) {
       // CUDART_VERSION: the toolkit this module was built with, e.g. 13000 for 13.0.
-      msg += "; the driver supports CUDA " + std::to_string(driver / 1000) + "." +
-             std::to_string(driver % 1000 / 10) + ", this module was built with CUDA " +
-             std::to_string(CUDART_VERSION / 1000) + "." +
-             std::to_string(CUDART_VERSION % 1000 / 10);
+      const std::string built =
+          std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+      msg += driver == 0 ? "; no NVIDIA driver is loaded"
+                         : "; the driver supports CUDA " + std::to_string(driver / 1000) + "." +
+                               std::to_string(driver % 1000 / 10);
+      msg += ", this module was built with CUDA " + built;
     }
     return msg;
   }
