@@ -63,12 +63,21 @@ def markdown(results: list[Result], limits: dict) -> str:
     return "\n".join(out)
 
 
+def _isa(info: dict) -> str:
+    """The ISA features and qpeft's CPU compute choice, where the run recorded them."""
+    if not info.get("cpu_isa"):
+        return ""
+    bf16 = info.get("qpeft_cpu_bf16")
+    mode = "" if bf16 is None else f"; qpeft computes bf16 x in {'bf16' if bf16 else 'fp32'}"
+    return f" (ISA: {' '.join(info['cpu_isa'])}{mode})"
+
+
 def header(info: dict, limits: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
     dev = info["gpu"] if info["device"] == "cuda" else f"{info['cpu']}, {info['cores']} cores"
     return (
         f"Device: {info['device']} ({dev}), torch threads {info['torch_threads']}, "
-        f"CPU capability {info['torch_cpu_capability']}. Versions: {versions}.\n\n"
+        f"CPU capability {info['torch_cpu_capability']}{_isa(info)}. Versions: {versions}.\n\n"
         f"Limits measured in this run: memory copy {limits['copy_gbs']:.1f} GB/s (read + write), "
         f"dense fp32 GEMM {limits['gemm_gflops']:.1f} GFLOP/s (torch.mm 2048^3)."
     )
