@@ -132,7 +132,7 @@ def test_bf16_mode_within_bounds(case, bf16_mode, spy):
 
 
 @pytest.mark.parametrize("panel_elems", [1, 1000])
-@pytest.mark.parametrize("case", [BF16_CASES[0], BF16_CASES[2]], ids=case_id)
+@pytest.mark.parametrize("case", [BF16_CASES[0], BF16_CASES[2], BF16_CASES[3]], ids=case_id)
 def test_bf16_tiny_panels(case, panel_elems, bf16_mode, spy, monkeypatch):
     # panel starts on every alignment the blocks allow; dx then sums many rounded panels
     monkeypatch.setattr(cpu_qlora, "PANEL_ELEMS", panel_elems)

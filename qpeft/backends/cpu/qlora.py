@@ -300,18 +300,32 @@ def qlora_linear_backward(
 _BF16 = torch.bfloat16
 
 
-def _base_t_bf16(xb: torch.Tensor, quant: tuple) -> torch.Tensor:
-    """(x @ W^T)^T for M > GEMV_MAX_ROWS, as bf16 [N, M]: W decoded to bf16 panels (sized
+# Up to this M the forward multiplies W_panel @ x^T (see _base_bf16).
+TRANSPOSED_MAX_ROWS = 256
+
+
+def _base_bf16(xb: torch.Tensor, quant: tuple) -> torch.Tensor:
+    """x @ W^T for M > GEMV_MAX_ROWS, as bf16 [M, N]: W decoded to bf16 panels (sized
     from the caches, ``panel_elems``), each consumed by one oneDNN GEMM while in cache.
     Every output element comes from one GEMM call (panels split N, not K): one rounding.
-    Transposed because oneDNN ran W_panel @ x^T 1.3-2x faster than x @ W_panel^T at
-    M = 9..512 (AMX Xeon, 1024-row panels), and a row panel of the [N, M] result is a
-    contiguous out= for it."""
+
+    Up to TRANSPOSED_MAX_ROWS rows it computes (x @ W^T)^T = W_panel @ x^T into row panels
+    of an [N, M] result (a contiguous out=) and transposes that once: oneDNN ran it 1.3-2x
+    faster than x @ W_panel^T at M = 9..512 (AMX Xeon, 1024-row panels, 1 thread), but the
+    final transpose of [N, M] grows with M (9 ms at M=512, N=4096) and outweighs the gain
+    above a few hundred rows, where x @ W_panel^T fills column slices of [M, N] instead."""
     n, m = quant[8], xb.shape[0]
-    out = torch.empty((n, m), dtype=_BF16)
-    xt = xb.t()
+    if m <= TRANSPOSED_MAX_ROWS:
+        out_t = torch.empty((n, m), dtype=_BF16)
+        xt = xb.t()
+        for r0, r1, w in _decode_panels(*quant, dtype=_BF16):
+            torch.mm(w, xt, out=out_t[r0:r1])
+        return out_t.t().contiguous()
+    out = torch.empty((m, n), dtype=_BF16)
     for r0, r1, w in _decode_panels(*quant, dtype=_BF16):
-        torch.mm(w, xt, out=out[r0:r1])
+        if r0 == 0 and r1 == n:
+            return F.linear(xb, w)
+        out[:, r0:r1] = F.linear(xb, w)
     return out
 
 
@@ -321,8 +335,7 @@ def _forward_bf16(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale
         # decode-sized M: the C++ GEMV (fp32, reads the packed codes once) as in fp32 mode
         y = kernel_for("gemv_4bit", x.device)(x.to(torch.float32), *quant)
     else:
-        y = torch.empty((x.shape[0], quant[8]), dtype=torch.float32)
-        y.copy_(_base_t_bf16(xb, quant).t())
+        y = _base_bf16(xb, quant).to(torch.float32)
     xa = F.linear(xb, lora_a.to(_BF16))  # [M, r] bf16, fp32 accumulation over K
     t = xa.to(torch.float32) * scaling
     if rank_scale is not None:
