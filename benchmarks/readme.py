@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     )
     if begin not in text or end not in text:
         parser.error(f"{args.readme} has no {begin} ... {end} section")
-    body = section(*load(args.results), str(args.results.relative_to(ROOT)))
+    results = args.results.resolve()  # a relative --results path works too
+    body = section(*load(results), str(results.relative_to(ROOT)))
     head, rest = text.split(begin, 1)
     tail = rest.split(end, 1)[1]
     args.readme.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
