@@ -8,16 +8,18 @@ AVX2-only CPU ran a bf16 GEMM 5x slower than fp32) x, A, B are widened to fp32 o
 W is decoded to fp32 by the C++ kernel, ``panel_elems`` elements (a few rows of W) at a
 time:
 
-- memory: one 16 MiB panel instead of a whole fp32 copy of W (64 MiB at 4096x4096,
-  224 MiB at 4096x14336), and no first-touch page faults on a fresh buffer per call;
+- memory: one panel of at most 4M elements (16 MiB fp32, 8 MiB bf16) instead of a whole
+  copy of W (64 MiB fp32 at 4096x4096, 224 MiB at 4096x14336), and no first-touch page
+  faults on a fresh buffer per call;
 - time: the decode runs at memory speed (see the "dequantize" cases of python -m benchmarks) and each panel
   is consumed by the GEMM while it is still in cache.
 
-Each output element is the fp32 dot product the reference (``backends/default/qlora.py``)
+In fp32, each output element is the fp32 dot product the reference (``backends/default/qlora.py``)
 computes, but the GEMM library may split K differently for a panel than for all of W,
 and dx = dy @ W accumulates panel by panel: the same products, summed in another order.
 For M <= 8 the forward's x @ W^T is the C++ GEMV of ``qpeft::gemv_4bit`` instead (W read
-once, packed). All stay within the fp32 dot-product bounds tests/test_qlora_cpu.py derives.
+once, packed). All stay within the fp32 dot-product bounds tests/test_qlora_cpu.py derives;
+the bf16 mode within those tests/_bf16_bounds.py derives.
 """
 
 from __future__ import annotations
