@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     if begin not in text or end not in text:
         parser.error(f"{args.readme} has no {begin} ... {end} section")
     results = args.results.resolve()  # a relative --results path works too
-    body = section(*load(results), str(results.relative_to(ROOT)))
+    source = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results
+    body = section(*load(results), str(source))
     head, rest = text.split(begin, 1)
     tail = rest.split(end, 1)[1]
     args.readme.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
