@@ -79,7 +79,18 @@ def header(info: dict, limits: dict) -> str:
         f"Device: {info['device']} ({dev}), torch threads {info['torch_threads']}, "
         f"CPU capability {info['torch_cpu_capability']}{_isa(info)}. Versions: {versions}.\n\n"
         f"Limits measured in this run: memory copy {limits['copy_gbs']:.1f} GB/s (read + write), "
-        f"dense fp32 GEMM {limits['gemm_gflops']:.1f} GFLOP/s (torch.mm 2048^3)."
+        f"{_gemm_limit(limits)}."
+    )
+
+
+def _gemm_limit(limits: dict) -> str:
+    """The compute limit's sentence; runs written before the bf16 rate was measured have fp32 only."""
+    fp32, bf16 = limits.get("gemm_gflops_fp32"), limits.get("gemm_gflops_bf16")
+    if fp32 is None or bf16 is None:
+        return f"dense fp32 GEMM {limits['gemm_gflops']:.1f} GFLOP/s (torch.mm 2048^3)"
+    return (
+        f"dense GEMM (torch.mm 2048^3) fp32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s; "
+        f"compute-bound rows are a fraction of the faster, {limits['gemm_gflops']:.1f} GFLOP/s"
     )
 
 

@@ -70,7 +70,9 @@ def _judge(t: Target, label: str, by: dict, limits: dict) -> str | None:
     parts, ok = [], True
     if t.speedup is not None:
         got = peer.timing.median_ms / mine.timing.median_ms
-        parts.append(f"{got:.1f}x faster than {t.peer}")
+        parts.append(
+            f"{got:.1f}x faster than {t.peer}" if got >= 1 else f"{1 / got:.1f}x slower than {t.peer}"
+        )
         ok &= got >= t.speedup
     if t.fraction is not None:
         unit, value = rate(mine)
@@ -82,7 +84,13 @@ def _judge(t: Target, label: str, by: dict, limits: dict) -> str | None:
     want = " and ".join(
         w
         for w in (
-            f">= {t.speedup:g}x {t.peer}" if t.speedup else "",
+            (
+                f">= {t.speedup:g}x faster than {t.peer}"
+                if t.speedup >= 1
+                else f"<= {1 / t.speedup:g}x the time of {t.peer}"
+            )
+            if t.speedup
+            else "",
             f">= {100 * t.fraction:.0f}% of limit" if t.fraction else "",
         )
         if w
