@@ -1,5 +1,6 @@
 // Internal interface between the CPU entry points (dispatch.cpp) and the
-// per-ISA kernel translation units (kernels_scalar.cpp, kernels_avx2.cpp).
+// per-ISA kernel translation units (kernels_scalar.cpp, kernels_avx2.cpp,
+// kernels_avx512.cpp).
 //
 // A kernel processes the half-open block range [b0, b1) of one call; the
 // dispatcher has validated every size and pointer before, and splits the blocks
@@ -80,6 +81,11 @@ extern const KernelTable kScalarKernels;
 // even blocksize for the 4-bit kernels (blocks start on a byte boundary); the
 // dispatcher uses the scalar kernels otherwise.
 extern const KernelTable kAvx2Kernels;
+
+// AVX-512 (F/BW/VL/DQ) kernels, same contract as the AVX2 ones (x86 builds with
+// QPEFT_HAVE_AVX512_TU). A nullptr entry means the AVX2 kernel is used at this level
+// (isa_tables.h).
+extern const KernelTable kAvx512Kernels;
 
 }  // namespace cpu
 }  // namespace qpeft
