@@ -44,6 +44,28 @@ qc::Rows rows_of(const char* fn, const py::buffer& rows, int64_t width) {
   return qc::Rows{static_cast<const int64_t*>(b.ptr), static_cast<int64_t>(b.size / width)};
 }
 
+py::dict features_dict() {
+  const qc::CpuFeatures& f = qc::cpu_features();
+  py::dict d;
+  d["avx2"] = f.avx2;
+  d["fma"] = f.fma;
+  d["f16c"] = f.f16c;
+  d["avx512f"] = f.avx512f;
+  d["avx512bw"] = f.avx512bw;
+  d["avx512vl"] = f.avx512vl;
+  d["avx512dq"] = f.avx512dq;
+  d["avx512vbmi"] = f.avx512vbmi;
+  d["avx512_bf16"] = f.avx512_bf16;
+  d["avx512_vnni"] = f.avx512_vnni;
+  d["amx_tile"] = f.amx_tile;
+  d["amx_bf16"] = f.amx_bf16;
+  d["os_ymm"] = f.os_ymm;
+  d["os_zmm"] = f.os_zmm;
+  d["os_amx"] = f.os_amx;
+  d["amx_permitted"] = f.amx_permitted;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -141,31 +163,9 @@ PYBIND11_MODULE(_C, m) {
       },
       "format.h's (and optim.h's) tables and constants as Python values, for "
       "tests/test_formats.py.");
-  m.def(
-      "cpu_features",
-      [] {
-        const qc::CpuFeatures& f = qc::cpu_features();
-        py::dict d;
-        d["avx2"] = f.avx2;
-        d["fma"] = f.fma;
-        d["f16c"] = f.f16c;
-        d["avx512f"] = f.avx512f;
-        d["avx512bw"] = f.avx512bw;
-        d["avx512vl"] = f.avx512vl;
-        d["avx512dq"] = f.avx512dq;
-        d["avx512vbmi"] = f.avx512vbmi;
-        d["avx512_bf16"] = f.avx512_bf16;
-        d["avx512_vnni"] = f.avx512_vnni;
-        d["amx_tile"] = f.amx_tile;
-        d["amx_bf16"] = f.amx_bf16;
-        d["os_ymm"] = f.os_ymm;
-        d["os_zmm"] = f.os_zmm;
-        d["os_amx"] = f.os_amx;
-        d["amx_permitted"] = f.amx_permitted;
-        return d;
-      },
-      "What cpuid/xgetbv (and the AMX permission request) report, detected once: a dict of "
-      "bools (csrc/cpu/cpu_info.h).");
+  m.def("cpu_features", &features_dict,
+        "What cpuid/xgetbv (and the AMX permission request) report, detected once: a dict of "
+        "bools (csrc/cpu/cpu_info.h).");
   m.def(
       "cpu_info",
       [] {
@@ -173,10 +173,11 @@ PYBIND11_MODULE(_C, m) {
         const int active = qc::active_level();
         py::dict d;
         d["model"] = qc::cpu_model();
-        d["features"] = py::module_::import("qpeft._C").attr("cpu_features")();
+        d["features"] = features_dict();
         d["detected_level"] = qc::isa_level_name(c.detected);
         d["chosen_level"] = qc::isa_level_name(active);
-        d["cap"] = c.cap < 0 ? py::object(py::none()) : py::object(py::str(qc::isa_level_name(c.cap)));
+        d["cap"] =
+            c.cap < 0 ? py::object(py::none()) : py::object(py::str(qc::isa_level_name(c.cap)));
         d["note"] = c.note.empty() ? py::object(py::none()) : py::object(py::str(c.note));
         const std::string ov = qc::isa_override();
         d["override"] = ov == "auto" ? py::object(py::none()) : py::object(py::str(ov));

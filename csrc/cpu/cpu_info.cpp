@@ -80,8 +80,8 @@ CpuFeatures detect() {
   const Regs l7s1 = (max_leaf >= 7 && l7.a >= 1) ? cpuid(7, 1) : Regs{};
   const bool osxsave = bit(l1.c, 27), avx = bit(l1.c, 28);
   const uint64_t xcr0 = osxsave ? xgetbv0() : 0;
-  f.os_ymm = (xcr0 & 0x6) == 0x6;                       // SSE + AVX state
-  f.os_zmm = f.os_ymm && (xcr0 & 0xe0) == 0xe0;         // opmask, ZMM_Hi256, Hi16_ZMM
+  f.os_ymm = (xcr0 & 0x6) == 0x6;                      // SSE + AVX state
+  f.os_zmm = f.os_ymm && (xcr0 & 0xe0) == 0xe0;        // opmask, ZMM_Hi256, Hi16_ZMM
   f.os_amx = f.os_zmm && (xcr0 & 0x60000) == 0x60000;  // XTILECFG, XTILEDATA
   const bool ymm = avx && f.os_ymm;
   f.avx2 = ymm && bit(l7.b, 5);
@@ -148,7 +148,8 @@ int requirements(int level, const CpuFeatures& f, Req* out) {
       out[n++] = {"amx_tile", f.amx_tile};
       out[n++] = {"amx_bf16", f.amx_bf16};
       // only worth naming when the CPU has tiles but Linux refused them
-      if (f.amx_tile) out[n++] = {"amx_permission (arch_prctl ARCH_REQ_XCOMP_PERM)", f.amx_permitted};
+      if (f.amx_tile)
+        out[n++] = {"amx_permission (arch_prctl ARCH_REQ_XCOMP_PERM)", f.amx_permitted};
       break;
     default:
       break;
@@ -180,8 +181,9 @@ IsaChoice make_choice() {
         "(or unset it to use the best level this CPU supports)");
   }
   if (c.cap > c.detected) {
-    c.note = "QPEFT_CPU_ISA=" + c.env + " is above what this CPU supports (missing: " +
-             missing_features(c.cap) + "); clamped to " + kLevelNames[c.detected];
+    c.note = "QPEFT_CPU_ISA=" + c.env +
+             " is above what this CPU supports (missing: " + missing_features(c.cap) +
+             "); clamped to " + kLevelNames[c.detected];
   } else {
     c.chosen = c.cap;
   }

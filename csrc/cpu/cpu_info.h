@@ -56,10 +56,10 @@ int parse_isa_level(const std::string& name);
 // The QPEFT_CPU_ISA cap and the level chosen from it, decided on first use.
 struct IsaChoice {
   int detected;
-  int cap;          // -1: no cap set
-  int chosen;       // min(detected, cap)
-  std::string env;  // the variable's value ("" when unset)
-  std::string note; // why chosen differs from the cap, if it does
+  int cap;           // -1: no cap set
+  int chosen;        // min(detected, cap)
+  std::string env;   // the variable's value ("" when unset)
+  std::string note;  // why chosen differs from the cap, if it does
 };
 // Throws std::invalid_argument (Python ValueError) naming the variable and the valid
 // values when QPEFT_CPU_ISA holds anything else; every call then throws again.

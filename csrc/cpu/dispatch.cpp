@@ -226,8 +226,9 @@ std::string set_isa(const std::string& name) {
   if (name != "auto") {
     level = parse_isa_level(name);
     if (level < 0) {
-      fail("set_isa", "unknown ISA '" + name +
-                          "' (expected 'auto', 'scalar', 'avx2', 'avx512', 'avx512_bf16' or 'amx')");
+      fail("set_isa",
+           "unknown ISA '" + name +
+               "' (expected 'auto', 'scalar', 'avx2', 'avx512', 'avx512_bf16' or 'amx')");
     }
     if (level > detected_level()) fail("set_isa", "this CPU lacks " + missing_features(level));
   }

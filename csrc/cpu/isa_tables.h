@@ -25,8 +25,8 @@ struct IsaKernels {
   int level;
   KernelTable quant;
   OptimKernelTable optim;
-  Gemv4Fn gemv;             // for k % blocksize == 0 and blocksize >= 32 (else gemv4_scalar)
-  int source[kNumIsaOps];   // the level of the TU each op's kernel comes from
+  Gemv4Fn gemv;            // for k % blocksize == 0 and blocksize >= 32 (else gemv4_scalar)
+  int source[kNumIsaOps];  // the level of the TU each op's kernel comes from
 };
 
 // The table of active_level() (cpu_info.h); throws like it on an invalid QPEFT_CPU_ISA.

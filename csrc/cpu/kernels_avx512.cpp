@@ -155,7 +155,8 @@ inline void for_each_block_scale(const Dequant4Args& a, int64_t b0, int64_t b1, 
   }
   for (int64_t b = b0; b < b1;) {
     const int64_t group = b / a.nested_blocksize;
-    const int64_t group_end = (group + 1) * a.nested_blocksize < b1 ? (group + 1) * a.nested_blocksize : b1;
+    const int64_t group_end =
+        (group + 1) * a.nested_blocksize < b1 ? (group + 1) * a.nested_blocksize : b1;
     const float nested = a.nested_absmax[group];
     for (; b < group_end; ++b)
       body(b, nested_absmax_value(a.absmax_q[b], a.nested_code, nested, a.offset));
@@ -260,7 +261,8 @@ void quantize_blockwise_impl(const Quant8Args& a, int64_t b0, int64_t b1) {
       v = _mm512_min_ps(_mm512_max_ps(v, minus_one), one);
       v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(_mm512_add_ps(v, one), half), scale), half);
       const __m512i bin = _mm512_cvttps_epi32(v);
-      return _mm512_cvtepi32_epi8(_mm512_and_si512(_mm512_i32gather_epi32(bin, lut32, 1), low_byte));
+      return _mm512_cvtepi32_epi8(
+          _mm512_and_si512(_mm512_i32gather_epi32(bin, lut32, 1), low_byte));
     };
     int64_t i = begin;
     for (; i + 16 <= end; i += 16)
