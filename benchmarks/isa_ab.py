@@ -5,7 +5,8 @@ and 8-bit state). Each repetition times every level once, interleaved, so that l
 other processes hits both sides alike; the table gives medians and the ratio A / B (above
 1: B is faster).
 
-    python benchmarks/isa_ab.py [--a avx2] [--b avx512] [--reps 31] [--threads 1] [--quick] [--json PATH]
+    python benchmarks/isa_ab.py [--a avx2] [--b avx512] [--reps 31] [--threads 1] [--only SUBSTR,...] [--quick]
+        [--json PATH]
 
 The levels are set with qpeft._C.set_isa (the in-process form of QPEFT_CPU_ISA); a level
 the CPU lacks is an error naming the missing features. Results name the CPU and its
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--threads", type=int, default=1, help="torch.set_num_threads (the kernels' thread count)"
     )
+    ap.add_argument("--only", default="", help="comma-separated substrings: run the matching cases only")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     side, optim_n, reps = (1024, 1 << 20, 3) if args.quick else (4096, 1 << 24, args.reps)
@@ -99,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     info = qpeft.cpu_info()
     rows = []
     with qpeft.use_backend("cpu"):
+        wanted = [w for w in args.only.split(",") if w]
         for name, fn in _cases(side, optim_n):
+            if wanted and not any(w in name for w in wanted):
+                continue
             times: dict[str, list[float]] = {lv: [] for lv in levels}
             kernels = {}
             for lv in levels:  # warm-up (8-bit lookup tables, pages)

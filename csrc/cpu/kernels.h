@@ -76,7 +76,7 @@ struct KernelTable {
 // thread then.
 extern const KernelTable kScalarKernels;
 
-// AVX2/FMA/F16C kernels (only call after cpu_features says so; only built on
+// AVX2/FMA/F16C kernels (entered at the avx2 level or above, cpu_info.h; only built on
 // x86, where CMake defines QPEFT_HAVE_AVX2_TU). They require an
 // even blocksize for the 4-bit kernels (blocks start on a byte boundary); the
 // dispatcher uses the scalar kernels otherwise.

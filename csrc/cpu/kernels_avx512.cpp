@@ -1,13 +1,11 @@
-// AVX-512 (F/BW/VL/DQ) quantize/dequantize kernels. Compiled with the avx512 level's
-// flags (CMakeLists.txt) and entered only when cpu_info.cpp found every one of them.
+// AVX-512 (F/BW/VL/DQ) quantize/dequantize kernels (4-bit dequantize: the AVX2 one, see
+// the table at the end). Compiled with the avx512 level's flags (CMakeLists.txt) and
+// entered only when cpu_info.cpp found every one of them.
 //
 // Bit for bit equal to the scalar kernels, as the AVX2 ones are: the same fp32
 // operations in the same order per element (no FMA: -ffp-contract=off and no fmadd
 // intrinsic), the same NaN rule for absmax, format.h's conversions in integer SIMD
 // (bf16) or by vcvtps2ph with round-to-nearest-even (fp16). What 16 lanes buy:
-//   4-bit decode: the 16 products table[c] * absmax of a block fit one register, so an
-//     element is one vpermps (fp32) or vpermw (16-bit outputs, table repeated in both
-//     halves so that vpermw's 5-bit index may carry the byte's bit 4) -- no blend;
 //   4-bit encode: a 4-step binary search over the 15 midpoints (vpermps of the
 //     midpoint table) instead of 15 compares;
 //   8-bit: 16-lane gathers, vpmovdb packing and masked tails.
@@ -17,7 +15,6 @@
 
 #include <immintrin.h>
 
-#include <cmath>
 #include <cstring>
 
 #include "avx512_common.h"
@@ -141,100 +138,6 @@ void quantize_4bit(const Quant4Args& a, int64_t b0, int64_t b1) {
 }
 
 // ---------------------------------------------------------------------------
-// 4-bit dequantize. Per block: the 16 products table[c] * absmax (the same fp32
-// products the scalar kernel makes per element) in one register, converted once to
-// the output dtype; then per element a permute indexed by the code.
-
-// Calls body(b, scale) for every block in [b0, b1), in order; a run of blocks sharing
-// one nested absmax reads it once.
-template <class Body>
-inline void for_each_block_scale(const Dequant4Args& a, int64_t b0, int64_t b1, Body&& body) {
-  if (a.absmax_q == nullptr) {
-    for (int64_t b = b0; b < b1; ++b) body(b, a.absmax[b]);
-    return;
-  }
-  for (int64_t b = b0; b < b1;) {
-    const int64_t group = b / a.nested_blocksize;
-    const int64_t group_end =
-        (group + 1) * a.nested_blocksize < b1 ? (group + 1) * a.nested_blocksize : b1;
-    const float nested = a.nested_absmax[group];
-    for (; b < group_end; ++b)
-      body(b, nested_absmax_value(a.absmax_q[b], a.nested_code, nested, a.offset));
-  }
-}
-
-// 8 packed bytes -> 16 dword indices in element order: dword 2j = byte j >> 4,
-// dword 2j+1 = byte j (vpermps reads only its low 4 bits: the low nibble).
-inline __m512i codes16_dw(const uint8_t* src) {
-  const __m512i q = _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
-  return _mm512_or_si512(_mm512_srli_epi64(q, 4), _mm512_slli_epi64(q, 32));
-}
-
-// 16 packed bytes -> 32 word indices in element order: word 2j = byte j >> 4, word
-// 2j+1 = byte j (vpermw reads its low 5 bits; the table is repeated in words 16-31, so
-// bit 4 does not matter).
-inline __m512i codes32_w(const uint8_t* src) {
-  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  return _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(d, 16));
-}
-
-template <int D>
-void dequantize_4bit_impl(const Dequant4Args& a, int64_t b0, int64_t b1) {
-  const __m512 table = _mm512_loadu_ps(a.quant_type == kNF4 ? kNF4Values : kFP4Values);
-  for_each_block_scale(a, b0, b1, [&](int64_t b, float scale) {
-    const int64_t begin = b * a.blocksize;  // even: the dispatcher guarantees an even blocksize
-    const int64_t end = block_end(begin, a.blocksize, a.n);
-    const __m512 prod = _mm512_mul_ps(table, _mm512_set1_ps(scale));
-    const uint8_t* src = a.packed + (begin >> 1);
-    int64_t i = begin;
-    if (D == kF32) {
-      float* out = static_cast<float*>(a.out);
-      for (; i + 32 <= end; i += 32, src += 16) {
-        _mm512_storeu_ps(out + i, _mm512_permutexvar_ps(codes16_dw(src), prod));
-        _mm512_storeu_ps(out + i + 16, _mm512_permutexvar_ps(codes16_dw(src + 8), prod));
-      }
-      for (; i + 16 <= end; i += 16, src += 8)
-        _mm512_storeu_ps(out + i, _mm512_permutexvar_ps(codes16_dw(src), prod));
-      if (i < end) {
-        float tab[16];
-        _mm512_storeu_ps(tab, prod);
-        for (; i < end; ++i) {
-          const uint8_t byte = a.packed[i >> 1];
-          out[i] = tab[(i & 1) ? (byte & 0x0f) : (byte >> 4)];
-        }
-      }
-      return;
-    }
-    const __m256i half = cvt_half16<D>(prod);
-    const __m512i tab = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
-    uint16_t* out = static_cast<uint16_t*>(a.out);
-    for (; i + 64 <= end; i += 64, src += 32) {
-      _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(codes32_w(src), tab));
-      _mm512_storeu_si512(out + i + 32, _mm512_permutexvar_epi16(codes32_w(src + 16), tab));
-    }
-    for (; i + 32 <= end; i += 32, src += 16)
-      _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(codes32_w(src), tab));
-    if (i < end) {
-      uint16_t t[16];
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t), half);
-      for (; i < end; ++i) {
-        const uint8_t byte = a.packed[i >> 1];
-        out[i] = t[(i & 1) ? (byte & 0x0f) : (byte >> 4)];
-      }
-    }
-  });
-}
-
-void dequantize_4bit(const Dequant4Args& a, int64_t b0, int64_t b1) {
-  if (a.out_dtype == kF32)
-    dequantize_4bit_impl<kF32>(a, b0, b1);
-  else if (a.out_dtype == kF16)
-    dequantize_4bit_impl<kF16>(a, b0, b1);
-  else
-    dequantize_4bit_impl<kBF16>(a, b0, b1);
-}
-
-// ---------------------------------------------------------------------------
 // 8-bit blockwise quantize (the AVX2 kernel's arithmetic on 16 lanes):
 // bin = trunc(((clamp(v) + 1) * 0.5) * 65535 + 0.5), maxps(v, -1) sending NaN to -1
 // (bin 0, lut_bin's NaN rule); a 32-bit gather at byte offsets (the lut carries 3
@@ -318,7 +221,13 @@ void dequantize_blockwise(const Dequant8Args& a, int64_t b0, int64_t b1) {
 
 }  // namespace
 
-const KernelTable kAvx512Kernels = {"avx512", quantize_4bit, dequantize_4bit, quantize_blockwise,
+// No 4-bit dequantize here: a 16-lane kernel (the block's 16 products in one zmm, one
+// vpermps per 16 fp32 outputs, one vpermw per 32 bf16/fp16 outputs; commit f61097b)
+// measured no faster than the AVX2 kernel's vpshufb decode in benchmarks/isa_ab.py
+// (4096x4096 NF4+DQ, one thread, 2-core Sapphire Rapids-class Xeon VM; avx2/avx512
+// median ratios over six runs: bf16 out 0.55-1.97, median 0.99; fp32 out 0.98-1.06):
+// writing 2-4 bytes per element bounds both. nullptr: this level runs the AVX2 kernel.
+const KernelTable kAvx512Kernels = {"avx512", quantize_4bit, nullptr, quantize_blockwise,
                                     dequantize_blockwise};
 
 }  // namespace cpu
