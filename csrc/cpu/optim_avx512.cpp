@@ -7,7 +7,7 @@
 // optim.h itself, and the 8-bit encoder computes the same integer (the key table of
 // optim_kernels.h, gathered 16 at a time). The block absmax is a max over |x| plus an
 // unordered-compare NaN mask, then state_absmax_canonical. Prefetching as in the AVX2
-// kernels (every 16 elements). AdamW with fp32 state stays on the AVX2 kernel (see the
+// kernels (every 16 elements). The fp32-state steps stay on the AVX2 kernels (see the
 // table at the end).
 
 #define QPEFT_HD static inline
@@ -200,29 +200,6 @@ void adam8_impl(const Adam8Args& a, int64_t b0, int64_t b1) {
 }
 
 template <int D>
-void lion32_impl(const Lion32Args& a, int64_t e0, int64_t e1) {
-  const LionVec k(a.s);
-  int64_t i = e0;
-  for (; i + 16 <= e1; i += 16) {
-    if (((i - e0) & 15) == 0) {
-      prefetch_ahead(a.param, i, elem_bytes<D>());
-      prefetch_ahead(a.grad, i, elem_bytes<D>());
-      prefetch_ahead(a.exp_avg, i, 4);
-    }
-    __m512 p = load16<D>(a.param, i);
-    __m512 m = _mm512_loadu_ps(a.exp_avg + i);
-    lion_vec(p, load16<D>(a.grad, i), m, k);
-    store16<D>(a.param, i, p);
-    _mm512_storeu_ps(a.exp_avg + i, m);
-  }
-  for (; i < e1; ++i) {
-    float p = load_as_f32(a.param, i, D);
-    lion_update(p, load_as_f32(a.grad, i, D), a.exp_avg[i], a.s);
-    store_from_f32(a.param, i, D, p);
-  }
-}
-
-template <int D>
 void lion8_impl(const Lion8Args& a, int64_t b0, int64_t b1) {
   const LionVec k(a.s);
   alignas(64) float mb[kStateBlock];
@@ -282,15 +259,6 @@ void adam8(const Adam8Args& a, int64_t b0, int64_t b1) {
   by_dtype_fg<Adam8F>(a, b0, b1);
 }
 
-void lion32(const Lion32Args& a, int64_t e0, int64_t e1) {
-  if (a.dtype == kF32)
-    lion32_impl<kF32>(a, e0, e1);
-  else if (a.dtype == kF16)
-    lion32_impl<kF16>(a, e0, e1);
-  else
-    lion32_impl<kBF16>(a, e0, e1);
-}
-
 void lion8(const Lion8Args& a, int64_t b0, int64_t b1) {
   if (a.dtype == kF32)
     lion8_impl<kF32>(a, b0, b1);
@@ -302,12 +270,13 @@ void lion8(const Lion8Args& a, int64_t b0, int64_t b1) {
 
 }  // namespace
 
-// No AdamW with fp32 state here: a 16-lane version measured no faster than the AVX2
-// kernel (avx2/avx512 median ratios 0.93, 0.96 and 1.00 over three runs of
-// benchmarks/isa_ab.py, 16M parameters, one thread, on the 2-core Sapphire Rapids-class
-// Xeon VM): the step moves 28 bytes per element and is bound by memory, not by the
-// lanes. The table's nullptr makes this level run the AVX2 kernel (isa_tables.h).
-const OptimKernelTable kOptimAvx512Kernels = {"avx512", nullptr, adam8, lion32, lion8};
+// No AdamW or Lion with fp32 state here: 16-lane versions (AdamW: commit 2ce2065, Lion: a87c17f)
+// measured no faster than the AVX2 kernels in benchmarks/isa_ab.py (16M parameters, one thread,
+// 2-core Sapphire Rapids-class Xeon VM; avx2/avx512 median ratios AdamW 0.93-1.00 over
+// three runs, Lion 0.99-1.16 over six with a median of 1.02, inside the +-4% that the
+// same kernel measured against itself): a step moves 20-28 bytes per element and is
+// bound by memory, not by the lanes. nullptr: this level runs the AVX2 kernels there.
+const OptimKernelTable kOptimAvx512Kernels = {"avx512", nullptr, adam8, nullptr, lion8};
 
 }  // namespace cpu
 }  // namespace qpeft
