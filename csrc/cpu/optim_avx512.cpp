@@ -273,8 +273,8 @@ void lion8(const Lion8Args& a, int64_t b0, int64_t b1) {
 // No AdamW or Lion with fp32 state here: 16-lane versions (AdamW: commit 2ce2065, Lion: a87c17f)
 // measured no faster than the AVX2 kernels in benchmarks/isa_ab.py (16M parameters, one thread,
 // 2-core Sapphire Rapids-class Xeon VM; avx2/avx512 median ratios AdamW 0.93-1.00 over
-// three runs, Lion 0.99-1.16 over six with a median of 1.02, inside the +-4% that the
-// same kernel measured against itself): a step moves 20-28 bytes per element and is
+// three runs, Lion 0.99-1.16 over six with a median of 1.02, inside the noise: the same
+// kernel measured 0.85-1.04 against itself): a step moves 20-28 bytes per element and is
 // bound by memory, not by the lanes. nullptr: this level runs the AVX2 kernels there.
 const OptimKernelTable kOptimAvx512Kernels = {"avx512", nullptr, adam8, nullptr, lion8};
 
