@@ -12,7 +12,7 @@ from . import (
     optim,
 )
 from ._dispatch import BackendUnavailableError, available_backends, current_backend, use_backend
-from ._native import CudaFallbackWarning, ReferenceFallbackWarning
+from ._native import CudaFallbackWarning, ReferenceFallbackWarning, cpu_info
 from .convert import add_adapter, convert, disable_adapters, merge_adapters, set_adapter, unmerge_adapters
 from .quant_state import QuantState
 from .serialization import load_adapter, load_quantized, save_adapter, save_quantized
@@ -27,6 +27,7 @@ __all__ = [
     "add_adapter",
     "available_backends",
     "convert",
+    "cpu_info",
     "current_backend",
     "disable_adapters",
     "functional",

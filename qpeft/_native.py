@@ -44,6 +44,22 @@ def cpu_module() -> ModuleType:
     return mod
 
 
+def cpu_info() -> dict:
+    """What the CPU kernels detected and chose (qpeft._C, csrc/cpu/cpu_info.h).
+
+    Keys: ``model`` (cpuid's brand string), ``features`` (dict of bools: avx2, fma, f16c,
+    avx512f/bw/vl/dq/vbmi, avx512_bf16, avx512_vnni, amx_tile, amx_bf16, the OS state bits
+    and whether Linux granted AMX tile data), ``detected_level``, ``cap`` (``QPEFT_CPU_ISA``
+    or None), ``chosen_level`` (what the kernels run at), ``note`` (why a cap was clamped),
+    ``override`` (a test's ``qpeft._C.set_isa``), ``levels`` (scalar < avx2 < avx512 <
+    avx512_bf16 < amx), ``missing`` (per level above the detected one, the features it
+    lacks), ``built_levels`` (the levels this build has kernels for) and ``kernels`` (per
+    op, the level whose kernel runs). Raises ImportError without the native module and
+    ValueError when ``QPEFT_CPU_ISA`` is not a level name.
+    """
+    return cpu_module().cpu_info()
+
+
 def cuda_module() -> ModuleType:
     mod, err = _load("_C_cuda")
     if mod is None:

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../cpu/api.h"
+#include "../cpu/isa_tables.h"
 #include "../cpu/thread_pool.h"
 #include "dlpack_capsule.h"
 #include "optim_scalars.h"
@@ -43,10 +44,32 @@ qc::Rows rows_of(const char* fn, const py::buffer& rows, int64_t width) {
   return qc::Rows{static_cast<const int64_t*>(b.ptr), static_cast<int64_t>(b.size / width)};
 }
 
+py::dict features_dict() {
+  const qc::CpuFeatures& f = qc::cpu_features();
+  py::dict d;
+  d["avx2"] = f.avx2;
+  d["fma"] = f.fma;
+  d["f16c"] = f.f16c;
+  d["avx512f"] = f.avx512f;
+  d["avx512bw"] = f.avx512bw;
+  d["avx512vl"] = f.avx512vl;
+  d["avx512dq"] = f.avx512dq;
+  d["avx512vbmi"] = f.avx512vbmi;
+  d["avx512_bf16"] = f.avx512_bf16;
+  d["avx512_vnni"] = f.avx512_vnni;
+  d["amx_tile"] = f.amx_tile;
+  d["amx_bf16"] = f.amx_bf16;
+  d["os_ymm"] = f.os_ymm;
+  d["os_zmm"] = f.os_zmm;
+  d["os_amx"] = f.os_amx;
+  d["amx_permitted"] = f.amx_permitted;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "qpeft CPU kernels (AVX2/FMA/F16C with a scalar fallback); see csrc/README.md";
+  m.doc() = "qpeft CPU kernels (scalar, AVX2, AVX-512; chosen at run time); see csrc/README.md";
 
   const auto nogil = py::call_guard<py::gil_scoped_release>();
 
@@ -83,9 +106,11 @@ PYBIND11_MODULE(_C, m) {
         "fp32 out[m, n] = x[m, k] @ W^T with W [n, k] as packed 4-bit codes (decode-sized m).");
 
   m.def("set_isa", &qc::set_isa, py::arg("name"),
-        "Select the kernel ISA: 'auto', 'scalar' or 'avx2' (ValueError if the CPU lacks it). "
-        "Returns the previous setting.");
-  m.def("active_isa", &qc::active_isa, "The ISA the kernels run with now ('scalar' or 'avx2').");
+        "Test/A-B override of the kernel ISA level: 'auto' (QPEFT_CPU_ISA or detection) or one "
+        "of 'scalar', 'avx2', 'avx512', 'avx512_bf16', 'amx' (ValueError naming the missing "
+        "features if the CPU lacks it). Returns the previous setting.");
+  m.def("active_isa", &qc::active_isa,
+        "The ISA level the kernels run at now ('scalar', 'avx2', 'avx512', ...).");
   m.def("set_threading", &qc::set_threading, py::arg("name"),
         "Run parallel kernels on 'openmp' (torch's libgomp threads), 'pool' (qpeft's own) or "
         "'auto'.");
@@ -138,17 +163,45 @@ PYBIND11_MODULE(_C, m) {
       },
       "format.h's (and optim.h's) tables and constants as Python values, for "
       "tests/test_formats.py.");
+  m.def("cpu_features", &features_dict,
+        "What cpuid/xgetbv (and the AMX permission request) report, detected once: a dict of "
+        "bools (csrc/cpu/cpu_info.h).");
   m.def(
-      "cpu_features",
+      "cpu_info",
       [] {
-        const qc::CpuFeatures f = qc::cpu_features();
+        const qc::IsaChoice& c = qc::isa_choice();  // ValueError on an invalid QPEFT_CPU_ISA
+        const int active = qc::active_level();
         py::dict d;
-        d["avx2"] = f.avx2;
-        d["fma"] = f.fma;
-        d["f16c"] = f.f16c;
+        d["model"] = qc::cpu_model();
+        d["features"] = features_dict();
+        d["detected_level"] = qc::isa_level_name(c.detected);
+        d["chosen_level"] = qc::isa_level_name(active);
+        d["cap"] =
+            c.cap < 0 ? py::object(py::none()) : py::object(py::str(qc::isa_level_name(c.cap)));
+        d["note"] = c.note.empty() ? py::object(py::none()) : py::object(py::str(c.note));
+        const std::string ov = qc::isa_override();
+        d["override"] = ov == "auto" ? py::object(py::none()) : py::object(py::str(ov));
+        py::list levels, missing;
+        py::dict miss;
+        for (int l = 0; l < qc::kNumIsaLevels; ++l) {
+          levels.append(qc::isa_level_name(l));
+          if (l > c.detected) miss[qc::isa_level_name(l)] = qc::missing_features(l);
+        }
+        d["levels"] = levels;
+        d["missing"] = miss;
+        py::list built;
+        for (int l = 0; l < qc::kNumIsaLevels; ++l)
+          if (qc::isa_level_built(l)) built.append(qc::isa_level_name(l));
+        d["built_levels"] = built;
+        py::dict kernels;
+        const qc::IsaKernels& t = qc::isa_kernels_at(active);
+        for (int i = 0; i < qc::kNumIsaOps; ++i)
+          kernels[qc::kIsaOpNames[i]] = qc::isa_level_name(t.source[i]);
+        d["kernels"] = kernels;
         return d;
       },
-      "The CPU features the kernels select on: dict(avx2=..., fma=..., f16c=...).");
+      "The CPU (model, features), the detected ISA level, the QPEFT_CPU_ISA cap, the level "
+      "chosen and which ISA's kernel each op runs at it (qpeft.cpu_info()).");
 
   // ---------------------------------------------------------------------------
   // Optimizer steps (csrc/cpu/optim.cpp) and host DLPack buffers (host_buffer.cpp).

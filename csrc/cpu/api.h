@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <string>
 
+#include "cpu_info.h"
+
 namespace qpeft {
 namespace cpu {
 
@@ -35,20 +37,18 @@ void gemv_4bit(uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64_t k, uint
                uintptr_t nested_code, uintptr_t offset, int64_t nested_blocksize, uintptr_t out,
                int64_t out_len, int num_threads);
 
-// "auto" | "scalar" | "avx2"; returns the previous setting. Throws if the CPU
-// cannot run the requested ISA.
+// "auto" or a level of cpu_info.h ("scalar" ... "amx"): the level the kernels run at,
+// overriding QPEFT_CPU_ISA (tests, A/B runs); returns the previous setting. Throws if
+// the CPU lacks a feature the level needs.
 std::string set_isa(const std::string& name);
-// The ISA "auto" resolves to on this CPU / the ISA in use now.
+// The level the kernels run at now.
 std::string active_isa();
+// set_isa's current setting ("auto" when none).
+std::string isa_override();
 
 // The 65536-entry 8-bit encoder table for a sorted fp32[256] code (the cached
 // one quantize_blockwise uses), for tests against qpeft/_formats.py.
 std::string lut8(uintptr_t code);
-
-struct CpuFeatures {
-  bool avx2, fma, f16c;
-};
-CpuFeatures cpu_features();
 
 }  // namespace cpu
 }  // namespace qpeft

@@ -1,6 +1,6 @@
-// qpeft._C entry points: argument checks, ISA selection, the 8-bit lookup-table
-// cache and the split of blocks over threads. The kernels themselves are in
-// kernels_scalar.cpp / kernels_avx2.cpp.
+// qpeft._C entry points: argument checks, the per-level kernel tables (isa_tables.h),
+// the 8-bit lookup-table cache and the split of blocks over threads. The kernels
+// themselves are in kernels_scalar.cpp / kernels_avx2.cpp / kernels_avx512.cpp.
 
 #include "api.h"
 
@@ -16,7 +16,8 @@
 #include <stdexcept>
 #include <vector>
 
-#include "kernels.h"
+#include "cpu_info.h"
+#include "isa_tables.h"
 #include "thread_pool.h"
 
 namespace qpeft {
@@ -42,29 +43,88 @@ void run_blocks(Kernel kernel, const Args& args, int64_t num_blocks, int64_t thr
 }
 
 // ---------------------------------------------------------------------------
-// ISA selection.
-enum Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2 };
-std::atomic<int> g_isa{kAuto};
+// ISA selection (cpu_info.h): one IsaKernels per level, built once; set_isa's
+// override (tests, A/B runs) replaces the level QPEFT_CPU_ISA and the CPU chose.
+std::atomic<int> g_override{-1};  // -1: none
 
-bool has_avx2() {
-  const CpuFeatures f = cpu_features();
-  return f.avx2 && f.fma && f.f16c;
+// What the TU of one level exports (nullptr: not built on this architecture).
+struct LevelExports {
+  const KernelTable* quant;
+  const OptimKernelTable* optim;
+  Gemv4Fn gemv;
+};
+
+LevelExports exports_of(int level) {
+  switch (level) {
+    case kIsaScalar:
+      return {&kScalarKernels, &kOptimScalarKernels, gemv4_scalar};
+#if QPEFT_HAVE_AVX2_TU
+    case kIsaAvx2:
+      return {&kAvx2Kernels, &kOptimAvx2Kernels, gemv4_avx2};
+#endif
+#if QPEFT_HAVE_AVX512_TU
+    case kIsaAvx512:
+      return {&kAvx512Kernels, &kOptimAvx512Kernels, gemv4_avx512};
+#endif
+    default:
+      return {nullptr, nullptr, nullptr};
+  }
+}
+
+// The kernel of one op at `level`: the highest level <= `level` that exports one.
+template <class Fn, class Get>
+Fn pick(int level, Get get, int* source) {
+  for (int l = level; l >= 0; --l) {
+    const Fn fn = get(exports_of(l));
+    if (fn != nullptr) {
+      *source = l;
+      return fn;
+    }
+  }
+  return nullptr;  // unreachable: the scalar level exports every op
+}
+
+IsaKernels build_level(int level) {
+  IsaKernels t{};
+  t.level = level;
+  int* s = t.source;
+  using LE = const LevelExports&;
+  t.quant.name = isa_level_name(level);
+  t.quant.quantize_4bit = pick<decltype(t.quant.quantize_4bit)>(
+      level, [](LE e) { return e.quant ? e.quant->quantize_4bit : nullptr; }, s + 0);
+  t.quant.dequantize_4bit = pick<decltype(t.quant.dequantize_4bit)>(
+      level, [](LE e) { return e.quant ? e.quant->dequantize_4bit : nullptr; }, s + 1);
+  t.quant.quantize_blockwise = pick<decltype(t.quant.quantize_blockwise)>(
+      level, [](LE e) { return e.quant ? e.quant->quantize_blockwise : nullptr; }, s + 2);
+  t.quant.dequantize_blockwise = pick<decltype(t.quant.dequantize_blockwise)>(
+      level, [](LE e) { return e.quant ? e.quant->dequantize_blockwise : nullptr; }, s + 3);
+  t.gemv = pick<Gemv4Fn>(level, [](LE e) { return e.gemv; }, s + 4);
+  t.optim.name = isa_level_name(level);
+  t.optim.adam32 = pick<decltype(t.optim.adam32)>(
+      level, [](LE e) { return e.optim ? e.optim->adam32 : nullptr; }, s + 5);
+  t.optim.adam8 = pick<decltype(t.optim.adam8)>(
+      level, [](LE e) { return e.optim ? e.optim->adam8 : nullptr; }, s + 6);
+  t.optim.lion32 = pick<decltype(t.optim.lion32)>(
+      level, [](LE e) { return e.optim ? e.optim->lion32 : nullptr; }, s + 7);
+  t.optim.lion8 = pick<decltype(t.optim.lion8)>(
+      level, [](LE e) { return e.optim ? e.optim->lion8 : nullptr; }, s + 8);
+  return t;
+}
+
+struct AllLevels {
+  IsaKernels at[kNumIsaLevels];
+  AllLevels() {
+    for (int l = 0; l < kNumIsaLevels; ++l) at[l] = build_level(l);
+  }
+};
+
+const AllLevels& all_levels() {
+  static const AllLevels t;
+  return t;
 }
 
 const KernelTable& kernels() {
-#if QPEFT_HAVE_AVX2_TU
-  const int isa = g_isa.load();
-  if (isa == kScalar) return kScalarKernels;
-  if (isa == kAvx2) return kAvx2Kernels;  // set_isa checked support
-  static const bool avx2 = has_avx2();
-  return avx2 ? kAvx2Kernels : kScalarKernels;
-#else
-  return kScalarKernels;
-#endif
-}
-
-const char* isa_name(int isa) {
-  return isa == kScalar ? "scalar" : (isa == kAvx2 ? "avx2" : "auto");
+  return isa_kernels().quant;
 }
 
 // ---------------------------------------------------------------------------
@@ -140,33 +200,49 @@ std::shared_ptr<const Lut8> get_lut8(const float* code) {
 
 // ---------------------------------------------------------------------------
 
-CpuFeatures cpu_features() {
-#if QPEFT_HAVE_AVX2_TU
-  __builtin_cpu_init();  // libgcc runs it from a constructor, but order across .so inits is not
-                         // guaranteed
-  return {__builtin_cpu_supports("avx2") != 0, __builtin_cpu_supports("fma") != 0,
-          __builtin_cpu_supports("f16c") != 0};
-#else
-  return {false, false, false};  // not x86: no AVX2 kernels were built
-#endif
+const char* const kIsaOpNames[kNumIsaOps] = {
+    "quantize_4bit", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise", "gemv_4bit",
+    "adamw32_step",  "adamw8bit_step",  "lion32_step",        "lion8bit_step"};
+
+const IsaKernels& isa_kernels_at(int level) {
+  return all_levels().at[level];
+}
+
+const IsaKernels& isa_kernels() {
+  return all_levels().at[active_level()];
+}
+
+bool isa_level_built(int level) {
+  return exports_of(level).quant != nullptr;
+}
+
+int active_level() {
+  const int o = g_override.load(std::memory_order_relaxed);
+  return o >= 0 ? o : isa_choice().chosen;
 }
 
 std::string set_isa(const std::string& name) {
-  int isa;
-  if (name == "auto")
-    isa = kAuto;
-  else if (name == "scalar")
-    isa = kScalar;
-  else if (name == "avx2")
-    isa = kAvx2;
-  else
-    fail("set_isa", "unknown ISA '" + name + "' (expected 'auto', 'scalar' or 'avx2')");
-  if (isa == kAvx2 && !has_avx2()) fail("set_isa", "this CPU lacks AVX2/FMA/F16C");
-  return isa_name(g_isa.exchange(isa));
+  int level = -1;
+  if (name != "auto") {
+    level = parse_isa_level(name);
+    if (level < 0) {
+      fail("set_isa",
+           "unknown ISA '" + name +
+               "' (expected 'auto', 'scalar', 'avx2', 'avx512', 'avx512_bf16' or 'amx')");
+    }
+    if (level > detected_level()) fail("set_isa", "this CPU lacks " + missing_features(level));
+  }
+  const int prev = g_override.exchange(level);
+  return prev < 0 ? "auto" : isa_level_name(prev);
+}
+
+std::string isa_override() {
+  const int o = g_override.load();
+  return o < 0 ? "auto" : isa_level_name(o);
 }
 
 std::string active_isa() {
-  return kernels().name;
+  return isa_level_name(active_level());
 }
 
 std::string lut8(uintptr_t code) {
@@ -242,7 +318,7 @@ void dequantize_4bit(uintptr_t packed, int64_t packed_len, uintptr_t absmax, int
                           nested ? reinterpret_cast<const float*>(nested_code) : nullptr,
                           off,
                           nested ? nested_blocksize : 1};
-  // The AVX2 kernel needs blocks that start on a byte boundary.
+  // The SIMD kernels need blocks that start on a byte boundary.
   const KernelTable& k = blocksize % 2 == 0 ? kernels() : kScalarKernels;
   run_blocks(k.dequantize_4bit, args, blocks, thread_count(num_threads, n));
 }

@@ -12,6 +12,7 @@
 
 #include "api.h"
 #include "gemv_kernels.h"
+#include "isa_tables.h"
 #include "thread_pool.h"
 
 namespace qpeft {
@@ -96,12 +97,9 @@ void gemv_4bit(uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64_t k, uint
                        nested ? *reinterpret_cast<const float*>(offset) : 0.0f,
                        nested ? nested_blocksize : 1,
                        reinterpret_cast<float*>(out)};
-  // The AVX2 kernel walks whole blocks per row of W.
-#if QPEFT_HAVE_AVX2_TU
-  auto kernel = (active_isa() == "avx2" && k % blocksize == 0) ? gemv4_avx2 : gemv4_scalar;
-#else
-  auto kernel = gemv4_scalar;
-#endif
+  // The SIMD kernels walk whole blocks (of 32 or more) per row of W.
+  const Gemv4Fn kernel =
+      (k % blocksize == 0 && blocksize >= 32) ? isa_kernels().gemv : gemv4_scalar;
   // ~64K weights per thread at least: below that a worker's wake-up costs more than its share.
   int64_t threads = num_threads < 1 ? 1 : num_threads;
   const int64_t by_work = numel / (int64_t{1} << 16) + 1;

@@ -1,5 +1,5 @@
 // The AVX2/FMA 4-bit GEMV (see gemv.cpp). Compiled with -mavx2 -mfma -mf16c and only
-// entered after the run-time ISA check (active_isa() == "avx2").
+// entered at the avx2 level or above (isa_tables.h; cpu_info.cpp detects the level).
 //
 // Each row of W holds whole quantization blocks (k % blocksize == 0). Per 16 packed
 // bytes: 32 codes, decoded 8 at a time to the unscaled table values with two

@@ -31,6 +31,8 @@ struct Gemv4Args {
 void gemv4_scalar(const Gemv4Args& a, int64_t n0, int64_t n1);
 // Same, for k % blocksize == 0 (whole quantization blocks per row of W).
 void gemv4_avx2(const Gemv4Args& a, int64_t n0, int64_t n1);
+// The AVX-512 kernel (gemv_avx512.cpp), same contract as gemv4_avx2.
+void gemv4_avx512(const Gemv4Args& a, int64_t n0, int64_t n1);
 
 }  // namespace cpu
 }  // namespace qpeft

@@ -1,5 +1,6 @@
 // Internal interface between the CPU entry points (dispatch.cpp) and the
-// per-ISA kernel translation units (kernels_scalar.cpp, kernels_avx2.cpp).
+// per-ISA kernel translation units (kernels_scalar.cpp, kernels_avx2.cpp,
+// kernels_avx512.cpp).
 //
 // A kernel processes the half-open block range [b0, b1) of one call; the
 // dispatcher has validated every size and pointer before, and splits the blocks
@@ -75,11 +76,16 @@ struct KernelTable {
 // thread then.
 extern const KernelTable kScalarKernels;
 
-// AVX2/FMA/F16C kernels (only call after cpu_features says so; only built on
+// AVX2/FMA/F16C kernels (entered at the avx2 level or above, cpu_info.h; only built on
 // x86, where CMake defines QPEFT_HAVE_AVX2_TU). They require an
 // even blocksize for the 4-bit kernels (blocks start on a byte boundary); the
 // dispatcher uses the scalar kernels otherwise.
 extern const KernelTable kAvx2Kernels;
+
+// AVX-512 (F/BW/VL/DQ) kernels, same contract as the AVX2 ones (x86 builds with
+// QPEFT_HAVE_AVX512_TU). A nullptr entry means the AVX2 kernel is used at this level
+// (isa_tables.h).
+extern const KernelTable kAvx512Kernels;
 
 }  // namespace cpu
 }  // namespace qpeft

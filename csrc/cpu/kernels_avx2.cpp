@@ -1,5 +1,5 @@
 // AVX2/FMA/F16C CPU kernels. Compiled with -mavx2 -mfma -mf16c (and only this
-// TU): the dispatcher calls into it only after __builtin_cpu_supports says yes.
+// TU): the dispatcher enters it only at the avx2 level or above (cpu_info.h).
 //
 // Results equal the scalar kernels bit for bit (tests hold them to it through
 // qpeft._C.set_isa): the same fp32 operations in the same order (no FMA: the

@@ -1,6 +1,6 @@
 // qpeft._C optimizer entry points: argument checks, the cached 8-bit state
 // encoders, ISA choice and the split of the work over threads. The kernels are
-// in optim_scalar.cpp / optim_avx2.cpp; the per-element math in qpeft/optim.h.
+// in optim_scalar.cpp / optim_avx2.cpp / optim_avx512.cpp; the per-element math in qpeft/optim.h.
 
 #include <qpeft/format.h>
 #include <qpeft/host_checks.h>
@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "api.h"
+#include "isa_tables.h"
 #include "optim_kernels.h"
 #include "thread_pool.h"
 
@@ -38,13 +39,9 @@ int64_t thread_count(int num_threads, int64_t n) {
   return t < by_work ? t : by_work;
 }
 
+// The kernels of the active ISA level (isa_tables.h; chosen once, see cpu_info.h).
 const OptimKernelTable& kernels() {
-#if QPEFT_HAVE_AVX2_TU
-  // set_isa / auto-detection live in dispatch.cpp; active_isa() reports its choice.
-  return active_isa() == "avx2" ? kOptimAvx2Kernels : kOptimScalarKernels;
-#else
-  return kOptimScalarKernels;
-#endif
+  return isa_kernels().optim;
 }
 
 // Argument checks: qpeft/host_checks.h (which builds a message only on failure).

@@ -1,5 +1,5 @@
 // AVX2/FMA/F16C optimizer kernels (this TU alone is compiled with -mavx2 -mfma
-// -mf16c; optim.cpp calls it only after cpu_features() says so).
+// -mf16c; optim.cpp enters it only at the avx2 level or above, cpu_info.h).
 //
 // Bit-identical to optim_scalar.cpp (tests hold them to it via set_isa): the
 // 8-lane code performs optim.h's fp32 operations in the same order (no

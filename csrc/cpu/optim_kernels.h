@@ -85,8 +85,11 @@ struct OptimKernelTable {
 };
 
 extern const OptimKernelTable kOptimScalarKernels;
-// Only call after cpu_features() reports AVX2+FMA+F16C (x86 builds only).
+// Entered at the avx2 level or above (cpu_info.h; x86 builds only).
 extern const OptimKernelTable kOptimAvx2Kernels;
+// AVX-512 F/BW/VL/DQ (x86 builds with QPEFT_HAVE_AVX512_TU); nullptr entries fall back
+// to AVX2 (isa_tables.h).
+extern const OptimKernelTable kOptimAvx512Kernels;
 
 }  // namespace cpu
 }  // namespace qpeft

@@ -1,0 +1,156 @@
+"""A/B of the CPU kernels at two ISA levels (default: avx2 against avx512) in one process:
+4096x4096 quantize/dequantize (4-bit NF4 with double quantization, 8-bit blockwise), the
+4-bit GEMV at M=1 and M=8, and one optimizer step on 16M parameters (AdamW and Lion, fp32
+and 8-bit state). Each repetition times every level once, interleaved, so that load from
+other processes hits both sides alike; the table gives medians and the ratio A / B (above
+1: B is faster).
+
+    python benchmarks/isa_ab.py [--a avx2] [--b avx512] [--reps 31] [--threads 1] [--only SUBSTR,...] [--quick]
+        [--json PATH]
+
+The levels are set with qpeft._C.set_isa (the in-process form of QPEFT_CPU_ISA); a level
+the CPU lacks is an error naming the missing features. Results name the CPU and its
+detected level (qpeft.cpu_info()); they hold for that machine only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make qpeft importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+import qpeft
+import qpeft.functional as qf
+from qpeft._formats import dynamic_map  # the 8-bit optimizers' state maps
+from qpeft._native import cpu_module
+
+
+def _cases(side: int, optim_n: int) -> list[tuple[str, object]]:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(side, side, generator=g).to(torch.bfloat16)
+    packed, st = qf.quantize_4bit(w, 64, "nf4", True)
+    q8, s8 = qf.quantize_blockwise(w, 256)
+    out_bf16 = torch.empty(side, side, dtype=torch.bfloat16)
+    out_f32 = torch.empty(side, side)
+    x1 = torch.randn(1, side, generator=g)
+    x8 = torch.randn(8, side, generator=g)
+
+    cases: list[tuple[str, object]] = [
+        ("quantize_4bit nf4+dq bf16", lambda: qf.quantize_4bit(w, 64, "nf4", True)),
+        ("dequantize_4bit nf4+dq -> bf16", lambda: qf.dequantize_4bit(packed, st, out=out_bf16)),
+        ("dequantize_4bit nf4+dq -> fp32", lambda: qf.dequantize_4bit(packed, st, out=out_f32)),
+        ("quantize_blockwise 8-bit bf16", lambda: qf.quantize_blockwise(w, 256)),
+        ("dequantize_blockwise 8-bit -> bf16", lambda: qf.dequantize_blockwise(q8, s8, torch.bfloat16)),
+        ("gemv_4bit M=1", lambda: qf.gemv_4bit(x1, packed, st)),
+        ("gemv_4bit M=8", lambda: qf.gemv_4bit(x8, packed, st)),
+    ]
+
+    signed, unsigned = dynamic_map(True), dynamic_map(False)
+    p = torch.randn(optim_n, generator=g)
+    gr = torch.randn(optim_n, generator=g) * 1e-3
+    m, v = torch.zeros(optim_n), torch.zeros(optim_n)
+    nb = -(-optim_n // 256)
+    zero_code = int((signed == 0).nonzero()[0, 0])
+    q1 = torch.full((optim_n,), zero_code, dtype=torch.uint8)
+    q2 = torch.zeros(optim_n, dtype=torch.uint8)
+    a1, a2 = torch.zeros(nb), torch.zeros(nb)
+    ops = torch.ops.qpeft
+    cases += [
+        ("adamw32 step 16M", lambda: ops.adamw32_step_(p, gr, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1)),
+        (
+            "adamw8bit step 16M",
+            lambda: ops.adamw8bit_step_(
+                p, gr, q1, a1, q2, a2, signed, unsigned, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1
+            ),
+        ),
+        ("lion32 step 16M", lambda: ops.lion32_step_(p, gr, m, 1e-4, 0.9, 0.99, 0.01)),
+        ("lion8bit step 16M", lambda: ops.lion8bit_step_(p, gr, q1, a1, signed, 1e-4, 0.9, 0.99, 0.01)),
+    ]
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--a", default="avx2")
+    ap.add_argument("--b", default="avx512")
+    ap.add_argument("--reps", type=int, default=31)
+    ap.add_argument("--quick", action="store_true", help="1024^2 and 1M parameters, 3 repetitions")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch.set_num_threads (the kernels' thread count)"
+    )
+    ap.add_argument("--only", default="", help="comma-separated substrings: run the matching cases only")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    side, optim_n, reps = (1024, 1 << 20, 3) if args.quick else (4096, 1 << 24, args.reps)
+
+    torch.set_num_threads(args.threads)
+    mod = cpu_module()
+    levels = [args.a, args.b]
+    prev = mod.set_isa("auto")
+    for lv in levels:
+        mod.set_isa(lv)  # ValueError naming the missing features if the CPU lacks it
+    info = qpeft.cpu_info()
+    rows = []
+    with qpeft.use_backend("cpu"):
+        wanted = [w for w in args.only.split(",") if w]
+        for name, fn in _cases(side, optim_n):
+            if wanted and not any(w in name for w in wanted):
+                continue
+            times: dict[str, list[float]] = {lv: [] for lv in levels}
+            kernels = {}
+            for lv in levels:  # warm-up (8-bit lookup tables, pages)
+                mod.set_isa(lv)
+                fn()
+            for _ in range(reps):
+                for lv in levels:
+                    mod.set_isa(lv)
+                    t0 = time.perf_counter()
+                    fn()
+                    times[lv].append(time.perf_counter() - t0)
+            op = name.split()[0]
+            op = {"adamw32": "adamw32_step", "adamw8bit": "adamw8bit_step", "lion32": "lion32_step"}.get(
+                op, op
+            )
+            op = {"lion8bit": "lion8bit_step"}.get(op, op)
+            for lv in levels:
+                mod.set_isa(lv)
+                kernels[lv] = mod.cpu_info()["kernels"].get(op, "?")
+            med = {lv: statistics.median(t) * 1e3 for lv, t in times.items()}
+            best = {f"{lv}_min_ms": min(t) * 1e3 for lv, t in times.items()}
+            rows.append(
+                {
+                    "case": name,
+                    **{f"{lv}_ms": med[lv] for lv in levels},
+                    "ratio": med[args.a] / med[args.b],
+                    **best,
+                    "kernels": kernels,
+                }
+            )
+    mod.set_isa(prev)
+
+    print(
+        f"CPU: {info['model']} (detected {info['detected_level']}), torch threads {torch.get_num_threads()}, "
+        f"os.cpu_count() {os.cpu_count()}; medians of {reps}, {args.a} vs {args.b} interleaved"
+    )
+    print(f"| case | {args.a} ms | {args.b} ms | {args.a}/{args.b} | kernel at {args.b} |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for r in rows:
+        print(
+            f"| {r['case']} | {r[args.a + '_ms']:.3f} | {r[args.b + '_ms']:.3f} | {r['ratio']:.2f} | {r['kernels'][args.b]} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"cpu_info": info, "reps": reps, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
