@@ -152,18 +152,20 @@ def qlora_linear(
             if base is None:
                 base = torch.empty((x.shape[0], n), dtype=cdt)
             base[:, r0:r1] = F.linear(xc, w.to(cdt))
-    xa = F.linear(xc, lora_a.to(cdt))
-    t = xa * scaling
-    if rank_scale is not None:
-        t = t * rank_scale.to(cdt)
     # base is this call's own tensor: the rest is added in place (on a small layer each
     # extra [M, N] temporary cost about as much as the LoRA products)
-    y = base.addmm_(t, lora_b.to(cdt).t())
+    y, xa = base, None
+    if lora_a is not None:  # no adapter: the LoRA terms are skipped, not computed as zeros
+        xa = F.linear(xc, lora_a.to(cdt))
+        t = xa * scaling
+        if rank_scale is not None:
+            t = t * rank_scale.to(cdt)
+        y = base.addmm_(t, lora_b.to(cdt).t())
     if bias is not None:
         y.add_(bias.to(cdt))
     if out_scale is not None:
         y.mul_(out_scale.to(cdt))
-    return y.to(x.dtype), (xa.to(x.dtype) if return_xa else x.new_empty((0,)))
+    return y.to(x.dtype), (xa.to(x.dtype) if return_xa and xa is not None else x.new_empty((0,)))
 
 
 def qlora_linear_backward(
