@@ -33,16 +33,19 @@
 // the software division routine per chunk (cuobjdump -sass: 48 CALLs and 72 MUFU.RCP
 // on sm_90 before, none now; the host refuses >= 2^31 quant blocks).
 //
-// Registers (nvcc 13.0 -Xptxas -v, sm_80 / sm_90, no spills, no stack in any
+// Registers (nvcc 13.0 -Xptxas -v, sm_80 / sm_90; no spills, no stack in any
 // instantiation): __launch_bounds__(128, 1) and the `#pragma unroll 1` chunk loop
-// keep every instantiation spill-free. Unrolling the 4 words lets ptxas hoist a
-// whole chunk's x loads (M x 4 x 16 bytes), so registers grow with M: fp16/bf16 x
-// 46-128 (was 31-72), fp32 x 63-250 (was 40-110) at M = 1..8. More loads in flight
-// per lane, fewer resident warps for fp32 x at M >= 5 (2 blocks of 128 threads per
-// SM): not measured on a GPU yet. With __launch_bounds__(128) alone ptxas spilled
-// 4-16 bytes of cold values in a few instantiations per arch; a register cap (min
-// 4-8 blocks/SM) spilled 8-56 bytes. The per-block table staging keeps the nested
-// offset in shared memory, next to the nested code, for the same reason.
+// keep every instantiation spill-free. Unrolling a chunk's words lets ptxas hoist
+// their x loads (up to M x 4 x 16 bytes), so registers grow with M: fp16/bf16 x
+// 46-128 (31-72 with the word loop rolled). fp32 x carries 4 values per 16-byte load
+// (twice the loads): fully unrolled it took 211-250 registers at M = 5..8, 2 blocks
+// of 128 threads per SM, so there the words are unrolled by 2 (kUnroll): 120-168
+// (M = 1..4, fully unrolled: 63-188; rolled: 40-110). More loads in flight per lane
+// against fewer resident warps: not measured on a GPU yet. With
+// __launch_bounds__(128) alone ptxas spilled 4-16 bytes of cold values in a few
+// instantiations per arch; a register cap (min 4-8 blocks/SM) spilled 8-56 bytes.
+// The per-block table staging keeps the nested offset in shared memory, next to the
+// nested code, for the same reason.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -147,7 +150,8 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
         const float am = block_absmax(absmax, static_cast<uint32_t>(e0 >> log2_bs), nested,
                                       nested_absmax, s_ncode, nested_bs);
         const ET<DT>* xc = x + c * kGemvChunk;
-#pragma unroll
+        [[maybe_unused]] constexpr int kUnroll = (DT == kF32 && M > 4) ? 2 : kWordsPerChunk;
+#pragma unroll kUnroll
         for (int q = 0; q < kWordsPerChunk; ++q) {
           const uint32_t word = q == 0   ? w.x
                                 : q == 1 ? w.y
