@@ -16,6 +16,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import qpeft
@@ -300,3 +302,37 @@ def test_a_forced_backend_without_a_gemv_takes_the_matmul():
     w = layer.dequantize(torch.float32)
     tol = (x.abs() @ w.abs().T) * (K * 2.0**-24) + 1e-30
     assert bool(((y - ref).abs() <= tol).all())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lead=st.lists(st.integers(0, 5), min_size=1, max_size=3),
+    k=st.integers(1, 130),
+    n=st.integers(1, 40),
+    blocksize=st.sampled_from([32, 64, 128]),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    double_quant=st.booleans(),
+    bias=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_4bit_random_shapes(lead, k, n, blocksize, quant_type, double_quant, bias, dtype, seed):
+    """Any x [..., K]: the GEMV path (1 <= M <= 8) equals the fp32 GEMV plus the bias rounded
+    once, the matmul path the no-adapter op, bit for bit; the op that ran is the one M picks."""
+    g = torch.Generator().manual_seed(seed)
+    packed, state = qf.quantize_4bit(torch.randn(n, k, generator=g), blocksize, quant_type, double_quant)
+    x = torch.randn(*lead, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    m = x.numel() // k
+    ops = _ops_called(lambda: qf.linear_4bit(x, packed, state, b))
+    y = qf.linear_4bit(x, packed, state, b)
+    assert y.shape == (*lead, n) and y.dtype == dtype
+    x2 = x.reshape(-1, k)
+    if 1 <= m <= 8:
+        assert "qpeft::gemv_4bit" in ops and "qpeft::qlora_linear" not in ops
+        expected = qf.gemv_4bit(x2.float(), packed, state)
+        expected = (expected + b.float() if bias else expected).to(dtype)
+    else:
+        assert "qpeft::qlora_linear" in ops and "qpeft::gemv_4bit" not in ops
+        expected = qf.qlora_linear(x2, packed, state, None, None, 0.0, b)
+    assert torch.equal(y.reshape(-1, n), expected)
