@@ -336,3 +336,16 @@ def test_linear_4bit_random_shapes(lead, k, n, blocksize, quant_type, double_qua
         assert "qpeft::qlora_linear" in ops and "qpeft::gemv_4bit" not in ops
         expected = qf.qlora_linear(x2, packed, state, None, None, 0.0, b)
     assert torch.equal(y.reshape(-1, n), expected)
+
+
+def test_kernel_backend_names_the_kernel_that_would_run():
+    from qpeft._dispatch import has_kernel, kernel_backend
+
+    assert kernel_backend("gemv_4bit", "cpu") in ("cpu", "default")
+    with qpeft.use_backend("default"):
+        assert kernel_backend("gemv_4bit", torch.device("cpu")) == "default"
+        assert has_kernel("qlora_linear", "cpu")
+    if os.environ.get("TRITON_INTERPRET") == "1" and "triton" in qpeft.available_backends():
+        with qpeft.use_backend("triton"):
+            assert kernel_backend("gemv_4bit", "cpu") is None  # Triton has no GEMV
+            assert kernel_backend("qlora_linear", "cpu") == "triton"
