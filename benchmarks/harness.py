@@ -268,6 +268,30 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+# ISA features that decide qpeft's CPU kernels and compute dtype (issue 13), as torch's
+# cpuinfo reports them
+ISA_FEATURES = ("avx2", "fma3", "f16c", "avx512_f", "avx512_bw", "avx512_vl", "avx512_vnni", "avx512_bf16")
+ISA_FEATURES += ("amx_tile", "amx_bf16")
+
+
+def cpu_isa() -> list[str]:
+    """The ISA_FEATURES this CPU has (empty where torch cannot say)."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except Exception:  # an older torch without get_capabilities
+        return []
+    return [f for f in ISA_FEATURES if caps.get(f)]
+
+
+def _qpeft_cpu_bf16() -> bool | None:
+    """Whether qpeft's CPU QLoRA layer computes bf16 x in bf16 here (auto mode)."""
+    try:
+        from qpeft.backends.cpu import capability
+    except Exception:
+        return None
+    return capability.bf16_dot_products()
+
+
 def machine(device: str = "cpu") -> dict:
     cpu = platform.processor()
     try:
@@ -281,6 +305,8 @@ def machine(device: str = "cpu") -> dict:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_isa": cpu_isa(),
+        "qpeft_cpu_bf16": _qpeft_cpu_bf16(),
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "python": platform.python_version(),
         "versions": {

@@ -1,8 +1,10 @@
 """Regenerate README.md's performance section from a committed benchmark run.
 
-    python -m benchmarks.readme [--results benchmarks/results/cpu.json]
+    python -m benchmarks.readme [--results benchmarks/results/cpu.json] [--section NAME]
 
-Rewrites the text between ``<!-- perf:begin -->`` and ``<!-- perf:end -->``: the machine
+Rewrites the text between ``<!-- perf:begin -->`` and ``<!-- perf:end -->`` (with
+``--section NAME``: ``<!-- perf:NAME:begin -->`` ... ``<!-- perf:NAME:end -->``, one per ISA
+class measured, e.g. the ``--ops isa`` run of a CPU with bf16 units): the machine
 and limits of that run, one table per case group at the largest size of each group, and
 the targets of the issues as met / not met. Numbers are never typed by hand.
 """
@@ -37,6 +39,8 @@ def section(results: list[Result], info: dict, limits: dict, source: str) -> str
         labels = list(dict.fromkeys(r.label for r in rows))
         # the qlora forward sweep: decode (M=1) and training M; elsewhere the largest size
         chosen = {labels[0], labels[-1]} if group == "qlora forward" else {labels[-1]}
+        if group.endswith("by ISA"):  # cases/isa.py: every M the issue sets a target for
+            chosen = set(labels)
         keep += [r for r in rows if r.label in chosen]
     return "\n".join(
         [
@@ -56,14 +60,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "cpu.json")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--section", default=None, help="NAME of a <!-- perf:NAME:begin --> section")
     args = parser.parse_args(argv)
     text = args.readme.read_text()
-    if BEGIN not in text or END not in text:
-        parser.error(f"{args.readme} has no {BEGIN} ... {END} section")
-    body = section(*load(args.results), str(args.results.relative_to(ROOT)))
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    args.readme.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}")
+    begin, end = (
+        (BEGIN, END)
+        if args.section is None
+        else (f"<!-- perf:{args.section}:begin -->", f"<!-- perf:{args.section}:end -->")
+    )
+    if begin not in text or end not in text:
+        parser.error(f"{args.readme} has no {begin} ... {end} section")
+    results = args.results.resolve()  # a relative --results path works too
+    source = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results
+    body = section(*load(results), str(source))
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    args.readme.write_text(f"{head}{begin}\n{body}\n{end}{tail}")
     return 0
 
 

@@ -63,14 +63,34 @@ def markdown(results: list[Result], limits: dict) -> str:
     return "\n".join(out)
 
 
+def _isa(info: dict) -> str:
+    """The ISA features and qpeft's CPU compute choice, where the run recorded them."""
+    if not info.get("cpu_isa"):
+        return ""
+    bf16 = info.get("qpeft_cpu_bf16")
+    mode = "" if bf16 is None else f"; qpeft computes bf16 x in {'bf16' if bf16 else 'fp32'}"
+    return f" (ISA: {' '.join(info['cpu_isa'])}{mode})"
+
+
 def header(info: dict, limits: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
     dev = info["gpu"] if info["device"] == "cuda" else f"{info['cpu']}, {info['cores']} cores"
     return (
         f"Device: {info['device']} ({dev}), torch threads {info['torch_threads']}, "
-        f"CPU capability {info['torch_cpu_capability']}. Versions: {versions}.\n\n"
+        f"CPU capability {info['torch_cpu_capability']}{_isa(info)}. Versions: {versions}.\n\n"
         f"Limits measured in this run: memory copy {limits['copy_gbs']:.1f} GB/s (read + write), "
-        f"dense fp32 GEMM {limits['gemm_gflops']:.1f} GFLOP/s (torch.mm 2048^3)."
+        f"{_gemm_limit(limits)}."
+    )
+
+
+def _gemm_limit(limits: dict) -> str:
+    """The compute limit's sentence; runs written before the bf16 rate was measured have fp32 only."""
+    fp32, bf16 = limits.get("gemm_gflops_fp32"), limits.get("gemm_gflops_bf16")
+    if fp32 is None or bf16 is None:
+        return f"dense fp32 GEMM {limits['gemm_gflops']:.1f} GFLOP/s (torch.mm 2048^3)"
+    return (
+        f"dense GEMM (torch.mm 2048^3) fp32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s; "
+        f"compute-bound rows are a fraction of the faster, {limits['gemm_gflops']:.1f} GFLOP/s"
     )
 
 

@@ -30,6 +30,21 @@ TARGETS = [
     Target("issue 5", "optimizer step, fp32 state", "qpeft AdamW", "torch AdamW fused=True", 1.0),
     Target("issue 5", "optimizer step, 8-bit state", "qpeft AdamW8bit", "bitsandbytes AdamW8bit", 3.0),
 ]
+# issue 13 (cases/isa.py): Linear4bit M=1 <= 0.5x, M=16 and M=512 <= 1.25x the faster torch
+# F.linear on the dequantized W (each listed: met when both are); the QLoRA layer >= 1.5x
+# faster than the faster PEFT+bitsandbytes
+for _auto in ("bf16", "fp32"):
+    _l4 = f"qpeft Linear4bit ({_auto} auto)"
+    for _peer in ("torch bf16 F.linear (dequantized W)", "torch fp32 F.linear (dequantized W)"):
+        TARGETS.append(Target("issue 13", "Linear4bit by ISA", _l4, _peer, 2.0, label="M=1 4096x4096"))
+        for _m in (16, 512):
+            TARGETS.append(
+                Target("issue 13", "Linear4bit by ISA", _l4, _peer, 0.8, label=f"M={_m} 4096x4096")
+            )
+    for _peer in ("peft+bnb bf16", "peft+bnb fp32"):
+        TARGETS.append(
+            Target("issue 13", "QLoRA layer fwd+bwd by ISA", f"qpeft cpu ({_auto} auto)", _peer, 1.5)
+        )
 
 
 def evaluate(results: list[Result], limits: dict) -> str:
@@ -55,7 +70,9 @@ def _judge(t: Target, label: str, by: dict, limits: dict) -> str | None:
     parts, ok = [], True
     if t.speedup is not None:
         got = peer.timing.median_ms / mine.timing.median_ms
-        parts.append(f"{got:.1f}x faster than {t.peer}")
+        parts.append(
+            f"{got:.1f}x faster than {t.peer}" if got >= 1 else f"{1 / got:.1f}x slower than {t.peer}"
+        )
         ok &= got >= t.speedup
     if t.fraction is not None:
         unit, value = rate(mine)
@@ -67,7 +84,13 @@ def _judge(t: Target, label: str, by: dict, limits: dict) -> str | None:
     want = " and ".join(
         w
         for w in (
-            f">= {t.speedup:g}x {t.peer}" if t.speedup else "",
+            (
+                f">= {t.speedup:g}x faster than {t.peer}"
+                if t.speedup >= 1
+                else f"<= {1 / t.speedup:g}x the time of {t.peer}"
+            )
+            if t.speedup
+            else "",
             f">= {100 * t.fraction:.0f}% of limit" if t.fraction else "",
         )
         if w

@@ -312,6 +312,25 @@ def oracle(p, dt, rounds_operands=True):
 GEMV_MAX_ROWS = 8  # qpeft.functional.gemv_4bit takes 1 to 8 rows of x
 
 
+def cpu_computes_bf16(backend: str, x: torch.Tensor) -> bool:
+    """Whether qlora_linear on ``backend`` ("auto": the default for x's device) runs the CPU
+    backend's bf16 mode for this x (qpeft/backends/cpu/capability.py)."""
+    from qpeft.backends.cpu import capability
+
+    on_cpu = backend == "cpu" or (backend == "auto" and x.device.type == "cpu")
+    return on_cpu and capability.compute_dtype(x.dtype) == torch.bfloat16
+
+
+def backend_oracle(p: dict, backend: str) -> dict:
+    """``oracle`` with the bounds of what ``backend`` computes: operands rounded (Triton),
+    the CPU backend's bf16 mode (tests/_bf16_bounds.py, needs p["state"]), else fp32."""
+    if cpu_computes_bf16(backend, p["x"]):
+        from ._bf16_bounds import bf16_oracle
+
+        return bf16_oracle(p)
+    return oracle(p, p["x"].dtype, rounds_operands=backend == "triton")
+
+
 def check_qlora_linear(p: dict, backend: str) -> None:
     """qlora_linear forward and every gradient, run on ``backend``, within the oracle's bounds.
 
@@ -342,10 +361,11 @@ def check_qlora_linear(p: dict, backend: str) -> None:
             out_scale=p["out_scale"],
         )
         y.backward(p["dy"])
-    ref = oracle(p, dt, rounds_operands=backend == "triton")
+    cpu_bf16 = cpu_computes_bf16(backend, p["x"])
+    ref = backend_oracle(p, backend)
     y_want, tol_y = ref["y"]
     m, k = p["x"].shape
-    if backend == "cpu" and m <= GEMV_MAX_ROWS:
+    if backend == "cpu" and m <= GEMV_MAX_ROWS and not cpu_bf16:
         depth = cpu_gemv_roundings(k, p["state"].blocksize) + 1
         s_base = p["x"].double().abs() @ p["w"].abs().T
         os_ = p["out_scale"].double().abs() if p["out_scale"] is not None else 1.0

@@ -3,6 +3,6 @@ returns the cases it can run here, with every installed peer as an implementatio
 
 from __future__ import annotations
 
-from . import e2e, matmul, optim, qlora, quant
+from . import e2e, isa, matmul, optim, qlora, quant
 
-MODULES = {"quant": quant, "matmul": matmul, "qlora": qlora, "optim": optim, "e2e": e2e}
+MODULES = {"quant": quant, "matmul": matmul, "qlora": qlora, "optim": optim, "e2e": e2e, "isa": isa}

@@ -1,21 +1,25 @@
-"""The fused QLoRA linear on CPU: W decoded a row panel at a time, every product in fp32.
+"""The fused QLoRA linear on CPU: W decoded a row panel at a time into one reused buffer.
 
-Computed in fp32 on every CPU for now (on an AVX2-only CPU a bf16 GEMM ran 5x slower
-than fp32, and a transposed bf16 weight had no fast path at all; choosing bf16 on CPUs
-with bf16 dot products is the CPU-capability work of docs/design.md), so x, A, B are
-widened to fp32 once and W is decoded to fp32 by the C++ kernel, ``PANEL_ELEMS``
-elements (a few rows of W) at a time, into one reused buffer:
+The compute dtype follows the CPU (``capability.compute_dtype``, docs/design.md "CPU
+compute dtype"): with bf16 x on a CPU with bf16 dot products (AVX-512-BF16, AMX) W is
+decoded to bf16 panels and every product is a bf16 GEMM of torch's oneDNN with fp32
+accumulation (``_forward_bf16`` / ``_backward_bf16`` below); everywhere else (an
+AVX2-only CPU ran a bf16 GEMM 5x slower than fp32) x, A, B are widened to fp32 once and
+W is decoded to fp32 by the C++ kernel, ``panel_elems`` elements (a few rows of W) at a
+time:
 
-- memory: one 16 MiB panel instead of a whole fp32 copy of W (64 MiB at 4096x4096,
-  224 MiB at 4096x14336), and no first-touch page faults on a fresh buffer per call;
+- memory: one panel of at most 4M elements (16 MiB fp32, 8 MiB bf16) instead of a whole
+  copy of W (64 MiB fp32 at 4096x4096, 224 MiB at 4096x14336), and no first-touch page
+  faults on a fresh buffer per call;
 - time: the decode runs at memory speed (see the "dequantize" cases of python -m benchmarks) and each panel
   is consumed by the GEMM while it is still in cache.
 
-Each output element is the fp32 dot product the reference (``backends/default/qlora.py``)
+In fp32, each output element is the fp32 dot product the reference (``backends/default/qlora.py``)
 computes, but the GEMM library may split K differently for a panel than for all of W,
 and dx = dy @ W accumulates panel by panel: the same products, summed in another order.
 For M <= 8 the forward's x @ W^T is the C++ GEMV of ``qpeft::gemv_4bit`` instead (W read
-once, packed). All stay within the fp32 dot-product bounds tests/test_qlora_cpu.py derives.
+once, packed). All stay within the fp32 dot-product bounds tests/test_qlora_cpu.py derives;
+the bf16 mode within those tests/_bf16_bounds.py derives.
 """
 
 from __future__ import annotations
@@ -29,48 +33,76 @@ import torch.nn.functional as F
 from ..._dispatch import kernel_for
 from ..._formats import GEMV_MAX_ROWS
 from ..default.qlora import backward_from
+from . import capability
 
-# Elements of W decoded per panel: 4M fp32 = 16 MiB, 1024 rows of a 4096-wide weight.
-# On the dev box (M=1, K=N=4096, NF4+DQ): 5.9 ms with 1024-row panels, 20 ms with 256
-# rows (the per-panel op overhead dominates), 60 ms decoding all of W to a fresh tensor.
-PANEL_ELEMS = 1 << 22
+# Elements of W decoded per panel: a quarter of the L3 the CPU reports (the rest for x, the
+# output and the other cores), at least its L2, at most PANEL_MAX_ELEMS (4M: 16 MiB of fp32,
+# 8 MiB of bf16; 1024 rows of a 4096-wide weight). Within the L3 the per-GEMM-call overhead,
+# not cache misses, decides: on the dev box (AVX2, M=1, K=N=4096, NF4+DQ, fp32) 5.9 ms with
+# 1024-row panels, 20 ms with 256 rows, 60 ms decoding all of W to a fresh tensor; on a
+# Xeon with AMX (1 thread, bf16, M=16) 6.7 ms with 1024-row panels, 8.6 ms with 256-row
+# (L2-sized) ones and 8.1 ms with 2048-row ones. If sysfs is unreadable the caches are
+# capability.FALLBACK_CACHE_BYTES.
+PANEL_MAX_ELEMS = 1 << 22
+# Tests patch this to an element count to force tiny panels; None: sized from the caches.
+PANEL_ELEMS = None
+
+
+def panel_elems(itemsize: int) -> int:
+    if PANEL_ELEMS is not None:
+        return PANEL_ELEMS
+    _, l2, l3 = capability.cache_sizes()
+    return max(l2 // itemsize, min(l3 // 4 // itemsize, PANEL_MAX_ELEMS))
+
 
 _workspace = threading.local()
 
 
-def _panel_buffer(numel: int) -> torch.Tensor:
-    """A reused fp32 buffer of at least ``numel`` elements (one per thread). A panel
-    larger than two regular ones (a weight whose row length forbids aligned panels is
-    decoded whole) gets a buffer of its own that is not kept."""
-    if numel > 2 * PANEL_ELEMS:
-        return torch.empty(numel, dtype=torch.float32)
-    buf = getattr(_workspace, "buf", None)
+def _panel_buffer(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reused buffer of at least ``numel`` elements of ``dtype`` (one per thread and
+    dtype). A panel larger than two regular ones (a weight whose row length forbids
+    aligned panels is decoded whole) gets a buffer of its own that is not kept."""
+    if numel > 2 * panel_elems(dtype.itemsize):
+        return torch.empty(numel, dtype=dtype)
+    attr = "buf" if dtype == torch.float32 else f"buf_{str(dtype)[6:]}"
+    buf = getattr(_workspace, attr, None)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=torch.float32)
-        _workspace.buf = buf
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_workspace, attr, buf)
     return buf[:numel]
 
 
-def _panel_rows(n: int, k: int, blocksize: int, nested_blocksize: int | None) -> int:
+def _panel_rows(n: int, k: int, blocksize: int, nested_blocksize: int | None, itemsize: int = 4) -> int:
     """Rows per panel: a panel must start on a quantization block (and, with double
     quantization, on a block of nested absmax), so its codes and statistics are plain
     slices of the packed tensors."""
     align = blocksize * (nested_blocksize or 1)  # elements a panel start must be a multiple of
     step = align // math.gcd(k, align)  # rows
-    rows = max(step, (PANEL_ELEMS // max(k, 1)) // step * step)
+    rows = max(step, (panel_elems(itemsize) // max(k, 1)) // step * step)
     return min(rows, n)
 
 
 def _decode_panels(
-    packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type,
+    n,
+    k,
+    dtype=torch.float32,
 ):
-    """Yield (r0, r1, W[r0:r1] as fp32 [r1 - r0, k]), decoded by this backend's dequantize
-    kernel with out= (called directly: the op's dispatch would add ~80 us per panel, a
-    third of a small layer's whole forward)."""
+    """Yield (r0, r1, W[r0:r1] as ``dtype`` [r1 - r0, k]), decoded by this backend's
+    dequantize kernel with out= (called directly: the op's dispatch would add ~80 us per
+    panel, a third of a small layer's whole forward). bf16 panels are the fp32 decode
+    rounded to nearest even by the kernel (one rounding, as ``dequantize_4bit`` to bf16)."""
     nested = nested_absmax is not None
     decode = kernel_for("dequantize_4bit_nested" if nested else "dequantize_4bit", packed.device)
-    rows = _panel_rows(n, k, blocksize, nested_blocksize if nested else None)
-    buf = _panel_buffer(rows * k)
+    rows = _panel_rows(n, k, blocksize, nested_blocksize if nested else None, dtype.itemsize)
+    buf = _panel_buffer(rows * k, dtype)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         e0, count = r0 * k, (r1 - r0) * k
@@ -100,8 +132,9 @@ def _decode_panels(
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # fp32, except fp64 inputs (gradcheck) which stay fp64 as in the reference
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    # by capability (bf16 only for bf16 x with bf16 units, or QPEFT_CPU_COMPUTE=bf16);
+    # fp64 inputs (gradcheck) stay fp64 as in the reference
+    return capability.compute_dtype(x.dtype)
 
 
 def qlora_linear(
@@ -125,6 +158,20 @@ def qlora_linear(
     return_xa,
 ):
     cdt = _compute_dtype(x)
+    quant = (
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        n,
+        k,
+    )
+    if cdt == torch.bfloat16:
+        return _forward_bf16(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa)
     xc = x.to(cdt)
     if cdt == torch.float32 and 1 <= x.shape[0] <= GEMV_MAX_ROWS:
         # decode-sized M: the fused GEMV reads the packed codes once instead of decoding panels
@@ -192,6 +239,34 @@ def qlora_linear_backward(
     need_db,
     need_dbias,
 ):
+    if _compute_dtype(x) == torch.bfloat16:
+        quant = (
+            packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            nested_blocksize,
+            quant_type,
+            n,
+            k,
+        )
+        return _backward_bf16(
+            grad_y,
+            x,
+            quant,
+            lora_a,
+            lora_b,
+            xa,
+            scaling,
+            rank_scale,
+            out_scale,
+            need_dx,
+            need_da,
+            need_db,
+            need_dbias,
+        )
 
     def add_dy_w(dy, acc):  # acc += dy @ W, W's panels accumulated one after another
         for r0, r1, w in _decode_panels(
@@ -214,3 +289,109 @@ def qlora_linear_backward(
         need_db,
         need_dbias,
     )
+
+
+# --- bf16 compute (CPUs with bf16 dot products; docs/design.md "CPU compute dtype") --------
+#
+# Every product is one call of torch's bf16 GEMM (oneDNN: AMX tiles or vdpbf16ps, fp32
+# accumulation, the [M, *] result rounded once to bf16). What stays fp32: the sum of the
+# base and LoRA terms, bias and out_scale (so y is rounded to x's dtype once more, at the
+# end), the panel-by-panel accumulation of dx (each panel's product is rounded to bf16
+# once, then summed in fp32: the panels' rounding errors add up to at most 2^-8 of
+# sum_n |dy||W|, however many panels), and dbias. tests/_bf16_bounds.py derives the error
+# bounds this gives against the fp64 oracle.
+
+_BF16 = torch.bfloat16
+
+
+# Up to this M the forward multiplies W_panel @ x^T (see _base_bf16).
+TRANSPOSED_MAX_ROWS = 256
+
+
+def _base_bf16(xb: torch.Tensor, quant: tuple) -> torch.Tensor:
+    """x @ W^T for M > GEMV_MAX_ROWS, as bf16 [M, N]: W decoded to bf16 panels (sized
+    from the caches, ``panel_elems``), each consumed by one oneDNN GEMM while in cache.
+    Every output element comes from one GEMM call (panels split N, not K): one rounding.
+
+    Up to TRANSPOSED_MAX_ROWS rows it computes (x @ W^T)^T = W_panel @ x^T into row panels
+    of an [N, M] result (a contiguous out=) and transposes that once: oneDNN ran it 1.3-2x
+    faster than x @ W_panel^T at M = 9..512 (AMX Xeon, 1024-row panels, 1 thread), but the
+    final transpose of [N, M] grows with M (9 ms at M=512, N=4096) and outweighs the gain
+    above a few hundred rows, where x @ W_panel^T fills column slices of [M, N] instead."""
+    n, m = quant[8], xb.shape[0]
+    if m <= TRANSPOSED_MAX_ROWS:
+        out_t = torch.empty((n, m), dtype=_BF16)
+        xt = xb.t()
+        for r0, r1, w in _decode_panels(*quant, dtype=_BF16):
+            torch.mm(w, xt, out=out_t[r0:r1])
+        return out_t.t().contiguous()
+    out = torch.empty((m, n), dtype=_BF16)
+    for r0, r1, w in _decode_panels(*quant, dtype=_BF16):
+        if r0 == 0 and r1 == n:
+            return F.linear(xb, w)
+        out[:, r0:r1] = F.linear(xb, w)
+    return out
+
+
+def _forward_bf16(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa):
+    xb = x.to(_BF16)
+    if 1 <= x.shape[0] <= GEMV_MAX_ROWS:
+        # decode-sized M: the C++ GEMV (fp32, reads the packed codes once) as in fp32 mode
+        y = kernel_for("gemv_4bit", x.device)(x.to(torch.float32), *quant)
+    else:
+        y = _base_bf16(xb, quant).to(torch.float32)
+    xa = F.linear(xb, lora_a.to(_BF16))  # [M, r] bf16, fp32 accumulation over K
+    t = xa.to(torch.float32) * scaling
+    if rank_scale is not None:
+        t = t * rank_scale.to(torch.float32)
+    # the rank-r product is cheap next to x @ W^T: fp32, added to the fp32 copy of base
+    y.addmm_(t, lora_b.to(torch.float32).t())
+    if bias is not None:
+        y.add_(bias.to(torch.float32))
+    if out_scale is not None:
+        y.mul_(out_scale.to(torch.float32))
+    return y.to(x.dtype), (xa.to(x.dtype) if return_xa else x.new_empty((0,)))
+
+
+def _backward_bf16(
+    grad_y,
+    x,
+    quant,
+    lora_a,
+    lora_b,
+    xa,
+    scaling,
+    rank_scale,
+    out_scale,
+    need_dx,
+    need_da,
+    need_db,
+    need_dbias,
+):
+    f32 = torch.float32
+    dy32 = grad_y.to(f32)
+    if out_scale is not None:
+        dy32 = dy32 * out_scale.to(f32)
+    dy = dy32.to(_BF16)  # dy' rounded once (exact when grad_y is bf16 and there is no out_scale)
+    rs = None if rank_scale is None else rank_scale.to(f32)
+    dx, da, db, dbias = (x.new_empty((0,)) for _ in range(4))  # distinct: outputs must not alias
+    if need_dx or need_da:
+        g = dy @ lora_b.to(_BF16)  # [M, r]
+        gs = g.to(f32) * scaling if rs is None else g.to(f32) * scaling * rs
+        gs = gs.to(_BF16)
+        if need_dx:
+            acc = (gs @ lora_a.to(_BF16)).to(f32)  # [M, K], then + dy @ W panel by panel
+            part = torch.empty_like(acc, dtype=_BF16)  # one panel's dy @ W, reused
+            for r0, r1, w in _decode_panels(*quant, dtype=_BF16):
+                # a contiguous copy of dy's columns: oneDNN ran [512, 1024] @ [1024, 4096]
+                # 15% faster from it than from the strided view (AMX Xeon, 1 thread)
+                acc.add_(torch.mm(dy[:, r0:r1].contiguous(), w, out=part))
+            dx = acc.to(x.dtype)
+        if need_da:
+            da = (gs.t() @ x.to(_BF16)).to(lora_a.dtype)
+    if need_db:
+        xs = xa.to(f32) * scaling if rs is None else xa.to(f32) * scaling * rs
+        db = (dy.t() @ xs.to(_BF16)).to(lora_b.dtype)
+    if need_dbias:
+        dbias = dy32.sum(0).to(grad_y.dtype)
+    return dx, da, db, dbias

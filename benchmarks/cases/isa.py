@@ -1,0 +1,137 @@
+"""The CPU compute dtype by capability (issue 13): qpeft's ``Linear4bit`` and QLoRA layer in
+the dtype ``qpeft/backends/cpu/capability.py`` picks for bf16 x on this CPU, and forced to
+fp32 (``QPEFT_CPU_COMPUTE=fp32``) for A/B, against torch bf16 and fp32 ``F.linear`` on the
+dequantized weight and against PEFT + bitsandbytes in both compute dtypes.
+
+The machine block of the report records the ISA (``cpu_isa``: what torch's cpuinfo saw)
+and whether qpeft's auto mode computes in bf16 here (``qpeft_cpu_bf16``). Checks: as
+cases/qlora.py (same packed weight: relative error < 2^-6 of the fp64 product with the
+exactly decoded W; the bf16 mode's errors are ~2e-3, tests/_bf16_bounds.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+
+import qpeft
+from qpeft.backends.cpu import capability
+
+from ..harness import Case, Impl
+from .peers import optional
+from .qlora import SAME_FORMAT_REL, Layer, _rel
+
+
+@contextlib.contextmanager
+def _compute(choice: str | None):
+    """QPEFT_CPU_COMPUTE=choice for the call (None: leave it as it is: auto)."""
+    if choice is None:
+        yield
+        return
+    old = os.environ.get(capability.COMPUTE_ENV)
+    os.environ[capability.COMPUTE_ENV] = choice
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[capability.COMPUTE_ENV]
+        else:
+            os.environ[capability.COMPUTE_ENV] = old
+
+
+def _auto_name() -> str:
+    return "bf16" if capability.compute_dtype(torch.bfloat16) == torch.bfloat16 else "fp32"
+
+
+def _linear4bit_cases(device: str, quick: bool) -> list[Case]:
+    bnb, bnbF = optional("bitsandbytes"), optional("bitsandbytes.functional")
+    n = k = 256 if quick else 4096
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16)
+    lin = torch.nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w.float())
+    q = qpeft.nn.Linear4bit.from_linear(lin)  # the same packed weight as quantize_4bit(w)
+    packed, state = q.weight, q.quant_state
+    w32 = q.dequantize(torch.float32)
+    w16 = w32.to(torch.bfloat16)
+    out = []
+    for m in [1, 16] if quick else [1, 16, 512]:
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        want = (x.double() @ w32.double().T).float()
+
+        def same(y, want=want):
+            assert _rel(y, want) < SAME_FORMAT_REL, f"relative error {_rel(y, want):.2e}"
+
+        def run(x=x, choice=None):
+            with torch.no_grad(), _compute(choice):
+                return q(x)
+
+        impls = [
+            Impl(f"qpeft Linear4bit ({_auto_name()} auto)", run, same),
+            Impl("qpeft Linear4bit (fp32 forced)", lambda x=x, run=run: run(x, "fp32"), same),
+            Impl("torch bf16 F.linear (dequantized W)", lambda x=x: F.linear(x, w16), same),
+            Impl("torch fp32 F.linear (dequantized W)", lambda x=x: F.linear(x.float(), w32), same),
+        ]
+        if bnb is not None and bnbF is not None:
+            bstate = bnbF.QuantState.from_dict(state.as_dict(packed=True), device=device)
+            impls.append(
+                Impl(
+                    "bitsandbytes matmul_4bit", lambda x=x, b=bstate: bnb.matmul_4bit(x, packed.t(), b), same
+                )
+            )
+        out.append(
+            Case(
+                "Linear4bit by ISA",
+                f"M={m} {n}x{k}",
+                impls,
+                x=m,
+                x_name="M",
+                bound="compute",
+                flops=2 * m * n * k,
+            )
+        )
+    return out
+
+
+def _layer_case(device: str, quick: bool) -> Case:
+    m, n, k = (16, 256, 256) if quick else (512, 4096, 4096)
+    layer = Layer(m, n, k, device)
+
+    def fwdbwd(fwd, choice=None):
+        def run():
+            with _compute(choice):
+                x = layer.x.clone().requires_grad_()
+                y = fwd(x)
+                y.backward(layer.dy)
+                return y.detach(), x.grad
+
+        return run
+
+    impls = []
+    fwd = layer.qpeft("cpu")[0]
+    impls.append(Impl(f"qpeft cpu ({_auto_name()} auto)", fwdbwd(fwd), layer.check(True)))
+    impls.append(Impl("qpeft cpu (fp32 forced)", fwdbwd(fwd, "fp32"), layer.check(True)))
+    for dt, name in ((torch.bfloat16, "peft+bnb bf16"), (torch.float32, "peft+bnb fp32")):
+        made = layer.peft_bnb(dt)
+        if made is not None:
+            impls.append(Impl(name, fwdbwd(made[0]), layer.check(True)))
+    from .qlora import R, _flops
+
+    return Case(
+        "QLoRA layer fwd+bwd by ISA",
+        f"M={m} {n}x{k} r={R}",
+        impls,
+        bound="compute",
+        flops=_flops(m, n, k, "fwdbwd"),
+        runs={"peft+bnb fp32": {"min_runs": 3, "min_seconds": 0.0}},
+    )
+
+
+def cases(device: str, quick: bool) -> list[Case]:
+    if device != "cpu":
+        return []  # the compute-dtype choice is the CPU backend's
+    return [*_linear4bit_cases(device, quick), _layer_case(device, quick)]
