@@ -258,10 +258,19 @@ _LORA_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def qlora_linear(x, packed, state, lora_a, lora_b, bias, rank_scale, out_scale) -> None:
     """The arguments of ``qpeft.functional.qlora_linear`` (x [..., K]; float64 x/A/B are
-    accepted so gradcheck can run through the reference)."""
+    accepted so gradcheck can run through the reference). lora_A and lora_B both None:
+    no adapter (then rank_scale must be None too)."""
     state_4bit(state, packed, matrix=True)
     n, k = int(state.shape[0]), int(state.shape[1])
-    named = [("x", x), ("lora_A", lora_a), ("lora_B", lora_b)]
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError(
+            "lora_A and lora_B must be given together (or both None for no adapter); got "
+            f"lora_A={'None' if lora_a is None else 'a tensor'}, lora_B={'None' if lora_b is None else 'a tensor'}"
+        )
+    has_lora = lora_a is not None
+    if not has_lora and rank_scale is not None:
+        raise ValueError("rank_scale scales the LoRA ranks; it needs lora_A and lora_B")
+    named = [("x", x)] + ([("lora_A", lora_a), ("lora_B", lora_b)] if has_lora else [])
     named += [
         (nm, t)
         for nm, t in (("bias", bias), ("out_scale", out_scale), ("rank_scale", rank_scale))
@@ -276,16 +285,17 @@ def qlora_linear(x, packed, state, lora_a, lora_b, bias, rank_scale, out_scale) 
             f"x has {x.shape[-1] if x.dim() else 0} input features (shape {tuple(x.shape)}) but the quantized "
             f"weight is [out_features={n}, in_features={k}]"
         )
-    if lora_a.dim() != 2 or lora_a.shape[1] != k or lora_a.shape[0] < 1:
-        raise ValueError(f"lora_A must be [r, in_features={k}] with r >= 1, got {tuple(lora_a.shape)}")
-    if lora_b.dim() != 2 or lora_b.shape[0] != n:
-        raise ValueError(f"lora_B must be [out_features={n}, r], got {tuple(lora_b.shape)}")
-    if lora_a.shape[0] != lora_b.shape[1]:
-        raise ValueError(
-            f"LoRA rank mismatch: lora_A {tuple(lora_a.shape)} has r={lora_a.shape[0]} but lora_B "
-            f"{tuple(lora_b.shape)} has r={lora_b.shape[1]}"
-        )
-    r = lora_a.shape[0]
+    if has_lora:
+        if lora_a.dim() != 2 or lora_a.shape[1] != k or lora_a.shape[0] < 1:
+            raise ValueError(f"lora_A must be [r, in_features={k}] with r >= 1, got {tuple(lora_a.shape)}")
+        if lora_b.dim() != 2 or lora_b.shape[0] != n:
+            raise ValueError(f"lora_B must be [out_features={n}, r], got {tuple(lora_b.shape)}")
+        if lora_a.shape[0] != lora_b.shape[1]:
+            raise ValueError(
+                f"LoRA rank mismatch: lora_A {tuple(lora_a.shape)} has r={lora_a.shape[0]} but lora_B "
+                f"{tuple(lora_b.shape)} has r={lora_b.shape[1]}"
+            )
+    r = lora_a.shape[0] if has_lora else 0
     for name, t, size in (("bias", bias, n), ("out_scale", out_scale, n), ("rank_scale", rank_scale, r)):
         if t is not None and tuple(t.shape) != (size,):
             raise ValueError(f"{name} must have shape ({size},), got {tuple(t.shape)}")

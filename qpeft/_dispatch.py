@@ -64,6 +64,8 @@ _backends: dict[str, _Backend] = {}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("qpeft_backend", default=None)
 # (op, device type) -> the kernel the default path runs; filled on first use
 _default_kernel: dict[tuple[str, str], Callable] = {}
+# (op, device type) -> name of the backend the default path picks (kernel_backend's cache)
+_default_backend: dict[tuple[str, str], str | None] = {}
 _lib = torch.library.Library("qpeft", "IMPL")
 _routed: set[tuple[str, str]] = set()
 # op -> positions of the arguments it updates in place (version counters to bump)
@@ -114,6 +116,7 @@ def register_backend(
     backend.unavailable = unavailable
     backend.probed = False
     _default_kernel.clear()
+    _default_backend.clear()
     for op in kernels:
         for device in serves(name):
             if device in DISPATCH_KEYS and (op, device) not in _routed:
@@ -157,6 +160,7 @@ def reset() -> None:
     for backend in _backends.values():
         backend.probed = False
     _default_kernel.clear()
+    _default_backend.clear()
 
 
 @contextlib.contextmanager
@@ -210,6 +214,35 @@ def kernel_for(op: str, device: torch.device | str) -> Callable:
         return _forced_kernel(op, forced, device_type)
     fn = _default_kernel.get((op, device_type))
     return fn if fn is not None else _resolve_default(op, device_type)
+
+
+def kernel_backend(op: str, device: torch.device | str) -> str | None:
+    """The backend whose kernel ``qpeft::op`` runs on ``device`` right now (forced or
+    default), or None when none can (the call would raise). Lets a composition choose
+    between two ops, e.g. ``functional.linear_4bit`` takes the GEMV only where a kernel
+    other than the whole-W reference serves it (docs/design.md, "Decode path")."""
+    device_type = device if isinstance(device, str) else device.type
+    forced = _forced.get()
+    if forced is not None:
+        entry = _backends.get(forced)
+        ok = entry is not None and op in entry.kernels and device_type in serves(forced)
+        return forced if ok else None
+    key = (op, device_type)
+    if key in _default_backend:
+        return _default_backend[key]
+    choice = None
+    for name in PRIORITY.get(device_type, ("default",)):
+        entry = _backends.get(name)
+        if entry is not None and op in entry.kernels and entry.why_not() is None:
+            choice = name
+            break
+    _default_backend[key] = choice
+    return choice
+
+
+def has_kernel(op: str, device: torch.device | str) -> bool:
+    """True when ``qpeft::op`` can run on ``device`` right now (see ``kernel_backend``)."""
+    return kernel_backend(op, device) is not None
 
 
 def _forced_kernel(op: str, backend: str, device_type: str) -> Callable:

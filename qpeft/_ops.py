@@ -153,17 +153,20 @@ for _name, _impl, _mutated in (
 # qlora_linear: x [M, K], A [r, K], B [N, r] -> (y [M, N], xa = x @ A^T [M, r] or empty),
 # both in x's dtype. qlora_linear_backward: (dx, dA, dB, dbias), those not asked for
 # empty; xa is the forward's x @ A^T (needed only for dB). No gradient for W is formed.
+# lora_A and lora_B are optional (both None: no adapter): every backend then skips the
+# LoRA terms entirely (no zero-rank adapter is built; Triton compiles them out), so
+#   y = out_scale * (x @ W^T + bias),  xa empty,  dA/dB never asked for.
 
 _QUANT_ARGS = (
     "Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
     "int blocksize, int nested_blocksize, str quant_type, int out_features, int in_features"
 )
 _define(
-    f"qlora_linear(Tensor x, {_QUANT_ARGS}, Tensor lora_A, Tensor lora_B, float scaling, Tensor? bias, "
+    f"qlora_linear(Tensor x, {_QUANT_ARGS}, Tensor? lora_A, Tensor? lora_B, float scaling, Tensor? bias, "
     "Tensor? rank_scale, Tensor? out_scale, bool return_xa) -> (Tensor, Tensor)",
     lambda x, *a: (
         x.new_empty((x.shape[0], a[8])),
-        x.new_empty((x.shape[0], a[10].shape[0]) if a[-1] else (0,)),
+        x.new_empty((x.shape[0], a[10].shape[0]) if a[-1] and a[10] is not None else (0,)),
     ),
 )
 
@@ -173,14 +176,18 @@ def _qlora_linear_backward_fake(grad_y, x, *a):
     need_dx, need_da, need_db, need_dbias = a[-4:]
     return (
         x.new_empty(x.shape if need_dx else (0,)),
-        lora_a.new_empty(lora_a.shape if need_da else (0,)),
-        lora_b.new_empty(lora_b.shape if need_db else (0,)),
+        x.new_empty(lora_a.shape, dtype=lora_a.dtype)
+        if need_da and lora_a is not None
+        else x.new_empty((0,)),
+        x.new_empty(lora_b.shape, dtype=lora_b.dtype)
+        if need_db and lora_b is not None
+        else x.new_empty((0,)),
         grad_y.new_empty((a[8],) if need_dbias else (0,)),
     )
 
 
 _define(
-    f"qlora_linear_backward(Tensor grad_y, Tensor x, {_QUANT_ARGS}, Tensor lora_A, Tensor lora_B, Tensor xa, "
+    f"qlora_linear_backward(Tensor grad_y, Tensor x, {_QUANT_ARGS}, Tensor? lora_A, Tensor? lora_B, Tensor xa, "
     "float scaling, Tensor? rank_scale, Tensor? out_scale, bool need_dx, bool need_dA, bool need_dB, "
     "bool need_dbias) -> (Tensor, Tensor, Tensor, Tensor)",
     _qlora_linear_backward_fake,

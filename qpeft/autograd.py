@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from . import _ops  # noqa: F401  (defines torch.ops.qpeft.*)
+from ._dispatch import kernel_backend
+from ._formats import FLOAT_DTYPES, GEMV_MAX_ROWS
 
-__all__ = ["QLoRAFunction"]
+__all__ = ["QLoRAFunction", "Linear4bitFunction", "linear_4bit_forward"]
 
 
 class QLoRAFunction(torch.autograd.Function):
@@ -120,4 +122,130 @@ class QLoRAFunction(torch.autograd.Function):
             db if need_db else None,
             dbias.to(ctx.bias_dtype) if need_dbias else None,
             *([None] * 9),
+        )
+
+
+def _use_gemv(x2: torch.Tensor) -> bool:
+    """Decode-sized x (1 <= M <= GEMV_MAX_ROWS, fp32/fp16/bf16) takes ``qpeft::gemv_4bit``
+    wherever a kernel other than the whole-W reference serves it (or the reference serves
+    the matmul path too); else the 4-bit matmul path (docs/design.md, "Decode path")."""
+    if not (1 <= x2.shape[0] <= GEMV_MAX_ROWS and x2.dtype in FLOAT_DTYPES):
+        return False
+    gemv = kernel_backend("gemv_4bit", x2.device)
+    if gemv is None:
+        return False
+    return gemv != "default" or kernel_backend("qlora_linear", x2.device) in ("default", None)
+
+
+def linear_4bit_forward(x2, bias, packed, absmax, nested_absmax, nested_code, offset, quant):
+    """y = x2 @ dequant(W)^T + bias for x2 [M, K] (no autograd): the GEMV at M <= 8, else
+    the 4-bit matmul (``qlora_linear`` without an adapter). Both accumulate in fp32 and round
+    once to x2's dtype: with a bias the GEMV runs on fp32 x (the same values, so the same
+    products) and the bias is added in fp32 before the one rounding, as the matmul path does."""
+    blocksize, nested_blocksize, quant_type, n, k = quant
+    if _use_gemv(x2):
+        xg = x2 if bias is None else x2.float()
+        y = torch.ops.qpeft.gemv_4bit(
+            xg,
+            packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            nested_blocksize,
+            quant_type,
+            n,
+            k,
+        )
+        return y if bias is None else y.add_(bias.float()).to(x2.dtype)
+    y, _ = torch.ops.qpeft.qlora_linear(
+        x2,
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        n,
+        k,
+        None,
+        None,
+        0.0,
+        bias,
+        None,
+        None,
+        False,
+    )
+    return y
+
+
+class Linear4bitFunction(torch.autograd.Function):
+    """y = x @ dequant(W)^T + bias, W frozen in 4 bits: ``qpeft.functional.linear_4bit``.
+
+    ``forward(x, bias, packed, absmax, nested_absmax, nested_code, offset, quant)`` with
+    ``quant`` as in QLoRAFunction. The forward is ``linear_4bit_forward`` (GEMV at M <= 8);
+    the backward is ``qlora_linear_backward`` without an adapter: dx = dy @ dequant(W)
+    (recomputed from the packed weight), dbias = sum(dy). x itself is not saved (the
+    no-adapter backward reads only its shape and dtype), so a frozen layer keeps no
+    activation alive for the backward. Autocast as in QLoRAFunction.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, packed, absmax, nested_absmax, nested_code, offset, quant):
+        n, k = quant[3], quant[4]
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            x = x.to(torch.get_autocast_dtype(dev))
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)
+        with torch.autocast(dev, enabled=False):
+            y = linear_4bit_forward(x2, bias, packed, absmax, nested_absmax, nested_code, offset, quant)
+        ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
+        ctx.quant = quant
+        ctx.x_meta = (x.shape, x.dtype)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y.reshape(*lead, n)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+        blocksize, nested_blocksize, quant_type, n, k = ctx.quant
+        x_shape, x_dtype = ctx.x_meta
+        need_dx, need_dbias = ctx.needs_input_grad[:2]
+        g2 = grad_y.reshape(-1, n)
+        m = g2.shape[0]
+        # the op reads only x's shape and dtype here: a zero-stride stand-in costs no memory
+        x_like = torch.empty((), dtype=x_dtype, device=grad_y.device).expand(m, k)
+        with torch.autocast(grad_y.device.type, enabled=False):
+            dx, _, _, dbias = torch.ops.qpeft.qlora_linear_backward(
+                g2,
+                x_like,
+                packed,
+                absmax,
+                nested_absmax,
+                nested_code,
+                offset,
+                blocksize,
+                nested_blocksize,
+                quant_type,
+                n,
+                k,
+                None,
+                None,
+                g2.new_empty((0,)),
+                0.0,
+                None,
+                None,
+                need_dx,
+                False,
+                False,
+                need_dbias,
+            )
+        return (
+            dx.reshape(x_shape) if need_dx else None,
+            dbias.to(ctx.bias_dtype) if need_dbias else None,
+            *([None] * 6),
         )

@@ -15,7 +15,7 @@ from . import (
     backends,  # noqa: F401  (registers every backend's kernels)
 )
 from ._formats import NESTED_BLOCKSIZE, code4, dynamic_map
-from .autograd import QLoRAFunction
+from .autograd import Linear4bitFunction, QLoRAFunction, linear_4bit_forward
 from .quant_state import QuantState
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "quantize_blockwise",
     "dequantize_blockwise",
     "qlora_linear",
+    "linear_4bit",
     "gemv_4bit",
 ]
 
@@ -180,8 +181,8 @@ def qlora_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
     state: QuantState,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
+    lora_A: torch.Tensor | None,
+    lora_B: torch.Tensor | None,
     scaling: float,
     bias: torch.Tensor | None = None,
     *,
@@ -197,7 +198,8 @@ def qlora_linear(
     adapted layer, bias included, as PEFT's IA3 scales its base layer's output.
     Differentiable in x, lora_A, lora_B and bias (no gradient for W is ever formed);
     rank_scale and out_scale are constants (no gradient). Runs the fused Triton kernel
-    on CUDA when available, else the reference.
+    on CUDA when available, else the reference. ``lora_A = lora_B = None``: no adapter;
+    every backend skips the LoRA terms (``scaling`` is ignored), y = out_scale * (x @ W^T + bias).
     """
     packed = _checks.packed_4bit(packed)
     _checks.qlora_linear(x, packed, state, lora_A, lora_B, bias, rank_scale, out_scale)
@@ -211,6 +213,51 @@ def qlora_linear(
     return QLoRAFunction.apply(
         x, lora_A, lora_B, bias, packed, state.absmax, *nested, quant, float(scaling), rank_scale, out_scale
     )
+
+
+def _quant_args(state: QuantState) -> tuple:
+    """(absmax, nested_absmax, nested_code, offset, (blocksize, nested_blocksize, quant_type, n, k))."""
+    n, k = state.shape
+    if state.nested:
+        nested = (state.state2.absmax, state.state2.code, state.offset.reshape(1).to(torch.float32))
+        nested_blocksize = state.state2.blocksize
+    else:
+        nested, nested_blocksize = (None, None, None), NESTED_BLOCKSIZE
+    return (state.absmax, *nested, (state.blocksize, nested_blocksize, state.quant_type, n, k))
+
+
+def linear_4bit(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    quant_state: QuantState,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W^T + bias`` for a 4-bit weight W [N, K] (``weight_packed``, ``quant_state`` from
+    ``quantize_4bit``); x is [..., K] (any strides), the result [..., N] in x's dtype
+    (autocast's inside an autocast region), accumulated in fp32 and rounded once.
+
+    M = the product of x's leading dims picks the kernel: 1 <= M <= 8
+    (``qpeft._formats.GEMV_MAX_ROWS``, token-by-token decoding) runs ``qpeft::gemv_4bit``,
+    which reads the packed weight once; otherwise the 4-bit matmul (``qpeft::qlora_linear``
+    without an adapter: W dequantized tile by tile). Differentiable in x and bias: the
+    gradient of x goes through the dequantized weight, recomputed from the packed one; W
+    gets none. See docs/design.md, "Decode path".
+    """
+    weight_packed = _checks.packed_4bit(weight_packed)
+    _checks.qlora_linear(x, weight_packed, quant_state, None, None, bias, None, None)
+    absmax, na, nc, off, quant = _quant_args(quant_state)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return Linear4bitFunction.apply(x, bias, weight_packed, absmax, na, nc, off, quant)
+    # inference: the same forward without an autograd node (a decode step calls this per layer)
+    n, k = quant[3], quant[4]
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))
+        with torch.autocast(dev, enabled=False):
+            y = linear_4bit_forward(x.reshape(-1, k), bias, weight_packed, absmax, na, nc, off, quant)
+    else:
+        y = linear_4bit_forward(x.reshape(-1, k), bias, weight_packed, absmax, na, nc, off, quant)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def gemv_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:

@@ -19,7 +19,11 @@ out when the backward needs it.
 No registration or autograd here (``qpeft.backends.triton.qlora`` does that); the
 launchers take contiguous-or-strided torch tensors and return new ones.
 
-Interpreter (TRITON_INTERPRET=1, CPU): autotune is skipped for one small fixed config,
+Configs: each launch runs its shape regime's default config (``default_config``: M <= 16
+or larger, LoRA rank bucket), with no autotuning unless QPEFT_TRITON_AUTOTUNE=1, which
+autotunes over the regime's table (docs/design.md, "Triton configs").
+
+Interpreter (TRITON_INTERPRET=1, CPU): one small fixed config (never autotuned),
 and ``UPCAST`` turns bf16 tiles into fp32 before ``tl.dot`` (the interpreter's bf16
 dot returns garbage); the tiles are rounded to bf16 first, so the values are those
 the GPU multiplies (up to the interpreter's truncating fp32->bf16 cast).
@@ -185,6 +189,7 @@ def qlora_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RANK_SCALE: tl.constexpr,
     HAS_OUT_SCALE: tl.constexpr,
+    HAS_LORA: tl.constexpr,
     WRITE_XA: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
@@ -198,7 +203,8 @@ def qlora_fwd_kernel(
 
     Per step: x tile [BM, BK] (read once, used twice), W tile [BN, BK] dequantized in
     registers (used transposed), A^T tile [BK, BR]; acc += x @ W^T, xa += x @ A^T.
-    Epilogue: acc += (s * xa * rank_scale) @ B^T, + bias, * out_scale. Grouped program
+    Epilogue: acc += (s * xa * rank_scale) @ B^T, + bias, * out_scale. HAS_LORA=False (no
+    adapter) compiles the A/B loads and both LoRA dots out. Grouped program
     order (GROUP_M M-tiles walk each N-column of W together) keeps W tiles in L2 at large M.
     """
     dt = x_ptr.dtype.element_ty
@@ -248,22 +254,24 @@ def qlora_fwd_kernel(
             ALIGNED,
         )
         acc = _mma(x, tl.trans(w.to(dt)), acc, UPCAST, IEEE)
-        at = tl.load(
-            a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-            mask=k_ok[:, None] & r_ok[None, :],
+        if HAS_LORA:
+            at = tl.load(
+                a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+                mask=k_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )
+            xa = _mma(x, at.to(dt), xa, UPCAST, IEEE)
+
+    if HAS_LORA:
+        t = xa * scaling
+        if HAS_RANK_SCALE:
+            t = t * tl.load(rank_scale_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+        bt = tl.load(
+            b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+            mask=r_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-        xa = _mma(x, at.to(dt), xa, UPCAST, IEEE)
-
-    t = xa * scaling
-    if HAS_RANK_SCALE:
-        t = t * tl.load(rank_scale_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
-    bt = tl.load(
-        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-        mask=r_ok[:, None] & n_ok[None, :],
-        other=0.0,
-    )
-    acc = _mma(t.to(dt), bt.to(dt), acc, UPCAST, IEEE)
+        acc = _mma(t.to(dt), bt.to(dt), acc, UPCAST, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_OUT_SCALE:
@@ -315,6 +323,7 @@ def qlora_dx_kernel(
     NESTED: tl.constexpr,
     ALIGNED: tl.constexpr,
     HAS_RANK_SCALE: tl.constexpr,
+    HAS_LORA: tl.constexpr,
     WRITE_G: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
@@ -378,22 +387,24 @@ def qlora_dx_kernel(
             ALIGNED,
         )
         acc = _mma(dy, w.to(dt), acc, UPCAST, IEEE)
-        b = tl.load(
-            b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-            mask=n_ok[:, None] & r_ok[None, :],
+        if HAS_LORA:
+            b = tl.load(
+                b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=n_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )
+            g = _mma(dy, b.to(dt), g, UPCAST, IEEE)
+
+    if HAS_LORA:
+        t = g * scaling
+        if HAS_RANK_SCALE:
+            t = t * tl.load(rank_scale_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+        a = tl.load(
+            a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+            mask=r_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        g = _mma(dy, b.to(dt), g, UPCAST, IEEE)
-
-    t = g * scaling
-    if HAS_RANK_SCALE:
-        t = t * tl.load(rank_scale_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
-    a = tl.load(
-        a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-        mask=r_ok[:, None] & k_ok[None, :],
-        other=0.0,
-    )
-    acc = _mma(t.to(dt), a.to(dt), acc, UPCAST, IEEE)
+        acc = _mma(t.to(dt), a.to(dt), acc, UPCAST, IEEE)
     tl.store(
         dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
         acc.to(dx_ptr.dtype.element_ty),
@@ -474,11 +485,28 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 8192)
 
 
+def _tables(kernel_name: str):
+    return {"fwd": (qlora_fwd_kernel, _FWD_CONFIGS), "dx": (qlora_dx_kernel, _DX_CONFIGS)}[kernel_name]
+
+
+def autotune_enabled() -> bool:
+    """QPEFT_TRITON_AUTOTUNE=1 opts in to autotuning (docs/design.md, "Triton configs")."""
+    return os.environ.get("QPEFT_TRITON_AUTOTUNE") == "1"
+
+
+@functools.cache
+def default_config(kernel_name: str, regime: tuple[str, str]) -> triton.Config:
+    """The config a launch of ``kernel_name`` runs in ``regime`` when not autotuning: the
+    table's first, which AOT_CONFIGS compiles for sm_80/sm_90 and the report shows spill-free
+    (tests/test_triton_configs.py). Chosen once per (kernel, regime) from the shape at call
+    time: no benchmark runs, so the first call of a shape costs one compile, not one per
+    candidate config (4 for the forward at small M) plus their timed runs."""
+    return _tables(kernel_name)[1][regime][0]
+
+
 @functools.cache
 def _tuned(kernel_name: str, regime: tuple[str, str]):
-    kernel, table = {"fwd": (qlora_fwd_kernel, _FWD_CONFIGS), "dx": (qlora_dx_kernel, _DX_CONFIGS)}[
-        kernel_name
-    ]
+    kernel, table = _tables(kernel_name)
     return triton.autotune(configs=table[regime], key=["M_BUCKET", "N", "K"])(kernel)
 
 
@@ -489,8 +517,14 @@ def _launch(kernel_name: str, kernel, m: int, n_out, br: int, args: tuple, kwarg
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * n_out(cfg),)
         kernel[grid](*args, **kwargs, **cfg)
         return
-    tuned = _tuned(kernel_name, _regime(m, br))
-    tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * n_out(meta),)](*args, **kwargs)
+    regime = _regime(m, br)
+    if autotune_enabled():
+        tuned = _tuned(kernel_name, regime)
+        tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * n_out(meta),)](*args, **kwargs)
+        return
+    cfg = default_config(kernel_name, regime)
+    grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * n_out(cfg.kwargs),)
+    kernel[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # ---------------------------------------------------------------------------------------
@@ -538,17 +572,24 @@ def qlora_forward(
 
     x: [M, K] fp16/bf16/fp32 (any strides); packed: uint8 [(N*K+1)//2] flat; absmax fp32
     [blocks], or uint8 codes with nested_absmax/nested_code/offset; code: fp32 [16];
-    lora_a [r, K], lora_b [N, r], bias/out_scale [N], rank_scale [r]: any float dtype.
+    lora_a [r, K], lora_b [N, r], bias/out_scale [N], rank_scale [r]: any float dtype;
+    lora_a = lora_b = None: no adapter (HAS_LORA=False: y = out_scale * (x @ W^T + bias)).
     """
-    m, r = x.shape[0], lora_a.shape[0]
+    has_lora = lora_a is not None
+    m, r = x.shape[0], (lora_a.shape[0] if has_lora else 0)
+    return_xa = return_xa and has_lora
     br = block_r(r)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     xa = torch.empty((m, r) if return_xa else (0,), device=x.device, dtype=x.dtype)
     if m == 0:
         return y, xa
-    _check_offsets(x=x, y=y, lora_a=lora_a, lora_b=lora_b)
     nested = nested_absmax is not None
     dummy = code
+    if has_lora:
+        _check_offsets(x=x, y=y, lora_a=lora_a, lora_b=lora_b)
+    else:  # no adapter: the A/B arguments are never read (HAS_LORA=False)
+        _check_offsets(x=x, y=y)
+        lora_a = lora_b = dummy.view(1, -1)
     args = (
         x,
         packed,
@@ -587,6 +628,7 @@ def qlora_forward(
         HAS_BIAS=bias is not None,
         HAS_RANK_SCALE=rank_scale is not None,
         HAS_OUT_SCALE=out_scale is not None,
+        HAS_LORA=has_lora,
         WRITE_XA=return_xa,
         BLOCK_R=br,
         **_flags(x.dtype),
@@ -617,15 +659,21 @@ def qlora_dx(
 
     dy: [M, N], already multiplied by out_scale; other arguments as ``qlora_forward``.
     """
-    m, r = dy.shape[0], lora_a.shape[0]
+    has_lora = lora_a is not None
+    m, r = dy.shape[0], (lora_a.shape[0] if has_lora else 0)
+    return_g = return_g and has_lora
     br = block_r(r)
     dx = torch.empty((m, k), device=dy.device, dtype=dy.dtype)
     g = torch.empty((m, r) if return_g else (0,), device=dy.device, dtype=torch.float32)
     if m == 0:
         return dx, g
-    _check_offsets(dy=dy, dx=dx, lora_a=lora_a, lora_b=lora_b)
     nested = nested_absmax is not None
     dummy = code
+    if has_lora:
+        _check_offsets(dy=dy, dx=dx, lora_a=lora_a, lora_b=lora_b)
+    else:  # no adapter: the A/B arguments are never read (HAS_LORA=False)
+        _check_offsets(dy=dy, dx=dx)
+        lora_a = lora_b = dummy.view(1, -1)
     args = (
         dy,
         packed,
@@ -660,6 +708,7 @@ def qlora_dx(
         NESTED=nested,
         ALIGNED=k % blocksize == 0,
         HAS_RANK_SCALE=rank_scale is not None,
+        HAS_LORA=has_lora,
         WRITE_G=return_g,
         BLOCK_R=br,
         **_flags(dy.dtype),
@@ -732,10 +781,16 @@ _DX_STRIDES = [
 
 
 def _aot_entry(
-    kernel_name: str, regime: tuple[str, str], r: int, dtype: str = "bf16", nested: bool = True
+    kernel_name: str,
+    regime: tuple[str, str],
+    r: int,
+    dtype: str = "bf16",
+    nested: bool = True,
+    has_lora: bool = True,
 ) -> dict:
     """The default (first) config of ``regime`` as an AOT description: bf16, NF4 with double
-    quantization, blocksize 64, bias and rank_scale on, out_scale off."""
+    quantization, blocksize 64, bias and rank_scale on, out_scale off; ``has_lora=False``:
+    the no-adapter variant (LoRA terms compiled out)."""
     cfg = (_FWD_CONFIGS if kernel_name == "fwd" else _DX_CONFIGS)[regime][0]
     ptrs, strides = (_FWD_ARGS, _FWD_STRIDES) if kernel_name == "fwd" else (_DX_ARGS, _DX_STRIDES)
     signature = {name: t.format(dt=dtype, am="u8" if nested else "fp32") for name, t in ptrs}
@@ -750,16 +805,17 @@ def _aot_entry(
         NESTED_BLOCKSIZE=256,
         NESTED=nested,
         ALIGNED=True,
-        HAS_RANK_SCALE=True,
+        HAS_RANK_SCALE=has_lora,
+        HAS_LORA=has_lora,
         UPCAST=False,
         IEEE=dtype == "fp32",
         BLOCK_R=block_r(r),
         **cfg.kwargs,
     )
     if kernel_name == "fwd":
-        constexprs.update(HAS_BIAS=True, HAS_OUT_SCALE=False, WRITE_XA=True)
+        constexprs.update(HAS_BIAS=True, HAS_OUT_SCALE=False, WRITE_XA=has_lora)
     else:
-        constexprs.update(WRITE_G=True)
+        constexprs.update(WRITE_G=has_lora)
     for name in constexprs:
         signature[name] = "constexpr"
     fn = qlora_fwd_kernel if kernel_name == "fwd" else qlora_dx_kernel
@@ -773,7 +829,7 @@ def _aot_entry(
         or (signature[name] == "i32" and name not in ("M", "R", "M_BUCKET"))
     }
     return {
-        "name": f"qlora_{kernel_name}_{regime[0]}M_r{r}_{dtype}",
+        "name": f"qlora_{kernel_name}_{regime[0]}M_{f'r{r}' if has_lora else 'nolora'}_{dtype}",
         "fn": fn,
         "signature": signature,
         "constexprs": constexprs,
@@ -792,4 +848,8 @@ AOT_CONFIGS = [
         (("small", "hi"), 256),
         (("large", "hi"), 256),
     )
+] + [  # no adapter: the "lo" bucket's config (block_r(0) = 16), LoRA compiled out
+    _aot_entry(kernel_name, regime, 0, has_lora=False)
+    for kernel_name in ("fwd", "dx")
+    for regime in (("small", "lo"), ("large", "lo"))
 ]

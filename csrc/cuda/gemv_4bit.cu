@@ -26,16 +26,26 @@
 // path. One instantiation per M (1..8) and dtype: the accumulators are a
 // register array indexed by constants after unrolling, with no per-row guards.
 //
-// Registers (nvcc 13.0 -Xptxas -v): __launch_bounds__(128, 1) and the two
-// `#pragma unroll 1` loops are what keeps every instantiation free of spills on
-// sm_75..sm_120. With __launch_bounds__(128) alone ptxas aimed at 40-56
-// registers and spilled 4-16 bytes of cold values (the nested offset, the row
-// index) in a few instantiations per arch; a register cap (min 4-8 blocks/SM)
-// let it hoist a whole chunk's x loads (M x 4 x 16 bytes) and spill 8-56 bytes.
-// Now: 31-79 registers for fp16/bf16 x, up to 116 for fp32 x at M = 8 (its
-// 16-byte loads carry 4 values instead of 8). The per-block table staging keeps
-// the nested offset in shared memory, next to the nested code, for the same
-// reason.
+// Inner loop: the 16-byte load of packed codes is issued before the absmax decode
+// (whose loads depend on each other: code byte, nested absmax, shared code value),
+// the 4 words of a chunk are unrolled (kWordsPerChunk), and block / nested_blocksize
+// is a 32-bit magic-number division (FastDivU32): a 64-bit `/` compiled to a call of
+// the software division routine per chunk (cuobjdump -sass: 48 CALLs and 72 MUFU.RCP
+// on sm_90 before, none now; the host refuses >= 2^31 quant blocks).
+//
+// Registers (nvcc 13.0 -Xptxas -v, sm_80 / sm_90; no spills, no stack in any
+// instantiation): __launch_bounds__(128, 1) and the `#pragma unroll 1` chunk loop
+// keep every instantiation spill-free. Unrolling a chunk's words lets ptxas hoist
+// their x loads (up to M x 4 x 16 bytes), so registers grow with M: fp16/bf16 x
+// 46-128 (31-72 with the word loop rolled). fp32 x carries 4 values per 16-byte load
+// (twice the loads): fully unrolled it took 211-250 registers at M = 5..8, 2 blocks
+// of 128 threads per SM, so there the words are unrolled by 2 (kUnroll): 120-168
+// (M = 1..4, fully unrolled: 63-188; rolled: 40-110). More loads in flight per lane
+// against fewer resident warps: not measured on a GPU yet. With
+// __launch_bounds__(128) alone ptxas spilled 4-16 bytes of cold values in a few
+// instantiations per arch; a register cap (min 4-8 blocks/SM) spilled 8-56 bytes.
+// The per-block table staging keeps the nested offset in shared memory, next to the
+// nested code, for the same reason.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -60,15 +70,41 @@ constexpr int kMaxRows = kGemvMaxRows;  // M limit (format.h; launch_gemv instan
 static_assert(kMaxRows == 8, "launch_gemv has one case per row count 1..8");
 
 static_assert(kGemvChunk * 4 / 8 == 16, "a chunk is one 16-byte load");
+constexpr int kWordsPerChunk = kGemvChunk / 8;  // 32-bit words (8 weights each) per chunk
+static_assert(kWordsPerChunk == 4, "a chunk is one uint4");
 
-// absmax of quant block `blk`: fp32, or the double-quantized code decoded as
-// dequantize_4bit does (format.h: nested_absmax_value).
-__device__ __forceinline__ float block_absmax(const void* __restrict__ absmax, int64_t blk,
+// n / d for 0 <= n < 2^31 and 1 <= d < 2^31 without a division instruction: the
+// round-up magic number of Granlund & Montgomery ("Division by invariant integers
+// using multiplication", 1994), q = (umulhi(n, magic) + n) >> shift with
+// shift = ceil(log2 d) and magic = floor(2^32 * (2^shift - d) / d) + 1. The sum
+// umulhi + n stays below 2^32 because n < 2^31. Used for block / nested_blocksize
+// in the inner loop: a 64-bit division there compiles to a call of a ~70-instruction
+// software routine per chunk; the host refuses >= 2^31 blocks (gemv_4bit below).
+struct FastDivU32 {
+  uint32_t magic;
+  uint32_t shift;
+  uint32_t divisor;
+};
+
+inline FastDivU32 make_fastdiv(uint32_t d) {  // host; 1 <= d < 2^31
+  uint32_t shift = 0;
+  while ((uint64_t{1} << shift) < d) ++shift;
+  const uint64_t magic = ((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1;
+  return FastDivU32{static_cast<uint32_t>(magic), shift, d};
+}
+
+__device__ __forceinline__ uint32_t fastdiv(uint32_t n, const FastDivU32& f) {
+  return (__umulhi(n, f.magic) + n) >> f.shift;
+}
+
+// absmax of quant block `blk` (< 2^31): fp32, or the double-quantized code decoded
+// as dequantize_4bit does (format.h: nested_absmax_value).
+__device__ __forceinline__ float block_absmax(const void* __restrict__ absmax, uint32_t blk,
                                               bool nested, const float* __restrict__ nested_absmax,
-                                              const float* s_ncode, int64_t nested_bs) {
+                                              const float* s_ncode, const FastDivU32& nested_bs) {
   if (nested) {
     return nested_absmax_value(static_cast<const uint8_t*>(absmax)[blk], s_ncode,
-                               __ldg(nested_absmax + blk / nested_bs), s_ncode[kNumCodes8]);
+                               __ldg(nested_absmax + fastdiv(blk, nested_bs)), s_ncode[kNumCodes8]);
   }
   return __ldg(static_cast<const float*>(absmax) + blk);
 }
@@ -78,7 +114,7 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
     gemv4_kernel(const ET<DT>* __restrict__ x, int64_t k, const uint8_t* __restrict__ packed,
                  const void* __restrict__ absmax, int64_t n, int log2_bs, int quant_type, bool vec,
                  const float* __restrict__ nested_absmax, const float* __restrict__ nested_code,
-                 const float* __restrict__ offset, int64_t nested_bs, ET<DT>* __restrict__ out) {
+                 const float* __restrict__ offset, FastDivU32 nested_bs, ET<DT>* __restrict__ out) {
   __shared__ float s_tab[kNumCodes4];
   float* s_ncode = dynamic_smem<float>();  // nested: 256 code values, then the offset
   const bool nested = nested_absmax != nullptr;
@@ -105,14 +141,18 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
     if (vec) {
       const int64_t nchunks = k / kGemvChunk;
 #pragma unroll 1
-      for (int64_t c = lane; c < nchunks; c += 32) {
+      for (int64_t c = lane; c < nchunks; c += 32) {  // runtime count: not unrolled
         const int64_t e0 = w0 + c * kGemvChunk;
-        const float am =
-            block_absmax(absmax, e0 >> log2_bs, nested, nested_absmax, s_ncode, nested_bs);
+        // The packed codes first: the absmax decode is a chain of dependent loads (code
+        // byte, nested absmax, shared code value), and issued after the 16-byte weight
+        // load it overlaps that load's latency instead of delaying it.
         const uint4 w = __ldg(reinterpret_cast<const uint4*>(packed + (e0 >> 1)));
+        const float am = block_absmax(absmax, static_cast<uint32_t>(e0 >> log2_bs), nested,
+                                      nested_absmax, s_ncode, nested_bs);
         const ET<DT>* xc = x + c * kGemvChunk;
-#pragma unroll 1
-        for (int q = 0; q < 4; ++q) {
+        [[maybe_unused]] constexpr int kUnroll = (DT == kF32 && M > 4) ? 2 : kWordsPerChunk;
+#pragma unroll kUnroll
+        for (int q = 0; q < kWordsPerChunk; ++q) {
           const uint32_t word = q == 0   ? w.x
                                 : q == 1 ? w.y
                                 : q == 2 ? w.z
@@ -137,8 +177,8 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
       for (int64_t kk = lane; kk < k; kk += 32) {
         const int64_t e = w0 + kk;
         const uint8_t byte = packed[e >> 1];
-        const float am =
-            block_absmax(absmax, e >> log2_bs, nested, nested_absmax, s_ncode, nested_bs);
+        const float am = block_absmax(absmax, static_cast<uint32_t>(e >> log2_bs), nested,
+                                      nested_absmax, s_ncode, nested_bs);
         const float wv = s_tab[(e & 1) ? (byte & 15u) : (byte >> 4)] * am;
 #pragma unroll
         for (int i = 0; i < M; ++i) acc[i] = fmaf(wv, to_f32<DT>(x[i * k + kk]), acc[i]);
@@ -162,7 +202,7 @@ __global__ void __launch_bounds__(kGemvThreads, 1)
 template <int DT, int M>
 void launch_m(dim3 grid, std::size_t smem, cudaStream_t s, const ET<DT>* x, int64_t k,
               const uint8_t* packed, const void* absmax, int64_t n, int log2_bs, int quant_type,
-              bool vec, const float* na, const float* nc, const float* of, int64_t nested_bs,
+              bool vec, const float* na, const float* nc, const float* of, FastDivU32 nested_bs,
               ET<DT>* out) {
   launch("gemv_4bit", gemv4_kernel<DT, M>, grid, kGemvThreads, smem, s, x, k, packed, absmax, n,
          log2_bs, quant_type, vec, na, nc, of, nested_bs, out);
@@ -221,12 +261,18 @@ void gemv_4bit(std::uintptr_t x, int x_dtype, std::int64_t x_len, std::int64_t m
   const int64_t nblocks = ceil_div(numel, blocksize);
   host::check_len(fn, "absmax", absmax_len, nblocks);
   host::check_len(fn, "out", out_len, host::checked_mul(fn, "m", m, "n", n));
+  // Block indices are 32-bit in the kernel (FastDivU32 above): W may have up to
+  // 2^31 - 1 quant blocks (2^36 elements at blocksize 32).
+  host::check_index32(fn, "quant blocks of W", nblocks);
   const bool nested = nested_absmax != 0;
+  FastDivU32 nested_div = make_fastdiv(1);
   if (nested) {
     host::check_positive(fn, "nested_blocksize", nested_blocksize);
+    host::check_index32(fn, "nested_blocksize", nested_blocksize);
     host::check_len(fn, "nested_absmax", nested_absmax_len, ceil_div(nblocks, nested_blocksize));
     host::check_ptr(fn, "nested_code", nested_code);
     host::check_ptr(fn, "offset", offset);
+    nested_div = make_fastdiv(static_cast<uint32_t>(nested_blocksize));
   }
   host::check_ptr(fn, "x", x);
   host::check_ptr(fn, "packed", packed);
@@ -242,7 +288,7 @@ void gemv_4bit(std::uintptr_t x, int x_dtype, std::int64_t x_len, std::int64_t m
                     reinterpret_cast<const uint8_t*>(packed), reinterpret_cast<const void*>(absmax),
                     n, log2_bs, quant_type, vec, reinterpret_cast<const float*>(nested_absmax),
                     reinterpret_cast<const float*>(nested_code),
-                    reinterpret_cast<const float*>(offset), nested_blocksize,
+                    reinterpret_cast<const float*>(offset), nested_div,
                     reinterpret_cast<ET<DT>*>(out));
   });
 }

@@ -7,12 +7,12 @@ decoding state a :class:`qpeft.QuantState`; the state dict carries the bitsandby
 ``bitsandbytes.nn.Linear4bit`` state dict loads here and this one loads there (through
 ``Params4bit.from_prequantized``, the way transformers loads 4-bit checkpoints).
 
-The forward runs the fused QLoRA op (``qpeft.functional.qlora_linear``) with a rank-1
-all-zero adapter: the op dequantizes W tile by tile and its backward recomputes from the
-packed weight, so neither pass keeps a dequantized copy of W alive (a
+The forward is ``qpeft.functional.linear_4bit``: at M <= 8 rows (decoding) the GEMV
+``qpeft::gemv_4bit``, which reads the packed weight once; otherwise the fused op
+``qpeft::qlora_linear`` without an adapter (its LoRA terms skipped, not computed as
+zeros), which dequantizes W tile by tile. The backward recomputes from the packed
+weight, so neither pass keeps a dequantized copy of W alive (a
 ``F.linear(x, dequantize(W))`` would save the full W for the backward of every layer).
-The zero adapter adds M*(K + N) multiply-adds to the M*N*K of the base product (0.05%
-at K = N = 4096) and contributes exact zeros.
 """
 
 from __future__ import annotations
@@ -80,10 +80,6 @@ def result_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a linear layer returns for x: autocast's inside an autocast region, else x's."""
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
-def _zero_adapter(k: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.zeros(1, k, device=device), torch.zeros(n, 1, device=device)
 
 
 class Linear4bit(nn.Module):
@@ -195,17 +191,21 @@ class Linear4bit(nn.Module):
         bias: bool = True,
         out_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``out_scale * (x @ W^T + bias + scaling * x @ A^T @ B^T)`` through the fused op
-        (without an adapter: the base output). ``bias=False`` leaves the bias out."""
+        """``out_scale * (x @ W^T + bias + scaling * x @ A^T @ B^T)`` through the fused op.
+        Without an adapter and out_scale: ``qpeft.functional.linear_4bit`` (the GEMV at
+        M <= 8 rows); without an adapter but with out_scale, the fused op with its LoRA
+        terms skipped. ``bias=False`` leaves the bias out."""
         self.check_input(x)
         in_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
-        if lora_A is None:
-            lora_A, lora_B = _zero_adapter(self.in_features, self.out_features, x.device)
-            scaling = 0.0
         b = self.bias if bias else None
-        y = qf.qlora_linear(x, self.weight, self.quant_state, lora_A, lora_B, scaling, b, out_scale=out_scale)
+        if lora_A is None and lora_B is None and out_scale is None:
+            y = qf.linear_4bit(x, self.weight, self.quant_state, b)
+        else:
+            y = qf.qlora_linear(
+                x, self.weight, self.quant_state, lora_A, lora_B, scaling, b, out_scale=out_scale
+            )
         # y is in x's dtype (autocast's inside an autocast region); compute_dtype casts back
         return y.to(in_dtype) if self.compute_dtype is not None and y.dtype != in_dtype else y
 

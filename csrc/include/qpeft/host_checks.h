@@ -164,6 +164,15 @@ inline void check_finite(const char* fn, const char* name, float x) {
   }
 }
 
+// A count the kernels index with 32-bit arithmetic (e.g. the decode GEMV's quant
+// blocks, divided by a 32-bit magic-number divider): must be below 2^31.
+inline void check_index32(const char* fn, const char* name, int64_t value) {
+  if (value >= (int64_t{1} << 31)) {
+    fail(fn, std::string(name) + " is " + std::to_string(value) +
+                 ", the kernel's 32-bit indexing takes fewer than 2^31");
+  }
+}
+
 // Rows of x of the decode GEMV: 1 to kGemvMaxRows (format.h).
 inline void check_gemv_rows(const char* fn, int64_t m) {
   if (m < 1 || m > kGemvMaxRows) {

@@ -199,18 +199,20 @@ def qlora_linear(
             if base is None:
                 base = torch.empty((x.shape[0], n), dtype=cdt)
             base[:, r0:r1] = F.linear(xc, w.to(cdt))
-    xa = F.linear(xc, lora_a.to(cdt))
-    t = xa * scaling
-    if rank_scale is not None:
-        t = t * rank_scale.to(cdt)
     # base is this call's own tensor: the rest is added in place (on a small layer each
     # extra [M, N] temporary cost about as much as the LoRA products)
-    y = base.addmm_(t, lora_b.to(cdt).t())
+    y, xa = base, None
+    if lora_a is not None:  # no adapter: the LoRA terms are skipped, not computed as zeros
+        xa = F.linear(xc, lora_a.to(cdt))
+        t = xa * scaling
+        if rank_scale is not None:
+            t = t * rank_scale.to(cdt)
+        y = base.addmm_(t, lora_b.to(cdt).t())
     if bias is not None:
         y.add_(bias.to(cdt))
     if out_scale is not None:
         y.mul_(out_scale.to(cdt))
-    return y.to(x.dtype), (xa.to(x.dtype) if return_xa else x.new_empty((0,)))
+    return y.to(x.dtype), (xa.to(x.dtype) if return_xa and xa is not None else x.new_empty((0,)))
 
 
 def qlora_linear_backward(
@@ -338,17 +340,19 @@ def _forward_bf16(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale
         y = kernel_for("gemv_4bit", x.device)(x.to(torch.float32), *quant)
     else:
         y = _base_bf16(xb, quant).to(torch.float32)
-    xa = F.linear(xb, lora_a.to(_BF16))  # [M, r] bf16, fp32 accumulation over K
-    t = xa.to(torch.float32) * scaling
-    if rank_scale is not None:
-        t = t * rank_scale.to(torch.float32)
-    # the rank-r product is cheap next to x @ W^T: fp32, added to the fp32 copy of base
-    y.addmm_(t, lora_b.to(torch.float32).t())
+    xa = None
+    if lora_a is not None:  # no adapter: the LoRA terms are skipped
+        xa = F.linear(xb, lora_a.to(_BF16))  # [M, r] bf16, fp32 accumulation over K
+        t = xa.to(torch.float32) * scaling
+        if rank_scale is not None:
+            t = t * rank_scale.to(torch.float32)
+        # the rank-r product is cheap next to x @ W^T: fp32, added to the fp32 copy of base
+        y.addmm_(t, lora_b.to(torch.float32).t())
     if bias is not None:
         y.add_(bias.to(torch.float32))
     if out_scale is not None:
         y.mul_(out_scale.to(torch.float32))
-    return y.to(x.dtype), (xa.to(x.dtype) if return_xa else x.new_empty((0,)))
+    return y.to(x.dtype), (xa.to(x.dtype) if return_xa and xa is not None else x.new_empty((0,)))
 
 
 def _backward_bf16(
@@ -373,12 +377,18 @@ def _backward_bf16(
     dy = dy32.to(_BF16)  # dy' rounded once (exact when grad_y is bf16 and there is no out_scale)
     rs = None if rank_scale is None else rank_scale.to(f32)
     dx, da, db, dbias = (x.new_empty((0,)) for _ in range(4))  # distinct: outputs must not alias
+    if lora_a is None:  # no adapter: dx = dy @ W alone, no dA/dB
+        need_da = need_db = False
     if need_dx or need_da:
-        g = dy @ lora_b.to(_BF16)  # [M, r]
-        gs = g.to(f32) * scaling if rs is None else g.to(f32) * scaling * rs
-        gs = gs.to(_BF16)
+        if lora_a is not None:
+            g = dy @ lora_b.to(_BF16)  # [M, r]
+            gs = g.to(f32) * scaling if rs is None else g.to(f32) * scaling * rs
+            gs = gs.to(_BF16)
         if need_dx:
-            acc = (gs @ lora_a.to(_BF16)).to(f32)  # [M, K], then + dy @ W panel by panel
+            if lora_a is None:
+                acc = torch.zeros((x.shape[0], x.shape[1]), dtype=f32)
+            else:
+                acc = (gs @ lora_a.to(_BF16)).to(f32)  # [M, K], then + dy @ W panel by panel
             part = torch.empty_like(acc, dtype=_BF16)  # one panel's dy @ W, reused
             for r0, r1, w in _decode_panels(*quant, dtype=_BF16):
                 # a contiguous copy of dy's columns: oneDNN ran [512, 1024] @ [1024, 4096]

@@ -3,7 +3,8 @@
 W is dequantized to fp32 with ``torch.ops.qpeft.dequantize_4bit(_nested)`` (exact: the
 decoded values are fp32 products), every matmul runs in fp32, and the results are cast
 to the dtypes of x / A / B at the end. float64 x/A/B compute in float64, so
-``torch.autograd.gradcheck`` can run through this path.
+``torch.autograd.gradcheck`` can run through this path. Without an adapter (lora_A and
+lora_B None) the LoRA terms are skipped: y = out_scale * (x @ W^T + bias).
 """
 
 from __future__ import annotations
@@ -65,16 +66,19 @@ def qlora_linear(
         packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
     ).to(cdt)
     xc = x.to(cdt)
-    xa = F.linear(xc, lora_a.to(cdt))
-    t = xa * scaling
-    if rank_scale is not None:
-        t = t * rank_scale.to(cdt)
-    y = F.linear(xc, w) + F.linear(t, lora_b.to(cdt))
+    y = F.linear(xc, w)
+    xa = None
+    if lora_a is not None:
+        xa = F.linear(xc, lora_a.to(cdt))
+        t = xa * scaling
+        if rank_scale is not None:
+            t = t * rank_scale.to(cdt)
+        y = y + F.linear(t, lora_b.to(cdt))
     if bias is not None:
         y = y + bias.to(cdt)
     if out_scale is not None:
         y = y * out_scale.to(cdt)
-    return y.to(x.dtype), (xa.to(x.dtype) if return_xa else x.new_empty((0,)))
+    return y.to(x.dtype), (xa.to(x.dtype) if return_xa and xa is not None else x.new_empty((0,)))
 
 
 def qlora_linear_backward(
@@ -143,15 +147,22 @@ def backward_from(
     """(dx, dA, dB, dbias) of qlora_linear given the backend's ``add_dy_w(dy, acc)``, which
     adds dy @ W to acc in place: the one term that touches the 4-bit weight. The LoRA
     terms are plain matmuls in the compute dtype (fp32, or fp64 for fp64 inputs), shared
-    by every torch-level backend."""
+    by every torch-level backend. Without an adapter (lora_A None) dx = dy @ W alone and
+    dA/dB are never asked for."""
     cdt = _compute_dtype(x)
     dy = grad_y.to(cdt)
     if out_scale is not None:
         dy = dy * out_scale.to(cdt)
-    rs = _opt(rank_scale, cdt)
-    a, b = lora_a.to(cdt), lora_b.to(cdt)
     dx, da, db, dbias = (x.new_empty((0,)) for _ in range(4))  # distinct: outputs must not alias
-    if need_dx or need_da:
+    if lora_a is None:
+        need_da = need_db = False
+        if need_dx:
+            dx = torch.zeros((x.shape[0], x.shape[1]), dtype=cdt, device=x.device)
+            add_dy_w(dy, dx)
+            dx = dx.to(x.dtype)
+    rs = _opt(rank_scale, cdt)
+    if lora_a is not None and (need_dx or need_da):
+        a, b = lora_a.to(cdt), lora_b.to(cdt)
         g = dy @ b  # [M, r]
         gs = g * scaling if rs is None else g * scaling * rs
         if need_dx:

@@ -4,7 +4,9 @@ The fused dequant + LoRA GEMMs are in ``qpeft.triton_kernels.qlora``: the forwar
 dx of the backward (which also returns g = dy' @ B). dA and dB are rank-r products
 that torch's matmul does well: dA = s * (g * rank_scale)^T @ x, dB = s * dy'^T @ (xa *
 rank_scale), dbias = sum(dy'), with dy' = dy * out_scale computed once here because dx,
-dB and dbias all use it. Triton is imported on the first call, never at registration.
+dB and dbias all use it. Without an adapter (lora_A/lora_B None) the kernels are
+launched with HAS_LORA=False, which compiles every LoRA load and dot out. Triton is
+imported on the first call, never at registration.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def qlora_linear(
     return_xa,
 ):
     for name, t in (("x", x), ("lora_A", lora_a), ("lora_B", lora_b)):
-        _kernel_dtype(t, name)
+        if t is not None:  # no adapter (both None): the kernel compiles the LoRA terms out
+            _kernel_dtype(t, name)
     with on_device(x.device):
         return _kernels().qlora_forward(
             x,
@@ -105,7 +108,10 @@ def qlora_linear_backward(
     need_dbias,
 ):
     for name, t in (("x", x), ("grad_y", grad_y), ("lora_A", lora_a), ("lora_B", lora_b)):
-        _kernel_dtype(t, name)
+        if t is not None:
+            _kernel_dtype(t, name)
+    if lora_a is None:  # no adapter: no dA/dB (the op's contract); dx is dy' @ W alone
+        need_da = need_db = False
     dy = grad_y.to(x.dtype)
     if out_scale is not None:
         dy = (dy.float() * out_scale.float()).to(x.dtype)  # dy' in the kernel's operand dtype
