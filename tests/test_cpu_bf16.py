@@ -8,6 +8,10 @@ CPU with bf16 dot products, and ``fp32`` keeps the fp32 path and its bounds.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -82,11 +86,24 @@ def test_compute_env_rejects_unknown(monkeypatch):
         capability.compute_dtype(torch.bfloat16)
 
 
-def test_bf16_probe_agrees_with_torch():
+def test_bf16_probe_follows_the_chosen_isa_level():
+    info = qpeft.cpu_info()
+    assert capability.bf16_dot_products() == (info["chosen_level"] in ("avx512_bf16", "amx"))
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    if caps:
-        want = bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-        assert capability.bf16_dot_products() == want
+    if caps and info["cap"] is None:  # uncapped: the native detection agrees with torch's
+        assert capability.bf16_dot_products() == bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def test_isa_cap_below_bf16_computes_in_fp32():
+    """QPEFT_CPU_ISA=avx2 on any machine: the layer's auto mode computes bf16 x in fp32."""
+    code = (
+        "import torch; from qpeft.backends.cpu import capability as c; "
+        "print(c.bf16_dot_products(), c.compute_dtype(torch.bfloat16))"
+    )
+    env = {**os.environ, "QPEFT_CPU_ISA": "avx2"}
+    env.pop(capability.COMPUTE_ENV, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "torch.float32"], out.stderr
 
 
 def test_cache_sizes_from_sysfs_or_fallback(monkeypatch):

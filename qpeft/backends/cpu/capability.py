@@ -1,8 +1,7 @@
 """What this CPU offers the QLoRA layer: bf16 dot products, and its cache sizes.
 
 Two questions, each answered in one small function so the source of the answer can be
-swapped (the native ``qpeft.cpu_info()`` of the ISA-dispatch work can replace torch's
-probe in ``bf16_dot_products`` without touching the callers):
+swapped without touching the callers:
 
 - ``compute_dtype(x_dtype)``: the dtype the CPU QLoRA layer (and ``Linear4bit``, which runs
   on it) multiplies in. bf16, with fp32 accumulation inside the GEMM, when x is bf16 and
@@ -34,9 +33,17 @@ FALLBACK_CACHE_BYTES = (48 << 10, 2 << 20, 32 << 20)
 
 @functools.lru_cache(maxsize=1)
 def bf16_dot_products() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX-512-BF16 or AMX-BF16), probed once
-    through torch's cpuinfo (``torch.cpu._is_avx512_bf16_supported``; AMX through
-    ``torch.cpu.get_capabilities``). Any failure of the probe answers False (fp32)."""
+    """True when the CPU kernels run at a level with bf16 dot products (``avx512_bf16`` or
+    ``amx`` in ``qpeft.cpu_info()``), asked once. The level honours ``QPEFT_CPU_ISA``, so a
+    cap below avx512_bf16 also makes the layer compute in fp32. Without the native module
+    (the reference fallback) torch's cpuinfo answers; any failure of that probe answers
+    False (fp32)."""
+    try:
+        from ..._native import cpu_info
+
+        return cpu_info()["chosen_level"] in ("avx512_bf16", "amx")
+    except ImportError:
+        pass
     try:
         if torch.cpu._is_avx512_bf16_supported():
             return True
