@@ -11,6 +11,7 @@ give a less precise error, but never a crash.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from math import prod
 
@@ -197,13 +198,64 @@ def packed_4bit(packed, name: str = "packed") -> torch.Tensor:
     return packed
 
 
+# QuantState -> (signature, tensors) of its last successful state_4bit check. The check reads
+# only metadata (types, dtypes, sizes, devices, layouts, the scalar fields), never values, so
+# a call whose signature equals the stored one would pass it again and skips it: a layer's
+# forward checks its frozen state once, not per call (docs/design.md, "Per-call overhead").
+# The signature holds the id of every tensor it covers and the entry keeps those tensors
+# alive, so an id cannot be reused by a replacement while the entry exists; a replaced
+# tensor or nested state, a field reassigned, or a tensor changed in place through
+# ``.data =`` / ``resize_`` / ``set_`` (new dtype or shape) changes the signature and
+# the full check runs again.
+_checked_states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _state_signature(state, packed: torch.Tensor, matrix: bool):
+    """(signature, tensors) of what ``state_4bit`` checks, or None when a field is not even
+    a tensor (then the full check runs and names the problem)."""
+    from .quant_state import QuantState
+
+    s2, shape, bs, qt = state.state2, state.shape, state.blocksize, state.quant_type
+    # only immutable scalar fields enter the signature (a list shape could change in place)
+    if type(shape) is not torch.Size or type(bs) is not int or type(qt) is not str:
+        return None
+    if s2 is None:
+        tensors = (packed, state.absmax)
+        extra = None
+    elif type(s2) is QuantState and type(s2.blocksize) is int:
+        tensors = (packed, state.absmax, state.offset, s2.absmax, s2.code)
+        extra = (id(s2), s2.blocksize)
+    else:
+        return None
+    sig = [shape, bs, qt, matrix, extra]
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            return None
+        # device and layout cannot change under one tensor object (``.data =`` refuses another
+        # device or layout); dtype and shape can (``.data =``, ``resize_``, ``set_``)
+        sig.append((id(t), t.dtype, t.shape))
+    return tuple(sig), (tensors, s2)  # the objects whose ids it holds, kept alive with it
+
+
 def state_4bit(state, packed: torch.Tensor, *, matrix: bool = False) -> None:
     """``state`` is a consistent 4-bit QuantState for ``packed`` (sizes, dtypes, devices);
-    ``matrix``: it describes a 2-D [out_features, in_features] weight."""
+    ``matrix``: it describes a 2-D [out_features, in_features] weight. A state that passed
+    with the same tensors and metadata is not checked again (``_checked_states``)."""
     from .quant_state import QuantState
 
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a qpeft.QuantState, got {type(state).__name__}")
+    signature = _state_signature(state, packed, matrix)
+    if signature is not None:
+        done = _checked_states.get(state)
+        if done is not None and done[0] == signature[0]:
+            return
+    _state_4bit_full(state, packed, matrix)
+    if signature is not None:
+        _checked_states[state] = signature
+
+
+def _state_4bit_full(state, packed: torch.Tensor, matrix: bool) -> None:
     if state.quant_type is None or state.shape is None:
         raise ValueError("state is not a 4-bit quantization state (no quant_type/shape)")
     if matrix and len(state.shape) != 2:

@@ -2,13 +2,79 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _ops  # noqa: F401  (defines torch.ops.qpeft.*)
 from ._dispatch import kernel_backend
 from ._formats import FLOAT_DTYPES, GEMV_MAX_ROWS
 
-__all__ = ["QLoRAFunction", "Linear4bitFunction", "linear_4bit_forward"]
+__all__ = ["QLoRAFunction", "Linear4bitFunction", "linear_4bit_forward", "qlora_forward"]
+
+
+# One shared instance: nullcontext is reusable, so a call outside autocast allocates nothing.
+_NO_AUTOCAST = contextlib.nullcontext()
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for ``device_type`` around the ops: a real ``torch.autocast`` context
+    only when autocast is on there (entering one costs ~10 us, a tenth of a small layer's
+    forward; docs/design.md, "Per-call overhead"), else a shared no-op."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return _NO_AUTOCAST
+
+
+def qlora_forward(
+    x,
+    lora_a,
+    lora_b,
+    bias,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    quant,
+    scaling,
+    rank_scale,
+    out_scale,
+    return_xa,
+):
+    """The forward of QLoRAFunction without an autograd node: (y [..., N], x2 [M, K], xa).
+    ``functional.qlora_linear`` calls it directly when nothing needs a gradient."""
+    blocksize, nested_blocksize, quant_type, n, k = quant
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))
+        ctx = torch.autocast(dev, enabled=False)
+    else:
+        ctx = _NO_AUTOCAST
+    flat = x.dim() == 2  # x already [M, K]: no reshapes (each costs ~3 us on a small layer)
+    x2 = x if flat else x.reshape(-1, k)
+    with ctx:
+        y, xa = torch.ops.qpeft.qlora_linear(
+            x2,
+            packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            nested_blocksize,
+            quant_type,
+            n,
+            k,
+            lora_a,
+            lora_b,
+            scaling,
+            bias,
+            rank_scale,
+            out_scale,
+            return_xa,
+        )
+    return (y if flat else y.reshape(*x.shape[:-1], n)), x2, xa
 
 
 class QLoRAFunction(torch.autograd.Function):
@@ -47,34 +113,22 @@ class QLoRAFunction(torch.autograd.Function):
         rank_scale,
         out_scale,
     ):
-        blocksize, nested_blocksize, quant_type, n, k = quant
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev):
-            x = x.to(torch.get_autocast_dtype(dev))
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, k)
-        need_db = ctx.needs_input_grad[2]
-        with torch.autocast(dev, enabled=False):
-            y, xa = torch.ops.qpeft.qlora_linear(
-                x2,
-                packed,
-                absmax,
-                nested_absmax,
-                nested_code,
-                offset,
-                blocksize,
-                nested_blocksize,
-                quant_type,
-                n,
-                k,
-                lora_a,
-                lora_b,
-                scaling,
-                bias,
-                rank_scale,
-                out_scale,
-                need_db,
-            )
+        y, x2, xa = qlora_forward(
+            x,
+            lora_a,
+            lora_b,
+            bias,
+            packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            quant,
+            scaling,
+            rank_scale,
+            out_scale,
+            ctx.needs_input_grad[2],
+        )
         ctx.save_for_backward(
             x2, lora_a, lora_b, packed, absmax, nested_absmax, nested_code, offset, xa, rank_scale, out_scale
         )
@@ -82,7 +136,7 @@ class QLoRAFunction(torch.autograd.Function):
         ctx.scaling = scaling
         ctx.x_shape = x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y.reshape(*lead, n)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -91,7 +145,7 @@ class QLoRAFunction(torch.autograd.Function):
         )
         blocksize, nested_blocksize, quant_type, n, k = ctx.quant
         need_dx, need_da, need_db, need_dbias = ctx.needs_input_grad[:4]
-        with torch.autocast(x2.device.type, enabled=False):  # CPU backward runs on the caller's thread
+        with _autocast_off(x2.device.type):  # CPU backward runs on the caller's thread
             dx, da, db, dbias = torch.ops.qpeft.qlora_linear_backward(
                 grad_y.reshape(-1, n),
                 x2,
@@ -201,7 +255,7 @@ class Linear4bitFunction(torch.autograd.Function):
             x = x.to(torch.get_autocast_dtype(dev))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
-        with torch.autocast(dev, enabled=False):
+        with _autocast_off(dev):
             y = linear_4bit_forward(x2, bias, packed, absmax, nested_absmax, nested_code, offset, quant)
         ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
         ctx.quant = quant
@@ -219,7 +273,7 @@ class Linear4bitFunction(torch.autograd.Function):
         m = g2.shape[0]
         # the op reads only x's shape and dtype here: a zero-stride stand-in costs no memory
         x_like = torch.empty((), dtype=x_dtype, device=grad_y.device).expand(m, k)
-        with torch.autocast(grad_y.device.type, enabled=False):
+        with _autocast_off(grad_y.device.type):
             dx, _, _, dbias = torch.ops.qpeft.qlora_linear_backward(
                 g2,
                 x_like,

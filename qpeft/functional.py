@@ -15,7 +15,7 @@ from . import (
     backends,  # noqa: F401  (registers every backend's kernels)
 )
 from ._formats import NESTED_BLOCKSIZE, code4, dynamic_map
-from .autograd import Linear4bitFunction, QLoRAFunction, linear_4bit_forward
+from .autograd import Linear4bitFunction, QLoRAFunction, linear_4bit_forward, qlora_forward
 from .quant_state import QuantState
 
 __all__ = [
@@ -210,9 +210,28 @@ def qlora_linear(
     else:
         nested, nested_blocksize = (None, None, None), NESTED_BLOCKSIZE
     quant = (state.blocksize, nested_blocksize, state.quant_type, n, k)
-    return QLoRAFunction.apply(
-        x, lora_A, lora_B, bias, packed, state.absmax, *nested, quant, float(scaling), rank_scale, out_scale
+    args = (
+        x,
+        lora_A,
+        lora_B,
+        bias,
+        packed,
+        state.absmax,
+        *nested,
+        quant,
+        float(scaling),
+        rank_scale,
+        out_scale,
     )
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or (lora_A is not None and (lora_A.requires_grad or lora_B.requires_grad))
+        or (bias is not None and bias.requires_grad)
+    ):
+        return QLoRAFunction.apply(*args)
+    # nothing needs a gradient: the same forward without an autograd node (its setup is a
+    # fifth of a small layer's call; docs/design.md, "Per-call overhead")
+    return qlora_forward(*args, False)[0]
 
 
 def _quant_args(state: QuantState) -> tuple:

@@ -103,6 +103,26 @@ def _decode_panels(
     decode = kernel_for("dequantize_4bit_nested" if nested else "dequantize_4bit", packed.device)
     rows = _panel_rows(n, k, blocksize, nested_blocksize if nested else None, dtype.itemsize)
     buf = _panel_buffer(rows * k, dtype)
+    if rows >= n:  # one panel (a small layer): W whole, from the whole tensors, no slicing
+        panel = buf.view(n, k)
+        if nested:
+            decode(
+                packed,
+                absmax,
+                nested_absmax,
+                nested_code,
+                offset,
+                blocksize,
+                nested_blocksize,
+                quant_type,
+                panel.shape,
+                dtype,
+                out=panel,
+            )
+        else:
+            decode(packed, absmax, blocksize, quant_type, panel.shape, dtype, out=panel)
+        yield 0, n, panel
+        return
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         e0, count = r0 * k, (r1 - r0) * k
@@ -129,6 +149,11 @@ def _decode_panels(
                 codes, absmax[b0 : b0 + blocks], blocksize, quant_type, panel.shape, panel.dtype, out=panel
             )
         yield r0, r1, panel
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # ``t.to(dtype)`` costs ~3 us even when it returns t; a small layer's forward made eight
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -172,7 +197,7 @@ def qlora_linear(
     )
     if cdt == torch.bfloat16:
         return _forward_bf16(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa)
-    xc = x.to(cdt)
+    xc = _cast(x, cdt)
     if cdt == torch.float32 and 1 <= x.shape[0] <= GEMV_MAX_ROWS:
         # decode-sized M: the fused GEMV reads the packed codes once instead of decoding panels
         base = kernel_for("gemv_4bit", x.device)(
@@ -194,25 +219,25 @@ def qlora_linear(
             packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
         ):
             if r0 == 0 and r1 == n:  # one panel: W whole
-                base = F.linear(xc, w.to(cdt))
+                base = F.linear(xc, _cast(w, cdt))
                 break
             if base is None:
                 base = torch.empty((x.shape[0], n), dtype=cdt)
-            base[:, r0:r1] = F.linear(xc, w.to(cdt))
+            base[:, r0:r1] = F.linear(xc, _cast(w, cdt))
     # base is this call's own tensor: the rest is added in place (on a small layer each
     # extra [M, N] temporary cost about as much as the LoRA products)
     y, xa = base, None
     if lora_a is not None:  # no adapter: the LoRA terms are skipped, not computed as zeros
-        xa = F.linear(xc, lora_a.to(cdt))
+        xa = F.linear(xc, _cast(lora_a, cdt))
         t = xa * scaling
         if rank_scale is not None:
-            t = t * rank_scale.to(cdt)
-        y = base.addmm_(t, lora_b.to(cdt).t())
+            t = t * _cast(rank_scale, cdt)
+        y = base.addmm_(t, _cast(lora_b, cdt).t())
     if bias is not None:
-        y.add_(bias.to(cdt))
+        y.add_(_cast(bias, cdt))
     if out_scale is not None:
-        y.mul_(out_scale.to(cdt))
-    return y.to(x.dtype), (xa.to(x.dtype) if return_xa and xa is not None else x.new_empty((0,)))
+        y.mul_(_cast(out_scale, cdt))
+    return _cast(y, x.dtype), (_cast(xa, x.dtype) if return_xa and xa is not None else x.new_empty((0,)))
 
 
 def qlora_linear_backward(
@@ -272,7 +297,7 @@ def qlora_linear_backward(
         for r0, r1, w in _decode_panels(
             packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
         ):
-            acc.addmm_(dy[:, r0:r1], w.to(acc.dtype))
+            acc.addmm_(dy[:, r0:r1], _cast(w, acc.dtype))
 
     return backward_from(
         add_dy_w,
