@@ -159,7 +159,7 @@ def backward_from(
     dy = _cast(grad_y, cdt)
     if out_scale is not None:
         dy = dy * _cast(out_scale, cdt)
-    dx, da, db, dbias = (x.new_empty((0,)) for _ in range(4))  # distinct: outputs must not alias
+    dx = da = db = dbias = None  # the ones not computed become empty tensors at the end
     if lora_a is None:
         need_da = need_db = False
         if need_dx:
@@ -182,4 +182,5 @@ def backward_from(
         db = _cast(dy.T @ xs, lora_b.dtype)
     if need_dbias:
         dbias = _cast(dy.sum(0), grad_y.dtype)
-    return dx, da, db, dbias
+    # distinct empty tensors (outputs must not alias), made only for what was not computed
+    return tuple(x.new_empty((0,)) if t is None else t for t in (dx, da, db, dbias))
