@@ -149,3 +149,16 @@ def test_no_grad_path_under_autocast_keeps_autocast_dtype():
         ref = qf.qlora_linear(x.reshape(5, 1, 64).requires_grad_(), packed, state, a, b, 0.5)
     assert ref.requires_grad
     torch.testing.assert_close(y, ref.detach(), rtol=0, atol=0)
+
+
+def test_no_grad_path_traces_under_torch_compile():
+    """The cached check and the no-autograd forward trace with fullgraph=True (no graph
+    break), and the compiled inference call equals eager."""
+    torch.manual_seed(1)
+    layer = QLoRALinear.from_linear(torch.nn.Linear(64, 48), r=4)
+    torch.nn.init.normal_(layer.adapters["default"].lora_B)
+    x = torch.randn(5, 64)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        y = compiled(x)
+        assert torch.equal(y, layer(x))
