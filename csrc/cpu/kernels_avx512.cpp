@@ -198,10 +198,11 @@ inline __m512i dword_index16(const uint8_t* src) {
 }
 
 // A block's 16 results for a 16-bit output, result c in words 2c and 2c + 1 (the table
-// word_index32 is made for). bf16: format.h's f32_to_bf16, which with FINITE (the
-// block's scale is finite, so no product is NaN: |table[c]| <= 1) is the round-to-
-// nearest-even add alone, the bf16 lsb (bit 16) tested into a mask, and vpshufb copies
-// the rounded upper word into both halves; fp16: vcvtps2ph, its 16 words doubled by vpermw.
+// word_index32 is made for). bf16: format.h's f32_to_bf16 -- the round-to-nearest-even
+// add (+0x7fff, +0x8000 where the bf16 lsb, bit 16, is set), and for NaN lanes the
+// unrounded bits with the quiet bit -- then vpshufb copies the upper word into both
+// halves. FINITE: the block's scale is finite, so no product is NaN (|table[c]| <= 1)
+// and the NaN rule is skipped. fp16: vcvtps2ph, its 16 words doubled by vpermw.
 template <int D, bool FINITE>
 inline __m512i half_table(__m512 prod) {
   if (D == kF16) {
@@ -212,19 +213,19 @@ inline __m512i half_table(__m512 prod) {
     const __m256i h = _mm512_cvtps_ph(prod, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     return _mm512_permutexvar_epi16(twice, _mm512_castsi256_si512(h));
   }
-  if (!FINITE) {
-    const __m512i r = bf16_bits16(prod);  // in the low words
-    return _mm512_or_si512(r, _mm512_slli_epi32(r, 16));
-  }
   const __m512i u = _mm512_castps_si512(prod);
   const __mmask16 lsb = _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x10000));
-  const __m512i rounded = _mm512_mask_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb,
-                                                u, _mm512_set1_epi32(0x8000));
+  __m512i r = _mm512_mask_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb, u,
+                                    _mm512_set1_epi32(0x8000));
+  if (!FINITE) {
+    const __mmask16 nan = _mm512_cmp_ps_mask(prod, prod, _CMP_UNORD_Q);
+    r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+  }
   const __m512i upper_twice =
       _mm512_setr_epi32(0x03020302, 0x07060706, 0x0b0a0b0a, 0x0f0e0f0e, 0x03020302, 0x07060706,
                         0x0b0a0b0a, 0x0f0e0f0e, 0x03020302, 0x07060706, 0x0b0a0b0a, 0x0f0e0f0e,
                         0x03020302, 0x07060706, 0x0b0a0b0a, 0x0f0e0f0e);
-  return _mm512_shuffle_epi8(rounded, upper_twice);
+  return _mm512_shuffle_epi8(r, upper_twice);
 }
 
 // Elements [i, end) of one block, i even and end - i < 32 (16 for fp32), codes from src:
@@ -268,17 +269,18 @@ void decode_block(const Dequant4Args& a, __m512 table, int64_t b, float scale) {
   if (i < end) decode_tail<D>(src, i, end, prod, tab, a.out);
 }
 
-// Blocks [b, b + count) with scales s[0, count).
-template <int D, bool FINITE>
-void decode_run(const Dequant4Args& a, __m512 table, const float* s, int64_t b, int64_t count) {
+// Full blocks [b, b + count) of a blocksize that is a multiple of 32, scales s[0, count):
+// per block the table, then bs / 64 pairs of 32-element lookups and one more if bs / 32
+// is odd. PAIRS >= 0 fixes bs / 64 at compile time (blocksize 64: no inner loop).
+template <int D, bool FINITE, int PAIRS>
+void decode_full(const Dequant4Args& a, __m512 table, const float* s, int64_t b, int64_t count) {
   const int64_t bs = a.blocksize;
-  const int64_t full = bs % 32 != 0 ? 0 : (b + count) * bs > a.n ? count - 1 : count;
-  const int64_t pairs = bs / 64;
-  const bool odd32 = (bs & 32) != 0;
+  const int64_t pairs = PAIRS >= 0 ? PAIRS : bs / 64;
+  const bool odd32 = PAIRS >= 0 ? false : (bs & 32) != 0;
   const uint8_t* src = a.packed + ((b * bs) >> 1);
   if (D == kF32) {
     float* dst = static_cast<float*>(a.out) + b * bs;
-    for (int64_t j = 0; j < full; ++j) {
+    for (int64_t j = 0; j < count; ++j) {
       const __m512 prod = _mm512_mul_ps(table, _mm512_set1_ps(s[j]));
       for (int64_t k = 0; k < pairs; ++k, src += 32, dst += 64) {
         _mm512_storeu_ps(dst, _mm512_permutexvar_ps(dword_index16(src), prod));
@@ -292,20 +294,31 @@ void decode_run(const Dequant4Args& a, __m512 table, const float* s, int64_t b, 
         src += 16, dst += 32;
       }
     }
-  } else {
-    uint16_t* dst = static_cast<uint16_t*>(a.out) + b * bs;
-    for (int64_t j = 0; j < full; ++j) {
-      const __m512i tab = half_table<D, FINITE>(_mm512_mul_ps(table, _mm512_set1_ps(s[j])));
-      for (int64_t k = 0; k < pairs; ++k, src += 32, dst += 64) {
-        _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(word_index32(src), tab));
-        _mm512_storeu_si512(dst + 32, _mm512_permutexvar_epi16(word_index32(src + 16), tab));
-      }
-      if (odd32) {
-        _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(word_index32(src), tab));
-        src += 16, dst += 32;
-      }
+    return;
+  }
+  uint16_t* dst = static_cast<uint16_t*>(a.out) + b * bs;
+  for (int64_t j = 0; j < count; ++j) {
+    const __m512i tab = half_table<D, FINITE>(_mm512_mul_ps(table, _mm512_set1_ps(s[j])));
+    for (int64_t k = 0; k < pairs; ++k, src += 32, dst += 64) {
+      _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(word_index32(src), tab));
+      _mm512_storeu_si512(dst + 32, _mm512_permutexvar_epi16(word_index32(src + 16), tab));
+    }
+    if (odd32) {
+      _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(word_index32(src), tab));
+      src += 16, dst += 32;
     }
   }
+}
+
+// Blocks [b, b + count) with scales s[0, count).
+template <int D, bool FINITE>
+void decode_run(const Dequant4Args& a, __m512 table, const float* s, int64_t b, int64_t count) {
+  const int64_t bs = a.blocksize;
+  const int64_t full = bs % 32 != 0 ? 0 : (b + count) * bs > a.n ? count - 1 : count;
+  if (bs == 64)
+    decode_full<D, FINITE, 1>(a, table, s, b, full);
+  else
+    decode_full<D, FINITE, -1>(a, table, s, b, full);
   for (int64_t j = full; j < count; ++j) decode_block<D, FINITE>(a, table, b + j, s[j]);
 }
 
