@@ -6,9 +6,10 @@ other processes hits both sides alike; the table gives medians and the ratio A /
 1: B is faster).
 
 The 4-bit dequantize is also timed the way the CPU QLoRA layer uses it: W decoded panel by
-panel into one 1 MiB buffer that stays in L2 (8 consecutive panels of a 4096-wide W per
-sample, the native entry called directly so that the kernel and not the dispatcher is
-timed), with a fill of the same buffer as the store-bandwidth reference; and the whole
+panel into one reused buffer (8 consecutive panels of a 4096-wide W per sample, the native
+entry called directly so that the kernel and not the dispatcher is timed), 1 MiB (stays in
+L2) and the layer's own panel size (backends/cpu/qlora.py: panel_elems), each with a fill
+of the same buffer as the store-bandwidth reference; and the whole
 4096x4096 decode with out= against ``out.copy_(src)`` of the same output bytes. Below the
 table: elements/s of each, and each decode's time as a fraction of the copy's (1.0: the
 decode writes its output at the machine's copy bandwidth).
@@ -40,24 +41,29 @@ import qpeft
 import qpeft.functional as qf
 from qpeft._formats import DTYPE_IDS, QUANT_TYPE_IDS, dynamic_map  # dynamic_map: 8-bit state maps
 from qpeft._native import cpu_module
+from qpeft.backends.cpu.qlora import panel_elems
 
 # Cases whose elements/s the summary prints, and the copy/fill case each is measured against.
 ELEMS: dict[str, int] = {}
 BOUND: dict[str, str] = {}
-PANEL_BYTES = 1 << 20  # an L2-resident decode buffer (the VM's L2: 2 MiB per core)
 PANELS = 8  # panels decoded per timed sample
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def _panel_cases(packed, st, side: int) -> list[tuple[str, object]]:
-    """W (side x side, NF4, blocksize 64, nested) decoded panel by panel into one 1 MiB
-    buffer, for each output dtype, and a fill of that buffer (the store-bandwidth bound)."""
+def _panel_cases(packed, st, side: int, panel_bytes: int, label: str, dtypes) -> list[tuple[str, object]]:
+    """W (side x side, NF4, blocksize 64, nested) decoded panel by panel into one buffer of
+    panel_bytes, as the CPU QLoRA layer does, for each dtype; and a fill of that buffer (the
+    store-bandwidth bound)."""
     mod = cpu_module()
     s2 = st.state2
     threads = torch.get_num_threads()
     codes, absmax_q = packed.reshape(-1), st.absmax
+    panel_bytes = min(panel_bytes, side * side * 2)  # --quick: W itself may be smaller
+    mib = f"{panel_bytes / 2**20:g} MiB"
+    fill_case = f"fill {mib} x{PANELS} (store bound)"
     cases = []
-    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
-        rows = PANEL_BYTES // (side * dtype.itemsize)
+    for dtype in dtypes:
+        rows = min(side, panel_bytes // (side * dtype.itemsize))
         buf = torch.empty(rows * side, dtype=dtype)
         elems, blocks = rows * side, rows * side // st.blocksize
         groups = blocks // s2.blocksize  # panels start on a nested group: rows * side % (64 * 256) == 0
@@ -84,21 +90,21 @@ def _panel_cases(packed, st, side: int) -> list[tuple[str, object]]:
             )
             calls.append(args)
 
-        def decode(calls=calls):
+        def decode(calls=calls, buf=buf):  # holds buf: calls has only its address
             for args in calls:
                 mod.dequantize_4bit(*args)
 
-        case = f"dequantize_4bit L2 panel {rows}x{side} -> {name} x{PANELS}"
-        ELEMS[case], BOUND[case] = PANELS * elems, f"fill 1 MiB x{PANELS} (store bound)"
+        case = f"dequantize_4bit {label} {rows}x{side} -> {DTYPE_NAMES[dtype]} x{PANELS}"
+        ELEMS[case], BOUND[case] = PANELS * elems, fill_case
         cases.append((case, decode))
 
-    buf16 = torch.empty(PANEL_BYTES // 2, dtype=torch.bfloat16)
+    fill_buf = torch.empty(panel_bytes // 2, dtype=torch.bfloat16)
 
-    def fill(buf16=buf16):
+    def fill(fill_buf=fill_buf):
         for _ in range(PANELS):
-            buf16.fill_(1.0)
+            fill_buf.fill_(1.0)
 
-    cases.append((f"fill 1 MiB x{PANELS} (store bound)", fill))
+    cases.append((fill_case, fill))
     return cases
 
 
@@ -122,7 +128,9 @@ def _cases(side: int, optim_n: int) -> list[tuple[str, object]]:
         ("dequantize_4bit nf4+dq -> fp32", lambda: qf.dequantize_4bit(packed, st, out=out_f32)),
         (f"copy {side}^2 bf16 (out.copy_)", lambda: out_bf16.copy_(src_bf16)),
         (f"copy {side}^2 fp32 (out.copy_)", lambda: out_f32.copy_(src_f32)),
-        *_panel_cases(packed, st, side),
+        # an L2-resident buffer (the VM's L2: 2 MiB per core), then the layer's own panel size
+        *_panel_cases(packed, st, side, 1 << 20, "L2 panel", DTYPE_NAMES),
+        *_panel_cases(packed, st, side, panel_elems(2) * 2, "QLoRA panel", [torch.bfloat16]),
         ("quantize_blockwise 8-bit bf16", lambda: qf.quantize_blockwise(w, 256)),
         ("dequantize_blockwise 8-bit -> bf16", lambda: qf.dequantize_blockwise(q8, s8, torch.bfloat16)),
         ("gemv_4bit M=1", lambda: qf.gemv_4bit(x1, packed, st)),
