@@ -152,8 +152,8 @@ void quantize_4bit(const Quant4Args& a, int64_t b0, int64_t b1) {
 // products (|table[c]| <= 1), so bf16 rounding can skip f32_to_bf16's NaN rule (the
 // integer round-to-nearest-even keeps subnormals, which VCVTNEPS2BF16 would flush).
 // Full blocks of a blocksize that is a multiple of 32 run an unmasked loop with nothing
-// per block but the table (at blocksize 64 a block is two lookups, so the table's 5
-// vector ops are a third of the work); a partial last block, any other even blocksize
+// per block but the table (at blocksize 64 a block is two lookups of 3 vector ops each,
+// so the table's 5 are nearly half the work); a partial last block, any other even blocksize
 // and an odd n (the last byte's low nibble is padding) take the same lookups on masked
 // loads and stores, which touch no byte outside the block's elements.
 //
@@ -326,9 +326,9 @@ template <int D>
 void decode_run16(const Dequant4Args& a, __m512 table, __m512 scales, int64_t b, int64_t count) {
   alignas(64) float s[16];
   _mm512_store_ps(s, scales);
-  // lanes past count hold +0.0 (masked loads)
-  const __mmask16 finite =
-      _mm512_cmp_ps_mask(_mm512_abs_ps(scales), _mm512_set1_ps(bits_f32(0x7f800000u)), _CMP_LT_OQ);
+  const __mmask16 finite =  // lanes past count do not count (nested: offset, or NaN for inf)
+      _mm512_cmp_ps_mask(_mm512_abs_ps(scales), _mm512_set1_ps(bits_f32(0x7f800000u)), _CMP_LT_OQ) |
+      static_cast<__mmask16>(~lanes16(count));
   if (D != kBF16 || finite == 0xffff)
     decode_run<D, true>(a, table, s, b, count);
   else
