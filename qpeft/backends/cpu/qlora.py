@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..._dispatch import kernel_for
 from ..._formats import GEMV_MAX_ROWS
 from ..default.qlora import backward_from
-from . import capability
+from . import amx, capability
 
 # Elements of W decoded per panel: a quarter of the L3 the CPU reports (the rest for x, the
 # output and the other cores), at least its L2, at most PANEL_MAX_ELEMS (4M: 16 MiB of fp32,
@@ -358,11 +358,31 @@ def _base_bf16(xb: torch.Tensor, quant: tuple) -> torch.Tensor:
     return out
 
 
+# --- AMX (docs/design.md, "AMX GEMM") -------------------------------------------------------
+# At the amx level (qpeft.cpu_info()["chosen_level"]; QPEFT_CPU_ISA=avx512_bf16 keeps the
+# oneDNN panels for A/B runs) the bf16 products with W run on qpeft's own AMX kernel
+# (backends/cpu/amx.py): W decoded from its codes straight into the tiles, never a decoded
+# panel handed to oneDNN, and the fp32 accumulators returned as they are (no bf16 rounding
+# of x @ W^T or of dy @ W: one rounding fewer than the panels, inside the same bounds,
+# qpeft/testing.py). Taken only where it measured faster than the panels (benchmarks/
+# isa_ab.py --amx, same run, interleaved medians): ``_amx_forward`` / ``_amx_dx``.
+
+
+def _amx_forward(m: int, n: int, k: int) -> bool:
+    return m > GEMV_MAX_ROWS and amx.active()
+
+
+def _amx_dx(m: int, n: int, k: int) -> bool:
+    return amx.active()
+
+
 def _forward_bf16(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa):
     xb = x.to(_BF16)
     if 1 <= x.shape[0] <= GEMV_MAX_ROWS:
         # decode-sized M: the C++ GEMV (fp32, reads the packed codes once) as in fp32 mode
         y = kernel_for("gemv_4bit", x.device)(x.to(torch.float32), *quant)
+    elif _amx_forward(x.shape[0], quant[8], quant[9]):
+        y = amx.qgemm_4bit(xb.contiguous(), quant)  # fp32 [M, N]
     else:
         y = _base_bf16(xb, quant).to(torch.float32)
     xa = None
@@ -414,11 +434,14 @@ def _backward_bf16(
                 acc = torch.zeros((x.shape[0], x.shape[1]), dtype=f32)
             else:
                 acc = (gs @ lora_a.to(_BF16)).to(f32)  # [M, K], then + dy @ W panel by panel
-            part = torch.empty_like(acc, dtype=_BF16)  # one panel's dy @ W, reused
-            for r0, r1, w in _decode_panels(*quant, dtype=_BF16):
-                # a contiguous copy of dy's columns: oneDNN ran [512, 1024] @ [1024, 4096]
-                # 15% faster from it than from the strided view (AMX Xeon, 1 thread)
-                acc.add_(torch.mm(dy[:, r0:r1].contiguous(), w, out=part))
+            if _amx_dx(x.shape[0], quant[8], quant[9]):
+                amx.qgemm_4bit(dy.contiguous(), quant, dx=True, out=acc, accumulate=True)
+            else:
+                part = torch.empty_like(acc, dtype=_BF16)  # one panel's dy @ W, reused
+                for r0, r1, w in _decode_panels(*quant, dtype=_BF16):
+                    # a contiguous copy of dy's columns: oneDNN ran [512, 1024] @ [1024, 4096]
+                    # 15% faster from it than from the strided view (AMX Xeon, 1 thread)
+                    acc.add_(torch.mm(dy[:, r0:r1].contiguous(), w, out=part))
             dx = acc.to(x.dtype)
         if need_da:
             da = (gs.t() @ x.to(_BF16)).to(lora_a.dtype)
