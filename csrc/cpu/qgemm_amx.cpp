@@ -1,29 +1,30 @@
 // AMX-BF16 GEMM on 4-bit weights: out = a @ W^T (forward) or a @ W (dx), W decoded from
-// its packed NF4/FP4 codes straight into the VNNI-paired B tiles, one panel of W at a
-// time, never a whole decoded W (docs/design.md, "CPU compute dtype" and "AMX GEMM").
-// Compiled with the amx level's flags (CMakeLists.txt: QPEFT_ISA_FLAGS_amx) and entered
-// only by qgemm.cpp after cpu_info.cpp found AMX-TILE and AMX-BF16 with their state
-// enabled and Linux's permission granted (see qgemm.cpp for why that covers every
-// thread). Internal linkage throughout (docs/design.md, "Internal linkage in ISA TUs").
+// its packed NF4/FP4 codes straight into tiles, one panel of W at a time, never a whole
+// decoded W (docs/design.md, "AMX GEMM"). Compiled with the amx level's flags
+// (CMakeLists.txt: QPEFT_ISA_FLAGS_amx) and entered only by qgemm.cpp after cpu_info.cpp
+// found AMX-TILE and AMX-BF16 with their state enabled and Linux's permission granted
+// (see qgemm.cpp for why that covers every thread). Internal linkage throughout
+// (docs/design.md, "Internal linkage in ISA TUs").
 //
 // Tiles. Every tile has 16 rows of 64 bytes (one configuration, loaded on entry of
-// amx_gemm_cols and released on return, in whichever thread runs it):
-//   A tile (mt, rt): rows m = 16 mt + i, reduction elements 32 rt .. 32 rt + 31 (bf16);
-//   B tile (ct, rt): row r holds, for 16 output columns j, the bf16 pair of reduction
-//     elements (2r, 2r + 1): forward W[n = 16 ct + j][k = 32 rt + 2r, + 1], dx
-//     W[n = 32 rt + 2r, + 1][k = 16 ct + j];
-//   C tile: 16 x 16 fp32.
-// TDPBF16PS C += A B: the products of bf16 pairs accumulated in fp32, with input
-// subnormals read as zero and fp32 subnormal results flushed (qpeft/testing.py,
-// ``amx_flush_bound``, derives what that adds to the error).
+// amx_gemm_cols and released on return, in whichever thread runs it). TDPBF16PS
+// C[16 x 16 fp32] += A[16 x 32 bf16] B, B's row r holding for each of 16 columns the bf16
+// pair of reduction elements (2r, 2r + 1) (the "VNNI" layout):
+//   forward, computed as y^T = W x^T: A = W's own rows (tile (ct, rt): W[16 ct + i][32 rt
+//     + 0..31], so a decoded row chunk is stored as it is), B = x^T in VNNI pairs
+//     (repacked once per call: 16 x 16 dword transposes of x), C^T transposed when written;
+//   dx = dy W: A = dy's rows (repacked as they are), B = W in pairs of rows (tile (ct, rt)
+//     row r, column j: W[32 rt + 2r, + 1][16 ct + j]: two decoded rows interleaved by one
+//     vpermt2w per tile row).
+// A 2 x 2 block of C tiles (tmm0..3) takes 2 + 2 operand tiles (tmm4..7). TDPBF16PS sums
+// the products of bf16 pairs in fp32, reads subnormal inputs as zero and flushes subnormal
+// fp32 results (qpeft/testing.py, ``flush_bound``, derives what that adds to the error).
 //
-// Blocking. A is repacked once per call into tiles (zero padded: no tile ever reads
-// past a's end, and a tail never meets uninitialized memory). Each task owns a range of
-// column blocks (col_block columns of out); for each (column block, reduction block)
-// the W panel is decoded once (rows of W to bf16 via a per-block 16-entry table, then
-// 16 x 16 dword transposes (forward) or row-pair interleaves (dx) into B tiles), then
-// every 32-row block of A sweeps it with 2 x 2 C tiles (C0..3 = tmm0..3, A = tmm4..5,
-// B = tmm6..7); the fp32 accumulators persist across reduction blocks in a buffer.
+// Blocking. a is repacked once per call into tiles (zero padded: no tile reads past a's
+// end, and a tail never meets uninitialized memory). Each task owns a range of column
+// blocks (col_block columns of out); for each (column block, reduction block) the W panel
+// is decoded once into L2, then swept kSweepRt reduction tiles at a time by every 32-row
+// block of a; the fp32 accumulators persist across sweeps in a buffer.
 //
 // W's bf16 values are those of dequantize_4bit to bf16 bit for bit: fp32
 // table[code] * absmax rounded once to nearest even (subnormals kept, format.h's NaN
@@ -176,9 +177,10 @@ inline bool fast_rows(const AmxGemmArgs& g, const Decoder& d) {
 constexpr int64_t kMaxRunBlocks = 8192 / 32 + 1;  // blocks of a row segment (len <= 8192)
 
 // decode_row for fast_rows: the absmax values of the segment's blocks first (one tight
-// loop), then per block one table and its 32-element chunks.
+// loop), then per block one table and its 32-element chunks; chunk c of the row goes to
+// out + c * chunk_stride (32: contiguous; 512: one row of consecutive tiles).
 void decode_row_fast(const AmxGemmArgs& g, const Decoder& d, int64_t row, int64_t col0, int64_t len,
-                     uint16_t* out) {
+                     uint16_t* out, int64_t chunk_stride = 32) {
   int64_t valid = row < g.n ? min64(len, g.k - col0) : 0;
   if (valid < 0) valid = 0;
   if (valid > 0) {
@@ -202,11 +204,12 @@ void decode_row_fast(const AmxGemmArgs& g, const Decoder& d, int64_t row, int64_
       for (; e < stop; e += 32) {
         const int64_t o = e - e0;
         const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (o >> 1)));
-        _mm512_storeu_si512(out + o, lookup32(bytes, t));
+        _mm512_storeu_si512(out + (o >> 5) * chunk_stride, lookup32(bytes, t));
       }
     }
   }
-  if (valid < len) std::memset(out + valid, 0, static_cast<size_t>(len - valid) * 2);
+  for (int64_t c = valid >> 5; c < len >> 5; ++c)
+    _mm512_storeu_si512(out + c * chunk_stride, _mm512_setzero_si512());
 }
 
 // W[row, col0 .. col0 + len) as bf16 into out, zeros where row >= n or col >= k. The
@@ -270,26 +273,26 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
-// Forward panel: W rows c0 + [0, 16 nct) x columns 32 rt0 + [0, 32 nrt) into B tiles
-// (ct, rt) at panel + (ct * rt_stride + rt) * kTileElems. tmp: 16 x 32 nrt bf16.
+// Forward panel: W rows c0 + [0, 16 nct) x columns 32 rt0 + [0, 32 nrt) as A tiles (ct, rt)
+// at panel + (ct * rt_stride + rt) * kTileElems: W's own row-major layout cut into 16 x 32
+// tiles, so each decoded 32-element chunk is stored once where its tile row lies (the
+// forward computes y^T = W x^T; x^T is the VNNI operand, amx_repack_a). tmp: 32 nrt bf16.
 void decode_panel_fwd(const AmxGemmArgs& g, const Decoder& d, int64_t c0, int64_t nct, int64_t rt0,
                       int64_t nrt, int64_t rt_stride, uint16_t* panel, uint16_t* tmp) {
   const int64_t len = 32 * nrt;
   const bool fast = fast_rows(g, d);
   for (int64_t ct = 0; ct < nct; ++ct) {
     for (int j = 0; j < 16; ++j) {
-      prefetch_row(g, c0 + 16 * (ct + 1) + j, 32 * rt0, len);  // the next tile's rows
-      if (fast)
-        decode_row_fast(g, d, c0 + 16 * ct + j, 32 * rt0, len, tmp + j * len);
-      else
-        decode_row(g, d, c0 + 16 * ct + j, 32 * rt0, len, tmp + j * len);
-    }
-    for (int64_t rt = 0; rt < nrt; ++rt) {
-      __m512i v[16];
-      for (int j = 0; j < 16; ++j) v[j] = _mm512_loadu_si512(tmp + j * len + 32 * rt);
-      transpose16(v);
-      uint16_t* tile = panel + (ct * rt_stride + rt) * kTileElems;
-      for (int r = 0; r < 16; ++r) _mm512_store_si512(tile + 32 * r, v[r]);
+      const int64_t row = c0 + 16 * ct + j;
+      uint16_t* dst = panel + (ct * rt_stride * 16 + j) * 32;
+      prefetch_row(g, row + 16, 32 * rt0, len);  // the next tile's rows
+      if (fast) {
+        decode_row_fast(g, d, row, 32 * rt0, len, dst, kTileElems);
+      } else {
+        decode_row(g, d, row, 32 * rt0, len, tmp);
+        for (int64_t rt = 0; rt < nrt; ++rt)
+          _mm512_storeu_si512(dst + rt * kTileElems, _mm512_loadu_si512(tmp + 32 * rt));
+      }
     }
   }
 }
@@ -372,7 +375,78 @@ inline void micro(const uint16_t* a0, int64_t a_next_row_tile, const uint16_t* b
   }
 }
 
-// out[m, c0 .. c0 + valid) from the fp32 accumulators cbuf[m][ldc].
+// Forward: C^T[32 n, 32 or 16 m] (+)= W[32 n, 32 srt] x^T: C tiles (n tile, m tile)
+// 0 = (0, 0), 1 = (1, 0), 2 = (0, 1), 3 = (1, 1); W tiles tmm4/5 (A), x^T tiles tmm6/7 (B).
+// c: C^T at row n, column m (ldc_bytes per row of n).
+template <bool kTwoM>
+inline void micro_fwd(const uint16_t* w0, const uint16_t* w1, const uint16_t* x0,
+                      int64_t x_next_m_tile, int64_t srt, float* c, int64_t ldc_bytes, bool first) {
+  char* c1 = reinterpret_cast<char*>(c) + 16 * ldc_bytes;  // n + 16
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (kTwoM) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+  } else {
+    _tile_loadd(0, c, ldc_bytes);
+    _tile_loadd(1, c1, ldc_bytes);
+    if (kTwoM) {
+      _tile_loadd(2, c + 16, ldc_bytes);
+      _tile_loadd(3, c1 + 64, ldc_bytes);
+    }
+  }
+  for (int64_t rt = 0; rt < srt; ++rt) {
+    _tile_loadd(6, x0 + rt * kTileElems, 64);
+    _tile_loadd(4, w0 + rt * kTileElems, 64);
+    _tile_loadd(5, w1 + rt * kTileElems, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if (kTwoM) {
+      _tile_loadd(7, x0 + (x_next_m_tile + rt) * kTileElems, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, ldc_bytes);
+  _tile_stored(1, c1, ldc_bytes);
+  if (kTwoM) {
+    _tile_stored(2, c + 16, ldc_bytes);
+    _tile_stored(3, c1 + 64, ldc_bytes);
+  }
+}
+
+// One row of out (16 lanes from column o, `k` of them valid) from v: fp32 store, fp32
+// accumulate, or bf16 (rounded to nearest even).
+inline void store_out16(const AmxGemmArgs& g, int64_t o, __m512 v, __mmask16 k) {
+  if (g.out_dtype == kF32) {
+    float* dst = static_cast<float*>(g.out) + o;
+    const __m512 r = g.accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(k, dst), v) : v;
+    _mm512_mask_storeu_ps(dst, k, r);
+  } else {
+    store16_masked<kBF16>(g.out, o, v, k);
+  }
+}
+
+// Forward: out[m, c0 .. c0 + valid) from C^T in cbuf[n][ldc] (16 x 16 transposes).
+void write_out_fwd(const AmxGemmArgs& g, const float* cbuf, int64_t ldc, int64_t c0, int64_t valid,
+                   int64_t cols) {
+  const int64_t mt_n = cdiv(g.m, 16);
+  for (int64_t n0 = 0; n0 < valid; n0 += 16) {
+    const __mmask16 k = lanes16(valid - n0);
+    for (int64_t mt = 0; mt < mt_n; ++mt) {
+      __m512i v[16];
+      for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(cbuf + (n0 + i) * ldc + 16 * mt);
+      transpose16(v);
+      const int64_t rows = min64(16, g.m - 16 * mt);
+      for (int64_t r = 0; r < rows; ++r)
+        store_out16(g, (16 * mt + r) * cols + c0 + n0, _mm512_castsi512_ps(v[r]), k);
+    }
+  }
+}
+
+// dx: out[m, c0 .. c0 + valid) from the fp32 accumulators cbuf[m][ldc].
 void write_out(const AmxGemmArgs& g, const float* cbuf, int64_t ldc, int64_t c0, int64_t valid,
                int64_t cols) {
   for (int64_t m = 0; m < g.m; ++m) {
@@ -380,14 +454,7 @@ void write_out(const AmxGemmArgs& g, const float* cbuf, int64_t ldc, int64_t c0,
     const int64_t o = m * cols + c0;
     for (int64_t j = 0; j < valid; j += 16) {
       const __mmask16 k = lanes16(valid - j);
-      const __m512 v = _mm512_maskz_loadu_ps(k, src + j);
-      if (g.out_dtype == kF32) {
-        float* dst = static_cast<float*>(g.out) + o + j;
-        const __m512 r = g.accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(k, dst), v) : v;
-        _mm512_mask_storeu_ps(dst, k, r);
-      } else {
-        store16_masked<kBF16>(g.out, o + j, v, k);
-      }
+      store_out16(g, o + j, _mm512_maskz_loadu_ps(k, src + j), k);
     }
   }
 }
@@ -407,6 +474,25 @@ int64_t amx_workspace_bytes(const AmxGemmArgs& g) {
 
 void amx_repack_a(const AmxGemmArgs& g, int64_t mt0, int64_t mt1) {
   const int64_t red = g.dx ? g.n : g.k, rt_n = cdiv(red, 32);
+  if (!g.dx) {  // x^T in VNNI pairs: tile row r holds (x[m, 2r], x[m, 2r + 1]) for 16 m
+    for (int64_t mt = mt0; mt < mt1; ++mt) {
+      for (int64_t rt = 0; rt < rt_n; ++rt) {
+        const int64_t cnt = min64(32, red - 32 * rt);
+        const __mmask32 k =
+            static_cast<__mmask32>(cnt >= 32 ? 0xffffffffu : ((uint32_t{1} << cnt) - 1u));
+        __m512i v[16];
+        for (int i = 0; i < 16; ++i) {
+          const int64_t row = 16 * mt + i;
+          v[i] = row < g.m ? _mm512_maskz_loadu_epi16(k, g.a + row * red + 32 * rt)
+                           : _mm512_setzero_si512();
+        }
+        transpose16(v);
+        uint16_t* dst = g.ap + (mt * rt_n + rt) * kTileElems;
+        for (int r = 0; r < 16; ++r) _mm512_store_si512(dst + 32 * r, v[r]);
+      }
+    }
+    return;
+  }
   for (int64_t mt = mt0; mt < mt1; ++mt) {
     for (int64_t i = 0; i < 16; ++i) {
       const int64_t row = 16 * mt + i;
@@ -436,7 +522,8 @@ void amx_gemm_cols(const AmxGemmArgs& g, int64_t cb0, int64_t cb1, void* ws) {
   uint16_t* tmp = reinterpret_cast<uint16_t*>(p);
   p += align64(tmp_elems * 2);
   float* cbuf = reinterpret_cast<float*>(p);
-  const int64_t ldc_bytes = cb_cols * 4;
+  const int64_t ldc_bytes = cb_cols * 4;  // dx: cbuf[m][cb_cols]
+  const int64_t ldc_fwd = mt_n * 16;      // forward: cbuf[n][16 mt_n] (C^T)
   const Decoder dec = make_decoder(g);
 
   load_tile_config();
@@ -450,13 +537,28 @@ void amx_gemm_cols(const AmxGemmArgs& g, int64_t cb0, int64_t cb1, void* ws) {
         decode_panel_dx(g, dec, c0, nct, rt0, nrt, rt_stride, panel, tmp);
       else
         decode_panel_fwd(g, dec, c0, nct, rt0, nrt, rt_stride, panel, tmp);
-      // The sweep takes the panel kSweepRt reduction tiles at a time: the A tiles of a
-      // 32-row block (2 x kSweepRt KiB) then stay in L1 while the B tiles stream from the
+      // The sweep takes the panel kSweepRt reduction tiles at a time: the tiles of a's
+      // 32-row block (2 x kSweepRt KiB) then stay in L1 while W's tiles stream from the
       // panel in L2 (a micro-benchmark on the AMX VM: TDPBF16PS at full rate with one
       // operand from L2, about half of it with both).
       for (int64_t s0 = 0; s0 < nrt; s0 += kSweepRt) {
         const int64_t srt = min64(kSweepRt, nrt - s0);
         const bool first = rt0 + s0 == 0;
+        if (!g.dx) {
+          for (int64_t mt = 0; mt < mt_n; mt += 2) {
+            const uint16_t* x0 = g.ap + (mt * rt_n + rt0 + s0) * kTileElems;
+            for (int64_t ct = 0; ct < nct; ct += 2) {
+              const uint16_t* w0 = panel + (ct * rt_stride + s0) * kTileElems;
+              const uint16_t* w1 = w0 + rt_stride * kTileElems;
+              float* c = cbuf + ct * 16 * ldc_fwd + mt * 16;
+              if (mt + 1 < mt_n)
+                micro_fwd<true>(w0, w1, x0, rt_n, srt, c, ldc_fwd * 4, first);
+              else
+                micro_fwd<false>(w0, w1, x0, rt_n, srt, c, ldc_fwd * 4, first);
+            }
+          }
+          continue;
+        }
         for (int64_t mt = 0; mt < mt_n; mt += 2) {
           const uint16_t* a = g.ap + (mt * rt_n + rt0 + s0) * kTileElems;
           for (int64_t ct = 0; ct < nct; ct += 2) {
@@ -471,7 +573,10 @@ void amx_gemm_cols(const AmxGemmArgs& g, int64_t cb0, int64_t cb1, void* ws) {
         }
       }
     }
-    write_out(g, cbuf, cb_cols, c0, valid, cols);
+    if (g.dx)
+      write_out(g, cbuf, cb_cols, c0, valid, cols);
+    else
+      write_out_fwd(g, cbuf, ldc_fwd, c0, valid, cols);
   }
   _tile_release();
 }

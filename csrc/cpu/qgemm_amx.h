@@ -37,7 +37,7 @@ struct AmxGemmArgs {
   bool accumulate;  // fp32 out only: out += result
   // Blocking (multiples of 32): columns and reduction elements per decoded W panel.
   int64_t col_block, red_block;
-  uint16_t* ap;  // the repacked a: [mt][rt][16][32] bf16, zero padded (amx_ap_elems)
+  uint16_t* ap;  // the repacked a: [mt][rt] tiles (dx: rows; forward: x^T in VNNI pairs)
 };
 
 // Elements of the repacked a (mt = ceil(m / 16) tiles of 16 rows, rt = ceil(red / 32)).
