@@ -194,8 +194,15 @@ void decode_row_fast(const AmxGemmArgs& g, const Decoder& d, int64_t row, int64_
     } else {
       for (int64_t i = 0; i < nb; ++i) run[i] = d.bi.absmax(g, b0 + i);
     }
-    bool normal = true;
-    for (int64_t i = 0; i < nb; ++i) normal &= normal_absmax(am[i]);
+    // normal_absmax over the run, branch-free on the bits (it vectorizes): |absmax| in
+    // [2^-100, FLT_MAX] iff its magnitude bits lie in [0x0d800000, 0x7f7fffff]
+    uint32_t outside = 0;
+    for (int64_t i = 0; i < nb; ++i) {
+      uint32_t u;
+      std::memcpy(&u, am + i, 4);
+      outside |= static_cast<uint32_t>((u & 0x7fffffffu) - 0x0d800000u) > 0x71ffffffu;
+    }
+    const bool normal = outside == 0;
     const uint8_t* codes = g.packed + (e0 >> 1);
     int64_t e = e0;
     for (int64_t i = 0; i < nb; ++i) {
