@@ -98,7 +98,6 @@ struct BlockIndex {
   }
 };
 
-// The decoder's constants: the code table and the block index.
 // lookup32_at's constants: the 16 bytes of a chunk broadcast to the four 128-bit lanes (a
 // load, no shuffle), vpshufb puts byte i in the low byte of words 2i and 2i + 1 (the lane
 // holding words 8L .. 8L + 7 reads bytes 4L .. 4L + 3), vpsrlvw shifts the even words' high
@@ -119,6 +118,7 @@ Spread make_spread() {
   return Spread{_mm512_load_si512(sh), _mm512_load_si512(cnt)};
 }
 
+// The decoder's constants: the code table, lookup32_at's spread and the block index.
 struct Decoder {
   __m512 table;
   Spread spread;
@@ -134,9 +134,10 @@ Decoder make_decoder(const AmxGemmArgs& g) {
   return d;
 }
 
-// Prefetches the packed bytes of W[row, col0 .. col0 + len) (a row the decoder reaches
-// later: 16 rows of a tile are 16 short runs at a stride of k / 2 bytes, which the
-// hardware prefetchers did not cover: the loads of the codes were the decode's hot spot).
+// Prefetches the packed bytes of W[row, col0 .. col0 + len), a row the decoder reaches
+// one tile later (the rows of a tile are short runs at a stride of k / 2 bytes; the code
+// loads were the decode's hot spot with W in memory). Neutral to slightly faster in the
+// VM's noisy runs; kept: it touches only bytes the decode reads anyway.
 inline void prefetch_row(const AmxGemmArgs& g, int64_t row, int64_t col0, int64_t len) {
   if (row >= g.n || col0 >= g.k) return;
   const int64_t e0 = row * g.k + col0, e1 = e0 + min64(len, g.k - col0);
