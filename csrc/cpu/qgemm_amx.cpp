@@ -46,6 +46,9 @@ namespace {
 
 constexpr int64_t kTileElems = 512;  // bf16 elements of one 16 x 64-byte tile
 constexpr int64_t kSweepRt = 8;      // reduction tiles per sweep of the C tiles (256 elements)
+// fp32 accumulator rows are padded by 16 floats: a row stride of a power of two times 1 KiB
+// (M = 512 forward: 2 KiB) put the 16 rows of a C tile into two L1 sets.
+constexpr int64_t kLdcPad = 16;
 
 inline int64_t min64(int64_t a, int64_t b) {
   return a < b ? a : b;
@@ -504,7 +507,8 @@ int64_t amx_ap_elems(const AmxGemmArgs& g) {
 int64_t amx_workspace_bytes(const AmxGemmArgs& g) {
   const int64_t cb = g.col_block, rb = g.red_block;
   const int64_t tmp = (16 * rb > 32 * cb ? 16 * rb : 32 * cb) * 2;
-  return align64(cb * rb * 2) + align64(tmp) + align64(cdiv(g.m, 16) * 16 * cb * 4);
+  return align64(cb * rb * 2) + align64(tmp) +
+         align64((cdiv(g.m, 16) * 16 + kLdcPad) * (cb + kLdcPad) * 4);
 }
 
 void amx_repack_a(const AmxGemmArgs& g, int64_t mt0, int64_t mt1) {
@@ -557,8 +561,9 @@ void amx_gemm_cols(const AmxGemmArgs& g, int64_t cb0, int64_t cb1, void* ws) {
   uint16_t* tmp = reinterpret_cast<uint16_t*>(p);
   p += align64(tmp_elems * 2);
   float* cbuf = reinterpret_cast<float*>(p);
-  const int64_t ldc_bytes = cb_cols * 4;  // dx: cbuf[m][cb_cols]
-  const int64_t ldc_fwd = mt_n * 16;      // forward: cbuf[n][16 mt_n] (C^T)
+  const int64_t ldc_dx = cb_cols + kLdcPad;  // dx: cbuf[m][cb_cols (+ pad)]
+  const int64_t ldc_bytes = ldc_dx * 4;
+  const int64_t ldc_fwd = mt_n * 16 + kLdcPad;  // forward: cbuf[n][16 mt_n (+ pad)] (C^T)
   const Decoder dec = make_decoder(g);
 
   load_tile_config();
@@ -599,7 +604,7 @@ void amx_gemm_cols(const AmxGemmArgs& g, int64_t cb0, int64_t cb1, void* ws) {
           for (int64_t ct = 0; ct < nct; ct += 2) {
             const uint16_t* b0 = panel + (ct * rt_stride + s0) * kTileElems;
             const uint16_t* b1 = b0 + rt_stride * kTileElems;
-            float* c = cbuf + mt * 16 * cb_cols + ct * 16;
+            float* c = cbuf + mt * 16 * ldc_dx + ct * 16;
             if (mt + 1 < mt_n)
               micro<true>(a, rt_n, b0, b1, srt, c, ldc_bytes, first);
             else
@@ -609,7 +614,7 @@ void amx_gemm_cols(const AmxGemmArgs& g, int64_t cb0, int64_t cb1, void* ws) {
       }
     }
     if (g.dx)
-      write_out(g, cbuf, cb_cols, c0, valid, cols);
+      write_out(g, cbuf, ldc_dx, c0, valid, cols);
     else
       write_out_fwd(g, cbuf, ldc_fwd, c0, valid, cols);
   }
