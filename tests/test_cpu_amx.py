@@ -294,3 +294,12 @@ def test_level_follows_set_isa(isa):
     assert amx.active()
     isa.set_isa("avx512_bf16")
     assert not amx.active() and qpeft.cpu_info()["chosen_level"] == "avx512_bf16"
+
+
+def test_amx_ab_benchmark_runs(capsys):
+    # the A/B script's smoke run: one tiny shape, both directions
+    from benchmarks import amx_ab
+
+    assert amx_ab.main(["--shapes", "48x64", "--m", "16", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| fwd | 48x64 | 16 |" in out and "| dx | 48x64 | 16 |" in out
