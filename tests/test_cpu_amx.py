@@ -210,6 +210,19 @@ def test_linear4bit_forward_on_amx(amx_calls, isa):
     assert_within(y.reshape(33, 72), want, err * (1 + U_BF16) + U_BF16 * want.abs(), "Linear4bit y")
 
 
+def test_linear4bit_without_bias_rounds_in_the_kernel(amx_calls, isa):
+    # nothing to add to x @ W^T: the kernel writes bf16 itself, the fp32 sums rounded once
+    torch.manual_seed(1)
+    layer = qpeft.nn.Linear4bit.from_linear(torch.nn.Linear(128, 48, bias=False))
+    x = torch.randn(20, 128).bfloat16()
+    with qpeft.use_backend("cpu"), torch.no_grad():
+        y = layer(x)
+    assert amx_calls["fwd"] == 1 and y.dtype == torch.bfloat16
+    absmax, nested_absmax, nested_code, offset, rest = _quant_args(layer.quant_state)
+    quant = (layer.weight, absmax, nested_absmax, nested_code, offset, *rest)
+    assert torch.equal(y, amx.qgemm_4bit(x, quant).bfloat16())
+
+
 def test_qlora_layer_with_tiny_activations(amx_calls, isa):
     # x near fp32's smallest normal number: the layer's outputs (AMX and oneDNN products)
     # stay inside bf16_oracle's bounds through their flush terms
