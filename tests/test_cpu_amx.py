@@ -98,6 +98,31 @@ def test_blocking_does_not_change_results(blocks):
     assert_within(y, x.double() @ wq.T, amx_gemm_bound(x.double(), wq.T, torch.float32), "forward")
 
 
+@pytest.mark.parametrize("threading", ["pool", "openmp"])
+def test_pool_and_openmp_threads_run_tiles(threading):
+    # each task loads its tile configuration and releases the tiles in whichever thread
+    # runs it: qpeft's own pool threads and torch's OpenMP workers, interleaved with
+    # oneDNN's own AMX GEMMs on the same threads, give the one-thread result
+    c = _native.cpu_module()
+    if threading == "openmp":
+        try:
+            c.set_threading("openmp")
+        except ValueError as e:
+            pytest.skip(str(e))
+    else:
+        c.set_threading("pool")
+    try:
+        quant, _, x, dy = _problem(64, 600, 256, 64, "nf4", True, seed=5)
+        y1 = amx.qgemm_4bit(x, quant, num_threads=1)
+        dx1 = amx.qgemm_4bit(dy, quant, dx=True, num_threads=1)
+        for _ in range(3):
+            torch.mm(x, torch.randn(256, 64).bfloat16())  # oneDNN's tiles in between
+            assert torch.equal(amx.qgemm_4bit(x, quant, col_block=32, num_threads=2), y1)
+            assert torch.equal(amx.qgemm_4bit(dy, quant, dx=True, col_block=32, num_threads=2), dx1)
+    finally:
+        c.set_threading("auto")
+
+
 def test_decode_is_exact():
     # one-hot rows of x pick W's columns: each output is one exact product 1 * w, so the
     # kernel's W equals dequantize_4bit to bf16 bit for bit (normal values: AMX would read
