@@ -10,6 +10,10 @@ permission; elsewhere the tests skip naming what is missing.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -341,3 +345,15 @@ def test_amx_ab_benchmark_runs(capsys):
     assert amx_ab.main(["--shapes", "48x64", "--m", "16", "--reps", "1"]) == 0
     out = capsys.readouterr().out
     assert "| fwd | 48x64 | 16 |" in out and "| dx | 48x64 | 16 |" in out
+
+
+def test_isa_cap_keeps_the_onednn_panels():
+    # QPEFT_CPU_ISA=avx512_bf16: the bf16 mode stays, on oneDNN's panels (A/B runs)
+    code = (
+        "import qpeft; from qpeft.backends.cpu import amx, capability; import torch; "
+        "print(qpeft.cpu_info()['chosen_level'], amx.active(), capability.compute_dtype(torch.bfloat16))"
+    )
+    env = {**os.environ, "QPEFT_CPU_ISA": "avx512_bf16"}
+    env.pop(capability.COMPUTE_ENV, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["avx512_bf16", "False", "torch.bfloat16"], out.stderr
