@@ -35,7 +35,6 @@
 
 #include <immintrin.h>
 
-#include <cstdlib>
 #include <cstring>
 
 #include "avx512_common.h"
@@ -46,10 +45,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kTileElems = 512;  // bf16 elements of one 16 x 64-byte tile
-inline int64_t knob(const char* n, int64_t d) {
-  const char* v = std::getenv(n);
-  return v ? std::atoi(v) : d;
-}  // TEMP
+constexpr int64_t kSweepRt = 8;      // reduction tiles per sweep of the C tiles (256 elements)
 // fp32 accumulator rows are padded by 16 floats: a row stride of a power of two times 1 KiB
 // (M = 512 forward: 2 KiB) put the 16 rows of a C tile into two L1 sets.
 constexpr int64_t kLdcPad = 16;
@@ -319,14 +315,13 @@ inline void transpose16(__m512i r[16]) {
 // at panel + (ct * rt_stride + rt) * kTileElems: W's own row-major layout cut into 16 x 32
 // tiles, so each decoded 32-element chunk is stored once where its tile row lies (the
 // forward computes y^T = W x^T; x^T is the VNNI operand, amx_repack_a). tmp: 32 nrt bf16.
-void decode_panel_fwd(const AmxGemmArgs& g, const Decoder& d, int64_t c0, int64_t rt0, int64_t nrt,
-                      int64_t rt_stride, uint16_t* panel, uint16_t* tmp, int64_t u0, int64_t u1) {
+void decode_panel_fwd(const AmxGemmArgs& g, const Decoder& d, int64_t c0, int64_t nct, int64_t rt0,
+                      int64_t nrt, int64_t rt_stride, uint16_t* panel, uint16_t* tmp) {
   const int64_t len = 32 * nrt;
   const bool fast = fast_rows(g, d);
-  for (int64_t u = u0; u < u1; ++u) {
-    {
-      const int64_t ct = u / 16, j = u % 16;
-      const int64_t row = c0 + u;
+  for (int64_t ct = 0; ct < nct; ++ct) {
+    for (int j = 0; j < 16; ++j) {
+      const int64_t row = c0 + 16 * ct + j;
       uint16_t* dst = panel + (ct * rt_stride * 16 + j) * 32;
       prefetch_row(g, row + 16, 32 * rt0, len);  // the next tile's rows
       if (fast) {
@@ -344,7 +339,7 @@ void decode_panel_fwd(const AmxGemmArgs& g, const Decoder& d, int64_t c0, int64_
 // (row r: the pairs of W rows 2r, 2r + 1): the two rows decoded into tmp (2 x 16 nct
 // bf16, in L1), then one vpermt2w per tile row interleaves them. nct is even.
 void decode_panel_dx(const AmxGemmArgs& g, const Decoder& d, int64_t c0, int64_t nct, int64_t rt0,
-                     int64_t rt_stride, uint16_t* panel, uint16_t* tmp, int64_t u0, int64_t u1) {
+                     int64_t nrt, int64_t rt_stride, uint16_t* panel, uint16_t* tmp) {
   const int64_t len = 16 * nct;  // a multiple of 32
   const bool fast = fast_rows(g, d);
   // word 2j of the result: row0[j], word 2j + 1: row1[j] (index 32 + j), j in [0, 16) for
@@ -357,9 +352,8 @@ void decode_panel_dx(const AmxGemmArgs& g, const Decoder& d, int64_t c0, int64_t
     hi_idx[2 * j + 1] = static_cast<uint16_t>(48 + j);
   }
   const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_load_si512(hi_idx);
-  for (int64_t u = u0; u < u1; ++u) {
-    {
-      const int64_t rt = u / 16, r = u % 16;
+  for (int64_t rt = 0; rt < nrt; ++rt) {
+    for (int r = 0; r < 16; ++r) {
       const int64_t row = 32 * (rt0 + rt) + 2 * r;
       prefetch_row(g, row + 32, c0, len);  // the next tile's rows
       prefetch_row(g, row + 33, c0, len);
@@ -513,7 +507,7 @@ int64_t amx_ap_elems(const AmxGemmArgs& g) {
 int64_t amx_workspace_bytes(const AmxGemmArgs& g) {
   const int64_t cb = g.col_block, rb = g.red_block;
   const int64_t tmp = (16 * rb > 32 * cb ? 16 * rb : 32 * cb) * 2;
-  return 2 * align64(cb * rb * 2) + align64(tmp) +
+  return align64(cb * rb * 2) + align64(tmp) +
          align64((cdiv(g.m, 16) * 16 + kLdcPad) * (cb + kLdcPad) * 4);
 }
 
@@ -557,18 +551,12 @@ void amx_repack_a(const AmxGemmArgs& g, int64_t mt0, int64_t mt1) {
 }
 
 void amx_gemm_cols(const AmxGemmArgs& g, int64_t cb0, int64_t cb1, void* ws) {
-  const int64_t kSweepRt = knob("QPEFT_SWEEP", 8);
-  const bool interleave = !knob("QPEFT_NOINTER", 0);
-  const int64_t gran = knob("QPEFT_GRAN", 1);
   const int64_t cols = g.dx ? g.k : g.n, red = g.dx ? g.n : g.k;
   const int64_t cb_cols = g.col_block, rb_elems = g.red_block, rt_stride = rb_elems / 32;
   const int64_t mt_n = cdiv(g.m, 16), rt_n = cdiv(red, 32);
   const int64_t tmp_elems = 16 * rb_elems > 32 * cb_cols ? 16 * rb_elems : 32 * cb_cols;
   char* p = static_cast<char*>(ws);
-  uint16_t* panels[2];
-  panels[0] = reinterpret_cast<uint16_t*>(p);
-  p += align64(cb_cols * rb_elems * 2);
-  panels[1] = reinterpret_cast<uint16_t*>(p);
+  uint16_t* panel = reinterpret_cast<uint16_t*>(p);
   p += align64(cb_cols * rb_elems * 2);
   uint16_t* tmp = reinterpret_cast<uint16_t*>(p);
   p += align64(tmp_elems * 2);
@@ -578,99 +566,57 @@ void amx_gemm_cols(const AmxGemmArgs& g, int64_t cb0, int64_t cb1, void* ws) {
   const int64_t ldc_fwd = mt_n * 16 + kLdcPad;  // forward: cbuf[n][16 mt_n (+ pad)] (C^T)
   const Decoder dec = make_decoder(g);
 
-  // The task's panels in order: (column block, reduction block) pairs, reduction fastest.
-  const int64_t rb_n = cdiv(rt_n, rt_stride), panels_n = (cb1 - cb0) * rb_n;
-  struct Job {
-    int64_t c0, valid, nct, rt0, nrt, units;
-  };
-  auto job_of = [&](int64_t i) {
-    Job jb;
-    jb.c0 = (cb0 + i / rb_n) * cb_cols;
-    jb.valid = min64(cb_cols, cols - jb.c0);
-    jb.nct = cdiv(jb.valid, 32) * 2;  // 16-column tiles, an even count (zero padded)
-    jb.rt0 = (i % rb_n) * rt_stride;
-    jb.nrt = min64(rt_stride, rt_n - jb.rt0);
-    jb.units = 16 * (g.dx ? jb.nrt : jb.nct);  // dx: pairs of W rows; forward: W rows
-    return jb;
-  };
-  auto decode_part = [&](const Job& jb, uint16_t* panel, int64_t u0, int64_t u1) {
-    if (g.dx)
-      decode_panel_dx(g, dec, jb.c0, jb.nct, jb.rt0, rt_stride, panel, tmp, u0, u1);
-    else
-      decode_panel_fwd(g, dec, jb.c0, jb.rt0, jb.nrt, rt_stride, panel, tmp, u0, u1);
-  };
-
   load_tile_config();
-  if (panels_n > 0) {
-    const Job j0 = job_of(0);
-    decode_part(j0, panels[0], 0, j0.units);
-  }
-  for (int64_t i = 0; i < panels_n; ++i) {
-    const Job jb = job_of(i);
-    const uint16_t* panel = panels[i & 1];
-    // The next panel is decoded in slices between the tile calls of this one, so that the
-    // AVX-512 decode runs while the tile unit works (docs/design.md, "AMX GEMM").
-    const bool has_next = i + 1 < panels_n;
-    const Job jn = has_next ? job_of(i + 1) : jb;
-    uint16_t* next_panel = panels[(i + 1) & 1];
-    const int64_t next_units = has_next ? jn.units : 0;
-    const int64_t calls = cdiv(jb.nrt, kSweepRt) * cdiv(mt_n, 2) * (jb.nct / 2);
-    int64_t call = 0, done = interleave ? 0 : next_units;
-    if (!interleave && has_next) decode_part(jn, next_panel, 0, next_units);
-    auto after_call = [&]() {
-      ++call;
-      if (call % gran != 0) return;
-      const int64_t target = next_units * call / calls;
-      if (target > done) {
-        decode_part(jn, next_panel, done, target);
-        done = target;
-      }
-    };
-    const int64_t nct = jb.nct, rt0 = jb.rt0, nrt = jb.nrt;
-    // The sweep takes the panel kSweepRt reduction tiles at a time: the tiles of a's
-    // 32-row block (2 x kSweepRt KiB) then stay in L1 while W's tiles stream from the
-    // panel in L2 (a micro-benchmark on the AMX VM: TDPBF16PS at full rate with one
-    // operand from L2, about half of it with both).
-    for (int64_t s0 = 0; s0 < nrt; s0 += kSweepRt) {
-      const int64_t srt = min64(kSweepRt, nrt - s0);
-      const bool first = rt0 + s0 == 0;
-      if (!g.dx) {
+  for (int64_t cb = cb0; cb < cb1; ++cb) {
+    const int64_t c0 = cb * cb_cols;
+    const int64_t valid = min64(cb_cols, cols - c0);
+    const int64_t nct = cdiv(valid, 32) * 2;  // 16-column tiles, an even count (zero padded)
+    for (int64_t rt0 = 0; rt0 < rt_n; rt0 += rt_stride) {
+      const int64_t nrt = min64(rt_stride, rt_n - rt0);
+      if (g.dx)
+        decode_panel_dx(g, dec, c0, nct, rt0, nrt, rt_stride, panel, tmp);
+      else
+        decode_panel_fwd(g, dec, c0, nct, rt0, nrt, rt_stride, panel, tmp);
+      // The sweep takes the panel kSweepRt reduction tiles at a time: the tiles of a's
+      // 32-row block (2 x kSweepRt KiB) then stay in L1 while W's tiles stream from the
+      // panel in L2 (a micro-benchmark on the AMX VM: TDPBF16PS at full rate with one
+      // operand from L2, about half of it with both).
+      for (int64_t s0 = 0; s0 < nrt; s0 += kSweepRt) {
+        const int64_t srt = min64(kSweepRt, nrt - s0);
+        const bool first = rt0 + s0 == 0;
+        if (!g.dx) {
+          for (int64_t mt = 0; mt < mt_n; mt += 2) {
+            const uint16_t* x0 = g.ap + (mt * rt_n + rt0 + s0) * kTileElems;
+            for (int64_t ct = 0; ct < nct; ct += 2) {
+              const uint16_t* w0 = panel + (ct * rt_stride + s0) * kTileElems;
+              const uint16_t* w1 = w0 + rt_stride * kTileElems;
+              float* c = cbuf + ct * 16 * ldc_fwd + mt * 16;
+              if (mt + 1 < mt_n)
+                micro_fwd<true>(w0, w1, x0, rt_n, srt, c, ldc_fwd * 4, first);
+              else
+                micro_fwd<false>(w0, w1, x0, rt_n, srt, c, ldc_fwd * 4, first);
+            }
+          }
+          continue;
+        }
         for (int64_t mt = 0; mt < mt_n; mt += 2) {
-          const uint16_t* x0 = g.ap + (mt * rt_n + rt0 + s0) * kTileElems;
+          const uint16_t* a = g.ap + (mt * rt_n + rt0 + s0) * kTileElems;
           for (int64_t ct = 0; ct < nct; ct += 2) {
-            const uint16_t* w0 = panel + (ct * rt_stride + s0) * kTileElems;
-            const uint16_t* w1 = w0 + rt_stride * kTileElems;
-            float* c = cbuf + ct * 16 * ldc_fwd + mt * 16;
+            const uint16_t* b0 = panel + (ct * rt_stride + s0) * kTileElems;
+            const uint16_t* b1 = b0 + rt_stride * kTileElems;
+            float* c = cbuf + mt * 16 * ldc_dx + ct * 16;
             if (mt + 1 < mt_n)
-              micro_fwd<true>(w0, w1, x0, rt_n, srt, c, ldc_fwd * 4, first);
+              micro<true>(a, rt_n, b0, b1, srt, c, ldc_bytes, first);
             else
-              micro_fwd<false>(w0, w1, x0, rt_n, srt, c, ldc_fwd * 4, first);
-            after_call();
+              micro<false>(a, rt_n, b0, b1, srt, c, ldc_bytes, first);
           }
         }
-        continue;
-      }
-      for (int64_t mt = 0; mt < mt_n; mt += 2) {
-        const uint16_t* a = g.ap + (mt * rt_n + rt0 + s0) * kTileElems;
-        for (int64_t ct = 0; ct < nct; ct += 2) {
-          const uint16_t* b0 = panel + (ct * rt_stride + s0) * kTileElems;
-          const uint16_t* b1 = b0 + rt_stride * kTileElems;
-          float* c = cbuf + mt * 16 * ldc_dx + ct * 16;
-          if (mt + 1 < mt_n)
-            micro<true>(a, rt_n, b0, b1, srt, c, ldc_bytes, first);
-          else
-            micro<false>(a, rt_n, b0, b1, srt, c, ldc_bytes, first);
-          after_call();
-        }
       }
     }
-    if (done < next_units) decode_part(jn, next_panel, done, next_units);
-    if (rt0 + nrt == rt_n) {  // the column block's last reduction block
-      if (g.dx)
-        write_out(g, cbuf, ldc_dx, jb.c0, jb.valid, cols);
-      else
-        write_out_fwd(g, cbuf, ldc_fwd, jb.c0, jb.valid, cols);
-    }
+    if (g.dx)
+      write_out(g, cbuf, ldc_dx, c0, valid, cols);
+    else
+      write_out_fwd(g, cbuf, ldc_fwd, c0, valid, cols);
   }
   _tile_release();
 }
