@@ -30,8 +30,9 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from ... import _native
 from ..._dispatch import kernel_for
-from ..._formats import GEMV_MAX_ROWS
+from ..._formats import GEMV_MAX_ROWS, QUANT_TYPE_IDS
 from ..default.qlora import backward_from
 from . import capability
 
@@ -197,6 +198,8 @@ def qlora_linear(
     )
     if cdt == torch.bfloat16:
         return _forward_bf16(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa)
+    if cdt == torch.float32 and _small(x.shape[0], n, k):
+        return _small_forward(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa)
     xc = _cast(x, cdt)
     if cdt == torch.float32 and 1 <= x.shape[0] <= GEMV_MAX_ROWS:
         # decode-sized M: the fused GEMV reads the packed codes once instead of decoding panels
@@ -238,6 +241,98 @@ def qlora_linear(
     if out_scale is not None:
         y.mul_(_cast(out_scale, cdt))
     return _cast(y, x.dtype), (_cast(xa, x.dtype) if return_xa and xa is not None else x.new_empty((0,)))
+
+
+# --- small layers: the whole fp32 forward in one native call ------------------------------
+#
+# On a layer of 64x64 .. 256x256 the composed forward above spends its time in per-op
+# overhead (a panel decode, two F.linear, a scale, addmm_, add_: ~3-5 us each), not in
+# arithmetic. ``qpeft._C.qlora_small_forward`` does all of it in one call: x @ W^T by the
+# 4-bit GEMV kernel over chunks of GEMV_MAX_ROWS rows of x (the packed W, at most 32 KiB
+# here, re-read per chunk from cache), the rank-r terms in plain loops, in the order the
+# composed path rounds them (docs/design.md, "Per-call overhead", has the measurements).
+# Taken for fp32 compute when W has at most SMALL_MAX_ELEMS elements and the GEMV work
+# M*N*K is at most SMALL_MAX_WORK; above that the panel decode + oneDNN GEMM is faster.
+SMALL_MAX_ELEMS = 1 << 16
+SMALL_MAX_WORK = 1 << 19
+
+
+def _small(m: int, n: int, k: int) -> bool:
+    nk = n * k
+    return 0 < m and nk <= SMALL_MAX_ELEMS and m * nk <= SMALL_MAX_WORK
+
+
+_F32 = torch.float32
+
+
+def _f32c(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous fp32 tensor (t itself when it is one)."""
+    if t.dtype is not _F32:
+        t = t.to(_F32)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _pl(t: torch.Tensor | None) -> tuple[int, int]:
+    return (0, 0) if t is None else (t.data_ptr(), t.numel())
+
+
+def _small_forward(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa):
+    packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k = quant
+    m = x.shape[0]
+    xf = _f32c(x)
+    if not (packed.is_contiguous() and absmax.is_contiguous()):
+        packed, absmax = packed.contiguous(), absmax.contiguous()
+    if nested_absmax is not None:
+        nested_absmax, nested_code, offset = _f32c(nested_absmax), _f32c(nested_code), _f32c(offset)
+        nested = (nested_absmax.data_ptr(), nested_absmax.numel(), nested_code.data_ptr(), offset.data_ptr())
+    else:
+        nested = (0, 0, 0, 0)
+    xa = None
+    r = 0
+    if lora_a is not None:
+        lora_a, lora_b = _f32c(lora_a), _f32c(lora_b)
+        r = lora_a.shape[0]
+        if rank_scale is not None:
+            rank_scale = _f32c(rank_scale)
+        if return_xa:
+            xa = torch.empty((m, r), dtype=_F32)
+    if bias is not None:
+        bias = _f32c(bias)
+    if out_scale is not None:
+        out_scale = _f32c(out_scale)
+    y = torch.empty((m, n), dtype=_F32)
+    _native.cpu_module().qlora_small_forward(
+        xf.data_ptr(),
+        xf.numel(),
+        m,
+        n,
+        k,
+        packed.data_ptr(),
+        packed.numel(),
+        absmax.data_ptr(),
+        absmax.numel(),
+        blocksize,
+        QUANT_TYPE_IDS[quant_type],
+        *nested,
+        nested_blocksize,
+        *_pl(lora_a),
+        *_pl(lora_b),
+        r,
+        scaling,
+        *_pl(rank_scale),
+        *_pl(bias),
+        *_pl(out_scale),
+        y.data_ptr(),
+        y.numel(),
+        *_pl(xa),
+        torch.get_num_threads(),
+    )
+    dt = x.dtype
+    if dt is not _F32:
+        y = y.to(dt)
+        if xa is not None:
+            xa = xa.to(dt)
+    return y, (xa if xa is not None else x.new_empty((0,)))
 
 
 def qlora_linear_backward(
