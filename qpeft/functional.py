@@ -213,7 +213,21 @@ def qlora_linear(
     packed = _checks.packed_4bit(packed)
     signature = _checks.qlora_linear(x, packed, state, lora_A, lora_B, bias, rank_scale, out_scale)
     absmax, na, nc, off, quant = _state_args(state, signature)
-    args = (x, lora_A, lora_B, bias, packed, absmax, na, nc, off, quant, float(scaling), rank_scale, out_scale)
+    args = (
+        x,
+        lora_A,
+        lora_B,
+        bias,
+        packed,
+        absmax,
+        na,
+        nc,
+        off,
+        quant,
+        float(scaling),
+        rank_scale,
+        out_scale,
+    )
     if torch.is_grad_enabled() and (
         x.requires_grad
         or (lora_A is not None and (lora_A.requires_grad or lora_B.requires_grad))
