@@ -1,7 +1,7 @@
 """The per-call fast paths of small layers (docs/design.md, "Per-call overhead"):
 
-- the CPU backend's one-call native forward (``qpeft._C.qlora_small_forward``) against the
-  fp64 oracle's bounds and against the composed panel path;
+- the CPU backend's one-call native forward and backward (``qpeft._C.qlora_small_forward``,
+  ``qlora_small_backward``) against the fp64 oracle's bounds and the composed paths;
 - the fast argument check (``_checks._qlora_fast_ok``) agrees with the full one;
 - the per-state argument cache (``functional._state_args``): a state changed in place,
   replaced by ``requantize_`` or ``load_state_dict`` gives the new weight's result;
@@ -34,21 +34,73 @@ SMALL_CASES = [c for c in CASES if c[0] != torch.bfloat16] + [
 def small_always(monkeypatch):
     monkeypatch.setattr(cpu_qlora, "SMALL_MAX_ELEMS", 1 << 30)
     monkeypatch.setattr(cpu_qlora, "SMALL_MAX_WORK", 1 << 40)
+    monkeypatch.setattr(cpu_qlora, "SMALL_BACKWARD_MAX_WORK", 1 << 40)
 
 
-@pytest.mark.parametrize("case", SMALL_CASES, ids=case_id)
-def test_small_forward_within_oracle_bounds(case, small_always, monkeypatch):
-    # bf16 x may compute in bf16 (CPU with bf16 dot products): not this path, so not listed
+def _count(monkeypatch, name):
     calls = []
-    native = cpu_qlora._small_forward
+    real = getattr(cpu_qlora, name)
 
     def counting(*args):
         calls.append(1)
-        return native(*args)
+        return real(*args)
 
-    monkeypatch.setattr(cpu_qlora, "_small_forward", counting)
+    monkeypatch.setattr(cpu_qlora, name, counting)
+    return calls
+
+
+@pytest.mark.parametrize("case", SMALL_CASES, ids=case_id)
+def test_small_paths_within_oracle_bounds(case, small_always, monkeypatch):
+    # forward and every gradient; bf16 x may compute in bf16 (CPU with bf16 dot products):
+    # not these paths, so not listed
+    fwd, bwd = _count(monkeypatch, "_small_forward"), _count(monkeypatch, "_small_backward")
     check_qlora_linear(make_problem(case), "cpu")
-    assert calls, "the one-call path did not run"
+    assert fwd and bwd, "the one-call paths did not run"
+
+
+@pytest.mark.parametrize("need", [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (1, 1, 1, 1)])
+def test_small_backward_computes_only_what_is_asked(need, small_always):
+    p = make_problem(SMALL_CASES[-2])
+    st = p["state"]
+    x, a, b = p["x"], p["a"], p["b"]
+    quant = (
+        p["packed"],
+        st.absmax,
+        st.state2.absmax,
+        st.state2.code,
+        st.offset.reshape(1).float(),
+        st.blocksize,
+        st.state2.blocksize,
+        st.quant_type,
+        *st.shape,
+    )
+    xa = x @ a.T
+    dy = torch.randn(x.shape[0], st.shape[0])
+    args = (dy, x, *quant, a, b, xa, p["scaling"], p["rank_scale"], p["out_scale"], *map(bool, need))
+    small = cpu_qlora.qlora_linear_backward(*args)
+    with qpeft.use_backend("default"):
+        ref = torch.ops.qpeft.qlora_linear_backward(*args)
+    for got, want, asked in zip(small, ref, need):
+        if not asked:
+            assert got.numel() == 0
+            continue
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    ptrs = [t.data_ptr() for t in small if t.numel()]
+    assert len(set(ptrs)) == len(ptrs)  # outputs never alias
+
+
+def test_small_backward_of_a_frozen_layer(small_always, monkeypatch):
+    # Linear4bit (no adapter): x is a zero-stride stand-in the backward must not read
+    from qpeft.nn import Linear4bit
+
+    bwd = _count(monkeypatch, "_small_backward")
+    lin = torch.nn.Linear(64, 24)
+    layer = Linear4bit.from_linear(lin)
+    x = torch.randn(12, 64, requires_grad=True)
+    layer(x).sum().backward()
+    w = layer.dequantize(torch.float32)
+    torch.testing.assert_close(x.grad, torch.ones(12, 24) @ w, rtol=1e-5, atol=1e-5)
+    assert bwd
 
 
 @pytest.mark.parametrize("case", SMALL_CASES[-3:], ids=case_id)
@@ -301,3 +353,79 @@ def test_direct_kernel_equals_the_op_and_follows_use_backend(monkeypatch):
         want = qf.dequantize_4bit(q.base_layer.weight, q.base_layer.quant_state)
         ref = x @ want.T + q.base_layer.bias + q.scaling * (x @ q.lora_A.T) @ q.lora_B.T
     torch.testing.assert_close(y3, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_native_small_backward_checks_sizes():
+    mod = _native.cpu_module()
+    m, n, k, r = 2, 8, 64, 4
+    packed, state = qf.quantize_4bit(torch.randn(n, k), 64, "nf4", False)
+    dy, x = torch.randn(m, n), torch.randn(m, k)
+    a, b, xa = torch.randn(r, k), torch.randn(n, r), torch.randn(m, r)
+    dx, da, db, dbias = torch.empty(m, k), torch.empty(r, k), torch.empty(n, r), torch.empty(n)
+
+    def call(**over):
+        args = dict(
+            grad_y=dy.data_ptr(),
+            grad_y_len=dy.numel(),
+            x=x.data_ptr(),
+            x_len=x.numel(),
+            m=m,
+            n=n,
+            k=k,
+            packed=packed.data_ptr(),
+            packed_len=packed.numel(),
+            absmax=state.absmax.data_ptr(),
+            absmax_len=state.absmax.numel(),
+            blocksize=64,
+            quant_type=2,
+            nested_absmax=0,
+            nested_absmax_len=0,
+            nested_code=0,
+            offset=0,
+            nested_blocksize=256,
+            lora_a=a.data_ptr(),
+            lora_a_len=a.numel(),
+            lora_b=b.data_ptr(),
+            lora_b_len=b.numel(),
+            xa=xa.data_ptr(),
+            xa_len=xa.numel(),
+            r=r,
+            scaling=0.5,
+            rank_scale=0,
+            rank_scale_len=0,
+            out_scale=0,
+            out_scale_len=0,
+            dx=dx.data_ptr(),
+            dx_len=dx.numel(),
+            da=da.data_ptr(),
+            da_len=da.numel(),
+            db=db.data_ptr(),
+            db_len=db.numel(),
+            dbias=dbias.data_ptr(),
+            dbias_len=dbias.numel(),
+        )
+        args.update(over)
+        mod.qlora_small_backward(**args)
+
+    call()
+    w = qf.dequantize_4bit(packed, state)
+    gs = (dy @ b) * 0.5
+    torch.testing.assert_close(dx, gs @ a + dy @ w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(da, gs.T @ x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db, dy.T @ (xa * 0.5), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dbias, dy.sum(0), rtol=1e-5, atol=1e-5)
+    for over, msg in (
+        ({"grad_y_len": 15}, "grad_y holds 15"),
+        ({"x_len": 127}, "x holds 127"),
+        ({"dx_len": 127}, "dx holds 127"),
+        ({"da_len": 255}, "da holds 255"),
+        ({"db_len": 31}, "db holds 31"),
+        ({"dbias_len": 7}, "dbias holds 7"),
+        ({"xa_len": 7}, "xa holds 7"),
+        ({"lora_b_len": 31}, "lora_b holds 31"),
+        ({"lora_a": 0}, "da and db need lora_a"),
+        ({"packed_len": 255}, "qlora_small_backward: packed holds 255"),
+        ({"absmax_len": 7}, "absmax holds 7"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            call(**over)

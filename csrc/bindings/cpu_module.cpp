@@ -347,4 +347,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("xa"), py::arg("xa_len"), py::arg("num_threads"),
         "fp32 QLoRA forward of a small layer in one call: xa = x @ A^T, out = (x @ W^T + "
         "((xa * scaling) * rank_scale) @ B^T + bias) * out_scale (W packed 4-bit).");
+  m.def("qlora_small_backward", &qc::qlora_small_backward, nogil, py::arg("grad_y"),
+        py::arg("grad_y_len"), py::arg("x"), py::arg("x_len"), py::arg("m"), py::arg("n"),
+        py::arg("k"), py::arg("packed"), py::arg("packed_len"), py::arg("absmax"),
+        py::arg("absmax_len"), py::arg("blocksize"), py::arg("quant_type"),
+        py::arg("nested_absmax"), py::arg("nested_absmax_len"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("nested_blocksize"), py::arg("lora_a"), py::arg("lora_a_len"),
+        py::arg("lora_b"), py::arg("lora_b_len"), py::arg("xa"), py::arg("xa_len"), py::arg("r"),
+        py::arg("scaling"), py::arg("rank_scale"), py::arg("rank_scale_len"), py::arg("out_scale"),
+        py::arg("out_scale_len"), py::arg("dx"), py::arg("dx_len"), py::arg("da"),
+        py::arg("da_len"), py::arg("db"), py::arg("db_len"), py::arg("dbias"), py::arg("dbias_len"),
+        "fp32 backward of qlora_small_forward in one call: dx, da, db, dbias (0: not computed).");
 }

@@ -8,6 +8,11 @@
 // takes this path only below a size it measured, qpeft/backends/cpu/qlora.py). The rank-r
 // LoRA products are plain loops in the order the composed path rounds them: each product
 // summed over its inner dimension first, then added to what is already there.
+//
+// qpeft._C.qlora_small_backward: the fp32 backward of the same layer in one call (the
+// composed one is ten ATen calls and a decode), with W decoded once into a per-thread
+// buffer; the products are loops along contiguous rows (they vectorize at the baseline
+// ISA), so the Python side takes it only for layers whose M*N*K is small.
 #include <qpeft/format.h>
 #include <qpeft/host_checks.h>
 
@@ -165,6 +170,174 @@ void qlora_small_forward(uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64
     const float* os = reinterpret_cast<const float*>(out_scale);
     for (int64_t i = 0; i < m; ++i) {
       for (int64_t c = 0; c < n; ++c) y[i * n + c] *= os[c];
+    }
+  }
+}
+
+void qlora_small_backward(uintptr_t grad_y, int64_t grad_y_len, uintptr_t x, int64_t x_len,
+                          int64_t m, int64_t n, int64_t k, uintptr_t packed, int64_t packed_len,
+                          uintptr_t absmax, int64_t absmax_len, int64_t blocksize, int quant_type,
+                          uintptr_t nested_absmax, int64_t nested_absmax_len, uintptr_t nested_code,
+                          uintptr_t offset, int64_t nested_blocksize, uintptr_t lora_a,
+                          int64_t lora_a_len, uintptr_t lora_b, int64_t lora_b_len, uintptr_t xa,
+                          int64_t xa_len, int64_t r, float scaling, uintptr_t rank_scale,
+                          int64_t rank_scale_len, uintptr_t out_scale, int64_t out_scale_len,
+                          uintptr_t dx, int64_t dx_len, uintptr_t da, int64_t da_len, uintptr_t db,
+                          int64_t db_len, uintptr_t dbias, int64_t dbias_len) {
+  using namespace host;
+  const char* fn = "qlora_small_backward";
+  check_positive(fn, "m", m);
+  check_positive(fn, "n", n);
+  check_positive(fn, "k", k);
+  check_nonneg(fn, "r", r);
+  const int64_t mn = checked_mul(fn, "m", m, "n", n);
+  const int64_t mk = checked_mul(fn, "m", m, "k", k);
+  const int64_t numel = checked_mul(fn, "n", n, "k", k);
+  check_ptr(fn, "grad_y", grad_y);
+  check_len(fn, "grad_y", grad_y_len, mn);
+  const bool lora = lora_a != 0;
+  if (lora) {
+    check_positive(fn, "r", r);
+    check_len(fn, "lora_a", lora_a_len, checked_mul(fn, "r", r, "k", k));
+    check_ptr(fn, "lora_b", lora_b);
+    check_len(fn, "lora_b", lora_b_len, checked_mul(fn, "n", n, "r", r));
+    if (rank_scale != 0) check_len(fn, "rank_scale", rank_scale_len, r);
+  } else if (da != 0 || db != 0) {
+    fail(fn, "da and db need lora_a and lora_b");
+  }
+  if (out_scale != 0) check_len(fn, "out_scale", out_scale_len, n);
+  if (dx != 0) {  // W is decoded only for dx: its codes and statistics checked here
+    check_len(fn, "dx", dx_len, mk);
+    check_positive(fn, "blocksize", blocksize);
+    check_ptr(fn, "packed", packed);
+    check_ptr(fn, "absmax", absmax);
+    check_len(fn, "packed", packed_len, packed4_len(numel));
+    check_len(fn, "absmax", absmax_len, ceil_div(numel, blocksize));
+    if (nested_absmax != 0) {
+      check_positive(fn, "nested_blocksize", nested_blocksize);
+      check_len(fn, "nested_absmax", nested_absmax_len,
+                ceil_div(ceil_div(numel, blocksize), nested_blocksize));
+      check_ptr(fn, "nested_code", nested_code);
+      check_ptr(fn, "offset", offset);
+    }
+  }
+  if (da != 0) {
+    check_ptr(fn, "x", x);
+    check_len(fn, "x", x_len, mk);
+    check_len(fn, "da", da_len, checked_mul(fn, "r", r, "k", k));
+  }
+  if (db != 0) {
+    check_ptr(fn, "xa", xa);
+    check_len(fn, "xa", xa_len, checked_mul(fn, "m", m, "r", r));
+    check_len(fn, "db", db_len, checked_mul(fn, "n", n, "r", r));
+  }
+  if (dbias != 0) check_len(fn, "dbias", dbias_len, n);
+
+  // scratch: dy' = dy * out_scale [m, n] (when scaled), gs [m, r], W [n, k] (when dx)
+  thread_local std::vector<float> scratch;
+  const int64_t w_elems = dx != 0 ? numel : 0;
+  const int64_t need = (out_scale != 0 ? mn : 0) + m * r + w_elems + r;
+  if (static_cast<int64_t>(scratch.size()) < need) scratch.resize(static_cast<size_t>(need));
+  float* next = scratch.data();
+  const float* dy = reinterpret_cast<const float*>(grad_y);
+  if (out_scale != 0) {
+    const float* os = reinterpret_cast<const float*>(out_scale);
+    float* scaled = next;
+    next += mn;
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t c = 0; c < n; ++c) scaled[i * n + c] = dy[i * n + c] * os[c];
+    }
+    dy = scaled;
+  }
+  const float* a = reinterpret_cast<const float*>(lora_a);
+  const float* b = reinterpret_cast<const float*>(lora_b);
+  const float* rs = reinterpret_cast<const float*>(rank_scale);
+  float* gs = next;
+  next += m * r;
+  float* w = next;
+  next += w_elems;
+  float* col = next;  // one row's r values
+
+  if (lora && (dx != 0 || da != 0)) {
+    // g = dy' @ B [m, r] (sum over n in order), gs = (g * scaling) * rank_scale
+    for (int64_t i = 0; i < m; ++i) {
+      float* g = gs + i * r;
+      for (int64_t j = 0; j < r; ++j) g[j] = 0.0f;
+      for (int64_t c = 0; c < n; ++c) {
+        const float d = dy[i * n + c];
+        const float* brow = b + c * r;
+        for (int64_t j = 0; j < r; ++j) g[j] += d * brow[j];
+      }
+      for (int64_t j = 0; j < r; ++j) {
+        g[j] = g[j] * scaling;
+        if (rs != nullptr) g[j] = g[j] * rs[j];
+      }
+    }
+  }
+  if (dx != 0) {
+    dequantize_4bit(packed, packed_len, absmax, absmax_len, numel, blocksize, quant_type,
+                    reinterpret_cast<uintptr_t>(w), kF32, nested_absmax, nested_absmax_len,
+                    nested_code, offset, nested_blocksize, 1);
+    float* out = reinterpret_cast<float*>(dx);
+    thread_local std::vector<float> acc_row;
+    if (static_cast<int64_t>(acc_row.size()) < k) acc_row.resize(static_cast<size_t>(k));
+    float* acc = acc_row.data();
+    for (int64_t i = 0; i < m; ++i) {
+      float* row = out + i * k;
+      // dx = gs @ A (sum over j in order), then + dy' @ W (sum over n in order)
+      for (int64_t kk = 0; kk < k; ++kk) row[kk] = 0.0f;
+      if (lora) {
+        for (int64_t j = 0; j < r; ++j) {
+          const float gj = gs[i * r + j];
+          const float* arow = a + j * k;
+          for (int64_t kk = 0; kk < k; ++kk) row[kk] += gj * arow[kk];
+        }
+      }
+      for (int64_t kk = 0; kk < k; ++kk) acc[kk] = 0.0f;
+      for (int64_t c = 0; c < n; ++c) {
+        const float d = dy[i * n + c];
+        const float* wrow = w + c * k;
+        for (int64_t kk = 0; kk < k; ++kk) acc[kk] += d * wrow[kk];
+      }
+      for (int64_t kk = 0; kk < k; ++kk) row[kk] += acc[kk];
+    }
+  }
+  if (da != 0) {
+    // dA = gs^T @ x [r, k] (sum over the rows of x in order)
+    const float* xf = reinterpret_cast<const float*>(x);
+    float* out = reinterpret_cast<float*>(da);
+    for (int64_t j = 0; j < r; ++j) {
+      float* row = out + j * k;
+      for (int64_t kk = 0; kk < k; ++kk) row[kk] = 0.0f;
+      for (int64_t i = 0; i < m; ++i) {
+        const float g = gs[i * r + j];
+        const float* xrow = xf + i * k;
+        for (int64_t kk = 0; kk < k; ++kk) row[kk] += g * xrow[kk];
+      }
+    }
+  }
+  if (db != 0) {
+    // dB = dy'^T @ xs [n, r], xs = (xa * scaling) * rank_scale (sum over m in order)
+    const float* xav = reinterpret_cast<const float*>(xa);
+    float* out = reinterpret_cast<float*>(db);
+    for (int64_t idx = 0; idx < n * r; ++idx) out[idx] = 0.0f;
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < r; ++j) {
+        col[j] = xav[i * r + j] * scaling;
+        if (rs != nullptr) col[j] = col[j] * rs[j];
+      }
+      for (int64_t c = 0; c < n; ++c) {
+        const float d = dy[i * n + c];
+        float* row = out + c * r;
+        for (int64_t j = 0; j < r; ++j) row[j] += d * col[j];
+      }
+    }
+  }
+  if (dbias != 0) {
+    float* out = reinterpret_cast<float*>(dbias);
+    for (int64_t c = 0; c < n; ++c) out[c] = 0.0f;
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t c = 0; c < n; ++c) out[c] += dy[i * n + c];
     }
   }
 }

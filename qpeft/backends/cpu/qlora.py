@@ -335,6 +335,92 @@ def _small_forward(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scal
     return y, (xa if xa is not None else x.new_empty((0,)))
 
 
+# The backward's products run at the baseline ISA (loops along contiguous rows), so the
+# one-call backward is taken below this M*N*K: up to there it beat the composed backward
+# (decode + oneDNN GEMMs + ten ATen calls), see docs/design.md, "Per-call overhead".
+SMALL_BACKWARD_MAX_WORK = 1 << 18
+
+
+def _small_backward(
+    grad_y,
+    x,
+    quant,
+    lora_a,
+    lora_b,
+    xa,
+    scaling,
+    rank_scale,
+    out_scale,
+    need_dx,
+    need_da,
+    need_db,
+    need_dbias,
+):
+    packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k = quant
+    m = grad_y.shape[0]
+    dy = _f32c(grad_y)
+    if not (packed.is_contiguous() and absmax.is_contiguous()):
+        packed, absmax = packed.contiguous(), absmax.contiguous()
+    if nested_absmax is not None:
+        nested_absmax, nested_code, offset = _f32c(nested_absmax), _f32c(nested_code), _f32c(offset)
+        nested = (nested_absmax.data_ptr(), nested_absmax.numel(), nested_code.data_ptr(), offset.data_ptr())
+    else:
+        nested = (0, 0, 0, 0)
+    r = 0
+    xf = xs = None
+    if lora_a is None:
+        need_da = need_db = False
+    else:
+        lora_a, lora_b = _f32c(lora_a), _f32c(lora_b)
+        r = lora_a.shape[0]
+        if rank_scale is not None:
+            rank_scale = _f32c(rank_scale)
+        if need_da:
+            xf = _f32c(x)  # read only here: a frozen layer's x stand-in is never materialized
+        if need_db:
+            xs = _f32c(xa)
+    if out_scale is not None:
+        out_scale = _f32c(out_scale)
+    dx = torch.empty((m, k), dtype=_F32) if need_dx else None
+    da = torch.empty((r, k), dtype=_F32) if need_da else None
+    db = torch.empty((n, r), dtype=_F32) if need_db else None
+    dbias = torch.empty((n,), dtype=_F32) if need_dbias else None
+    _native.cpu_module().qlora_small_backward(
+        dy.data_ptr(),
+        dy.numel(),
+        *_pl(xf),
+        m,
+        n,
+        k,
+        packed.data_ptr(),
+        packed.numel(),
+        absmax.data_ptr(),
+        absmax.numel(),
+        blocksize,
+        QUANT_TYPE_IDS[quant_type],
+        *nested,
+        nested_blocksize,
+        *_pl(lora_a),
+        *_pl(lora_b),
+        *_pl(xs),
+        r,
+        scaling,
+        *_pl(rank_scale),
+        *_pl(out_scale),
+        *_pl(dx),
+        *_pl(da),
+        *_pl(db),
+        *_pl(dbias),
+    )
+    # in the dtypes backward_from returns; distinct empty tensors for what was not computed
+    return (
+        x.new_empty((0,)) if dx is None else _cast(dx, x.dtype),
+        x.new_empty((0,)) if da is None else _cast(da, lora_a.dtype),
+        x.new_empty((0,)) if db is None else _cast(db, lora_b.dtype),
+        x.new_empty((0,)) if dbias is None else _cast(dbias, grad_y.dtype),
+    )
+
+
 def qlora_linear_backward(
     grad_y,
     x,
@@ -376,6 +462,34 @@ def qlora_linear_backward(
             grad_y,
             x,
             quant,
+            lora_a,
+            lora_b,
+            xa,
+            scaling,
+            rank_scale,
+            out_scale,
+            need_dx,
+            need_da,
+            need_db,
+            need_dbias,
+        )
+
+    if _compute_dtype(x) == _F32 and 0 < x.shape[0] and x.shape[0] * n * k <= SMALL_BACKWARD_MAX_WORK:
+        return _small_backward(
+            grad_y,
+            x,
+            (
+                packed,
+                absmax,
+                nested_absmax,
+                nested_code,
+                offset,
+                blocksize,
+                nested_blocksize,
+                quant_type,
+                n,
+                k,
+            ),
             lora_a,
             lora_b,
             xa,
