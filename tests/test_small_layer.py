@@ -34,7 +34,9 @@ SMALL_CASES = [c for c in CASES if c[0] != torch.bfloat16] + [
 def small_always(monkeypatch):
     monkeypatch.setattr(cpu_qlora, "SMALL_MAX_ELEMS", 1 << 30)
     monkeypatch.setattr(cpu_qlora, "SMALL_MAX_WORK", 1 << 40)
+    monkeypatch.setattr(cpu_qlora, "SMALL_MAX_ROWS", 1 << 30)
     monkeypatch.setattr(cpu_qlora, "SMALL_BACKWARD_MAX_WORK", 1 << 40)
+    monkeypatch.setattr(cpu_qlora, "SMALL_BACKWARD_MAX_ROWS", 1 << 30)
 
 
 def _count(monkeypatch, name):
@@ -80,11 +82,13 @@ def test_small_backward_computes_only_what_is_asked(need, small_always):
     small = cpu_qlora.qlora_linear_backward(*args)
     with qpeft.use_backend("default"):
         ref = torch.ops.qpeft.qlora_linear_backward(*args)
-    for got, want, asked in zip(small, ref, need):
+    for i, (got, want, asked) in enumerate(zip(small, ref, need)):
         if not asked:
             assert got.numel() == 0
             continue
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        # dbias is torch's sum as in the reference: equal bit for bit
+        tol = 0 if i == 3 else 1e-4
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     ptrs = [t.data_ptr() for t in small if t.numel()]
     assert len(set(ptrs)) == len(ptrs)  # outputs never alias
 
@@ -361,7 +365,7 @@ def test_native_small_backward_checks_sizes():
     packed, state = qf.quantize_4bit(torch.randn(n, k), 64, "nf4", False)
     dy, x = torch.randn(m, n), torch.randn(m, k)
     a, b, xa = torch.randn(r, k), torch.randn(n, r), torch.randn(m, r)
-    dx, da, db, dbias = torch.empty(m, k), torch.empty(r, k), torch.empty(n, r), torch.empty(n)
+    dx, da, db = torch.empty(m, k), torch.empty(r, k), torch.empty(n, r)
 
     def call(**over):
         args = dict(
@@ -401,8 +405,6 @@ def test_native_small_backward_checks_sizes():
             da_len=da.numel(),
             db=db.data_ptr(),
             db_len=db.numel(),
-            dbias=dbias.data_ptr(),
-            dbias_len=dbias.numel(),
         )
         args.update(over)
         mod.qlora_small_backward(**args)
@@ -413,14 +415,12 @@ def test_native_small_backward_checks_sizes():
     torch.testing.assert_close(dx, gs @ a + dy @ w, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(da, gs.T @ x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(db, dy.T @ (xa * 0.5), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dbias, dy.sum(0), rtol=1e-5, atol=1e-5)
     for over, msg in (
         ({"grad_y_len": 15}, "grad_y holds 15"),
         ({"x_len": 127}, "x holds 127"),
         ({"dx_len": 127}, "dx holds 127"),
         ({"da_len": 255}, "da holds 255"),
         ({"db_len": 31}, "db holds 31"),
-        ({"dbias_len": 7}, "dbias holds 7"),
         ({"xa_len": 7}, "xa holds 7"),
         ({"lora_b_len": 31}, "lora_b holds 31"),
         ({"lora_a": 0}, "da and db need lora_a"),

@@ -356,6 +356,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("lora_b"), py::arg("lora_b_len"), py::arg("xa"), py::arg("xa_len"), py::arg("r"),
         py::arg("scaling"), py::arg("rank_scale"), py::arg("rank_scale_len"), py::arg("out_scale"),
         py::arg("out_scale_len"), py::arg("dx"), py::arg("dx_len"), py::arg("da"),
-        py::arg("da_len"), py::arg("db"), py::arg("db_len"), py::arg("dbias"), py::arg("dbias_len"),
-        "fp32 backward of qlora_small_forward in one call: dx, da, db, dbias (0: not computed).");
+        py::arg("da_len"), py::arg("db"), py::arg("db_len"),
+        "fp32 backward of qlora_small_forward in one call: dx, da, db (0: not computed).");
 }

@@ -54,8 +54,9 @@ void qlora_small_forward(uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64
 
 // Its fp32 backward in one call (qlora_small.cpp): with dy' = grad_y * out_scale and
 // gs = ((dy' @ B) * scaling) * rank_scale: dx = gs @ A + dy' @ W, da = gs^T @ x,
-// db = dy'^T @ ((xa * scaling) * rank_scale), dbias = sum over rows of dy'. An output
-// pointer 0 is not computed; x is read only for da, xa only for db.
+// db = dy'^T @ ((xa * scaling) * rank_scale) (dbias is torch's dy'.sum(0) in Python: the
+// reference's bits). An output pointer 0 is not computed; x is read only for da, xa only
+// for db.
 void qlora_small_backward(uintptr_t grad_y, int64_t grad_y_len, uintptr_t x, int64_t x_len,
                           int64_t m, int64_t n, int64_t k, uintptr_t packed, int64_t packed_len,
                           uintptr_t absmax, int64_t absmax_len, int64_t blocksize, int quant_type,
@@ -65,7 +66,7 @@ void qlora_small_backward(uintptr_t grad_y, int64_t grad_y_len, uintptr_t x, int
                           int64_t xa_len, int64_t r, float scaling, uintptr_t rank_scale,
                           int64_t rank_scale_len, uintptr_t out_scale, int64_t out_scale_len,
                           uintptr_t dx, int64_t dx_len, uintptr_t da, int64_t da_len, uintptr_t db,
-                          int64_t db_len, uintptr_t dbias, int64_t dbias_len);
+                          int64_t db_len);
 
 // "auto" or a level of cpu_info.h ("scalar" ... "amx"): the level the kernels run at,
 // overriding QPEFT_CPU_ISA (tests, A/B runs); returns the previous setting. Throws if

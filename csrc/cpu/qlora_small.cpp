@@ -183,7 +183,7 @@ void qlora_small_backward(uintptr_t grad_y, int64_t grad_y_len, uintptr_t x, int
                           int64_t xa_len, int64_t r, float scaling, uintptr_t rank_scale,
                           int64_t rank_scale_len, uintptr_t out_scale, int64_t out_scale_len,
                           uintptr_t dx, int64_t dx_len, uintptr_t da, int64_t da_len, uintptr_t db,
-                          int64_t db_len, uintptr_t dbias, int64_t dbias_len) {
+                          int64_t db_len) {
   using namespace host;
   const char* fn = "qlora_small_backward";
   check_positive(fn, "m", m);
@@ -231,7 +231,6 @@ void qlora_small_backward(uintptr_t grad_y, int64_t grad_y_len, uintptr_t x, int
     check_len(fn, "xa", xa_len, checked_mul(fn, "m", m, "r", r));
     check_len(fn, "db", db_len, checked_mul(fn, "n", n, "r", r));
   }
-  if (dbias != 0) check_len(fn, "dbias", dbias_len, n);
 
   // scratch: dy' = dy * out_scale [m, n] (when scaled), gs [m, r], W [n, k] (when dx)
   thread_local std::vector<float> scratch;
@@ -331,13 +330,6 @@ void qlora_small_backward(uintptr_t grad_y, int64_t grad_y_len, uintptr_t x, int
         float* row = out + c * r;
         for (int64_t j = 0; j < r; ++j) row[j] += d * col[j];
       }
-    }
-  }
-  if (dbias != 0) {
-    float* out = reinterpret_cast<float*>(dbias);
-    for (int64_t c = 0; c < n; ++c) out[c] = 0.0f;
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t c = 0; c < n; ++c) out[c] += dy[i * n + c];
     }
   }
 }

@@ -251,15 +251,19 @@ def qlora_linear(
 # 4-bit GEMV kernel over chunks of GEMV_MAX_ROWS rows of x (the packed W, at most 32 KiB
 # here, re-read per chunk from cache), the rank-r terms in plain loops, in the order the
 # composed path rounds them (docs/design.md, "Per-call overhead", has the measurements).
-# Taken for fp32 compute when W has at most SMALL_MAX_ELEMS elements and the GEMV work
-# M*N*K is at most SMALL_MAX_WORK; above that the panel decode + oneDNN GEMM is faster.
+# Taken for fp32 compute when W has at most SMALL_MAX_ELEMS elements, x at most
+# SMALL_MAX_ROWS rows and the GEMV work M*N*K is at most SMALL_MAX_WORK; beyond that the
+# panel decode + oneDNN GEMM was faster (kernel alone, 1 thread, AMX Xeon VM, min of 7x100
+# calls: 64x64 M=64 86 vs 73 us, 128x128 M=32 71 vs 76, 256x256 M=8 68 vs 113, M=16
+# 132 vs 135, M=32 233 vs 162).
 SMALL_MAX_ELEMS = 1 << 16
+SMALL_MAX_ROWS = 32
 SMALL_MAX_WORK = 1 << 19
 
 
 def _small(m: int, n: int, k: int) -> bool:
     nk = n * k
-    return 0 < m and nk <= SMALL_MAX_ELEMS and m * nk <= SMALL_MAX_WORK
+    return 0 < m <= SMALL_MAX_ROWS and nk <= SMALL_MAX_ELEMS and m * nk <= SMALL_MAX_WORK
 
 
 _F32 = torch.float32
@@ -336,8 +340,11 @@ def _small_forward(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scal
 
 
 # The backward's products run at the baseline ISA (loops along contiguous rows), so the
-# one-call backward is taken below this M*N*K: up to there it beat the composed backward
-# (decode + oneDNN GEMMs + ten ATen calls), see docs/design.md, "Per-call overhead".
+# one-call backward is taken only up to SMALL_BACKWARD_MAX_ROWS rows and this M*N*K: there
+# it beat the composed backward (decode + oneDNN GEMMs + ten ATen calls; same run as
+# above: 128x128 M=16 97 vs 134 us, 256x256 M=4 142 vs 183; it lost at 64x64 M=64, 153 vs
+# 127, and 256x256 M=8, 235 vs 180).
+SMALL_BACKWARD_MAX_ROWS = 16
 SMALL_BACKWARD_MAX_WORK = 1 << 18
 
 
@@ -384,7 +391,6 @@ def _small_backward(
     dx = torch.empty((m, k), dtype=_F32) if need_dx else None
     da = torch.empty((r, k), dtype=_F32) if need_da else None
     db = torch.empty((n, r), dtype=_F32) if need_db else None
-    dbias = torch.empty((n,), dtype=_F32) if need_dbias else None
     _native.cpu_module().qlora_small_backward(
         dy.data_ptr(),
         dy.numel(),
@@ -410,8 +416,10 @@ def _small_backward(
         *_pl(dx),
         *_pl(da),
         *_pl(db),
-        *_pl(dbias),
     )
+    dbias = None
+    if need_dbias:  # torch's sum, as the reference sums: the same bits
+        dbias = (dy if out_scale is None else dy * out_scale).sum(0)
     # in the dtypes backward_from returns; distinct empty tensors for what was not computed
     return (
         x.new_empty((0,)) if dx is None else _cast(dx, x.dtype),
@@ -474,7 +482,12 @@ def qlora_linear_backward(
             need_dbias,
         )
 
-    if _compute_dtype(x) == _F32 and 0 < x.shape[0] and x.shape[0] * n * k <= SMALL_BACKWARD_MAX_WORK:
+    m = x.shape[0]
+    if (
+        _compute_dtype(x) == _F32
+        and 0 < m <= SMALL_BACKWARD_MAX_ROWS
+        and m * n * k <= SMALL_BACKWARD_MAX_WORK
+    ):
         return _small_backward(
             grad_y,
             x,
