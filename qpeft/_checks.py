@@ -321,8 +321,9 @@ _Tensor = torch.Tensor
 def _qlora_fast_ok(x, packed, n, k, absmax, lora_a, lora_b, bias) -> bool:
     """What the full qlora_linear check below asks of the common call (an adapter, no
     rank_scale or out_scale, an optional bias), in one expression: True means the full
-    check would pass; False runs it (it names the problem). ~3x cheaper on a small layer's
-    call (docs/design.md, "Per-call overhead")."""
+    check would pass; False runs it (it names the problem). About half the cost of the
+    full check of these arguments (3.8 vs ~7 us, 64x64 layer, AMX Xeon VM; docs/design.md,
+    "Per-call overhead")."""
     if not (isinstance(x, _Tensor) and isinstance(lora_a, _Tensor) and isinstance(lora_b, _Tensor)):
         return False
     dev = x.device

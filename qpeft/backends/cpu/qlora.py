@@ -18,8 +18,11 @@ In fp32, each output element is the fp32 dot product the reference (``backends/d
 computes, but the GEMM library may split K differently for a panel than for all of W,
 and dx = dy @ W accumulates panel by panel: the same products, summed in another order.
 For M <= 8 the forward's x @ W^T is the C++ GEMV of ``qpeft::gemv_4bit`` instead (W read
-once, packed). All stay within the fp32 dot-product bounds tests/test_qlora_cpu.py derives;
-the bf16 mode within those qpeft/testing.py derives.
+once, packed). A small layer in fp32 (W of at most 64K elements, few rows of x) takes
+one native call for its whole forward and one for its backward instead (``_small_forward``,
+``_small_backward``; docs/design.md, "Per-call overhead"): the same fp32 products summed
+in another order. All stay within the fp32 dot-product bounds tests/test_qlora_cpu.py and
+tests/test_small_layer.py derive; the bf16 mode within those qpeft/testing.py derives.
 """
 
 from __future__ import annotations
