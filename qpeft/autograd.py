@@ -109,8 +109,8 @@ class QLoRAFunction(torch.autograd.Function):
 
     ``forward(x, lora_A, lora_B, bias, frozen)`` with ``frozen = (packed, absmax,
     nested_absmax, nested_code, offset, quant, scaling, rank_scale, out_scale)`` and
-    ``quant = (blocksize, nested_blocksize, quant_type, out_features, in_features)``; x has any leading batch dims. Gradients
-    flow to x, lora_A, lora_B and bias. Saved for the backward: x, A, B, the packed
+    ``quant = (blocksize, nested_blocksize, quant_type, out_features, in_features)``; x
+    has any leading batch dims. Gradients flow to x, lora_A, lora_B and bias. Saved for the backward: x, A, B, the packed
     weight and its quantization state (never a dequantized W) and xa = x @ A^T (only
     when B needs a gradient). rank_scale and out_scale are constants here.
 

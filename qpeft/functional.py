@@ -233,7 +233,8 @@ def qlora_linear(
         or (lora_A is not None and (lora_A.requires_grad or lora_B.requires_grad))
         or (bias is not None and bias.requires_grad)
     ):
-        return QLoRAFunction.apply(x, lora_A, lora_B, bias, (packed, absmax, na, nc, off, *args[9:]))
+        frozen = (packed, absmax, na, nc, off, quant, args[10], rank_scale, out_scale)
+        return QLoRAFunction.apply(x, lora_A, lora_B, bias, frozen)
     # nothing needs a gradient: the same forward without an autograd node (its setup is a
     # fifth of a small layer's call; docs/design.md, "Per-call overhead")
     return qlora_forward(*args, False)[0]
