@@ -1,4 +1,5 @@
-"""autograd Functions over the registered ops (they call only ``torch.ops.qpeft.*``)."""
+"""autograd Functions over the registered ops (they call only ``torch.ops.qpeft.*``, or
+on a plain CPU call the kernel the op routes to: ``_op``)."""
 
 from __future__ import annotations
 
@@ -218,7 +219,7 @@ def linear_4bit_forward(x2, bias, packed, absmax, nested_absmax, nested_code, of
     blocksize, nested_blocksize, quant_type, n, k = quant
     if _use_gemv(x2):
         xg = x2 if bias is None else x2.float()
-        y = torch.ops.qpeft.gemv_4bit(
+        y = _op("gemv_4bit", xg)(
             xg,
             packed,
             absmax,
@@ -232,7 +233,7 @@ def linear_4bit_forward(x2, bias, packed, absmax, nested_absmax, nested_code, of
             k,
         )
         return y if bias is None else y.add_(bias.float()).to(x2.dtype)
-    y, _ = torch.ops.qpeft.qlora_linear(
+    y, _ = _op("qlora_linear", x2)(
         x2,
         packed,
         absmax,
@@ -293,7 +294,7 @@ class Linear4bitFunction(torch.autograd.Function):
         # the op reads only x's shape and dtype here: a zero-stride stand-in costs no memory
         x_like = torch.empty((), dtype=x_dtype, device=grad_y.device).expand(m, k)
         with _autocast_off(grad_y.device.type):
-            dx, _, _, dbias = torch.ops.qpeft.qlora_linear_backward(
+            dx, _, _, dbias = _op("qlora_linear_backward", g2)(
                 g2,
                 x_like,
                 packed,

@@ -429,3 +429,23 @@ def test_native_small_backward_checks_sizes():
     ):
         with pytest.raises(ValueError, match=msg):
             call(**over)
+
+
+@pytest.mark.parametrize("m", [3, 12])  # the GEMV (M <= 8) and the matmul path
+def test_direct_kernel_of_linear4bit_equals_the_op(m):
+    from qpeft.nn import Linear4bit
+
+    layer = Linear4bit.from_linear(torch.nn.Linear(64, 32))
+    x = torch.randn(m, 64, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    g = x.grad.clone()
+    x.grad = None
+    with torch.profiler.profile() as prof:  # the op path
+        y2 = layer(x)
+        y2.sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    fwd = "qpeft::gemv_4bit" if m <= 8 else "qpeft::qlora_linear"
+    assert {fwd, "qpeft::qlora_linear_backward"} <= names
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, g, rtol=0, atol=0)
