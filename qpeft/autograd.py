@@ -32,6 +32,7 @@ _profiler = torch.autograd.profiler
 _is_compiling = torch.compiler.is_compiling
 _dispatch_stack = torch._C._len_torch_dispatch_stack
 _functorch_active = torch._C._are_functorch_transforms_active
+_jit_tracing = torch._C._get_tracing_state
 
 
 def _op(name: str, x: torch.Tensor):
@@ -40,8 +41,9 @@ def _op(name: str, x: torch.Tensor):
     directly: boxing ~18 arguments through the dispatcher into the Python router costs
     ~10 us, a tenth of a small layer's forward (docs/design.md, "Per-call overhead").
     Only where nothing could observe the difference: not while a profiler records (it
-    then shows the qpeft:: op as always), not under torch.compile / export tracing, a
-    TorchDispatchMode or a functorch transform, and only for a plain tensor x."""
+    then shows the qpeft:: op as always), not under torch.compile / export or
+    torch.jit.trace tracing, a TorchDispatchMode or a functorch transform, and only for a
+    plain tensor x."""
     if (
         type(x) is _Tensor
         and x.is_cpu
@@ -49,6 +51,7 @@ def _op(name: str, x: torch.Tensor):
         and not _is_compiling()
         and _dispatch_stack() == 0
         and not _functorch_active()
+        and _jit_tracing() is None
     ):
         return kernel_for(name, "cpu")
     return getattr(torch.ops.qpeft, name)

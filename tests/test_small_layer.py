@@ -449,3 +449,15 @@ def test_direct_kernel_of_linear4bit_equals_the_op(m):
     assert {fwd, "qpeft::qlora_linear_backward"} <= names
     torch.testing.assert_close(y2, y, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, g, rtol=0, atol=0)
+
+
+def test_jit_trace_records_the_op():
+    # torch.jit.trace records what reaches the dispatcher: the bypass must not run there
+    # (it would bake the kernel's raw pointers into the graph)
+    q = _model()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        traced = torch.jit.trace(q, x, check_trace=False)
+        assert "qpeft::qlora_linear" in str(traced.graph)
+        x2 = torch.randn(4, 64)
+        torch.testing.assert_close(traced(x2), q(x2), rtol=0, atol=0)
