@@ -33,6 +33,7 @@ _is_compiling = torch.compiler.is_compiling
 _dispatch_stack = torch._C._len_torch_dispatch_stack
 _functorch_active = torch._C._are_functorch_transforms_active
 _jit_tracing = torch._C._get_tracing_state
+_function_mode = torch._C._is_torch_function_mode_enabled
 
 
 def _op(name: str, x: torch.Tensor):
@@ -42,8 +43,8 @@ def _op(name: str, x: torch.Tensor):
     ~10 us, a tenth of a small layer's forward (docs/design.md, "Per-call overhead").
     Only where nothing could observe the difference: not while a profiler records (it
     then shows the qpeft:: op as always), not under torch.compile / export or
-    torch.jit.trace tracing, a TorchDispatchMode or a functorch transform, and only for a
-    plain tensor x."""
+    torch.jit.trace tracing, a TorchDispatchMode or TorchFunctionMode or a functorch
+    transform, and only for a plain tensor x."""
     if (
         type(x) is _Tensor
         and x.is_cpu
@@ -52,6 +53,7 @@ def _op(name: str, x: torch.Tensor):
         and _dispatch_stack() == 0
         and not _functorch_active()
         and _jit_tracing() is None
+        and not _function_mode()
     ):
         return kernel_for(name, "cpu")
     return getattr(torch.ops.qpeft, name)

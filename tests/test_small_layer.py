@@ -461,3 +461,23 @@ def test_jit_trace_records_the_op():
         assert "qpeft::qlora_linear" in str(traced.graph)
         x2 = torch.randn(4, 64)
         torch.testing.assert_close(traced(x2), q(x2), rtol=0, atol=0)
+
+
+def test_torch_function_mode_sees_the_op():
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q = _model()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        want = q(x)
+        with Record():
+            got = q(x)
+    assert any("qpeft.qlora_linear" in s for s in seen)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
