@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import qpeft
 import qpeft.functional as qf
+from qpeft._formats import DTYPE_IDS, QUANT_TYPE_IDS, code4, dynamic_map
 from qpeft._native import cpu_module
 
 from ._helpers import DTYPES, assert_bits_equal, assert_within, cpu_gemv_bound, reference
@@ -225,6 +226,178 @@ def test_raw_blocksizes(level):
                 mod.set_isa(prev)
             for i, (a, b) in enumerate(zip(got, want)):
                 assert_bits_equal(a, b, f"{level} bs={blocksize} n={n} output {i}")
+
+
+# --- 4-bit dequantize: every level bit for bit the scalar one, which equals torch's math --------
+#
+# The native op called directly, so that any even blocksize (the SIMD kernels' contract;
+# odd ones take the scalar kernel at every level), any absmax (non-finite, subnormal,
+# near FLT_MAX) and any nested statistics reach the kernel, and several threads start it
+# mid-tensor (a block range not aligned to the kernels' 16-block scale groups).
+
+_DQ_BLOCKSIZES = [2, 4, 6, 18, 32, 34, 48, 64, 96, 100, 128, 256, 4096, 5, 33]
+# Finite values whose products with the code values are fp32 subnormals (1e-40, 2e-38,
+# 1e-37), fp16 subnormals or zeros (3e-8, 1e-5), round to inf in fp16 (7e4) or bf16 (3.4e38).
+_FINITE_SPECIALS = [0.0, -0.0, 1e-45, 1e-40, 2e-38, 1e-37, 3e-8, 1e-5, 0.37, -2.5, 65504.0, 7e4, 3.0e38]
+_FINITE_SPECIALS += [3.4028235e38, -3.4028235e38]
+# inf, -inf and NaNs whose payloads f32_to_bf16's NaN rule decides: rounding 0x7fffffff
+# without it would carry into the sign (-0.0), 0xffc18001 would round up to another NaN
+_NONFINITE = [float("inf"), -float("inf"), float("nan")]
+_NONFINITE += (
+    torch.tensor([0x7FFFFFFF, 0xFFC18001 - (1 << 32), 0x7FC08001], dtype=torch.int32)
+    .view(torch.float32)
+    .tolist()
+)
+
+
+def _dq_values(g: torch.Generator, count: int, regime: str) -> torch.Tensor:
+    """fp32 values for absmax / nested statistics: 'normal' (random sign, 1e-3..1e3),
+    'special' (half of them finite specials), 'nonfinite' (as 'special', and about one in 25
+    inf, -inf or NaN, so that a run of 16 blocks mixes finite and non-finite scales)."""
+    v = torch.randn(count, generator=g) * torch.exp(torch.empty(count).uniform_(-7, 7, generator=g))
+    if regime == "normal":
+        return v
+    pool = torch.tensor(_FINITE_SPECIALS)
+    pick = pool[torch.randint(0, len(pool), (count,), generator=g)]
+    v = torch.where(torch.rand(count, generator=g) < 0.5, pick, v)
+    if regime == "nonfinite":
+        pick = torch.tensor(_NONFINITE)[torch.randint(0, len(_NONFINITE), (count,), generator=g)]
+        v = torch.where(torch.rand(count, generator=g) < 0.04, pick, v)
+    return v
+
+
+def _dq_case(seed: int, n: int, blocksize: int, regime: str, nested_blocksize: int | None):
+    """Random packed codes and statistics: (packed, absmax fp32 or absmax_q uint8, nested
+    tuple or None, the per-block fp32 scales as torch computes them)."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = -(-n // blocksize)
+    packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=g)
+    if nested_blocksize is None:
+        absmax = _dq_values(g, blocks, regime)
+        return packed, absmax, None, absmax
+    absmax_q = torch.randint(0, 256, (blocks,), dtype=torch.uint8, generator=g)
+    code = dynamic_map(True).clone()
+    if regime != "normal":  # a few code values replaced by specials
+        idx = torch.randint(0, 256, (12,), generator=g)
+        code[idx] = _dq_values(g, 12, regime)
+    nested_absmax = _dq_values(g, -(-blocks // nested_blocksize), regime)
+    offset = _dq_values(g, 1, "normal" if regime == "normal" else "special")
+    nested = (nested_absmax, code, offset, nested_blocksize)
+    # bitsandbytes' order: code[q] * nested_absmax, then + offset, each rounded in fp32
+    scale = code[absmax_q.long()] * nested_absmax.repeat_interleave(nested_blocksize)[:blocks] + offset
+    return packed, absmax_q, nested, scale
+
+
+_GUARD = 64  # elements of a known pattern on either side of the output: never written
+
+
+def _raw_dequant4(mod, packed, stats, nested, n, blocksize, quant_type, dtype, threads=1):
+    buf = torch.full((n + 2 * _GUARD,), -7.0, dtype=dtype)
+    out = buf[_GUARD : _GUARD + n]
+    qt, dt = QUANT_TYPE_IDS[quant_type], DTYPE_IDS[dtype]
+    if nested is None:
+        nested_args = (0, 0, 0, 0, 1)
+    else:
+        nab, code, offset, nbs = nested
+        nested_args = (nab.data_ptr(), nab.numel(), code.data_ptr(), offset.data_ptr(), nbs)
+    mod.dequantize_4bit(
+        packed.data_ptr(),
+        packed.numel(),
+        stats.data_ptr(),
+        stats.numel(),
+        n,
+        blocksize,
+        qt,
+        out.data_ptr(),
+        dt,
+        *nested_args,
+        threads,
+    )
+    guards = torch.cat([buf[:_GUARD], buf[_GUARD + n :]])
+    assert bool((guards == -7.0).all()), f"dequantize_4bit wrote outside its output (n={n} bs={blocksize})"
+    return out
+
+
+def _torch_dequant4(packed, n, blocksize, quant_type, dtype, scale):
+    codes = torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[:n].long()
+    return (code4(quant_type)[codes] * scale.repeat_interleave(blocksize)[:n]).to(dtype)
+
+
+def _check_dequant4(level, seed, n, blocksize, quant_type, regime, nested_blocksize, threads=1):
+    """A SIMD level bit for bit the scalar one; the scalar level bit for bit torch's math
+    (fp32 product, one rounding to the dtype), NaN compared as NaN: torch's bf16 cast makes
+    every NaN 0x7fc0, format.h keeps the payload."""
+    mod = cpu_module()
+    packed, stats, nested, scale = _dq_case(seed, n, blocksize, regime, nested_blocksize)
+    what = f"{level} n={n} bs={blocksize} {quant_type} {regime} nested={nested_blocksize} threads={threads}"
+    for dtype in DTYPES:
+        got = _raw_dequant4(mod, packed, stats, nested, n, blocksize, quant_type, dtype, threads)
+        if level != "scalar":
+            prev = mod.set_isa("scalar")
+            try:
+                want = _raw_dequant4(mod, packed, stats, nested, n, blocksize, quant_type, dtype)
+            finally:
+                mod.set_isa(prev)
+            assert_bits_equal(got, want, f"{what} {dtype} vs scalar")
+        else:
+            ref = _torch_dequant4(packed, n, blocksize, quant_type, dtype, scale)
+            nan = torch.isnan(ref)
+            assert torch.equal(torch.isnan(got), nan), what
+            assert_bits_equal(got[~nan], ref[~nan], f"{what} {dtype} vs torch")
+
+
+def test_dequantize_4bit_raw(level):
+    """Every even blocksize shape the SIMD kernels take (full and partial blocks, more than
+    16 blocks, odd n), odd blocksizes (the scalar kernel at every level), plain and nested
+    absmax (nested groups of 256 and of 5 blocks, so groups end inside a 16-block run), and
+    finite, special and non-finite statistics."""
+    seed = 0
+    for blocksize in _DQ_BLOCKSIZES:
+        sizes = {1, blocksize + 1, 17 * blocksize + 3, 33 * blocksize}
+        if blocksize > 2:
+            sizes.add(blocksize - 1)
+        for n in sorted(m for m in sizes if m <= 70000):
+            for regime in ("normal", "special", "nonfinite"):
+                for nested_blocksize in (None, 256, 5):
+                    seed += 1
+                    quant_type = "nf4" if seed % 2 else "fp4"
+                    _check_dequant4(level, seed, n, blocksize, quant_type, regime, nested_blocksize)
+
+
+def test_dequantize_4bit_raw_threads(level):
+    """Three threads: block ranges that start mid-way through a 16-block group and a nested
+    group."""
+    for blocksize, nested_blocksize in ((64, None), (64, 256), (128, 256), (34, 5)):
+        _check_dequant4(level, 7, 200001, blocksize, "nf4", "special", nested_blocksize, threads=3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 5000),
+    blocksize=st.sampled_from(_DQ_BLOCKSIZES + [512, 1024]),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    regime=st.sampled_from(["normal", "special", "nonfinite"]),
+    nested_blocksize=st.sampled_from([None, 1, 3, 16, 256]),
+    seed=st.integers(0, 2**16),
+)
+def test_dequantize_4bit_raw_random(level, n, blocksize, quant_type, regime, nested_blocksize, seed):
+    _check_dequant4(level, seed, n, blocksize, quant_type, regime, nested_blocksize)
+
+
+@pytest.mark.parametrize("blocksize", [128, 512, 1024, 2048, 4096])
+def test_dequantize_4bit_blocksizes(level, blocksize):
+    """The functional op at the blocksizes test_quant_edges leaves out, plain and nested,
+    including inputs whose block products are fp32 subnormals: bit for bit the reference."""
+    g = torch.Generator().manual_seed(blocksize)
+    for scale in (1.0, 1e-37):
+        x = torch.randn(3 * blocksize + 37, generator=g) * scale
+        for quant_type, dq in (("nf4", True), ("fp4", False)):
+            packed, state = reference(qf.quantize_4bit, x, blocksize, quant_type, dq)
+            for dtype in DTYPES:
+                with qpeft.use_backend("cpu"):
+                    got = qf.dequantize_4bit(packed, state, out_dtype=dtype)
+                want = reference(qf.dequantize_4bit, packed, state, out_dtype=dtype)
+                assert_bits_equal(got, want, f"{level} bs={blocksize} {quant_type} dq={dq} x*{scale} {dtype}")
 
 
 # 70001: more than one thread's share (csrc/cpu/optim.cpp: 64K elements per thread)
