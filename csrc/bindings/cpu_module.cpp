@@ -361,4 +361,28 @@ PYBIND11_MODULE(_C, m) {
       "(the CPU twin of qpeft._C_cuda.managed_dlpack).");
   m.def("host_buffers_live", &qc::host_buffers_live,
         "Host DLPack buffers allocated and not yet freed.");
+
+  // --- per-call overhead of small layers (docs/design.md, "Per-call overhead") ---------
+  m.def("qlora_small_forward", &qc::qlora_small_forward, nogil, py::arg("x"), py::arg("x_len"),
+        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("packed"), py::arg("packed_len"),
+        py::arg("absmax"), py::arg("absmax_len"), py::arg("blocksize"), py::arg("quant_type"),
+        py::arg("nested_absmax"), py::arg("nested_absmax_len"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("nested_blocksize"), py::arg("lora_a"), py::arg("lora_a_len"),
+        py::arg("lora_b"), py::arg("lora_b_len"), py::arg("r"), py::arg("scaling"),
+        py::arg("rank_scale"), py::arg("rank_scale_len"), py::arg("bias"), py::arg("bias_len"),
+        py::arg("out_scale"), py::arg("out_scale_len"), py::arg("out"), py::arg("out_len"),
+        py::arg("xa"), py::arg("xa_len"), py::arg("num_threads"),
+        "fp32 QLoRA forward of a small layer in one call: xa = x @ A^T, out = (x @ W^T + "
+        "((xa * scaling) * rank_scale) @ B^T + bias) * out_scale (W packed 4-bit).");
+  m.def("qlora_small_backward", &qc::qlora_small_backward, nogil, py::arg("grad_y"),
+        py::arg("grad_y_len"), py::arg("x"), py::arg("x_len"), py::arg("m"), py::arg("n"),
+        py::arg("k"), py::arg("packed"), py::arg("packed_len"), py::arg("absmax"),
+        py::arg("absmax_len"), py::arg("blocksize"), py::arg("quant_type"),
+        py::arg("nested_absmax"), py::arg("nested_absmax_len"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("nested_blocksize"), py::arg("lora_a"), py::arg("lora_a_len"),
+        py::arg("lora_b"), py::arg("lora_b_len"), py::arg("xa"), py::arg("xa_len"), py::arg("r"),
+        py::arg("scaling"), py::arg("rank_scale"), py::arg("rank_scale_len"), py::arg("out_scale"),
+        py::arg("out_scale_len"), py::arg("dx"), py::arg("dx_len"), py::arg("da"),
+        py::arg("da_len"), py::arg("db"), py::arg("db_len"),
+        "fp32 backward of qlora_small_forward in one call: dx, da, db (0: not computed).");
 }
