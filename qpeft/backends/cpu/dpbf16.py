@@ -32,6 +32,15 @@ def active() -> bool:
         return False
 
 
+def use_for(m: int, quant: tuple) -> bool:
+    """Whether the QLoRA layer's bf16 forward takes this kernel for m rows of x: at the
+    ``avx512_bf16`` level, m up to MAX_ROWS, and W's rows in whole 32-element chunks of one
+    block (k and blocksize multiples of 32: else the kernel decodes element by element,
+    correct but slower than the panels)."""
+    blocksize, k = quant[5], quant[9]
+    return m <= MAX_ROWS and k % 32 == 0 and blocksize % 32 == 0 and active()
+
+
 def _need(t, name: str, dtype: torch.dtype, ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"qgemm_4bit_dpbf16: {name} must be a tensor, got {type(t).__name__}")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..._dispatch import kernel_for
 from ..._formats import GEMV_MAX_ROWS
 from ..default.qlora import backward_from
-from . import capability
+from . import capability, dpbf16
 
 # Elements of W decoded per panel: a quarter of the L3 the CPU reports (the rest for x, the
 # output and the other cores), at least its L2, at most PANEL_MAX_ELEMS (4M: 16 MiB of fp32,
@@ -363,6 +363,9 @@ def _forward_bf16(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale
     if 1 <= x.shape[0] <= GEMV_MAX_ROWS:
         # decode-sized M: the C++ GEMV (fp32, reads the packed codes once) as in fp32 mode
         y = kernel_for("gemv_4bit", x.device)(x.to(torch.float32), *quant)
+    elif dpbf16.use_for(x.shape[0], quant):
+        # avx512_bf16 level, small M: the fused decode + vdpbf16ps kernel (fp32 [M, N])
+        y = dpbf16.qgemm_4bit(xb, quant)
     else:
         y = _base_bf16(xb, quant).to(torch.float32)
     xa = None
