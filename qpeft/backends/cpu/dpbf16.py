@@ -17,9 +17,11 @@ import torch
 from ... import _native
 from ..._formats import QUANT_TYPE_IDS
 
-# Rows of x where the kernel measured faster than the oneDNN panels at the avx512_bf16
-# level (benchmarks/isa_ab.py --dpbf16; the decode-sized M <= 8 take the GEMV).
-MAX_ROWS = 64
+# Rows of x up to which the kernel measured faster than the oneDNN panels at the
+# avx512_bf16 level (benchmarks/isa_ab.py --dpbf16, 4096x4096, three runs on the SPR-class
+# VM: 0.59-0.88 of the panels' time at M=128, 0.82-1.03 at 256, 1.28 at 512: the x rows a
+# W tile multiplies no longer stay in L2). The decode-sized M <= 8 take the GEMV.
+MAX_ROWS = 128
 
 
 def active() -> bool:
