@@ -27,6 +27,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qpeft
 from qpeft import _native
@@ -96,6 +98,23 @@ def test_forward_within_bound(case):
     quant, wq, x = _problem(m, n, k, bs, qt, dq)
     y = dpbf16.qgemm_4bit(x, quant)
     assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert_within(y, x.double() @ wq.T, dp_bound(x.double(), wq), "forward")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    m=st.integers(0, 70),
+    n=st.integers(1, 23),
+    k=st.one_of(st.integers(1, 300), st.sampled_from([32, 64, 96, 2048, 2080])),
+    bs=st.sampled_from([32, 64, 128, 256]),
+    qt=st.sampled_from(["nf4", "fp4"]),
+    dq=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_forward_within_bound_any_shape(m, n, k, bs, qt, dq, seed):
+    quant, wq, x = _problem(m, n, k, bs, qt, dq, seed=seed)
+    y = dpbf16.qgemm_4bit(x, quant, num_threads=2)
+    assert y.shape == (m, n)
     assert_within(y, x.double() @ wq.T, dp_bound(x.double(), wq), "forward")
 
 
