@@ -12,6 +12,8 @@ re-checks every size.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ... import _native
@@ -24,12 +26,24 @@ from ..._formats import QUANT_TYPE_IDS
 MAX_ROWS = 128
 
 
+@functools.lru_cache(maxsize=1)
+def _usable() -> bool:
+    """Whether this build holds the kernel and this CPU can run it: an empty call (m = n =
+    k = 0) passes every check but the CPU's and the build's (ValueError: no AVX512-BF16, or
+    a compiler that rejected the level's flags)."""
+    try:
+        _native.cpu_module().qgemm_4bit_dpbf16(0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 2, 0, 0, 0, 0, 0, 0, 0, 1)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return True
+
+
 def active() -> bool:
     """Whether the CPU kernels run at the ``avx512_bf16`` level now (``qpeft.cpu_info()
-    ["chosen_level"]``; QPEFT_CPU_ISA and ``qpeft._C.set_isa`` move it). At ``amx`` the
-    AMX kernel is the one to use."""
+    ["chosen_level"]``; QPEFT_CPU_ISA and ``qpeft._C.set_isa`` move it) and the kernel is
+    built. At ``amx`` the AMX kernel is the one to use."""
     try:
-        return _native.cpu_module().active_isa() == "avx512_bf16"
+        return _native.cpu_module().active_isa() == "avx512_bf16" and _usable()
     except ImportError:
         return False
 
