@@ -121,13 +121,14 @@ def test_forward_within_bound_any_shape(m, n, k, bs, qt, dq, seed):
 def test_threads_and_strides_do_not_change_results():
     # each output is one task's sum in a fixed order: threads only split W's row tiles;
     # a non-contiguous x is made contiguous first (the same values)
-    quant, wq, x = _problem(21, 203, 320, 64, "nf4", True, seed=1)
+    # 203 x 1024: 3 tasks of ~64K weights at least (qgemm_dpbf16.cpp caps tasks by work)
+    quant, wq, x = _problem(21, 203, 1024, 64, "nf4", True, seed=1)
     y1 = dpbf16.qgemm_4bit(x, quant, num_threads=1)
     assert torch.equal(dpbf16.qgemm_4bit(x, quant, num_threads=3), y1)
     xt = x.t().contiguous().t()  # column-major view
     assert not xt.is_contiguous()
     assert torch.equal(dpbf16.qgemm_4bit(xt, quant), y1)
-    xs = torch.zeros(21, 640, dtype=torch.bfloat16)[:, ::2]
+    xs = torch.zeros(21, 2048, dtype=torch.bfloat16)[:, ::2]
     xs.copy_(x)
     assert torch.equal(dpbf16.qgemm_4bit(xs, quant), y1)
     assert_within(y1, x.double() @ wq.T, dp_bound(x.double(), wq), "forward")

@@ -80,6 +80,10 @@ void qgemm_4bit_dpbf16(uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64_t
   const int64_t tiles = ceil_div(n, kDpRowsPerTile);
   int64_t tasks = num_threads < 1 ? 1 : num_threads;
   if (tasks > tiles) tasks = tiles;
+  // ~64K weights per task at least (as gemv.cpp): below that a worker's wake-up costs
+  // more than its share
+  const int64_t by_work = numel / (int64_t{1} << 16) + 1;
+  if (tasks > by_work) tasks = by_work;
   const int64_t ws_bytes = dpbf16_workspace_bytes(g);
   const size_t total =
       checked_bytes(fn, "workspace", checked_mul(fn, "tasks", tasks, "workspace", ws_bytes), 1);
