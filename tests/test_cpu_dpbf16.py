@@ -72,7 +72,7 @@ def _problem(m, n, k, bs, qt, dq, seed=0, scale=1.0):
 
 
 # (M, N, K, blocksize, quant_type, double_quant): M over the 4-row micro-tile's tails
-# (9, 16, 17, 33, 64); N off the 4-row W tiles; K an odd multiple of the blocksize, K past
+# (9, 16, 17, 33, 64) and several passes of 128 rows (300); N off the 4-row W tiles; K an odd multiple of the blocksize, K past
 # one 2048-element reduction chunk, K not a multiple of 32 (blocks spanning rows, rows
 # starting mid-byte: the element-wise decode), blocksize 32 and 4096 > K.
 CASES = [
@@ -84,6 +84,7 @@ CASES = [
     (16, 37, 95, 64, "nf4", True),
     (33, 50, 100, 32, "fp4", False),
     (9, 40, 576, 4096, "nf4", False),
+    (300, 21, 160, 64, "nf4", True),  # three passes of x's rows (kDpRowsPerPass = 128)
 ]
 
 

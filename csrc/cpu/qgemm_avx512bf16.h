@@ -37,6 +37,8 @@ struct DpGemmArgs {
 // chunk of a tile (a multiple of 32).
 constexpr int64_t kDpRowsPerTile = 4;
 constexpr int64_t kDpRedChunk = 2048;
+// Rows of x per pass (the entry point's loop; W is decoded once per pass).
+constexpr int64_t kDpRowsPerPass = 128;
 
 // Bytes of one task's scratch (a tile of decoded rows), a multiple of 64.
 int64_t dpbf16_workspace_bytes(const DpGemmArgs& g);

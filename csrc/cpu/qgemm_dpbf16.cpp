@@ -94,12 +94,19 @@ void qgemm_4bit_dpbf16(uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64_t
   if (ws.p == nullptr)
     fail(fn, "cannot allocate a workspace of " + std::to_string(total) + " bytes");
   char* base = static_cast<char*>(ws.p);
-  parallel_tasks(tasks, [&](int64_t t) {
-    const int64_t per = tiles / tasks, extra = tiles % tasks;
-    const int64_t t0 = t * per + (t < extra ? t : extra);
-    const int64_t t1 = t0 + per + (t < extra ? 1 : 0);
-    dpbf16_gemm_tiles(g, t0, t1, base + t * ws_bytes);
-  });
+  // Passes of at most kDpRowsPerPass rows of x, each decoding W once more: the x rows a
+  // W tile multiplies (rows x 2048 bf16) stay in L2.
+  for (int64_t m0 = 0; m0 < m; m0 += kDpRowsPerPass) {
+    g.m = m - m0 < kDpRowsPerPass ? m - m0 : kDpRowsPerPass;
+    g.x = reinterpret_cast<const uint16_t*>(x) + m0 * k;
+    g.out = reinterpret_cast<float*>(out) + m0 * n;
+    parallel_tasks(tasks, [&](int64_t t) {
+      const int64_t per = tiles / tasks, extra = tiles % tasks;
+      const int64_t t0 = t * per + (t < extra ? t : extra);
+      const int64_t t1 = t0 + per + (t < extra ? 1 : 0);
+      dpbf16_gemm_tiles(g, t0, t1, base + t * ws_bytes);
+    });
+  }
 #endif
 }
 
