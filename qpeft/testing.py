@@ -265,7 +265,47 @@ def oracle(p, dt, rounds_operands=True):
 # dbias = sum_m dy': fp32 throughout, n = M + 1.
 # A cast of a bf16 result to fp32 is exact; to fp16 it is another rounding (u_out).
 
+#
+# AMX. On a CPU at the amx level the products x @ W^T and dy @ W run on qpeft's AMX kernel
+# (csrc/cpu/qgemm_amx.cpp; fp32 results, no bf16 rounding of them: one rounding fewer than
+# counted above, so j = 3 and 6 still bound them), and oneDNN's bf16 GEMMs (the LoRA
+# products) run on the same tiles. TDPBF16PS reads bf16 subnormal inputs as zero and
+# flushes subnormal fp32 results to zero, an absolute error the relative bounds do not
+# cover. For one dot product sum_k a_k b_k of n terms: a subnormal a_k dropped loses
+# |a_k b_k| < 2^-126 |b_k| (a subnormal b_k: < 2^-126 |a_k|), a product below 2^-126
+# flushed loses < 2^-126, and each of the n fp32 partial sums flushed loses < 2^-126, so
+#     |error| <= F = 2^-126 (sum_k |a_k| + sum_k |b_k| + 2 n)        (``flush_bound``)
+# on top of the relative bound. A later product carries F times the magnitudes it
+# multiplies by (xa's F reaches y through s rs |B|, g's through s rs |A|), and the later
+# roundings scale it by at most 1 + rho. F is below 1e-33 for unit-sized operands and
+# n <= 10^4: it matters only for values near fp32's smallest normal number (2^-126), which
+# tests/test_cpu_amx.py feeds on purpose.
+
 U_BF16 = 2.0**-8
+TINY32 = 2.0**-126  # fp32's (and bf16's) smallest normal number
+
+
+def flush_bound(sum_a: torch.Tensor, sum_b: torch.Tensor, n: int) -> torch.Tensor:
+    """F = 2^-126 (sum|a| + sum|b| + 2n) for dot products of n terms: the subnormal inputs
+    and results AMX flushes to zero (derivation above). ``sum_a`` [M, 1] and ``sum_b``
+    [1, N] are the |operand| sums of each output's two vectors."""
+    return TINY32 * (sum_a + sum_b + 2 * n)
+
+
+def amx_gemm_bound(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Bound on |qgemm - a @ b| for the AMX kernel alone (a [M, n] and b [n, N] in fp64,
+    holding bf16 values exactly): bf16 x bf16 products are exact in fp32, then n fp32
+    accumulations (gamma_n), the flushes (``flush_bound``), and, for a bf16 out, the final
+    rounding u (|y| + err)."""
+    n = a.shape[1]
+    err = gamma(n) * (a.abs() @ b.abs()) + flush_bound(
+        a.abs().sum(1, keepdim=True), b.abs().sum(0, keepdim=True), n
+    )
+    if out_dtype == torch.bfloat16:
+        err = err * (1 + U_BF16) + U_BF16 * (a @ b).abs()
+    return err
+
+
 # unit roundoff of the final cast to the activation dtype (round to nearest)
 U_CAST = {torch.float32: U32, torch.float16: 2.0**-11, torch.bfloat16: U_BF16}
 
@@ -299,13 +339,27 @@ def bf16_oracle(p: dict) -> dict:
 
     h = cpu_gemv_roundings(k, p["state"].blocksize) + 1
     s_y = ax @ aw.T + (s * (ax @ aa.T) * rs) @ ab.T
-    err_y = os_ * (rho(3, k + h + r + 5) * s_y + gamma(3) * bias)
-    err_xa = rho(3, k) * (ax @ aa.T)
+    # AMX's flushes (F above): x @ W^T, x @ A^T (reaching y through s rs |B|), dy' @ W,
+    # g = dy' @ B (reaching dx and dA through s rs), gs @ A, gs^T x, dy'^T xs
+    sx, sgs = ax.sum(1, keepdim=True), s * (ady @ ab) * rs
+    f_xa = flush_bound(sx, aa.sum(1)[None, :], k)
+    f_g = flush_bound(ady.sum(1, keepdim=True), ab.sum(0)[None, :], n)
+    f_y = flush_bound(sx, aw.sum(1)[None, :], k) + (s * f_xa * rs) @ ab.T
+    f_dx = (
+        flush_bound(ady.sum(1, keepdim=True), aw.sum(0)[None, :], n)
+        + flush_bound(sgs.sum(1, keepdim=True), aa.sum(0)[None, :], r)
+        + (s * f_g * rs) @ aa
+    )
+    xs = s * (ax @ aa.T) * rs
+    f_da = flush_bound(sgs.sum(0)[:, None], ax.sum(0)[None, :], m) + (s * f_g * rs).T @ ax
+    f_db = flush_bound(ady.sum(0)[:, None], xs.sum(0)[None, :], m) + ady.T @ (s * f_xa * rs)
+    err_y = os_ * ((1 + rho(3, k + h + r + 5)) * f_y + rho(3, k + h + r + 5) * s_y + gamma(3) * bias)
+    err_xa = rho(3, k) * (ax @ aa.T) + (1 + rho(3, k)) * f_xa
     s_g = ady @ ab
     s_dx = ady @ aw + (s * s_g * rs) @ aa
-    err_dx = rho(6, 2 * n + r + 4) * s_dx
-    err_da = rho(6, n + m + 3) * ((s * s_g * rs).T @ ax)
-    err_db = rho(6, k + m + 4) * (ady.T @ (s * (ax @ aa.T) * rs))
+    err_dx = rho(6, 2 * n + r + 4) * s_dx + (1 + rho(6, 2 * n + r + 4)) * f_dx
+    err_da = rho(6, n + m + 3) * ((s * s_g * rs).T @ ax) + (1 + rho(6, n + m + 3)) * f_da
+    err_db = rho(6, k + m + 4) * (ady.T @ xs) + (1 + rho(6, k + m + 4)) * f_db
     err_dbias = gamma(m + 1) * ady.sum(0)
     return {
         "y": out(ref["y"][0], err_y),

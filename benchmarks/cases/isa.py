@@ -4,7 +4,9 @@ fp32 (``QPEFT_CPU_COMPUTE=fp32``) for A/B, against torch bf16 and fp32 ``F.linea
 dequantized weight and against PEFT + bitsandbytes in both compute dtypes.
 
 The machine block of the report records the ISA (``cpu_isa``: what torch's cpuinfo saw)
-and whether qpeft's auto mode computes in bf16 here (``qpeft_cpu_bf16``). Checks: as
+and whether qpeft's auto mode computes in bf16 here (``qpeft_cpu_bf16``). On a CPU at the
+amx level the auto mode runs qpeft's AMX kernel, and the bf16 mode on oneDNN's panels (the
+level capped at avx512_bf16) is added for A/B (benchmarks/amx_ab.py: the kernels alone). Checks: as
 cases/qlora.py (same packed weight: relative error < 2^-6 of the fp64 product with the
 exactly decoded W; the bf16 mode's errors are ~2e-3, tests/_bf16_bounds.py).
 """
@@ -18,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import qpeft
-from qpeft.backends.cpu import capability
+from qpeft import _native
+from qpeft.backends.cpu import amx, capability
 
 from ..harness import Case, Impl
 from .peers import optional
@@ -43,7 +46,30 @@ def _compute(choice: str | None):
 
 
 def _auto_name() -> str:
-    return "bf16" if capability.compute_dtype(torch.bfloat16) == torch.bfloat16 else "fp32"
+    if capability.compute_dtype(torch.bfloat16) != torch.bfloat16:
+        return "fp32"
+    return "bf16, AMX kernel" if amx.active() else "bf16"
+
+
+@contextlib.contextmanager
+def _onednn_panels():
+    """The bf16 mode on oneDNN's panels instead of qpeft's AMX kernel: the kernels' level
+    capped at avx512_bf16 for the call (qpeft._C.set_isa, as QPEFT_CPU_ISA=avx512_bf16)."""
+    mod = _native.cpu_module()
+    prev = mod.set_isa("avx512_bf16")
+    try:
+        yield
+    finally:
+        mod.set_isa(prev)
+
+
+def _amx_level() -> bool:
+    """Whether this CPU has the amx level (the A/B of the AMX kernel against oneDNN's
+    panels is then added to the cases)."""
+    try:
+        return _native.cpu_info()["detected_level"] == "amx" and amx.active()
+    except ImportError:
+        return False
 
 
 def _linear4bit_cases(device: str, quick: bool) -> list[Case]:
@@ -70,8 +96,13 @@ def _linear4bit_cases(device: str, quick: bool) -> list[Case]:
             with torch.no_grad(), _compute(choice):
                 return q(x)
 
+        def run_panels(x=x):
+            with _onednn_panels():
+                return run(x)
+
         impls = [
             Impl(f"qpeft Linear4bit ({_auto_name()} auto)", run, same),
+            *([Impl("qpeft Linear4bit (bf16, oneDNN panels)", run_panels, same)] if _amx_level() else []),
             Impl("qpeft Linear4bit (fp32 forced)", lambda x=x, run=run: run(x, "fp32"), same),
             Impl("torch bf16 F.linear (dequantized W)", lambda x=x: F.linear(x, w16), same),
             Impl("torch fp32 F.linear (dequantized W)", lambda x=x: F.linear(x.float(), w32), same),
@@ -114,6 +145,14 @@ def _layer_case(device: str, quick: bool) -> Case:
     impls = []
     fwd = layer.qpeft("cpu")[0]
     impls.append(Impl(f"qpeft cpu ({_auto_name()} auto)", fwdbwd(fwd), layer.check(True)))
+    if _amx_level():
+        auto = fwdbwd(fwd)
+
+        def panels():
+            with _onednn_panels():
+                return auto()
+
+        impls.append(Impl("qpeft cpu (bf16, oneDNN panels)", panels, layer.check(True)))
     impls.append(Impl("qpeft cpu (fp32 forced)", fwdbwd(fwd, "fp32"), layer.check(True)))
     for dt, name in ((torch.bfloat16, "peft+bnb bf16"), (torch.float32, "peft+bnb fp32")):
         made = layer.peft_bnb(dt)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..._dispatch import kernel_for
 from ..._formats import GEMV_MAX_ROWS
 from ..default.qlora import backward_from
-from . import capability, dpbf16
+from . import amx, capability, dpbf16
 
 # Elements of W decoded per panel: a quarter of the L3 the CPU reports (the rest for x, the
 # output and the other cores), at least its L2, at most PANEL_MAX_ELEMS (4M: 16 MiB of fp32,
@@ -358,11 +358,36 @@ def _base_bf16(xb: torch.Tensor, quant: tuple) -> torch.Tensor:
     return out
 
 
+# --- AMX (docs/design.md, "AMX GEMM") -------------------------------------------------------
+# At the amx level (qpeft.cpu_info()["chosen_level"]; QPEFT_CPU_ISA=avx512_bf16 keeps the
+# oneDNN panels for A/B runs) the bf16 products with W run on qpeft's own AMX kernel
+# (backends/cpu/amx.py): W decoded from its codes straight into the tiles, never a decoded
+# panel handed to oneDNN, and the fp32 accumulators returned as they are (no bf16 rounding
+# of x @ W^T or of dy @ W: one rounding fewer than the panels, inside the same bounds,
+# qpeft/testing.py). Taken only where it measured faster than the panels (benchmarks/
+# isa_ab.py --amx, same run, interleaved medians): ``_amx_forward`` / ``_amx_dx``.
+
+
+def _amx_forward(m: int, n: int, k: int) -> bool:
+    return m > GEMV_MAX_ROWS and amx.active()
+
+
+def _amx_dx(m: int, n: int, k: int) -> bool:
+    return amx.active()
+
+
 def _forward_bf16(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa):
     xb = x.to(_BF16)
     if 1 <= x.shape[0] <= GEMV_MAX_ROWS:
         # decode-sized M: the C++ GEMV (fp32, reads the packed codes once) as in fp32 mode
         y = kernel_for("gemv_4bit", x.device)(x.to(torch.float32), *quant)
+    elif _amx_forward(x.shape[0], quant[8], quant[9]):
+        if lora_a is None and bias is None and out_scale is None and x.dtype == _BF16:
+            # nothing to add (Linear4bit without bias): the kernel rounds its fp32 sums to
+            # bf16 itself, as y.to(bf16) would, without an fp32 [M, N] pass
+            y = amx.qgemm_4bit(xb.contiguous(), quant, out_dtype=_BF16)
+            return y, x.new_empty((0,))
+        y = amx.qgemm_4bit(xb.contiguous(), quant)  # fp32 [M, N]
     elif dpbf16.use_for(x.shape[0], quant):
         # avx512_bf16 level, small M: the fused decode + vdpbf16ps kernel (fp32 [M, N])
         y = dpbf16.qgemm_4bit(xb, quant)
@@ -399,10 +424,13 @@ def _backward_bf16(
     need_dbias,
 ):
     f32 = torch.float32
-    dy32 = grad_y.to(f32)
-    if out_scale is not None:
-        dy32 = dy32 * out_scale.to(f32)
-    dy = dy32.to(_BF16)  # dy' rounded once (exact when grad_y is bf16 and there is no out_scale)
+    if out_scale is None:
+        # dy' = dy rounded once (no copy for bf16 grad_y: an fp32 round trip of [M, N] cost
+        # two copies per backward, a tenth of the layer's time at M=512 on the AMX Xeon)
+        dy32, dy = None, grad_y.to(_BF16)
+    else:
+        dy32 = grad_y.to(f32) * out_scale.to(f32)
+        dy = dy32.to(_BF16)  # dy' rounded once
     rs = None if rank_scale is None else rank_scale.to(f32)
     dx, da, db, dbias = (x.new_empty((0,)) for _ in range(4))  # distinct: outputs must not alias
     if lora_a is None:  # no adapter: dx = dy @ W alone, no dA/dB
@@ -412,7 +440,14 @@ def _backward_bf16(
             g = dy @ lora_b.to(_BF16)  # [M, r]
             gs = g.to(f32) * scaling if rs is None else g.to(f32) * scaling * rs
             gs = gs.to(_BF16)
-        if need_dx:
+        if need_dx and _amx_dx(x.shape[0], quant[8], quant[9]):
+            acc = amx.qgemm_4bit(dy.contiguous(), quant, dx=True)  # dy' @ W, fp32 [M, K]
+            if lora_a is not None:
+                # + (s g rs) @ A in fp32 from the same bf16 operands (one rounding fewer than
+                # oneDNN's bf16 output, and no bf16 -> fp32 pass over [M, K])
+                acc.addmm_(gs.to(f32), lora_a.to(_BF16).to(f32))
+            dx = acc.to(x.dtype)
+        elif need_dx:
             if lora_a is None:
                 acc = torch.zeros((x.shape[0], x.shape[1]), dtype=f32)
             else:
@@ -429,5 +464,5 @@ def _backward_bf16(
         xs = xa.to(f32) * scaling if rs is None else xa.to(f32) * scaling * rs
         db = (dy.t() @ xs.to(_BF16)).to(lora_b.dtype)
     if need_dbias:
-        dbias = dy32.sum(0).to(grad_y.dtype)
+        dbias = (grad_y.to(f32) if dy32 is None else dy32).sum(0).to(grad_y.dtype)
     return dx, da, db, dbias

@@ -1,0 +1,123 @@
+"""The AMX-BF16 GEMM on packed 4-bit weights (csrc/cpu/qgemm_amx.cpp): the bf16 products
+of the CPU QLoRA layer on a CPU whose kernels run at the ``amx`` level (docs/design.md,
+"AMX GEMM").
+
+``qgemm_4bit(a, quant)`` is a[m, k] @ W^T and ``qgemm_4bit(a, quant, dx=True)`` a[m, n] @ W,
+W [n, k] decoded from its packed codes into the tiles panel by panel (never whole), bf16
+products accumulated in fp32. Internal: the checks here are those of a kernel entry (types,
+dtypes, shapes, contiguity, one device), so a wrong call is a clear exception, never a
+read out of bounds; the C++ entry re-checks every size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import _native
+from ..._formats import QUANT_TYPE_IDS
+
+_OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 2}
+
+
+def active() -> bool:
+    """Whether the CPU kernels run at the ``amx`` level now (``qpeft.cpu_info()["chosen_level"]``;
+    QPEFT_CPU_ISA and ``qpeft._C.set_isa`` move it). One native call (~1 us)."""
+    try:
+        return _native.cpu_module().active_isa() == "amx"
+    except ImportError:
+        return False
+
+
+def _need(t, name: str, dtype: torch.dtype, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"qgemm_4bit: {name} must be a tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"qgemm_4bit: {name} must be on the CPU, got {t.device}")
+    if t.dtype != dtype:
+        raise TypeError(f"qgemm_4bit: {name} must be {dtype}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"qgemm_4bit: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"qgemm_4bit: {name} must be contiguous")
+
+
+def qgemm_4bit(
+    a: torch.Tensor,
+    quant: tuple,
+    *,
+    dx: bool = False,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    accumulate: bool = False,
+    col_block: int = 0,
+    red_block: int = 0,
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """a @ W^T (or a @ W with ``dx``) for bf16 a [m, k] (or [m, n]); ``quant`` is the tuple
+    (packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+    quant_type, n, k) of the QLoRA ops. Returns ``out`` (allocated when None, of
+    ``out_dtype``: float32 or bfloat16); ``accumulate`` adds into a float32 ``out``."""
+    packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k = quant
+    if quant_type not in QUANT_TYPE_IDS:
+        raise ValueError(
+            f"qgemm_4bit: quant_type must be one of {sorted(QUANT_TYPE_IDS)}, got {quant_type!r}"
+        )
+    _need(a, "a", torch.bfloat16, 2)
+    red, cols = (n, k) if dx else (k, n)
+    if a.shape[1] != red:
+        raise ValueError(
+            f"qgemm_4bit: a must have {red} columns ({'n' if dx else 'k'}) for W of shape ({n}, {k}), "
+            f"got shape {tuple(a.shape)}"
+        )
+    _need(packed, "packed", torch.uint8)
+    nested = nested_absmax is not None
+    _need(absmax, "absmax", torch.uint8 if nested else torch.float32)
+    if nested:
+        _need(nested_absmax, "nested_absmax", torch.float32)
+        _need(nested_code, "nested_code", torch.float32)
+        _need(offset, "offset", torch.float32)
+        if nested_code.numel() != 256 or offset.numel() != 1:
+            raise ValueError(
+                "qgemm_4bit: nested_code must hold 256 values and offset 1, got "
+                f"{nested_code.numel()} and {offset.numel()}"
+            )
+    m = a.shape[0]
+    if out is None:
+        if accumulate:
+            raise ValueError("qgemm_4bit: accumulate needs an out tensor")
+        if out_dtype not in _OUT_DTYPES:
+            raise TypeError(f"qgemm_4bit: out_dtype must be float32 or bfloat16, got {out_dtype}")
+        out = torch.empty((m, cols), dtype=out_dtype)
+    else:
+        if out.dtype not in _OUT_DTYPES:
+            raise TypeError(f"qgemm_4bit: out must be float32 or bfloat16, got {out.dtype}")
+        _need(out, "out", out.dtype, 2)
+        if tuple(out.shape) != (m, cols):
+            raise ValueError(f"qgemm_4bit: out must have shape {(m, cols)}, got {tuple(out.shape)}")
+    fn = _native.cpu_module().qgemm_4bit_amx_dx if dx else _native.cpu_module().qgemm_4bit_amx
+    fn(
+        a.data_ptr(),
+        a.numel(),
+        m,
+        n,
+        k,
+        packed.data_ptr(),
+        packed.numel(),
+        absmax.data_ptr(),
+        absmax.numel(),
+        blocksize,
+        QUANT_TYPE_IDS[quant_type],
+        nested_absmax.data_ptr() if nested else 0,
+        nested_absmax.numel() if nested else 0,
+        nested_code.data_ptr() if nested else 0,
+        offset.data_ptr() if nested else 0,
+        nested_blocksize if nested else 0,
+        out.data_ptr(),
+        out.numel(),
+        _OUT_DTYPES[out.dtype],
+        accumulate,
+        col_block,
+        red_block,
+        torch.get_num_threads() if num_threads is None else num_threads,
+    )
+    return out
