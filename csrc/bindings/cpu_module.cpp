@@ -15,6 +15,7 @@
 #include "../cpu/api.h"
 #include "../cpu/isa_tables.h"
 #include "../cpu/qgemm_amx.h"
+#include "../cpu/qgemm_avx512bf16.h"
 #include "../cpu/thread_pool.h"
 #include "dlpack_capsule.h"
 #include "optim_scalars.h"
@@ -131,6 +132,15 @@ PYBIND11_MODULE(_C, m) {
         dx ? "AMX-BF16 out[m, k] (+)= a[m, n] @ W with W [n, k] as packed 4-bit codes (bf16 a)."
            : "AMX-BF16 out[m, n] (+)= a[m, k] @ W^T with W [n, k] as packed 4-bit codes (bf16 a).");
   }
+  // The fused decode + vdpbf16ps GEMM of the avx512_bf16 level (csrc/cpu/qgemm_avx512bf16.cpp):
+  // internal, called by qpeft/backends/cpu/dpbf16.py, which checks dtypes and contiguity.
+  m.def("qgemm_4bit_dpbf16", &qc::qgemm_4bit_dpbf16, nogil, py::arg("x"), py::arg("x_len"),
+        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("packed"), py::arg("packed_len"),
+        py::arg("absmax"), py::arg("absmax_len"), py::arg("blocksize"), py::arg("quant_type"),
+        py::arg("nested_absmax"), py::arg("nested_absmax_len"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("nested_blocksize"), py::arg("out"), py::arg("out_len"),
+        py::arg("num_threads"),
+        "AVX512-BF16 fp32 out[m, n] = x[m, k] @ W^T (bf16 x) with W [n, k] as packed 4-bit codes.");
 
   m.def("set_isa", &qc::set_isa, py::arg("name"),
         "Test/A-B override of the kernel ISA level: 'auto' (QPEFT_CPU_ISA or detection) or one "

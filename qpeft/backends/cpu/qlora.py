@@ -37,7 +37,7 @@ from ... import _native
 from ..._dispatch import kernel_for
 from ..._formats import GEMV_MAX_ROWS, QUANT_TYPE_IDS
 from ..default.qlora import backward_from
-from . import amx, capability
+from . import amx, capability, dpbf16
 
 # Elements of W decoded per panel: a quarter of the L3 the CPU reports (the rest for x, the
 # output and the other cores), at least its L2, at most PANEL_MAX_ELEMS (4M: 16 MiB of fp32,
@@ -613,6 +613,9 @@ def _forward_bf16(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale
             y = amx.qgemm_4bit(xb.contiguous(), quant, out_dtype=_BF16)
             return y, x.new_empty((0,))
         y = amx.qgemm_4bit(xb.contiguous(), quant)  # fp32 [M, N]
+    elif dpbf16.use_for(x.shape[0], quant):
+        # avx512_bf16 level, small M: the fused decode + vdpbf16ps kernel (fp32 [M, N])
+        y = dpbf16.qgemm_4bit(xb, quant)
     else:
         y = _base_bf16(xb, quant).to(torch.float32)
     xa = None
