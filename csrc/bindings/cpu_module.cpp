@@ -230,6 +230,15 @@ PYBIND11_MODULE(_C, m) {
         for (int l = 0; l < qc::kNumIsaLevels; ++l)
           if (qc::isa_level_built(l)) built.append(qc::isa_level_name(l));
         d["built_levels"] = built;
+        // The fused bf16 GEMM the QLoRA layer's bf16 mode runs at the chosen level (the
+        // level's own, or None: W decoded to panels for oneDNN; docs/design.md "AMX GEMM").
+        py::list gemm_built;
+        for (int l = 0; l < qc::kNumIsaLevels; ++l)
+          if (qc::bf16_gemm_built(l)) gemm_built.append(qc::isa_level_name(l));
+        d["gemm_levels"] = gemm_built;
+        d["gemm_4bit_bf16"] = qc::bf16_gemm_built(active)
+                                  ? py::object(py::str(qc::isa_level_name(active)))
+                                  : py::object(py::none());
         py::dict kernels;
         const qc::IsaKernels& t = qc::isa_kernels_at(active);
         for (int i = 0; i < qc::kNumIsaOps; ++i)

@@ -28,14 +28,13 @@ MAX_ROWS = 128
 
 @functools.lru_cache(maxsize=1)
 def _usable() -> bool:
-    """Whether this build holds the kernel and this CPU can run it: an empty call (m = n =
-    k = 0) passes every check but the CPU's and the build's (ValueError: no AVX512-BF16, or
-    a compiler that rejected the level's flags)."""
+    """Whether this build holds the kernel (``qpeft.cpu_info()["gemm_levels"]``: the
+    compiler accepted the level's flags); the level itself is only chosen on a CPU with
+    AVX512-BF16."""
     try:
-        _native.cpu_module().qgemm_4bit_dpbf16(0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 2, 0, 0, 0, 0, 0, 0, 0, 1)
-    except (ImportError, AttributeError, ValueError):
+        return "avx512_bf16" in _native.cpu_module().cpu_info()["gemm_levels"]
+    except ImportError:
         return False
-    return True
 
 
 def active() -> bool:
