@@ -81,10 +81,9 @@ def _check_8bit(x, blocksize, code, what, out_dtypes=DTYPES):
 
 def _mask_edges(blocksize: int) -> list[int]:
     """n values for one blocksize: a lone element, a partial single block, and two
-    programs' worth plus a partial odd block (ROWS * blocksize is 1024 or one block for
-    quantize; 4096 for the 4-bit dequantize, whose two whole programs take the unmasked
-    16-byte path and the third the masked one)."""
-    tile = max(blocksize, 1024, DEQUANT4_TILE)
+    programs' worth plus a partial odd block (ROWS * blocksize is 1024 or one block; the
+    4-bit dequantize's 4096-element tiles: test_4bit_dequantize_whole_tiles)."""
+    tile = max(blocksize, 1024)
     return [1, blocksize // 2 + 1, 2 * tile + blocksize + 3]
 
 
@@ -100,13 +99,14 @@ def test_dequantize4_tile_is_the_kernels():
             assert rows * bs == DEQUANT4_TILE and warps == 4  # 32 outputs = 16 packed bytes per thread
 
 
-@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+@pytest.mark.parametrize("blocksize", BLOCKSIZES_4BIT)
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 def test_4bit_dequantize_whole_tiles(blocksize, quant_type):
-    # n a multiple of the dequantize tile (every program, the last too, takes the unmasked
-    # path) and one short of it (odd n: the last program masked, its padding nibble unused).
+    # n one dequantize tile (the only program takes the unmasked 16-byte path), and one
+    # tile plus a partial odd block (an unmasked program, then a masked one whose last
+    # byte's second nibble is padding).
     g = torch.Generator().manual_seed(7 + blocksize)
-    for i, n in enumerate((2 * DEQUANT4_TILE, 2 * DEQUANT4_TILE - 1)):
+    for i, n in enumerate((DEQUANT4_TILE, DEQUANT4_TILE + blocksize // 2 + 3)):
         x = torch.randn(n, generator=g)
         for dtype in DTYPES:
             _check_4bit(x.to(dtype), blocksize, quant_type, i == 0, f"n={n} bs={blocksize} {dtype}")
