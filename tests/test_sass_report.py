@@ -306,3 +306,16 @@ def test_committed_report_small_m_tiles_do_not_repeat_mma_and_dequant_loads_16_b
     }
     for r in dequant:
         assert r["load_bytes"] == 16 and r["elems_per_iter"] == 4096, r["name"]
+
+
+def test_merge_replaces_records_by_name_and_arch():
+    from benchmarks.sass_report import merge
+
+    old = [
+        {"name": "a", "arch": 80, "v": 1},
+        {"name": "a", "arch": 90, "v": 2},
+        {"name": "b", "arch": 80, "v": 3},
+    ]
+    new = [{"name": "a", "arch": 90, "v": 20}, {"name": "c", "arch": 80, "v": 4}]
+    assert [r["v"] for r in merge(old, new)] == [1, 20, 3, 4]
+    assert merge(old, []) == old
