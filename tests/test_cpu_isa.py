@@ -450,6 +450,9 @@ def test_gemv(level, m):
         (17, 512, 256, False),
         (5, 96, 32, True),
         (9, 100, 64, False),
+        # 280 blocks: the nested group of 256 ends inside row 36 (block 4 of its 7), where
+        # the kernels' per-row block-scale cursor must step to the next group
+        (40, 448, 64, True),
     ):
         w = torch.randn(n, k, generator=g)
         x = torch.randn(m, k, generator=g)
