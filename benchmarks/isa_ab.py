@@ -17,6 +17,10 @@ decode writes its output at the machine's copy bandwidth).
     python benchmarks/isa_ab.py [--a avx2] [--b avx512] [--reps 31] [--threads 1] [--only SUBSTR,...] [--quick]
         [--json PATH]
 
+    python benchmarks/isa_ab.py --dpbf16 [options of benchmarks/dpbf16_ab.py]
+        x @ W^T at the avx512_bf16 level: qpeft's vdpbf16ps kernel against the oneDNN panels
+        and torch's F.linear on a dequantized W, oneDNN capped below AMX (dpbf16_ab.py).
+
 The levels are set with qpeft._C.set_isa (the in-process form of QPEFT_CPU_ISA); a level
 the CPU lacks is an error naming the missing features. Results name the CPU and its
 detected level (qpeft.cpu_info()); they hold for that machine only.
@@ -28,6 +32,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -188,6 +193,11 @@ def _summary(rows: list[dict], levels: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--dpbf16" in argv:  # benchmarks/dpbf16_ab.py, in a process of its own: it caps oneDNN's
+        # ISA (ONEDNN_MAX_CPU_ISA), which must be set before oneDNN is loaded
+        rest = [a for a in argv if a != "--dpbf16"]
+        return subprocess.call([sys.executable, str(Path(__file__).with_name("dpbf16_ab.py")), *rest])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--a", default="avx2")
     ap.add_argument("--b", default="avx512")

@@ -47,7 +47,7 @@ def _tile(m: int) -> dict:
     from qpeft.backends.triton.qlora import _kernels
 
     kern = _kernels()
-    cfg = kern._FWD_CONFIGS[kern._regime(m, kern.block_r(R))][0]
+    cfg = kern._FWD_CONFIGS[kern._regime(m, kern.block_r(R, m))][0]
     return {
         "BLOCK_M": cfg.kwargs["BLOCK_M"],
         "BLOCK_N": cfg.kwargs["BLOCK_N"],
@@ -64,7 +64,7 @@ def dequant_cost(m: int, report: Path = REPORT) -> dict:
     from qpeft.backends.triton.qlora import _kernels
 
     kern = _kernels()
-    regime = kern._regime(m, kern.block_r(R))
+    regime = kern._regime(m, kern.block_r(R, m))
     name = f"qlora_fwd_{regime[0]}M_r{R}_bf16"
     records = json.loads(report.read_text())
     found = [r for r in records if r["name"] == name and r["arch"] == ARCH]
@@ -74,7 +74,7 @@ def dequant_cost(m: int, report: Path = REPORT) -> dict:
         )
     rec = found[0]
     tile = _tile(m)
-    expect = f"{tile['BLOCK_M']}x{tile['BLOCK_N']}x{tile['BLOCK_K']} r{kern.block_r(R)} w{tile['num_warps']} s{tile['num_stages']}"
+    expect = f"{tile['BLOCK_M']}x{tile['BLOCK_N']}x{tile['BLOCK_K']} r{kern.block_r(R, m)} w{tile['num_warps']} s{tile['num_stages']}"
     if rec["config"] != expect:
         raise RuntimeError(
             f"{report}: {name} is {rec['config']!r}, the launcher runs {expect!r}; regenerate it"
@@ -91,9 +91,12 @@ def estimate(m: int, tile: dict) -> dict:
     )  # uint8 codes + fp32 nested
     act = 2 * (m * K + R * K + N * R + m * N + m * R)  # x, A, B, y, xa (bf16), each once
     fused_bytes = w_bytes + absmax_bytes + act
-    # MMA work as issued: M padded to BLOCK_M; x @ A^T recomputed by each of the n_tiles programs.
-    mp = m_tiles * bm
-    mma_flops = 2 * mp * N * K + 2 * mp * K * max(R, 16) * n_tiles + 2 * mp * max(R, 16) * N
+    # MMA work as issued: M padded to BLOCK_M, r to BLOCK_R (at least 32 at small M: block_r);
+    # x @ A^T recomputed by each of the n_tiles programs.
+    from qpeft.backends.triton.qlora import _kernels
+
+    mp, br = m_tiles * bm, _kernels().block_r(R, m)
+    mma_flops = 2 * mp * N * K + 2 * mp * K * br * n_tiles + 2 * mp * br * N
     decodes = N * K * m_tiles  # every M-tile program decodes the whole W once
     cost = dequant_cost(m)
     t_mem, t_mma = fused_bytes / HBM_BPS, mma_flops / MMA_FLOPS

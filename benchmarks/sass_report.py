@@ -827,7 +827,8 @@ def _versions(cuda: bool) -> dict:
     }
 
 
-def run(modules=MODULES, archs=(80, 90), jobs=1, cuda=True, smoke=False) -> dict:
+def run(modules=MODULES, archs=(80, 90), jobs=1, cuda=True, smoke=False, only: str | None = None) -> dict:
+    """``only``: a regular expression; only the Triton entries whose name it matches (re.search)."""
     # A private Triton cache: line info in a cached cubin names the file (and lines) of
     # whichever checkout compiled it first, and W loads are found by line.
     cache = tempfile.mkdtemp(prefix="qpeft-sass-cache-")
@@ -836,7 +837,7 @@ def run(modules=MODULES, archs=(80, 90), jobs=1, cuda=True, smoke=False) -> dict
     skipped: dict[str, str] = {}
     for module in modules:
         entries = _triton_entries(module)
-        chosen = range(len(entries))
+        chosen = [i for i, e in enumerate(entries) if only is None or re.search(only, e["name"])]
         if smoke:  # the first entry of each kernel function
             firsts: dict[str, int] = {}
             for i, e in enumerate(entries):
@@ -864,6 +865,14 @@ def run(modules=MODULES, archs=(80, 90), jobs=1, cuda=True, smoke=False) -> dict
         "wall_s": round(time.perf_counter() - start, 1),
         "records": [r for rows in results for r in rows],
     }
+
+
+def merge(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with each record replaced by the ``new`` one of the same (name, arch), in
+    order; a new record without an old one is appended."""
+    fresh = {(r["name"], r["arch"]): r for r in new}
+    merged = [fresh.pop((r["name"], r["arch"]), r) for r in old]
+    return merged + list(fresh.values())
 
 
 def _rows(records: list[dict]) -> list[str]:
@@ -941,6 +950,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--render", action="store_true", help="only rewrite DIR/sass_report.md from DIR/sass_report.json"
     )
+    parser.add_argument(
+        "--only",
+        metavar="REGEX",
+        help="recompile only the Triton records whose name matches (no CUDA) and merge them into "
+        "DIR/sass_report.json, replacing those of the same name and arch",
+    )
     args = parser.parse_args(argv)
     if args.out is None and args.smoke:  # never overwrite the committed report with a partial one
         print(markdown(run(args.modules, tuple(args.arch), args.jobs, not args.no_cuda, True)))
@@ -949,6 +964,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.render:
         records = json.loads((args.out / "sass_report.json").read_text())
+        report = {**_versions(True), "archs": sorted({r["arch"] for r in records}), "records": records}
+    elif args.only:
+        fresh = run(args.modules, tuple(args.arch), args.jobs, False, False, args.only)["records"]
+        old = json.loads((args.out / "sass_report.json").read_text())
+        records = merge(old, fresh)
+        (args.out / "sass_report.json").write_text(json.dumps(records, indent=1) + "\n")
         report = {**_versions(True), "archs": sorted({r["arch"] for r in records}), "records": records}
     else:
         report = run(args.modules, tuple(args.arch), args.jobs, not args.no_cuda, args.smoke)

@@ -53,8 +53,11 @@ def cpu_info() -> dict:
     or None), ``chosen_level`` (what the kernels run at), ``note`` (why a cap was clamped),
     ``override`` (a test's ``qpeft._C.set_isa``), ``levels`` (scalar < avx2 < avx512 <
     avx512_bf16 < amx), ``missing`` (per level above the detected one, the features it
-    lacks), ``built_levels`` (the levels this build has kernels for) and ``kernels`` (per
-    op, the level whose kernel runs). Raises ImportError without the native module and
+    lacks), ``built_levels`` (the levels this build has quantization/optimizer/GEMV kernels
+    for), ``kernels`` (per op, the level whose kernel runs), ``gemm_levels`` (the levels
+    whose fused bf16 GEMM on packed 4-bit W this build holds: avx512_bf16, amx) and
+    ``gemm_4bit_bf16`` (the one the QLoRA layer's bf16 mode runs at the chosen level, or
+    None: W decoded to panels for oneDNN). Raises ImportError without the native module and
     ValueError when ``QPEFT_CPU_ISA`` is not a level name.
     """
     return cpu_module().cpu_info()

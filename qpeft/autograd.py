@@ -1,4 +1,5 @@
-"""autograd Functions over the registered ops (they call only ``torch.ops.qpeft.*``)."""
+"""autograd Functions over the registered ops (they call only ``torch.ops.qpeft.*``, or
+on a plain CPU call the kernel the op routes to: ``_op``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 import torch
 
 from . import _ops  # noqa: F401  (defines torch.ops.qpeft.*)
-from ._dispatch import kernel_backend
+from ._dispatch import kernel_backend, kernel_for
 from ._formats import FLOAT_DTYPES, GEMV_MAX_ROWS
 
 __all__ = ["QLoRAFunction", "Linear4bitFunction", "linear_4bit_forward", "qlora_forward"]
@@ -24,6 +25,38 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return _NO_AUTOCAST
+
+
+_Tensor = torch.Tensor
+_profiler = torch.autograd.profiler
+_is_compiling = torch.compiler.is_compiling
+_dispatch_stack = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+_jit_tracing = torch._C._get_tracing_state
+_function_mode = torch._C._is_torch_function_mode_enabled
+
+
+def _op(name: str, x: torch.Tensor):
+    """``torch.ops.qpeft.<name>``, or on a plain CPU call the very kernel torch's dispatcher
+    would route it to (``_dispatch.kernel_for``: the forced or default backend), called
+    directly: boxing ~18 arguments through the dispatcher into the Python router costs
+    ~10 us, a tenth of a small layer's forward (docs/design.md, "Per-call overhead").
+    Only where nothing could observe the difference: not while a profiler records (it
+    then shows the qpeft:: op as always), not under torch.compile / export or
+    torch.jit.trace tracing, a TorchDispatchMode or TorchFunctionMode or a functorch
+    transform, and only for a plain tensor x."""
+    if (
+        type(x) is _Tensor
+        and x.is_cpu
+        and not _profiler._is_profiler_enabled
+        and not _is_compiling()
+        and _dispatch_stack() == 0
+        and not _functorch_active()
+        and _jit_tracing() is None
+        and not _function_mode()
+    ):
+        return kernel_for(name, "cpu")
+    return getattr(torch.ops.qpeft, name)
 
 
 def qlora_forward(
@@ -54,7 +87,7 @@ def qlora_forward(
     flat = x.dim() == 2  # x already [M, K]: no reshapes (each costs ~3 us on a small layer)
     x2 = x if flat else x.reshape(-1, k)
     with ctx:
-        y, xa = torch.ops.qpeft.qlora_linear(
+        y, xa = _op("qlora_linear", x2)(
             x2,
             packed,
             absmax,
@@ -80,10 +113,10 @@ def qlora_forward(
 class QLoRAFunction(torch.autograd.Function):
     """y = out_scale * (x @ dequant(W)^T + bias + (scaling * (x @ A^T) * rank_scale) @ B^T).
 
-    ``forward(x, lora_A, lora_B, bias, packed, absmax, nested_absmax, nested_code, offset,
-    quant, scaling, rank_scale, out_scale)`` with ``quant = (blocksize, nested_blocksize,
-    quant_type, out_features, in_features)``; x has any leading batch dims. Gradients
-    flow to x, lora_A, lora_B and bias. Saved for the backward: x, A, B, the packed
+    ``forward(x, lora_A, lora_B, bias, frozen)`` with ``frozen = (packed, absmax,
+    nested_absmax, nested_code, offset, quant, scaling, rank_scale, out_scale)`` and
+    ``quant = (blocksize, nested_blocksize, quant_type, out_features, in_features)``; x
+    has any leading batch dims. Gradients flow to x, lora_A, lora_B and bias. Saved for the backward: x, A, B, the packed
     weight and its quantization state (never a dequantized W) and xa = x @ A^T (only
     when B needs a gradient). rank_scale and out_scale are constants here.
 
@@ -97,22 +130,14 @@ class QLoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        x,
-        lora_a,
-        lora_b,
-        bias,
-        packed,
-        absmax,
-        nested_absmax,
-        nested_code,
-        offset,
-        quant,
-        scaling,
-        rank_scale,
-        out_scale,
-    ):
+    def forward(ctx, x, lora_a, lora_b, bias, frozen):
+        # frozen = (packed, absmax, nested_absmax, nested_code, offset, quant, scaling,
+        # rank_scale, out_scale): what gets no gradient, one argument instead of nine.
+        # Function.apply works per argument: a no-op Function of 13 arguments cost 21.9 us
+        # per apply, of 5 arguments 11.8 us (AMX Xeon VM; docs/design.md, "Per-call
+        # overhead"). The frozen tensors are still saved with save_for_backward (their
+        # version counters checked in the backward).
+        packed, absmax, nested_absmax, nested_code, offset, quant, scaling, rank_scale, out_scale = frozen
         y, x2, xa = qlora_forward(
             x,
             lora_a,
@@ -146,7 +171,7 @@ class QLoRAFunction(torch.autograd.Function):
         blocksize, nested_blocksize, quant_type, n, k = ctx.quant
         need_dx, need_da, need_db, need_dbias = ctx.needs_input_grad[:4]
         with _autocast_off(x2.device.type):  # CPU backward runs on the caller's thread
-            dx, da, db, dbias = torch.ops.qpeft.qlora_linear_backward(
+            dx, da, db, dbias = _op("qlora_linear_backward", x2)(
                 grad_y.reshape(-1, n),
                 x2,
                 packed,
@@ -175,7 +200,7 @@ class QLoRAFunction(torch.autograd.Function):
             da if need_da else None,
             db if need_db else None,
             dbias.to(ctx.bias_dtype) if need_dbias else None,
-            *([None] * 9),
+            None,
         )
 
 
@@ -199,7 +224,7 @@ def linear_4bit_forward(x2, bias, packed, absmax, nested_absmax, nested_code, of
     blocksize, nested_blocksize, quant_type, n, k = quant
     if _use_gemv(x2):
         xg = x2 if bias is None else x2.float()
-        y = torch.ops.qpeft.gemv_4bit(
+        y = _op("gemv_4bit", xg)(
             xg,
             packed,
             absmax,
@@ -213,7 +238,7 @@ def linear_4bit_forward(x2, bias, packed, absmax, nested_absmax, nested_code, of
             k,
         )
         return y if bias is None else y.add_(bias.float()).to(x2.dtype)
-    y, _ = torch.ops.qpeft.qlora_linear(
+    y, _ = _op("qlora_linear", x2)(
         x2,
         packed,
         absmax,
@@ -274,7 +299,7 @@ class Linear4bitFunction(torch.autograd.Function):
         # the op reads only x's shape and dtype here: a zero-stride stand-in costs no memory
         x_like = torch.empty((), dtype=x_dtype, device=grad_y.device).expand(m, k)
         with _autocast_off(grad_y.device.type):
-            dx, _, _, dbias = torch.ops.qpeft.qlora_linear_backward(
+            dx, _, _, dbias = _op("qlora_linear_backward", g2)(
                 g2,
                 x_like,
                 packed,

@@ -7,6 +7,8 @@ double quantization, the non-finite check and QuantState bookkeeping.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from . import (
@@ -209,22 +211,18 @@ def qlora_linear(
     every backend skips the LoRA terms (``scaling`` is ignored), y = out_scale * (x @ W^T + bias).
     """
     packed = _checks.packed_4bit(packed)
-    _checks.qlora_linear(x, packed, state, lora_A, lora_B, bias, rank_scale, out_scale)
-    n, k = state.shape
-    if state.nested:
-        nested = (state.state2.absmax, state.state2.code, _offset32(state.offset))
-        nested_blocksize = state.state2.blocksize
-    else:
-        nested, nested_blocksize = (None, None, None), NESTED_BLOCKSIZE
-    quant = (state.blocksize, nested_blocksize, state.quant_type, n, k)
+    signature = _checks.qlora_linear(x, packed, state, lora_A, lora_B, bias, rank_scale, out_scale)
+    absmax, na, nc, off, quant = _state_args(state, signature)
     args = (
         x,
         lora_A,
         lora_B,
         bias,
         packed,
-        state.absmax,
-        *nested,
+        absmax,
+        na,
+        nc,
+        off,
         quant,
         float(scaling),
         rank_scale,
@@ -235,10 +233,33 @@ def qlora_linear(
         or (lora_A is not None and (lora_A.requires_grad or lora_B.requires_grad))
         or (bias is not None and bias.requires_grad)
     ):
-        return QLoRAFunction.apply(*args)
+        frozen = (packed, absmax, na, nc, off, quant, args[10], rank_scale, out_scale)
+        return QLoRAFunction.apply(x, lora_A, lora_B, bias, frozen)
     # nothing needs a gradient: the same forward without an autograd node (its setup is a
     # fifth of a small layer's call; docs/design.md, "Per-call overhead")
     return qlora_forward(*args, False)[0]
+
+
+# QuantState -> (the signature its check passed with, _quant_args(state)): what the ops
+# take from a state, built once per checked state instead of per call (a reshape and two
+# tuples, ~3 us of a small layer's call). Valid while ``_checks.state_4bit`` returns the
+# same signature object: any change it detects makes a new one (docs/design.md,
+# "Per-call overhead"). Only kept when the offset is fp32 already, so the argument is a
+# view of it (a cast copy would miss an in-place change of its value).
+_state_args_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _state_args(state: QuantState, signature: tuple | None) -> tuple:
+    """``_quant_args(state)`` for a state ``_checks`` passed with ``signature``."""
+    if signature is None:
+        return _quant_args(state)
+    hit = _state_args_cache.get(state)
+    if hit is not None and hit[0] is signature:
+        return hit[1]
+    args = _quant_args(state)
+    if not state.nested or state.offset.dtype == torch.float32:
+        _state_args_cache[state] = (signature, args)
+    return args
 
 
 def _quant_args(state: QuantState) -> tuple:
@@ -270,8 +291,8 @@ def linear_4bit(
     gets none. See docs/design.md, "Decode path".
     """
     weight_packed = _checks.packed_4bit(weight_packed)
-    _checks.qlora_linear(x, weight_packed, quant_state, None, None, bias, None, None)
-    absmax, na, nc, off, quant = _quant_args(quant_state)
+    signature = _checks.qlora_linear(x, weight_packed, quant_state, None, None, bias, None, None)
+    absmax, na, nc, off, quant = _state_args(quant_state, signature)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return Linear4bitFunction.apply(x, bias, weight_packed, absmax, na, nc, off, quant)
     # inference: the same forward without an autograd node (a decode step calls this per layer)

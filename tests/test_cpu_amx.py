@@ -1,8 +1,10 @@
 """The AMX-BF16 GEMM on packed 4-bit W (csrc/cpu/qgemm_amx.cpp, qpeft/backends/cpu/amx.py)
 against an fp64 oracle on the exactly decoded W, within the bound derived in
 qpeft/testing.py (``amx_gemm_bound``: exact bf16 products, fp32 accumulation, AMX's
-subnormal flushes), and the CPU QLoRA layer with it (amx level) against the same layer on
-oneDNN's panels (``set_isa("avx512_bf16")``), both within the bf16 mode's bounds.
+subnormal flushes), and the CPU QLoRA layer with it (amx level) against the same layer at
+the avx512_bf16 level (``set_isa("avx512_bf16")``: oneDNN's panels, and for the forward at
+9 <= M <= 128 qpeft's vdpbf16ps kernel, tests/test_cpu_dpbf16.py), both within the bf16
+mode's bounds.
 
 Runs only on a CPU (and OS) with the amx level: AMX-TILE, AMX-BF16 and Linux's tile
 permission; elsewhere the tests skip naming what is missing.
@@ -218,7 +220,7 @@ def test_qlora_layer_amx_and_onednn_within_bounds(case, amx_calls, isa):
     assert amx.active()
     check_qlora_linear(p, "cpu")  # the amx level: qpeft's kernel
     assert amx_calls == {"fwd": 1, "dx": 1}
-    isa.set_isa("avx512_bf16")  # oneDNN's panels, the same bounds
+    isa.set_isa("avx512_bf16")  # oneDNN's panels (forward M <= 128: vdpbf16ps), the same bounds
     assert not amx.active()
     check_qlora_linear(p, "cpu")
     assert amx_calls == {"fwd": 1, "dx": 1}
@@ -348,7 +350,8 @@ def test_amx_ab_benchmark_runs(capsys):
 
 
 def test_isa_cap_keeps_the_onednn_panels():
-    # QPEFT_CPU_ISA=avx512_bf16: the bf16 mode stays, on oneDNN's panels (A/B runs)
+    # QPEFT_CPU_ISA=avx512_bf16: the bf16 mode stays, off AMX (oneDNN's panels and the
+    # vdpbf16ps kernel; A/B runs)
     code = (
         "import qpeft; from qpeft.backends.cpu import amx, capability; import torch; "
         "print(qpeft.cpu_info()['chosen_level'], amx.active(), capability.compute_dtype(torch.bfloat16))"

@@ -450,6 +450,9 @@ def test_gemv(level, m):
         (17, 512, 256, False),
         (5, 96, 32, True),
         (9, 100, 64, False),
+        # 280 blocks: the nested group of 256 ends inside row 36 (block 4 of its 7), where
+        # the kernels' per-row block-scale cursor must step to the next group
+        (40, 448, 64, True),
     ):
         w = torch.randn(n, k, generator=g)
         x = torch.randn(m, k, generator=g)
@@ -541,6 +544,11 @@ def test_cpu_info_contents():
         assert LEVELS.index(src) <= LEVELS.index(info["chosen_level"]), op
         assert src in info["built_levels"], op
     assert info["built_levels"][0] == "scalar"
+    # the fused bf16 GEMMs exist only for the two levels with bf16 dot products, and the
+    # one reported is the chosen level's own (none below avx512_bf16: oneDNN panels)
+    assert set(info["gemm_levels"]) <= {"avx512_bf16", "amx"}
+    chosen = info["chosen_level"]
+    assert info["gemm_4bit_bf16"] == (chosen if chosen in info["gemm_levels"] else None)
 
 
 def test_set_isa_errors():
@@ -556,6 +564,7 @@ def test_set_isa_errors():
         assert qpeft.cpu_info()["chosen_level"] == "scalar"
         assert qpeft.cpu_info()["override"] == "scalar"
         assert set(qpeft.cpu_info()["kernels"].values()) == {"scalar"}
+        assert qpeft.cpu_info()["gemm_4bit_bf16"] is None
     finally:
         mod.set_isa(prev)
 

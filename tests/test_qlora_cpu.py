@@ -33,6 +33,7 @@ def test_panels(case, panel_elems, monkeypatch):
     # PANEL_ELEMS is the CPU backend's private panel size: patched so that panel starts
     # land on every alignment the quantization blocks allow.
     monkeypatch.setattr(cpu_qlora, "PANEL_ELEMS", panel_elems)
+    monkeypatch.setattr(cpu_qlora, "SMALL_MAX_ELEMS", 0)  # these sizes would take the one-call path
     check_qlora_linear(make_problem(case), "cpu")
 
 
@@ -52,6 +53,7 @@ def test_panel_rows_start_on_blocks():
 
 def test_panel_buffer_is_reused(monkeypatch):
     monkeypatch.setattr(cpu_qlora, "_workspace", type(cpu_qlora._workspace)())
+    monkeypatch.setattr(cpu_qlora, "SMALL_MAX_ELEMS", 0)
     p = make_problem(CASES[0])
     with qpeft.use_backend("cpu"), torch.no_grad():
         qlora_linear(p["x"], p["packed"], p["state"], p["a"], p["b"], p["scaling"])

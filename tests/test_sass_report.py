@@ -288,3 +288,34 @@ def test_roofline_reads_the_report():
             and r["kernel"] == "qlora_fwd_kernel"
         )
         assert cost["sass_per_elem"] == rec["sass_per_elem"]
+
+
+def test_committed_report_small_m_tiles_do_not_repeat_mma_and_dequant_loads_16_bytes():
+    # docs/design.md, "Triton configs": no warp repeats another's MMAs at BLOCK_M = 16, and
+    # the 4-bit dequantize kernels load W (and store) 16 bytes per access.
+    records = json.loads(REPORT.read_text())
+    small = [r for r in records if r["kernel"].startswith("qlora_") and r["config"].startswith("16x")]
+    assert {r["name"] for r in small} >= {"qlora_fwd_smallM_r16_bf16", "qlora_dx_smallM_r16_bf16"}
+    for r in small:
+        assert r["mma_macs_ratio"] == 1.0, f"{r['name']} sm_{r['arch']}: {r['mma_macs_ratio']}"
+    dequant = [
+        r for r in records if r["kernel"] in ("dequantize_4bit_kernel", "dequantize_4bit_nested_kernel")
+    ]
+    assert {(r["kernel"], r["arch"]) for r in dequant} == {
+        (k, a) for k in ("dequantize_4bit_kernel", "dequantize_4bit_nested_kernel") for a in (80, 90)
+    }
+    for r in dequant:
+        assert r["load_bytes"] == 16 and r["elems_per_iter"] == 4096, r["name"]
+
+
+def test_merge_replaces_records_by_name_and_arch():
+    from benchmarks.sass_report import merge
+
+    old = [
+        {"name": "a", "arch": 80, "v": 1},
+        {"name": "a", "arch": 90, "v": 2},
+        {"name": "b", "arch": 80, "v": 3},
+    ]
+    new = [{"name": "a", "arch": 90, "v": 20}, {"name": "c", "arch": 80, "v": 4}]
+    assert [r["v"] for r in merge(old, new)] == [1, 20, 3, 4]
+    assert merge(old, []) == old

@@ -96,6 +96,28 @@ def test_default_launch_runs_the_regimes_first_config_without_autotune(compiled_
         assert grid == (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * triton.cdiv(n_out, tile),)
 
 
+def test_small_m_launch_pads_block_r_to_32(compiled_mode):
+    fwd, dx, _ = compiled_mode
+    for m, r, br in ((1, 1, 32), (16, 16, 32), (3, 64, 64), (17, 16, 16), (40, 1, 16)):
+        _forward(m, r)
+        _dx(m, r)
+        assert fwd.launches[-1][2]["BLOCK_R"] == dx.launches[-1][2]["BLOCK_R"] == br == qlora.block_r(r, m)
+    assert qlora.block_r(0, 1) == 16  # no adapter: unused
+
+
+def test_small_m_tiles_give_every_warp_its_own_mma_columns():
+    # docs/design.md, "Triton configs": at BLOCK_M = 16 the warps must split the n8 MMA
+    # columns of each dot (the output tile and the [16, BLOCK_R] LoRA accumulator), or
+    # they repeat each other's MMAs (the SASS report's mma_macs_ratio).
+    for kernel_name, table in (("fwd", qlora._FWD_CONFIGS), ("dx", qlora._DX_CONFIGS)):
+        for bucket, ranks in (("lo", range(1, 65)), ("hi", range(65, 257))):
+            for cfg in table[("small", bucket)]:
+                kw, warps = cfg.kwargs, cfg.num_warps
+                assert kw["BLOCK_M"] == 16
+                assert kw["BLOCK_N" if kernel_name == "fwd" else "BLOCK_K"] >= 8 * warps, (kernel_name, cfg)
+                assert all(qlora.block_r(r, 16) >= 8 * warps for r in ranks), (kernel_name, cfg)
+
+
 def test_the_config_is_chosen_once_per_regime(compiled_mode, monkeypatch):
     calls = []
     table = qlora._tables

@@ -22,6 +22,7 @@ from ._helpers import DTYPES, assert_bits_equal, assert_same_values, triton_test
 pytest.importorskip("triton")
 
 QUANT_TYPES = ["nf4", "fp4"]
+DEQUANT4_TILE = 4096  # elements per program of the 4-bit dequantize kernels (checked below)
 # The interpreter evaluates with numpy, which warns on 1/0 and NaN casts that the kernels
 # resolve on purpose (absmax 0, NaN inputs).
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -80,12 +81,35 @@ def _check_8bit(x, blocksize, code, what, out_dtypes=DTYPES):
 
 def _mask_edges(blocksize: int) -> list[int]:
     """n values for one blocksize: a lone element, a partial single block, and two
-    programs' worth plus a partial odd block (ROWS * blocksize is 1024 or one block)."""
+    programs' worth plus a partial odd block (ROWS * blocksize is 1024 or one block; the
+    4-bit dequantize's 4096-element tiles: test_4bit_dequantize_whole_tiles)."""
     tile = max(blocksize, 1024)
     return [1, blocksize // 2 + 1, 2 * tile + blocksize + 3]
 
 
 # --- 4-bit ----------------------------------------------------------------------------
+
+
+def test_dequantize4_tile_is_the_kernels():
+    from qpeft.triton_kernels import quant
+
+    for bs in BLOCKSIZES_4BIT:
+        for kernel in ("dequantize_4bit", "dequantize_4bit_nested"):
+            rows, warps = quant.launch_config(bs, kernel)
+            assert rows * bs == DEQUANT4_TILE and warps == 4  # 32 outputs = 16 packed bytes per thread
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES_4BIT)
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_4bit_dequantize_whole_tiles(blocksize, quant_type):
+    # n one dequantize tile (the only program takes the unmasked 16-byte path), and one
+    # tile plus a partial odd block (an unmasked program, then a masked one whose last
+    # byte's second nibble is padding).
+    g = torch.Generator().manual_seed(7 + blocksize)
+    for i, n in enumerate((DEQUANT4_TILE, DEQUANT4_TILE + blocksize // 2 + 3)):
+        x = torch.randn(n, generator=g)
+        for dtype in DTYPES:
+            _check_4bit(x.to(dtype), blocksize, quant_type, i == 0, f"n={n} bs={blocksize} {dtype}")
 
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES_4BIT)

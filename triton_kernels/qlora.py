@@ -429,6 +429,9 @@ def qlora_dx_kernel(
 #   N = 4096 fill an H100's 132 SMs without split-K, so the result is deterministic and
 #   needs no fp32 scratch or atomics; BK = 128 gives each program 2 KiB of packed W per
 #   step to stream (196 / 255 regs at r = 64). r > 64: 16x32x32 (168 / 152 regs).
+#   No warp repeats another's MMAs (mma_macs_ratio 1 in benchmarks/results/sass_report.md):
+#   BLOCK_R >= 32 at small M (block_r), and every small-M tile has BLOCK_N (dx: BLOCK_K)
+#   >= 8 x num_warps, so the warps split the n8 MMA columns instead of sharing the 16 rows.
 # - dx mirrors this with the output tile [BM, BLOCK_K] and the loop over N (BLOCK_N):
 #   128x32x128 at large M (255 / 219), 16x64x32 at small M (124 / 124 regs).
 # Pointers, N, K and strides divisible by 16 matter: without those hints (the JIT adds
@@ -452,16 +455,16 @@ _FWD_CONFIGS = {
         _cfg(16, 32, 128, 4, 3),
         _cfg(16, 32, 128, 4, 4),
         _cfg(16, 32, 64, 4, 3),
-        _cfg(16, 16, 128, 2, 4),
+        _cfg(16, 64, 64, 4, 3),
     ],
-    ("small", "hi"): [_cfg(16, 32, 32, 4, 3), _cfg(16, 32, 64, 8, 3), _cfg(16, 16, 64, 4, 3)],
+    ("small", "hi"): [_cfg(16, 32, 32, 4, 3), _cfg(16, 64, 64, 8, 3), _cfg(16, 32, 64, 4, 3)],
     ("large", "lo"): [_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 32, 8, 3)],
     ("large", "hi"): [_cfg(64, 64, 32, 8, 3), _cfg(32, 128, 32, 8, 3), _cfg(64, 64, 32, 8, 2)],
 }
 # In the dx kernel BLOCK_N is the loop dimension and BLOCK_K the output tile.
 _DX_CONFIGS = {
-    ("small", "lo"): [_cfg(16, 64, 32, 4, 3), _cfg(16, 128, 32, 8, 3), _cfg(16, 64, 64, 4, 3)],
-    ("small", "hi"): [_cfg(16, 32, 32, 4, 3), _cfg(16, 64, 32, 8, 3)],
+    ("small", "lo"): [_cfg(16, 64, 32, 4, 3), _cfg(16, 128, 32, 4, 3), _cfg(16, 64, 64, 4, 3)],
+    ("small", "hi"): [_cfg(16, 32, 32, 4, 3), _cfg(16, 32, 64, 8, 3)],
     ("large", "lo"): [_cfg(128, 32, 128, 8, 3), _cfg(128, 32, 128, 8, 4), _cfg(64, 64, 128, 8, 3)],
     ("large", "hi"): [_cfg(64, 32, 128, 8, 3), _cfg(64, 64, 64, 8, 3)],
 }
@@ -473,12 +476,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+SMALL_M = 16  # M <= SMALL_M is the "small" regime (decode)
+
+
+def block_r(r: int, m: int) -> int:
+    """BLOCK_R, the LoRA tile width, for rank r at M rows: r rounded up to a power of two,
+    at least 16 (the tl.dot minimum); at small M at least 32. Why 32: with BLOCK_M = 16 a
+    [16, 16] LoRA accumulator is square, and for a kernel with chained dots Triton lays out
+    a square (or tall) dot over all warps along M ([num_warps, 1]), so with BM = 16 every
+    warp repeated the same MMAs, the main dot's too (the SASS report's mma_macs_ratio was 4
+    at r <= 16). [16, 32] puts the warps along r and N, each MMA issued once; the columns
+    r..31 are masked to zero (docs/design.md, "Triton configs"). r = 0 (no adapter): 16,
+    unused."""
+    br = max(16, triton.next_power_of_2(r))
+    return max(32, br) if 0 < r and m <= SMALL_M else br
 
 
 def _regime(m: int, br: int) -> tuple[str, str]:
-    return ("small" if m <= 16 else "large", "lo" if br <= 64 else "hi")
+    return ("small" if m <= SMALL_M else "large", "lo" if br <= 64 else "hi")
 
 
 def _m_bucket(m: int) -> int:
@@ -578,7 +593,7 @@ def qlora_forward(
     has_lora = lora_a is not None
     m, r = x.shape[0], (lora_a.shape[0] if has_lora else 0)
     return_xa = return_xa and has_lora
-    br = block_r(r)
+    br = block_r(r, m)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     xa = torch.empty((m, r) if return_xa else (0,), device=x.device, dtype=x.dtype)
     if m == 0:
@@ -662,7 +677,7 @@ def qlora_dx(
     has_lora = lora_a is not None
     m, r = dy.shape[0], (lora_a.shape[0] if has_lora else 0)
     return_g = return_g and has_lora
-    br = block_r(r)
+    br = block_r(r, m)
     dx = torch.empty((m, k), device=dy.device, dtype=dy.dtype)
     g = torch.empty((m, r) if return_g else (0,), device=dy.device, dtype=torch.float32)
     if m == 0:
@@ -809,7 +824,7 @@ def _aot_entry(
         HAS_LORA=has_lora,
         UPCAST=False,
         IEEE=dtype == "fp32",
-        BLOCK_R=block_r(r),
+        BLOCK_R=block_r(r, 1 if regime[0] == "small" else SMALL_M + 1),
         **cfg.kwargs,
     )
     if kernel_name == "fwd":

@@ -35,12 +35,20 @@ from .._formats import ABSMAX_FLOOR, BLOCKSIZES_4BIT, code4, encode4_tables, zer
 # each thread has several loads in flight in these memory-bound kernels. A design choice,
 # not tuned: no GPU was available (the AOT report gives registers and spills only).
 _TILE = 1024
+# The 4-bit dequantize kernels: 4096 elements (2 KiB packed) per program at every
+# blocksize, so 4 warps give each thread 16 packed bytes (see launch_config).
+_TILE4_DEQUANT = 4096
 _FP = {"enable_fp_fusion": False}  # see the module docstring
 _FLOOR = tl.constexpr(ABSMAX_FLOOR)  # globals read inside @triton.jit must be constexpr
 
 
 def launch_config(blocksize: int, kernel: str = "") -> tuple[int, int]:
     """(ROWS, num_warps) of ``kernel`` at a blocksize: every launcher and AOT_CONFIGS use this."""
+    if kernel in ("dequantize_4bit", "dequantize_4bit_nested"):
+        # 32 outputs (16 packed bytes) per thread over 4 warps: each thread's bytes are one
+        # 16-byte LDG.128 and its outputs 2-8 STG.128 (the unmasked tiles; see
+        # _decode4_tile). Checked in benchmarks/results/sass_report.md (W load B = 16).
+        return max(1, _TILE4_DEQUANT // blocksize), 4
     rows = max(1, _TILE // blocksize)
     if kernel == "quantize_blockwise":
         # 8 warps at every blocksize: at 4, compiled without the 16-byte pointer alignment
@@ -150,17 +158,39 @@ def quantize_4bit_kernel(
 
 
 @triton.jit
-def _decode4_tile(packed_ptr, absmax, code_ptr, out_ptr, rows, n, BLOCKSIZE: tl.constexpr):
+def _decode4_tile(
+    packed_ptr, absmax, code_ptr, out_ptr, rows, n, BLOCKSIZE: tl.constexpr, MASKED: tl.constexpr
+):
     """Decode the [ROWS, BLOCKSIZE] tile of blocks ``rows`` with their fp32 absmax [ROWS]:
-    one byte load gives two outputs, interleaved back (join) so the store is contiguous."""
+    one byte load gives two outputs, interleaved back (join) so the store is contiguous.
+
+    MASKED=False (every element of the tile is < n): no masks, so the compiler sees whole
+    contiguous 16-byte runs of packed bytes and of outputs and emits LDG.128 / STG.128; a
+    mask on ``< n`` (n of any value) would limit it to one element per access."""
     HALF: tl.constexpr = BLOCKSIZE // 2
     byte = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    p = tl.load(packed_ptr + byte, mask=2 * byte < n, other=0).to(tl.int32)
+    offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    if MASKED:
+        p = tl.load(packed_ptr + byte, mask=2 * byte < n, other=0).to(tl.int32)
+    else:
+        p = tl.load(packed_ptr + byte).to(tl.int32)
     hi = tl.load(code_ptr + (p >> 4)) * absmax[:, None]  # 16-entry table: L1-resident gather
     lo = tl.load(code_ptr + (p & 15)) * absmax[:, None]
-    v = tl.reshape(tl.join(hi, lo), (absmax.shape[0], BLOCKSIZE))
-    offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + offs, _to_out(v, out_ptr.dtype.element_ty), mask=offs < n)
+    v = _to_out(tl.reshape(tl.join(hi, lo), (absmax.shape[0], BLOCKSIZE)), out_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(out_ptr + offs, v, mask=offs < n)
+    else:
+        tl.store(out_ptr + offs, v)
+
+
+@triton.jit
+def _decode4_program(packed_ptr, absmax, code_ptr, out_ptr, pid, rows, n, BLOCKSIZE: tl.constexpr):
+    """_decode4_tile, unmasked when the program's whole tile lies below n (all programs but
+    the last, for n a multiple of the tile), masked otherwise."""
+    if (pid + 1) * (absmax.shape[0] * BLOCKSIZE) <= n:
+        _decode4_tile(packed_ptr, absmax, code_ptr, out_ptr, rows, n, BLOCKSIZE, False)
+    else:
+        _decode4_tile(packed_ptr, absmax, code_ptr, out_ptr, rows, n, BLOCKSIZE, True)
 
 
 @triton.jit
@@ -178,7 +208,7 @@ def dequantize_4bit_kernel(
     rows = pid * ROWS + tl.arange(0, ROWS)
     nblocks = (n + BLOCKSIZE - 1) // BLOCKSIZE
     absmax = tl.load(absmax_ptr + rows, mask=rows < nblocks, other=0.0)
-    _decode4_tile(packed_ptr, absmax, code_ptr, out_ptr, rows, n, BLOCKSIZE)
+    _decode4_program(packed_ptr, absmax, code_ptr, out_ptr, pid, rows, n, BLOCKSIZE)
 
 
 @triton.jit
@@ -205,7 +235,7 @@ def dequantize_4bit_nested_kernel(
     q = tl.load(absmax_codes_ptr + rows, mask=live, other=0).to(tl.int32)
     scale = tl.load(nested_absmax_ptr + rows // nested_blocksize, mask=live, other=0.0)
     absmax = tl.load(nested_code_ptr + q) * scale + tl.load(offset_ptr)
-    _decode4_tile(packed_ptr, absmax, code_ptr, out_ptr, rows, n, BLOCKSIZE)
+    _decode4_program(packed_ptr, absmax, code_ptr, out_ptr, pid, rows, n, BLOCKSIZE)
 
 
 @triton.jit
@@ -355,7 +385,7 @@ def dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype, out=Non
     """Contiguous packed codes + fp32 absmax -> a ``shape``/``dtype`` tensor (into ``out`` if given)."""
     n = prod(int(s) for s in shape)
     out = _out(out, shape, dtype, packed.device)
-    rows, warps = launch_config(blocksize)
+    rows, warps = launch_config(blocksize, "dequantize_4bit")
     dequantize_4bit_kernel[_grid(n, blocksize, rows)](
         packed,
         absmax,
@@ -386,7 +416,7 @@ def dequantize_4bit_nested(
     """As dequantize_4bit with double-quantized absmax, decoded in the same kernel."""
     n = prod(int(s) for s in shape)
     out = _out(out, shape, dtype, packed.device)
-    rows, warps = launch_config(blocksize)
+    rows, warps = launch_config(blocksize, "dequantize_4bit_nested")
     dequantize_4bit_nested_kernel[_grid(n, blocksize, rows)](
         packed,
         absmax_codes,

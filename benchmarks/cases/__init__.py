@@ -3,6 +3,14 @@ returns the cases it can run here, with every installed peer as an implementatio
 
 from __future__ import annotations
 
-from . import e2e, isa, matmul, optim, qlora, quant
+from . import e2e, isa, matmul, optim, overhead, qlora, quant
 
-MODULES = {"quant": quant, "matmul": matmul, "qlora": qlora, "optim": optim, "e2e": e2e, "isa": isa}
+MODULES = {
+    "quant": quant,
+    "matmul": matmul,
+    "qlora": qlora,
+    "optim": optim,
+    "e2e": e2e,
+    "isa": isa,
+    "overhead": overhead,
+}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import qpeft
 from qpeft import _native
-from qpeft.backends.cpu import amx, capability
+from qpeft.backends.cpu import amx, capability, dpbf16
 
 from ..harness import Case, Impl
 from .peers import optional
@@ -48,19 +48,24 @@ def _compute(choice: str | None):
 def _auto_name() -> str:
     if capability.compute_dtype(torch.bfloat16) != torch.bfloat16:
         return "fp32"
-    return "bf16, AMX kernel" if amx.active() else "bf16"
+    if amx.active():
+        return "bf16, AMX kernel"
+    return "bf16, vdpbf16ps kernel at M <= 128" if dpbf16.active() else "bf16"
 
 
 @contextlib.contextmanager
 def _onednn_panels():
     """The bf16 mode on oneDNN's panels instead of qpeft's AMX kernel: the kernels' level
-    capped at avx512_bf16 for the call (qpeft._C.set_isa, as QPEFT_CPU_ISA=avx512_bf16)."""
+    capped at avx512_bf16 for the call (qpeft._C.set_isa, as QPEFT_CPU_ISA=avx512_bf16), and
+    that level's vdpbf16ps kernel switched off (dpbf16.MAX_ROWS = 0)."""
     mod = _native.cpu_module()
     prev = mod.set_isa("avx512_bf16")
+    rows, dpbf16.MAX_ROWS = dpbf16.MAX_ROWS, 0
     try:
         yield
     finally:
         mod.set_isa(prev)
+        dpbf16.MAX_ROWS = rows
 
 
 def _amx_level() -> bool:

@@ -15,6 +15,7 @@
 #include "../cpu/api.h"
 #include "../cpu/isa_tables.h"
 #include "../cpu/qgemm_amx.h"
+#include "../cpu/qgemm_avx512bf16.h"
 #include "../cpu/thread_pool.h"
 #include "dlpack_capsule.h"
 #include "optim_scalars.h"
@@ -131,6 +132,15 @@ PYBIND11_MODULE(_C, m) {
         dx ? "AMX-BF16 out[m, k] (+)= a[m, n] @ W with W [n, k] as packed 4-bit codes (bf16 a)."
            : "AMX-BF16 out[m, n] (+)= a[m, k] @ W^T with W [n, k] as packed 4-bit codes (bf16 a).");
   }
+  // The fused decode + vdpbf16ps GEMM of the avx512_bf16 level (csrc/cpu/qgemm_avx512bf16.cpp):
+  // internal, called by qpeft/backends/cpu/dpbf16.py, which checks dtypes and contiguity.
+  m.def("qgemm_4bit_dpbf16", &qc::qgemm_4bit_dpbf16, nogil, py::arg("x"), py::arg("x_len"),
+        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("packed"), py::arg("packed_len"),
+        py::arg("absmax"), py::arg("absmax_len"), py::arg("blocksize"), py::arg("quant_type"),
+        py::arg("nested_absmax"), py::arg("nested_absmax_len"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("nested_blocksize"), py::arg("out"), py::arg("out_len"),
+        py::arg("num_threads"),
+        "AVX512-BF16 fp32 out[m, n] = x[m, k] @ W^T (bf16 x) with W [n, k] as packed 4-bit codes.");
 
   m.def("set_isa", &qc::set_isa, py::arg("name"),
         "Test/A-B override of the kernel ISA level: 'auto' (QPEFT_CPU_ISA or detection) or one "
@@ -220,6 +230,15 @@ PYBIND11_MODULE(_C, m) {
         for (int l = 0; l < qc::kNumIsaLevels; ++l)
           if (qc::isa_level_built(l)) built.append(qc::isa_level_name(l));
         d["built_levels"] = built;
+        // The fused bf16 GEMM the QLoRA layer's bf16 mode runs at the chosen level (the
+        // level's own, or None: W decoded to panels for oneDNN; docs/design.md "AMX GEMM").
+        py::list gemm_built;
+        for (int l = 0; l < qc::kNumIsaLevels; ++l)
+          if (qc::bf16_gemm_built(l)) gemm_built.append(qc::isa_level_name(l));
+        d["gemm_levels"] = gemm_built;
+        d["gemm_4bit_bf16"] = qc::bf16_gemm_built(active)
+                                  ? py::object(py::str(qc::isa_level_name(active)))
+                                  : py::object(py::none());
         py::dict kernels;
         const qc::IsaKernels& t = qc::isa_kernels_at(active);
         for (int i = 0; i < qc::kNumIsaOps; ++i)
@@ -361,4 +380,28 @@ PYBIND11_MODULE(_C, m) {
       "(the CPU twin of qpeft._C_cuda.managed_dlpack).");
   m.def("host_buffers_live", &qc::host_buffers_live,
         "Host DLPack buffers allocated and not yet freed.");
+
+  // --- per-call overhead of small layers (docs/design.md, "Per-call overhead") ---------
+  m.def("qlora_small_forward", &qc::qlora_small_forward, nogil, py::arg("x"), py::arg("x_len"),
+        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("packed"), py::arg("packed_len"),
+        py::arg("absmax"), py::arg("absmax_len"), py::arg("blocksize"), py::arg("quant_type"),
+        py::arg("nested_absmax"), py::arg("nested_absmax_len"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("nested_blocksize"), py::arg("lora_a"), py::arg("lora_a_len"),
+        py::arg("lora_b"), py::arg("lora_b_len"), py::arg("r"), py::arg("scaling"),
+        py::arg("rank_scale"), py::arg("rank_scale_len"), py::arg("bias"), py::arg("bias_len"),
+        py::arg("out_scale"), py::arg("out_scale_len"), py::arg("out"), py::arg("out_len"),
+        py::arg("xa"), py::arg("xa_len"), py::arg("num_threads"),
+        "fp32 QLoRA forward of a small layer in one call: xa = x @ A^T, out = (x @ W^T + "
+        "((xa * scaling) * rank_scale) @ B^T + bias) * out_scale (W packed 4-bit).");
+  m.def("qlora_small_backward", &qc::qlora_small_backward, nogil, py::arg("grad_y"),
+        py::arg("grad_y_len"), py::arg("x"), py::arg("x_len"), py::arg("m"), py::arg("n"),
+        py::arg("k"), py::arg("packed"), py::arg("packed_len"), py::arg("absmax"),
+        py::arg("absmax_len"), py::arg("blocksize"), py::arg("quant_type"),
+        py::arg("nested_absmax"), py::arg("nested_absmax_len"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("nested_blocksize"), py::arg("lora_a"), py::arg("lora_a_len"),
+        py::arg("lora_b"), py::arg("lora_b_len"), py::arg("xa"), py::arg("xa_len"), py::arg("r"),
+        py::arg("scaling"), py::arg("rank_scale"), py::arg("rank_scale_len"), py::arg("out_scale"),
+        py::arg("out_scale_len"), py::arg("dx"), py::arg("dx_len"), py::arg("da"),
+        py::arg("da_len"), py::arg("db"), py::arg("db_len"),
+        "fp32 backward of qlora_small_forward in one call: dx, da, db (0: not computed).");
 }

@@ -37,6 +37,37 @@ void gemv_4bit(uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64_t k, uint
                uintptr_t nested_code, uintptr_t offset, int64_t nested_blocksize, uintptr_t out,
                int64_t out_len, int num_threads);
 
+// The fp32 QLoRA forward of a small layer in one call (qlora_small.cpp): xa[m, r] =
+// x @ A^T, out[m, n] = (x @ W^T + ((xa * scaling) * rank_scale) @ B^T + bias) * out_scale,
+// W [n, k] as gemv_4bit takes it, any m (x @ W^T runs the GEMV kernel over chunks of
+// kGemvMaxRows rows). lora_a == 0: no LoRA terms; rank_scale, bias, out_scale, xa may be 0.
+void qlora_small_forward(uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64_t k,
+                         uintptr_t packed, int64_t packed_len, uintptr_t absmax, int64_t absmax_len,
+                         int64_t blocksize, int quant_type, uintptr_t nested_absmax,
+                         int64_t nested_absmax_len, uintptr_t nested_code, uintptr_t offset,
+                         int64_t nested_blocksize, uintptr_t lora_a, int64_t lora_a_len,
+                         uintptr_t lora_b, int64_t lora_b_len, int64_t r, float scaling,
+                         uintptr_t rank_scale, int64_t rank_scale_len, uintptr_t bias,
+                         int64_t bias_len, uintptr_t out_scale, int64_t out_scale_len,
+                         uintptr_t out, int64_t out_len, uintptr_t xa, int64_t xa_len,
+                         int num_threads);
+
+// Its fp32 backward in one call (qlora_small.cpp): with dy' = grad_y * out_scale and
+// gs = ((dy' @ B) * scaling) * rank_scale: dx = gs @ A + dy' @ W, da = gs^T @ x,
+// db = dy'^T @ ((xa * scaling) * rank_scale) (dbias is torch's dy'.sum(0) in Python: the
+// reference's bits). An output pointer 0 is not computed; x is read only for da, xa only
+// for db.
+void qlora_small_backward(uintptr_t grad_y, int64_t grad_y_len, uintptr_t x, int64_t x_len,
+                          int64_t m, int64_t n, int64_t k, uintptr_t packed, int64_t packed_len,
+                          uintptr_t absmax, int64_t absmax_len, int64_t blocksize, int quant_type,
+                          uintptr_t nested_absmax, int64_t nested_absmax_len, uintptr_t nested_code,
+                          uintptr_t offset, int64_t nested_blocksize, uintptr_t lora_a,
+                          int64_t lora_a_len, uintptr_t lora_b, int64_t lora_b_len, uintptr_t xa,
+                          int64_t xa_len, int64_t r, float scaling, uintptr_t rank_scale,
+                          int64_t rank_scale_len, uintptr_t out_scale, int64_t out_scale_len,
+                          uintptr_t dx, int64_t dx_len, uintptr_t da, int64_t da_len, uintptr_t db,
+                          int64_t db_len);
+
 // "auto" or a level of cpu_info.h ("scalar" ... "amx"): the level the kernels run at,
 // overriding QPEFT_CPU_ISA (tests, A/B runs); returns the previous setting. Throws if
 // the CPU lacks a feature the level needs.

@@ -216,6 +216,21 @@ bool isa_level_built(int level) {
   return exports_of(level).quant != nullptr;
 }
 
+bool bf16_gemm_built(int level) {
+  switch (level) {
+#if QPEFT_HAVE_AVX512_BF16_TU
+    case kIsaAvx512Bf16:
+      return true;
+#endif
+#if QPEFT_HAVE_AMX_TU
+    case kIsaAmx:
+      return true;
+#endif
+    default:
+      return false;
+  }
+}
+
 int active_level() {
   const int o = g_override.load(std::memory_order_relaxed);
   return o >= 0 ? o : isa_choice().chosen;

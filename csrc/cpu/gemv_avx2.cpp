@@ -13,6 +13,7 @@
 #include <immintrin.h>
 
 #include "gemv_kernels.h"
+#include "gemv_scales.h"
 
 namespace qpeft {
 namespace cpu {
@@ -25,12 +26,6 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-inline float scale_of(const Gemv4Args& a, int64_t b) {
-  if (a.absmax_q == nullptr) return a.absmax[b];
-  return nested_absmax_value(a.absmax_q[b], a.nested_code, a.nested_absmax[b / a.nested_blocksize],
-                             a.offset);
-}
-
 // Rows i0 .. i0+MG-1 of x against row `row` of W.
 template <int MG>
 void row_group(const Gemv4Args& a, int64_t row, int64_t i0, __m256 tlo, __m256 thi) {
@@ -41,8 +36,8 @@ void row_group(const Gemv4Args& a, int64_t row, int64_t i0, __m256 tlo, __m256 t
   __m256 total[MG];
   for (int g = 0; g < MG; ++g) total[g] = _mm256_setzero_ps();
   const __m128i nib = _mm_set1_epi8(0x0f);
-  int64_t block = (row * k) / bs;
-  for (int64_t j0 = 0; j0 < k; j0 += bs, ++block) {
+  BlockScales scales(a, (row * k) / bs);
+  for (int64_t j0 = 0; j0 < k; j0 += bs) {
     __m256 acc[MG];
     for (int g = 0; g < MG; ++g) acc[g] = _mm256_setzero_ps();
     for (int64_t j = j0; j < j0 + bs; j += 32, src += 16) {
@@ -62,7 +57,7 @@ void row_group(const Gemv4Args& a, int64_t row, int64_t i0, __m256 tlo, __m256 t
         }
       }
     }
-    const __m256 s = _mm256_set1_ps(scale_of(a, block));
+    const __m256 s = _mm256_set1_ps(scales.next());
     for (int g = 0; g < MG; ++g) total[g] = _mm256_fmadd_ps(acc[g], s, total[g]);
   }
   for (int g = 0; g < MG; ++g) a.out[(i0 + g) * a.n + row] = hsum8(total[g]);

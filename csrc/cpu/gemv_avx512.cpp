@@ -20,16 +20,11 @@
 #include <immintrin.h>
 
 #include "gemv_kernels.h"
+#include "gemv_scales.h"
 
 namespace qpeft {
 namespace cpu {
 namespace {
-
-inline float scale_of(const Gemv4Args& a, int64_t b) {
-  if (a.absmax_q == nullptr) return a.absmax[b];
-  return nested_absmax_value(a.absmax_q[b], a.nested_code, a.nested_absmax[b / a.nested_blocksize],
-                             a.offset);
-}
 
 // 8 packed bytes -> the table values of their 16 codes, in element order: qword j of
 // the index holds byte j; dword 2j = byte >> 4, dword 2j+1 = byte (vpermps reads the
@@ -48,8 +43,8 @@ void row_all(const Gemv4Args& a, int64_t row, __m512 table) {
   const float* x0 = a.x;
   __m512 total[MG];
   for (int g = 0; g < MG; ++g) total[g] = _mm512_setzero_ps();
-  int64_t block = (row * k) / bs;
-  for (int64_t j0 = 0; j0 < k; j0 += bs, ++block) {
+  BlockScales scales(a, (row * k) / bs);
+  for (int64_t j0 = 0; j0 < k; j0 += bs) {
     __m512 acc0[MG], acc1[MG];
     for (int g = 0; g < MG; ++g) acc0[g] = acc1[g] = _mm512_setzero_ps();
     for (int64_t j = j0; j < j0 + bs; j += 32, src += 16) {
@@ -60,7 +55,7 @@ void row_all(const Gemv4Args& a, int64_t row, __m512 table) {
         acc1[g] = _mm512_fmadd_ps(_mm512_loadu_ps(x + 16), w1, acc1[g]);
       }
     }
-    const __m512 s = _mm512_set1_ps(scale_of(a, block));
+    const __m512 s = _mm512_set1_ps(scales.next());
     for (int g = 0; g < MG; ++g)
       total[g] = _mm512_fmadd_ps(_mm512_add_ps(acc0[g], acc1[g]), s, total[g]);
   }

@@ -36,6 +36,9 @@ const IsaKernels& isa_kernels_at(int level);
 // Whether this build holds a TU for the level's own kernels (x86 builds: scalar, avx2,
 // avx512; the levels above reuse avx512's for these ops).
 bool isa_level_built(int level);
+// Whether this build holds the level's own fused bf16 GEMM on packed 4-bit W
+// (avx512_bf16: qgemm_avx512bf16.cpp, amx: qgemm_amx.cpp; no other level has one).
+bool bf16_gemm_built(int level);
 
 }  // namespace cpu
 }  // namespace qpeft

@@ -308,9 +308,8 @@ class QLoRALinear(nn.Module):
     # --- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        if isinstance(base, Linear4bit):
-            base.check_input(x)
-        elif x.shape[-1] != self.in_features:
+        # a 4-bit base checks x itself (base.qlora / base(x); DoRA's path checks it below)
+        if not isinstance(base, Linear4bit) and x.shape[-1] != self.in_features:
             raise ValueError(
                 f"QLoRALinear(in_features={self.in_features}, out_features={self.out_features}) got an input with "
                 f"{x.shape[-1]} features (shape {tuple(x.shape)})"
@@ -326,6 +325,8 @@ class QLoRALinear(nn.Module):
         ad = self.adapters[name]
         dropping = self.training and ad.dropout_p > 0
         if ad.use_dora:
+            if isinstance(base, Linear4bit):
+                base.check_input(x)  # before the row norms
             return self._dora_forward(x, ad, dropping)
         if isinstance(base, Linear4bit):
             if not dropping:

@@ -11,6 +11,8 @@ read out of bounds; the C++ entry re-checks every size.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ... import _native
@@ -19,11 +21,22 @@ from ..._formats import QUANT_TYPE_IDS
 _OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 2}
 
 
+@functools.lru_cache(maxsize=1)
+def _built() -> bool:
+    """Whether this build holds the AMX kernel (``qpeft.cpu_info()["gemm_levels"]``: a
+    compiler without AMX support builds the amx level without it)."""
+    try:
+        return "amx" in _native.cpu_module().cpu_info()["gemm_levels"]
+    except ImportError:
+        return False
+
+
 def active() -> bool:
     """Whether the CPU kernels run at the ``amx`` level now (``qpeft.cpu_info()["chosen_level"]``;
-    QPEFT_CPU_ISA and ``qpeft._C.set_isa`` move it). One native call (~1 us)."""
+    QPEFT_CPU_ISA and ``qpeft._C.set_isa`` move it) and the build holds the kernel. One
+    native call (~1 us)."""
     try:
-        return _native.cpu_module().active_isa() == "amx"
+        return _native.cpu_module().active_isa() == "amx" and _built()
     except ImportError:
         return False
 

@@ -18,8 +18,11 @@ In fp32, each output element is the fp32 dot product the reference (``backends/d
 computes, but the GEMM library may split K differently for a panel than for all of W,
 and dx = dy @ W accumulates panel by panel: the same products, summed in another order.
 For M <= 8 the forward's x @ W^T is the C++ GEMV of ``qpeft::gemv_4bit`` instead (W read
-once, packed). All stay within the fp32 dot-product bounds tests/test_qlora_cpu.py derives;
-the bf16 mode within those qpeft/testing.py derives.
+once, packed). A small layer in fp32 (W of at most 64K elements, few rows of x) takes
+one native call for its whole forward and one for its backward instead (``_small_forward``,
+``_small_backward``; docs/design.md, "Per-call overhead"): the same fp32 products summed
+in another order. All stay within the fp32 dot-product bounds tests/test_qlora_cpu.py and
+tests/test_small_layer.py derive; the bf16 mode within those qpeft/testing.py derives.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from ... import _native
 from ..._dispatch import kernel_for
-from ..._formats import GEMV_MAX_ROWS
+from ..._formats import GEMV_MAX_ROWS, QUANT_TYPE_IDS
 from ..default.qlora import backward_from
-from . import amx, capability
+from . import amx, capability, dpbf16
 
 # Elements of W decoded per panel: a quarter of the L3 the CPU reports (the rest for x, the
 # output and the other cores), at least its L2, at most PANEL_MAX_ELEMS (4M: 16 MiB of fp32,
@@ -197,6 +201,8 @@ def qlora_linear(
     )
     if cdt == torch.bfloat16:
         return _forward_bf16(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa)
+    if cdt == torch.float32 and _small(x.shape[0], n, k):
+        return _small_forward(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa)
     xc = _cast(x, cdt)
     if cdt == torch.float32 and 1 <= x.shape[0] <= GEMV_MAX_ROWS:
         # decode-sized M: the fused GEMV reads the packed codes once instead of decoding panels
@@ -240,6 +246,192 @@ def qlora_linear(
     return _cast(y, x.dtype), (_cast(xa, x.dtype) if return_xa and xa is not None else x.new_empty((0,)))
 
 
+# --- small layers: the whole fp32 forward in one native call ------------------------------
+#
+# On a layer of 64x64 .. 256x256 the composed forward above spends its time in per-op
+# overhead (a panel decode, two F.linear, a scale, addmm_, add_: ~3-5 us each), not in
+# arithmetic. ``qpeft._C.qlora_small_forward`` does all of it in one call: x @ W^T by the
+# 4-bit GEMV kernel over chunks of GEMV_MAX_ROWS rows of x (the packed W, at most 32 KiB
+# here, re-read per chunk from cache), the rank-r terms in plain loops, in the order the
+# composed path rounds them (docs/design.md, "Per-call overhead", has the measurements).
+# Taken for fp32 compute when W has at most SMALL_MAX_ELEMS elements, x at most
+# SMALL_MAX_ROWS rows and the GEMV work M*N*K is at most SMALL_MAX_WORK; beyond that the
+# panel decode + oneDNN GEMM was faster (kernel alone, 1 thread, AMX Xeon VM, min of 7x100
+# calls: 64x64 M=64 86 vs 73 us, 128x128 M=32 71 vs 76, 256x256 M=8 68 vs 113, M=16
+# 132 vs 135, M=32 233 vs 162).
+SMALL_MAX_ELEMS = 1 << 16
+SMALL_MAX_ROWS = 32
+SMALL_MAX_WORK = 1 << 19
+
+
+def _small(m: int, n: int, k: int) -> bool:
+    nk = n * k
+    return 0 < m <= SMALL_MAX_ROWS and nk <= SMALL_MAX_ELEMS and m * nk <= SMALL_MAX_WORK
+
+
+_F32 = torch.float32
+
+
+def _f32c(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous fp32 tensor (t itself when it is one)."""
+    if t.dtype is not _F32:
+        t = t.to(_F32)
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _pl(t: torch.Tensor | None) -> tuple[int, int]:
+    return (0, 0) if t is None else (t.data_ptr(), t.numel())
+
+
+def _small_forward(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa):
+    packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k = quant
+    m = x.shape[0]
+    xf = _f32c(x)
+    if not (packed.is_contiguous() and absmax.is_contiguous()):
+        packed, absmax = packed.contiguous(), absmax.contiguous()
+    if nested_absmax is not None:
+        nested_absmax, nested_code, offset = _f32c(nested_absmax), _f32c(nested_code), _f32c(offset)
+        nested = (nested_absmax.data_ptr(), nested_absmax.numel(), nested_code.data_ptr(), offset.data_ptr())
+    else:
+        nested = (0, 0, 0, 0)
+    xa = None
+    r = 0
+    if lora_a is not None:
+        lora_a, lora_b = _f32c(lora_a), _f32c(lora_b)
+        r = lora_a.shape[0]
+        if rank_scale is not None:
+            rank_scale = _f32c(rank_scale)
+        if return_xa:
+            xa = torch.empty((m, r), dtype=_F32)
+    if bias is not None:
+        bias = _f32c(bias)
+    if out_scale is not None:
+        out_scale = _f32c(out_scale)
+    y = torch.empty((m, n), dtype=_F32)
+    _native.cpu_module().qlora_small_forward(
+        xf.data_ptr(),
+        xf.numel(),
+        m,
+        n,
+        k,
+        packed.data_ptr(),
+        packed.numel(),
+        absmax.data_ptr(),
+        absmax.numel(),
+        blocksize,
+        QUANT_TYPE_IDS[quant_type],
+        *nested,
+        nested_blocksize,
+        *_pl(lora_a),
+        *_pl(lora_b),
+        r,
+        scaling,
+        *_pl(rank_scale),
+        *_pl(bias),
+        *_pl(out_scale),
+        y.data_ptr(),
+        y.numel(),
+        *_pl(xa),
+        torch.get_num_threads(),
+    )
+    dt = x.dtype
+    if dt is not _F32:
+        y = y.to(dt)
+        if xa is not None:
+            xa = xa.to(dt)
+    return y, (xa if xa is not None else x.new_empty((0,)))
+
+
+# The backward's products run at the baseline ISA (loops along contiguous rows), so the
+# one-call backward is taken only up to SMALL_BACKWARD_MAX_ROWS rows and this M*N*K: there
+# it beat the composed backward (decode + oneDNN GEMMs + ten ATen calls; same run as
+# above: 128x128 M=16 97 vs 134 us, 256x256 M=4 142 vs 183; it lost at 64x64 M=64, 153 vs
+# 127, and 256x256 M=8, 235 vs 180).
+SMALL_BACKWARD_MAX_ROWS = 16
+SMALL_BACKWARD_MAX_WORK = 1 << 18
+
+
+def _small_backward(
+    grad_y,
+    x,
+    quant,
+    lora_a,
+    lora_b,
+    xa,
+    scaling,
+    rank_scale,
+    out_scale,
+    need_dx,
+    need_da,
+    need_db,
+    need_dbias,
+):
+    packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k = quant
+    m = grad_y.shape[0]
+    dy = _f32c(grad_y)
+    if not (packed.is_contiguous() and absmax.is_contiguous()):
+        packed, absmax = packed.contiguous(), absmax.contiguous()
+    if nested_absmax is not None:
+        nested_absmax, nested_code, offset = _f32c(nested_absmax), _f32c(nested_code), _f32c(offset)
+        nested = (nested_absmax.data_ptr(), nested_absmax.numel(), nested_code.data_ptr(), offset.data_ptr())
+    else:
+        nested = (0, 0, 0, 0)
+    r = 0
+    xf = xs = None
+    if lora_a is None:
+        need_da = need_db = False
+    else:
+        lora_a, lora_b = _f32c(lora_a), _f32c(lora_b)
+        r = lora_a.shape[0]
+        if rank_scale is not None:
+            rank_scale = _f32c(rank_scale)
+        if need_da:
+            xf = _f32c(x)  # read only here: a frozen layer's x stand-in is never materialized
+        if need_db:
+            xs = _f32c(xa)
+    if out_scale is not None:
+        out_scale = _f32c(out_scale)
+    dx = torch.empty((m, k), dtype=_F32) if need_dx else None
+    da = torch.empty((r, k), dtype=_F32) if need_da else None
+    db = torch.empty((n, r), dtype=_F32) if need_db else None
+    _native.cpu_module().qlora_small_backward(
+        dy.data_ptr(),
+        dy.numel(),
+        *_pl(xf),
+        m,
+        n,
+        k,
+        packed.data_ptr(),
+        packed.numel(),
+        absmax.data_ptr(),
+        absmax.numel(),
+        blocksize,
+        QUANT_TYPE_IDS[quant_type],
+        *nested,
+        nested_blocksize,
+        *_pl(lora_a),
+        *_pl(lora_b),
+        *_pl(xs),
+        r,
+        scaling,
+        *_pl(rank_scale),
+        *_pl(out_scale),
+        *_pl(dx),
+        *_pl(da),
+        *_pl(db),
+    )
+    dbias = None
+    if need_dbias:  # torch's sum, as the reference sums: the same bits
+        dbias = (dy if out_scale is None else dy * out_scale).sum(0)
+    # in the dtypes backward_from returns; distinct empty tensors for what was not computed
+    return (
+        x.new_empty((0,)) if dx is None else _cast(dx, x.dtype),
+        x.new_empty((0,)) if da is None else _cast(da, lora_a.dtype),
+        x.new_empty((0,)) if db is None else _cast(db, lora_b.dtype),
+        x.new_empty((0,)) if dbias is None else _cast(dbias, grad_y.dtype),
+    )
+
+
 def qlora_linear_backward(
     grad_y,
     x,
@@ -281,6 +473,39 @@ def qlora_linear_backward(
             grad_y,
             x,
             quant,
+            lora_a,
+            lora_b,
+            xa,
+            scaling,
+            rank_scale,
+            out_scale,
+            need_dx,
+            need_da,
+            need_db,
+            need_dbias,
+        )
+
+    m = x.shape[0]
+    if (
+        _compute_dtype(x) == _F32
+        and 0 < m <= SMALL_BACKWARD_MAX_ROWS
+        and m * n * k <= SMALL_BACKWARD_MAX_WORK
+    ):
+        return _small_backward(
+            grad_y,
+            x,
+            (
+                packed,
+                absmax,
+                nested_absmax,
+                nested_code,
+                offset,
+                blocksize,
+                nested_blocksize,
+                quant_type,
+                n,
+                k,
+            ),
             lora_a,
             lora_b,
             xa,
@@ -388,6 +613,9 @@ def _forward_bf16(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale
             y = amx.qgemm_4bit(xb.contiguous(), quant, out_dtype=_BF16)
             return y, x.new_empty((0,))
         y = amx.qgemm_4bit(xb.contiguous(), quant)  # fp32 [M, N]
+    elif dpbf16.use_for(x.shape[0], quant):
+        # avx512_bf16 level, small M: the fused decode + vdpbf16ps kernel (fp32 [M, N])
+        y = dpbf16.qgemm_4bit(xb, quant)
     else:
         y = _base_bf16(xb, quant).to(torch.float32)
     xa = None
