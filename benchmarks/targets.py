@@ -30,10 +30,14 @@ TARGETS = [
     Target("issue 5", "optimizer step, fp32 state", "qpeft AdamW", "torch AdamW fused=True", 1.0),
     Target("issue 5", "optimizer step, 8-bit state", "qpeft AdamW8bit", "bitsandbytes AdamW8bit", 3.0),
 ]
+# What the CPU layer's auto mode computes with (cases/isa.py names its implementations
+# "qpeft Linear4bit (<mode> auto)" by the mode this CPU runs): each is judged.
+AUTO_MODES = ("fp32", "bf16", "bf16, AMX kernel", "bf16, vdpbf16ps kernel at M <= 128")
+
 # issue 13 (cases/isa.py): Linear4bit M=1 <= 0.5x, M=16 and M=512 <= 1.25x the faster torch
 # F.linear on the dequantized W (each listed: met when both are); the QLoRA layer >= 1.5x
 # faster than the faster PEFT+bitsandbytes
-for _auto in ("bf16", "fp32"):
+for _auto in AUTO_MODES:
     _l4 = f"qpeft Linear4bit ({_auto} auto)"
     for _peer in ("torch bf16 F.linear (dequantized W)", "torch fp32 F.linear (dequantized W)"):
         TARGETS.append(Target("issue 13", "Linear4bit by ISA", _l4, _peer, 2.0, label="M=1 4096x4096"))

@@ -24,6 +24,7 @@ from qpeft import _native
 from qpeft.backends.cpu import amx, capability, dpbf16
 
 from ..harness import Case, Impl
+from ..targets import AUTO_MODES
 from .peers import optional
 from .qlora import SAME_FORMAT_REL, Layer, _rel
 
@@ -47,10 +48,10 @@ def _compute(choice: str | None):
 
 def _auto_name() -> str:
     if capability.compute_dtype(torch.bfloat16) != torch.bfloat16:
-        return "fp32"
+        return AUTO_MODES[0]
     if amx.active():
-        return "bf16, AMX kernel"
-    return "bf16, vdpbf16ps kernel at M <= 128" if dpbf16.active() else "bf16"
+        return AUTO_MODES[2]
+    return AUTO_MODES[3] if dpbf16.active() else AUTO_MODES[1]
 
 
 @contextlib.contextmanager
