@@ -335,7 +335,19 @@ void dequantize_4bit(uintptr_t packed, int64_t packed_len, uintptr_t absmax, int
                           nested ? nested_blocksize : 1};
   // The SIMD kernels need blocks that start on a byte boundary.
   const KernelTable& k = blocksize % 2 == 0 ? kernels() : kScalarKernels;
-  run_blocks(k.dequantize_4bit, args, blocks, thread_count(num_threads, n));
+  auto kernel = k.dequantize_4bit;
+  // An output larger than the caches: the AVX-512 kernel's advantage is arithmetic (2x the
+  // AVX2 kernel into an L2-resident buffer), and where the stores go to memory it measured
+  // 10-25% slower than the AVX2 kernel (SPR-class VM, 1 and 2 threads, 16-64 MiB of bf16
+  // out=; 4 MiB: AVX-512 faster; 8 MiB, the CPU QLoRA layer's panel: even). Both are bit
+  // for bit the reference, so the choice by size changes nothing but the time.
+  constexpr int64_t kLargeDecodeBytes = int64_t{8} << 20;
+  const int64_t out_bytes = n * (out_dtype == kF32 ? 4 : 2);
+  if (blocksize % 2 == 0 && out_bytes > kLargeDecodeBytes &&
+      isa_kernels().source[1] /* dequantize_4bit, kIsaOpNames */ == kIsaAvx512 &&
+      isa_level_built(kIsaAvx2))
+    kernel = isa_kernels_at(kIsaAvx2).quant.dequantize_4bit;
+  run_blocks(kernel, args, blocks, thread_count(num_threads, n));
 }
 
 void quantize_blockwise(uintptr_t x, int x_dtype, int64_t n, int64_t blocksize, uintptr_t code,
