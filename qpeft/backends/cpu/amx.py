@@ -17,6 +17,9 @@ import torch
 
 from ... import _native
 from ..._formats import QUANT_TYPE_IDS
+from ._gemm_checks import check_quant, need
+
+_FN = "qgemm_4bit"
 
 _OUT_DTYPES = {torch.float32: 0, torch.bfloat16: 2}
 
@@ -41,19 +44,6 @@ def active() -> bool:
         return False
 
 
-def _need(t, name: str, dtype: torch.dtype, ndim: int | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"qgemm_4bit: {name} must be a tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise ValueError(f"qgemm_4bit: {name} must be on the CPU, got {t.device}")
-    if t.dtype != dtype:
-        raise TypeError(f"qgemm_4bit: {name} must be {dtype}, got {t.dtype}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"qgemm_4bit: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"qgemm_4bit: {name} must be contiguous")
-
-
 def qgemm_4bit(
     a: torch.Tensor,
     quant: tuple,
@@ -71,29 +61,15 @@ def qgemm_4bit(
     quant_type, n, k) of the QLoRA ops. Returns ``out`` (allocated when None, of
     ``out_dtype``: float32 or bfloat16); ``accumulate`` adds into a float32 ``out``."""
     packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k = quant
-    if quant_type not in QUANT_TYPE_IDS:
-        raise ValueError(
-            f"qgemm_4bit: quant_type must be one of {sorted(QUANT_TYPE_IDS)}, got {quant_type!r}"
-        )
-    _need(a, "a", torch.bfloat16, 2)
+    check_quant(_FN, quant, contiguous=True)
+    need(_FN, a, "a", torch.bfloat16, 2, contiguous=True)
     red, cols = (n, k) if dx else (k, n)
     if a.shape[1] != red:
         raise ValueError(
             f"qgemm_4bit: a must have {red} columns ({'n' if dx else 'k'}) for W of shape ({n}, {k}), "
             f"got shape {tuple(a.shape)}"
         )
-    _need(packed, "packed", torch.uint8)
     nested = nested_absmax is not None
-    _need(absmax, "absmax", torch.uint8 if nested else torch.float32)
-    if nested:
-        _need(nested_absmax, "nested_absmax", torch.float32)
-        _need(nested_code, "nested_code", torch.float32)
-        _need(offset, "offset", torch.float32)
-        if nested_code.numel() != 256 or offset.numel() != 1:
-            raise ValueError(
-                "qgemm_4bit: nested_code must hold 256 values and offset 1, got "
-                f"{nested_code.numel()} and {offset.numel()}"
-            )
     m = a.shape[0]
     if out is None:
         if accumulate:
@@ -104,7 +80,7 @@ def qgemm_4bit(
     else:
         if out.dtype not in _OUT_DTYPES:
             raise TypeError(f"qgemm_4bit: out must be float32 or bfloat16, got {out.dtype}")
-        _need(out, "out", out.dtype, 2)
+        need(_FN, out, "out", out.dtype, 2, contiguous=True)
         if tuple(out.shape) != (m, cols):
             raise ValueError(f"qgemm_4bit: out must have shape {(m, cols)}, got {tuple(out.shape)}")
     fn = _native.cpu_module().qgemm_4bit_amx_dx if dx else _native.cpu_module().qgemm_4bit_amx

@@ -18,6 +18,9 @@ import torch
 
 from ... import _native
 from ..._formats import QUANT_TYPE_IDS
+from ._gemm_checks import check_quant, need
+
+_FN = "qgemm_4bit_dpbf16"
 
 # Rows of x up to which the kernel measured faster than the oneDNN panels at the
 # avx512_bf16 level (benchmarks/isa_ab.py --dpbf16, 4096x4096, three runs on the SPR-class
@@ -56,44 +59,20 @@ def use_for(m: int, quant: tuple) -> bool:
     return m <= MAX_ROWS and k % 32 == 0 and blocksize % 32 == 0 and active()
 
 
-def _need(t, name: str, dtype: torch.dtype, ndim: int | None = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"qgemm_4bit_dpbf16: {name} must be a tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise ValueError(f"qgemm_4bit_dpbf16: {name} must be on the CPU, got {t.device}")
-    if t.dtype != dtype:
-        raise TypeError(f"qgemm_4bit_dpbf16: {name} must be {dtype}, got {t.dtype}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"qgemm_4bit_dpbf16: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
-
-
 def qgemm_4bit(x: torch.Tensor, quant: tuple, *, num_threads: int | None = None) -> torch.Tensor:
     """fp32 [m, n] = x @ W^T for bf16 x [m, k] (any strides: made contiguous); ``quant`` is
     the tuple (packed, absmax, nested_absmax, nested_code, offset, blocksize,
     nested_blocksize, quant_type, n, k) of the QLoRA ops."""
     packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k = quant
-    if quant_type not in QUANT_TYPE_IDS:
-        raise ValueError(
-            f"qgemm_4bit_dpbf16: quant_type must be one of {sorted(QUANT_TYPE_IDS)}, got {quant_type!r}"
-        )
-    _need(x, "x", torch.bfloat16, 2)
+    check_quant(_FN, quant)
+    need(_FN, x, "x", torch.bfloat16, 2)
     if x.shape[1] != k:
         raise ValueError(
             f"qgemm_4bit_dpbf16: x must have k = {k} columns for W of shape ({n}, {k}), "
             f"got shape {tuple(x.shape)}"
         )
-    _need(packed, "packed", torch.uint8)
     nested = nested_absmax is not None
-    _need(absmax, "absmax", torch.uint8 if nested else torch.float32)
     if nested:
-        _need(nested_absmax, "nested_absmax", torch.float32)
-        _need(nested_code, "nested_code", torch.float32)
-        _need(offset, "offset", torch.float32)
-        if nested_code.numel() != 256 or offset.numel() != 1:
-            raise ValueError(
-                "qgemm_4bit_dpbf16: nested_code must hold 256 values and offset 1, got "
-                f"{nested_code.numel()} and {offset.numel()}"
-            )
         nested_absmax, nested_code, offset = (t.contiguous() for t in (nested_absmax, nested_code, offset))
     x, packed, absmax = x.contiguous(), packed.contiguous(), absmax.contiguous()
     out = torch.empty((x.shape[0], n), dtype=torch.float32)
