@@ -71,7 +71,7 @@ def cuda_gemv_roundings(k: int) -> int:
 def cpu_gemv_roundings(k: int, blocksize: int) -> int:
     """Most roundings between any product and the C++ CPU kernel's result (csrc/cpu/gemv*.cpp).
 
-    The kernel factors each block's absmax out of its sum: it computes
+    The scalar and AVX2 kernels factor each block's absmax out of its sum: they compute
     sum_b s_b * sum_{k in b} x_k t_k (t the code's table value) where the reference sums
     x_k * fl(t_k s_b). Exactly, the two differ by sum_k x_k (t_k s_b - fl(t_k s_b)), at most
     u * sum|x_k w_k| (u = 2^-24; one rounding per decoded weight: cpu_gemv_bound adds it).
@@ -79,6 +79,11 @@ def cpu_gemv_roundings(k: int, blocksize: int) -> int:
     chain within a block (2 per term: multiply, add), the block's scaling and its add into
     the row total (2 per block), and, in the AVX2 kernel, a shorter lane chain plus a
     3-level horizontal sum; h = 2 * (blocksize + K / blocksize) + 8 covers both.
+    The AVX-512 kernel decodes fl(t_k s_b) itself (the block's table scaled by one vmulps:
+    the reference's weights, so the factoring term is 0 there) and chains each lane's FMAs
+    over segments of up to 16 blocks in CH >= 2 accumulators, adds those pairwise into
+    the row total per segment and ends with a 16-lane sum: at most 16 * (blocksize / 16) / CH
+    + 2 + ceil(K / (16 blocksize)) + 4 <= blocksize + K / blocksize + 7 <= h.
     """
     return 2 * (blocksize + -(-k // blocksize)) + 8
 

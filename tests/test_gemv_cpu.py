@@ -1,4 +1,5 @@
-"""qpeft::gemv_4bit on CPU (csrc/cpu/gemv*.cpp), both ISAs, against the exact product, within
+"""qpeft::gemv_4bit on CPU (csrc/cpu/gemv*.cpp), every ISA level with a GEMV kernel of its own
+that this CPU runs (scalar, avx2, avx512), against the exact product, within
 cpu_gemv_bound (derived in tests/_helpers.py: the kernel's summation depth and its factoring of
 each block's absmax out of the block's sum). The random property over every backend is in
 test_backends.py.
@@ -12,15 +13,19 @@ import torch
 import qpeft
 import qpeft.functional as qf
 from qpeft import _native
+from qpeft._formats import code4, dynamic_map
 
 from ._helpers import DTYPES, cpu_gemv_bound
 
 
-@pytest.fixture(params=["scalar", "avx2"])
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
 def isa(request):
     mod = _native.cpu_module()
-    if request.param == "avx2" and not mod.cpu_features()["avx2"]:
-        pytest.skip("this CPU has no AVX2")  # the scalar kernel is still tested
+    info = mod.cpu_info()
+    if request.param not in info["built_levels"]:
+        pytest.skip(f"this build has no {request.param} kernels")
+    if request.param in info["missing"]:  # the scalar kernel is still tested
+        pytest.skip(f"this CPU lacks {info['missing'][request.param]}")
     prev = mod.set_isa(request.param)
     yield request.param
     mod.set_isa(prev)
@@ -54,6 +59,49 @@ def test_rows_and_dtypes(isa, m, dtype):
 @pytest.mark.parametrize("nested", [False, True])
 def test_quant_states(isa, quant_type, blocksize, nested):
     _check(3, 33, 4096 if blocksize == 4096 else 384, torch.float32, quant_type, blocksize, nested)
+
+
+@pytest.mark.parametrize(
+    ("m", "blocksize", "nested_blocksize", "blocks_per_row"),
+    [
+        (1, 32, 256, 9),  # M=1, blocksize 32: 2 accumulators
+        (1, 64, 256, 40),  # M=1, blocksize >= 64: 4; rows of 40 blocks: 16 + 16 + 8
+        (2, 32, 3, 7),  # nested groups of fewer than 16 blocks: one scale at a time
+        (1, 64, 5, 3),
+        (4, 64, 16, 21),  # a group of exactly 16 blocks
+        (1, 128, 17, 33),  # groups of 17 and 20 blocks end inside 16-block segments
+        (7, 64, 20, 18),
+        (8, 256, 32, 2),  # rows of fewer than 16 blocks
+    ],
+)
+def test_block_scale_segments(isa, m, blocksize, nested_blocksize, blocks_per_row):
+    """Double-quantized scales with any nested block size the native entry takes (the Python
+    API only makes 32..4096): the AVX-512 kernel computes 16 block scales at a time, one at a
+    time for nested groups under 16 blocks, and steps its nested-group cursor where a group
+    ends inside a 16-block segment. Random codes, absmax codes and nested absmax; the weights
+    are decoded here in fp32 exactly as nested_absmax_value and dequantize do (two roundings
+    per scale, one per weight), the product in fp64."""
+    g = torch.Generator().manual_seed(blocksize * 1000 + nested_blocksize)
+    n, k = 37, blocks_per_row * blocksize
+    blocks = n * k // blocksize
+    packed = torch.randint(0, 256, (n * k // 2, 1), dtype=torch.uint8, generator=g)
+    absmax_q = torch.randint(0, 256, (blocks,), dtype=torch.uint8, generator=g)
+    nested_absmax = torch.rand(-(-blocks // nested_blocksize), generator=g) + 0.5
+    nested_code = dynamic_map()
+    offset = torch.tensor([0.0625])
+    x = torch.randn(m, k, generator=g)
+    scale = nested_code[absmax_q.long()] * nested_absmax.repeat_interleave(nested_blocksize)[:blocks]
+    scale = scale + offset  # fp32, rounded twice as nested_absmax_value
+    codes = torch.stack([packed.reshape(-1) >> 4, packed.reshape(-1) & 15], 1).reshape(n, k).long()
+    w = code4("nf4")[codes] * scale.repeat_interleave(blocksize).reshape(n, k)
+    with qpeft.use_backend("cpu"):
+        y = torch.ops.qpeft.gemv_4bit(
+            x, packed, absmax_q, nested_absmax, nested_code, offset, blocksize, nested_blocksize, "nf4", n, k
+        )
+    exact = x.double() @ w.double().T
+    err = (y.double() - exact).abs()
+    tol = cpu_gemv_bound(x, w, torch.float32, blocksize)
+    assert bool((err <= tol).all()), f"worst excess {float((err - tol).max()):.3e}"
 
 
 @pytest.mark.parametrize("k", [1, 37, 83, 100])  # blocks straddle rows, odd rows start mid-byte

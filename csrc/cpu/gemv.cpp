@@ -3,10 +3,12 @@
 // once, and no decoded copy of it is ever written. The panel path of the QLoRA layer
 // (qpeft/backends/cpu/qlora.py) writes and re-reads 4 bytes per parameter instead.
 //
-// Threads split the rows of W. Summation: within a quantization block the products
-// x_k * table[code_k] accumulate, and each block's sum is scaled by its absmax
-// (sum_b absmax_b * sum_k x_k t_k, the decode's multiplication factored out of the
-// block): a different rounding than dequantize-then-dot, bounded in tests/test_gemv_cpu.py.
+// Threads split the rows of W. Summation (scalar and AVX2 kernels): within a quantization
+// block the products x_k * table[code_k] accumulate, and each block's sum is scaled by its
+// absmax (sum_b absmax_b * sum_k x_k t_k, the decode's multiplication factored out of the
+// block): a different rounding than dequantize-then-dot. The AVX-512 kernel decodes the
+// dequantized weights themselves (gemv_avx512.cpp). Both are bounded in qpeft/testing.py
+// (cpu_gemv_roundings), tested in tests/test_gemv_cpu.py.
 #include <qpeft/format.h>
 #include <qpeft/host_checks.h>
 

@@ -1,5 +1,5 @@
 // Internal interface of the 4-bit GEMV (gemv.cpp: entry point, checks, threading and
-// the scalar kernel; gemv_avx2.cpp: the AVX2/FMA kernel).
+// the scalar kernel; gemv_avx2.cpp: the AVX2/FMA kernel; gemv_avx512.cpp: the AVX-512 one).
 //
 // Like kernels.h this header holds no inline functions or templates: the AVX2 TU
 // includes it, and a COMDAT instantiated there could be what the scalar TU links.

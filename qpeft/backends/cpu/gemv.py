@@ -1,5 +1,5 @@
-"""``qpeft::gemv_4bit`` on CPU: the C++ kernel of csrc/cpu/gemv*.cpp (AVX2/FMA with a
-scalar fallback), which reads the packed codes once and never writes a decoded W.
+"""``qpeft::gemv_4bit`` on CPU: the C++ kernel of csrc/cpu/gemv*.cpp (AVX-512, AVX2/FMA or
+scalar, by the ISA level), which reads the packed codes once and never writes a decoded W.
 
 x is widened to fp32 (at most 8 rows: nothing to speak of) and the fp32 result is
 cast to x's dtype, as the reference does.
