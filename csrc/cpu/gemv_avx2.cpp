@@ -1,9 +1,11 @@
 // The AVX2/FMA 4-bit GEMV (see gemv.cpp). Compiled with -mavx2 -mfma -mf16c and only
 // entered at the avx2 level or above (isa_tables.h; cpu_info.cpp detects the level).
 //
-// Each row of W holds whole quantization blocks (k % blocksize == 0). Per 16 packed
-// bytes: 32 codes, decoded 8 at a time to the unscaled table values with two
-// permutevar8x32 (codes 0-7 / 8-15) blended on code bit 3, then one FMA per row of x.
+// Each row of W holds whole quantization blocks (k % blocksize == 0). Per 4 packed bytes:
+// 8 codes, spread to the 8 dword lanes by one vpbroadcastd (a load) and one vpsrlvd,
+// decoded to the unscaled table values with two permutevar8x32 (codes 0-7 / 8-15)
+// blended on code bit 3, then one FMA per row of x (the byte-unpacking and vpmovzxbd per
+// 8 codes of the kernel before took a shuffle-port uop more).
 // Up to four rows of x share one decode (4 block accumulators + 4 totals + 2 tables
 // stay within the 16 ymm registers); more rows run as further passes over the same row
 // of W, which is then in L1 (2 KiB for k = 4096).
@@ -11,6 +13,8 @@
 #include <qpeft/format.h>
 
 #include <immintrin.h>
+
+#include <cstring>
 
 #include "gemv_kernels.h"
 #include "gemv_scales.h"
@@ -35,27 +39,21 @@ void row_group(const Gemv4Args& a, int64_t row, int64_t i0, __m256 tlo, __m256 t
   for (int g = 0; g < MG; ++g) x[g] = a.x + (i0 + g) * k;
   __m256 total[MG];
   for (int g = 0; g < MG; ++g) total[g] = _mm256_setzero_ps();
-  const __m128i nib = _mm_set1_epi8(0x0f);
+  const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
   BlockScales scales(a, (row * k) / bs);
   for (int64_t j0 = 0; j0 < k; j0 += bs) {
     __m256 acc[MG];
     for (int g = 0; g < MG; ++g) acc[g] = _mm256_setzero_ps();
-    for (int64_t j = j0; j < j0 + bs; j += 32, src += 16) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);
-      const __m128i lo = _mm_and_si128(bytes, nib);
-      const __m128i c[2] = {_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo)};  // element order
-      for (int h = 0; h < 2; ++h) {
-        for (int q = 0; q < 2; ++q) {
-          const __m256i idx = _mm256_cvtepu8_epi32(q == 0 ? c[h] : _mm_srli_si128(c[h], 8));
-          const __m256 w = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, idx),
-                                            _mm256_permutevar8x32_ps(thi, idx),
-                                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-          const int64_t off = j + 16 * h + 8 * q;
-          for (int g = 0; g < MG; ++g)
-            acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(x[g] + off), w, acc[g]);
-        }
-      }
+    for (int64_t j = j0; j < j0 + bs; j += 8, src += 4) {
+      // 4 bytes to every dword; lane i shifts element i's nibble (the high one of byte
+      // i / 2 when i is even) to bits 0-3: vpermps reads bits 0-2, bit 3 picks the half
+      int32_t four;
+      std::memcpy(&four, src, sizeof(four));
+      const __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32(four), shifts);
+      const __m256 w =
+          _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, idx), _mm256_permutevar8x32_ps(thi, idx),
+                           _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+      for (int g = 0; g < MG; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(x[g] + j), w, acc[g]);
     }
     const __m256 s = _mm256_set1_ps(scales.next());
     for (int g = 0; g < MG; ++g) total[g] = _mm256_fmadd_ps(acc[g], s, total[g]);
