@@ -142,11 +142,12 @@ inline void block_scales16(const Gemv4Args& a, int64_t b0, int cnt, int64_t& gro
 }
 
 // Rows 0 .. MG-1 of x (interleaved, xp) against row `row` of W, CH accumulators per row.
-template <int MG, int CH>
+// GPB: groups per block when known at compile time (4: blocksize 64, the default), else 0.
+template <int MG, int CH, int GPB>
 void row_all(const Gemv4Args& a, const float* xp, int64_t row, __m512 table) {
   const int64_t k = a.k, bs = a.blocksize;
-  const int64_t groups = bs / 16;  // per block, a multiple of CH
-  const int64_t nb = k / bs;       // blocks in the row
+  const int64_t groups = GPB > 0 ? GPB : bs / 16;  // per block, a multiple of CH
+  const int64_t nb = k / bs;                       // blocks in the row
   const uint8_t* src = a.packed + ((row * k) >> 1);
   const __m512i shifts = group_shifts();
   __m512 acc[MG][CH], total[MG];
@@ -189,7 +190,11 @@ void row_all(const Gemv4Args& a, const float* xp, int64_t row, __m512 table) {
 
 template <int MG, int CH>
 void rows(const Gemv4Args& a, const float* xp, int64_t n0, int64_t n1, __m512 table) {
-  for (int64_t row = n0; row < n1; ++row) row_all<MG, CH>(a, xp, row, table);
+  if (a.blocksize == 64) {
+    for (int64_t row = n0; row < n1; ++row) row_all<MG, CH, 4>(a, xp, row, table);
+  } else {
+    for (int64_t row = n0; row < n1; ++row) row_all<MG, CH, 0>(a, xp, row, table);
+  }
 }
 
 }  // namespace
