@@ -104,6 +104,27 @@ def test_block_scale_segments(isa, m, blocksize, nested_blocksize, blocks_per_ro
     assert bool((err <= tol).all()), f"worst excess {float((err - tol).max()):.3e}"
 
 
+@pytest.mark.parametrize(("blocksize", "nested"), [(64, True), (32, False), (256, True)])
+def test_one_hot_rows_read_the_dequantized_columns(isa, blocksize, nested):
+    """x = 8 one-hot rows: y[i] = W[:, j_i] exactly (one product 1 * w, sums of zeros), so the
+    kernel must decode every weight to dequantize_4bit's fp32 value bit for bit, at the
+    position the reference puts it: each column j_i goes through a different lane of the
+    kernels' decode (the AVX-512 kernel's interleaved lanes 2q / 2q + 1, both nibbles of a
+    byte, first and last groups of a block, several blocks)."""
+    g = torch.Generator().manual_seed(blocksize)
+    n, k = 21, 4 * max(blocksize, 128)
+    w = torch.randn(n, k, generator=g)
+    packed, state = qf.quantize_4bit(w, blocksize, "nf4", nested)
+    cols = [0, 1, 8, 9, 15, blocksize - 1, blocksize + 6, k - 1]
+    x = torch.zeros(len(cols), k)
+    x[torch.arange(len(cols)), torch.tensor(cols)] = 1.0
+    with qpeft.use_backend("cpu"):
+        y = qf.gemv_4bit(x, packed, state)
+    with qpeft.use_backend("default"):
+        w_deq = qf.dequantize_4bit(packed, state, torch.float32)
+    assert torch.equal(y, w_deq[:, cols].T)
+
+
 @pytest.mark.parametrize("k", [1, 37, 83, 100])  # blocks straddle rows, odd rows start mid-byte
 def test_rows_not_whole_blocks(isa, k):
     _check(2, 45, k, torch.bfloat16, "nf4", 32, True)
