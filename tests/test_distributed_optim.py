@@ -276,6 +276,43 @@ def _w2(rank: int, world: int, out: str) -> dict:
     opt.step()
     res["replicate"] = (full, grad, p.to_local().clone())
 
+    # HSDP-style placements on a (1, 2) mesh: Replicate() then Shard(0)
+    mesh2 = init_device_mesh("cpu", (1, world))
+    torch.manual_seed(6)
+    full, grad = torch.randn(51, 96), torch.randn(51, 96)
+    p = nn.Parameter(distribute_tensor(full.clone(), mesh2, [Replicate(), Shard(0)]))
+    p.grad = distribute_tensor(grad, mesh2, [Replicate(), Shard(0)])
+    _opt(qo.AdamW8bit, [p]).step()
+    res["hsdp"] = (full, grad, p.full_tensor())
+
+    # full (gathered) optimizer state dicts: get, then set into fresh sharded modules
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full_opts = StateDictOptions(full_state_dict=True)
+    model = _sharded_model(world)
+    opt = _opt(qo.Lion8bit, model.parameters())
+    for step in range(2):
+        _train_step(model, opt, step, rank, world)
+    osd = get_optimizer_state_dict(model, opt, options=full_opts)
+    fresh_model = _sharded_model(world)
+    fresh = _opt(qo.Lion8bit, fresh_model.parameters())
+    set_optimizer_state_dict(fresh_model, fresh, osd, options=full_opts)
+    res["full_sd"] = {
+        "plain": all(not hasattr(v, "device_mesh") for st in osd["state"].values() for v in st.values()),
+        "same": [
+            torch.equal(
+                a.to_local() if hasattr(a, "to_local") else a, b.to_local() if hasattr(b, "to_local") else b
+            )
+            for pa, pb in zip(model.parameters(), fresh_model.parameters())
+            for (ka, a), (kb, b) in zip(sorted(opt.state[pa].items()), sorted(fresh.state[pb].items()))
+            if ka == kb and torch.is_tensor(a)
+        ],
+    }
+
     # errors, each naming the fix
     errors = {}
     p1 = nn.Parameter(distribute_tensor(torch.randn(8, 8), mesh, [Shard(1)]))
@@ -300,7 +337,6 @@ def _w2(rank: int, world: int, out: str) -> dict:
         except TypeError as e:
             errors["plain_grad"] = str(e)
     errors["state_after"] = len(opt.state)
-    mesh2 = init_device_mesh("cpu", (1, world))
     p2 = nn.Parameter(distribute_tensor(torch.randn(8, 8), mesh2, [Replicate(), Shard(1)]))
     try:
         qo.Lion8bit([p2])
@@ -515,6 +551,23 @@ def test_replicate_placement_steps_the_whole_tensor(runs):
         p.grad = grad
         qo.AdamW8bit([p], lr=1e-2).step()
         _bits_equal(got, p.detach(), "replicated parameter")
+
+
+def test_hsdp_placements_step_each_shard(runs):
+    """(Replicate(), Shard(0)): the local shard is rows 0-25 or 26-50; (51, 96) is not
+    block-aligned at 2 ranks, so each shard steps as its own tensor."""
+    init = {"w": None}
+    for w in runs["w2"]:
+        full, grad, got = w["hsdp"]
+        init["w"] = full
+        want = _reference(qo.AdamW8bit, init, [{"w": grad}], 1, split=2)[0]["w"]
+        _bits_equal(got, want, "HSDP parameter")
+
+
+def test_full_state_dict_round_trip(runs):
+    for w in runs["w2"]:
+        assert w["full_sd"]["plain"]  # gathered: plain tensors
+        assert w["full_sd"]["same"] and all(w["full_sd"]["same"])
 
 
 def test_unsupported_placements_and_gradients_are_refused(runs):
