@@ -120,6 +120,22 @@ def _rank_main(rank: int, fn, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+class _RecordingMemory:
+    device_type = "cpu"
+
+    def __init__(self):
+        self.calls: list[tuple[str, int]] = []
+
+    def alloc(self, numel, dtype, device):
+        return torch.empty(numel, dtype=dtype)
+
+    def prefetch(self, tensors, device, to_host):
+        self.calls.extend(("host" if to_host else "device", t.numel()) for t in tensors)
+
+    def location(self, t):
+        return "host"
+
+
 def _sharded_model(world: int) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -255,6 +271,20 @@ def _w2(rank: int, world: int, out: str) -> dict:
             opt.zero_grad()
             rec["params"].append(_params(model))
         res["from_w1"][cls.__name__] = rec
+
+    # paging of local shards (a recording stand-in for CUDA managed memory, paging CPU
+    # state): the shards' state is allocated and prefetched, the steps are unchanged
+    mem = _RecordingMemory()
+    model = _sharded_model(world)
+    opt = _opt(qo.PagedAdamW8bit, model.parameters(), state_memory=mem, page_min_numel=2000, page_out=True)
+    rec = {"params": [], "calls": mem.calls}
+    for step in range(2):
+        _train_step(model, opt, step, rank, world)
+        rec["params"].append(_params(model))
+    rec["placement"] = {n: opt.placement(p) for n, p in model.named_parameters()}
+    rec["local_numel"] = {n: p.to_local().numel() for n, p in model.named_parameters()}
+    rec["report"] = opt.memory_report()
+    res["paged"] = rec
 
     # (c) DDP: plain parameters, all-reduced gradients
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -567,6 +597,24 @@ def test_hsdp_placements_step_each_shard(runs):
         init["w"] = full
         want = _reference(qo.AdamW8bit, init, [{"w": grad}], 1, split=2)[0]["w"]
         _bits_equal(got, want, "HSDP parameter")
+
+
+def test_paged_state_of_local_shards(runs):
+    for w in runs["w2"]:
+        rec, base = w["paged"], w["train"]["PagedAdamW8bit"]
+        for step in range(2):
+            for n, got in rec["params"][step].items():
+                _bits_equal(got, base["params"][step][n], f"paged {n} step {step}")
+        paged = [n for n, where in rec["placement"].items() if where == "paged"]
+        assert sorted(paged) == ["0.weight", "2.weight"]  # local shards of >= 2000 elements
+        per_step = []
+        for n in paged:
+            numel = rec["local_numel"][n]
+            per_step += [numel, -(numel // -256)] * 2  # codes and absmax of both moments
+        assert sorted(rec["calls"]) == sorted(
+            [("device", k) for k in per_step * 2] + [("host", k) for k in per_step * 2]
+        )
+        assert rec["report"]["paged_host"] == sum(per_step[0::2]) + 4 * sum(per_step[1::2])
 
 
 def test_full_state_dict_round_trip(runs):
