@@ -372,6 +372,23 @@ def _w2(rank: int, world: int, out: str) -> dict:
         except TypeError as e:
             errors["plain_grad"] = str(e)
     errors["state_after"] = len(opt.state)
+    big = nn.Parameter(distribute_tensor(torch.randn(64, 96), mesh, [Shard(0)]))
+    big.grad = distribute_tensor(torch.randn(64, 96), mesh, [Shard(0)])
+    flat = qo.AdamW8bit([big], state_dict_layout="flat")
+    flat.step()
+    try:
+        flat.state_dict()
+    except ValueError as e:
+        errors["flat"] = str(e)
+    flat.state_dict_layout = "rows"
+    sd = flat.state_dict()
+    sd["qpeft"]["format"] = 1
+    for g in sd["param_groups"]:
+        g["qpeft"]["format"] = 1
+    try:
+        qo.AdamW8bit([big]).load_state_dict(sd)
+    except ValueError as e:
+        errors["load_flat"] = str(e)
     p2 = nn.Parameter(distribute_tensor(torch.randn(8, 8), mesh2, [Replicate(), Shard(1)]))
     try:
         qo.Lion8bit([p2])
@@ -631,6 +648,8 @@ def test_unsupported_placements_and_gradients_are_refused(runs):
     assert "redistribute" in errors["grad_placements"]
     assert "must be a DTensor" in errors["plain_grad"]
     assert errors["state_after"] == 0  # refused steps made no state
+    assert "state_dict_layout='rows'" in errors["flat"]
+    assert "cannot be loaded into a DTensor parameter" in errors["load_flat"]
 
 
 # --- the rows layout, without processes -------------------------------------------------------
