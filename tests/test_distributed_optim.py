@@ -286,6 +286,14 @@ def _w2(rank: int, world: int, out: str) -> dict:
     rec["report"] = opt.memory_report()
     res["paged"] = rec
 
+    # a plain process's rows state dict (full plain tensors) loaded directly: each rank
+    # takes its slice
+    plain = torch.load(os.path.join(out, "plain_rows.pt"))
+    model = _sharded_model(world)
+    opt = _opt(qo.PagedAdamW8bit, model.parameters())
+    opt.load_state_dict(plain["sd"])
+    res["plain_sd"] = {n: _dequantized(opt, p) for n, p in model.named_parameters()}
+
     # (c) DDP: plain parameters, all-reduced gradients
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -398,9 +406,24 @@ def _w2(rank: int, world: int, out: str) -> dict:
     return res
 
 
+def _plain_rows_checkpoint() -> dict:
+    """A non-distributed PagedAdamW8bit trained 2 steps, its rows-layout state dict (plain
+    full tensors, as torch.save writes it) and its state, dequantized."""
+    model = _model()
+    opt = _opt(qo.PagedAdamW8bit, model.parameters(), state_dict_layout="rows")
+    for step in range(2):
+        _train_step(model, opt, step, 0, 1)
+    return {
+        "sd": opt.state_dict(),
+        "state": {n: _dequantized(opt, p) for n, p in model.named_parameters()},
+        "params": _params(model),
+    }
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dist_optim"))
+    torch.save(_plain_rows_checkpoint(), os.path.join(out, "plain_rows.pt"))
     _launch(_w1, 1, out)
     _launch(_w2, 2, out)
     load = lambda name: torch.load(os.path.join(out, name))
@@ -527,13 +550,13 @@ def test_dcp_resume_same_world_is_bit_identical(runs, cls):
 # --- (e) DCP across world sizes ------------------------------------------------------------------
 
 
-def _half_step_bound(code: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """Half the widest gap between adjacent codes, times |value|'s block scale bound:
-    requantizing x with absmax A moves it by at most max_gap / 2 * A; A <= max |x| of
-    its block, which is at most the block's largest saved magnitude (bounded here by the
-    tensor's)."""
+def _half_step_bound(code: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+    """Requantizing x in a block of absmax A picks the nearest code of v = x * (1/A), so
+    |x - code * A| <= (max_gap / 2 + r) * A, where r <= 4 * 2**-24 covers the fp32
+    roundings of 1/A, v and code * A (each relative 2**-24 of values <= 1); A, the
+    largest |x| of the new block, is at most the largest saved magnitude."""
     gap = (code[1:] - code[:-1]).max()
-    return gap / 2 * new.abs().max() * (1 + 2**-20)
+    return (gap / 2 + 4 * 2**-24) * saved.abs().max()
 
 
 @pytest.mark.parametrize("cls", DCP_CLASSES, ids=lambda c: c.__name__)
@@ -632,6 +655,20 @@ def test_paged_state_of_local_shards(runs):
             [("device", k) for k in per_step * 2] + [("host", k) for k in per_step * 2]
         )
         assert rec["report"]["paged_host"] == sum(per_step[0::2]) + 4 * sum(per_step[1::2])
+
+
+def test_plain_full_state_dict_loads_into_shards(runs):
+    plain = torch.load(os.path.join(runs["dir"], "plain_rows.pt"))
+    for w in runs["w2"]:
+        for n, state in w["plain_sd"].items():
+            for k, got in state.items():
+                want = plain["state"][n][k]
+                if n == UNALIGNED:  # rank 0's rows exact, rank 1's blocks requantized
+                    code = dynamic_map(k == "exp_avg")
+                    assert (got - want).abs().max() <= _half_step_bound(code, want), (n, k)
+                    _bits_equal(got[:26], want[:26], f"{n} {k} rows of rank 0")
+                else:
+                    _bits_equal(got, want, f"{n} {k}")
 
 
 def test_full_state_dict_round_trip(runs):
