@@ -294,6 +294,30 @@ def _w2(rank: int, world: int, out: str) -> dict:
     opt.load_state_dict(plain["sd"])
     res["plain_sd"] = {n: _dequantized(opt, p) for n, p in model.named_parameters()}
 
+    # a QLoRA layer: frozen 4-bit base left out of the sharding, LoRA A (8 x 1024: 8-bit
+    # state, rows of 1024 so block-aligned) and B (64 x 8: fp32 state) sharded
+    from qpeft.nn import QLoRALinear
+
+    torch.manual_seed(3)
+    layer = QLoRALinear.from_linear(nn.Linear(1024, 64), r=8)
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(
+        layer, mesh=init_device_mesh("cpu", (world,)), ignored_params=set(layer.base_layer.parameters())
+    )
+    trainable = {n: p for n, p in layer.named_parameters() if p.requires_grad}
+    opt = _opt(qo.AdamW8bit, trainable.values())
+    rec = {"init": {n: _full(p.detach()) for n, p in trainable.items()}, "grads": [], "params": []}
+    for step in range(3):
+        x = torch.randn(BATCH, 1024, generator=torch.Generator().manual_seed(step)).chunk(world)[rank]
+        layer(x).square().mean().backward()
+        rec["grads"].append({n: _full(p.grad) for n, p in trainable.items()})
+        opt.step()
+        opt.zero_grad()
+        rec["params"].append({n: _full(p.detach()) for n, p in trainable.items()})
+    rec["kinds"] = {n: type(p).__name__ for n, p in layer.named_parameters()}
+    res["qlora"] = rec
+
     # (c) DDP: plain parameters, all-reduced gradients
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -669,6 +693,21 @@ def test_plain_full_state_dict_loads_into_shards(runs):
                     _bits_equal(got[:26], want[:26], f"{n} {k} rows of rank 0")
                 else:
                     _bits_equal(got, want, f"{n} {k}")
+
+
+def test_qlora_layer_with_frozen_4bit_base(runs):
+    for r, w in enumerate(runs["w2"]):
+        rec = w["qlora"]
+        assert rec["kinds"]["adapters.default.lora_A"] == "DTensor"
+        assert all(k != "DTensor" for n, k in rec["kinds"].items() if n.startswith("base_layer"))
+        want = _reference(qo.AdamW8bit, rec["init"], rec["grads"], 3)
+        for step in range(3):
+            for n, got in rec["params"][step].items():
+                _bits_equal(got, want[step][n], f"rank {r} {n} step {step}")
+        # the adapters moved (A gets a gradient once B is nonzero)
+        assert not torch.equal(
+            rec["params"][2]["adapters.default.lora_A"], rec["init"]["adapters.default.lora_A"]
+        )
 
 
 def test_full_state_dict_round_trip(runs):
