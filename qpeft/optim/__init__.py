@@ -6,6 +6,9 @@ the state of large parameters in CUDA unified memory (see ``qpeft.optim.paging``
 All are ``torch.optim.Optimizer`` subclasses: param groups, ``zero_grad``, LR
 schedulers, ``state_dict``/``load_state_dict`` (bit-exact resume, 8-bit state
 included). ``state_bytes_per_param()`` and ``memory_report()`` account for the state.
+DTensor parameters (FSDP2's ``fully_shard``) are stepped on their local shards, state
+sharded alike and checkpointable with torch.distributed.checkpoint at any world size
+(``qpeft.optim.distributed``; docs/design.md, "Optimizers under FSDP2 and DDP").
 """
 
 from .adamw import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit

@@ -31,6 +31,7 @@ class _LionBase(QpeftOptimizer):
         min_8bit_size: int = MIN_8BIT_NUMEL,
         page_min_numel: int = PAGE_MIN_NUMEL,
         state_memory=None,
+        state_dict_layout: str = "auto",
     ) -> None:
         super().__init__(
             params,
@@ -41,6 +42,7 @@ class _LionBase(QpeftOptimizer):
             min_8bit_size=min_8bit_size,
             page_min_numel=page_min_numel,
             state_memory=state_memory,
+            state_dict_layout=state_dict_layout,
         )
 
     def _hparams(self, group, where):

@@ -19,13 +19,19 @@ import torch
 
 from .._formats import FLOAT_DTYPES, dynamic_map
 from .._optim_math import MIN_8BIT_NUMEL, state_blocks
+from . import distributed as _dist
 from .paging import PAGE_MIN_NUMEL, StatePager
 
 STATE_DICT_KEY = "qpeft"
 _STRIDED = torch.strided
 _FLOATS = frozenset(FLOAT_DTYPES)
 _CPU = torch.device("cpu")
+# State dict formats: 1 keeps each 8-bit absmax as the 1-D blocks of the parameter; 2
+# (the "rows" layout, docs/design.md "Optimizers under FSDP2 and DDP") as a per-row table
+# that reshards with the parameter. They differ only for 8-bit state.
 STATE_FORMAT = 1
+ROWS_FORMAT = 2
+LAYOUTS = ("auto", "flat", "rows")
 # The step count after an update goes to the ops as an int64.
 MAX_STEP = 2**63 - 2
 
@@ -95,6 +101,15 @@ class QpeftOptimizer(torch.optim.Optimizer):
             elements in paged (CUDA unified) memory. No effect on CPU parameters.
         page_out: after each group's update, prefetch its paged state back to host.
         state_memory: the paged-memory provider (default: CUDA managed memory).
+        state_dict_layout: how ``state_dict()`` writes 8-bit absmax: "flat" (format 1,
+            the 1-D blocks), "rows" (format 2, a per-row table that torch.distributed.
+            checkpoint reshards with the parameter), or "auto" (rows when a parameter is a
+            DTensor). A checkpoint must be loaded through a state dict of its own layout;
+            ``load_state_dict`` reads both.
+
+    DTensor parameters (FSDP2's ``fully_shard``; placements Shard(0) or Replicate()) are
+    stepped on their local shards with state kept per shard (docs/design.md, "Optimizers
+    under FSDP2 and DDP").
     """
 
     algorithm: str = ""
@@ -113,12 +128,16 @@ class QpeftOptimizer(torch.optim.Optimizer):
         min_8bit_size: int = MIN_8BIT_NUMEL,
         page_min_numel: int = PAGE_MIN_NUMEL,
         state_memory=None,
+        state_dict_layout: str = "auto",
     ) -> None:
         if optim_bits not in (8, 32):
             raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
         if min_8bit_size < 1:
             raise ValueError(f"min_8bit_size must be >= 1, got {min_8bit_size}")
+        if state_dict_layout not in LAYOUTS:
+            raise ValueError(f"state_dict_layout must be one of {LAYOUTS}, got {state_dict_layout!r}")
         self.optim_bits = optim_bits
+        self.state_dict_layout = state_dict_layout
         self.min_8bit_size = min_8bit_size
         self._pager = StatePager(paged, page_out, page_min_numel, state_memory)
         self._maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -135,6 +154,8 @@ class QpeftOptimizer(torch.optim.Optimizer):
         try:
             for pi, p in enumerate(self.param_groups[gi]["params"]):
                 _check_param(p, f"parameter {pi} of param group {gi}")
+                if _dist.is_dtensor(p):
+                    _dist.check_placements(p, f"parameter {pi} of param group {gi}")
         except BaseException:
             del self.param_groups[gi]
             raise
@@ -150,16 +171,20 @@ class QpeftOptimizer(torch.optim.Optimizer):
         return self._pager.page_out
 
     def uses_8bit(self, p: torch.Tensor) -> bool:
+        """Whether p gets 8-bit state: by its whole (global) size, so that every rank and
+        every world size give a DTensor parameter the same state keys."""
         return self.optim_bits == 8 and p.numel() >= self.min_8bit_size
 
     def _state_spec(self, p: torch.Tensor) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """name -> (shape, dtype) of each per-element state tensor of p."""
+        """name -> (shape, dtype) of each state tensor this rank keeps for p (of its local
+        shard if p is a DTensor)."""
+        lp = _dist.local(p)
         if not self.uses_8bit(p):
-            return {name: (tuple(p.shape), torch.float32) for name in self._STATE_32}
+            return {name: (tuple(lp.shape), torch.float32) for name in self._STATE_32}
         spec = {}
         for name, _signed in self._STATE_8:
-            spec[f"{name}_q"] = (tuple(p.shape), torch.uint8)
-            spec[f"{name}_absmax"] = ((state_blocks(p.numel()),), torch.float32)
+            spec[f"{name}_q"] = (tuple(lp.shape), torch.uint8)
+            spec[f"{name}_absmax"] = ((state_blocks(lp.numel()),), torch.float32)
         return spec
 
     def _qmaps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,19 +194,35 @@ class QpeftOptimizer(torch.optim.Optimizer):
         return self._maps[device]
 
     def _new_state(self, p: torch.Tensor) -> dict[str, Any]:
+        """Zero state for p. For a DTensor p: per-element tensors are DTensors over local
+        tensors of the shard's shape (mesh and placements p's); 8-bit absmax, which
+        belongs to the blocks of the local shard, is a plain local tensor."""
+        lp = _dist.local(p)
         state: dict[str, Any] = {"step": 0}
         for name, (shape, dtype) in self._state_spec(p).items():
-            state[name] = self._pager.zeros(p, shape, dtype)
+            state[name] = self._pager.zeros(lp, shape, dtype)
         if self.uses_8bit(p):
             # A zero state: absmax 0 and the code of 0.0 (dequantizes to +0.0).
             signed, unsigned = self._qmaps(torch.device("cpu"))
             for name, is_signed in self._STATE_8:
                 code = signed if is_signed else unsigned
                 state[f"{name}_q"].fill_(int((code == 0).nonzero()[0, 0]))
+        if lp is not p:
+            for name, t in state.items():
+                if torch.is_tensor(t) and not name.endswith("_absmax"):
+                    d = _dist.wrap_like(t, p)
+                    if self._pager.is_paged(t):
+                        d._local_tensor._qpeft_paged = True  # the tensor the step reads
+                    state[name] = d
         return state
 
+    @staticmethod
+    def _local_state(state: dict[str, Any]) -> dict[str, Any]:
+        """state with DTensors replaced by their local tensors (what the ops update)."""
+        return {k: _dist.local(v) for k, v in state.items()}
+
     def _state_tensors(self, state: dict[str, Any]) -> list[torch.Tensor]:
-        return [v for k, v in state.items() if k != "step" and torch.is_tensor(v)]
+        return [_dist.local(v) for k, v in state.items() if k != "step" and torch.is_tensor(v)]
 
     # --- the step ---------------------------------------------------------------------
 
@@ -228,18 +269,27 @@ class QpeftOptimizer(torch.optim.Optimizer):
         # device) and the parameter's dtype, size and device against its state.
         # The state tensors are made for the parameter (_new_state, load_state_dict);
         # the first stands for the rest (the op checks all of them again).
-        batches: dict[tuple[torch.device, bool], tuple[list, list]] = {}
+        # A DTensor parameter (docs/design.md, "Optimizers under FSDP2 and DDP") is
+        # stepped as its local shard with its local gradient and local state.
+        batches: dict[tuple[torch.device, bool], tuple[list, list, list]] = {}
         fresh: dict[torch.Tensor, dict[str, Any]] = {}
         state_of = self.state.get  # not self.state[p]: that would insert an empty state
         key8, key32 = self._STATE_8[0][0] + "_q", self._STATE_32[0]
-        for pi, p in enumerate(group["params"]):
-            g = p.grad
+        dtensor = _dist.dtensor_type()
+        for pi, param in enumerate(group["params"]):
+            g = param.grad
             if g is None:
                 continue
-            state = state_of(p) or fresh.get(p)
-            if not state:
-                self._check_step_args(p, g, None, gi, pi)
-                state = fresh[p] = self._new_state(p)
+            owner = state_of(param) or fresh.get(param)
+            if not owner:
+                self._check_step_args(param, g, None, gi, pi)
+                owner = fresh[param] = self._new_state(param)
+            p, state = param, owner
+            if dtensor is not None and isinstance(param, dtensor):
+                where = f"parameter {pi} of param group {gi}"
+                _dist.check_placements(param, where)
+                p, g = param._local_tensor, _dist.local_grad(param, g, where)
+                state = self._local_state(owner)
             eight_bit = key8 in state
             first = state.get(key8 if eight_bit else key32)
             dt = p.dtype
@@ -256,29 +306,30 @@ class QpeftOptimizer(torch.optim.Optimizer):
                 and g.shape == p.shape
                 and first.numel() == p.numel()
             ):
-                self._check_step_args(p, g, state, gi, pi)  # raises, naming the problem
+                self._check_step_args(param, param.grad, owner, gi, pi)  # raises, naming the problem
             work = p
             batch = batches.get((device, eight_bit))
             if batch is None:
-                batch = batches[(device, eight_bit)] = ([], [])
+                batch = batches[(device, eight_bit)] = ([], [], [])
             if not p.is_contiguous():
                 work = p.contiguous()
                 batch[1].append((p, work))
             batch[0].append((work, g, state))
+            batch[2].append(owner)
         return hp, batches, fresh
 
     def _apply(self, hp: tuple[float, ...], batches: dict, fresh: dict) -> None:
         by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
         try:
             if self._pager.paged:
-                for items, _ in batches.values():
+                for items, _, _ in batches.values():
                     for work, _, state in items:
                         by_device[work.device].extend(self._state_tensors(state))
                 for device, tensors in by_device.items():
                     self._pager.before_update(tensors, device)
-            for (_, eight_bit), (items, copies) in batches.items():
+            for (_, eight_bit), (items, copies, owners) in batches.items():
                 self._update(items, hp, eight_bit)
-                for _, _, state in items:
+                for state in owners:
                     state["step"] += 1
                 for p, work in copies:
                     p.copy_(work)
@@ -295,8 +346,16 @@ class QpeftOptimizer(torch.optim.Optimizer):
         self, p: torch.Tensor, g: torch.Tensor, state: dict | None, gi: int, pi: int
     ) -> None:
         """Everything the step needs of one parameter, its gradient and its state (None:
-        about to be made), raising TypeError/ValueError that names the problem."""
+        about to be made), raising TypeError/ValueError that names the problem. For a
+        DTensor parameter, its placements and its gradient's, then the local shards."""
         where = f"parameter {pi} of param group {gi}"
+        spec = self._state_spec(p)
+        if _dist.is_dtensor(p):
+            _check_param(p, where)
+            _dist.check_placements(p, where)
+            p, g = _dist.local(p), _dist.local_grad(p, g, where)
+            if state is not None:
+                state = self._local_state(state)
         if g.layout is not _STRIDED:
             raise TypeError(
                 f"{type(self).__name__} does not support sparse gradients ({where} has a {g.layout} gradient)"
@@ -312,7 +371,6 @@ class QpeftOptimizer(torch.optim.Optimizer):
             raise ValueError(f"the gradient of {where} is on {g.device}, the parameter on {p.device}")
         if state is None:
             return
-        spec = self._state_spec(p)
         if set(spec) != set(state) - {"step"}:
             raise ValueError(
                 f"the state of {where} has keys {sorted(state)}, but {type(self).__name__} keeps "
@@ -368,55 +426,117 @@ class QpeftOptimizer(torch.optim.Optimizer):
         return report
 
     def placement(self, p: torch.Tensor) -> str:
-        """Where p's state lives or will live: 'paged', 'device' or 'host'."""
-        return self._pager.placement(p)
+        """Where p's state lives or will live: 'paged', 'device' or 'host' (for a DTensor,
+        the state of its local shard)."""
+        return self._pager.placement(_dist.local(p))
 
     # --- checkpoints ------------------------------------------------------------------
 
-    def _format_tag(self) -> dict[str, Any]:
+    def _format_tag(self, rows: bool = False) -> dict[str, Any]:
         return {
             "optimizer": type(self).__name__,
             "algorithm": self.algorithm,
             "optim_bits": self.optim_bits,
             "min_8bit_size": self.min_8bit_size,
-            "format": STATE_FORMAT,
+            "format": ROWS_FORMAT if rows else STATE_FORMAT,
         }
 
+    def _params(self) -> list[torch.Tensor]:
+        return list(chain.from_iterable(g["params"] for g in self.param_groups))
+
+    def _writes_rows(self) -> bool:
+        if self.state_dict_layout == "auto":
+            return any(_dist.is_dtensor(p) for p in self._params())
+        return self.state_dict_layout == "rows"
+
     def state_dict(self) -> dict[str, Any]:
-        """torch's state_dict plus a ``"qpeft"`` entry naming the state format. The 8-bit
-        states are saved as they are (uint8 codes and fp32 absmax): resuming is bit-exact.
-        Paged and unpaged variants of one algorithm share the format."""
+        """torch's state_dict plus the state format, as a ``"qpeft"`` entry and in every
+        param group (torch.distributed.checkpoint.state_dict keeps only "state" and
+        "param_groups"). The 8-bit states are saved as they are (uint8 codes and fp32
+        absmax): resuming is bit-exact. Paged and unpaged variants of one algorithm share
+        the format.
+
+        State of a DTensor parameter is saved as DTensors (8-bit absmax as the rows
+        table, format 2), so that torch.distributed.checkpoint saves each rank's shard
+        and reshards on load (docs/design.md, "Optimizers under FSDP2 and DDP")."""
         sd = super().state_dict()
-        sd[STATE_DICT_KEY] = self._format_tag()
+        rows = self._writes_rows()
+        if not rows and any(_dist.is_dtensor(p) and self.uses_8bit(p) for p in self._params()):
+            raise ValueError(
+                "state_dict_layout='flat' cannot save the 8-bit state of DTensor parameters (its absmax "
+                "blocks are those of each rank's shard): use state_dict_layout='rows' or 'auto'"
+            )
+        tag = self._format_tag(rows)
+        sd[STATE_DICT_KEY] = tag
+        for g in sd["param_groups"]:
+            g[STATE_DICT_KEY] = dict(tag)
+        if rows:
+            params = self._params()
+            sd["state"] = {k: self._rows_state(params[k], v) for k, v in sd["state"].items()}
         return sd
+
+    def _rows_state(self, p: torch.Tensor, state: dict[str, Any]) -> dict[str, Any]:
+        """A copy of p's state dict entry with each 8-bit absmax as its rows table."""
+        out = dict(state)
+        if not self.uses_8bit(p):
+            return out
+        lp = _dist.local(p)
+        rows, row, k = _dist.rows_geometry(tuple(p.shape))
+        local_rows = lp.shape[0] if lp.dim() else 1
+        for name, _signed in self._STATE_8:
+            table = _dist.absmax_to_rows(state[f"{name}_absmax"], local_rows, row, k)
+            out[f"{name}_absmax"] = _dist.wrap_like(table, p, (rows, 1 + k)) if lp is not p else table
+        return out
+
+    def _saved_spec(self, p: torch.Tensor, rows: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """name -> (global shape, dtype) of each state tensor a state dict holds for p."""
+        if not self.uses_8bit(p):
+            return {name: (tuple(p.shape), torch.float32) for name in self._STATE_32}
+        n_rows, _, k = _dist.rows_geometry(tuple(p.shape))
+        absmax = (n_rows, 1 + k) if rows else (state_blocks(p.numel()),)
+        spec = {}
+        for name, _signed in self._STATE_8:
+            spec[f"{name}_q"] = (tuple(p.shape), torch.uint8)
+            spec[f"{name}_absmax"] = (absmax, torch.float32)
+        return spec
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict written by a qpeft optimizer of the same algorithm and state
-        bits (paged or not). Raises ValueError for anything else: another optimizer's
-        state dict, other groups/parameter counts, or states whose keys, dtypes or
-        shapes do not fit the parameters."""
+        bits (paged or not), in either layout. Raises ValueError for anything else:
+        another optimizer's state dict, other groups/parameter counts, or states whose
+        keys, dtypes or shapes do not fit the parameters.
+
+        For a DTensor parameter the saved state may be DTensors of any Shard(0)/Replicate
+        layout (redistributed) or full plain tensors (this rank's slice is taken); 8-bit
+        state in the rows layout is rebuilt for the local shard's blocks, bit-exact where
+        the blocks are the saved ones, requantized where not."""
         name = type(self).__name__
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError(
                 f"{name}.load_state_dict expects an optimizer state_dict with 'state' and 'param_groups'"
             )
         tag = state_dict.get(STATE_DICT_KEY)
+        saved_groups = state_dict["param_groups"]
+        if tag is None and isinstance(saved_groups, (list, tuple)) and saved_groups:
+            first = saved_groups[0]
+            tag = first.get(STATE_DICT_KEY) if isinstance(first, dict) else None
         if not isinstance(tag, dict):
             raise ValueError(
                 f"{name} cannot load this state_dict: it has no '{STATE_DICT_KEY}' entry, so it was not written by "
                 "a qpeft optimizer (a torch.optim or bitsandbytes state_dict has a different state layout)"
             )
-        if tag.get("format") != STATE_FORMAT:
+        if tag.get("format") not in (STATE_FORMAT, ROWS_FORMAT):
             raise ValueError(
-                f"{name} cannot load state format {tag.get('format')!r} (this version reads {STATE_FORMAT})"
+                f"{name} cannot load state format {tag.get('format')!r} (this version reads "
+                f"{STATE_FORMAT} and {ROWS_FORMAT})"
             )
+        rows = tag.get("format") == ROWS_FORMAT
         if (tag.get("algorithm"), tag.get("optim_bits")) != (self.algorithm, self.optim_bits):
             raise ValueError(
                 f"this state_dict was written by {tag.get('optimizer')} ({tag.get('algorithm')}, "
                 f"{tag.get('optim_bits')}-bit state); {name} uses {self.algorithm} with {self.optim_bits}-bit state"
             )
         groups = self.param_groups
-        saved_groups = state_dict["param_groups"]
         if len(groups) != len(saved_groups):
             raise ValueError(
                 f"loaded state dict has {len(saved_groups)} parameter groups, this optimizer has {len(groups)}"
@@ -448,20 +568,22 @@ class QpeftOptimizer(torch.optim.Optimizer):
                     f"the loaded state dict has state for parameter id {key!r}, which no group lists"
                 )
             p = id_map[key]
-            new_state[p] = self._load_param_state(p, saved, *index_of[id(p)])
+            new_state[p] = self._load_param_state(p, saved, *index_of[id(p)], rows=rows)
 
         new_groups = []
         for g, sg in zip(groups, saved_groups):
-            ng = dict(sg)
+            ng = {k: v for k, v in sg.items() if k != STATE_DICT_KEY}
             ng["params"] = g["params"]
             if "param_names" in g and "param_names" not in sg:
                 ng["param_names"] = g["param_names"]
             new_groups.append(ng)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
 
-    def _load_param_state(self, p: torch.Tensor, saved: Any, gi: int, pi: int) -> dict[str, Any]:
+    def _load_param_state(
+        self, p: torch.Tensor, saved: Any, gi: int, pi: int, rows: bool = False
+    ) -> dict[str, Any]:
         where = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
-        spec = self._state_spec(p)
+        spec = self._saved_spec(p, rows)
         if not isinstance(saved, dict):
             raise ValueError(f"state of {where} must be a dict, got {type(saved).__name__}")
         expected = set(spec) | {"step"}
@@ -486,19 +608,37 @@ class QpeftOptimizer(torch.optim.Optimizer):
                 f"update goes to the step op as an int64), got {type(saved['step']).__name__} {saved['step']!r}"
             )
         step = int(step)
-        for name, (shape, dtype) in spec.items():
-            t = saved[name]
+        eight_dtensor = self.uses_8bit(p) and _dist.is_dtensor(p)
+        if eight_dtensor and not rows:
+            raise ValueError(
+                f"state of {where}: a format-{STATE_FORMAT} state dict (8-bit absmax as flat blocks) cannot "
+                "be loaded into a DTensor parameter; save it with state_dict_layout='rows'"
+            )
+        for sname, (shape, dtype) in spec.items():
+            t = saved[sname]
             if not torch.is_tensor(t):
-                raise ValueError(f"state '{name}' of {where} must be a tensor, got {type(t).__name__}")
+                raise ValueError(f"state '{sname}' of {where} must be a tensor, got {type(t).__name__}")
             if t.dtype != dtype:
-                raise ValueError(f"state '{name}' of {where} has dtype {t.dtype}, expected {dtype}")
+                raise ValueError(f"state '{sname}' of {where} has dtype {t.dtype}, expected {dtype}")
             if tuple(t.shape) != shape:
                 raise ValueError(
-                    f"state '{name}' of {where} has shape {tuple(t.shape)}, expected {shape}: the checkpoint "
+                    f"state '{sname}' of {where} has shape {tuple(t.shape)}, expected {shape}: the checkpoint "
                     "belongs to a different model or parameter order"
                 )
         state = self._new_state(p)
         state["step"] = step
-        for name in spec:
-            state[name].copy_(saved[name])
+        local_state = self._local_state(state)
+        if rows and self.uses_8bit(p):
+            codes = dict(zip(("signed", "unsigned"), self._qmaps(_dist.local(p).device)))
+            for mname, signed in self._STATE_8:
+                q = _dist.localize(saved[f"{mname}_q"], p, tuple(p.shape))
+                table = _dist.localize(saved[f"{mname}_absmax"], p, spec[f"{mname}_absmax"][0])
+                dev = local_state[f"{mname}_q"].device
+                code = codes["signed" if signed else "unsigned"]
+                new_q, absmax = _dist.rows_to_state(q.to(dev), table.to(dev), code, where)
+                local_state[f"{mname}_q"].view(-1).copy_(new_q)
+                local_state[f"{mname}_absmax"].copy_(absmax)
+        else:
+            for sname, (shape, _) in spec.items():
+                local_state[sname].copy_(_dist.localize(saved[sname], p, shape))
         return state
