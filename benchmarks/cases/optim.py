@@ -53,15 +53,25 @@ def _update(factory, shapes, backend=None):
 
 
 def _checker(factory, shapes, exact_ref: bool, rel: float):
-    torch_update = _update(lambda ps: torch.optim.AdamW(ps, foreach=False, **HP), shapes)
+    def torch_update():
+        return _update(lambda ps: torch.optim.AdamW(ps, foreach=False, **HP), shapes)
 
     def check(_):
-        got = _update(factory, shapes)
+        # torch's update is computed next to qpeft's, not once when the case is built, so
+        # both see the same process state (threads, allocator, earlier cases).
+        got, want = _update(factory, shapes), torch_update()
         if exact_ref:
             ref = _update(factory, shapes, "default")
             assert torch.equal(got, ref), "differs from the pure-torch reference"
-        err = float((got - torch_update).norm() / torch_update.norm())
-        assert err < rel, f"update differs from torch AdamW by {err:.2e} (bound {rel:g})"
+        err = float((got - want).norm() / want.norm())
+        if err >= rel:  # say what differs, so a rare failure explains itself
+            again = torch_update()
+            differing = float((got != want).float().mean())
+            raise AssertionError(
+                f"update differs from torch AdamW by {err:.2e} (bound {rel:g}); "
+                f"{differing:.1%} of elements differ, max |diff| {float((got - want).abs().max()):.2e}; "
+                f"torch's update recomputed {'equals' if torch.equal(again, want) else 'differs from'} itself"
+            )
 
     return check
 
