@@ -64,8 +64,9 @@ class CudaManagedMemory:
 
     def alloc(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         code, bits = DLPACK_DTYPES[dtype]
+        module = self._module()  # first: a build without CUDA says how to get it (ImportError)
         with on_device(device):
-            capsule = self._module().managed_dlpack(numel, code, bits, self._index(device))
+            capsule = module.managed_dlpack(numel, code, bits, self._index(device))
         return torch.utils.dlpack.from_dlpack(capsule)
 
     def prefetch(self, tensors: list[torch.Tensor], device: torch.device, to_host: bool) -> None:
