@@ -29,7 +29,7 @@ from torch import nn
 
 from .nn import IA3Linear, Linear4bit, MergeReport, QLoRALinear
 from .nn.lora import check_alpha, check_dropout, check_rank
-from .weight4bit import Weight4bit
+from .weight4bit import Weight4bit, ddp_ignore_4bit
 
 __all__ = [
     "ConversionSummary",
@@ -335,6 +335,7 @@ def convert(
         method, len(built), trainable, total, before, weight_bytes(model), time.perf_counter() - t0
     )
     model.qpeft_summary = summary
+    ddp_ignore_4bit(model)  # DDP(model) skips the frozen 4-bit weights (docs/distributed.md)
     if verbose:
         print(summary)
     return model

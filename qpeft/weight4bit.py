@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_map
 from ._formats import BLOCKSIZES_4BIT, FLOAT_DTYPES, QUANT_TYPES, code4, dynamic_map, zero_code4
 from .quant_state import QuantState
 
-__all__ = ["Weight4bit"]
+__all__ = ["Weight4bit", "broadcast_4bit", "ddp_ignore_4bit"]
 
 aten = torch.ops.aten
 
@@ -491,6 +491,33 @@ def _state_from(inner: dict, shape, dtype, meta) -> QuantState:
         offset=offset,
         state2=state2,
     )
+
+
+def ddp_ignore_4bit(model: torch.nn.Module) -> list[str]:
+    """Mark every Weight4bit parameter of ``model`` for DistributedDataParallel to skip, and
+    return their names. DDP broadcasts rank 0's parameters at construction through flat
+    per-dtype buckets (``torch.cat`` of the parameters), which a 4-bit tensor cannot join
+    without being made dense; the frozen 4-bit weights need neither that broadcast nor a
+    gradient reduction when every rank quantizes or loads the same base (use
+    :func:`broadcast_4bit` otherwise). ``qpeft.convert`` calls this on the model it converts;
+    call it on the module you pass to DDP if that is another one (docs/distributed.md)."""
+    names = [n for n, p in model.named_parameters() if isinstance(p, Weight4bit)]
+    old = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = old + [n for n in names if n not in old]
+    return names
+
+
+def broadcast_4bit(model: torch.nn.Module, src: int = 0, group=None) -> None:
+    """Copy rank ``src``'s 4-bit weights (codes and statistics, in place) to every rank of
+    ``group``: DDP's initial parameter sync for the weights :func:`ddp_ignore_4bit` skips.
+    The weights must have the same shapes and formats on every rank."""
+    import torch.distributed as dist
+
+    for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if isinstance(p, Weight4bit):
+            for t in (p.packed, p.absmax, p.nested_absmax, p.offset):
+                if t is not None:
+                    dist.broadcast(t, src=src, group=group)
 
 
 def _rebuild_weight4bit(inner: dict, meta: tuple, requires_grad: bool = False) -> Weight4bit:
