@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_map
 from ._formats import BLOCKSIZES_4BIT, FLOAT_DTYPES, QUANT_TYPES, code4, dynamic_map, zero_code4
 from .quant_state import QuantState
 
-__all__ = ["Weight4bit", "broadcast_4bit", "ddp_ignore_4bit"]
+__all__ = ["Weight4bit", "broadcast_4bit", "ddp_ignore_4bit", "gather_full"]
 
 aten = torch.ops.aten
 
@@ -491,6 +491,27 @@ def _state_from(inner: dict, shape, dtype, meta) -> QuantState:
         offset=offset,
         state2=state2,
     )
+
+
+def gather_full(weight) -> Weight4bit:
+    """The whole Weight4bit of an FSDP2-sharded one (a DTensor whose local tensor is a
+    Weight4bit shard), all-gathered the way FSDP2 gathers it (the packed bytes and the
+    statistics). A collective: every rank of the weight's mesh must call it."""
+    import torch.distributed as dist
+
+    local = weight.to_local()
+    if not isinstance(local, Weight4bit):
+        raise TypeError(f"gather_full needs a DTensor over a Weight4bit shard, got {type(local).__name__}")
+    mesh = weight.device_mesh
+    world = mesh.size()
+    inputs, meta = local.fsdp_pre_all_gather(mesh, weight.shape, weight.stride(), None, None)
+    outputs = []
+    for t in inputs:
+        t = t.contiguous()
+        out = t.new_empty(t.numel() * world)
+        dist.all_gather_into_tensor(out, t, group=mesh.get_group())
+        outputs.append(out)
+    return local.fsdp_post_all_gather(tuple(outputs), meta, None)[0]
 
 
 def ddp_ignore_4bit(model: torch.nn.Module) -> list[str]:

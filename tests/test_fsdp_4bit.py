@@ -86,6 +86,32 @@ def _check_layer_shards(rank, mesh):
         assert isinstance(layer.weight.to_local(), Weight4bit)
 
 
+def _full(sd: dict) -> dict:
+    """The bias (a plain parameter) is a sharded DTensor under FSDP2; the 4-bit keys are whole."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
+
+
+def _check_state_dict(mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    from qpeft.nn import Linear4bit
+
+    # the state dict of a sharded layer gathers the 4-bit bytes: bitsandbytes' layout, one
+    # tensor per layer; with whole nested blocks per shard, the original bytes
+    layer = _linear4bit(256, 512, 64, True)
+    sd = layer.state_dict()
+    fully_shard(layer, mesh=mesh)
+    got = _full(layer.state_dict())
+    assert got.keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in got.items())
+    # straddling nested blocks: the gathered state has fp32 absmax, and decodes bit for bit
+    layer = _linear4bit(64, 128, 64, True)
+    dense = layer.dequantize()
+    fully_shard(layer, mesh=mesh)
+    fresh = Linear4bit(128, 64)
+    fresh.load_state_dict(_full(layer.state_dict()))
+    assert not fresh.quant_state.nested and torch.equal(fresh.dequantize(), dense)
+
+
 def _check_refusals(mesh):
     from torch.distributed.fsdp import fully_shard
 
@@ -202,6 +228,7 @@ def _worker(rank: int, port: int) -> None:
         losses, grads = _reference(model)
         _check_llama_fsdp(rank, mesh, model, losses, grads)
         _check_llama_ddp(rank, model, losses, grads)
+        _check_state_dict(mesh)
         _check_refusals(mesh)
         dist.barrier()
     finally:
@@ -210,5 +237,10 @@ def _worker(rank: int, port: int) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 def test_fsdp2_and_ddp_over_4bit_weights():
+    # imported here, once: forked ranks inherit them (spawned ranks re-imported torch and
+    # transformers, ~25 s each on the 2-core CI machine). The ranks run 1 thread each.
     pytest.importorskip("transformers")
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401  (the lazy model import, also inherited)
+
+    mp.start_processes(_worker, args=(_free_port(),), nprocs=WORLD, join=True, start_method="fork")

@@ -38,7 +38,7 @@ from .._formats import (
     zero_code4,
 )
 from ..quant_state import QuantState
-from ..weight4bit import Weight4bit
+from ..weight4bit import Weight4bit, gather_full
 
 __all__ = ["Linear4bit"]
 
@@ -269,15 +269,16 @@ class Linear4bit(nn.Module):
     # codes and statistics together, and a dtype cast only relabels the dtype it dequantizes
     # to, never the codes or the fp32 statistics.)
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if not isinstance(self.weight, Weight4bit):
-            raise NotImplementedError(
-                f"{type(self).__name__}.state_dict() with a sharded weight ({type(self.weight).__name__}, "
-                "e.g. under FSDP2): unshard it first (FSDPModule.unshard()) or save before fully_shard; "
-                "the bitsandbytes layout is one tensor per layer"
-            )
+        weight = self.weight
+        if not isinstance(weight, Weight4bit):
+            if not isinstance(getattr(weight, "to_local", lambda: None)(), Weight4bit):
+                raise TypeError(f"{prefix}weight is a {type(weight).__name__}, not a qpeft.Weight4bit")
+            # sharded (FSDP2: a DTensor over a Weight4bit shard): the bitsandbytes layout is one
+            # tensor per layer, so gather the 4-bit bytes (a collective: every rank saves)
+            weight = gather_full(weight)
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = self.weight.packed if keep_vars else self.weight.packed.detach()
-        for k, v in self.quant_state.as_dict(packed=True).items():
+        destination[prefix + "weight"] = weight.packed if keep_vars else weight.packed.detach()
+        for k, v in weight.quant_state.as_dict(packed=True).items():
             destination[prefix + "weight." + k] = v if keep_vars else v.detach()
 
     def _load_from_state_dict(
