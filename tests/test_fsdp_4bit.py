@@ -112,6 +112,26 @@ def _check_state_dict(mesh):
     assert not fresh.quant_state.nested and torch.equal(fresh.dequantize(), dense)
 
 
+def _check_mixed_precision(mesh):
+    # param_dtype relabels the gathered 4-bit weight (its codes are never cast); the adapters
+    # are cast by FSDP2, so the result is the unsharded layer's in bf16, bit for bit
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from qpeft.nn import QLoRALinear
+
+    torch.manual_seed(11)
+    layer = QLoRALinear.from_linear(torch.nn.Linear(128, 64), r=4)
+    torch.nn.init.normal_(layer.lora_B, std=0.05)
+    x = torch.randn(6, 128)
+    want = copy.deepcopy(layer).to(torch.bfloat16)(x.bfloat16())
+    fully_shard(layer, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    got = layer(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert layer.base_layer.weight.dtype == torch.bfloat16  # the root stays unsharded after forward
+    got.float().sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_A.grad.dtype == torch.float32
+
+
 def _check_refusals(mesh):
     from torch.distributed.fsdp import fully_shard
 
@@ -229,6 +249,7 @@ def _worker(rank: int, port: int) -> None:
         _check_llama_fsdp(rank, mesh, model, losses, grads)
         _check_llama_ddp(rank, model, losses, grads)
         _check_state_dict(mesh)
+        _check_mixed_precision(mesh)
         _check_refusals(mesh)
         dist.barrier()
     finally:
