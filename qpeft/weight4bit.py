@@ -238,9 +238,6 @@ class Weight4bit(torch.Tensor):
         )
 
     # --- shapes and formats -----------------------------------------------------------------
-    def _with(self, packed: torch.Tensor, state: QuantState) -> Weight4bit:
-        return Weight4bit(packed, state)
-
     def _relabel(self, shape=None, dtype=None) -> Weight4bit:
         """The same storage under another shape (same numel) or logical dtype."""
         st = self.quant_state

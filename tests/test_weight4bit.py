@@ -64,6 +64,21 @@ def test_linear4bit_weight_is_a_frozen_weight4bit_parameter():
     assert "Weight4bit(shape=(48, 64)" in repr(w) and "quant_type='nf4'" in repr(w)
 
 
+def test_constructor_errors_name_the_problem():
+    packed, state = qf.quantize_4bit(torch.randn(8, 64))
+    with pytest.raises(TypeError, match="must be uint8"):
+        Weight4bit(packed.float(), state)
+    with pytest.raises(TypeError, match="plain tensor"):
+        Weight4bit(Weight4bit(packed, state), state)
+    _, state8 = qf.quantize_blockwise(torch.randn(300))
+    with pytest.raises(TypeError, match="4-bit QuantState"):
+        Weight4bit(packed, state8)
+    layer = _layer()
+    for dense in (torch.randn(48, 64), torch.nn.Parameter(torch.randn(48, 64))):
+        with pytest.raises(TypeError, match="never on assignment"):
+            layer.weight = dense  # a dense weight is not silently quantized
+
+
 def test_quant_state_setter_and_plain_packed_assignment_keep_working():
     layer = _layer()
     other = _layer(seed=1)

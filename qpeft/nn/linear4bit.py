@@ -185,16 +185,17 @@ class Linear4bit(nn.Module):
         self.weight = nn.Parameter(Weight4bit(self.weight.packed, state), requires_grad=False)
 
     def __setattr__(self, name, value):
-        # ``layer.weight = packed`` (a plain uint8 tensor, as bitsandbytes-style code assigns)
-        # keeps working: the codes are wrapped with the current quantization state
-        if (
-            name == "weight"
-            and isinstance(value, torch.Tensor)
-            and not isinstance(value, Weight4bit)
-            and value.dtype == torch.uint8
-            and "weight" in self._parameters
-        ):
-            value = nn.Parameter(Weight4bit(value, self.quant_state), requires_grad=False)
+        if name == "weight" and isinstance(value, torch.Tensor) and not isinstance(value, Weight4bit):
+            if value.dtype == torch.uint8 and "weight" in self._parameters:
+                # ``layer.weight = packed`` (plain uint8 codes, as bitsandbytes-style code
+                # assigns) keeps working: the codes are wrapped with the current state
+                value = nn.Parameter(Weight4bit(value, self.quant_state), requires_grad=False)
+            elif not isinstance(getattr(value, "to_local", lambda: None)(), Weight4bit):  # FSDP2's DTensor
+                raise TypeError(
+                    f"{type(self).__name__}.weight must be a qpeft.Weight4bit (or its packed uint8 codes), got "
+                    f"a {value.dtype} {type(value).__name__}: a dense weight is quantized by requantize_() "
+                    "or load_state_dict(), never on assignment"
+                )
         super().__setattr__(name, value)
 
     # --- compute -------------------------------------------------------------------------
