@@ -16,6 +16,7 @@ from ._native import CudaFallbackWarning, ReferenceFallbackWarning, cpu_info
 from .convert import add_adapter, convert, disable_adapters, merge_adapters, set_adapter, unmerge_adapters
 from .quant_state import QuantState
 from .serialization import load_adapter, load_quantized, save_adapter, save_quantized
+from .weight4bit import Weight4bit
 
 __version__ = "0.1.0"
 
@@ -41,4 +42,5 @@ __all__ = [
     "set_adapter",
     "unmerge_adapters",
     "use_backend",
+    "Weight4bit",
 ]

@@ -19,6 +19,7 @@ import torch
 
 from ._formats import BLOCKSIZES_4BIT, FLOAT_DTYPES, QUANT_TYPES
 from ._optim_math import state_blocks
+from .weight4bit import Weight4bit
 
 
 def _blocks(n: int, blocksize: int) -> int:
@@ -184,7 +185,10 @@ def tensor_arg(t, name: str) -> torch.Tensor:
 
 def packed_4bit(packed, name: str = "packed") -> torch.Tensor:
     """The packed codes as uint8: bitsandbytes' quant_storage may hold the same bytes in
-    another dtype (viewed, never converted); bool storage has no byte meaning."""
+    another dtype (viewed, never converted); bool storage has no byte meaning. A
+    :class:`qpeft.Weight4bit` stands for its packed codes."""
+    if isinstance(packed, Weight4bit):
+        return packed.packed
     tensor_arg(packed, name)
     if packed.dtype == torch.bool:
         raise TypeError(

@@ -29,6 +29,7 @@ from torch import nn
 
 from .nn import IA3Linear, Linear4bit, MergeReport, QLoRALinear
 from .nn.lora import check_alpha, check_dropout, check_rank
+from .weight4bit import Weight4bit, ddp_ignore_4bit
 
 __all__ = [
     "ConversionSummary",
@@ -81,6 +82,9 @@ def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     for t in tensors:
         if t is None or t.device.type == "meta":
             continue
+        if isinstance(t, Weight4bit):  # its codes and statistics, not its logical size
+            total += _tensor_bytes([t.packed, t.absmax, t.nested_absmax, t.offset])
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
         if key not in seen:
             seen.add(key)
@@ -90,7 +94,7 @@ def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 def _quant_state_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
     for m in model.modules():
-        if isinstance(m, Linear4bit):
+        if isinstance(m, Linear4bit) and not isinstance(m.weight, Weight4bit):
             st = m.quant_state
             yield st.absmax
             if st.nested:
@@ -112,10 +116,7 @@ def _param_counts(model: nn.Module) -> tuple[int, int]:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
-    for m in model.modules():
-        if isinstance(m, Linear4bit):
-            total += m.in_features * m.out_features
-    return trainable, total
+    return trainable, total  # a Weight4bit counts its logical out * in elements
 
 
 def _matcher(spec, what: str):
@@ -334,6 +335,7 @@ def convert(
         method, len(built), trainable, total, before, weight_bytes(model), time.perf_counter() - t0
     )
     model.qpeft_summary = summary
+    ddp_ignore_4bit(model)  # DDP(model) skips the frozen 4-bit weights (docs/distributed.md)
     if verbose:
         print(summary)
     return model

@@ -104,7 +104,7 @@ def test_truncated_packed_after_a_call_is_rechecked():
     layer = Linear4bit.from_linear(lin)
     x = torch.randn(3, 64)
     layer(x)
-    layer.weight = layer.weight[:-1]
+    layer.weight = layer.weight.packed[:-1]  # plain uint8 codes: wrapped with the layer's quant_state
     with pytest.raises(ValueError, match="packed has 1535 elements but 1536 are needed"):
         layer(x)
 

@@ -250,7 +250,7 @@ def test_linear4bit_without_bias_rounds_in_the_kernel(amx_calls, isa):
         y = layer(x)
     assert amx_calls["fwd"] == 1 and y.dtype == torch.bfloat16
     absmax, nested_absmax, nested_code, offset, rest = _quant_args(layer.quant_state)
-    quant = (layer.weight, absmax, nested_absmax, nested_code, offset, *rest)
+    quant = (layer.weight.packed, absmax, nested_absmax, nested_code, offset, *rest)
     assert torch.equal(y, amx.qgemm_4bit(x, quant).bfloat16())
 
 

@@ -252,7 +252,7 @@ def test_linear4bit_forward_matches_kernel(dp_calls, isa):
         y = layer(x)
     assert dp_calls == [20] and y.dtype == torch.bfloat16
     absmax, nested_absmax, nested_code, offset, rest = _quant_args(layer.quant_state)
-    quant = (layer.weight, absmax, nested_absmax, nested_code, offset, *rest)
+    quant = (layer.weight.packed, absmax, nested_absmax, nested_code, offset, *rest)
     assert torch.equal(y, dpbf16.qgemm_4bit(x, quant).bfloat16())  # fp32 sums, one rounding
 
 

@@ -264,7 +264,7 @@ def test_bitsandbytes_state_dict_loads_into_linear4bit_and_back(bnb, tmp_path):
     x = torch.randn(9, 128)
     w = ours.dequantize(torch.float32)
     tol = _fp32_bound(x.abs() @ w.abs().T + ours.bias.abs(), k=128)
-    assert torch.equal(ours.weight, theirs.weight.data)
+    assert torch.equal(ours.weight.packed, theirs.weight.data)  # the same codes (Weight4bit.packed)
     assert bool(((ours(x) - theirs(x)).abs() <= 2 * tol).all())  # each within tol of the exact value
 
     ours2 = Linear4bit.from_linear(_linear(128, 40, seed=9))
@@ -295,7 +295,9 @@ def test_linear4bit_forward_dtype_moves_and_plain_state_dict():
     assert_within(layer(x), ref, tol.double(), "Linear4bit forward")
     # .to(bf16) casts the bias, never the packed codes or the fp32 statistics
     half = copy.deepcopy(layer).to(torch.bfloat16)
-    assert half.weight.dtype == torch.uint8 and half.quant_state.absmax.dtype == torch.uint8
+    # the Weight4bit's dtype is relabelled (what it dequantizes to); the codes and statistics stay
+    assert half.weight.dtype == torch.bfloat16 and half.weight.packed.dtype == torch.uint8
+    assert half.quant_state.absmax.dtype == torch.uint8
     assert half.quant_state.state2.absmax.dtype == torch.float32 and half.bias.dtype == torch.bfloat16
     assert half(x.bfloat16()).dtype == torch.bfloat16
     # a plain nn.Linear state dict is quantized on load

@@ -108,7 +108,7 @@ def test_forward_matches_peft_lora_over_bitsandbytes(base, ids):
     for name, m in ours.named_modules():
         if isinstance(m, QLoRALinear):  # the same 4-bit bytes on both sides
             assert torch.equal(
-                theirs.base_model.model.get_submodule(name).base_layer.weight.data, m.base_layer.weight
+                theirs.base_model.model.get_submodule(name).base_layer.weight.data, m.base_layer.weight.packed
             )
     _copy_adapters_into_peft(ours, theirs)
     ref = _logits(_merged_fp64(base, ours), ids.clone())

@@ -643,7 +643,8 @@ def test_empty_linear4bit_equals_quantized_zeros(quant_type, double_quant, shape
     packed, state = qf.quantize_4bit(
         torch.zeros(out, inp, dtype=dtype or torch.float32), 128, quant_type, double_quant
     )
-    assert torch.equal(layer.weight, packed) and layer.weight.dtype == packed.dtype
+    # the layer's weight is a Weight4bit: its codes are .packed (docs/design.md, "The 4-bit weight tensor")
+    assert torch.equal(layer.weight.packed, packed) and layer.weight.packed.dtype == packed.dtype
     ours, ref = layer.quant_state.as_dict(), state.as_dict()
     assert ours.keys() == ref.keys()
     for k, v in ref.items():
@@ -662,7 +663,7 @@ def test_large_empty_linear4bit_builds_no_dense_weight(monkeypatch):
 
     monkeypatch.setattr(qf, "quantize_4bit", no_quantize)
     layer = Linear4bit(16384, 16384)
-    assert layer.weight.numel() == 16384 * 16384 // 2 and layer.weight.dtype == torch.uint8
+    assert layer.weight.packed.numel() == 16384 * 16384 // 2 and layer.weight.packed.dtype == torch.uint8
     assert layer.weight_bytes() < 16384 * 16384 // 2 * 1.1
 
 

@@ -87,7 +87,7 @@ def _linear4bit_cases(device: str, quick: bool) -> list[Case]:
     with torch.no_grad():
         lin.weight.copy_(w.float())
     q = qpeft.nn.Linear4bit.from_linear(lin)  # the same packed weight as quantize_4bit(w)
-    packed, state = q.weight, q.quant_state
+    packed, state = q.weight.packed, q.quant_state
     w32 = q.dequantize(torch.float32)
     w16 = w32.to(torch.bfloat16)
     out = []

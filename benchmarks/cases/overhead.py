@@ -65,7 +65,7 @@ def _layers(n: int, k: int) -> dict:
         b4 = bnb.nn.Linear4bit(k, n, compute_dtype=torch.float32, quant_type="nf4", device="meta")
         st = bnb.functional.QuantState.from_dict(q.base_layer.quant_state.as_dict(packed=True), device="cpu")
         b4.weight = bnb.nn.Params4bit(
-            q.base_layer.weight, requires_grad=False, quant_state=st, bnb_quantized=True, module=b4
+            q.base_layer.weight.packed, requires_grad=False, quant_state=st, bnb_quantized=True, module=b4
         )
         b4.quant_state = st
         b4.bias = torch.nn.Parameter(lin.bias.detach().clone(), requires_grad=False)

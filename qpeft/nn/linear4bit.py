@@ -1,7 +1,12 @@
 """Linear4bit: a frozen linear layer whose weight is stored 4-bit (NF4/FP4, bitsandbytes layout).
 
-The packed weight is the buffer ``weight`` (uint8 [(out * in + 1) // 2, 1]) and its
-decoding state a :class:`qpeft.QuantState`; the state dict carries the bitsandbytes keys
+The weight is the parameter ``weight``, a :class:`qpeft.Weight4bit` (logical shape [out, in],
+dtype the one it dequantizes to, ``requires_grad=False``) holding the packed codes
+(``weight.packed``, uint8 [(out * in + 1) // 2, 1]) and their decoding state
+(``weight.quant_state``, a :class:`qpeft.QuantState`; ``layer.quant_state`` is the same
+object). As a parameter it moves with the module, deep-copies, pickles, compiles and is
+sharded by FSDP2 in its 4-bit form (docs/design.md, "The 4-bit weight tensor";
+docs/distributed.md). The state dict still carries the bitsandbytes keys
 (``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``,
 ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__<type>``, ``bias``), so a
 ``bitsandbytes.nn.Linear4bit`` state dict loads here and this one loads there (through
@@ -33,6 +38,7 @@ from .._formats import (
     zero_code4,
 )
 from ..quant_state import QuantState
+from ..weight4bit import Weight4bit, gather_full
 
 __all__ = ["Linear4bit"]
 
@@ -130,8 +136,7 @@ class Linear4bit(nn.Module):
             device,
             dtype or torch.float32,
         )
-        self.register_buffer("weight", packed)
-        self.quant_state: QuantState = state
+        self.weight = nn.Parameter(Weight4bit(packed, state), requires_grad=False)
         if bias:
             self.bias = nn.Parameter(
                 torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False
@@ -162,13 +167,36 @@ class Linear4bit(nn.Module):
         self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
         self.compute_dtype = compute_dtype
         packed, state = qf.quantize_4bit(w, blocksize, quant_type, double_quant)
-        self.register_buffer("weight", packed)
-        self.quant_state = state
+        self.weight = nn.Parameter(Weight4bit(packed, state), requires_grad=False)
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
         return self
+
+    # --- the 4-bit weight ------------------------------------------------------------------
+    @property
+    def quant_state(self) -> QuantState:
+        """The weight's decoding state (``self.weight.quant_state``)."""
+        return self.weight.quant_state
+
+    @quant_state.setter
+    def quant_state(self, state: QuantState) -> None:
+        self.weight = nn.Parameter(Weight4bit(self.weight.packed, state), requires_grad=False)
+
+    def __setattr__(self, name, value):
+        if name == "weight" and isinstance(value, torch.Tensor) and not isinstance(value, Weight4bit):
+            if value.dtype == torch.uint8 and "weight" in self._parameters:
+                # ``layer.weight = packed`` (plain uint8 codes, as bitsandbytes-style code
+                # assigns) keeps working: the codes are wrapped with the current state
+                value = nn.Parameter(Weight4bit(value, self.quant_state), requires_grad=False)
+            elif not isinstance(getattr(value, "to_local", lambda: None)(), Weight4bit):  # FSDP2's DTensor
+                raise TypeError(
+                    f"{type(self).__name__}.weight must be a qpeft.Weight4bit (or its packed uint8 codes), got "
+                    f"a {value.dtype} {type(value).__name__}: a dense weight is quantized by requantize_() "
+                    "or load_state_dict(), never on assignment"
+                )
+        super().__setattr__(name, value)
 
     # --- compute -------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
@@ -200,12 +228,11 @@ class Linear4bit(nn.Module):
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         b = self.bias if bias else None
+        w = self.weight
         if lora_A is None and lora_B is None and out_scale is None:
-            y = qf.linear_4bit(x, self.weight, self.quant_state, b)
+            y = qf.linear_4bit(x, w.packed, w.quant_state, b)
         else:
-            y = qf.qlora_linear(
-                x, self.weight, self.quant_state, lora_A, lora_B, scaling, b, out_scale=out_scale
-            )
+            y = qf.qlora_linear(x, w.packed, w.quant_state, lora_A, lora_B, scaling, b, out_scale=out_scale)
         # y is in x's dtype (autocast's inside an autocast region); compute_dtype casts back
         return y.to(in_dtype) if self.compute_dtype is not None and y.dtype != in_dtype else y
 
@@ -214,25 +241,23 @@ class Linear4bit(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dequantized weight [out, in] (default: the dtype it was quantized from)."""
-        return qf.dequantize_4bit(self.weight, self.quant_state, dtype)
+        return qf.dequantize_4bit(self.weight.packed, self.quant_state, dtype)
 
-    def requantize_(self, weight: torch.Tensor) -> None:
-        """Replace the stored weight by the quantization of ``weight`` [out, in] (same settings)."""
+    def requantize_(self, weight: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Replace the stored weight by the quantization of ``weight`` [out, in] (same settings);
+        ``dtype``: the dtype it dequantizes to (default ``weight``'s)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"weight must be [{self.out_features}, {self.in_features}], got {tuple(weight.shape)}"
             )
         packed, state = qf.quantize_4bit(weight, self.blocksize, self.quant_type, self.double_quant)
-        self.weight = packed
-        self.quant_state = state
+        if dtype is not None:
+            state.dtype = dtype
+        self.weight = nn.Parameter(Weight4bit(packed, state), requires_grad=False)
 
     def weight_bytes(self) -> int:
         """Bytes of the stored weight: packed codes plus quantization statistics."""
-        st = self.quant_state
-        n = self.weight.numel() * self.weight.element_size() + st.absmax.numel() * st.absmax.element_size()
-        if st.nested:
-            n += st.state2.absmax.numel() * st.state2.absmax.element_size() + 4
-        return n
+        return self.weight.storage_bytes()
 
     def extra_repr(self) -> str:
         return (
@@ -240,19 +265,21 @@ class Linear4bit(nn.Module):
             f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}"
         )
 
-    # --- device moves keep the quantization state in fp32 -------------------------------------
-    def _apply(self, fn, recurse=True):
-        # nn.Module._apply casts floating buffers on .half()/.to(dtype); the quant state is
-        # not a buffer, so it only follows the packed weight's device and keeps its fp32.
-        super()._apply(fn, recurse)
-        if self.quant_state.absmax.device != self.weight.device:
-            self.quant_state.to(self.weight.device)
-        return self
-
     # --- state dict in the bitsandbytes layout ----------------------------------------------
+    # (.to(device) / .cpu() / .half() need nothing here: the Weight4bit parameter moves its
+    # codes and statistics together, and a dtype cast only relabels the dtype it dequantizes
+    # to, never the codes or the fp32 statistics.)
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        weight = self.weight
+        if not isinstance(weight, Weight4bit):
+            if not isinstance(getattr(weight, "to_local", lambda: None)(), Weight4bit):
+                raise TypeError(f"{prefix}weight is a {type(weight).__name__}, not a qpeft.Weight4bit")
+            # sharded (FSDP2: a DTensor over a Weight4bit shard): the bitsandbytes layout is one
+            # tensor per layer, so gather the 4-bit bytes (a collective: every rank saves)
+            weight = gather_full(weight)
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for k, v in self.quant_state.as_dict(packed=True).items():
+        destination[prefix + "weight"] = weight.packed if keep_vars else weight.packed.detach()
+        for k, v in weight.quant_state.as_dict(packed=True).items():
             destination[prefix + "weight." + k] = v if keep_vars else v.detach()
 
     def _load_from_state_dict(
@@ -272,13 +299,13 @@ class Linear4bit(nn.Module):
         elif strict:
             missing_keys.append(w_key)
         # The weight is handled above; let nn.Module load the bias (and report its keys).
-        weight = self._buffers.pop("weight")
+        weight = self._parameters.pop("weight")
         try:
             super()._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
         finally:
-            self._buffers["weight"] = weight
+            self._parameters["weight"] = weight
         skip = set(quant_keys) | {w_key}
         unexpected_keys[:] = [k for k in unexpected_keys if k not in skip]
 
@@ -295,6 +322,13 @@ class Linear4bit(nn.Module):
         w_key = prefix + "weight"
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"{w_key} must be a tensor, got {type(weight).__name__}")
+        if device.type == "meta":
+            # a layer built on the meta device takes the checkpoint's tensors where they are
+            # (what load_state_dict(assign=True) does for a plain parameter; copying into a
+            # meta tensor would leave the layer without data)
+            device = weight.device
+        if isinstance(weight, Weight4bit):  # a qpeft layer's parameter (state_dict(keep_vars)...)
+            weight = weight.packed
         if not quant:
             if not weight.is_floating_point() or tuple(weight.shape) != shape:
                 raise ValueError(
@@ -323,8 +357,7 @@ class Linear4bit(nn.Module):
 
     def commit_weight(self, packed: torch.Tensor, state: QuantState) -> None:
         """Install what :meth:`prepare_weight` returned (cannot fail)."""
-        self.weight = packed
-        self.quant_state = state
+        self.weight = nn.Parameter(Weight4bit(packed, state), requires_grad=False)
         self.quant_type, self.blocksize, self.double_quant = state.quant_type, state.blocksize, state.nested
 
     def _load_weight(self, weight: torch.Tensor, quant: dict[str, torch.Tensor], prefix: str = "") -> None:

@@ -218,7 +218,8 @@ class QLoRALinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The base layer's weight (packed uint8 for a 4-bit base, as bitsandbytes')."""
+        """The base layer's weight (a :class:`qpeft.Weight4bit` for a 4-bit base: ``.packed`` holds
+        the uint8 codes bitsandbytes' weight holds)."""
         return self.base_layer.weight
 
     @property
@@ -440,9 +441,7 @@ class QLoRALinear(nn.Module):
 
     def _requantize(self, w: torch.Tensor) -> MergeReport:
         base = self.base_layer
-        dtype = base.quant_state.dtype
-        base.requantize_(w)
-        base.quant_state.dtype = dtype  # dequantize() keeps returning the original dtype
+        base.requantize_(w, dtype=base.quant_state.dtype)  # dequantize() keeps returning the original dtype
         err = base.dequantize(torch.float32) - w
         rms = float(err.pow(2).mean().sqrt())
         return MergeReport(

@@ -53,7 +53,7 @@ def weight_rows(
     align = bs // math.gcd(k, bs)
     rows = max(align, (chunk_elements // k) // align * align)
     absmax = _fp32_absmax(state)
-    packed = base.weight.reshape(-1)
+    packed = base.weight.packed.reshape(-1)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
         e0, e1 = r0 * k, r1 * k  # e0 is a multiple of bs, hence even: whole bytes

@@ -1,0 +1,377 @@
+"""qpeft.Weight4bit: the 4-bit weight as a tensor subclass (docs/design.md, "The 4-bit weight tensor").
+
+Every decode is compared bit for bit with ``qpeft.functional.dequantize_4bit`` of the source
+weight: the subclass only moves, relabels and slices codes and statistics, it never
+recomputes them (the one exception, fp32 absmax for a slice across a nested block, is the
+same two fp32 roundings as the nested decode, so bit-identity is still the requirement).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hst
+
+import qpeft
+from qpeft import Weight4bit
+from qpeft import functional as qf
+from qpeft.nn import Linear4bit, QLoRALinear
+from qpeft.weight4bit import fp32_absmax
+
+
+def _layer(out=48, inp=64, seed=0, **kw) -> Linear4bit:
+    torch.manual_seed(seed)
+    return Linear4bit.from_linear(torch.nn.Linear(inp, out), **kw)
+
+
+def _weight(out, inp, blocksize=64, double_quant=True, quant_type="nf4", seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    dense = torch.randn(out, inp, generator=g).to(dtype)
+    return Weight4bit.from_float(dense, blocksize, quant_type, double_quant)
+
+
+# --- the module's parameter ----------------------------------------------------------------------
+def test_linear4bit_weight_is_a_frozen_weight4bit_parameter():
+    layer = _layer()
+    w = layer.weight
+    assert isinstance(w, Weight4bit) and isinstance(w, torch.nn.Parameter)
+    assert w.shape == (48, 64) and w.dtype == torch.float32 and not w.requires_grad
+    assert w.packed.dtype == torch.uint8 and w.packed.shape == (48 * 64 // 2, 1)
+    assert layer.quant_state is w.quant_state
+    assert dict(layer.named_parameters())["weight"] is w
+    assert torch.equal(w.dequantize(), qf.dequantize_4bit(w.packed, w.quant_state))
+    assert torch.equal(layer.dequantize(), w.dequantize())
+    # the functional API and the qpeft ops read a Weight4bit as its packed codes
+    x = torch.randn(3, 64)
+    assert torch.equal(
+        qf.linear_4bit(x, w, layer.quant_state), qf.linear_4bit(x, w.packed, layer.quant_state)
+    )
+    st = w.quant_state
+    direct = torch.ops.qpeft.dequantize_4bit(
+        w.packed, fp32_absmax(st), st.blocksize, st.quant_type, [48, 64], torch.float32
+    )
+    assert torch.equal(
+        torch.ops.qpeft.dequantize_4bit(
+            w, fp32_absmax(st), st.blocksize, st.quant_type, [48, 64], torch.float32
+        ),
+        direct,
+    )
+    assert "Weight4bit(shape=(48, 64)" in repr(w) and "quant_type='nf4'" in repr(w)
+
+
+def test_constructor_errors_name_the_problem():
+    packed, state = qf.quantize_4bit(torch.randn(8, 64))
+    with pytest.raises(TypeError, match="must be uint8"):
+        Weight4bit(packed.float(), state)
+    with pytest.raises(TypeError, match="plain tensor"):
+        Weight4bit(Weight4bit(packed, state), state)
+    _, state8 = qf.quantize_blockwise(torch.randn(300))
+    with pytest.raises(TypeError, match="4-bit QuantState"):
+        Weight4bit(packed, state8)
+    layer = _layer()
+    for dense in (torch.randn(48, 64), torch.nn.Parameter(torch.randn(48, 64))):
+        with pytest.raises(TypeError, match="never on assignment"):
+            layer.weight = dense  # a dense weight is not silently quantized
+
+
+def test_quant_state_setter_and_plain_packed_assignment_keep_working():
+    layer = _layer()
+    other = _layer(seed=1)
+    layer.weight = other.weight.packed.clone()  # plain uint8 codes: wrapped with the current state
+    assert isinstance(layer.weight, Weight4bit) and layer.weight.quant_state is not other.quant_state
+    layer.quant_state = other.quant_state
+    assert layer.quant_state is other.quant_state
+    assert torch.equal(layer.dequantize(), other.dequantize())
+
+
+def test_weight_bytes_and_convert_count_the_4bit_storage():
+    layer = _layer(256, 512)
+    w = layer.weight
+    expected = 256 * 512 // 2 + 256 * 512 // 64 + 4 * (-(256 * 512 // 64 // -256)) + 4
+    assert layer.weight_bytes() == w.storage_bytes() == expected
+    assert qpeft.convert.__module__  # the module, not shadowed
+    from qpeft.convert import weight_bytes
+
+    assert weight_bytes(layer) == expected + 256 * 4  # + the fp32 bias
+
+
+# --- moves, copies, pickling ----------------------------------------------------------------------
+def test_dtype_casts_relabel_never_touch_codes():
+    layer = _layer()
+    packed, absmax = layer.weight.packed.clone(), layer.quant_state.absmax.clone()
+    half = copy.deepcopy(layer).to(torch.bfloat16)
+    assert half.weight.dtype == torch.bfloat16 and half.quant_state.dtype == torch.bfloat16
+    assert torch.equal(half.weight.packed, packed) and torch.equal(half.quant_state.absmax, absmax)
+    assert half.quant_state.state2.absmax.dtype == torch.float32
+    assert torch.equal(half.dequantize(torch.float32), layer.dequantize())
+    assert half.dequantize().dtype == torch.bfloat16
+    dbl = copy.deepcopy(layer).double()  # gradchecks cast modules to fp64: the 4-bit weight stays
+    assert dbl.weight.dtype == torch.float32 and dbl.bias.dtype == torch.float64
+    with pytest.raises(NotImplementedError, match="cannot become torch.int32"):
+        layer.weight.to(torch.int32)
+    assert layer.cpu().weight is layer.weight  # same device: nothing moves
+
+
+def test_meta_device_move_and_to_empty():
+    layer = _layer()
+    m = copy.deepcopy(layer).to("meta")
+    assert m.weight.device.type == "meta" and m.weight.packed.is_meta and m.quant_state.absmax.is_meta
+    assert isinstance(m.weight, Weight4bit) and m.weight.shape == (48, 64)
+    m.to_empty(device="cpu")
+    assert isinstance(m.weight, Weight4bit) and m.weight.device.type == "cpu"
+    assert torch.equal(m.dequantize(), torch.zeros(48, 64))  # empty_like: a zero weight
+    m.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 64)
+    assert torch.equal(m(x), layer(x))
+
+
+def test_deepcopy_is_independent():
+    layer = _layer()
+    twin = copy.deepcopy(layer)
+    assert (
+        torch.equal(twin.weight, layer.weight)
+        and twin.weight.packed.data_ptr() != layer.weight.packed.data_ptr()
+    )
+    assert twin.quant_state is not layer.quant_state and isinstance(twin.weight, torch.nn.Parameter)
+    twin.weight.packed.zero_()
+    assert not torch.equal(twin.weight, layer.weight)
+    x = torch.randn(2, 64)
+    assert not torch.equal(twin(x), layer(x))
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_torch_save_and_weights_only_load(double_quant):
+    layer = _layer(double_quant=double_quant, quant_type="fp4")
+    buf = io.BytesIO()
+    torch.save({"w": layer.weight, "sd": layer.state_dict()}, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=True)
+    assert isinstance(back["w"], Weight4bit) and torch.equal(back["w"], layer.weight)
+    assert back["w"].quant_state.quant_type == "fp4" and back["w"].nested == double_quant
+    assert torch.equal(back["w"].dequantize(), layer.dequantize())
+    fresh = Linear4bit(64, 48, quant_type="fp4", double_quant=double_quant)
+    fresh.load_state_dict(back["sd"])
+    assert torch.equal(fresh.weight, layer.weight)
+
+
+def test_whole_module_pickles():
+    layer = QLoRALinear(_layer(), r=4)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    x = torch.randn(3, 64)
+    assert torch.equal(back(x), layer(x)) and isinstance(back.base_layer.weight, Weight4bit)
+
+
+# --- state dict ------------------------------------------------------------------------------------
+def test_state_dict_keeps_the_bitsandbytes_layout():
+    layer = _layer()
+    sd = layer.state_dict()
+    assert list(sd) == [
+        "weight",
+        "bias",
+        "weight.absmax",
+        "weight.quant_map",
+        "weight.nested_absmax",
+        "weight.nested_quant_map",
+        "weight.quant_state.bitsandbytes__nf4",
+    ]
+    assert type(sd["weight"]) is torch.Tensor and sd["weight"].dtype == torch.uint8
+    assert torch.equal(sd["weight"], layer.weight.packed)
+    kv = layer.state_dict(keep_vars=True)
+    assert kv["weight"] is layer.weight.packed
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_meta_construction_then_load_state_dict(assign):
+    layer = _layer(blocksize=128, quant_type="fp4")
+    with torch.device("meta"):
+        m = Linear4bit(64, 48, blocksize=128, quant_type="fp4")
+    assert m.weight.is_meta and isinstance(m.weight, Weight4bit)
+    if not assign:
+        m.to_empty(device="cpu")  # the usual copy-load path: materialize, then copy
+    m.load_state_dict(layer.state_dict(), assign=assign)
+    assert m.weight.device.type == "cpu" and isinstance(m.weight, torch.nn.Parameter)
+    x = torch.randn(5, 64)
+    assert torch.equal(m(x), layer(x))
+
+
+def test_bitsandbytes_linear4bit_state_dict_loads():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(128, 32)
+    theirs = bnb.nn.Linear4bit(128, 32, compute_dtype=torch.float32, quant_type="nf4")
+    theirs.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    theirs.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    theirs = theirs.to("cpu")
+    ours = Linear4bit(128, 32)
+    ours.load_state_dict(theirs.state_dict())
+    assert torch.equal(ours.weight.packed, theirs.weight.data)
+    assert torch.equal(
+        ours.dequantize(), bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state)
+    )
+
+
+# --- compile ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_of_a_linear4bit_forward(backend):
+    layer = _layer(40, 64, seed=5)
+    x = torch.randn(16, 64)
+    want = layer(x)
+    torch._dynamo.reset()
+    got = torch.compile(layer, backend=backend)(x)
+    assert torch.equal(got, want)
+
+
+# --- ops -----------------------------------------------------------------------------------------
+def test_detach_aliases_clone_copies():
+    w = _weight(8, 64)
+    d = w.detach()
+    assert isinstance(d, Weight4bit) and d.packed is w.packed and d.quant_state is w.quant_state
+    c = w.clone()
+    assert torch.equal(c, w) and c.packed.data_ptr() != w.packed.data_ptr()
+    c.packed.zero_()
+    assert not torch.equal(c, w)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_empty_like_new_zeros_and_copy(double_quant):
+    w = _weight(16, 64, double_quant=double_quant)
+    for z in (torch.empty_like(w), w.new_zeros((16, 64)), torch.zeros_like(w)):
+        assert isinstance(z, Weight4bit) and z.nested == double_quant
+        assert torch.equal(z.dequantize(), torch.zeros(16, 64))
+    # another size keeps double quantization only with whole nested blocks (256 blocks of 64)
+    assert w.new_zeros((8, 64)).nested is False and not w.new_empty((8, 64)).nested
+    assert w.new_zeros((256, 64)).nested == double_quant
+    assert torch.equal(w.new_zeros((8, 64)).dequantize(), torch.zeros(8, 64))
+    z = torch.empty_like(w)
+    z.copy_(w)
+    assert torch.equal(z, w) and z.packed.data_ptr() != w.packed.data_ptr()
+    flat = _weight(16, 64, double_quant=False).new_zeros((16, 64))
+    flat.copy_(w)  # into fp32 absmax: the decode is bit for bit the source's
+    assert torch.equal(flat.dequantize(), w.dequantize())
+    with pytest.raises(NotImplementedError, match="quantize it explicitly"):
+        z.copy_(torch.randn(16, 64))
+    with pytest.raises(ValueError, match="does not match"):
+        z.copy_(_weight(8, 64, double_quant=double_quant))
+
+
+def test_other_ops_refuse_instead_of_dequantizing():
+    w = _weight(8, 64)
+    x = torch.randn(2, 64)
+    for what, fn in [
+        ("add", lambda: w + 1),
+        ("mm", lambda: x @ w.t()),
+        ("linear", lambda: torch.nn.functional.linear(x, w)),
+        ("sum", lambda: w.sum()),
+        ("transpose", lambda: w.t()),
+        ("mul", lambda: w * w),
+        ("column slice", lambda: w[:, :32]),
+    ]:
+        with pytest.raises(NotImplementedError, match=r"dequantize\(\)|dim 0"):
+            fn()
+            pytest.fail(f"{what} did not raise")
+    assert w.dequantize().shape == (8, 64)
+
+
+def test_view_relabels_the_same_codes():
+    w = _weight(8, 64)
+    flat = w.view(-1)
+    assert flat.shape == (512,) and flat.packed is w.packed
+    assert torch.equal(flat.dequantize(), w.dequantize().reshape(-1))
+    assert torch.equal(flat.view(8, 64).dequantize(), w.dequantize())
+    with pytest.raises(RuntimeError, match="invalid"):
+        w.view(7, 64)
+
+
+# --- row slices and splits --------------------------------------------------------------------------
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("rows", [(0, 4), (4, 12), (12, 13), (5, 5), (0, 13)])
+def test_aligned_row_slice_is_a_view(double_quant, rows):
+    w = _weight(13, 64, double_quant=double_quant, blocksize=64)
+    r0, r1 = rows
+    s = w[r0:r1]
+    want = w.dequantize()[r0:r1]
+    # a row of 64 is one quantization block; one nested block of 256 absmax spans all 13 rows,
+    # so a double-quantized slice is a view only when it keeps that whole nested block
+    assert s.shape == (r1 - r0, 64) and torch.equal(s.dequantize(), want)
+    view = not double_quant or (r0, r1) == (0, 13)
+    assert s.nested == (double_quant and view)
+    if r1 > r0:
+        assert (s.packed.data_ptr() == w.packed.data_ptr() + r0 * 32) == view
+
+
+def test_row_slice_view_writes_reach_the_parent():
+    w = _weight(8, 64, double_quant=False)
+    src = _weight(2, 64, double_quant=False, seed=9)
+    w.narrow(0, 2, 2).copy_(src)
+    assert torch.equal(w.dequantize()[2:4], src.dequantize())
+
+
+def test_row_slice_across_a_nested_block_holds_fp32_absmax():
+    # 64 rows of 4 blocks each: nested blocks of 256 absmax hold 64 rows; rows 10..40 straddle none
+    # but start inside one, so the slice re-expresses its absmax in fp32 (bit-identical decode)
+    w = _weight(130, 256, double_quant=True)
+    s = w[10:70]
+    assert not s.nested and s.absmax.dtype == torch.float32
+    assert torch.equal(s.dequantize(), w.dequantize()[10:70])
+    with pytest.raises(NotImplementedError, match="would not reach the source"):
+        s.copy_(s.clone())
+    aligned = w[64:128]
+    assert aligned.nested and torch.equal(aligned.dequantize(), w.dequantize()[64:128])
+
+
+def test_row_slice_inside_a_block_is_refused():
+    w = _weight(10, 48, blocksize=64)  # 48-element rows: blocks start every 4 rows
+    with pytest.raises(ValueError, match=r"cut a quantization block.*multiples of 4"):
+        w[1:5]
+    assert torch.equal(w[4:8].dequantize(), w.dequantize()[4:8])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=hst.integers(1, 40),
+    inp=hst.sampled_from([32, 64, 96, 128, 256]),
+    blocksize=hst.sampled_from([32, 64, 128]),
+    double_quant=hst.booleans(),
+    parts=hst.integers(1, 5),
+    quant_type=hst.sampled_from(["nf4", "fp4"]),
+)
+def test_chunks_decode_to_the_whole(rows, inp, blocksize, double_quant, parts, quant_type):
+    w = _weight(rows, inp, blocksize, double_quant, quant_type, seed=rows)
+    step = -(rows // -parts)
+    align = blocksize // math.gcd(inp, blocksize)
+    full = w.dequantize()
+    if step < rows and step % align:  # an inner chunk boundary inside a quantization block
+        with pytest.raises(ValueError, match="cut a quantization block"):
+            torch.chunk(w, parts, dim=0)
+        return
+    chunks = torch.chunk(w, parts, dim=0)
+    assert all(isinstance(c, Weight4bit) for c in chunks)
+    assert torch.equal(torch.cat([c.dequantize() for c in chunks]), full)
+    sizes = [c.shape[0] for c in chunks]
+    assert torch.equal(torch.cat([c.dequantize() for c in w.split(sizes)]), full)
+
+
+def test_odd_element_count_tail():
+    w = _weight(3, 5, blocksize=32, double_quant=False)  # 15 elements, padding nibble in the last byte
+    assert torch.equal(w[0:3].dequantize(), w.dequantize())
+    with pytest.raises(ValueError, match="cut a quantization block"):
+        w[1:3]
+
+
+def test_qlora_linear_over_a_weight4bit_base_still_trains():
+    layer = QLoRALinear(_layer(), r=4)
+    x = torch.randn(6, 64, requires_grad=True)
+    layer(x).square().sum().backward()
+    assert layer.lora_A.grad is not None and x.grad is not None
+    assert layer.base_layer.weight.grad is None
+    report = layer.merge()
+    assert layer.base_layer.weight.dtype == torch.float32 and report.rms >= 0
+    layer.unmerge()
