@@ -161,6 +161,24 @@ class Weight4bit(torch.Tensor):
             return torch.empty(self.shape, dtype=dtype or self.dtype, device=self.device)
         return qf.dequantize_4bit(self.packed, self.quant_state, dtype or self.dtype)
 
+    # ``param.data = new`` swaps only the C++ tensor (shape, dtype, device): the codes and
+    # statistics live in this object's Python attributes, so they are swapped here too, or
+    # ``quant_state.dtype`` would disagree with ``dtype`` (PEFT's prepare_model_for_kbit_training
+    # does ``param.data = param.data.to(torch.float32)`` for every bf16/fp16 parameter).
+    @property
+    def data(self) -> torch.Tensor:
+        return torch.Tensor.data.__get__(self)
+
+    @data.setter
+    def data(self, new: torch.Tensor) -> None:
+        if not isinstance(new, Weight4bit):
+            raise TypeError(
+                f"a Weight4bit's data can only be another Weight4bit, got a {type(new).__name__} "
+                f"of dtype {getattr(new, 'dtype', '?')}: quantize it explicitly (Weight4bit.from_float)"
+            )
+        torch.Tensor.data.__set__(self, new)
+        self.packed, self.quant_state, self._not_a_view = new.packed, new.quant_state, new._not_a_view
+
     @property
     def nested(self) -> bool:
         return self.quant_state.nested

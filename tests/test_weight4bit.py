@@ -117,6 +117,39 @@ def test_dtype_casts_relabel_never_touch_codes():
     assert layer.cpu().weight is layer.weight  # same device: nothing moves
 
 
+def test_param_data_assignment_swaps_codes_and_state_together():
+    """``param.data = w.data.to(fp32)`` (PEFT's prepare_model_for_kbit_training) keeps dtype,
+    quant_state and codes in step; a dense tensor is refused rather than silently kept."""
+    layer = _layer().to(torch.bfloat16)
+    w = layer.weight
+    other = _weight(48, 64, seed=3)
+    w.data = w.data.to(torch.float32)
+    assert w.dtype == torch.float32 and layer.quant_state.dtype == torch.float32
+    assert torch.equal(layer.dequantize(), _layer().dequantize())
+    w.data = other
+    assert w.packed is other.packed and layer.quant_state is other.quant_state
+    assert torch.equal(layer.dequantize(), other.dequantize())
+    with pytest.raises(TypeError, match="quantize it explicitly"):
+        w.data = torch.zeros(48, 64)
+    assert layer.weight is w and torch.equal(layer.dequantize(), other.dequantize())
+
+
+def test_peft_prepare_model_for_kbit_training_keeps_the_4bit_weights_usable():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 16)).bfloat16()
+    qpeft.convert(model, verbose=False)
+    x = torch.randn(5, 64)
+    want = [m.weight.dequantize(torch.float32) for m in model.modules() if isinstance(m, QLoRALinear)]
+    peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+    for layer, w in zip(layers, want, strict=True):
+        assert layer.weight.dtype == layer.weight.quant_state.dtype == torch.float32
+        assert torch.equal(layer.weight.dequantize(torch.float32), w)
+    y = model(x)
+    assert y.dtype == torch.float32 and bool(torch.isfinite(y).all())
+
+
 def test_meta_device_move_and_to_empty():
     layer = _layer()
     m = copy.deepcopy(layer).to("meta")
