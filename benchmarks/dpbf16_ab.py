@@ -7,7 +7,10 @@ forward (no LoRA) with the kernel and with the panels. W 4096x4096 NF4 with doub
 quantization, blocksize 64.
 
     python benchmarks/isa_ab.py --dpbf16 [--m 9,16,32,64,128] [--shape 4096x4096] [--reps 15]
-        [--threads 1] [--onednn-isa AVX512_CORE_BF16] [--json PATH]
+        [--threads 1] [--onednn-isa AVX512_CORE_BF16] [--json PATH] [--dx]
+    --dx: the backward's dx = dy @ W instead (dy [M, N]): the kernel (``qgemm_4bit_dx``)
+    against the panel path of ``_backward_bf16`` (W's bf16 panels, one oneDNN GEMM each,
+    summed in fp32) and torch's bf16 dy @ W on the dequantized W; medians (min-max).
     (or python benchmarks/dpbf16_ab.py with the same options)
 
 To stand in for a CPU without AMX on one that has it, oneDNN is capped with
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--onednn-isa", default=None, help=f"ONEDNN_MAX_CPU_ISA (default {DEFAULT_ONEDNN_ISA})")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--dx", action="store_true", help="dx = dy @ W instead of x @ W^T")
     args = ap.parse_args(argv)
     isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "(none)")
     torch.set_num_threads(args.threads)
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     n, k = (int(v) for v in args.shape.split("x"))
     quant, w16 = _quant(n, k)
     layer = qpeft.nn.Linear4bit.from_linear(torch.nn.Linear(k, n, bias=False).to(BF16))
+    if args.dx:
+        return _main_dx(args, quant, w16, n, k, mod, prev, isa_cap)
     rows = []
     g = torch.Generator().manual_seed(1)
     for m in (int(v) for v in args.m.split(",")):
@@ -162,6 +168,76 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(
             json.dumps(
                 {"cpu_info": info, "onednn_max_cpu_isa": isa_cap, "reps": args.reps, "rows": rows}, indent=1
+            )
+        )
+    return 0
+
+
+def _panels_dx(dy: torch.Tensor, quant: tuple) -> torch.Tensor:
+    """dy @ W as ``_backward_bf16`` computes it without the kernel (no LoRA term): W's bf16
+    panels, one oneDNN GEMM each, accumulated in fp32."""
+    acc = torch.zeros((dy.shape[0], quant[9]), dtype=torch.float32)
+    part = torch.empty_like(acc, dtype=BF16)
+    for r0, r1, w in cpu_qlora._decode_panels(*quant, dtype=BF16):
+        acc.add_(torch.mm(dy[:, r0:r1].contiguous(), w, out=part))
+    return acc
+
+
+def _main_dx(args, quant, w16, n, k, mod, prev, isa_cap) -> int:
+    rows = []
+    g = torch.Generator().manual_seed(1)
+    for m in (int(v) for v in args.m.split(",")):
+        dy = torch.randn(m, n, generator=g).to(BF16)
+        impls = {
+            "dpbf16": lambda dy=dy: dpbf16.qgemm_4bit_dx(dy, quant),
+            "panels": lambda dy=dy: _panels_dx(dy, quant),
+            "torch": lambda dy=dy: dy @ w16,
+        }
+        names = list(impls)
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for fn in impls.values():  # warm-up: pages, oneDNN primitives
+            fn()
+        for r in range(args.reps):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                t0 = time.perf_counter()
+                impls[name]()
+                times[name].append(time.perf_counter() - t0)
+        rows.append(
+            {
+                "m": m,
+                "ms": {a: statistics.median(t) * 1e3 for a, t in times.items()},
+                "min_ms": {a: min(t) * 1e3 for a, t in times.items()},
+                "max_ms": {a: max(t) * 1e3 for a, t in times.items()},
+            }
+        )
+    mod.set_isa(prev)
+    info = qpeft.cpu_info()
+    print(
+        f"CPU: {info['model']} (detected {info['detected_level']}; qpeft at avx512_bf16), "
+        f"ONEDNN_MAX_CPU_ISA={isa_cap} (oneDNN bf16 matmul: {onednn_impl(isa_cap)}), torch threads "
+        f"{torch.get_num_threads()}, os.cpu_count() {os.cpu_count()}; dx = dy @ W, W {n}x{k} NF4+DQ "
+        f"bs64; medians of {args.reps} (min-max), implementations interleaved"
+    )
+    print("| M | dpbf16 dx ms | panels dx ms | torch dy @ W ms | dpbf16/torch | dpbf16/panels |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        ms, lo, hi = r["ms"], r["min_ms"], r["max_ms"]
+        cell = {a: f"{ms[a]:.2f} ({lo[a]:.2f}-{hi[a]:.2f})" for a in ms}
+        print(
+            f"| {r['m']} | {cell['dpbf16']} | {cell['panels']} | {cell['torch']} "
+            f"| {ms['dpbf16'] / ms['torch']:.2f} | {ms['dpbf16'] / ms['panels']:.2f} |"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "cpu_info": info,
+                    "onednn_max_cpu_isa": isa_cap,
+                    "reps": args.reps,
+                    "dx": True,
+                    "rows": rows,
+                },
+                indent=1,
             )
         )
     return 0

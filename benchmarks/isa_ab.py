@@ -18,8 +18,9 @@ decode writes its output at the machine's copy bandwidth).
         [--json PATH]
 
     python benchmarks/isa_ab.py --dpbf16 [options of benchmarks/dpbf16_ab.py]
-        x @ W^T at the avx512_bf16 level: qpeft's vdpbf16ps kernel against the oneDNN panels
-        and torch's F.linear on a dequantized W, oneDNN capped below AMX (dpbf16_ab.py).
+        x @ W^T (with --dx: dy @ W) at the avx512_bf16 level: qpeft's vdpbf16ps kernel
+        against the oneDNN panels and torch's F.linear (dy @ W) on a dequantized W, oneDNN
+        capped below AMX (dpbf16_ab.py).
 
 The levels are set with qpeft._C.set_isa (the in-process form of QPEFT_CPU_ISA); a level
 the CPU lacks is an error naming the missing features. Results name the CPU and its

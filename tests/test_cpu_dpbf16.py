@@ -314,3 +314,243 @@ def test_native_size_checks():
     ]:
         with pytest.raises(ValueError, match=msg):
             call(**kw)
+
+
+# --- dx = dy @ W (qgemm_4bit_dx) ---------------------------------------------------------------
+#
+# The bound (``dx_bound``). Each output dx[i, c] = sum_n dy[i, n] W[n, c] is one lane of an
+# accumulator: per chunk of kDpDxRedRows = 128 rows of W (pairs of rows, interleaved) the
+# lane starts at zero and each vdpbf16ps adds the pair's 2 products, 2 roundings; the chunk's
+# sum is then stored (first chunk) or added to dx (one rounding). A product therefore passes
+# through at most d = min(n + n % 2, 128) + ceil(n / 128) roundings, and
+#     |dx - dy W| <= gamma(d) sum_n |dy_n| |w_n| + 2^-126 (sum_n |dy_n| + sum_n |w_n| + 2 n)
+# with the flush term of the forward's (DAZ inputs, FTZ products and partial sums).
+
+DX_RED_ROWS = 128
+
+
+def dx_bound(dy: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The bound above on |qgemm_4bit_dpbf16_dx(dy) - dy @ w| (dy [M, n], w [n, k] fp64)."""
+    n = dy.shape[1]
+    d = min(n + n % 2, DX_RED_ROWS) + math.ceil(n / DX_RED_ROWS)
+    ady, aw = dy.abs(), w.abs()
+    flush = TINY32 * (ady.sum(1, keepdim=True) + aw.sum(0)[None, :] + 2 * n)
+    return gamma(d) * (ady @ aw) + flush
+
+
+def _dy(m, n, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed + 1000)
+    return (torch.randn(m, n, generator=g) * scale).bfloat16()
+
+
+# (M, N, K, blocksize, quant_type, double_quant): M at the layer's range edges (1, 8, 9, 128)
+# and past one pass (300); N odd (the last pair half zero, dy's element past the row unread),
+# N past one 128-row chunk and not a multiple of it; K a partial 128-column strip and a
+# partial 64-column sub-strip, K off 32 (the element-wise decode), blocksize 4096 > K.
+DX_CASES = [
+    (1, 257, 768, 64, "nf4", True),
+    (8, 1001, 384, 256, "fp4", False),
+    (9, 1000, 768, 64, "nf4", True),
+    (16, 129, 160, 128, "nf4", False),
+    (17, 63, 2304, 64, "fp4", True),
+    (33, 300, 96, 32, "fp4", False),
+    (64, 45, 4160, 128, "nf4", True),
+    (128, 130, 224, 64, "nf4", True),
+    (16, 37, 95, 64, "nf4", True),
+    (33, 50, 100, 32, "fp4", False),
+    (9, 40, 576, 4096, "nf4", False),
+    (300, 21, 192, 64, "nf4", True),  # three passes of dy's rows (kDpRowsPerPass = 128)
+]
+
+
+@pytest.mark.parametrize("case", DX_CASES, ids=_id)
+def test_dx_within_bound(case):
+    m, n, k, bs, qt, dq = case
+    quant, wq, _ = _problem(1, n, k, bs, qt, dq)
+    dy = _dy(m, n, seed=m)
+    dx = dpbf16.qgemm_4bit_dx(dy, quant)
+    assert dx.dtype == torch.float32 and dx.shape == (m, k)
+    assert_within(dx, dy.double() @ wq, dx_bound(dy.double(), wq), "dx")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    m=st.integers(0, 40),
+    n=st.integers(1, 300),
+    k=st.one_of(st.integers(1, 300), st.sampled_from([32, 64, 96, 128, 192, 256])),
+    bs=st.sampled_from([32, 64, 128, 256]),
+    qt=st.sampled_from(["nf4", "fp4"]),
+    dq=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_dx_within_bound_any_shape(m, n, k, bs, qt, dq, seed):
+    quant, wq, _ = _problem(1, n, k, bs, qt, dq, seed=seed)
+    dy = _dy(m, n, seed)
+    dx = dpbf16.qgemm_4bit_dx(dy, quant, num_threads=2)
+    assert dx.shape == (m, k)
+    assert_within(dx, dy.double() @ wq, dx_bound(dy.double(), wq), "dx")
+
+
+def test_dx_decode_is_exact():
+    # one-hot rows of dy pick W's rows: each output is 1 * w (+ exact zeros), so the kernel's
+    # pairs equal dequantize_4bit to bf16 bit for bit, odd n (the half-empty last pair)
+    # and both decode paths included
+    for n, k, bs, qt, dq in [
+        (37, 95, 64, "nf4", True),
+        (13, 128, 32, "fp4", False),
+        (131, 192, 64, "nf4", True),
+    ]:
+        quant, wq, _ = _problem(1, n, k, bs, qt, dq, seed=2)
+        eye = torch.eye(n, dtype=torch.bfloat16)
+        assert torch.equal(dpbf16.qgemm_4bit_dx(eye, quant).double(), wq)
+
+
+def test_dx_odd_n_does_not_read_past_the_row():
+    # odd n: row i's last pair would be (dy[i, n - 1], dy[i + 1, 0]) in memory; with
+    # dy[i + 1, 0] = Inf a read of it would make row i's dx NaN (Inf * the zero row)
+    quant, wq, _ = _problem(1, 33, 64, 64, "nf4", False, seed=5)
+    dy = _dy(6, 33, seed=5)
+    dy[1:, 0] = float("inf")  # rows > 0 start with Inf; row i's last pair must not see it
+    got = dpbf16.qgemm_4bit_dx(dy, quant)
+    want = dy.double() @ wq
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    fin = torch.isfinite(want)
+    assert_within(got[fin], want[fin], dx_bound(dy.double().nan_to_num(0.0, 0.0, 0.0), wq)[fin], "dx")
+    assert bool(torch.isfinite(got[0]).all())
+
+
+def test_dx_threads_and_strides_do_not_change_results():
+    # threads split dx's 128-column strips; each output's sum order is fixed
+    quant, wq, _ = _problem(1, 200, 1000, 64, "nf4", True, seed=1)
+    dy = _dy(21, 200, seed=1)
+    d1 = dpbf16.qgemm_4bit_dx(dy, quant, num_threads=1)
+    assert torch.equal(dpbf16.qgemm_4bit_dx(dy, quant, num_threads=3), d1)
+    dyt = dy.t().contiguous().t()
+    assert not dyt.is_contiguous()
+    assert torch.equal(dpbf16.qgemm_4bit_dx(dyt, quant), d1)
+    assert_within(d1, dy.double() @ wq, dx_bound(dy.double(), wq), "dx")
+
+
+def test_dx_tiny_values_within_the_flush_bound():
+    quant, wq, _ = _problem(1, 48, 256, 64, "nf4", False, seed=3)
+    dy = _dy(20, 48, seed=3, scale=2.0**-125)
+    assert bool((dy.abs() < TINY32).any())
+    dx = dpbf16.qgemm_4bit_dx(dy, quant)
+    assert_within(dx, dy.double() @ wq, dx_bound(dy.double(), wq), "dx tiny")
+
+
+def test_dx_nonfinite_absmax_propagates():
+    g = torch.Generator().manual_seed(4)
+    packed, state = quantize_4bit(torch.randn(40, 128, generator=g), 64, "nf4", double_quant=False)
+    state.absmax[3], state.absmax[17] = float("inf"), float("nan")
+    absmax, nested_absmax, nested_code, offset, rest = _quant_args(state)
+    quant = (packed, absmax, nested_absmax, nested_code, offset, *rest)
+    wq = dequantize_4bit(packed, state, torch.bfloat16).double()
+    dy = torch.randn(18, 40, generator=g).bfloat16()
+    want = dy.double() @ wq
+    got = dpbf16.qgemm_4bit_dx(dy, quant).double()
+    assert bool(torch.isnan(want).any())
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    fin = torch.isfinite(want)
+    tol = dx_bound(dy.double(), wq.nan_to_num(0.0, 0.0, 0.0))
+    assert_within(got[fin], want[fin], tol[fin], "finite dx")
+
+
+def test_dx_empty_and_zero_reduction():
+    quant, _, _ = _problem(1, 40, 64, 64, "nf4", True)
+    assert dpbf16.qgemm_4bit_dx(torch.zeros(0, 40, dtype=torch.bfloat16), quant).shape == (0, 64)
+    q0 = (torch.zeros(0, 1, dtype=torch.uint8), torch.zeros(0), None, None, None, 64, 256, "nf4", 0, 5)
+    assert torch.equal(dpbf16.qgemm_4bit_dx(torch.zeros(4, 0, dtype=torch.bfloat16), q0), torch.zeros(4, 5))
+
+
+@pytest.fixture
+def dx_calls(monkeypatch):
+    calls = []
+    real = dpbf16.qgemm_4bit_dx
+
+    def spy(dy, quant, **kw):
+        calls.append(dy.shape[0])
+        return real(dy, quant, **kw)
+
+    monkeypatch.setattr(dpbf16, "qgemm_4bit_dx", spy)
+    return calls
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: f"{c[1]}x{c[2]}x{c[3]}")
+def test_qlora_layer_dx_kernel_and_panels_within_bounds(case, dp_calls, dx_calls, isa, monkeypatch):
+    p = make_problem(case)
+    check_qlora_linear(p, "cpu")  # forward and dx on qpeft's kernels
+    assert dx_calls == [case[1]]
+    monkeypatch.setattr(dpbf16, "MAX_ROWS", 0)  # oneDNN's panels for both
+    check_qlora_linear(p, "cpu")
+    assert dx_calls == [case[1]]
+
+
+def test_layer_dx_paths_by_rows_and_shape(dp_calls, dx_calls, isa):
+    # dx takes the kernel for M <= MAX_ROWS and K a multiple of 32, else the panels; the
+    # amx level takes the AMX kernel
+    for m, k, want in [
+        (1, 64, True),
+        (9, 64, True),
+        (dpbf16.MAX_ROWS, 64, True),
+        (dpbf16.MAX_ROWS + 1, 64, False),
+        (16, 80, False),
+    ]:
+        p = make_problem((torch.bfloat16, m, 24, k, 4, "nf4", True, 64, False, False, False))
+        dx_calls.clear()
+        check_qlora_linear(p, "cpu")
+        assert (len(dx_calls) == 1) == want, (m, k)
+    if _INFO["detected_level"] == "amx":
+        isa.set_isa("amx")
+        dx_calls.clear()
+        check_qlora_linear(
+            make_problem((torch.bfloat16, 16, 24, 64, 4, "nf4", True, 64, False, False, False)), "cpu"
+        )
+        assert dx_calls == []
+
+
+def test_dx_python_argument_errors():
+    quant, _, _ = _problem(1, 40, 64, 64, "nf4", True)
+    dy = _dy(4, 40, seed=0)
+    with pytest.raises(TypeError, match="dy must be torch.bfloat16"):
+        dpbf16.qgemm_4bit_dx(dy.float(), quant)
+    with pytest.raises(ValueError, match="dy must have n = 40 columns"):
+        dpbf16.qgemm_4bit_dx(dy[:, :32], quant)
+    with pytest.raises(ValueError, match="2-D"):
+        dpbf16.qgemm_4bit_dx(dy.reshape(2, 2, 40), quant)
+    with pytest.raises(ValueError, match="quant_type"):
+        dpbf16.qgemm_4bit_dx(dy, (*quant[:7], "int4", *quant[8:]))
+
+
+def test_dx_native_size_checks():
+    quant, _, _ = _problem(1, 40, 64, 64, "nf4", False)
+    packed, absmax = quant[0], quant[1]
+    dy = _dy(4, 40, seed=0)
+    out = torch.empty(4, 64)
+    c = _native.cpu_module()
+
+    def call(**kw):
+        args = dict(
+            x=dy.data_ptr(), x_len=dy.numel(), m=4, n=40, k=64, packed=packed.data_ptr(),
+            packed_len=packed.numel(), absmax=absmax.data_ptr(), absmax_len=absmax.numel(),
+            blocksize=64, quant_type=2, nested_absmax=0, nested_absmax_len=0, nested_code=0,
+            offset=0, nested_blocksize=0, out=out.data_ptr(), out_len=out.numel(), num_threads=1,
+        )  # fmt: skip
+        args.update(kw)
+        c.qgemm_4bit_dpbf16_dx(**args)
+
+    call()
+    for kw, msg in [
+        ({"x_len": 159}, "x holds 159"),
+        ({"packed_len": 1279}, "packed holds 1279"),
+        ({"absmax_len": 39}, "absmax holds 39"),
+        ({"out_len": 255}, "out holds 255"),
+        ({"blocksize": 63}, "blocksize must be an even number"),
+        ({"quant_type": 3}, "quant_type"),
+        ({"m": -1}, "m must be"),
+        ({"n": 2**40, "k": 2**40}, "n"),
+        ({"x": 0}, "x"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            call(**kw)

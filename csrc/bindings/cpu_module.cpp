@@ -141,6 +141,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("offset"), py::arg("nested_blocksize"), py::arg("out"), py::arg("out_len"),
         py::arg("num_threads"),
         "AVX512-BF16 fp32 out[m, n] = x[m, k] @ W^T (bf16 x) with W [n, k] as packed 4-bit codes.");
+  m.def(
+      "qgemm_4bit_dpbf16_dx", &qc::qgemm_4bit_dpbf16_dx, nogil, py::arg("x"), py::arg("x_len"),
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("packed"), py::arg("packed_len"),
+      py::arg("absmax"), py::arg("absmax_len"), py::arg("blocksize"), py::arg("quant_type"),
+      py::arg("nested_absmax"), py::arg("nested_absmax_len"), py::arg("nested_code"),
+      py::arg("offset"), py::arg("nested_blocksize"), py::arg("out"), py::arg("out_len"),
+      py::arg("num_threads"),
+      "AVX512-BF16 fp32 out[m, k] = x[m, n] @ W (bf16 x: dy) with W [n, k] as packed 4-bit codes.");
 
   m.def("set_isa", &qc::set_isa, py::arg("name"),
         "Test/A-B override of the kernel ISA level: 'auto' (QPEFT_CPU_ISA or detection) or one "

@@ -225,6 +225,90 @@ void tile_rows(const DpGemmArgs& g, const uint16_t* w, int64_t padded, int64_t c
   }
 }
 
+// --- dx = dy @ W ----------------------------------------------------------------------------
+// The reduction runs over W's rows, so a decoded W strip is laid out as vdpbf16ps's second
+// operand wants it for 16 output columns per vector: pair p of rows (n0 + 2p, n0 + 2p + 1)
+// and columns c .. c + 16 as the 32 words (W[2p, c], W[2p + 1, c], W[2p, c + 1], ...), the
+// layout qgemm_amx.cpp's decode_panel_dx gives its B tiles. dy's pair (dy[i, 2p], dy[i,
+// 2p + 1]) is broadcast to every dword, so each lane accumulates one output column.
+
+constexpr int64_t kDxCols = kDpDxCols;     // columns of a strip (one decoded W strip)
+constexpr int64_t kDxRows = kDpDxRedRows;  // W rows (dy columns) per decoded chunk, even
+
+// Rows n0 .. n0 + nrows of W, columns c0 .. c0 + len (zero beyond len and beyond row n),
+// decoded and interleaved in pairs into wp[pair][kDxCols / 16][32]. tmp: 2 kDxCols words.
+void decode_pairs(const DpGemmArgs& g, const float* table, __m512 vtable, int64_t n0, int64_t nrows,
+                  int64_t c0, int64_t len, uint16_t* wp, uint16_t* tmp, bool fast) {
+  const __m512i ilo =
+      _mm512_setr_epi32(0x00200000, 0x00210001, 0x00220002, 0x00230003, 0x00240004, 0x00250005,
+                        0x00260006, 0x00270007, 0x00280008, 0x00290009, 0x002a000a, 0x002b000b,
+                        0x002c000c, 0x002d000d, 0x002e000e, 0x002f000f);
+  const __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
+  uint16_t* r0 = tmp;
+  uint16_t* r1 = tmp + kDxCols;
+  for (int64_t p = 0; 2 * p < nrows; ++p) {
+    const int64_t row = n0 + 2 * p;
+    decode_segment(g, table, vtable, row, c0, len, kDxCols, r0, fast);
+    if (2 * p + 1 < nrows)
+      decode_segment(g, table, vtable, row + 1, c0, len, kDxCols, r1, fast);
+    else
+      std::memset(r1, 0, sizeof(uint16_t) * kDxCols);
+    uint16_t* dst = wp + p * 2 * kDxCols;
+    for (int64_t c = 0; c < kDxCols; c += 32) {
+      const __m512i a = _mm512_loadu_si512(r0 + c), b = _mm512_loadu_si512(r1 + c);
+      _mm512_storeu_si512(dst + 2 * c, _mm512_permutex2var_epi16(a, ilo, b));
+      _mm512_storeu_si512(dst + 2 * c + 32, _mm512_permutex2var_epi16(a, ihi, b));
+    }
+  }
+}
+
+inline uint32_t load_pair(const uint16_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// out[MR rows, cols <= 64] (+)= dy[MR rows, n0 .. n0 + nrows) @ W chunk: dy rows at stride
+// ldy (pointing at column n0), wp the chunk's pairs at this sub-strip (pair stride
+// 2 kDxCols words), out rows at stride ldo. An odd nrows: the last pair's second row is
+// zero and dy's element past the chunk is not read (it may be past dy, or Inf/NaN).
+template <int MR>
+inline void micro_dx(const uint16_t* dy, int64_t ldy, int64_t nrows, const uint16_t* wp, float* out,
+                     int64_t ldo, int64_t cols, bool first) {
+  __m512 acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int64_t full = nrows / 2;
+  for (int64_t p = 0; p < full; ++p) {
+    const uint16_t* w = wp + p * 2 * kDxCols;
+    __m512bh wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + 32 * j);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh a =
+          (__m512bh)_mm512_set1_epi32(static_cast<int>(load_pair(dy + i * ldy + 2 * p)));
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, wv[j]);
+    }
+  }
+  if (nrows & 1) {
+    const uint16_t* w = wp + full * 2 * kDxCols;
+    __m512bh wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + 32 * j);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(dy[i * ldy + 2 * full]);
+      for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, wv[j]);
+    }
+  }
+  for (int j = 0; j < 4 && 16 * j < cols; ++j) {
+    const int64_t left = cols - 16 * j;
+    const __mmask16 mk = left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1);
+    for (int i = 0; i < MR; ++i) {
+      float* o = out + i * ldo + 16 * j;
+      const __m512 v = first ? acc[i][j] : _mm512_add_ps(_mm512_maskz_loadu_ps(mk, o), acc[i][j]);
+      _mm512_mask_storeu_ps(o, mk, v);
+    }
+  }
+}
+
 }  // namespace
 
 int64_t dpbf16_workspace_bytes(const DpGemmArgs& g) {
@@ -260,6 +344,57 @@ void dpbf16_gemm_tiles(const DpGemmArgs& g, int64_t t0, int64_t t1, void* ws) {
         default:
           tile_rows<1>(g, w, padded, c0, len, row0, first);
           break;
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace qpeft
+
+namespace qpeft {
+namespace cpu {
+
+int64_t dpbf16_dx_workspace_bytes(const DpGemmArgs&) {
+  // the pairs of one chunk plus the two decoded rows
+  return ((kDxRows / 2) * 2 * kDxCols * 2 + 2 * kDxCols * 2 + 63) / 64 * 64;
+}
+
+void dpbf16_dx_strips(const DpGemmArgs& g, int64_t s0, int64_t s1, void* ws) {
+  const float* table = g.quant_type == kNF4 ? kNF4Values : kFP4Values;
+  const __m512 vtable = _mm512_loadu_ps(table);
+  const bool fast = g.k % 32 == 0 && g.blocksize % 32 == 0;
+  uint16_t* wp = static_cast<uint16_t*>(ws);
+  uint16_t* tmp = wp + (kDxRows / 2) * 2 * kDxCols;
+  const int64_t m = g.m;
+  for (int64_t s = s0; s < s1; ++s) {
+    const int64_t c0 = s * kDxCols;
+    const int64_t len = g.k - c0 < kDxCols ? g.k - c0 : kDxCols;
+    for (int64_t n0 = 0; n0 < g.n; n0 += kDxRows) {
+      const int64_t nrows = g.n - n0 < kDxRows ? g.n - n0 : kDxRows;
+      decode_pairs(g, table, vtable, n0, nrows, c0, len, wp, tmp, fast);
+      const bool first = n0 == 0;
+      for (int64_t sc = 0; sc < len; sc += 64) {
+        const int64_t cols = len - sc < 64 ? len - sc : 64;
+        const uint16_t* w = wp + 2 * sc;  // sub-strip sc: words 2 sc .. of every pair
+        const uint16_t* dy = g.x + n0;
+        float* out = g.out + c0 + sc;
+        int64_t i = 0;
+        for (; i + 4 <= m; i += 4)
+          micro_dx<4>(dy + i * g.n, g.n, nrows, w, out + i * g.k, g.k, cols, first);
+        switch (m - i) {
+          case 3:
+            micro_dx<3>(dy + i * g.n, g.n, nrows, w, out + i * g.k, g.k, cols, first);
+            break;
+          case 2:
+            micro_dx<2>(dy + i * g.n, g.n, nrows, w, out + i * g.k, g.k, cols, first);
+            break;
+          case 1:
+            micro_dx<1>(dy + i * g.n, g.n, nrows, w, out + i * g.k, g.k, cols, first);
+            break;
+          default:
+            break;
+        }
       }
     }
   }

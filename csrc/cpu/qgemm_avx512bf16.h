@@ -46,6 +46,15 @@ int64_t dpbf16_workspace_bytes(const DpGemmArgs& g);
 // rows). `ws`: 64-byte aligned, dpbf16_workspace_bytes(g) bytes, this task's own.
 void dpbf16_gemm_tiles(const DpGemmArgs& g, int64_t t0, int64_t t1, void* ws);
 
+// dx = dy @ W (x holds dy [m, n], out is [m, k]): W decoded in strips of kDpDxCols
+// columns and chunks of kDpDxRedRows rows, interleaved in pairs of rows (vdpbf16ps's
+// pairs run along the reduction, n), each chunk's sums added to out.
+constexpr int64_t kDpDxCols = 128;
+constexpr int64_t kDpDxRedRows = 128;
+int64_t dpbf16_dx_workspace_bytes(const DpGemmArgs& g);
+// Computes out's column strips [s0, s1) (strips of kDpDxCols columns).
+void dpbf16_dx_strips(const DpGemmArgs& g, int64_t s0, int64_t s1, void* ws);
+
 // The entry point (qgemm_dpbf16.cpp; bound as qpeft._C.qgemm_4bit_dpbf16): checks every
 // size before touching memory (ValueError), refuses a CPU without AVX512-BF16, then
 // runs on up to num_threads threads split over W's rows. Pointers as integers.
@@ -54,6 +63,14 @@ void qgemm_4bit_dpbf16(uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64_t
                        int64_t blocksize, int quant_type, uintptr_t nested_absmax,
                        int64_t nested_absmax_len, uintptr_t nested_code, uintptr_t offset,
                        int64_t nested_blocksize, uintptr_t out, int64_t out_len, int num_threads);
+// The same for dx: out[m, k] (fp32) = x[m, n] @ W (bound as qpeft._C.qgemm_4bit_dpbf16_dx);
+// x_len = m n, out_len = m k.
+void qgemm_4bit_dpbf16_dx(uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64_t k,
+                          uintptr_t packed, int64_t packed_len, uintptr_t absmax,
+                          int64_t absmax_len, int64_t blocksize, int quant_type,
+                          uintptr_t nested_absmax, int64_t nested_absmax_len, uintptr_t nested_code,
+                          uintptr_t offset, int64_t nested_blocksize, uintptr_t out,
+                          int64_t out_len, int num_threads);
 
 }  // namespace cpu
 }  // namespace qpeft

@@ -1,10 +1,12 @@
 """The fused 4-bit GEMM of the ``avx512_bf16`` level (csrc/cpu/qgemm_avx512bf16.cpp):
-x @ W^T for the CPU QLoRA layer's bf16 mode on a CPU with AVX512-BF16 but no AMX (AMD Zen
+x @ W^T and dy @ W for the CPU QLoRA layer's bf16 mode on a CPU with AVX512-BF16 but no AMX (AMD Zen
 4/5), docs/design.md "AVX512-BF16 GEMM".
 
 ``qgemm_4bit(x, quant)`` decodes W [n, k] from its packed codes four rows at a time into
 an L1-resident scratch (bit for bit dequantize_4bit to bf16) and multiplies it with
 vdpbf16ps against bf16 x [m, k], fp32 accumulation; the fp32 result is not rounded to bf16.
+``qgemm_4bit_dx(dy, quant)`` is dy [m, n] @ W the same way, W decoded in strips of 128
+columns with pairs of its rows interleaved (the reduction runs over n).
 Internal: the checks here are those of a kernel entry (types, dtypes, shapes, one
 device), so a wrong call is a clear exception, never a read out of bounds; the C++ entry
 re-checks every size.
@@ -21,6 +23,7 @@ from ..._formats import QUANT_TYPE_IDS
 from ._gemm_checks import check_quant, need
 
 _FN = "qgemm_4bit_dpbf16"
+_FN_DX = "qgemm_4bit_dpbf16_dx"
 
 # Rows of x up to which the kernel measured faster than the oneDNN panels at the
 # avx512_bf16 level (benchmarks/isa_ab.py --dpbf16, 4096x4096, three runs on the SPR-class
@@ -59,24 +62,44 @@ def use_for(m: int, quant: tuple) -> bool:
     return m <= MAX_ROWS and k % 32 == 0 and blocksize % 32 == 0 and active()
 
 
+def use_for_dx(m: int, quant: tuple) -> bool:
+    """Whether the QLoRA layer's bf16 backward takes ``qgemm_4bit_dx`` for dx = dy @ W with
+    m rows of dy: the forward's rule (``use_for``), M <= 8 included (the panel path is the
+    alternative there too: no GEMV for dx)."""
+    return use_for(m, quant)
+
+
 def qgemm_4bit(x: torch.Tensor, quant: tuple, *, num_threads: int | None = None) -> torch.Tensor:
     """fp32 [m, n] = x @ W^T for bf16 x [m, k] (any strides: made contiguous); ``quant`` is
     the tuple (packed, absmax, nested_absmax, nested_code, offset, blocksize,
     nested_blocksize, quant_type, n, k) of the QLoRA ops."""
+    return _call(x, quant, num_threads, dx=False)
+
+
+def qgemm_4bit_dx(dy: torch.Tensor, quant: tuple, *, num_threads: int | None = None) -> torch.Tensor:
+    """fp32 [m, k] = dy @ W for bf16 dy [m, n] (any strides: made contiguous); ``quant`` as
+    for ``qgemm_4bit``."""
+    return _call(dy, quant, num_threads, dx=True)
+
+
+def _call(x: torch.Tensor, quant: tuple, num_threads: int | None, *, dx: bool) -> torch.Tensor:
     packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k = quant
-    check_quant(_FN, quant)
-    need(_FN, x, "x", torch.bfloat16, 2)
-    if x.shape[1] != k:
+    fn, name = (_FN_DX, "dy") if dx else (_FN, "x")
+    red, cols = (n, k) if dx else (k, n)
+    check_quant(fn, quant)
+    need(fn, x, name, torch.bfloat16, 2)
+    if x.shape[1] != red:
         raise ValueError(
-            f"qgemm_4bit_dpbf16: x must have k = {k} columns for W of shape ({n}, {k}), "
+            f"{fn}: {name} must have {'n' if dx else 'k'} = {red} columns for W of shape ({n}, {k}), "
             f"got shape {tuple(x.shape)}"
         )
     nested = nested_absmax is not None
     if nested:
         nested_absmax, nested_code, offset = (t.contiguous() for t in (nested_absmax, nested_code, offset))
     x, packed, absmax = x.contiguous(), packed.contiguous(), absmax.contiguous()
-    out = torch.empty((x.shape[0], n), dtype=torch.float32)
-    _native.cpu_module().qgemm_4bit_dpbf16(
+    out = torch.empty((x.shape[0], cols), dtype=torch.float32)
+    native = _native.cpu_module()
+    (native.qgemm_4bit_dpbf16_dx if dx else native.qgemm_4bit_dpbf16)(
         x.data_ptr(),
         x.numel(),
         x.shape[0],

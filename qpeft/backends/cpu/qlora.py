@@ -665,8 +665,15 @@ def _backward_bf16(
             g = dy @ lora_b.to(_BF16)  # [M, r]
             gs = g.to(f32) * scaling if rs is None else g.to(f32) * scaling * rs
             gs = gs.to(_BF16)
-        if need_dx and _amx_dx(x.shape[0], quant[8], quant[9]):
-            acc = amx.qgemm_4bit(dy.contiguous(), quant, dx=True)  # dy' @ W, fp32 [M, K]
+        use_amx = need_dx and _amx_dx(x.shape[0], quant[8], quant[9])
+        if need_dx and (use_amx or dpbf16.use_for_dx(x.shape[0], quant)):
+            # dy' @ W, fp32 [M, K]: the AMX kernel, or at the avx512_bf16 level (small M) the
+            # fused decode + vdpbf16ps kernel (docs/design.md, "AVX512-BF16 GEMM")
+            acc = (
+                amx.qgemm_4bit(dy.contiguous(), quant, dx=True)
+                if use_amx
+                else dpbf16.qgemm_4bit_dx(dy, quant)
+            )
             if lora_a is not None:
                 # + (s g rs) @ A in fp32 from the same bf16 operands (one rounding fewer than
                 # oneDNN's bf16 output, and no bf16 -> fp32 pass over [M, K])
