@@ -1,0 +1,159 @@
+"""The training recipe (qpeft.train; docs/distributed.md, "The training recipe") on CPU
+with gloo: 2 ranks forked inside pytest (as tests/test_distributed_optim.py does: the
+children inherit the imported torch, transformers and qpeft), one launch for every
+distributed run, then single-process runs here.
+
+What equality holds: rank r of 2 takes rows [2r, 2r + 2) of each step's global batch of 4;
+``--strategy none --grad-accum 2`` takes the same rows as two micro-batches in one process
+and backpropagates loss / 2 for each. Each half-batch forward is the same arithmetic in
+both (same weights, same shapes, one thread). The 2-rank gradient is (g0 + g1) / 2 (FSDP2's
+reduce-scatter and DDP's all-reduce average two summands: one correctly rounded add and an
+exact halving); the accumulated one is g0 / 2 + g1 / 2, where g/2 comes from backpropagating
+loss / 2: every backward op is a sum of products, and scaling one factor by 2^-1 scales the
+result exactly (no underflow at these magnitudes). So the losses agree bit for bit, with no
+tolerance, step after step (AdamW then gets identical inputs). Activation checkpointing
+recomputes the same forward, so it changes no bit either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is required", allow_module_level=True)
+
+import torch.multiprocessing as mp  # noqa: E402
+
+from qpeft import train  # noqa: E402
+
+STEPS = 4
+BASE = [
+    "--config", "tiny-llama", "--batch-size", "4", "--seq-len", "32", "--lr", "1e-2",
+    "--r", "4", "--alpha", "8", "--threads", "1", "--device", "cpu", "--double-quant",
+]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ck = os.path.join(out, "ckpt")
+        runs = {
+            "fsdp2": train.main(
+                [*BASE, "--strategy", "fsdp2", "--steps", str(STEPS), "--save", ck, "--save-at", "2"]
+            ),
+            "fsdp2_resumed": train.main(
+                [*BASE, "--strategy", "fsdp2", "--steps", str(STEPS), "--resume", ck]
+            ),
+            "ddp": train.main([*BASE, "--strategy", "ddp", "--steps", "3", "--activation-checkpointing"]),
+        }
+        with open(os.path.join(out, f"r{rank}.json"), "w") as f:
+            json.dump(runs, f)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("recipe"))
+    mp.start_processes(_rank_main, args=(2, _free_port(), out), nprocs=2, start_method="fork")
+    ranks = [json.load(open(os.path.join(out, f"r{r}.json"))) for r in range(2)]
+    threads = torch.get_num_threads()
+    try:  # after the fork: no OpenMP team of this process is inherited by the ranks
+        reference = train.main([*BASE, "--strategy", "none", "--grad-accum", "2", "--steps", str(STEPS)])
+    finally:
+        torch.set_num_threads(threads)
+    return ranks, reference, out
+
+
+def test_none_loss_decreases(runs):
+    _, reference, _ = runs
+    assert len(reference) == STEPS
+    assert all(b < a for a, b in zip(reference, reference[1:])), reference
+
+
+def test_fsdp2_matches_single_process_bit_for_bit(runs):
+    ranks, reference, _ = runs
+    assert ranks[0]["fsdp2"] == ranks[1]["fsdp2"]  # the logged mean is the same on every rank
+    assert ranks[0]["fsdp2"] == reference
+
+
+def test_ddp_with_activation_checkpointing_matches_single_process(runs):
+    ranks, reference, _ = runs
+    assert ranks[0]["ddp"] == ranks[1]["ddp"] == reference[:3]
+
+
+def test_fsdp2_resume_continues_exactly(runs):
+    ranks, _, out = runs
+    assert len(ranks[0]["fsdp2_resumed"]) == STEPS - 2
+    assert ranks[0]["fsdp2_resumed"] == ranks[0]["fsdp2"][2:]
+    meta = json.load(open(os.path.join(out, "ckpt", train.CKPT_META)))
+    assert meta["step"] == 2
+
+
+def test_none_save_resume(tmp_path):
+    ck = str(tmp_path / "ck")
+    args = [*BASE, "--strategy", "none", "--steps", "3", "--optim", "adamw8bit"]
+    threads = torch.get_num_threads()
+    try:
+        full = train.main([*args, "--save", ck, "--save-at", "1"])
+        resumed = train.main([*args, "--resume", ck])
+    finally:
+        torch.set_num_threads(threads)
+    assert resumed == full[1:]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--strategy", "none"], "give the model"),
+        (["--config", "no-such-preset"], "neither a preset"),
+        (["--model", "/no/such/dir"], "not a directory"),
+        (["--config", "tiny-llama", "--data", "/no/such/file"], "not a file"),
+        (["--config", "tiny-llama", "--strategy", "ddp", "--param-dtype", "bf16"], "need --strategy fsdp2"),
+        (["--config", "tiny-llama", "--save-at", "2"], "--save-at needs --save"),
+        (["--config", "tiny-llama", "--save", "x", "--save-at", "9", "--steps", "3"], "after the last step"),
+        (["--config", "tiny-llama", "--resume", "/no/such/ckpt"], "not a checkpoint"),
+        (["--config", "tiny-llama", "--r", "0"], "must be >= 1"),
+        (["--config", "tiny-llama", "--strategy", "pipeline"], "invalid choice"),
+        (["--config", "tiny-llama", "--optim", "sgd"], "invalid choice"),
+        (["--config", "tiny-llama", "--quant-type", "int4"], "invalid choice"),
+    ],
+)
+def test_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_time_errors(monkeypatch):
+    with pytest.raises(SystemExit, match="multiple of world size"):
+        train.main([*BASE, "--strategy", "none", "--grad-accum", "3"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="strategy none runs one process"):
+        train.main([*BASE, "--strategy", "none"])
