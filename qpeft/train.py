@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -210,9 +209,18 @@ def unshardable_params(model: nn.Module) -> set[nn.Parameter]:
 
 def wrap(model: nn.Module, args, device: torch.device, world: int) -> nn.Module:
     if args.activation_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
-            raise SystemExit("--activation-checkpointing needs a transformers model")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: composes with FSDP2's per-layer all-gathers and qpeft's autograd
+        # functions. transformers 5 renamed the method (the old name warns, then goes).
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            raise SystemExit(
+                "--activation-checkpointing needs a transformers model (activation_checkpointing_enable)"
+            )
+        model.config.use_cache = False  # no KV cache in training (transformers says so otherwise)
     if args.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -231,9 +239,16 @@ def wrap(model: nn.Module, args, device: torch.device, world: int) -> nn.Module:
                 param_dtype=DTYPES.get(args.param_dtype), reduce_dtype=DTYPES.get(args.reduce_dtype)
             )
         ignored = unshardable_params(model)
-        for layer in decoder_layers(model):
+        layers = decoder_layers(model)
+        for layer in layers:
             fully_shard(layer, ignored_params={p for p in layer.parameters() if p in ignored} or None, **kw)
         fully_shard(model, ignored_params=ignored or None, **kw)
+        if torch.distributed.get_rank() == 0:
+            print(
+                f"fsdp2: {len(layers)} decoder layers + root sharded over {world} rank(s); "
+                f"{len(ignored)} unshardable parameter(s) kept whole (ignored_params)",
+                flush=True,
+            )
     return model
 
 
@@ -376,10 +391,4 @@ def main(argv=None) -> list[float]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except SystemExit as exc:
-        if exc.code not in (None, 0) and not isinstance(exc.code, int):
-            print(f"qpeft.train: error: {exc.code}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    main()
