@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", help="'tiny-llama' or a transformers config.json (random init)")
     src.add_argument("--model", help="local directory for from_pretrained (no downloads)")
     p.add_argument("--data", help="UTF-8 text file (default: qpeft/data/river_town.txt)")
+    p.add_argument(
+        "--tokenizer",
+        choices=("auto", "bytes", "model"),
+        default="auto",
+        help="bytes: UTF-8 bytes as tokens (needs vocab >= 256); model: --model DIR's tokenizer; "
+        "auto: model with --model, bytes with --config",
+    )
     p.add_argument("--strategy", choices=STRATEGIES, default="fsdp2")
     p.add_argument("--r", type=_positive, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=_positive_float, default=16.0, help="LoRA alpha")
@@ -115,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--config {args.config!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
     if args.model is not None and not os.path.isdir(args.model):
         p.error(f"--model {args.model!r} is not a directory (only local models can be loaded)")
+    if args.tokenizer == "model" and args.model is None:
+        p.error("--tokenizer model needs --model DIR (a config-built model has no tokenizer)")
     if args.data is not None and not os.path.isfile(args.data):
         p.error(f"--data {args.data!r} is not a file")
     if args.strategy != "fsdp2" and (args.param_dtype or args.reduce_dtype):
@@ -143,7 +152,7 @@ def build_model(args) -> nn.Module:
     tf = _transformers()
     torch.manual_seed(args.seed)  # every rank builds the same random model
     if args.model is not None:
-        return tf.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, torch_dtype="auto")
+        return tf.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype="auto")
     if args.config in PRESETS:
         config = tf.LlamaConfig(**PRESETS[args.config])
     else:
@@ -152,16 +161,22 @@ def build_model(args) -> nn.Module:
 
 
 def load_tokens(args, vocab_size: int) -> torch.Tensor:
-    """Byte-level tokens (UTF-8 bytes, qpeft.demo's ByteTokenizer) for a config-built model;
-    the directory's own tokenizer for ``--model DIR``."""
+    """Byte-level tokens (UTF-8 bytes, qpeft.demo's ByteTokenizer) for a config-built model
+    (or ``--tokenizer bytes``); the directory's own tokenizer for ``--model DIR``."""
     if args.data is None:
         from .demo import load_text
 
         text = load_text()
     else:
         text = Path(args.data).read_text(encoding="utf-8")
-    if args.model is not None:
-        tok = _transformers().AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    if args.tokenizer == "model" or (args.tokenizer == "auto" and args.model is not None):
+        try:
+            tok = _transformers().AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(
+                f"cannot load a tokenizer from --model {args.model!r} ({exc}); add one to the directory or "
+                "pass --tokenizer bytes"
+            ) from None
         ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
     else:
         from .demo import ByteTokenizer
@@ -343,6 +358,7 @@ def main(argv=None) -> list[float]:
         if args.compute_dtype:
             options["compute_dtype"] = DTYPES[args.compute_dtype]
         targets = args.targets if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
+        torch.manual_seed(args.seed + 1)  # the adapters' init, however the base was obtained
         qpeft.convert(model.to(device), targets, r=args.r, alpha=args.alpha, verbose=rank == 0, **options)
         model.train()
         model = wrap(model, args, device, world)

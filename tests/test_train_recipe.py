@@ -18,6 +18,7 @@ recomputes the same forward, so it changes no bit either.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import traceback
@@ -82,6 +83,23 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
                     "--activation-checkpointing",
                 ]
             ),
+            "fsdp2_bf16": train.main(
+                [
+                    *BASE,
+                    "--strategy",
+                    "fsdp2",
+                    "--steps",
+                    "3",
+                    "--param-dtype",
+                    "bf16",
+                    "--reduce-dtype",
+                    "fp32",
+                    "--optim",
+                    "paged_adamw8bit",
+                    "--quant-type",
+                    "fp4",
+                ]
+            ),  # fmt: skip
             "ddp": train.main([*BASE, "--strategy", "ddp", "--steps", "3", "--activation-checkpointing"]),
         }
         with open(os.path.join(out, f"r{rank}.json"), "w") as f:
@@ -123,6 +141,15 @@ def test_ddp_with_activation_checkpointing_matches_single_process(runs):
     assert ranks[0]["ddp"] == ranks[1]["ddp"] == reference[:3]
 
 
+def test_fsdp2_mixed_precision_trains(runs):
+    """bf16 parameters (MixedPrecisionPolicy), fp32 reduction, FP4 base, paged 8-bit AdamW:
+    no single-process twin to equal, so: the same log on both ranks, finite, decreasing."""
+    ranks, _, _ = runs
+    losses = ranks[0]["fsdp2_bf16"]
+    assert losses == ranks[1]["fsdp2_bf16"]
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0], losses
+
+
 def test_fsdp2_resume_continues_exactly(runs):
     ranks, _, out = runs
     assert len(ranks[0]["fsdp2_resumed"]) == STEPS - 2
@@ -143,6 +170,27 @@ def test_none_save_resume(tmp_path):
     assert resumed == full[1:]
 
 
+def test_config_file_and_local_model(tmp_path):
+    """--config config.json builds the same random model as the preset; --model DIR loads
+    it back with from_pretrained (here with byte tokens: the directory has no tokenizer)."""
+    config = transformers.LlamaConfig(**train.TINY_LLAMA)
+    config.to_json_file(str(tmp_path / "config.json"))
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(tmp_path / "model"))
+    args = [*BASE[2:], "--strategy", "none", "--steps", "2"]
+    threads = torch.get_num_threads()
+    try:
+        preset = train.main(["--config", "tiny-llama", *args])
+        from_file = train.main(["--config", str(tmp_path / "config.json"), *args])
+        loaded = train.main(["--model", str(tmp_path / "model"), "--tokenizer", "bytes", *args])
+        with pytest.raises(SystemExit, match="cannot load a tokenizer"):
+            train.main(["--model", str(tmp_path / "model"), *args])
+    finally:
+        torch.set_num_threads(threads)
+    assert from_file == preset
+    assert loaded == preset
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -155,6 +203,8 @@ def test_none_save_resume(tmp_path):
         (["--config", "tiny-llama", "--save", "x", "--save-at", "9", "--steps", "3"], "after the last step"),
         (["--config", "tiny-llama", "--resume", "/no/such/ckpt"], "not a checkpoint"),
         (["--config", "tiny-llama", "--r", "0"], "must be >= 1"),
+        (["--config", "tiny-llama", "--tokenizer", "model"], "needs --model DIR"),
+        (["--config", "tiny-llama", "--model", "x"], "not allowed with argument"),
         (["--config", "tiny-llama", "--strategy", "pipeline"], "invalid choice"),
         (["--config", "tiny-llama", "--optim", "sgd"], "invalid choice"),
         (["--config", "tiny-llama", "--quant-type", "int4"], "invalid choice"),
