@@ -24,6 +24,7 @@ with torch.distributed.checkpoint (``get_state_dict``); ``--resume DIR`` continu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=STRATEGIES, default="fsdp2")
     p.add_argument("--r", type=_positive, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=_positive_float, default=16.0, help="LoRA alpha")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (0: the fused path)")
     p.add_argument(
         "--targets", default="all-linear", help="comma-separated module names or 'all-linear' (PEFT's rules)"
     )
@@ -128,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--data {args.data!r} is not a file")
     if args.strategy != "fsdp2" and (args.param_dtype or args.reduce_dtype):
         p.error("--param-dtype/--reduce-dtype set FSDP2's MixedPrecisionPolicy: they need --strategy fsdp2")
+    if not 0.0 <= args.dropout < 1.0:
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.save_at is not None and args.save is None:
         p.error("--save-at needs --save DIR")
     if args.save_at is not None and args.save_at > args.steps:
@@ -342,6 +346,16 @@ def resume(path: str, model, opt, distributed: bool) -> int:
 # --- the loop ------------------------------------------------------------------------------
 
 
+def _grad_sync(model: nn.Module, strategy: str, sync: bool):
+    """Reduce gradients across ranks only on a step's last micro-batch: DDP's ``no_sync``,
+    FSDP2's ``set_requires_gradient_sync`` (earlier micro-batches accumulate locally)."""
+    if strategy == "ddp" and not sync:
+        return model.no_sync()
+    if strategy == "fsdp2":
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
 def main(argv=None) -> list[float]:
     """Run the recipe; returns the per-step logged losses (the same on every rank)."""
     args = parse_args(argv)
@@ -359,7 +373,15 @@ def main(argv=None) -> list[float]:
             options["compute_dtype"] = DTYPES[args.compute_dtype]
         targets = args.targets if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
         torch.manual_seed(args.seed + 1)  # the adapters' init, however the base was obtained
-        qpeft.convert(model.to(device), targets, r=args.r, alpha=args.alpha, verbose=rank == 0, **options)
+        qpeft.convert(
+            model.to(device),
+            targets,
+            r=args.r,
+            alpha=args.alpha,
+            dropout=args.dropout,
+            verbose=rank == 0,
+            **options,
+        )
         model.train()
         model = wrap(model, args, device, world)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -385,8 +407,9 @@ def main(argv=None) -> list[float]:
             total = torch.zeros((), dtype=torch.float64, device=device)
             for k in range(args.grad_accum):
                 ids = rows[k * micro : (k + 1) * micro]
-                loss = model(input_ids=ids, labels=ids).loss
-                (loss / args.grad_accum).backward()
+                with _grad_sync(model, args.strategy, k == args.grad_accum - 1):
+                    loss = model(input_ids=ids, labels=ids).loss
+                    (loss / args.grad_accum).backward()
                 total += loss.detach().double()
             total /= args.grad_accum
             if distributed:

@@ -100,6 +100,8 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
                     "fp4",
                 ]
             ),  # fmt: skip
+            "fsdp2_accum": train.main([*BASE, "--strategy", "fsdp2", "--steps", "3", "--grad-accum", "2"]),
+            "ddp_accum": train.main([*BASE, "--strategy", "ddp", "--steps", "3", "--grad-accum", "2"]),
             "ddp": train.main([*BASE, "--strategy", "ddp", "--steps", "3", "--activation-checkpointing"]),
         }
         with open(os.path.join(out, f"r{rank}.json"), "w") as f:
@@ -148,6 +150,29 @@ def test_fsdp2_mixed_precision_trains(runs):
     losses = ranks[0]["fsdp2_bf16"]
     assert losses == ranks[1]["fsdp2_bf16"]
     assert all(map(math.isfinite, losses)) and losses[-1] < losses[0], losses
+
+
+def test_grad_accum_on_ranks(runs):
+    """2 ranks x 2 micro-batches of 1 (gradient sync only after the last one) against one
+    process with 4 micro-batches: the same rows, but the gradient sums associate as
+    (g0/2 + g1/2 + g2/2 + g3/2) / 2 instead of g0/4 + g1/4 + g2/4 + g3/4 in sequence, a
+    relative difference of a few fp32 ulps per element. Step 1's loss precedes any update
+    and is equal exactly; later losses differ by what those ulps move AdamW's update of
+    lr * m / (sqrt(v) + eps) (elements whose gradient is near rounding noise can change
+    their update by up to lr), which after 2 updates at lr 1e-2 stays far below 1e-3 of a
+    loss near 5.5 (measured: 0.0 here, the sums happen to round alike); the bound only catches a wrong reduction, which
+    moves the loss by the size of a step's change (~0.05)."""
+    ranks, _, _ = runs
+    threads = torch.get_num_threads()
+    try:
+        single = train.main([*BASE, "--strategy", "none", "--steps", "3", "--grad-accum", "4"])
+    finally:
+        torch.set_num_threads(threads)
+    for key in ("fsdp2_accum", "ddp_accum"):
+        losses = ranks[0][key]
+        assert losses == ranks[1][key]
+        assert losses[0] == single[0]
+        assert max(abs(a - b) for a, b in zip(losses, single)) < 1e-3, (key, losses, single)
 
 
 def test_fsdp2_resume_continues_exactly(runs):
@@ -203,6 +228,7 @@ def test_config_file_and_local_model(tmp_path):
         (["--config", "tiny-llama", "--save", "x", "--save-at", "9", "--steps", "3"], "after the last step"),
         (["--config", "tiny-llama", "--resume", "/no/such/ckpt"], "not a checkpoint"),
         (["--config", "tiny-llama", "--r", "0"], "must be >= 1"),
+        (["--config", "tiny-llama", "--dropout", "1.5"], "--dropout must be in [0, 1)"),
         (["--config", "tiny-llama", "--tokenizer", "model"], "needs --model DIR"),
         (["--config", "tiny-llama", "--model", "x"], "not allowed with argument"),
         (["--config", "tiny-llama", "--strategy", "pipeline"], "invalid choice"),
