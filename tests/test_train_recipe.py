@@ -40,6 +40,7 @@ import transformers  # noqa: E402
 # so the forked ranks inherit them instead of each importing them (seconds on 2 cores).
 transformers.AutoModelForCausalLM, transformers.LlamaConfig, transformers.LlamaForCausalLM  # noqa: B018
 
+import qpeft  # noqa: E402
 from qpeft import train  # noqa: E402
 
 STEPS = 4
@@ -193,6 +194,28 @@ def test_none_save_resume(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert resumed == full[1:]
+
+
+def test_unshardable_params_is_a_capability_check():
+    """fully_shard's ignored_params: non-float parameters without FSDP2's all-gather
+    extension; float ones and a subclass that implements the extension are sharded."""
+
+    class Gatherable(torch.Tensor):
+        def fsdp_pre_all_gather(self, *args, **kwargs):  # FSDP2's extension point
+            raise NotImplementedError
+
+    m = torch.nn.Module()
+    m.packed = torch.nn.Parameter(torch.zeros(4, 1, dtype=torch.uint8), requires_grad=False)
+    m.float_ = torch.nn.Parameter(torch.zeros(4))
+    m.gatherable = torch.nn.Parameter(
+        torch.zeros(4, 1, dtype=torch.uint8).as_subclass(Gatherable), requires_grad=False
+    )
+    m.register_buffer("buffer", torch.zeros(4, dtype=torch.uint8))  # FSDP2 never shards buffers
+    assert train.unshardable_params(m) == {m.packed}
+    model = train.build_model(train.parse_args(BASE))
+    qpeft.convert(model, verbose=False)
+    assert train.unshardable_params(model) == set()  # today's 4-bit weights are buffers
+    assert len(train.decoder_layers(model)) == train.TINY_LLAMA["num_hidden_layers"]
 
 
 def test_config_file_and_local_model(tmp_path):
