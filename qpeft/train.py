@@ -216,9 +216,9 @@ def unshardable_params(model: nn.Module) -> set[nn.Parameter]:
     """Parameters fully_shard cannot shard: non-floating-point ones (packed 4-bit weights,
     should they be parameters) unless their class implements FSDP2's all-gather extension
     (``fsdp_pre_all_gather``/``fsdp_post_all_gather``). They are passed as ``ignored_params``
-    and stay whole on every rank. Today the 4-bit weights are buffers, which FSDP2 never
-    shards, and this set is empty; a 4-bit tensor subclass with the extension is sharded
-    like any other parameter. A capability check, not a check of qpeft's storage."""
+    and stay whole on every rank. qpeft's 4-bit weights (``qpeft.Weight4bit``) implement the
+    extension, so this set is empty for a converted model and the 4-bit base is sharded by
+    rows (docs/distributed.md). A capability check, not a check of qpeft's storage."""
     return {
         p
         for p in model.parameters()
