@@ -298,12 +298,16 @@ def _dequant_lut(
     G: tl.constexpr = BLOCK_K // SUB
     n_ok = offs_n < N
     j = tl.arange(0, WPR)
-    # K // BLOCKSIZE * (BLOCKSIZE // 8): a row's word offset is a multiple of 4 (16 bytes)
-    row_word = offs_n.to(tl.int64) * (K // BLOCKSIZE) * (BLOCKSIZE // 8)
-    word_ptr = packed_ptr.to(tl.pointer_type(tl.uint32))
+    # Words per row, written K // BLOCKSIZE * (BLOCKSIZE // 8) so that the compiler knows
+    # it is a multiple of 4: row starts are 16-byte aligned and the K mask is constant over
+    # each thread's 4 contiguous words (a mask on k0 + 8 * j would not be: 4-byte loads).
+    words = K // BLOCKSIZE * (BLOCKSIZE // 8)
+    wj = k0 // 8 + j
     w = tl.load(
-        word_ptr + row_word[:, None] + (k0 // 8 + j)[None, :],
-        mask=n_ok[:, None] & (k0 + 8 * j < K)[None, :],
+        tl.multiple_of(packed_ptr.to(tl.pointer_type(tl.uint32)), 16)
+        + offs_n.to(tl.int64)[:, None] * words
+        + wj[None, :],
+        mask=n_ok[:, None] & (wj < words)[None, :],
         other=0,
     )
     g_k = k0 + tl.arange(0, G) * SUB
@@ -705,26 +709,32 @@ def qlora_dx_kernel(
 # ---------------------------------------------------------------------------------------
 # Tile configurations
 # ---------------------------------------------------------------------------------------
-# Why these tiles (registers: AOT build for bf16 + nested NF4 at the bucket's largest
-# r, sm_80 / sm_90, all with 0 spills; full table in benchmarks/roofline_qlora.md):
-# - Large M (training), forward 128x128x32, 8 warps: the usual tensor-core tile; BK = 32
-#   keeps the dequantized W tile at 16 fp32 values per thread next to the 64-register
-#   accumulator (255 / 196 regs at r = 64). r > 64 adds a BM x BLOCK_R fp32 LoRA
-#   accumulator (up to 256 columns), so BM halves: 64x64x32 (255 / 196 regs at r = 256).
+# Why these tiles (AOT build for bf16 + nested NF4 at the bucket's largest r, sm_80 /
+# sm_90, all with 0 spills; registers, spills, W load width and SASS instructions per W
+# element of every config in benchmarks/results/sass_report.md):
+# - The register decode (_dequant_lut) builds one 16-entry table per quant block and row
+#   a thread touches (32 instructions) and spends 21 per 32-bit word of 8 codes, so a tile
+#   should give each thread several words of one block: 4 contiguous words (16 bytes, one
+#   vector load) per thread needs BLOCK_N x BLOCK_K >= 32 x threads.
+# - Large M (training), forward 128x128x32, 8 warps: the usual tensor-core tile (2 words
+#   per thread, 8-byte loads); larger K tiles (128x128x64) spill on sm_80's mma.sync path.
+#   r > 64 adds a BM x BLOCK_R fp32 LoRA accumulator (up to 256 columns), so BM halves:
+#   64x64x32 (64x64x64, 4 words per thread, needs 24 B of stack on sm_80).
 # - Small M (decode, M <= 16), forward 16x32x128, 4 warps: GEMV-shaped. BM = 16 is the
 #   tl.dot minimum, so each W element is decoded exactly once; N / 32 = 128 programs at
 #   N = 4096 fill an H100's 132 SMs without split-K, so the result is deterministic and
 #   needs no fp32 scratch or atomics; BK = 128 gives each program 2 KiB of packed W per
-#   step to stream (196 / 255 regs at r = 64). r > 64: 16x32x32 (168 / 152 regs).
+#   step (4 words per thread). r > 64: 16x32x32 (the [BK, 256] A tile is the bulk of
+#   the step; 16x32x128 spills, 16x128x32 would leave 32 programs at N = 4096).
 #   No warp repeats another's MMAs (mma_macs_ratio 1 in benchmarks/results/sass_report.md):
 #   BLOCK_R >= 32 at small M (block_r), and every small-M tile has BLOCK_N (dx: BLOCK_K)
 #   >= 8 x num_warps, so the warps split the n8 MMA columns instead of sharing the 16 rows.
 # - dx mirrors this with the output tile [BM, BLOCK_K] and the loop over N (BLOCK_N):
-#   128x32x128 at large M (255 / 219), 16x64x32 at small M (124 / 124 regs).
+#   128x32x128 at large M, 64x32x128 at r > 64; at small M BLOCK_K = 32 keeps K / 32
+#   programs and the loop tile is BLOCK_N = 128 (r > 64: 64, the [BN, 256] B tile).
 # Pointers, N, K and strides divisible by 16 matter: without those hints (the JIT adds
 # them at run time) the same tiles spill; see AOT_CONFIGS' "attrs". The per-element
-# path for K % blocksize != 0 (no LLM shape) is not tuned: with these tiles it spills up
-# to 152 B/thread on sm_80 (fwd small-M), 24 B on sm_90 (dx large-M, r = 256).
+# path for K % blocksize != 0 (no LLM shape) is not tuned.
 
 
 def _cfg(bm, bn, bk, warps, stages, group_m=8):
@@ -746,12 +756,12 @@ _FWD_CONFIGS = {
     ],
     ("small", "hi"): [_cfg(16, 32, 32, 4, 3), _cfg(16, 64, 64, 8, 3), _cfg(16, 32, 64, 4, 3)],
     ("large", "lo"): [_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 32, 8, 3)],
-    ("large", "hi"): [_cfg(64, 64, 32, 8, 3), _cfg(32, 128, 32, 8, 3), _cfg(64, 64, 32, 8, 2)],
+    ("large", "hi"): [_cfg(64, 64, 32, 8, 3), _cfg(64, 64, 64, 8, 3), _cfg(32, 128, 32, 8, 3)],
 }
 # In the dx kernel BLOCK_N is the loop dimension and BLOCK_K the output tile.
 _DX_CONFIGS = {
-    ("small", "lo"): [_cfg(16, 64, 32, 4, 3), _cfg(16, 128, 32, 4, 3), _cfg(16, 64, 64, 4, 3)],
-    ("small", "hi"): [_cfg(16, 32, 32, 4, 3), _cfg(16, 32, 64, 8, 3)],
+    ("small", "lo"): [_cfg(16, 128, 32, 4, 3), _cfg(16, 64, 32, 4, 3), _cfg(16, 64, 64, 4, 3)],
+    ("small", "hi"): [_cfg(16, 64, 32, 4, 3), _cfg(16, 32, 32, 4, 3), _cfg(16, 32, 64, 8, 3)],
     ("large", "lo"): [_cfg(128, 32, 128, 8, 3), _cfg(128, 32, 128, 8, 4), _cfg(64, 64, 128, 8, 3)],
     ("large", "hi"): [_cfg(64, 32, 128, 8, 3), _cfg(64, 64, 64, 8, 3)],
 }
@@ -1133,12 +1143,16 @@ def _aot_entry(
     fn = qlora_fwd_kernel if kernel_name == "fwd" else qlora_dx_kernel
     signature = {name: signature[name] for name in fn.arg_names}  # kernel argument order
     # What the JIT infers at run time for torch tensors and LLM shapes: 16-byte aligned
-    # pointers and N, K, row strides divisible by 16 (M and R are not assumed to be).
+    # pointers and N, K, row strides divisible by 16; R too when the entry's rank is (the
+    # JIT marks any int argument divisible by 16: r = 16, 32, 64, 256 get it, and without
+    # it the LoRA tiles' r mask is per element, so A and B load one element per
+    # instruction). M is not assumed to be.
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(fn.arg_names)
         if signature[name].startswith("*")
         or (signature[name] == "i32" and name not in ("M", "R", "M_BUCKET"))
+        or (name == "R" and r % 16 == 0 and has_lora)
     }
     return {
         "name": f"qlora_{kernel_name}_{regime[0]}M_{f'r{r}' if has_lora else 'nolora'}_{dtype}",
