@@ -255,15 +255,16 @@ def test_register_decode_is_the_reference_dequantize(dtype, n, k, quant_type, do
 
 
 def test_misaligned_packed_takes_the_byte_path():
-    """A ``packed`` view starting at an odd byte cannot be read as 32-bit words: the launcher
-    falls back to the per-byte path, with the same result within the oracle's bounds."""
+    """A ``packed`` view starting at an odd byte is not 16-byte aligned (the register decode
+    reads it with 16-byte loads): the launcher falls back to the per-byte path, with the
+    same result within the oracle's bounds."""
     kern = _launchers()
     case = (torch.float16, 3, 20, 128, 4, "nf4", True, 64, True, False, False)
     p = _problem(case, seed=5)
     buf = torch.empty(p["packed"].numel() + 1, dtype=torch.uint8, device=p["packed"].device)
     buf[1:] = p["packed"].reshape(-1)
     odd = buf[1:]
-    assert odd.data_ptr() % 4 != 0 and not kern._lut(torch.float16, odd, 128, 64)
+    assert odd.data_ptr() % 16 != 0 and not kern._lut(torch.float16, odd, 128, 64)
     assert kern._lut(torch.float16, p["packed"], 128, 64)
     with qpeft.use_backend("triton"):
         y = qlora_linear(p["x"], odd, p["state"], p["a"], p["b"], p["scaling"], p["bias"])

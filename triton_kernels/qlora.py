@@ -285,7 +285,7 @@ def _dequant_lut(
 ):
     """W[offs_n, k0 : k0 + BLOCK_K] as ``dt`` (fp16/bf16) [BN, BLOCK_K], 0 outside W; for
     K % BLOCKSIZE == 0 (rows hold whole quant blocks; BLOCKSIZE >= 32, so a row is a whole
-    number of 16-byte chunks) and a 4-byte aligned ``packed``.
+    number of 16-byte chunks) and a 16-byte aligned ``packed`` (the launcher's ``_lut``).
 
     W is read as 32-bit words of 8 codes, [BN, BLOCK_K / 8] per tile, each row's words
     contiguous (16-byte vector loads). Each quant block's 16-entry table is built once
@@ -730,7 +730,9 @@ def qlora_dx_kernel(
 #   BLOCK_R >= 32 at small M (block_r), and every small-M tile has BLOCK_N (dx: BLOCK_K)
 #   >= 8 x num_warps, so the warps split the n8 MMA columns instead of sharing the 16 rows.
 # - dx mirrors this with the output tile [BM, BLOCK_K] and the loop over N (BLOCK_N):
-#   128x32x128 at large M, 64x32x128 at r > 64; at small M BLOCK_K = 32 keeps K / 32
+#   128x32x128 at large M (no spills at r = 16; at r = 64 on sm_80 it needs 88 B of stack
+#   with the register decode's 16 code registers: benchmarks/roofline_qlora.md), 64x32x128
+#   at r > 64; at small M BLOCK_K = 32 keeps K / 32
 #   programs and the loop tile is BLOCK_N = 128 (r > 64: 64, the [BN, 256] B tile).
 # Pointers, N, K and strides divisible by 16 matter: without those hints (the JIT adds
 # them at run time) the same tiles spill; see AOT_CONFIGS' "attrs". The per-element
@@ -862,8 +864,10 @@ def _flags(dtype: torch.dtype) -> dict:
 
 def _lut(dtype: torch.dtype, packed: torch.Tensor, k: int, blocksize: int) -> bool:
     """The register decode (``_dequant_lut``) applies: 16-bit output, rows of whole quant
-    blocks, and 32-bit words of ``packed`` aligned (else the per-byte fp32 path)."""
-    return dtype in (torch.float16, torch.bfloat16) and k % blocksize == 0 and packed.data_ptr() % 4 == 0
+    blocks, and ``packed`` 16-byte aligned (the kernel tells the compiler so, for 16-byte
+    loads; every torch allocation is, a view at another offset is not): else the
+    per-byte fp32 path."""
+    return dtype in (torch.float16, torch.bfloat16) and k % blocksize == 0 and packed.data_ptr() % 16 == 0
 
 
 def qlora_forward(
