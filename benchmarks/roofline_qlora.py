@@ -249,9 +249,10 @@ def markdown(rows: list[dict], aot: list[dict] | None) -> str:
         f"{large['cost']['sass_per_elem']:g} instructions per W element per M-tile ({_us(large['t_alu'])} us of "
         f"issue against {_us(large['t_mma'])} us of MMA): predicted {large['bound']}-bound at "
         f"{large['ratio']:.2f}x of cuBLAS on a bf16 weight, and only if issue and MMA overlap perfectly "
-        f"({large['cost']['mma']} in the SASS: {_MMA_WORDS.get(large['cost']['mma'], 'no MMA')}). Cutting the "
-        "instructions per element (wider W loads, a register-resident code table, fewer waits) is what "
-        "moves both ends; the table above is the baseline to measure it against.",
+        f"({large['cost']['mma']} in the SASS: {_MMA_WORDS.get(large['cost']['mma'], 'no MMA')}). The W "
+        'decode is already register-resident with 8- or 16-byte W loads (docs/design.md, "Fused kernels: '
+        'register decode"); what is left per element is the rest of the loop (operand staging in shared '
+        "memory, MMA issue and waits, the LoRA tiles): cutting it moves both ends.",
         "",
     ]
     if aot:

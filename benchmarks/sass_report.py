@@ -915,7 +915,7 @@ def markdown(report: dict) -> str:
     fused = [r for r in report["records"] if r["default"] and r["kernel"].startswith("qlora")]
     others = [r for r in report["records"] if r not in fused]
     if fused:
-        lines += ["## Fused QLoRA kernels, default configs (the baseline)", ""] + header + _rows(fused) + [""]
+        lines += ["## Fused QLoRA kernels, default configs", ""] + header + _rows(fused) + [""]
     lines += ["## Every config" if fused else "## Configs", ""] + header + _rows(others)
 
     odd = [r for r in report["records"] if r.get("mma_macs_ratio") not in (None, 1.0)]

@@ -203,3 +203,109 @@ def test_aot_configs_are_well_formed():
         for name in cfg["constexprs"]:
             assert cfg["signature"][name] == "constexpr", (cfg["name"], name)
         assert all((v == "constexpr") == (k in cfg["constexprs"]) for k, v in cfg["signature"].items())
+
+
+# --- register decode (docs/design.md, "Fused kernels: register decode") ----------------------
+
+
+def _launchers():
+    from qpeft.backends.triton.qlora import _kernels
+
+    return _kernels()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "n", "k", "quant_type", "double_quant", "blocksize"),
+    [
+        (torch.bfloat16, 45, 160, "nf4", True, 32),  # partial N and K tiles, two blocks per K tile
+        (torch.float16, 17, 128, "fp4", False, 128),  # a block spans two K tiles
+    ],
+)
+def test_register_decode_is_the_reference_dequantize(dtype, n, k, quant_type, double_quant, blocksize):
+    """The fused kernels' W tile is bit for bit the reference dequantize: one-hot rows of x
+    (forward) and dy = I (dx) make every output one product 1 * w plus exact zeros in fp32,
+    so y and dx are entries of W exactly (+-0 compare equal: the accumulator starts at +0)."""
+    kern = _launchers()
+    g = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=g) * 3
+    w[0, :7] = 0.0  # whole-zero runs and exact zeros
+    packed, st = quantize_4bit(w, blocksize, quant_type, double_quant=double_quant)
+    with qpeft.use_backend("default"):
+        ref = qpeft.functional.dequantize_4bit(packed, st, dtype).cpu()
+    dev = packed.device
+    nested = (st.state2.absmax, st.state2.code, st.offset.reshape(1)) if st.nested else (None, None, None)
+    nbs = st.state2.blocksize if st.nested else 256
+    code = st.code.to(device=dev, dtype=torch.float32)
+    assert kern._lut(dtype, packed, k, blocksize)  # the register decode is the path under test
+    # forward: 16 one-hot rows picking columns spread over every K tile (one M tile: the
+    # interpreter is slow); dx: dy = I, all of W
+    cols = torch.linspace(0, k - 1, 16).round().long()
+    x = torch.zeros(16, k, dtype=dtype)
+    x[torch.arange(16), cols] = 1
+    y, _ = kern.qlora_forward(
+        x.to(dev), packed, st.absmax, *nested, code, blocksize, nbs, n, k,
+        None, None, 1.0,
+    )  # fmt: skip
+    dx, _ = kern.qlora_dx(
+        torch.eye(n, dtype=dtype, device=dev), packed, st.absmax, *nested, code, blocksize, nbs, n, k,
+        None, None, 1.0,
+    )  # fmt: skip
+    assert torch.equal(y.cpu().T, ref[:, cols]), "forward W tile"
+    assert torch.equal(dx.cpu(), ref), "dx W tile"
+
+
+def test_misaligned_packed_takes_the_byte_path():
+    """A ``packed`` view starting at an odd byte is not 16-byte aligned (the register decode
+    reads it with 16-byte loads): the launcher falls back to the per-byte path, with the
+    same result within the oracle's bounds."""
+    kern = _launchers()
+    case = (torch.float16, 3, 20, 128, 4, "nf4", True, 64, True, False, False)
+    p = _problem(case, seed=5)
+    buf = torch.empty(p["packed"].numel() + 1, dtype=torch.uint8, device=p["packed"].device)
+    buf[1:] = p["packed"].reshape(-1)
+    odd = buf[1:]
+    assert odd.data_ptr() % 16 != 0 and not kern._lut(torch.float16, odd, 128, 64)
+    assert kern._lut(torch.float16, p["packed"], 128, 64)
+    with qpeft.use_backend("triton"):
+        y = qlora_linear(p["x"], odd, p["state"], p["a"], p["b"], p["scaling"], p["bias"])
+        y0 = qlora_linear(p["x"], p["packed"], p["state"], p["a"], p["b"], p["scaling"], p["bias"])
+    ref = _oracle(p, torch.float16)["y"]
+    assert_within(y, *ref, "y (byte path)")
+    assert_within(y0, *ref, "y (register decode)")
+
+
+def test_large_rank_through_the_register_decode():
+    """r = 200 (BLOCK_R = 256, the "hi" bucket) with whole quant blocks per row: forward and
+    gradients within the oracle's bounds."""
+    from ._helpers import check_qlora_linear
+
+    case = (torch.bfloat16, 3, 40, 128, 200, "nf4", True, 64, True, True, True)
+    check_qlora_linear(_problem(case, seed=6), "triton")
+
+
+def test_prmt_emulation_matches_the_ptx_definition():
+    """The interpreter's prmt (the compiled kernels' inline PTX) against PTX's definition of
+    prmt.b32 default mode, on random words and every selector nibble (sign mode included)."""
+    probe = pytest.importorskip("tests._prmt_probe").prmt_probe
+
+    g = torch.Generator().manual_seed(11)
+    count = 256
+    a, b, s = (torch.randint(-(2**31), 2**31, (count,), generator=g, dtype=torch.int64) for _ in range(3))
+    s[:16] = torch.arange(16) * 0x1111  # every nibble value in every byte lane
+    d = torch.empty(count, dtype=torch.int32)
+    probe[(1,)](a.to(torch.int32), b.to(torch.int32), s.to(torch.int32), d, BLOCK=count)
+
+    def ptx(a, b, s):
+        src = [((a & 0xFFFFFFFF) >> (8 * i)) & 0xFF for i in range(4)]
+        src += [((b & 0xFFFFFFFF) >> (8 * i)) & 0xFF for i in range(4)]
+        out = 0
+        for i in range(4):
+            nib = (s >> (4 * i)) & 0xF
+            byte = src[nib & 7]
+            if nib & 8:
+                byte = 0xFF if byte & 0x80 else 0
+            out |= byte << (8 * i)
+        return out
+
+    want = [ptx(x, y, z) for x, y, z in zip(a.tolist(), b.tolist(), s.tolist())]
+    assert (d.to(torch.int64) & 0xFFFFFFFF).tolist() == want

@@ -139,6 +139,281 @@ def _dequant_rows(
     return tl.where(mask, value * scale, 0.0)
 
 
+# ---------------------------------------------------------------------------------------
+# Register decode (docs/design.md, "Fused kernels: register decode"): the 16-entry code
+# table is scaled by each quant block's absmax once per block and rounded to the 16-bit
+# output type, so a table entry is exactly the reference dequantize's value
+# (dtype(code[q] * absmax), fp32 product, one rounding); every element is then a pure
+# 16-entry lookup done with byte permutes (PTX prmt) on the packed 32-bit word of 8
+# codes. Nothing is gathered from memory. Under the interpreter (no inline PTX) every
+# prmt is the bit-exact emulation below, so the tests run the same selectors and tables.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prmt(a, b, sel, ASM: tl.constexpr):
+    """PTX ``prmt.b32 d, a, b, sel`` (default mode) on uint32 tensors: byte i of d is byte
+    (sel >> 4i) & 7 of the 8 bytes {b, a} (a holds bytes 0-3), or, when bit 3 of that
+    selector nibble is set, that byte's sign bit replicated; only sel's low 16 bits count."""
+    if ASM:
+        d = tl.inline_asm_elementwise(
+            "prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.uint32, is_pure=True, pack=1
+        )
+    else:
+        # the 4 byte lanes as a new last axis (few interpreter ops per call)
+        ab = a.to(tl.uint64) | (b.to(tl.uint64) << 32)  # bytes 0-3: a, 4-7: b
+        lane = tl.arange(0, 4)
+        nib = ((tl.expand_dims((a * 0 + sel).to(tl.uint32), -1) >> (4 * lane)) & 0xF).to(tl.uint64)
+        byte = (tl.expand_dims(ab, -1) >> ((nib & 7) * 8)) & 0xFF
+        sign = tl.where((byte & 0x80) != 0, 0xFF, 0).to(tl.uint64)
+        byte = tl.where((nib & 8) != 0, sign, byte)
+        d = tl.sum(byte << (8 * lane).to(tl.uint64), axis=-1).to(tl.uint32)  # disjoint bytes: sum = or
+    return d
+
+
+@triton.jit
+def _pack2(lo, hi, dt: tl.constexpr, ASM: tl.constexpr):
+    """uint32 holding (lo, hi) fp32 rounded to nearest-even to fp16/bf16, lo in bits 0-15
+    (PTX cvt.rn.{bf16x2,f16x2}.f32). The interpreter's fp32->bf16 cast truncates, so
+    there bf16 is rounded by integer arithmetic (finite inputs)."""
+    if ASM:
+        if dt == tl.bfloat16:
+            d = tl.inline_asm_elementwise(
+                "cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [lo, hi], dtype=tl.uint32, is_pure=True, pack=1
+            )
+        else:
+            d = tl.inline_asm_elementwise(
+                "cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [lo, hi], dtype=tl.uint32, is_pure=True, pack=1
+            )
+    else:
+        if dt == tl.bfloat16:
+            bl = lo.to(tl.uint32, bitcast=True)
+            bh = hi.to(tl.uint32, bitcast=True)
+            rl = (bl + 0x7FFF + ((bl >> 16) & 1)) >> 16
+            rh = (bh + 0x7FFF + ((bh >> 16) & 1)) >> 16
+        else:
+            rl = lo.to(dt).to(tl.uint16, bitcast=True).to(tl.uint32)
+            rh = hi.to(dt).to(tl.uint16, bitcast=True).to(tl.uint32)
+        d = rl | (rh << 16)
+    return d
+
+
+@triton.jit
+def _load_codes(code_ptr):
+    """The 16 fp32 code values as scalars, loaded once per program (before the loop)."""
+    return (
+        tl.load(code_ptr + 0),
+        tl.load(code_ptr + 1),
+        tl.load(code_ptr + 2),
+        tl.load(code_ptr + 3),
+        tl.load(code_ptr + 4),
+        tl.load(code_ptr + 5),
+        tl.load(code_ptr + 6),
+        tl.load(code_ptr + 7),
+        tl.load(code_ptr + 8),
+        tl.load(code_ptr + 9),
+        tl.load(code_ptr + 10),
+        tl.load(code_ptr + 11),
+        tl.load(code_ptr + 12),
+        tl.load(code_ptr + 13),
+        tl.load(code_ptr + 14),
+        tl.load(code_ptr + 15),
+    )
+
+
+@triton.jit
+def _planes(codes, a, dt: tl.constexpr, ASM: tl.constexpr):
+    """The block table dt(codes[j] * a), j = 0..15, of every absmax in ``a`` (fp32), as 8
+    uint32 byte planes: p[q] (q < 4) holds the low bytes of entries 4q..4q+3, p[4 + q]
+    their high bytes. 16 FMUL + 8 packed conversions + 8 prmt per block."""
+    p0 = _pack2(codes[0] * a, codes[1] * a, dt, ASM)
+    p1 = _pack2(codes[2] * a, codes[3] * a, dt, ASM)
+    p2 = _pack2(codes[4] * a, codes[5] * a, dt, ASM)
+    p3 = _pack2(codes[6] * a, codes[7] * a, dt, ASM)
+    p4 = _pack2(codes[8] * a, codes[9] * a, dt, ASM)
+    p5 = _pack2(codes[10] * a, codes[11] * a, dt, ASM)
+    p6 = _pack2(codes[12] * a, codes[13] * a, dt, ASM)
+    p7 = _pack2(codes[14] * a, codes[15] * a, dt, ASM)
+    return (
+        _prmt(p0, p1, 0x6420, ASM),
+        _prmt(p2, p3, 0x6420, ASM),
+        _prmt(p4, p5, 0x6420, ASM),
+        _prmt(p6, p7, 0x6420, ASM),
+        _prmt(p0, p1, 0x7531, ASM),
+        _prmt(p2, p3, 0x7531, ASM),
+        _prmt(p4, p5, 0x7531, ASM),
+        _prmt(p6, p7, 0x7531, ASM),
+    )
+
+
+@triton.jit
+def _lookup4(t, sa, sb, ASM: tl.constexpr):
+    """Entries (n1, n0, n3, n2) of the tables ``t`` for the 4 codes in the low 16 bits of a
+    word (byte k of the result: the code in selector nibble k), as 2 uint32 of 2 entries
+    each in element order: ((e0, e1), (e2, e3)) with e0 = nibble 1 (the high nibble of
+    the first byte). sa: the word & 0x7777 (entry within a half table); sb: per nibble,
+    i + 4 * (code >= 8) (which half's byte i)."""
+    lo = _prmt(_prmt(t[0], t[1], sa, ASM), _prmt(t[2], t[3], sa, ASM), sb, ASM)
+    hi = _prmt(_prmt(t[4], t[5], sa, ASM), _prmt(t[6], t[7], sa, ASM), sb, ASM)
+    return _prmt(lo, hi, 0x4051, ASM), _prmt(lo, hi, 0x6273, ASM)
+
+
+@triton.jit
+def _halves(p):
+    """uint32 of two 16-bit values -> (bits 0-15, bits 16-31) as uint16."""
+    return (p & 0xFFFF).to(tl.uint16), (p >> 16).to(tl.uint16)
+
+
+@triton.jit
+def _dequant_lut(
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    codes,
+    offs_n,
+    k0,
+    N,
+    K,
+    dt: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """W[offs_n, k0 : k0 + BLOCK_K] as ``dt`` (fp16/bf16) [BN, BLOCK_K], 0 outside W; for
+    K % BLOCKSIZE == 0 (rows hold whole quant blocks; BLOCKSIZE >= 32, so a row is a whole
+    number of 16-byte chunks) and a 16-byte aligned ``packed`` (the launcher's ``_lut``).
+
+    W is read as 32-bit words of 8 codes, [BN, BLOCK_K / 8] per tile, each row's words
+    contiguous (16-byte vector loads). Each quant block's 16-entry table is built once
+    per block and row of the tile (``_planes``), then every word is decoded by 16 prmt
+    and 5 integer ops into 4 packed pairs (docs/design.md, "Fused kernels: register
+    decode"). Masked words read 0 and masked blocks have absmax 0: their entries are +-0."""
+    BN: tl.constexpr = offs_n.shape[0]
+    WPR: tl.constexpr = BLOCK_K // 8  # words per tile row
+    SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
+    G: tl.constexpr = BLOCK_K // SUB
+    n_ok = offs_n < N
+    j = tl.arange(0, WPR)
+    # Words per row, written K // BLOCKSIZE * (BLOCKSIZE // 8) so that the compiler knows
+    # it is a multiple of 4: row starts are 16-byte aligned and the K mask is constant over
+    # each thread's 4 contiguous words (a mask on k0 + 8 * j would not be: 4-byte loads).
+    words = K // BLOCKSIZE * (BLOCKSIZE // 8)
+    wj = k0 // 8 + j
+    w = tl.load(
+        tl.multiple_of(packed_ptr.to(tl.pointer_type(tl.uint32)), 16)
+        + offs_n.to(tl.int64)[:, None] * words
+        + wj[None, :],
+        mask=n_ok[:, None] & (wj < words)[None, :],
+        other=0,
+    )
+    g_k = k0 + tl.arange(0, G) * SUB
+    blk = offs_n[:, None] * (K // BLOCKSIZE) + (g_k // BLOCKSIZE)[None, :]
+    a = _absmax(
+        absmax_ptr,
+        nested_absmax_ptr,
+        nested_code_ptr,
+        offset_ptr,
+        blk,
+        n_ok[:, None] & (g_k < K)[None, :],
+        NESTED_BLOCKSIZE,
+        NESTED,
+    )
+    t = _planes(codes, a, dt, ASM)  # 8 x [BN, G]
+    # each word takes its block's tables: [BN, G] -> [BN, G, SUB / 8] -> [BN, WPR]
+    t = (
+        tl.broadcast_to(t[0][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
+        tl.broadcast_to(t[1][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
+        tl.broadcast_to(t[2][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
+        tl.broadcast_to(t[3][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
+        tl.broadcast_to(t[4][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
+        tl.broadcast_to(t[5][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
+        tl.broadcast_to(t[6][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
+        tl.broadcast_to(t[7][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
+    )
+    # Element e of a word (e0 first in memory) is nibble e ^ 1 (byte e // 2, high nibble
+    # first). Selectors: low 16 bits for e0..e3, high 16 bits for e4..e7.
+    sa = w & 0x77777777
+    sb = ((w >> 1) & 0x44444444) | 0x32103210
+    p01, p23 = _lookup4(t, sa, sb, ASM)
+    p45, p67 = _lookup4(t, sa >> 16, sb >> 16, ASM)
+    l01, h01 = _halves(p01)
+    l23, h23 = _halves(p23)
+    l45, h45 = _halves(p45)
+    l67, h67 = _halves(p67)
+    # [BN, WPR, q, p, h] -> element 4q + 2p + h of the word
+    v = tl.join(tl.join(tl.join(l01, l45), tl.join(l23, l67)), tl.join(tl.join(h01, h45), tl.join(h23, h67)))
+    return v.reshape(BN, BLOCK_K).to(dt, bitcast=True)
+
+
+@triton.jit
+def _dequant_tile(
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    code_ptr,
+    codes,
+    offs_n,
+    n_base,
+    k0,
+    N,
+    K,
+    dt: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    LUT: tl.constexpr,
+    ASM: tl.constexpr,
+):
+    """W[offs_n, k0 : k0 + BLOCK_K] in ``dt``: the register decode (LUT) or the fp32 path."""
+    if LUT:
+        w = _dequant_lut(
+            packed_ptr,
+            absmax_ptr,
+            nested_absmax_ptr,
+            nested_code_ptr,
+            offset_ptr,
+            codes,
+            offs_n,
+            k0,
+            N,
+            K,
+            dt,
+            BLOCK_K,
+            BLOCKSIZE,
+            NESTED_BLOCKSIZE,
+            NESTED,
+            ASM,
+        )
+    else:
+        w = _dequant_rows(
+            packed_ptr,
+            absmax_ptr,
+            nested_absmax_ptr,
+            nested_code_ptr,
+            offset_ptr,
+            code_ptr,
+            offs_n,
+            n_base,
+            k0,
+            N,
+            K,
+            BLOCK_K,
+            BLOCKSIZE,
+            NESTED_BLOCKSIZE,
+            NESTED,
+            ALIGNED,
+        ).to(dt)
+    return w
+
+
 @triton.jit
 def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """acc + a @ b with fp32 accumulation (see module docstring for UPCAST)."""
@@ -186,6 +461,7 @@ def qlora_fwd_kernel(
     NESTED_BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
     ALIGNED: tl.constexpr,
+    LUT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RANK_SCALE: tl.constexpr,
     HAS_OUT_SCALE: tl.constexpr,
@@ -193,6 +469,7 @@ def qlora_fwd_kernel(
     WRITE_XA: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    ASM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -225,6 +502,8 @@ def qlora_fwd_kernel(
     n_ok = offs_n < N
     r_ok = offs_r < R
 
+    if LUT:
+        codes = _load_codes(code_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -235,25 +514,29 @@ def qlora_fwd_kernel(
             mask=m_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        w = _dequant_rows(
+        w = _dequant_tile(
             packed_ptr,
             absmax_ptr,
             nested_absmax_ptr,
             nested_code_ptr,
             offset_ptr,
             code_ptr,
+            codes if LUT else 0,
             offs_n,
             n_base,
             k0,
             N,
             K,
+            dt,
             BLOCK_K,
             BLOCKSIZE,
             NESTED_BLOCKSIZE,
             NESTED,
             ALIGNED,
+            LUT,
+            ASM,
         )
-        acc = _mma(x, tl.trans(w.to(dt)), acc, UPCAST, IEEE)
+        acc = _mma(x, tl.trans(w), acc, UPCAST, IEEE)
         if HAS_LORA:
             at = tl.load(
                 a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
@@ -322,11 +605,13 @@ def qlora_dx_kernel(
     NESTED_BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
     ALIGNED: tl.constexpr,
+    LUT: tl.constexpr,
     HAS_RANK_SCALE: tl.constexpr,
     HAS_LORA: tl.constexpr,
     WRITE_G: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    ASM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -358,6 +643,8 @@ def qlora_dx_kernel(
     k_ok = offs_k < K
     r_ok = offs_r < R
 
+    if LUT:
+        codes = _load_codes(code_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n_base in range(0, N, BLOCK_N):
@@ -368,25 +655,29 @@ def qlora_dx_kernel(
             mask=m_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-        w = _dequant_rows(
+        w = _dequant_tile(
             packed_ptr,
             absmax_ptr,
             nested_absmax_ptr,
             nested_code_ptr,
             offset_ptr,
             code_ptr,
+            codes if LUT else 0,
             offs_n,
             n_base,
             k0,
             N,
             K,
+            dt,
             BLOCK_K,
             BLOCKSIZE,
             NESTED_BLOCKSIZE,
             NESTED,
             ALIGNED,
+            LUT,
+            ASM,
         )
-        acc = _mma(dy, w.to(dt), acc, UPCAST, IEEE)
+        acc = _mma(dy, w, acc, UPCAST, IEEE)
         if HAS_LORA:
             b = tl.load(
                 b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
@@ -418,26 +709,34 @@ def qlora_dx_kernel(
 # ---------------------------------------------------------------------------------------
 # Tile configurations
 # ---------------------------------------------------------------------------------------
-# Why these tiles (registers: AOT build for bf16 + nested NF4 at the bucket's largest
-# r, sm_80 / sm_90, all with 0 spills; full table in benchmarks/roofline_qlora.md):
-# - Large M (training), forward 128x128x32, 8 warps: the usual tensor-core tile; BK = 32
-#   keeps the dequantized W tile at 16 fp32 values per thread next to the 64-register
-#   accumulator (255 / 196 regs at r = 64). r > 64 adds a BM x BLOCK_R fp32 LoRA
-#   accumulator (up to 256 columns), so BM halves: 64x64x32 (255 / 196 regs at r = 256).
+# Why these tiles (AOT build for bf16 + nested NF4 at the bucket's largest r, sm_80 /
+# sm_90, all with 0 spills; registers, spills, W load width and SASS instructions per W
+# element of every config in benchmarks/results/sass_report.md):
+# - The register decode (_dequant_lut) builds one 16-entry table per quant block and row
+#   a thread touches (32 instructions) and spends 21 per 32-bit word of 8 codes, so a tile
+#   should give each thread several words of one block: 4 contiguous words (16 bytes, one
+#   vector load) per thread needs BLOCK_N x BLOCK_K >= 32 x threads.
+# - Large M (training), forward 128x128x32, 8 warps: the usual tensor-core tile (2 words
+#   per thread, 8-byte loads); larger K tiles (128x128x64) spill on sm_80's mma.sync path.
+#   r > 64 adds a BM x BLOCK_R fp32 LoRA accumulator (up to 256 columns), so BM halves:
+#   64x64x32 (64x64x64, 4 words per thread, needs 24 B of stack on sm_80).
 # - Small M (decode, M <= 16), forward 16x32x128, 4 warps: GEMV-shaped. BM = 16 is the
 #   tl.dot minimum, so each W element is decoded exactly once; N / 32 = 128 programs at
 #   N = 4096 fill an H100's 132 SMs without split-K, so the result is deterministic and
 #   needs no fp32 scratch or atomics; BK = 128 gives each program 2 KiB of packed W per
-#   step to stream (196 / 255 regs at r = 64). r > 64: 16x32x32 (168 / 152 regs).
+#   step (4 words per thread). r > 64: 16x32x32 (the [BK, 256] A tile is the bulk of
+#   the step; 16x32x128 spills, 16x128x32 would leave 32 programs at N = 4096).
 #   No warp repeats another's MMAs (mma_macs_ratio 1 in benchmarks/results/sass_report.md):
 #   BLOCK_R >= 32 at small M (block_r), and every small-M tile has BLOCK_N (dx: BLOCK_K)
 #   >= 8 x num_warps, so the warps split the n8 MMA columns instead of sharing the 16 rows.
 # - dx mirrors this with the output tile [BM, BLOCK_K] and the loop over N (BLOCK_N):
-#   128x32x128 at large M (255 / 219), 16x64x32 at small M (124 / 124 regs).
+#   128x32x128 at large M (no spills at r = 16; at r = 64 on sm_80 it needs 88 B of stack
+#   with the register decode's 16 code registers: benchmarks/roofline_qlora.md), 64x32x128
+#   at r > 64; at small M BLOCK_K = 32 keeps K / 32
+#   programs and the loop tile is BLOCK_N = 128 (r > 64: 64, the [BN, 256] B tile).
 # Pointers, N, K and strides divisible by 16 matter: without those hints (the JIT adds
 # them at run time) the same tiles spill; see AOT_CONFIGS' "attrs". The per-element
-# path for K % blocksize != 0 (no LLM shape) is not tuned: with these tiles it spills up
-# to 152 B/thread on sm_80 (fwd small-M), 24 B on sm_90 (dx large-M, r = 256).
+# path for K % blocksize != 0 (no LLM shape) is not tuned.
 
 
 def _cfg(bm, bn, bk, warps, stages, group_m=8):
@@ -459,12 +758,12 @@ _FWD_CONFIGS = {
     ],
     ("small", "hi"): [_cfg(16, 32, 32, 4, 3), _cfg(16, 64, 64, 8, 3), _cfg(16, 32, 64, 4, 3)],
     ("large", "lo"): [_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 32, 8, 3)],
-    ("large", "hi"): [_cfg(64, 64, 32, 8, 3), _cfg(32, 128, 32, 8, 3), _cfg(64, 64, 32, 8, 2)],
+    ("large", "hi"): [_cfg(64, 64, 32, 8, 3), _cfg(64, 64, 64, 8, 3), _cfg(32, 128, 32, 8, 3)],
 }
 # In the dx kernel BLOCK_N is the loop dimension and BLOCK_K the output tile.
 _DX_CONFIGS = {
-    ("small", "lo"): [_cfg(16, 64, 32, 4, 3), _cfg(16, 128, 32, 4, 3), _cfg(16, 64, 64, 4, 3)],
-    ("small", "hi"): [_cfg(16, 32, 32, 4, 3), _cfg(16, 32, 64, 8, 3)],
+    ("small", "lo"): [_cfg(16, 128, 32, 4, 3), _cfg(16, 64, 32, 4, 3), _cfg(16, 64, 64, 4, 3)],
+    ("small", "hi"): [_cfg(16, 64, 32, 4, 3), _cfg(16, 32, 32, 4, 3), _cfg(16, 32, 64, 8, 3)],
     ("large", "lo"): [_cfg(128, 32, 128, 8, 3), _cfg(128, 32, 128, 8, 4), _cfg(64, 64, 128, 8, 3)],
     ("large", "hi"): [_cfg(64, 32, 128, 8, 3), _cfg(64, 64, 64, 8, 3)],
 }
@@ -560,7 +859,15 @@ def _check_offsets(**tensors: torch.Tensor) -> None:
 
 def _flags(dtype: torch.dtype) -> dict:
     upcast = interpreting() and dtype == torch.bfloat16
-    return {"UPCAST": upcast, "IEEE": dtype == torch.float32 or upcast}
+    return {"UPCAST": upcast, "IEEE": dtype == torch.float32 or upcast, "ASM": not interpreting()}
+
+
+def _lut(dtype: torch.dtype, packed: torch.Tensor, k: int, blocksize: int) -> bool:
+    """The register decode (``_dequant_lut``) applies: 16-bit output, rows of whole quant
+    blocks, and ``packed`` 16-byte aligned (the kernel tells the compiler so, for 16-byte
+    loads; every torch allocation is, a view at another offset is not): else the
+    per-byte fp32 path."""
+    return dtype in (torch.float16, torch.bfloat16) and k % blocksize == 0 and packed.data_ptr() % 16 == 0
 
 
 def qlora_forward(
@@ -640,6 +947,7 @@ def qlora_forward(
         NESTED_BLOCKSIZE=nested_blocksize,
         NESTED=nested,
         ALIGNED=k % blocksize == 0,
+        LUT=_lut(x.dtype, packed, k, blocksize),
         HAS_BIAS=bias is not None,
         HAS_RANK_SCALE=rank_scale is not None,
         HAS_OUT_SCALE=out_scale is not None,
@@ -722,6 +1030,7 @@ def qlora_dx(
         NESTED_BLOCKSIZE=nested_blocksize,
         NESTED=nested,
         ALIGNED=k % blocksize == 0,
+        LUT=_lut(dy.dtype, packed, k, blocksize),
         HAS_RANK_SCALE=rank_scale is not None,
         HAS_LORA=has_lora,
         WRITE_G=return_g,
@@ -820,10 +1129,12 @@ def _aot_entry(
         NESTED_BLOCKSIZE=256,
         NESTED=nested,
         ALIGNED=True,
+        LUT=dtype in ("bf16", "fp16"),
         HAS_RANK_SCALE=has_lora,
         HAS_LORA=has_lora,
         UPCAST=False,
         IEEE=dtype == "fp32",
+        ASM=True,
         BLOCK_R=block_r(r, 1 if regime[0] == "small" else SMALL_M + 1),
         **cfg.kwargs,
     )
@@ -836,12 +1147,16 @@ def _aot_entry(
     fn = qlora_fwd_kernel if kernel_name == "fwd" else qlora_dx_kernel
     signature = {name: signature[name] for name in fn.arg_names}  # kernel argument order
     # What the JIT infers at run time for torch tensors and LLM shapes: 16-byte aligned
-    # pointers and N, K, row strides divisible by 16 (M and R are not assumed to be).
+    # pointers and N, K, row strides divisible by 16; R too when the entry's rank is (the
+    # JIT marks any int argument divisible by 16: r = 16, 32, 64, 256 get it, and without
+    # it the LoRA tiles' r mask is per element, so A and B load one element per
+    # instruction). M is not assumed to be.
     attrs = {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(fn.arg_names)
         if signature[name].startswith("*")
         or (signature[name] == "i32" and name not in ("M", "R", "M_BUCKET"))
+        or (name == "R" and r % 16 == 0 and has_lora)
     }
     return {
         "name": f"qlora_{kernel_name}_{regime[0]}M_{f'r{r}' if has_lora else 'nolora'}_{dtype}",
