@@ -12,13 +12,18 @@ Environment:
                     compiled as host C++ and run on the CPU by an emulation harness
                     (a test backend), when the CUDA toolkit headers are found (no
                     nvcc or GPU needed); 1: require it; 0: skip it.
+  QPEFT_TORCH_LAYER auto (default): build qpeft._C_layer, a small layer's call in C++,
+                    against the importable torch (the one module linking libtorch,
+                    used only under that torch version), when torch is importable;
+                    1: require it; 0: skip it.
   QPEFT_CUDA_ARCHS  CMAKE_CUDA_ARCHITECTURES list, default
                     75-real;80-real;86-real;89-real;90-real;100-real;120
   QPEFT_BUILD_JOBS  parallel compile jobs (default 2)
   CMAKE_CUDA_COMPILER / CUDACXX   nvcc to use (else `nvcc` on PATH, else
                     /usr/local/cuda/bin/nvcc)
 
-The build never probes hardware and never downloads anything. Build trees live
+The build never probes hardware and never downloads anything; only qpeft._C_layer
+reads the importable torch (its headers and libraries). Build trees live
 under build/cmake-*; the CMake + compiler output (with the ptxas -v
 register/spill report of the CUDA kernels) is passed through and also written to
 build/qpeft-native-build.log; each CUDA source's ptxas report is also kept in
@@ -176,7 +181,41 @@ def _emulation_setting() -> str:
 
 
 # Modules CMake may skip, and the variable that makes them required.
-_OPTIONAL_MODULES = {"qpeft._C_cuda": "QPEFT_CUDA", "qpeft._C_cuda_emu": "QPEFT_CUDA_EMULATION"}
+_OPTIONAL_MODULES = {
+    "qpeft._C_cuda": "QPEFT_CUDA",
+    "qpeft._C_cuda_emu": "QPEFT_CUDA_EMULATION",
+    "qpeft._C_layer": "QPEFT_TORCH_LAYER",
+}
+
+
+def _torch_layer_setting() -> str:
+    mode = os.environ.get("QPEFT_TORCH_LAYER", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise RuntimeError(f"qpeft: QPEFT_TORCH_LAYER must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+def _torch_layer_args() -> list[str]:
+    """CMake arguments of qpeft._C_layer, the one module built against the importable torch
+    (its version, headers, libraries and C++ ABI; docs/design.md, "Per-call overhead").
+    None without an importable torch: CMake then skips the module (or fails under
+    QPEFT_TORCH_LAYER=1)."""
+    mode = _torch_layer_setting()
+    args = [f"-DQPEFT_TORCH_LAYER={mode}"]
+    if mode == "0":
+        return args
+    try:
+        import torch
+    except ImportError:
+        return args + ["-DQPEFT_TORCH_VERSION="]
+    root = Path(torch.__file__).resolve().parent
+    includes = [root / "include", root / "include" / "torch" / "csrc" / "api" / "include"]
+    return args + [
+        f"-DQPEFT_TORCH_VERSION={torch.__version__}",
+        f"-DQPEFT_TORCH_INCLUDE_DIRS={';'.join(str(p) for p in includes)}",
+        f"-DQPEFT_TORCH_LIBRARY_DIR={root / 'lib'}",
+        f"-DQPEFT_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    ]
 
 
 class CMakeBuild(build_ext):
@@ -241,6 +280,7 @@ class CMakeBuild(build_ext):
             f"-DQPEFT_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
             f"-DQPEFT_CUDA_EMULATION={_emulation_setting()}",
             f"-DQPEFT_PTXAS_REPORT_DIR={ROOT / 'build' / 'ptxas-report'}",
+            *_torch_layer_args(),
         ]
         if with_cuda:
             args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DQPEFT_CUDA_ARCHS={archs}"]
@@ -293,6 +333,8 @@ if _cuda_setting()[0]:  # raises here already for QPEFT_CUDA=1 without nvcc
     ext_modules.append(CMakeExtension("qpeft._C_cuda"))
 if _emulation_setting() != "0":
     ext_modules.append(CMakeExtension("qpeft._C_cuda_emu"))
+if _torch_layer_setting() != "0":
+    ext_modules.append(CMakeExtension("qpeft._C_layer"))
 
 setup(
     packages=find_packages(include=["qpeft", "qpeft.*"]) + ["qpeft.triton_kernels"],
