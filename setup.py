@@ -204,18 +204,47 @@ def _torch_layer_args() -> list[str]:
     args = [f"-DQPEFT_TORCH_LAYER={mode}"]
     if mode == "0":
         return args
-    try:
-        import torch
-    except ImportError:
+    info = _installed_torch()
+    if info is None:
+        print("qpeft: no importable torch: qpeft._C_layer is not built (small layers take the Python path)")
         return args + ["-DQPEFT_TORCH_VERSION="]
-    root = Path(torch.__file__).resolve().parent
+    version, root, abi = info
     includes = [root / "include", root / "include" / "torch" / "csrc" / "api" / "include"]
     return args + [
-        f"-DQPEFT_TORCH_VERSION={torch.__version__}",
+        f"-DQPEFT_TORCH_VERSION={version}",
         f"-DQPEFT_TORCH_INCLUDE_DIRS={';'.join(str(p) for p in includes)}",
         f"-DQPEFT_TORCH_LIBRARY_DIR={root / 'lib'}",
-        f"-DQPEFT_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-DQPEFT_TORCH_CXX11_ABI={abi}",
     ]
+
+
+_PROBE = "import json, torch; print(json.dumps([torch.__version__, torch.__file__, int(torch._C._GLIBCXX_USE_CXX11_ABI)]))"
+
+
+def _installed_torch() -> tuple[str, Path, int] | None:
+    """(version, package directory, C++11 ABI flag) of the torch qpeft will run with: this
+    interpreter's, or under pip's build isolation (which hides the environment's packages)
+    the environment's, found by running the same interpreter without the isolation's
+    PYTHONPATH. None when neither imports torch."""
+    try:
+        import torch
+
+        return torch.__version__, Path(torch.__file__).resolve().parent, int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    except ImportError:
+        pass
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300, env=env, cwd="/"
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    import json
+
+    version, path, abi = json.loads(out.stdout.strip().splitlines()[-1])
+    return version, Path(path).resolve().parent, int(abi)
 
 
 class CMakeBuild(build_ext):
