@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..autograd import layer_call, small_layer_plan
+from ..autograd import layer_call, layer_module, small_layer_plan
 from .linear4bit import Linear4bit, result_dtype
 from .weight_rows import row_norms
 
@@ -358,6 +358,8 @@ class QLoRALinear(nn.Module):
         to pick the fused op, so that changing any of them (set_adapter, merge,
         disable_adapters, train() with dropout, a replaced parameter, weight or state)
         makes the next call take the full path again and re-plan."""
+        if layer_module() is None:
+            return
         modules, adapters = self._modules, self._modules["adapters"]
         params, base_params = ad._parameters, base._parameters
         weights = base._buffers if "weight" in base._buffers else base_params
