@@ -323,3 +323,29 @@ def test_plan_is_not_built_where_the_fast_path_cannot_serve():
     q.base_layer.compute_dtype = torch.bfloat16
     q(torch.randn(1, 64))
     assert q._fast_plan is None
+
+
+def test_bf16_compute_mode_takes_the_full_path(monkeypatch, full_path_calls):
+    q = _layer()
+    x = torch.randn(3, 64)
+    assert _served_fast(q, x)
+    before = len(full_path_calls)
+    monkeypatch.setenv("QPEFT_CPU_COMPUTE", "bf16")
+    q(x)
+    assert len(full_path_calls) == before + 1
+    monkeypatch.setenv("QPEFT_CPU_COMPUTE", " FP32 ")
+    q(x)
+    assert len(full_path_calls) == before + 1
+
+
+def test_compile_traces_the_full_path():
+    # a plan exists; dynamo must still trace the full path (fullgraph: an opaque C call
+    # inside the graph would be an error), and the compiled call gives the same values
+    q = _layer()
+    x = torch.randn(3, 64)
+    assert _served_fast(q, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(q, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), q(x))
+    torch._dynamo.reset()
