@@ -349,3 +349,18 @@ def test_compile_traces_the_full_path():
     with torch.no_grad():
         assert torch.equal(compiled(x), q(x))
     torch._dynamo.reset()
+
+
+def test_module_hooks_still_run():
+    q = _layer()
+    x = torch.randn(3, 64)
+    assert _served_fast(q, x)
+    want = q(2 * x) + 1
+    pre = q.register_forward_pre_hook(lambda mod, args: (2 * args[0],))
+    post = q.register_forward_hook(lambda mod, args, out: out + 1)
+    assert torch.equal(q(x), want)
+    pre.remove()
+    post.remove()
+    with qpeft.use_backend("cpu"):
+        full = q(x)
+    assert torch.equal(q(x), full)
