@@ -227,11 +227,16 @@ bool guards_hold(PyObject* guards) {
     PyObject* container = PyTuple_GET_ITEM(guards, i);
     PyObject* dict = container;
     if (!PyDict_CheckExact(container)) {
-      PyObject** dp = _PyObject_GetDictPtr(container);
-      if (dp == nullptr || *dp == nullptr) return false;
-      dict = *dp;
+      dict = PyObject_GenericGetDict(container, nullptr);  // new reference
+      if (dict == nullptr) {
+        PyErr_Clear();
+        return false;
+      }
+    } else {
+      Py_INCREF(dict);
     }
     PyObject* got = PyDict_GetItemWithError(dict, PyTuple_GET_ITEM(guards, i + 1));
+    Py_DECREF(dict);  // `got` is only compared, never dereferenced
     if (got != PyTuple_GET_ITEM(guards, i + 2)) {
       PyErr_Clear();
       return false;
