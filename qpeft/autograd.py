@@ -387,9 +387,11 @@ def small_layer_plan(owner, guards: tuple, packed, state, lora_a, lora_b, bias, 
     """The plan ``qpeft._C_layer.call`` serves ``owner``'s calls from, or None where it
     cannot: no module, a weight too large for the small kernels, or anything other than
     fp32 CPU adapters and bias and a plain packed uint8 weight. ``guards`` is a flat tuple
-    of (container, key, expected) triples, ``container`` a dict or an object whose instance
-    ``__dict__`` is read: every call checks ``container[key] is expected`` for each, and
-    this adds the quantization state's fields. A guard that does not hold now gives None.
+    of (container, key, expected) triples, ``container`` a dict, an object whose instance
+    ``__dict__`` is read, or None for ``owner`` itself (the plan lives in ``owner``'s
+    ``__dict__``: holding no reference to it, it makes no reference cycle): every call
+    checks ``container[key] is expected`` for each, and this adds the quantization
+    state's fields. A guard that does not hold now gives None.
     The caller has just served a call with these objects on the full path (so every
     argument check passed); each later call re-checks in C++ what a check could see
     change: the guards' identities, and each held tensor's dtype, size, layout, device."""
@@ -437,6 +439,8 @@ def small_layer_plan(owner, guards: tuple, packed, state, lora_a, lora_b, bias, 
     all_guards = tuple(guards) + tuple(item for triple in fields for item in triple)
     for i in range(0, len(all_guards), 3):
         container, key, expected = all_guards[i : i + 3]
+        if container is None:
+            container = owner
         d = container if type(container) is dict else getattr(container, "__dict__", None)
         if d is None or d.get(key, _MISSING) is not expected:
             return None
@@ -461,7 +465,7 @@ def small_layer_plan(owner, guards: tuple, packed, state, lora_a, lora_b, bias, 
         return None
     if not all(t is None or t.is_cpu for t in (absmax, na, nc, off)):
         return None
-    return (owner, all_guards, (packed, absmax, na, nc, off, lora_a, lora_b, bias), ints, float(scaling))
+    return (id(owner), all_guards, (packed, absmax, na, nc, off, lora_a, lora_b, bias), ints, float(scaling))
 
 
 _MISSING = object()

@@ -364,3 +364,20 @@ def test_module_hooks_still_run():
     with qpeft.use_backend("cpu"):
         full = q(x)
     assert torch.equal(q(x), full)
+
+
+def test_plan_makes_no_reference_cycle():
+    # the plan lives in the layer's __dict__ and refers to the layer by id only: a layer
+    # with a plan is freed by reference counting alone, as before
+    import gc
+    import weakref
+
+    q = _layer()
+    assert _served_fast(q, torch.randn(1, 64))
+    ref = weakref.ref(q)
+    gc.disable()
+    try:
+        del q
+        assert ref() is None
+    finally:
+        gc.enable()

@@ -9,7 +9,7 @@
 //
 // call(plan, module, x) -> Tensor | None | NotImplemented
 //   plan: the tuple qpeft/autograd.py's small_layer_plan builds from a call the full
-//   Python path has served and checked: (owner, guards, tensors, ints, scaling).
+//   Python path has served and checked: (id(owner), guards, tensors, ints, scaling).
 //   NotImplemented: the plan is stale (a guard failed: an attribute was reassigned,
 //   a held tensor changed dtype, size, device or layout); the caller drops it and takes
 //   the full path, which builds a new plan. None: the plan holds but this call is not
@@ -218,13 +218,15 @@ bool observed_or_redirected() {
   return !compute_is_fp32();
 }
 
-// guards: a flat tuple of (container, key, expected) triples; container is a dict or an
+// guards: a flat tuple of (container, key, expected) triples; container is a dict, an
 // object whose instance __dict__ is read now (so a module rebuilt by copy.deepcopy, whose
-// __dict__ is a new dict, is checked where its attributes live).
-bool guards_hold(PyObject* guards) {
+// __dict__ is a new dict, is checked where its attributes live), or None for the module
+// called (so the plan, kept in that module's __dict__, holds no reference to it: no cycle).
+bool guards_hold(PyObject* guards, PyObject* module) {
   const Py_ssize_t count = PyTuple_GET_SIZE(guards);
   for (Py_ssize_t i = 0; i + 2 < count; i += 3) {
     PyObject* container = PyTuple_GET_ITEM(guards, i);
+    if (container == Py_None) container = module;
     PyObject* dict = container;
     if (!PyDict_CheckExact(container)) {
       dict = PyObject_GenericGetDict(container, nullptr);  // new reference
@@ -256,9 +258,13 @@ PyObject* layer_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   PyObject *plan = args[0], *module = args[1], *xobj = args[2];
+  // the owner is id(module) as an int: a plan copied with its module (copy.deepcopy)
+  // names the original and is stale in the copy
   if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != kPlanSize ||
-      PyTuple_GET_ITEM(plan, kOwner) != module)
+      PyLong_AsVoidPtr(PyTuple_GET_ITEM(plan, kOwner)) != static_cast<void*>(module)) {
+    PyErr_Clear();
     Py_RETURN_NOTIMPLEMENTED;
+  }
   PyObject* guards = PyTuple_GET_ITEM(plan, kGuards);
   PyObject* tensors = PyTuple_GET_ITEM(plan, kTensors);
   PyObject* ints = PyTuple_GET_ITEM(plan, kInts);
@@ -266,7 +272,7 @@ PyObject* layer_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       PyTuple_GET_SIZE(tensors) != kTensorCount || !PyTuple_CheckExact(ints) ||
       PyTuple_GET_SIZE(ints) != kIntCount)
     Py_RETURN_NOTIMPLEMENTED;
-  if (!guards_hold(guards)) Py_RETURN_NOTIMPLEMENTED;
+  if (!guards_hold(guards, module)) Py_RETURN_NOTIMPLEMENTED;
 
   int64_t iv[kIntCount];
   for (int i = 0; i < kIntCount; ++i) {

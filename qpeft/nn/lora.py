@@ -365,10 +365,10 @@ class QLoRALinear(nn.Module):
         weights = base._buffers if "weight" in base._buffers else base_params
         d, ad_d, base_d = self.__dict__, ad.__dict__, base.__dict__
         guards = (
-            *(self, "adapters_enabled", d.get("adapters_enabled")),
-            *(self, "active_adapter", name),
-            *(self, "merged_adapter", d.get("merged_adapter")),
-            *(self, "training", d.get("training")),
+            *(None, "adapters_enabled", d.get("adapters_enabled")),
+            *(None, "active_adapter", name),
+            *(None, "merged_adapter", d.get("merged_adapter")),
+            *(None, "training", d.get("training")),
             *(modules, "base_layer", base),
             *(modules, "adapters", adapters),
             *(adapters._modules, name, ad),
