@@ -1,11 +1,10 @@
 // qpeft._C_layer: a small QLoRALinear's whole call in C++ (docs/design.md, "Per-call
-// overhead"). The only qpeft module that links libtorch: it needs torch's autograd
-// (a C++ custom Function is one node for ~1 us where torch.autograd.Function.apply costs
-// 12-23 us) and reads tensors without going through Python. It is therefore built for
-// one torch version (recorded as `torch_version`); qpeft/autograd.py loads it only
-// when that is the running torch's, else the Python path serves every call. The
-// kernels stay in qpeft._C, called through the function table of
-// include/qpeft/small_layer_abi.h.
+// overhead"). The only qpeft module that links libtorch: it needs torch's autograd (one
+// C++ Node costs a few us where torch.autograd.Function.apply costs 12-23 us) and reads
+// tensors without going through Python. It is therefore built for one torch version
+// (recorded as `torch_version`); qpeft/autograd.py loads it only when that is the
+// running torch's, else the Python path serves every call. The kernels stay in qpeft._C,
+// called through the function table of include/qpeft/small_layer_abi.h.
 //
 // call(plan, module, x) -> Tensor | None | NotImplemented
 //   plan: the tuple qpeft/autograd.py's small_layer_plan builds from a call the full
@@ -29,7 +28,9 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
@@ -44,7 +45,7 @@
 namespace {
 
 using at::Tensor;
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 const qpeft::SmallLayerAbi* g_abi = nullptr;
@@ -114,55 +115,89 @@ void run_forward(const Frozen& f, const Tensor& x, int64_t m, const Tensor& a, c
                  at::get_num_threads());
 }
 
-// The autograd node: QLoRAFunction's forward and backward for a call the small kernels
-// serve (qpeft/autograd.py), saving the same tensors (x as [M, K], A, B, the packed weight
-// and its state, xa when B needs a gradient), with the same version-counter checks.
-struct SmallQLoRAFunction : public torch::autograd::Function<SmallQLoRAFunction> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& a, const Tensor& b,
-                        const Tensor& /*bias, or the stand-in*/, const Frozen* f, int64_t m) {
-    const Tensor& bias = f->bias;
-    const bool need_db = ctx->needs_input_grad(2);
-    std::vector<int64_t> out_sizes = x.sizes().vec();
-    out_sizes.back() = f->n;
-    Tensor y = at::empty(out_sizes, x.options());
-    Tensor xa = need_db ? at::empty({m, f->r}, x.options()) : Tensor();
-    run_forward(*f, x, m, a, b, bias, y, xa);
-    ctx->save_for_backward({x.dim() == 2 ? x : x.view({m, f->k}), a, b, f->packed, f->absmax,
-                            f->nested_absmax, f->nested_code, f->offset, xa});
-    ctx->saved_data["ints"] =
-        std::vector<int64_t>{f->n, f->k, f->r, f->blocksize, f->nested_blocksize, f->quant_type, m};
-    ctx->saved_data["scaling"] = static_cast<double>(f->scaling);
-    ctx->saved_data["x_sizes"] = x.sizes().vec();
-    return y;
+// The autograd node of a call with a gradient: QLoRAFunction's backward for a call the
+// small kernels serve (qpeft/autograd.py), saving the same tensors (x as [M, K], A, B,
+// the packed weight and its state, xa when B needs a gradient) as SavedVariables, so the
+// same version-counter checks and "backward through the graph a second time" errors. A
+// Node of its own (as torch's generated backward functions are), not a
+// torch::autograd::Function: that one's context map and per-input bookkeeping cost about
+// as much again as the rest of the call.
+struct SmallQLoRABackward final : public torch::autograd::Node {
+  SavedVariable x2_, a_, b_, packed_, absmax_, nested_absmax_, nested_code_, offset_, xa_;
+  int64_t n = 0, k = 0, r = 0, m = 0, blocksize = 0, nested_blocksize = 0, quant_type = 0;
+  float scaling = 0.0f;
+  std::vector<int64_t> x_sizes;
+
+  std::string name() const override { return "SmallQLoRABackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v :
+         {&x2_, &a_, &b_, &packed_, &absmax_, &nested_absmax_, &nested_code_, &offset_, &xa_})
+      v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list s = ctx->get_saved_variables();
-    const Tensor &x2 = s[0], &a = s[1], &b = s[2], &packed = s[3], &absmax = s[4],
-                 &nested_absmax = s[5], &nested_code = s[6], &offset = s[7], &xa = s[8];
-    const std::vector<int64_t> ints = ctx->saved_data["ints"].toIntVector();
-    const int64_t n = ints[0], k = ints[1], r = ints[2], m = ints[6];
-    const float scaling = static_cast<float>(ctx->saved_data["scaling"].toDouble());
-    const bool need_dx = ctx->needs_input_grad(0), need_da = ctx->needs_input_grad(1),
-               need_db = ctx->needs_input_grad(2), need_dbias = ctx->needs_input_grad(3);
-    // as qpeft/backends/cpu/qlora.py _small_backward: dy contiguous fp32 [M, N]
-    const Tensor dy = grads[0].reshape({-1, n}).to(at::kFloat).contiguous();
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const Tensor x2 = x2_.unpack(), a = a_.unpack(), b = b_.unpack(), packed = packed_.unpack(),
+                 absmax = absmax_.unpack(), nested_absmax = nested_absmax_.unpack(),
+                 nested_code = nested_code_.unpack(), offset = offset_.unpack(), xa = xa_.unpack();
+    const bool need_dx = task_should_compute_output(0), need_da = task_should_compute_output(1),
+               need_db = task_should_compute_output(2), need_dbias = task_should_compute_output(3);
+    // as qpeft/backends/cpu/qlora.py _small_backward: dy contiguous fp32 [M, N]; an
+    // undefined gradient is zeros, as torch.autograd.Function materializes it
+    const Tensor dy = grads[0].defined() ? grads[0].reshape({-1, n}).to(at::kFloat).contiguous()
+                                         : at::zeros({m, n}, x2.options().dtype(at::kFloat));
     const auto opts = dy.options();
     Tensor dx = need_dx ? at::empty({m, k}, opts) : Tensor();
     Tensor da = need_da ? at::empty({r, k}, opts) : Tensor();
     Tensor db = need_db ? at::empty({n, r}, opts) : Tensor();
-    g_abi->backward(ptr(dy), dy.numel(), need_da ? ptr(x2) : 0, need_da ? x2.numel() : 0, m, n, k,
-                    ptr(packed), packed.numel(), ptr(absmax), absmax.numel(), ints[3],
-                    static_cast<int>(ints[5]), ptr(nested_absmax), len(nested_absmax),
-                    ptr(nested_code), ptr(offset), ints[4], ptr(a), a.numel(), ptr(b), b.numel(),
-                    need_db ? ptr(xa) : 0, need_db ? len(xa) : 0, r, scaling, 0, 0, 0, 0, ptr(dx),
-                    len(dx), ptr(da), len(da), ptr(db), len(db));
+    if (need_dx || need_da || need_db)
+      g_abi->backward(ptr(dy), dy.numel(), need_da ? ptr(x2) : 0, need_da ? x2.numel() : 0, m, n, k,
+                      ptr(packed), packed.numel(), ptr(absmax), absmax.numel(), blocksize,
+                      static_cast<int>(quant_type), ptr(nested_absmax), len(nested_absmax),
+                      ptr(nested_code), ptr(offset), nested_blocksize, ptr(a), a.numel(), ptr(b),
+                      b.numel(), need_db ? ptr(xa) : 0, need_db ? len(xa) : 0, r, scaling, 0, 0, 0,
+                      0, ptr(dx), len(dx), ptr(da), len(da), ptr(db), len(db));
     // dbias: torch's sum over the rows, as the reference and the Python path sum it
     Tensor dbias = need_dbias ? dy.sum(0) : Tensor();
-    if (need_dx) dx = dx.view(ctx->saved_data["x_sizes"].toIntVector());
-    return {dx, da, db, dbias, Tensor(), Tensor()};
+    if (need_dx) dx = dx.view(x_sizes);
+    return {dx, da, db, dbias};
   }
 };
+
+// y with its autograd node: next edges to x, A, B and the bias (or its stand-in).
+Tensor forward_with_grad(const Frozen& f, const Tensor& x, int64_t m, const Tensor& a,
+                         const Tensor& b, const Tensor& bias_input) {
+  auto node = c10::make_intrusive<SmallQLoRABackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, a, b, bias_input));
+  const bool need_db = node->should_compute_output(2);
+  std::vector<int64_t> out_sizes = x.sizes().vec();
+  out_sizes.back() = f.n;
+  Tensor y = at::empty(out_sizes, x.options());
+  Tensor xa = need_db ? at::empty({m, f.r}, x.options()) : Tensor();
+  run_forward(f, x, m, a, b, f.bias, y, xa);
+  node->x2_ = SavedVariable(x.dim() == 2 ? x : x.view({m, f.k}), false);
+  node->a_ = SavedVariable(a, false);
+  node->b_ = SavedVariable(b, false);
+  node->packed_ = SavedVariable(f.packed, false);
+  node->absmax_ = SavedVariable(f.absmax, false);
+  node->nested_absmax_ = SavedVariable(f.nested_absmax, false);
+  node->nested_code_ = SavedVariable(f.nested_code, false);
+  node->offset_ = SavedVariable(f.offset, false);
+  node->xa_ = SavedVariable(xa, false);
+  node->n = f.n;
+  node->k = f.k;
+  node->r = f.r;
+  node->m = m;
+  node->blocksize = f.blocksize;
+  node->nested_blocksize = f.nested_blocksize;
+  node->quant_type = f.quant_type;
+  node->scaling = f.scaling;
+  node->x_sizes = x.sizes().vec();
+  torch::autograd::set_history(y, node);
+  return y;
+}
 
 bool plain_keys(const Tensor& t) {
   const c10::DispatchKeySet ks = t.key_set();
@@ -344,7 +379,7 @@ PyObject* layer_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (grad) {
     // an autograd input must be a defined tensor: without a bias, a shared empty one
     // that needs no gradient stands in for it (the forward reads the bias from f)
-    y = SmallQLoRAFunction::apply(x, a, b, bias.defined() ? bias : *g_no_bias, &f, m);
+    y = forward_with_grad(f, x, m, a, b, bias.defined() ? bias : *g_no_bias);
   } else {
     std::vector<int64_t> out_sizes = x.sizes().vec();
     out_sizes.back() = n;
