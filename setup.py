@@ -12,13 +12,18 @@ Environment:
                     compiled as host C++ and run on the CPU by an emulation harness
                     (a test backend), when the CUDA toolkit headers are found (no
                     nvcc or GPU needed); 1: require it; 0: skip it.
+  QPEFT_TORCH_LAYER auto (default): build qpeft._C_layer, a small layer's call in C++,
+                    against the importable torch (the one module linking libtorch,
+                    used only under that torch version), when torch is importable;
+                    1: require it; 0: skip it.
   QPEFT_CUDA_ARCHS  CMAKE_CUDA_ARCHITECTURES list, default
                     75-real;80-real;86-real;89-real;90-real;100-real;120
   QPEFT_BUILD_JOBS  parallel compile jobs (default 2)
   CMAKE_CUDA_COMPILER / CUDACXX   nvcc to use (else `nvcc` on PATH, else
                     /usr/local/cuda/bin/nvcc)
 
-The build never probes hardware and never downloads anything. Build trees live
+The build never probes hardware and never downloads anything; only qpeft._C_layer
+reads the importable torch (its headers and libraries). Build trees live
 under build/cmake-*; the CMake + compiler output (with the ptxas -v
 register/spill report of the CUDA kernels) is passed through and also written to
 build/qpeft-native-build.log; each CUDA source's ptxas report is also kept in
@@ -176,7 +181,70 @@ def _emulation_setting() -> str:
 
 
 # Modules CMake may skip, and the variable that makes them required.
-_OPTIONAL_MODULES = {"qpeft._C_cuda": "QPEFT_CUDA", "qpeft._C_cuda_emu": "QPEFT_CUDA_EMULATION"}
+_OPTIONAL_MODULES = {
+    "qpeft._C_cuda": "QPEFT_CUDA",
+    "qpeft._C_cuda_emu": "QPEFT_CUDA_EMULATION",
+    "qpeft._C_layer": "QPEFT_TORCH_LAYER",
+}
+
+
+def _torch_layer_setting() -> str:
+    mode = os.environ.get("QPEFT_TORCH_LAYER", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise RuntimeError(f"qpeft: QPEFT_TORCH_LAYER must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+def _torch_layer_args() -> list[str]:
+    """CMake arguments of qpeft._C_layer, the one module built against the importable torch
+    (its version, headers, libraries and C++ ABI; docs/design.md, "Per-call overhead").
+    None without an importable torch: CMake then skips the module (or fails under
+    QPEFT_TORCH_LAYER=1)."""
+    mode = _torch_layer_setting()
+    args = [f"-DQPEFT_TORCH_LAYER={mode}"]
+    if mode == "0":
+        return args
+    info = _installed_torch()
+    if info is None:
+        print("qpeft: no importable torch: qpeft._C_layer is not built (small layers take the Python path)")
+        return args + ["-DQPEFT_TORCH_VERSION="]
+    version, root, abi = info
+    includes = [root / "include", root / "include" / "torch" / "csrc" / "api" / "include"]
+    return args + [
+        f"-DQPEFT_TORCH_VERSION={version}",
+        f"-DQPEFT_TORCH_INCLUDE_DIRS={';'.join(str(p) for p in includes)}",
+        f"-DQPEFT_TORCH_LIBRARY_DIR={root / 'lib'}",
+        f"-DQPEFT_TORCH_CXX11_ABI={abi}",
+    ]
+
+
+_PROBE = "import json, torch; print(json.dumps([torch.__version__, torch.__file__, int(torch._C._GLIBCXX_USE_CXX11_ABI)]))"
+
+
+def _installed_torch() -> tuple[str, Path, int] | None:
+    """(version, package directory, C++11 ABI flag) of the torch qpeft will run with: this
+    interpreter's, or under pip's build isolation (which hides the environment's packages)
+    the environment's, found by running the same interpreter without the isolation's
+    PYTHONPATH. None when neither imports torch."""
+    try:
+        import torch
+
+        return torch.__version__, Path(torch.__file__).resolve().parent, int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    except ImportError:
+        pass
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300, env=env, cwd="/"
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    import json
+
+    version, path, abi = json.loads(out.stdout.strip().splitlines()[-1])
+    return version, Path(path).resolve().parent, int(abi)
 
 
 class CMakeBuild(build_ext):
@@ -241,6 +309,7 @@ class CMakeBuild(build_ext):
             f"-DQPEFT_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
             f"-DQPEFT_CUDA_EMULATION={_emulation_setting()}",
             f"-DQPEFT_PTXAS_REPORT_DIR={ROOT / 'build' / 'ptxas-report'}",
+            *_torch_layer_args(),
         ]
         if with_cuda:
             args += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DQPEFT_CUDA_ARCHS={archs}"]
@@ -293,6 +362,8 @@ if _cuda_setting()[0]:  # raises here already for QPEFT_CUDA=1 without nvcc
     ext_modules.append(CMakeExtension("qpeft._C_cuda"))
 if _emulation_setting() != "0":
     ext_modules.append(CMakeExtension("qpeft._C_cuda_emu"))
+if _torch_layer_setting() != "0":
+    ext_modules.append(CMakeExtension("qpeft._C_layer"))
 
 setup(
     packages=find_packages(include=["qpeft", "qpeft.*"]) + ["qpeft.triton_kernels"],

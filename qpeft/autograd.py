@@ -11,7 +11,14 @@ from . import _ops  # noqa: F401  (defines torch.ops.qpeft.*)
 from ._dispatch import kernel_backend, kernel_for
 from ._formats import FLOAT_DTYPES, GEMV_MAX_ROWS
 
-__all__ = ["QLoRAFunction", "Linear4bitFunction", "linear_4bit_forward", "qlora_forward"]
+__all__ = [
+    "QLoRAFunction",
+    "Linear4bitFunction",
+    "layer_call",
+    "linear_4bit_forward",
+    "qlora_forward",
+    "small_layer_plan",
+]
 
 
 # One shared instance: nullcontext is reusable, so a call outside autocast allocates nothing.
@@ -328,3 +335,137 @@ class Linear4bitFunction(torch.autograd.Function):
             dbias.to(ctx.bias_dtype) if need_dbias else None,
             *([None] * 6),
         )
+
+
+# --- a small layer's whole call in C++ ----------------------------------------------------
+#
+# qpeft._C_layer (csrc/torch/small_layer.cpp; docs/design.md, "Per-call overhead") serves a
+# plain CPU call of a small fp32 QLoRALinear in one C++ call: the checks, the kernel and a
+# C++ autograd node (torch.autograd.Function.apply alone costs 12-23 us, the goal for the
+# whole call is 25). It runs the kernels the Python path runs for that call
+# (qlora_small_forward / qlora_small_backward, dbias by torch's sum), so it gives the same
+# bits. It is the one module linked against libtorch, built for one torch version: used
+# only under that version, else (or when not built) every call takes the Python path.
+
+_layer = None  # qpeft._C_layer, initialized; False: not available in this process
+
+
+def _load_layer():
+    try:
+        from . import _C_layer
+    except ImportError:
+        return False
+    if getattr(_C_layer, "torch_version", None) != torch.__version__:
+        return False  # built for another torch: its libtorch ABI is not this one's
+    from . import _dispatch, _native
+
+    try:
+        abi = _native.cpu_module()._small_layer_abi
+    except (ImportError, AttributeError):
+        return False
+    _C_layer.init(abi, torch.autograd.profiler, _dispatch._forced)
+    return _C_layer
+
+
+def layer_module():
+    """qpeft._C_layer ready to call, or None where it is not built or was built for another torch."""
+    global _layer
+    if _layer is None:
+        _layer = _load_layer()
+    return _layer or None
+
+
+def layer_call(plan: tuple, module, x):
+    """``qpeft._C_layer.call``: y, None (the plan holds but this call takes the Python path:
+    x's dtype, device, layout or rows, autocast, a profiler, a tracer, a mode or transform,
+    a forced backend) or NotImplemented (the plan is stale: drop it). Bound at the first
+    plan, so a process without the module never calls it."""
+    return _layer.call(plan, module, x)
+
+
+def small_layer_plan(owner, guards: tuple, packed, state, lora_a, lora_b, bias, scaling):
+    """The plan ``qpeft._C_layer.call`` serves ``owner``'s calls from, or None where it
+    cannot: no module, a weight too large for the small kernels, or anything other than
+    fp32 CPU adapters and bias and a plain packed uint8 weight. ``guards`` is a flat tuple
+    of (container, key, expected) triples, ``container`` a dict, an object whose instance
+    ``__dict__`` is read, or None for ``owner`` itself (the plan lives in ``owner``'s
+    ``__dict__``: holding no reference to it, it makes no reference cycle): every call
+    checks ``container[key] is expected`` for each, and this adds the quantization
+    state's fields. A guard that does not hold now gives None.
+    The caller has just served a call with these objects on the full path (so every
+    argument check passed); each later call re-checks in C++ what a check could see
+    change: the guards' identities, and each held tensor's dtype, size, layout, device."""
+    mod = layer_module()
+    if mod is None or type(packed) is not _Tensor:
+        return None
+    from ._formats import QUANT_TYPE_IDS
+    from .backends.cpu import qlora as cpu_qlora
+    from .functional import _quant_args
+
+    shape = state.shape
+    if shape is None or len(shape) != 2 or state.quant_type not in ("nf4", "fp4"):
+        return None
+    n, k = int(shape[0]), int(shape[1])
+    if n * k > cpu_qlora.SMALL_MAX_ELEMS or n * k == 0:
+        return None
+    f32 = torch.float32
+    if not (
+        packed.dtype == torch.uint8
+        and packed.is_cpu
+        and lora_a is not None
+        and lora_b is not None
+        and lora_a.dtype == f32
+        and lora_b.dtype == f32
+        and lora_a.is_cpu
+        and lora_b.is_cpu
+        and (bias is None or (bias.dtype == f32 and bias.is_cpu))
+    ):
+        return None
+    if (
+        kernel_backend("qlora_linear", "cpu") != "cpu"
+        or kernel_backend("qlora_linear_backward", "cpu") != "cpu"
+    ):
+        return None
+    absmax, na, nc, off, quant = _quant_args(state)
+    st2 = state.state2
+    if st2 is not None and state.offset.dtype != f32:
+        return None  # the offset argument would be a cast copy (functional._state_args)
+    fields = [
+        (state, key, getattr(state, key))
+        for key in ("absmax", "offset", "state2", "shape", "blocksize", "quant_type")
+    ]
+    if st2 is not None:
+        fields += [(st2, key, getattr(st2, key)) for key in ("absmax", "code", "blocksize")]
+    all_guards = tuple(guards) + tuple(item for triple in fields for item in triple)
+    for i in range(0, len(all_guards), 3):
+        container, key, expected = all_guards[i : i + 3]
+        if container is None:
+            container = owner
+        d = container if type(container) is dict else getattr(container, "__dict__", None)
+        if d is None or d.get(key, _MISSING) is not expected:
+            return None
+    blocksize, nested_blocksize, quant_type = quant[0], quant[1], quant[2]
+    nested_len = 0 if na is None else na.numel()
+    ints = (
+        n,
+        k,
+        int(lora_a.shape[0]),
+        int(blocksize),
+        int(nested_blocksize),
+        QUANT_TYPE_IDS[quant_type],
+        cpu_qlora.SMALL_MAX_ROWS,
+        cpu_qlora.SMALL_MAX_WORK,
+        cpu_qlora.SMALL_BACKWARD_MAX_ROWS,
+        cpu_qlora.SMALL_BACKWARD_MAX_WORK,
+        packed.numel(),  # as the check passed them: each call requires these exact sizes
+        absmax.numel(),
+        nested_len,
+    )
+    if lora_a.dim() != 2 or tuple(lora_a.shape) != (ints[2], k) or tuple(lora_b.shape) != (n, ints[2]):
+        return None
+    if not all(t is None or t.is_cpu for t in (absmax, na, nc, off)):
+        return None
+    return (id(owner), all_guards, (packed, absmax, na, nc, off, lora_a, lora_b, bias), ints, float(scaling))
+
+
+_MISSING = object()

@@ -5,7 +5,10 @@ not its arithmetic, is the cost (docs/design.md, "Per-call overhead"). Three cal
 forward with autograd on (trainable adapters), forward under ``torch.no_grad``, and
 forward + backward (x requires grad too). Times are per call.
 
-Implementations: qpeft's layer; HF PEFT LoRA over bitsandbytes' ``Linear4bit`` holding the
+Implementations: qpeft's layer; the same layer forced onto its full Python path (``qpeft.use_backend
+("cpu")``: the same CPU kernels, but a forced backend is one of the calls qpeft._C_layer hands
+back; the context manager adds ~1-2 us), so one run compares the C++ call with the path it
+replaces; HF PEFT LoRA over bitsandbytes' ``Linear4bit`` holding the
 same packed bytes (fp32 compute); HF PEFT LoRA over a plain ``nn.Linear`` with the
 dequantized weight (no 4-bit decode at all: the floor a 4-bit layer is measured against).
 
@@ -20,11 +23,14 @@ import logging
 
 import torch
 
+import qpeft
+
 from ..harness import Case, Impl
 from .peers import optional
 
 R, ALPHA = 8, 16
 REL = 1e-4
+FULL_PATH = "qpeft, full Python path"
 
 
 def _layers(n: int, k: int) -> dict:
@@ -132,13 +138,22 @@ def cases(device: str, quick: bool) -> list[Case]:
                         return y.detach(), xg.grad
 
                 impls.append(Impl(name, run, check))
+                if name == "qpeft QLoRALinear":
+
+                    def full(run=run):
+                        with qpeft.use_backend("cpu"):
+                            return run()
+
+                    impls.append(Impl(FULL_PATH, full, check))
             out.append(
                 Case(
                     f"per-call overhead: {mode}",
                     f"{n}x{n} r={R} M={m} fp32",
                     impls,
                     # many short calls: the median of 200 holds on a shared machine
-                    runs={} if quick else {name: {"min_runs": 200, "min_seconds": 0.5} for name in layers},
+                    runs={}
+                    if quick
+                    else {name: {"min_runs": 200, "min_seconds": 0.5} for name in [*layers, FULL_PATH]},
                 )
             )
     return out

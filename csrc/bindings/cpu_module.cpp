@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <qpeft/format.h>
+#include <qpeft/small_layer_abi.h>
 
 #include <stdexcept>
 #include <string>
@@ -412,4 +413,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out_scale_len"), py::arg("dx"), py::arg("dx_len"), py::arg("da"),
         py::arg("da_len"), py::arg("db"), py::arg("db_len"),
         "fp32 backward of qlora_small_forward in one call: dx, da, db (0: not computed).");
+  // The same two kernels for qpeft._C_layer, the torch-linked layer call
+  // (csrc/include/qpeft/small_layer_abi.h): a static table, alive as long as the process.
+  static const qpeft::SmallLayerAbi small_layer_abi{
+      qpeft::kSmallLayerAbiVersion, &qc::qlora_small_forward, &qc::qlora_small_backward};
+  m.attr("_small_layer_abi") =
+      py::capsule(static_cast<const void*>(&small_layer_abi), qpeft::kSmallLayerAbiName);
 }

@@ -31,12 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..autograd import layer_call, layer_module, small_layer_plan
 from .linear4bit import Linear4bit, result_dtype
 from .weight_rows import row_norms
 
 __all__ = ["LoRAAdapter", "MergeReport", "QLoRALinear"]
 
 INITS = ("default", "gaussian")
+
+_is_compiling = torch.compiler.is_compiling
 
 
 def check_rank(r) -> int:
@@ -307,7 +310,19 @@ class QLoRALinear(nn.Module):
         self.adapters_enabled = True
 
     # --- forward ----------------------------------------------------------------------------
+    # The fast path (docs/design.md, "Per-call overhead"): a plan for qpeft._C_layer, built
+    # after a call the full path below served with the fused op (a 4-bit base, one LoRA
+    # adapter, no dropout in training, no DoRA, fp32 adapters); None: no plan.
+    _fast_plan: tuple | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._fast_plan
+        if plan is not None and not _is_compiling():
+            y = layer_call(plan, self, x)
+            if y is not None:
+                if y is not NotImplemented:
+                    return y
+                self.__dict__["_fast_plan"] = None  # stale: something it holds changed
         base = self.base_layer
         # a 4-bit base checks x itself (base.qlora / base(x); DoRA's path checks it below)
         if not isinstance(base, Linear4bit) and x.shape[-1] != self.in_features:
@@ -331,9 +346,59 @@ class QLoRALinear(nn.Module):
             return self._dora_forward(x, ad, dropping)
         if isinstance(base, Linear4bit):
             if not dropping:
-                return base.qlora(x, ad.lora_A, ad.lora_B, ad.scaling)
+                y = base.qlora(x, ad.lora_A, ad.lora_B, ad.scaling)
+                if plan is None and type(base) is Linear4bit and not _is_compiling():
+                    self._plan_fast_path(base, ad, name)
+                return y
             return (base(x) + ad.delta(x)).to(result_dtype(x))
         return (dense_linear(base, x) + ad.delta(x)).to(result_dtype(x))
+
+    def _plan_fast_path(self, base: Linear4bit, ad: LoRAAdapter, name: str) -> None:
+        """After the full path served a call: the plan for qpeft._C_layer to serve the next
+        ones (``autograd.small_layer_plan``), guarded by every attribute this forward read
+        to pick the fused op, so that changing any of them (set_adapter, merge,
+        disable_adapters, train() with dropout, a replaced parameter, weight or state)
+        makes the next call take the full path again and re-plan."""
+        if layer_module() is None:
+            return
+        modules, adapters = self._modules, self._modules["adapters"]
+        params, base_params = ad._parameters, base._parameters
+        weights = base._buffers if "weight" in base._buffers else base_params
+        d, ad_d, base_d = self.__dict__, ad.__dict__, base.__dict__
+        guards = (
+            *(None, "adapters_enabled", d.get("adapters_enabled")),
+            *(None, "active_adapter", name),
+            *(None, "merged_adapter", d.get("merged_adapter")),
+            *(None, "training", d.get("training")),
+            *(modules, "base_layer", base),
+            *(modules, "adapters", adapters),
+            *(adapters._modules, name, ad),
+            *(params, "lora_A", params.get("lora_A")),
+            *(params, "lora_B", params.get("lora_B")),
+            *(ad, "use_dora", ad_d.get("use_dora")),
+            *(ad, "dropout_p", ad_d.get("dropout_p")),
+            *(ad, "scaling", ad_d.get("scaling")),
+            *(ad, "training", ad_d.get("training")),
+            *(weights, "weight", weights.get("weight")),
+            *(base_params, "bias", base_params.get("bias")),
+            *(base, "quant_state", base_d.get("quant_state")),
+            *(base, "compute_dtype", base_d.get("compute_dtype")),
+        )
+        if base_d.get("compute_dtype") not in (None, torch.float32) or ad_d.get("use_dora"):
+            return
+        state = base_d.get("quant_state")
+        if state is None:
+            return
+        self.__dict__["_fast_plan"] = small_layer_plan(
+            self,
+            guards,
+            weights.get("weight"),
+            state,
+            params.get("lora_A"),
+            params.get("lora_B"),
+            base_params.get("bias"),
+            ad.scaling,
+        )
 
     def _base_no_bias(self, x: torch.Tensor, ad: LoRAAdapter | None = None) -> torch.Tensor:
         """x W^T (+ s x A^T B^T with ``ad``), no bias."""

@@ -1,0 +1,47 @@
+// The C ABI through which qpeft._C_layer (the one module that links libtorch; see
+// csrc/torch/small_layer.cpp) calls the small-layer kernels of qpeft._C: a table of
+// function pointers that qpeft._C exports as the PyCapsule `_small_layer_abi`, named
+// kSmallLayerAbiName. Only raw pointers, integers and floats cross it (no std:: or
+// torch types), so the two modules may be built with different C++ ABIs. A change to
+// either signature bumps kSmallLayerAbiVersion; qpeft._C_layer refuses another version.
+#pragma once
+
+#include <cstdint>
+
+namespace qpeft {
+
+constexpr int kSmallLayerAbiVersion = 1;
+constexpr const char* kSmallLayerAbiName = "qpeft._C.small_layer_abi";
+
+// csrc/cpu/api.h: qpeft::cpu::qlora_small_forward
+using SmallForwardFn = void (*)(uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64_t k,
+                                uintptr_t packed, int64_t packed_len, uintptr_t absmax,
+                                int64_t absmax_len, int64_t blocksize, int quant_type,
+                                uintptr_t nested_absmax, int64_t nested_absmax_len,
+                                uintptr_t nested_code, uintptr_t offset, int64_t nested_blocksize,
+                                uintptr_t lora_a, int64_t lora_a_len, uintptr_t lora_b,
+                                int64_t lora_b_len, int64_t r, float scaling, uintptr_t rank_scale,
+                                int64_t rank_scale_len, uintptr_t bias, int64_t bias_len,
+                                uintptr_t out_scale, int64_t out_scale_len, uintptr_t out,
+                                int64_t out_len, uintptr_t xa, int64_t xa_len, int num_threads);
+
+// csrc/cpu/api.h: qpeft::cpu::qlora_small_backward
+using SmallBackwardFn = void (*)(uintptr_t grad_y, int64_t grad_y_len, uintptr_t x, int64_t x_len,
+                                 int64_t m, int64_t n, int64_t k, uintptr_t packed,
+                                 int64_t packed_len, uintptr_t absmax, int64_t absmax_len,
+                                 int64_t blocksize, int quant_type, uintptr_t nested_absmax,
+                                 int64_t nested_absmax_len, uintptr_t nested_code, uintptr_t offset,
+                                 int64_t nested_blocksize, uintptr_t lora_a, int64_t lora_a_len,
+                                 uintptr_t lora_b, int64_t lora_b_len, uintptr_t xa, int64_t xa_len,
+                                 int64_t r, float scaling, uintptr_t rank_scale,
+                                 int64_t rank_scale_len, uintptr_t out_scale, int64_t out_scale_len,
+                                 uintptr_t dx, int64_t dx_len, uintptr_t da, int64_t da_len,
+                                 uintptr_t db, int64_t db_len);
+
+struct SmallLayerAbi {
+  int version;
+  SmallForwardFn forward;
+  SmallBackwardFn backward;
+};
+
+}  // namespace qpeft

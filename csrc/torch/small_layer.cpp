@@ -1,0 +1,464 @@
+// qpeft._C_layer: a small QLoRALinear's whole call in C++ (docs/design.md, "Per-call
+// overhead"). The only qpeft module that links libtorch: it needs torch's autograd (one
+// C++ Node costs a few us where torch.autograd.Function.apply costs 12-23 us) and reads
+// tensors without going through Python. It is therefore built for one torch version
+// (recorded as `torch_version`); qpeft/autograd.py loads it only when that is the
+// running torch's, else the Python path serves every call. The kernels stay in qpeft._C,
+// called through the function table of include/qpeft/small_layer_abi.h.
+//
+// call(plan, module, x) -> Tensor | None | NotImplemented
+//   plan: the tuple qpeft/autograd.py's small_layer_plan builds from a call the full
+//   Python path has served and checked: (id(owner), guards, tensors, ints, scaling).
+//   NotImplemented: the plan is stale (a guard failed: an attribute was reassigned,
+//   a held tensor changed dtype, size, device or layout); the caller drops it and takes
+//   the full path, which builds a new plan. None: the plan holds but this call is not
+//   one the fast path serves (x's dtype, device, layout or rows; autocast, a profiler,
+//   a tracer, a dispatch or function mode, a functorch transform, a forced backend, the
+//   bf16 compute mode); the caller takes the full path. Else y, computed by the same
+//   kernels (and for the backward the same kernel and torch's sum for dbias) the full
+//   path runs for such a call, so values and gradients are the same bits.
+#include <Python.h>
+#include <qpeft/small_layer_abi.h>
+
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#ifndef QPEFT_TORCH_VERSION
+#error "QPEFT_TORCH_VERSION (the torch version built against) must be defined"
+#endif
+
+namespace {
+
+using at::Tensor;
+using torch::autograd::SavedVariable;
+using torch::autograd::variable_list;
+
+const qpeft::SmallLayerAbi* g_abi = nullptr;
+PyObject* g_profiler = nullptr;       // torch.autograd.profiler (its _is_profiler_enabled)
+PyObject* g_forced = nullptr;         // qpeft._dispatch._forced (use_backend's ContextVar)
+PyObject* g_profiler_flag = nullptr;  // interned "_is_profiler_enabled"
+// the autograd input standing in for an absent bias (never needs a gradient); never freed,
+// so no tensor outlives libtorch at exit
+Tensor* g_no_bias = nullptr;
+c10::DispatchKeySet g_plain_keys;      // a plain dense CPU tensor's dispatch keys
+c10::DispatchKeySet g_inference_keys;  // the same created in inference mode
+c10::DispatchKeySet
+    g_usual_included;  // the thread-local included keys, with and without inference mode
+
+// Indices of plan's parts (qpeft/autograd.py small_layer_plan writes them in this order).
+enum PlanPart { kOwner = 0, kGuards, kTensors, kInts, kScaling, kPlanSize };
+enum TensorIdx {
+  kPacked = 0,
+  kAbsmax,
+  kNestedAbsmax,
+  kNestedCode,
+  kOffset,
+  kA,
+  kB,
+  kBias,
+  kTensorCount
+};
+enum IntIdx {
+  kN = 0,
+  kK,
+  kR,
+  kBlocksize,
+  kNestedBlocksize,
+  kQuantType,
+  kFwdMaxRows,
+  kFwdMaxWork,
+  kBwdMaxRows,
+  kBwdMaxWork,
+  kPackedLen,
+  kAbsmaxLen,
+  kNestedAbsmaxLen,
+  kIntCount
+};
+
+// The frozen part of one call: what the kernels take besides x, A, B, bias.
+struct Frozen {
+  Tensor packed, absmax, nested_absmax, nested_code, offset;
+  Tensor bias;
+  int64_t n, k, r, blocksize, nested_blocksize, quant_type;
+  float scaling;
+};
+
+inline uintptr_t ptr(const Tensor& t) {
+  return t.defined() ? reinterpret_cast<uintptr_t>(t.data_ptr()) : 0;
+}
+inline int64_t len(const Tensor& t) {
+  return t.defined() ? t.numel() : 0;
+}
+
+void run_forward(const Frozen& f, const Tensor& x, int64_t m, const Tensor& a, const Tensor& b,
+                 const Tensor& bias, const Tensor& y, const Tensor& xa) {
+  g_abi->forward(ptr(x), x.numel(), m, f.n, f.k, ptr(f.packed), f.packed.numel(), ptr(f.absmax),
+                 f.absmax.numel(), f.blocksize, static_cast<int>(f.quant_type),
+                 ptr(f.nested_absmax), len(f.nested_absmax), ptr(f.nested_code), ptr(f.offset),
+                 f.nested_blocksize, ptr(a), a.numel(), ptr(b), b.numel(), f.r, f.scaling, 0, 0,
+                 ptr(bias), len(bias), 0, 0, ptr(y), y.numel(), ptr(xa), len(xa),
+                 at::get_num_threads());
+}
+
+// The autograd node of a call with a gradient: QLoRAFunction's backward for a call the
+// small kernels serve (qpeft/autograd.py), saving the same tensors (x as [M, K], A, B,
+// the packed weight and its state, xa when B needs a gradient) as SavedVariables, so the
+// same version-counter checks and "backward through the graph a second time" errors. A
+// Node of its own (as torch's generated backward functions are), not a
+// torch::autograd::Function: that one's context map and per-input bookkeeping cost about
+// as much again as the rest of the call.
+struct SmallQLoRABackward final : public torch::autograd::Node {
+  SavedVariable x2_, a_, b_, packed_, absmax_, nested_absmax_, nested_code_, offset_, xa_;
+  int64_t n = 0, k = 0, r = 0, m = 0, blocksize = 0, nested_blocksize = 0, quant_type = 0;
+  float scaling = 0.0f;
+  std::vector<int64_t> x_sizes;
+
+  std::string name() const override { return "SmallQLoRABackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v :
+         {&x2_, &a_, &b_, &packed_, &absmax_, &nested_absmax_, &nested_code_, &offset_, &xa_})
+      v->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const Tensor x2 = x2_.unpack(), a = a_.unpack(), b = b_.unpack(), packed = packed_.unpack(),
+                 absmax = absmax_.unpack(), nested_absmax = nested_absmax_.unpack(),
+                 nested_code = nested_code_.unpack(), offset = offset_.unpack(), xa = xa_.unpack();
+    const bool need_dx = task_should_compute_output(0), need_da = task_should_compute_output(1),
+               need_db = task_should_compute_output(2), need_dbias = task_should_compute_output(3);
+    // as qpeft/backends/cpu/qlora.py _small_backward: dy contiguous fp32 [M, N]; an
+    // undefined gradient is zeros, as torch.autograd.Function materializes it
+    const Tensor dy = grads[0].defined() ? grads[0].reshape({-1, n}).to(at::kFloat).contiguous()
+                                         : at::zeros({m, n}, x2.options().dtype(at::kFloat));
+    const auto opts = dy.options();
+    Tensor dx = need_dx ? at::empty({m, k}, opts) : Tensor();
+    Tensor da = need_da ? at::empty({r, k}, opts) : Tensor();
+    Tensor db = need_db ? at::empty({n, r}, opts) : Tensor();
+    if (need_dx || need_da || need_db)
+      g_abi->backward(ptr(dy), dy.numel(), need_da ? ptr(x2) : 0, need_da ? x2.numel() : 0, m, n, k,
+                      ptr(packed), packed.numel(), ptr(absmax), absmax.numel(), blocksize,
+                      static_cast<int>(quant_type), ptr(nested_absmax), len(nested_absmax),
+                      ptr(nested_code), ptr(offset), nested_blocksize, ptr(a), a.numel(), ptr(b),
+                      b.numel(), need_db ? ptr(xa) : 0, need_db ? len(xa) : 0, r, scaling, 0, 0, 0,
+                      0, ptr(dx), len(dx), ptr(da), len(da), ptr(db), len(db));
+    // dbias: torch's sum over the rows, as the reference and the Python path sum it
+    Tensor dbias = need_dbias ? dy.sum(0) : Tensor();
+    if (need_dx) dx = dx.view(x_sizes);
+    return {dx, da, db, dbias};
+  }
+};
+
+// y with its autograd node: next edges to x, A, B and the bias (or its stand-in).
+Tensor forward_with_grad(const Frozen& f, const Tensor& x, int64_t m, const Tensor& a,
+                         const Tensor& b, const Tensor& bias_input) {
+  auto node = c10::make_intrusive<SmallQLoRABackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, a, b, bias_input));
+  const bool need_db = node->should_compute_output(2);
+  std::vector<int64_t> out_sizes = x.sizes().vec();
+  out_sizes.back() = f.n;
+  Tensor y = at::empty(out_sizes, x.options());
+  Tensor xa = need_db ? at::empty({m, f.r}, x.options()) : Tensor();
+  run_forward(f, x, m, a, b, f.bias, y, xa);
+  node->x2_ = SavedVariable(x.dim() == 2 ? x : x.view({m, f.k}), false);
+  node->a_ = SavedVariable(a, false);
+  node->b_ = SavedVariable(b, false);
+  node->packed_ = SavedVariable(f.packed, false);
+  node->absmax_ = SavedVariable(f.absmax, false);
+  node->nested_absmax_ = SavedVariable(f.nested_absmax, false);
+  node->nested_code_ = SavedVariable(f.nested_code, false);
+  node->offset_ = SavedVariable(f.offset, false);
+  node->xa_ = SavedVariable(xa, false);
+  node->n = f.n;
+  node->k = f.k;
+  node->r = f.r;
+  node->m = m;
+  node->blocksize = f.blocksize;
+  node->nested_blocksize = f.nested_blocksize;
+  node->quant_type = f.quant_type;
+  node->scaling = f.scaling;
+  node->x_sizes = x.sizes().vec();
+  torch::autograd::set_history(y, node);
+  return y;
+}
+
+bool plain_keys(const Tensor& t) {
+  const c10::DispatchKeySet ks = t.key_set();
+  return ks == g_plain_keys || ks == g_inference_keys;
+}
+
+// A held tensor still as the plan recorded it: plain dense CPU, contiguous, its dtype and
+// exactly its element count (the kernels re-check every length before reading).
+bool held_ok(const Tensor& t, at::ScalarType dtype, int64_t numel) {
+  return t.defined() && plain_keys(t) && t.scalar_type() == dtype && t.is_contiguous() &&
+         t.numel() == numel;
+}
+
+// QPEFT_CPU_COMPUTE (capability.compute_choice reads it on every call): fp32 compute is
+// the default ("auto") and "fp32"; any other value takes the full path, which decides.
+bool compute_is_fp32() {
+  const char* v = std::getenv("QPEFT_CPU_COMPUTE");
+  if (v == nullptr) return true;
+  while (*v == ' ' || *v == '\t') ++v;
+  if (*v == '\0') return true;
+  const size_t len = std::strlen(v);
+  auto is = [&](const char* word) {
+    const size_t w = std::strlen(word);
+    if (len < w || strncasecmp(v, word, w) != 0) return false;
+    for (size_t i = w; i < len; ++i)
+      if (v[i] != ' ' && v[i] != '\t' && v[i] != '\n') return false;
+    return true;
+  };
+  return is("auto") || is("fp32");
+}
+
+// Something that must see the op (a profiler, a tracer, a mode, a transform), autocast,
+// a forced backend or another compute mode: the full path serves the call.
+bool observed_or_redirected() {
+  if (at::autocast::is_autocast_enabled(at::kCPU)) return true;
+  if (c10::impl::TorchDispatchModeTLS::stack_len() > 0) return true;
+  if (at::impl::torch_function_mode_enabled()) return true;
+  if (torch::jit::tracer::isTracing()) return true;
+  const c10::impl::LocalDispatchKeySet tls = c10::impl::tls_local_dispatch_key_set();
+  // functorch transforms, Python dispatch and friends include keys beyond the usual ones;
+  // autocast and no_grad change none, inference mode only the excluded set
+  if ((tls.included_ | g_usual_included) != g_usual_included) return true;
+  PyObject* flag = PyObject_GetAttr(g_profiler, g_profiler_flag);
+  if (flag == nullptr) return true;  // error set: reported by the caller
+  const bool profiling = flag != Py_False;
+  Py_DECREF(flag);
+  if (profiling) return true;
+  PyObject* forced = nullptr;
+  if (PyContextVar_Get(g_forced, nullptr, &forced) < 0) return true;
+  const bool is_forced = forced != nullptr && forced != Py_None;
+  Py_XDECREF(forced);
+  if (is_forced) return true;
+  return !compute_is_fp32();
+}
+
+// guards: a flat tuple of (container, key, expected) triples; container is a dict, an
+// object whose instance __dict__ is read now (so a module rebuilt by copy.deepcopy, whose
+// __dict__ is a new dict, is checked where its attributes live), or None for the module
+// called (so the plan, kept in that module's __dict__, holds no reference to it: no cycle).
+bool guards_hold(PyObject* guards, PyObject* module) {
+  const Py_ssize_t count = PyTuple_GET_SIZE(guards);
+  for (Py_ssize_t i = 0; i + 2 < count; i += 3) {
+    PyObject* container = PyTuple_GET_ITEM(guards, i);
+    if (container == Py_None) container = module;
+    PyObject* dict = container;
+    if (!PyDict_CheckExact(container)) {
+      dict = PyObject_GenericGetDict(container, nullptr);  // new reference
+      if (dict == nullptr) {
+        PyErr_Clear();
+        return false;
+      }
+    } else {
+      Py_INCREF(dict);
+    }
+    PyObject* got = PyDict_GetItemWithError(dict, PyTuple_GET_ITEM(guards, i + 1));
+    Py_DECREF(dict);  // `got` is only compared, never dereferenced
+    if (got != PyTuple_GET_ITEM(guards, i + 2)) {
+      PyErr_Clear();
+      return false;
+    }
+  }
+  return true;
+}
+
+PyObject* layer_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 3) {
+    PyErr_SetString(PyExc_TypeError, "qpeft._C_layer.call(plan, module, x) takes 3 arguments");
+    return nullptr;
+  }
+  if (g_abi == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "qpeft._C_layer.init() was not called");
+    return nullptr;
+  }
+  PyObject *plan = args[0], *module = args[1], *xobj = args[2];
+  // the owner is id(module) as an int: a plan copied with its module (copy.deepcopy)
+  // names the original and is stale in the copy
+  if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != kPlanSize ||
+      PyLong_AsVoidPtr(PyTuple_GET_ITEM(plan, kOwner)) != static_cast<void*>(module)) {
+    PyErr_Clear();
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  PyObject* guards = PyTuple_GET_ITEM(plan, kGuards);
+  PyObject* tensors = PyTuple_GET_ITEM(plan, kTensors);
+  PyObject* ints = PyTuple_GET_ITEM(plan, kInts);
+  if (!PyTuple_CheckExact(guards) || !PyTuple_CheckExact(tensors) ||
+      PyTuple_GET_SIZE(tensors) != kTensorCount || !PyTuple_CheckExact(ints) ||
+      PyTuple_GET_SIZE(ints) != kIntCount)
+    Py_RETURN_NOTIMPLEMENTED;
+  if (!guards_hold(guards, module)) Py_RETURN_NOTIMPLEMENTED;
+
+  int64_t iv[kIntCount];
+  for (int i = 0; i < kIntCount; ++i) {
+    iv[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(ints, i));
+    if (iv[i] == -1 && PyErr_Occurred()) return nullptr;
+  }
+  const double scaling = PyFloat_AsDouble(PyTuple_GET_ITEM(plan, kScaling));
+  if (scaling == -1.0 && PyErr_Occurred()) return nullptr;
+
+  // the held tensors, as the plan recorded them (else the plan is stale)
+  Tensor held[kTensorCount];
+  for (int i = 0; i < kTensorCount; ++i) {
+    PyObject* t = PyTuple_GET_ITEM(tensors, i);
+    if (t == Py_None) continue;
+    if (!THPVariable_Check(t)) Py_RETURN_NOTIMPLEMENTED;
+    held[i] = THPVariable_Unpack(t);
+  }
+  const int64_t n = iv[kN], k = iv[kK], r = iv[kR];
+  const bool nested = held[kNestedAbsmax].defined();
+  if (!held_ok(held[kPacked], at::kByte, iv[kPackedLen]) ||
+      !held_ok(held[kAbsmax], nested ? at::kByte : at::kFloat, iv[kAbsmaxLen]) ||
+      !held_ok(held[kA], at::kFloat, r * k) || held[kA].dim() != 2 || held[kA].size(0) != r ||
+      held[kA].size(1) != k || !held_ok(held[kB], at::kFloat, n * r) || held[kB].dim() != 2 ||
+      held[kB].size(0) != n || held[kB].size(1) != r)
+    Py_RETURN_NOTIMPLEMENTED;
+  if (nested &&
+      (!held_ok(held[kNestedAbsmax], at::kFloat, iv[kNestedAbsmaxLen]) ||
+       !held_ok(held[kNestedCode], at::kFloat, 256) || !held_ok(held[kOffset], at::kFloat, 1)))
+    Py_RETURN_NOTIMPLEMENTED;
+  const Tensor& bias = held[kBias];
+  if (bias.defined() && (!held_ok(bias, at::kFloat, n) || bias.dim() != 1 || bias.size(0) != n))
+    Py_RETURN_NOTIMPLEMENTED;
+
+  // this call: x a plain contiguous fp32 CPU tensor [..., K], nothing observing
+  if (!THPVariable_CheckExact(xobj)) Py_RETURN_NONE;
+  const Tensor& x = THPVariable_Unpack(xobj);
+  if (!plain_keys(x) || x.scalar_type() != at::kFloat || x.dim() < 1 || x.size(-1) != k ||
+      !x.is_contiguous())
+    Py_RETURN_NONE;
+  const int64_t m = x.numel() / k;
+  if (m < 1) Py_RETURN_NONE;
+  if (observed_or_redirected()) {
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NONE;
+  }
+  const Tensor &a = held[kA], &b = held[kB];
+  const bool grad =
+      c10::GradMode::is_enabled() && (x.requires_grad() || a.requires_grad() || b.requires_grad() ||
+                                      (bias.defined() && bias.requires_grad()));
+  // the sizes the Python path serves with the small kernels (backends/cpu/qlora.py)
+  const int64_t work = m * n * k;
+  if (m > iv[kFwdMaxRows] || work > iv[kFwdMaxWork]) Py_RETURN_NONE;
+  if (grad && (m > iv[kBwdMaxRows] || work > iv[kBwdMaxWork])) Py_RETURN_NONE;
+
+  Frozen f{held[kPacked],
+           held[kAbsmax],
+           held[kNestedAbsmax],
+           held[kNestedCode],
+           held[kOffset],
+           bias,
+           n,
+           k,
+           r,
+           iv[kBlocksize],
+           iv[kNestedBlocksize],
+           iv[kQuantType],
+           static_cast<float>(scaling)};
+  Tensor y;
+  if (grad) {
+    // an autograd input must be a defined tensor: without a bias, a shared empty one
+    // that needs no gradient stands in for it (the forward reads the bias from f)
+    y = forward_with_grad(f, x, m, a, b, bias.defined() ? bias : *g_no_bias);
+  } else {
+    std::vector<int64_t> out_sizes = x.sizes().vec();
+    out_sizes.back() = n;
+    y = at::empty(out_sizes, x.options());
+    run_forward(f, x, m, a, b, bias, y, Tensor());
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+// init(abi_capsule, torch.autograd.profiler, qpeft._dispatch._forced)
+PyObject* layer_init(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 3) {
+    PyErr_SetString(PyExc_TypeError, "qpeft._C_layer.init takes 3 arguments");
+    return nullptr;
+  }
+  auto* abi = static_cast<const qpeft::SmallLayerAbi*>(
+      PyCapsule_GetPointer(args[0], qpeft::kSmallLayerAbiName));
+  if (abi == nullptr) return nullptr;
+  if (abi->version != qpeft::kSmallLayerAbiVersion) {
+    PyErr_Format(PyExc_RuntimeError,
+                 "qpeft._C_layer: qpeft._C exports small-layer ABI version %d, this module "
+                 "needs %d (rebuild qpeft)",
+                 abi->version, qpeft::kSmallLayerAbiVersion);
+    return nullptr;
+  }
+  if (!PyContextVar_CheckExact(args[2])) {
+    PyErr_SetString(PyExc_TypeError, "qpeft._C_layer.init: the third argument is a ContextVar");
+    return nullptr;
+  }
+  Py_INCREF(args[1]);
+  Py_INCREF(args[2]);
+  Py_XSETREF(g_profiler, args[1]);
+  Py_XSETREF(g_forced, args[2]);
+  if (g_profiler_flag == nullptr)
+    g_profiler_flag = PyUnicode_InternFromString("_is_profiler_enabled");
+  {
+    c10::InferenceMode guard(false);  // init may run inside an inference_mode block
+    g_plain_keys = at::empty({0}, at::kFloat).key_set();
+    if (g_no_bias == nullptr) g_no_bias = new Tensor(at::empty({0}, at::kFloat));
+    g_usual_included = c10::impl::tls_local_dispatch_key_set().included_;
+  }
+  {
+    c10::InferenceMode guard;
+    g_inference_keys = at::empty({0}, at::kFloat).key_set();
+    g_usual_included = g_usual_included | c10::impl::tls_local_dispatch_key_set().included_;
+  }
+  g_abi = abi;
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(layer_call)), METH_FASTCALL,
+     "call(plan, module, x): y, None (not served here) or NotImplemented (stale plan)"},
+    {"init", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(layer_init)), METH_FASTCALL,
+     "init(abi_capsule, profiler_module, forced_backend_var)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT,
+                          "_C_layer",
+                          "qpeft's small-layer call in C++ (docs/design.md, \"Per-call overhead\")",
+                          -1,
+                          methods,
+                          nullptr,
+                          nullptr,
+                          nullptr,
+                          nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C_layer() {
+  PyObject* m = PyModule_Create(&module_def);
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddStringConstant(m, "torch_version", QPEFT_TORCH_VERSION) < 0 ||
+      PyModule_AddIntConstant(m, "abi_version", qpeft::kSmallLayerAbiVersion) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

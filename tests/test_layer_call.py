@@ -1,0 +1,383 @@
+"""A small QLoRALinear's call served by qpeft._C_layer (docs/design.md, "Per-call overhead").
+
+The fast path must give the same bits as the full Python path (forward, dx, dA, dB,
+dbias), keep torch's autograd semantics (retain_graph, autograd.grad, create_graph,
+in-place modification checks, no_grad, inference_mode), and hand every call it does not
+serve to the full path: each excluded situation is checked to reach
+``functional.qlora_linear``. The full-path reference runs under ``qpeft.use_backend("cpu")``
+(a forced backend is one of the exclusions), so it runs the same CPU kernels.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import qpeft
+import qpeft.functional as qf
+from qpeft import autograd as qautograd
+from qpeft.nn import QLoRALinear
+
+
+def _layer(n=64, k=64, r=8, bias=True, quant_type="nf4", double_quant=True, blocksize=64, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) / k**0.5)
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    q = QLoRALinear.from_linear(
+        lin, r=r, alpha=16, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, **kw
+    )
+    with torch.no_grad():
+        q.lora_B.copy_(torch.randn(n, r, generator=g) * 0.1)
+    return q
+
+
+@pytest.fixture
+def full_path_calls(monkeypatch):
+    """Counts the calls that reach the full path's ops (the fused op; dropout's base term)."""
+    calls = []
+
+    def counted(real):
+        def counting(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        return counting
+
+    monkeypatch.setattr(qf, "qlora_linear", counted(qf.qlora_linear))
+    monkeypatch.setattr(qf, "linear_4bit", counted(qf.linear_4bit))
+    return calls
+
+
+def _served_fast(q, x) -> bool:
+    """Warm the plan with one call, then whether the next call is served by _C_layer."""
+    q(x)
+    return q._fast_plan is not None and qautograd.layer_call(q._fast_plan, q, x) not in (None, NotImplemented)
+
+
+def _run(q, x, dy, grad_x=True):
+    for p in q.parameters():
+        p.grad = None
+    xg = x.clone().requires_grad_(grad_x)
+    y = q(xg)
+    y.backward(dy)
+    grads = [xg.grad] + [None if p is None else p.grad for p in (q.lora_A, q.lora_B, q.bias)]
+    return y.detach(), grads, y.grad_fn
+
+
+def test_module_is_built_for_this_torch():
+    mod = qautograd.layer_module()
+    assert mod is not None, "qpeft._C_layer is not built (or was built for another torch)"
+    assert mod.torch_version == torch.__version__
+
+
+LAYERS = [
+    dict(n=64, k=64),
+    dict(n=24, k=40, blocksize=32, quant_type="fp4"),  # odd sizes, partial block rows
+    dict(n=7, k=40, blocksize=32, double_quant=False, bias=False),
+    dict(n=33, k=64, r=3, train_bias=True),  # dbias through the fast path
+    dict(n=128, k=128),
+]
+
+
+@pytest.mark.parametrize("spec", LAYERS, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+@pytest.mark.parametrize("lead", [(1,), (5,), (16,), (2, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_same_bits_as_the_full_path(spec, lead, full_path_calls):
+    q = _layer(**spec)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*lead, q.in_features, generator=g)
+    dy = torch.randn(*lead, q.out_features, generator=g)
+    assert _served_fast(q, x)
+    with qpeft.use_backend("cpu"):  # the full path, the same CPU kernels
+        y_full, g_full, fn_full = _run(q, x, dy)
+    before = len(full_path_calls)
+    y_fast, g_fast, fn_fast = _run(q, x, dy)
+    assert len(full_path_calls) == before, "the fast path did not serve the call"
+    assert "SmallQLoRA" in fn_fast.name() and "SmallQLoRA" not in fn_full.name()
+    assert y_fast.shape == y_full.shape == (*lead, q.out_features)
+    assert torch.equal(y_fast, y_full)
+    for a, b in zip(g_fast, g_full):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a, b)
+    # no_grad, inference_mode and frozen adapters: no node, the same values
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            y = q(x)
+        assert y.grad_fn is None and torch.equal(y, y_full)
+    with torch.inference_mode():
+        assert q(x).is_inference()
+    # only x needs a gradient; only B does
+    q.lora_A.requires_grad_(False)
+    q.lora_B.requires_grad_(False)
+    if q.bias is not None:
+        q.bias.requires_grad_(False)
+    xg = x.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(q(xg), xg, dy)
+    with qpeft.use_backend("cpu"):
+        (dx_full,) = torch.autograd.grad(q(xg), xg, dy)
+    assert torch.equal(dx, dx_full)
+    q.lora_B.requires_grad_(True)
+    (db,) = torch.autograd.grad(q(x), q.lora_B, dy)
+    with qpeft.use_backend("cpu"):
+        (db_full,) = torch.autograd.grad(q(x), q.lora_B, dy)
+    assert torch.equal(db, db_full)
+
+
+def test_autograd_semantics_as_before():
+    q = _layer()
+    x = torch.randn(4, 64, requires_grad=True)
+    dy = torch.randn(4, 64)
+    assert _served_fast(q, x.detach())
+    results = {}
+    for name, ctx in (("fast", torch.enable_grad), ("full", lambda: qpeft.use_backend("cpu"))):
+        with ctx():
+            y = q(x)
+            g1 = torch.autograd.grad(y, (x, q.lora_A), dy, retain_graph=True)
+            g2 = torch.autograd.grad(y, (x, q.lora_A), dy)
+            with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+                torch.autograd.grad(y, (x, q.lora_A), dy)
+            # create_graph: the gradients are not differentiable (as before), the call works
+            dx = torch.autograd.grad(q(x), x, dy, create_graph=True)[0]
+            # an in-place change of a saved tensor is caught by the backward
+            y = q(x)
+            with torch.no_grad():
+                q.lora_A.add_(0.0)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.backward(dy)
+        results[name] = (g1, g2, dx.requires_grad)
+    (f1, f2, fr), (u1, u2, ur) = results["fast"], results["full"]
+    assert fr == ur
+    for a, b in zip(f1 + f2, u1 + u2):
+        assert torch.equal(a, b)
+
+
+def _excluded_cases():
+    def dropout_training(q, x):
+        q2 = _layer(dropout=0.1)
+        q2.train()
+        return q2, x
+
+    def dora(q, x):
+        return _layer(use_dora=True), x
+
+    def bf16_x(q, x):
+        return q, x.bfloat16()
+
+    def noncontiguous_x(q, x):
+        return q, torch.randn(64, x.shape[0]).t()
+
+    def many_rows_with_grad(q, x):
+        return q, torch.randn(64, 64)
+
+    return {
+        "dropout in training": dropout_training,
+        "DoRA": dora,
+        "bf16 x": bf16_x,
+        "non-contiguous x": noncontiguous_x,
+        "M beyond the small backward": many_rows_with_grad,
+    }
+
+
+@pytest.mark.parametrize("case", list(_excluded_cases()))
+def test_excluded_inputs_take_the_full_path(case, full_path_calls):
+    q, x = _excluded_cases()[case](_layer(), torch.randn(3, 64))
+    q(x)
+    q(x)
+    assert len(full_path_calls) == 2
+
+
+class _Mode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _DispatchMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+CONTEXTS = {
+    "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    "use_backend": lambda: qpeft.use_backend("default"),
+    "function mode": _Mode,
+    "dispatch mode": _DispatchMode,
+}
+
+
+@pytest.mark.parametrize("name", list(CONTEXTS))
+def test_excluded_contexts_take_the_full_path(name, full_path_calls):
+    q = _layer()
+    x = torch.randn(3, 64)
+    assert _served_fast(q, x)
+    before = len(full_path_calls)
+    with CONTEXTS[name]():
+        q(x)
+    assert len(full_path_calls) == before + 1
+    q(x)
+    assert len(full_path_calls) == before + 1  # and the plan still serves afterwards
+
+
+def test_profiler_still_sees_the_op():
+    q = _layer()
+    x = torch.randn(3, 64, requires_grad=True)
+    assert _served_fast(q, x.detach())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        q(x).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "qpeft::qlora_linear" in names and "qpeft::qlora_linear_backward" in names
+
+
+def test_vmap_and_jit_trace_take_the_full_path(full_path_calls):
+    q = _layer()
+    x = torch.randn(3, 64)
+    assert _served_fast(q, x)
+    # under vmap x is a batched wrapper: not served (the full path itself has no batching
+    # rule for QLoRAFunction, so the call is checked directly)
+    seen = []
+
+    def probe(xi):
+        seen.append(qautograd.layer_call(q._fast_plan, q, xi))
+        return xi
+
+    with torch.no_grad():
+        torch.func.vmap(probe)(x)
+    assert seen == [None]
+    before = len(full_path_calls)
+    with torch.no_grad():  # (as tests/test_small_layer.py traces it)
+        traced = torch.jit.trace(q, x, check_trace=False)
+        assert len(full_path_calls) == before + 1
+        assert "qpeft::qlora_linear" in str(traced.graph)
+        assert torch.equal(traced(x), q(x))
+
+
+def test_a_changed_layer_is_replanned(full_path_calls):
+    q = _layer()
+    x = torch.randn(2, 64)
+    assert _served_fast(q, x)
+    base_only = q.base_layer(x)
+
+    def full(q):
+        with qpeft.use_backend("cpu"):
+            return q(x)
+
+    # another adapter
+    q.add_adapter("other", r=4)
+    with torch.no_grad():
+        q.adapters["other"].lora_B.normal_()
+    q.set_adapter("other")
+    assert torch.equal(q(x), full(q)) and not torch.equal(q(x), base_only)
+    assert _served_fast(q, x)
+    # a replaced parameter
+    q.adapters["other"].lora_A = torch.nn.Parameter(torch.randn(4, 64))
+    assert torch.equal(q(x), full(q))
+    # disabled adapters: the base layer's output; enabled again: the adapter
+    q.disable_adapters()
+    assert torch.equal(q(x), base_only)
+    q.enable_adapters()
+    assert torch.equal(q(x), full(q))
+    # merged: the base layer (with the adapter folded in), then unmerged
+    q.merge()
+    assert torch.equal(q(x), q.base_layer(x))
+    q.unmerge()
+    assert torch.equal(q(x), full(q))
+    # a requantized weight
+    q.base_layer.requantize_(torch.randn(64, 64))
+    assert torch.equal(q(x), full(q))
+    assert _served_fast(q, x)
+    # a state field reassigned
+    st = q.base_layer.quant_state
+    st.state2.absmax = st.state2.absmax * 2
+    assert torch.equal(q(x), full(q))
+    # a bias changed in place (no replan needed: the plan holds the tensor)
+    with torch.no_grad():
+        q.base_layer.bias.add_(1.0)
+    assert torch.equal(q(x), full(q))
+    # a deep copy is its own layer: disabling its adapters does not touch the original
+    c = copy.deepcopy(q)
+    c.disable_adapters()
+    assert torch.equal(c(x), c.base_layer(x))
+    assert torch.equal(q(x), full(q))
+
+
+def test_bad_input_errors_unchanged():
+    q = _layer()
+    x = torch.randn(2, 64)
+    assert _served_fast(q, x)
+    with pytest.raises(ValueError, match="got an input with 32 features"):
+        q(torch.randn(2, 32))
+    with pytest.raises(TypeError, match="expects a tensor"):
+        q([1.0] * 64)
+
+
+def test_plan_is_not_built_where_the_fast_path_cannot_serve():
+    q = _layer(n=512, k=512)  # W beyond the small kernels
+    q(torch.randn(1, 512))
+    assert q._fast_plan is None
+    q = _layer()
+    q.base_layer.compute_dtype = torch.bfloat16
+    q(torch.randn(1, 64))
+    assert q._fast_plan is None
+
+
+def test_bf16_compute_mode_takes_the_full_path(monkeypatch, full_path_calls):
+    q = _layer()
+    x = torch.randn(3, 64)
+    assert _served_fast(q, x)
+    before = len(full_path_calls)
+    monkeypatch.setenv("QPEFT_CPU_COMPUTE", "bf16")
+    q(x)
+    assert len(full_path_calls) == before + 1
+    monkeypatch.setenv("QPEFT_CPU_COMPUTE", " FP32 ")
+    q(x)
+    assert len(full_path_calls) == before + 1
+
+
+def test_compile_traces_the_full_path():
+    # a plan exists; dynamo must still trace the full path (fullgraph: an opaque C call
+    # inside the graph would be an error), and the compiled call gives the same values
+    q = _layer()
+    x = torch.randn(3, 64)
+    assert _served_fast(q, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(q, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), q(x))
+    torch._dynamo.reset()
+
+
+def test_module_hooks_still_run():
+    q = _layer()
+    x = torch.randn(3, 64)
+    assert _served_fast(q, x)
+    want = q(2 * x) + 1
+    pre = q.register_forward_pre_hook(lambda mod, args: (2 * args[0],))
+    post = q.register_forward_hook(lambda mod, args, out: out + 1)
+    assert torch.equal(q(x), want)
+    pre.remove()
+    post.remove()
+    with qpeft.use_backend("cpu"):
+        full = q(x)
+    assert torch.equal(q(x), full)
+
+
+def test_plan_makes_no_reference_cycle():
+    # the plan lives in the layer's __dict__ and refers to the layer by id only: a layer
+    # with a plan is freed by reference counting alone, as before
+    import gc
+    import weakref
+
+    q = _layer()
+    assert _served_fast(q, torch.randn(1, 64))
+    ref = weakref.ref(q)
+    gc.disable()
+    try:
+        del q
+        assert ref() is None
+    finally:
+        gc.enable()
