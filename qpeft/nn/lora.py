@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..autograd import layer_call, layer_module, small_layer_plan
+from ..weight4bit import Weight4bit
 from .linear4bit import Linear4bit, result_dtype
 from .weight_rows import row_norms
 
@@ -363,7 +364,10 @@ class QLoRALinear(nn.Module):
             return
         modules, adapters = self._modules, self._modules["adapters"]
         params, base_params = ad._parameters, base._parameters
-        weights = base._buffers if "weight" in base._buffers else base_params
+        weight = base_params.get("weight")  # a Weight4bit: its codes and state are attributes
+        if not isinstance(weight, Weight4bit):
+            return
+        w_d = weight.__dict__
         d, ad_d, base_d = self.__dict__, ad.__dict__, base.__dict__
         guards = (
             *(None, "adapters_enabled", d.get("adapters_enabled")),
@@ -379,20 +383,21 @@ class QLoRALinear(nn.Module):
             *(ad, "dropout_p", ad_d.get("dropout_p")),
             *(ad, "scaling", ad_d.get("scaling")),
             *(ad, "training", ad_d.get("training")),
-            *(weights, "weight", weights.get("weight")),
+            *(base_params, "weight", weight),
+            *(weight, "packed", w_d.get("packed")),
+            *(weight, "quant_state", w_d.get("quant_state")),
             *(base_params, "bias", base_params.get("bias")),
-            *(base, "quant_state", base_d.get("quant_state")),
             *(base, "compute_dtype", base_d.get("compute_dtype")),
         )
         if base_d.get("compute_dtype") not in (None, torch.float32) or ad_d.get("use_dora"):
             return
-        state = base_d.get("quant_state")
+        state = w_d.get("quant_state")
         if state is None:
             return
         self.__dict__["_fast_plan"] = small_layer_plan(
             self,
             guards,
-            weights.get("weight"),
+            w_d.get("packed"),
             state,
             params.get("lora_A"),
             params.get("lora_B"),
