@@ -253,6 +253,12 @@ def state_4bit(state, packed: torch.Tensor, *, matrix: bool = False) -> tuple | 
 
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a qpeft.QuantState, got {type(state).__name__}")
+    # Traced by torch.compile: no cache. Dynamo would guard on the weak dictionary's keys,
+    # and an entry collected between calls made its guard raise (StopIteration) instead of
+    # recompiling; the compiled graph runs no Python checks per call anyway.
+    if torch.compiler.is_compiling():
+        _state_4bit_full(state, packed, matrix)
+        return None
     signature = _state_signature(state, packed, matrix)
     if signature is not None:
         done = _checked_states.get(state)

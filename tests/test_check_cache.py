@@ -152,8 +152,8 @@ def test_no_grad_path_under_autocast_keeps_autocast_dtype():
 
 
 def test_no_grad_path_traces_under_torch_compile():
-    """The cached check and the no-autograd forward trace with fullgraph=True (no graph
-    break), and the compiled inference call equals eager."""
+    """The check and the no-autograd forward trace with fullgraph=True (no graph break),
+    and the compiled inference call equals eager."""
     torch.manual_seed(1)
     layer = QLoRALinear.from_linear(torch.nn.Linear(64, 48), r=4)
     torch.nn.init.normal_(layer.adapters["default"].lora_B)
@@ -162,3 +162,25 @@ def test_no_grad_path_traces_under_torch_compile():
     with torch.no_grad():
         y = compiled(x)
         assert torch.equal(y, layer(x))
+
+
+def test_compiled_calls_leave_the_check_caches_alone():
+    """torch.compile traces the full check, not the weak-keyed caches: a guard on those
+    dictionaries' keys broke (StopIteration inside dynamo) when an unrelated entry was
+    collected between compiling and calling."""
+    import gc
+
+    torch.manual_seed(2)
+    others = [QLoRALinear.from_linear(torch.nn.Linear(64, 64), r=4) for _ in range(3)]
+    x = torch.randn(5, 64)
+    for other in others:
+        other(x)  # their states enter the caches first
+    layer = QLoRALinear.from_linear(torch.nn.Linear(64, 64), r=4)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        y = compiled(x)
+        assert layer.base_layer.quant_state not in _checks._checked_states
+        del others, other
+        gc.collect()
+        assert torch.equal(compiled(x), y)
+        assert torch.equal(layer(x), y)
