@@ -25,7 +25,10 @@ the batch in another order, so it differs from the twin by fp32 rounding of thos
 (~1e-7 relative per step), which Adam's normalised update m / sqrt(v) can amplify where a
 gradient element is near its own rounding noise (an element's update moves by up to lr). Over
 4 steps at lr 1e-3 on a loss of ~4.9 the measured gap is ~1e-7 relative; the issue's bound
-2e-4 is asserted (a wrong reduction, e.g. a sum instead of a mean, moves step 2's loss by ~1e-2).
+2e-4 is asserted. A missing reduction (stepping with one rank's half-batch gradient) moves the
+losses by 3e-4, 6e-3, 7e-3 relative at steps 2-4 (measured), so it fails this bound; a sum in
+place of the mean barely moves Adam's losses (Adam is scale-invariant but for eps): that is
+left to the bit-for-bit twin comparison, which sees the eps term's change.
 """
 
 from __future__ import annotations
