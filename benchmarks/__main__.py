@@ -138,17 +138,31 @@ def main(argv: list[str] | None = None) -> int:
     # with bf16 units (or a GPU) that is bf16, and an fp32 rate would put bf16 rows above 100%.
     limits["gemm_gflops"] = max(limits["gemm_gflops_fp32"], limits["gemm_gflops_bf16"])
     info = machine(args.device)
-    results, failures = [], []
+    results, failures, sections = [], [], []
     for op in args.ops:
         print(f"== {op}", file=sys.stderr)
         for case in MODULES[op].cases(args.device, args.quick):
             r, f = run_case(case, args.device, args.quick)
             results += r
             failures += f
+        # a module may also report what is not a timing (cases/distributed.py: bytes per
+        # rank) as a report section, ``notes(device, quick)``; raising fails the run
+        extra = getattr(MODULES[op], "notes", None)
+        if extra is not None:
+            try:
+                section = extra(args.device, args.quick)
+            except Exception as exc:
+                traceback.print_exc(file=sys.stderr)
+                failures.append(f"{op} notes: {type(exc).__name__}: {exc}".splitlines()[0][:300])
+            else:
+                if section:
+                    sections.append(section)
     name = f"{args.device}{'_quick' if args.quick else ''}"
     notes = "Every implementation's result was checked before timing (see each case module for the bound)."
     if missing:
         notes += f"\n\nNot installed, so not compared: {', '.join(missing)} ({INSTALL_HINT} installs them)."
+    for section in sections:
+        notes += "\n\n" + section
     if not args.quick:  # tiny sizes and two runs say nothing about the targets
         notes += "\n\n## Targets\n\n" + targets.evaluate(results, limits)
     text, written = report.write(results, info, limits, args.out, name, notes)

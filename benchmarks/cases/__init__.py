@@ -3,7 +3,7 @@ returns the cases it can run here, with every installed peer as an implementatio
 
 from __future__ import annotations
 
-from . import e2e, isa, matmul, optim, overhead, qlora, quant
+from . import distributed, e2e, isa, matmul, optim, overhead, qlora, quant
 
 MODULES = {
     "quant": quant,
@@ -13,4 +13,5 @@ MODULES = {
     "e2e": e2e,
     "isa": isa,
     "overhead": overhead,
+    "distributed": distributed,
 }
