@@ -1,0 +1,188 @@
+"""qpeft.convert on a meta-device model and qpeft.load_safetensors (docs/distributed.md,
+"Loading on the meta device"): the loaded model equals the model loaded normally then
+converted, bit for bit, and the loader holds one dense weight at a time."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import qpeft
+from qpeft import loading
+from qpeft.nn import Linear4bit, QLoRALinear
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+
+def _config(**kw):
+    # K = 64 and 96 (not a multiple of 64 for the MLP's down_proj: intermediate 96) and
+    # partial blocks nowhere: every row count is block-aligned for blocksize 32/64 at K=64
+    base = dict(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    base.update(kw)
+    return transformers.LlamaConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = _config()
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(path, safe_serialization=True, max_shard_size="40KB")
+    assert len(list(path.glob("*.safetensors"))) > 1  # several shards
+    return cfg, path
+
+
+def _reference(cfg, path, **kw):
+    model = transformers.LlamaForCausalLM.from_pretrained(path).eval()
+    return qpeft.convert(model, verbose=False, **kw)
+
+
+def _meta(cfg, **kw):
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    return qpeft.convert(model, verbose=False, **kw)
+
+
+def _assert_equal_weights(a, b):
+    la = {n: m for n, m in a.named_modules() if isinstance(m, Linear4bit)}
+    lb = {n: m for n, m in b.named_modules() if isinstance(m, Linear4bit)}
+    assert la.keys() == lb.keys() and la
+    for n in la:
+        assert torch.equal(la[n].weight, lb[n].weight), n  # packed bytes and statistics
+        assert torch.equal(la[n].weight.dequantize(), lb[n].weight.dequantize()), n
+    pa = {
+        n: p for n, p in a.named_parameters() if not isinstance(p, qpeft.Weight4bit) and "adapters" not in n
+    }
+    pb = {
+        n: p for n, p in b.named_parameters() if not isinstance(p, qpeft.Weight4bit) and "adapters" not in n
+    }
+    assert pa.keys() == pb.keys()
+    for n in pa:
+        assert pa[n].dtype == pb[n].dtype and torch.equal(pa[n], pb[n]), n
+
+
+def test_convert_on_meta_builds_meta_4bit_layers(checkpoint):
+    cfg, _ = checkpoint
+    model = _meta(cfg, r=4, blocksize=32, double_quant=False)
+    layer = model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, QLoRALinear) and layer.weight.is_meta
+    w = layer.weight
+    assert isinstance(w, qpeft.Weight4bit) and w.shape == (64, 96) and w.dtype == torch.float32
+    assert w.quant_state.blocksize == 32 and not w.quant_state.nested and w.packed.shape == (64 * 96 // 2, 1)
+    assert model.lm_head.weight.is_meta and not isinstance(model.lm_head, QLoRALinear)  # excluded
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("method", ["lora", "quantize"])
+def test_meta_convert_then_load_equals_convert_of_loaded_model(checkpoint, double_quant, method):
+    cfg, path = checkpoint
+    kw = dict(method=method, double_quant=double_quant, quant_type="nf4")
+    ref = _reference(cfg, path, **kw)
+    model = qpeft.load_safetensors(_meta(cfg, **kw), path)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    _assert_equal_weights(model, ref)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # LoRA B = 0: the adapters add nothing, whatever A's draw
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_bf16_model_loads_bf16_dense_and_4bit(checkpoint):
+    cfg, path = checkpoint
+    ref = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ref = qpeft.convert(ref, verbose=False)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model = qpeft.load_safetensors(qpeft.convert(model, verbose=False), path)
+    assert model.model.layers[1].self_attn.q_proj.weight.dtype == torch.bfloat16
+    _assert_equal_weights(model, ref)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("rank,world", [(0, 2), (1, 2), (1, 4), (3, 4)])
+def test_row_range_equals_slice_of_whole(checkpoint, double_quant, rank, world):
+    cfg, path = checkpoint
+
+    def rows(key, out):
+        chunk = out // world
+        return rank * chunk, (rank + 1) * chunk
+
+    ref = _reference(cfg, path, double_quant=double_quant)
+    model = qpeft.load_safetensors(_meta(cfg, double_quant=double_quant), path, rows=rows)
+    refs = {n: m for n, m in ref.named_modules() if isinstance(m, Linear4bit)}
+    for n, m in model.named_modules():
+        if isinstance(m, Linear4bit):
+            r0, r1 = rows(n, m.out_features)
+            whole = refs[n].weight
+            part = whole._row_slice(r0, r1)
+            assert m.weight.shape == part.shape
+            assert torch.equal(m.weight.packed, part.packed), n
+            assert torch.equal(m.weight.absmax, part.absmax), n
+            assert m.weight.nested == part.nested
+            if part.nested:
+                assert torch.equal(m.weight.nested_absmax, part.nested_absmax)
+                assert torch.equal(m.weight.offset, part.offset)
+            assert torch.equal(m.weight.dequantize(), whole.dequantize()[r0:r1]), n
+
+
+def test_row_range_inside_a_block_is_refused(checkpoint):
+    cfg, path = checkpoint
+    model = _meta(cfg, blocksize=128, double_quant=False)  # K = 64: 2 rows per block
+    with pytest.raises(ValueError, match="cut a quantization block"):
+        qpeft.load_safetensors(model, path, rows=lambda key, out: (1, out))
+
+
+def test_loader_holds_one_dense_weight_at_a_time(checkpoint, monkeypatch):
+    """Every dense read of a 4-bit target is dead (freed) before the next one is made."""
+    cfg, path = checkpoint
+    live: list[weakref.ref] = []
+    sizes: list[int] = []
+    real = loading._read_rows
+
+    def counting(sl, r0, r1, dtype, device):
+        assert all(r() is None for r in live), "a previous dense weight is still alive"
+        x = real(sl, r0, r1, dtype, device)
+        live.append(weakref.ref(x))
+        sizes.append(x.numel() * x.element_size())
+        return x
+
+    monkeypatch.setattr(loading, "_read_rows", counting)
+    qpeft.load_safetensors(_meta(cfg), path, rows=lambda key, out: (0, out // 2))
+    n_layers = cfg.num_hidden_layers * 7
+    assert len(sizes) >= n_layers  # each target read (and the other halves streamed)
+    assert all(r() is None for r in live)
+    assert max(sizes) * n_layers > 4 * max(sizes)  # the model's dense total dwarfs what is held
+
+
+def test_meta_refusals(checkpoint):
+    cfg, path = checkpoint
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    with pytest.raises(ValueError, match="use_dora=True needs the base weights"):
+        qpeft.convert(model, use_dora=True, verbose=False)
+    lin = nn.Linear(64, 32, device="meta")
+    lin.bias = nn.Parameter(torch.zeros(32))
+    with pytest.raises(ValueError, match="bias elsewhere"):
+        qpeft.convert(nn.Sequential(lin), verbose=False)
+    # the checkpoint lacks a tensor the model needs
+    with torch.device("meta"):
+        bigger = transformers.LlamaForCausalLM(_config(num_hidden_layers=3))
+    with pytest.raises(KeyError, match="missing from the checkpoint"):
+        qpeft.load_safetensors(qpeft.convert(bigger, verbose=False), path)
+    with pytest.raises(ValueError, match="checkpoint holds shape"):
+        with torch.device("meta"):
+            wide = transformers.LlamaForCausalLM(_config(intermediate_size=128))
+        qpeft.load_safetensors(qpeft.convert(wide, verbose=False), path)
