@@ -19,12 +19,13 @@ pytest.importorskip("safetensors")
 
 
 def _config(**kw):
-    # K = 64 and 96 (not a multiple of 64 for the MLP's down_proj: intermediate 96) and
-    # partial blocks nowhere: every row count is block-aligned for blocksize 32/64 at K=64
+    # blocksize 64: the attention projections hold 64 or 32 blocks (row shards cut nested
+    # blocks of 256: fp32 shard absmax), the MLP's 512 (2 or 4 shards hold whole nested blocks
+    # at world 2: nested views), so both forms of a double-quantized row range are compared
     base = dict(
         vocab_size=64,
         hidden_size=64,
-        intermediate_size=96,
+        intermediate_size=512,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -81,22 +82,42 @@ def test_convert_on_meta_builds_meta_4bit_layers(checkpoint):
     layer = model.model.layers[0].mlp.down_proj
     assert isinstance(layer, QLoRALinear) and layer.weight.is_meta
     w = layer.weight
-    assert isinstance(w, qpeft.Weight4bit) and w.shape == (64, 96) and w.dtype == torch.float32
-    assert w.quant_state.blocksize == 32 and not w.quant_state.nested and w.packed.shape == (64 * 96 // 2, 1)
+    assert isinstance(w, qpeft.Weight4bit) and w.shape == (64, 512) and w.dtype == torch.float32
+    assert w.quant_state.blocksize == 32 and not w.quant_state.nested and w.packed.shape == (64 * 512 // 2, 1)
     assert model.lm_head.weight.is_meta and not isinstance(model.lm_head, QLoRALinear)  # excluded
 
 
-@pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("method", ["lora", "quantize"])
-def test_meta_convert_then_load_equals_convert_of_loaded_model(checkpoint, double_quant, method):
+@pytest.mark.parametrize(
+    "method,double_quant,quant_type",
+    [("lora", True, "nf4"), ("lora", False, "fp4"), ("ia3", True, "nf4"), ("quantize", False, "nf4")],
+)
+def test_meta_convert_then_load_equals_convert_of_loaded_model(checkpoint, method, double_quant, quant_type):
     cfg, path = checkpoint
-    kw = dict(method=method, double_quant=double_quant, quant_type="nf4")
+    kw = dict(method=method, double_quant=double_quant, quant_type=quant_type)
     ref = _reference(cfg, path, **kw)
     model = qpeft.load_safetensors(_meta(cfg, **kw), path)
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     _assert_equal_weights(model, ref)
     ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # LoRA B = 0: the adapters add nothing, whatever A's draw
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(n for n, p in ref.named_parameters() if p.requires_grad)
+    for m in model.modules():
+        if isinstance(m, loading.LoRAAdapter):  # initialized by the loader: A drawn, B zeros
+            assert m.lora_A.abs().sum() > 0 and not m.lora_B.any() and m.lora_A.device.type == "cpu"
+
+
+def test_meta_plain_lora_without_quantization_loads_dense_bases(checkpoint):
+    cfg, path = checkpoint
+    ref = _reference(cfg, path, quantize=False)
+    model = qpeft.load_safetensors(_meta(cfg, quantize=False), path)
+    dense_ref = {n: p for n, p in ref.named_parameters() if "adapters" not in n}
+    got = dict(model.named_parameters())
+    for n, p in dense_ref.items():
+        assert torch.equal(got[n], p), n
+    ids = torch.arange(10).reshape(2, 5)
+    with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
@@ -123,6 +144,7 @@ def test_row_range_equals_slice_of_whole(checkpoint, double_quant, rank, world):
     ref = _reference(cfg, path, double_quant=double_quant)
     model = qpeft.load_safetensors(_meta(cfg, double_quant=double_quant), path, rows=rows)
     refs = {n: m for n, m in ref.named_modules() if isinstance(m, Linear4bit)}
+    forms = set()
     for n, m in model.named_modules():
         if isinstance(m, Linear4bit):
             r0, r1 = rows(n, m.out_features)
@@ -136,6 +158,9 @@ def test_row_range_equals_slice_of_whole(checkpoint, double_quant, rank, world):
                 assert torch.equal(m.weight.nested_absmax, part.nested_absmax)
                 assert torch.equal(m.weight.offset, part.offset)
             assert torch.equal(m.weight.dequantize(), whole.dequantize()[r0:r1]), n
+            forms.add(part.nested)
+    if double_quant and world == 2:
+        assert forms == {True, False}  # nested views and fp32 shard absmax both compared
 
 
 def test_row_range_inside_a_block_is_refused(checkpoint):
@@ -184,5 +209,5 @@ def test_meta_refusals(checkpoint):
         qpeft.load_safetensors(qpeft.convert(bigger, verbose=False), path)
     with pytest.raises(ValueError, match="checkpoint holds shape"):
         with torch.device("meta"):
-            wide = transformers.LlamaForCausalLM(_config(intermediate_size=128))
+            wide = transformers.LlamaForCausalLM(_config(intermediate_size=256))
         qpeft.load_safetensors(qpeft.convert(wide, verbose=False), path)
