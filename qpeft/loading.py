@@ -118,28 +118,63 @@ def _set_param(owners, name: str, value: torch.Tensor, requires_grad: bool) -> N
         m._parameters[name] = p
 
 
-def _materialize_leftovers(model: nn.Module, device) -> None:
-    """Tensors the checkpoint does not hold: qpeft adapters (initialized as their layers'
-    constructors would: LoRA A by PEFT's init, B zeros; IA3 ones) and non-persistent buffers
-    a module computes from its config (transformers' rotary embeddings: rebuilt by
-    constructing the module again on ``device``)."""
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2), or the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _shard_rows(t: torch.Tensor, key: str) -> tuple[int, int] | None:
+    """The rows [r0, r1) this rank holds of an FSDP2-sharded parameter (``torch.chunk`` on
+    dim 0, as FSDP2 splits it), or None for a plain tensor."""
+    if not hasattr(t, "to_local"):
+        return None
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(t.placements)
+    if len(placements) != 1 or placements[0] != Shard(0):
+        raise NotImplementedError(
+            f"{key}: load_safetensors loads DTensors sharded on dim 0 over a 1-D mesh (FSDP2's "
+            f"fully_shard), not placements {placements}"
+        )
+    rows, world = t.shape[0], t.device_mesh.size()
+    chunk = -(rows // -world)
+    r0 = min(t.device_mesh.get_local_rank() * chunk, rows)
+    return r0, min(r0 + chunk, rows)
+
+
+def _fill(m: nn.Module, name: str, device, init) -> None:
+    """``init`` applied to parameter ``name`` of ``m``: in place on its (local) storage, or on a
+    new tensor on ``device`` when it is still on the meta device."""
+    p = getattr(m, name)
+    with torch.no_grad():
+        if _local(p).is_meta:
+            new = torch.empty(p.shape, device=device, dtype=p.dtype)
+            init(new)
+            m._parameters[name] = nn.Parameter(new, requires_grad=p.requires_grad)
+        else:
+            init(_local(p))
+
+
+def _init_lora_a(init: str, r: int):
+    # LoRAAdapter.__init__'s draws: PEFT's Kaiming-uniform (a = sqrt(5)), or N(0, 1/r); on a
+    # row shard [r / world, in] the fan-in (dim 1) and so the bound are the whole's
+    if init == "default":
+        return lambda t: nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+    return lambda t: nn.init.normal_(t, std=1.0 / r)
+
+
+def _materialize_leftovers(model: nn.Module, was_meta: set, device) -> None:
+    """Tensors the checkpoint does not hold that were on the meta device: qpeft adapters
+    (initialized as their constructors would: LoRA A by PEFT's init, B zeros; IA3 ones) and
+    non-persistent buffers a module computes from its config (transformers' rotary
+    embeddings: rebuilt by constructing the module again on ``device``)."""
     for m in model.modules():
-        if isinstance(m, LoRAAdapter) and m.lora_A.is_meta:
-            init = getattr(m, "_qpeft_init", "default")
-            fresh = LoRAAdapter(
-                m.lora_A.shape[1], m.lora_B.shape[0], m.r, m.alpha, m.dropout_p, init,
-                m.use_rslora, m.use_dora, device, m.lora_A.dtype,
-            )  # fmt: skip
-            for n in ("lora_A", "lora_B"):
-                m._parameters[n] = nn.Parameter(
-                    getattr(fresh, n).data, requires_grad=getattr(m, n).requires_grad
-                )
-        elif isinstance(m, IA3Linear) and m.ia3_l.is_meta:
-            m.ia3_l = nn.Parameter(
-                torch.ones(m.ia3_l.shape, device=device, dtype=m.ia3_l.dtype),
-                requires_grad=m.ia3_l.requires_grad,
-            )
-        meta_buffers = [n for n, b in m.named_buffers(recurse=False) if b is not None and b.is_meta]
+        if isinstance(m, LoRAAdapter) and (id(m), "lora_A") in was_meta:
+            _fill(m, "lora_A", device, _init_lora_a(getattr(m, "_qpeft_init", "default"), m.r))
+            _fill(m, "lora_B", device, lambda t: t.zero_())
+        elif isinstance(m, IA3Linear) and (id(m), "ia3_l") in was_meta:
+            _fill(m, "ia3_l", device, lambda t: t.fill_(1.0))
+        meta_buffers = [n for n, _ in m.named_buffers(recurse=False) if (id(m), n) in was_meta]
         if meta_buffers and hasattr(m, "config") and not any(True for _ in m.parameters(recurse=False)):
             with torch.device(device):
                 fresh = type(m)(m.config)
@@ -182,6 +217,17 @@ def load_safetensors(
     from safetensors import safe_open
 
     device = torch.device(device)
+    was_meta = set()
+    sharded_meta = False
+    for m in model.modules():
+        for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            if t is not None and _local(t).is_meta:
+                was_meta.add((id(m), n))
+                sharded_meta |= hasattr(t, "to_local")
+    if sharded_meta:
+        # FSDP2 (fully_shard on the meta model): its own to_empty allocates every rank's local
+        # shards (4-bit ones in their layers' format, zero) for the loader to copy into
+        model.to_empty(device=device)
     four_bit: dict[str, Linear4bit] = {}
     dense: dict[str, tuple[list[nn.Module], str, torch.Tensor, bool]] = {}
     for mname, m in model.named_modules(remove_duplicate=False):
@@ -224,6 +270,15 @@ def load_safetensors(
                             f"{key}: the checkpoint holds shape {list(shape)}, the model's 4-bit layer "
                             f"[{layer.out_features}, {layer.in_features}]"
                         )
+                    shard = _shard_rows(layer.weight, key)
+                    if shard is not None:  # FSDP2: this rank's rows, copied into its local shard
+                        if rows is not None:
+                            raise ValueError("rows= is for plain tensors; an FSDP2 shard's rows are its own")
+                        local = _local(layer.weight)
+                        w = _quantize_rows(sl, layer, *shard, local.dtype, local.device)
+                        local.copy_(w)
+                        loaded.add(key)
+                        continue
                     r0, r1 = (rows(key, shape[0]) if rows is not None else None) or (0, shape[0])
                     if not 0 <= r0 <= r1 <= shape[0]:
                         raise ValueError(f"{key}: rows ({r0}, {r1}) are not within [0, {shape[0]}]")
@@ -233,12 +288,19 @@ def load_safetensors(
                     loaded.add(key)
                 elif key in dense or key in aliases:
                     owners, name, old, is_buffer = dense[aliases.get(key, key)]
-                    value = f.get_tensor(key)
-                    if tuple(value.shape) != tuple(old.shape):
+                    sl = f.get_slice(key)
+                    if tuple(sl.get_shape()) != tuple(old.shape):
                         raise ValueError(
-                            f"{key}: the checkpoint holds shape {list(value.shape)}, the model {list(old.shape)}"
+                            f"{key}: the checkpoint holds shape {list(sl.get_shape())}, the model {list(old.shape)}"
                         )
-                    value = value.to(device=device, dtype=old.dtype)
+                    shard = _shard_rows(old, key)
+                    if shard is not None:  # FSDP2: this rank's rows into its local shard
+                        local = _local(old)
+                        with torch.no_grad():
+                            local.copy_(sl[shard[0] : shard[1]].to(dtype=local.dtype))
+                        loaded.add(aliases.get(key, key))
+                        continue
+                    value = f.get_tensor(key).to(device=device, dtype=old.dtype)
                     if is_buffer:
                         for m in owners:
                             m._buffers[name] = value
@@ -253,9 +315,9 @@ def load_safetensors(
             f"load_safetensors: missing from the checkpoint: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
             f"in the checkpoint but not the model: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
-    _materialize_leftovers(model, device)
+    _materialize_leftovers(model, was_meta, device)
     if strict:
-        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if _local(t).is_meta]
         if left:
             raise RuntimeError(
                 f"load_safetensors: still on the meta device after loading: {left[:8]}"

@@ -211,3 +211,68 @@ def test_meta_refusals(checkpoint):
         with torch.device("meta"):
             wide = transformers.LlamaForCausalLM(_config(intermediate_size=256))
         qpeft.load_safetensors(qpeft.convert(wide, verbose=False), path)
+
+
+# --- FSDP2: fully_shard on the meta model, then each rank loads its own rows -----------------
+def _fsdp_worker(rank: int, port: int, path: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        cfg = transformers.LlamaConfig.from_pretrained(path)
+
+        def shard(model):
+            for layer in model.model.layers:
+                fully_shard(layer)
+            return fully_shard(model)
+
+        ref = shard(_reference(cfg, path))
+        reads: list[tuple[int, int]] = []
+        real = loading._read_rows
+
+        def counting(sl, r0, r1, dtype, device):
+            reads.append((r0, r1))
+            return real(sl, r0, r1, dtype, device)
+
+        loading._read_rows = counting
+        model = qpeft.load_safetensors(shard(_meta(cfg)), path)
+        loading._read_rows = real
+        # each rank quantized its own half of every 4-bit weight (the other half streamed
+        # in chunks of at most that size, for the nested statistics)
+        assert reads and all(r1 - r0 <= 256 for r0, r1 in reads)
+        got = dict(model.named_parameters())
+        n4 = 0
+        for n, p in ref.named_parameters():
+            local, mine = p.to_local(), got[n].to_local()
+            if "adapters" in n:
+                assert not mine.is_meta and (("lora_B" not in n) or not mine.any()), n
+                continue
+            if isinstance(local, qpeft.Weight4bit):
+                n4 += 1
+                assert isinstance(mine, qpeft.Weight4bit) and torch.equal(mine, local), n  # bytes and stats
+            else:
+                assert torch.equal(mine, local), n
+        assert n4 == 14
+        ids = torch.arange(14).reshape(2, 7) % cfg.vocab_size
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_each_rank_loads_its_rows(checkpoint):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    _, path = checkpoint
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: the ranks inherit the imported torch, transformers and qpeft (spawn re-imports them)
+    mp.start_processes(_fsdp_worker, args=(port, str(path)), nprocs=2, start_method="fork")
