@@ -276,3 +276,16 @@ def test_fsdp2_each_rank_loads_its_rows(checkpoint):
         port = s.getsockname()[1]
     # fork: the ranks inherit the imported torch, transformers and qpeft (spawn re-imports them)
     mp.start_processes(_fsdp_worker, args=(port, str(path)), nprocs=2, start_method="fork")
+
+
+def test_tied_embeddings_load_once_and_stay_tied(tmp_path):
+    cfg = _config(tie_word_embeddings=True)
+    torch.manual_seed(3)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    ref = _reference(cfg, tmp_path)
+    model = qpeft.load_safetensors(_meta(cfg), tmp_path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    _assert_equal_weights(model, ref)
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
