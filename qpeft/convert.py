@@ -333,6 +333,10 @@ def convert(
     (:class:`ConversionSummary`) is stored as ``model.qpeft_summary`` and printed when
     ``verbose``. ``progress``: a stderr progress bar (default: when stderr is a terminal
     and more than 16 layers are converted).
+
+    On a model built on the meta device the layers are built with meta 4-bit weights (shapes
+    and formats, no values) for ``qpeft.load_safetensors`` to fill; DoRA is refused there
+    (docs/distributed.md, "Loading on the meta device").
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert needs a torch.nn.Module, got {type(model).__name__}")
