@@ -217,13 +217,21 @@ def load_safetensors(
     from safetensors import safe_open
 
     device = torch.device(device)
-    was_meta = set()
+    was_meta, real = set(), []
     sharded_meta = False
-    for m in model.modules():
+    for mname, m in model.named_modules():
         for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
             if t is not None and _local(t).is_meta:
                 was_meta.add((id(m), n))
                 sharded_meta |= hasattr(t, "to_local")
+            elif t is not None:
+                real.append(f"{mname}.{n}" if mname else n)
+    if sharded_meta and real:
+        raise ValueError(
+            f"an FSDP2-sharded meta model is loaded through its to_empty, which would discard the tensors "
+            f"already materialized ({real[:4]}{' ...' if len(real) > 4 else ''}): shard a model that is "
+            "wholly on the meta device"
+        )
     if sharded_meta:
         # FSDP2 (fully_shard on the meta model): its own to_empty allocates every rank's local
         # shards (4-bit ones in their layers' format, zero) for the loader to copy into

@@ -261,6 +261,11 @@ def _fsdp_worker(rank: int, port: int, path: str) -> None:
         ids = torch.arange(14).reshape(2, 7) % cfg.vocab_size
         with torch.no_grad():
             assert torch.equal(model(ids).logits, ref(ids).logits)
+        # to_empty would wipe a tensor already materialized: refused, naming it
+        part = _meta(cfg)
+        part.model.rotary_emb.inv_freq = torch.ones(part.model.rotary_emb.inv_freq.shape)
+        with pytest.raises(ValueError, match="model.rotary_emb.inv_freq"):
+            qpeft.load_safetensors(shard(part), path)
     finally:
         dist.destroy_process_group()
 
