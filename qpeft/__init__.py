@@ -14,6 +14,7 @@ from . import (
 from ._dispatch import BackendUnavailableError, available_backends, current_backend, use_backend
 from ._native import CudaFallbackWarning, ReferenceFallbackWarning, cpu_info
 from .convert import add_adapter, convert, disable_adapters, merge_adapters, set_adapter, unmerge_adapters
+from .loading import load_safetensors
 from .quant_state import QuantState
 from .serialization import load_adapter, load_quantized, save_adapter, save_quantized
 from .weight4bit import Weight4bit
@@ -34,6 +35,7 @@ __all__ = [
     "functional",
     "load_adapter",
     "load_quantized",
+    "load_safetensors",
     "merge_adapters",
     "nn",
     "optim",

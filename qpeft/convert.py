@@ -206,17 +206,63 @@ def _targets(model: nn.Module, target_modules, exclude) -> dict[int, tuple[nn.Li
     return chosen
 
 
-def _refuse_meta(targets: dict[int, tuple[nn.Linear, list[str]]]) -> None:
-    # Quantizing needs the weight's values (the absmax of each block, the finiteness
-    # check); a meta tensor has none, and torch's own error ("Tensor.item() cannot be
-    # called on meta tensors") does not say which layer or what to do.
+def _refuse_meta(targets: dict[int, tuple[nn.Linear, list[str]]], method: str, options) -> None:
+    # A meta model converts to meta 4-bit layers (shapes and formats, no values) that
+    # qpeft.load_safetensors fills (docs/distributed.md, "Loading on the meta device"). What
+    # needs the weight's values at conversion is refused: DoRA's magnitude starts at the row
+    # norms of the base weight, and a layer half on the meta device would be quantized from
+    # its real values into a layer the loader then overwrites.
     meta = [names[0] for linear, names in targets.values() if linear.weight.device.type == "meta"]
-    if meta:
+    if not meta:
+        return
+    listed = f"{', '.join(meta[:5])}{' ...' if len(meta) > 5 else ''}"
+    if method == "lora" and options.get("use_dora"):
         raise ValueError(
-            f"meta tensors are not supported: {', '.join(meta[:5])}{' ...' if len(meta) > 5 else ''} "
-            "hold their weights on the meta device, which has no values to quantize; materialize the "
-            "model first (model.to_empty(device=...) then load its weights), or pass quantize=False"
+            f"use_dora=True needs the base weights' values (DoRA's magnitude starts at their row norms), but "
+            f"{listed} hold their weights on the meta device; load the weights first (or convert without "
+            "DoRA, then load with qpeft.load_safetensors)"
         )
+    partial = [
+        names[0]
+        for linear, names in targets.values()
+        if linear.weight.device.type == "meta"
+        and linear.bias is not None
+        and linear.bias.device.type != "meta"
+    ]
+    if partial:
+        raise ValueError(
+            f"{', '.join(partial[:5])} hold their weight on the meta device but their bias elsewhere: "
+            "build the whole model on the meta device (with torch.device('meta'): ...) or materialize it"
+        )
+
+
+def _build_meta(linear: nn.Linear, method: str, r, alpha, dropout, adapter_name: str, options) -> nn.Module:
+    """The layer ``_build`` makes, with a meta-device 4-bit weight of the right shape, dtype and
+    format (no values; qpeft.load_safetensors fills it). Adapters are built on the meta device
+    too; the loader initializes them (``_qpeft_init`` records PEFT's init to apply)."""
+    opts = dict(options)
+    quant = {
+        k: opts.pop(k) for k in ("quant_type", "blocksize", "double_quant", "compute_dtype") if k in opts
+    }
+    dtype = linear.weight.dtype if linear.weight.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    base = Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        device="meta",
+        dtype=dtype,
+        **quant,
+    )
+    if linear.bias is not None and linear.bias.dtype != dtype:
+        base.bias = nn.Parameter(torch.empty_like(linear.bias), requires_grad=False)
+    if method == "lora":
+        layer = QLoRALinear(base, adapter_name, r, alpha, dropout, **opts)
+        for ad in layer.adapters.values():
+            ad._qpeft_init = opts.get("init", "default")
+        return layer
+    if method == "ia3":
+        return IA3Linear(base)
+    return base
 
 
 class _Progress:
@@ -245,6 +291,8 @@ class _Progress:
 def _build(
     linear: nn.Linear, method: str, r, alpha, dropout, quantize: bool, adapter_name: str, options
 ) -> nn.Module:
+    if quantize and linear.weight.device.type == "meta":
+        return _build_meta(linear, method, r, alpha, dropout, adapter_name, options)
     if method == "lora":
         return QLoRALinear.from_linear(
             linear, r, alpha, dropout, quantize, adapter_name=adapter_name, **options
@@ -285,6 +333,10 @@ def convert(
     (:class:`ConversionSummary`) is stored as ``model.qpeft_summary`` and printed when
     ``verbose``. ``progress``: a stderr progress bar (default: when stderr is a terminal
     and more than 16 layers are converted).
+
+    On a model built on the meta device the layers are built with meta 4-bit weights (shapes
+    and formats, no values) for ``qpeft.load_safetensors`` to fill; DoRA is refused there
+    (docs/distributed.md, "Loading on the meta device").
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert needs a torch.nn.Module, got {type(model).__name__}")
@@ -304,7 +356,7 @@ def convert(
     t0 = time.perf_counter()
     targets = _targets(model, target_modules, exclude)
     if quantize:
-        _refuse_meta(targets)
+        _refuse_meta(targets, method, options)
     before = weight_bytes(model)
     flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
     show = progress if progress is not None else (sys.stderr.isatty() and len(targets) > 16)

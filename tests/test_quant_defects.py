@@ -174,9 +174,13 @@ def test_all_linear_convert_after_partial_convert_converts_the_rest():
     assert isinstance(model[2], qpeft.nn.QLoRALinear)
 
 
-def test_convert_refuses_meta_with_a_clear_error():
-    with pytest.raises(ValueError, match="meta tensors are not supported: 0, 2"):
-        qpeft.convert(_mlp(device="meta"), verbose=False)
+def test_convert_on_meta_builds_meta_4bit_layers_and_refuses_dora():
+    # a meta model converts to meta 4-bit layers (qpeft.load_safetensors fills them:
+    # tests/test_meta_load.py); DoRA needs the base weights' values and is refused
+    model = qpeft.convert(_mlp(device="meta"), verbose=False)
+    assert isinstance(model[0].weight, qpeft.Weight4bit) and model[0].weight.is_meta
+    with pytest.raises(ValueError, match="use_dora=True needs the base weights"):
+        qpeft.convert(_mlp(device="meta"), use_dora=True, verbose=False)
 
 
 @pytest.mark.parametrize("alpha", ["16", True, None, float("nan")])
