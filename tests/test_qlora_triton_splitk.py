@@ -3,7 +3,7 @@
 
 Under the interpreter the tiles are 16 x 16 x 64 (BLOCK_M, BLOCK_N, BLOCK_K), so K = 192 is
 3 K tiles for the forward and N = 45 is 3 N tiles (the last partial) for dx: split 3 ways,
-each split runs one loop tile. M = 17, 33, 64 cover partial and whole M tiles.
+each split runs one loop tile. M = 17, 33, 40: 2 and 3 M tiles, the last partial (the split path runs at M <= 64).
 
 Bounds: the fp64 oracle's (qpeft/testing.py ``oracle``) hold for any summation order. Its
 base term (k + 2) u |x||W| (dx: (n + 2) u |dy'||W|) is Higham's gamma bound for a sum of k
@@ -92,19 +92,23 @@ CASES = [
     ((torch.bfloat16, 17, 45, 192, 8, "nf4", True, 64, True, True, True), True),
     ((torch.float16, 33, 45, 192, 4, "fp4", False, 64, True, False, False), False),
     # K % blocksize != 0: quant blocks straddle rows (the per-element fp32 decode path)
-    ((torch.bfloat16, 64, 45, 150, 16, "nf4", True, 32, False, True, False), True),
+    ((torch.bfloat16, 40, 45, 150, 16, "nf4", True, 32, False, True, False), True),
 ]
+
+
+def _setup(case, lora):
+    p = _problem(case, seed=case[1])
+    if not lora:  # no adapter: the oracle with zero LoRA weights is the base GEMM
+        p["a"], p["b"], p["rank_scale"] = torch.zeros_like(p["a"]), torch.zeros_like(p["b"]), None
+    return p
 
 
 @pytest.mark.parametrize(
     "case,lora", CASES, ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple) else None
 )
-def test_split_matches_oracle_deterministic_and_unsplit(case, lora):
-    dt = case[0]
-    p = _problem(case, seed=case[1])
-    if not lora:  # no adapter: the oracle with zero LoRA weights is the base GEMM
-        p["a"], p["b"], p["rank_scale"] = torch.zeros_like(p["a"]), torch.zeros_like(p["b"]), None
-    ref = _oracle(p, dt)
+def test_split_matches_oracle(case, lora):
+    p = _setup(case, lora)
+    ref = _oracle(p, case[0])
     y3, xa3 = _fwd(p, lora, 3)
     dx3, g3 = _dx(p, lora, 3)
     assert_within(y3, *ref["y"], "y split 3")
@@ -114,18 +118,19 @@ def test_split_matches_oracle_deterministic_and_unsplit(case, lora):
         dyp, b = _dyp(p).double(), p["b"].double()
         n = b.shape[0]
         assert_within(g3, dyp @ b, n * U32 * (dyp.abs() @ b.abs()), "g split 3")  # fp32 g, depth <= n
-    # deterministic: a second run is the same bits (fixed-order reduction, no atomics)
-    y3b, xa3b = _fwd(p, lora, 3)
-    dx3b, g3b = _dx(p, lora, 3)
-    for got, again in ((y3, y3b), (xa3, xa3b), (dx3, dx3b), (g3, g3b)):
-        assert_bits_equal(again, got)
-    # one split is the unsplit kernel bit for bit (same loop, same epilogue operations)
-    y1, xa1 = _fwd(p, lora, 1)
-    y0, xa0 = _fwd(p, lora, 0)
-    dx1, g1 = _dx(p, lora, 1)
-    dx0, g0 = _dx(p, lora, 0)
-    for got, unsplit in ((y1, y0), (xa1, xa0), (dx1, dx0), (g1, g0)):
-        assert_bits_equal(got, unsplit)
+
+
+@pytest.mark.parametrize("run,case,lora", [(_fwd, *CASES[0]), (_dx, *CASES[1])], ids=["fwd", "dx"])
+def test_split_is_deterministic_and_one_split_is_unsplit(run, case, lora):
+    p = _setup(case, lora)
+    out3, side3 = run(p, lora, 3)
+    again3, again_side3 = run(p, lora, 3)  # fixed-order reduction, no atomics: same bits
+    assert_bits_equal(again3, out3)
+    assert_bits_equal(again_side3, side3)
+    out1, side1 = run(p, lora, 1)  # one split: the same loop and epilogue operations
+    out0, side0 = run(p, lora, 0)
+    assert_bits_equal(out1, out0)
+    assert_bits_equal(side1, side0)
 
 
 def test_split_count_and_plan():

@@ -22,6 +22,9 @@ launchers take contiguous-or-strided torch tensors and return new ones.
 Configs: each launch runs its shape regime's default config (``default_config``: M <= 16
 or larger, LoRA rank bucket), with no autotuning unless QPEFT_TRITON_AUTOTUNE=1, which
 autotunes over the regime's table (docs/design.md, "Triton configs").
+At M <= SPLIT_M (64), when the output tiles do not fill the SMs, the split schedule runs
+instead: the loop range is split across programs, fp32 partials are reduced in a fixed
+order by a second kernel that also runs the epilogue (``_split_plan``, below).
 
 Interpreter (TRITON_INTERPRET=1, CPU): one small fixed config (never autotuned),
 and ``UPCAST`` turns bf16 tiles into fp32 before ``tl.dot`` (the interpreter's bf16
@@ -1180,8 +1183,8 @@ def qlora_split_reduce_kernel(
 #   64x64x32 (64x64x64, 4 words per thread, needs 24 B of stack on sm_80).
 # - Small M (decode, M <= 16), forward 16x32x128, 4 warps: GEMV-shaped. BM = 16 is the
 #   tl.dot minimum, so each W element is decoded exactly once; N / 32 = 128 programs at
-#   N = 4096 fill an H100's 132 SMs without split-K, so the result is deterministic and
-#   needs no fp32 scratch or atomics; BK = 128 gives each program 2 KiB of packed W per
+#   N = 4096 (fewer than an H100's 132 SMs: the launchers then run these tiles in the
+#   split schedule, _FWD_SPLIT_CONFIGS, with a deterministic reduction); BK = 128 gives each program 2 KiB of packed W per
 #   step (4 words per thread). r > 64: 16x32x32 (the [BK, 256] A tile is the bulk of
 #   the step; 16x32x128 spills, 16x128x32 would leave 32 programs at N = 4096).
 #   No warp repeats another's MMAs (mma_macs_ratio 1 in benchmarks/results/sass_report.md):
@@ -1234,7 +1237,8 @@ _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 2}
 # 128 padded rows' worth of MMAs. The BM = 32 tiles are wide (BLOCK_N, dx: BLOCK_K, = 64 >
 # BM) and their LoRA tile is too (block_r: BLOCK_R >= 64), so Triton lays the chained dots
 # out with the warps along N (no warp repeats another's MMAs; mma_macs_ratio in
-# benchmarks/results/sass_report.md).
+# benchmarks/results/sass_report.md). All compile spill-free for sm_80/sm_90 (the report);
+# dx at BM = 32 with a [128, 64] W step (32x128x64) or 4 warps at r > 64 spilled.
 SPLIT_M = 64
 _FWD_SPLIT_CONFIGS = {
     (16, "lo"): [_cfg(16, 32, 128, 4, 3)],
@@ -1245,8 +1249,8 @@ _FWD_SPLIT_CONFIGS = {
 _DX_SPLIT_CONFIGS = {
     (16, "lo"): [_cfg(16, 128, 32, 4, 3)],
     (16, "hi"): [_cfg(16, 64, 32, 4, 3)],
-    (32, "lo"): [_cfg(32, 128, 64, 4, 3)],
-    (32, "hi"): [_cfg(32, 64, 64, 4, 3)],
+    (32, "lo"): [_cfg(32, 64, 64, 4, 3)],
+    (32, "hi"): [_cfg(32, 64, 64, 8, 3)],
 }
 MIN_SPLIT_TILES = 4  # loop tiles per split at least (each split amortizes its prologue/epilogue)
 INTERPRET_SMS = 132  # nominal SM count (H100/H200 SXM) for the heuristic under the interpreter
@@ -1824,4 +1828,72 @@ AOT_CONFIGS = [
     _aot_entry(kernel_name, regime, 0, has_lora=False)
     for kernel_name in ("fwd", "dx")
     for regime in (("small", "lo"), ("large", "lo"))
+]
+
+_SPLIT_ARGS = {
+    "fwd": [("x_ptr", "*{dt}")] + _FWD_ARGS[1:7] + [("a_ptr", "*{dt}")],
+    "dx": [("dy_ptr", "*{dt}")] + _DX_ARGS[1:7] + [("b_ptr", "*{dt}")],
+}
+_SPLIT_STRIDES = {
+    "fwd": _FWD_STRIDES[:4],
+    "dx": [_DX_STRIDES[0], _DX_STRIDES[1], _DX_STRIDES[4], _DX_STRIDES[5]],
+}
+
+
+def _aot_split_entry(kernel_name: str, bm: int, r: int, dtype: str = "bf16") -> dict:
+    """The split kernel's default config at tile height ``bm`` (16: M <= 16, 32: M = 17..64)
+    for rank r, as an AOT description: bf16, NF4 with double quantization, blocksize 64, the
+    register decode; hints as ``_aot_entry`` (TILES_PER_SPLIT, like M, not divisible)."""
+    br = block_r_split(r, bm)
+    table = _FWD_SPLIT_CONFIGS if kernel_name == "fwd" else _DX_SPLIT_CONFIGS
+    cfg = table[(bm, "lo" if br <= 64 else "hi")][0]
+    fn = qlora_fwd_split_kernel if kernel_name == "fwd" else qlora_dx_split_kernel
+    signature = {name: t.format(dt=dtype, am="u8") for name, t in _SPLIT_ARGS[kernel_name]}
+    signature.update(
+        part_ptr="*fp32", lpart_ptr="*fp32", M="i32", N="i32", K="i32", R="i32", TILES_PER_SPLIT="i32"
+    )
+    constexprs = {}
+    for name, t in _SPLIT_STRIDES[kernel_name]:
+        signature[name] = "constexpr" if t == 1 else t
+        if t == 1:
+            constexprs[name] = 1
+    constexprs.update(
+        BLOCKSIZE=64,
+        NESTED_BLOCKSIZE=256,
+        NESTED=True,
+        ALIGNED=True,
+        LUT=dtype in ("bf16", "fp16"),
+        HAS_LORA=True,
+        UPCAST=False,
+        IEEE=dtype == "fp32",
+        ASM=True,
+        BLOCK_R=br,
+        **{key: cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
+    )
+    for name in constexprs:
+        signature[name] = "constexpr"
+    signature = {name: signature[name] for name in fn.arg_names}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*")
+        or (signature[name] == "i32" and name not in ("M", "R", "TILES_PER_SPLIT"))
+        or (name == "R" and r % 16 == 0)
+    }
+    return {
+        "name": f"qlora_{kernel_name}_split{bm}M_r{r}_{dtype}",
+        "fn": fn,
+        "signature": signature,
+        "constexprs": constexprs,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+        "attrs": attrs,
+    }
+
+
+AOT_CONFIGS += [  # the split schedule (M <= SPLIT_M): both tile heights, both rank buckets
+    _aot_split_entry(kernel_name, bm, r)
+    for kernel_name in ("fwd", "dx")
+    for bm in (16, 32)
+    for r in (16, 256)
 ]
