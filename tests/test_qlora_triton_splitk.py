@@ -120,8 +120,11 @@ def test_split_matches_oracle(case, lora):
         assert_within(g3, dyp @ b, n * U32 * (dyp.abs() @ b.abs()), "g split 3")  # fp32 g, depth <= n
 
 
-@pytest.mark.parametrize("run,case,lora", [(_fwd, *CASES[0]), (_dx, *CASES[1])], ids=["fwd", "dx"])
-def test_split_is_deterministic_and_one_split_is_unsplit(run, case, lora):
+@pytest.mark.parametrize("run", [_fwd, _dx], ids=["fwd", "dx"])
+def test_split_is_deterministic_and_one_split_is_unsplit(run):
+    # the M = 40 case (LoRA, nested absmax, quant blocks straddling rows): its per-element
+    # decode is the fast one under the interpreter; the reduction does not depend on the decode
+    case, lora = CASES[2]
     p = _setup(case, lora)
     out3, side3 = run(p, lora, 3)
     again3, again_side3 = run(p, lora, 3)  # fixed-order reduction, no atomics: same bits
