@@ -156,3 +156,59 @@ def test_split_count_and_plan():
         cfg, _, _, _, splits, tps = kern._split_plan(name, 1, c, loop, 8, cpu, split)
         loop_tiles = -(-loop // cfg["BLOCK_K" if name == "fwd" else "BLOCK_N"])
         assert splits <= split and (splits - 1) * tps < loop_tiles <= splits * tps  # forced, none empty
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: records each launch's grid and arguments."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.launches.append((grid, args, kwargs))
+
+        return run
+
+
+@pytest.mark.parametrize(
+    ("m", "r", "split_grid", "br"),
+    [
+        (32, 16, (64, 5), 64),
+        (64, 16, (128, 3), 64),
+        (1, 8, (128, 3), 32),
+        (65, 16, None, 16),
+        (40, 128, (128, 3), 128),
+    ],
+)
+def test_launch_decisions_as_on_a_gpu(monkeypatch, m, r, split_grid, br):
+    """With the interpreter off and recording kernels (nothing compiled or run): M = 32,
+    N = K = 4096 on 132 SMs runs the split kernels (32x64 tiles: 64 programs, 5 splits of
+    7 K tiles) then the reduction over the 64 output tiles; M > 64 the unsplit kernel."""
+    kern = _kernels()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rec = {
+        name: _Recorder()
+        for name in ("qlora_fwd_kernel", "qlora_fwd_split_kernel", "qlora_split_reduce_kernel")
+    }
+    for name, r_ in rec.items():
+        monkeypatch.setattr(kern, name, r_)
+    n = k = 4096
+    x = torch.zeros(m, k, dtype=torch.bfloat16, device="cpu")
+    packed = torch.zeros(n * k // 2, dtype=torch.uint8, device="cpu")
+    absmax = torch.ones(n * k // 64, device="cpu")
+    a, b = torch.zeros(r, k, device="cpu"), torch.zeros(n, r, device="cpu")
+    kern.qlora_forward(
+        x, packed, absmax, None, None, None, torch.zeros(16, device="cpu"), 64, 256, n, k, a, b, 1.0
+    )
+    if split_grid is None:
+        assert not rec["qlora_fwd_split_kernel"].launches and len(rec["qlora_fwd_kernel"].launches) == 1
+        assert rec["qlora_fwd_kernel"].launches[0][2]["BLOCK_R"] == br
+        return
+    assert not rec["qlora_fwd_kernel"].launches
+    (grid, args, kwargs) = rec["qlora_fwd_split_kernel"].launches[0]
+    assert grid == split_grid and kwargs["BLOCK_R"] == br and "GROUP_M" not in kwargs
+    tps = args[14]  # TILES_PER_SPLIT
+    assert (grid[1] - 1) * tps < k // kwargs["BLOCK_K"] <= grid[1] * tps
+    (rgrid, rargs, rkwargs) = rec["qlora_split_reduce_kernel"].launches[0]
+    assert rgrid == (grid[0],) and rargs[11] == grid[1] and rkwargs["BLOCK_R"] == br  # SPLITS
