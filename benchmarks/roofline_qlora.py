@@ -2,9 +2,11 @@
 
     python -m benchmarks.roofline_qlora [--no-aot] [--out benchmarks/roofline_qlora.md]
 
-Writes benchmarks/roofline_qlora.md: for M in {1, 16, 4096}, K = N = 4096, r = 16 on an
-H100 SXM (peaks assumed below), the bytes and FLOPs of the fused Triton forward
-(qpeft.triton_kernels.qlora.qlora_fwd_kernel) with the tile config its launcher uses,
+Writes benchmarks/roofline_qlora.md: for M in {1, 16, 32, 64, 4096}, K = N = 4096, r = 16
+on an H100 SXM (peaks assumed below), the bytes and FLOPs of the fused Triton forward
+(qpeft.triton_kernels.qlora.qlora_fwd_kernel, or at small M the split schedule
+qlora_fwd_split_kernel + qlora_split_reduce_kernel) with the tile config and split count
+its launcher uses on 132 SMs,
 the predicted time max(bytes / HBM, MMA FLOPs / tensor peak, main-loop instructions /
 issue rate), and the ratio to a bf16 cuBLAS GEMM on the unquantized weight. The
 instructions per decoded W element are counted in the sm_90 SASS of the launcher's
@@ -39,14 +41,33 @@ K = N = 4096
 R = 16
 BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
-MS = (1, 16, 4096)
+MS = (1, 16, 32, 64, 4096)
+SMS = 132  # H100 SXM
 
 
-def _tile(m: int) -> dict:
-    """The launcher's default forward config for this M (first entry of its table)."""
+def _plan(m: int):
+    """The launcher's split plan at this M on SMS SMs (None: the unsplit kernel)."""
+    import torch
+
     from qpeft.backends.triton.qlora import _kernels
 
     kern = _kernels()
+    kern._sm_count.cache_clear()
+    assert kern.INTERPRET_SMS == SMS  # a CPU device stands for the H100 in the plan
+    return kern._split_plan("fwd", m, N, K, R, torch.device("cpu"), None)
+
+
+def _tile(m: int) -> dict:
+    """The launcher's forward config for this M: the split table's (with its split count)
+    or the first entry of the regime's table."""
+    from qpeft.backends.triton.qlora import _kernels
+
+    kern = _kernels()
+    plan = _plan(m)
+    if plan is not None:
+        cfg, warps, stages, br, splits, _ = plan
+        return {**{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}, "num_warps": warps,
+                "num_stages": stages, "BLOCK_R": br, "splits": splits}  # fmt: skip
     cfg = kern._FWD_CONFIGS[kern._regime(m, kern.block_r(R, m))][0]
     return {
         "BLOCK_M": cfg.kwargs["BLOCK_M"],
@@ -54,6 +75,8 @@ def _tile(m: int) -> dict:
         "BLOCK_K": cfg.kwargs["BLOCK_K"],
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
+        "BLOCK_R": kern.block_r(R, m),
+        "splits": 1,
     }
 
 
@@ -64,8 +87,11 @@ def dequant_cost(m: int, report: Path = REPORT) -> dict:
     from qpeft.backends.triton.qlora import _kernels
 
     kern = _kernels()
-    regime = kern._regime(m, kern.block_r(R, m))
-    name = f"qlora_fwd_{regime[0]}M_r{R}_bf16"
+    tile = _tile(m)
+    if _plan(m) is not None:
+        name = f"qlora_fwd_split{tile['BLOCK_M']}M_r{R}_bf16"
+    else:
+        name = f"qlora_fwd_{kern._regime(m, kern.block_r(R, m))[0]}M_r{R}_bf16"
     records = json.loads(report.read_text())
     found = [r for r in records if r["name"] == name and r["arch"] == ARCH]
     if len(found) != 1:
@@ -73,8 +99,7 @@ def dequant_cost(m: int, report: Path = REPORT) -> dict:
             f"{report}: {len(found)} records named {name} for sm_{ARCH}; regenerate the report"
         )
     rec = found[0]
-    tile = _tile(m)
-    expect = f"{tile['BLOCK_M']}x{tile['BLOCK_N']}x{tile['BLOCK_K']} r{kern.block_r(R, m)} w{tile['num_warps']} s{tile['num_stages']}"
+    expect = f"{tile['BLOCK_M']}x{tile['BLOCK_N']}x{tile['BLOCK_K']} r{tile['BLOCK_R']} w{tile['num_warps']} s{tile['num_stages']}"
     if rec["config"] != expect:
         raise RuntimeError(
             f"{report}: {name} is {rec['config']!r}, the launcher runs {expect!r}; regenerate it"
@@ -90,12 +115,14 @@ def estimate(m: int, tile: dict) -> dict:
         N * K // BLOCKSIZE + 4 * (N * K // BLOCKSIZE // NESTED_BLOCKSIZE) + 4
     )  # uint8 codes + fp32 nested
     act = 2 * (m * K + R * K + N * R + m * N + m * R)  # x, A, B, y, xa (bf16), each once
-    fused_bytes = w_bytes + absmax_bytes + act
+    splits = tile["splits"]
+    # split schedule: fp32 partials [S, M, N] and [S, M, R] written once and read once
+    workspace = 0 if splits == 1 else 2 * 4 * splits * m * (N + R)
+    fused_bytes = w_bytes + absmax_bytes + act + workspace
     # MMA work as issued: M padded to BLOCK_M, r to BLOCK_R (at least 32 at small M: block_r);
     # x @ A^T recomputed by each of the n_tiles programs.
-    from qpeft.backends.triton.qlora import _kernels
 
-    mp, br = m_tiles * bm, _kernels().block_r(R, m)
+    mp, br = m_tiles * bm, tile["BLOCK_R"]
     mma_flops = 2 * mp * N * K + 2 * mp * K * br * n_tiles + 2 * mp * br * N
     decodes = N * K * m_tiles  # every M-tile program decodes the whole W once
     cost = dequant_cost(m)
@@ -113,7 +140,9 @@ def estimate(m: int, tile: dict) -> dict:
         "mma_flops": mma_flops,
         "useful_flops": 2 * m * N * K + 2 * m * K * R + 2 * m * R * N,
         "decodes": decodes,
-        "programs": m_tiles * n_tiles,
+        "programs": m_tiles * n_tiles * splits,
+        "splits": splits,
+        "workspace": workspace,
         "t_mem": t_mem,
         "t_mma": t_mma,
         "t_alu": t_alu,
@@ -138,12 +167,21 @@ from qpeft.backends.triton.qlora import _kernels
 kern = _kernels()
 cuobj = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 rows = []
+jobs = []
 for name, table in (("fwd", kern._FWD_CONFIGS), ("dx", kern._DX_CONFIGS)):
     for regime, configs in table.items():
         r = 64 if regime[1] == "lo" else 256
         for i, cfg in enumerate(configs):
             entry = kern._aot_entry(name, regime, r)
-            constexprs = dict(entry["constexprs"], **cfg.kwargs)
+            jobs.append((name, "/".join(regime), r, i, cfg, entry, dict(entry["constexprs"], **cfg.kwargs)))
+for name, table in (("fwd", kern._FWD_SPLIT_CONFIGS), ("dx", kern._DX_SPLIT_CONFIGS)):
+    for (bm, bucket), configs in table.items():
+        r = 64 if bucket == "lo" else 256
+        for i, cfg in enumerate(configs):
+            entry = kern._aot_split_entry(name, bm, r)
+            tiles = {k: cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+            jobs.append((name, f"split{bm}/{bucket}", r, i, cfg, entry, dict(entry["constexprs"], **tiles)))
+for name, regime, r, i, cfg, entry, constexprs in jobs:
             for arch in (80, 90):
                 src = ASTSource(entry["fn"], entry["signature"], constexprs, entry["attrs"])
                 k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -154,7 +192,7 @@ for name, table in (("fwd", kern._FWD_CONFIGS), ("dx", kern._DX_CONFIGS)):
                                           text=True, check=True).stdout
                 line = next(l for l in dump.splitlines() if "REG:" in l).split()
                 res = dict(item.split(":", 1) for item in line if ":" in item)
-                rows.append({"kernel": name, "regime": "/".join(regime), "r": r, "default": i == 0,
+                rows.append({"kernel": name, "regime": regime, "r": r, "default": i == 0,
                              "tile": [cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")],
                              "warps": cfg.num_warps, "stages": cfg.num_stages, "arch": f"sm_{arch}",
                              "reg": int(res["REG"]), "stack": int(res["STACK"]), "local": int(res["LOCAL"]),
@@ -218,18 +256,22 @@ def markdown(rows: list[dict], aot: list[dict] | None) -> str:
         "i.e. perfect overlap of the three; every operand crosses HBM once (L2 absorbs re-reads of x, A, B "
         "and absmax across programs). Issued MMA FLOPs pad M to BLOCK_M and include x @ A^T recomputed by "
         "each of the N / BLOCK_N programs (r / BLOCK_N extra work). Each M-tile program decodes all of W "
-        "once: decodes = N x K x ceil(M / BLOCK_M). Baseline: a bf16 cuBLAS GEMM on the unquantized W "
+        "once: decodes = N x K x ceil(M / BLOCK_M). At M <= 64, when the N-tiles do not fill the 132 SMs, "
+        'the launcher runs the split schedule (docs/design.md, "Triton configs"): K is split S ways '
+        "(programs = M-tiles x N-tiles x S), the fp32 partials cross HBM twice (the workspace column), and "
+        "the second (reduction) kernel's launch and tail are not modelled. Baseline: a bf16 cuBLAS GEMM on the unquantized W "
         "(2 bytes/param) at the same peaks, max(bytes / HBM, 2MNK / peak), without the LoRA path.",
         "",
-        "| M | tile (BM x BN x BK, warps, stages) | fused bytes | issued MMA GFLOP | W decodes (M) "
+        "| M | tile (BM x BN x BK, warps, stages) | K splits | programs | fused bytes (fp32 workspace) "
+        "| issued MMA GFLOP | W decodes (M) "
         "| HBM us | MMA us | issue us | fused us (bound) | cuBLAS bf16 bytes | cuBLAS us | predicted speedup |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for e in rows:
         t = e["tile"]
         lines.append(
             f"| {e['m']} | {t['BLOCK_M']}x{t['BLOCK_N']}x{t['BLOCK_K']}, {t['num_warps']}, {t['num_stages']} "
-            f"| {e['fused_bytes'] / 1e6:.2f} MB | {e['mma_flops'] / 1e9:.2f} | {e['decodes'] / 1e6:.1f} "
+            f"| {e['splits']} | {e['programs']} | {e['fused_bytes'] / 1e6:.2f} MB ({e['workspace'] / 1e6:.3f} MB) | {e['mma_flops'] / 1e9:.2f} | {e['decodes'] / 1e6:.1f} "
             f"| {_us(e['t_mem'])} | {_us(e['t_mma'])} | {_us(e['t_alu'])} | {_us(e['fused'])} ({e['bound']}) "
             f"| {e['base_bytes'] / 1e6:.1f} MB | {_us(e['t_base'])} | {e['ratio']:.2f}x |"
         )
@@ -243,7 +285,9 @@ def markdown(rows: list[dict], aot: list[dict] | None) -> str:
         f"it is predicted {small['bound']}-bound at {small['ratio']:.2f}x of cuBLAS -- and issue at one "
         "warp-instruction per scheduler per cycle is itself optimistic: the grid is "
         f"{small['programs']} CTAs of {small['cost']['threads'] // 32} warps for 132 SMs (occupancy would allow "
-        f"{small['cost']['ctas_per_sm']} per SM), so about one warp per scheduler. At "
+        f"{small['cost']['ctas_per_sm']} per SM), so about "
+        f"{small['programs'] * small['cost']['threads'] / 32 / (132 * 4):.1f} warps per scheduler ({small['splits']} K "
+        "splits), few to hide latency. At "
         f"M = {large['m']} the fused kernel issues {large['mma_flops'] / large['base_flops'] - 1:.1%} more MMA "
         f"work than the GEMM (x @ A^T recomputed per N-tile plus the LoRA up-projection) and "
         f"{large['cost']['sass_per_elem']:g} instructions per W element per M-tile ({_us(large['t_alu'])} us of "

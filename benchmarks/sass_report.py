@@ -526,6 +526,8 @@ def analyze(
 W_POINTER = {
     "qlora_fwd_kernel": "packed_ptr",
     "qlora_dx_kernel": "packed_ptr",
+    "qlora_fwd_split_kernel": "packed_ptr",
+    "qlora_dx_split_kernel": "packed_ptr",
     "dequantize_4bit_kernel": "packed_ptr",
     "dequantize_4bit_nested_kernel": "packed_ptr",
     "dequantize_blockwise_kernel": "q_ptr",
@@ -637,7 +639,7 @@ def triton_record(module: str, index: int, arch: int) -> dict:
     if "BLOCK_N" in c:  # fused QLoRA: each loop step decodes a [BLOCK_N, BLOCK_K] W tile
         elems = c["BLOCK_N"] * c["BLOCK_K"]
         lora = c["BLOCK_R"] if c.get("HAS_LORA") else 0
-        if name == "qlora_fwd_kernel":
+        if name in ("qlora_fwd_kernel", "qlora_fwd_split_kernel"):
             macs = c["BLOCK_M"] * c["BLOCK_K"] * (c["BLOCK_N"] + lora)
         else:
             macs = c["BLOCK_M"] * c["BLOCK_N"] * (c["BLOCK_K"] + lora)

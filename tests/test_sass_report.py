@@ -285,7 +285,7 @@ def test_roofline_reads_the_report():
             for r in records
             if r["name"] == cost["name"]
             and r["arch"] == roofline_qlora.ARCH
-            and r["kernel"] == "qlora_fwd_kernel"
+            and r["kernel"] in ("qlora_fwd_kernel", "qlora_fwd_split_kernel")  # M <= 64: split schedule
         )
         assert cost["sass_per_elem"] == rec["sass_per_elem"]
 

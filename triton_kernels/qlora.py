@@ -22,6 +22,9 @@ launchers take contiguous-or-strided torch tensors and return new ones.
 Configs: each launch runs its shape regime's default config (``default_config``: M <= 16
 or larger, LoRA rank bucket), with no autotuning unless QPEFT_TRITON_AUTOTUNE=1, which
 autotunes over the regime's table (docs/design.md, "Triton configs").
+At M <= SPLIT_M (64), when the output tiles do not fill the SMs, the split schedule runs
+instead: the loop range is split across programs, fp32 partials are reduced in a fixed
+order by a second kernel that also runs the epilogue (``_split_plan``, below).
 
 Interpreter (TRITON_INTERPRET=1, CPU): one small fixed config (never autotuned),
 and ``UPCAST`` turns bf16 tiles into fp32 before ``tl.dot`` (the interpreter's bf16
@@ -428,6 +431,95 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _fwd_loop(
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    code_ptr,
+    a_ptr,
+    offs_m,
+    offs_n,
+    n_base,
+    k_lo,
+    k_hi,
+    M,
+    N,
+    K,
+    R,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    LUT: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """The forward's K loop over [k_lo, k_hi) (k_lo a multiple of BLOCK_K): fp32
+    (x @ W^T, x @ A^T) for rows offs_m and columns offs_n."""
+    dt = x_ptr.dtype.element_ty
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    if LUT:
+        codes = _load_codes(code_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w = _dequant_tile(
+            packed_ptr,
+            absmax_ptr,
+            nested_absmax_ptr,
+            nested_code_ptr,
+            offset_ptr,
+            code_ptr,
+            codes if LUT else 0,
+            offs_n,
+            n_base,
+            k0,
+            N,
+            K,
+            dt,
+            BLOCK_K,
+            BLOCKSIZE,
+            NESTED_BLOCKSIZE,
+            NESTED,
+            ALIGNED,
+            LUT,
+            ASM,
+        )
+        acc = _mma(x, tl.trans(w), acc, UPCAST, IEEE)
+        if HAS_LORA:
+            at = tl.load(
+                a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+                mask=k_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )
+            xa = _mma(x, at.to(dt), xa, UPCAST, IEEE)
+
+    return acc, xa
+
+
+@triton.jit
 def qlora_fwd_kernel(
     x_ptr,
     packed_ptr,
@@ -502,48 +594,42 @@ def qlora_fwd_kernel(
     n_ok = offs_n < N
     r_ok = offs_r < R
 
-    if LUT:
-        codes = _load_codes(code_ptr)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        w = _dequant_tile(
-            packed_ptr,
-            absmax_ptr,
-            nested_absmax_ptr,
-            nested_code_ptr,
-            offset_ptr,
-            code_ptr,
-            codes if LUT else 0,
-            offs_n,
-            n_base,
-            k0,
-            N,
-            K,
-            dt,
-            BLOCK_K,
-            BLOCKSIZE,
-            NESTED_BLOCKSIZE,
-            NESTED,
-            ALIGNED,
-            LUT,
-            ASM,
-        )
-        acc = _mma(x, tl.trans(w), acc, UPCAST, IEEE)
-        if HAS_LORA:
-            at = tl.load(
-                a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
-                mask=k_ok[:, None] & r_ok[None, :],
-                other=0.0,
-            )
-            xa = _mma(x, at.to(dt), xa, UPCAST, IEEE)
+    acc, xa = _fwd_loop(
+        x_ptr,
+        packed_ptr,
+        absmax_ptr,
+        nested_absmax_ptr,
+        nested_code_ptr,
+        offset_ptr,
+        code_ptr,
+        a_ptr,
+        offs_m,
+        offs_n,
+        n_base,
+        0,
+        K,
+        M,
+        N,
+        K,
+        R,
+        stride_xm,
+        stride_xk,
+        stride_ar,
+        stride_ak,
+        BLOCKSIZE,
+        NESTED_BLOCKSIZE,
+        NESTED,
+        ALIGNED,
+        LUT,
+        HAS_LORA,
+        UPCAST,
+        IEEE,
+        ASM,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        BLOCK_R,
+    )
 
     if HAS_LORA:
         t = xa * scaling
@@ -571,6 +657,94 @@ def qlora_fwd_kernel(
                 xa.to(xa_ptr.dtype.element_ty),
                 mask=m_ok[:, None] & r_ok[None, :],
             )
+
+
+@triton.jit
+def _dx_loop(
+    dy_ptr,
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    code_ptr,
+    b_ptr,
+    offs_m,
+    k0,
+    n_lo,
+    n_hi,
+    M,
+    N,
+    K,
+    R,
+    stride_dym,
+    stride_dyn,
+    stride_bn,
+    stride_br,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    LUT: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """The dx kernel's N loop over [n_lo, n_hi) (n_lo a multiple of BLOCK_N): fp32
+    (dy @ W, dy @ B) for rows offs_m and columns k0 .. k0 + BLOCK_K."""
+    dt = dy_ptr.dtype.element_ty
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    if LUT:
+        codes = _load_codes(code_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n_base in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n_base + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        dy = tl.load(
+            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=m_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        w = _dequant_tile(
+            packed_ptr,
+            absmax_ptr,
+            nested_absmax_ptr,
+            nested_code_ptr,
+            offset_ptr,
+            code_ptr,
+            codes if LUT else 0,
+            offs_n,
+            n_base,
+            k0,
+            N,
+            K,
+            dt,
+            BLOCK_K,
+            BLOCKSIZE,
+            NESTED_BLOCKSIZE,
+            NESTED,
+            ALIGNED,
+            LUT,
+            ASM,
+        )
+        acc = _mma(dy, w, acc, UPCAST, IEEE)
+        if HAS_LORA:
+            b = tl.load(
+                b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=n_ok[:, None] & r_ok[None, :],
+                other=0.0,
+            )
+            g = _mma(dy, b.to(dt), g, UPCAST, IEEE)
+
+    return acc, g
 
 
 @triton.jit
@@ -643,48 +817,41 @@ def qlora_dx_kernel(
     k_ok = offs_k < K
     r_ok = offs_r < R
 
-    if LUT:
-        codes = _load_codes(code_ptr)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n_base in range(0, N, BLOCK_N):
-        offs_n = n_base + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        dy = tl.load(
-            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-            mask=m_ok[:, None] & n_ok[None, :],
-            other=0.0,
-        )
-        w = _dequant_tile(
-            packed_ptr,
-            absmax_ptr,
-            nested_absmax_ptr,
-            nested_code_ptr,
-            offset_ptr,
-            code_ptr,
-            codes if LUT else 0,
-            offs_n,
-            n_base,
-            k0,
-            N,
-            K,
-            dt,
-            BLOCK_K,
-            BLOCKSIZE,
-            NESTED_BLOCKSIZE,
-            NESTED,
-            ALIGNED,
-            LUT,
-            ASM,
-        )
-        acc = _mma(dy, w, acc, UPCAST, IEEE)
-        if HAS_LORA:
-            b = tl.load(
-                b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                mask=n_ok[:, None] & r_ok[None, :],
-                other=0.0,
-            )
-            g = _mma(dy, b.to(dt), g, UPCAST, IEEE)
+    acc, g = _dx_loop(
+        dy_ptr,
+        packed_ptr,
+        absmax_ptr,
+        nested_absmax_ptr,
+        nested_code_ptr,
+        offset_ptr,
+        code_ptr,
+        b_ptr,
+        offs_m,
+        k0,
+        0,
+        N,
+        M,
+        N,
+        K,
+        R,
+        stride_dym,
+        stride_dyn,
+        stride_bn,
+        stride_br,
+        BLOCKSIZE,
+        NESTED_BLOCKSIZE,
+        NESTED,
+        ALIGNED,
+        LUT,
+        HAS_LORA,
+        UPCAST,
+        IEEE,
+        ASM,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        BLOCK_R,
+    )
 
     if HAS_LORA:
         t = g * scaling
@@ -707,6 +874,300 @@ def qlora_dx_kernel(
 
 
 # ---------------------------------------------------------------------------------------
+# Split schedule for small M (docs/design.md, "Triton configs"): at M <= 64 the output has
+# few tiles (M = 32, N = 4096, BLOCK_N = 64: 64 programs on 132 SMs), so the loop range
+# (K for the forward, N for dx) is cut into SPLITS contiguous runs of whole loop tiles.
+# Program (tile, s) runs the unchanged loop over run s and stores its fp32 tile to a
+# [SPLITS, M, C] workspace (the LoRA down-projection's fp32 partial [SPLITS, M, R] too,
+# from the column-0 programs); a second kernel sums the partials in split order 0, 1, ...
+# (fixed: results are the same run to run, no atomics) and runs the epilogue once: the
+# LoRA up-projection on the summed down-projection, bias, out_scale, the xa / g output.
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def qlora_fwd_split_kernel(
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    code_ptr,
+    a_ptr,
+    part_ptr,
+    lpart_ptr,
+    M,
+    N,
+    K,
+    R,
+    TILES_PER_SPLIT,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    LUT: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Partial [BLOCK_M, BLOCK_N] tile of x @ W^T (and x @ A^T) over K tiles
+    [s * TILES_PER_SPLIT, (s + 1) * TILES_PER_SPLIT), s = program_id(1); M-tiles vary
+    fastest along program_id(0), so the programs sharing a W tile run together."""
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_base = pid_n * BLOCK_N
+    offs_n = n_base + tl.arange(0, BLOCK_N)
+    k_lo = s * TILES_PER_SPLIT * BLOCK_K
+    k_hi = min(k_lo + TILES_PER_SPLIT * BLOCK_K, K)
+    acc, xa = _fwd_loop(
+        x_ptr,
+        packed_ptr,
+        absmax_ptr,
+        nested_absmax_ptr,
+        nested_code_ptr,
+        offset_ptr,
+        code_ptr,
+        a_ptr,
+        offs_m,
+        offs_n,
+        n_base,
+        k_lo,
+        k_hi,
+        M,
+        N,
+        K,
+        R,
+        stride_xm,
+        stride_xk,
+        stride_ar,
+        stride_ak,
+        BLOCKSIZE,
+        NESTED_BLOCKSIZE,
+        NESTED,
+        ALIGNED,
+        LUT,
+        HAS_LORA,
+        UPCAST,
+        IEEE,
+        ASM,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        BLOCK_R,
+    )
+    _store_partials(part_ptr, lpart_ptr, acc, xa, s, offs_m, offs_n, pid_n, M, N, R, HAS_LORA)
+
+
+@triton.jit
+def qlora_dx_split_kernel(
+    dy_ptr,
+    packed_ptr,
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    code_ptr,
+    b_ptr,
+    part_ptr,
+    lpart_ptr,
+    M,
+    N,
+    K,
+    R,
+    TILES_PER_SPLIT,
+    stride_dym,
+    stride_dyn,
+    stride_bn,
+    stride_br,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    NESTED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    LUT: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Partial [BLOCK_M, BLOCK_K] tile of dy @ W (and dy @ B) over N tiles
+    [s * TILES_PER_SPLIT, (s + 1) * TILES_PER_SPLIT), s = program_id(1)."""
+    pid = tl.program_id(0)
+    s = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    pid_k = pid // num_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    n_lo = s * TILES_PER_SPLIT * BLOCK_N
+    n_hi = min(n_lo + TILES_PER_SPLIT * BLOCK_N, N)
+    acc, g = _dx_loop(
+        dy_ptr,
+        packed_ptr,
+        absmax_ptr,
+        nested_absmax_ptr,
+        nested_code_ptr,
+        offset_ptr,
+        code_ptr,
+        b_ptr,
+        offs_m,
+        k0,
+        n_lo,
+        n_hi,
+        M,
+        N,
+        K,
+        R,
+        stride_dym,
+        stride_dyn,
+        stride_bn,
+        stride_br,
+        BLOCKSIZE,
+        NESTED_BLOCKSIZE,
+        NESTED,
+        ALIGNED,
+        LUT,
+        HAS_LORA,
+        UPCAST,
+        IEEE,
+        ASM,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        BLOCK_R,
+    )
+    _store_partials(
+        part_ptr, lpart_ptr, acc, g, s, offs_m, k0 + tl.arange(0, BLOCK_K), pid_k, M, K, R, HAS_LORA
+    )
+
+
+@triton.jit
+def _store_partials(
+    part_ptr, lpart_ptr, acc, lacc, s, offs_m, offs_c, pid_c, M, C, R, HAS_LORA: tl.constexpr
+):
+    """acc -> part[s, offs_m, offs_c] ([SPLITS, M, C] fp32 contiguous); the column-0
+    programs also store lacc -> lpart[s, offs_m, :R] ([SPLITS, M, R])."""
+    m_ok = offs_m < M
+    row = s.to(tl.int64) * M + offs_m
+    tl.store(part_ptr + row[:, None] * C + offs_c[None, :], acc, mask=m_ok[:, None] & (offs_c < C)[None, :])
+    if HAS_LORA:
+        if pid_c == 0:
+            offs_r = tl.arange(0, lacc.shape[1])
+            tl.store(
+                lpart_ptr + row[:, None] * R + offs_r[None, :],
+                lacc,
+                mask=m_ok[:, None] & (offs_r < R)[None, :],
+            )
+
+
+@triton.jit
+def qlora_split_reduce_kernel(
+    part_ptr,
+    lpart_ptr,
+    l_ptr,
+    bias_ptr,
+    rank_scale_ptr,
+    out_scale_ptr,
+    out_ptr,
+    side_ptr,
+    M,
+    C,
+    R,
+    SPLITS,
+    scaling,
+    stride_lr,
+    stride_lc,
+    stride_om,
+    stride_oc,
+    HAS_BIAS: tl.constexpr,
+    HAS_RANK_SCALE: tl.constexpr,
+    HAS_OUT_SCALE: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    WRITE_SIDE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_C] output tile: acc = sum_s part[s] and, with LoRA, la = sum_s
+    lpart[s], both in split order; then the epilogue of the unsplit kernels, the same
+    operations in the same order: acc += dt(s * la * rank_scale) @ dt(L) with L = B^T
+    (forward) or A (dx), + bias, * out_scale, out = acc in out's dtype, and the column-0
+    programs store la (xa in x's dtype, or g in fp32) to side [M, R]. dt: out's dtype."""
+    dt = out_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    pid_c = pid // num_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    c_ok = offs_c < C
+    r_ok = offs_r < R
+    # split 0 starts the sums (not 0.0 + part[0]: a -0.0 partial stays -0.0, so one split
+    # is the unsplit kernel bit for bit)
+    row = offs_m.to(tl.int64)
+    acc = tl.load(
+        part_ptr + row[:, None] * C + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0
+    )
+    if HAS_LORA:
+        lmask = m_ok[:, None] & r_ok[None, :]
+        la = tl.load(lpart_ptr + row[:, None] * R + offs_r[None, :], mask=lmask, other=0.0)
+    for s in range(1, SPLITS):
+        row = s * M + offs_m.to(tl.int64)
+        acc += tl.load(
+            part_ptr + row[:, None] * C + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :], other=0.0
+        )
+        if HAS_LORA:
+            la += tl.load(lpart_ptr + row[:, None] * R + offs_r[None, :], mask=lmask, other=0.0)
+    if HAS_LORA:
+        t = la * scaling
+        if HAS_RANK_SCALE:
+            t = t * tl.load(rank_scale_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+        lt = tl.load(
+            l_ptr + offs_r[:, None] * stride_lr + offs_c[None, :] * stride_lc,
+            mask=r_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        )
+        acc = _mma(t.to(dt), lt.to(dt), acc, UPCAST, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_OUT_SCALE:
+        acc *= tl.load(out_scale_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc,
+        acc.to(dt),
+        mask=m_ok[:, None] & c_ok[None, :],
+    )
+    if WRITE_SIDE:
+        if pid_c == 0:  # xa / g: contiguous [M, R]
+            tl.store(
+                side_ptr + offs_m[:, None] * R + offs_r[None, :],
+                la.to(side_ptr.dtype.element_ty),
+                mask=m_ok[:, None] & r_ok[None, :],
+            )
+
+
+# ---------------------------------------------------------------------------------------
 # Tile configurations
 # ---------------------------------------------------------------------------------------
 # Why these tiles (AOT build for bf16 + nested NF4 at the bucket's largest r, sm_80 /
@@ -722,8 +1183,8 @@ def qlora_dx_kernel(
 #   64x64x32 (64x64x64, 4 words per thread, needs 24 B of stack on sm_80).
 # - Small M (decode, M <= 16), forward 16x32x128, 4 warps: GEMV-shaped. BM = 16 is the
 #   tl.dot minimum, so each W element is decoded exactly once; N / 32 = 128 programs at
-#   N = 4096 fill an H100's 132 SMs without split-K, so the result is deterministic and
-#   needs no fp32 scratch or atomics; BK = 128 gives each program 2 KiB of packed W per
+#   N = 4096 (fewer than an H100's 132 SMs: the launchers then run these tiles in the
+#   split schedule, _FWD_SPLIT_CONFIGS, with a deterministic reduction); BK = 128 gives each program 2 KiB of packed W per
 #   step (4 words per thread). r > 64: 16x32x32 (the [BK, 256] A tile is the bulk of
 #   the step; 16x32x128 spills, 16x128x32 would leave 32 programs at N = 4096).
 #   No warp repeats another's MMAs (mma_macs_ratio 1 in benchmarks/results/sass_report.md):
@@ -770,6 +1231,30 @@ _DX_CONFIGS = {
 # Under the interpreter: one small config that still exercises every mask edge.
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 2}
 
+# Split schedule (M <= SPLIT_M; qlora_*_split_kernel + qlora_split_reduce_kernel): (BLOCK_M,
+# r bucket) -> configs, default first. BLOCK_M = 16 at M <= 16 (the small tiles above),
+# 32 at M = 17..64: W is decoded once per 32 rows (at most twice for M <= 64), not once per
+# 128 padded rows' worth of MMAs. The BM = 32 tiles are wide (BLOCK_N, dx: BLOCK_K, = 64 >
+# BM) and their LoRA tile is too (block_r: BLOCK_R >= 64), so Triton lays the chained dots
+# out with the warps along N (no warp repeats another's MMAs; mma_macs_ratio in
+# benchmarks/results/sass_report.md). All compile spill-free for sm_80/sm_90 (the report);
+# dx at BM = 32 with a [128, 64] W step (32x128x64) or 4 warps at r > 64 spilled.
+SPLIT_M = 64
+_FWD_SPLIT_CONFIGS = {
+    (16, "lo"): [_cfg(16, 32, 128, 4, 3)],
+    (16, "hi"): [_cfg(16, 32, 32, 4, 3)],
+    (32, "lo"): [_cfg(32, 64, 128, 4, 3)],
+    (32, "hi"): [_cfg(32, 64, 32, 4, 3)],
+}
+_DX_SPLIT_CONFIGS = {
+    (16, "lo"): [_cfg(16, 128, 32, 4, 3)],
+    (16, "hi"): [_cfg(16, 64, 32, 4, 3)],
+    (32, "lo"): [_cfg(32, 64, 64, 4, 3)],
+    (32, "hi"): [_cfg(32, 64, 64, 8, 3)],
+}
+MIN_SPLIT_TILES = 4  # loop tiles per split at least (each split amortizes its prologue/epilogue)
+INTERPRET_SMS = 132  # nominal SM count (H100/H200 SXM) for the heuristic under the interpreter
+
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -789,6 +1274,106 @@ def block_r(r: int, m: int) -> int:
     unused."""
     br = max(16, triton.next_power_of_2(r))
     return max(32, br) if 0 < r and m <= SMALL_M else br
+
+
+def block_r_split(r: int, bm: int) -> int:
+    """BLOCK_R of the split kernels at tile height ``bm``: wider than ``bm`` (32 at bm = 16,
+    64 at bm = 32) so the chained dots put the warps along N (see block_r), r = 0: 16."""
+    br = max(16, triton.next_power_of_2(r))
+    return max(2 * bm, br) if r > 0 else br
+
+
+def split_count(out_tiles: int, loop_tiles: int, sms: int) -> int:
+    """Splits of the loop range for a grid of ``out_tiles`` output tiles: 1 when they fill the
+    ``sms`` SMs; else enough for >= 2 x sms programs, at most loop_tiles / MIN_SPLIT_TILES
+    splits, rounded so that no split is empty (docs/design.md, "Triton configs")."""
+    if out_tiles >= sms:
+        return 1
+    want = min(triton.cdiv(2 * sms, out_tiles), max(1, loop_tiles // MIN_SPLIT_TILES))
+    return triton.cdiv(loop_tiles, triton.cdiv(loop_tiles, want))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRET_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_config(kernel_name: str, m: int, r: int) -> tuple[dict, int, int, int]:
+    """(tile kwargs, num_warps, num_stages, BLOCK_R) of the split kernels at M = m <= SPLIT_M."""
+    if interpreting():
+        return _INTERPRET_CONFIG, 4, 1, block_r(r, m)
+    bm = 16 if m <= SMALL_M else 32
+    br = block_r_split(r, bm)
+    table = _FWD_SPLIT_CONFIGS if kernel_name == "fwd" else _DX_SPLIT_CONFIGS
+    cfg = table[(bm, "lo" if br <= 64 else "hi")][0]
+    return cfg.kwargs, cfg.num_warps, cfg.num_stages, br
+
+
+def _split_plan(kernel_name: str, m: int, c: int, loop: int, r: int, device, split):
+    """None (the unsplit kernel) or (cfg, warps, stages, BLOCK_R, splits, tiles per split).
+    c: output columns (N, dx: K), loop: the reduced extent (K, dx: N). split: None picks
+    (``split_count``; M > SPLIT_M or 1 split: unsplit), 0 forces the unsplit kernel, s >= 1
+    forces the split kernels with s splits (fewer if some would be empty)."""
+    if split == 0 or (split is None and m > SPLIT_M):
+        return None
+    cfg, warps, stages, br = split_config(kernel_name, m, r)
+    bc, bl = (cfg["BLOCK_N"], cfg["BLOCK_K"]) if kernel_name == "fwd" else (cfg["BLOCK_K"], cfg["BLOCK_N"])
+    loop_tiles = triton.cdiv(loop, bl)
+    if split is None:
+        split = split_count(
+            triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c, bc), loop_tiles, _sm_count(device)
+        )
+        if split == 1:
+            return None
+    tps = triton.cdiv(loop_tiles, max(1, min(split, loop_tiles)))
+    return cfg, warps, stages, br, triton.cdiv(loop_tiles, tps), tps
+
+
+def _run_split(kernel_name, plan, m, c, r, device, split_args, reduce_args, reduce_kwargs, flags, kwargs):
+    """Partials into fp32 workspaces, then the fixed-order reduction + epilogue."""
+    cfg, warps, stages, br, splits, tps = plan
+    part = torch.empty((splits, m, c), device=device, dtype=torch.float32)
+    lpart = torch.empty((splits, m, r) if kwargs["HAS_LORA"] else (1,), device=device, dtype=torch.float32)
+    bc = cfg["BLOCK_N"] if kernel_name == "fwd" else cfg["BLOCK_K"]
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c, bc), splits)
+    kernel = qlora_fwd_split_kernel if kernel_name == "fwd" else qlora_dx_split_kernel
+    tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+    head, tail = split_args
+    kernel[grid](
+        *head,
+        part,
+        lpart,
+        *tail[:4],
+        tps,
+        *tail[4:],
+        **kwargs,
+        **flags,
+        **tiles,
+        BLOCK_R=br,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    rgrid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c, bc),)
+    qlora_split_reduce_kernel[rgrid](
+        part,
+        lpart,
+        *reduce_args[:6],
+        m,
+        c,
+        r,
+        splits,
+        *reduce_args[6:],
+        **reduce_kwargs,
+        UPCAST=flags["UPCAST"],
+        IEEE=flags["IEEE"],
+        HAS_LORA=kwargs["HAS_LORA"],
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_C=bc,
+        BLOCK_R=br,
+        num_warps=4,
+    )
 
 
 def _regime(m: int, br: int) -> tuple[str, str]:
@@ -889,6 +1474,7 @@ def qlora_forward(
     rank_scale=None,
     out_scale=None,
     return_xa=False,
+    split=None,
 ):
     """y [M, N] in x's dtype (and xa = x @ A^T [M, r] in x's dtype when ``return_xa``).
 
@@ -896,6 +1482,8 @@ def qlora_forward(
     [blocks], or uint8 codes with nested_absmax/nested_code/offset; code: fp32 [16];
     lora_a [r, K], lora_b [N, r], bias/out_scale [N], rank_scale [r]: any float dtype;
     lora_a = lora_b = None: no adapter (HAS_LORA=False: y = out_scale * (x @ W^T + bias)).
+    split: the K-split schedule at M <= SPLIT_M (``_split_plan``): None chooses, 0 never
+    splits, s >= 1 runs the split kernels with s splits.
     """
     has_lora = lora_a is not None
     m, r = x.shape[0], (lora_a.shape[0] if has_lora else 0)
@@ -956,7 +1544,34 @@ def qlora_forward(
         BLOCK_R=br,
         **_flags(x.dtype),
     )
-    _launch("fwd", qlora_fwd_kernel, m, lambda meta: triton.cdiv(n, meta["BLOCK_N"]), br, args, kwargs)
+    plan = _split_plan("fwd", m, n, k, r, x.device, split)
+    if plan is None:
+        _launch("fwd", qlora_fwd_kernel, m, lambda meta: triton.cdiv(n, meta["BLOCK_N"]), br, args, kwargs)
+        return y, xa
+    common = {
+        name: kwargs[name]
+        for name in ("BLOCKSIZE", "NESTED_BLOCKSIZE", "NESTED", "ALIGNED", "LUT", "HAS_LORA")
+    }
+    flags = {name: kwargs[name] for name in ("UPCAST", "IEEE", "ASM")}
+    split_args = (args[:8], (m, n, k, r, *args[20:24]))
+    reduce_args = (
+        lora_b,
+        *args[9:12],
+        y,
+        xa if return_xa else dummy,
+        float(scaling),
+        lora_b.stride(1),
+        lora_b.stride(0),
+        y.stride(0),
+        y.stride(1),
+    )
+    reduce_kwargs = dict(
+        HAS_BIAS=bias is not None,
+        HAS_RANK_SCALE=rank_scale is not None,
+        HAS_OUT_SCALE=out_scale is not None,
+        WRITE_SIDE=return_xa,
+    )
+    _run_split("fwd", plan, m, n, r, x.device, split_args, reduce_args, reduce_kwargs, flags, common)
     return y, xa
 
 
@@ -977,10 +1592,12 @@ def qlora_dx(
     scaling,
     rank_scale=None,
     return_g=False,
+    split=None,
 ):
     """dx [M, K] in dy's dtype (and g = dy @ B [M, r] in fp32 when ``return_g``).
 
-    dy: [M, N], already multiplied by out_scale; other arguments as ``qlora_forward``.
+    dy: [M, N], already multiplied by out_scale; other arguments as ``qlora_forward``
+    (``split`` splits N here).
     """
     has_lora = lora_a is not None
     m, r = dy.shape[0], (lora_a.shape[0] if has_lora else 0)
@@ -1037,7 +1654,36 @@ def qlora_dx(
         BLOCK_R=br,
         **_flags(dy.dtype),
     )
-    _launch("dx", qlora_dx_kernel, m, lambda meta: triton.cdiv(k, meta["BLOCK_K"]), br, args, kwargs)
+    plan = _split_plan("dx", m, k, n, r, dy.device, split)
+    if plan is None:
+        _launch("dx", qlora_dx_kernel, m, lambda meta: triton.cdiv(k, meta["BLOCK_K"]), br, args, kwargs)
+        return dx, g
+    common = {
+        name: kwargs[name]
+        for name in ("BLOCKSIZE", "NESTED_BLOCKSIZE", "NESTED", "ALIGNED", "LUT", "HAS_LORA")
+    }
+    flags = {name: kwargs[name] for name in ("UPCAST", "IEEE", "ASM")}
+    split_args = (
+        (*args[:7], lora_b),
+        (m, n, k, r, dy.stride(0), dy.stride(1), lora_b.stride(0), lora_b.stride(1)),
+    )
+    reduce_args = (
+        lora_a,
+        dummy,
+        args[9],
+        dummy,
+        dx,
+        g if return_g else dummy,
+        float(scaling),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        dx.stride(0),
+        dx.stride(1),
+    )
+    reduce_kwargs = dict(
+        HAS_BIAS=False, HAS_RANK_SCALE=rank_scale is not None, HAS_OUT_SCALE=False, WRITE_SIDE=return_g
+    )
+    _run_split("dx", plan, m, k, r, dy.device, split_args, reduce_args, reduce_kwargs, flags, common)
     return dx, g
 
 
@@ -1182,4 +1828,72 @@ AOT_CONFIGS = [
     _aot_entry(kernel_name, regime, 0, has_lora=False)
     for kernel_name in ("fwd", "dx")
     for regime in (("small", "lo"), ("large", "lo"))
+]
+
+_SPLIT_ARGS = {
+    "fwd": [("x_ptr", "*{dt}")] + _FWD_ARGS[1:7] + [("a_ptr", "*{dt}")],
+    "dx": [("dy_ptr", "*{dt}")] + _DX_ARGS[1:7] + [("b_ptr", "*{dt}")],
+}
+_SPLIT_STRIDES = {
+    "fwd": _FWD_STRIDES[:4],
+    "dx": [_DX_STRIDES[0], _DX_STRIDES[1], _DX_STRIDES[4], _DX_STRIDES[5]],
+}
+
+
+def _aot_split_entry(kernel_name: str, bm: int, r: int, dtype: str = "bf16") -> dict:
+    """The split kernel's default config at tile height ``bm`` (16: M <= 16, 32: M = 17..64)
+    for rank r, as an AOT description: bf16, NF4 with double quantization, blocksize 64, the
+    register decode; hints as ``_aot_entry`` (TILES_PER_SPLIT, like M, not divisible)."""
+    br = block_r_split(r, bm)
+    table = _FWD_SPLIT_CONFIGS if kernel_name == "fwd" else _DX_SPLIT_CONFIGS
+    cfg = table[(bm, "lo" if br <= 64 else "hi")][0]
+    fn = qlora_fwd_split_kernel if kernel_name == "fwd" else qlora_dx_split_kernel
+    signature = {name: t.format(dt=dtype, am="u8") for name, t in _SPLIT_ARGS[kernel_name]}
+    signature.update(
+        part_ptr="*fp32", lpart_ptr="*fp32", M="i32", N="i32", K="i32", R="i32", TILES_PER_SPLIT="i32"
+    )
+    constexprs = {}
+    for name, t in _SPLIT_STRIDES[kernel_name]:
+        signature[name] = "constexpr" if t == 1 else t
+        if t == 1:
+            constexprs[name] = 1
+    constexprs.update(
+        BLOCKSIZE=64,
+        NESTED_BLOCKSIZE=256,
+        NESTED=True,
+        ALIGNED=True,
+        LUT=dtype in ("bf16", "fp16"),
+        HAS_LORA=True,
+        UPCAST=False,
+        IEEE=dtype == "fp32",
+        ASM=True,
+        BLOCK_R=br,
+        **{key: cfg.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
+    )
+    for name in constexprs:
+        signature[name] = "constexpr"
+    signature = {name: signature[name] for name in fn.arg_names}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*")
+        or (signature[name] == "i32" and name not in ("M", "R", "TILES_PER_SPLIT"))
+        or (name == "R" and r % 16 == 0)
+    }
+    return {
+        "name": f"qlora_{kernel_name}_split{bm}M_r{r}_{dtype}",
+        "fn": fn,
+        "signature": signature,
+        "constexprs": constexprs,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+        "attrs": attrs,
+    }
+
+
+AOT_CONFIGS += [  # the split schedule (M <= SPLIT_M): both tile heights, both rank buckets
+    _aot_split_entry(kernel_name, bm, r)
+    for kernel_name in ("fwd", "dx")
+    for bm in (16, 32)
+    for r in (16, 256)
 ]
