@@ -126,6 +126,16 @@ class QuantState:
     def nested(self) -> bool:
         return self.state2 is not None
 
+    def __getattr__(self, name: str):
+        # Only reached when ordinary lookup fails. State-dict keys are attribute paths, and
+        # torch.distributed.checkpoint.state_dict (get_state_dict / set_state_dict) walks
+        # them with getattr: ``weight.quant_state.bitsandbytes__<type>`` resolves to the
+        # packed tensor that key holds.
+        quant_type = self.__dict__.get("quant_type")
+        if quant_type is not None and name == "bitsandbytes__" + quant_type:
+            return self.as_dict(packed=True)[_PACKED_KEY_PREFIX + quant_type]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __repr__(self) -> str:
         shape = tuple(self.shape) if self.shape is not None else None
         return (

@@ -200,6 +200,17 @@ class Weight4bit(torch.Tensor):
     def nested_code(self) -> torch.Tensor | None:
         return self.quant_state.state2.code if self.quant_state.nested else None
 
+    # the bitsandbytes state-dict names of the code tables, so that every state-dict key of a
+    # 4-bit layer is an attribute path (torch.distributed.checkpoint.state_dict resolves
+    # keys with getattr)
+    @property
+    def quant_map(self) -> torch.Tensor:
+        return self.quant_state.code
+
+    @property
+    def nested_quant_map(self) -> torch.Tensor | None:
+        return self.nested_code
+
     @property
     def offset(self) -> torch.Tensor | None:
         return self.quant_state.offset if self.quant_state.nested else None

@@ -299,13 +299,19 @@ class Linear4bit(nn.Module):
         elif strict:
             missing_keys.append(w_key)
         # The weight is handled above; let nn.Module load the bias (and report its keys).
-        weight = self._parameters.pop("weight")
+        params = self._parameters
+        order = list(params)
+        weight = params.pop("weight")
         try:
             super()._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
         finally:
-            self._parameters["weight"] = weight
+            # back in its place: parameters() and state_dict() keep their order after a load
+            params["weight"] = weight
+            ordered = {k: params[k] for k in order if k in params} | params
+            params.clear()
+            params.update(ordered)
         skip = set(quant_keys) | {w_key}
         unexpected_keys[:] = [k for k in unexpected_keys if k not in skip]
 
