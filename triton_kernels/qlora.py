@@ -1295,7 +1295,7 @@ def split_count(out_tiles: int, loop_tiles: int, sms: int) -> int:
 
 @functools.cache
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
+    if device.type != "cuda" or interpreting():  # the interpreter (also behind a mocked CUDA device)
         return INTERPRET_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
 
