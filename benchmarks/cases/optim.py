@@ -9,11 +9,14 @@ The memory bound counts the bytes a step must move per element: 28 for fp32 stat
 codes, write p and two codes, two fp32 absmax per 256 elements read and written).
 
 Checks, on one step from the same start: qpeft equals its pure-torch reference bit for
-bit; fp32-state steps equal torch.optim.AdamW(foreach=False) within 1e-6 of the update
-(the qpeft step performs torch's single-tensor operations in its order); 8-bit steps
-are within 5% (relative norm) of torch's update: the dynamic maps round a state by at
-most ~2% of itself (bitsandbytes' 8-bit blockwise bounds: relative 0.018), which moves
-m / sqrt(v) by about as much, with room for the blocks' absmax.
+bit; every fp32-state step's new parameters are within one ulp, element by element, of
+torch.optim.AdamW(foreach=False)'s (the qpeft step performs torch's single-tensor
+operations in its order, so only the final rounding of p can differ: torch's single-tensor
+step itself is not reproducible to the bit on this VM's 2-thread runs, where two identical
+calls in one process differed by one ulp in 40% of the elements); 8-bit steps are within 5%
+(relative norm) of torch's update: the dynamic maps round a state by at most ~2% of itself
+(bitsandbytes' 8-bit blockwise bounds: relative 0.018), which moves m / sqrt(v) by about
+as much, with room for the blocks' absmax.
 """
 
 from __future__ import annotations
@@ -52,26 +55,33 @@ def _update(factory, shapes, backend=None):
     return torch.cat([(p.detach() - s).reshape(-1) for p, s in zip(ps, start)])
 
 
-def _checker(factory, shapes, exact_ref: bool, rel: float):
+def _ulps(got: torch.Tensor, want: torch.Tensor, shapes) -> float:
+    """The largest difference of two updates from the seeded start, in ulps of the new
+    parameter (start + update is exact: the two are within a factor 2, Sterbenz)."""
+    start = torch.cat([p.detach().reshape(-1) for p in _params(shapes, seed=1)])
+    new = (start + want).abs()
+    ulp = torch.nextafter(new, torch.full_like(new, float("inf"))) - new
+    return float(((got - want).abs() / ulp).max())
+
+
+def _checker(factory, shapes, exact_ref: bool, rel: float | None):
+    """``rel`` None: within one ulp of torch's new parameters per element; else within ``rel``
+    of torch's update in relative norm."""
+
     def torch_update():
         return _update(lambda ps: torch.optim.AdamW(ps, foreach=False, **HP), shapes)
 
     def check(_):
-        # torch's update is computed next to qpeft's, not once when the case is built, so
-        # both see the same process state (threads, allocator, earlier cases).
         got, want = _update(factory, shapes), torch_update()
         if exact_ref:
             ref = _update(factory, shapes, "default")
             assert torch.equal(got, ref), "differs from the pure-torch reference"
+        if rel is None:
+            ulps = _ulps(got, want, shapes)
+            assert ulps <= 1.0, f"new parameters differ from torch AdamW's by {ulps:.3g} ulp (bound 1)"
+            return
         err = float((got - want).norm() / want.norm())
-        if err >= rel:  # say what differs, so a rare failure explains itself
-            again = torch_update()
-            differing = float((got != want).float().mean())
-            raise AssertionError(
-                f"update differs from torch AdamW by {err:.2e} (bound {rel:g}); "
-                f"{differing:.1%} of elements differ, max |diff| {float((got - want).abs().max()):.2e}; "
-                f"torch's update recomputed {'equals' if torch.equal(again, want) else 'differs from'} itself"
-            )
+        assert err < rel, f"update differs from torch AdamW by {err:.2e} (bound {rel:g})"
 
     return check
 
@@ -101,7 +111,7 @@ def cases(device: str, quick: bool) -> list[Case]:
             "torch AdamW fused=True": (lambda ps: torch.optim.AdamW(ps, fused=True, **HP), False),
         }
         impls = [
-            Impl(name, step_of(f), _checker(f, check_shapes, exact, 1e-6))
+            Impl(name, step_of(f), _checker(f, check_shapes, exact, None))
             for name, (f, exact) in fp32.items()
         ]
         out.append(
