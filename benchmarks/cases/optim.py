@@ -12,8 +12,9 @@ Checks, on one step from the same start: qpeft equals its pure-torch reference b
 bit; every fp32-state step's new parameters are within one ulp, element by element, of
 torch.optim.AdamW(foreach=False)'s (the qpeft step performs torch's single-tensor
 operations in its order, so only the final rounding of p can differ: torch's single-tensor
-step itself is not reproducible to the bit on this VM's 2-thread runs, where two identical
-calls in one process differed by one ulp in 40% of the elements); 8-bit steps are within 5%
+step itself is not reproducible to the bit on this VM's 2-thread runs, where a second call
+on identical inputs in one process gave a different result, and qpeft's then differed from
+torch's first one by one ulp in 40% of the elements); 8-bit steps are within 5%
 (relative norm) of torch's update: the dynamic maps round a state by at most ~2% of itself
 (bitsandbytes' 8-bit blockwise bounds: relative 0.018), which moves m / sqrt(v) by about
 as much, with room for the blocks' absmax.
