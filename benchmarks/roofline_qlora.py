@@ -68,7 +68,7 @@ def _tile(m: int) -> dict:
         cfg, warps, stages, br, splits, _ = plan
         return {**{k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}, "num_warps": warps,
                 "num_stages": stages, "BLOCK_R": br, "splits": splits}  # fmt: skip
-    cfg = kern._FWD_CONFIGS[kern._regime(m, kern.block_r(R, m))][0]
+    cfg = kern.default_config("fwd", kern._regime(m, kern.block_r(R, m)), ARCH)  # the sm_90 tile
     return {
         "BLOCK_M": cfg.kwargs["BLOCK_M"],
         "BLOCK_N": cfg.kwargs["BLOCK_N"],
@@ -173,15 +173,17 @@ for name, table in (("fwd", kern._FWD_CONFIGS), ("dx", kern._DX_CONFIGS)):
         r = 64 if regime[1] == "lo" else 256
         for i, cfg in enumerate(configs):
             entry = kern._aot_entry(name, regime, r)
-            jobs.append((name, "/".join(regime), r, i, cfg, entry, dict(entry["constexprs"], **cfg.kwargs)))
+            defaults = {a: kern.default_config(name, regime, a) is cfg for a in (80, 90)}
+            jobs.append((name, "/".join(regime), r, defaults, cfg, entry, dict(entry["constexprs"], **cfg.kwargs)))
 for name, table in (("fwd", kern._FWD_SPLIT_CONFIGS), ("dx", kern._DX_SPLIT_CONFIGS)):
     for (bm, bucket), configs in table.items():
         r = 64 if bucket == "lo" else 256
         for i, cfg in enumerate(configs):
             entry = kern._aot_split_entry(name, bm, r)
             tiles = {k: cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
-            jobs.append((name, f"split{bm}/{bucket}", r, i, cfg, entry, dict(entry["constexprs"], **tiles)))
-for name, regime, r, i, cfg, entry, constexprs in jobs:
+            jobs.append((name, f"split{bm}/{bucket}", r, {80: i == 0, 90: i == 0}, cfg, entry,
+                         dict(entry["constexprs"], **tiles)))
+for name, regime, r, defaults, cfg, entry, constexprs in jobs:
             for arch in (80, 90):
                 src = ASTSource(entry["fn"], entry["signature"], constexprs, entry["attrs"])
                 k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -192,7 +194,7 @@ for name, regime, r, i, cfg, entry, constexprs in jobs:
                                           text=True, check=True).stdout
                 line = next(l for l in dump.splitlines() if "REG:" in l).split()
                 res = dict(item.split(":", 1) for item in line if ":" in item)
-                rows.append({"kernel": name, "regime": regime, "r": r, "default": i == 0,
+                rows.append({"kernel": name, "regime": regime, "r": r, "default": defaults[arch],
                              "tile": [cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")],
                              "warps": cfg.num_warps, "stages": cfg.num_stages, "arch": f"sm_{arch}",
                              "reg": int(res["REG"]), "stack": int(res["STACK"]), "local": int(res["LOCAL"]),
@@ -294,9 +296,12 @@ def markdown(rows: list[dict], aot: list[dict] | None) -> str:
         f"issue against {_us(large['t_mma'])} us of MMA): predicted {large['bound']}-bound at "
         f"{large['ratio']:.2f}x of cuBLAS on a bf16 weight, and only if issue and MMA overlap perfectly "
         f"({large['cost']['mma']} in the SASS: {_MMA_WORDS.get(large['cost']['mma'], 'no MMA')}). The W "
-        'decode is already register-resident with 8- or 16-byte W loads (docs/design.md, "Fused kernels: '
-        'register decode"); what is left per element is the rest of the loop (operand staging in shared '
-        "memory, MMA issue and waits, the LoRA tiles): cutting it moves both ends.",
+        'decode is register-resident with 16-byte W loads (docs/design.md, "Fused kernels: register '
+        'decode"): per 32-bit word of 8 codes 16 prmt and 5 integer ops, per block table and row 32 more; '
+        "the rest of the loop is operand staging in shared memory, MMA issue and waits, and the LoRA tiles. "
+        "The decode alone is about 3 instructions per element while it stays bit-exact (the table is "
+        "code x absmax in fp32, rounded once), so the issue bound cannot reach the MMA bound at this "
+        "tile without a cheaper, rounding-changing decode (docs/design.md).",
         "",
     ]
     if aot:
@@ -308,7 +313,8 @@ def markdown(rows: list[dict], aot: list[dict] | None) -> str:
             "bf16, NF4 + double quant, blocksize 64, bias and rank_scale on, K % blocksize == 0) at the "
             "largest BLOCK_R of its bucket (64 or 256), with the divisibility-by-16 hints the JIT derives "
             "at run time for torch tensors and LLM shapes. REG/STACK/LOCAL from `cuobjdump "
-            "--dump-resource-usage` (Triton's wheel); STACK > 0 means spills. Default = first of its table.",
+            "--dump-resource-usage` (Triton's wheel); STACK > 0 means spills. Default = the config the "
+            "launcher runs on that arch (the table's first, or the arch's own tile: `_ARCH_DEFAULTS`).",
             "",
             "| kernel | regime | r | default | BM x BN x BK | warps | stages | arch | REG | STACK | LOCAL | smem B |",
             "| --- | --- | ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",

@@ -581,7 +581,15 @@ def _triton_entries(module: str) -> list[dict]:
         for kernel_name, table in (("fwd", mod._FWD_CONFIGS), ("dx", mod._DX_CONFIGS)):
             for regime, configs in table.items():
                 r = 16 if regime[1] == "lo" else 256  # the r of AOT_CONFIGS' entry for the bucket
+                # an arch's own default is an AOT_CONFIGS entry already
+                arch_defaults = {
+                    t[(kernel_name, regime)]
+                    for t in mod._ARCH_DEFAULTS.values()
+                    if (kernel_name, regime) in t
+                }
                 for i, cfg in enumerate(configs[1:], start=1):
+                    if i in arch_defaults:
+                        continue
                     e = mod._aot_entry(kernel_name, regime, r)
                     e["constexprs"] = dict(e["constexprs"], **cfg.kwargs)
                     e.update(name=f"{e['name']}_alt{i}", num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -845,7 +853,10 @@ def run(modules=MODULES, archs=(80, 90), jobs=1, cuda=True, smoke=False, only: s
             for i, e in enumerate(entries):
                 firsts.setdefault(e["fn"].__name__, i)
             chosen = sorted(firsts.values())
-        work += [("triton", module, i, a) for i in chosen for a in archs]
+        # an entry with "archs" is one arch's default config: compiled for that arch only
+        work += [
+            ("triton", module, i, a) for i in chosen for a in archs if a in entries[i].get("archs", archs)
+        ]
     if cuda:
         if nvcc():
             work += [("cuda", s, a) for s in ("quant.cu", "gemv_4bit.cu") for a in archs]
@@ -869,11 +880,19 @@ def run(modules=MODULES, archs=(80, 90), jobs=1, cuda=True, smoke=False, only: s
     }
 
 
-def merge(old: list[dict], new: list[dict]) -> list[dict]:
+def merge(old: list[dict], new: list[dict], only: str | None = None) -> list[dict]:
     """``old`` with each record replaced by the ``new`` one of the same (name, arch), in
-    order; a new record without an old one is appended."""
+    order; a new record without an old one is appended. ``only``: the regular expression
+    the new records were compiled for: an old Triton record it matches that has no new one
+    (a config no longer in the tables, or an arch its entry no longer compiles for) is dropped."""
     fresh = {(r["name"], r["arch"]): r for r in new}
-    merged = [fresh.pop((r["name"], r["arch"]), r) for r in old]
+    merged = []
+    for r in old:
+        key = (r["name"], r["arch"])
+        if key in fresh:
+            merged.append(fresh.pop(key))
+        elif not (only and r["source"].startswith("triton_kernels/") and re.search(only, r["name"])):
+            merged.append(r)
     return merged + list(fresh.values())
 
 
@@ -970,7 +989,7 @@ def main(argv=None) -> int:
     elif args.only:
         fresh = run(args.modules, tuple(args.arch), args.jobs, False, False, args.only)["records"]
         old = json.loads((args.out / "sass_report.json").read_text())
-        records = merge(old, fresh)
+        records = merge(old, fresh, args.only)
         (args.out / "sass_report.json").write_text(json.dumps(records, indent=1) + "\n")
         report = {**_versions(True), "archs": sorted({r["arch"] for r in records}), "records": records}
     else:

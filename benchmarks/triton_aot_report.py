@@ -2,7 +2,7 @@
 without a GPU and report registers, stack, local (spill) and shared memory per config.
 
     python -m benchmarks.triton_aot_report [--arch 80 90] [--modules quant qlora]
-        [--smoke] [--jobs 2] [--out benchmarks/results] [--json PATH|-]
+        [--smoke] [--jobs 2] [--out benchmarks/results] [--json PATH|-] [--only REGEX]
 
 Configs come from ``AOT_CONFIGS`` of each module in ``qpeft.triton_kernels`` (format:
 triton_kernels/__init__.py). Each is built with ``triton.compile(ASTSource(...),
@@ -103,19 +103,25 @@ def compile_one(module: str, index: int, arch: int) -> dict:
     }
 
 
-def _jobs(modules, archs, smoke: bool) -> list[tuple[str, int, int]]:
+def _jobs(modules, archs, smoke: bool, only: str | None = None) -> list[tuple[str, int, int]]:
     jobs = []
     for module in modules:
         by_kernel: dict[str, list[int]] = {}
         for i, cfg in enumerate(_configs(module)):
-            by_kernel.setdefault(cfg["fn"].__name__, []).append(i)
+            if only is None or re.search(only, cfg["name"]):
+                by_kernel.setdefault(cfg["fn"].__name__, []).append(i)
         for indices in by_kernel.values():
             chosen = sorted({indices[0], indices[-1]}) if smoke else indices
-            jobs += [(module, i, arch) for i in chosen for arch in archs]
+            configs = _configs(module)
+            # an entry with "archs" is one arch's default config: compiled for that arch only
+            jobs += [
+                (module, i, arch) for i in chosen for arch in archs if arch in configs[i].get("archs", archs)
+            ]
     return jobs
 
 
-def run(modules=MODULES, archs=(80, 90), smoke=False, jobs=2) -> dict:
+def run(modules=MODULES, archs=(80, 90), smoke=False, jobs=2, only: str | None = None) -> dict:
+    """``only``: a regular expression; only the configs whose name it matches (re.search)."""
     import triton
 
     available, skipped = [], {}
@@ -129,7 +135,7 @@ def run(modules=MODULES, archs=(80, 90), smoke=False, jobs=2) -> dict:
             skipped[module] = "exports no AOT_CONFIGS"
             continue
         available.append(module)
-    work = _jobs(available, archs, smoke)
+    work = _jobs(available, archs, smoke, only)
     start = time.perf_counter()
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
@@ -200,8 +206,25 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--json", help="also write the JSON report here ('-' for stdout, table then on stderr)"
     )
+    parser.add_argument(
+        "--only",
+        metavar="REGEX",
+        help="compile only the configs whose name matches and merge them into OUT/triton_aot.json: "
+        "rows of the same name and arch are replaced, matching rows with no new one dropped",
+    )
     args = parser.parse_args(argv)
-    report = run(args.modules, tuple(args.arch), args.smoke, args.jobs)
+    report = run(args.modules, tuple(args.arch), args.smoke, args.jobs, args.only)
+    if args.only and not args.smoke:
+        old = json.loads((args.out / "triton_aot.json").read_text())
+        fresh = {(r["name"], r["arch"]): r for r in report["rows"]}
+        rows = []
+        for r in old["rows"]:
+            key = (r["name"], r["arch"])
+            if key in fresh:
+                rows.append(fresh.pop(key))
+            elif not re.search(args.only, r["name"]):
+                rows.append(r)
+        report = dict(old, rows=rows + list(fresh.values()), triton=report["triton"])
     table = markdown(report)
     print(table, file=sys.stderr if args.json == "-" else sys.stdout)
     if not args.smoke:

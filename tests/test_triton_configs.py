@@ -172,9 +172,8 @@ def test_every_default_config_is_in_the_aot_report_without_spills():
     for row in report["rows"]:
         if row["module"] == "qlora":
             rows.setdefault(row["name"], {})[row["arch"]] = row
-    for kernel_name, table in (("fwd", qlora._FWD_CONFIGS), ("dx", qlora._DX_CONFIGS)):
+    for kernel_name in ("fwd", "dx"):
         for regime in REGIMES:
-            cfg = table[regime][0]
             entries = [
                 e
                 for e in qlora.AOT_CONFIGS
@@ -185,9 +184,34 @@ def test_every_default_config_is_in_the_aot_report_without_spills():
             for e in entries:
                 assert set(rows.get(e["name"], {})) == {"sm_80", "sm_90"}, f"{e['name']} is not in the report"
                 for arch, row in rows[e["name"]].items():
-                    # the report compiled exactly the config the launcher runs
+                    # the report compiled exactly the config the launcher runs on that arch
+                    cfg = qlora.default_config(kernel_name, regime, int(arch[3:]))
                     assert {k: row["constexprs"][k] for k in cfg.kwargs} == cfg.kwargs
                     assert (row["num_warps"], row["num_stages"]) == (cfg.num_warps, cfg.num_stages)
                     assert row["local_bytes"] == 0 and row["stack_bytes"] == 0, f"{e['name']} {arch} spills"
     # the no-adapter variants are reported too (HAS_LORA=False)
     assert {"qlora_fwd_smallM_nolora_bf16", "qlora_dx_largeM_nolora_bf16"} <= set(rows)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_each_arch_runs_its_own_tiles(compiled_mode, monkeypatch, regime):
+    # docs/design.md, "Triton configs": capability 9.x (large M) and 8.x (small M, r > 64)
+    # run their _ARCH_DEFAULTS tile (16 bytes of W per thread per step); any other GPU, and
+    # the other regimes, the table's first
+    fwd, dx, _ = compiled_mode
+    m, r = {"small": 4, "large": 300}[regime[0]], {"lo": 16, "hi": 256}[regime[1]]
+    for arch in (75, 80, 86, 90, 100):
+        monkeypatch.setattr(qlora, "_arch", lambda device, arch=arch: arch)
+        _forward(m, r, k=128, n=8192)  # enough output tiles: no split schedule at small M
+        _dx(m, r, k=8192, n=128)
+        for kernel, kernel_name, table in ((fwd, "fwd", qlora._FWD_CONFIGS), (dx, "dx", qlora._DX_CONFIGS)):
+            index = qlora._ARCH_DEFAULTS.get(arch // 10, {}).get((kernel_name, regime), 0)
+            cfg = table[regime][index]
+            kwargs = kernel.launches[-1][2]
+            assert {key: kwargs[key] for key in cfg.kwargs} == cfg.kwargs, (kernel_name, regime, arch)
+            assert kwargs["num_warps"] == cfg.num_warps
+    for per_arch in qlora._ARCH_DEFAULTS.values():
+        for (kernel_name, reg), index in per_arch.items():
+            cfg = qlora._tables(kernel_name)[1][reg][index]
+            # 16 bytes of packed W (32 codes) per thread per loop step
+            assert cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] >= 32 * 32 * cfg.num_warps

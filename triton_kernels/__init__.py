@@ -31,6 +31,9 @@ Each entry is a dict:
               aligned pointers); absent means none
   options     optional: further compile options, as passed to the launch
               (e.g. {"enable_fp_fusion": False}); absent means Triton's defaults
+  archs       optional tuple of ints, e.g. (90,): the entry is that arch's default
+              config only (the launchers pick tiles by compute capability) and is
+              compiled for those archs alone; absent means every arch
   default     optional bool, True when absent: a config the launchers pick in
               common cases. tests/test_triton_aot.py requires zero spills (no
               local memory, no stack) for every default config.

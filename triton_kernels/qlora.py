@@ -1217,17 +1217,69 @@ _FWD_CONFIGS = {
         _cfg(16, 32, 64, 4, 3),
         _cfg(16, 64, 64, 4, 3),
     ],
-    ("small", "hi"): [_cfg(16, 32, 32, 4, 3), _cfg(16, 64, 64, 8, 3), _cfg(16, 32, 64, 4, 3)],
-    ("large", "lo"): [_cfg(128, 128, 32, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 32, 8, 3)],
-    ("large", "hi"): [_cfg(64, 64, 32, 8, 3), _cfg(64, 64, 64, 8, 3), _cfg(32, 128, 32, 8, 3)],
+    ("small", "hi"): [
+        _cfg(16, 32, 32, 4, 3),
+        _cfg(16, 64, 64, 4, 3),  # sm_8x's default (_ARCH_DEFAULTS)
+        _cfg(16, 64, 64, 8, 3),
+        _cfg(16, 32, 64, 4, 3),
+    ],
+    ("large", "lo"): [
+        _cfg(128, 128, 32, 8, 3),
+        _cfg(128, 128, 64, 8, 3),  # sm_90's default (_ARCH_DEFAULTS)
+        _cfg(128, 128, 32, 8, 4),
+        _cfg(64, 128, 32, 8, 3),
+    ],
+    ("large", "hi"): [
+        _cfg(64, 64, 32, 8, 3),
+        _cfg(64, 128, 64, 8, 3),  # sm_90's default
+        _cfg(64, 64, 64, 8, 3),
+        _cfg(32, 128, 32, 8, 3),
+    ],
 }
 # In the dx kernel BLOCK_N is the loop dimension and BLOCK_K the output tile.
 _DX_CONFIGS = {
     ("small", "lo"): [_cfg(16, 128, 32, 4, 3), _cfg(16, 64, 32, 4, 3), _cfg(16, 64, 64, 4, 3)],
-    ("small", "hi"): [_cfg(16, 64, 32, 4, 3), _cfg(16, 32, 32, 4, 3), _cfg(16, 32, 64, 8, 3)],
-    ("large", "lo"): [_cfg(128, 32, 128, 8, 3), _cfg(128, 32, 128, 8, 4), _cfg(64, 64, 128, 8, 3)],
-    ("large", "hi"): [_cfg(64, 32, 128, 8, 3), _cfg(64, 64, 64, 8, 3)],
+    ("small", "hi"): [
+        _cfg(16, 64, 32, 4, 3),
+        _cfg(16, 64, 64, 4, 3),  # sm_8x's default
+        _cfg(16, 32, 32, 4, 3),
+        _cfg(16, 32, 64, 8, 3),
+    ],
+    ("large", "lo"): [
+        _cfg(128, 32, 128, 8, 3),
+        _cfg(128, 64, 128, 8, 3),  # sm_90's default
+        _cfg(128, 32, 128, 8, 4),
+        _cfg(64, 64, 128, 8, 3),
+    ],
+    ("large", "hi"): [
+        _cfg(64, 32, 128, 8, 3),
+        _cfg(64, 64, 128, 8, 3),
+        _cfg(64, 64, 64, 8, 3),
+    ],  # 2nd: sm_90's
 }
+# Per-arch defaults (compute capability major -> {(kernel, regime): index into the table};
+# absent: the table's first). Both give each thread 16 bytes of packed W per loop step
+# (BLOCK_N x BLOCK_K >= 32 x threads): one 16-byte load, 4 words of one row, so each block
+# table the register decode builds serves 32 codes instead of 8 or 16. SASS per decoded
+# element, NF4+DQ, bf16 (benchmarks/results/sass_report.md), all 0 spills:
+# - 9 (Hopper: Triton lowers tl.dot to wgmma, operands from shared memory), large M:
+#   forward 14.25 -> 9.06 (r <= 64), 26.12 -> 10.5 (r > 64); dx 13.94 -> 9.28, 15.19 ->
+#   10.41. On sm_80's mma.sync path the same tiles cost more (forward 128x128x64: 18.0 ->
+#   22.4, ptxas copies the accumulators around each HMMA: 256 IMAD.MOV per step) or spill.
+# - 8 (Ampere/Ada, mma.sync), small M at r > 64: 16x64x64 (forward 31.5 -> 14.2, dx 21.4
+#   -> 12.6); the same tile spills on sm_90 (24 / 40 bytes of stack), which keeps 16x32x32
+#   and 16x64x32.
+# Any other capability runs the tables' first configs.
+_ARCH_DEFAULTS = {
+    9: {
+        ("fwd", ("large", "lo")): 1,
+        ("fwd", ("large", "hi")): 1,
+        ("dx", ("large", "lo")): 1,
+        ("dx", ("large", "hi")): 1,
+    },
+    8: {("fwd", ("small", "hi")): 1, ("dx", ("small", "hi")): 1},
+}
+_PER_ARCH = {key for table in _ARCH_DEFAULTS.values() for key in table}  # (kernel, regime) with arch tiles
 # Under the interpreter: one small config that still exercises every mask edge.
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 2}
 
@@ -1394,13 +1446,27 @@ def autotune_enabled() -> bool:
 
 
 @functools.cache
-def default_config(kernel_name: str, regime: tuple[str, str]) -> triton.Config:
-    """The config a launch of ``kernel_name`` runs in ``regime`` when not autotuning: the
-    table's first, which AOT_CONFIGS compiles for sm_80/sm_90 and the report shows spill-free
-    (tests/test_triton_configs.py). Chosen once per (kernel, regime) from the shape at call
-    time: no benchmark runs, so the first call of a shape costs one compile, not one per
-    candidate config (4 for the forward at small M) plus their timed runs."""
-    return _tables(kernel_name)[1][regime][0]
+def default_config(kernel_name: str, regime: tuple[str, str], arch: int = 0) -> triton.Config:
+    """The config a launch of ``kernel_name`` runs in ``regime`` on a GPU of compute
+    capability ``arch`` (major * 10 + minor) when not autotuning: the table's first, or on
+    ``_ARCH_DEFAULTS`` entry of its major version where there is one; AOT_CONFIGS compiles
+    each for its arch and the report shows them spill-free (tests/test_triton_configs.py).
+    Chosen once per (kernel, regime, arch) from the shape at call time: no benchmark runs,
+    so the first call of a shape costs one compile, not one per candidate config (4 for
+    the forward at small M) plus their timed runs."""
+    table = _tables(kernel_name)[1][regime]
+    index = _ARCH_DEFAULTS.get(arch // 10, {}).get((kernel_name, regime), 0)
+    return table[index]
+
+
+@functools.cache
+def _arch(device: torch.device) -> int:
+    """Compute capability major * 10 + minor of a CUDA device; 0 elsewhere (the tables'
+    first configs: the interpreter, and the tests' recording launchers on CPU tensors)."""
+    if device.type != "cuda" or interpreting():
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
 
 
 @functools.cache
@@ -1421,7 +1487,7 @@ def _launch(kernel_name: str, kernel, m: int, n_out, br: int, args: tuple, kwarg
         tuned = _tuned(kernel_name, regime)
         tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * n_out(meta),)](*args, **kwargs)
         return
-    cfg = default_config(kernel_name, regime)
+    cfg = default_config(kernel_name, regime, _arch(args[0].device))
     grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * n_out(cfg.kwargs),)
     kernel[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -1757,11 +1823,14 @@ def _aot_entry(
     dtype: str = "bf16",
     nested: bool = True,
     has_lora: bool = True,
+    arch: int | None = None,
 ) -> dict:
-    """The default (first) config of ``regime`` as an AOT description: bf16, NF4 with double
+    """The default config of ``regime`` as an AOT description: bf16, NF4 with double
     quantization, blocksize 64, bias and rank_scale on, out_scale off; ``has_lora=False``:
-    the no-adapter variant (LoRA terms compiled out)."""
-    cfg = (_FWD_CONFIGS if kernel_name == "fwd" else _DX_CONFIGS)[regime][0]
+    the no-adapter variant (LoRA terms compiled out). ``arch`` (80, 90): the default on that
+    arch (``default_config``), and the entry's "archs" says the report compiles it for that
+    arch only; None: the table's first, for every arch without its own default."""
+    cfg = default_config(kernel_name, regime, arch or 0)
     ptrs, strides = (_FWD_ARGS, _FWD_STRIDES) if kernel_name == "fwd" else (_DX_ARGS, _DX_STRIDES)
     signature = {name: t.format(dt=dtype, am="u8" if nested else "fp32") for name, t in ptrs}
     signature.update(dict(_SCALARS))
@@ -1804,7 +1873,7 @@ def _aot_entry(
         or (signature[name] == "i32" and name not in ("M", "R", "M_BUCKET"))
         or (name == "R" and r % 16 == 0 and has_lora)
     }
-    return {
+    entry = {
         "name": f"qlora_{kernel_name}_{regime[0]}M_{f'r{r}' if has_lora else 'nolora'}_{dtype}",
         "fn": fn,
         "signature": signature,
@@ -1813,10 +1882,21 @@ def _aot_entry(
         "num_stages": cfg.num_stages,
         "attrs": attrs,  # ASTSource(fn, signature, constexprs, attrs)
     }
+    if arch is not None:
+        entry["archs"] = (arch,)
+    return entry
+
+
+def _aot_entries(kernel_name: str, regime: tuple[str, str], r: int, has_lora: bool = True) -> list[dict]:
+    """One entry for every arch, or (where an arch has its own default) one per arch, both
+    under one name: the reports key records by (name, arch)."""
+    if (kernel_name, regime) not in _PER_ARCH:
+        return [_aot_entry(kernel_name, regime, r, has_lora=has_lora)]
+    return [_aot_entry(kernel_name, regime, r, has_lora=has_lora, arch=arch) for arch in (80, 90)]
 
 
 AOT_CONFIGS = [
-    _aot_entry(kernel_name, regime, r)
+    e
     for kernel_name in ("fwd", "dx")
     for regime, r in (
         (("small", "lo"), 16),
@@ -1824,10 +1904,12 @@ AOT_CONFIGS = [
         (("small", "hi"), 256),
         (("large", "hi"), 256),
     )
+    for e in _aot_entries(kernel_name, regime, r)
 ] + [  # no adapter: the "lo" bucket's config (block_r(0) = 16), LoRA compiled out
-    _aot_entry(kernel_name, regime, 0, has_lora=False)
+    e
     for kernel_name in ("fwd", "dx")
     for regime in (("small", "lo"), ("large", "lo"))
+    for e in _aot_entries(kernel_name, regime, 0, has_lora=False)
 ]
 
 _SPLIT_ARGS = {
