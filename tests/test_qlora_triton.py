@@ -198,7 +198,9 @@ def test_aot_configs_are_well_formed():
     kern = _kernels()
     assert kern.AOT_CONFIGS
     for cfg in kern.AOT_CONFIGS:
-        assert set(cfg) == {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "attrs"}
+        keys = {"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "attrs"}
+        assert keys <= set(cfg) <= keys | {"archs"}  # "archs": one arch's own default tile
+        assert set(cfg.get("archs", (80, 90))) <= {80, 90}
         assert list(cfg["signature"]) == cfg["fn"].arg_names, cfg["name"]
         for name in cfg["constexprs"]:
             assert cfg["signature"][name] == "constexpr", (cfg["name"], name)
@@ -252,6 +254,52 @@ def test_register_decode_is_the_reference_dequantize(dtype, n, k, quant_type, do
     )  # fmt: skip
     assert torch.equal(y.cpu().T, ref[:, cols]), "forward W tile"
     assert torch.equal(dx.cpu(), ref), "dx W tile"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "n", "k", "quant_type", "double_quant", "blocksize"),
+    [
+        (torch.bfloat16, 45, 256, "nf4", True, 32),  # partial N tile, four blocks per 128-code chunk
+        (torch.float16, 17, 384, "fp4", False, 64),  # partial last K tile (128-wide tiles), two per chunk
+        (torch.bfloat16, 9, 256, "nf4", True, 256),  # a block spans two chunks (and two K tiles)
+        (torch.float32, 5, 128, "nf4", True, 64),  # no register decode: decoded from a bitsandbytes copy
+    ],
+)
+def test_fragment_layout_decodes_like_bitsandbytes_order(dtype, n, k, quant_type, double_quant, blocksize):
+    """A weight in the GPU fragment layout (qpeft/layout.py) gives the launchers the same W
+    bit for bit: read in place by the register decode (LUT = 2, the tile permuted back to k
+    order in registers) or, where that does not apply, through an unrepacked copy. One-hot
+    rows and dy = I as in test_register_decode_is_the_reference_dequantize."""
+    from qpeft.layout import repack_4bit
+
+    kern = _launchers()
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g) * 3
+    packed, st = quantize_4bit(w, blocksize, quant_type, double_quant=double_quant)
+    with qpeft.use_backend("default"):
+        ref = qpeft.functional.dequantize_4bit(packed, st, dtype).cpu()
+    frag = repack_4bit(packed, n, k, blocksize).reshape(-1)
+    nested = (st.state2.absmax, st.state2.code, st.offset.reshape(1)) if st.nested else (None, None, None)
+    nbs = st.state2.blocksize if st.nested else 256
+    code = st.code.to(dtype=torch.float32)
+    in_place = dtype != torch.float32
+    assert kern._layout("fwd", "fragment", frag, dtype, 16, n, k, blocksize, 16, None)[1] == (
+        2 if in_place else False
+    )
+    cols = torch.linspace(0, k - 1, 16).round().long()
+    x = torch.zeros(16, k, dtype=dtype)
+    x[torch.arange(16), cols] = 1
+    args = (st.absmax, *nested, code, blocksize, nbs, n, k, None, None, 1.0)
+    y, _ = kern.qlora_forward(x, frag, *args, split=0, layout="fragment")
+    dx, _ = kern.qlora_dx(torch.eye(n, dtype=dtype), frag, *args, split=0, layout="fragment")
+    assert torch.equal(y.T, ref[:, cols]), "forward W tile"
+    assert torch.equal(dx, ref), "dx W tile"
+    # the split schedule reads an unrepacked copy, with the same result as on bitsandbytes' order
+    y1, _ = kern.qlora_forward(x[:3], frag, *args, split=2, layout="fragment")
+    y2, _ = kern.qlora_forward(x[:3], packed.reshape(-1), *args, split=2)
+    assert torch.equal(y1, y2)
+    with pytest.raises(ValueError, match="layout must be"):
+        kern.qlora_forward(x, frag, *args, layout="tiled")
 
 
 def test_misaligned_packed_takes_the_byte_path():

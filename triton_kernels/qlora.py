@@ -250,14 +250,16 @@ def _planes(codes, a, dt: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _lookup4(t, sa, sb, ASM: tl.constexpr):
-    """Entries (n1, n0, n3, n2) of the tables ``t`` for the 4 codes in the low 16 bits of a
-    word (byte k of the result: the code in selector nibble k), as 2 uint32 of 2 entries
-    each in element order: ((e0, e1), (e2, e3)) with e0 = nibble 1 (the high nibble of
-    the first byte). sa: the word & 0x7777 (entry within a half table); sb: per nibble,
-    i + 4 * (code >= 8) (which half's byte i)."""
+def _lookup4(t, sa, sb, ASM: tl.constexpr, LOW_FIRST: tl.constexpr):
+    """Entries of the tables ``t`` for the 4 codes in the low 16 bits of a word (byte k of
+    ``lo``/``hi``: the code in selector nibble k), as 2 uint32 of 2 entries each in element
+    order: ((e0, e1), (e2, e3)), with e0 = nibble 1 (bitsandbytes: the high nibble of the
+    first byte) or, LOW_FIRST (the fragment layout), nibble 0. sa: the word & 0x7777
+    (entry within a half table); sb: per nibble, i + 4 * (code >= 8) (which half's byte i)."""
     lo = _prmt(_prmt(t[0], t[1], sa, ASM), _prmt(t[2], t[3], sa, ASM), sb, ASM)
     hi = _prmt(_prmt(t[4], t[5], sa, ASM), _prmt(t[6], t[7], sa, ASM), sb, ASM)
+    if LOW_FIRST:
+        return _prmt(lo, hi, 0x5140, ASM), _prmt(lo, hi, 0x7362, ASM)
     return _prmt(lo, hi, 0x4051, ASM), _prmt(lo, hi, 0x6273, ASM)
 
 
@@ -285,6 +287,7 @@ def _dequant_lut(
     NESTED_BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
     ASM: tl.constexpr,
+    FRAG: tl.constexpr,
 ):
     """W[offs_n, k0 : k0 + BLOCK_K] as ``dt`` (fp16/bf16) [BN, BLOCK_K], 0 outside W; for
     K % BLOCKSIZE == 0 (rows hold whole quant blocks; BLOCKSIZE >= 32, so a row is a whole
@@ -294,7 +297,10 @@ def _dequant_lut(
     contiguous (16-byte vector loads). Each quant block's 16-entry table is built once
     per block and row of the tile (``_planes``), then every word is decoded by 16 prmt
     and 5 integer ops into 4 packed pairs (docs/design.md, "Fused kernels: register
-    decode"). Masked words read 0 and masked blocks have absmax 0: their entries are +-0."""
+    decode"). Masked words read 0 and masked blocks have absmax 0: their entries are +-0.
+    FRAG: ``packed`` is in the fragment layout (qpeft/layout.py; BLOCK_K % 128 == 0): the
+    same row-local words, each decoded low nibble first and the tile's codes permuted back
+    to k order in registers (docs/design.md, "The GPU fragment layout")."""
     BN: tl.constexpr = offs_n.shape[0]
     WPR: tl.constexpr = BLOCK_K // 8  # words per tile row
     SUB: tl.constexpr = BLOCK_K if BLOCK_K < BLOCKSIZE else BLOCKSIZE
@@ -326,30 +332,48 @@ def _dequant_lut(
         NESTED,
     )
     t = _planes(codes, a, dt, ASM)  # 8 x [BN, G]
-    # each word takes its block's tables: [BN, G] -> [BN, G, SUB / 8] -> [BN, WPR]
+    # each word takes its block's tables: [BN, G] -> [BN, WPR]
     t = (
-        tl.broadcast_to(t[0][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
-        tl.broadcast_to(t[1][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
-        tl.broadcast_to(t[2][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
-        tl.broadcast_to(t[3][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
-        tl.broadcast_to(t[4][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
-        tl.broadcast_to(t[5][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
-        tl.broadcast_to(t[6][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
-        tl.broadcast_to(t[7][:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR),
+        _word_tables(t[0], BN, G, SUB, WPR, FRAG),
+        _word_tables(t[1], BN, G, SUB, WPR, FRAG),
+        _word_tables(t[2], BN, G, SUB, WPR, FRAG),
+        _word_tables(t[3], BN, G, SUB, WPR, FRAG),
+        _word_tables(t[4], BN, G, SUB, WPR, FRAG),
+        _word_tables(t[5], BN, G, SUB, WPR, FRAG),
+        _word_tables(t[6], BN, G, SUB, WPR, FRAG),
+        _word_tables(t[7], BN, G, SUB, WPR, FRAG),
     )
     # Element e of a word (e0 first in memory) is nibble e ^ 1 (byte e // 2, high nibble
     # first). Selectors: low 16 bits for e0..e3, high 16 bits for e4..e7.
     sa = w & 0x77777777
     sb = ((w >> 1) & 0x44444444) | 0x32103210
-    p01, p23 = _lookup4(t, sa, sb, ASM)
-    p45, p67 = _lookup4(t, sa >> 16, sb >> 16, ASM)
+    p01, p23 = _lookup4(t, sa, sb, ASM, FRAG)
+    p45, p67 = _lookup4(t, sa >> 16, sb >> 16, ASM, FRAG)
     l01, h01 = _halves(p01)
     l23, h23 = _halves(p23)
     l45, h45 = _halves(p45)
     l67, h67 = _halves(p67)
     # [BN, WPR, q, p, h] -> element 4q + 2p + h of the word
     v = tl.join(tl.join(tl.join(l01, l45), tl.join(l23, l67)), tl.join(tl.join(h01, h45), tl.join(h23, h67)))
+    if FRAG:
+        # memory order [chunk, lane t, word j, e = 4h + 2q + p] -> k = 32j + 16h + 8q + 2t + p
+        v = v.reshape(BN, BLOCK_K // 128, 4, 4, 2, 2, 2).permute(0, 1, 3, 4, 5, 2, 6)
     return v.reshape(BN, BLOCK_K).to(dt, bitcast=True)
+
+
+@triton.jit
+def _word_tables(
+    t, BN: tl.constexpr, G: tl.constexpr, SUB: tl.constexpr, WPR: tl.constexpr, FRAG: tl.constexpr
+):
+    """Per-block tables [BN, G] (G blocks of SUB codes per tile row) -> one per word [BN,
+    WPR]. bitsandbytes order: a block is SUB / 8 consecutive words. Fragment order (words
+    [chunk c, lane t, word j], word j holding k in [128c + 32j, 128c + 32j + 32)): for SUB
+    < 128 the block of word (c, t, j) is (128 / SUB) c + j // (SUB / 32), for every t."""
+    if FRAG and SUB < 128:
+        BPC: tl.constexpr = 128 // SUB  # blocks per chunk
+        t5 = t.reshape(BN, G // BPC, 1, BPC, 1)
+        return tl.broadcast_to(t5, (BN, G // BPC, 4, BPC, SUB // 32)).reshape(BN, WPR)
+    return tl.broadcast_to(t[:, :, None], (BN, G, SUB // 8)).reshape(BN, WPR)
 
 
 @triton.jit
@@ -394,6 +418,7 @@ def _dequant_tile(
             NESTED_BLOCKSIZE,
             NESTED,
             ASM,
+            LUT == 2,
         )
     else:
         w = _dequant_rows(
@@ -1282,6 +1307,8 @@ _ARCH_DEFAULTS = {
 _PER_ARCH = {key for table in _ARCH_DEFAULTS.values() for key in table}  # (kernel, regime) with arch tiles
 # Under the interpreter: one small config that still exercises every mask edge.
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 2}
+# ... and for a weight in the fragment layout read in place (whole 128-code chunks per tile)
+_INTERPRET_FRAG_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M": 2}
 
 # Split schedule (M <= SPLIT_M; qlora_*_split_kernel + qlora_split_reduce_kernel): (BLOCK_M,
 # r bucket) -> configs, default first. BLOCK_M = 16 at M <= 16 (the small tiles above),
@@ -1478,7 +1505,7 @@ def _tuned(kernel_name: str, regime: tuple[str, str]):
 def _launch(kernel_name: str, kernel, m: int, n_out, br: int, args: tuple, kwargs: dict) -> None:
     """Launch over ceil(m / BLOCK_M) * n_out(meta) programs (n_out: tiles along N or K)."""
     if interpreting():
-        cfg = _INTERPRET_CONFIG
+        cfg = _INTERPRET_FRAG_CONFIG if kwargs["LUT"] == 2 else _INTERPRET_CONFIG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * n_out(cfg),)
         kernel[grid](*args, **kwargs, **cfg)
         return
@@ -1513,6 +1540,31 @@ def _flags(dtype: torch.dtype) -> dict:
     return {"UPCAST": upcast, "IEEE": dtype == torch.float32 or upcast, "ASM": not interpreting()}
 
 
+def _layout(kernel_name, layout, packed, dtype, m, n, k, blocksize, br, plan):
+    """(packed, LUT) for a launch on a weight in ``layout`` ("bnb" or "fragment", qpeft/layout.py).
+    LUT: 0/False the per-byte fp32 path, 1/True the register decode, 2 the register decode
+    reading the fragment layout in place, which the unsplit kernels do when the register
+    decode applies and the tile the launch runs spans whole 128-code chunks (BLOCK_K % 128
+    == 0; not while autotuning, whose tables mix tiles). Every other launch on a fragment
+    weight decodes a bitsandbytes-order copy (``unrepack_4bit``; docs/design.md, "The GPU
+    fragment layout")."""
+    if layout == "bnb":
+        return packed, _lut(dtype, packed, k, blocksize)
+    if layout != "fragment":
+        raise ValueError(f"layout must be 'bnb' or 'fragment', got {layout!r}")
+    if plan is None and _lut(dtype, packed, k, blocksize) and not (autotune_enabled() and not interpreting()):
+        if interpreting():
+            bk = _INTERPRET_FRAG_CONFIG["BLOCK_K"]
+        else:
+            bk = default_config(kernel_name, _regime(m, br), _arch(packed.device)).kwargs["BLOCK_K"]
+        if bk % 128 == 0:
+            return packed, 2
+    from qpeft.layout import unrepack_4bit
+
+    packed = unrepack_4bit(packed, n, k, blocksize)
+    return packed, _lut(dtype, packed, k, blocksize)
+
+
 def _lut(dtype: torch.dtype, packed: torch.Tensor, k: int, blocksize: int) -> bool:
     """The register decode (``_dequant_lut``) applies: 16-bit output, rows of whole quant
     blocks, and ``packed`` 16-byte aligned (the kernel tells the compiler so, for 16-byte
@@ -1541,6 +1593,7 @@ def qlora_forward(
     out_scale=None,
     return_xa=False,
     split=None,
+    layout="bnb",
 ):
     """y [M, N] in x's dtype (and xa = x @ A^T [M, r] in x's dtype when ``return_xa``).
 
@@ -1549,7 +1602,8 @@ def qlora_forward(
     lora_a [r, K], lora_b [N, r], bias/out_scale [N], rank_scale [r]: any float dtype;
     lora_a = lora_b = None: no adapter (HAS_LORA=False: y = out_scale * (x @ W^T + bias)).
     split: the K-split schedule at M <= SPLIT_M (``_split_plan``): None chooses, 0 never
-    splits, s >= 1 runs the split kernels with s splits.
+    splits, s >= 1 runs the split kernels with s splits. layout: "bnb" (bitsandbytes' byte
+    order) or "fragment" (qpeft/layout.py; see ``_layout``).
     """
     has_lora = lora_a is not None
     m, r = x.shape[0], (lora_a.shape[0] if has_lora else 0)
@@ -1566,6 +1620,8 @@ def qlora_forward(
     else:  # no adapter: the A/B arguments are never read (HAS_LORA=False)
         _check_offsets(x=x, y=y)
         lora_a = lora_b = dummy.view(1, -1)
+    plan = _split_plan("fwd", m, n, k, r, x.device, split)
+    packed, lut = _layout("fwd", layout, packed, x.dtype, m, n, k, blocksize, br, plan)
     args = (
         x,
         packed,
@@ -1601,7 +1657,7 @@ def qlora_forward(
         NESTED_BLOCKSIZE=nested_blocksize,
         NESTED=nested,
         ALIGNED=k % blocksize == 0,
-        LUT=_lut(x.dtype, packed, k, blocksize),
+        LUT=lut,
         HAS_BIAS=bias is not None,
         HAS_RANK_SCALE=rank_scale is not None,
         HAS_OUT_SCALE=out_scale is not None,
@@ -1610,7 +1666,6 @@ def qlora_forward(
         BLOCK_R=br,
         **_flags(x.dtype),
     )
-    plan = _split_plan("fwd", m, n, k, r, x.device, split)
     if plan is None:
         _launch("fwd", qlora_fwd_kernel, m, lambda meta: triton.cdiv(n, meta["BLOCK_N"]), br, args, kwargs)
         return y, xa
@@ -1659,6 +1714,7 @@ def qlora_dx(
     rank_scale=None,
     return_g=False,
     split=None,
+    layout="bnb",
 ):
     """dx [M, K] in dy's dtype (and g = dy @ B [M, r] in fp32 when ``return_g``).
 
@@ -1680,6 +1736,8 @@ def qlora_dx(
     else:  # no adapter: the A/B arguments are never read (HAS_LORA=False)
         _check_offsets(dy=dy, dx=dx)
         lora_a = lora_b = dummy.view(1, -1)
+    plan = _split_plan("dx", m, k, n, r, dy.device, split)
+    packed, lut = _layout("dx", layout, packed, dy.dtype, m, n, k, blocksize, br, plan)
     args = (
         dy,
         packed,
@@ -1713,14 +1771,13 @@ def qlora_dx(
         NESTED_BLOCKSIZE=nested_blocksize,
         NESTED=nested,
         ALIGNED=k % blocksize == 0,
-        LUT=_lut(dy.dtype, packed, k, blocksize),
+        LUT=lut,
         HAS_RANK_SCALE=rank_scale is not None,
         HAS_LORA=has_lora,
         WRITE_G=return_g,
         BLOCK_R=br,
         **_flags(dy.dtype),
     )
-    plan = _split_plan("dx", m, k, n, r, dy.device, split)
     if plan is None:
         _launch("dx", qlora_dx_kernel, m, lambda meta: triton.cdiv(k, meta["BLOCK_K"]), br, args, kwargs)
         return dx, g
