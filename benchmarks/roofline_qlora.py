@@ -155,8 +155,9 @@ def estimate(m: int, tile: dict) -> dict:
     }
 
 
-def _aot_rows() -> list[dict]:
-    """Compile every table config (worst BLOCK_R of its bucket) for sm_80/sm_90 in a clean process."""
+def _aot_rows(parts: int = 2) -> list[dict]:
+    """Compile every table config (worst BLOCK_R of its bucket) for sm_80/sm_90 in ``parts``
+    clean processes (each takes every parts-th compile), in table order."""
     code = r"""
 import json, os, subprocess, sys, tempfile, warnings
 warnings.filterwarnings("ignore")
@@ -183,32 +184,50 @@ for name, table in (("fwd", kern._FWD_SPLIT_CONFIGS), ("dx", kern._DX_SPLIT_CONF
             tiles = {k: cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
             jobs.append((name, f"split{bm}/{bucket}", r, {80: i == 0, 90: i == 0}, cfg, entry,
                          dict(entry["constexprs"], **tiles)))
-for name, regime, r, defaults, cfg, entry, constexprs in jobs:
-            for arch in (80, 90):
-                src = ASTSource(entry["fn"], entry["signature"], constexprs, entry["attrs"])
-                k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                    f.write(k.asm["cubin"]); f.flush()
-                    dump = subprocess.run([cuobj, "--dump-resource-usage", f.name], capture_output=True,
-                                          text=True, check=True).stdout
-                line = next(l for l in dump.splitlines() if "REG:" in l).split()
-                res = dict(item.split(":", 1) for item in line if ":" in item)
-                rows.append({"kernel": name, "regime": regime, "r": r, "default": defaults[arch],
-                             "tile": [cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")],
-                             "warps": cfg.num_warps, "stages": cfg.num_stages, "arch": f"sm_{arch}",
-                             "reg": int(res["REG"]), "stack": int(res["STACK"]), "local": int(res["LOCAL"]),
-                             "smem": int(k.metadata.shared)})
+part, parts = int(sys.argv[1]), int(sys.argv[2])
+work = [(j, arch) for j in range(len(jobs)) for arch in (80, 90)]
+for index, (j, arch) in enumerate(work):
+    if index % parts != part:
+        continue
+    name, regime, r, defaults, cfg, entry, constexprs = jobs[j]
+    src = ASTSource(entry["fn"], entry["signature"], constexprs, entry["attrs"])
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                       options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"]); f.flush()
+        dump = subprocess.run([cuobj, "--dump-resource-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    line = next(l for l in dump.splitlines() if "REG:" in l).split()
+    res = dict(item.split(":", 1) for item in line if ":" in item)
+    rows.append({"index": index, "kernel": name, "regime": regime, "r": r, "default": defaults[arch],
+                 "tile": [cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")],
+                 "warps": cfg.num_warps, "stages": cfg.num_stages, "arch": f"sm_{arch}",
+                 "reg": int(res["REG"]), "stack": int(res["STACK"]), "local": int(res["LOCAL"]),
+                 "smem": int(k.metadata.shared)})
 print(json.dumps(rows))
 """
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=True
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(i), str(parts)],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(parts)
+    ]
+    rows = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"AOT compile failed:\n{err[-4000:]}")
+        rows += json.loads(out.strip().splitlines()[-1])
+    return [{k: v for k, v in r.items() if k != "index"} for r in sorted(rows, key=lambda r: r["index"])]
 
 
 _MMA_WORDS = {

@@ -1206,20 +1206,25 @@ def qlora_split_reduce_kernel(
 #   per thread, 8-byte loads); larger K tiles (128x128x64) spill on sm_80's mma.sync path.
 #   r > 64 adds a BM x BLOCK_R fp32 LoRA accumulator (up to 256 columns), so BM halves:
 #   64x64x32 (64x64x64, 4 words per thread, needs 24 B of stack on sm_80).
-# - Small M (decode, M <= 16), forward 16x32x128, 4 warps: GEMV-shaped. BM = 16 is the
-#   tl.dot minimum, so each W element is decoded exactly once; N / 32 = 128 programs at
+# - Small M (decode, M <= 16), forward 16x64x128, 4 warps: GEMV-shaped. BM = 16 is the
+#   tl.dot minimum, so each W element is decoded exactly once; N / 64 = 64 programs at
 #   N = 4096 (fewer than an H100's 132 SMs: the launchers then run these tiles in the
-#   split schedule, _FWD_SPLIT_CONFIGS, with a deterministic reduction); BK = 128 gives each program 2 KiB of packed W per
-#   step (4 words per thread). r > 64: 16x32x32 (the [BK, 256] A tile is the bulk of
-#   the step; 16x32x128 spills, 16x128x32 would leave 32 programs at N = 4096).
+#   split schedule, _FWD_SPLIT_CONFIGS, with a deterministic reduction); 64 x 128 codes =
+#   4 KiB of packed W per step, 32 bytes (two 16-byte loads, 64 codes of one row: one
+#   block table per 64 codes at blocksize 64) per thread: 7.5 SASS instructions per
+#   element on sm_90 against 10.6 for 16x32x128 (2 KiB, 16 bytes per thread). r > 64:
+#   16x32x32 (the [BK, 256] A tile is the bulk of the step; 16x32x128 spills, 16x128x32
+#   would leave 32 programs at N = 4096; sm_8x: 16x64x64, _ARCH_DEFAULTS).
 #   No warp repeats another's MMAs (mma_macs_ratio 1 in benchmarks/results/sass_report.md):
 #   BLOCK_R >= 32 at small M (block_r), and every small-M tile has BLOCK_N (dx: BLOCK_K)
 #   >= 8 x num_warps, so the warps split the n8 MMA columns instead of sharing the 16 rows.
 # - dx mirrors this with the output tile [BM, BLOCK_K] and the loop over N (BLOCK_N):
 #   128x32x128 at large M (no spills at r = 16; at r = 64 on sm_80 it needs 88 B of stack
 #   with the register decode's 16 code registers: benchmarks/roofline_qlora.md), 64x32x128
-#   at r > 64; at small M BLOCK_K = 32 keeps K / 32
-#   programs and the loop tile is BLOCK_N = 128 (r > 64: 64, the [BN, 256] B tile).
+#   at r > 64 (sm_90: _ARCH_DEFAULTS); at small M the output tile is BLOCK_K = 64 (K / 64
+#   programs, the split schedule fills the GPU) and the loop tile BLOCK_N = 128: 32 bytes
+#   of W per thread per step, 8.7 instructions per element against 13.4 for 16x128x32
+#   (r > 64: 16x64x32, the [BN, 256] B tile).
 # Pointers, N, K and strides divisible by 16 matter: without those hints (the JIT adds
 # them at run time) the same tiles spill; see AOT_CONFIGS' "attrs". The per-element
 # path for K % blocksize != 0 (no LLM shape) is not tuned.
@@ -1237,9 +1242,9 @@ def _cfg(bm, bn, bk, warps, stages, group_m=8):
 # (64 / 256) for sm_80 / sm_90 (ptxas of triton 3.9), are in benchmarks/roofline_qlora.md.
 _FWD_CONFIGS = {
     ("small", "lo"): [
+        _cfg(16, 64, 128, 4, 3),
         _cfg(16, 32, 128, 4, 3),
         _cfg(16, 32, 128, 4, 4),
-        _cfg(16, 32, 64, 4, 3),
         _cfg(16, 64, 64, 4, 3),
     ],
     ("small", "hi"): [
@@ -1263,7 +1268,7 @@ _FWD_CONFIGS = {
 }
 # In the dx kernel BLOCK_N is the loop dimension and BLOCK_K the output tile.
 _DX_CONFIGS = {
-    ("small", "lo"): [_cfg(16, 128, 32, 4, 3), _cfg(16, 64, 32, 4, 3), _cfg(16, 64, 64, 4, 3)],
+    ("small", "lo"): [_cfg(16, 128, 64, 4, 3), _cfg(16, 128, 32, 4, 3), _cfg(16, 64, 32, 4, 3)],
     ("small", "hi"): [
         _cfg(16, 64, 32, 4, 3),
         _cfg(16, 64, 64, 4, 3),  # sm_8x's default
@@ -1320,13 +1325,13 @@ _INTERPRET_FRAG_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M
 # dx at BM = 32 with a [128, 64] W step (32x128x64) or 4 warps at r > 64 spilled.
 SPLIT_M = 64
 _FWD_SPLIT_CONFIGS = {
-    (16, "lo"): [_cfg(16, 32, 128, 4, 3)],
+    (16, "lo"): [_cfg(16, 64, 128, 4, 3)],
     (16, "hi"): [_cfg(16, 32, 32, 4, 3)],
     (32, "lo"): [_cfg(32, 64, 128, 4, 3)],
     (32, "hi"): [_cfg(32, 64, 32, 4, 3)],
 }
 _DX_SPLIT_CONFIGS = {
-    (16, "lo"): [_cfg(16, 128, 32, 4, 3)],
+    (16, "lo"): [_cfg(16, 128, 64, 4, 3)],
     (16, "hi"): [_cfg(16, 64, 32, 4, 3)],
     (32, "lo"): [_cfg(32, 64, 64, 4, 3)],
     (32, "hi"): [_cfg(32, 64, 64, 8, 3)],
