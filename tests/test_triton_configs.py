@@ -195,9 +195,9 @@ def test_every_default_config_is_in_the_aot_report_without_spills():
 
 @pytest.mark.parametrize("regime", REGIMES)
 def test_each_arch_runs_its_own_tiles(compiled_mode, monkeypatch, regime):
-    # docs/design.md, "Triton configs": capability 9.x (large M) and 8.x (small M, r > 64)
-    # run their _ARCH_DEFAULTS tile (16 bytes of W per thread per step); any other GPU, and
-    # the other regimes, the table's first
+    # docs/design.md, "Triton configs": capability 9.x (large M) runs its _ARCH_DEFAULTS
+    # tile (16 bytes of W per thread per step); any other GPU, and the other regimes, the
+    # table's first
     fwd, dx, _ = compiled_mode
     m, r = {"small": 4, "large": 300}[regime[0]], {"lo": 16, "hi": 256}[regime[1]]
     for arch in (75, 80, 86, 90, 100):

@@ -1213,8 +1213,10 @@ def qlora_split_reduce_kernel(
 #   4 KiB of packed W per step, 32 bytes (two 16-byte loads, 64 codes of one row: one
 #   block table per 64 codes at blocksize 64) per thread: 7.5 SASS instructions per
 #   element on sm_90 against 10.6 for 16x32x128 (2 KiB, 16 bytes per thread). r > 64:
-#   16x32x32 (the [BK, 256] A tile is the bulk of the step; 16x32x128 spills, 16x128x32
-#   would leave 32 programs at N = 4096; sm_8x: 16x64x64, _ARCH_DEFAULTS).
+#   16x128x32 (the [BK, 256] A tile is the bulk of the step, so BK stays 32 and BN takes
+#   the 16 bytes per thread: 11.75 instructions per element on sm_90 against 29.75 for
+#   16x32x32; 16x32x128 and 16x64x64 spill on sm_90; N / 128 programs, so the split
+#   schedule, whose BM = 16 tile at r > 64 is the same, runs at any N below 128 x SMs).
 #   No warp repeats another's MMAs (mma_macs_ratio 1 in benchmarks/results/sass_report.md):
 #   BLOCK_R >= 32 at small M (block_r), and every small-M tile has BLOCK_N (dx: BLOCK_K)
 #   >= 8 x num_warps, so the warps split the n8 MMA columns instead of sharing the 16 rows.
@@ -1224,7 +1226,7 @@ def qlora_split_reduce_kernel(
 #   at r > 64 (sm_90: _ARCH_DEFAULTS); at small M the output tile is BLOCK_K = 64 (K / 64
 #   programs, the split schedule fills the GPU) and the loop tile BLOCK_N = 128: 32 bytes
 #   of W per thread per step, 8.7 instructions per element against 13.4 for 16x128x32
-#   (r > 64: 16x64x32, the [BN, 256] B tile).
+#   (r > 64: 16x32x128, the [BN, 256] B tile kept at BN = 32: 10.3 against 21.4 for 16x64x32).
 # Pointers, N, K and strides divisible by 16 matter: without those hints (the JIT adds
 # them at run time) the same tiles spill; see AOT_CONFIGS' "attrs". The per-element
 # path for K % blocksize != 0 (no LLM shape) is not tuned.
@@ -1248,10 +1250,10 @@ _FWD_CONFIGS = {
         _cfg(16, 64, 64, 4, 3),
     ],
     ("small", "hi"): [
+        _cfg(16, 128, 32, 4, 3),
         _cfg(16, 32, 32, 4, 3),
-        _cfg(16, 64, 64, 4, 3),  # sm_8x's default (_ARCH_DEFAULTS)
+        _cfg(16, 64, 64, 4, 3),
         _cfg(16, 64, 64, 8, 3),
-        _cfg(16, 32, 64, 4, 3),
     ],
     ("large", "lo"): [
         _cfg(128, 128, 32, 8, 3),
@@ -1270,9 +1272,9 @@ _FWD_CONFIGS = {
 _DX_CONFIGS = {
     ("small", "lo"): [_cfg(16, 128, 64, 4, 3), _cfg(16, 128, 32, 4, 3), _cfg(16, 64, 32, 4, 3)],
     ("small", "hi"): [
+        _cfg(16, 32, 128, 4, 3),
         _cfg(16, 64, 32, 4, 3),
-        _cfg(16, 64, 64, 4, 3),  # sm_8x's default
-        _cfg(16, 32, 32, 4, 3),
+        _cfg(16, 64, 64, 4, 3),
         _cfg(16, 32, 64, 8, 3),
     ],
     ("large", "lo"): [
@@ -1288,7 +1290,7 @@ _DX_CONFIGS = {
     ],  # 2nd: sm_90's
 }
 # Per-arch defaults (compute capability major -> {(kernel, regime): index into the table};
-# absent: the table's first). Both give each thread 16 bytes of packed W per loop step
+# absent: the table's first). These give each thread 16 bytes of packed W per loop step
 # (BLOCK_N x BLOCK_K >= 32 x threads): one 16-byte load, 4 words of one row, so each block
 # table the register decode builds serves 32 codes instead of 8 or 16. SASS per decoded
 # element, NF4+DQ, bf16 (benchmarks/results/sass_report.md), all 0 spills:
@@ -1296,9 +1298,6 @@ _DX_CONFIGS = {
 #   forward 14.25 -> 9.06 (r <= 64), 26.12 -> 10.5 (r > 64); dx 13.94 -> 9.28, 15.19 ->
 #   10.41. On sm_80's mma.sync path the same tiles cost more (forward 128x128x64: 18.0 ->
 #   22.4, ptxas copies the accumulators around each HMMA: 256 IMAD.MOV per step) or spill.
-# - 8 (Ampere/Ada, mma.sync), small M at r > 64: 16x64x64 (forward 31.5 -> 14.2, dx 21.4
-#   -> 12.6); the same tile spills on sm_90 (24 / 40 bytes of stack), which keeps 16x32x32
-#   and 16x64x32.
 # Any other capability runs the tables' first configs.
 _ARCH_DEFAULTS = {
     9: {
@@ -1307,7 +1306,6 @@ _ARCH_DEFAULTS = {
         ("dx", ("large", "lo")): 1,
         ("dx", ("large", "hi")): 1,
     },
-    8: {("fwd", ("small", "hi")): 1, ("dx", ("small", "hi")): 1},
 }
 _PER_ARCH = {key for table in _ARCH_DEFAULTS.values() for key in table}  # (kernel, regime) with arch tiles
 # Under the interpreter: one small config that still exercises every mask edge.
@@ -1326,13 +1324,13 @@ _INTERPRET_FRAG_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M
 SPLIT_M = 64
 _FWD_SPLIT_CONFIGS = {
     (16, "lo"): [_cfg(16, 64, 128, 4, 3)],
-    (16, "hi"): [_cfg(16, 32, 32, 4, 3)],
+    (16, "hi"): [_cfg(16, 128, 32, 4, 3)],
     (32, "lo"): [_cfg(32, 64, 128, 4, 3)],
     (32, "hi"): [_cfg(32, 64, 32, 4, 3)],
 }
 _DX_SPLIT_CONFIGS = {
     (16, "lo"): [_cfg(16, 128, 64, 4, 3)],
-    (16, "hi"): [_cfg(16, 64, 32, 4, 3)],
+    (16, "hi"): [_cfg(16, 32, 128, 4, 3)],
     (32, "lo"): [_cfg(32, 64, 64, 4, 3)],
     (32, "hi"): [_cfg(32, 64, 64, 8, 3)],
 }
