@@ -318,9 +318,16 @@ def markdown(rows: list[dict], aot: list[dict] | None) -> str:
         'decode is register-resident with 16-byte W loads (docs/design.md, "Fused kernels: register '
         'decode"): per 32-bit word of 8 codes 16 prmt and 5 integer ops, per block table and row 32 more; '
         "the rest of the loop is operand staging in shared memory, MMA issue and waits, and the LoRA tiles. "
-        "The decode alone is about 3 instructions per element while it stays bit-exact (the table is "
-        "code x absmax in fp32, rounded once), so the issue bound cannot reach the MMA bound at this "
-        "tile without a cheaper, rounding-changing decode (docs/design.md).",
+        "The decode alone is 3 to 3.6 instructions per element while it stays bit-exact (the table is "
+        "code x absmax in fp32, rounded once; docs/design.md). "
+        + (
+            f"At M = {large['m']} issue now stays under the MMA time, so what keeps the estimate below "
+            "cuBLAS is the extra MMA work of the fused LoRA path, and the estimate assumes a perfect overlap "
+            "that the per-step wgmma wait does not give."
+            if large["bound"] == "MMA"
+            else f"At M = {large['m']} the issue bound is above the MMA bound: cutting instructions per "
+            "element moves the estimate."
+        ),
         "",
     ]
     if aot:
