@@ -1203,9 +1203,10 @@ def qlora_split_reduce_kernel(
 #   should give each thread several words of one block: 4 contiguous words (16 bytes, one
 #   vector load) per thread needs BLOCK_N x BLOCK_K >= 32 x threads.
 # - Large M (training), forward 128x128x32, 8 warps: the usual tensor-core tile (2 words
-#   per thread, 8-byte loads); larger K tiles (128x128x64) spill on sm_80's mma.sync path.
+#   per thread, 8-byte loads); on sm_80's mma.sync path larger K tiles (128x128x64) cost
+#   more or spill. sm_90 runs 128x128x64 (4 words per thread; _ARCH_DEFAULTS below).
 #   r > 64 adds a BM x BLOCK_R fp32 LoRA accumulator (up to 256 columns), so BM halves:
-#   64x64x32 (64x64x64, 4 words per thread, needs 24 B of stack on sm_80).
+#   64x64x32 (64x64x64, 4 words per thread, needs 24 B of stack on sm_80; sm_90: 64x128x64).
 # - Small M (decode, M <= 16), forward 16x64x128, 4 warps: GEMV-shaped. BM = 16 is the
 #   tl.dot minimum, so each W element is decoded exactly once; N / 64 = 64 programs at
 #   N = 4096 (fewer than an H100's 132 SMs: the launchers then run these tiles in the
