@@ -1321,7 +1321,10 @@ _INTERPRET_FRAG_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "GROUP_M
 # BM) and their LoRA tile is too (block_r: BLOCK_R >= 64), so Triton lays the chained dots
 # out with the warps along N (no warp repeats another's MMAs; mma_macs_ratio in
 # benchmarks/results/sass_report.md). All compile spill-free for sm_80/sm_90 (the report);
-# dx at BM = 32 with a [128, 64] W step (32x128x64) or 4 warps at r > 64 spilled.
+# dx at BM = 32 with a [128, 64] W step (32x128x64) or 4 warps at r > 64 spilled; at r > 64
+# dx takes a [64, 128] W step over 8 warps (16 bytes per thread: 13.8 instructions per
+# element on sm_90 against 21.4 for 32x64x64), the forward keeps 32x64x32 (its 16-byte
+# candidates spill on sm_90: docs/design.md, "Triton configs").
 SPLIT_M = 64
 _FWD_SPLIT_CONFIGS = {
     (16, "lo"): [_cfg(16, 64, 128, 4, 3)],
@@ -1333,7 +1336,7 @@ _DX_SPLIT_CONFIGS = {
     (16, "lo"): [_cfg(16, 128, 64, 4, 3)],
     (16, "hi"): [_cfg(16, 32, 128, 4, 3)],
     (32, "lo"): [_cfg(32, 64, 64, 4, 3)],
-    (32, "hi"): [_cfg(32, 64, 64, 8, 3)],
+    (32, "hi"): [_cfg(32, 64, 128, 8, 3)],
 }
 MIN_SPLIT_TILES = 4  # loop tiles per split at least (each split amortizes its prologue/epilogue)
 INTERPRET_SMS = 132  # nominal SM count (H100/H200 SXM) for the heuristic under the interpreter
