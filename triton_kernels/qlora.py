@@ -1951,12 +1951,14 @@ def _aot_entry(
     return entry
 
 
-def _aot_entries(kernel_name: str, regime: tuple[str, str], r: int, has_lora: bool = True) -> list[dict]:
+def _aot_entries(
+    kernel_name: str, regime: tuple[str, str], r: int, has_lora: bool = True, dtype: str = "bf16"
+) -> list[dict]:
     """One entry for every arch, or (where an arch has its own default) one per arch, both
     under one name: the reports key records by (name, arch)."""
     if (kernel_name, regime) not in _PER_ARCH:
-        return [_aot_entry(kernel_name, regime, r, has_lora=has_lora)]
-    return [_aot_entry(kernel_name, regime, r, has_lora=has_lora, arch=arch) for arch in (80, 90)]
+        return [_aot_entry(kernel_name, regime, r, dtype, has_lora=has_lora)]
+    return [_aot_entry(kernel_name, regime, r, dtype, has_lora=has_lora, arch=arch) for arch in (80, 90)]
 
 
 AOT_CONFIGS = [
@@ -2037,6 +2039,17 @@ def _aot_split_entry(kernel_name: str, bm: int, r: int, dtype: str = "bf16") -> 
     }
 
 
+AOT_CONFIGS += [  # fp16 activations: the same default tiles (the register decode rounds to fp16)
+    e
+    for kernel_name in ("fwd", "dx")
+    for regime, r in (
+        (("small", "lo"), 16),
+        (("large", "lo"), 16),
+        (("small", "hi"), 256),
+        (("large", "hi"), 256),
+    )
+    for e in _aot_entries(kernel_name, regime, r, dtype="fp16")
+]
 AOT_CONFIGS += [  # the split schedule (M <= SPLIT_M): both tile heights, both rank buckets
     _aot_split_entry(kernel_name, bm, r)
     for kernel_name in ("fwd", "dx")
