@@ -29,12 +29,23 @@
 //    poisoned with 0xff bytes at block start and followed by a canary that is
 //    checked after every barrier and at block end.
 //
+// PTX instructions: those of csrc/cuda/ptx.h (mma.m16n8k16 with bf16/fp16 inputs
+// and fp32 accumulation, ldmatrix .x1/.x2/.x4 [.trans], cp.async 4/8/16 bytes with
+// commit_group / wait_group, lop3, prmt, the shared-window address) are emulated
+// from the PTX ISA's definitions by csrc/emu/emu_ptx.h, which ptx.h includes in
+// this build: mma and ldmatrix as warp exchanges (all 32 lanes, one line), cp.async
+// as a per-thread queue of groups landing at the wait that retires them, with the
+// destination poisoned and ldmatrix of bytes in flight reported (see emu_ptx.h for
+// what is and is not checked).
+//
 // Not emulated (kernels must keep these behind __CUDA_ARCH__, whose host branch
-// the emulation runs): inline PTX, textures, cooperative groups, clusters,
-// memory spin-waits between threads (a spin loop without __nanosleep never
-// yields), `extern __shared__` arrays (use qpeft::dynamic_smem<T>()). The
-// approximate intrinsics (__expf, __fdividef, rsqrtf, ...) compute the exact
-// host function here, so kernels that must match bit for bit avoid them.
+// the emulation runs): any other inline PTX (wgmma, TMA / cp.async.bulk,
+// mbarriers, ...), textures, cooperative groups, clusters, memory spin-waits
+// between threads (a spin loop without __nanosleep never yields), `extern
+// __shared__` arrays (use qpeft::dynamic_smem<T>()). The approximate intrinsics
+// (__expf, __fdividef, rsqrtf, ...) compute the exact host function here, so
+// kernels that must match bit for bit avoid them. Shared-memory bank conflicts
+// and all timing are beyond the model.
 #pragma once
 
 #if defined(__CUDACC__)
