@@ -29,8 +29,9 @@ def _bits(x):
     return x.contiguous().view(torch.int16)
 
 
-def _mma(t, a, b, c):
-    """d = a @ b + c on tiles of a [T, 16, 16] and b [T, 16, 8] (bf16 or fp16), c fp32."""
+def _mma(t, a, b, c, threads=64):
+    """d = a @ b + c on tiles of a [T, 16, 16] and b [T, 16, 8] (bf16 or fp16), c fp32; one
+    tile per warp, blocks of `threads` threads."""
     d = torch.full(c.shape, float("nan"))
     a_bits, b_bits, c = _bits(a), _bits(b), c.contiguous()
     t.probe_mma(
@@ -40,6 +41,7 @@ def _mma(t, a, b, c):
         c.data_ptr(),
         d.data_ptr(),
         a.shape[0],
+        threads,
     )
     return d
 
@@ -110,6 +112,25 @@ def test_mma_random_values_within_the_fp32_accumulation_bound(t, dtype):
     for k in range(16):
         acc = acc + a[:, :, k, None].float() * b[:, None, k, :].float()
     assert torch.equal(d, acc)
+
+
+@pytest.mark.parametrize("threads", [32, 128])
+def test_mma_in_blocks_of_other_sizes(t, threads):
+    g = torch.Generator().manual_seed(threads)
+    a = torch.randint(-8, 9, (6, 16, 16), generator=g).bfloat16()
+    b = torch.randint(-8, 9, (6, 16, 8), generator=g).bfloat16()
+    c = torch.randint(-8, 9, (6, 16, 8), generator=g).float()
+    assert torch.equal(_mma(t, a, b, c, threads).double(), _ref64(a, b, c))
+
+
+def test_mma_in_an_incomplete_warp_is_reported(t):
+    a = torch.zeros(2, 16, 16, dtype=torch.bfloat16)
+    b = torch.zeros(2, 16, 8, dtype=torch.bfloat16)
+    with pytest.raises(
+        RuntimeError,
+        match=r"mma_m16n8k16<bf16> at probe_kernels.cu:\d+ is warp-collective over all 32 lanes, but warp 1 of a block of 48 threads has only lanes 0-15",
+    ):
+        _mma(t, a, b, torch.zeros(2, 16, 8), threads=48)
 
 
 def test_mma_nonfinite_values_propagate(t):
@@ -204,6 +225,17 @@ def test_ldmatrix_misaligned_row_is_reported(t, offset):
         match=r"ldmatrix.x2: lane \d+'s row address 0x[0-9a-f]+ .* is not 16-byte aligned at probe_kernels.cu:\d+",
     ):
         t.probe_ldmatrix(2, 0, m.data_ptr(), out.data_ptr(), offset, 0)
+
+
+def test_ldmatrix_past_the_dynamic_shared_memory_is_reported(t):
+    m = torch.zeros(4, 8, 8, dtype=torch.int16)
+    out = torch.zeros(32 * 5, dtype=torch.int32)
+    # 32 bytes further: row 31 starts at byte 1024 of the launch's 1024.
+    with pytest.raises(
+        RuntimeError,
+        match=r"ldmatrix.x4 at probe_kernels.cu:\d+: bytes 1024..1039 of dynamic shared memory lie past the launch's 1024 bytes",
+    ):
+        t.probe_ldmatrix(4, 0, m.data_ptr(), out.data_ptr(), 32, 0)
 
 
 def test_ldmatrix_of_local_memory_is_reported(t):

@@ -144,13 +144,14 @@ __global__ void activemask_kernel(unsigned* out) {
 //   B: b_i (i = 0..3): row = 2 threadID_in_group + (i & 1), + 8 for i >= 2; col = groupID;
 //   C/D: c_i (i = 0..3): row = groupID for i < 2, else groupID + 8;
 //        col = 2 threadID_in_group + (i & 1).
-// Two warps per block, one 16x8x16 tile each: A [tiles][16][16], B [tiles][16][8]
+// One 16x8x16 tile per warp: A [tiles][16][16], B [tiles][16][8]
 // (16-bit bit patterns), C and D [tiles][16][8] fp32.
 template <typename T>
 __global__ void mma_kernel(const uint16_t* a, const uint16_t* b, const float* c, float* d,
                            int tiles) {
   const int lane = static_cast<int>(threadIdx.x % 32);
-  const int tile = static_cast<int>(blockIdx.x) * 2 + static_cast<int>(threadIdx.x / 32);
+  const int warps = static_cast<int>((blockDim.x + 31) / 32);
+  const int tile = static_cast<int>(blockIdx.x) * warps + static_cast<int>(threadIdx.x / 32);
   const int gid = lane >> 2, tig = lane % 4;
   if (tile >= tiles) return;  // whole warps only
   const uint16_t* at = a + tile * 256;
@@ -321,14 +322,15 @@ void probe_activemask(std::uintptr_t out, int threads) {
 }
 
 void probe_mma(int bf16, std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t d,
-               int tiles) {
-  const unsigned blocks = static_cast<unsigned>((tiles + 1) / 2);
+               int tiles, int threads) {
+  const int warps = (threads + 31) / 32;
+  const unsigned blocks = static_cast<unsigned>((tiles + warps - 1) / warps);
   if (bf16) {
-    launch("probe_mma", mma_kernel<__nv_bfloat16>, dim3(blocks), dim3(64), 0, nullptr,
+    launch("probe_mma", mma_kernel<__nv_bfloat16>, dim3(blocks), dim3(threads), 0, nullptr,
            ptr<const uint16_t>(a), ptr<const uint16_t>(b), ptr<const float>(c), ptr<float>(d),
            tiles);
   } else {
-    launch("probe_mma", mma_kernel<__half>, dim3(blocks), dim3(64), 0, nullptr,
+    launch("probe_mma", mma_kernel<__half>, dim3(blocks), dim3(threads), 0, nullptr,
            ptr<const uint16_t>(a), ptr<const uint16_t>(b), ptr<const float>(c), ptr<float>(d),
            tiles);
   }

@@ -373,7 +373,7 @@ class Worker {
   std::vector<unsigned char> xbuf_;
   // Shared-memory words (4 bytes) written by cp.async copies not yet retired:
   // a count per word of dynamic shared memory, a map for __shared__ variables.
-  std::vector<std::uint16_t> pending_dyn_;
+  std::vector<std::uint32_t> pending_dyn_;
   std::unordered_map<std::uintptr_t, std::uint32_t> pending_static_;
   std::size_t pending_copies_ = 0;  // in the whole block
   bool dyn_dirty_ = false;          // pending_dyn_ may hold non-zero counts
@@ -729,7 +729,7 @@ void Worker::mark_pending(const unsigned char* p, int bytes, int delta) {
   const auto dyn = reinterpret_cast<std::uintptr_t>(smem_base());
   for (std::uintptr_t w = a / 4; w < (a + static_cast<std::uintptr_t>(bytes) + 3) / 4; ++w) {
     if (w * 4 >= dyn && w * 4 < dyn + kMaxDynamicSmem) {
-      pending_dyn_[w - dyn / 4] = static_cast<std::uint16_t>(pending_dyn_[w - dyn / 4] + delta);
+      pending_dyn_[w - dyn / 4] += static_cast<std::uint32_t>(delta);  // modulo 2^32: -1 undoes +1
       dyn_dirty_ = true;
     } else if (delta > 0) {
       pending_static_[w] += static_cast<std::uint32_t>(delta);
@@ -876,7 +876,7 @@ void Worker::reset_copies() {
   }
   pending_static_.clear();
   pending_copies_ = 0;
-  if (dyn_dirty_) std::fill(pending_dyn_.begin(), pending_dyn_.end(), std::uint16_t{0});
+  if (dyn_dirty_) std::fill(pending_dyn_.begin(), pending_dyn_.end(), 0u);
   dyn_dirty_ = false;
 }
 

@@ -51,9 +51,9 @@ void probe_activemask(std::uintptr_t out, int threads);
 // csrc/cuda/ptx.h's instructions (tests/test_emu_ptx.py).
 // mma_m16n8k16 on `tiles` tiles, fragments built by the PTX ISA's formulas:
 // d[t] = a[t] (16x16) @ b[t] (16x8) + c[t]; a, b: 16-bit patterns (bf16 != 0:
-// bf16, else fp16), c, d: fp32.
+// bf16, else fp16), c, d: fp32. Blocks of `threads` threads, a tile per warp.
 void probe_mma(int bf16, std::uintptr_t a, std::uintptr_t b, std::uintptr_t c, std::uintptr_t d,
-               int tiles);
+               int tiles, int threads);
 // ldmatrix.x{num}[.trans] of 4 8x8 matrices m (uint16 [4][8][8]) placed in shared
 // memory (dynamic, or a __shared__ array); out: uint32 [32][5] (see the kernel).
 void probe_ldmatrix(int num, int trans, std::uintptr_t m, std::uintptr_t out, int offset,
