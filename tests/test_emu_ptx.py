@@ -363,6 +363,23 @@ def test_cp_async_pipeline_missing_barrier_is_caught_for_every_seed(t):
     assert trapped >= 4, trapped
 
 
+# --- shuffles of the packed pair types (used next to mma fragments) ----------------------------
+
+
+def test_shuffles_of_half2_and_bfloat162(t):
+    threads = 64
+    g = torch.Generator().manual_seed(6)
+    x = torch.randint(0, 2**32, (threads,), generator=g, dtype=torch.int64)
+    out = torch.zeros(2 * threads, dtype=torch.int32)
+    x32 = x.to(torch.int32)  # same bits; kept alive across the call
+    t.probe_shuffle_pairs(x32.data_ptr(), out.data_ptr(), threads)
+    got = out.to(torch.int64) & U32
+    lanes = torch.arange(threads)
+    assert torch.equal(got[:threads], x[lanes ^ 1])  # __half2, xor 1
+    down = torch.where(lanes % 8 + 3 < 8, lanes + 3, lanes)  # bf16x2, down 3 in 8-lane segments
+    assert torch.equal(got[threads:], x[down])
+
+
 # --- lop3, prmt -------------------------------------------------------------------------------
 
 

@@ -46,6 +46,7 @@ inline void bind(pybind11::module_& m) {
   t.def("probe_indices", &k::probe_indices, release());
   t.def("probe_barrier", &k::probe_barrier, release());
   t.def("probe_shuffle", &k::probe_shuffle, release());
+  t.def("probe_shuffle_pairs", &k::probe_shuffle_pairs, release());
   t.def("probe_vote", &k::probe_vote, release());
   t.def("probe_atomics", &k::probe_atomics, release());
   t.def("probe_dynamic_smem", &k::probe_dynamic_smem, release());

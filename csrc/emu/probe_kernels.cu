@@ -3,6 +3,7 @@
 // emulation module. tests/test_cuda_emulation_harness.py holds their outputs to
 // the CUDA programming guide's definitions.
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <utility>
 
@@ -74,6 +75,20 @@ __global__ void shuffle_kernel(int op, const T* in, const int* b, T* out, unsign
     }
   }
   out[t] = v;
+}
+
+// 4-byte pair types: out[t] = __shfl_xor_sync(full, in[t] as __half2, 1),
+// out[n + t] = __shfl_down_sync(full, in[t] as __nv_bfloat162, 3, 8), as bits.
+__global__ void shuffle_pairs_kernel(const uint32_t* in, uint32_t* out) {
+  const int t = static_cast<int>(threadIdx.x), n = static_cast<int>(blockDim.x);
+  __half2 h;
+  __nv_bfloat162 b;
+  std::memcpy(static_cast<void*>(&h), &in[t], 4);
+  std::memcpy(static_cast<void*>(&b), &in[t], 4);
+  h = __shfl_xor_sync(0xffffffffu, h, 1);
+  b = __shfl_down_sync(0xffffffffu, b, 3u, 8);
+  std::memcpy(&out[t], static_cast<const void*>(&h), 4);
+  std::memcpy(&out[n + t], static_cast<const void*>(&b), 4);
 }
 
 __global__ void vote_kernel(const int* pred, int* out, unsigned mask) {
@@ -293,6 +308,11 @@ void probe_shuffle(int op, std::uintptr_t in, std::uintptr_t b, std::uintptr_t o
     launch("probe_shuffle", shuffle_kernel<unsigned>, dim3(1), dim3(threads), 0, nullptr, op,
            ptr<const unsigned>(in), ptr<const int>(b), ptr<unsigned>(out), mask, width);
   }
+}
+
+void probe_shuffle_pairs(std::uintptr_t in, std::uintptr_t out, int threads) {
+  launch("probe_shuffle_pairs", shuffle_pairs_kernel, dim3(1), dim3(threads), 0, nullptr,
+         ptr<const uint32_t>(in), ptr<uint32_t>(out));
 }
 
 void probe_vote(std::uintptr_t pred, std::uintptr_t out, int threads, unsigned mask) {

@@ -144,19 +144,22 @@ template <typename T>
 inline ShflType<T> shuffle(int op, unsigned mask, T var, unsigned b, int width, const char* file,
                            int line) {
   using U = ShflType<T>;
-  static_assert(
-      std::is_trivially_copyable<U>::value && (sizeof(U) == 2 || sizeof(U) == 4 || sizeof(U) == 8),
-      "shuffled values are 2, 4 or 8 bytes");
+  // __half2 and __nv_bfloat162 declare their own copy operations (not trivially
+  // copyable) but are plain 4-byte structs: CUDA shuffles them too.
+  static_assert((std::is_trivially_copyable<U>::value ||
+                 (std::is_standard_layout<U>::value && std::is_trivially_destructible<U>::value)) &&
+                    (sizeof(U) == 2 || sizeof(U) == 4 || sizeof(U) == 8),
+                "shuffled values are 2, 4 or 8 bytes");
   const U u = static_cast<U>(var);
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
     trap("shuffle width must be a power of two in [1, 32]", file, line);
   }
   std::uint64_t bits = 0;
-  std::memcpy(&bits, &u, sizeof(U));
+  std::memcpy(&bits, static_cast<const void*>(&u), sizeof(U));
   const unsigned seg = static_cast<unsigned>(32 - width) << 8;
   bits = warp_collective(op, mask, bits, b, op == kShflUp ? seg : (seg | 0x1fu), file, line);
   U out = u;
-  std::memcpy(&out, &bits, sizeof(U));
+  std::memcpy(static_cast<void*>(&out), &bits, sizeof(U));
   return out;
 }
 

@@ -27,6 +27,10 @@ void probe_barrier(std::uintptr_t out, std::uintptr_t pred, std::uintptr_t agg, 
 void probe_shuffle(int op, std::uintptr_t in, std::uintptr_t b, std::uintptr_t out, int threads,
                    unsigned mask, int width, int elem_bytes);
 
+// __half2 / __nv_bfloat162 shuffles: out[t] = in[t ^ 1] (xor 1), out[threads + t]
+// = in[t + 3] within 8-lane segments (down 3, width 8), as uint32 bits.
+void probe_shuffle_pairs(std::uintptr_t in, std::uintptr_t out, int threads);
+
 // Lanes in `mask` vote on pred[t]: out[3t..3t+2] = ballot, all, any (int32).
 void probe_vote(std::uintptr_t pred, std::uintptr_t out, int threads, unsigned mask);
 
