@@ -17,6 +17,7 @@
 #include <qpeft/format.h>
 #include <qpeft/host_checks.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -221,11 +222,14 @@ void qgemm_4bit_amx(bool dx, uintptr_t a, int64_t a_len, int64_t m, int64_t n, i
     g.ap = reinterpret_cast<uint16_t*>(base);
     const int64_t mt_n = ceil_div(g.m, 16);
     parallel_ranges(mt_n, tasks, [&](int64_t t0, int64_t t1) { amx_repack_a(g, t0, t1); });
+    // Column blocks are handed out one at a time (an atomic counter), not as one fixed
+    // range per thread: on a shared machine a thread that loses its core for a while no
+    // longer holds back the whole call, the others take its blocks. Each block is still
+    // computed by one task in one order: the results do not depend on who takes it.
+    std::atomic<int64_t> next{0};
     parallel_tasks(tasks, [&](int64_t t) {
-      const int64_t per = col_blocks / tasks, extra = col_blocks % tasks;
-      const int64_t b0 = t * per + (t < extra ? t : extra);
-      const int64_t b1 = b0 + per + (t < extra ? 1 : 0);
-      amx_gemm_cols(g, b0, b1, base + ap_bytes + t * ws_bytes);
+      for (int64_t cb = next.fetch_add(1); cb < col_blocks; cb = next.fetch_add(1))
+        amx_gemm_cols(g, cb, cb + 1, base + ap_bytes + t * ws_bytes);
     });
   }
 #endif
