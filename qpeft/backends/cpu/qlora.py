@@ -587,9 +587,11 @@ def _base_bf16(xb: torch.Tensor, quant: tuple) -> torch.Tensor:
 # At the amx level (qpeft.cpu_info()["chosen_level"]; QPEFT_CPU_ISA=avx512_bf16 keeps the
 # oneDNN panels for A/B runs) the bf16 products with W run on qpeft's own AMX kernel
 # (backends/cpu/amx.py): W decoded from its codes straight into the tiles, never a decoded
-# panel handed to oneDNN, and the fp32 accumulators returned as they are (no bf16 rounding
-# of x @ W^T or of dy @ W: one rounding fewer than the panels, inside the same bounds,
-# qpeft/testing.py). Taken only where it measured faster than the panels (benchmarks/
+# panel handed to oneDNN, and the fp32 accumulators never rounded to bf16 before the LoRA
+# term is added (one rounding fewer than the panels, inside the same bounds,
+# qpeft/testing.py): the kernel's epilogue adds the rank-r term in fp32 and stores y / dx
+# in x's dtype (``_forward_amx``, the dx branch of ``_backward_bf16``); dA and dB come from
+# ``amx.lora_grad`` (fp32 sums of exact products). Taken only where it measured faster than the panels (benchmarks/
 # isa_ab.py --amx, same run, interleaved medians): ``_amx_forward`` / ``_amx_dx``.
 
 
