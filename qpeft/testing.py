@@ -274,7 +274,10 @@ def oracle(p, dt, rounds_operands=True):
 # AMX. On a CPU at the amx level the products x @ W^T and dy @ W run on qpeft's AMX kernel
 # (csrc/cpu/qgemm_amx.cpp; fp32 results, no bf16 rounding of them: one rounding fewer than
 # counted above, so j = 3 and 6 still bound them), and oneDNN's bf16 GEMMs (the LoRA
-# products) run on the same tiles. TDPBF16PS reads bf16 subnormal inputs as zero and
+# products) run on the same tiles. The LoRA up-projections there are fp32 sums in the AMX
+# kernel's epilogue (the r + 5 fp32 roundings counted above), and dA, dB fp32 sums of
+# exact products (``amx.lora_grad``: no bf16 output rounding, no flushes), inside the
+# same bounds. TDPBF16PS reads bf16 subnormal inputs as zero and
 # flushes subnormal fp32 results to zero, an absolute error the relative bounds do not
 # cover. For one dot product sum_k a_k b_k of n terms: a subnormal a_k dropped loses
 # |a_k b_k| < 2^-126 |b_k| (a subnormal b_k: < 2^-126 |a_k|), a product below 2^-126
