@@ -229,6 +229,11 @@ __device__ __forceinline__ void decode32(uint4 w, float am, const float2* tab, u
 
 template <int DT, bool DX, int BR>
 __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  // mma.m16n8k16 (bf16) and cp.async need sm_80; the caller (qpeft/backends/native/qlora.py)
+  // sends older GPUs to the reference, so reaching this is a bug: fail loudly.
+  __trap();
+#else
   using S = Smem<DX, BR>;
   using MT = typename MmaType<DT>::T;
   constexpr int kStages = S::kStages;
@@ -541,6 +546,7 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
         }
       }
   }
+#endif  // __CUDA_ARCH__ >= 800
 }
 
 // Split reduction, step 1: L[m, j] = sum_z side_part[z][m][j] in z order; the side
