@@ -78,6 +78,8 @@ constexpr int kPad = 8;   // 16-bit elements of padding per shared row: ldmatrix
 constexpr int kActLd = kBK + kPad;           // activation tile [64][40]
 constexpr int kPackedBytes = kBO * kBK / 2;  // 2048 bytes of packed W per stage
 static_assert(kPackedBytes == kThreads * 16, "one 16-byte chunk of packed W per thread");
+constexpr int kDecodePerThread = 32;  // weights each thread decodes per chunk (sass_report.py)
+static_assert(kDecodePerThread * kThreads == kBO * kBK, "the W tile is shared evenly");
 
 template <int DT>
 struct MmaType;
