@@ -702,10 +702,11 @@ CUDA_KERNELS = {
     ),
     # The fused QLoRA GEMM (forward and dx): per iteration of its reduction loop each thread
     # decodes 16 packed bytes (32 weights) of the CTA's 128 x 32 W tile; the loop holds the
-    # MMAs, so main_region picks it by those.
+    # MMAs, so main_region picks it by those (the loop copy whose W load, the cp.async of
+    # `w_src`, is 16 bytes: the per-element W path is a second copy of the loop).
     "qlora_gemm_kernel": (
         "qlora_gemm.cu",
-        "packed",
+        "w_src",
         r"for \(int64_t c = c_lo; c < c_hi",
         "kThreads",
         "kDecodePerThread",

@@ -25,7 +25,6 @@ import pytest
 import torch
 
 import qpeft
-from qpeft.backends.default import qlora as reference
 from qpeft.backends.native import qlora as native_qlora
 from qpeft.functional import qlora_linear
 
@@ -42,6 +41,7 @@ CASES = [
     (torch.float16, 1, 130, 83, 64, "nf4", False, 64, True, True, False),
     (torch.bfloat16, 70, 45, 83, 32, "nf4", False, 128, False, True, True),
     (torch.float16, 5, 45, 256, 24, "nf4", True, 32, True, True, True),
+    (torch.bfloat16, 300, 130, 128, 16, "fp4", True, 64, True, True, False),  # 5 row tiles
 ]
 
 
@@ -89,10 +89,27 @@ def _check(p, got, dt):
         assert_within(dbias, *ref["dbias"], "dbias")
 
 
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the emulated kernel's entry points (so a silent fallback cannot pass)."""
+    mod = emu_module()
+    seen = {"qlora_forward": 0, "qlora_dx": 0}
+    for name in seen:
+        real = getattr(mod, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            seen[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(mod, name, spy)
+    return seen
+
+
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_forward_backward_against_oracle(case):
+def test_forward_backward_against_oracle(case, calls):
     p = _problem(case, seed=3)
     _check(p, _run(p), case[0])
+    assert calls == {"qlora_forward": 1, "qlora_dx": 1}
 
 
 def test_split_and_unsplit_schedules_agree_with_oracle(monkeypatch):
@@ -106,6 +123,40 @@ def test_split_and_unsplit_schedules_agree_with_oracle(monkeypatch):
     p1 = _problem(case1, seed=6)
     monkeypatch.setattr(native_qlora, "plan_split", lambda m, o, red, dev: 1)
     _check(p1, _run(p1), torch.float16)
+
+
+def test_split_plan():
+    """Splits only where one row tile leaves SMs idle, never an empty split, partials bounded."""
+    cpu = torch.device("cpu")  # the emulated device: native_qlora.EMULATED_SMS SMs
+    assert native_qlora.plan_split(5, 45, 256, cpu) == 2
+    assert native_qlora.plan_split(65, 45, 4096, cpu) == 1  # two row tiles: no split
+    assert native_qlora.plan_split(1, 45, 96, cpu) == 1  # 3 chunks: too few to split
+    assert native_qlora.plan_split(1, 4 * 128, 4096, cpu) == 1  # the column tiles fill the SMs
+    for m in (1, 7, 64):
+        for red in (32, 100, 1000, 4096, 11008):
+            split = native_qlora.plan_split(m, 100, red, cpu)
+            chunks = -(red // -32)
+            per = -(chunks // -split)
+            assert 1 <= split <= chunks and -(chunks // -per) == split
+            assert split == 1 or split <= red // (16 * m)
+
+
+def test_split_without_adapter(monkeypatch):
+    """The split schedule with r = 0: partials of x W^T only, bias and out_scale in the reduce."""
+    case = (torch.float16, 3, 130, 256, 8, "nf4", True, 32, True, False, True)
+    p = _problem(case, seed=11)
+    st = p["state"]
+    nested = (st.absmax, st.state2.absmax, st.state2.code, st.offset) if st.nested else None
+    assert nested is not None
+    monkeypatch.setattr(native_qlora, "plan_split", lambda m, o, red, dev: 4)
+    args = (p["packed"], *nested, st.blocksize, st.state2.blocksize, st.quant_type, 130, 256)
+    with qpeft.use_backend("cuda_emulated"):
+        y, xa = torch.ops.qpeft.qlora_linear(
+            p["x"], *args, None, None, 1.0, p["bias"], None, p["out_scale"], True
+        )
+    zero = dict(p, a=torch.zeros_like(p["a"]), b=torch.zeros_like(p["b"]))
+    assert xa.numel() == 0
+    assert_within(y, *_oracle(zero, torch.float16, rounds_operands=True)["y"], "y (split, no adapter)")
 
 
 def test_xa_output_and_no_adapter():
@@ -144,7 +195,7 @@ def test_unaligned_pointers_and_mixed_lora_dtypes():
     assert got[2].dtype == torch.float32 and got[3].dtype == torch.float32
 
 
-def test_routes_to_reference():
+def test_routes_to_reference(calls):
     """fp32 activations and ranks above the kernel's 64 are the reference's results exactly."""
     for case in (
         (torch.float32, 5, 45, 96, 8, "nf4", False, 64, True, True, True),
@@ -156,8 +207,8 @@ def test_routes_to_reference():
         for g_, w_ in zip(got, want):
             if g_ is not None:
                 assert torch.equal(g_, w_)
+    assert calls == {"qlora_forward": 0, "qlora_dx": 0}
     assert emu_module().qlora_max_rank == 64
-    assert reference.qlora_linear is not None
 
 
 def _fwd_args(mod, **over):

@@ -56,6 +56,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "kernel_common.h"
 #include "launch.h"
@@ -197,8 +198,8 @@ __device__ __forceinline__ float absmax_of(const Params& p, uint32_t blk, const 
 // The W rows/columns this thread decodes for reduction chunk red0: 32 consecutive
 // weights of W row wn starting at column wk, into Wd at (lr, lc).
 template <bool DX>
-__device__ __forceinline__ void decode_coords(const Params& p, int64_t red0, int64_t o0,
-                                              int64_t& wn, int64_t& wk, int& lr, int& lc) {
+__device__ __forceinline__ void decode_coords(int64_t red0, int64_t o0, int64_t& wn, int64_t& wk,
+                                              int& lr, int& lc) {
   const int tid = static_cast<int>(threadIdx.x);
   if constexpr (DX) {  // W tile: rows red0..red0+31, columns o0..o0+127
     lr = tid >> 2;
@@ -276,16 +277,19 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
     return reinterpret_cast<uint16_t*>(smem + s * S::kStage + S::kAct + kPackedBytes);
   };
 
-  auto load_stage = [&](int64_t c, int s) {
+  // kWVec: W takes the 16-byte path (K % 32 == 0, aligned); the main loop is compiled once
+  // per value (below), so the per-element path is not a branch inside the fast loop.
+  auto load_stage = [&](int64_t c, int s, auto wvec) {
+    constexpr bool kWVec = decltype(wvec)::value;
     const int64_t red0 = c * kBK;
     load_tile<kBM, kBK>(stage_act(s), kActLd, p.act, p.red, p.m, p.red, m0, red0, p.act_vec);
-    if (p.w_vec) {  // 16 bytes = 32 weights of one W row (K % 32 == 0)
+    if constexpr (kWVec) {  // 16 bytes = 32 weights of one W row
       int64_t wn, wk;
       int lr, lc;
-      decode_coords<DX>(p, red0, o0, wn, wk, lr, lc);
+      decode_coords<DX>(red0, o0, wn, wk, lr, lc);
       const bool ok = wn < p.n && wk < p.k;
-      const uint8_t* src = ok ? p.packed + ((wn * p.k + wk) >> 1) : p.packed;
-      ptx::cp_async<16>(stage_packed(s) + tid * 16, src, ok ? 16 : 0);
+      const uint8_t* w_src = ok ? p.packed + ((wn * p.k + wk) >> 1) : p.packed;
+      ptx::cp_async<16>(stage_packed(s) + tid * 16, w_src, ok ? 16 : 0);
     }
     if constexpr (BR > 0) {
       if constexpr (DX) {  // B [N, r]: rows red0..red0+31, all BR columns
@@ -309,107 +313,115 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) lacc[j][e] = 0.0f;
 
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (c_lo + s < c_hi) load_stage(c_lo + s, s);
-    ptx::cp_async_commit();  // always: the group count stays uniform
-  }
-  __syncthreads();  // the tables
-
   // ldmatrix lane roles: matrix q = lane / 8, row rr = lane % 8 of it.
   const int lq = lane >> 3;
   const int lrr = lane & 7;
 
-#pragma unroll 1
-  for (int64_t c = c_lo; c < c_hi; ++c) {
-    const int s = static_cast<int>((c - c_lo) % kStages);
-    const int64_t red0 = c * kBK;
-    int64_t wn, wk;
-    int lr, lc;
-    decode_coords<DX>(p, red0, o0, wn, wk, lr, lc);
-    const bool wok = wn < p.n && wk < p.k;
-    // The absmax before the wait: its loads overlap the pipeline wait and the barrier.
-    float am = 0.0f;
-    if (p.w_vec && wok)
-      am = absmax_of(p, static_cast<uint32_t>((wn * p.k + wk) >> p.log2_bs), s_ncode);
-    ptx::cp_async_wait<kStages - 2>();
-    __syncthreads();
-
-    uint16_t* wd = s_wd + lr * S::kWdLd + lc;
-    if (p.w_vec) {
-      const uint4 w = *reinterpret_cast<const uint4*>(stage_packed(s) + tid * 16);
-      decode32<DT>(w, am, s_tab, wd);
-    } else {  // per element from global memory (K % 32 != 0 or an unaligned W)
-#pragma unroll 1
-      for (int j = 0; j < 32; ++j) {
-        float v = 0.0f;
-        if (wn < p.n && wk + j < p.k) {
-          const int64_t e = wn * p.k + wk + j;
-          const uint8_t byte = p.packed[e >> 1];
-          const float2 cv = s_tab[byte];
-          const float a = absmax_of(p, static_cast<uint32_t>(e >> p.log2_bs), s_ncode);
-          v = ((e & 1) ? cv.y : cv.x) * a;
-        }
-        wd[j] = static_cast<uint16_t>(pack2_16<DT>(v, 0.0f));
-      }
+  auto main_loop = [&](auto wvec) {
+    constexpr bool kWVec = decltype(wvec)::value;
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (c_lo + s < c_hi) load_stage(c_lo + s, s, wvec);
+      ptx::cp_async_commit();  // always: the group count stays uniform
     }
-    __syncthreads();
+    __syncthreads();  // the tables
 
-    if (c + kStages - 1 < c_hi)
-      load_stage(c + kStages - 1, static_cast<int>((c - c_lo + kStages - 1) % kStages));
-    ptx::cp_async_commit();
+#pragma unroll 1
+    for (int64_t c = c_lo; c < c_hi; ++c) {
+      const int s = static_cast<int>((c - c_lo) % kStages);
+      const int64_t red0 = c * kBK;
+      int64_t wn, wk;
+      int lr, lc;
+      decode_coords<DX>(red0, o0, wn, wk, lr, lc);
+      const bool wok = wn < p.n && wk < p.k;
+      // The absmax before the wait: its loads overlap the pipeline wait and the barrier.
+      [[maybe_unused]] float am = 0.0f;
+      if (kWVec && wok)
+        am = absmax_of(p, static_cast<uint32_t>((wn * p.k + wk) >> p.log2_bs), s_ncode);
+      ptx::cp_async_wait<kStages - 2>();
+      __syncthreads();
 
-    const uint16_t* xs = stage_act(s);
-#pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
-      uint32_t af[4][4];
-#pragma unroll
-      for (int mt = 0; mt < 4; ++mt) {
-        ptx::ldmatrix<4>(af[mt], xs + (mt * 16 + (lane & 15)) * kActLd + kk + (lane >> 4) * 8);
-      }
-      uint32_t bf[4][2];
-#pragma unroll
-      for (int np = 0; np < 2; ++np) {  // two n8 tiles per ldmatrix.x4
-        uint32_t r4[4];
-        if constexpr (DX) {
-          ptx::ldmatrix<4, true>(r4, s_wd + (kk + (lq & 1) * 8 + lrr) * S::kWdLd + warp * 32 +
-                                         np * 16 + (lq >> 1) * 8);
-        } else {
-          ptx::ldmatrix<4>(r4, s_wd + (warp * 32 + np * 16 + (lq >> 1) * 8 + lrr) * S::kWdLd + kk +
-                                   (lq & 1) * 8);
+      uint16_t* wd = s_wd + lr * S::kWdLd + lc;
+      if constexpr (kWVec) {
+        const uint4 w = *reinterpret_cast<const uint4*>(stage_packed(s) + tid * 16);
+        decode32<DT>(w, am, s_tab, wd);
+      } else {  // per element from global memory (K % 32 != 0 or an unaligned W)
+#pragma unroll 1
+        for (int j = 0; j < 32; ++j) {
+          float v = 0.0f;
+          if (wn < p.n && wk + j < p.k) {
+            const int64_t e = wn * p.k + wk + j;
+            const uint8_t byte = p.packed[e >> 1];
+            const float2 cv = s_tab[byte];
+            const float a = absmax_of(p, static_cast<uint32_t>(e >> p.log2_bs), s_ncode);
+            v = ((e & 1) ? cv.y : cv.x) * a;
+          }
+          wd[j] = static_cast<uint16_t>(pack2_16<DT>(v, 0.0f));
         }
-        bf[2 * np][0] = r4[0];
-        bf[2 * np][1] = r4[1];
-        bf[2 * np + 1][0] = r4[2];
-        bf[2 * np + 1][1] = r4[3];
       }
-#pragma unroll
-      for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-          ptx::mma_m16n8k16<MT>(acc[mt][nt], af[mt], bf[nt], acc[mt][nt]);
+      __syncthreads();
 
-      if constexpr (BR > 0) {  // L rows 16w..16w+15 += act @ D
-        uint32_t la[4];
-        ptx::ldmatrix<4>(la, xs + (warp * 16 + (lane & 15)) * kActLd + kk + (lane >> 4) * 8);
-        const uint16_t* ds = stage_down(s);
+      if (c + kStages - 1 < c_hi)
+        load_stage(c + kStages - 1, static_cast<int>((c - c_lo + kStages - 1) % kStages), wvec);
+      ptx::cp_async_commit();
+
+      const uint16_t* xs = stage_act(s);
 #pragma unroll
-        for (int rp = 0; rp < BR / 16; ++rp) {
+      for (int kk = 0; kk < kBK; kk += 16) {
+        uint32_t af[4][4];
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+          ptx::ldmatrix<4>(af[mt], xs + (mt * 16 + (lane & 15)) * kActLd + kk + (lane >> 4) * 8);
+        }
+        uint32_t bf[4][2];
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {  // two n8 tiles per ldmatrix.x4
           uint32_t r4[4];
           if constexpr (DX) {
-            ptx::ldmatrix<4, true>(
-                r4, ds + (kk + (lq & 1) * 8 + lrr) * S::kDownLd + rp * 16 + (lq >> 1) * 8);
+            ptx::ldmatrix<4, true>(r4, s_wd + (kk + (lq & 1) * 8 + lrr) * S::kWdLd + warp * 32 +
+                                           np * 16 + (lq >> 1) * 8);
           } else {
-            ptx::ldmatrix<4>(r4,
-                             ds + (rp * 16 + (lq >> 1) * 8 + lrr) * S::kDownLd + kk + (lq & 1) * 8);
+            ptx::ldmatrix<4>(r4, s_wd + (warp * 32 + np * 16 + (lq >> 1) * 8 + lrr) * S::kWdLd +
+                                     kk + (lq & 1) * 8);
           }
-          const uint32_t b0[2] = {r4[0], r4[1]};
-          const uint32_t b1[2] = {r4[2], r4[3]};
-          ptx::mma_m16n8k16<MT>(lacc[2 * rp], la, b0, lacc[2 * rp]);
-          ptx::mma_m16n8k16<MT>(lacc[2 * rp + 1], la, b1, lacc[2 * rp + 1]);
+          bf[2 * np][0] = r4[0];
+          bf[2 * np][1] = r4[1];
+          bf[2 * np + 1][0] = r4[2];
+          bf[2 * np + 1][1] = r4[3];
+        }
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt)
+            ptx::mma_m16n8k16<MT>(acc[mt][nt], af[mt], bf[nt], acc[mt][nt]);
+
+        if constexpr (BR > 0) {  // L rows 16w..16w+15 += act @ D
+          uint32_t la[4];
+          ptx::ldmatrix<4>(la, xs + (warp * 16 + (lane & 15)) * kActLd + kk + (lane >> 4) * 8);
+          const uint16_t* ds = stage_down(s);
+#pragma unroll
+          for (int rp = 0; rp < BR / 16; ++rp) {
+            uint32_t r4[4];
+            if constexpr (DX) {
+              ptx::ldmatrix<4, true>(
+                  r4, ds + (kk + (lq & 1) * 8 + lrr) * S::kDownLd + rp * 16 + (lq >> 1) * 8);
+            } else {
+              ptx::ldmatrix<4>(
+                  r4, ds + (rp * 16 + (lq >> 1) * 8 + lrr) * S::kDownLd + kk + (lq & 1) * 8);
+            }
+            const uint32_t b0[2] = {r4[0], r4[1]};
+            const uint32_t b1[2] = {r4[2], r4[3]};
+            ptx::mma_m16n8k16<MT>(lacc[2 * rp], la, b0, lacc[2 * rp]);
+            ptx::mma_m16n8k16<MT>(lacc[2 * rp + 1], la, b1, lacc[2 * rp + 1]);
+          }
         }
       }
     }
+  };
+  if (p.w_vec) {
+    main_loop(std::true_type{});
+  } else {
+    main_loop(std::false_type{});
   }
   ptx::cp_async_wait<0>();
   __syncthreads();  // the arena is reused below
