@@ -162,8 +162,13 @@ __device__ __forceinline__ void load_tile(uint16_t* dst, int dld, const uint16_t
   constexpr int kChunks = ROWS * COLS / 8;
   const int tid = static_cast<int>(threadIdx.x);
   if (vec) {
+    // A compile-time trip count: a `for (i = tid; i < kChunks; ...)` loop keeps a guard
+    // branch for tid >= kChunks that ptxas cannot drop.
+    constexpr int kIters = (kChunks + kThreads - 1) / kThreads;
 #pragma unroll
-    for (int i = tid; i < kChunks; i += kThreads) {
+    for (int j = 0; j < kIters; ++j) {
+      const int i = tid + j * kThreads;
+      if (kChunks % kThreads != 0 && i >= kChunks) break;
       const int rr = i / (COLS / 8);
       const int cc = (i % (COLS / 8)) * 8;
       const int64_t gr = row0 + rr;
@@ -326,9 +331,12 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
     }
     __syncthreads();  // the tables
 
+    // The stage read this chunk and the one the prefetch writes, advanced by a wrap (a
+    // 64-bit `% kStages` costs ~17 instructions per chunk).
+    int s = 0;
+    int s_next = kStages - 1;
 #pragma unroll 1
     for (int64_t c = c_lo; c < c_hi; ++c) {
-      const int s = static_cast<int>((c - c_lo) % kStages);
       const int64_t red0 = c * kBK;
       int64_t wn, wk;
       int lr, lc;
@@ -361,11 +369,13 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
       }
       __syncthreads();
 
-      if (c + kStages - 1 < c_hi)
-        load_stage(c + kStages - 1, static_cast<int>((c - c_lo + kStages - 1) % kStages), wvec);
+      if (c + kStages - 1 < c_hi) load_stage(c + kStages - 1, s_next, wvec);
       ptx::cp_async_commit();
 
       const uint16_t* xs = stage_act(s);
+      [[maybe_unused]] const uint16_t* ds = stage_down(s);
+      s = s + 1 == kStages ? 0 : s + 1;
+      s_next = s_next + 1 == kStages ? 0 : s_next + 1;
 #pragma unroll
       for (int kk = 0; kk < kBK; kk += 16) {
         uint32_t af[4][4];
@@ -398,7 +408,6 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
         if constexpr (BR > 0) {  // L rows 16w..16w+15 += act @ D
           uint32_t la[4];
           ptx::ldmatrix<4>(la, xs + (warp * 16 + (lane & 15)) * kActLd + kk + (lane >> 4) * 8);
-          const uint16_t* ds = stage_down(s);
 #pragma unroll
           for (int rp = 0; rp < BR / 16; ++rp) {
             uint32_t r4[4];
