@@ -68,8 +68,20 @@ namespace qpeft {
 namespace cuda {
 namespace {
 
+// The device code needs sm_80 (mma.m16n8k16 in bf16, cp.async): the sm_75 pass of the
+// default build compiles only the kernel's trap (below), and none of these helpers, which
+// it would warn about as unused (warnings are errors).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define QPEFT_QLORA_MMA 1
+#else
+#define QPEFT_QLORA_MMA 0
+#endif
+
+#if QPEFT_QLORA_MMA
 __constant__ float c_nf4_q[kNumCodes4] = {QPEFT_NF4_VALUES};
 __constant__ float c_fp4_q[kNumCodes4] = {QPEFT_FP4_VALUES};
+
+#endif  // QPEFT_QLORA_MMA
 
 constexpr int kThreads = 128;
 constexpr int kBM = 64;   // rows of out per block
@@ -150,6 +162,7 @@ struct Smem {
   static_assert(kStage % 16 == 0 && kAct % 16 == 0 && kWd % 16 == 0, "16-byte aligned regions");
 };
 
+#if QPEFT_QLORA_MMA
 // Copies a ROWS x COLS tile of 16-bit elements starting at (row0, col0) of a row-major
 // [rows, cols] matrix with row stride ld into shared memory (row stride dld), zero
 // outside the matrix. vec: cp.async of 16 bytes (ld % 8 == 0, 16-byte aligned base);
@@ -235,9 +248,11 @@ __device__ __forceinline__ void decode32(uint4 w, float am, const float2* tab, u
   }
 }
 
+#endif  // QPEFT_QLORA_MMA
+
 template <int DT, bool DX, int BR>
 __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#if !QPEFT_QLORA_MMA
   // mma.m16n8k16 (bf16) and cp.async need sm_80; the caller (qpeft/backends/native/qlora.py)
   // sends older GPUs to the reference, so reaching this is a bug: fail loudly.
   __trap();
@@ -569,7 +584,7 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
         }
       }
   }
-#endif  // __CUDA_ARCH__ >= 800
+#endif  // QPEFT_QLORA_MMA
 }
 
 // Split reduction, step 1: L[m, j] = sum_z side_part[z][m][j] in z order; the side
