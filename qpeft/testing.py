@@ -389,11 +389,12 @@ def cpu_computes_bf16(backend: str, x: torch.Tensor) -> bool:
 
 
 def backend_oracle(p: dict, backend: str) -> dict:
-    """``oracle`` with the bounds of what ``backend`` computes: operands rounded (Triton),
+    """``oracle`` with the bounds of what ``backend`` computes: operands rounded (Triton, CUDA C++),
     the CPU backend's bf16 mode (``bf16_oracle``, needs p["state"]), else fp32."""
     if cpu_computes_bf16(backend, p["x"]):
         return bf16_oracle(p)
-    return oracle(p, p["x"].dtype, rounds_operands=backend == "triton")
+    # Triton and the CUDA C++ GEMM (csrc/cuda/qlora_gemm.cu) round W, t and dy' to x's dtype
+    return oracle(p, p["x"].dtype, rounds_operands=backend in ("triton", "cuda", "cuda_emulated"))
 
 
 def gemv_tolerance(backend: str, x: torch.Tensor, w_deq: torch.Tensor, dtype: torch.dtype, blocksize: int):
