@@ -708,7 +708,19 @@ CUDA_KERNELS = {
         "kGemvThreads",
         "kGemvChunk",
     ),
+    # The fused QLoRA GEMM (forward and dx): per iteration of its reduction loop each thread
+    # decodes 16 packed bytes (32 weights) of the CTA's 128 x 32 W tile; the loop holds the
+    # MMAs, so main_region picks it by those (the loop copy whose W load, the cp.async of
+    # `w_src`, is 16 bytes: the per-element W path is a second copy of the loop).
+    "qlora_gemm_kernel": (
+        "qlora_gemm.cu",
+        "w_src",
+        r"for \(int64_t c = c_lo; c < c_hi",
+        "kThreads",
+        "kDecodePerThread",
+    ),
 }
+CUDA_SOURCES = ("quant.cu", "gemv_4bit.cu", "qlora_gemm.cu")
 _DT = {"0": "fp32", "1": "fp16", "2": "bf16"}
 _QT = {"1": "fp4", "2": "nf4"}
 
@@ -776,6 +788,10 @@ def cuda_records(source: str, arch: int) -> list[dict]:
             dt, qt, nested = targs
             config = f"{_DT[dt]} {_QT[qt]}{' nested' if nested == 'true' else ''}"
             default = dt == "2" and qt == "2"
+        elif kernel == "qlora_gemm_kernel":
+            dt, dx, br = targs
+            config = f"{_DT[dt]} {'dx' if dx == 'true' else 'fwd'} BR={br}"
+            default = dt == "2" and br == "16"
         else:
             dt, m = targs
             config = f"{_DT[dt]} M={m}"
@@ -837,8 +853,17 @@ def _versions(cuda: bool) -> dict:
     }
 
 
-def run(modules=MODULES, archs=(80, 90), jobs=1, cuda=True, smoke=False, only: str | None = None) -> dict:
-    """``only``: a regular expression; only the Triton entries whose name it matches (re.search)."""
+def run(
+    modules=MODULES,
+    archs=(80, 90),
+    jobs=1,
+    cuda=True,
+    smoke=False,
+    only: str | None = None,
+    cuda_sources=CUDA_SOURCES,
+) -> dict:
+    """``only``: a regular expression; only the Triton entries whose name it matches (re.search).
+    ``cuda_sources``: the csrc/cuda files whose CUDA_KERNELS are compiled (with ``cuda``)."""
     # A private Triton cache: line info in a cached cubin names the file (and lines) of
     # whichever checkout compiled it first, and W loads are found by line.
     cache = tempfile.mkdtemp(prefix="qpeft-sass-cache-")
@@ -859,7 +884,7 @@ def run(modules=MODULES, archs=(80, 90), jobs=1, cuda=True, smoke=False, only: s
         ]
     if cuda:
         if nvcc():
-            work += [("cuda", s, a) for s in ("quant.cu", "gemv_4bit.cu") for a in archs]
+            work += [("cuda", s, a) for s in cuda_sources for a in archs]
         else:
             skipped["cuda"] = "no nvcc on PATH (set QPEFT_NVCC)"
     start = time.perf_counter()
@@ -972,6 +997,14 @@ def main(argv=None) -> int:
         "--render", action="store_true", help="only rewrite DIR/sass_report.md from DIR/sass_report.json"
     )
     parser.add_argument(
+        "--cuda-only",
+        nargs="+",
+        metavar="SOURCE",
+        choices=CUDA_SOURCES,
+        help="recompile only these csrc/cuda sources (no Triton) and merge their records into "
+        "DIR/sass_report.json, replacing those of the same name and arch",
+    )
+    parser.add_argument(
         "--only",
         metavar="REGEX",
         help="recompile only the Triton records whose name matches (no CUDA) and merge them into "
@@ -985,6 +1018,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.render:
         records = json.loads((args.out / "sass_report.json").read_text())
+        report = {**_versions(True), "archs": sorted({r["arch"] for r in records}), "records": records}
+    elif args.cuda_only:
+        fresh = run((), tuple(args.arch), args.jobs, True, False, None, tuple(args.cuda_only))["records"]
+        old = json.loads((args.out / "sass_report.json").read_text())
+        records = merge(old, fresh)
+        (args.out / "sass_report.json").write_text(json.dumps(records, indent=1) + "\n")
         report = {**_versions(True), "archs": sorted({r["arch"] for r in records}), "records": records}
     elif args.only:
         fresh = run(args.modules, tuple(args.arch), args.jobs, False, False, args.only)["records"]

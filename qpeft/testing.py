@@ -274,7 +274,10 @@ def oracle(p, dt, rounds_operands=True):
 # AMX. On a CPU at the amx level the products x @ W^T and dy @ W run on qpeft's AMX kernel
 # (csrc/cpu/qgemm_amx.cpp; fp32 results, no bf16 rounding of them: one rounding fewer than
 # counted above, so j = 3 and 6 still bound them), and oneDNN's bf16 GEMMs (the LoRA
-# products) run on the same tiles. TDPBF16PS reads bf16 subnormal inputs as zero and
+# products) run on the same tiles. The LoRA up-projections there are fp32 sums in the AMX
+# kernel's epilogue (the r + 5 fp32 roundings counted above), and dA, dB fp32 sums of
+# exact products (``amx.lora_grad``: no bf16 output rounding, no flushes), inside the
+# same bounds. TDPBF16PS reads bf16 subnormal inputs as zero and
 # flushes subnormal fp32 results to zero, an absolute error the relative bounds do not
 # cover. For one dot product sum_k a_k b_k of n terms: a subnormal a_k dropped loses
 # |a_k b_k| < 2^-126 |b_k| (a subnormal b_k: < 2^-126 |a_k|), a product below 2^-126
@@ -386,11 +389,12 @@ def cpu_computes_bf16(backend: str, x: torch.Tensor) -> bool:
 
 
 def backend_oracle(p: dict, backend: str) -> dict:
-    """``oracle`` with the bounds of what ``backend`` computes: operands rounded (Triton),
+    """``oracle`` with the bounds of what ``backend`` computes: operands rounded (Triton, CUDA C++),
     the CPU backend's bf16 mode (``bf16_oracle``, needs p["state"]), else fp32."""
     if cpu_computes_bf16(backend, p["x"]):
         return bf16_oracle(p)
-    return oracle(p, p["x"].dtype, rounds_operands=backend == "triton")
+    # Triton and the CUDA C++ GEMM (csrc/cuda/qlora_gemm.cu) round W, t and dy' to x's dtype
+    return oracle(p, p["x"].dtype, rounds_operands=backend in ("triton", "cuda", "cuda_emulated"))
 
 
 def gemv_tolerance(backend: str, x: torch.Tensor, w_deq: torch.Tensor, dtype: torch.dtype, blocksize: int):

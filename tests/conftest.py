@@ -45,7 +45,7 @@ CPU_BACKENDS = ["cpu"]
 ALL_BACKENDS = ["default", "cpu", "triton", "cuda_emulated"]
 QUANT_BACKENDS = ALL_BACKENDS  # quantize/dequantize 4-bit (+nested) and 8-bit blockwise
 GEMV_BACKENDS = ["default", "cpu", "cuda_emulated"]
-QLORA_BACKENDS = ["default", "cpu", "triton"]
+QLORA_BACKENDS = ["default", "cpu", "triton", "cuda_emulated"]
 OPTIM_BACKENDS = ["default", "cpu", "cuda_emulated"]
 
 

@@ -181,6 +181,123 @@ def test_empty_and_zero_reduction():
     assert amx.qgemm_4bit(torch.zeros(4, 5, dtype=torch.bfloat16), q0, dx=True).shape == (4, 0)
 
 
+# --- the rank-r epilogue (lora = (l, r)) ---------------------------------------------------------
+
+# (M, N, K, rank, blocksize, quant_type, double_quant): M = 1, M off the 8-row epilogue
+# groups and the 16-row tiles, N and K off the 16-column lanes, ranks 1, 16, 17, 33.
+EPILOGUE_CASES = [
+    (1, 40, 64, 1, 64, "nf4", True),
+    (9, 1000, 777, 16, 64, "nf4", True),
+    (17, 130, 288, 5, 128, "fp4", False),
+    (300, 333, 320, 17, 128, "fp4", False),
+    (37, 47, 65, 33, 32, "nf4", True),
+]
+
+
+def _lora_bound(plain: torch.Tensor, lr: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+    # result = plain + sum_q l_q r_q: the rank-r sum in fp32 (r roundings on its path: a
+    # product, then r - 1 FMAs) and one fp32 add to the kernel's own fp32 result `plain`
+    # (one rounding): gamma_{r+1} of the sum of the magnitudes
+    r = lr.shape[1]
+    return gamma(r + 1) * (plain.double().abs() + lr.double().abs() @ rr.double().abs())
+
+
+@pytest.mark.parametrize("case", EPILOGUE_CASES, ids=lambda c: "x".join(map(str, c[:4])))
+@pytest.mark.parametrize("dx", [False, True], ids=["fwd", "dx"])
+def test_lora_epilogue_within_bound(case, dx):
+    m, n, k, rank, bs, qt, dq = case
+    quant, _, x, dy = _problem(m, n, k, bs, qt, dq, seed=6)
+    a, cols = (dy, k) if dx else (x, n)
+    g = torch.Generator().manual_seed(7)
+    lr, rr = torch.randn(m, rank, generator=g), torch.randn(rank, cols, generator=g) * 0.1
+    plain = amx.qgemm_4bit(a, quant, dx=dx)
+    y = amx.qgemm_4bit(a, quant, dx=dx, lora=(lr, rr))
+    assert y.dtype == torch.float32 and y.shape == (m, cols)
+    want = plain.double() + lr.double() @ rr.double()
+    assert_within(y, want, _lora_bound(plain, lr, rr), "epilogue fp32")
+    # a bf16 out is the fp32 result rounded once; accumulate adds it to out with one add
+    yb = amx.qgemm_4bit(a, quant, dx=dx, lora=(lr, rr), out_dtype=torch.bfloat16)
+    assert torch.equal(yb, y.bfloat16())
+    acc = torch.randn(m, cols, generator=g)
+    got = amx.qgemm_4bit(a, quant, dx=dx, lora=(lr, rr), out=acc.clone(), accumulate=True)
+    assert torch.equal(got, acc + y)
+    # threads and blocking split the columns, never a sum: the same bits
+    y2 = amx.qgemm_4bit(a, quant, dx=dx, lora=(lr, rr), col_block=32, red_block=64, num_threads=2)
+    assert torch.equal(y2, y)
+
+
+def test_lora_epilogue_on_an_empty_reduction():
+    # K = 0 (forward) / N = 0 (dx): the GEMM's sum is empty, the result is the LoRA term
+    g = torch.Generator().manual_seed(8)
+    lr, rr = torch.randn(4, 3, generator=g), torch.randn(3, 5, generator=g)
+    q0 = (torch.zeros(0, 1, dtype=torch.uint8), torch.zeros(0), None, None, None, 64, 256, "nf4", 5, 0)
+    y = amx.qgemm_4bit(torch.zeros(4, 0, dtype=torch.bfloat16), q0, lora=(lr, rr))
+    assert_within(y, lr.double() @ rr.double(), _lora_bound(torch.zeros(4, 5), lr, rr), "empty fwd")
+    yb = amx.qgemm_4bit(torch.zeros(4, 0, dtype=torch.bfloat16), q0, lora=(lr, rr), out_dtype=torch.bfloat16)
+    assert torch.equal(yb, y.bfloat16())
+    q1 = (torch.zeros(0, 1, dtype=torch.uint8), torch.zeros(0), None, None, None, 64, 256, "nf4", 0, 5)
+    acc = torch.randn(4, 5, generator=g)
+    got = amx.qgemm_4bit(
+        torch.zeros(4, 0, dtype=torch.bfloat16), q1, dx=True, lora=(lr, rr), out=acc.clone(), accumulate=True
+    )
+    assert torch.equal(got, acc + y)
+
+
+def test_lora_epilogue_argument_errors():
+    quant, _, x, _ = _problem(4, 40, 64, 64, "nf4", True)
+    lr, rr = torch.zeros(4, 2), torch.zeros(2, 40)
+    with pytest.raises(TypeError, match="lora l must be torch.float32"):
+        amx.qgemm_4bit(x, quant, lora=(lr.bfloat16(), rr))
+    with pytest.raises(ValueError, match="lora r must be contiguous"):
+        amx.qgemm_4bit(x, quant, lora=(lr, torch.zeros(40, 2).t()))
+    with pytest.raises(ValueError, match=r"lora must be l \[4, rank\] and r \[rank, 40\]"):
+        amx.qgemm_4bit(x, quant, lora=(lr, torch.zeros(3, 40)))
+    with pytest.raises(ValueError, match=r"r \[rank, 64\]"):
+        amx.qgemm_4bit(torch.zeros(4, 40, dtype=torch.bfloat16), quant, dx=True, lora=(lr, rr))
+
+
+# --- the LoRA weight gradients' products (amx.lora_grad) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("m", "c", "r"), [(1, 40, 1), (9, 1000, 16), (512, 333, 17), (37, 16, 33), (70, 4097, 5)]
+)
+def test_lora_grad_within_bound(m, c, r):
+    # lt^T @ x: exact fp32 products of bf16 values, an fp32 sum over the m rows (m
+    # roundings on a term's path: gamma_m), no flushes (FMAs, not tiles)
+    g = torch.Generator().manual_seed(9)
+    lt = torch.randn(m, r, generator=g).bfloat16().float()
+    x = torch.randn(m, c, generator=g).bfloat16()
+    want = lt.double().t() @ x.double()
+    out = amx.lora_grad(lt, x)
+    assert out.shape == (r, c) and out.dtype == torch.float32
+    assert_within(out, want, gamma(m) * (lt.double().abs().t() @ x.double().abs()), "lt^T x")
+    # the transposed store holds the same bits; threads split columns, never a sum
+    assert torch.equal(amx.lora_grad(lt, x, transpose=True), out.t())
+    assert torch.equal(amx.lora_grad(lt, x, num_threads=1), amx.lora_grad(lt, x, num_threads=2))
+
+
+def test_lora_grad_edges_and_errors():
+    x = torch.randn(5, 20).bfloat16()
+    assert torch.equal(amx.lora_grad(torch.zeros(0, 3), x[:0]), torch.zeros(3, 20))  # empty sum
+    assert amx.lora_grad(torch.zeros(5, 0), x).shape == (0, 20)
+    assert amx.lora_grad(torch.zeros(5, 3), x[:, :0], transpose=True).shape == (0, 3)
+    with pytest.raises(TypeError, match="l must be torch.float32"):
+        amx.lora_grad(torch.zeros(5, 3).bfloat16(), x)
+    with pytest.raises(TypeError, match="x must be torch.bfloat16"):
+        amx.lora_grad(torch.zeros(5, 3), x.float())
+    with pytest.raises(ValueError, match="the same rows"):
+        amx.lora_grad(torch.zeros(4, 3), x)
+    with pytest.raises(ValueError, match="contiguous"):
+        amx.lora_grad(torch.zeros(3, 5).t(), x)
+    c = _native.cpu_module()
+    out = torch.empty(3, 20)
+    with pytest.raises(ValueError, match="out holds 59"):
+        c.lora_grad_amx(8, 15, 3, x.data_ptr(), 100, 5, 20, out.data_ptr(), 59, False, 1)
+    with pytest.raises(ValueError, match="l holds 14"):
+        c.lora_grad_amx(8, 14, 3, x.data_ptr(), 100, 5, 20, out.data_ptr(), 60, False, 1)
+
+
 # --- the CPU QLoRA layer with the AMX kernel ------------------------------------------------
 
 LAYER_CASES = [
@@ -311,7 +428,8 @@ def test_native_size_checks():
             packed_len=packed.numel(), absmax=absmax.data_ptr(), absmax_len=absmax.numel(),
             blocksize=64, quant_type=2, nested_absmax=0, nested_absmax_len=0, nested_code=0,
             offset=0, nested_blocksize=0, out=out.data_ptr(), out_len=out.numel(), out_dtype=0,
-            accumulate=False, col_block=0, red_block=0, num_threads=1,
+            accumulate=False, lora_l=0, lora_l_len=0, lora_r=0, lora_r_len=0, rank=0,
+            col_block=0, red_block=0, num_threads=1,
         )  # fmt: skip
         args.update(kw)
         c.qgemm_4bit_amx(**args)
@@ -329,6 +447,10 @@ def test_native_size_checks():
         ({"nested_absmax": 8, "nested_absmax_len": 0, "nested_blocksize": 256}, "nested_absmax holds 0"),
         ({"k": 1 << 62, "n": 1 << 62}, "overflows"),
         ({"packed": 0}, "packed is a null pointer"),
+        ({"rank": -1}, "rank must be >= 0"),
+        ({"rank": 2, "lora_l": 8, "lora_l_len": 7, "lora_r": 8, "lora_r_len": 80}, "lora_l holds 7"),
+        ({"rank": 2, "lora_l": 8, "lora_l_len": 8, "lora_r": 8, "lora_r_len": 79}, "lora_r holds 79"),
+        ({"rank": 2, "lora_l": 0, "lora_l_len": 8, "lora_r": 8, "lora_r_len": 80}, "lora_l is a null"),
     ]:
         with pytest.raises(ValueError, match=msg):
             call(**kw)

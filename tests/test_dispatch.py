@@ -100,14 +100,20 @@ def test_use_backend_forces_and_refuses():
         with qpeft.use_backend("nope"):
             pass
     if "cuda_emulated" in qpeft.available_backends():
-        # the emulated backend has no QLoRA kernel: forced, the op raises instead of falling back
+        # a forced backend without the op's kernel raises instead of falling back (the
+        # emulated backend serves every op, so one of its kernels is hidden for the check)
         packed, state = qf.quantize_4bit(torch.randn(16, 64))
         a, b = torch.randn(4, 64), torch.zeros(16, 4)
-        with (
-            qpeft.use_backend("cuda_emulated"),
-            pytest.raises(qpeft.BackendUnavailableError, match="no kernel"),
-        ):
-            qf.qlora_linear(torch.randn(2, 64), packed, state, a, b, 1.0)
+        table = _dispatch._backends["cuda_emulated"].kernels
+        kernel = table.pop("qlora_linear")
+        try:
+            with (
+                qpeft.use_backend("cuda_emulated"),
+                pytest.raises(qpeft.BackendUnavailableError, match="no kernel"),
+            ):
+                qf.qlora_linear(torch.randn(2, 64), packed, state, a, b, 1.0)
+        finally:
+            table["qlora_linear"] = kernel
     assert qf.quantize_4bit(x)[0].shape == (64, 1)
 
 

@@ -98,3 +98,62 @@ def test_gradcheck_fp64_cpu_path():
 
     with qpeft.use_backend("cpu"):
         assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize(
+    "needs",
+    [
+        (True, True, True, True),
+        (True, False, False, False),
+        (False, True, False, False),
+        (False, False, True, True),
+    ],
+)
+@pytest.mark.parametrize("scales", [False, True])
+def test_composed_backward_orientation(needs, scales):
+    """The composed fp32 backward takes its rank-r products as [r, *] GEMMs (g^T = B^T dy^T,
+    dA = gs^T x, dB = (xs^T dy)^T; ``_backward_composed``) and the forward returns xa as the
+    transposed view of A x^T. Against the reference backend for every subset of gradients,
+    a non-contiguous grad_y, rank_scale and out_scale, and an xa of either layout: both are
+    fp32 sums of the same products in some order, so each element differs from the fp64
+    value by at most L * 2^-24 * sum|terms| (L the products and nested sums it adds up:
+    N + r for dx, N + M for dA, K + M for dB), and the two by twice that."""
+    from qpeft.backends.default import qlora as ref_qlora
+
+    m, n, k, r = 40, 70, 96, 4  # 40 rows: the composed path, not the one-call small kernels
+    p = make_problem((torch.float32, m, n, k, r, "nf4", True, 32, False, scales, scales))
+    st = p["state"]
+    quant = (p["packed"], st.absmax, st.state2.absmax, st.state2.code, torch.tensor([st.offset]), 32)
+    quant = (*quant, st.state2.blocksize, "nf4", n, k)
+    rs, os_ = (p["rank_scale"], p["out_scale"]) if scales else (None, None)
+    s = p["scaling"]
+    x, a, b = p["x"], p["a"], p["b"]
+    y, xa = cpu_qlora.qlora_linear(x, *quant, a, b, s, None, rs, os_, True)
+    assert xa.shape == (m, r)
+    gy = torch.randn(n, m).t()  # non-contiguous
+    w = p["w"].double()
+    dy = gy.double() * (1.0 if os_ is None else os_.double())
+    rsd = 1.0 if rs is None else rs.double()
+    u = 2.0**-24
+    ad, bd, xd = a.double().abs(), b.double().abs(), x.double().abs()
+    gabs = dy.abs() @ bd * abs(s) * (rsd.abs() if rs is not None else 1.0)
+    bounds = (
+        2 * (n + r + 2) * u * (dy.abs() @ w.abs() + gabs @ ad),
+        2 * (n + m + 2) * u * (gabs.t() @ xd),
+        2
+        * (k + m + 2)
+        * u
+        * (dy.abs().t() @ (xd @ ad.t() * abs(s) * (rsd.abs() if rs is not None else 1.0))),
+    )
+    for xa_in in (xa, xa.contiguous()):
+        got = cpu_qlora.qlora_linear_backward(gy, x, *quant, a, b, xa_in, s, rs, os_, *needs)
+        want = ref_qlora.qlora_linear_backward(gy, x, *quant, a, b, xa.contiguous(), s, rs, os_, *needs)
+        for i, need in enumerate(needs):
+            if not need:
+                assert got[i].numel() == 0
+                continue
+            assert got[i].shape == want[i].shape and got[i].dtype == want[i].dtype
+            assert got[i].is_contiguous()
+            diff = (got[i].double() - want[i].double()).abs()
+            bound = bounds[i] if i < 3 else 2 * (m + 2) * u * dy.abs().sum(0)
+            assert bool((diff <= bound + 1e-30).all()), (i, float((diff - bound).max()))

@@ -5,7 +5,8 @@ training), backward and forward+backward at training M, on 7B/8B-class layer sha
 Implementations: each qpeft backend on the device; the pure-torch reference; HF PEFT
 LoRA over a bitsandbytes ``Linear4bit`` holding the very same packed weight (compute
 dtype bf16, and fp32 as a CPU user would pick); torchtune's recipe, torchao's
-``linear_nf4`` plus the LoRA matmuls in torch (its own NF4 variant of the weight).
+``linear_nf4`` plus the LoRA matmuls in torch (its own NF4 variant of the weight); the
+unquantized bf16 layer in torch (cuBLAS on a GPU) as the 16-bit baseline.
 
 Checks, before timing, against y and dx of the fp32 reference on the same packed W:
 implementations on the same packed weight must agree within ||err|| / ||ref|| < 2^-6
@@ -119,6 +120,17 @@ class Layer:
         bnbF = optional("bitsandbytes.functional")
         return bnbF.QuantState.from_dict(self.state.as_dict(packed=True), device=self.packed.device)
 
+    def torch_bf16(self):
+        """The unquantized layer in bf16 (cuBLAS on CUDA): the 16-bit baseline the fused
+        4-bit kernels are compared against (it reads 4x the weight bytes)."""
+        w = self.w.to(self.x.dtype)
+        a, b = self.a.clone().requires_grad_(), self.b.clone().requires_grad_()
+
+        def fwd(x):
+            return torch.nn.functional.linear(x, w) + SCALING * (x @ a.to(x.dtype).T) @ b.to(x.dtype).T
+
+        return fwd, None
+
     def torchao(self):
         ao = torchao_nf4()
         if ao is None:
@@ -142,6 +154,8 @@ def _impls(layer: Layer, device: str, mode: str) -> list[Impl]:
         ("peft+bnb fp32", lambda: layer.peft_bnb(torch.float32), True),
         ("torchao nf4+lora", layer.torchao, False),
     ]
+    if device != "cpu":  # the GPU's 16-bit baseline (cuBLAS)
+        makers.append(("torch bf16 unquantized+lora", layer.torch_bf16, False))
     impls = []
     for name, make, same_format in makers:
         made = make()

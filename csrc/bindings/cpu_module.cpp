@@ -117,22 +117,33 @@ PYBIND11_MODULE(_C, m) {
              int64_t packed_len, uintptr_t absmax, int64_t absmax_len, int64_t blocksize,
              int quant_type, uintptr_t nested_absmax, int64_t nested_absmax_len,
              uintptr_t nested_code, uintptr_t offset, int64_t nested_blocksize, uintptr_t out,
-             int64_t out_len, int out_dtype, bool accumulate, int64_t col_block, int64_t red_block,
-             int num_threads) {
+             int64_t out_len, int out_dtype, bool accumulate, uintptr_t lora_l, int64_t lora_l_len,
+             uintptr_t lora_r, int64_t lora_r_len, int64_t rank, int64_t col_block,
+             int64_t red_block, int num_threads) {
           qc::qgemm_4bit_amx(dx, a, a_len, m_, n, k, packed, packed_len, absmax, absmax_len,
                              blocksize, quant_type, nested_absmax, nested_absmax_len, nested_code,
-                             offset, nested_blocksize, out, out_len, out_dtype, accumulate,
-                             col_block, red_block, num_threads);
+                             offset, nested_blocksize, out, out_len, out_dtype, accumulate, lora_l,
+                             lora_l_len, lora_r, lora_r_len, rank, col_block, red_block,
+                             num_threads);
         },
         nogil, py::arg("a"), py::arg("a_len"), py::arg("m"), py::arg("n"), py::arg("k"),
         py::arg("packed"), py::arg("packed_len"), py::arg("absmax"), py::arg("absmax_len"),
         py::arg("blocksize"), py::arg("quant_type"), py::arg("nested_absmax"),
         py::arg("nested_absmax_len"), py::arg("nested_code"), py::arg("offset"),
         py::arg("nested_blocksize"), py::arg("out"), py::arg("out_len"), py::arg("out_dtype"),
-        py::arg("accumulate"), py::arg("col_block"), py::arg("red_block"), py::arg("num_threads"),
-        dx ? "AMX-BF16 out[m, k] (+)= a[m, n] @ W with W [n, k] as packed 4-bit codes (bf16 a)."
-           : "AMX-BF16 out[m, n] (+)= a[m, k] @ W^T with W [n, k] as packed 4-bit codes (bf16 a).");
+        py::arg("accumulate"), py::arg("lora_l"), py::arg("lora_l_len"), py::arg("lora_r"),
+        py::arg("lora_r_len"), py::arg("rank"), py::arg("col_block"), py::arg("red_block"),
+        py::arg("num_threads"),
+        dx ? "AMX-BF16 out[m, k] (+)= a[m, n] @ W (+ lora_l @ lora_r) with W [n, k] as packed "
+             "4-bit codes (bf16 a)."
+           : "AMX-BF16 out[m, n] (+)= a[m, k] @ W^T (+ lora_l @ lora_r) with W [n, k] as packed "
+             "4-bit codes (bf16 a).");
   }
+  m.def("lora_grad_amx", &qc::lora_grad_amx, nogil, py::arg("l"), py::arg("l_len"), py::arg("rank"),
+        py::arg("x"), py::arg("x_len"), py::arg("m"), py::arg("cols"), py::arg("out"),
+        py::arg("out_len"), py::arg("transpose"), py::arg("num_threads"),
+        "fp32 out[rank, cols] (or [cols, rank]) = l[m, rank]^T @ x[m, cols] (bf16 x): the LoRA "
+        "weight gradients' products at the amx level.");
   // The fused decode + vdpbf16ps GEMM of the avx512_bf16 level (csrc/cpu/qgemm_avx512bf16.cpp):
   // internal, called by qpeft/backends/cpu/dpbf16.py, which checks dtypes and contiguity.
   m.def("qgemm_4bit_dpbf16", &qc::qgemm_4bit_dpbf16, nogil, py::arg("x"), py::arg("x_len"),

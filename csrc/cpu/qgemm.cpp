@@ -17,6 +17,8 @@
 #include <qpeft/format.h>
 #include <qpeft/host_checks.h>
 
+#include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -105,7 +107,9 @@ void qgemm_4bit_amx(bool dx, uintptr_t a, int64_t a_len, int64_t m, int64_t n, i
                     int64_t blocksize, int quant_type, uintptr_t nested_absmax,
                     int64_t nested_absmax_len, uintptr_t nested_code, uintptr_t offset,
                     int64_t nested_blocksize, uintptr_t out, int64_t out_len, int out_dtype,
-                    bool accumulate, int64_t col_block, int64_t red_block, int num_threads) {
+                    bool accumulate, uintptr_t lora_l, int64_t lora_l_len, uintptr_t lora_r,
+                    int64_t lora_r_len, int64_t rank, int64_t col_block, int64_t red_block,
+                    int num_threads) {
   const char* fn = dx ? "qgemm_4bit_amx_dx" : "qgemm_4bit_amx";
   host::check_nonneg(fn, "m", m);
   host::check_nonneg(fn, "n", n);
@@ -122,6 +126,11 @@ void qgemm_4bit_amx(bool dx, uintptr_t a, int64_t a_len, int64_t m, int64_t n, i
   check_len(fn, "a", a_len, host::checked_mul(fn, "m", m, dx ? "n" : "k", red));
   check_len(fn, "out", out_len, host::checked_mul(fn, "m", m, dx ? "k" : "n", cols));
   check_len(fn, "packed", packed_len, host::packed4_len(numel));
+  host::check_nonneg(fn, "rank", rank);
+  if (rank > 0) {
+    check_len(fn, "lora_l", lora_l_len, host::checked_mul(fn, "m", m, "rank", rank));
+    check_len(fn, "lora_r", lora_r_len, host::checked_mul(fn, "rank", rank, "cols", cols));
+  }
   const int64_t blocks = ceil_div(numel, blocksize);
   check_len(fn, "absmax", absmax_len, blocks);
   const bool nested = nested_absmax != 0;
@@ -138,8 +147,28 @@ void qgemm_4bit_amx(bool dx, uintptr_t a, int64_t a_len, int64_t m, int64_t n, i
 #else
   if (m == 0 || cols == 0) return;
   check_ptr(fn, "out", out);
-  if (red == 0) {  // an empty sum: zeros (or out unchanged when accumulating)
-    if (!accumulate) {
+  if (rank > 0) {
+    check_ptr(fn, "lora_l", lora_l);
+    check_ptr(fn, "lora_r", lora_r);
+  }
+  if (red == 0) {  // an empty sum: zeros (or out unchanged when accumulating), + the LoRA term
+    if (rank > 0) {
+      const float* l = reinterpret_cast<const float*>(lora_l);
+      const float* r = reinterpret_cast<const float*>(lora_r);
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t c = 0; c < cols; ++c) {
+          float lo = l[i * rank] * r[c];  // the epilogue's order: q ascending, then the add
+          for (int64_t q = 1; q < rank; ++q) lo = std::fma(l[i * rank + q], r[q * cols + c], lo);
+          const int64_t o = i * cols + c;
+          if (out_dtype == kF32) {
+            float* dst = reinterpret_cast<float*>(out) + o;
+            *dst = accumulate ? *dst + (0.0f + lo) : 0.0f + lo;
+          } else {
+            reinterpret_cast<uint16_t*>(out)[o] = f32_to_bf16(0.0f + lo);
+          }
+        }
+      }
+    } else if (!accumulate) {
       const int64_t bytes = m * cols * (out_dtype == kF32 ? 4 : 2);
       std::memset(reinterpret_cast<void*>(out), 0, static_cast<size_t>(bytes));
     }
@@ -169,6 +198,8 @@ void qgemm_4bit_amx(bool dx, uintptr_t a, int64_t a_len, int64_t m, int64_t n, i
   g.nested_blocksize = nested ? nested_blocksize : 1;
   g.out_dtype = out_dtype;
   g.accumulate = accumulate;
+  g.rank = rank;
+  g.lora_r = rank > 0 ? reinterpret_cast<const float*>(lora_r) : nullptr;
   g.col_block = col_block;
   g.red_block = red_block;
 
@@ -180,6 +211,7 @@ void qgemm_4bit_amx(bool dx, uintptr_t a, int64_t a_len, int64_t m, int64_t n, i
     g.m = m - m0 < kMaxRowsPerPass ? m - m0 : kMaxRowsPerPass;
     g.a = reinterpret_cast<const uint16_t*>(a) + m0 * red;
     g.out = reinterpret_cast<char*>(out) + m0 * cols * out_elem;
+    g.lora_l = rank > 0 ? reinterpret_cast<const float*>(lora_l) + m0 * rank : nullptr;
     const int64_t ap_bytes = (amx_ap_elems(g) * 2 + 63) / 64 * 64;
     const int64_t ws_bytes = amx_workspace_bytes(g);
     CallBuffer call;
@@ -190,13 +222,67 @@ void qgemm_4bit_amx(bool dx, uintptr_t a, int64_t a_len, int64_t m, int64_t n, i
     g.ap = reinterpret_cast<uint16_t*>(base);
     const int64_t mt_n = ceil_div(g.m, 16);
     parallel_ranges(mt_n, tasks, [&](int64_t t0, int64_t t1) { amx_repack_a(g, t0, t1); });
+    // Column blocks are handed out one at a time (an atomic counter), not as one fixed
+    // range per thread: on a shared machine a thread that loses its core for a while no
+    // longer holds back the whole call, the others take its blocks. Each block is still
+    // computed by one task in one order: the results do not depend on who takes it.
+    std::atomic<int64_t> next{0};
     parallel_tasks(tasks, [&](int64_t t) {
-      const int64_t per = col_blocks / tasks, extra = col_blocks % tasks;
-      const int64_t b0 = t * per + (t < extra ? t : extra);
-      const int64_t b1 = b0 + per + (t < extra ? 1 : 0);
-      amx_gemm_cols(g, b0, b1, base + ap_bytes + t * ws_bytes);
+      for (int64_t cb = next.fetch_add(1); cb < col_blocks; cb = next.fetch_add(1))
+        amx_gemm_cols(g, cb, cb + 1, base + ap_bytes + t * ws_bytes);
     });
   }
+#endif
+}
+
+void lora_grad_amx(uintptr_t l, int64_t l_len, int64_t rank, uintptr_t x, int64_t x_len, int64_t m,
+                   int64_t cols, uintptr_t out, int64_t out_len, bool transpose, int num_threads) {
+  const char* fn = "lora_grad_amx";
+  host::check_nonneg(fn, "rank", rank);
+  host::check_nonneg(fn, "m", m);
+  host::check_nonneg(fn, "cols", cols);
+  check_len(fn, "l", l_len, host::checked_mul(fn, "m", m, "rank", rank));
+  check_len(fn, "x", x_len, host::checked_mul(fn, "m", m, "cols", cols));
+  check_len(fn, "out", out_len, host::checked_mul(fn, "rank", rank, "cols", cols));
+  if (detected_level() < kIsaAmx) {
+    fail(fn,
+         std::string("needs the amx level; this CPU (or OS) lacks ") + missing_features(kIsaAmx));
+  }
+#if !QPEFT_HAVE_AMX_TU
+  fail(fn, "this build has no AMX kernels (the compiler rejected the amx level's flags)");
+#else
+  if (rank == 0 || cols == 0) return;
+  check_ptr(fn, "out", out);
+  if (m == 0) {  // an empty sum
+    std::memset(reinterpret_cast<void*>(out), 0, static_cast<size_t>(rank * cols * 4));
+    return;
+  }
+  check_ptr(fn, "l", l);
+  check_ptr(fn, "x", x);
+  // l with its rows padded to a multiple of 16 ranks (zeros): every pass holds 16 ranks;
+  // then each task's accumulators (lda x its columns rounded up to 16), 64-byte aligned
+  const int64_t lda = ceil_div(rank, 16) * 16;
+  const int64_t chunks = ceil_div(cols, 16);
+  const int64_t threads = num_threads < 1 ? 1 : num_threads;
+  const int64_t tasks = threads < chunks ? threads : chunks;
+  const int64_t per_task = host::checked_mul(fn, "rank", lda, "cols", 16 * ceil_div(chunks, tasks));
+  const int64_t lp_elems = ceil_div(host::checked_mul(fn, "m", m, "rank", lda), 16) * 16;
+  CallBuffer call;
+  float* lp = static_cast<float*>(
+      workspace(fn, host::checked_bytes(fn, "workspace", lp_elems + tasks * per_task, 4), call));
+  const float* ls = reinterpret_cast<const float*>(l);
+  for (int64_t i = 0; i < m; ++i) {
+    std::memcpy(lp + i * lda, ls + i * rank, static_cast<size_t>(rank) * 4);
+    std::memset(lp + i * lda + rank, 0, static_cast<size_t>(lda - rank) * 4);
+  }
+  parallel_tasks(tasks, [&](int64_t t) {
+    const int64_t per = chunks / tasks, extra = chunks % tasks;
+    const int64_t b0 = t * per + (t < extra ? t : extra);
+    const int64_t b1 = b0 + per + (t < extra ? 1 : 0);
+    amx_lora_grad_cols(lp, lda, rank, reinterpret_cast<const uint16_t*>(x), m, cols, 16 * b0,
+                       16 * b1 < cols ? 16 * b1 : cols, reinterpret_cast<float*>(out), transpose,
+                       lp + lp_elems + t * per_task);
+  });
 #endif
 }
 

@@ -73,30 +73,6 @@ static_assert(kGemvChunk * 4 / 8 == 16, "a chunk is one 16-byte load");
 constexpr int kWordsPerChunk = kGemvChunk / 8;  // 32-bit words (8 weights each) per chunk
 static_assert(kWordsPerChunk == 4, "a chunk is one uint4");
 
-// n / d for 0 <= n < 2^31 and 1 <= d < 2^31 without a division instruction: the
-// round-up magic number of Granlund & Montgomery ("Division by invariant integers
-// using multiplication", 1994), q = (umulhi(n, magic) + n) >> shift with
-// shift = ceil(log2 d) and magic = floor(2^32 * (2^shift - d) / d) + 1. The sum
-// umulhi + n stays below 2^32 because n < 2^31. Used for block / nested_blocksize
-// in the inner loop: a 64-bit division there compiles to a call of a ~70-instruction
-// software routine per chunk; the host refuses >= 2^31 blocks (gemv_4bit below).
-struct FastDivU32 {
-  uint32_t magic;
-  uint32_t shift;
-  uint32_t divisor;
-};
-
-inline FastDivU32 make_fastdiv(uint32_t d) {  // host; 1 <= d < 2^31
-  uint32_t shift = 0;
-  while ((uint64_t{1} << shift) < d) ++shift;
-  const uint64_t magic = ((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1;
-  return FastDivU32{static_cast<uint32_t>(magic), shift, d};
-}
-
-__device__ __forceinline__ uint32_t fastdiv(uint32_t n, const FastDivU32& f) {
-  return (__umulhi(n, f.magic) + n) >> f.shift;
-}
-
 // absmax of quant block `blk` (< 2^31): fp32, or the double-quantized code decoded
 // as dequantize_4bit does (format.h: nested_absmax_value).
 __device__ __forceinline__ float block_absmax(const void* __restrict__ absmax, uint32_t blk,
@@ -261,7 +237,7 @@ void gemv_4bit(std::uintptr_t x, int x_dtype, std::int64_t x_len, std::int64_t m
   const int64_t nblocks = ceil_div(numel, blocksize);
   host::check_len(fn, "absmax", absmax_len, nblocks);
   host::check_len(fn, "out", out_len, host::checked_mul(fn, "m", m, "n", n));
-  // Block indices are 32-bit in the kernel (FastDivU32 above): W may have up to
+  // Block indices are 32-bit in the kernel (FastDivU32, kernel_common.h): W may have up to
   // 2^31 - 1 quant blocks (2^36 elements at blocksize 32).
   host::check_index32(fn, "quant blocks of W", nblocks);
   const bool nested = nested_absmax != 0;

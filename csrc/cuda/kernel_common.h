@@ -223,6 +223,31 @@ __device__ __forceinline__ void ldg8(const ET<DT>* __restrict__ p, float (&v)[8]
   }
 }
 
+// n / d for 0 <= n < 2^31 and 1 <= d < 2^31 without a division instruction: the
+// round-up magic number of Granlund & Montgomery ("Division by invariant integers
+// using multiplication", 1994), q = (umulhi(n, magic) + n) >> shift with
+// shift = ceil(log2 d) and magic = floor(2^32 * (2^shift - d) / d) + 1. The sum
+// umulhi + n stays below 2^32 because n < 2^31. Used for block / nested_blocksize
+// in the inner loops of the decode GEMV and the QLoRA GEMM (quant block / nested_blocksize):
+// a 64-bit division there compiles to a call of a ~70-instruction software routine per
+// chunk; their hosts refuse >= 2^31 quant blocks.
+struct FastDivU32 {
+  uint32_t magic;
+  uint32_t shift;
+  uint32_t divisor;
+};
+
+inline FastDivU32 make_fastdiv(uint32_t d) {  // host; 1 <= d < 2^31
+  uint32_t shift = 0;
+  while ((uint64_t{1} << shift) < d) ++shift;
+  const uint64_t magic = ((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1;
+  return FastDivU32{static_cast<uint32_t>(magic), shift, d};
+}
+
+__device__ __forceinline__ uint32_t fastdiv(uint32_t n, const FastDivU32& f) {
+  return (__umulhi(n, f.magic) + n) >> f.shift;
+}
+
 // ----------------------------------------------------------------------------
 // Host side: launch helpers. The launchers check their arguments first, with
 // qpeft/host_checks.h (std::invalid_argument -> ValueError, before any CUDA call).

@@ -54,6 +54,47 @@ void gemv_4bit(std::uintptr_t x, int x_dtype, std::int64_t x_len, std::int64_t m
                std::uintptr_t nested_code, std::uintptr_t offset, std::int64_t nested_blocksize,
                std::uintptr_t out, std::int64_t out_len, std::uintptr_t stream);
 
+// Fused 4-bit dequant + LoRA GEMM on tensor cores (csrc/cuda/qlora_gemm.cu), fp16 or
+// bf16 activations (dtype 1 or 2) with fp32 accumulation. W [n, k] as gemv_4bit takes it.
+// qlora_forward: y [m, n] = out_scale * (x [m, k] @ W^T + bias + (s * (x @ A^T) * rank_scale)
+//   @ B^T); lora_a: A [r, k], lora_b: B [n, r] in x's dtype (r = 0: no LoRA terms, the
+//   lora pointers unused); rank_scale [r], bias [n], out_scale [n]: fp32 or 0; xa: 0 or
+//   [m, r] in x's dtype, receives x @ A^T.
+// qlora_dx: dx [m, k] = dy [m, n] @ W + (s * (dy @ B) * rank_scale) @ A (dy already
+//   multiplied by out_scale); g: 0 or fp32 [m, r], receives dy @ B.
+// r <= kQloraMaxRank. split >= 1 splits the reduction (k, dx: n) into that many parts
+// (at most ceil(reduction / 32) and kQloraMaxSplit) reduced in a fixed order through an fp32
+// workspace of qlora_workspace_len(m, columns of the output, r, split) elements.
+constexpr std::int64_t kQloraMaxRank = 64;
+constexpr std::int64_t kQloraMaxSplit = 256;
+
+std::int64_t qlora_workspace_len(std::int64_t m, std::int64_t ocols, std::int64_t r,
+                                 std::int64_t split);
+
+void qlora_forward(std::uintptr_t x, int x_dtype, std::int64_t x_len, std::int64_t m,
+                   std::int64_t k, std::uintptr_t packed, std::int64_t packed_len,
+                   std::uintptr_t absmax, std::int64_t absmax_len, std::int64_t n,
+                   std::int64_t blocksize, int quant_type, std::uintptr_t nested_absmax,
+                   std::int64_t nested_absmax_len, std::uintptr_t nested_code,
+                   std::uintptr_t offset, std::int64_t nested_blocksize, std::uintptr_t lora_a,
+                   std::int64_t lora_a_len, std::uintptr_t lora_b, std::int64_t lora_b_len,
+                   std::int64_t r, double scaling, std::uintptr_t rank_scale,
+                   std::int64_t rank_scale_len, std::uintptr_t bias, std::int64_t bias_len,
+                   std::uintptr_t out_scale, std::int64_t out_scale_len, std::uintptr_t y,
+                   std::int64_t y_len, std::uintptr_t xa, std::int64_t xa_len, std::int64_t split,
+                   std::uintptr_t workspace, std::int64_t workspace_len, std::uintptr_t stream);
+
+void qlora_dx(std::uintptr_t dy, int dy_dtype, std::int64_t dy_len, std::int64_t m, std::int64_t k,
+              std::uintptr_t packed, std::int64_t packed_len, std::uintptr_t absmax,
+              std::int64_t absmax_len, std::int64_t n, std::int64_t blocksize, int quant_type,
+              std::uintptr_t nested_absmax, std::int64_t nested_absmax_len,
+              std::uintptr_t nested_code, std::uintptr_t offset, std::int64_t nested_blocksize,
+              std::uintptr_t lora_a, std::int64_t lora_a_len, std::uintptr_t lora_b,
+              std::int64_t lora_b_len, std::int64_t r, double scaling, std::uintptr_t rank_scale,
+              std::int64_t rank_scale_len, std::uintptr_t dx, std::int64_t dx_len, std::uintptr_t g,
+              std::int64_t g_len, std::int64_t split, std::uintptr_t workspace,
+              std::int64_t workspace_len, std::uintptr_t stream);
+
 // Architectures compiled into this module, e.g. {75, 80, 86, 89, 90, 100, 120}
 // (nvcc's __CUDA_ARCH_LIST__ / 10: the virtual archs of the -gencode list).
 std::vector<int> compiled_archs();

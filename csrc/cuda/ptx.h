@@ -130,9 +130,11 @@ __device__ __forceinline__ void cp_async_commit() {
 
 // Waits until at most N of this thread's committed groups are still pending.
 // Other threads' copies need a __syncthreads() after their own wait.
+// The "memory" clobber makes the wait a compiler barrier: shared-memory loads of
+// the copied bytes after it are not hoisted above it.
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // lop3.b32: any three-input bitwise function, given by its truth table Lut

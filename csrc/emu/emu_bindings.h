@@ -46,11 +46,16 @@ inline void bind(pybind11::module_& m) {
   t.def("probe_indices", &k::probe_indices, release());
   t.def("probe_barrier", &k::probe_barrier, release());
   t.def("probe_shuffle", &k::probe_shuffle, release());
+  t.def("probe_shuffle_pairs", &k::probe_shuffle_pairs, release());
   t.def("probe_vote", &k::probe_vote, release());
   t.def("probe_atomics", &k::probe_atomics, release());
   t.def("probe_dynamic_smem", &k::probe_dynamic_smem, release());
   t.def("probe_order", &k::probe_order, release());
   t.def("probe_activemask", &k::probe_activemask, release());
+  t.def("probe_mma", &k::probe_mma, release());
+  t.def("probe_ldmatrix", &k::probe_ldmatrix, release());
+  t.def("probe_cp_async", &k::probe_cp_async, release());
+  t.def("probe_bitops", &k::probe_bitops, release());
   t.def("bug_block_index", &k::bug_block_index, release());
   t.def("bug_divergent_barrier", &k::bug_divergent_barrier, release());
   t.def("bug_missing_barrier", &k::bug_missing_barrier, release());
@@ -61,6 +66,8 @@ inline void bind(pybind11::module_& m) {
   t.def("bug_warp_sync", &k::bug_warp_sync, release());
   t.def("bug_smem_oob", &k::bug_smem_oob, release());
   t.def("bug_dynamic_smem_oob", &k::bug_dynamic_smem_oob, release());
+  t.def("bug_mma_layout", &k::bug_mma_layout, release());
+  t.def("bug_cp_async_pipeline", &k::bug_cp_async_pipeline, release());
 }
 
 }  // namespace emu

@@ -29,12 +29,23 @@
 //    poisoned with 0xff bytes at block start and followed by a canary that is
 //    checked after every barrier and at block end.
 //
+// PTX instructions: those of csrc/cuda/ptx.h (mma.m16n8k16 with bf16/fp16 inputs
+// and fp32 accumulation, ldmatrix .x1/.x2/.x4 [.trans], cp.async 4/8/16 bytes with
+// commit_group / wait_group, lop3, prmt, the shared-window address) are emulated
+// from the PTX ISA's definitions by csrc/emu/emu_ptx.h, which ptx.h includes in
+// this build: mma and ldmatrix as warp exchanges (all 32 lanes, one line), cp.async
+// as a per-thread queue of groups landing at the wait that retires them, with the
+// destination poisoned and ldmatrix of bytes in flight reported (see emu_ptx.h for
+// what is and is not checked).
+//
 // Not emulated (kernels must keep these behind __CUDA_ARCH__, whose host branch
-// the emulation runs): inline PTX, textures, cooperative groups, clusters,
-// memory spin-waits between threads (a spin loop without __nanosleep never
-// yields), `extern __shared__` arrays (use qpeft::dynamic_smem<T>()). The
-// approximate intrinsics (__expf, __fdividef, rsqrtf, ...) compute the exact
-// host function here, so kernels that must match bit for bit avoid them.
+// the emulation runs): any other inline PTX (wgmma, TMA / cp.async.bulk,
+// mbarriers, ...), textures, cooperative groups, clusters, memory spin-waits
+// between threads (a spin loop without __nanosleep never yields), `extern
+// __shared__` arrays (use qpeft::dynamic_smem<T>()). The approximate intrinsics
+// (__expf, __fdividef, rsqrtf, ...) compute the exact host function here, so
+// kernels that must match bit for bit avoid them. Shared-memory bank conflicts
+// and all timing are beyond the model.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -76,6 +87,7 @@ enum WarpOp : int {
   kVoteAll,
   kVoteAny,
   kSyncWarp,
+  kExchange,  // warp_exchange below (mma, ldmatrix)
 };
 enum BarrierOp : int { kBarSync = 0, kBarCount, kBarAnd, kBarOr };
 
@@ -90,6 +102,35 @@ void yield(const char* file, int line);
 [[noreturn]] void trap(const char* what, const char* file, int line);
 void* dynamic_smem_base();
 
+// A warp exchange (csrc/emu/emu_ptx.h's warp-collective instructions): every lane
+// of a complete warp calls it from the same source line with a payload of
+// `bytes` (<= 64); the last lane to arrive runs complete(slots, bytes, arg, file,
+// line) over the 32 slots (lane l's at slots + l * bytes), which overwrites them
+// with the lanes' results; then every lane returns with the slots, readable until
+// its next exchange. Anything else (a missing or exited lane, another line, an
+// incomplete warp) raises, like the other collectives.
+using ExchangeFn = void (*)(unsigned char* slots, std::size_t bytes, int arg, const char* file,
+                            int line);
+struct WarpExchange {
+  const unsigned char* slots;
+  int lane;
+};
+WarpExchange warp_exchange(const char* name, const void* payload, std::size_t bytes,
+                           ExchangeFn complete, int arg, const char* file, int line);
+// Raises unless [p, p + bytes) is the launch's dynamic shared memory or a
+// __shared__ variable.
+void check_shared(const void* p, std::size_t bytes, const char* what, const char* file, int line);
+// Raises if a cp.async of any thread of the block still writes [p, p + bytes).
+void check_shared_read(const void* p, std::size_t bytes, const char* what, const char* file,
+                       int line);
+std::uint32_t shared_address(const void* p, const char* file, int line);
+// cp.async per thread: a queue of copies grouped by commit, landing at the wait
+// that retires their group (runtime.cpp).
+void cp_async(void* dst, const void* src, int bytes, int src_bytes, const char* file, int line);
+void cp_async_commit(const char* file, int line);
+void cp_async_wait(int n, const char* file, int line);
+int lane_id();
+
 // Runs body(arg) as every thread of every block of the grid (see runtime.cpp).
 void launch_grid(const char* name, dim3 grid, dim3 block, std::size_t smem, void (*body)(void*),
                  void* arg);
@@ -103,19 +144,22 @@ template <typename T>
 inline ShflType<T> shuffle(int op, unsigned mask, T var, unsigned b, int width, const char* file,
                            int line) {
   using U = ShflType<T>;
-  static_assert(
-      std::is_trivially_copyable<U>::value && (sizeof(U) == 2 || sizeof(U) == 4 || sizeof(U) == 8),
-      "shuffled values are 2, 4 or 8 bytes");
+  // __half2 and __nv_bfloat162 declare their own copy operations (not trivially
+  // copyable) but are plain 4-byte structs: CUDA shuffles them too.
+  static_assert((std::is_trivially_copyable<U>::value ||
+                 (std::is_standard_layout<U>::value && std::is_trivially_destructible<U>::value)) &&
+                    (sizeof(U) == 2 || sizeof(U) == 4 || sizeof(U) == 8),
+                "shuffled values are 2, 4 or 8 bytes");
   const U u = static_cast<U>(var);
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
     trap("shuffle width must be a power of two in [1, 32]", file, line);
   }
   std::uint64_t bits = 0;
-  std::memcpy(&bits, &u, sizeof(U));
+  std::memcpy(&bits, static_cast<const void*>(&u), sizeof(U));
   const unsigned seg = static_cast<unsigned>(32 - width) << 8;
   bits = warp_collective(op, mask, bits, b, op == kShflUp ? seg : (seg | 0x1fu), file, line);
   U out = u;
-  std::memcpy(&out, &bits, sizeof(U));
+  std::memcpy(static_cast<void*>(&out), &bits, sizeof(U));
   return out;
 }
 

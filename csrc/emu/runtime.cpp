@@ -13,6 +13,7 @@
 #include "qpeft_cuda_emulation.h"
 #include "emu_runtime.h"
 
+#include <link.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -28,6 +29,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -50,6 +52,11 @@ constexpr unsigned char kCanary = 0xa5;
 // times in a row with probability (1 - 1/N)^(256 N) < e^-256.
 constexpr std::uint64_t kMinSpins = 1u << 16;
 constexpr std::uint64_t kSpinsPerThread = 256;
+// Warp exchanges (mma, ldmatrix): the largest payload per lane.
+constexpr std::size_t kMaxExchangeSlot = 64;
+// cp.async copies (and committed groups) one thread may have in flight: a
+// pipeline holds a few stages of a few copies each; more is a missing wait.
+constexpr std::size_t kMaxPendingCopies = 1024;
 
 // Default seed 2 (random interleavings); $QPEFT_EMU_SEED overrides it, so a CI
 // run can sweep seeds over the whole test suite.
@@ -125,6 +132,8 @@ const char* op_name(int op) {
       return "__any_sync";
     case kSyncWarp:
       return "__syncwarp";
+    case kExchange:
+      return "warp exchange";
     default:
       return "warp collective";
   }
@@ -168,6 +177,19 @@ struct Fiber {
   std::uint64_t value = 0;
   unsigned b = 0, c = 0;
   std::uint64_t result = 0;
+  unsigned exchanges = 0;  // warp exchanges joined: selects the double buffer
+  // cp.async copies issued and not yet retired, in issue order; the first
+  // `committed` of them belong to the committed groups, whose sizes are `groups`.
+  struct Copy {
+    unsigned char* dst;
+    const unsigned char* src;
+    int bytes, src_bytes;
+    const char* file;
+    int line;
+  };
+  std::vector<Copy> copies;
+  std::vector<std::size_t> groups;
+  std::size_t committed = 0;
 };
 
 struct WarpGroup {
@@ -176,6 +198,7 @@ struct WarpGroup {
   unsigned arrived;
   const char* file;
   int line;
+  const char* name;  // op_name(op), or the instruction of a warp exchange
 };
 
 struct ActiveGroup {
@@ -191,6 +214,51 @@ struct WarpState {
   std::vector<WarpGroup> groups;
   std::vector<ActiveGroup> active;
 };
+
+// --- Shared memory ranges ------------------------------------------------------
+// The launch's dynamic shared memory is the worker's buffer; __shared__ variables
+// are thread_local, i.e. this module's TLS block of the OS thread running the
+// block, which dl_iterate_phdr reports (dlpi_tls_data: the calling thread's copy).
+struct TlsRange {
+  std::uintptr_t lo = 0, hi = 0;
+  bool looked = false;
+};
+thread_local TlsRange t_tls;
+
+int find_tls_block(dl_phdr_info* info, std::size_t size, void* data) {
+  auto* out = static_cast<TlsRange*>(data);
+  if (size < offsetof(dl_phdr_info, dlpi_tls_data) + sizeof(info->dlpi_tls_data)) return 0;
+  if (info->dlpi_tls_data == nullptr) return 0;
+  const auto probe = reinterpret_cast<std::uintptr_t>(&t_tls);  // a thread_local of this module
+  for (int i = 0; i < info->dlpi_phnum; ++i) {
+    if (info->dlpi_phdr[i].p_type != PT_TLS) continue;
+    const auto lo = reinterpret_cast<std::uintptr_t>(info->dlpi_tls_data);
+    const std::uintptr_t hi = lo + info->dlpi_phdr[i].p_memsz;
+    if (probe >= lo && probe < hi) {
+      out->lo = lo;
+      out->hi = hi;
+      return 1;
+    }
+  }
+  return 0;
+}
+
+const TlsRange& static_shared_range() {
+  if (!t_tls.looked) {
+    TlsRange r;
+    dl_iterate_phdr(find_tls_block, &r);
+    r.looked = true;
+    t_tls = r;
+  }
+  return t_tls;
+}
+
+std::string hex_ptr(const void* p) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "0x%llx",
+                static_cast<unsigned long long>(reinterpret_cast<std::uintptr_t>(p)));
+  return buf;
+}
 
 void fiber_entry();
 
@@ -215,6 +283,8 @@ class Worker {
     }
     fibers_.resize(kMaxThreads);
     smem_.resize(kMaxDynamicSmem + kCanaryBytes + 128);
+    xbuf_.resize(static_cast<std::size_t>(kMaxThreads / kWarp) * 2 * kWarp * kMaxExchangeSlot);
+    pending_dyn_.assign(kMaxDynamicSmem / 4, 0);
   }
   ~Worker() { munmap(stacks_, slot_ * kMaxThreads); }
   Worker(const Worker&) = delete;
@@ -239,6 +309,16 @@ class Worker {
     if (error_.empty()) error_ = std::move(msg);
   }
   [[noreturn]] void leave_to_main();
+  WarpExchange exchange(const char* name, const void* payload, std::size_t bytes,
+                        ExchangeFn complete, int arg, const char* file, int line);
+  void cp_async(void* dst, const void* src, int bytes, int src_bytes, const char* file, int line);
+  void cp_async_commit(const char* file, int line);
+  void cp_async_wait(int n, const char* file, int line);
+  void check_shared(const void* p, std::size_t bytes, const char* what, const char* file, int line);
+  void check_shared_read(const void* p, std::size_t bytes, const char* what, const char* file,
+                         int line);
+  std::uint32_t shared_address(const void* p, const char* file, int line);
+  int lane() const { return current_ % kWarp; }
 
  private:
   void make_ready(int t);
@@ -250,6 +330,11 @@ class Worker {
   std::string deadlock_report();
   std::string thread_name(int t) const;
   void resolve_active(int warp);
+  void retire_copies(Fiber& f, std::size_t n);
+  void mark_pending(const unsigned char* p, int bytes, int delta);
+  bool is_pending(const unsigned char* p, std::size_t bytes, const unsigned char** hit);
+  std::string pending_writer(const unsigned char* p);
+  void reset_copies();
   unsigned char* smem_base() {
     auto p = reinterpret_cast<std::uintptr_t>(smem_.data());
     return reinterpret_cast<unsigned char*>((p + 127) & ~std::uintptr_t{127});
@@ -283,6 +368,15 @@ class Worker {
   std::uint64_t switches_ = 0;
   std::uint64_t spins_ = 0;
   uint3 block_idx_{};
+  // Warp exchanges: two buffers per warp, used alternately, so a lane that runs
+  // ahead into its next exchange never overwrites slots others still read.
+  std::vector<unsigned char> xbuf_;
+  // Shared-memory words (4 bytes) written by cp.async copies not yet retired:
+  // a count per word of dynamic shared memory, a map for __shared__ variables.
+  std::vector<std::uint32_t> pending_dyn_;
+  std::unordered_map<std::uintptr_t, std::uint32_t> pending_static_;
+  std::size_t pending_copies_ = 0;  // in the whole block
+  bool dyn_dirty_ = false;          // pending_dyn_ may hold non-zero counts
 
  public:
   void* dynamic_smem() { return smem_base(); }
@@ -465,7 +559,7 @@ std::uint64_t Worker::collective(int op, unsigned mask, std::uint64_t value, uns
     if (x.mask & mask) {
       if (x.mask != mask || x.op != op) {
         throw KernelFault(
-            what() + " meets lanes " + lanes_of(x.arrived) + " waiting in " + op_name(x.op) +
+            what() + " meets lanes " + lanes_of(x.arrived) + " waiting in " + x.name +
             "(mask=" + hex32(x.mask) + ") at " + site(x.file, x.line) +
             ": the lanes of one collective must call the same kind with the same mask");
       }
@@ -473,7 +567,7 @@ std::uint64_t Worker::collective(int op, unsigned mask, std::uint64_t value, uns
     }
   }
   if (g == nullptr) {
-    ws.groups.push_back({op, mask, 0u, file, line});
+    ws.groups.push_back({op, mask, 0u, file, line, op_name(op)});
     g = &ws.groups.back();
   }
   Fiber& me = fibers_[self];
@@ -548,6 +642,242 @@ std::uint64_t Worker::collective(int op, unsigned mask, std::uint64_t value, uns
   }
   switch_away(self);
   return me.result;
+}
+
+// --- Warp exchange (mma, ldmatrix) ------------------------------------------------
+// Every lane of the (complete) warp deposits `bytes` into its slot; the last to
+// arrive runs complete() over the 32 slots, which turns them into the lanes'
+// results in place; each lane then reads its own slot (or any other) until its
+// next exchange. Done by the arriving lane, at one instant: no other thread of
+// the block runs between the gathering of the operands and the results.
+WarpExchange Worker::exchange(const char* name, const void* payload, std::size_t bytes,
+                              ExchangeFn complete, int arg, const char* file, int line) {
+  const int self = current_;
+  const int warp = self / kWarp, lane = self % kWarp;
+  WarpState& ws = warps_[warp];
+  auto what = [&]() { return std::string(name) + " at " + site(file, line); };
+  if (bytes == 0 || bytes > kMaxExchangeSlot) {
+    throw KernelFault(what() + ": exchange payload of " + std::to_string(bytes) +
+                      " bytes (the harness takes 1.." + std::to_string(kMaxExchangeSlot) + ")");
+  }
+  if (ws.lanes != 0xffffffffu) {
+    throw KernelFault(what() + " is warp-collective over all 32 lanes, but warp " +
+                      std::to_string(warp) + " of a block of " + std::to_string(nthreads_) +
+                      " threads has only lanes " + lanes_of(ws.lanes) +
+                      " (the block size must be a multiple of 32)");
+  }
+  if (ws.exited != 0u) {
+    throw KernelFault(what() + " needs every lane of the warp, but lanes " + lanes_of(ws.exited) +
+                      " have exited (they never arrive)");
+  }
+  WarpGroup* g = nullptr;
+  for (WarpGroup& x : ws.groups) {
+    if (x.op != kExchange || std::strcmp(x.name, name) != 0 ||
+        !same_site(x.file, x.line, file, line)) {
+      throw KernelFault(what() + " meets lanes " + lanes_of(x.arrived) + " waiting in " + x.name +
+                        " at " + site(x.file, x.line) +
+                        ": every lane of the warp must execute the same warp-collective "
+                        "instruction at the same source line");
+    }
+    g = &x;
+  }
+  if (g == nullptr) {
+    ws.groups.push_back({kExchange, 0xffffffffu, 0u, file, line, name});
+    g = &ws.groups.back();
+  }
+  Fiber& me = fibers_[self];
+  unsigned char* slots =
+      xbuf_.data() +
+      ((static_cast<std::size_t>(warp) * 2 + (me.exchanges & 1u)) * kWarp) * kMaxExchangeSlot;
+  ++me.exchanges;
+  std::memcpy(slots + static_cast<std::size_t>(lane) * bytes, payload, bytes);
+  me.op = kExchange;
+  me.file = file;
+  me.line = line;
+  g->arrived |= 1u << lane;
+  set_blocked(self, State::AtWarp);
+  if (g->arrived == 0xffffffffu) {
+    ws.groups.erase(ws.groups.begin() + (g - ws.groups.data()));
+    complete(slots, bytes, arg, file, line);
+    for (int l = 0; l < kWarp; ++l) make_ready(warp * kWarp + l);
+  }
+  switch_away(self);
+  return WarpExchange{slots, lane};
+}
+
+// --- Shared memory checks --------------------------------------------------------
+void Worker::check_shared(const void* p, std::size_t bytes, const char* what, const char* file,
+                          int line) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  const auto dyn = reinterpret_cast<std::uintptr_t>(smem_base());
+  if (a >= dyn && a < dyn + kMaxDynamicSmem + kCanaryBytes) {
+    if (a + bytes <= dyn + smem_bytes_) return;
+    throw KernelFault(std::string(what) + " at " + site(file, line) + ": bytes " +
+                      std::to_string(a - dyn) + ".." + std::to_string(a - dyn + bytes - 1) +
+                      " of dynamic shared memory lie past the launch's " +
+                      std::to_string(smem_bytes_) + " bytes");
+  }
+  const TlsRange& tls = static_shared_range();
+  if (tls.lo != 0 && a >= tls.lo && a + bytes <= tls.hi) return;
+  throw KernelFault(std::string(what) + " at " + site(file, line) + ": address " + hex_ptr(p) +
+                    " is not shared memory (neither the launch's dynamic shared memory nor a "
+                    "__shared__ variable)");
+}
+
+void Worker::mark_pending(const unsigned char* p, int bytes, int delta) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  const auto dyn = reinterpret_cast<std::uintptr_t>(smem_base());
+  for (std::uintptr_t w = a / 4; w < (a + static_cast<std::uintptr_t>(bytes) + 3) / 4; ++w) {
+    if (w * 4 >= dyn && w * 4 < dyn + kMaxDynamicSmem) {
+      pending_dyn_[w - dyn / 4] += static_cast<std::uint32_t>(delta);  // modulo 2^32: -1 undoes +1
+      dyn_dirty_ = true;
+    } else if (delta > 0) {
+      pending_static_[w] += static_cast<std::uint32_t>(delta);
+    } else {
+      auto it = pending_static_.find(w);
+      if (it != pending_static_.end() && --it->second == 0) pending_static_.erase(it);
+    }
+  }
+}
+
+bool Worker::is_pending(const unsigned char* p, std::size_t bytes, const unsigned char** hit) {
+  if (pending_copies_ == 0) return false;
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  const auto dyn = reinterpret_cast<std::uintptr_t>(smem_base());
+  for (std::uintptr_t w = a / 4; w < (a + bytes + 3) / 4; ++w) {
+    bool pend;
+    if (w * 4 >= dyn && w * 4 < dyn + kMaxDynamicSmem) {
+      pend = pending_dyn_[w - dyn / 4] != 0;
+    } else {
+      pend = !pending_static_.empty() && pending_static_.count(w) != 0;
+    }
+    if (pend) {
+      *hit = reinterpret_cast<const unsigned char*>(std::max(w * 4, a));
+      return true;
+    }
+  }
+  return false;
+}
+
+// Who issued the pending copy that writes byte p (only on the error path).
+std::string Worker::pending_writer(const unsigned char* p) {
+  for (int t = 0; t < nthreads_; ++t) {
+    for (const Fiber::Copy& c : fibers_[t].copies) {
+      if (p >= c.dst && p < c.dst + c.bytes) {
+        return "a cp.async issued at " + site(c.file, c.line) + " by " + thread_name(t);
+      }
+    }
+  }
+  return "a cp.async";
+}
+
+void Worker::check_shared_read(const void* p, std::size_t bytes, const char* what, const char* file,
+                               int line) {
+  const unsigned char* hit = nullptr;
+  if (!is_pending(static_cast<const unsigned char*>(p), bytes, &hit)) return;
+  throw KernelFault(std::string(what) + " at " + site(file, line) + " reads shared memory at " +
+                    hex_ptr(hit) + " that " + pending_writer(hit) +
+                    " still writes: the issuing thread has not retired its group with "
+                    "cp_async_wait yet (a thread reading its own copies needs that wait; a "
+                    "thread reading another's needs a __syncthreads() after the other's wait)");
+}
+
+std::uint32_t Worker::shared_address(const void* p, const char* file, int line) {
+  check_shared(p, 1, "smem_addr", file, line);
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  const auto dyn = reinterpret_cast<std::uintptr_t>(smem_base());
+  if (a >= dyn && a < dyn + kMaxDynamicSmem) return static_cast<std::uint32_t>(a - dyn);
+  // __shared__ variables: above any dynamic shared memory (disjoint windows).
+  return static_cast<std::uint32_t>(kMaxDynamicSmem + kCanaryBytes +
+                                    (a - static_shared_range().lo));
+}
+
+// --- cp.async -------------------------------------------------------------------------
+// A copy lands at the cp_async_wait that retires its group (PTX allows any time
+// between issue and that wait; the latest is the one that exposes reads too
+// early). Until then its destination holds 0xff poison and is marked pending, so
+// ldmatrix of it traps; a thread may not exit with copies in flight.
+void Worker::cp_async(void* dst, const void* src, int bytes, int src_bytes, const char* file,
+                      int line) {
+  auto what = [&]() { return "cp_async<" + std::to_string(bytes) + "> at " + site(file, line); };
+  if (src_bytes < 0 || src_bytes > bytes) {
+    throw KernelFault(what() + ": src_bytes " + std::to_string(src_bytes) + " outside 0.." +
+                      std::to_string(bytes));
+  }
+  const auto d = reinterpret_cast<std::uintptr_t>(dst), s = reinterpret_cast<std::uintptr_t>(src);
+  if (d % static_cast<std::uintptr_t>(bytes) != 0 || s % static_cast<std::uintptr_t>(bytes) != 0) {
+    throw KernelFault(what() + ": destination " + hex_ptr(dst) + " and source " + hex_ptr(src) +
+                      " must both be aligned to " + std::to_string(bytes) + " bytes");
+  }
+  check_shared(dst, static_cast<std::size_t>(bytes), "cp_async destination", file, line);
+  if (src_bytes > 0 && src == nullptr) throw KernelFault(what() + ": null source");
+  const auto dyn = reinterpret_cast<std::uintptr_t>(smem_base());
+  const TlsRange& tls = static_shared_range();
+  if ((s >= dyn && s < dyn + kMaxDynamicSmem) || (tls.lo != 0 && s >= tls.lo && s < tls.hi)) {
+    throw KernelFault(what() + ": the source " + hex_ptr(src) +
+                      " is shared memory; cp.async copies global to shared memory");
+  }
+  Fiber& me = fibers_[current_];
+  if (me.copies.size() >= kMaxPendingCopies) {
+    throw KernelFault(what() + ": " + std::to_string(me.copies.size()) +
+                      " copies of this thread are already in flight (the harness holds at most " +
+                      std::to_string(kMaxPendingCopies) + "): a cp_async_wait is missing");
+  }
+  auto* dp = static_cast<unsigned char*>(dst);
+  std::memset(dp, kPoison, static_cast<std::size_t>(bytes));
+  mark_pending(dp, bytes, +1);
+  ++pending_copies_;
+  me.copies.push_back({dp, static_cast<const unsigned char*>(src), bytes, src_bytes, file, line});
+}
+
+void Worker::cp_async_commit(const char* file, int line) {
+  Fiber& me = fibers_[current_];
+  if (me.groups.size() >= kMaxPendingCopies) {
+    throw KernelFault("cp_async_commit at " + site(file, line) + ": " +
+                      std::to_string(me.groups.size()) +
+                      " committed groups of this thread are still pending: a cp_async_wait is "
+                      "missing");
+  }
+  me.groups.push_back(me.copies.size() - me.committed);  // may be empty, as in PTX
+  me.committed = me.copies.size();
+}
+
+// Lands the first n copies of f (the oldest).
+void Worker::retire_copies(Fiber& f, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const Fiber::Copy& c = f.copies[i];
+    mark_pending(c.dst, c.bytes, -1);
+    if (c.src_bytes > 0) std::memcpy(c.dst, c.src, static_cast<std::size_t>(c.src_bytes));
+    std::memset(c.dst + c.src_bytes, 0, static_cast<std::size_t>(c.bytes - c.src_bytes));
+  }
+  f.copies.erase(f.copies.begin(), f.copies.begin() + static_cast<std::ptrdiff_t>(n));
+  f.committed -= n;
+  pending_copies_ -= n;
+}
+
+// cp.async.wait_group n: all but the n most recent committed groups complete.
+// Copies not yet committed are in no group and stay in flight.
+void Worker::cp_async_wait(int n, const char* /*file*/, int /*line*/) {
+  Fiber& me = fibers_[current_];
+  const std::size_t keep = static_cast<std::size_t>(n < 0 ? 0 : n);
+  if (me.groups.size() <= keep) return;
+  const std::size_t retire = me.groups.size() - keep;
+  std::size_t copies = 0;
+  for (std::size_t i = 0; i < retire; ++i) copies += me.groups[i];
+  me.groups.erase(me.groups.begin(), me.groups.begin() + static_cast<std::ptrdiff_t>(retire));
+  retire_copies(me, copies);
+}
+
+void Worker::reset_copies() {
+  for (int t = 0; t < nthreads_; ++t) {
+    fibers_[t].copies.clear();
+    fibers_[t].groups.clear();
+    fibers_[t].committed = 0;
+  }
+  pending_static_.clear();
+  pending_copies_ = 0;
+  if (dyn_dirty_) std::fill(pending_dyn_.begin(), pending_dyn_.end(), 0u);
+  dyn_dirty_ = false;
 }
 
 int Worker::barrier(int op, int pred, const char* file, int line) {
@@ -637,10 +967,20 @@ void Worker::on_exit() {
   for (const WarpGroup& g : ws.groups) {
     if ((g.mask >> lane) & 1u) {
       throw KernelFault("lane " + std::to_string(lane) + " exits while lanes " +
-                        lanes_of(g.arrived) + " wait in " + op_name(g.op) +
-                        "(mask=" + hex32(g.mask) + ") at " + site(g.file, g.line) +
+                        lanes_of(g.arrived) + " wait in " + g.name + "(mask=" + hex32(g.mask) +
+                        ") at " + site(g.file, g.line) +
                         ", whose mask names it (a non-participating lane)");
     }
+  }
+  const Fiber& me = fibers_[self];
+  if (!me.copies.empty()) {
+    const Fiber::Copy& c = me.copies.front();
+    const std::size_t uncommitted = me.copies.size() - me.committed;
+    throw KernelFault(thread_name(self) + " exits with " + std::to_string(me.copies.size()) +
+                      " cp.async copies in flight (the first issued at " + site(c.file, c.line) +
+                      (uncommitted ? ", " + std::to_string(uncommitted) + " never committed" : "") +
+                      "): every copy must be committed with cp_async_commit and retired with "
+                      "cp_async_wait before the thread exits");
   }
   set_blocked(self, State::Exited);
   ws.exited |= 1u << lane;
@@ -658,9 +998,8 @@ std::string Worker::deadlock_report() {
   for (std::size_t w = 0; w < warps_.size(); ++w) {
     for (const WarpGroup& g : warps_[w].groups) {
       msg += " Warp " + std::to_string(w) + ": lanes " + lanes_of(g.arrived) + " wait in " +
-             op_name(g.op) + "(mask=" + hex32(g.mask) + ") at " + site(g.file, g.line) +
-             " for lanes " + lanes_of(g.mask & ~g.arrived) +
-             ", which never arrive (non-participating lanes).";
+             g.name + "(mask=" + hex32(g.mask) + ") at " + site(g.file, g.line) + " for lanes " +
+             lanes_of(g.mask & ~g.arrived) + ", which never arrive (non-participating lanes).";
     }
   }
   std::vector<int> exited;
@@ -673,6 +1012,7 @@ std::string Worker::deadlock_report() {
 
 std::string Worker::run_block(dim3 grid, dim3 block, std::uint64_t linear_block, std::size_t smem,
                               void (*body)(void*), void* arg, std::uint64_t seed) {
+  reset_copies();  // of the previous block (a failed one leaves copies behind)
   nthreads_ = static_cast<int>(block.x * block.y * block.z);
   body_ = body;
   arg_ = arg;
@@ -711,6 +1051,7 @@ std::string Worker::run_block(dim3 grid, dim3 block, std::uint64_t linear_block,
               static_cast<unsigned>(t / (block.x * block.y))};
     f.state = State::Exited;  // make_ready counts the transition
     f.result = 0;
+    f.exchanges = 0;
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = stacks_ + slot_ * t + page_;
     f.ctx.uc_stack.ss_size = kStackBytes;
@@ -724,6 +1065,7 @@ std::string Worker::run_block(dim3 grid, dim3 block, std::uint64_t linear_block,
   swapcontext(&main_ctx_, &fibers_[first].ctx);
   current_ = -1;
   g_switches.fetch_add(switches_, std::memory_order_relaxed);
+  reset_copies();
 
   if (!error_.empty()) return error_;
   if (exited_ != nthreads_) return where() + ": " + deadlock_report();
@@ -811,6 +1153,40 @@ void yield(const char* /*file*/, int /*line*/) {
 
 void trap(const char* what, const char* file, int line) {
   throw KernelFault(std::string(what) + " at " + site(file, line));
+}
+
+WarpExchange warp_exchange(const char* name, const void* payload, std::size_t bytes,
+                           ExchangeFn complete, int arg, const char* file, int line) {
+  return worker_or_throw(name).exchange(name, payload, bytes, complete, arg, file, line);
+}
+
+void check_shared(const void* p, std::size_t bytes, const char* what, const char* file, int line) {
+  worker_or_throw(what).check_shared(p, bytes, what, file, line);
+}
+
+void check_shared_read(const void* p, std::size_t bytes, const char* what, const char* file,
+                       int line) {
+  worker_or_throw(what).check_shared_read(p, bytes, what, file, line);
+}
+
+std::uint32_t shared_address(const void* p, const char* file, int line) {
+  return worker_or_throw("smem_addr()").shared_address(p, file, line);
+}
+
+void cp_async(void* dst, const void* src, int bytes, int src_bytes, const char* file, int line) {
+  worker_or_throw("cp_async()").cp_async(dst, src, bytes, src_bytes, file, line);
+}
+
+void cp_async_commit(const char* file, int line) {
+  worker_or_throw("cp_async_commit()").cp_async_commit(file, line);
+}
+
+void cp_async_wait(int n, const char* file, int line) {
+  worker_or_throw("cp_async_wait()").cp_async_wait(n, file, line);
+}
+
+int lane_id() {
+  return worker_or_throw("the lane id").lane();
 }
 
 void* dynamic_smem_base() {

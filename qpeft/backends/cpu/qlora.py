@@ -234,11 +234,14 @@ def qlora_linear(
     # extra [M, N] temporary cost about as much as the LoRA products)
     y, xa = base, None
     if lora_a is not None:  # no adapter: the LoRA terms are skipped, not computed as zeros
-        xa = F.linear(xc, _cast(lora_a, cdt))
-        t = xa * scaling
+        # xa^T = A @ x^T ([r, M]; xa is returned as its transposed view): the rank-r
+        # products in the [r, *] orientation (see _backward_composed)
+        xa_t = torch.mm(_cast(lora_a, cdt), xc.t())
+        t_t = xa_t * scaling
         if rank_scale is not None:
-            t = t * _cast(rank_scale, cdt)
-        y = base.addmm_(t, _cast(lora_b, cdt).t())
+            t_t = t_t * _rank_col(rank_scale, cdt)
+        y = base.addmm_(t_t.t(), _cast(lora_b, cdt).t())
+        xa = xa_t.t()
     if bias is not None:
         y.add_(_cast(bias, cdt))
     if out_scale is not None:
@@ -524,7 +527,7 @@ def qlora_linear_backward(
         ):
             acc.addmm_(dy[:, r0:r1], _cast(w, acc.dtype))
 
-    return backward_from(
+    return (backward_from if lora_a is None else _backward_composed)(
         add_dy_w,
         grad_y,
         x,
@@ -539,6 +542,60 @@ def qlora_linear_backward(
         need_db,
         need_dbias,
     )
+
+
+def _rank_col(rank_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """rank_scale ([r], or anything broadcasting against xa's last dimension) as a column
+    that scales the rows of an [r, *] product: the same elementwise products."""
+    return _cast(rank_scale, dtype).reshape(-1, 1)
+
+
+def _backward_composed(
+    add_dy_w,
+    grad_y,
+    x,
+    lora_a,
+    lora_b,
+    xa,
+    scaling,
+    rank_scale,
+    out_scale,
+    need_dx,
+    need_da,
+    need_db,
+    need_dbias,
+):
+    """The reference's ``backward_from`` with an adapter, its rank-r products taken in the
+    [r, *] orientation: g^T = B^T @ dy^T, dA = (s g^T) @ x, dB = ((s xa^T) @ dy)^T (and
+    xa^T = A @ x^T in the forward). Each is a skinny GEMM (one dimension r = 4..64) that
+    the fp32 BLAS ran 1.4-2.8x faster producing [r, *] than [*, r]: dy @ B 160 vs 94 us,
+    dy^T @ xs 202 vs 72 us, x @ A^T (K = 704) 159 vs 90 us (M = 512, N = 704, r = 8; 1
+    thread, min of 100; the e2e demo's shapes, 2-core SPR-class VM). The same products
+    as the reference, each output element one fp32 (fp64) dot product summed in some
+    order: within the bound tests/test_qlora_cpu.py applies whatever the order."""
+    cdt = _compute_dtype(x)
+    dy = _cast(grad_y, cdt)
+    if out_scale is not None:
+        dy = dy * _cast(out_scale, cdt)
+    rs = None if rank_scale is None else _rank_col(rank_scale, cdt)
+    dx = da = db = dbias = None
+    if need_dx or need_da:
+        g_t = torch.mm(_cast(lora_b, cdt).t(), dy.t())  # (dy @ B)^T, [r, M]
+        gs_t = g_t * scaling if rs is None else g_t * scaling * rs
+        if need_dx:
+            dx = torch.mm(gs_t.t(), _cast(lora_a, cdt))  # [M, K], then + dy @ W in place
+            add_dy_w(dy, dx)
+            dx = _cast(dx, x.dtype)
+        if need_da:
+            da = _cast(torch.mm(gs_t, _cast(x, cdt)), lora_a.dtype)
+    if need_db:
+        xa_t = _cast(xa, cdt).t()  # [r, M]: contiguous when this backend's forward made xa
+        xs_t = xa_t * scaling if rs is None else xa_t * scaling * rs
+        db = _cast(torch.mm(xs_t, dy).t().contiguous(), lora_b.dtype)
+    if need_dbias:
+        dbias = _cast(dy.sum(0), grad_y.dtype)
+    # distinct empty tensors (outputs must not alias), made only for what was not computed
+    return tuple(x.new_empty((0,)) if t is None else t for t in (dx, da, db, dbias))
 
 
 # --- bf16 compute (CPUs with bf16 dot products; docs/design.md "CPU compute dtype") --------
@@ -587,9 +644,11 @@ def _base_bf16(xb: torch.Tensor, quant: tuple) -> torch.Tensor:
 # At the amx level (qpeft.cpu_info()["chosen_level"]; QPEFT_CPU_ISA=avx512_bf16 keeps the
 # oneDNN panels for A/B runs) the bf16 products with W run on qpeft's own AMX kernel
 # (backends/cpu/amx.py): W decoded from its codes straight into the tiles, never a decoded
-# panel handed to oneDNN, and the fp32 accumulators returned as they are (no bf16 rounding
-# of x @ W^T or of dy @ W: one rounding fewer than the panels, inside the same bounds,
-# qpeft/testing.py). Taken only where it measured faster than the panels (benchmarks/
+# panel handed to oneDNN, and the fp32 accumulators never rounded to bf16 before the LoRA
+# term is added (one rounding fewer than the panels, inside the same bounds,
+# qpeft/testing.py): the kernel's epilogue adds the rank-r term in fp32 and stores y / dx
+# in x's dtype (``_forward_amx``, the dx branch of ``_backward_bf16``); dA and dB come from
+# ``amx.lora_grad`` (fp32 sums of exact products). Taken only where it measured faster than the panels (benchmarks/
 # isa_ab.py --amx, same run, interleaved medians): ``_amx_forward`` / ``_amx_dx``.
 
 
@@ -601,36 +660,67 @@ def _amx_dx(m: int, n: int, k: int) -> bool:
     return amx.active()
 
 
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the AMX kernel stores for x's result: x's own where the kernel writes it
+    (bf16, fp32), else fp32 (cast after)."""
+    return x.dtype if x.dtype in (_BF16, torch.float32) else torch.float32
+
+
 def _forward_bf16(x, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa):
     xb = x.to(_BF16)
+    f32 = torch.float32
+    if _amx_forward(x.shape[0], quant[8], quant[9]):
+        return _forward_amx(x, xb, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa)
     if 1 <= x.shape[0] <= GEMV_MAX_ROWS:
         # decode-sized M: the C++ GEMV (fp32, reads the packed codes once) as in fp32 mode
-        y = kernel_for("gemv_4bit", x.device)(x.to(torch.float32), *quant)
-    elif _amx_forward(x.shape[0], quant[8], quant[9]):
-        if lora_a is None and bias is None and out_scale is None and x.dtype == _BF16:
-            # nothing to add (Linear4bit without bias): the kernel rounds its fp32 sums to
-            # bf16 itself, as y.to(bf16) would, without an fp32 [M, N] pass
-            y = amx.qgemm_4bit(xb.contiguous(), quant, out_dtype=_BF16)
-            return y, x.new_empty((0,))
-        y = amx.qgemm_4bit(xb.contiguous(), quant)  # fp32 [M, N]
+        y = kernel_for("gemv_4bit", x.device)(x.to(f32), *quant)
     elif dpbf16.use_for(x.shape[0], quant):
         # avx512_bf16 level, small M: the fused decode + vdpbf16ps kernel (fp32 [M, N])
         y = dpbf16.qgemm_4bit(xb, quant)
     else:
-        y = _base_bf16(xb, quant).to(torch.float32)
+        y = _base_bf16(xb, quant).to(f32)
     xa = None
     if lora_a is not None:  # no adapter: the LoRA terms are skipped
         xa = F.linear(xb, lora_a.to(_BF16))  # [M, r] bf16, fp32 accumulation over K
-        t = xa.to(torch.float32) * scaling
+        t = xa.to(f32) * scaling
         if rank_scale is not None:
-            t = t * rank_scale.to(torch.float32)
+            t = t * rank_scale.to(f32)
         # the rank-r product is cheap next to x @ W^T: fp32, added to the fp32 copy of base
-        y.addmm_(t, lora_b.to(torch.float32).t())
+        y.addmm_(t, lora_b.to(f32).t())
     if bias is not None:
-        y.add_(bias.to(torch.float32))
+        y.add_(bias.to(f32))
     if out_scale is not None:
-        y.mul_(out_scale.to(torch.float32))
+        y.mul_(out_scale.to(f32))
     return y.to(x.dtype), (xa.to(x.dtype) if return_xa and xa is not None else x.new_empty((0,)))
+
+
+def _forward_amx(x, xb, quant, lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa):
+    """The forward at the amx level (M > 8): one kernel call computes x @ W^T + t @ B^T
+    (t = s xa rs, fp32; the rank-r sum added to the fp32 accumulators in the kernel's
+    epilogue, as ``addmm_`` added it to the fp32 base before) and, with no bias or
+    out_scale to apply, stores y in x's dtype itself: no fp32 [M, N] tensor, no addmm_ or
+    cast pass over it (those were ~10% of the layer's fwd+bwd at M=512; docs/design.md,
+    "AMX GEMM")."""
+    f32 = torch.float32
+    xa = lora = None
+    if lora_a is not None:  # no adapter: the LoRA terms are skipped
+        xa = F.linear(xb, lora_a.to(_BF16))  # [M, r] bf16, fp32 accumulation over K
+        t = xa.to(f32) * scaling
+        if rank_scale is not None:
+            t = t * rank_scale.to(f32)
+        lora = (t.contiguous(), lora_b.to(f32).t().contiguous())
+    xa_out = xa.to(x.dtype) if return_xa and xa is not None else x.new_empty((0,))
+    if bias is None and out_scale is None:
+        # nothing to add after the LoRA term: the kernel stores x's dtype (bf16: its fp32
+        # sums rounded once, as y.to(bf16) would)
+        y = amx.qgemm_4bit(xb.contiguous(), quant, out_dtype=_out_dtype(x), lora=lora)
+        return _cast(y, x.dtype), xa_out
+    y = amx.qgemm_4bit(xb.contiguous(), quant, lora=lora)  # fp32 [M, N]
+    if bias is not None:
+        y.add_(bias.to(f32))
+    if out_scale is not None:
+        y.mul_(out_scale.to(f32))
+    return y.to(x.dtype), xa_out
 
 
 def _backward_bf16(
@@ -669,16 +759,23 @@ def _backward_bf16(
         if need_dx and (use_amx or dpbf16.use_for_dx(x.shape[0], quant)):
             # dy' @ W, fp32 [M, K]: the AMX kernel, or at the avx512_bf16 level (small M) the
             # fused decode + vdpbf16ps kernel (docs/design.md, "AVX512-BF16 GEMM")
-            acc = (
-                amx.qgemm_4bit(dy.contiguous(), quant, dx=True)
-                if use_amx
-                else dpbf16.qgemm_4bit_dx(dy, quant)
-            )
-            if lora_a is not None:
-                # + (s g rs) @ A in fp32 from the same bf16 operands (one rounding fewer than
-                # oneDNN's bf16 output, and no bf16 -> fp32 pass over [M, K])
-                acc.addmm_(gs.to(f32), lora_a.to(_BF16).to(f32))
-            dx = acc.to(x.dtype)
+            if use_amx:
+                # + (s g rs) @ A in fp32 from the same bf16 operands, in the kernel's
+                # epilogue, and dx stored in x's dtype by the kernel (no fp32 [M, K] tensor)
+                lora = None
+                if lora_a is not None:
+                    lora = (gs.to(f32).contiguous(), lora_a.to(_BF16).to(f32).contiguous())
+                dx = _cast(
+                    amx.qgemm_4bit(dy.contiguous(), quant, dx=True, out_dtype=_out_dtype(x), lora=lora),
+                    x.dtype,
+                )
+            else:
+                acc = dpbf16.qgemm_4bit_dx(dy, quant)
+                if lora_a is not None:
+                    # + (s g rs) @ A in fp32 from the same bf16 operands (one rounding fewer
+                    # than oneDNN's bf16 output, and no bf16 -> fp32 pass over [M, K])
+                    acc.addmm_(gs.to(f32), lora_a.to(_BF16).to(f32))
+                dx = acc.to(x.dtype)
         elif need_dx:
             if lora_a is None:
                 acc = torch.zeros((x.shape[0], x.shape[1]), dtype=f32)
@@ -691,10 +788,16 @@ def _backward_bf16(
                 acc.add_(torch.mm(dy[:, r0:r1].contiguous(), w, out=part))
             dx = acc.to(x.dtype)
         if need_da:
-            da = (gs.t() @ x.to(_BF16)).to(lora_a.dtype)
+            if amx.active():  # fp32 sums of the exact products, no bf16 rounding of dA
+                da = amx.lora_grad(gs.to(f32), x.to(_BF16).contiguous()).to(lora_a.dtype)
+            else:
+                da = (gs.t() @ x.to(_BF16)).to(lora_a.dtype)
     if need_db:
         xs = xa.to(f32) * scaling if rs is None else xa.to(f32) * scaling * rs
-        db = (dy.t() @ xs.to(_BF16)).to(lora_b.dtype)
+        if amx.active():
+            db = amx.lora_grad(xs.to(_BF16).to(f32), dy.contiguous(), transpose=True).to(lora_b.dtype)
+        else:
+            db = (dy.t() @ xs.to(_BF16)).to(lora_b.dtype)
     if need_dbias:
         dbias = (grad_y.to(f32) if dy32 is None else dy32).sum(0).to(grad_y.dtype)
     return dx, da, db, dbias

@@ -10,6 +10,7 @@ from ... import _native
 from ..._dispatch import register_backend
 from ..native import gemv as native_gemv
 from ..native import optim as native_optim
+from ..native import qlora as native_qlora
 from ..native import quant as native_quant
 
 
@@ -23,6 +24,7 @@ register_backend(
         **native_quant.kernels(_native.cuda_emu_module, _no_stream),
         **native_gemv.kernels(_native.cuda_emu_module, _no_stream),
         **native_optim.kernels(_native.cuda_emu_module, _no_stream),
+        **native_qlora.kernels(_native.cuda_emu_module, _no_stream),
     },
     _native.cuda_emu_unavailable,
 )
