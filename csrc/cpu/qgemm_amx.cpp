@@ -49,6 +49,8 @@ constexpr int64_t kSweepRt = 8;      // reduction tiles per sweep of the C tiles
 // fp32 accumulator rows are padded by 16 floats: a row stride of a power of two times 1 KiB
 // (M = 512 forward: 2 KiB) put the 16 rows of a C tile into two L1 sets.
 constexpr int64_t kLdcPad = 16;
+// The repacked a's size above which amx_gemm_cols prefetches a's next tiles into L2.
+constexpr int64_t kPrefetchABytes = int64_t{1} << 20;
 
 inline int64_t min64(int64_t a, int64_t b) {
   return a < b ? a : b;
@@ -674,14 +676,17 @@ void amx_gemm_cols(const AmxGemmArgs& g, int64_t cb0, int64_t cb1, void* ws) {
         // prefetched into L2, a 1 / npairs share before each call: a's repacked tiles (4 MiB
         // at M = 512, K = 4096) do not stay in L2 across column blocks, each is read once
         // per column block from L3, and a tile load that misses L2 stalls the products
-        // (docs/design.md, "AMX GEMM": measured 5-10% at M = 512).
+        // (docs/design.md, "AMX GEMM": in-process A/B at M = 512, 0-9% on medians, within
+        // the VM's noise across processes). Only where a is larger than kPrefetchABytes: a
+        // smaller a stays in L2 beside the panel and the accumulators.
         const int64_t npairs = nct / 2;
+        const bool pf_a = amx_ap_elems(g) * 2 > kPrefetchABytes;
         for (int64_t mt = 0; mt < mt_n; mt += 2) {
           const uint16_t* a = g.ap + (mt * rt_n + rt0 + s0) * kTileElems;
           int64_t pf_mt = mt + 2, pf_rt = rt0 + s0;
           if (pf_mt >= mt_n) pf_mt = 0, pf_rt += kSweepRt;
           const int64_t pf_bytes =
-              (pf_rt < rt_n ? min64(kSweepRt, rt_n - pf_rt) : 0) * kTileElems * 2;
+              pf_a && pf_rt < rt_n ? min64(kSweepRt, rt_n - pf_rt) * kTileElems * 2 : 0;
           const char* pf0 =
               reinterpret_cast<const char*>(g.ap + (pf_mt * rt_n + pf_rt) * kTileElems);
           const char* pf1 = pf_mt + 1 < mt_n ? pf0 + rt_n * kTileElems * 2 : pf0;
