@@ -687,9 +687,9 @@ void amx_gemm_cols(const AmxGemmArgs& g, int64_t cb0, int64_t cb1, void* ws) {
           if (pf_mt >= mt_n) pf_mt = 0, pf_rt += kSweepRt;
           const int64_t pf_bytes =
               pf_a && pf_rt < rt_n ? min64(kSweepRt, rt_n - pf_rt) * kTileElems * 2 : 0;
-          const char* pf0 =
-              reinterpret_cast<const char*>(g.ap + (pf_mt * rt_n + pf_rt) * kTileElems);
-          const char* pf1 = pf_mt + 1 < mt_n ? pf0 + rt_n * kTileElems * 2 : pf0;
+          const char* pf0 = reinterpret_cast<const char*>(g.ap);  // (no pointer past a)
+          if (pf_bytes > 0) pf0 += (pf_mt * rt_n + pf_rt) * kTileElems * 2;
+          const char* pf1 = pf_bytes > 0 && pf_mt + 1 < mt_n ? pf0 + rt_n * kTileElems * 2 : pf0;
           const int64_t pf_step = cdiv(pf_bytes / 64, npairs) * 64;
           for (int64_t ct = 0; ct < nct; ct += 2) {
             const int64_t o1 = min64((ct / 2 + 1) * pf_step, pf_bytes);
