@@ -49,6 +49,8 @@ constexpr int64_t kSweepRt = 8;      // reduction tiles per sweep of the C tiles
 // fp32 accumulator rows are padded by 16 floats: a row stride of a power of two times 1 KiB
 // (M = 512 forward: 2 KiB) put the 16 rows of a C tile into two L1 sets.
 constexpr int64_t kLdcPad = 16;
+// The repacked a's size above which amx_gemm_cols prefetches a's next tiles into L2.
+constexpr int64_t kPrefetchABytes = int64_t{1} << 20;
 
 inline int64_t min64(int64_t a, int64_t b) {
   return a < b ? a : b;
@@ -669,31 +671,47 @@ void amx_gemm_cols(const AmxGemmArgs& g, int64_t cb0, int64_t cb1, void* ws) {
       for (int64_t s0 = 0; s0 < nrt; s0 += kSweepRt) {
         const int64_t srt = min64(kSweepRt, nrt - s0);
         const bool first = rt0 + s0 == 0;
-        if (!g.dx) {
-          for (int64_t mt = 0; mt < mt_n; mt += 2) {
-            const uint16_t* x0 = g.ap + (mt * rt_n + rt0 + s0) * kTileElems;
-            for (int64_t ct = 0; ct < nct; ct += 2) {
-              const uint16_t* w0 = panel + (ct * rt_stride + s0) * kTileElems;
-              const uint16_t* w1 = w0 + rt_stride * kTileElems;
-              float* c = cbuf + ct * 16 * ldc_fwd + mt * 16;
-              if (mt + 1 < mt_n)
-                micro_fwd<true>(w0, w1, x0, rt_n, srt, c, ldc_fwd * 4, first);
-              else
-                micro_fwd<false>(w0, w1, x0, rt_n, srt, c, ldc_fwd * 4, first);
-            }
-          }
-          continue;
-        }
+        // While a 32-row block of a runs its micro calls, the tiles it reads next (the
+        // next block's in this sweep, or the first block's in the next sweep) are
+        // prefetched into L2, a 1 / npairs share before each call: a's repacked tiles (4 MiB
+        // at M = 512, K = 4096) do not stay in L2 across column blocks, each is read once
+        // per column block from L3, and a tile load that misses L2 stalls the products
+        // (docs/design.md, "AMX GEMM": in-process A/B at M = 512, 0-9% on medians, within
+        // the VM's noise across processes). Only where a is larger than kPrefetchABytes: a
+        // smaller a stays in L2 beside the panel and the accumulators.
+        const int64_t npairs = nct / 2;
+        const bool pf_a = amx_ap_elems(g) * 2 > kPrefetchABytes;
         for (int64_t mt = 0; mt < mt_n; mt += 2) {
           const uint16_t* a = g.ap + (mt * rt_n + rt0 + s0) * kTileElems;
+          int64_t pf_mt = mt + 2, pf_rt = rt0 + s0;
+          if (pf_mt >= mt_n) pf_mt = 0, pf_rt += kSweepRt;
+          const int64_t pf_bytes =
+              pf_a && pf_rt < rt_n ? min64(kSweepRt, rt_n - pf_rt) * kTileElems * 2 : 0;
+          const char* pf0 = reinterpret_cast<const char*>(g.ap);  // (no pointer past a)
+          if (pf_bytes > 0) pf0 += (pf_mt * rt_n + pf_rt) * kTileElems * 2;
+          const char* pf1 = pf_bytes > 0 && pf_mt + 1 < mt_n ? pf0 + rt_n * kTileElems * 2 : pf0;
+          const int64_t pf_step = cdiv(pf_bytes / 64, npairs) * 64;
           for (int64_t ct = 0; ct < nct; ct += 2) {
+            const int64_t o1 = min64((ct / 2 + 1) * pf_step, pf_bytes);
+            for (int64_t o = (ct / 2) * pf_step; o < o1; o += 64) {
+              _mm_prefetch(pf0 + o, _MM_HINT_T1);
+              _mm_prefetch(pf1 + o, _MM_HINT_T1);
+            }
             const uint16_t* b0 = panel + (ct * rt_stride + s0) * kTileElems;
             const uint16_t* b1 = b0 + rt_stride * kTileElems;
-            float* c = cbuf + mt * 16 * ldc_dx + ct * 16;
-            if (mt + 1 < mt_n)
-              micro<true>(a, rt_n, b0, b1, srt, c, ldc_bytes, first);
-            else
-              micro<false>(a, rt_n, b0, b1, srt, c, ldc_bytes, first);
+            if (!g.dx) {  // forward: W's tiles are the A operand, x^T's the B (micro_fwd)
+              float* c = cbuf + ct * 16 * ldc_fwd + mt * 16;
+              if (mt + 1 < mt_n)
+                micro_fwd<true>(b0, b1, a, rt_n, srt, c, ldc_fwd * 4, first);
+              else
+                micro_fwd<false>(b0, b1, a, rt_n, srt, c, ldc_fwd * 4, first);
+            } else {
+              float* c = cbuf + mt * 16 * ldc_dx + ct * 16;
+              if (mt + 1 < mt_n)
+                micro<true>(a, rt_n, b0, b1, srt, c, ldc_bytes, first);
+              else
+                micro<false>(a, rt_n, b0, b1, srt, c, ldc_bytes, first);
+            }
           }
         }
       }
