@@ -255,7 +255,9 @@ __device__ __forceinline__ void decode32(uint4 w, float am, const float2* tab, u
 
 #endif  // QPEFT_QLORA_MMA
 
-template <int DT, bool DX, int BR>
+// RC: rank chunks (BR = 64 and r > 64), a separate instantiation so that r <= 64 keeps the
+// registers (and occupancy) of the single pass.
+template <int DT, bool DX, int BR, bool RC = false>
 __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
 #if !QPEFT_QLORA_MMA
   // mma.m16n8k16 (bf16) and cp.async need sm_80; the caller (qpeft/backends/native/qlora.py)
@@ -562,7 +564,8 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
     }
   };
   lora_out();
-  if constexpr (BR == 64) {
+  if constexpr (RC) {
+    static_assert(BR == 64, "rank chunks of 64");
     // Ranks above 64: one more pass over the reduction per chunk of 64 ranks (activation
     // and D tiles through the same pipeline, no W), then that chunk's lora_out. acc stays
     // in registers; the split schedule's partials of L come from the o-tile-0 blocks only,
@@ -689,8 +692,12 @@ void launch_gemm(const char* fn, const Params& p, int br, float* tbuf, cudaStrea
     case 32:
       launch(fn, qlora_gemm_kernel<DT, DX, 32>, grid, kThreads, Smem<DX, 32>::kTotal, stream, p);
       break;
-    default:
+    case 64:
       launch(fn, qlora_gemm_kernel<DT, DX, 64>, grid, kThreads, Smem<DX, 64>::kTotal, stream, p);
+      break;
+    default:  // r > 64: rank chunks of 64
+      launch(fn, qlora_gemm_kernel<DT, DX, 64, true>, grid, kThreads, Smem<DX, 64>::kTotal, stream,
+             p);
       break;
   }
   if (p.split > 1) {
@@ -833,7 +840,7 @@ void run(const char* fn, bool dx, std::uintptr_t act, int dtype, int64_t act_len
     p.side_part = ws + split * m * ocols;
     tbuf = p.side_part + split * m * r;
   }
-  const int br = r == 0 ? 0 : r <= 16 ? 16 : r <= 32 ? 32 : 64;
+  const int br = r == 0 ? 0 : r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : 128;
   if (dtype == kBF16) {
     dx ? launch_gemm<kBF16, true>(fn, p, br, tbuf, as_stream(stream))
        : launch_gemm<kBF16, false>(fn, p, br, tbuf, as_stream(stream));
