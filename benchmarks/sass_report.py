@@ -789,9 +789,10 @@ def cuda_records(source: str, arch: int) -> list[dict]:
             config = f"{_DT[dt]} {_QT[qt]}{' nested' if nested == 'true' else ''}"
             default = dt == "2" and qt == "2"
         elif kernel == "qlora_gemm_kernel":
-            dt, dx, br = targs
-            config = f"{_DT[dt]} {'dx' if dx == 'true' else 'fwd'} BR={br}"
-            default = dt == "2" and br == "16"
+            dt, dx, br, *rc = targs  # rc: the rank-chunk instantiation (r > 64)
+            chunks = " chunked" if rc == ["true"] else ""
+            config = f"{_DT[dt]} {'dx' if dx == 'true' else 'fwd'} BR={br}{chunks}"
+            default = dt == "2" and br == "16" and not chunks
         else:
             dt, m = targs
             config = f"{_DT[dt]} M={m}"

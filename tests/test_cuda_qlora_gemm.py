@@ -195,11 +195,39 @@ def test_unaligned_pointers_and_mixed_lora_dtypes():
     assert got[2].dtype == torch.float32 and got[3].dtype == torch.float32
 
 
+# Ranks above 64: the BR = 64 kernel in rank chunks of 64 (the main pass fuses ranks 0..63,
+# one more pass per further chunk). 65 leaves a 1-rank chunk; K = 83 takes the per-element
+# paths; M = 70 two row tiles; M = 5 the split schedule of the forward (2 splits of K = 256).
+HIGH_RANK_CASES = [
+    (torch.bfloat16, 37, 130, 96, 65, "nf4", True, 64, True, True, True),
+    (torch.float16, 5, 45, 256, 128, "fp4", False, 32, True, True, True),
+    (torch.bfloat16, 70, 45, 83, 256, "nf4", True, 64, False, True, False),
+    (torch.float16, 1, 130, 96, 256, "nf4", False, 64, True, False, True),
+]
+
+
+@pytest.mark.parametrize("case", HIGH_RANK_CASES, ids=_id)
+def test_high_rank_chunks_against_oracle(case, calls):
+    p = _problem(case, seed=12)
+    _check(p, _run(p), case[0])
+    assert calls == {"qlora_forward": 1, "qlora_dx": 1}
+
+
+@pytest.mark.parametrize("dt, r", [(torch.float16, 256), (torch.bfloat16, 65)])
+def test_high_rank_split_and_unsplit(dt, r, monkeypatch):
+    """The same problem through 3 splits (the rank-chunk passes write L's partials) and unsplit."""
+    case = (dt, 37, 130, 96, r, "nf4", True, 32, True, True, True)
+    p = _problem(case, seed=13)
+    for split in (3, 1):
+        monkeypatch.setattr(native_qlora, "plan_split", lambda m, o, red, dev, _s=split: _s)
+        _check(p, _run(p), dt)
+
+
 def test_routes_to_reference(calls):
-    """fp32 activations and ranks above the kernel's 64 are the reference's results exactly."""
+    """fp32 activations and ranks above qlora_max_rank are the reference's results exactly."""
     for case in (
         (torch.float32, 5, 45, 96, 8, "nf4", False, 64, True, True, True),
-        (torch.bfloat16, 5, 45, 96, 80, "nf4", False, 64, True, False, False),
+        (torch.bfloat16, 5, 45, 96, 4097, "nf4", False, 64, True, False, False),
     ):
         p = _problem(case, seed=9)
         got = _run(p)
@@ -208,7 +236,7 @@ def test_routes_to_reference(calls):
             if g_ is not None:
                 assert torch.equal(g_, w_)
     assert calls == {"qlora_forward": 0, "qlora_dx": 0}
-    assert emu_module().qlora_max_rank == 64
+    assert emu_module().qlora_max_rank == 4096
 
 
 def _fwd_args(mod, **over):
@@ -242,7 +270,7 @@ def _fwd_args(mod, **over):
         (dict(y_len=1), "y holds 1"),
         (dict(lora_a_len=31), "lora_A holds 31"),
         (dict(lora_b_len=1), "lora_B holds 1"),
-        (dict(r=65), "rank of at most 64"),
+        (dict(r=4097), "rank of at most 4096"),
         (dict(split=2), "split must be in"),
         (dict(split=0), "split must be in"),
         (dict(blocksize=48), "blocksize must be a power of two"),

@@ -62,10 +62,12 @@ void gemv_4bit(std::uintptr_t x, int x_dtype, std::int64_t x_len, std::int64_t m
 //   [m, r] in x's dtype, receives x @ A^T.
 // qlora_dx: dx [m, k] = dy [m, n] @ W + (s * (dy @ B) * rank_scale) @ A (dy already
 //   multiplied by out_scale); g: 0 or fp32 [m, r], receives dy @ B.
-// r <= kQloraMaxRank. split >= 1 splits the reduction (k, dx: n) into that many parts
-// (at most ceil(reduction / 32) and kQloraMaxSplit) reduced in a fixed order through an fp32
-// workspace of qlora_workspace_len(m, columns of the output, r, split) elements.
-constexpr std::int64_t kQloraMaxRank = 64;
+// r <= kQloraMaxRank (ranks above 64 run in chunks of 64, one extra pass over the
+// activations per chunk: 4096 bounds that at 63 extra passes). split >= 1 splits the reduction (k,
+// dx: n) into that many parts (at most ceil(reduction / 32) and kQloraMaxSplit) reduced in a fixed
+// order through an fp32 workspace of qlora_workspace_len(m, columns of the output, r, split)
+// elements.
+constexpr std::int64_t kQloraMaxRank = 4096;
 constexpr std::int64_t kQloraMaxSplit = 256;
 
 std::int64_t qlora_workspace_len(std::int64_t m, std::int64_t ocols, std::int64_t r,

@@ -37,7 +37,12 @@
 // out_scale to dy for dx), rounded once to the output dtype. The o-tile-0 blocks also
 // write L: xa in the activation dtype (forward) or g in fp32 (dx), as the Triton
 // kernels return them. Every o-tile recomputes L for its rows (r / 128 extra MMA work,
-// no extra activation traffic). Ranks above 64 are left to torch by the caller.
+// no extra activation traffic). Ranks above 64 (BR = 64) run in rank chunks of 64: the
+// main pass fuses ranks 0..63 as above; then per further chunk one pass over the
+// reduction loads only the activation and D tiles (same pipeline, no W), accumulates
+// that chunk's L in the same 32 registers and runs its epilogue (t @ U into the same
+// out accumulators). Registers and shared memory stay those of BR = 64; the cost is
+// one more read of the block's activation rows (L2-resident) per 64 ranks.
 //
 // Split reduction (small M): with split > 1 the grid's z dimension splits the chunks;
 // each block writes fp32 partials (out and L) to a workspace and two reduce kernels sum
@@ -250,7 +255,9 @@ __device__ __forceinline__ void decode32(uint4 w, float am, const float2* tab, u
 
 #endif  // QPEFT_QLORA_MMA
 
-template <int DT, bool DX, int BR>
+// RC: rank chunks (BR = 64 and r > 64), a separate instantiation so that r <= 64 keeps the
+// registers (and occupancy) of the single pass.
+template <int DT, bool DX, int BR, bool RC = false>
 __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
 #if !QPEFT_QLORA_MMA
   // mma.m16n8k16 (bf16) and cp.async need sm_80; the caller (qpeft/backends/native/qlora.py)
@@ -299,11 +306,15 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
 
   // kWVec: W takes the 16-byte path (K % 32 == 0, aligned); the main loop is compiled once
   // per value (below), so the per-element path is not a branch inside the fast loop.
-  auto load_stage = [&](int64_t c, int s, auto wvec) {
+  // rank0: the first LoRA rank of the current rank chunk (ranks above BR = 64 run as more
+  // chunks of 64, see the rank-chunk passes below).
+  int64_t rank0 = 0;
+  auto load_stage = [&](int64_t c, int s, auto wvec, auto wpass) {
     constexpr bool kWVec = decltype(wvec)::value;
+    constexpr bool kW = decltype(wpass)::value;
     const int64_t red0 = c * kBK;
     load_tile<kBM, kBK>(stage_act(s), kActLd, p.act, p.red, p.m, p.red, m0, red0, p.act_vec);
-    if constexpr (kWVec) {  // 16 bytes = 32 weights of one W row
+    if constexpr (kW && kWVec) {  // 16 bytes = 32 weights of one W row
       int64_t wn, wk;
       int lr, lc;
       decode_coords<DX>(red0, o0, wn, wk, lr, lc);
@@ -313,9 +324,11 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
     }
     if constexpr (BR > 0) {
       if constexpr (DX) {  // B [N, r]: rows red0..red0+31, all BR columns
-        load_tile<kBK, BR>(stage_down(s), S::kDownLd, p.down, p.r, p.n, p.r, red0, 0, p.down_vec);
+        load_tile<kBK, BR>(stage_down(s), S::kDownLd, p.down, p.r, p.n, p.r, red0, rank0,
+                           p.down_vec);
       } else {  // A [r, K]: BR rows, columns red0..red0+31
-        load_tile<BR, kBK>(stage_down(s), S::kDownLd, p.down, p.k, p.r, p.k, 0, red0, p.down_vec);
+        load_tile<BR, kBK>(stage_down(s), S::kDownLd, p.down, p.k, p.r, p.k, rank0, red0,
+                           p.down_vec);
       }
     }
   };
@@ -328,20 +341,26 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
   float lacc[kRT > 0 ? kRT : 1][4];
+  auto zero_lacc = [&] {
 #pragma unroll
-  for (int j = 0; j < (kRT > 0 ? kRT : 1); ++j)
+    for (int j = 0; j < (kRT > 0 ? kRT : 1); ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) lacc[j][e] = 0.0f;
+      for (int e = 0; e < 4; ++e) lacc[j][e] = 0.0f;
+  };
+  zero_lacc();
 
   // ldmatrix lane roles: matrix q = lane / 8, row rr = lane % 8 of it.
   const int lq = lane >> 3;
   const int lrr = lane & 7;
 
-  auto main_loop = [&](auto wvec) {
+  // wpass: the main pass (W decode and MMAs, the first rank chunk of L); otherwise a
+  // rank-chunk pass (L for ranks rank0..rank0+63 only: activation and D tiles).
+  auto main_loop = [&](auto wvec, auto wpass) {
     constexpr bool kWVec = decltype(wvec)::value;
+    constexpr bool kW = decltype(wpass)::value;
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      if (c_lo + s < c_hi) load_stage(c_lo + s, s, wvec);
+      if (c_lo + s < c_hi) load_stage(c_lo + s, s, wvec, wpass);
       ptx::cp_async_commit();  // always: the group count stays uniform
     }
     __syncthreads();  // the tables
@@ -352,39 +371,44 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
     int s_next = kStages - 1;
 #pragma unroll 1
     for (int64_t c = c_lo; c < c_hi; ++c) {
-      const int64_t red0 = c * kBK;
-      int64_t wn, wk;
-      int lr, lc;
-      decode_coords<DX>(red0, o0, wn, wk, lr, lc);
-      const bool wok = wn < p.n && wk < p.k;
-      // The absmax before the wait: its loads overlap the pipeline wait and the barrier.
-      [[maybe_unused]] float am = 0.0f;
-      if (kWVec && wok)
-        am = absmax_of(p, static_cast<uint32_t>((wn * p.k + wk) >> p.log2_bs), s_ncode);
-      ptx::cp_async_wait<kStages - 2>();
-      __syncthreads();
+      if constexpr (!kW) {
+        ptx::cp_async_wait<kStages - 2>();
+        __syncthreads();  // also: every warp is done with the stage the prefetch overwrites
+      } else {
+        const int64_t red0 = c * kBK;
+        int64_t wn, wk;
+        int lr, lc;
+        decode_coords<DX>(red0, o0, wn, wk, lr, lc);
+        const bool wok = wn < p.n && wk < p.k;
+        // The absmax before the wait: its loads overlap the pipeline wait and the barrier.
+        [[maybe_unused]] float am = 0.0f;
+        if (kWVec && wok)
+          am = absmax_of(p, static_cast<uint32_t>((wn * p.k + wk) >> p.log2_bs), s_ncode);
+        ptx::cp_async_wait<kStages - 2>();
+        __syncthreads();
 
-      uint16_t* wd = s_wd + lr * S::kWdLd + lc;
-      if constexpr (kWVec) {
-        const uint4 w = *reinterpret_cast<const uint4*>(stage_packed(s) + tid * 16);
-        decode32<DT>(w, am, s_tab, wd);
-      } else {  // per element from global memory (K % 32 != 0 or an unaligned W)
+        uint16_t* wd = s_wd + lr * S::kWdLd + lc;
+        if constexpr (kWVec) {
+          const uint4 w = *reinterpret_cast<const uint4*>(stage_packed(s) + tid * 16);
+          decode32<DT>(w, am, s_tab, wd);
+        } else {  // per element from global memory (K % 32 != 0 or an unaligned W)
 #pragma unroll 1
-        for (int j = 0; j < 32; ++j) {
-          float v = 0.0f;
-          if (wn < p.n && wk + j < p.k) {
-            const int64_t e = wn * p.k + wk + j;
-            const uint8_t byte = p.packed[e >> 1];
-            const float2 cv = s_tab[byte];
-            const float a = absmax_of(p, static_cast<uint32_t>(e >> p.log2_bs), s_ncode);
-            v = ((e & 1) ? cv.y : cv.x) * a;
+          for (int j = 0; j < 32; ++j) {
+            float v = 0.0f;
+            if (wn < p.n && wk + j < p.k) {
+              const int64_t e = wn * p.k + wk + j;
+              const uint8_t byte = p.packed[e >> 1];
+              const float2 cv = s_tab[byte];
+              const float a = absmax_of(p, static_cast<uint32_t>(e >> p.log2_bs), s_ncode);
+              v = ((e & 1) ? cv.y : cv.x) * a;
+            }
+            wd[j] = static_cast<uint16_t>(pack2_16<DT>(v, 0.0f));
           }
-          wd[j] = static_cast<uint16_t>(pack2_16<DT>(v, 0.0f));
         }
+        __syncthreads();
       }
-      __syncthreads();
 
-      if (c + kStages - 1 < c_hi) load_stage(c + kStages - 1, s_next, wvec);
+      if (c + kStages - 1 < c_hi) load_stage(c + kStages - 1, s_next, wvec, wpass);
       ptx::cp_async_commit();
 
       const uint16_t* xs = stage_act(s);
@@ -393,32 +417,34 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
       s_next = s_next + 1 == kStages ? 0 : s_next + 1;
 #pragma unroll
       for (int kk = 0; kk < kBK; kk += 16) {
-        uint32_t af[4][4];
+        if constexpr (kW) {
+          uint32_t af[4][4];
 #pragma unroll
-        for (int mt = 0; mt < 4; ++mt) {
-          ptx::ldmatrix<4>(af[mt], xs + (mt * 16 + (lane & 15)) * kActLd + kk + (lane >> 4) * 8);
-        }
-        uint32_t bf[4][2];
-#pragma unroll
-        for (int np = 0; np < 2; ++np) {  // two n8 tiles per ldmatrix.x4
-          uint32_t r4[4];
-          if constexpr (DX) {
-            ptx::ldmatrix<4, true>(r4, s_wd + (kk + (lq & 1) * 8 + lrr) * S::kWdLd + warp * 32 +
-                                           np * 16 + (lq >> 1) * 8);
-          } else {
-            ptx::ldmatrix<4>(r4, s_wd + (warp * 32 + np * 16 + (lq >> 1) * 8 + lrr) * S::kWdLd +
-                                     kk + (lq & 1) * 8);
+          for (int mt = 0; mt < 4; ++mt) {
+            ptx::ldmatrix<4>(af[mt], xs + (mt * 16 + (lane & 15)) * kActLd + kk + (lane >> 4) * 8);
           }
-          bf[2 * np][0] = r4[0];
-          bf[2 * np][1] = r4[1];
-          bf[2 * np + 1][0] = r4[2];
-          bf[2 * np + 1][1] = r4[3];
+          uint32_t bf[4][2];
+#pragma unroll
+          for (int np = 0; np < 2; ++np) {  // two n8 tiles per ldmatrix.x4
+            uint32_t r4[4];
+            if constexpr (DX) {
+              ptx::ldmatrix<4, true>(r4, s_wd + (kk + (lq & 1) * 8 + lrr) * S::kWdLd + warp * 32 +
+                                             np * 16 + (lq >> 1) * 8);
+            } else {
+              ptx::ldmatrix<4>(r4, s_wd + (warp * 32 + np * 16 + (lq >> 1) * 8 + lrr) * S::kWdLd +
+                                       kk + (lq & 1) * 8);
+            }
+            bf[2 * np][0] = r4[0];
+            bf[2 * np][1] = r4[1];
+            bf[2 * np + 1][0] = r4[2];
+            bf[2 * np + 1][1] = r4[3];
+          }
+#pragma unroll
+          for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+              ptx::mma_m16n8k16<MT>(acc[mt][nt], af[mt], bf[nt], acc[mt][nt]);
         }
-#pragma unroll
-        for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
-            ptx::mma_m16n8k16<MT>(acc[mt][nt], af[mt], bf[nt], acc[mt][nt]);
 
         if constexpr (BR > 0) {  // L rows 16w..16w+15 += act @ D
           uint32_t la[4];
@@ -443,17 +469,120 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
     }
   };
   if (p.w_vec) {
-    main_loop(std::true_type{});
+    main_loop(std::true_type{}, std::true_type{});
   } else {
-    main_loop(std::false_type{});
+    main_loop(std::false_type{}, std::true_type{});
   }
   ptx::cp_async_wait<0>();
   __syncthreads();  // the arena is reused below
 
   // Fragment coordinates: acc[mt][nt][e] is out row m0 + 16 mt + g + 8 (e >> 1), column
   // o0 + 32 w + 8 nt + 2 t + (e & 1); lacc[j][e] is L row m0 + 16 w + g + 8 (e >> 1),
-  // rank 8 j + 2 t + (e & 1).
-  if (p.split > 1) {  // fp32 partials; the reduce kernels finish
+  // rank rank0 + 8 j + 2 t + (e & 1).
+  // The current rank chunk's L: split > 1: its fp32 partials (the o-tile-0 blocks); else
+  // the side output and out += t @ U on the tensor cores.
+  [[maybe_unused]] auto lora_out = [&] {
+    if constexpr (BR > 0) {
+      if (p.split > 1) {
+        if (blockIdx.y == 0) {
+          float* sp = p.side_part + static_cast<int64_t>(blockIdx.z) * p.m * p.r;
+#pragma unroll
+          for (int j = 0; j < kRT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int64_t row = m0 + warp * 16 + g + 8 * (e >> 1);
+              const int64_t rk = rank0 + j * 8 + 2 * t + (e & 1);
+              if (row < p.m && rk < p.r) sp[row * p.r + rk] = lacc[j][e];
+            }
+        }
+        return;
+      }
+      uint16_t* s_t = reinterpret_cast<uint16_t*>(smem);
+      uint16_t* s_u = reinterpret_cast<uint16_t*>(smem + kBM * S::kTLd * 2);
+      // U tile first (its copies fly while t is formed)
+      if constexpr (DX) {  // A [r, K]: rows rank0..rank0+BR-1, columns o0..o0+127
+        load_tile<BR, kBO>(s_u, S::kULd, p.up, p.k, p.r, p.k, rank0, o0, p.up_vec);
+      } else {  // B [N, r]: rows o0..o0+127, columns rank0..rank0+BR-1
+        load_tile<kBO, BR>(s_u, S::kULd, p.up, p.r, p.n, p.r, o0, rank0, p.up_vec);
+      }
+      ptx::cp_async_commit();
+      const bool write_side = p.side != nullptr && blockIdx.y == 0;
+#pragma unroll
+      for (int j = 0; j < kRT; ++j) {
+        const int64_t rk = rank0 + j * 8 + 2 * t;
+        const float rs0 = (p.rank_scale != nullptr && rk < p.r) ? p.rank_scale[rk] : 1.0f;
+        const float rs1 = (p.rank_scale != nullptr && rk + 1 < p.r) ? p.rank_scale[rk + 1] : 1.0f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int lrow = warp * 16 + g + 8 * h;
+          const float l0 = lacc[j][2 * h], l1 = lacc[j][2 * h + 1];
+          *reinterpret_cast<uint32_t*>(s_t + lrow * S::kTLd + j * 8 + 2 * t) =
+              pack2_16<DT>(l0 * p.scaling * rs0, l1 * p.scaling * rs1);
+          const int64_t row = m0 + lrow;
+          if (write_side && row < p.m) {
+            if constexpr (DX) {
+              float* gp = static_cast<float*>(p.side) + row * p.r;
+              if (rk < p.r) gp[rk] = l0;
+              if (rk + 1 < p.r) gp[rk + 1] = l1;
+            } else {
+              uint16_t* xp = static_cast<uint16_t*>(p.side) + row * p.r;
+              const uint32_t both = pack2_16<DT>(l0, l1);
+              if (rk < p.r) xp[rk] = static_cast<uint16_t>(both);
+              if (rk + 1 < p.r) xp[rk + 1] = static_cast<uint16_t>(both >> 16);
+            }
+          }
+        }
+      }
+      ptx::cp_async_wait<0>();
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < BR; kk += 16) {
+        uint32_t af[4][4];
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+          ptx::ldmatrix<4>(af[mt], s_t + (mt * 16 + (lane & 15)) * S::kTLd + kk + (lane >> 4) * 8);
+        }
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          uint32_t r4[4];
+          if constexpr (DX) {
+            ptx::ldmatrix<4, true>(r4, s_u + (kk + (lq & 1) * 8 + lrr) * S::kULd + warp * 32 +
+                                           np * 16 + (lq >> 1) * 8);
+          } else {
+            ptx::ldmatrix<4>(r4, s_u + (warp * 32 + np * 16 + (lq >> 1) * 8 + lrr) * S::kULd + kk +
+                                     (lq & 1) * 8);
+          }
+          const uint32_t b0[2] = {r4[0], r4[1]};
+          const uint32_t b1[2] = {r4[2], r4[3]};
+#pragma unroll
+          for (int mt = 0; mt < 4; ++mt) {
+            ptx::mma_m16n8k16<MT>(acc[mt][2 * np], af[mt], b0, acc[mt][2 * np]);
+            ptx::mma_m16n8k16<MT>(acc[mt][2 * np + 1], af[mt], b1, acc[mt][2 * np + 1]);
+          }
+        }
+      }
+    }
+  };
+  lora_out();
+  if constexpr (RC) {
+    static_assert(BR == 64, "rank chunks of 64");
+    // Ranks above 64: one more pass over the reduction per chunk of 64 ranks (activation
+    // and D tiles through the same pipeline, no W), then that chunk's lora_out. acc stays
+    // in registers; the split schedule's partials of L come from the o-tile-0 blocks only,
+    // so the others skip these passes.
+    const bool passes = p.split == 1 || blockIdx.y == 0;
+#pragma unroll 1
+    for (rank0 = BR; passes && rank0 < p.r; rank0 += BR) {
+      __syncthreads();  // lora_out's reads of the arena are done
+      zero_lacc();
+      main_loop(std::false_type{}, std::false_type{});
+      ptx::cp_async_wait<0>();
+      __syncthreads();
+      lora_out();
+    }
+  }
+
+  if (p.split > 1) {  // fp32 partials of out; the reduce kernels finish
     float* part = p.part + static_cast<int64_t>(blockIdx.z) * p.m * p.ocols;
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt)
@@ -465,87 +594,7 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
           const int64_t col = o0 + warp * 32 + nt * 8 + 2 * t + (e & 1);
           if (row < p.m && col < p.ocols) part[row * p.ocols + col] = acc[mt][nt][e];
         }
-    if constexpr (BR > 0) {
-      if (blockIdx.y == 0) {
-        float* sp = p.side_part + static_cast<int64_t>(blockIdx.z) * p.m * p.r;
-#pragma unroll
-        for (int j = 0; j < kRT; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int64_t row = m0 + warp * 16 + g + 8 * (e >> 1);
-            const int64_t rk = j * 8 + 2 * t + (e & 1);
-            if (row < p.m && rk < p.r) sp[row * p.r + rk] = lacc[j][e];
-          }
-      }
-    }
     return;
-  }
-
-  if constexpr (BR > 0) {
-    uint16_t* s_t = reinterpret_cast<uint16_t*>(smem);
-    uint16_t* s_u = reinterpret_cast<uint16_t*>(smem + kBM * S::kTLd * 2);
-    // U tile first (its copies fly while t is formed)
-    if constexpr (DX) {  // A [r, K]: BR rows, columns o0..o0+127
-      load_tile<BR, kBO>(s_u, S::kULd, p.up, p.k, p.r, p.k, 0, o0, p.up_vec);
-    } else {  // B [N, r]: rows o0..o0+127, BR columns
-      load_tile<kBO, BR>(s_u, S::kULd, p.up, p.r, p.n, p.r, o0, 0, p.up_vec);
-    }
-    ptx::cp_async_commit();
-    const bool write_side = p.side != nullptr && blockIdx.y == 0;
-#pragma unroll
-    for (int j = 0; j < kRT; ++j) {
-      const int64_t rk = j * 8 + 2 * t;
-      const float rs0 = (p.rank_scale != nullptr && rk < p.r) ? p.rank_scale[rk] : 1.0f;
-      const float rs1 = (p.rank_scale != nullptr && rk + 1 < p.r) ? p.rank_scale[rk + 1] : 1.0f;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int lrow = warp * 16 + g + 8 * h;
-        const float l0 = lacc[j][2 * h], l1 = lacc[j][2 * h + 1];
-        *reinterpret_cast<uint32_t*>(s_t + lrow * S::kTLd + j * 8 + 2 * t) =
-            pack2_16<DT>(l0 * p.scaling * rs0, l1 * p.scaling * rs1);
-        const int64_t row = m0 + lrow;
-        if (write_side && row < p.m) {
-          if constexpr (DX) {
-            float* gp = static_cast<float*>(p.side) + row * p.r;
-            if (rk < p.r) gp[rk] = l0;
-            if (rk + 1 < p.r) gp[rk + 1] = l1;
-          } else {
-            uint16_t* xp = static_cast<uint16_t*>(p.side) + row * p.r;
-            const uint32_t both = pack2_16<DT>(l0, l1);
-            if (rk < p.r) xp[rk] = static_cast<uint16_t>(both);
-            if (rk + 1 < p.r) xp[rk + 1] = static_cast<uint16_t>(both >> 16);
-          }
-        }
-      }
-    }
-    ptx::cp_async_wait<0>();
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < BR; kk += 16) {
-      uint32_t af[4][4];
-#pragma unroll
-      for (int mt = 0; mt < 4; ++mt) {
-        ptx::ldmatrix<4>(af[mt], s_t + (mt * 16 + (lane & 15)) * S::kTLd + kk + (lane >> 4) * 8);
-      }
-#pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        uint32_t r4[4];
-        if constexpr (DX) {
-          ptx::ldmatrix<4, true>(
-              r4, s_u + (kk + (lq & 1) * 8 + lrr) * S::kULd + warp * 32 + np * 16 + (lq >> 1) * 8);
-        } else {
-          ptx::ldmatrix<4>(
-              r4, s_u + (warp * 32 + np * 16 + (lq >> 1) * 8 + lrr) * S::kULd + kk + (lq & 1) * 8);
-        }
-        const uint32_t b0[2] = {r4[0], r4[1]};
-        const uint32_t b1[2] = {r4[2], r4[3]};
-#pragma unroll
-        for (int mt = 0; mt < 4; ++mt) {
-          ptx::mma_m16n8k16<MT>(acc[mt][2 * np], af[mt], b0, acc[mt][2 * np]);
-          ptx::mma_m16n8k16<MT>(acc[mt][2 * np + 1], af[mt], b1, acc[mt][2 * np + 1]);
-        }
-      }
-    }
   }
 
 #pragma unroll
@@ -643,8 +692,12 @@ void launch_gemm(const char* fn, const Params& p, int br, float* tbuf, cudaStrea
     case 32:
       launch(fn, qlora_gemm_kernel<DT, DX, 32>, grid, kThreads, Smem<DX, 32>::kTotal, stream, p);
       break;
-    default:
+    case 64:
       launch(fn, qlora_gemm_kernel<DT, DX, 64>, grid, kThreads, Smem<DX, 64>::kTotal, stream, p);
+      break;
+    default:  // r > 64: rank chunks of 64
+      launch(fn, qlora_gemm_kernel<DT, DX, 64, true>, grid, kThreads, Smem<DX, 64>::kTotal, stream,
+             p);
       break;
   }
   if (p.split > 1) {
@@ -787,7 +840,7 @@ void run(const char* fn, bool dx, std::uintptr_t act, int dtype, int64_t act_len
     p.side_part = ws + split * m * ocols;
     tbuf = p.side_part + split * m * r;
   }
-  const int br = r == 0 ? 0 : r <= 16 ? 16 : r <= 32 ? 32 : 64;
+  const int br = r == 0 ? 0 : r <= 16 ? 16 : r <= 32 ? 32 : r <= 64 ? 64 : 128;
   if (dtype == kBF16) {
     dx ? launch_gemm<kBF16, true>(fn, p, br, tbuf, as_stream(stream))
        : launch_gemm<kBF16, false>(fn, p, br, tbuf, as_stream(stream));

@@ -1,7 +1,7 @@
 """Backend "cuda": the CUDA C++ module ``qpeft._C_cuda``, launched on torch's current stream
 of the tensors' device: quantization, the decode GEMV, the optimizer steps and the fused
 QLoRA GEMM (``qlora_linear`` and dx of ``qlora_linear_backward``: csrc/cuda/qlora_gemm.cu,
-fp16/bf16 tensor-core MMAs on sm_80+; fp32 activations and LoRA ranks above 64 take the
+fp16/bf16 tensor-core MMAs on sm_80+, LoRA ranks up to 4096 in chunks of 64; fp32 activations take the
 reference, dA/dB/dbias are torch matmuls: qpeft/backends/native/qlora.py). On CUDA devices
 Triton is preferred where installed (qpeft._dispatch.PRIORITY); use_backend("cuda") picks
 these kernels."""

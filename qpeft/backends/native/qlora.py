@@ -14,9 +14,11 @@ What runs where, as the Triton backend splits it (qpeft/backends/triton/qlora.py
 * the reference (qpeft/backends/default/qlora.py) for what the kernel does not take: fp32 or
   fp64 activations (the kernel runs fp16/bf16 tensor-core MMAs only; fp32 would need TF32 or
   a different kernel, and the reference is what the CPU backends use for it too), LoRA ranks
-  above ``qlora_max_rank`` (64: the rank's accumulators live in registers), an empty W,
-  and GPUs below sm_80 (no bf16 mma.m16n8k16, no cp.async: the kernel is compiled there as a
-  trap only).
+  above ``qlora_max_rank`` (4096; ranks above 64 run in the kernel as chunks of 64, one
+  more pass over the activations per chunk: docs/design.md, "CUDA C++ QLoRA GEMM"), an
+  empty W (N or K = 0: nothing to decode, so the reference materialises nothing), and GPUs
+  below sm_80 (no bf16 mma.m16n8k16, no cp.async: the kernel is compiled there as a trap
+  only).
 
 lora_A/lora_B are cast to x's dtype (the Triton kernel casts its tiles the same way);
 bias, rank_scale and out_scale travel as fp32. The split schedule for small M is chosen
