@@ -1,0 +1,316 @@
+"""fp32 x on the CPU QLoRA layer follows torch's fp32 matmul precision setting
+(qpeft/backends/cpu/capability.py ``fp32_matmul_allows_bf16``, docs/design.md "CPU compute
+dtype"): under ``torch.set_float32_matmul_precision("medium")`` (oneDNN's bf16 for fp32
+matmuls) a CPU with bf16 dot products runs fp32 x of a large shape on the bf16 path, held to
+the bf16 mode's derived bounds (qpeft/testing.py ``bf16_oracle``: x, W, the adapter and dy'
+rounded to bf16, fp32 accumulation); everywhere else (the default "highest", "high"/tf32,
+shapes kept on the fp32 GEMV / small-layer kernels, ISA levels without bf16 dot products)
+the fp32 path, bit for bit what it computed before (whose torch GEMMs follow torch's
+setting themselves, see test_every_isa_level).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import qpeft
+from qpeft.backends.cpu import capability
+from qpeft.backends.cpu import qlora as cpu_qlora
+from qpeft.functional import qlora_linear
+from qpeft.nn import Linear4bit
+
+from ._bf16_bounds import U_BF16, U_CAST, rho
+from ._helpers import assert_within, case_id, check_qlora_linear, make_problem
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BF16_UNITS = capability.bf16_dot_products()
+
+# (dtype, M, N, K, r, quant_type, double_quant, blocksize, bias, rank_scale, out_scale)
+TAKES_BF16 = [  # large shapes: the bf16 path under "medium" on a CPU with bf16 dot products
+    (torch.float32, 64, 70, 96, 16, "nf4", True, 32, True, False, True),
+    (torch.float32, 513, 31, 72, 2, "nf4", False, 64, True, True, False),  # M over a GEMM block
+    (torch.float32, 12, 300, 257, 8, "fp4", True, 64, False, True, True),  # 8 < M <= 16, odd K
+    (torch.float32, 40, 260, 256, 4, "nf4", True, 64, True, True, True),
+]
+STAYS_FP32 = [  # the fp32 GEMV (M <= 8) and the one-call small-layer kernels: fp32 always
+    (torch.float32, 5, 45, 83, 8, "nf4", True, 64, True, True, True),
+    (torch.float32, 20, 17, 150, 8, "fp4", True, 32, False, True, True),
+    (torch.float32, 9, 45, 83, 8, "nf4", True, 64, True, True, True),
+]
+
+
+@pytest.fixture
+def precision(monkeypatch):
+    """Sets torch's fp32 matmul precision through the legacy API (the one every supported
+    torch has; mixing it with the per-backend API makes torch >= 2.9's getter raise) and
+    restores it afterwards, whatever the test did."""
+    monkeypatch.delenv(capability.COMPUTE_ENV, raising=False)
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = cpu_qlora._forward_bf16, cpu_qlora._backward_bf16
+
+    def f(*a, **kw):
+        calls["fwd"] += 1
+        return fwd(*a, **kw)
+
+    def b(*a, **kw):
+        calls["bwd"] += 1
+        return bwd(*a, **kw)
+
+    monkeypatch.setattr(cpu_qlora, "_forward_bf16", f)
+    monkeypatch.setattr(cpu_qlora, "_backward_bf16", b)
+    return calls
+
+
+def _run(p):
+    """y and every gradient of qlora_linear on the CPU backend for problem p."""
+    x = p["x"].clone().requires_grad_()
+    a = p["a"].clone().requires_grad_()
+    b = p["b"].clone().requires_grad_()
+    bias = p["bias"].clone().requires_grad_() if p["bias"] is not None else None
+    with qpeft.use_backend("cpu"):
+        y = qlora_linear(
+            x,
+            p["packed"],
+            p["state"],
+            a,
+            b,
+            p["scaling"],
+            bias,
+            rank_scale=p["rank_scale"],
+            out_scale=p["out_scale"],
+        )
+        y.backward(p["dy"])
+    return [y.detach(), x.grad, a.grad, b.grad] + ([bias.grad] if bias is not None else [])
+
+
+def _bit_equal(got, want):
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and torch.equal(g, w), f"output {i} differs"
+
+
+# --- the setting --------------------------------------------------------------------------------
+
+
+def test_setting_followed_at_run_time(precision):
+    """Read per call: switching back and forth takes effect on the next call."""
+    for _ in range(2):
+        precision("highest")
+        assert not capability.fp32_matmul_allows_bf16()
+        precision("medium")
+        assert capability.fp32_matmul_allows_bf16()
+        precision("high")  # tf32 on oneDNN: not a bf16 licence on CPU
+        assert not capability.fp32_matmul_allows_bf16()
+
+
+def test_compute_dtype_under_medium(precision, monkeypatch):
+    precision("medium")
+    want = torch.bfloat16 if BF16_UNITS else torch.float32
+    assert capability.compute_dtype(torch.float32) == want
+    assert capability.compute_dtype(torch.float32, large_shape=False) == torch.float32
+    assert capability.compute_dtype(torch.float16) == torch.float32  # fp16 x: unchanged
+    assert capability.compute_dtype(torch.float64) == torch.float64  # gradcheck keeps fp64
+    monkeypatch.setenv(capability.COMPUTE_ENV, "fp32")  # the override still wins
+    assert capability.compute_dtype(torch.float32) == torch.float32
+    precision("highest")
+    monkeypatch.setenv(capability.COMPUTE_ENV, "auto")
+    assert capability.compute_dtype(torch.float32) == torch.float32
+
+
+def test_shape_rule():
+    assert not cpu_qlora.fp32_may_take_bf16(8, 4096, 4096)  # the GEMV's rows
+    assert not cpu_qlora.fp32_may_take_bf16(20, 17, 150)  # a small layer's one-call kernels
+    assert not cpu_qlora.fp32_may_take_bf16(16, 128, 128)  # the one-call small backward
+    assert cpu_qlora.fp32_may_take_bf16(9, 4096, 4096)
+    assert cpu_qlora.fp32_may_take_bf16(512, 704, 704)  # the e2e demo's step
+
+
+def test_new_api_setting_is_read():
+    """torch >= 2.9's per-backend setting (mkldnn.matmul.fp32_precision = "bf16") is what
+    the layer reads; in a subprocess, so this process keeps only the legacy API in use."""
+    if not hasattr(torch._C, "_get_fp32_precision_getter"):
+        pytest.skip(f"torch {torch.__version__} has only the legacy setting (tested above)")
+    code = (
+        "import torch; from qpeft.backends.cpu import capability as c\n"
+        "r = [c.fp32_matmul_allows_bf16()]\n"
+        "torch.backends.fp32_precision = 'bf16'; r.append(c.fp32_matmul_allows_bf16())\n"
+        "torch.backends.mkldnn.matmul.fp32_precision = 'tf32'; r.append(c.fp32_matmul_allows_bf16())\n"
+        "torch.backends.mkldnn.matmul.fp32_precision = 'bf16'; r.append(c.fp32_matmul_allows_bf16())\n"
+        "torch.backends.mkldnn.matmul.fp32_precision = 'ieee'; r.append(c.fp32_matmul_allows_bf16())\n"
+        "print(r)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[False, True, False, True, False]", out.stderr
+
+
+# --- values -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", TAKES_BF16, ids=case_id)
+def test_medium_within_bf16_bounds(case, precision, spy):
+    """fp32 x under "medium": y, dx, dA, dB, dbias against the fp64 oracle within the bf16
+    mode's bounds (derived for bf16-rounded operands with fp32 accumulation: x rounded to
+    bf16 once, W's decode rounded to bf16, fp32 sums; the output rounding is fp32's
+    U_CAST, smaller than bf16's) where the bf16 path runs, the fp32 bounds elsewhere."""
+    precision("medium")
+    check_qlora_linear(make_problem(case), "cpu")
+    assert spy == ({"fwd": 1, "bwd": 1} if BF16_UNITS else {"fwd": 0, "bwd": 0})
+
+
+@pytest.mark.parametrize("case", TAKES_BF16 + STAYS_FP32, ids=case_id)
+def test_highest_is_the_fp32_path_bit_for_bit(case, precision, spy, monkeypatch):
+    """The default setting changes nothing: auto under "highest" equals the fp32 path
+    (QPEFT_CPU_COMPUTE=fp32, what fp32 x always ran before) bit for bit."""
+    p = make_problem(case, seed=1)
+    precision("highest")
+    got = _run(p)
+    monkeypatch.setenv(capability.COMPUTE_ENV, "fp32")
+    _bit_equal(got, _run(p))
+    assert spy == {"fwd": 0, "bwd": 0}
+
+
+@pytest.mark.parametrize("case", STAYS_FP32, ids=case_id)
+def test_medium_keeps_fp32_kernels_for_small_shapes(case, precision, spy, monkeypatch):
+    """Shapes kept on fp32 run exactly the fp32 path under "medium" (bit for bit what
+    QPEFT_CPU_COMPUTE=fp32 computes under the same setting). That is not always "highest"'s
+    result: torch's own fp32 GEMMs inside the fp32 path (the composed backward's torch.mm)
+    follow the user's setting as they did before this policy existed."""
+    p = make_problem(case, seed=2)
+    precision("medium")
+    got = _run(p)
+    assert spy == {"fwd": 0, "bwd": 0}
+    monkeypatch.setenv(capability.COMPUTE_ENV, "fp32")
+    _bit_equal(got, _run(p))
+
+
+def test_switching_back_and_forth(precision, spy):
+    p = make_problem(TAKES_BF16[0], seed=3)
+    precision("highest")
+    fp32 = _run(p)
+    precision("medium")
+    bf16 = _run(p)
+    precision("highest")
+    _bit_equal(_run(p), fp32)
+    precision("medium")
+    _bit_equal(_run(p), bf16)
+    if BF16_UNITS:  # the bf16 path really ran: its y differs from fp32's
+        assert not torch.equal(bf16[0], fp32[0])
+        assert spy == {"fwd": 2, "bwd": 2}
+
+
+def test_linear4bit_medium(precision, spy):
+    """Linear4bit (qlora_linear without an adapter) on fp32 x under "medium": y and x.grad
+    within bounds of bf16-rounded x, dy and W with fp32 accumulation (as bf16_oracle:
+    3 bf16 roundings and K + 400 fp32 ones on each term of y, the fp32 output rounding;
+    dx = dy' @ W through 6 bf16 and 2N + 4 fp32 roundings)."""
+    precision("medium")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(320, 256)
+    q = Linear4bit.from_linear(lin)
+    w = q.dequantize(torch.float32).double()
+    u = U_CAST[torch.float32]
+    for m in (12, 64):
+        x = torch.randn(m, 320, requires_grad=True)
+        y = q(x)
+        dy = torch.randn(m, 256)
+        y.backward(dy)
+        xd = x.detach().double()
+        want = xd @ w.T + lin.bias.double()
+        s = xd.abs() @ w.abs().T + lin.bias.double().abs()
+        tol = rho(3, 320 + 400) * s * (1 + u) + u * want.abs()
+        assert y.dtype == torch.float32
+        assert_within(y, want, tol, f"Linear4bit y M={m}")
+        want_dx = dy.double() @ w
+        tol_dx = rho(6, 2 * 256 + 4) * (dy.double().abs() @ w.abs()) * (1 + u) + u * want_dx.abs()
+        assert_within(x.grad, want_dx, tol_dx, f"Linear4bit dx M={m}")
+    assert spy["fwd"] == (2 if BF16_UNITS else 0)
+    assert U_BF16 > u  # the bound above is the bf16 one, not fp32's
+
+
+def test_torch_compile_follows_the_setting(precision):
+    """Under torch.compile (fullgraph: no graph break) the choice is made inside the op at
+    run time, so the compiled function follows a switch without recompiling on stale
+    guards: bit for bit the eager result under each setting."""
+    p = make_problem(TAKES_BF16[0], seed=4)
+
+    def f(x):
+        return qlora_linear(x, p["packed"], p["state"], p["a"], p["b"], p["scaling"], p["bias"])
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    with qpeft.use_backend("cpu"), torch.no_grad():
+        for setting in ("medium", "highest", "medium"):
+            precision(setting)
+            assert torch.equal(compiled(p["x"]), f(p["x"])), setting
+        precision("highest")
+        fp32 = f(p["x"])
+        precision("medium")
+        assert torch.equal(compiled(p["x"]), f(p["x"]))
+        if BF16_UNITS:
+            assert not torch.equal(compiled(p["x"]), fp32)
+
+
+# --- every ISA level ----------------------------------------------------------------------------
+
+_ISA_SCRIPT = """
+import json, os, torch, qpeft
+from qpeft.backends.cpu import capability
+from qpeft.testing import make_problem, qlora_linear_results
+case = (torch.float32, 64, 70, 96, 16, "nf4", True, 32, True, False, True)
+p = make_problem(case, seed=5)
+def run():
+    out = qlora_linear_results(p, "cpu")
+    bad = [n for n, got, want, tol in out if not bool(((got.double() - want).abs() <= tol).all())]
+    return [got for _, got, _, _ in out], bad
+torch.set_float32_matmul_precision("highest")
+hi, bad_hi = run()
+a, b = torch.randn(64, 96), torch.randn(96, 70)
+want = a @ b
+torch.set_float32_matmul_precision("medium")
+md, bad_md = run()
+torch_moves = not torch.equal(a @ b, want)  # torch's own fp32 GEMM under "medium" here
+os.environ["QPEFT_CPU_COMPUTE"] = "fp32"
+fp32, _ = run()
+print(json.dumps({"level": qpeft.cpu_info()["chosen_level"], "bf16": capability.bf16_dot_products(),
+                  "torch_moves": torch_moves, "same_as_highest": all(map(torch.equal, hi, md)),
+                  "same_as_fp32": all(map(torch.equal, fp32, md)), "bad_hi": bad_hi, "bad_md": bad_md}))
+"""
+
+
+@pytest.mark.parametrize("level", ["scalar", "avx2", "avx512", "avx512_bf16", "amx"])
+def test_every_isa_level(level):
+    """QPEFT_CPU_ISA caps the level (read once per process: a subprocess each). Without bf16
+    dot products (scalar, avx2, avx512) "medium" leaves fp32 x on the fp32 path, bit for
+    bit; with them it takes the bf16 path (the results differ) within the bf16 bounds.
+    qlora_linear_results picks the oracle by the same rule (qpeft.testing.cpu_computes_bf16)."""
+    env = {**os.environ, "QPEFT_CPU_ISA": level}
+    env.pop(capability.COMPUTE_ENV, None)
+    out = subprocess.run(
+        [sys.executable, "-c", _ISA_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["bad_hi"] == [], r  # "highest": the fp32 bounds (or bf16 x's) as always
+    assert r["bf16"] == (r["level"] in ("avx512_bf16", "amx")), r
+    if r["bf16"]:  # qpeft's bf16 path: its own derived bounds
+        assert r["bad_md"] == [] and not r["same_as_highest"], r
+    else:
+        # qpeft keeps its fp32 path, bit for bit; where torch's own fp32 GEMMs do not move
+        # under "medium" (a CPU without fast bf16) that is "highest"'s result too. On this
+        # kind of machine capped by QPEFT_CPU_ISA, torch's oneDNN still has bf16 (the cap is
+        # qpeft's, not torch's), so the fp32 path's torch GEMMs follow the user's setting
+        # as they did before this policy: no fp32 bound is claimed for them there.
+        assert r["same_as_fp32"], r
+        if not r["torch_moves"]:
+            assert r["same_as_highest"] and r["bad_md"] == [], r
