@@ -33,15 +33,16 @@ BF16_UNITS = capability.bf16_dot_products()
 
 # (dtype, M, N, K, r, quant_type, double_quant, blocksize, bias, rank_scale, out_scale)
 TAKES_BF16 = [  # large shapes: the bf16 path under "medium" on a CPU with bf16 dot products
-    (torch.float32, 64, 70, 96, 16, "nf4", True, 32, True, False, True),
-    (torch.float32, 513, 31, 72, 2, "nf4", False, 64, True, True, False),  # M over a GEMM block
-    (torch.float32, 12, 300, 257, 8, "fp4", True, 64, False, True, True),  # 8 < M <= 16, odd K
-    (torch.float32, 40, 260, 256, 4, "nf4", True, 64, True, True, True),
+    (torch.float32, 64, 300, 512, 16, "nf4", True, 32, True, False, True),
+    (torch.float32, 513, 130, 136, 2, "nf4", False, 64, True, True, False),  # M over a GEMM block
+    (torch.float32, 12, 720, 1001, 8, "fp4", True, 64, False, True, True),  # 8 < M <= 16, odd K
+    (torch.float32, 40, 520, 416, 4, "nf4", True, 64, True, True, True),
 ]
-STAYS_FP32 = [  # the fp32 GEMV (M <= 8) and the one-call small-layer kernels: fp32 always
+STAYS_FP32 = [  # M <= 8 (the fp32 GEMV) and M*N*K below FP32_BF16_MIN_WORK: fp32 always
     (torch.float32, 5, 45, 83, 8, "nf4", True, 64, True, True, True),
     (torch.float32, 20, 17, 150, 8, "fp4", True, 32, False, True, True),
     (torch.float32, 9, 45, 83, 8, "nf4", True, 64, True, True, True),
+    (torch.float32, 64, 300, 256, 8, "nf4", True, 64, True, False, False),  # the composed fp32 path
 ]
 
 
@@ -134,6 +135,7 @@ def test_shape_rule():
     assert not cpu_qlora.fp32_may_take_bf16(8, 4096, 4096)  # the GEMV's rows
     assert not cpu_qlora.fp32_may_take_bf16(20, 17, 150)  # a small layer's one-call kernels
     assert not cpu_qlora.fp32_may_take_bf16(16, 128, 128)  # the one-call small backward
+    assert not cpu_qlora.fp32_may_take_bf16(64, 300, 256)  # measured faster in fp32
     assert cpu_qlora.fp32_may_take_bf16(9, 4096, 4096)
     assert cpu_qlora.fp32_may_take_bf16(512, 704, 704)  # the e2e demo's step
 
@@ -218,23 +220,23 @@ def test_linear4bit_medium(precision, spy):
     dx = dy' @ W through 6 bf16 and 2N + 4 fp32 roundings)."""
     precision("medium")
     torch.manual_seed(0)
-    lin = torch.nn.Linear(320, 256)
+    lin = torch.nn.Linear(1024, 768)
     q = Linear4bit.from_linear(lin)
     w = q.dequantize(torch.float32).double()
     u = U_CAST[torch.float32]
     for m in (12, 64):
-        x = torch.randn(m, 320, requires_grad=True)
+        x = torch.randn(m, 1024, requires_grad=True)
         y = q(x)
-        dy = torch.randn(m, 256)
+        dy = torch.randn(m, 768)
         y.backward(dy)
         xd = x.detach().double()
         want = xd @ w.T + lin.bias.double()
         s = xd.abs() @ w.abs().T + lin.bias.double().abs()
-        tol = rho(3, 320 + 400) * s * (1 + u) + u * want.abs()
+        tol = rho(3, 1024 + 400) * s * (1 + u) + u * want.abs()
         assert y.dtype == torch.float32
         assert_within(y, want, tol, f"Linear4bit y M={m}")
         want_dx = dy.double() @ w
-        tol_dx = rho(6, 2 * 256 + 4) * (dy.double().abs() @ w.abs()) * (1 + u) + u * want_dx.abs()
+        tol_dx = rho(6, 2 * 768 + 4) * (dy.double().abs() @ w.abs()) * (1 + u) + u * want_dx.abs()
         assert_within(x.grad, want_dx, tol_dx, f"Linear4bit dx M={m}")
     assert spy["fwd"] == (2 if BF16_UNITS else 0)
     assert U_BF16 > u  # the bound above is the bf16 one, not fp32's
@@ -268,7 +270,7 @@ _ISA_SCRIPT = """
 import json, os, torch, qpeft
 from qpeft.backends.cpu import capability
 from qpeft.testing import make_problem, qlora_linear_results
-case = (torch.float32, 64, 70, 96, 16, "nf4", True, 32, True, False, True)
+case = (torch.float32, 64, 300, 512, 16, "nf4", True, 32, True, False, True)
 p = make_problem(case, seed=5)
 def run():
     out = qlora_linear_results(p, "cpu")

@@ -160,18 +160,24 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+# Below this much work (M * N * K) fp32 x stays fp32 even where torch's setting allows bf16:
+# the bf16 path's extra passes (x and dy rounded to bf16, bf16 -> fp32 of the results)
+# cost more than its faster GEMMs save. fwd+bwd, r = 8, 1 thread, min of 9 x 3 interleaved,
+# 2-core SPR-class VM (amx level, contended): 40x260x256 0.53 ms fp32 vs 0.78 bf16,
+# 64x300x256 0.71 vs 0.79, 24x512x512 1.57 vs 1.53, 256x300x256 2.0 vs 1.7, 9x1024x1024
+# 24 vs 1.6, 12x2048x2048 152 vs 16.
+FP32_BF16_MIN_WORK = 1 << 23
+
+
 def fp32_may_take_bf16(m: int, n: int, k: int) -> bool:
     """Whether fp32 x of M rows on an [N, K] layer takes the bf16 path when torch's setting
     allows bf16 for fp32 matmuls (``capability.fp32_matmul_allows_bf16``; docs/design.md,
     "CPU compute dtype"). Not at M <= GEMV_MAX_ROWS (the forward is the fp32 GEMV either
-    way, and the fp32 backward of a few rows needs no rounding of x), nor for the small
-    layers whose one-call fp32 forward/backward (``_small_forward``, ``_small_backward``)
-    beat the composed paths on per-call overhead: fp32 stays allowed by torch's semantics
-    ("may use bf16 internally"). The same answer for a forward and its backward (M, N, K
-    are the same), so a step never mixes the two modes in one layer."""
-    if m <= GEMV_MAX_ROWS or _small(m, n, k):
-        return False
-    return not (m <= SMALL_BACKWARD_MAX_ROWS and m * n * k <= SMALL_BACKWARD_MAX_WORK)
+    way) nor below FP32_BF16_MIN_WORK (which also keeps the one-call small-layer kernels,
+    ``_small_forward`` / ``_small_backward``, on their fp32 shapes): fp32 stays allowed by
+    torch's semantics ("may use bf16 internally"). The same answer for a forward and its
+    backward (M, N, K are the same), so a step never mixes the two modes in one layer."""
+    return m > GEMV_MAX_ROWS and m * n * k >= FP32_BF16_MIN_WORK
 
 
 def _compute_dtype(x: torch.Tensor, n: int = 0, k: int = 0) -> torch.dtype:
