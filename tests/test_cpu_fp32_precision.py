@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import qpeft
+from qpeft import _native
 from qpeft.backends.cpu import capability
 from qpeft.backends.cpu import qlora as cpu_qlora
 from qpeft.functional import qlora_linear
@@ -266,53 +267,104 @@ def test_torch_compile_follows_the_setting(precision):
 
 # --- every ISA level ----------------------------------------------------------------------------
 
-_ISA_SCRIPT = """
-import json, os, torch, qpeft
-from qpeft.backends.cpu import capability
-from qpeft.testing import make_problem, qlora_linear_results
-case = (torch.float32, 64, 300, 512, 16, "nf4", True, 32, True, False, True)
-p = make_problem(case, seed=5)
-def run():
-    out = qlora_linear_results(p, "cpu")
-    bad = [n for n, got, want, tol in out if not bool(((got.double() - want).abs() <= tol).all())]
-    return [got for _, got, _, _ in out], bad
-torch.set_float32_matmul_precision("highest")
-hi, bad_hi = run()
-a, b = torch.randn(64, 96), torch.randn(96, 70)
-want = a @ b
-torch.set_float32_matmul_precision("medium")
-md, bad_md = run()
-torch_moves = not torch.equal(a @ b, want)  # torch's own fp32 GEMM under "medium" here
-os.environ["QPEFT_CPU_COMPUTE"] = "fp32"
-fp32, _ = run()
-print(json.dumps({"level": qpeft.cpu_info()["chosen_level"], "bf16": capability.bf16_dot_products(),
-                  "torch_moves": torch_moves, "same_as_highest": all(map(torch.equal, hi, md)),
-                  "same_as_fp32": all(map(torch.equal, fp32, md)), "bad_hi": bad_hi, "bad_md": bad_md}))
-"""
+_ISA_CASE = (torch.float32, 64, 300, 512, 16, "nf4", True, 32, True, False, True)
+
+
+def _levels_run(p, precision_set):
+    """{setting: (results, names out of bounds)} under "highest", "medium" and "medium" with
+    QPEFT_CPU_COMPUTE=fp32 (qpeft's fp32 path as it ran before this policy)."""
+    from qpeft.testing import qlora_linear_results
+
+    def run():
+        out = qlora_linear_results(p, "cpu")
+        bad = [n for n, got, want, tol in out if not bool(((got.double() - want).abs() <= tol).all())]
+        return [got for _, got, _, _ in out], bad
+
+    res = {}
+    precision_set("highest")
+    res["highest"] = run()
+    precision_set("medium")
+    res["medium"] = run()
+    os.environ[capability.COMPUTE_ENV] = "fp32"
+    try:
+        res["fp32"] = run()
+    finally:
+        del os.environ[capability.COMPUTE_ENV]
+    return res
+
+
+def _torch_moves(precision_set) -> bool:
+    """Whether torch's own fp32 GEMM gives another result under "medium" on this CPU."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 96, generator=g), torch.randn(96, 70, generator=g)
+    precision_set("highest")
+    want = a @ b
+    precision_set("medium")
+    return not torch.equal(a @ b, want)
+
+
+def _judge(level, bf16, res, torch_moves):
+    same_as = {key: all(map(torch.equal, res[key][0], res["medium"][0])) for key in ("highest", "fp32")}
+    assert res["highest"][1] == [], (level, res["highest"][1])  # "highest": the usual bounds
+    if bf16:  # qpeft's bf16 path: its own derived bounds, and another result than fp32's
+        assert res["medium"][1] == [] and not same_as["highest"], level
+    else:
+        # qpeft keeps its fp32 path, bit for bit; where torch's own fp32 GEMMs do not move
+        # under "medium" (a CPU without fast bf16) that is "highest"'s result too. On a
+        # machine with bf16 units capped by QPEFT_CPU_ISA, torch's oneDNN still has bf16
+        # (the cap is qpeft's, not torch's), so the fp32 path's torch GEMMs follow the
+        # user's setting as they did before this policy: no fp32 bound is claimed there.
+        assert same_as["fp32"], level
+        if not torch_moves:
+            assert same_as["highest"] and res["medium"][1] == [], level
 
 
 @pytest.mark.parametrize("level", ["scalar", "avx2", "avx512", "avx512_bf16", "amx"])
-def test_every_isa_level(level):
-    """QPEFT_CPU_ISA caps the level (read once per process: a subprocess each). Without bf16
-    dot products (scalar, avx2, avx512) "medium" leaves fp32 x on the fp32 path, bit for
-    bit; with them it takes the bf16 path (the results differ) within the bf16 bounds.
+def test_every_isa_level(level, precision, spy):
+    """At each kernel level (qpeft._C.set_isa, the in-process form of QPEFT_CPU_ISA; the
+    bf16 probe re-asked): without bf16 dot products (scalar, avx2, avx512) "medium" leaves
+    fp32 x on qpeft's fp32 path; with them it takes the bf16 path within the bf16 bounds.
     qlora_linear_results picks the oracle by the same rule (qpeft.testing.cpu_computes_bf16)."""
-    env = {**os.environ, "QPEFT_CPU_ISA": level}
+    mod = _native.cpu_module()
+    info = mod.cpu_info()
+    if level in info["missing"]:
+        pytest.skip(f"this CPU lacks {info['missing'][level]} (detected level: {info['detected_level']})")
+    prev = mod.set_isa(level)
+    capability.bf16_dot_products.cache_clear()
+    try:
+        bf16 = capability.bf16_dot_products()
+        assert bf16 == (level in ("avx512_bf16", "amx"))
+        res = _levels_run(make_problem(_ISA_CASE, seed=5), precision)
+        torch_moves = _torch_moves(precision)
+    finally:
+        mod.set_isa(prev)
+        capability.bf16_dot_products.cache_clear()
+    _judge(level, bf16, res, torch_moves)
+    assert spy["fwd"] == int(bf16)
+
+
+_ENV_SCRIPT = """
+import json, torch
+from qpeft.backends.cpu import capability
+from qpeft.testing import make_problem
+from tests.test_cpu_fp32_precision import _ISA_CASE, _levels_run, _torch_moves
+res = _levels_run(make_problem(_ISA_CASE, seed=5), torch.set_float32_matmul_precision)
+print(json.dumps({"bf16": capability.bf16_dot_products(), "moves": _torch_moves(torch.set_float32_matmul_precision),
+                  "same_fp32": all(map(torch.equal, res["fp32"][0], res["medium"][0])),
+                  "same_highest": all(map(torch.equal, res["highest"][0], res["medium"][0])),
+                  "bad": res["highest"][1] + res["medium"][1]}))
+"""
+
+
+def test_env_cap_below_bf16_keeps_fp32():
+    """QPEFT_CPU_ISA=avx2 itself (read once per process: a subprocess): "medium" leaves fp32
+    x on qpeft's fp32 path, bit for bit."""
+    env = {**os.environ, "QPEFT_CPU_ISA": "avx2"}
     env.pop(capability.COMPUTE_ENV, None)
     out = subprocess.run(
-        [sys.executable, "-c", _ISA_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", _ENV_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["bad_hi"] == [], r  # "highest": the fp32 bounds (or bf16 x's) as always
-    assert r["bf16"] == (r["level"] in ("avx512_bf16", "amx")), r
-    if r["bf16"]:  # qpeft's bf16 path: its own derived bounds
-        assert r["bad_md"] == [] and not r["same_as_highest"], r
-    else:
-        # qpeft keeps its fp32 path, bit for bit; where torch's own fp32 GEMMs do not move
-        # under "medium" (a CPU without fast bf16) that is "highest"'s result too. On this
-        # kind of machine capped by QPEFT_CPU_ISA, torch's oneDNN still has bf16 (the cap is
-        # qpeft's, not torch's), so the fp32 path's torch GEMMs follow the user's setting
-        # as they did before this policy: no fp32 bound is claimed for them there.
-        assert r["same_as_fp32"], r
-        if not r["torch_moves"]:
-            assert r["same_as_highest"] and r["bad_md"] == [], r
+    assert not r["bf16"] and r["same_fp32"], r
+    if not r["moves"]:
+        assert r["same_highest"] and r["bad"] == [], r
