@@ -379,19 +379,23 @@ def bf16_oracle(p: dict) -> dict:
     }
 
 
-def cpu_computes_bf16(backend: str, x: torch.Tensor) -> bool:
+def cpu_computes_bf16(backend: str, x: torch.Tensor, n: int = 0) -> bool:
     """Whether qlora_linear on ``backend`` ("auto": the default for x's device) runs the CPU
-    backend's bf16 mode for this x (qpeft/backends/cpu/capability.py)."""
-    from .backends.cpu import capability
+    backend's bf16 mode for this x (qpeft/backends/cpu/capability.py) on a layer of ``n``
+    outputs (fp32 x takes it only for some shapes, and only where torch's fp32 matmul
+    setting allows bf16; n = 0: not known, taken as a shape that stays fp32)."""
+    if not (backend == "cpu" or (backend == "auto" and x.device.type == "cpu")):
+        return False
+    from .backends.cpu import qlora
 
-    on_cpu = backend == "cpu" or (backend == "auto" and x.device.type == "cpu")
-    return on_cpu and capability.compute_dtype(x.dtype) == torch.bfloat16
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    return qlora._compute_dtype(x2, n, x.shape[-1]) == torch.bfloat16
 
 
 def backend_oracle(p: dict, backend: str) -> dict:
     """``oracle`` with the bounds of what ``backend`` computes: operands rounded (Triton, CUDA C++),
     the CPU backend's bf16 mode (``bf16_oracle``, needs p["state"]), else fp32."""
-    if cpu_computes_bf16(backend, p["x"]):
+    if cpu_computes_bf16(backend, p["x"], p["w"].shape[0]):
         return bf16_oracle(p)
     # Triton and the CUDA C++ GEMM (csrc/cuda/qlora_gemm.cu) round W, t and dy' to x's dtype
     return oracle(p, p["x"].dtype, rounds_operands=backend in ("triton", "cuda", "cuda_emulated"))
@@ -442,7 +446,7 @@ def qlora_linear_results(p: dict, backend: str) -> list[tuple[str, torch.Tensor,
             out_scale=p["out_scale"],
         )
         y.backward(p["dy"])
-    cpu_bf16 = cpu_computes_bf16(backend, p["x"])
+    cpu_bf16 = cpu_computes_bf16(backend, p["x"], p["w"].shape[0])
     ref = backend_oracle(p, backend)
     y_want, tol_y = ref["y"]
     m, k = p["x"].shape

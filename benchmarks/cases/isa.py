@@ -160,6 +160,22 @@ def _layer_case(device: str, quick: bool) -> Case:
 
         impls.append(Impl("qpeft cpu (bf16, oneDNN panels)", panels, layer.check(True)))
     impls.append(Impl("qpeft cpu (fp32 forced)", fwdbwd(fwd, "fp32"), layer.check(True)))
+
+    def fp32_x_medium():
+        # fp32 x (the same values) under torch.set_float32_matmul_precision("medium"): the
+        # user's opt-in to bf16 for fp32 matmuls, which the layer follows on a CPU with bf16
+        # dot products (docs/design.md, "CPU compute dtype"); the same check as the bf16 rows
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("medium")
+        try:
+            x = layer.x.float().requires_grad_()
+            y = fwd(x)
+            y.backward(layer.dy.float())
+            return y.detach(), x.grad
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+    impls.append(Impl("qpeft cpu (fp32 x, matmul precision medium)", fp32_x_medium, layer.check(True)))
     for dt, name in ((torch.bfloat16, "peft+bnb bf16"), (torch.float32, "peft+bnb fp32")):
         made = layer.peft_bnb(dt)
         if made is not None:

@@ -10,6 +10,11 @@ swapped without touching the callers:
   emulated and ran 5x slower than fp32 (docs/design.md, "CPU compute dtype").
   ``QPEFT_CPU_COMPUTE=auto|bf16|fp32`` overrides it for A/B runs and tests; ``bf16`` on a
   CPU without bf16 units is allowed (correct, slow).
+  fp32 x also computes in bf16 (``auto`` only) when the user let torch's own fp32 matmuls
+  use bf16 on oneDNN (``torch.set_float32_matmul_precision("medium")`` or
+  ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``; ``fp32_matmul_allows_bf16``),
+  the CPU has bf16 dot products, and the caller says the shape is one where the bf16 path
+  is faster (``large_shape``; the QLoRA layer decides that, ``qlora.fp32_may_take_bf16``).
 - ``cache_sizes()``: (L1d, L2, L3) bytes as the kernel reports them in sysfs, with
   documented constants where sysfs is absent (containers without /sys, other OSes).
 """
@@ -61,8 +66,43 @@ def compute_choice() -> str:
     return v
 
 
-def compute_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the CPU QLoRA layer computes in for an input of ``x_dtype``."""
+# torch's precision setting for fp32 matmuls on oneDNN (docs/design.md, "CPU compute dtype").
+# torch >= 2.9 has per-backend settings: ``torch.backends.mkldnn.matmul.fp32_precision``
+# ("none"/"ieee" by default, "bf16" after ``set_float32_matmul_precision("medium")`` or when
+# set itself, "tf32" after "high"), read here through the C getter the property wraps
+# (~1 us; the property ~3 us). Older torch (2.4 - 2.8) has only the global
+# ``get_float32_matmul_precision()``, whose "medium" made oneDNN run fp32 matmuls in bf16.
+# "tf32" (or "high") is not a bf16 licence on CPU: it keeps fp32.
+_PRECISION_GETTER = getattr(torch._C, "_get_fp32_precision_getter", None)
+_BF16_SETTINGS = {"bf16": True, "medium": True}  # setting -> allows bf16; others are added as seen
+
+
+def _fp32_matmul_setting() -> str:
+    if _PRECISION_GETTER is not None:
+        try:
+            return _PRECISION_GETTER("mkldnn", "matmul")
+        except Exception:  # a torch whose getter refuses these names: the legacy API below
+            pass
+    try:
+        return torch.get_float32_matmul_precision()
+    except Exception:  # torch >= 2.9 raises on mixed legacy/new settings: the safe answer
+        return "highest"
+
+
+def fp32_matmul_allows_bf16() -> bool:
+    """True when torch's fp32 matmuls on CPU may run in bf16 (the user's setting, read on
+    every call so that switching it at run time takes effect; the answer cached per value)."""
+    v = _fp32_matmul_setting()
+    allowed = _BF16_SETTINGS.get(v)
+    if allowed is None:
+        allowed = _BF16_SETTINGS[v] = False
+    return allowed
+
+
+def compute_dtype(x_dtype: torch.dtype, large_shape: bool = True) -> torch.dtype:
+    """The dtype the CPU QLoRA layer computes in for an input of ``x_dtype``. ``large_shape``
+    (fp32 x only): whether the layer's shape is one where its bf16 path beats fp32, which
+    fp32 x takes only then, under a torch setting that allows bf16 (see the module doc)."""
     if x_dtype == torch.float64:
         return torch.float64  # gradcheck: the reference's fp64
     choice = compute_choice()
@@ -70,7 +110,13 @@ def compute_dtype(x_dtype: torch.dtype) -> torch.dtype:
         return torch.float32
     if choice == "bf16":
         return torch.bfloat16
-    return torch.bfloat16 if x_dtype == torch.bfloat16 and bf16_dot_products() else torch.float32
+    if not bf16_dot_products():
+        return torch.float32
+    if x_dtype == torch.bfloat16:
+        return torch.bfloat16
+    if x_dtype == torch.float32 and large_shape and fp32_matmul_allows_bf16():
+        return torch.bfloat16
+    return torch.float32
 
 
 def _parse_size(text: str) -> int:

@@ -160,10 +160,33 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # by capability (bf16 only for bf16 x with bf16 units, or QPEFT_CPU_COMPUTE=bf16);
-    # fp64 inputs (gradcheck) stay fp64 as in the reference
-    return capability.compute_dtype(x.dtype)
+# Below this much work (M * N * K) fp32 x stays fp32 even where torch's setting allows bf16:
+# the bf16 path's extra passes (x and dy rounded to bf16, bf16 -> fp32 of the results)
+# cost more than its faster GEMMs save. fwd+bwd, r = 8, 1 thread, min of 9 x 3 interleaved,
+# 2-core SPR-class VM (amx level, contended): 40x260x256 0.53 ms fp32 vs 0.78 bf16,
+# 64x300x256 0.71 vs 0.79, 24x512x512 1.57 vs 1.53, 256x300x256 2.0 vs 1.7, 9x1024x1024
+# 24 vs 1.6, 12x2048x2048 152 vs 16.
+FP32_BF16_MIN_WORK = 1 << 23
+
+
+def fp32_may_take_bf16(m: int, n: int, k: int) -> bool:
+    """Whether fp32 x of M rows on an [N, K] layer takes the bf16 path when torch's setting
+    allows bf16 for fp32 matmuls (``capability.fp32_matmul_allows_bf16``; docs/design.md,
+    "CPU compute dtype"). Not at M <= GEMV_MAX_ROWS (the forward is the fp32 GEMV either
+    way) nor below FP32_BF16_MIN_WORK (which also keeps the one-call small-layer kernels,
+    ``_small_forward`` / ``_small_backward``, on their fp32 shapes): fp32 stays allowed by
+    torch's semantics ("may use bf16 internally"). The same answer for a forward and its
+    backward (M, N, K are the same), so a step never mixes the two modes in one layer."""
+    return m > GEMV_MAX_ROWS and m * n * k >= FP32_BF16_MIN_WORK
+
+
+def _compute_dtype(x: torch.Tensor, n: int = 0, k: int = 0) -> torch.dtype:
+    # by capability (bf16 for bf16 x with bf16 units, for fp32 x of a large shape when
+    # torch's fp32 matmul setting allows bf16, or with QPEFT_CPU_COMPUTE=bf16); fp64
+    # inputs (gradcheck) stay fp64 as in the reference. n = k = 0: "not a large shape".
+    if x.dtype is not _F32:
+        return capability.compute_dtype(x.dtype)
+    return capability.compute_dtype(x.dtype, n > 0 and fp32_may_take_bf16(x.shape[0], n, k))
 
 
 def qlora_linear(
@@ -186,7 +209,7 @@ def qlora_linear(
     out_scale,
     return_xa,
 ):
-    cdt = _compute_dtype(x)
+    cdt = _compute_dtype(x, n, k)
     quant = (
         packed,
         absmax,
@@ -459,7 +482,8 @@ def qlora_linear_backward(
     need_db,
     need_dbias,
 ):
-    if _compute_dtype(x) == torch.bfloat16:
+    cdt = _compute_dtype(x, n, k)
+    if cdt == torch.bfloat16:
         quant = (
             packed,
             absmax,
@@ -489,11 +513,7 @@ def qlora_linear_backward(
         )
 
     m = x.shape[0]
-    if (
-        _compute_dtype(x) == _F32
-        and 0 < m <= SMALL_BACKWARD_MAX_ROWS
-        and m * n * k <= SMALL_BACKWARD_MAX_WORK
-    ):
+    if cdt == _F32 and 0 < m <= SMALL_BACKWARD_MAX_ROWS and m * n * k <= SMALL_BACKWARD_MAX_WORK:
         return _small_backward(
             grad_y,
             x,
