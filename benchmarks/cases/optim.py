@@ -9,12 +9,17 @@ The memory bound counts the bytes a step must move per element: 28 for fp32 stat
 codes, write p and two codes, two fp32 absmax per 256 elements read and written).
 
 Checks, on one step from the same start: qpeft equals its pure-torch reference bit for
-bit; every fp32-state step's new parameters are within one ulp, element by element, of
-torch.optim.AdamW(foreach=False)'s (the qpeft step performs torch's single-tensor
-operations in its order, so only the final rounding of p can differ: torch's single-tensor
-step itself is not reproducible to the bit on this VM's 2-thread runs, where a second call
-on identical inputs in one process gave a different result, and qpeft's then differed from
-torch's first one by one ulp in 40% of the elements); 8-bit steps are within 5%
+bit; every fp32-state step's new parameters are within 8 ulps, element by element, of
+torch.optim.AdamW(foreach=False)'s, the ulp taken at the scale of the step's operands, the
+larger of |p| and |new p|. Implementations that compute the same formula may round each
+link of its chain differently (torch's own single-tensor step is not reproducible to the
+bit on this VM's 2-thread runs, and its fused step differs from it as much as qpeft's):
+m and v (one ulp each, v's halved by the square root), the square root, + eps, the
+division, the lr / bias-correction product, the decayed p and the final p, each by at most
+one ulp of its own magnitude, none above that scale: 8 in all; measured 4 for both
+qpeft's and torch's fused step. Where p and the step nearly cancel the new p is far
+smaller than its operands, so its own ulp is not the unit (a run measured 64 of them); a
+wrong lr or weight decay is thousands of ulps of the operands' scale off. 8-bit steps are within 5%
 (relative norm) of torch's update: the dynamic maps round a state by at most ~2% of itself
 (bitsandbytes' 8-bit blockwise bounds: relative 0.018), which moves m / sqrt(v) by about
 as much, with room for the blocks' absmax.
@@ -57,11 +62,11 @@ def _update(factory, shapes, backend=None):
 
 
 def _ulps(got: torch.Tensor, want: torch.Tensor, shapes) -> float:
-    """The largest difference of two updates from the seeded start, in ulps of the new
-    parameter (start + update is exact: the two are within a factor 2, Sterbenz)."""
+    """The largest difference of two updates from the seeded start, in ulps of the step's
+    operand scale, the larger of |start| and |start + update| (module docstring)."""
     start = torch.cat([p.detach().reshape(-1) for p in _params(shapes, seed=1)])
-    new = (start + want).abs()
-    ulp = torch.nextafter(new, torch.full_like(new, float("inf"))) - new
+    scale = torch.maximum(start.abs(), (start + want).abs())
+    ulp = torch.nextafter(scale, torch.full_like(scale, float("inf"))) - scale
     return float(((got - want).abs() / ulp).max())
 
 
@@ -79,7 +84,7 @@ def _checker(factory, shapes, exact_ref: bool, rel: float | None):
             assert torch.equal(got, ref), "differs from the pure-torch reference"
         if rel is None:
             ulps = _ulps(got, want, shapes)
-            assert ulps <= 1.0, f"new parameters differ from torch AdamW's by {ulps:.3g} ulp (bound 1)"
+            assert ulps <= 8.0, f"new parameters differ from torch AdamW's by {ulps:.3g} ulp (bound 8)"
             return
         err = float((got - want).norm() / want.norm())
         assert err < rel, f"update differs from torch AdamW by {err:.2e} (bound {rel:g})"
