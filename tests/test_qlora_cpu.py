@@ -37,6 +37,43 @@ def test_panels(case, panel_elems, monkeypatch):
     check_qlora_linear(make_problem(case), "cpu")
 
 
+# Cases of the merged fp32 path (``merges_lora``: the LoRA term added to the decoded panel),
+# with M above the GEMV's rows and the one-call path off: K, N on both sides of 2M, ranks
+# 1..64, every scale on and off.
+MERGE_CASES = [
+    (torch.float32, 37, 70, 96, 4, "nf4", True, 32, True, True, True),
+    (torch.float32, 40, 45, 83, 1, "fp4", False, 64, False, False, False),
+    (torch.float32, 64, 130, 64, 64, "nf4", True, 64, True, False, True),
+    (torch.bfloat16, 33, 67, 50, 8, "nf4", False, 32, False, True, False),
+    (torch.float32, 300, 45, 200, 16, "nf4", True, 64, True, True, False),
+]
+
+
+@pytest.mark.parametrize("panel_elems", [1, 4096])
+@pytest.mark.parametrize("merge", [True, False])
+@pytest.mark.parametrize("case", MERGE_CASES, ids=case_id)
+def test_lora_merged_into_panels(case, merge, panel_elems, monkeypatch):
+    # The merged and the composed order of the fp32 path both within the oracle's bounds
+    # (the derivation is at ``merges_lora``), on single and many panels.
+    monkeypatch.setattr(cpu_qlora, "PANEL_ELEMS", panel_elems)
+    monkeypatch.setattr(cpu_qlora, "SMALL_MAX_ELEMS", 0)
+    monkeypatch.setattr(cpu_qlora, "SMALL_BACKWARD_MAX_ROWS", 0)
+    monkeypatch.setattr(cpu_qlora, "fp32_may_take_bf16", lambda m, n, k: False)
+    calls = []
+    real = cpu_qlora.merges_lora
+
+    def spy(m, inner):
+        calls.append((m, inner))
+        return merge
+
+    monkeypatch.setattr(cpu_qlora, "merges_lora", spy)
+    p = make_problem(case)
+    check_qlora_linear(p, "cpu")
+    if cpu_qlora._compute_dtype(p["x"]) != torch.bfloat16:  # bf16 x on bf16 units: no fp32 panels
+        assert calls, "the fp32 panel path never asked whether to merge"
+    assert real(8, 16) and not real(8, 17)
+
+
 def test_panel_rows_start_on_blocks():
     for k in (1, 50, 64, 83, 96, 4096, 11008):
         for bs in (32, 64, 4096):
@@ -74,8 +111,12 @@ def test_empty_batch():
     assert y.shape == (0, 45) and x.grad.shape == x.shape
 
 
-def test_gradcheck_fp64_cpu_path():
-    p = make_problem((torch.float64, 3, 7, 40, 2, "nf4", True, 32, True, True, True))
+@pytest.mark.parametrize("m", [3, 20])
+def test_gradcheck_fp64_cpu_path(m, monkeypatch):
+    # m = 20: the panel path with the LoRA term merged into W (K = 40 <= 2m, N = 7 <= 2m)
+    monkeypatch.setattr(cpu_qlora, "SMALL_MAX_ELEMS", 0)
+    monkeypatch.setattr(cpu_qlora, "SMALL_BACKWARD_MAX_ROWS", 0)
+    p = make_problem((torch.float64, m, 7, 40, 2, "nf4", True, 32, True, True, True))
     args = [
         p["x"].double().requires_grad_(),
         p["a"].double().requires_grad_(),

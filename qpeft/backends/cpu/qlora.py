@@ -189,6 +189,32 @@ def _compute_dtype(x: torch.Tensor, n: int = 0, k: int = 0) -> torch.dtype:
     return capability.compute_dtype(x.dtype, n > 0 and fp32_may_take_bf16(x.shape[0], n, k))
 
 
+# --- fp32: the LoRA up-projection merged into the decoded panel -----------------------------
+#
+# y = x W^T + (s xa rs) B^T = x (W + (s rs B) A)^T, and dx = dy' W + (s g rs) A =
+# dy' (W + (s rs B) A): with the panel decoded anyway, adding the rank-r product (s rs B) A
+# to it (N K r multiply-adds, in cache) lets the base GEMM carry the LoRA term, where the
+# composed path pays an [M, N] (or [M, K]) pass for it: a GEMM of inner dimension r (M N r,
+# or M K r, multiply-adds) and a read-modify-write of y (dx) in memory. That wins when the
+# merge's N K r is not much above the pass's M N r, i.e. K <= 2 M for the forward (N <= 2 M
+# for dx); the factor 2 is the memory pass, which at these shapes costs as much as the
+# rank-r FLOPs (1 thread, 2-core SPR-class VM, M = 512, r = 8, fp32: a 256 -> 704 layer's
+# forward + backward 5.46 ms merged vs 6.29 composed). Numerics: each weight is rounded
+# once more (W + L), the LoRA term reaches the output through the merge's r + 3 roundings
+# plus the GEMM's, inside the fp32 bound of the reference's order (qpeft/testing.py,
+# ``oracle``: K + r + 4 roundings on the LoRA path, K + 2 on the base path).
+def merges_lora(m: int, inner: int) -> bool:
+    """Whether the fp32 panel path merges the LoRA term into W: ``inner`` is K for the
+    forward, N for dx."""
+    return inner <= 2 * m
+
+
+def _scaled_b(lora_b: torch.Tensor, scaling: float, rank_scale, dtype: torch.dtype) -> torch.Tensor:
+    """(B s) rs, [N, r], rounded as the reference rounds (xa s) rs."""
+    bs = _cast(lora_b, dtype) * scaling
+    return bs if rank_scale is None else bs * _cast(rank_scale, dtype)
+
+
 def qlora_linear(
     x,
     packed,
@@ -243,16 +269,25 @@ def qlora_linear(
             k,
         )
     else:
+        merge = lora_a is not None and merges_lora(x.shape[0], k)
+        bs, a = (_scaled_b(lora_b, scaling, rank_scale, cdt), _cast(lora_a, cdt)) if merge else (None, None)
         base = None
         for r0, r1, w in _decode_panels(
             packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
         ):
+            w = _cast(w, cdt)
+            if merge:  # W + (s rs B) A: the LoRA up-projection rides in the base GEMM
+                w.addmm_(bs[r0:r1], a)
             if r0 == 0 and r1 == n:  # one panel: W whole
-                base = F.linear(xc, _cast(w, cdt))
+                base = F.linear(xc, w)
                 break
             if base is None:
                 base = torch.empty((x.shape[0], n), dtype=cdt)
-            base[:, r0:r1] = F.linear(xc, _cast(w, cdt))
+            base[:, r0:r1] = F.linear(xc, w)
+        if merge:
+            y = base
+            xa = torch.mm(a, xc.t()).t() if return_xa else None  # [M, r], a view of [r, M]
+            return _finish(y, xa, x, bias, out_scale, cdt, return_xa)
     # base is this call's own tensor: the rest is added in place (on a small layer each
     # extra [M, N] temporary cost about as much as the LoRA products)
     y, xa = base, None
@@ -265,6 +300,11 @@ def qlora_linear(
             t_t = t_t * _rank_col(rank_scale, cdt)
         y = base.addmm_(t_t.t(), _cast(lora_b, cdt).t())
         xa = xa_t.t()
+    return _finish(y, xa, x, bias, out_scale, cdt, return_xa)
+
+
+def _finish(y, xa, x, bias, out_scale, cdt, return_xa):
+    """y + bias, times out_scale, in place; both results cast to x's dtype."""
     if bias is not None:
         y.add_(_cast(bias, cdt))
     if out_scale is not None:
@@ -541,11 +581,20 @@ def qlora_linear_backward(
             need_dbias,
         )
 
-    def add_dy_w(dy, acc):  # acc += dy @ W, W's panels accumulated one after another
+    def add_dy_w(dy, acc, lowrank=None):
+        """acc += dy @ W, W's panels accumulated one after another; acc None: dy @ W, new.
+        lowrank (bs, a): the panels of W + bs @ a instead (see ``merges_lora``)."""
         for r0, r1, w in _decode_panels(
             packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
         ):
-            acc.addmm_(dy[:, r0:r1], _cast(w, acc.dtype))
+            w = _cast(w, dy.dtype)
+            if lowrank is not None:
+                w.addmm_(lowrank[0][r0:r1], lowrank[1])
+            if acc is None:
+                acc = torch.mm(dy[:, r0:r1], w)
+            else:
+                acc.addmm_(dy[:, r0:r1], w)
+        return acc
 
     return (backward_from if lora_a is None else _backward_composed)(
         add_dy_w,
@@ -599,10 +648,14 @@ def _backward_composed(
         dy = dy * _cast(out_scale, cdt)
     rs = None if rank_scale is None else _rank_col(rank_scale, cdt)
     dx = da = db = dbias = None
-    if need_dx or need_da:
+    merge = need_dx and merges_lora(x.shape[0], lora_b.shape[0])
+    if need_dx and merge:  # dy' (W + (s rs B) A) in the panels' GEMMs
+        bs = _scaled_b(lora_b, scaling, rank_scale, cdt)
+        dx = _cast(add_dy_w(dy, None, (bs, _cast(lora_a, cdt))), x.dtype)
+    if need_da or (need_dx and not merge):
         g_t = torch.mm(_cast(lora_b, cdt).t(), dy.t())  # (dy @ B)^T, [r, M]
         gs_t = g_t * scaling if rs is None else g_t * scaling * rs
-        if need_dx:
+        if need_dx and not merge:
             dx = torch.mm(gs_t.t(), _cast(lora_a, cdt))  # [M, K], then + dy @ W in place
             add_dy_w(dy, dx)
             dx = _cast(dx, x.dtype)
