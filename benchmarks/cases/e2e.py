@@ -3,7 +3,8 @@ Llama-architecture model, built offline from a transformers config): forward, lo
 backward and optimizer step on a batch of 8 x 64 tokens, r = 8 on every projection.
 
 Implementations: qpeft (``qpeft.convert`` + ``qpeft.optim.PagedAdamW``, the demo's
-setup) and HF PEFT LoRA over bitsandbytes' ``Linear4bit`` (fp32 compute, the same
+setup), the step's lower bound (``FLOOR``: the dense dequantized model without adapters)
+and HF PEFT LoRA over bitsandbytes' ``Linear4bit`` (fp32 compute, the same
 quantized bytes) with ``torch.optim.AdamW``. fp32 weights: the demo's dtype on CPU.
 Two models: the demo's own, and the same with its FFN width rounded up to a multiple of
 64 (where bitsandbytes computes correctly, see below).
@@ -137,6 +138,30 @@ def _trainer(model, opt, ids):
     return step
 
 
+# The lower bound of any implementation's step: the fp32 model on the dequantized weights,
+# frozen, no adapters, its backward run to the input embeddings (so through every layer: the
+# forward and dx GEMMs on dense W and every other op of the model), no optimizer. Its first
+# loss is the check's own ``want``. What a QLoRA step costs above it is the adapters (their
+# products, weight gradients and optimizer step) and the 4-bit weights' decode.
+FLOOR = "torch, dequantized W, frozen, no adapters (lower bound)"
+
+
+def _floor_step(dequantized, ids):
+    model = copy.deepcopy(dequantized)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb = model.get_input_embeddings().weight
+    emb.requires_grad_(True)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        emb.grad = None
+        return loss.detach()
+
+    return step
+
+
 def cases(device: str, quick: bool) -> list[Case]:
     if device != "cpu" or optional("transformers") is None:
         return []
@@ -210,6 +235,7 @@ def _case(size: str, aligned: bool, precision: str | None = None) -> Case:
         [p for p in ours.parameters() if p.requires_grad], lr=LR, weight_decay=0.0
     )
     impls = [Impl("qpeft convert + PagedAdamW", _under(precision, _trainer(ours, ours_opt, ids)), close)]
+    impls.append(Impl(FLOOR, _under(precision, _floor_step(dequantized, ids)), close))
     peft, bnb = optional("peft"), optional("bitsandbytes")
     if peft is not None and bnb is not None:
         theirs = copy.deepcopy(base)
