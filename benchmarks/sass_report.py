@@ -528,6 +528,7 @@ W_POINTER = {
     "qlora_dx_kernel": "packed_ptr",
     "qlora_fwd_split_kernel": "packed_ptr",
     "qlora_dx_split_kernel": "packed_ptr",
+    "qlora_lora_down_kernel": "a_ptr",  # no W: its streamed operand is the activations
     "dequantize_4bit_kernel": "packed_ptr",
     "dequantize_4bit_nested_kernel": "packed_ptr",
     "dequantize_blockwise_kernel": "q_ptr",
@@ -602,7 +603,9 @@ def _config_text(entry: dict) -> str:
     c = entry["constexprs"]
     if "BLOCK_N" in c:
         lora = f"r{c['BLOCK_R']}" if c.get("HAS_LORA", True) else "nolora"
-        tile = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} {lora}"
+        tile = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} {lora}{' pre' if c.get('PRE_LORA') else ''}"
+    elif "BLOCK_C" in c:  # the LoRA down-projection: [BLOCK_M, BLOCK_C] activations x [BLOCK_C, BLOCK_R]
+        tile = f"{c['BLOCK_M']}x{c['BLOCK_C']} r{c['BLOCK_R']}"
     else:
         tile = f"{c['ROWS']}x{c['BLOCKSIZE']}"
     return f"{tile} w{entry['num_warps']} s{entry['num_stages']}"
@@ -646,11 +649,15 @@ def triton_record(module: str, index: int, arch: int) -> dict:
     threads = entry["num_warps"] * 32
     if "BLOCK_N" in c:  # fused QLoRA: each loop step decodes a [BLOCK_N, BLOCK_K] W tile
         elems = c["BLOCK_N"] * c["BLOCK_K"]
-        lora = c["BLOCK_R"] if c.get("HAS_LORA") else 0
+        # PRE_LORA: no LoRA dot in the loop (the down-projection is read in the epilogue)
+        lora = c["BLOCK_R"] if c.get("HAS_LORA") and not c.get("PRE_LORA") else 0
         if name in ("qlora_fwd_kernel", "qlora_fwd_split_kernel"):
             macs = c["BLOCK_M"] * c["BLOCK_K"] * (c["BLOCK_N"] + lora)
         else:
             macs = c["BLOCK_M"] * c["BLOCK_N"] * (c["BLOCK_K"] + lora)
+    elif "BLOCK_C" in c:  # qlora_lora_down_kernel: per step a [BLOCK_M, BLOCK_C] activation tile
+        elems = c["BLOCK_M"] * c["BLOCK_C"]
+        macs = elems * c["BLOCK_R"]
     else:  # quant kernels: one [ROWS, BLOCKSIZE] tile per program, no loop
         elems, macs = c["ROWS"] * c["BLOCKSIZE"], 0
     smem = res[name]["shared_static_bytes"] + dynamic_smem
@@ -665,7 +672,8 @@ def triton_record(module: str, index: int, arch: int) -> dict:
         elems_per_iter=elems,
         w_lines=w_lines,
         expected_macs=macs,
-        w_bytes_per_iter=elems // 2 if macs else 0,  # packed NF4/FP4: two codes per byte
+        # packed NF4/FP4: two codes per byte; the down-projection streams 2-byte activations
+        w_bytes_per_iter=(elems * 2 if "BLOCK_C" in c else elems // 2) if macs else 0,
         triton=True,
         static_smem=res[name]["shared_static_bytes"],
     )

@@ -574,6 +574,7 @@ def qlora_fwd_kernel(
     stride_br,
     stride_ym,
     stride_yn,
+    pre_ptr,
     BLOCKSIZE: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
@@ -584,6 +585,7 @@ def qlora_fwd_kernel(
     HAS_OUT_SCALE: tl.constexpr,
     HAS_LORA: tl.constexpr,
     WRITE_XA: tl.constexpr,
+    PRE_LORA: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
     ASM: tl.constexpr,
@@ -598,7 +600,10 @@ def qlora_fwd_kernel(
     Per step: x tile [BM, BK] (read once, used twice), W tile [BN, BK] dequantized in
     registers (used transposed), A^T tile [BK, BR]; acc += x @ W^T, xa += x @ A^T.
     Epilogue: acc += (s * xa * rank_scale) @ B^T, + bias, * out_scale. HAS_LORA=False (no
-    adapter) compiles the A/B loads and both LoRA dots out. Grouped program
+    adapter) compiles the A/B loads and both LoRA dots out. PRE_LORA (large M, the
+    launcher's ``use_pre_lora``): xa is not accumulated in the loop (no A tiles, no x @ A^T
+    dot) but loaded from pre_ptr, the fp32 [M, R] (contiguous) x @ A^T that
+    ``qlora_lora_down_kernel`` computed before; the epilogue is unchanged. Grouped program
     order (GROUP_M M-tiles walk each N-column of W together) keeps W tiles in L2 at large M.
     """
     dt = x_ptr.dtype.element_ty
@@ -646,7 +651,7 @@ def qlora_fwd_kernel(
         NESTED,
         ALIGNED,
         LUT,
-        HAS_LORA,
+        HAS_LORA and not PRE_LORA,
         UPCAST,
         IEEE,
         ASM,
@@ -657,6 +662,10 @@ def qlora_fwd_kernel(
     )
 
     if HAS_LORA:
+        if PRE_LORA:
+            xa = tl.load(
+                pre_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
+            )
         t = xa * scaling
         if HAS_RANK_SCALE:
             t = t * tl.load(rank_scale_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
@@ -800,6 +809,7 @@ def qlora_dx_kernel(
     stride_br,
     stride_dxm,
     stride_dxk,
+    pre_ptr,
     BLOCKSIZE: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     NESTED: tl.constexpr,
@@ -808,6 +818,7 @@ def qlora_dx_kernel(
     HAS_RANK_SCALE: tl.constexpr,
     HAS_LORA: tl.constexpr,
     WRITE_G: tl.constexpr,
+    PRE_LORA: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
     ASM: tl.constexpr,
@@ -822,7 +833,9 @@ def qlora_dx_kernel(
     Per step: dy tile [BM, BN] (read once, used twice), W tile [BN, BK] dequantized in
     registers, B tile [BN, BR]; acc += dy @ W, g += dy @ B. Epilogue: acc += (s * g *
     rank_scale) @ A. g = dy @ B is written in fp32 by the pid_k == 0 programs when dA is
-    needed.
+    needed. PRE_LORA (large M): g is not accumulated in the loop but loaded from pre_ptr,
+    the fp32 [M, R] dy @ B of ``qlora_lora_down_kernel`` (which is then the g the
+    launcher returns; WRITE_G is off).
     """
     dt = dy_ptr.dtype.element_ty
     pid = tl.program_id(0)
@@ -868,7 +881,7 @@ def qlora_dx_kernel(
         NESTED,
         ALIGNED,
         LUT,
-        HAS_LORA,
+        HAS_LORA and not PRE_LORA,
         UPCAST,
         IEEE,
         ASM,
@@ -879,6 +892,10 @@ def qlora_dx_kernel(
     )
 
     if HAS_LORA:
+        if PRE_LORA:
+            g = tl.load(
+                pre_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
+            )
         t = g * scaling
         if HAS_RANK_SCALE:
             t = t * tl.load(rank_scale_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)[None, :]
@@ -896,6 +913,54 @@ def qlora_dx_kernel(
     if WRITE_G:
         if pid_k == 0:  # g: contiguous fp32 [M, R]
             tl.store(g_ptr + offs_m[:, None] * R + offs_r[None, :], g, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def qlora_lora_down_kernel(
+    a_ptr,
+    l_ptr,
+    out_ptr,
+    M,
+    C,
+    R,
+    stride_am,
+    stride_ac,
+    stride_lc,
+    stride_lr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """One [BLOCK_M, R] row block of out = a @ L in fp32 (out: contiguous [M, R]), a [M, C]
+    the activations (x, or dy' for dx), L [C, R] (A^T, or B) cast to a's dtype: the LoRA
+    down-projection of the PRE_LORA launches (large M). The same products as the fused
+    loop's (a's dtype operands, exact in fp32) accumulated in fp32 over C in BLOCK_C steps;
+    only the order of the fp32 sums differs (a BLOCK_C-wide tl.dot per step, not the main
+    kernel's BLOCK_K / BLOCK_N), inside the oracle's fp32 accumulation bound."""
+    dt = a_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = offs_c < C
+        a = tl.load(
+            a_ptr + offs_m[:, None] * stride_am + offs_c[None, :] * stride_ac,
+            mask=m_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        )
+        lt = tl.load(
+            l_ptr + offs_c[:, None] * stride_lc + offs_r[None, :] * stride_lr,
+            mask=c_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )
+        acc = _mma(a, lt.to(dt), acc, UPCAST, IEEE)
+    tl.store(out_ptr + offs_m[:, None] * R + offs_r[None, :], acc, mask=m_ok[:, None] & r_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------
@@ -1338,6 +1403,29 @@ _DX_SPLIT_CONFIGS = {
     (32, "lo"): [_cfg(32, 64, 64, 4, 3)],
     (32, "hi"): [_cfg(32, 64, 128, 8, 3)],
 }
+# Precomputed LoRA down-projection at large M (PRE_LORA; docs/design.md, "Triton configs:
+# the precomputed down-projection"). The fused loop accumulates x @ A^T (dx: dy' @ B) from
+# the activation tiles it already holds, so every program along N (dx: K) recomputes it for
+# its rows: r / BLOCK_N extra MMA work (BLOCK_K for dx), 16 / 128 = 12.5% for the forward's
+# 128x128 tiles and 16 / 64 = 25% for dx's 128x64 (sm_90) at r = 16, plus the A (B) tile
+# loads in every step. At M >= PRE_LORA_M the launcher instead runs qlora_lora_down_kernel
+# first (one skinny GEMM: [M, K] x [K, r] in fp32) and the main kernel with PRE_LORA, whose
+# loop is the base GEMM alone and whose epilogue reads the fp32 [M, r] product. That costs
+# one more read of the activations (M x K x 2 bytes; dx: M x N x 2), 2 x M x r x 4 bytes of
+# fp32 product, and one more launch. Per row, at K = N = 4096, r = 16, on an H100 (3.35 TB/s,
+# 989 TFLOP/s bf16): the forward saves 2 x K x r x N / BLOCK_N = 4.2 MFLOP = 4.2 ns of MMA
+# time (dx on sm_90: 8.5 ns) for 8 KiB = 2.5 ns of HBM time, 1.8 ns (dx: 6 ns) net; a launch
+# and the small kernel's tail cost a few us (benchmarks/roofline_qlora.py assumes 2 us), so
+# the forward gains from about M = 1100 (dx: 350). PRE_LORA_M = 2048 takes the precompute
+# where both gain with margin. Where the split schedule runs (M <= SPLIT_M, the kernel bound
+# by W's bytes or instruction issue, not MMA) or M < PRE_LORA_M, the fused recompute stays:
+# there its MMA work is hidden and re-reading x would add bytes to a memory-bound kernel.
+PRE_LORA_M = 2048
+# qlora_lora_down_kernel tiles (BLOCK_M, BLOCK_C, warps, stages) by r bucket: a memory-bound
+# skinny GEMM, so BLOCK_M = 32 (M / 32 programs: 128 at M = 4096 for 132 SMs), 16-byte
+# activation loads, and the [BLOCK_C, BLOCK_R] L tile kept within 32 KiB per stage.
+_DOWN_CONFIGS = {"lo": (32, 128, 4, 3), "hi": (32, 64, 4, 3)}
+_INTERPRET_DOWN_CONFIG = (16, 64, 4, 1)
 MIN_SPLIT_TILES = 4  # loop tiles per split at least (each split amortizes its prologue/epilogue)
 INTERPRET_SMS = 132  # nominal SM count (H100/H200 SXM) for the heuristic under the interpreter
 
@@ -1531,6 +1619,46 @@ def _launch(kernel_name: str, kernel, m: int, n_out, br: int, args: tuple, kwarg
 # ---------------------------------------------------------------------------------------
 
 
+def use_pre_lora(m: int, has_lora: bool, plan) -> bool:
+    """The large-M rule (PRE_LORA_M above): the LoRA down-projection is precomputed by
+    ``lora_down`` instead of recomputed in every program, for launches with an adapter that
+    run the unsplit kernel (``plan`` None) at M >= PRE_LORA_M."""
+    return has_lora and plan is None and m >= PRE_LORA_M
+
+
+def lora_down(a: torch.Tensor, lmat: torch.Tensor, br: int) -> torch.Tensor:
+    """fp32 [M, r] = a @ lmat (a [M, C] activations, lmat [C, r], any strides; cast to a's
+    dtype) by ``qlora_lora_down_kernel``: the PRE_LORA launches' down-projection."""
+    m, c = a.shape
+    r = lmat.shape[1]
+    out = torch.empty((m, r), device=a.device, dtype=torch.float32)
+    if m == 0:
+        return out
+    if interpreting():
+        bm, bc, warps, stages = _INTERPRET_DOWN_CONFIG
+    else:
+        bm, bc, warps, stages = _DOWN_CONFIGS["lo" if br <= 64 else "hi"]
+    qlora_lora_down_kernel[(triton.cdiv(m, bm),)](
+        a,
+        lmat,
+        out,
+        m,
+        c,
+        r,
+        a.stride(0),
+        a.stride(1),
+        lmat.stride(0),
+        lmat.stride(1),
+        **{k: v for k, v in _flags(a.dtype).items() if k != "ASM"},
+        BLOCK_M=bm,
+        BLOCK_C=bc,
+        BLOCK_R=br,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out
+
+
 def _check_offsets(**tensors: torch.Tensor) -> None:
     # Activation/output offsets are int32 in the kernels (offs * stride); W's are 64-bit.
     for name, t in tensors.items():
@@ -1629,6 +1757,8 @@ def qlora_forward(
         lora_a = lora_b = dummy.view(1, -1)
     plan = _split_plan("fwd", m, n, k, r, x.device, split)
     packed, lut = _layout("fwd", layout, packed, x.dtype, m, n, k, blocksize, br, plan)
+    pre = use_pre_lora(m, has_lora, plan)
+    pre_xa = lora_down(x, lora_a.t(), br) if pre else dummy  # fp32 x @ A^T
     args = (
         x,
         packed,
@@ -1658,6 +1788,7 @@ def qlora_forward(
         lora_b.stride(1),
         y.stride(0),
         y.stride(1),
+        pre_xa,
     )
     kwargs = dict(
         BLOCKSIZE=blocksize,
@@ -1669,12 +1800,15 @@ def qlora_forward(
         HAS_RANK_SCALE=rank_scale is not None,
         HAS_OUT_SCALE=out_scale is not None,
         HAS_LORA=has_lora,
-        WRITE_XA=return_xa,
+        WRITE_XA=return_xa and not pre,
+        PRE_LORA=pre,
         BLOCK_R=br,
         **_flags(x.dtype),
     )
     if plan is None:
         _launch("fwd", qlora_fwd_kernel, m, lambda meta: triton.cdiv(n, meta["BLOCK_N"]), br, args, kwargs)
+        if pre and return_xa:
+            xa = pre_xa.to(x.dtype)  # as the fused kernel stores its fp32 xa
         return y, xa
     common = {
         name: kwargs[name]
@@ -1745,6 +1879,8 @@ def qlora_dx(
         lora_a = lora_b = dummy.view(1, -1)
     plan = _split_plan("dx", m, k, n, r, dy.device, split)
     packed, lut = _layout("dx", layout, packed, dy.dtype, m, n, k, blocksize, br, plan)
+    pre = use_pre_lora(m, has_lora, plan)
+    pre_g = lora_down(dy, lora_b, br) if pre else dummy  # fp32 dy @ B
     args = (
         dy,
         packed,
@@ -1772,6 +1908,7 @@ def qlora_dx(
         lora_b.stride(1),
         dx.stride(0),
         dx.stride(1),
+        pre_g,
     )
     kwargs = dict(
         BLOCKSIZE=blocksize,
@@ -1781,12 +1918,15 @@ def qlora_dx(
         LUT=lut,
         HAS_RANK_SCALE=rank_scale is not None,
         HAS_LORA=has_lora,
-        WRITE_G=return_g,
+        WRITE_G=return_g and not pre,
+        PRE_LORA=pre,
         BLOCK_R=br,
         **_flags(dy.dtype),
     )
     if plan is None:
         _launch("dx", qlora_dx_kernel, m, lambda meta: triton.cdiv(k, meta["BLOCK_K"]), br, args, kwargs)
+        if pre and return_g:
+            g = pre_g  # the fused kernel's g is this fp32 product too
         return dx, g
     common = {
         name: kwargs[name]
@@ -1888,16 +2028,19 @@ def _aot_entry(
     nested: bool = True,
     has_lora: bool = True,
     arch: int | None = None,
+    pre: bool = False,
 ) -> dict:
     """The default config of ``regime`` as an AOT description: bf16, NF4 with double
     quantization, blocksize 64, bias and rank_scale on, out_scale off; ``has_lora=False``:
-    the no-adapter variant (LoRA terms compiled out). ``arch`` (80, 90): the default on that
+    the no-adapter variant (LoRA terms compiled out); ``pre``: the PRE_LORA variant (large
+    M: the down-projection read from pre_ptr, named ``qlora_<kernel>_prelora_...``, so
+    the regime's own name stays the fused variant's). ``arch`` (80, 90): the default on that
     arch (``default_config``), and the entry's "archs" says the report compiles it for that
     arch only; None: the table's first, for every arch without its own default."""
     cfg = default_config(kernel_name, regime, arch or 0)
     ptrs, strides = (_FWD_ARGS, _FWD_STRIDES) if kernel_name == "fwd" else (_DX_ARGS, _DX_STRIDES)
     signature = {name: t.format(dt=dtype, am="u8" if nested else "fp32") for name, t in ptrs}
-    signature.update(dict(_SCALARS))
+    signature.update(dict(_SCALARS), pre_ptr="*fp32")
     constexprs = {}
     for name, t in strides:
         signature[name] = "constexpr" if t == 1 else t
@@ -1918,9 +2061,9 @@ def _aot_entry(
         **cfg.kwargs,
     )
     if kernel_name == "fwd":
-        constexprs.update(HAS_BIAS=True, HAS_OUT_SCALE=False, WRITE_XA=has_lora)
+        constexprs.update(HAS_BIAS=True, HAS_OUT_SCALE=False, WRITE_XA=has_lora and not pre, PRE_LORA=pre)
     else:
-        constexprs.update(WRITE_G=has_lora)
+        constexprs.update(WRITE_G=has_lora and not pre, PRE_LORA=pre)
     for name in constexprs:
         signature[name] = "constexpr"
     fn = qlora_fwd_kernel if kernel_name == "fwd" else qlora_dx_kernel
@@ -1938,7 +2081,8 @@ def _aot_entry(
         or (name == "R" and r % 16 == 0 and has_lora)
     }
     entry = {
-        "name": f"qlora_{kernel_name}_{regime[0]}M_{f'r{r}' if has_lora else 'nolora'}_{dtype}",
+        "name": f"qlora_{kernel_name}_{'prelora_' if pre else ''}{regime[0]}M_"
+        f"{f'r{r}' if has_lora else 'nolora'}_{dtype}",
         "fn": fn,
         "signature": signature,
         "constexprs": constexprs,
@@ -1952,13 +2096,20 @@ def _aot_entry(
 
 
 def _aot_entries(
-    kernel_name: str, regime: tuple[str, str], r: int, has_lora: bool = True, dtype: str = "bf16"
+    kernel_name: str,
+    regime: tuple[str, str],
+    r: int,
+    has_lora: bool = True,
+    dtype: str = "bf16",
+    pre: bool = False,
 ) -> list[dict]:
     """One entry for every arch, or (where an arch has its own default) one per arch, both
     under one name: the reports key records by (name, arch)."""
     if (kernel_name, regime) not in _PER_ARCH:
-        return [_aot_entry(kernel_name, regime, r, dtype, has_lora=has_lora)]
-    return [_aot_entry(kernel_name, regime, r, dtype, has_lora=has_lora, arch=arch) for arch in (80, 90)]
+        return [_aot_entry(kernel_name, regime, r, dtype, has_lora=has_lora, pre=pre)]
+    return [
+        _aot_entry(kernel_name, regime, r, dtype, has_lora=has_lora, arch=arch, pre=pre) for arch in (80, 90)
+    ]
 
 
 AOT_CONFIGS = [
@@ -2056,3 +2207,58 @@ AOT_CONFIGS += [  # the split schedule (M <= SPLIT_M): both tile heights, both r
     for bm in (16, 32)
     for r in (16, 256)
 ]
+AOT_CONFIGS += [  # the PRE_LORA variant (M >= PRE_LORA_M): large-M tiles, both rank buckets
+    e
+    for kernel_name in ("fwd", "dx")
+    for regime, r in ((("large", "lo"), 16), (("large", "hi"), 256))
+    for e in _aot_entries(kernel_name, regime, r, pre=True)
+]
+
+
+def _aot_down_entry(kernel_name: str, r: int, dtype: str = "bf16") -> dict:
+    """qlora_lora_down_kernel's config for rank r (``lora_down``) as an AOT description, with
+    contiguous activations and the L the launcher passes: the forward's A^T, a transposed view
+    of contiguous A (unit stride along C), or dx's B ([C, r] contiguous: unit stride along r).
+    The JIT specializes a unit stride as a constant; so does this entry."""
+    br = block_r(r, SMALL_M + 1)
+    bm, bc, warps, stages = _DOWN_CONFIGS["lo" if br <= 64 else "hi"]
+    fn = qlora_lora_down_kernel
+    unit = "stride_lc" if kernel_name == "fwd" else "stride_lr"
+    signature = {
+        "a_ptr": f"*{dtype}",
+        "l_ptr": f"*{dtype}",
+        "out_ptr": "*fp32",
+        "M": "i32",
+        "C": "i32",
+        "R": "i32",
+        "stride_am": "i32",
+        "stride_lc": "i32",
+        "stride_lr": "i32",
+    }
+    constexprs = {"stride_ac": 1, unit: 1}
+    constexprs.update(UPCAST=False, IEEE=dtype == "fp32", BLOCK_M=bm, BLOCK_C=bc, BLOCK_R=br)
+    for name in constexprs:
+        signature[name] = "constexpr"
+    signature = {name: signature[name] for name in fn.arg_names}
+    # the A^T view's row stride is K (divisible by 16); B's is r (divisible when r is)
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*")
+        or (signature[name] == "i32" and name not in ("M", "R"))
+        or (name == "R" and r % 16 == 0)
+    }
+    if kernel_name == "dx" and r % 16:
+        attrs.pop((fn.arg_names.index("stride_lc"),), None)
+    return {
+        "name": f"qlora_lora_down_{kernel_name}_r{r}_{dtype}",
+        "fn": fn,
+        "signature": signature,
+        "constexprs": constexprs,
+        "num_warps": warps,
+        "num_stages": stages,
+        "attrs": attrs,
+    }
+
+
+AOT_CONFIGS += [_aot_down_entry(kernel_name, r) for kernel_name in ("fwd", "dx") for r in (16, 256)]
