@@ -2,12 +2,13 @@
 triton_kernels/qlora.py ``use_pre_lora``, ``lora_down``; docs/design.md, "Triton configs:
 the precomputed down-projection").
 
-At M >= PRE_LORA_M (2048) with an adapter and the unsplit kernel, the launcher computes
+At M >= PRE_LORA_M (2048) with an adapter and the unsplit kernel, on an sm_90
+(PRE_LORA_ARCHS), the launcher computes
 x @ A^T (dx: dy' @ B) once in fp32 with ``qlora_lora_down_kernel`` and runs the main kernel
 with PRE_LORA, which reads that product in its epilogue instead of accumulating it in the
 loop. Under the interpreter the shapes are small, so the tests lower PRE_LORA_M (and
-SPLIT_M, so that M = 17..40 is not the split schedule's) to take that regime with the
-launcher's own rule.
+SPLIT_M, so that M = 17..40 is not the split schedule's) and report an sm_90 to take that
+regime with the launcher's own rule.
 
 Bounds: the fp64 oracle's (qpeft/testing.py ``oracle``). The precomputed product is the
 same products of the same 16-bit (or fp32) operands accumulated in fp32, in another order
@@ -45,6 +46,7 @@ def large_m(monkeypatch):
     kern = _kernels()
     monkeypatch.setattr(kern, "SPLIT_M", 16)
     monkeypatch.setattr(kern, "PRE_LORA_M", 17)
+    monkeypatch.setattr(kern, "_arch", lambda device: 90)  # the rule's arch (PRE_LORA_ARCHS)
     calls = []
     real = kern.lora_down
 
@@ -132,13 +134,12 @@ def test_pre_lora_forward_is_the_fused_forward_under_the_interpreter(monkeypatch
     case = CASES[2]
     p = _problem(case, seed=3)
     monkeypatch.setattr(kern, "SPLIT_M", 16)
+    monkeypatch.setattr(kern, "_arch", lambda device: 90)
     y_fused, xa_fused = _fwd(p, True, None)  # PRE_LORA_M = 2048: fused
     monkeypatch.setattr(kern, "PRE_LORA_M", 17)
     y_pre, xa_pre = _fwd(p, True, None)
     assert_bits_equal(y_pre, y_fused)
-    # xa: the fused kernel rounds its fp32 xa with the interpreter's truncating cast, the
-    # launcher with torch's round-to-nearest: one unit of xa's dtype apart at most
-    assert_within(xa_pre, xa_fused.double(), xa_fused.double().abs() * 2 * torch.finfo(case[0]).eps, "xa")
+    assert_bits_equal(xa_pre, xa_fused)  # both stored by the main kernel from the same fp32 sums
 
 
 class _Recorder:
@@ -155,22 +156,25 @@ class _Recorder:
 
 
 @pytest.mark.parametrize(
-    ("m", "r", "lora", "pre"),
+    ("m", "r", "lora", "arch", "pre"),
     [
-        (4096, 16, True, True),
-        (2048, 256, True, True),  # the "hi" bucket: 32 x 64 down tiles
-        (2047, 16, True, False),  # below PRE_LORA_M: the fused recompute
-        (300, 16, True, False),
-        (32, 16, True, False),  # the split schedule (M <= SPLIT_M)
-        (4096, 0, False, False),  # no adapter: nothing to precompute
+        (4096, 16, True, 90, True),
+        (2048, 256, True, 90, True),  # the "hi" bucket: 32 x 64 down tiles
+        (2047, 16, True, 90, False),  # below PRE_LORA_M: the fused recompute
+        (300, 16, True, 90, False),
+        (32, 16, True, 90, False),  # the split schedule (M <= SPLIT_M)
+        (4096, 0, False, 90, False),  # no adapter: nothing to precompute
+        (4096, 16, True, 80, False),  # sm_80: not in PRE_LORA_ARCHS (its PRE_LORA loop is longer)
+        (4096, 16, True, 100, False),  # no SASS evidence for other archs
     ],
 )
-def test_launch_decision_as_on_a_gpu(monkeypatch, m, r, lora, pre):
+def test_launch_decision_as_on_a_gpu(monkeypatch, m, r, lora, arch, pre):
     """The real rule with the interpreter off and recording kernels (nothing compiled or
     run): PRE_LORA and the down-projection launch exactly at M >= PRE_LORA_M with an
-    adapter, for the forward and dx; its grid and tile are ``_DOWN_CONFIGS``'."""
+    adapter on an sm_90, for the forward and dx; its grid and tile are ``_DOWN_CONFIGS``'."""
     kern = _kernels()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(kern, "_arch", lambda device: arch)
     monkeypatch.delenv("QPEFT_TRITON_AUTOTUNE", raising=False)
     kern.default_config.cache_clear()
     rec = {
@@ -204,9 +208,12 @@ def test_launch_decision_as_on_a_gpu(monkeypatch, m, r, lora, pre):
     for name in ("qlora_fwd_kernel", "qlora_dx_kernel"):
         ((_, _, kwargs),) = rec[name].launches
         assert kwargs["PRE_LORA"] is pre
-        # with PRE_LORA the kernel does not write xa / g: the launcher returns the product
-        write = "WRITE_XA" if name == "qlora_fwd_kernel" else "WRITE_G"
-        assert kwargs[write] is (lora and not pre)
+        # with PRE_LORA the forward still stores xa (the product in x's dtype); dx does not
+        # store g: the launcher returns the fp32 product itself
+        if name == "qlora_fwd_kernel":
+            assert kwargs["WRITE_XA"] is lora
+        else:
+            assert kwargs["WRITE_G"] is (lora and not pre)
     down = rec["qlora_lora_down_kernel"].launches
     assert len(down) == (2 if pre else 0)
     if pre:

@@ -603,7 +603,8 @@ def qlora_fwd_kernel(
     adapter) compiles the A/B loads and both LoRA dots out. PRE_LORA (large M, the
     launcher's ``use_pre_lora``): xa is not accumulated in the loop (no A tiles, no x @ A^T
     dot) but loaded from pre_ptr, the fp32 [M, R] (contiguous) x @ A^T that
-    ``qlora_lora_down_kernel`` computed before; the epilogue is unchanged. Grouped program
+    ``qlora_lora_down_kernel`` computed before; the epilogue, and the xa store (WRITE_XA:
+    the loaded product rounded to x's dtype), are unchanged. Grouped program
     order (GROUP_M M-tiles walk each N-column of W together) keeps W tiles in L2 at large M.
     """
     dt = x_ptr.dtype.element_ty
@@ -1406,21 +1407,32 @@ _DX_SPLIT_CONFIGS = {
 # Precomputed LoRA down-projection at large M (PRE_LORA; docs/design.md, "Triton configs:
 # the precomputed down-projection"). The fused loop accumulates x @ A^T (dx: dy' @ B) from
 # the activation tiles it already holds, so every program along N (dx: K) recomputes it for
-# its rows: r / BLOCK_N extra MMA work (BLOCK_K for dx), 16 / 128 = 12.5% for the forward's
-# 128x128 tiles and 16 / 64 = 25% for dx's 128x64 (sm_90) at r = 16, plus the A (B) tile
-# loads in every step. At M >= PRE_LORA_M the launcher instead runs qlora_lora_down_kernel
+# its rows: r / BLOCK_N extra MMA work (dx: r / BLOCK_K, its output tile), 16 / 128 = 12.5%
+# at r = 16 for the large-M tiles of both (forward 128x128xBK, dx 128xBNx128), plus the A
+# (B) tile loads in every step. At M >= PRE_LORA_M the launcher instead runs qlora_lora_down_kernel
 # first (one skinny GEMM: [M, K] x [K, r] in fp32) and the main kernel with PRE_LORA, whose
 # loop is the base GEMM alone and whose epilogue reads the fp32 [M, r] product. That costs
 # one more read of the activations (M x K x 2 bytes; dx: M x N x 2), 2 x M x r x 4 bytes of
 # fp32 product, and one more launch. Per row, at K = N = 4096, r = 16, on an H100 (3.35 TB/s,
 # 989 TFLOP/s bf16): the forward saves 2 x K x r x N / BLOCK_N = 4.2 MFLOP = 4.2 ns of MMA
-# time (dx on sm_90: 8.5 ns) for 8 KiB = 2.5 ns of HBM time, 1.8 ns (dx: 6 ns) net; a launch
-# and the small kernel's tail cost a few us (benchmarks/roofline_qlora.py assumes 2 us), so
-# the forward gains from about M = 1100 (dx: 350). PRE_LORA_M = 2048 takes the precompute
-# where both gain with margin. Where the split schedule runs (M <= SPLIT_M, the kernel bound
+# time (dx alike, N and K swapped) for 8 KiB = 2.5 ns of HBM time, 1.8 ns net; a launch and
+# the small kernel's tail cost a few us (benchmarks/roofline_qlora.py assumes 2 us), so both
+# gain from about M = 1100: the roofline estimate has the fused recompute ahead at M = 1024
+# (39.2 against 40.9 us) and the precompute ahead at 2048 (76.8 against 78.4 us) and 4096
+# (151.6 against 156.9 us, 0.92x of a cuBLAS bf16 GEMM against 0.89x; benchmarks/
+# roofline_qlora.md). So PRE_LORA_M = 2048. Where the split schedule runs (M <= SPLIT_M, the kernel bound
 # by W's bytes or instruction issue, not MMA) or M < PRE_LORA_M, the fused recompute stays:
 # there its MMA work is hidden and re-reading x would add bytes to a memory-bound kernel.
+# Only on PRE_LORA_ARCHS (compute capability majors): on sm_90 the PRE_LORA loop is also
+# shorter (SASS per W element, benchmarks/results/sass_report.md: forward 9.06 -> 7.78, dx
+# 9.28 -> 8.16), but on sm_80's mma.sync path ptxas schedules it longer (forward 18.0 ->
+# 20.75, dx 15.62 -> 20.94), and an A100 running these tiles is issue-bound, not MMA-bound
+# (18 instructions per element per 128-row tile at 19.5 T lane-instructions/s against 256
+# FLOP at 312 TFLOP/s), so the saved MMA work would not shorten it. Other archs (no SASS
+# evidence): the fused recompute. The interpreter (arch 0) never takes it unless a test
+# says it runs as an sm_90.
 PRE_LORA_M = 2048
+PRE_LORA_ARCHS = (9,)
 # qlora_lora_down_kernel tiles (BLOCK_M, BLOCK_C, warps, stages) by r bucket: a memory-bound
 # skinny GEMM, so BLOCK_M = 32 (M / 32 programs: 128 at M = 4096 for 132 SMs), 16-byte
 # activation loads, and the [BLOCK_C, BLOCK_R] L tile kept within 32 KiB per stage.
@@ -1619,11 +1631,12 @@ def _launch(kernel_name: str, kernel, m: int, n_out, br: int, args: tuple, kwarg
 # ---------------------------------------------------------------------------------------
 
 
-def use_pre_lora(m: int, has_lora: bool, plan) -> bool:
+def use_pre_lora(m: int, has_lora: bool, plan, arch: int) -> bool:
     """The large-M rule (PRE_LORA_M above): the LoRA down-projection is precomputed by
     ``lora_down`` instead of recomputed in every program, for launches with an adapter that
-    run the unsplit kernel (``plan`` None) at M >= PRE_LORA_M."""
-    return has_lora and plan is None and m >= PRE_LORA_M
+    run the unsplit kernel (``plan`` None) at M >= PRE_LORA_M on a GPU of compute capability
+    ``arch`` (major * 10 + minor, ``_arch``) whose major is in PRE_LORA_ARCHS."""
+    return has_lora and plan is None and m >= PRE_LORA_M and arch // 10 in PRE_LORA_ARCHS
 
 
 def lora_down(a: torch.Tensor, lmat: torch.Tensor, br: int) -> torch.Tensor:
@@ -1757,7 +1770,7 @@ def qlora_forward(
         lora_a = lora_b = dummy.view(1, -1)
     plan = _split_plan("fwd", m, n, k, r, x.device, split)
     packed, lut = _layout("fwd", layout, packed, x.dtype, m, n, k, blocksize, br, plan)
-    pre = use_pre_lora(m, has_lora, plan)
+    pre = use_pre_lora(m, has_lora, plan, _arch(x.device))
     pre_xa = lora_down(x, lora_a.t(), br) if pre else dummy  # fp32 x @ A^T
     args = (
         x,
@@ -1800,15 +1813,13 @@ def qlora_forward(
         HAS_RANK_SCALE=rank_scale is not None,
         HAS_OUT_SCALE=out_scale is not None,
         HAS_LORA=has_lora,
-        WRITE_XA=return_xa and not pre,
+        WRITE_XA=return_xa,
         PRE_LORA=pre,
         BLOCK_R=br,
         **_flags(x.dtype),
     )
     if plan is None:
         _launch("fwd", qlora_fwd_kernel, m, lambda meta: triton.cdiv(n, meta["BLOCK_N"]), br, args, kwargs)
-        if pre and return_xa:
-            xa = pre_xa.to(x.dtype)  # as the fused kernel stores its fp32 xa
         return y, xa
     common = {
         name: kwargs[name]
@@ -1879,7 +1890,7 @@ def qlora_dx(
         lora_a = lora_b = dummy.view(1, -1)
     plan = _split_plan("dx", m, k, n, r, dy.device, split)
     packed, lut = _layout("dx", layout, packed, dy.dtype, m, n, k, blocksize, br, plan)
-    pre = use_pre_lora(m, has_lora, plan)
+    pre = use_pre_lora(m, has_lora, plan, _arch(dy.device))
     pre_g = lora_down(dy, lora_b, br) if pre else dummy  # fp32 dy @ B
     args = (
         dy,
@@ -2061,7 +2072,7 @@ def _aot_entry(
         **cfg.kwargs,
     )
     if kernel_name == "fwd":
-        constexprs.update(HAS_BIAS=True, HAS_OUT_SCALE=False, WRITE_XA=has_lora and not pre, PRE_LORA=pre)
+        constexprs.update(HAS_BIAS=True, HAS_OUT_SCALE=False, WRITE_XA=has_lora, PRE_LORA=pre)
     else:
         constexprs.update(WRITE_G=has_lora and not pre, PRE_LORA=pre)
     for name in constexprs:
