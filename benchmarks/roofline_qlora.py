@@ -238,7 +238,8 @@ for name in ("fwd", "dx"):  # the PRE_LORA variant of the large-M defaults (M >=
         for arch in (80, 90):
             cfg = kern.default_config(name, regime, arch)
             entry = kern._aot_entry(name, regime, r, pre=True)
-            jobs.append((name, "/".join(regime) + " pre", r, {80: arch == 80, 90: arch == 90}, cfg, entry,
+            default = {a: a == arch and a // 10 in kern.PRE_LORA_ARCHS for a in (80, 90)}
+            jobs.append((name, "/".join(regime) + " pre", r, default, cfg, entry,
                          dict(entry["constexprs"], **cfg.kwargs)))
 for name, table in (("fwd", kern._FWD_SPLIT_CONFIGS), ("dx", kern._DX_SPLIT_CONFIGS)):
     for (bm, bucket), configs in table.items():

@@ -14,7 +14,10 @@ The LoRA down-projection (x @ A^T, or dy @ B in the backward) is accumulated fro
 same activation tiles as the base GEMM, so the activations are read once per program;
 every program along N (K) recomputes it for its rows, which costs r / BLOCK_N extra
 FLOPs and no extra activation traffic. The program at pid_n == 0 (pid_k == 0) writes it
-out when the backward needs it.
+out when the backward needs it. At large M on sm_90 (``use_pre_lora``: M >= PRE_LORA_M,
+where that recompute is MMA time the kernel is bound by) the launcher instead computes it
+once with ``qlora_lora_down_kernel`` and the main kernel (PRE_LORA) reads the fp32 product
+in its epilogue (docs/design.md, "Triton configs: the precomputed down-projection").
 
 No registration or autograd here (``qpeft.backends.triton.qlora`` does that); the
 launchers take contiguous-or-strided torch tensors and return new ones.
@@ -2118,9 +2121,13 @@ def _aot_entries(
     under one name: the reports key records by (name, arch)."""
     if (kernel_name, regime) not in _PER_ARCH:
         return [_aot_entry(kernel_name, regime, r, dtype, has_lora=has_lora, pre=pre)]
-    return [
+    entries = [
         _aot_entry(kernel_name, regime, r, dtype, has_lora=has_lora, arch=arch, pre=pre) for arch in (80, 90)
     ]
+    if pre:  # compiled on both archs as evidence; what a launch runs only on PRE_LORA_ARCHS
+        for e in entries:
+            e["default"] = e["archs"][0] // 10 in PRE_LORA_ARCHS
+    return entries
 
 
 AOT_CONFIGS = [
