@@ -75,7 +75,9 @@ constexpr int kBK = 32;  // reduction chunk
 constexpr int kTM = 4;   // rows per thread
 constexpr int kTO = 4;   // columns per thread
 static_assert((kBM / kTM) * (kBO / kTO) == kThreads, "one register block per thread");
-static_assert(kBM * kBK == kThreads * 8 && kBO * kBK == kThreads * 8, "8 elements per thread");
+constexpr int kDecodePerThread = 8;  // weights each thread decodes per chunk (sass_report.py)
+static_assert(kBM * kBK == kThreads * kDecodePerThread && kBO * kBK == kThreads * kDecodePerThread,
+              "8 elements of each tile per thread");
 
 // The element type T in memory and the compute type C.
 template <int DT>
@@ -303,7 +305,7 @@ __device__ __forceinline__ void lds4(const double* s, double (&v)[4]) {
 template <typename C>
 __device__ __forceinline__ void fma_chunk(const C* s_a, const C* s_b, int ty, int tx,
                                           C (&acc)[kTM][kTO]) {
-#pragma unroll 8
+#pragma unroll
   for (int kk = 0; kk < kBK; ++kk) {
     C a[kTM], b[kTO];
     lds4(s_a + kk * kBM + ty * kTM, a);
