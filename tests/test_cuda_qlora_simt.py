@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import strategies as st
 
 import qpeft
 from qpeft.backends.native import qlora as native_qlora
@@ -38,6 +39,7 @@ from qpeft.testing import U32
 from ._helpers import assert_within
 from ._helpers import make_problem as _problem
 from ._helpers import oracle as _oracle
+from .conftest import BUDGETS
 from .emu_support import emu_module
 
 U64 = 2.0**-53
@@ -75,9 +77,16 @@ def _emu():
     emu_module()
 
 
+def _no_reference(*args, **kwargs):
+    raise AssertionError("the reference ran: W was dequantized whole")
+
+
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the emulated kernels' entry points (so a silent fallback cannot pass)."""
+    """Counts the emulated kernels' entry points (so a silent fallback cannot pass), with the
+    reference's qlora ops replaced by a failure."""
+    monkeypatch.setattr(native_qlora.reference, "qlora_linear", _no_reference)
+    monkeypatch.setattr(native_qlora.reference, "qlora_linear_backward", _no_reference)
     mod = emu_module()
     seen = {"qlora_simt_forward": 0, "qlora_simt_dx": 0, "qlora_forward": 0, "qlora_dx": 0}
     for name in seen:
@@ -252,14 +261,53 @@ def test_gradcheck_fp64():
         assert torch.autograd.gradcheck(f, (x, a, b, bias))
 
 
-def test_empty_shapes():
-    """M = 0 runs the kernel's checks and returns empty results; an empty W (N = 0) is the
-    reference's (nothing to decode)."""
+def test_empty_shapes(calls, monkeypatch):
+    """M = 0 runs the kernels (their checks, then nothing) and returns empty results; an empty W
+    (N = 0) is the reference's, the one case left to it (nothing to decode)."""
     case = (torch.float32, 0, 45, 96, 4, "nf4", False, 64, True, False, False)
     p = _problem(case, seed=11)
     got = _run(p)
     assert got[0].shape == (0, 45) and got[1].shape == (0, 96)
     assert torch.equal(got[2], torch.zeros_like(p["a"])) and torch.equal(got[3], torch.zeros_like(p["b"]))
+    assert calls["qlora_simt_forward"] == 1 and calls["qlora_simt_dx"] == 1
+    monkeypatch.undo()  # the reference again
+    x = torch.randn(3, 64)
+    empty = (torch.empty(0, dtype=torch.uint8), torch.empty(0), None, None, None, 64, 0, "nf4", 0, 64)
+    with qpeft.use_backend("cuda_emulated"):
+        y, xa = torch.ops.qpeft.qlora_linear(x, *empty, None, None, 1.0, None, None, None, False)
+    assert y.shape == (3, 0) and xa.numel() == 0
+
+
+def test_random_shapes_against_oracle(monkeypatch):
+    """Hypothesis: any shape, rank, format and dtype (fp16/bf16 forced through the SIMT kernel)."""
+    monkeypatch.setattr(native_qlora, "FORCE_SIMT", True)
+    budget = BUDGETS["cuda_emulated"]
+
+    def check(dt, m, n, k, r, qt, dq, bs, bias, rs, os_, seed):
+        p = _problem((dt, m, n, k, r, qt, dq, bs, bias, rs, os_), seed=seed)
+        got = _run(p)
+        if dt == torch.float64:
+            fwd = bwd = _f64_tol(_oracle(p, torch.float32, rounds_operands=False))
+        else:
+            fwd = _oracle(p, dt, rounds_operands=False)
+            bwd = _oracle(_with_rounded_dy(p, dt), dt, rounds_operands=False)
+        _check(got, fwd, bwd, bias)
+
+    budget.run(
+        check,
+        dt=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+        m=st.integers(1, 70),
+        n=st.integers(1, 70),
+        k=st.integers(1, 140),
+        r=st.integers(1, 70),
+        qt=st.sampled_from(["nf4", "fp4"]),
+        dq=st.booleans(),
+        bs=st.sampled_from([32, 64, 128]),
+        bias=st.booleans(),
+        rs=st.booleans(),
+        os_=st.booleans(),
+        seed=st.integers(0, 2**16),
+    )
 
 
 # --- host checks ------------------------------------------------------------------------

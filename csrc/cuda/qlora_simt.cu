@@ -21,8 +21,9 @@
 //     rounded once to the output dtype.
 // Separate accumulators for the base and the LoRA sums keep the reference's rounding
 // structure (qpeft/backends/default/qlora.py: x @ W^T, t @ B^T, their sum, + bias): a base
-// term passes through at most R + 1 roundings and a LoRA term through those of t and r + 1
-// more, which is what the fp64 oracle's bounds count (qpeft/testing.py, U_OP). L is
+// term passes through at most R + 2 roundings (R FMAs, the two adds) and a LoRA term through
+// t's R + 2 (L, * s, * rank_scale) and r + 2 more, which is what the fp64 oracle's bounds
+// count (qpeft/testing.py, the comment above U_OP: K + 2 and K + r + 4). L is
 // computed once per row by its own launch instead of per output tile as the tensor-core
 // kernel does (there the recomputation rides on spare MMA throughput; here it would cost
 // r / O of the main pass's FMAs, 4x at r = 256 and O = 64).
