@@ -25,8 +25,8 @@
 // t's R + 2 (L, * s, * rank_scale) and r + 2 more, which is what the fp64 oracle's bounds
 // count (qpeft/testing.py, the comment above U_OP: K + 2 and K + r + 4). L is
 // computed once per row by its own launch instead of per output tile as the tensor-core
-// kernel does (there the recomputation rides on spare MMA throughput; here it would cost
-// r / O of the main pass's FMAs, 4x at r = 256 and O = 64).
+// kernel does (there the recomputation rides on spare MMA throughput; here it would add
+// r / 64 of the main pass's FMAs, a tile being 64 columns wide: 4x at r = 256).
 //
 // Orientation: op(S)[red, o] is S[o, red] in the forward (W [N, K], A [r, K], B [N, r]
 // all indexed [o, red]) and S[red, o] in dx (W [N, K], B [N, r], A [r, K] indexed [red, o]).
