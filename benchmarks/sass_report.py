@@ -727,9 +727,22 @@ CUDA_KERNELS = {
         "kThreads",
         "kDecodePerThread",
     ),
+    # Its SIMT peer (fp32/fp64, pre-sm_80): per iteration of the main pass's reduction loop
+    # each of 256 threads decodes 8 weights (4 packed bytes) of the 64 x 32 W tile. No MMA:
+    # main_region takes the loop holding the widest W load, which is in the inlined load_w
+    # (the 6th field: the function whose lines hold the W load). The DOWN instantiations (the
+    # LoRA down-projection, no W) are left out.
+    "qlora_simt_kernel": (
+        "qlora_simt.cu",
+        "packed",
+        r"for \(int64_t c = 0; c < nchunks",
+        "kThreads",
+        "kDecodePerThread",
+        "load_w",
+    ),
 }
-CUDA_SOURCES = ("quant.cu", "gemv_4bit.cu", "qlora_gemm.cu")
-_DT = {"0": "fp32", "1": "fp16", "2": "bf16"}
+CUDA_SOURCES = ("quant.cu", "gemv_4bit.cu", "qlora_gemm.cu", "qlora_simt.cu")
+_DT = {"0": "fp32", "1": "fp16", "2": "bf16", "3": "fp64"}
 _QT = {"1": "fp4", "2": "nf4"}
 
 
@@ -788,7 +801,7 @@ def cuda_records(source: str, arch: int) -> list[dict]:
         kernel = next((k for k in CUDA_KERNELS if f"::{k}<" in pretty or pretty.startswith(f"{k}<")), None)
         if kernel is None or CUDA_KERNELS[kernel][0] != source:
             continue
-        _, pointer, loop_pattern, threads_name, elems_name = CUDA_KERNELS[kernel]
+        _, pointer, loop_pattern, threads_name, elems_name, *w_function = CUDA_KERNELS[kernel]
         threads = _constant(text, threads_name)
         targs = re.search(r"<([^>]*)>", pretty).group(1).split(",")
         targs = [a.strip() for a in targs]
@@ -796,6 +809,12 @@ def cuda_records(source: str, arch: int) -> list[dict]:
             dt, qt, nested = targs
             config = f"{_DT[dt]} {_QT[qt]}{' nested' if nested == 'true' else ''}"
             default = dt == "2" and qt == "2"
+        elif kernel == "qlora_simt_kernel":
+            dt, dx, down = targs
+            if down == "true":  # the LoRA down-projection: no W
+                continue
+            config = f"{_DT[dt]} {'dx' if dx == 'true' else 'fwd'}"
+            default = dt == "0" and dx == "false"
         elif kernel == "qlora_gemm_kernel":
             dt, dx, br, *rc = targs  # rc: the rank-chunk instantiation (r > 64)
             chunks = " chunked" if rc == ["true"] else ""
@@ -817,7 +836,7 @@ def cuda_records(source: str, arch: int) -> list[dict]:
             static_smem=r["shared_static_bytes"],
             # unroll stays 1: gemv's loop is `#pragma unroll 1`, the dequantize loop is not
             # unrolled, and nvcc's line info can attribute x loads to W's line (Limits)
-            w_lines=cuda_lines(path, kernel, rf"\b{pointer}\b"),
+            w_lines=cuda_lines(path, (w_function or [kernel])[0], rf"\b{pointer}\b"),
             loop_lines=cuda_lines(path, kernel, loop_pattern),
         )
         rows.append(

@@ -240,6 +240,23 @@ def kernel_backend(op: str, device: torch.device | str) -> str | None:
     return choice
 
 
+def kernel_after(op: str, device: torch.device | str, backend: str) -> Callable:
+    """The default kernel of ``qpeft::op`` on ``device`` from the backends after ``backend``
+    in ``PRIORITY``: what a default-mode call goes to when ``backend``'s kernel does not
+    take its arguments (the Triton QLoRA kernels take no fp64), so that the call runs on
+    the next backend, as if ``backend`` lacked the op, instead of failing."""
+    device_type = device if isinstance(device, str) else device.type
+    order = PRIORITY.get(device_type, ("default",))
+    for name in order[order.index(backend) + 1 :] if backend in order else order:
+        entry = _backends.get(name)
+        fn = None if entry is None else entry.kernels.get(op)
+        if fn is not None and entry.why_not() is None:
+            return fn
+    raise BackendUnavailableError(
+        f"no qpeft backend after {backend!r} can run qpeft::{op} on {device_type} tensors"
+    )
+
+
 def has_kernel(op: str, device: torch.device | str) -> bool:
     """True when ``qpeft::op`` can run on ``device`` right now (see ``kernel_backend``)."""
     return kernel_backend(op, device) is not None

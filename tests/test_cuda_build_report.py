@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 REPORT_DIR = Path(__file__).resolve().parents[1] / "build" / "ptxas-report"
-KERNEL_SOURCES = ("quant.cu", "gemv_4bit.cu", "qlora_gemm.cu")
+KERNEL_SOURCES = ("quant.cu", "gemv_4bit.cu", "qlora_gemm.cu", "qlora_simt.cu")
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_(\d+)[af]?'")
 _PROPS = re.compile(r"Function properties for (\S+)")

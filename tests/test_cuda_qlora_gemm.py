@@ -223,19 +223,30 @@ def test_high_rank_split_and_unsplit(dt, r, monkeypatch):
         _check(p, _run(p), dt)
 
 
-def test_routes_to_reference(calls):
-    """fp32 activations and ranks above qlora_max_rank are the reference's results exactly."""
+def test_routes_to_simt(calls, monkeypatch):
+    """fp32 activations and ranks above qlora_max_rank take the SIMT kernel
+    (tests/test_cuda_qlora_simt.py), never the tensor-core one nor the reference."""
+    simt = {"fwd": 0, "dx": 0}
+    mod = emu_module()
+    for name, key in (("qlora_simt_forward", "fwd"), ("qlora_simt_dx", "dx")):
+        real = getattr(mod, name)
+
+        def spy(*args, _real=real, _key=key, **kwargs):
+            simt[_key] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(mod, name, spy)
+    monkeypatch.setattr(native_qlora.reference, "qlora_linear", None)  # would raise if called
+    monkeypatch.setattr(native_qlora.reference, "qlora_linear_backward", None)
     for case in (
         (torch.float32, 5, 45, 96, 8, "nf4", False, 64, True, True, True),
         (torch.bfloat16, 5, 45, 96, 4097, "nf4", False, 64, True, False, False),
     ):
         p = _problem(case, seed=9)
         got = _run(p)
-        want = _run(p, backend="default")
-        for g_, w_ in zip(got, want):
-            if g_ is not None:
-                assert torch.equal(g_, w_)
+        assert got[0].dtype == case[0]
     assert calls == {"qlora_forward": 0, "qlora_dx": 0}
+    assert simt == {"fwd": 2, "dx": 2}
     assert emu_module().qlora_max_rank == 4096
 
 

@@ -191,6 +191,35 @@ def test_errors():
         qlora_linear(x.double(), p["packed"], st, a, b, 1.0)
 
 
+def test_fp64_default_mode_runs_on_the_next_backend():
+    """Unforced, the Triton QLoRA ops hand fp64 activations (gradcheck) to the next backend
+    of the device's default order instead of raising: on CUDA the CUDA C++ SIMT kernel (or
+    the reference without that module); forced, they raise (test_errors)."""
+    from qpeft import _dispatch
+    from qpeft.backends.triton import qlora as tq
+
+    p = _problem(CASES[1])
+    st = p["state"]
+    x, a, b = p["x"].double(), p["a"].double(), p["b"].double()
+    n, k = st.shape
+    args = (p["packed"], st.absmax, None, None, None, st.blocksize, 256, st.quant_type, n, k)
+    want = torch.ops.qpeft.qlora_linear(x, *args, a, b, 0.5, None, None, None, True)
+    got = tq.qlora_linear(x, *args, a, b, 0.5, None, None, None, True)  # CPU: the cpu backend next
+    assert got[0].dtype == torch.float64 and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    dy = torch.randn_like(want[0])
+    bwd = tq.qlora_linear_backward(dy, x, *args, a, b, got[1], 0.5, None, None, True, True, True, False)
+    ref = torch.ops.qpeft.qlora_linear_backward(
+        dy, x, *args, a, b, want[1], 0.5, None, None, True, True, True, False
+    )
+    for g, r in zip(bwd[:3], ref[:3], strict=True):
+        assert g.dtype == torch.float64 and torch.equal(g, r)
+    cuda_next = _dispatch.kernel_after("qlora_linear", "cuda", "triton")
+    if _dispatch.unavailable_reason("cuda") is None:
+        assert cuda_next is _dispatch.kernels_of("cuda")["qlora_linear"]
+    else:
+        assert cuda_next is _dispatch.kernels_of("default")["qlora_linear"]
+
+
 def test_aot_configs_are_well_formed():
     """AOT_CONFIGS name every kernel argument in order; constexprs are marked in the signature."""
     from qpeft.backends.triton.qlora import _kernels

@@ -68,8 +68,8 @@ PYBIND11_MODULE(QPEFT_CUDA_MODULE_NAME, m) {
         py::arg("stream"));
 
 #if !defined(QPEFT_CUDA_EMULATION) || defined(QPEFT_EMU_QLORA_GEMM)
-  // Fused dequant + LoRA GEMM (csrc/cuda/qlora_gemm.cu). The emulation module has it
-  // once CMakeLists.txt compiles qlora_gemm.cu for it (QPEFT_EMU_QLORA_GEMM).
+  // Fused dequant + LoRA GEMM (csrc/cuda/qlora_gemm.cu, csrc/cuda/qlora_simt.cu). The
+  // emulation module has them once CMakeLists.txt compiles both for it (QPEFT_EMU_QLORA_GEMM).
   m.attr("qlora_max_rank") = k::kQloraMaxRank;
   m.attr("qlora_max_split") = k::kQloraMaxSplit;
   m.def("qlora_workspace_len", &k::qlora_workspace_len, py::arg("m"), py::arg("ocols"),
@@ -93,6 +93,25 @@ PYBIND11_MODULE(QPEFT_CUDA_MODULE_NAME, m) {
         py::arg("rank_scale"), py::arg("rank_scale_len"), py::arg("dx"), py::arg("dx_len"),
         py::arg("g"), py::arg("g_len"), py::arg("split"), py::arg("workspace"),
         py::arg("workspace_len"), py::arg("stream"));
+  // The SIMT peer (csrc/cuda/qlora_simt.cu): fp32/fp64, and fp16/bf16 below sm_80.
+  m.def("qlora_simt_forward", &k::qlora_simt_forward, release(), py::arg("x"), py::arg("x_dtype"),
+        py::arg("x_len"), py::arg("m"), py::arg("k"), py::arg("packed"), py::arg("packed_len"),
+        py::arg("absmax"), py::arg("absmax_len"), py::arg("n"), py::arg("blocksize"),
+        py::arg("quant_type"), py::arg("nested_absmax"), py::arg("nested_absmax_len"),
+        py::arg("nested_code"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("lora_a"),
+        py::arg("lora_a_len"), py::arg("lora_b"), py::arg("lora_b_len"), py::arg("r"),
+        py::arg("scaling"), py::arg("rank_scale"), py::arg("rank_scale_len"), py::arg("bias"),
+        py::arg("bias_len"), py::arg("out_scale"), py::arg("out_scale_len"), py::arg("y"),
+        py::arg("y_len"), py::arg("xa"), py::arg("xa_len"), py::arg("lbuf"), py::arg("lbuf_len"),
+        py::arg("stream"));
+  m.def("qlora_simt_dx", &k::qlora_simt_dx, release(), py::arg("dy"), py::arg("dy_dtype"),
+        py::arg("dy_len"), py::arg("m"), py::arg("k"), py::arg("packed"), py::arg("packed_len"),
+        py::arg("absmax"), py::arg("absmax_len"), py::arg("n"), py::arg("blocksize"),
+        py::arg("quant_type"), py::arg("nested_absmax"), py::arg("nested_absmax_len"),
+        py::arg("nested_code"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("lora_a"),
+        py::arg("lora_a_len"), py::arg("lora_b"), py::arg("lora_b_len"), py::arg("r"),
+        py::arg("scaling"), py::arg("rank_scale"), py::arg("rank_scale_len"), py::arg("dx"),
+        py::arg("dx_len"), py::arg("g"), py::arg("g_len"), py::arg("stream"));
 #endif
 
   m.def(

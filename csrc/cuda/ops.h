@@ -97,6 +97,41 @@ void qlora_dx(std::uintptr_t dy, int dy_dtype, std::int64_t dy_len, std::int64_t
               std::int64_t g_len, std::int64_t split, std::uintptr_t workspace,
               std::int64_t workspace_len, std::uintptr_t stream);
 
+// The SIMT (CUDA-core) peer of the two above (csrc/cuda/qlora_simt.cu), for the dtypes and
+// GPUs mma.sync does not serve: x_dtype 0 (fp32: fp32 FMAs), 3 (kQloraF64: fp64 FMAs, W
+// decoded in fp32 and widened), 1 / 2 (fp16 / bf16 widened to fp32: GPUs below sm_80). Same
+// arguments and math as qlora_forward / qlora_dx, except: any rank r >= 0; rank_scale,
+// bias and out_scale in the compute dtype C (fp64 for dtype 3, else fp32); no split. L =
+// x @ A^T (forward) or dy @ B (dx) is computed by a first launch into a buffer of C
+// [m, r] that the main launch reads: `lbuf` (forward; the caller may pass xa's buffer when
+// x's dtype is C, and xa = 0) or `g` (dx, the returned g); required when r > 0. xa: 0 or
+// [m, r] in x's dtype.
+constexpr int kQloraF64 = 3;
+
+void qlora_simt_forward(std::uintptr_t x, int x_dtype, std::int64_t x_len, std::int64_t m,
+                        std::int64_t k, std::uintptr_t packed, std::int64_t packed_len,
+                        std::uintptr_t absmax, std::int64_t absmax_len, std::int64_t n,
+                        std::int64_t blocksize, int quant_type, std::uintptr_t nested_absmax,
+                        std::int64_t nested_absmax_len, std::uintptr_t nested_code,
+                        std::uintptr_t offset, std::int64_t nested_blocksize, std::uintptr_t lora_a,
+                        std::int64_t lora_a_len, std::uintptr_t lora_b, std::int64_t lora_b_len,
+                        std::int64_t r, double scaling, std::uintptr_t rank_scale,
+                        std::int64_t rank_scale_len, std::uintptr_t bias, std::int64_t bias_len,
+                        std::uintptr_t out_scale, std::int64_t out_scale_len, std::uintptr_t y,
+                        std::int64_t y_len, std::uintptr_t xa, std::int64_t xa_len,
+                        std::uintptr_t lbuf, std::int64_t lbuf_len, std::uintptr_t stream);
+
+void qlora_simt_dx(std::uintptr_t dy, int dy_dtype, std::int64_t dy_len, std::int64_t m,
+                   std::int64_t k, std::uintptr_t packed, std::int64_t packed_len,
+                   std::uintptr_t absmax, std::int64_t absmax_len, std::int64_t n,
+                   std::int64_t blocksize, int quant_type, std::uintptr_t nested_absmax,
+                   std::int64_t nested_absmax_len, std::uintptr_t nested_code,
+                   std::uintptr_t offset, std::int64_t nested_blocksize, std::uintptr_t lora_a,
+                   std::int64_t lora_a_len, std::uintptr_t lora_b, std::int64_t lora_b_len,
+                   std::int64_t r, double scaling, std::uintptr_t rank_scale,
+                   std::int64_t rank_scale_len, std::uintptr_t dx, std::int64_t dx_len,
+                   std::uintptr_t g, std::int64_t g_len, std::uintptr_t stream);
+
 // Architectures compiled into this module, e.g. {75, 80, 86, 89, 90, 100, 120}
 // (nvcc's __CUDA_ARCH_LIST__ / 10: the virtual archs of the -gencode list).
 std::vector<int> compiled_archs();

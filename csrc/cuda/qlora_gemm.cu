@@ -67,6 +67,7 @@
 #include "launch.h"
 #include "ops.h"
 #include "ptx.h"
+#include "qlora_common.h"
 #include "qpeft/format.h"
 
 namespace qpeft {
@@ -210,12 +211,7 @@ __device__ __forceinline__ void load_tile(uint16_t* dst, int dld, const uint16_t
 }
 
 __device__ __forceinline__ float absmax_of(const Params& p, uint32_t blk, const float* s_ncode) {
-  if (p.nested_absmax != nullptr) {
-    return nested_absmax_value(static_cast<const uint8_t*>(p.absmax)[blk], s_ncode,
-                               __ldg(p.nested_absmax + fastdiv(blk, p.nested_bs)),
-                               s_ncode[kNumCodes8]);
-  }
-  return __ldg(static_cast<const float*>(p.absmax) + blk);
+  return qlora_absmax(p.absmax, p.nested_absmax, p.nested_bs, blk, s_ncode);
 }
 
 // The W rows/columns this thread decodes for reduction chunk red0: 32 consecutive
@@ -710,20 +706,6 @@ void launch_gemm(const char* fn, const Params& p, int br, float* tbuf, cudaStrea
   }
 }
 
-struct QuantArgs {
-  std::uintptr_t packed;
-  int64_t packed_len;
-  std::uintptr_t absmax;
-  int64_t absmax_len;
-  int64_t blocksize;
-  int quant_type;
-  std::uintptr_t nested_absmax;
-  int64_t nested_absmax_len;
-  std::uintptr_t nested_code;
-  std::uintptr_t offset;
-  int64_t nested_blocksize;
-};
-
 // The checks and launch shared by the two entry points. act [m, red] -> out [m, ocols].
 void run(const char* fn, bool dx, std::uintptr_t act, int dtype, int64_t act_len, int64_t m,
          int64_t n, int64_t k, const QuantArgs& q, std::uintptr_t lora_a, int64_t lora_a_len,
@@ -734,52 +716,21 @@ void run(const char* fn, bool dx, std::uintptr_t act, int dtype, int64_t act_len
          int64_t workspace_len, std::uintptr_t stream) {
   if (dtype != kF16 && dtype != kBF16) {
     host::fail(fn, "takes float16 (1) or bfloat16 (2) activations, got dtype " +
-                       std::to_string(dtype) + " (float32 goes to the reference)");
+                       std::to_string(dtype) + " (others: qlora_simt_forward / qlora_simt_dx)");
   }
-  host::check_nonneg(fn, "m", m);
-  host::check_positive(fn, "n", n);
-  host::check_positive(fn, "k", k);
-  host::check_nonneg(fn, "r", r);
   if (r > kQloraMaxRank) {
     host::fail(fn, "takes a LoRA rank of at most " + std::to_string(kQloraMaxRank) +
                        " (larger "
                        "ranks: r = 0 and the LoRA terms outside), got r=" +
                        std::to_string(r));
   }
-  const int64_t red = dx ? n : k;
-  const int64_t ocols = dx ? k : n;
-  const int64_t numel = host::checked_mul(fn, "n", n, "k", k);
-  const int log2_bs = host::log2_blocksize(fn, q.blocksize);
-  host::check_quant_type(fn, q.quant_type);
-  host::check_len(fn, dx ? "dy" : "x", act_len, host::checked_mul(fn, "m", m, dx ? "n" : "k", red));
-  host::check_len(fn, "packed", q.packed_len, host::packed4_len(numel));
-  const int64_t nblocks = ceil_div(numel, q.blocksize);
-  host::check_len(fn, "absmax", q.absmax_len, nblocks);
-  host::check_index32(fn, "quant blocks of W", nblocks);
-  host::check_len(fn, dx ? "dx" : "y", out_len,
-                  host::checked_mul(fn, "m", m, dx ? "k" : "n", ocols));
-  const bool nested = q.nested_absmax != 0;
-  FastDivU32 nested_div = make_fastdiv(1);
-  if (nested) {
-    host::check_positive(fn, "nested_blocksize", q.nested_blocksize);
-    host::check_index32(fn, "nested_blocksize", q.nested_blocksize);
-    host::check_len(fn, "nested_absmax", q.nested_absmax_len,
-                    ceil_div(nblocks, q.nested_blocksize));
-    host::check_ptr(fn, "nested_code", q.nested_code);
-    host::check_ptr(fn, "offset", q.offset);
-    nested_div = make_fastdiv(static_cast<uint32_t>(q.nested_blocksize));
-  }
-  if (r > 0) {
-    host::check_len(fn, "lora_A", lora_a_len, host::checked_mul(fn, "r", r, "k", k));
-    host::check_len(fn, "lora_B", lora_b_len, host::checked_mul(fn, "n", n, "r", r));
-    host::check_ptr(fn, "lora_A", lora_a);
-    host::check_ptr(fn, "lora_B", lora_b);
-    if (rank_scale != 0) host::check_len(fn, "rank_scale", rank_scale_len, r);
-    if (side != 0)
-      host::check_len(fn, dx ? "g" : "xa", side_len, host::checked_mul(fn, "m", m, "r", r));
-  }
-  if (bias != 0) host::check_len(fn, "bias", bias_len, n);
-  if (out_scale != 0) host::check_len(fn, "out_scale", out_scale_len, n);
+  const QloraDims d = check_qlora_args(fn, dx, act_len, m, n, k, q, lora_a, lora_a_len, lora_b,
+                                       lora_b_len, r, rank_scale, rank_scale_len, bias, bias_len,
+                                       out_scale, out_scale_len, out_len, side, side_len);
+  const int64_t red = d.red;
+  const int64_t ocols = d.ocols;
+  const int log2_bs = d.log2_bs;
+  const FastDivU32 nested_div = d.nested_div;
   const float s = static_cast<float>(scaling);
   host::check_finite(fn, "scaling", s);
   const int64_t nchunks = ceil_div(red, kBK);
@@ -795,10 +746,7 @@ void run(const char* fn, bool dx, std::uintptr_t act, int dtype, int64_t act_len
     host::check_ptr(fn, "workspace", workspace);
   }
   if (m == 0) return;
-  host::check_ptr(fn, dx ? "dy" : "x", act);
-  host::check_ptr(fn, "packed", q.packed);
-  host::check_ptr(fn, "absmax", q.absmax);
-  host::check_ptr(fn, dx ? "dx" : "y", out);
+  check_qlora_ptrs(fn, dx, act, q, out);
 
   Params p{};
   p.act = reinterpret_cast<const uint16_t*>(act);

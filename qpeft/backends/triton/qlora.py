@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._dispatch import on_device
+from ..._dispatch import current_backend, kernel_after, on_device
 from ..._formats import code4
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -28,6 +28,18 @@ def _kernels():
 def _kernel_dtype(t: torch.Tensor, name: str) -> None:
     if t.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"the Triton kernel takes {name} in fp16, bf16 or fp32, got {t.dtype}")
+
+
+def _elsewhere(op: str, x: torch.Tensor, lora_a: torch.Tensor | None):
+    """The next default backend's kernel of ``op`` when the kernels do not take these
+    activations (fp64: gradcheck) and the Triton backend was not forced: on CUDA the CUDA
+    C++ module's SIMT kernel, which decodes W tile by tile too. Forced (use_backend), the
+    dtype check raises instead."""
+    if current_backend() is not None:
+        return None
+    if x.dtype in _KERNEL_DTYPES and (lora_a is None or lora_a.dtype in _KERNEL_DTYPES):
+        return None
+    return kernel_after(op, x.device, "triton")
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, act_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
@@ -57,6 +69,28 @@ def qlora_linear(
     out_scale,
     return_xa,
 ):
+    other = _elsewhere("qlora_linear", x, lora_a)
+    if other is not None:
+        return other(
+            x,
+            packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            nested_blocksize,
+            quant_type,
+            n,
+            k,
+            lora_a,
+            lora_b,
+            scaling,
+            bias,
+            rank_scale,
+            out_scale,
+            return_xa,
+        )
     for name, t in (("x", x), ("lora_A", lora_a), ("lora_B", lora_b)):
         if t is not None:  # no adapter (both None): the kernel compiles the LoRA terms out
             _kernel_dtype(t, name)
@@ -107,6 +141,32 @@ def qlora_linear_backward(
     need_db,
     need_dbias,
 ):
+    other = _elsewhere("qlora_linear_backward", x, lora_a)
+    if other is not None:
+        return other(
+            grad_y,
+            x,
+            packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            nested_blocksize,
+            quant_type,
+            n,
+            k,
+            lora_a,
+            lora_b,
+            xa,
+            scaling,
+            rank_scale,
+            out_scale,
+            need_dx,
+            need_da,
+            need_db,
+            need_dbias,
+        )
     for name, t in (("x", x), ("grad_y", grad_y), ("lora_A", lora_a), ("lora_B", lora_b)):
         if t is not None:
             _kernel_dtype(t, name)
