@@ -672,8 +672,13 @@ def triton_record(module: str, index: int, arch: int) -> dict:
         elems_per_iter=elems,
         w_lines=w_lines,
         expected_macs=macs,
-        # packed NF4/FP4: two codes per byte; the down-projection streams 2-byte activations
-        w_bytes_per_iter=(elems * 2 if "BLOCK_C" in c else elems // 2) if macs else 0,
+        # packed NF4/FP4: two codes per byte. The down-projection: 2-byte activations and
+        # its [BLOCK_C, BLOCK_R] L tile, both (Triton's line info puts the L tile's loads
+        # on the activation load's lines, so both are "W" loads here: per-iteration bytes
+        # must count both, or a wide L tile reads as an unrolled loop)
+        w_bytes_per_iter=(2 * (elems + c["BLOCK_C"] * c["BLOCK_R"]) if "BLOCK_C" in c else elems // 2)
+        if macs
+        else 0,
         triton=True,
         static_smem=res[name]["shared_static_bytes"],
     )
