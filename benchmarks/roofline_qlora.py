@@ -66,7 +66,14 @@ def _plan(kernel: str, m: int):
     kern._sm_count.cache_clear()
     assert kern.INTERPRET_SMS == SMS  # a CPU device stands for the H100 in the plan
     c, loop = (N, K) if kernel == "fwd" else (K, N)
-    return kern._split_plan(kernel, m, c, loop, R, torch.device("cpu"), None)
+    # the GPU's tiles, also when called under TRITON_INTERPRET=1 (the tests), where the
+    # launcher would plan with the interpreter's small config
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        return kern._split_plan(kernel, m, c, loop, R, torch.device("cpu"), None)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 def _tile(kernel: str, m: int) -> dict:

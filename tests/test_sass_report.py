@@ -278,16 +278,24 @@ def test_roofline_reads_the_report():
     from benchmarks import roofline_qlora
 
     records = json.loads(REPORT.read_text())
-    for m in roofline_qlora.MS:
-        cost = roofline_qlora.dequant_cost(m)
-        rec = next(
-            r
-            for r in records
-            if r["name"] == cost["name"]
-            and r["arch"] == roofline_qlora.ARCH
-            and r["kernel"] in ("qlora_fwd_kernel", "qlora_fwd_split_kernel")  # M <= 64: split schedule
-        )
-        assert cost["sass_per_elem"] == rec["sass_per_elem"]
+    for kernel in roofline_qlora.KERNELS:
+        for m in roofline_qlora.MS:
+            cost = roofline_qlora.dequant_cost(kernel, m)
+            tile = roofline_qlora._tile(kernel, m)
+            rec = next(
+                r
+                for r in records
+                if r["name"] == cost["name"]
+                and r["arch"] == roofline_qlora.ARCH
+                # M <= 64: the split schedule
+                and r["kernel"] in (f"qlora_{kernel}_kernel", f"qlora_{kernel}_split_kernel")
+            )
+            assert cost["sass_per_elem"] == rec["sass_per_elem"]
+            # the PRE_LORA variant's record from M >= PRE_LORA_M on (sm_90), the fused one below
+            assert ("prelora" in rec["name"]) == tile["pre"] == (m >= roofline_qlora._kern().PRE_LORA_M)
+        down = roofline_qlora.down_cost(kernel)
+        assert down["kernel"] == "qlora_lora_down_kernel" and down["arch"] == roofline_qlora.ARCH
+        assert down["mma_macs_ratio"] == 1.0 and down["stack_bytes"] == down["local_bytes"] == 0
 
 
 def test_committed_report_small_m_tiles_do_not_repeat_mma_and_dequant_loads_16_bytes():
