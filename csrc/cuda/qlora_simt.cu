@@ -330,9 +330,22 @@ struct SimtSmem {
   static_assert(kA % 16 == 0 && kB % 16 == 0, "16-byte aligned regions");
 };
 
+// Occupancy hint for ptxas: 0 (none) except where its own choice spills. The fp32 dx main
+// pass on sm_120 was held to 80 registers (3 CTAs of 256 threads) and spilled 8 bytes;
+// there it may use up to 128 (2 CTAs): 109 registers, no spill. Every other instantiation
+// and architecture keeps ptxas' choice (70-80 registers, fp64 124-132, none spilling).
+#if defined(__CUDA_ARCH__)
+constexpr int kSimtArch = __CUDA_ARCH__;
+#else
+constexpr int kSimtArch = 0;
+#endif
+template <int DT, bool DX, bool DOWN>
+constexpr int kSimtMinBlocks = (DT == kF32 && DX && !DOWN && kSimtArch >= 1200) ? 2 : 0;
+
 // DOWN: L = act @ op(D) (and xa); else out = act @ op(W) (+ t @ op(U)) epilogue.
 template <int DT, bool DX, bool DOWN>
-__global__ void __launch_bounds__(kThreads) qlora_simt_kernel(SimtParams<DT> p) {
+__global__ void __launch_bounds__(kThreads, kSimtMinBlocks<DT, DX, DOWN>)
+    qlora_simt_kernel(SimtParams<DT> p) {
   using C = typename SimtType<DT>::C;
   using S = SimtSmem<DT>;
   unsigned char* smem = dynamic_smem<unsigned char>();
