@@ -11,6 +11,8 @@ imported on the first call, never at registration.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..._dispatch import current_backend, kernel_after, on_device
@@ -30,16 +32,27 @@ def _kernel_dtype(t: torch.Tensor, name: str) -> None:
         raise TypeError(f"the Triton kernel takes {name} in fp16, bf16 or fp32, got {t.dtype}")
 
 
-def _elsewhere(op: str, x: torch.Tensor, lora_a: torch.Tensor | None):
-    """The next default backend's kernel of ``op`` when the kernels do not take these
-    activations (fp64: gradcheck) and the Triton backend was not forced: on CUDA the CUDA
-    C++ module's SIMT kernel, which decodes W tile by tile too. Forced (use_backend), the
-    dtype check raises instead."""
-    if current_backend() is not None:
-        return None
-    if x.dtype in _KERNEL_DTYPES and (lora_a is None or lora_a.dtype in _KERNEL_DTYPES):
-        return None
-    return kernel_after(op, x.device, "triton")
+def _falls_through(op: str, x_at: int, lora_a_at: int):
+    """Decorates a kernel entry so that, when the Triton kernels do not take its
+    activations (fp64: gradcheck) and the Triton backend was not forced, the call goes to
+    the next default backend of the device's order (on CUDA the CUDA C++ module's SIMT
+    kernel, which decodes W tile by tile too) with the same arguments. Forced
+    (use_backend), the entry's dtype check raises instead. x and lora_A are found at the
+    op schema's positions ``x_at`` and ``lora_a_at``."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def entry(*args):
+            x, lora_a = args[x_at], args[lora_a_at]
+            if current_backend() is None and (
+                x.dtype not in _KERNEL_DTYPES or (lora_a is not None and lora_a.dtype not in _KERNEL_DTYPES)
+            ):
+                return kernel_after(op, x.device, "triton")(*args)
+            return fn(*args)
+
+        return entry
+
+    return wrap
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, act_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
@@ -49,6 +62,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, act_dtype: torch.dtype, out_dtype:
     return (a.to(cdt) @ b.to(cdt)).to(out_dtype)
 
 
+@_falls_through("qlora_linear", x_at=0, lora_a_at=11)
 def qlora_linear(
     x,
     packed,
@@ -69,28 +83,6 @@ def qlora_linear(
     out_scale,
     return_xa,
 ):
-    other = _elsewhere("qlora_linear", x, lora_a)
-    if other is not None:
-        return other(
-            x,
-            packed,
-            absmax,
-            nested_absmax,
-            nested_code,
-            offset,
-            blocksize,
-            nested_blocksize,
-            quant_type,
-            n,
-            k,
-            lora_a,
-            lora_b,
-            scaling,
-            bias,
-            rank_scale,
-            out_scale,
-            return_xa,
-        )
     for name, t in (("x", x), ("lora_A", lora_a), ("lora_B", lora_b)):
         if t is not None:  # no adapter (both None): the kernel compiles the LoRA terms out
             _kernel_dtype(t, name)
@@ -117,6 +109,7 @@ def qlora_linear(
         )
 
 
+@_falls_through("qlora_linear_backward", x_at=1, lora_a_at=12)
 def qlora_linear_backward(
     grad_y,
     x,
@@ -141,32 +134,6 @@ def qlora_linear_backward(
     need_db,
     need_dbias,
 ):
-    other = _elsewhere("qlora_linear_backward", x, lora_a)
-    if other is not None:
-        return other(
-            grad_y,
-            x,
-            packed,
-            absmax,
-            nested_absmax,
-            nested_code,
-            offset,
-            blocksize,
-            nested_blocksize,
-            quant_type,
-            n,
-            k,
-            lora_a,
-            lora_b,
-            xa,
-            scaling,
-            rank_scale,
-            out_scale,
-            need_dx,
-            need_da,
-            need_db,
-            need_dbias,
-        )
     for name, t in (("x", x), ("grad_y", grad_y), ("lora_A", lora_a), ("lora_B", lora_b)):
         if t is not None:
             _kernel_dtype(t, name)
