@@ -77,8 +77,10 @@ def cpu_gemv_roundings(k: int, blocksize: int) -> int:
     u * sum|x_k w_k| (u = 2^-24; one rounding per decoded weight: cpu_gemv_bound adds it).
     Each product then reaches the result through at most h roundings: the scalar kernel's
     chain within a block (2 per term: multiply, add), the block's scaling and its add into
-    the row total (2 per block), and, in the AVX2 kernel, a shorter lane chain plus a
-    3-level horizontal sum; h = 2 * (blocksize + K / blocksize) + 8 covers both.
+    the row total (2 per block), and, in the AVX2 kernel, a shorter lane chain (a lane's
+    products of a block split over CH in {1, 2, 4} accumulators: blocksize / (8 CH) FMAs,
+    then at most 2 pairwise adds), the block's FMA into the row total and a 3-level
+    horizontal sum; h = 2 * (blocksize + K / blocksize) + 8 covers both.
     The AVX-512 kernel decodes fl(t_k s_b) itself (the block's table scaled by one vmulps:
     the reference's weights, so the factoring term is 0 there) and chains each lane's FMAs
     over segments of up to 16 blocks in CH >= 2 accumulators, adds those pairwise into

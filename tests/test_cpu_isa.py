@@ -440,7 +440,7 @@ def test_optimizer_nonfinite(level, op):
         assert_bits_equal(a, b, f"{op} {level} non-finite output {i}")
 
 
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 6, 8])  # the AVX2 row groups: 1, 2, 3, 4 + 2, 4 + 4
 def test_gemv(level, m):
     """Within the derived bound of tests/_helpers.py (cpu_gemv_roundings covers every
     level's summation order); k % blocksize != 0 takes the scalar kernel at any level."""

@@ -37,6 +37,7 @@
 #include <new>
 
 #include "gemv_kernels.h"
+#include "gemv_scratch.h"
 
 // GCC <= 13's mask-less shuffle intrinsics pass their own _mm512_undefined_* operand
 // (self-initialized), which -Wuninitialized reports once inlined here: a false positive
@@ -49,28 +50,7 @@ namespace qpeft {
 namespace cpu {
 namespace {
 
-// x in the lane order of the decode, per thread; grows and is kept (a decode step calls
-// the GEMV once per layer with the same sizes). Internal linkage: no std:: template.
-struct XScratch {
-  float* data = nullptr;
-  int64_t cap = 0;  // floats
-  XScratch() = default;
-  XScratch(const XScratch&) = delete;
-  XScratch& operator=(const XScratch&) = delete;
-  ~XScratch() { std::free(data); }
-  float* get(int64_t floats) {
-    if (floats > cap) {
-      std::free(data);
-      data = nullptr;
-      cap = 0;
-      const size_t bytes = (static_cast<size_t>(floats) * sizeof(float) + 63) & ~size_t{63};
-      data = static_cast<float*>(std::aligned_alloc(64, bytes));
-      if (data == nullptr) throw std::bad_alloc();
-      cap = floats;
-    }
-    return data;
-  }
-};
+// x in the lane order of the decode, per thread (gemv_scratch.h).
 thread_local XScratch t_xp;
 
 // dword lanes 2q, 2q+1 <- 8 bytes >> kShift[q]: element q (bytes 0-3) and 8 + q (bytes 4-7);
