@@ -5,7 +5,9 @@ Both compute from the exactly decoded fp32 W with fp32 products and sums, so the
 bounds apply with no operand rounding (``rounds_operands=False``): n * 2^-24 * sum|terms|
 per fp32 dot, whatever the summation order, plus the final cast to the activation dtype.
 The panel path is also run with tiny panels (``PANEL_ELEMS`` patched) so that panel
-starts land on every alignment the quantization blocks allow.
+starts land on every alignment the quantization blocks allow. At the avx2 level fp32
+products go to the fused kernel instead (tests/test_qgemm_f32.py), so the panel tests
+here switch it off (``no_fused``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from qpeft.functional import qlora_linear
 
 from ._helpers import CASES, case_id, check_qlora_linear, make_problem
 
+
+@pytest.fixture
+def no_fused(monkeypatch):
+    """The fp32 panel path even where the fused fp32 kernel would run."""
+    monkeypatch.setattr(cpu_qlora.f32gemm, "active", lambda: False)
+
+
 # Panel-boundary cases: (dtype, M, N, K, r, quant_type, double_quant, blocksize, bias, rank_scale, out_scale)
 PANEL_CASES = [
     (torch.float32, 3, 70, 96, 4, "nf4", True, 32, True, True, True),  # panel rows a multiple of 256*32/gcd
@@ -29,7 +38,7 @@ PANEL_CASES = [
 
 @pytest.mark.parametrize("panel_elems", [1, 1000, 4096])
 @pytest.mark.parametrize("case", PANEL_CASES, ids=case_id)
-def test_panels(case, panel_elems, monkeypatch):
+def test_panels(case, panel_elems, monkeypatch, no_fused):
     # PANEL_ELEMS is the CPU backend's private panel size: patched so that panel starts
     # land on every alignment the quantization blocks allow.
     monkeypatch.setattr(cpu_qlora, "PANEL_ELEMS", panel_elems)
@@ -52,7 +61,7 @@ MERGE_CASES = [
 @pytest.mark.parametrize("panel_elems", [1, 4096])
 @pytest.mark.parametrize("merge", [True, False])
 @pytest.mark.parametrize("case", MERGE_CASES, ids=case_id)
-def test_lora_merged_into_panels(case, merge, panel_elems, monkeypatch):
+def test_lora_merged_into_panels(case, merge, panel_elems, monkeypatch, no_fused):
     # The merged and the composed order of the fp32 path both within the oracle's bounds
     # (the derivation is at ``merges_lora``), on single and many panels.
     monkeypatch.setattr(cpu_qlora, "PANEL_ELEMS", panel_elems)
@@ -88,7 +97,7 @@ def test_panel_rows_start_on_blocks():
                 )
 
 
-def test_panel_buffer_is_reused(monkeypatch):
+def test_panel_buffer_is_reused(monkeypatch, no_fused):
     monkeypatch.setattr(cpu_qlora, "_workspace", type(cpu_qlora._workspace)())
     monkeypatch.setattr(cpu_qlora, "SMALL_MAX_ELEMS", 0)
     p = make_problem(CASES[0])

@@ -16,6 +16,7 @@
 #include "../cpu/api.h"
 #include "../cpu/isa_tables.h"
 #include "../cpu/qgemm_amx.h"
+#include "../cpu/qgemm_f32.h"
 #include "../cpu/qgemm_avx512bf16.h"
 #include "../cpu/thread_pool.h"
 #include "dlpack_capsule.h"
@@ -162,6 +163,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("num_threads"),
       "AVX512-BF16 fp32 out[m, k] = x[m, n] @ W (bf16 x: dy) with W [n, k] as packed 4-bit codes.");
 
+  // The fused decode + FMA fp32 GEMM of the avx2 level (csrc/cpu/qgemm_f32_avx2.cpp):
+  // internal, called by qpeft/backends/cpu/f32gemm.py, which checks dtypes and contiguity.
+  m.def("qgemm_4bit_f32", &qc::qgemm_4bit_f32, nogil, py::arg("dx"), py::arg("x"), py::arg("x_len"),
+        py::arg("m"), py::arg("n"), py::arg("k"), py::arg("packed"), py::arg("packed_len"),
+        py::arg("absmax"), py::arg("absmax_len"), py::arg("blocksize"), py::arg("quant_type"),
+        py::arg("nested_absmax"), py::arg("nested_absmax_len"), py::arg("nested_code"),
+        py::arg("offset"), py::arg("nested_blocksize"), py::arg("lora_l"), py::arg("lora_l_len"),
+        py::arg("lora_r"), py::arg("lora_r_len"), py::arg("rank"), py::arg("out"),
+        py::arg("out_len"), py::arg("accumulate"), py::arg("extra"), py::arg("extra_len"),
+        py::arg("extra_cols"), py::arg("out2"), py::arg("out2_len"), py::arg("col_block"),
+        py::arg("red_block"), py::arg("num_threads"),
+        "fp32 out (+)= x @ (W + L R)^T (forward: x [m, k], out [m, n]) or x @ (W + L R) (dx: x "
+        "[m, n], out [m, k]) with W [n, k] as packed 4-bit codes, L [n, rank], R [rank, k]; "
+        "with extra_cols e > 0 also out2 [m, e] = x @ extra^T (extra [e, k]) or x @ extra "
+        "(extra [n, e]) in the same pass.");
+
   m.def("set_isa", &qc::set_isa, py::arg("name"),
         "Test/A-B override of the kernel ISA level: 'auto' (QPEFT_CPU_ISA or detection) or one "
         "of 'scalar', 'avx2', 'avx512', 'avx512_bf16', 'amx' (ValueError naming the missing "
@@ -259,6 +276,11 @@ PYBIND11_MODULE(_C, m) {
         d["gemm_4bit_bf16"] = qc::bf16_gemm_built(active)
                                   ? py::object(py::str(qc::isa_level_name(active)))
                                   : py::object(py::none());
+        // The fused fp32 GEMM of the QLoRA layer's fp32 mode (qgemm_f32_avx2.cpp): its level,
+        // or None (W decoded to panels for torch's fp32 GEMM).
+        d["gemm_4bit_f32"] = active >= qc::kIsaAvx2 && qc::isa_level_built(qc::kIsaAvx2)
+                                 ? py::object(py::str(qc::isa_level_name(qc::kIsaAvx2)))
+                                 : py::object(py::none());
         py::dict kernels;
         const qc::IsaKernels& t = qc::isa_kernels_at(active);
         for (int i = 0; i < qc::kNumIsaOps; ++i)

@@ -1,4 +1,4 @@
-"""Entry checks shared by the CPU's fused 4-bit GEMM wrappers (amx.py, dpbf16.py): the
+"""Entry checks shared by the CPU's fused 4-bit GEMM wrappers (amx.py, dpbf16.py, f32gemm.py): the
 types, dtypes and shapes of one call, so a wrong call is a clear exception before the C++
 entry (which re-checks every size) touches memory. ``fn`` names the wrapper in messages."""
 
@@ -44,3 +44,29 @@ def check_quant(fn: str, quant: tuple, contiguous: bool = False) -> None:
                 f"{fn}: nested_code must hold 256 values and offset 1, got "
                 f"{nested_code.numel()} and {offset.numel()}"
             )
+
+
+def quant_args(quant: tuple) -> tuple[tuple, tuple]:
+    """The fused GEMM entries' arguments for the packed weight, in their order: packed, its
+    length, absmax, its length, blocksize, the quant type's id, nested absmax, its length,
+    nested code, offset, nested blocksize (pointers as integers; 0 where not nested). Also
+    returns the contiguous tensors the pointers point into: keep them alive across the call."""
+    packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, _, _ = quant
+    packed, absmax = packed.contiguous(), absmax.contiguous()
+    nested = nested_absmax is not None
+    if nested:
+        nested_absmax, nested_code, offset = (t.contiguous() for t in (nested_absmax, nested_code, offset))
+    args = (
+        packed.data_ptr(),
+        packed.numel(),
+        absmax.data_ptr(),
+        absmax.numel(),
+        blocksize,
+        QUANT_TYPE_IDS[quant_type],
+        nested_absmax.data_ptr() if nested else 0,
+        nested_absmax.numel() if nested else 0,
+        nested_code.data_ptr() if nested else 0,
+        offset.data_ptr() if nested else 0,
+        nested_blocksize if nested else 0,
+    )
+    return args, (packed, absmax, nested_absmax, nested_code, offset)

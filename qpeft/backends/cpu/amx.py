@@ -16,8 +16,7 @@ import functools
 import torch
 
 from ... import _native
-from ..._formats import QUANT_TYPE_IDS
-from ._gemm_checks import check_quant, need
+from ._gemm_checks import check_quant, need, quant_args
 
 _FN = "qgemm_4bit"
 
@@ -66,7 +65,7 @@ def qgemm_4bit(
     ``dx``): the result is a @ W^T (or a @ W) + l @ r, the rank-r sum in fp32 added to the
     fp32 accumulators in the kernel's epilogue (no [m, cols] pass of its own), then stored
     (rounded once for a bfloat16 ``out``, added for ``accumulate``)."""
-    packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k = quant
+    n, k = quant[8], quant[9]
     check_quant(_FN, quant, contiguous=True)
     need(_FN, a, "a", torch.bfloat16, 2, contiguous=True)
     red, cols = (n, k) if dx else (k, n)
@@ -75,7 +74,6 @@ def qgemm_4bit(
             f"qgemm_4bit: a must have {red} columns ({'n' if dx else 'k'}) for W of shape ({n}, {k}), "
             f"got shape {tuple(a.shape)}"
         )
-    nested = nested_absmax is not None
     m = a.shape[0]
     lora_args = (0, 0, 0, 0, 0)
     if lora is not None:
@@ -101,6 +99,7 @@ def qgemm_4bit(
         need(_FN, out, "out", out.dtype, 2, contiguous=True)
         if tuple(out.shape) != (m, cols):
             raise ValueError(f"qgemm_4bit: out must have shape {(m, cols)}, got {tuple(out.shape)}")
+    qargs, _alive = quant_args(quant)
     fn = _native.cpu_module().qgemm_4bit_amx_dx if dx else _native.cpu_module().qgemm_4bit_amx
     fn(
         a.data_ptr(),
@@ -108,17 +107,7 @@ def qgemm_4bit(
         m,
         n,
         k,
-        packed.data_ptr(),
-        packed.numel(),
-        absmax.data_ptr(),
-        absmax.numel(),
-        blocksize,
-        QUANT_TYPE_IDS[quant_type],
-        nested_absmax.data_ptr() if nested else 0,
-        nested_absmax.numel() if nested else 0,
-        nested_code.data_ptr() if nested else 0,
-        offset.data_ptr() if nested else 0,
-        nested_blocksize if nested else 0,
+        *qargs,
         out.data_ptr(),
         out.numel(),
         _OUT_DTYPES[out.dtype],

@@ -19,8 +19,7 @@ import functools
 import torch
 
 from ... import _native
-from ..._formats import QUANT_TYPE_IDS
-from ._gemm_checks import check_quant, need
+from ._gemm_checks import check_quant, need, quant_args
 
 _FN = "qgemm_4bit_dpbf16"
 _FN_DX = "qgemm_4bit_dpbf16_dx"
@@ -83,7 +82,7 @@ def qgemm_4bit_dx(dy: torch.Tensor, quant: tuple, *, num_threads: int | None = N
 
 
 def _call(x: torch.Tensor, quant: tuple, num_threads: int | None, *, dx: bool) -> torch.Tensor:
-    packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k = quant
+    n, k = quant[8], quant[9]
     fn, name = (_FN_DX, "dy") if dx else (_FN, "x")
     red, cols = (n, k) if dx else (k, n)
     check_quant(fn, quant)
@@ -93,10 +92,8 @@ def _call(x: torch.Tensor, quant: tuple, num_threads: int | None, *, dx: bool) -
             f"{fn}: {name} must have {'n' if dx else 'k'} = {red} columns for W of shape ({n}, {k}), "
             f"got shape {tuple(x.shape)}"
         )
-    nested = nested_absmax is not None
-    if nested:
-        nested_absmax, nested_code, offset = (t.contiguous() for t in (nested_absmax, nested_code, offset))
-    x, packed, absmax = x.contiguous(), packed.contiguous(), absmax.contiguous()
+    x = x.contiguous()
+    qargs, _alive = quant_args(quant)
     out = torch.empty((x.shape[0], cols), dtype=torch.float32)
     native = _native.cpu_module()
     (native.qgemm_4bit_dpbf16_dx if dx else native.qgemm_4bit_dpbf16)(
@@ -105,17 +102,7 @@ def _call(x: torch.Tensor, quant: tuple, num_threads: int | None, *, dx: bool) -
         x.shape[0],
         n,
         k,
-        packed.data_ptr(),
-        packed.numel(),
-        absmax.data_ptr(),
-        absmax.numel(),
-        blocksize,
-        QUANT_TYPE_IDS[quant_type],
-        nested_absmax.data_ptr() if nested else 0,
-        nested_absmax.numel() if nested else 0,
-        nested_code.data_ptr() if nested else 0,
-        offset.data_ptr() if nested else 0,
-        nested_blocksize if nested else 0,
+        *qargs,
         out.data_ptr(),
         out.numel(),
         torch.get_num_threads() if num_threads is None else num_threads,

@@ -37,7 +37,7 @@ from ... import _native
 from ..._dispatch import kernel_for
 from ..._formats import GEMV_MAX_ROWS, QUANT_TYPE_IDS
 from ..default.qlora import backward_from
-from . import amx, capability, dpbf16
+from . import amx, capability, dpbf16, f32gemm
 
 # Elements of W decoded per panel: a quarter of the L3 the CPU reports (the rest for x, the
 # output and the other cores), at least its L2, at most PANEL_MAX_ELEMS (4M: 16 MiB of fp32,
@@ -268,39 +268,52 @@ def qlora_linear(
             n,
             k,
         )
+        xa = None
     else:
         merge = lora_a is not None and merges_lora(x.shape[0], k)
         bs, a = (_scaled_b(lora_b, scaling, rank_scale, cdt), _cast(lora_a, cdt)) if merge else (None, None)
-        base = None
-        for r0, r1, w in _decode_panels(
-            packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
-        ):
-            w = _cast(w, cdt)
-            if merge:  # W + (s rs B) A: the LoRA up-projection rides in the base GEMM
-                w.addmm_(bs[r0:r1], a)
-            if r0 == 0 and r1 == n:  # one panel: W whole
-                base = F.linear(xc, w)
-                break
-            if base is None:
-                base = torch.empty((x.shape[0], n), dtype=cdt)
-            base[:, r0:r1] = F.linear(xc, w)
+        if cdt == torch.float32 and f32gemm.active():
+            # W decoded into the kernel's own panels, xa = x A^T in the same pass over x
+            want_xa = lora_a is not None and (return_xa or not merge)
+            extra = _cast(lora_a, cdt) if want_xa else None
+            base = f32gemm.qgemm_4bit(xc, quant, (bs, a) if merge else None, extra=extra)
+            base, xa = base if want_xa else (base, None)
+        else:
+            base, xa = _base_panels(xc, quant, (bs, a) if merge else None), None
         if merge:
-            y = base
-            xa = torch.mm(a, xc.t()).t() if return_xa else None  # [M, r], a view of [r, M]
-            return _finish(y, xa, x, bias, out_scale, cdt, return_xa)
+            if return_xa and xa is None:
+                xa = torch.mm(a, xc.t()).t()  # [M, r], a view of [r, M]
+            return _finish(base, xa, x, bias, out_scale, cdt, return_xa)
     # base is this call's own tensor: the rest is added in place (on a small layer each
     # extra [M, N] temporary cost about as much as the LoRA products)
-    y, xa = base, None
+    y = base
     if lora_a is not None:  # no adapter: the LoRA terms are skipped, not computed as zeros
-        # xa^T = A @ x^T ([r, M]; xa is returned as its transposed view): the rank-r
-        # products in the [r, *] orientation (see _backward_composed)
-        xa_t = torch.mm(_cast(lora_a, cdt), xc.t())
-        t_t = xa_t * scaling
+        if xa is None:
+            # xa^T = A @ x^T ([r, M]; xa is returned as its transposed view): the rank-r
+            # products in the [r, *] orientation (see _backward_composed)
+            xa = torch.mm(_cast(lora_a, cdt), xc.t()).t()
+        t_t = xa.t() * scaling
         if rank_scale is not None:
             t_t = t_t * _rank_col(rank_scale, cdt)
         y = base.addmm_(t_t.t(), _cast(lora_b, cdt).t())
-        xa = xa_t.t()
     return _finish(y, xa, x, bias, out_scale, cdt, return_xa)
+
+
+def _base_panels(xc, quant, lowrank):
+    """x @ W^T (lowrank (bs, a): x @ (W + bs a)^T) with W decoded panel by panel for torch's
+    GEMM (the path below the avx2 level and for fp64)."""
+    n = quant[8]
+    base = None
+    for r0, r1, w in _decode_panels(*quant):
+        w = _cast(w, xc.dtype)
+        if lowrank is not None:  # W + (s rs B) A: the LoRA up-projection rides in the base GEMM
+            w.addmm_(lowrank[0][r0:r1], lowrank[1])
+        if r0 == 0 and r1 == n:  # one panel: W whole
+            return F.linear(xc, w)
+        if base is None:
+            base = torch.empty((xc.shape[0], n), dtype=xc.dtype)
+        base[:, r0:r1] = F.linear(xc, w)
+    return base
 
 
 def _finish(y, xa, x, bias, out_scale, cdt, return_xa):
@@ -581,12 +594,26 @@ def qlora_linear_backward(
             need_dbias,
         )
 
-    def add_dy_w(dy, acc, lowrank=None):
+    def add_dy_w(dy, acc, lowrank=None, extra=None):
         """acc += dy @ W, W's panels accumulated one after another; acc None: dy @ W, new.
-        lowrank (bs, a): the panels of W + bs @ a instead (see ``merges_lora``)."""
-        for r0, r1, w in _decode_panels(
-            packed, absmax, nested_absmax, nested_code, offset, blocksize, nested_blocksize, quant_type, n, k
-        ):
+        lowrank (bs, a): the panels of W + bs @ a instead (see ``merges_lora``). extra E
+        [n, e]: the pair (that, dy @ E) when the fused fp32 kernel runs (E's columns ride in
+        its pass over dy), else just that (the caller computes dy @ E itself)."""
+        quant = (
+            packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            blocksize,
+            nested_blocksize,
+            quant_type,
+            n,
+            k,
+        )
+        if dy.dtype == _F32 and f32gemm.active():  # W decoded into the kernel's own panels
+            return f32gemm.qgemm_4bit_dx(dy, quant, lowrank, out=acc, accumulate=acc is not None, extra=extra)
+        for r0, r1, w in _decode_panels(*quant):
             w = _cast(w, dy.dtype)
             if lowrank is not None:
                 w.addmm_(lowrank[0][r0:r1], lowrank[1])
@@ -647,13 +674,18 @@ def _backward_composed(
     if out_scale is not None:
         dy = dy * _cast(out_scale, cdt)
     rs = None if rank_scale is None else _rank_col(rank_scale, cdt)
-    dx = da = db = dbias = None
+    dx = da = db = dbias = g_t = None
     merge = need_dx and merges_lora(x.shape[0], lora_b.shape[0])
     if need_dx and merge:  # dy' (W + (s rs B) A) in the panels' GEMMs
         bs = _scaled_b(lora_b, scaling, rank_scale, cdt)
-        dx = _cast(add_dy_w(dy, None, (bs, _cast(lora_a, cdt))), x.dtype)
+        dx = add_dy_w(dy, None, (bs, _cast(lora_a, cdt)), _cast(lora_b, cdt) if need_da else None)
+        if isinstance(dx, tuple):  # g = dy @ B from the same pass over dy
+            dx, g = dx
+            g_t = g.t()
+        dx = _cast(dx, x.dtype)
     if need_da or (need_dx and not merge):
-        g_t = torch.mm(_cast(lora_b, cdt).t(), dy.t())  # (dy @ B)^T, [r, M]
+        if g_t is None:
+            g_t = torch.mm(_cast(lora_b, cdt).t(), dy.t())  # (dy @ B)^T, [r, M]
         gs_t = g_t * scaling if rs is None else g_t * scaling * rs
         if need_dx and not merge:
             dx = torch.mm(gs_t.t(), _cast(lora_a, cdt))  # [M, K], then + dy @ W in place
@@ -662,7 +694,7 @@ def _backward_composed(
         if need_da:
             da = _cast(torch.mm(gs_t, _cast(x, cdt)), lora_a.dtype)
     if need_db:
-        xa_t = _cast(xa, cdt).t()  # [r, M]: contiguous when this backend's forward made xa
+        xa_t = _cast(xa, cdt).t()  # [r, M] (a view of the fused kernel's [M, r], or the panels')
         xs_t = xa_t * scaling if rs is None else xa_t * scaling * rs
         db = _cast(torch.mm(xs_t, dy).t().contiguous(), lora_b.dtype)
     if need_dbias:

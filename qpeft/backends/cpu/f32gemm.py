@@ -1,0 +1,150 @@
+"""The fused fp32 4-bit GEMM of the ``avx2`` level (csrc/cpu/qgemm_f32_avx2.cpp): the
+QLoRA layer's fp32 base products, docs/design.md "fp32 GEMM".
+
+``qgemm_4bit(x, quant, lora)`` is x [m, k] @ W'^T and ``qgemm_4bit_dx(dy, quant, lora)``
+dy [m, n] @ W', where W' = W + L R with the LoRA term merged (``lora`` = (L [n, r], R
+[r, k]), or None: W' = W). W is decoded from its packed codes (bit for bit
+dequantize_4bit to fp32) straight into the micro-kernel's L2-resident panels and never
+written as an [n, k] tensor; the merge costs n k r FMAs, as the panel path's. ``out`` with
+``accumulate`` adds the product to it in place. ``extra`` (forward: E [e, k]; dx: E [n, e])
+adds e output columns from a dense operand to the same pass over x and returns them as
+a second result, x @ E^T (forward; the LoRA layer's xa = x A^T) or dy @ E (dx; g = dy B):
+the rank-r product that otherwise reads x (dy) once more.
+Internal: the checks here are those of a kernel entry (types, dtypes, shapes, one
+device), so a wrong call is a clear exception, never a read out of bounds; the C++ entry
+re-checks every size.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ... import _native
+from ._gemm_checks import check_quant, need, quant_args
+
+# The kernel's blocking (0: its defaults, qgemm_f32.cpp); benchmarks/f32gemm_ab.py sets them.
+COL_BLOCK = 0
+RED_BLOCK = 0
+
+_FN = "qgemm_4bit_f32"
+_FN_DX = "qgemm_4bit_f32_dx"
+_F32 = torch.float32
+
+
+@functools.lru_cache(maxsize=1)
+def _built() -> bool:
+    """Whether this build holds the kernel (the compiler accepted the avx2 level's flags)."""
+    try:
+        return "avx2" in _native.cpu_module().cpu_info()["built_levels"]
+    except ImportError:
+        return False
+
+
+def active() -> bool:
+    """Whether the kernel runs here now: built, and the CPU kernels at the ``avx2`` level
+    or above (``qpeft.cpu_info()["gemm_4bit_f32"]``; QPEFT_CPU_ISA and
+    ``qpeft._C.set_isa`` move the level)."""
+    return _built() and _native.cpu_module().active_isa() != "scalar"
+
+
+def qgemm_4bit(
+    x: torch.Tensor,
+    quant: tuple,
+    lora: tuple | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    extra: torch.Tensor | None = None,
+    num_threads: int | None = None,
+):
+    """fp32 [m, n] = x @ (W + L R)^T for fp32 x [m, k] (any strides: made contiguous);
+    ``quant`` is the tuple (packed, absmax, nested_absmax, nested_code, offset, blocksize,
+    nested_blocksize, quant_type, n, k) of the QLoRA ops. With ``extra`` E [e, k]: the pair
+    (that, x @ E^T [m, e])."""
+    return _call(x, quant, lora, out, accumulate, extra, num_threads, dx=False)
+
+
+def qgemm_4bit_dx(
+    dy: torch.Tensor,
+    quant: tuple,
+    lora: tuple | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    extra: torch.Tensor | None = None,
+    num_threads: int | None = None,
+):
+    """fp32 [m, k] = dy @ (W + L R) for fp32 dy [m, n]; with ``extra`` E [n, e] the pair
+    (that, dy @ E [m, e]); the rest as ``qgemm_4bit``."""
+    return _call(dy, quant, lora, out, accumulate, extra, num_threads, dx=True)
+
+
+def _call(x, quant, lora, out, accumulate, extra, num_threads, *, dx: bool):
+    n, k = quant[8], quant[9]
+    fn, name = (_FN_DX, "dy") if dx else (_FN, "x")
+    red, cols = (n, k) if dx else (k, n)
+    check_quant(fn, quant)
+    need(fn, x, name, _F32, 2)
+    if x.shape[1] != red:
+        raise ValueError(
+            f"{fn}: {name} must have {'n' if dx else 'k'} = {red} columns for W of shape ({n}, {k}), "
+            f"got shape {tuple(x.shape)}"
+        )
+    rank = 0
+    if lora is not None:
+        lo, ro = lora
+        need(fn, lo, "lora L", _F32, 2)
+        need(fn, ro, "lora R", _F32, 2)
+        rank = lo.shape[1]
+        if tuple(lo.shape) != (n, rank) or tuple(ro.shape) != (rank, k):
+            raise ValueError(
+                f"{fn}: the LoRA factors must be L [{n}, r] and R [r, {k}], got {tuple(lo.shape)} and {tuple(ro.shape)}"
+            )
+        lo, ro = lo.contiguous(), ro.contiguous()
+    if out is None:
+        if accumulate:
+            raise ValueError(f"{fn}: accumulate needs an out tensor")
+        out = torch.empty((x.shape[0], cols), dtype=_F32)
+    else:
+        need(fn, out, "out", _F32, 2, contiguous=True)
+        if tuple(out.shape) != (x.shape[0], cols):
+            raise ValueError(f"{fn}: out must be [{x.shape[0]}, {cols}], got {tuple(out.shape)}")
+    ne, out2 = 0, None
+    if extra is not None:
+        need(fn, extra, "extra", _F32, 2)
+        ne = extra.shape[0] if not dx else extra.shape[1]
+        if extra.shape[1 if not dx else 0] != red or not 0 < ne <= 256:
+            want = f"[e, {k}]" if not dx else f"[{n}, e]"
+            raise ValueError(f"{fn}: extra must be {want} with 0 < e <= 256, got {tuple(extra.shape)}")
+        extra = extra.contiguous()
+        out2 = torch.empty((x.shape[0], ne), dtype=_F32)
+    x = x.contiguous()
+    qargs, _alive = quant_args(quant)
+    _native.cpu_module().qgemm_4bit_f32(
+        dx,
+        x.data_ptr(),
+        x.numel(),
+        x.shape[0],
+        n,
+        k,
+        *qargs,
+        lo.data_ptr() if rank else 0,
+        lo.numel() if rank else 0,
+        ro.data_ptr() if rank else 0,
+        ro.numel() if rank else 0,
+        rank,
+        out.data_ptr(),
+        out.numel(),
+        accumulate,
+        extra.data_ptr() if ne else 0,
+        extra.numel() if ne else 0,
+        ne,
+        out2.data_ptr() if ne else 0,
+        out2.numel() if ne else 0,
+        COL_BLOCK,
+        RED_BLOCK,
+        torch.get_num_threads() if num_threads is None else num_threads,
+    )
+    return out if out2 is None else (out, out2)
