@@ -57,7 +57,8 @@ def cpu_info() -> dict:
     for), ``kernels`` (per op, the level whose kernel runs), ``gemm_levels`` (the levels
     whose fused bf16 GEMM on packed 4-bit W this build holds: avx512_bf16, amx) and
     ``gemm_4bit_bf16`` (the one the QLoRA layer's bf16 mode runs at the chosen level, or
-    None: W decoded to panels for oneDNN). Raises ImportError without the native module and
+    None: W decoded to panels for oneDNN), ``gemm_4bit_f32`` (likewise for the fp32 mode:
+    "avx2" at the avx2 level, else None). Raises ImportError without the native module and
     ValueError when ``QPEFT_CPU_ISA`` is not a level name.
     """
     return cpu_module().cpu_info()

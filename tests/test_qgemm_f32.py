@@ -52,10 +52,11 @@ pytestmark = pytest.mark.skipif(_avx2_missing() is not None, reason=f"avx2 level
 
 @pytest.fixture(autouse=True)
 def _at_avx2():
-    """At least the avx2 level for every test (a QPEFT_CPU_ISA cap of the run would
-    otherwise move these tests onto the panel path)."""
+    """The avx2 level for every test, where the layer takes the kernel (an AVX-512 CPU's
+    own level, or a QPEFT_CPU_ISA cap of the run, would move the layer tests onto the
+    panel path)."""
     mod = cpu_module()
-    prev = mod.set_isa("avx2" if mod.active_isa() == "scalar" else mod.active_isa())
+    prev = mod.set_isa("avx2")
     yield
     mod.set_isa(prev)
 
@@ -191,6 +192,10 @@ def test_threads_do_not_change_bits(dx):
         assert torch.equal(one[0], other[0]) and torch.equal(one[1], other[1]), t
 
 
+def test_cpu_info_names_the_kernel():
+    assert f32gemm.active() and cpu_module().cpu_info()["gemm_4bit_f32"] == "avx2"
+
+
 def test_empty_sizes():
     x, packed, state, _, _ = _problem(0, 20, 64, False, 0)
     assert _run(x, _quant(packed, state), None, False).shape == (0, 20)
@@ -300,14 +305,21 @@ def test_qlora_layer_fused(case, merge, monkeypatch):
         assert (("qgemm_4bit_dx", True) in calls) == merge
 
 
-def test_qlora_layer_scalar_level_takes_panels(monkeypatch):
-    """Below the avx2 level the fp32 path decodes panels for torch's GEMM (same bounds)."""
+@pytest.mark.parametrize("level", ["scalar", "avx512", "avx512_bf16", "amx"])
+def test_qlora_layer_other_levels_take_panels(level, monkeypatch):
+    """At the other levels the fp32 path decodes panels for torch's GEMM (same bounds)."""
+    mod = cpu_module()
+    if level in mod.cpu_info()["missing"]:
+        pytest.skip(f"{level}: this CPU lacks {mod.cpu_info()['missing'][level]}")
     monkeypatch.setattr(cpu_qlora, "SMALL_MAX_ELEMS", 0)
     monkeypatch.setattr(cpu_qlora, "SMALL_BACKWARD_MAX_ROWS", 0)
-    mod = cpu_module()
-    prev = mod.set_isa("scalar")
+    monkeypatch.setattr(cpu_qlora, "fp32_may_take_bf16", lambda m, n, k: False)
+    monkeypatch.setattr(f32gemm, "qgemm_4bit", None)  # a call would raise
+    monkeypatch.setattr(f32gemm, "qgemm_4bit_dx", None)
+    prev = mod.set_isa(level)
     try:
         assert not f32gemm.active()
+        assert mod.cpu_info()["gemm_4bit_f32"] is None
         check_qlora_linear(make_problem(LAYER_CASES[0]), "cpu")
     finally:
         mod.set_isa(prev)

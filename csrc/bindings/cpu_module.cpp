@@ -276,9 +276,10 @@ PYBIND11_MODULE(_C, m) {
         d["gemm_4bit_bf16"] = qc::bf16_gemm_built(active)
                                   ? py::object(py::str(qc::isa_level_name(active)))
                                   : py::object(py::none());
-        // The fused fp32 GEMM of the QLoRA layer's fp32 mode (qgemm_f32_avx2.cpp): its level,
-        // or None (W decoded to panels for torch's fp32 GEMM).
-        d["gemm_4bit_f32"] = active >= qc::kIsaAvx2 && qc::isa_level_built(qc::kIsaAvx2)
+        // The fused fp32 GEMM the QLoRA layer's fp32 mode runs at the chosen level
+        // (qgemm_f32_avx2.cpp, at the avx2 level: backends/cpu/f32gemm.py `active`), or
+        // None (W decoded to panels for torch's fp32 GEMM).
+        d["gemm_4bit_f32"] = active == qc::kIsaAvx2 && qc::isa_level_built(qc::kIsaAvx2)
                                  ? py::object(py::str(qc::isa_level_name(qc::kIsaAvx2)))
                                  : py::object(py::none());
         py::dict kernels;

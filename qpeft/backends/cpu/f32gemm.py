@@ -43,10 +43,13 @@ def _built() -> bool:
 
 
 def active() -> bool:
-    """Whether the kernel runs here now: built, and the CPU kernels at the ``avx2`` level
-    or above (``qpeft.cpu_info()["gemm_4bit_f32"]``; QPEFT_CPU_ISA and
-    ``qpeft._C.set_isa`` move the level)."""
-    return _built() and _native.cpu_module().active_isa() != "scalar"
+    """Whether the layer's fp32 products take the kernel now: built, and the CPU kernels at
+    exactly the ``avx2`` level (``qpeft.cpu_info()["gemm_4bit_f32"]``; QPEFT_CPU_ISA and
+    ``qpeft._C.set_isa`` move the level). Measured faster than oneDNN's fp32 GEMM on
+    decoded panels on an AVX2-only CPU (docs/design.md, "fp32 GEMM"); at the AVX-512
+    levels oneDNN's fp32 GEMM has twice the vector width of this AVX2 micro-kernel, and no
+    AVX-512 variant has been measured against it, so the panels stay there."""
+    return _built() and _native.cpu_module().active_isa() == "avx2"
 
 
 def qgemm_4bit(
