@@ -196,6 +196,13 @@ def test_cpu_info_names_the_kernel():
     assert f32gemm.active() and cpu_module().cpu_info()["gemm_4bit_f32"] == "avx2"
 
 
+def test_large_m_and_w_keep_the_panels():
+    assert f32gemm.use_for(16, 4096, 4096) and f32gemm.use_for(512, 704, 256)
+    assert f32gemm.use_for(f32gemm.PANELS_MIN_ROWS - 1, 4096, 4096)
+    assert not f32gemm.use_for(f32gemm.PANELS_MIN_ROWS, 4096, 1024)
+    assert not f32gemm.use_for(512, 4096, 4096)
+
+
 def test_empty_sizes():
     x, packed, state, _, _ = _problem(0, 20, 64, False, 0)
     assert _run(x, _quant(packed, state), None, False).shape == (0, 20)

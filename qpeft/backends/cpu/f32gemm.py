@@ -52,6 +52,23 @@ def active() -> bool:
     return _built() and _native.cpu_module().active_isa() == "avx2"
 
 
+# At or above both of these (rows of x, weights in W) the panels took less time: 4096x4096
+# at M = 512, 1 thread, on the AVX2 EPYC VM, Linear4bit 226-237 ms fused vs 216-228 on
+# panels and the QLoRA layer fwd+bwd (r = 16) 462-506 vs 436-486 (two interleaved runs
+# each), where oneDNN's fp32 GEMM on a decoded panel edges out this micro-kernel and the
+# decode is amortized over many rows. Below them the kernel took less: M = 16 and 64 on
+# that W (15.6 vs 19.0, 39.2 vs 45.4 ms), the demo's layers at M = 512 (256 x 256 to 704 x
+# 256, 6-9% less for fwd+bwd on 2 threads).
+PANELS_MIN_ROWS = 256
+PANELS_MIN_WEIGHTS = 1 << 22
+
+
+def use_for(m: int, n: int, k: int) -> bool:
+    """Whether the fp32 layer's products for m rows of x and a W of n x k take the kernel:
+    at the avx2 level (``active``), except for large m and W together (see above)."""
+    return active() and not (m >= PANELS_MIN_ROWS and n * k >= PANELS_MIN_WEIGHTS)
+
+
 def qgemm_4bit(
     x: torch.Tensor,
     quant: tuple,

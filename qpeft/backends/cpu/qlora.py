@@ -272,7 +272,7 @@ def qlora_linear(
     else:
         merge = lora_a is not None and merges_lora(x.shape[0], k)
         bs, a = (_scaled_b(lora_b, scaling, rank_scale, cdt), _cast(lora_a, cdt)) if merge else (None, None)
-        if cdt == torch.float32 and f32gemm.active():
+        if cdt == torch.float32 and f32gemm.use_for(x.shape[0], n, k):
             # W decoded into the kernel's own panels, xa = x A^T in the same pass over x
             want_xa = lora_a is not None and (return_xa or not merge)
             extra = _cast(lora_a, cdt) if want_xa else None
@@ -611,7 +611,7 @@ def qlora_linear_backward(
             n,
             k,
         )
-        if dy.dtype == _F32 and f32gemm.active():  # W decoded into the kernel's own panels
+        if dy.dtype == _F32 and f32gemm.use_for(dy.shape[0], n, k):  # W decoded into the kernel's panels
             return f32gemm.qgemm_4bit_dx(dy, quant, lowrank, out=acc, accumulate=acc is not None, extra=extra)
         for r0, r1, w in _decode_panels(*quant):
             w = _cast(w, dy.dtype)
