@@ -536,19 +536,19 @@ def qlora_linear_backward(
     need_dbias,
 ):
     cdt = _compute_dtype(x, n, k)
+    quant = (
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        blocksize,
+        nested_blocksize,
+        quant_type,
+        n,
+        k,
+    )
     if cdt == torch.bfloat16:
-        quant = (
-            packed,
-            absmax,
-            nested_absmax,
-            nested_code,
-            offset,
-            blocksize,
-            nested_blocksize,
-            quant_type,
-            n,
-            k,
-        )
         return _backward_bf16(
             grad_y,
             x,
@@ -570,18 +570,7 @@ def qlora_linear_backward(
         return _small_backward(
             grad_y,
             x,
-            (
-                packed,
-                absmax,
-                nested_absmax,
-                nested_code,
-                offset,
-                blocksize,
-                nested_blocksize,
-                quant_type,
-                n,
-                k,
-            ),
+            quant,
             lora_a,
             lora_b,
             xa,
@@ -599,18 +588,6 @@ def qlora_linear_backward(
         lowrank (bs, a): the panels of W + bs @ a instead (see ``merges_lora``). extra E
         [n, e]: the pair (that, dy @ E) when the fused fp32 kernel runs (E's columns ride in
         its pass over dy), else just that (the caller computes dy @ E itself)."""
-        quant = (
-            packed,
-            absmax,
-            nested_absmax,
-            nested_code,
-            offset,
-            blocksize,
-            nested_blocksize,
-            quant_type,
-            n,
-            k,
-        )
         if dy.dtype == _F32 and f32gemm.use_for(dy.shape[0], n, k):  # W decoded into the kernel's panels
             return f32gemm.qgemm_4bit_dx(dy, quant, lowrank, out=acc, accumulate=acc is not None, extra=extra)
         for r0, r1, w in _decode_panels(*quant):
