@@ -385,8 +385,10 @@ def layer_call(plan: tuple, module, x):
 
 def small_layer_plan(owner, guards: tuple, packed, state, lora_a, lora_b, bias, scaling):
     """The plan ``qpeft._C_layer.call`` serves ``owner``'s calls from, or None where it
-    cannot: no module, a weight too large for the small kernels, or anything other than
-    fp32 CPU adapters and bias and a plain packed uint8 weight. ``guards`` is a flat tuple
+    cannot: no module, an empty weight, or anything other than fp32 CPU adapters and bias
+    and a plain packed uint8 weight. Each call then takes the route the Python path would
+    take for its rows (the small kernels, the fused fp32 GEMM) or, where that is neither,
+    the full path. ``guards`` is a flat tuple
     of (container, key, expected) triples, ``container`` a dict, an object whose instance
     ``__dict__`` is read, or None for ``owner`` itself (the plan lives in ``owner``'s
     ``__dict__``: holding no reference to it, it makes no reference cycle): every call
@@ -398,7 +400,8 @@ def small_layer_plan(owner, guards: tuple, packed, state, lora_a, lora_b, bias, 
     mod = layer_module()
     if mod is None or type(packed) is not _Tensor:
         return None
-    from ._formats import QUANT_TYPE_IDS
+    from ._formats import GEMV_MAX_ROWS, QUANT_TYPE_IDS
+    from .backends.cpu import f32gemm
     from .backends.cpu import qlora as cpu_qlora
     from .functional import _quant_args
 
@@ -406,7 +409,7 @@ def small_layer_plan(owner, guards: tuple, packed, state, lora_a, lora_b, bias, 
     if shape is None or len(shape) != 2 or state.quant_type not in ("nf4", "fp4"):
         return None
     n, k = int(shape[0]), int(shape[1])
-    if n * k > cpu_qlora.SMALL_MAX_ELEMS or n * k == 0:
+    if n * k == 0:
         return None
     f32 = torch.float32
     if not (
@@ -460,6 +463,11 @@ def small_layer_plan(owner, guards: tuple, packed, state, lora_a, lora_b, bias, 
         packed.numel(),  # as the check passed them: each call requires these exact sizes
         absmax.numel(),
         nested_len,
+        cpu_qlora.SMALL_MAX_ELEMS,
+        GEMV_MAX_ROWS,
+        f32gemm.PANELS_MIN_ROWS,
+        f32gemm.PANELS_MIN_WEIGHTS,
+        cpu_qlora.MERGE_RATIO,
     )
     if lora_a.dim() != 2 or tuple(lora_a.shape) != (ints[2], k) or tuple(lora_b.shape) != (n, ints[2]):
         return None

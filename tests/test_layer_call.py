@@ -1,4 +1,6 @@
-"""A small QLoRALinear's call served by qpeft._C_layer (docs/design.md, "Per-call overhead").
+"""A QLoRALinear's call served by qpeft._C_layer (docs/design.md, "Per-call overhead"): a
+small layer's through the small kernels, a larger call's through the fused fp32 GEMM (at
+the avx2 level, where the Python path takes it).
 
 The fast path must give the same bits as the full Python path (forward, dx, dA, dB,
 dbias), keep torch's autograd semantics (retain_graph, autograd.grad, create_graph,
@@ -172,15 +174,19 @@ def _excluded_cases():
     def noncontiguous_x(q, x):
         return q, torch.randn(64, x.shape[0]).t()
 
-    def many_rows_with_grad(q, x):
-        return q, torch.randn(64, 64)
+    def small_forward_composed_backward(q, x):
+        return q, torch.randn(20, 64)  # the small forward, then not the small backward
+
+    def gemv_rows(q, x):
+        return _layer(n=512, k=512), torch.randn(4, 512)  # a W beyond the small kernels
 
     return {
         "dropout in training": dropout_training,
         "DoRA": dora,
         "bf16 x": bf16_x,
         "non-contiguous x": noncontiguous_x,
-        "M beyond the small backward": many_rows_with_grad,
+        "M beyond the small backward": small_forward_composed_backward,
+        "GEMV rows of a large W": gemv_rows,
     }
 
 
@@ -316,9 +322,6 @@ def test_bad_input_errors_unchanged():
 
 
 def test_plan_is_not_built_where_the_fast_path_cannot_serve():
-    q = _layer(n=512, k=512)  # W beyond the small kernels
-    q(torch.randn(1, 512))
-    assert q._fast_plan is None
     q = _layer()
     q.base_layer.compute_dtype = torch.bfloat16
     q(torch.randn(1, 64))
@@ -381,3 +384,123 @@ def test_plan_makes_no_reference_cycle():
         assert ref() is None
     finally:
         gc.enable()
+
+
+# --- the fused-GEMM route -----------------------------------------------------------------
+
+
+@pytest.fixture
+def at_avx2():
+    """The avx2 level, where the Python path takes the fused fp32 GEMM (an AVX-512 CPU's
+    own level keeps decoded panels): the route is tested on every CPU that has it."""
+    from qpeft._native import cpu_module
+
+    mod = cpu_module()
+    info = mod.cpu_info()
+    if "avx2" in info["missing"] or "avx2" not in info["built_levels"]:
+        pytest.skip(f"the avx2 level: {info['missing'].get('avx2', 'not built')}")
+    prev = mod.set_isa("avx2")
+    yield mod
+    mod.set_isa(prev)
+
+
+# (layer, x's leading dims): the forward merges the LoRA term into W when K <= 2 M and dx
+# when N <= 2 M (backends/cpu/qlora.py merges_lora), else adds it as a rank-r GEMM; so
+# each of the four combinations, odd sizes and partial blocks, fp4, a plain absmax, no
+# bias, a trained bias, r = 3, 3-D x
+GEMM_CASES = [
+    (dict(n=64, k=64), (40,)),  # both merged
+    (dict(n=100, k=300, blocksize=32, quant_type="fp4"), (37,)),  # neither
+    (dict(n=300, k=100, double_quant=False, bias=False), (2, 30)),  # forward merged, dx not
+    (dict(n=40, k=136, r=3, train_bias=True), (3, 11)),  # dx merged, forward not
+    (dict(n=256, k=704), (512,)),  # the demo's down projection
+]
+
+
+@pytest.mark.parametrize(
+    "spec,lead", GEMM_CASES, ids=lambda v: "-".join(map(str, v.values() if isinstance(v, dict) else v))
+)
+def test_gemm_route_same_bits_as_the_full_path(spec, lead, at_avx2, full_path_calls):
+    q = _layer(**spec)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(*lead, q.in_features, generator=g)
+    dy = torch.randn(*lead, q.out_features, generator=g)
+    assert _served_fast(q, x)
+    with qpeft.use_backend("cpu"):
+        y_full, g_full, fn_full = _run(q, x, dy)
+    before = len(full_path_calls)
+    y_fast, g_fast, fn_fast = _run(q, x, dy)
+    assert len(full_path_calls) == before, "the fast path did not serve the call"
+    assert fn_fast.name() == "GemmQLoRABackward" and "Gemm" not in fn_full.name()
+    assert y_fast.shape == y_full.shape == (*lead, q.out_features) and torch.equal(y_fast, y_full)
+    for a, b in zip(g_fast, g_full):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            y = q(x)
+        assert y.grad_fn is None and torch.equal(y, y_full)
+    # each gradient alone: the backward computes only what the graph asks for
+    params = [q.lora_A, q.lora_B] + ([q.bias] if q.bias is not None and q.bias.requires_grad else [])
+    xg = x.clone().requires_grad_()
+    for wrt in [xg, *params]:
+        (fast,) = torch.autograd.grad(q(xg), wrt, dy)
+        with qpeft.use_backend("cpu"):
+            (full,) = torch.autograd.grad(q(xg), wrt, dy)
+        assert torch.equal(fast, full)
+    # frozen adapters, x needing a gradient: dx alone
+    for p in params:
+        p.requires_grad_(False)
+    (fast,) = torch.autograd.grad(q(xg), xg, dy)
+    with qpeft.use_backend("cpu"):
+        (full,) = torch.autograd.grad(q(xg), xg, dy)
+    assert torch.equal(fast, full)
+
+
+def test_gemm_route_autograd_semantics(at_avx2):
+    q = _layer(n=64, k=64)
+    x = torch.randn(40, 64, requires_grad=True)
+    dy = torch.randn(40, 64)
+    assert _served_fast(q, x.detach())
+    y = q(x)
+    assert y.grad_fn.name() == "GemmQLoRABackward"
+    g1 = torch.autograd.grad(y, (x, q.lora_A), dy, retain_graph=True)
+    g2 = torch.autograd.grad(y, (x, q.lora_A), dy)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(y, (x, q.lora_A), dy)
+    y = q(x)
+    with torch.no_grad():
+        q.lora_B.add_(0.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+    # an undefined incoming gradient is zeros: y used only through a branch that is cut
+    y = q(x)
+    (ga,) = torch.autograd.grad((y * 0).sum() + q.lora_A.sum(), q.lora_A)
+    assert torch.equal(ga, torch.ones_like(ga))
+
+
+def test_gemm_route_follows_the_level_and_the_sizes(at_avx2, full_path_calls):
+    """The route is taken exactly where the Python path takes the fused GEMM: at the avx2
+    level (another level keeps decoded panels), above the GEMV's rows, and not for M >=
+    256 rows of a W of 4M weights or more (decoded panels, backends/cpu/f32gemm.py)."""
+    from qpeft.backends.cpu import f32gemm
+
+    q = _layer(n=64, k=64)
+    x = torch.randn(40, 64)
+    assert _served_fast(q, x)
+    before = len(full_path_calls)
+    at_avx2.set_isa("scalar")
+    try:
+        assert not f32gemm.active()
+        q(x)
+        assert len(full_path_calls) == before + 1
+    finally:
+        at_avx2.set_isa("avx2")
+    q(x)
+    assert len(full_path_calls) == before + 1  # the plan serves again
+    big = _layer(n=2048, k=2048)
+    assert not f32gemm.use_for(256, 2048, 2048) and f32gemm.use_for(255, 2048, 2048)
+    assert not _served_fast(big, torch.randn(256, 2048))
+    assert _served_fast(big, torch.randn(255, 2048))

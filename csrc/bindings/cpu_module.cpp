@@ -178,6 +178,9 @@ PYBIND11_MODULE(_C, m) {
         "[m, n], out [m, k]) with W [n, k] as packed 4-bit codes, L [n, rank], R [rank, k]; "
         "with extra_cols e > 0 also out2 [m, e] = x @ extra^T (extra [e, k]) or x @ extra "
         "(extra [n, e]) in the same pass.");
+  m.def("qgemm_4bit_f32_active", &qc::qgemm_4bit_f32_active,
+        "Whether the fp32 QLoRA layer takes qgemm_4bit_f32 now: built, and the CPU kernels at "
+        "exactly the avx2 level.");
 
   m.def("set_isa", &qc::set_isa, py::arg("name"),
         "Test/A-B override of the kernel ISA level: 'auto' (QPEFT_CPU_ISA or detection) or one "
@@ -447,10 +450,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out_scale_len"), py::arg("dx"), py::arg("dx_len"), py::arg("da"),
         py::arg("da_len"), py::arg("db"), py::arg("db_len"),
         "fp32 backward of qlora_small_forward in one call: dx, da, db (0: not computed).");
-  // The same two kernels for qpeft._C_layer, the torch-linked layer call
-  // (csrc/include/qpeft/small_layer_abi.h): a static table, alive as long as the process.
+  // The same kernels (and the fused fp32 GEMM) for qpeft._C_layer, the torch-linked layer
+  // call (csrc/include/qpeft/small_layer_abi.h): a static table, alive as long as the process.
   static const qpeft::SmallLayerAbi small_layer_abi{
-      qpeft::kSmallLayerAbiVersion, &qc::qlora_small_forward, &qc::qlora_small_backward};
+      qpeft::kSmallLayerAbiVersion, &qc::qlora_small_forward, &qc::qlora_small_backward,
+      &qc::qgemm_4bit_f32, &qc::qgemm_4bit_f32_active};
   m.attr("_small_layer_abi") =
       py::capsule(static_cast<const void*>(&small_layer_abi), qpeft::kSmallLayerAbiName);
 }

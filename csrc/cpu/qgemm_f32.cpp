@@ -178,5 +178,13 @@ void qgemm_4bit_f32(bool dx, uintptr_t x, int64_t x_len, int64_t m, int64_t n, i
 #endif
 }
 
+bool qgemm_4bit_f32_active() {
+#if QPEFT_HAVE_AVX2_TU
+  return active_level() == kIsaAvx2;
+#else
+  return false;
+#endif
+}
+
 }  // namespace cpu
 }  // namespace qpeft

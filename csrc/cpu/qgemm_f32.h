@@ -73,5 +73,10 @@ void qgemm_4bit_f32(bool dx, uintptr_t x, int64_t x_len, int64_t m, int64_t n, i
                     int64_t extra_cols, uintptr_t out2, int64_t out2_len, int64_t col_block,
                     int64_t red_block, int num_threads);
 
+// Whether the layer's fp32 products take this GEMM now: built (the compiler accepted the
+// avx2 level's flags) and the CPU kernels at exactly the avx2 level (QPEFT_CPU_ISA and
+// set_isa move it; at the AVX-512 levels the layer keeps oneDNN on decoded panels).
+bool qgemm_4bit_f32_active();
+
 }  // namespace cpu
 }  // namespace qpeft

@@ -34,8 +34,11 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <utility>
 #include <vector>
 
 #ifndef QPEFT_TORCH_VERSION
@@ -87,15 +90,23 @@ enum IntIdx {
   kPackedLen,
   kAbsmaxLen,
   kNestedAbsmaxLen,
+  kSmallMaxElems,     // W sizes the small kernels take (n k at most this)
+  kGemvMaxRows,       // up to this M the fp32 forward is the GEMV (not the fused GEMM)
+  kPanelsMinRows,     // at or above both of these the layer keeps oneDNN on decoded
+  kPanelsMinWeights,  //   panels (backends/cpu/f32gemm.py use_for)
+  kMergeRatio,        // the LoRA term merges into W when inner <= this * M (merges_lora)
   kIntCount
 };
 
-// The frozen part of one call: what the kernels take besides x, A, B, bias.
+// The frozen part of one call: what the kernels take besides x, A, B, bias. `scaling` is
+// the adapter's (a Python float); the small kernels take it as fp32, the ATen products of
+// the GEMM route as the double the Python path hands them.
 struct Frozen {
   Tensor packed, absmax, nested_absmax, nested_code, offset;
   Tensor bias;
   int64_t n, k, r, blocksize, nested_blocksize, quant_type;
-  float scaling;
+  double scaling;
+  int64_t merge_ratio;
 };
 
 inline uintptr_t ptr(const Tensor& t) {
@@ -110,9 +121,9 @@ void run_forward(const Frozen& f, const Tensor& x, int64_t m, const Tensor& a, c
   g_abi->forward(ptr(x), x.numel(), m, f.n, f.k, ptr(f.packed), f.packed.numel(), ptr(f.absmax),
                  f.absmax.numel(), f.blocksize, static_cast<int>(f.quant_type),
                  ptr(f.nested_absmax), len(f.nested_absmax), ptr(f.nested_code), ptr(f.offset),
-                 f.nested_blocksize, ptr(a), a.numel(), ptr(b), b.numel(), f.r, f.scaling, 0, 0,
-                 ptr(bias), len(bias), 0, 0, ptr(y), y.numel(), ptr(xa), len(xa),
-                 at::get_num_threads());
+                 f.nested_blocksize, ptr(a), a.numel(), ptr(b), b.numel(), f.r,
+                 static_cast<float>(f.scaling), 0, 0, ptr(bias), len(bias), 0, 0, ptr(y), y.numel(),
+                 ptr(xa), len(xa), at::get_num_threads());
 }
 
 // The autograd node of a call with a gradient: QLoRAFunction's backward for a call the
@@ -193,7 +204,138 @@ Tensor forward_with_grad(const Frozen& f, const Tensor& x, int64_t m, const Tens
   node->blocksize = f.blocksize;
   node->nested_blocksize = f.nested_blocksize;
   node->quant_type = f.quant_type;
-  node->scaling = f.scaling;
+  node->scaling = static_cast<float>(f.scaling);
+  node->x_sizes = x.sizes().vec();
+  torch::autograd::set_history(y, node);
+  return y;
+}
+
+// --- The fused-GEMM route ---------------------------------------------------------------
+// The calls the Python path serves with the fused fp32 GEMM (backends/cpu/qlora.py:
+// qlora_linear's f32gemm branch and _backward_composed with its add_dy_w, at the avx2
+// level): the same kernel calls and the same ATen ops, in the same order, on tensors of
+// the same layouts, so the same bits.
+
+// out (+)= x @ W'^T (dx: x @ W'), W' = W + l rr when l is defined; extra E: out2 = x @ E^T
+// (dx: x @ E) in the same pass. x, l, rr, extra, out, out2 contiguous fp32.
+void gemm(const Frozen& f, bool dx, const Tensor& x, const Tensor& l, const Tensor& rr,
+          const Tensor& out, bool accumulate, const Tensor& extra, const Tensor& out2) {
+  const bool nested = f.nested_absmax.defined();
+  const int64_t rank = l.defined() ? l.size(1) : 0;
+  const int64_t ne = extra.defined() ? extra.size(dx ? 1 : 0) : 0;
+  g_abi->gemm_f32(dx, ptr(x), x.numel(), x.size(0), f.n, f.k, ptr(f.packed), f.packed.numel(),
+                  ptr(f.absmax), f.absmax.numel(), f.blocksize, static_cast<int>(f.quant_type),
+                  ptr(f.nested_absmax), len(f.nested_absmax), ptr(f.nested_code), ptr(f.offset),
+                  nested ? f.nested_blocksize : 0, ptr(l), len(l), ptr(rr), len(rr), rank, ptr(out),
+                  out.numel(), accumulate, ptr(extra), len(extra), ne, ptr(out2), len(out2), 0, 0,
+                  at::get_num_threads());
+}
+
+// qlora_linear's f32gemm branch for x [..., K] (x2: its [M, K] view): y [..., N] and, with
+// want_xa, xa = x A^T [M, r] from the same pass over x (also computed when the LoRA term is
+// not merged). Runs without recording autograd history, as Function.forward does.
+std::pair<Tensor, Tensor> gemm_forward(const Frozen& f, const Tensor& x, const Tensor& x2,
+                                       const Tensor& a, const Tensor& b, bool want_xa) {
+  at::NoGradGuard no_grad;
+  const int64_t m = x2.size(0);
+  const bool merge = f.k <= f.merge_ratio * m;  // merges_lora(m, k)
+  std::vector<int64_t> out_sizes = x.sizes().vec();
+  out_sizes.back() = f.n;
+  Tensor y = at::empty(out_sizes, x.options());
+  const Tensor y2 = x.dim() == 2 ? y : y.view({m, f.n});
+  Tensor xa = want_xa || !merge ? at::empty({m, f.r}, x.options()) : Tensor();
+  if (merge) {
+    gemm(f, false, x2, at::mul(b, f.scaling), a, y2, false, xa.defined() ? a : Tensor(), xa);
+  } else {
+    gemm(f, false, x2, Tensor(), Tensor(), y2, false, a, xa);
+    y2.addmm_(at::mul(xa.t(), f.scaling).t(), b.t());
+  }
+  if (f.bias.defined()) y2.add_(f.bias);
+  return {y, want_xa ? xa : Tensor()};
+}
+
+// QLoRAFunction's backward for a call the fused GEMM serves (_backward_composed).
+struct GemmQLoRABackward final : public torch::autograd::Node {
+  SavedVariable x2_, a_, b_, packed_, absmax_, nested_absmax_, nested_code_, offset_, xa_;
+  Frozen f{};
+  int64_t m = 0;
+  std::vector<int64_t> x_sizes;
+
+  std::string name() const override { return "GemmQLoRABackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v :
+         {&x2_, &a_, &b_, &packed_, &absmax_, &nested_absmax_, &nested_code_, &offset_, &xa_})
+      v->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const Tensor x2 = x2_.unpack(), a = a_.unpack(), b = b_.unpack(), xa = xa_.unpack();
+    Frozen w = f;  // the frozen tensors as saved (their version counters checked)
+    w.packed = packed_.unpack();
+    w.absmax = absmax_.unpack();
+    w.nested_absmax = nested_absmax_.unpack();
+    w.nested_code = nested_code_.unpack();
+    w.offset = offset_.unpack();
+    // what QLoRAFunction's ctx.needs_input_grad says: every input that requires a gradient,
+    // whether or not this graph task asks for it (whether dx is computed decides how g =
+    // dy B is, and so dA's bits)
+    const bool need_dx = should_compute_output(0), need_da = should_compute_output(1),
+               need_db = should_compute_output(2), need_dbias = should_compute_output(3);
+    const int64_t n = w.n, k = w.k;
+    // dy as the Python path has it: grad_y.reshape(-1, n), fp32; an undefined gradient is
+    // zeros, as torch.autograd.Function materializes it
+    Tensor dy = grads[0].defined() ? grads[0].reshape({-1, n})
+                                   : at::zeros({m, n}, x2.options().dtype(at::kFloat));
+    if (dy.scalar_type() != at::kFloat) dy = dy.to(at::kFloat);
+    Tensor dx, da, db, dbias, g_t;
+    const bool merge = need_dx && n <= w.merge_ratio * m;  // merges_lora(m, n)
+    if (need_dx && merge) {  // dy (W + (s B) A), g = dy B from the same pass over dy
+      dx = at::empty({m, k}, dy.options());
+      Tensor g = need_da ? at::empty({m, w.r}, dy.options()) : Tensor();
+      gemm(w, true, dy.contiguous(), at::mul(b, w.scaling), a, dx, false, need_da ? b : Tensor(),
+           g);
+      if (need_da) g_t = g.t();
+    }
+    if (need_da || (need_dx && !merge)) {
+      if (!g_t.defined()) g_t = at::mm(b.t(), dy.t());
+      const Tensor gs_t = at::mul(g_t, w.scaling);
+      if (need_dx && !merge) {
+        dx = at::mm(gs_t.t(), a);
+        gemm(w, true, dy.contiguous(), Tensor(), Tensor(), dx, true, Tensor(), Tensor());
+      }
+      if (need_da) da = at::mm(gs_t, x2);
+    }
+    if (need_db) db = at::mm(at::mul(xa.t(), w.scaling), dy).t().contiguous();
+    if (need_dbias) dbias = dy.sum(0);
+    if (need_dx) dx = dx.view(x_sizes);
+    return {dx, da, db, dbias};
+  }
+};
+
+// y with its autograd node (the GEMM route): next edges to x, A, B and the bias (or its
+// stand-in).
+Tensor gemm_forward_with_grad(const Frozen& f, const Tensor& x, int64_t m, const Tensor& a,
+                              const Tensor& b, const Tensor& bias_input) {
+  auto node = c10::make_intrusive<GemmQLoRABackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, a, b, bias_input));
+  const Tensor x2 = x.dim() == 2 ? x : x.view({m, f.k});
+  auto [y, xa] = gemm_forward(f, x, x2, a, b, node->should_compute_output(2));
+  node->x2_ = SavedVariable(x2, false);
+  node->a_ = SavedVariable(a, false);
+  node->b_ = SavedVariable(b, false);
+  node->packed_ = SavedVariable(f.packed, false);
+  node->absmax_ = SavedVariable(f.absmax, false);
+  node->nested_absmax_ = SavedVariable(f.nested_absmax, false);
+  node->nested_code_ = SavedVariable(f.nested_code, false);
+  node->offset_ = SavedVariable(f.offset, false);
+  node->xa_ = SavedVariable(xa, false);
+  node->f = f;
+  node->f.packed = node->f.absmax = node->f.nested_absmax = node->f.nested_code = node->f.offset =
+      node->f.bias = Tensor();  // held as SavedVariables, not twice
+  node->m = m;
   node->x_sizes = x.sizes().vec();
   torch::autograd::set_history(y, node);
   return y;
@@ -357,10 +499,21 @@ PyObject* layer_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const bool grad =
       c10::GradMode::is_enabled() && (x.requires_grad() || a.requires_grad() || b.requires_grad() ||
                                       (bias.defined() && bias.requires_grad()));
-  // the sizes the Python path serves with the small kernels (backends/cpu/qlora.py)
-  const int64_t work = m * n * k;
-  if (m > iv[kFwdMaxRows] || work > iv[kFwdMaxWork]) Py_RETURN_NONE;
-  if (grad && (m > iv[kBwdMaxRows] || work > iv[kBwdMaxWork])) Py_RETURN_NONE;
+  // the route the Python path takes for these sizes (backends/cpu/qlora.py): the small
+  // kernels (forward and, with a gradient, backward), the fused GEMM, or neither (None)
+  const int64_t nk = n * k;
+  const int64_t work = m > std::numeric_limits<int64_t>::max() / std::max<int64_t>(nk, 1)
+                           ? std::numeric_limits<int64_t>::max()
+                           : m * nk;
+  bool small = false;
+  if (nk <= iv[kSmallMaxElems] && m <= iv[kFwdMaxRows] && work <= iv[kFwdMaxWork]) {
+    if (grad && (m > iv[kBwdMaxRows] || work > iv[kBwdMaxWork]))
+      Py_RETURN_NONE;  // the small forward, then the composed backward
+    small = true;
+  } else if (m <= iv[kGemvMaxRows] || (m >= iv[kPanelsMinRows] && nk >= iv[kPanelsMinWeights]) ||
+             !g_abi->gemm_f32_active()) {
+    Py_RETURN_NONE;  // the GEMV, or decoded panels for oneDNN
+  }
 
   Frozen f{held[kPacked],
            held[kAbsmax],
@@ -374,12 +527,17 @@ PyObject* layer_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
            iv[kBlocksize],
            iv[kNestedBlocksize],
            iv[kQuantType],
-           static_cast<float>(scaling)};
+           scaling,
+           iv[kMergeRatio]};
   Tensor y;
-  if (grad) {
-    // an autograd input must be a defined tensor: without a bias, a shared empty one
-    // that needs no gradient stands in for it (the forward reads the bias from f)
-    y = forward_with_grad(f, x, m, a, b, bias.defined() ? bias : *g_no_bias);
+  // an autograd input must be a defined tensor: without a bias, a shared empty one that
+  // needs no gradient stands in for it (the forward reads the bias from f)
+  const Tensor& bias_input = bias.defined() ? bias : *g_no_bias;
+  if (!small) {
+    y = grad ? gemm_forward_with_grad(f, x, m, a, b, bias_input)
+             : gemm_forward(f, x, x.dim() == 2 ? x : x.view({m, k}), a, b, false).first;
+  } else if (grad) {
+    y = forward_with_grad(f, x, m, a, b, bias_input);
   } else {
     std::vector<int64_t> out_sizes = x.sizes().vec();
     out_sizes.back() = n;

@@ -10,7 +10,7 @@
 
 namespace qpeft {
 
-constexpr int kSmallLayerAbiVersion = 1;
+constexpr int kSmallLayerAbiVersion = 2;
 constexpr const char* kSmallLayerAbiName = "qpeft._C.small_layer_abi";
 
 // csrc/cpu/api.h: qpeft::cpu::qlora_small_forward
@@ -38,10 +38,28 @@ using SmallBackwardFn = void (*)(uintptr_t grad_y, int64_t grad_y_len, uintptr_t
                                  uintptr_t dx, int64_t dx_len, uintptr_t da, int64_t da_len,
                                  uintptr_t db, int64_t db_len);
 
+// csrc/cpu/qgemm_f32.h: qpeft::cpu::qgemm_4bit_f32 (the fused fp32 GEMM of the avx2 level)
+using GemmF32Fn = void (*)(bool dx, uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64_t k,
+                           uintptr_t packed, int64_t packed_len, uintptr_t absmax,
+                           int64_t absmax_len, int64_t blocksize, int quant_type,
+                           uintptr_t nested_absmax, int64_t nested_absmax_len,
+                           uintptr_t nested_code, uintptr_t offset, int64_t nested_blocksize,
+                           uintptr_t lora_l, int64_t lora_l_len, uintptr_t lora_r,
+                           int64_t lora_r_len, int64_t rank, uintptr_t out, int64_t out_len,
+                           bool accumulate, uintptr_t extra, int64_t extra_len, int64_t extra_cols,
+                           uintptr_t out2, int64_t out2_len, int64_t col_block, int64_t red_block,
+                           int num_threads);
+
+// csrc/cpu/qgemm_f32.h: qpeft::cpu::qgemm_4bit_f32_active (the GEMM is built and the CPU
+// kernels run at exactly the avx2 level now: where the fp32 layer takes it)
+using ActiveFn = bool (*)();
+
 struct SmallLayerAbi {
   int version;
   SmallForwardFn forward;
   SmallBackwardFn backward;
+  GemmF32Fn gemm_f32;
+  ActiveFn gemm_f32_active;
 };
 
 }  // namespace qpeft

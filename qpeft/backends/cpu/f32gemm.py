@@ -17,39 +17,29 @@ re-checks every size.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ... import _native
 from ._gemm_checks import check_quant, need, quant_args
-
-# The kernel's blocking (0: its defaults, qgemm_f32.cpp); benchmarks/f32gemm_ab.py sets them.
-COL_BLOCK = 0
-RED_BLOCK = 0
 
 _FN = "qgemm_4bit_f32"
 _FN_DX = "qgemm_4bit_f32_dx"
 _F32 = torch.float32
 
 
-@functools.lru_cache(maxsize=1)
-def _built() -> bool:
-    """Whether this build holds the kernel (the compiler accepted the avx2 level's flags)."""
-    try:
-        return "avx2" in _native.cpu_module().cpu_info()["built_levels"]
-    except ImportError:
-        return False
-
-
 def active() -> bool:
     """Whether the layer's fp32 products take the kernel now: built, and the CPU kernels at
     exactly the ``avx2`` level (``qpeft.cpu_info()["gemm_4bit_f32"]``; QPEFT_CPU_ISA and
-    ``qpeft._C.set_isa`` move the level). Measured faster than oneDNN's fp32 GEMM on
-    decoded panels on an AVX2-only CPU (docs/design.md, "fp32 GEMM"); at the AVX-512
-    levels oneDNN's fp32 GEMM has twice the vector width of this AVX2 micro-kernel, and no
-    AVX-512 variant has been measured against it, so the panels stay there."""
-    return _built() and _native.cpu_module().active_isa() == "avx2"
+    ``qpeft._C.set_isa`` move the level). One answer for both layer paths: the C++ layer
+    call (``qpeft._C_layer``) asks the same native function. Measured faster than oneDNN's
+    fp32 GEMM on decoded panels on an AVX2-only CPU (docs/design.md, "fp32 GEMM"); at the
+    AVX-512 levels oneDNN's fp32 GEMM has twice the vector width of this AVX2
+    micro-kernel, and no AVX-512 variant has been measured against it, so the panels stay
+    there."""
+    try:
+        return _native.cpu_module().qgemm_4bit_f32_active()
+    except ImportError:
+        return False
 
 
 # At or above both of these (rows of x, weights in W) the panels took less time: 4096x4096
@@ -163,8 +153,8 @@ def _call(x, quant, lora, out, accumulate, extra, num_threads, *, dx: bool):
         ne,
         out2.data_ptr() if ne else 0,
         out2.numel() if ne else 0,
-        COL_BLOCK,
-        RED_BLOCK,
+        0,  # the kernel's default blocking (qgemm_f32.cpp)
+        0,
         torch.get_num_threads() if num_threads is None else num_threads,
     )
     return out if out2 is None else (out, out2)

@@ -203,10 +203,13 @@ def _compute_dtype(x: torch.Tensor, n: int = 0, k: int = 0) -> torch.dtype:
 # once more (W + L), the LoRA term reaches the output through the merge's r + 3 roundings
 # plus the GEMM's, inside the fp32 bound of the reference's order (qpeft/testing.py,
 # ``oracle``: K + r + 4 roundings on the LoRA path, K + 2 on the base path).
+MERGE_RATIO = 2
+
+
 def merges_lora(m: int, inner: int) -> bool:
     """Whether the fp32 panel path merges the LoRA term into W: ``inner`` is K for the
     forward, N for dx."""
-    return inner <= 2 * m
+    return inner <= MERGE_RATIO * m
 
 
 def _scaled_b(lora_b: torch.Tensor, scaling: float, rank_scale, dtype: torch.dtype) -> torch.Tensor:
