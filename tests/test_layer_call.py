@@ -16,6 +16,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qpeft
 import qpeft.functional as qf
@@ -504,3 +506,45 @@ def test_gemm_route_follows_the_level_and_the_sizes(at_avx2, full_path_calls):
     assert not f32gemm.use_for(256, 2048, 2048) and f32gemm.use_for(255, 2048, 2048)
     assert not _served_fast(big, torch.randn(256, 2048))
     assert _served_fast(big, torch.randn(255, 2048))
+
+
+@settings(max_examples=max(4, settings.default.max_examples // 4))
+@given(
+    m=st.integers(9, 120),
+    n=st.integers(1, 90),
+    k=st.sampled_from([32, 64, 96, 136, 200, 264]),
+    r=st.integers(1, 17),
+    bias=st.booleans(),
+    double_quant=st.booleans(),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    lead=st.sampled_from([(), (3,)]),
+    seed=st.integers(0, 2**16),
+)
+def test_gemm_route_same_bits_property(m, n, k, r, bias, double_quant, quant_type, lead, seed, at_avx2):
+    """Random layers and rows the GEMM route serves (beyond the small kernels, above the
+    GEMV's rows): y and every gradient equal the full path's bit for bit."""
+    rows = m * (lead[0] if lead else 1)
+    if rows <= 32 and rows * n * k <= 1 << 19 and n * k <= 1 << 16:
+        m += 33  # into the GEMM route: not the small forward
+    q = _layer(
+        n=n,
+        k=k,
+        r=r,
+        bias=bias,
+        quant_type=quant_type,
+        double_quant=double_quant,
+        blocksize=32,
+        seed=seed,
+        train_bias=bias,
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*lead, m, k, generator=g)
+    dy = torch.randn(*lead, m, n, generator=g)
+    assert _served_fast(q, x)
+    with qpeft.use_backend("cpu"):
+        y_full, g_full, _ = _run(q, x, dy)
+    y_fast, g_fast, fn = _run(q, x, dy)
+    assert fn.name() == "GemmQLoRABackward"
+    assert torch.equal(y_fast, y_full)
+    for a, b in zip(g_fast, g_full):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
