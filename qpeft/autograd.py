@@ -375,12 +375,88 @@ def layer_module():
     return _layer or None
 
 
+def linear_call(plan: tuple, module, x):
+    """``qpeft._C_layer.linear_call``: a ``Linear4bit``'s y, None or NotImplemented, as
+    ``layer_call``."""
+    return _layer.linear_call(plan, module, x)
+
+
 def layer_call(plan: tuple, module, x):
     """``qpeft._C_layer.call``: y, None (the plan holds but this call takes the Python path:
     x's dtype, device, layout or rows, autocast, a profiler, a tracer, a mode or transform,
     a forced backend) or NotImplemented (the plan is stale: drop it). Bound at the first
     plan, so a process without the module never calls it."""
     return _layer.call(plan, module, x)
+
+
+def _plan_common(owner, guards: tuple, packed, state, bias):
+    """What every layer plan holds: (n, k, absmax, nested_absmax, nested_code, offset,
+    quant, guards + the quantization state's fields), or None where no plan can serve: no
+    module, not a plain CPU uint8 weight of nf4/fp4 codes with a 2-D shape, an empty W, a
+    bias that is not fp32 on the CPU, an offset that would be a cast copy, or a guard that
+    does not hold now."""
+    mod = layer_module()
+    if mod is None or type(packed) is not _Tensor:
+        return None
+    from .functional import _quant_args
+
+    shape = state.shape
+    if shape is None or len(shape) != 2 or state.quant_type not in ("nf4", "fp4"):
+        return None
+    n, k = int(shape[0]), int(shape[1])
+    if n * k == 0 or packed.dtype != torch.uint8 or not packed.is_cpu:
+        return None
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_cpu):
+        return None
+    absmax, na, nc, off, quant = _quant_args(state)
+    st2 = state.state2
+    if st2 is not None and state.offset.dtype != torch.float32:
+        return None  # the offset argument would be a cast copy (functional._state_args)
+    fields = [
+        (state, key, getattr(state, key))
+        for key in ("absmax", "offset", "state2", "shape", "blocksize", "quant_type")
+    ]
+    if st2 is not None:
+        fields += [(st2, key, getattr(st2, key)) for key in ("absmax", "code", "blocksize")]
+    all_guards = tuple(guards) + tuple(item for triple in fields for item in triple)
+    for i in range(0, len(all_guards), 3):
+        container, key, expected = all_guards[i : i + 3]
+        if container is None:
+            container = owner
+        d = container if type(container) is dict else getattr(container, "__dict__", None)
+        if d is None or d.get(key, _MISSING) is not expected:
+            return None
+    if not all(t is None or t.is_cpu for t in (absmax, na, nc, off)):
+        return None
+    return n, k, absmax, na, nc, off, quant, all_guards
+
+
+def linear_plan(owner, guards: tuple, packed, state, bias):
+    """The plan ``qpeft._C_layer.linear_call`` serves a ``Linear4bit``'s inference calls
+    from (x needing no gradient, at most GEMV_MAX_ROWS rows: the 4-bit GEMV and the bias),
+    or None where it cannot (see ``_plan_common``; also when the GEMV is not the CPU
+    kernel's). Guards and checks as ``small_layer_plan``'s."""
+    from ._formats import GEMV_MAX_ROWS, QUANT_TYPE_IDS
+
+    if kernel_backend("gemv_4bit", "cpu") != "cpu":
+        return None
+    common = _plan_common(owner, guards, packed, state, bias)
+    if common is None:
+        return None
+    n, k, absmax, na, nc, off, quant, all_guards = common
+    blocksize, nested_blocksize, quant_type = quant[0], quant[1], quant[2]
+    ints = (
+        n,
+        k,
+        int(blocksize),
+        int(nested_blocksize),
+        QUANT_TYPE_IDS[quant_type],
+        packed.numel(),
+        absmax.numel(),
+        0 if na is None else na.numel(),
+        GEMV_MAX_ROWS,
+    )
+    return (id(owner), all_guards, (packed, absmax, na, nc, off, bias), ints)
 
 
 def small_layer_plan(owner, guards: tuple, packed, state, lora_a, lora_b, bias, scaling):
@@ -397,31 +473,18 @@ def small_layer_plan(owner, guards: tuple, packed, state, lora_a, lora_b, bias, 
     The caller has just served a call with these objects on the full path (so every
     argument check passed); each later call re-checks in C++ what a check could see
     change: the guards' identities, and each held tensor's dtype, size, layout, device."""
-    mod = layer_module()
-    if mod is None or type(packed) is not _Tensor:
-        return None
     from ._formats import GEMV_MAX_ROWS, QUANT_TYPE_IDS
     from .backends.cpu import f32gemm
     from .backends.cpu import qlora as cpu_qlora
-    from .functional import _quant_args
 
-    shape = state.shape
-    if shape is None or len(shape) != 2 or state.quant_type not in ("nf4", "fp4"):
-        return None
-    n, k = int(shape[0]), int(shape[1])
-    if n * k == 0:
-        return None
     f32 = torch.float32
     if not (
-        packed.dtype == torch.uint8
-        and packed.is_cpu
-        and lora_a is not None
+        lora_a is not None
         and lora_b is not None
         and lora_a.dtype == f32
         and lora_b.dtype == f32
         and lora_a.is_cpu
         and lora_b.is_cpu
-        and (bias is None or (bias.dtype == f32 and bias.is_cpu))
     ):
         return None
     if (
@@ -429,24 +492,10 @@ def small_layer_plan(owner, guards: tuple, packed, state, lora_a, lora_b, bias, 
         or kernel_backend("qlora_linear_backward", "cpu") != "cpu"
     ):
         return None
-    absmax, na, nc, off, quant = _quant_args(state)
-    st2 = state.state2
-    if st2 is not None and state.offset.dtype != f32:
-        return None  # the offset argument would be a cast copy (functional._state_args)
-    fields = [
-        (state, key, getattr(state, key))
-        for key in ("absmax", "offset", "state2", "shape", "blocksize", "quant_type")
-    ]
-    if st2 is not None:
-        fields += [(st2, key, getattr(st2, key)) for key in ("absmax", "code", "blocksize")]
-    all_guards = tuple(guards) + tuple(item for triple in fields for item in triple)
-    for i in range(0, len(all_guards), 3):
-        container, key, expected = all_guards[i : i + 3]
-        if container is None:
-            container = owner
-        d = container if type(container) is dict else getattr(container, "__dict__", None)
-        if d is None or d.get(key, _MISSING) is not expected:
-            return None
+    common = _plan_common(owner, guards, packed, state, bias)
+    if common is None:
+        return None
+    n, k, absmax, na, nc, off, quant, all_guards = common
     blocksize, nested_blocksize, quant_type = quant[0], quant[1], quant[2]
     nested_len = 0 if na is None else na.numel()
     ints = (
@@ -470,8 +519,6 @@ def small_layer_plan(owner, guards: tuple, packed, state, lora_a, lora_b, bias, 
         cpu_qlora.MERGE_RATIO,
     )
     if lora_a.dim() != 2 or tuple(lora_a.shape) != (ints[2], k) or tuple(lora_b.shape) != (n, ints[2]):
-        return None
-    if not all(t is None or t.is_cpu for t in (absmax, na, nc, off)):
         return None
     return (id(owner), all_guards, (packed, absmax, na, nc, off, lora_a, lora_b, bias), ints, float(scaling))
 

@@ -165,7 +165,9 @@ def _excluded_cases():
     def dropout_training(q, x):
         q2 = _layer(dropout=0.1)
         q2.train()
-        return q2, x
+        # rows beyond the GEMV's: the base term itself then takes the full path too (a
+        # Linear4bit's inference call of at most 8 rows has its own fast path)
+        return q2, torch.randn(20, 64)
 
     def dora(q, x):
         return _layer(use_dora=True), x
@@ -548,3 +550,99 @@ def test_gemm_route_same_bits_property(m, n, k, r, bias, double_quant, quant_typ
     assert torch.equal(y_fast, y_full)
     for a, b in zip(g_fast, g_full):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+# --- Linear4bit's inference calls (linear_call) --------------------------------------------
+
+
+def _base(n=96, k=128, bias=True, quant_type="nf4", double_quant=True, blocksize=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g))
+    return qpeft.nn.Linear4bit.from_linear(lin, quant_type, blocksize, double_quant)
+
+
+def _linear_served(lin, x) -> bool:
+    lin(x)
+    return lin._fast_plan is not None and qautograd.linear_call(lin._fast_plan, lin, x) not in (
+        None,
+        NotImplemented,
+    )
+
+
+BASES = [
+    dict(),
+    dict(n=33, k=96, bias=False, quant_type="fp4", blocksize=32),
+    dict(n=7, k=64, double_quant=False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("spec", BASES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()) or "default")
+@pytest.mark.parametrize("lead", [(1,), (3,), (8,), (2, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_linear4bit_inference_same_bits_as_the_full_path(spec, lead, dtype, full_path_calls):
+    lin = _base(**spec)
+    x = torch.randn(*lead, lin.in_features, generator=torch.Generator().manual_seed(3)).to(dtype)
+    assert _linear_served(lin, x)
+    with qpeft.use_backend("cpu"):
+        want = lin(x)
+    before = len(full_path_calls)
+    got = lin(x)
+    assert len(full_path_calls) == before, "the fast path did not serve the call"
+    assert got.shape == want.shape == (*lead, lin.out_features) and got.dtype == want.dtype == dtype
+    assert torch.equal(got, want)
+    lin.compute_dtype = torch.float32  # x cast to fp32 first, y back: the same values
+    assert torch.equal(lin(x), want) and lin._fast_plan is not None
+    with torch.inference_mode():
+        assert torch.equal(lin(x), want) and lin(x).is_inference()
+
+
+def test_linear4bit_calls_the_fast_path_does_not_serve(full_path_calls):
+    lin = _base()
+    x = torch.randn(2, 128)
+    assert _linear_served(lin, x)
+    cases = {
+        "x needs a gradient": lambda: lin(x.clone().requires_grad_()),
+        "rows beyond the GEMV": lambda: lin(torch.randn(9, 128)),
+        "fp64 x": lambda: lin(x.double()),
+        "non-contiguous x": lambda: lin(torch.randn(128, 2).t()),
+        "autocast": lambda: _under(torch.autocast("cpu", dtype=torch.bfloat16), lambda: lin(x)),
+        "use_backend": lambda: _under(qpeft.use_backend("default"), lambda: lin(x)),
+    }
+    for name, call in cases.items():
+        before = len(full_path_calls)
+        call()
+        assert len(full_path_calls) == before + 1, name
+    before = len(full_path_calls)
+    lin(x)
+    assert len(full_path_calls) == before  # the plan still serves
+
+
+def _under(ctx, fn):
+    with ctx:
+        return fn()
+
+
+def test_linear4bit_a_changed_layer_is_replanned():
+    lin = _base()
+    x = torch.randn(3, 128)
+    assert _linear_served(lin, x)
+
+    def full():
+        with qpeft.use_backend("cpu"):
+            return lin(x)
+
+    lin.requantize_(torch.randn(96, 128))
+    assert torch.equal(lin(x), full())
+    assert _linear_served(lin, x)
+    with torch.no_grad():
+        lin.bias.add_(1.0)  # in place: the plan holds the tensor
+    assert torch.equal(lin(x), full())
+    lin.bias = torch.nn.Parameter(torch.randn(96), requires_grad=False)
+    assert torch.equal(lin(x), full())
+    st = lin.quant_state
+    st.state2.absmax = st.state2.absmax * 2
+    assert torch.equal(lin(x), full())
+    with pytest.raises(ValueError, match="got an input with 64 features"):
+        lin(torch.randn(2, 64))

@@ -548,6 +548,117 @@ PyObject* layer_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// linear_call(plan, module, x): a Linear4bit's inference call (qpeft/autograd.py
+// linear_plan; docs/design.md, "Per-call overhead"): x a plain contiguous fp32, bf16 or
+// fp16 CPU tensor of at most the GEMV's rows that needs no gradient (nor does the bias)
+// gets y = the 4-bit GEMV + bias, as functional.linear_4bit computes it (x widened to fp32,
+// the fp32 GEMV, add_ of the fp32 bias, one rounding to x's dtype); anything else None (the
+// full path), a stale plan NotImplemented.
+enum LinearPart { kLinOwner = 0, kLinGuards, kLinTensors, kLinInts, kLinPlanSize };
+enum LinearTensor {
+  kLinPacked = 0,
+  kLinAbsmax,
+  kLinNestedAbsmax,
+  kLinNestedCode,
+  kLinOffset,
+  kLinBias,
+  kLinTensorCount
+};
+enum LinearInt {
+  kLinN = 0,
+  kLinK,
+  kLinBlocksize,
+  kLinNestedBlocksize,
+  kLinQuantType,
+  kLinPackedLen,
+  kLinAbsmaxLen,
+  kLinNestedAbsmaxLen,
+  kLinGemvMaxRows,
+  kLinIntCount
+};
+
+PyObject* linear_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 3) {
+    PyErr_SetString(PyExc_TypeError,
+                    "qpeft._C_layer.linear_call(plan, module, x) takes 3 arguments");
+    return nullptr;
+  }
+  if (g_abi == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "qpeft._C_layer.init() was not called");
+    return nullptr;
+  }
+  PyObject *plan = args[0], *module = args[1], *xobj = args[2];
+  if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != kLinPlanSize ||
+      PyLong_AsVoidPtr(PyTuple_GET_ITEM(plan, kLinOwner)) != static_cast<void*>(module)) {
+    PyErr_Clear();
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  PyObject* guards = PyTuple_GET_ITEM(plan, kLinGuards);
+  PyObject* tensors = PyTuple_GET_ITEM(plan, kLinTensors);
+  PyObject* ints = PyTuple_GET_ITEM(plan, kLinInts);
+  if (!PyTuple_CheckExact(guards) || !PyTuple_CheckExact(tensors) ||
+      PyTuple_GET_SIZE(tensors) != kLinTensorCount || !PyTuple_CheckExact(ints) ||
+      PyTuple_GET_SIZE(ints) != kLinIntCount)
+    Py_RETURN_NOTIMPLEMENTED;
+  if (!guards_hold(guards, module)) Py_RETURN_NOTIMPLEMENTED;
+  int64_t iv[kLinIntCount];
+  for (int i = 0; i < kLinIntCount; ++i) {
+    iv[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(ints, i));
+    if (iv[i] == -1 && PyErr_Occurred()) return nullptr;
+  }
+  Tensor held[kLinTensorCount];
+  for (int i = 0; i < kLinTensorCount; ++i) {
+    PyObject* t = PyTuple_GET_ITEM(tensors, i);
+    if (t == Py_None) continue;
+    if (!THPVariable_Check(t)) Py_RETURN_NOTIMPLEMENTED;
+    held[i] = THPVariable_Unpack(t);
+  }
+  const int64_t n = iv[kLinN], k = iv[kLinK];
+  const bool nested = held[kLinNestedAbsmax].defined();
+  if (!held_ok(held[kLinPacked], at::kByte, iv[kLinPackedLen]) ||
+      !held_ok(held[kLinAbsmax], nested ? at::kByte : at::kFloat, iv[kLinAbsmaxLen]))
+    Py_RETURN_NOTIMPLEMENTED;
+  if (nested && (!held_ok(held[kLinNestedAbsmax], at::kFloat, iv[kLinNestedAbsmaxLen]) ||
+                 !held_ok(held[kLinNestedCode], at::kFloat, 256) ||
+                 !held_ok(held[kLinOffset], at::kFloat, 1)))
+    Py_RETURN_NOTIMPLEMENTED;
+  const Tensor& bias = held[kLinBias];
+  if (bias.defined() && (!held_ok(bias, at::kFloat, n) || bias.dim() != 1 || bias.size(0) != n))
+    Py_RETURN_NOTIMPLEMENTED;
+
+  if (!THPVariable_CheckExact(xobj)) Py_RETURN_NONE;
+  const Tensor& x = THPVariable_Unpack(xobj);
+  const at::ScalarType dtype = x.scalar_type();
+  if (!plain_keys(x) || (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) ||
+      x.dim() < 1 || x.size(-1) != k || !x.is_contiguous())
+    Py_RETURN_NONE;
+  const int64_t m = x.numel() / k;
+  if (m < 1 || m > iv[kLinGemvMaxRows]) Py_RETURN_NONE;
+  if (c10::GradMode::is_enabled() &&
+      (x.requires_grad() || (bias.defined() && bias.requires_grad())))
+    Py_RETURN_NONE;  // Linear4bitFunction's node: the full path
+  if (observed_or_redirected()) {
+    if (PyErr_Occurred()) return nullptr;
+    Py_RETURN_NONE;
+  }
+  // the GEMV in fp32 (x widened exactly), the bias added in fp32, one rounding to x's dtype
+  const Tensor xf = dtype == at::kFloat ? x : x.to(at::kFloat);
+  std::vector<int64_t> out_sizes = x.sizes().vec();
+  out_sizes.back() = n;
+  Tensor y = at::empty(out_sizes, xf.options());
+  const Tensor &packed = held[kLinPacked], &absmax = held[kLinAbsmax];
+  g_abi->gemv(ptr(xf), xf.numel(), m, n, k, ptr(packed), packed.numel(), ptr(absmax),
+              absmax.numel(), iv[kLinBlocksize], static_cast<int>(iv[kLinQuantType]),
+              ptr(held[kLinNestedAbsmax]), len(held[kLinNestedAbsmax]), ptr(held[kLinNestedCode]),
+              ptr(held[kLinOffset]), iv[kLinNestedBlocksize], ptr(y), y.numel(),
+              at::get_num_threads());
+  if (bias.defined()) y.add_(bias);
+  if (dtype != at::kFloat) y = y.to(dtype);
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
 // init(abi_capsule, torch.autograd.profiler, qpeft._dispatch._forced)
 PyObject* layer_init(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -594,6 +705,9 @@ PyObject* layer_init(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 PyMethodDef methods[] = {
     {"call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(layer_call)), METH_FASTCALL,
      "call(plan, module, x): y, None (not served here) or NotImplemented (stale plan)"},
+    {"linear_call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(linear_call)),
+     METH_FASTCALL,
+     "linear_call(plan, module, x): a Linear4bit's y, None (not served here) or NotImplemented"},
     {"init", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(layer_init)), METH_FASTCALL,
      "init(abi_capsule, profiler_module, forced_backend_var)"},
     {nullptr, nullptr, 0, nullptr}};

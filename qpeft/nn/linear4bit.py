@@ -37,8 +37,11 @@ from .._formats import (
     code4,
     zero_code4,
 )
+from ..autograd import layer_module, linear_call, linear_plan
 from ..quant_state import QuantState
 from ..weight4bit import Weight4bit, gather_full
+
+_is_compiling = torch.compiler.is_compiling
 
 __all__ = ["Linear4bit"]
 
@@ -236,8 +239,47 @@ class Linear4bit(nn.Module):
         # y is in x's dtype (autocast's inside an autocast region); compute_dtype casts back
         return y.to(in_dtype) if self.compute_dtype is not None and y.dtype != in_dtype else y
 
+    # The fast path (docs/design.md, "Per-call overhead"): a plan for qpeft._C_layer's
+    # linear_call, built after a call the full path served; it serves inference calls of
+    # at most GEMV_MAX_ROWS rows (the GEMV), everything else takes the full path.
+    _fast_plan: tuple | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qlora(x)
+        plan = self._fast_plan
+        if plan is not None and not _is_compiling():
+            y = linear_call(plan, self, x)
+            if y is not None:
+                if y is not NotImplemented:
+                    return y
+                self.__dict__["_fast_plan"] = plan = None  # stale: something it holds changed
+        y = self.qlora(x)
+        if plan is None and type(self) is Linear4bit and not _is_compiling():
+            self._plan_fast_path()
+        return y
+
+    def _plan_fast_path(self) -> None:
+        """After the full path served a call: the plan for ``qpeft._C_layer.linear_call``
+        (``autograd.linear_plan``), guarded by every attribute the call read (the weight,
+        its codes and state, the bias, compute_dtype), so that replacing any of them makes
+        the next call take the full path and re-plan."""
+        d, params = self.__dict__, self._parameters
+        if d.get("compute_dtype") not in (None, torch.float32) or layer_module() is None:
+            return
+        weight = params.get("weight")
+        if not isinstance(weight, Weight4bit):
+            return
+        w_d = weight.__dict__
+        state = w_d.get("quant_state")
+        if state is None:
+            return
+        guards = (
+            *(None, "compute_dtype", d.get("compute_dtype")),
+            *(params, "weight", weight),
+            *(weight, "packed", w_d.get("packed")),
+            *(weight, "quant_state", state),
+            *(params, "bias", params.get("bias")),
+        )
+        self.__dict__["_fast_plan"] = linear_plan(self, guards, w_d.get("packed"), state, params.get("bias"))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dequantized weight [out, in] (default: the dtype it was quantized from)."""

@@ -38,6 +38,13 @@ using SmallBackwardFn = void (*)(uintptr_t grad_y, int64_t grad_y_len, uintptr_t
                                  uintptr_t dx, int64_t dx_len, uintptr_t da, int64_t da_len,
                                  uintptr_t db, int64_t db_len);
 
+// csrc/cpu/api.h: qpeft::cpu::gemv_4bit
+using GemvFn = void (*)(uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64_t k,
+                        uintptr_t packed, int64_t packed_len, uintptr_t absmax, int64_t absmax_len,
+                        int64_t blocksize, int quant_type, uintptr_t nested_absmax,
+                        int64_t nested_absmax_len, uintptr_t nested_code, uintptr_t offset,
+                        int64_t nested_blocksize, uintptr_t out, int64_t out_len, int num_threads);
+
 // csrc/cpu/qgemm_f32.h: qpeft::cpu::qgemm_4bit_f32 (the fused fp32 GEMM of the avx2 level)
 using GemmF32Fn = void (*)(bool dx, uintptr_t x, int64_t x_len, int64_t m, int64_t n, int64_t k,
                            uintptr_t packed, int64_t packed_len, uintptr_t absmax,
@@ -60,6 +67,7 @@ struct SmallLayerAbi {
   SmallBackwardFn backward;
   GemmF32Fn gemm_f32;
   ActiveFn gemm_f32_active;
+  GemvFn gemv;
 };
 
 }  // namespace qpeft
