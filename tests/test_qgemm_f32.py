@@ -330,3 +330,68 @@ def test_qlora_layer_other_levels_take_panels(level, monkeypatch):
         check_qlora_linear(make_problem(LAYER_CASES[0]), "cpu")
     finally:
         mod.set_isa(prev)
+
+
+# --- the rank-r weight gradients (lora_grad_f32) ------------------------------------------
+#
+# out[j, c] = sum_i fl(g[i, j] s) q[i, c]: each g element rounded once when scaled (relative
+# u), then one FMA chain over the m rows (one rounding per step): |out - exact| <= (m + 2) u
+# sum_i |g[i, j] s| |q[i, c]| (the u of slack covers the second-order terms).
+
+
+def _grad_oracle(g, q, s):
+    g64, q64 = g.double() * s, q.double()
+    return g64.T @ q64, (g.shape[0] + 2) * U * (g64.abs().T @ q64.abs())
+
+
+@pytest.mark.parametrize("m", [1, 7, 512])
+@pytest.mark.parametrize("r", [1, 6, 8, 13, 64])
+@pytest.mark.parametrize("cols", [1, 16, 37, 704])
+def test_lora_grad_within_bound(m, r, cols):
+    gen = torch.Generator().manual_seed(m * 1000 + r * 10 + cols)
+    g, q = torch.randn(m, r, generator=gen), torch.randn(m, cols, generator=gen)
+    got = f32gemm.lora_grad(g, q, 0.37)
+    assert got.shape == (r, cols) and got.dtype == torch.float32
+    _assert_within(got, *_grad_oracle(g, q, 0.37), f"m={m} r={r} cols={cols}")
+    # the transposed output, strided g (a transposed view) and any thread count: the same bits
+    t = f32gemm.lora_grad(g.t().contiguous().t(), q, 0.37, transpose_out=True)
+    assert t.shape == (cols, r) and t.is_contiguous() and torch.equal(t, got.t())
+    for threads in (1, 3):
+        assert torch.equal(f32gemm.lora_grad(g, q, 0.37), got)
+        cpu_module().lora_grad_f32(
+            g.data_ptr(), g.numel(), r, 1, m, r, 0.37, q.data_ptr(), q.numel(), cols,
+            (o := torch.empty(r, cols)).data_ptr(), o.numel(), False, threads,
+        )  # fmt: skip
+        assert torch.equal(o, got)
+
+
+def test_lora_grad_scales_as_torch_rounds():
+    """g s is rounded to fp32 before the products, as torch's ``g * s`` rounds it: with one
+    row the kernel's output is exactly (g * s)^T q for q of ones."""
+    g = torch.randn(1, 5) * 3
+    q = torch.ones(1, 3)
+    s = 1 / 3
+    assert torch.equal(f32gemm.lora_grad(g, q, s), (g * s).t().expand(5, 3))
+
+
+def test_lora_grad_empty_and_errors():
+    assert torch.equal(f32gemm.lora_grad(torch.empty(0, 4), torch.empty(0, 9), 2.0), torch.zeros(4, 9))
+    assert f32gemm.lora_grad(torch.randn(3, 0), torch.randn(3, 5), 2.0).shape == (0, 5)
+    with pytest.raises(ValueError, match="must have the same rows"):
+        f32gemm.lora_grad(torch.randn(3, 4), torch.randn(4, 5), 1.0)
+    with pytest.raises(TypeError, match="q must be torch.float32"):
+        f32gemm.lora_grad(torch.randn(3, 4), torch.randn(3, 5).double(), 1.0)
+    g, q, o = torch.randn(3, 4), torch.randn(3, 5), torch.empty(4, 5)
+    mod = cpu_module()
+    with pytest.raises(ValueError, match="g holds 11 elements, its strides reach element 11"):
+        mod.lora_grad_f32(g.data_ptr(), 11, 4, 1, 3, 4, 1.0, q.data_ptr(), 15, 5, o.data_ptr(), 20, False, 1)
+    with pytest.raises(ValueError, match="q holds 14 elements, needs at least 15"):
+        mod.lora_grad_f32(g.data_ptr(), 12, 4, 1, 3, 4, 1.0, q.data_ptr(), 14, 5, o.data_ptr(), 20, False, 1)
+    with pytest.raises(ValueError, match="out holds 19 elements, needs at least 20"):
+        mod.lora_grad_f32(g.data_ptr(), 12, 4, 1, 3, 4, 1.0, q.data_ptr(), 15, 5, o.data_ptr(), 19, False, 1)
+    prev = mod.set_isa("scalar")
+    try:
+        with pytest.raises(ValueError, match="needs the avx2 level"):
+            f32gemm.lora_grad(g, q, 1.0)
+    finally:
+        mod.set_isa(prev)

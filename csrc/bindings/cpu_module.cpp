@@ -178,6 +178,12 @@ PYBIND11_MODULE(_C, m) {
         "[m, n], out [m, k]) with W [n, k] as packed 4-bit codes, L [n, rank], R [rank, k]; "
         "with extra_cols e > 0 also out2 [m, e] = x @ extra^T (extra [e, k]) or x @ extra "
         "(extra [n, e]) in the same pass.");
+  m.def("lora_grad_f32", &qc::lora_grad_f32, nogil, py::arg("g"), py::arg("g_len"),
+        py::arg("g_stride_m"), py::arg("g_stride_r"), py::arg("m"), py::arg("r"),
+        py::arg("scaling"), py::arg("q"), py::arg("q_len"), py::arg("cols"), py::arg("out"),
+        py::arg("out_len"), py::arg("transpose_out"), py::arg("num_threads"),
+        "fp32 out = (s G)^T Q (G [m, r] strided, Q [m, cols]; out [r, cols] or [cols, r]): the "
+        "LoRA layer's dA and dB on the avx2 level.");
   m.def("qgemm_4bit_f32_active", &qc::qgemm_4bit_f32_active,
         "Whether the fp32 QLoRA layer takes qgemm_4bit_f32 now: built, and the CPU kernels at "
         "exactly the avx2 level.");
@@ -452,9 +458,13 @@ PYBIND11_MODULE(_C, m) {
         "fp32 backward of qlora_small_forward in one call: dx, da, db (0: not computed).");
   // The same kernels (and the fused fp32 GEMM) for qpeft._C_layer, the torch-linked layer
   // call (csrc/include/qpeft/small_layer_abi.h): a static table, alive as long as the process.
-  static const qpeft::SmallLayerAbi small_layer_abi{
-      qpeft::kSmallLayerAbiVersion, &qc::qlora_small_forward,   &qc::qlora_small_backward,
-      &qc::qgemm_4bit_f32,          &qc::qgemm_4bit_f32_active, &qc::gemv_4bit};
+  static const qpeft::SmallLayerAbi small_layer_abi{qpeft::kSmallLayerAbiVersion,
+                                                    &qc::qlora_small_forward,
+                                                    &qc::qlora_small_backward,
+                                                    &qc::qgemm_4bit_f32,
+                                                    &qc::qgemm_4bit_f32_active,
+                                                    &qc::gemv_4bit,
+                                                    &qc::lora_grad_f32};
   m.attr("_small_layer_abi") =
       py::capsule(static_cast<const void*>(&small_layer_abi), qpeft::kSmallLayerAbiName);
 }

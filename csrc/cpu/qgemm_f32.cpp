@@ -4,6 +4,7 @@
 // a build whose compiler accepted the level's flags.
 #include <qpeft/host_checks.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -174,6 +175,70 @@ void qgemm_4bit_f32(bool dx, uintptr_t x, int64_t x_len, int64_t m, int64_t n, i
   parallel_tasks(tasks, [&](int64_t t) {
     for (int64_t b = next.fetch_add(1); b < col_blocks; b = next.fetch_add(1))
       f32gemm_cols(g, b, b + 1, base + t * ws_bytes);
+  });
+#endif
+}
+
+void lora_grad_f32(uintptr_t g, int64_t g_len, int64_t g_stride_m, int64_t g_stride_r, int64_t m,
+                   int64_t r, double scaling, uintptr_t q, int64_t q_len, int64_t cols,
+                   uintptr_t out, int64_t out_len, bool transpose_out, int num_threads) {
+  using namespace host;
+  const char* fn = "lora_grad_f32";
+  check_nonneg(fn, "m", m);
+  check_nonneg(fn, "r", r);
+  check_nonneg(fn, "cols", cols);
+  check_nonneg(fn, "g_stride_m", g_stride_m);
+  check_nonneg(fn, "g_stride_r", g_stride_r);
+  check_len(fn, "q", q_len, checked_mul(fn, "m", m, "cols", cols));
+  check_len(fn, "out", out_len, checked_mul(fn, "r", r, "cols", cols));
+  if (m > 0 && r > 0) {  // the last element of G: (m - 1) g_stride_m + (r - 1) g_stride_r
+    const int64_t last = checked_mul(fn, "m - 1", m - 1, "g_stride_m", g_stride_m) +
+                         checked_mul(fn, "r - 1", r - 1, "g_stride_r", g_stride_r);
+    if (last >= g_len || last < 0)
+      fail(fn, "g holds " + std::to_string(g_len) + " elements, its strides reach element " +
+                   std::to_string(last));
+  }
+  if (active_level() < kIsaAvx2) {
+    const std::string lacks = missing_features(kIsaAvx2);
+    fail(fn, std::string("needs the avx2 level; the kernels run at ") +
+                 isa_level_name(active_level()) +
+                 (lacks.empty() ? " (QPEFT_CPU_ISA or set_isa capped the level)"
+                                : " (this CPU lacks " + lacks + ")"));
+  }
+#if !QPEFT_HAVE_AVX2_TU
+  fail(fn, "this build has no avx2 kernels (the compiler rejected the level's flags)");
+#else
+  if (r == 0 || cols == 0) return;
+  check_ptr(fn, "out", out);
+  float* o = reinterpret_cast<float*>(out);
+  if (m == 0) {
+    std::memset(o, 0, static_cast<size_t>(r * cols) * sizeof(float));
+    return;
+  }
+  check_ptr(fn, "g", g);
+  check_ptr(fn, "q", q);
+  // gs [r, m] = fl(G^T s): s rounded to fp32 first, as torch multiplies an fp32 tensor by
+  // a Python float
+  const size_t gs_bytes = checked_bytes(fn, "scaled g", checked_mul(fn, "r", r, "m", m), 4);
+  struct Free {
+    void* p;
+    ~Free() { std::free(p); }
+  } gs{std::malloc(gs_bytes)};
+  if (gs.p == nullptr) fail(fn, "cannot allocate " + std::to_string(gs_bytes) + " bytes");
+  float* gsp = static_cast<float*>(gs.p);
+  const float* gp = reinterpret_cast<const float*>(g);
+  const float s = static_cast<float>(scaling);
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t i = 0; i < m; ++i) gsp[j * m + i] = gp[i * g_stride_m + j * g_stride_r] * s;
+  const LoraGradArgs a{gsp, reinterpret_cast<const float*>(q), o, m, r, cols, transpose_out};
+  // near-equal runs of 16-column strips per thread; each output is the same sum whoever
+  // computes it
+  const int64_t strips = ceil_div(cols, kF32Nr);
+  const int64_t threads = num_threads < 1 ? 1 : num_threads;
+  const int64_t tasks = threads < strips ? threads : strips;
+  parallel_tasks(tasks, [&](int64_t t) {
+    const int64_t s0 = strips * t / tasks, s1 = strips * (t + 1) / tasks;
+    lora_grad_cols(a, s0 * kF32Nr, std::min(cols, s1 * kF32Nr));
   });
 #endif
 }

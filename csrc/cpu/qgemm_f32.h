@@ -73,6 +73,28 @@ void qgemm_4bit_f32(bool dx, uintptr_t x, int64_t x_len, int64_t m, int64_t n, i
                     int64_t extra_cols, uintptr_t out2, int64_t out2_len, int64_t col_block,
                     int64_t red_block, int num_threads);
 
+// The LoRA layer's rank-r weight gradients on the same level: out[j, c] = sum_i gs[j][i] *
+// q[i][c] for j < r, c in [c0, c1): gs [r, m] row-major (the scaled g or xa, transposed by
+// the entry), q [m, cols] row-major; out [r, cols] row-major, or with transpose_out
+// [cols, r]. Each output one FMA chain over i ascending.
+struct LoraGradArgs {
+  const float* gs;
+  const float* q;
+  float* out;
+  int64_t m, r, cols;
+  bool transpose_out;
+};
+void lora_grad_cols(const LoraGradArgs& a, int64_t c0, int64_t c1);
+
+// The entry (bound as qpeft._C.lora_grad_f32): out = (s G)^T Q for G [m, r] with strides
+// (g_stride_m, g_stride_r) and Q [m, cols] contiguous, each G element scaled in fp32 first
+// (fl(G s), as torch's `g * s` rounds it); out [r, cols], or [cols, r] with transpose_out.
+// dA = (s g)^T x and dB = ((s xa)^T dy)^T of the LoRA layer. Checks every size (ValueError),
+// needs the avx2 level.
+void lora_grad_f32(uintptr_t g, int64_t g_len, int64_t g_stride_m, int64_t g_stride_r, int64_t m,
+                   int64_t r, double scaling, uintptr_t q, int64_t q_len, int64_t cols,
+                   uintptr_t out, int64_t out_len, bool transpose_out, int num_threads);
+
 // Whether the layer's fp32 products take this GEMM now: built (the compiler accepted the
 // avx2 level's flags) and the CPU kernels at exactly the avx2 level (QPEFT_CPU_ISA and
 // set_isa move it; at the AVX-512 levels the layer keeps oneDNN on decoded panels).

@@ -251,5 +251,70 @@ void f32gemm_cols(const F32GemmArgs& g, int64_t b0, int64_t b1, void* ws) {
   }
 }
 
+namespace {
+
+// out[j0 + j, c0 + c] = sum_i gs[j0 + j][i] q[i][c0 + c] for j < MR, c < cols_here <= 16:
+// 2 x MR accumulators, per i two loads of q (masked at the right edge), MR broadcasts.
+template <int MR>
+void grad_micro(const LoraGradArgs& a, int64_t j0, int64_t c0, int64_t cols_here) {
+  __m256 acc0[MR], acc1[MR];
+#pragma GCC unroll 6
+  for (int j = 0; j < MR; ++j) acc0[j] = acc1[j] = _mm256_setzero_ps();
+  const float* q = a.q + c0;
+  const float* g = a.gs + j0 * a.m;
+  const int64_t m = a.m, ldq = a.cols;
+  if (cols_here == kNr) {
+    for (int64_t i = 0; i < m; ++i) {
+      const __m256 b0 = _mm256_loadu_ps(q + i * ldq), b1 = _mm256_loadu_ps(q + i * ldq + 8);
+#pragma GCC unroll 6
+      for (int j = 0; j < MR; ++j) {
+        const __m256 s = _mm256_broadcast_ss(g + j * m + i);
+        acc0[j] = _mm256_fmadd_ps(s, b0, acc0[j]);
+        acc1[j] = _mm256_fmadd_ps(s, b1, acc1[j]);
+      }
+    }
+  } else {
+    alignas(32) int32_t lanes[kNr];
+    for (int c = 0; c < kNr; ++c) lanes[c] = c < cols_here ? -1 : 0;
+    const __m256i m0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes));
+    const __m256i m1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes + 8));
+    for (int64_t i = 0; i < m; ++i) {
+      const __m256 b0 = _mm256_maskload_ps(q + i * ldq, m0);
+      const __m256 b1 = _mm256_maskload_ps(q + i * ldq + 8, m1);
+#pragma GCC unroll 6
+      for (int j = 0; j < MR; ++j) {
+        const __m256 s = _mm256_broadcast_ss(g + j * m + i);
+        acc0[j] = _mm256_fmadd_ps(s, b0, acc0[j]);
+        acc1[j] = _mm256_fmadd_ps(s, b1, acc1[j]);
+      }
+    }
+  }
+  alignas(32) float tile[kNr];
+#pragma GCC unroll 6
+  for (int j = 0; j < MR; ++j) {
+    _mm256_store_ps(tile, acc0[j]);
+    _mm256_store_ps(tile + 8, acc1[j]);
+    if (a.transpose_out) {
+      for (int64_t c = 0; c < cols_here; ++c) a.out[(c0 + c) * a.r + j0 + j] = tile[c];
+    } else {
+      std::memcpy(a.out + (j0 + j) * a.cols + c0, tile, static_cast<size_t>(cols_here) * 4);
+    }
+  }
+}
+
+using GradMicroFn = void (*)(const LoraGradArgs&, int64_t, int64_t, int64_t);
+constexpr GradMicroFn kGradMicro[kMr + 1] = {nullptr,       grad_micro<1>, grad_micro<2>,
+                                             grad_micro<3>, grad_micro<4>, grad_micro<5>,
+                                             grad_micro<6>};
+
+}  // namespace
+
+void lora_grad_cols(const LoraGradArgs& a, int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; c += kNr) {
+    const int64_t here = c1 - c < kNr ? c1 - c : kNr;
+    for (int64_t j = 0; j < a.r; j += kMr) kGradMicro[a.r - j < kMr ? a.r - j : kMr](a, j, c, here);
+  }
+}
+
 }  // namespace cpu
 }  // namespace qpeft

@@ -231,6 +231,19 @@ void gemm(const Frozen& f, bool dx, const Tensor& x, const Tensor& l, const Tens
                   at::get_num_threads());
 }
 
+// (s g)^T q [r, cols] (transpose_out: its transpose, [cols, r]) for g [m, r] of any strides
+// and a contiguous q [m, cols]: the layer's dA = (s g)^T x and dB = ((s xa)^T dy)^T.
+Tensor lora_grad(const Tensor& g, const Tensor& q, double scaling, bool transpose_out) {
+  const int64_t m = g.size(0), r = g.size(1), cols = q.size(1);
+  Tensor out =
+      at::empty(transpose_out ? at::IntArrayRef{cols, r} : at::IntArrayRef{r, cols}, q.options());
+  g_abi->lora_grad(ptr(g) /* the storage offset is in data_ptr */,
+                   g.storage().nbytes() / 4 - g.storage_offset(), g.stride(0), g.stride(1), m, r,
+                   scaling, ptr(q), q.numel(), cols, ptr(out), out.numel(), transpose_out,
+                   at::get_num_threads());
+  return out;
+}
+
 // qlora_linear's f32gemm branch for x [..., K] (x2: its [M, K] view): y [..., N] and, with
 // want_xa, xa = x A^T [M, r] from the same pass over x (also computed when the LoRA term is
 // not merged). Runs without recording autograd history, as Function.forward does.
@@ -301,14 +314,13 @@ struct GemmQLoRABackward final : public torch::autograd::Node {
     }
     if (need_da || (need_dx && !merge)) {
       if (!g_t.defined()) g_t = at::mm(b.t(), dy.t());
-      const Tensor gs_t = at::mul(g_t, w.scaling);
       if (need_dx && !merge) {
-        dx = at::mm(gs_t.t(), a);
+        dx = at::mm(at::mul(g_t, w.scaling).t(), a);
         gemm(w, true, dy.contiguous(), Tensor(), Tensor(), dx, true, Tensor(), Tensor());
       }
-      if (need_da) da = at::mm(gs_t, x2);
+      if (need_da) da = lora_grad(g_t.t(), x2.contiguous(), w.scaling, false);
     }
-    if (need_db) db = at::mm(at::mul(xa.t(), w.scaling), dy).t().contiguous();
+    if (need_db) db = lora_grad(xa, dy.contiguous(), w.scaling, true);
     if (need_dbias) dbias = dy.sum(0);
     if (need_dx) dx = dx.view(x_sizes);
     return {dx, da, db, dbias};

@@ -61,6 +61,12 @@ using GemmF32Fn = void (*)(bool dx, uintptr_t x, int64_t x_len, int64_t m, int64
 // kernels run at exactly the avx2 level now: where the fp32 layer takes it)
 using ActiveFn = bool (*)();
 
+// csrc/cpu/qgemm_f32.h: qpeft::cpu::lora_grad_f32 (dA and dB on the avx2 level)
+using LoraGradFn = void (*)(uintptr_t g, int64_t g_len, int64_t g_stride_m, int64_t g_stride_r,
+                            int64_t m, int64_t r, double scaling, uintptr_t q, int64_t q_len,
+                            int64_t cols, uintptr_t out, int64_t out_len, bool transpose_out,
+                            int num_threads);
+
 struct SmallLayerAbi {
   int version;
   SmallForwardFn forward;
@@ -68,6 +74,7 @@ struct SmallLayerAbi {
   GemmF32Fn gemm_f32;
   ActiveFn gemm_f32_active;
   GemvFn gemv;
+  LoraGradFn lora_grad;
 };
 
 }  // namespace qpeft

@@ -158,3 +158,38 @@ def _call(x, quant, lora, out, accumulate, extra, num_threads, *, dx: bool):
         torch.get_num_threads() if num_threads is None else num_threads,
     )
     return out if out2 is None else (out, out2)
+
+
+def lora_grad(g: torch.Tensor, q: torch.Tensor, scaling: float, transpose_out: bool = False) -> torch.Tensor:
+    """(s g)^T q for fp32 g [m, r] (any strides) and q [m, c] (made contiguous): [r, c], or
+    with ``transpose_out`` its transpose as a contiguous [c, r]. Each g element is scaled in
+    fp32 first (as ``g * s`` rounds it), then each output is one FMA chain over the m rows.
+    The LoRA layer's dA = (s g)^T x and dB = ((s xa)^T dy)^T on this level (the fp32
+    BLAS's skinny GEMMs for these, [r, m] @ [m, c], ran at 20-30 GFLOP/s on the demo's
+    shapes)."""
+    fn = "lora_grad_f32"
+    need(fn, g, "g", _F32, 2)
+    need(fn, q, "q", _F32, 2)
+    if q.shape[0] != g.shape[0]:
+        raise ValueError(f"{fn}: g {tuple(g.shape)} and q {tuple(q.shape)} must have the same rows")
+    m, r = g.shape
+    cols = q.shape[1]
+    q = q.contiguous()
+    out = torch.empty((cols, r) if transpose_out else (r, cols), dtype=_F32)
+    _native.cpu_module().lora_grad_f32(
+        g.data_ptr(),
+        g.untyped_storage().nbytes() // 4 - g.storage_offset(),
+        g.stride(0),
+        g.stride(1),
+        m,
+        r,
+        float(scaling),
+        q.data_ptr(),
+        q.numel(),
+        cols,
+        out.data_ptr(),
+        out.numel(),
+        transpose_out,
+        torch.get_num_threads(),
+    )
+    return out

@@ -603,7 +603,25 @@ def qlora_linear_backward(
                 acc.addmm_(dy[:, r0:r1], w)
         return acc
 
-    return (backward_from if lora_a is None else _backward_composed)(
+    if lora_a is None:
+        return backward_from(
+            add_dy_w,
+            grad_y,
+            x,
+            lora_a,
+            lora_b,
+            xa,
+            scaling,
+            rank_scale,
+            out_scale,
+            need_dx,
+            need_da,
+            need_db,
+            need_dbias,
+        )
+    # where the products with W take the fused GEMM, dA and dB take its level's kernel too
+    fused = cdt == _F32 and f32gemm.use_for(m, n, k)
+    return _backward_composed(
         add_dy_w,
         grad_y,
         x,
@@ -617,6 +635,7 @@ def qlora_linear_backward(
         need_da,
         need_db,
         need_dbias,
+        fused,
     )
 
 
@@ -640,6 +659,7 @@ def _backward_composed(
     need_da,
     need_db,
     need_dbias,
+    fused=False,
 ):
     """The reference's ``backward_from`` with an adapter, its rank-r products taken in the
     [r, *] orientation: g^T = B^T @ dy^T, dA = (s g^T) @ x, dB = ((s xa^T) @ dy)^T (and
@@ -672,11 +692,17 @@ def _backward_composed(
             add_dy_w(dy, dx)
             dx = _cast(dx, x.dtype)
         if need_da:
-            da = _cast(torch.mm(gs_t, _cast(x, cdt)), lora_a.dtype)
+            if fused and rs is None:  # (s g)^T x on the fused GEMM's level
+                da = _cast(f32gemm.lora_grad(g_t.t(), _cast(x, cdt), scaling), lora_a.dtype)
+            else:
+                da = _cast(torch.mm(gs_t, _cast(x, cdt)), lora_a.dtype)
     if need_db:
-        xa_t = _cast(xa, cdt).t()  # [r, M] (a view of the fused kernel's [M, r], or the panels')
-        xs_t = xa_t * scaling if rs is None else xa_t * scaling * rs
-        db = _cast(torch.mm(xs_t, dy).t().contiguous(), lora_b.dtype)
+        if fused and rs is None:
+            db = _cast(f32gemm.lora_grad(_cast(xa, cdt), dy, scaling, transpose_out=True), lora_b.dtype)
+        else:
+            xa_t = _cast(xa, cdt).t()  # [r, M] (a view of the fused kernel's [M, r], or the panels')
+            xs_t = xa_t * scaling if rs is None else xa_t * scaling * rs
+            db = _cast(torch.mm(xs_t, dy).t().contiguous(), lora_b.dtype)
     if need_dbias:
         dbias = _cast(dy.sum(0), grad_y.dtype)
     # distinct empty tensors (outputs must not alias), made only for what was not computed
