@@ -436,6 +436,54 @@ bool guards_hold(PyObject* guards, PyObject* module) {
   return true;
 }
 
+// What layer_call and linear_call read first: the plan's owner, guards, held tensors and
+// ints (its parts kOwner .. kInts), as the plan recorded them. kStale: the caller returns
+// NotImplemented (no Python error set); kError: a Python error is set.
+enum class PlanRead { kOk, kStale, kError };
+PlanRead read_plan(PyObject* plan, PyObject* module, Py_ssize_t plan_size, Tensor* held,
+                   Py_ssize_t tensor_count, int64_t* iv, Py_ssize_t int_count) {
+  // the owner is id(module) as an int: a plan copied with its module (copy.deepcopy)
+  // names the original and is stale in the copy
+  if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != plan_size ||
+      PyLong_AsVoidPtr(PyTuple_GET_ITEM(plan, kOwner)) != static_cast<void*>(module)) {
+    PyErr_Clear();
+    return PlanRead::kStale;
+  }
+  PyObject* guards = PyTuple_GET_ITEM(plan, kGuards);
+  PyObject* tensors = PyTuple_GET_ITEM(plan, kTensors);
+  PyObject* ints = PyTuple_GET_ITEM(plan, kInts);
+  if (!PyTuple_CheckExact(guards) || !PyTuple_CheckExact(tensors) ||
+      PyTuple_GET_SIZE(tensors) != tensor_count || !PyTuple_CheckExact(ints) ||
+      PyTuple_GET_SIZE(ints) != int_count || !guards_hold(guards, module))
+    return PlanRead::kStale;
+  for (Py_ssize_t i = 0; i < int_count; ++i) {
+    iv[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(ints, i));
+    if (iv[i] == -1 && PyErr_Occurred()) return PlanRead::kError;
+  }
+  for (Py_ssize_t i = 0; i < tensor_count; ++i) {
+    PyObject* t = PyTuple_GET_ITEM(tensors, i);
+    if (t == Py_None) continue;
+    if (!THPVariable_Check(t)) return PlanRead::kStale;
+    held[i] = THPVariable_Unpack(t);
+  }
+  return PlanRead::kOk;
+}
+
+// The held packed weight and its state (packed, absmax, nested absmax, nested code,
+// offset: the first five held tensors of either plan) and the bias, as recorded.
+bool quant_and_bias_ok(const Tensor* held, int64_t packed_len, int64_t absmax_len,
+                       int64_t nested_len, const Tensor& bias, int64_t n) {
+  const bool nested = held[kNestedAbsmax].defined();
+  if (!held_ok(held[kPacked], at::kByte, packed_len) ||
+      !held_ok(held[kAbsmax], nested ? at::kByte : at::kFloat, absmax_len))
+    return false;
+  if (nested &&
+      (!held_ok(held[kNestedAbsmax], at::kFloat, nested_len) ||
+       !held_ok(held[kNestedCode], at::kFloat, 256) || !held_ok(held[kOffset], at::kFloat, 1)))
+    return false;
+  return !bias.defined() || (held_ok(bias, at::kFloat, n) && bias.dim() == 1 && bias.size(0) == n);
+}
+
 PyObject* layer_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 3) {
@@ -447,52 +495,24 @@ PyObject* layer_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   PyObject *plan = args[0], *module = args[1], *xobj = args[2];
-  // the owner is id(module) as an int: a plan copied with its module (copy.deepcopy)
-  // names the original and is stale in the copy
-  if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != kPlanSize ||
-      PyLong_AsVoidPtr(PyTuple_GET_ITEM(plan, kOwner)) != static_cast<void*>(module)) {
-    PyErr_Clear();
-    Py_RETURN_NOTIMPLEMENTED;
-  }
-  PyObject* guards = PyTuple_GET_ITEM(plan, kGuards);
-  PyObject* tensors = PyTuple_GET_ITEM(plan, kTensors);
-  PyObject* ints = PyTuple_GET_ITEM(plan, kInts);
-  if (!PyTuple_CheckExact(guards) || !PyTuple_CheckExact(tensors) ||
-      PyTuple_GET_SIZE(tensors) != kTensorCount || !PyTuple_CheckExact(ints) ||
-      PyTuple_GET_SIZE(ints) != kIntCount)
-    Py_RETURN_NOTIMPLEMENTED;
-  if (!guards_hold(guards, module)) Py_RETURN_NOTIMPLEMENTED;
-
   int64_t iv[kIntCount];
-  for (int i = 0; i < kIntCount; ++i) {
-    iv[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(ints, i));
-    if (iv[i] == -1 && PyErr_Occurred()) return nullptr;
+  Tensor held[kTensorCount];
+  switch (read_plan(plan, module, kPlanSize, held, kTensorCount, iv, kIntCount)) {
+    case PlanRead::kStale:
+      Py_RETURN_NOTIMPLEMENTED;
+    case PlanRead::kError:
+      return nullptr;
+    case PlanRead::kOk:
+      break;
   }
   const double scaling = PyFloat_AsDouble(PyTuple_GET_ITEM(plan, kScaling));
   if (scaling == -1.0 && PyErr_Occurred()) return nullptr;
-
-  // the held tensors, as the plan recorded them (else the plan is stale)
-  Tensor held[kTensorCount];
-  for (int i = 0; i < kTensorCount; ++i) {
-    PyObject* t = PyTuple_GET_ITEM(tensors, i);
-    if (t == Py_None) continue;
-    if (!THPVariable_Check(t)) Py_RETURN_NOTIMPLEMENTED;
-    held[i] = THPVariable_Unpack(t);
-  }
   const int64_t n = iv[kN], k = iv[kK], r = iv[kR];
-  const bool nested = held[kNestedAbsmax].defined();
-  if (!held_ok(held[kPacked], at::kByte, iv[kPackedLen]) ||
-      !held_ok(held[kAbsmax], nested ? at::kByte : at::kFloat, iv[kAbsmaxLen]) ||
+  const Tensor& bias = held[kBias];
+  if (!quant_and_bias_ok(held, iv[kPackedLen], iv[kAbsmaxLen], iv[kNestedAbsmaxLen], bias, n) ||
       !held_ok(held[kA], at::kFloat, r * k) || held[kA].dim() != 2 || held[kA].size(0) != r ||
       held[kA].size(1) != k || !held_ok(held[kB], at::kFloat, n * r) || held[kB].dim() != 2 ||
       held[kB].size(0) != n || held[kB].size(1) != r)
-    Py_RETURN_NOTIMPLEMENTED;
-  if (nested &&
-      (!held_ok(held[kNestedAbsmax], at::kFloat, iv[kNestedAbsmaxLen]) ||
-       !held_ok(held[kNestedCode], at::kFloat, 256) || !held_ok(held[kOffset], at::kFloat, 1)))
-    Py_RETURN_NOTIMPLEMENTED;
-  const Tensor& bias = held[kBias];
-  if (bias.defined() && (!held_ok(bias, at::kFloat, n) || bias.dim() != 1 || bias.size(0) != n))
     Py_RETURN_NOTIMPLEMENTED;
 
   // this call: x a plain contiguous fp32 CPU tensor [..., K], nothing observing
@@ -566,16 +586,9 @@ PyObject* layer_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // gets y = the 4-bit GEMV + bias, as functional.linear_4bit computes it (x widened to fp32,
 // the fp32 GEMV, add_ of the fp32 bias, one rounding to x's dtype); anything else None (the
 // full path), a stale plan NotImplemented.
-enum LinearPart { kLinOwner = 0, kLinGuards, kLinTensors, kLinInts, kLinPlanSize };
-enum LinearTensor {
-  kLinPacked = 0,
-  kLinAbsmax,
-  kLinNestedAbsmax,
-  kLinNestedCode,
-  kLinOffset,
-  kLinBias,
-  kLinTensorCount
-};
+// The plan: (id(owner), guards, tensors (packed, absmax, nested absmax, nested code,
+// offset, bias), ints), parts as enum PlanPart.
+enum LinearTensor { kLinBias = kA, kLinTensorCount };
 enum LinearInt {
   kLinN = 0,
   kLinK,
@@ -601,42 +614,20 @@ PyObject* linear_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   PyObject *plan = args[0], *module = args[1], *xobj = args[2];
-  if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != kLinPlanSize ||
-      PyLong_AsVoidPtr(PyTuple_GET_ITEM(plan, kLinOwner)) != static_cast<void*>(module)) {
-    PyErr_Clear();
-    Py_RETURN_NOTIMPLEMENTED;
-  }
-  PyObject* guards = PyTuple_GET_ITEM(plan, kLinGuards);
-  PyObject* tensors = PyTuple_GET_ITEM(plan, kLinTensors);
-  PyObject* ints = PyTuple_GET_ITEM(plan, kLinInts);
-  if (!PyTuple_CheckExact(guards) || !PyTuple_CheckExact(tensors) ||
-      PyTuple_GET_SIZE(tensors) != kLinTensorCount || !PyTuple_CheckExact(ints) ||
-      PyTuple_GET_SIZE(ints) != kLinIntCount)
-    Py_RETURN_NOTIMPLEMENTED;
-  if (!guards_hold(guards, module)) Py_RETURN_NOTIMPLEMENTED;
   int64_t iv[kLinIntCount];
-  for (int i = 0; i < kLinIntCount; ++i) {
-    iv[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(ints, i));
-    if (iv[i] == -1 && PyErr_Occurred()) return nullptr;
-  }
   Tensor held[kLinTensorCount];
-  for (int i = 0; i < kLinTensorCount; ++i) {
-    PyObject* t = PyTuple_GET_ITEM(tensors, i);
-    if (t == Py_None) continue;
-    if (!THPVariable_Check(t)) Py_RETURN_NOTIMPLEMENTED;
-    held[i] = THPVariable_Unpack(t);
+  switch (read_plan(plan, module, kInts + 1, held, kLinTensorCount, iv, kLinIntCount)) {
+    case PlanRead::kStale:
+      Py_RETURN_NOTIMPLEMENTED;
+    case PlanRead::kError:
+      return nullptr;
+    case PlanRead::kOk:
+      break;
   }
   const int64_t n = iv[kLinN], k = iv[kLinK];
-  const bool nested = held[kLinNestedAbsmax].defined();
-  if (!held_ok(held[kLinPacked], at::kByte, iv[kLinPackedLen]) ||
-      !held_ok(held[kLinAbsmax], nested ? at::kByte : at::kFloat, iv[kLinAbsmaxLen]))
-    Py_RETURN_NOTIMPLEMENTED;
-  if (nested && (!held_ok(held[kLinNestedAbsmax], at::kFloat, iv[kLinNestedAbsmaxLen]) ||
-                 !held_ok(held[kLinNestedCode], at::kFloat, 256) ||
-                 !held_ok(held[kLinOffset], at::kFloat, 1)))
-    Py_RETURN_NOTIMPLEMENTED;
   const Tensor& bias = held[kLinBias];
-  if (bias.defined() && (!held_ok(bias, at::kFloat, n) || bias.dim() != 1 || bias.size(0) != n))
+  if (!quant_and_bias_ok(held, iv[kLinPackedLen], iv[kLinAbsmaxLen], iv[kLinNestedAbsmaxLen], bias,
+                         n))
     Py_RETURN_NOTIMPLEMENTED;
 
   if (!THPVariable_CheckExact(xobj)) Py_RETURN_NONE;
@@ -659,11 +650,11 @@ PyObject* linear_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   std::vector<int64_t> out_sizes = x.sizes().vec();
   out_sizes.back() = n;
   Tensor y = at::empty(out_sizes, xf.options());
-  const Tensor &packed = held[kLinPacked], &absmax = held[kLinAbsmax];
+  const Tensor &packed = held[kPacked], &absmax = held[kAbsmax];
   g_abi->gemv(ptr(xf), xf.numel(), m, n, k, ptr(packed), packed.numel(), ptr(absmax),
               absmax.numel(), iv[kLinBlocksize], static_cast<int>(iv[kLinQuantType]),
-              ptr(held[kLinNestedAbsmax]), len(held[kLinNestedAbsmax]), ptr(held[kLinNestedCode]),
-              ptr(held[kLinOffset]), iv[kLinNestedBlocksize], ptr(y), y.numel(),
+              ptr(held[kNestedAbsmax]), len(held[kNestedAbsmax]), ptr(held[kNestedCode]),
+              ptr(held[kOffset]), iv[kLinNestedBlocksize], ptr(y), y.numel(),
               at::get_num_threads());
   if (bias.defined()) y.add_(bias);
   if (dtype != at::kFloat) y = y.to(dtype);
