@@ -36,6 +36,16 @@ int64_t block_arg(const char* fn, const char* name, int64_t v, int64_t dflt, int
   return v;
 }
 
+// ValueError unless the CPU kernels run at the avx2 level or above now.
+void require_avx2(const char* fn) {
+  if (active_level() >= kIsaAvx2) return;
+  const std::string lacks = missing_features(kIsaAvx2);
+  host::fail(fn, std::string("needs the avx2 level; the kernels run at ") +
+                     isa_level_name(active_level()) +
+                     (lacks.empty() ? " (QPEFT_CPU_ISA or set_isa capped the level)"
+                                    : " (this CPU lacks " + lacks + ")"));
+}
+
 // log2(v) for a power of two, else -1.
 int log2_exact(int64_t v) {
   if (v <= 0 || (v & (v - 1)) != 0) return -1;
@@ -88,13 +98,7 @@ void qgemm_4bit_f32(bool dx, uintptr_t x, int64_t x_len, int64_t m, int64_t n, i
     check_positive(fn, "nested_blocksize", nested_blocksize);
     check_len(fn, "nested_absmax", nested_absmax_len, ceil_div(blocks, nested_blocksize));
   }
-  if (active_level() < kIsaAvx2) {
-    const std::string lacks = missing_features(kIsaAvx2);
-    fail(fn, std::string("needs the avx2 level; the kernels run at ") +
-                 isa_level_name(active_level()) +
-                 (lacks.empty() ? " (QPEFT_CPU_ISA or set_isa capped the level)"
-                                : " (this CPU lacks " + lacks + ")"));
-  }
+  require_avx2(fn);
 #if !QPEFT_HAVE_AVX2_TU
   fail(fn, "this build has no avx2 kernels (the compiler rejected the level's flags)");
 #else
@@ -198,13 +202,7 @@ void lora_grad_f32(uintptr_t g, int64_t g_len, int64_t g_stride_m, int64_t g_str
       fail(fn, "g holds " + std::to_string(g_len) + " elements, its strides reach element " +
                    std::to_string(last));
   }
-  if (active_level() < kIsaAvx2) {
-    const std::string lacks = missing_features(kIsaAvx2);
-    fail(fn, std::string("needs the avx2 level; the kernels run at ") +
-                 isa_level_name(active_level()) +
-                 (lacks.empty() ? " (QPEFT_CPU_ISA or set_isa capped the level)"
-                                : " (this CPU lacks " + lacks + ")"));
-  }
+  require_avx2(fn);
 #if !QPEFT_HAVE_AVX2_TU
   fail(fn, "this build has no avx2 kernels (the compiler rejected the level's flags)");
 #else

@@ -126,20 +126,46 @@ void run_forward(const Frozen& f, const Tensor& x, int64_t m, const Tensor& a, c
                  ptr(xa), len(xa), at::get_num_threads());
 }
 
-// The autograd node of a call with a gradient: QLoRAFunction's backward for a call the
-// small kernels serve (qpeft/autograd.py), saving the same tensors (x as [M, K], A, B,
-// the packed weight and its state, xa when B needs a gradient) as SavedVariables, so the
-// same version-counter checks and "backward through the graph a second time" errors. A
-// Node of its own (as torch's generated backward functions are), not a
-// torch::autograd::Function: that one's context map and per-input bookkeeping cost about
-// as much again as the rest of the call.
-struct SmallQLoRABackward final : public torch::autograd::Node {
+// The autograd nodes of a call with a gradient: QLoRAFunction's backward, for a call the
+// small kernels serve (SmallQLoRABackward) or the fused GEMM does (GemmQLoRABackward,
+// below). Both save the tensors QLoRAFunction saves (x as [M, K], A, B, the packed weight
+// and its state, xa when B needs a gradient) as SavedVariables, so the same version-counter
+// checks and "backward through the graph a second time" errors. Nodes of their own (as
+// torch's generated backward functions are), not a torch::autograd::Function: that one's
+// context map and per-input bookkeeping cost about as much again as the rest of the call.
+struct QLoRANode : public torch::autograd::Node {
   SavedVariable x2_, a_, b_, packed_, absmax_, nested_absmax_, nested_code_, offset_, xa_;
-  int64_t n = 0, k = 0, r = 0, m = 0, blocksize = 0, nested_blocksize = 0, quant_type = 0;
-  float scaling = 0.0f;
+  Frozen f{};  // the call's sizes and scaling; its tensors are the SavedVariables above
+  int64_t m = 0;
   std::vector<int64_t> x_sizes;
 
-  std::string name() const override { return "SmallQLoRABackward"; }
+  void save(const Frozen& call, const Tensor& x, const Tensor& x2, const Tensor& a, const Tensor& b,
+            const Tensor& xa) {
+    x2_ = SavedVariable(x2, false);
+    a_ = SavedVariable(a, false);
+    b_ = SavedVariable(b, false);
+    packed_ = SavedVariable(call.packed, false);
+    absmax_ = SavedVariable(call.absmax, false);
+    nested_absmax_ = SavedVariable(call.nested_absmax, false);
+    nested_code_ = SavedVariable(call.nested_code, false);
+    offset_ = SavedVariable(call.offset, false);
+    xa_ = SavedVariable(xa, false);
+    f = call;
+    f.packed = f.absmax = f.nested_absmax = f.nested_code = f.offset = f.bias = Tensor();
+    m = x2.size(0);
+    x_sizes = x.sizes().vec();
+  }
+
+  // f with the saved frozen tensors (unpacking checks their version counters)
+  Frozen frozen() {
+    Frozen w = f;
+    w.packed = packed_.unpack();
+    w.absmax = absmax_.unpack();
+    w.nested_absmax = nested_absmax_.unpack();
+    w.nested_code = nested_code_.unpack();
+    w.offset = offset_.unpack();
+    return w;
+  }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -147,12 +173,16 @@ struct SmallQLoRABackward final : public torch::autograd::Node {
          {&x2_, &a_, &b_, &packed_, &absmax_, &nested_absmax_, &nested_code_, &offset_, &xa_})
       v->reset_data();
   }
+};
+
+struct SmallQLoRABackward final : public QLoRANode {
+  std::string name() const override { return "SmallQLoRABackward"; }
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    const Tensor x2 = x2_.unpack(), a = a_.unpack(), b = b_.unpack(), packed = packed_.unpack(),
-                 absmax = absmax_.unpack(), nested_absmax = nested_absmax_.unpack(),
-                 nested_code = nested_code_.unpack(), offset = offset_.unpack(), xa = xa_.unpack();
+    const Tensor x2 = x2_.unpack(), a = a_.unpack(), b = b_.unpack(), xa = xa_.unpack();
+    const Frozen w = frozen();
+    const int64_t n = w.n, k = w.k, r = w.r;
     const bool need_dx = task_should_compute_output(0), need_da = task_should_compute_output(1),
                need_db = task_should_compute_output(2), need_dbias = task_should_compute_output(3);
     // as qpeft/backends/cpu/qlora.py _small_backward: dy contiguous fp32 [M, N]; an
@@ -165,11 +195,12 @@ struct SmallQLoRABackward final : public torch::autograd::Node {
     Tensor db = need_db ? at::empty({n, r}, opts) : Tensor();
     if (need_dx || need_da || need_db)
       g_abi->backward(ptr(dy), dy.numel(), need_da ? ptr(x2) : 0, need_da ? x2.numel() : 0, m, n, k,
-                      ptr(packed), packed.numel(), ptr(absmax), absmax.numel(), blocksize,
-                      static_cast<int>(quant_type), ptr(nested_absmax), len(nested_absmax),
-                      ptr(nested_code), ptr(offset), nested_blocksize, ptr(a), a.numel(), ptr(b),
-                      b.numel(), need_db ? ptr(xa) : 0, need_db ? len(xa) : 0, r, scaling, 0, 0, 0,
-                      0, ptr(dx), len(dx), ptr(da), len(da), ptr(db), len(db));
+                      ptr(w.packed), w.packed.numel(), ptr(w.absmax), w.absmax.numel(), w.blocksize,
+                      static_cast<int>(w.quant_type), ptr(w.nested_absmax), len(w.nested_absmax),
+                      ptr(w.nested_code), ptr(w.offset), w.nested_blocksize, ptr(a), a.numel(),
+                      ptr(b), b.numel(), need_db ? ptr(xa) : 0, need_db ? len(xa) : 0, r,
+                      static_cast<float>(w.scaling), 0, 0, 0, 0, ptr(dx), len(dx), ptr(da), len(da),
+                      ptr(db), len(db));
     // dbias: torch's sum over the rows, as the reference and the Python path sum it
     Tensor dbias = need_dbias ? dy.sum(0) : Tensor();
     if (need_dx) dx = dx.view(x_sizes);
@@ -188,24 +219,7 @@ Tensor forward_with_grad(const Frozen& f, const Tensor& x, int64_t m, const Tens
   Tensor y = at::empty(out_sizes, x.options());
   Tensor xa = need_db ? at::empty({m, f.r}, x.options()) : Tensor();
   run_forward(f, x, m, a, b, f.bias, y, xa);
-  node->x2_ = SavedVariable(x.dim() == 2 ? x : x.view({m, f.k}), false);
-  node->a_ = SavedVariable(a, false);
-  node->b_ = SavedVariable(b, false);
-  node->packed_ = SavedVariable(f.packed, false);
-  node->absmax_ = SavedVariable(f.absmax, false);
-  node->nested_absmax_ = SavedVariable(f.nested_absmax, false);
-  node->nested_code_ = SavedVariable(f.nested_code, false);
-  node->offset_ = SavedVariable(f.offset, false);
-  node->xa_ = SavedVariable(xa, false);
-  node->n = f.n;
-  node->k = f.k;
-  node->r = f.r;
-  node->m = m;
-  node->blocksize = f.blocksize;
-  node->nested_blocksize = f.nested_blocksize;
-  node->quant_type = f.quant_type;
-  node->scaling = static_cast<float>(f.scaling);
-  node->x_sizes = x.sizes().vec();
+  node->save(f, x, x.dim() == 2 ? x : x.view({m, f.k}), a, b, xa);
   torch::autograd::set_history(y, node);
   return y;
 }
@@ -268,30 +282,13 @@ std::pair<Tensor, Tensor> gemm_forward(const Frozen& f, const Tensor& x, const T
 }
 
 // QLoRAFunction's backward for a call the fused GEMM serves (_backward_composed).
-struct GemmQLoRABackward final : public torch::autograd::Node {
-  SavedVariable x2_, a_, b_, packed_, absmax_, nested_absmax_, nested_code_, offset_, xa_;
-  Frozen f{};
-  int64_t m = 0;
-  std::vector<int64_t> x_sizes;
-
+struct GemmQLoRABackward final : public QLoRANode {
   std::string name() const override { return "GemmQLoRABackward"; }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* v :
-         {&x2_, &a_, &b_, &packed_, &absmax_, &nested_absmax_, &nested_code_, &offset_, &xa_})
-      v->reset_data();
-  }
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const Tensor x2 = x2_.unpack(), a = a_.unpack(), b = b_.unpack(), xa = xa_.unpack();
-    Frozen w = f;  // the frozen tensors as saved (their version counters checked)
-    w.packed = packed_.unpack();
-    w.absmax = absmax_.unpack();
-    w.nested_absmax = nested_absmax_.unpack();
-    w.nested_code = nested_code_.unpack();
-    w.offset = offset_.unpack();
+    const Frozen w = frozen();
     // what QLoRAFunction's ctx.needs_input_grad says: every input that requires a gradient,
     // whether or not this graph task asks for it (whether dx is computed decides how g =
     // dy B is, and so dA's bits)
@@ -335,20 +332,7 @@ Tensor gemm_forward_with_grad(const Frozen& f, const Tensor& x, int64_t m, const
   node->set_next_edges(torch::autograd::collect_next_edges(x, a, b, bias_input));
   const Tensor x2 = x.dim() == 2 ? x : x.view({m, f.k});
   auto [y, xa] = gemm_forward(f, x, x2, a, b, node->should_compute_output(2));
-  node->x2_ = SavedVariable(x2, false);
-  node->a_ = SavedVariable(a, false);
-  node->b_ = SavedVariable(b, false);
-  node->packed_ = SavedVariable(f.packed, false);
-  node->absmax_ = SavedVariable(f.absmax, false);
-  node->nested_absmax_ = SavedVariable(f.nested_absmax, false);
-  node->nested_code_ = SavedVariable(f.nested_code, false);
-  node->offset_ = SavedVariable(f.offset, false);
-  node->xa_ = SavedVariable(xa, false);
-  node->f = f;
-  node->f.packed = node->f.absmax = node->f.nested_absmax = node->f.nested_code = node->f.offset =
-      node->f.bias = Tensor();  // held as SavedVariables, not twice
-  node->m = m;
-  node->x_sizes = x.sizes().vec();
+  node->save(f, x, x2, a, b, xa);
   torch::autograd::set_history(y, node);
   return y;
 }

@@ -603,25 +603,7 @@ def qlora_linear_backward(
                 acc.addmm_(dy[:, r0:r1], w)
         return acc
 
-    if lora_a is None:
-        return backward_from(
-            add_dy_w,
-            grad_y,
-            x,
-            lora_a,
-            lora_b,
-            xa,
-            scaling,
-            rank_scale,
-            out_scale,
-            need_dx,
-            need_da,
-            need_db,
-            need_dbias,
-        )
-    # where the products with W take the fused GEMM, dA and dB take its level's kernel too
-    fused = cdt == _F32 and f32gemm.use_for(m, n, k)
-    return _backward_composed(
+    args = (
         add_dy_w,
         grad_y,
         x,
@@ -635,8 +617,11 @@ def qlora_linear_backward(
         need_da,
         need_db,
         need_dbias,
-        fused,
     )
+    if lora_a is None:
+        return backward_from(*args)
+    # where the products with W take the fused GEMM, dA and dB take its level's kernel too
+    return _backward_composed(*args, fused=cdt == _F32 and f32gemm.use_for(m, n, k))
 
 
 def _rank_col(rank_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
