@@ -363,7 +363,9 @@ def _load_layer():
         abi = _native.cpu_module()._small_layer_abi
     except (ImportError, AttributeError):
         return False
-    _C_layer.init(abi, torch.autograd.profiler, _dispatch._forced)
+    from .backends.cpu import qlora as cpu_qlora
+
+    _C_layer.init(abi, torch.autograd.profiler, _dispatch._forced, cpu_qlora)
     return _C_layer
 
 
@@ -463,8 +465,8 @@ def small_layer_plan(owner, guards: tuple, packed, state, lora_a, lora_b, bias, 
     """The plan ``qpeft._C_layer.call`` serves ``owner``'s calls from, or None where it
     cannot: no module, an empty weight, or anything other than fp32 CPU adapters and bias
     and a plain packed uint8 weight. Each call then takes the route the Python path would
-    take for its rows (the small kernels, the fused fp32 GEMM) or, where that is neither,
-    the full path. ``guards`` is a flat tuple
+    take for its rows (the small kernels, the fused fp32 GEMM, W's decoded panels) or,
+    where that is none of them (the GEMV's rows, fp32 x computing in bf16), the full path. ``guards`` is a flat tuple
     of (container, key, expected) triples, ``container`` a dict, an object whose instance
     ``__dict__`` is read, or None for ``owner`` itself (the plan lives in ``owner``'s
     ``__dict__``: holding no reference to it, it makes no reference cycle): every call
@@ -517,6 +519,11 @@ def small_layer_plan(owner, guards: tuple, packed, state, lora_a, lora_b, bias, 
         f32gemm.PANELS_MIN_ROWS,
         f32gemm.PANELS_MIN_WEIGHTS,
         cpu_qlora.MERGE_RATIO,
+        cpu_qlora._panel_rows(n, k, int(blocksize), int(nested_blocksize) if na is not None else None),
+        2 * cpu_qlora.panel_elems(4),
+        # PANEL_ELEMS as planned: the C++ call finds the plan stale when tests change it
+        -1 if cpu_qlora.PANEL_ELEMS is None else int(cpu_qlora.PANEL_ELEMS),
+        cpu_qlora.FP32_BF16_MIN_WORK,
     )
     if lora_a.dim() != 2 or tuple(lora_a.shape) != (ints[2], k) or tuple(lora_b.shape) != (n, ints[2]):
         return None

@@ -1,6 +1,7 @@
 """A QLoRALinear's call served by qpeft._C_layer (docs/design.md, "Per-call overhead"): a
 small layer's through the small kernels, a larger call's through the fused fp32 GEMM (at
-the avx2 level, where the Python path takes it).
+the avx2 level, where the Python path takes it) or through W's decoded panels (the other
+levels, and large M and W at avx2).
 
 The fast path must give the same bits as the full Python path (forward, dx, dA, dB,
 dbias), keep torch's autograd semantics (retain_graph, autograd.grad, create_graph,
@@ -486,28 +487,30 @@ def test_gemm_route_autograd_semantics(at_avx2):
 
 
 def test_gemm_route_follows_the_level_and_the_sizes(at_avx2, full_path_calls):
-    """The route is taken exactly where the Python path takes the fused GEMM: at the avx2
-    level (another level keeps decoded panels), above the GEMV's rows, and not for M >=
-    256 rows of a W of 4M weights or more (decoded panels, backends/cpu/f32gemm.py)."""
+    """The GEMM route is taken exactly where the Python path takes the fused GEMM: at the
+    avx2 level (another level decodes panels: the panel route), above the GEMV's rows, and
+    not for M >= 256 rows of a W of 4M weights or more (decoded panels,
+    backends/cpu/f32gemm.py)."""
     from qpeft.backends.cpu import f32gemm
 
     q = _layer(n=64, k=64)
-    x = torch.randn(40, 64)
-    assert _served_fast(q, x)
+    x = torch.randn(40, 64, requires_grad=True)
+    assert _served_fast(q, x.detach())
     before = len(full_path_calls)
+    assert q(x).grad_fn.name() == "GemmQLoRABackward"
     at_avx2.set_isa("scalar")
     try:
         assert not f32gemm.active()
-        q(x)
-        assert len(full_path_calls) == before + 1
+        assert q(x).grad_fn.name() == "PanelQLoRABackward"
     finally:
         at_avx2.set_isa("avx2")
-    q(x)
-    assert len(full_path_calls) == before + 1  # the plan serves again
+    assert q(x).grad_fn.name() == "GemmQLoRABackward"
+    assert len(full_path_calls) == before  # one plan serves both routes
     big = _layer(n=2048, k=2048)
     assert not f32gemm.use_for(256, 2048, 2048) and f32gemm.use_for(255, 2048, 2048)
-    assert not _served_fast(big, torch.randn(256, 2048))
-    assert _served_fast(big, torch.randn(255, 2048))
+    for m, node in ((256, "PanelQLoRABackward"), (255, "GemmQLoRABackward")):
+        x = torch.randn(m, 2048, requires_grad=True)
+        assert _served_fast(big, x.detach()) and big(x).grad_fn.name() == node
 
 
 @settings(max_examples=max(4, settings.default.max_examples // 4))
@@ -550,6 +553,187 @@ def test_gemm_route_same_bits_property(m, n, k, r, bias, double_quant, quant_typ
     assert torch.equal(y_fast, y_full)
     for a, b in zip(g_fast, g_full):
         assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+# --- the panel route ------------------------------------------------------------------------
+
+
+def _panel_levels():
+    """The levels where the Python path decodes panels for torch's fp32 GEMM: scalar, and
+    every level above avx2 this CPU runs (avx2 itself only for large M and W, below)."""
+    from qpeft._native import cpu_module
+
+    info = cpu_module().cpu_info()
+    above = [lvl for lvl in ("avx512", "avx512_bf16", "amx") if lvl in info["built_levels"]]
+    return ["scalar"] + [
+        lvl if lvl not in info["missing"] else pytest.param(lvl, marks=pytest.mark.skip(info["missing"][lvl]))
+        for lvl in above
+    ]
+
+
+@pytest.fixture(params=_panel_levels())
+def panel_level(request):
+    from qpeft._native import cpu_module
+
+    mod = cpu_module()
+    prev = mod.set_isa(request.param)
+    yield request.param
+    mod.set_isa(prev)
+
+
+# the GEMM route's cases (the four merge combinations, ...) plus one W of several panels
+PANEL_CASES = GEMM_CASES + [(dict(n=200, k=96, blocksize=32, panel_elems=3072), (45,))]
+
+
+def _same_bits_both_ways(q, x, dy, node):
+    with qpeft.use_backend("cpu"):
+        y_full, g_full, fn_full = _run(q, x, dy)
+    y_fast, g_fast, fn_fast = _run(q, x, dy)
+    assert fn_fast.name() == node and fn_full.name() == "QLoRAFunctionBackward"
+    assert y_fast.shape == y_full.shape and torch.equal(y_fast, y_full)
+    for a, b in zip(g_fast, g_full):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return y_full
+
+
+@pytest.mark.parametrize(
+    "spec,lead", PANEL_CASES, ids=lambda v: "-".join(map(str, v.values() if isinstance(v, dict) else v))
+)
+def test_panel_route_same_bits_as_the_full_path(spec, lead, panel_level, monkeypatch, full_path_calls):
+    from qpeft.backends.cpu import qlora as cpu_qlora
+
+    spec = dict(spec)
+    monkeypatch.setattr(cpu_qlora, "PANEL_ELEMS", spec.pop("panel_elems", None))
+    q = _layer(**spec)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(*lead, q.in_features, generator=g)
+    dy = torch.randn(*lead, q.out_features, generator=g)
+    assert _served_fast(q, x)
+    before = len(full_path_calls)
+    y_full = _same_bits_both_ways(q, x, dy, "PanelQLoRABackward")
+    assert len(full_path_calls) == before + 1  # the use_backend("cpu") call only
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            y = q(x)
+        assert y.grad_fn is None and torch.equal(y, y_full)
+    params = [q.lora_A, q.lora_B] + ([q.bias] if q.bias is not None and q.bias.requires_grad else [])
+    xg = x.clone().requires_grad_()
+    for wrt in [xg, *params]:  # each gradient alone
+        (fast,) = torch.autograd.grad(q(xg), wrt, dy)
+        with qpeft.use_backend("cpu"):
+            (full,) = torch.autograd.grad(q(xg), wrt, dy)
+        assert torch.equal(fast, full)
+    for p in params:  # frozen adapters: dx alone
+        p.requires_grad_(False)
+    (fast,) = torch.autograd.grad(q(xg), xg, dy)
+    with qpeft.use_backend("cpu"):
+        (full,) = torch.autograd.grad(q(xg), xg, dy)
+    assert torch.equal(fast, full)
+
+
+def test_panel_route_for_large_m_and_w_at_avx2(at_avx2, monkeypatch):
+    """At avx2 the Python path decodes panels for M >= PANELS_MIN_ROWS rows of a W of at
+    least PANELS_MIN_WEIGHTS weights (lowered here, as the plan reads them when built)."""
+    from qpeft.backends.cpu import f32gemm
+    from qpeft.backends.cpu import qlora as cpu_qlora
+
+    monkeypatch.setattr(f32gemm, "PANELS_MIN_ROWS", 48)
+    monkeypatch.setattr(f32gemm, "PANELS_MIN_WEIGHTS", 96 * 128)
+    monkeypatch.setattr(cpu_qlora, "PANEL_ELEMS", 32 * 128)
+    q = _layer(n=96, k=128, train_bias=True)
+    g = torch.Generator().manual_seed(4)
+    x, dy = torch.randn(48, 128, generator=g), torch.randn(48, 96, generator=g)
+    assert _served_fast(q, x)
+    _same_bits_both_ways(q, x, dy, "PanelQLoRABackward")
+    x, dy = torch.randn(40, 128, generator=g), torch.randn(40, 96, generator=g)  # fewer rows: the GEMM
+    _same_bits_both_ways(q, x, dy, "GemmQLoRABackward")
+
+
+def test_panel_route_follows_panel_elems(panel_level, monkeypatch):
+    """A new PANEL_ELEMS makes the plan stale: the next plan decodes the new panels."""
+    from qpeft.backends.cpu import qlora as cpu_qlora
+
+    q = _layer(n=128, k=64)
+    x, dy = torch.randn(40, 64), torch.randn(40, 128)
+    assert _served_fast(q, x)
+    plan = q._fast_plan
+    for elems in (64 * 64, 16 * 64, None):
+        monkeypatch.setattr(cpu_qlora, "PANEL_ELEMS", elems)
+        assert qautograd.layer_call(plan, q, x) is NotImplemented
+        q(x)  # the stale plan dropped: the full path, which plans again on its next call
+        assert _served_fast(q, x) and q._fast_plan is not plan
+        plan = q._fast_plan
+        _same_bits_both_ways(q, x, dy, "PanelQLoRABackward")
+
+
+def test_route_leaves_fp32_calls_that_compute_in_bf16(panel_level, monkeypatch, full_path_calls):
+    """Where fp32 x of a large shape computes in bf16 (a CPU with bf16 dot products and
+    torch's fp32 matmul setting allowing bf16: patched in here), the route hands the call
+    to the full path (its bf16 mode); smaller calls stay fp32 and are served."""
+    from qpeft.backends.cpu import capability
+    from qpeft.backends.cpu import qlora as cpu_qlora
+
+    q = _layer(n=256, k=256)
+    small, large = torch.randn(40, 256), torch.randn(128, 256)
+    assert 40 * 256 * 256 < cpu_qlora.FP32_BF16_MIN_WORK <= 128 * 256 * 256
+    assert _served_fast(q, small) and _served_fast(q, large)
+    monkeypatch.setattr(capability, "bf16_dot_products", lambda: True)
+    monkeypatch.setattr(capability, "fp32_matmul_allows_bf16", lambda: True)
+    assert cpu_qlora.fp32_takes_bf16(128, 256, 256) and not cpu_qlora.fp32_takes_bf16(40, 256, 256)
+    before = len(full_path_calls)
+    q(small)
+    assert len(full_path_calls) == before
+    q(large)
+    assert len(full_path_calls) == before + 1
+
+
+@settings(max_examples=max(4, settings.default.max_examples // 4))
+@given(
+    m=st.integers(9, 120),
+    n=st.integers(1, 90),
+    k=st.sampled_from([32, 64, 96, 136, 200, 264]),
+    r=st.integers(1, 17),
+    bias=st.booleans(),
+    double_quant=st.booleans(),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    lead=st.sampled_from([(), (3,)]),
+    panel_rows=st.sampled_from([None, 1, 3, 8]),
+    seed=st.integers(0, 2**16),
+)
+def test_panel_route_same_bits_property(m, n, k, r, bias, double_quant, quant_type, lead, panel_rows, seed):
+    """Random layers, rows and panel sizes at the scalar level: y and every gradient equal
+    the full path's bit for bit."""
+    from qpeft._native import cpu_module
+    from qpeft.backends.cpu import qlora as cpu_qlora
+
+    rows = m * (lead[0] if lead else 1)
+    if rows <= 32 and rows * n * k <= 1 << 19 and n * k <= 1 << 16:
+        m += 33  # not the small forward
+    q = _layer(
+        n=n,
+        k=k,
+        r=r,
+        bias=bias,
+        quant_type=quant_type,
+        double_quant=double_quant,
+        blocksize=32,
+        seed=seed,
+        train_bias=bias,
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*lead, m, k, generator=g)
+    dy = torch.randn(*lead, m, n, generator=g)
+    mod = cpu_module()
+    prev_level, prev_elems = mod.set_isa("scalar"), cpu_qlora.PANEL_ELEMS
+    cpu_qlora.PANEL_ELEMS = None if panel_rows is None else panel_rows * k
+    try:
+        assert _served_fast(q, x)
+        _same_bits_both_ways(q, x, dy, "PanelQLoRABackward")
+    finally:
+        mod.set_isa(prev_level)
+        cpu_qlora.PANEL_ELEMS = prev_elems
 
 
 # --- Linear4bit's inference calls (linear_call) --------------------------------------------

@@ -458,13 +458,10 @@ PYBIND11_MODULE(_C, m) {
         "fp32 backward of qlora_small_forward in one call: dx, da, db (0: not computed).");
   // The same kernels (and the fused fp32 GEMM) for qpeft._C_layer, the torch-linked layer
   // call (csrc/include/qpeft/small_layer_abi.h): a static table, alive as long as the process.
-  static const qpeft::SmallLayerAbi small_layer_abi{qpeft::kSmallLayerAbiVersion,
-                                                    &qc::qlora_small_forward,
-                                                    &qc::qlora_small_backward,
-                                                    &qc::qgemm_4bit_f32,
-                                                    &qc::qgemm_4bit_f32_active,
-                                                    &qc::gemv_4bit,
-                                                    &qc::lora_grad_f32};
+  static const qpeft::SmallLayerAbi small_layer_abi{
+      qpeft::kSmallLayerAbiVersion, &qc::qlora_small_forward,   &qc::qlora_small_backward,
+      &qc::qgemm_4bit_f32,          &qc::qgemm_4bit_f32_active, &qc::gemv_4bit,
+      &qc::lora_grad_f32,           &qc::dequantize_4bit};
   m.attr("_small_layer_abi") =
       py::capsule(static_cast<const void*>(&small_layer_abi), qpeft::kSmallLayerAbiName);
 }

@@ -1,10 +1,11 @@
-// qpeft._C_layer: a small QLoRALinear's whole call in C++ (docs/design.md, "Per-call
-// overhead"). The only qpeft module that links libtorch: it needs torch's autograd (one
-// C++ Node costs a few us where torch.autograd.Function.apply costs 12-23 us) and reads
-// tensors without going through Python. It is therefore built for one torch version
-// (recorded as `torch_version`); qpeft/autograd.py loads it only when that is the
-// running torch's, else the Python path serves every call. The kernels stay in qpeft._C,
-// called through the function table of include/qpeft/small_layer_abi.h.
+// qpeft._C_layer: a QLoRALinear's whole fp32 call in C++ (docs/design.md, "Per-call
+// overhead"): the small kernels, the fused fp32 GEMM or W's decoded panels, whichever the
+// Python path takes for the call. The only qpeft module that links libtorch: it needs
+// torch's autograd (one C++ Node costs a few us where torch.autograd.Function.apply costs
+// 12-23 us) and reads tensors without going through Python. It is therefore built for
+// one torch version (recorded as `torch_version`); qpeft/autograd.py loads it only when
+// that is the running torch's, else the Python path serves every call. The kernels stay
+// in qpeft._C, called through the function table of include/qpeft/small_layer_abi.h.
 //
 // call(plan, module, x) -> Tensor | None | NotImplemented
 //   plan: the tuple qpeft/autograd.py's small_layer_plan builds from a call the full
@@ -52,9 +53,11 @@ using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 const qpeft::SmallLayerAbi* g_abi = nullptr;
-PyObject* g_profiler = nullptr;       // torch.autograd.profiler (its _is_profiler_enabled)
-PyObject* g_forced = nullptr;         // qpeft._dispatch._forced (use_backend's ContextVar)
-PyObject* g_profiler_flag = nullptr;  // interned "_is_profiler_enabled"
+PyObject* g_profiler = nullptr;          // torch.autograd.profiler (its _is_profiler_enabled)
+PyObject* g_forced = nullptr;            // qpeft._dispatch._forced (use_backend's ContextVar)
+PyObject* g_cpu_qlora = nullptr;         // qpeft.backends.cpu.qlora (PANEL_ELEMS, fp32_takes_bf16)
+PyObject* g_panel_elems_name = nullptr;  // interned "PANEL_ELEMS"
+PyObject* g_profiler_flag = nullptr;     // interned "_is_profiler_enabled"
 // the autograd input standing in for an absent bias (never needs a gradient); never freed,
 // so no tensor outlives libtorch at exit
 Tensor* g_no_bias = nullptr;
@@ -95,6 +98,10 @@ enum IntIdx {
   kPanelsMinRows,     // at or above both of these the layer keeps oneDNN on decoded
   kPanelsMinWeights,  //   panels (backends/cpu/f32gemm.py use_for)
   kMergeRatio,        // the LoRA term merges into W when inner <= this * M (merges_lora)
+  kPanelRows,         // rows of W per decoded panel (backends/cpu/qlora.py _panel_rows)
+  kPanelKeptElems,    // panels up to this many elements reuse one buffer (_panel_buffer)
+  kPanelElemsSet,     // backends/cpu/qlora.py PANEL_ELEMS when planned (-1: None)
+  kBf16MinWork,       // fp32 x may compute in bf16 from this M N K on (fp32_may_take_bf16)
   kIntCount
 };
 
@@ -107,6 +114,7 @@ struct Frozen {
   int64_t n, k, r, blocksize, nested_blocksize, quant_type;
   double scaling;
   int64_t merge_ratio;
+  int64_t panel_rows, panel_kept_elems;  // the panel route's (kPanelRows, kPanelKeptElems)
 };
 
 inline uintptr_t ptr(const Tensor& t) {
@@ -337,6 +345,152 @@ Tensor gemm_forward_with_grad(const Frozen& f, const Tensor& x, int64_t m, const
   return y;
 }
 
+// --- The panel route ----------------------------------------------------------------------
+// The calls the Python path serves with W decoded a panel of rows at a time for torch's
+// fp32 GEMM (backends/cpu/qlora.py: qlora_linear's _base_panels branch, and
+// _backward_composed with add_dy_w's panel loop, fused=False): below the avx2 level, at the
+// AVX-512 levels, and at avx2 for large M and W together. The same decode kernel into one
+// reused buffer per thread, the same ATen ops on the same views, in the same order.
+
+thread_local Tensor t_panel_buffer;  // as _panel_buffer's thread-local fp32 buffer
+
+// A buffer of numel fp32 elements: the thread's reused one, or (a panel larger than two
+// regular ones: a W whose rows forbid aligned panels, decoded whole) one of its own.
+Tensor panel_buffer(const Frozen& f, int64_t numel) {
+  if (numel > f.panel_kept_elems) return at::empty({numel}, at::kFloat);
+  if (!t_panel_buffer.defined() || t_panel_buffer.numel() < numel)
+    t_panel_buffer = at::empty({numel}, at::kFloat);
+  return t_panel_buffer.narrow(0, 0, numel);
+}
+
+// fn(r0, r1, panel) for each panel of rows [r0, r1) of W, decoded to fp32 [r1 - r0, k]
+// (_decode_panels: a panel starts on a quantization block, and with double quantization
+// on a block of nested absmax, so its codes and statistics are plain slices).
+template <class Fn>
+void for_each_panel(const Frozen& f, Fn&& fn) {
+  const int64_t n = f.n, k = f.k, bs = f.blocksize, rows = std::min(f.panel_rows, n);
+  const bool nested = f.nested_absmax.defined();
+  Tensor buf = panel_buffer(f, rows * k);
+  const auto* packed = static_cast<const uint8_t*>(f.packed.data_ptr());
+  const auto* absmax = static_cast<const uint8_t*>(f.absmax.data_ptr());
+  const int64_t absmax_item = nested ? 1 : 4;  // uint8 codes or fp32 absmax
+  const int threads = at::get_num_threads();
+  for (int64_t r0 = 0; r0 < n; r0 += rows) {
+    const int64_t r1 = std::min(n, r0 + rows);
+    const int64_t e0 = r0 * k, count = (r1 - r0) * k;
+    const int64_t b0 = e0 / bs, blocks = (count + bs - 1) / bs;
+    const Tensor panel = buf.narrow(0, 0, count).view({r1 - r0, k});
+    const int64_t codes = std::min((e0 + count + 1) / 2, f.packed.numel()) - e0 / 2;
+    uintptr_t na = 0, nc = 0, off = 0;
+    int64_t na_len = 0;
+    if (nested) {
+      const int64_t g0 = b0 / f.nested_blocksize;
+      na = ptr(f.nested_absmax) + static_cast<uintptr_t>(g0) * 4;
+      na_len = std::min((blocks + f.nested_blocksize - 1) / f.nested_blocksize,
+                        f.nested_absmax.numel() - g0);
+      nc = ptr(f.nested_code);
+      off = ptr(f.offset);
+    }
+    g_abi->dequantize_4bit(reinterpret_cast<uintptr_t>(packed + e0 / 2), codes,
+                           reinterpret_cast<uintptr_t>(absmax + b0 * absmax_item),
+                           std::min(blocks, f.absmax.numel() - b0), count, bs,
+                           static_cast<int>(f.quant_type), ptr(panel), 0 /* fp32 */, na, na_len, nc,
+                           off, nested ? f.nested_blocksize : 0, threads);
+    fn(r0, r1, panel);
+  }
+}
+
+// x @ (W + l rr)^T (l undefined: x @ W^T) for x [M, K] fp32: _base_panels.
+Tensor panels_forward(const Frozen& f, const Tensor& x2, const Tensor& l, const Tensor& rr) {
+  Tensor base;
+  for_each_panel(f, [&](int64_t r0, int64_t r1, const Tensor& w) {
+    if (l.defined()) w.addmm_(l.narrow(0, r0, r1 - r0), rr);
+    if (r0 == 0 && r1 == f.n) {
+      base = at::linear(x2, w);
+      return;
+    }
+    if (!base.defined()) base = at::empty({x2.size(0), f.n}, x2.options());
+    base.narrow(1, r0, r1 - r0).copy_(at::linear(x2, w));
+  });
+  return base;
+}
+
+// acc (+)= dy @ (W + l rr) panel by panel (add_dy_w's panel loop); acc undefined: a new one.
+Tensor panels_dx(const Frozen& f, const Tensor& dy, Tensor acc, const Tensor& l, const Tensor& rr) {
+  for_each_panel(f, [&](int64_t r0, int64_t r1, const Tensor& w) {
+    if (l.defined()) w.addmm_(l.narrow(0, r0, r1 - r0), rr);
+    const Tensor dy_cols = dy.narrow(1, r0, r1 - r0);
+    if (!acc.defined())
+      acc = at::mm(dy_cols, w);
+    else
+      acc.addmm_(dy_cols, w);
+  });
+  return acc;
+}
+
+// qlora_linear's panel branch for x [..., K] (x2: its [M, K] view): y [..., N] and, with
+// want_xa, xa = x A^T [M, r] (a transposed view of A x^T, as the Python path makes it).
+std::pair<Tensor, Tensor> panel_forward(const Frozen& f, const Tensor& x, const Tensor& x2,
+                                        const Tensor& a, const Tensor& b, bool want_xa) {
+  at::NoGradGuard no_grad;
+  const int64_t m = x2.size(0);
+  const bool merge = f.k <= f.merge_ratio * m;  // merges_lora(m, k)
+  Tensor y, xa;
+  if (merge) {
+    y = panels_forward(f, x2, at::mul(b, f.scaling), a);
+    if (want_xa) xa = at::mm(a, x2.t()).t();
+  } else {
+    y = panels_forward(f, x2, Tensor(), Tensor());
+    xa = at::mm(a, x2.t()).t();
+    y.addmm_(at::mul(xa.t(), f.scaling).t(), b.t());
+  }
+  if (f.bias.defined()) y.add_(f.bias);
+  std::vector<int64_t> out_sizes = x.sizes().vec();
+  out_sizes.back() = f.n;
+  return {x.dim() == 2 ? y : y.view(out_sizes), want_xa ? xa : Tensor()};
+}
+
+// QLoRAFunction's backward for a call the panels serve (_backward_composed, fused=False).
+struct PanelQLoRABackward final : public QLoRANode {
+  std::string name() const override { return "PanelQLoRABackward"; }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const Tensor x2 = x2_.unpack(), a = a_.unpack(), b = b_.unpack(), xa = xa_.unpack();
+    const Frozen w = frozen();
+    // every input that requires a gradient, as ctx.needs_input_grad (GemmQLoRABackward)
+    const bool need_dx = should_compute_output(0), need_da = should_compute_output(1),
+               need_db = should_compute_output(2), need_dbias = should_compute_output(3);
+    const int64_t n = w.n;
+    Tensor dy = grads[0].defined() ? grads[0].reshape({-1, n})
+                                   : at::zeros({m, n}, x2.options().dtype(at::kFloat));
+    if (dy.scalar_type() != at::kFloat) dy = dy.to(at::kFloat);
+    Tensor dx, da, db, dbias;
+    const bool merge = need_dx && n <= w.merge_ratio * m;  // merges_lora(m, n)
+    if (need_dx && merge) dx = panels_dx(w, dy, Tensor(), at::mul(b, w.scaling), a);
+    if (need_da || (need_dx && !merge)) {
+      const Tensor gs_t = at::mul(at::mm(b.t(), dy.t()), w.scaling);  // s (dy B)^T, [r, M]
+      if (need_dx && !merge) dx = panels_dx(w, dy, at::mm(gs_t.t(), a), Tensor(), Tensor());
+      if (need_da) da = at::mm(gs_t, x2);
+    }
+    if (need_db) db = at::mm(at::mul(xa.t(), w.scaling), dy).t().contiguous();
+    if (need_dbias) dbias = dy.sum(0);
+    if (need_dx) dx = dx.view(x_sizes);
+    return {dx, da, db, dbias};
+  }
+};
+
+Tensor panel_forward_with_grad(const Frozen& f, const Tensor& x, int64_t m, const Tensor& a,
+                               const Tensor& b, const Tensor& bias_input) {
+  auto node = c10::make_intrusive<PanelQLoRABackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(x, a, b, bias_input));
+  const Tensor x2 = x.dim() == 2 ? x : x.view({m, f.k});
+  auto [y, xa] = panel_forward(f, x, x2, a, b, node->should_compute_output(2));
+  node->save(f, x, x2, a, b, xa);
+  torch::autograd::set_history(y, node);
+  return y;
+}
+
 bool plain_keys(const Tensor& t) {
   const c10::DispatchKeySet ks = t.key_set();
   return ks == g_plain_keys || ks == g_inference_keys;
@@ -468,6 +622,34 @@ bool quant_and_bias_ok(const Tensor* held, int64_t packed_len, int64_t absmax_le
   return !bias.defined() || (held_ok(bias, at::kFloat, n) && bias.dim() == 1 && bias.size(0) == n);
 }
 
+// backends/cpu/qlora.py fp32_takes_bf16(m, n, k): 1, 0, or -1 with a Python error set.
+int takes_bf16(int64_t m, int64_t n, int64_t k) {
+  PyObject* r =
+      PyObject_CallMethod(g_cpu_qlora, "fp32_takes_bf16", "LLL", static_cast<long long>(m),
+                          static_cast<long long>(n), static_cast<long long>(k));
+  if (r == nullptr) return -1;
+  const int takes = PyObject_IsTrue(r);
+  Py_DECREF(r);
+  return takes;
+}
+
+// Whether backends/cpu/qlora.py PANEL_ELEMS (tests set it) is what the plan's panel rows
+// were computed from (planned: its value, -1 for None): 1, 0, or -1 with a Python error set.
+int panel_elems_as_planned(int64_t planned) {
+  PyObject* v = PyObject_GetAttr(g_cpu_qlora, g_panel_elems_name);
+  if (v == nullptr) return -1;
+  int64_t now = -1;
+  if (v != Py_None) {
+    now = PyLong_AsLongLong(v);
+    if (now == -1 && PyErr_Occurred()) {
+      Py_DECREF(v);
+      return -1;
+    }
+  }
+  Py_DECREF(v);
+  return now == planned ? 1 : 0;
+}
+
 PyObject* layer_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 3) {
@@ -521,14 +703,27 @@ PyObject* layer_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const int64_t work = m > std::numeric_limits<int64_t>::max() / std::max<int64_t>(nk, 1)
                            ? std::numeric_limits<int64_t>::max()
                            : m * nk;
-  bool small = false;
+  enum class Route { kSmall, kGemm, kPanels } route;
   if (nk <= iv[kSmallMaxElems] && m <= iv[kFwdMaxRows] && work <= iv[kFwdMaxWork]) {
     if (grad && (m > iv[kBwdMaxRows] || work > iv[kBwdMaxWork]))
       Py_RETURN_NONE;  // the small forward, then the composed backward
-    small = true;
-  } else if (m <= iv[kGemvMaxRows] || (m >= iv[kPanelsMinRows] && nk >= iv[kPanelsMinWeights]) ||
-             !g_abi->gemm_f32_active()) {
-    Py_RETURN_NONE;  // the GEMV, or decoded panels for oneDNN
+    route = Route::kSmall;
+  } else if (m <= iv[kGemvMaxRows]) {
+    Py_RETURN_NONE;  // the GEMV
+  } else {
+    if (work >= iv[kBf16MinWork]) {  // fp32 x of a large shape may compute in bf16 here
+      const int bf16 = takes_bf16(m, n, k);
+      if (bf16 < 0) return nullptr;
+      if (bf16 > 0) Py_RETURN_NONE;  // the bf16 path
+    }
+    route = g_abi->gemm_f32_active() && !(m >= iv[kPanelsMinRows] && nk >= iv[kPanelsMinWeights])
+                ? Route::kGemm
+                : Route::kPanels;
+    if (route == Route::kPanels) {
+      const int same = panel_elems_as_planned(iv[kPanelElemsSet]);
+      if (same < 0) return nullptr;
+      if (same == 0) Py_RETURN_NOTIMPLEMENTED;  // other panels now: a new plan
+    }
   }
 
   Frozen f{held[kPacked],
@@ -544,14 +739,20 @@ PyObject* layer_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
            iv[kNestedBlocksize],
            iv[kQuantType],
            scaling,
-           iv[kMergeRatio]};
+           iv[kMergeRatio],
+           iv[kPanelRows],
+           iv[kPanelKeptElems]};
   Tensor y;
   // an autograd input must be a defined tensor: without a bias, a shared empty one that
   // needs no gradient stands in for it (the forward reads the bias from f)
   const Tensor& bias_input = bias.defined() ? bias : *g_no_bias;
-  if (!small) {
+  const Tensor x2 = x.dim() == 2 ? x : x.view({m, k});
+  if (route == Route::kGemm) {
     y = grad ? gemm_forward_with_grad(f, x, m, a, b, bias_input)
-             : gemm_forward(f, x, x.dim() == 2 ? x : x.view({m, k}), a, b, false).first;
+             : gemm_forward(f, x, x2, a, b, false).first;
+  } else if (route == Route::kPanels) {
+    y = grad ? panel_forward_with_grad(f, x, m, a, b, bias_input)
+             : panel_forward(f, x, x2, a, b, false).first;
   } else if (grad) {
     y = forward_with_grad(f, x, m, a, b, bias_input);
   } else {
@@ -646,11 +847,12 @@ PyObject* linear_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// init(abi_capsule, torch.autograd.profiler, qpeft._dispatch._forced)
+// init(abi_capsule, torch.autograd.profiler, qpeft._dispatch._forced,
+//      qpeft.backends.cpu.qlora)
 PyObject* layer_init(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 3) {
-    PyErr_SetString(PyExc_TypeError, "qpeft._C_layer.init takes 3 arguments");
+  if (nargs != 4) {
+    PyErr_SetString(PyExc_TypeError, "qpeft._C_layer.init takes 4 arguments");
     return nullptr;
   }
   auto* abi = static_cast<const qpeft::SmallLayerAbi*>(
@@ -667,10 +869,17 @@ PyObject* layer_init(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     PyErr_SetString(PyExc_TypeError, "qpeft._C_layer.init: the third argument is a ContextVar");
     return nullptr;
   }
+  if (!PyModule_Check(args[3])) {
+    PyErr_SetString(PyExc_TypeError, "qpeft._C_layer.init: the fourth argument is a module");
+    return nullptr;
+  }
   Py_INCREF(args[1]);
   Py_INCREF(args[2]);
+  Py_INCREF(args[3]);
   Py_XSETREF(g_profiler, args[1]);
   Py_XSETREF(g_forced, args[2]);
+  Py_XSETREF(g_cpu_qlora, args[3]);
+  if (g_panel_elems_name == nullptr) g_panel_elems_name = PyUnicode_InternFromString("PANEL_ELEMS");
   if (g_profiler_flag == nullptr)
     g_profiler_flag = PyUnicode_InternFromString("_is_profiler_enabled");
   {
@@ -696,7 +905,7 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "linear_call(plan, module, x): a Linear4bit's y, None (not served here) or NotImplemented"},
     {"init", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(layer_init)), METH_FASTCALL,
-     "init(abi_capsule, profiler_module, forced_backend_var)"},
+     "init(abi_capsule, profiler_module, forced_backend_var, cpu_qlora_module)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT,

@@ -10,7 +10,7 @@
 
 namespace qpeft {
 
-constexpr int kSmallLayerAbiVersion = 2;
+constexpr int kSmallLayerAbiVersion = 3;
 constexpr const char* kSmallLayerAbiName = "qpeft._C.small_layer_abi";
 
 // csrc/cpu/api.h: qpeft::cpu::qlora_small_forward
@@ -61,6 +61,13 @@ using GemmF32Fn = void (*)(bool dx, uintptr_t x, int64_t x_len, int64_t m, int64
 // kernels run at exactly the avx2 level now: where the fp32 layer takes it)
 using ActiveFn = bool (*)();
 
+// csrc/cpu/api.h: qpeft::cpu::dequantize_4bit (out_dtype: qpeft/_formats.py DTYPE_IDS)
+using Dequantize4Fn = void (*)(uintptr_t packed, int64_t packed_len, uintptr_t absmax,
+                               int64_t absmax_len, int64_t n, int64_t blocksize, int quant_type,
+                               uintptr_t out, int out_dtype, uintptr_t nested_absmax,
+                               int64_t nested_absmax_len, uintptr_t nested_code, uintptr_t offset,
+                               int64_t nested_blocksize, int num_threads);
+
 // csrc/cpu/qgemm_f32.h: qpeft::cpu::lora_grad_f32 (dA and dB on the avx2 level)
 using LoraGradFn = void (*)(uintptr_t g, int64_t g_len, int64_t g_stride_m, int64_t g_stride_r,
                             int64_t m, int64_t r, double scaling, uintptr_t q, int64_t q_len,
@@ -75,6 +82,7 @@ struct SmallLayerAbi {
   ActiveFn gemm_f32_active;
   GemvFn gemv;
   LoraGradFn lora_grad;
+  Dequantize4Fn dequantize_4bit;
 };
 
 }  // namespace qpeft

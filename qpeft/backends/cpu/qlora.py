@@ -180,6 +180,12 @@ def fp32_may_take_bf16(m: int, n: int, k: int) -> bool:
     return m > GEMV_MAX_ROWS and m * n * k >= FP32_BF16_MIN_WORK
 
 
+def fp32_takes_bf16(m: int, n: int, k: int) -> bool:
+    """Whether fp32 x of M rows on an [N, K] layer computes in bf16 now (``_compute_dtype``):
+    what qpeft._C_layer asks before serving a call of at least FP32_BF16_MIN_WORK."""
+    return capability.compute_dtype(torch.float32, fp32_may_take_bf16(m, n, k)) != _F32
+
+
 def _compute_dtype(x: torch.Tensor, n: int = 0, k: int = 0) -> torch.dtype:
     # by capability (bf16 for bf16 x with bf16 units, for fp32 x of a large shape when
     # torch's fp32 matmul setting allows bf16, or with QPEFT_CPU_COMPUTE=bf16); fp64
