@@ -75,7 +75,8 @@ std::shared_ptr<const Codec> build_codec(const char* fn, const float* code) {
     if (!std::isfinite(c.code[k])) fail(fn, "the state map must be finite");
     if (k > 0 && !(c.code[k - 1] <= c.code[k])) fail(fn, "the state map must be sorted ascending");
   }
-  for (int k = 0; k < kNumCodes8 - 1; ++k) c.mid[k] = midpoint(c.code[k], c.code[k + 1]);
+  for (int k = 0; k < kNumCodes8 - 1; ++k)
+    c.mid[k] = state_zero_mid(c.code, k) ? 0.0f : midpoint(c.code[k], c.code[k + 1]);
   c.mid[kNumCodes8 - 1] = std::numeric_limits<float>::infinity();
 
   // Exact when the count rises by at most one across every key range that a

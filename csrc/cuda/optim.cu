@@ -128,13 +128,15 @@ __global__ void __launch_bounds__(kThreads)
 // take the per-element path and count as 0 in the absmax.
 
 // Loads the map into s_code and its midpoints (format.h's midpoint(),
-// constexpr host-only, spelled out) into s_mid, s_mid[255] = +inf.
+// constexpr host-only, spelled out; optim.h's state_zero_mid) into s_mid,
+// s_mid[255] = +inf.
 __device__ __forceinline__ void stage_map(const float* __restrict__ code, float* s_code,
                                           float* s_mid) {
   for (int k = static_cast<int>(threadIdx.x); k < kNumCodes8; k += static_cast<int>(blockDim.x)) {
     const float c = code[k];
     s_code[k] = c;
-    s_mid[k] = k < kNumCodes8 - 1 ? (c + code[k + 1]) / 2.0f : bits_f32(0x7f800000u);
+    s_mid[k] = k < kNumCodes8 - 1 ? (state_zero_mid(code, k) ? 0.0f : (c + code[k + 1]) / 2.0f)
+                                  : bits_f32(0x7f800000u);
   }
 }
 

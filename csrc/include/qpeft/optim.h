@@ -28,7 +28,14 @@
 // then takes the new absmax of each block (NaN propagates) and requantizes:
 //   x = clamp(state * inv, -1, 1),  inv = absmax > 0 ? 1 / absmax : 0
 //   q = #{k : mid[k] < x}  (mid[k] = (code[k] + code[k+1]) / 2; NaN -> 0)
-// i.e. the nearest code, a value exactly on a midpoint taking the lower one.
+// i.e. the nearest code, a value exactly on a midpoint taking the lower one; except
+// that in a map with no negative code (the second moment's) the midpoint between its
+// zero and its smallest positive code is 0 (state_zero_mid): a positive v never
+// encodes to 0. Nearest rounding would send a block's v below half the smallest code
+// (~1.5e-7 of the block's absmax: one large gradient in the block is enough) to an
+// exact 0 while m keeps its code, and the next step's sqrt(v) + eps then divides m
+// by ~eps: updates of 100-1000x lr where fp32 AdamW stays at lr. Rounded up instead,
+// v is at most one smallest code (~3e-7 absmax) above its value.
 // This is exact nearest-code rounding, not the 65536-bin grid of format.h's
 // quantize_blockwise: that grid has a resolution of 1/32767.5 of the block
 // absmax, and the second moment of a block spans many decades (v ~ g^2): every
@@ -143,6 +150,12 @@ QPEFT_HD int state_count_below(float x, const float* mid) {
 // Code of one state element given its block's state_inv_absmax. clamp_unit
 // (format.h) keeps NaN; ±inf (an absmax below 2^-126 makes inv overflow) clamp
 // to the end codes.
+// Whether mid[k] of a sorted map is 0 rather than (code[k] + code[k+1]) / 2: between
+// the zero and the smallest positive code of a map with no negative code (above).
+QPEFT_HD bool state_zero_mid(const float* code, int k) {
+  return code[0] >= 0.0f && code[k] == 0.0f && code[k + 1] > 0.0f;
+}
+
 QPEFT_HD uint8_t state_encode(float x, float inv, const float* mid) {
   return static_cast<uint8_t>(state_count_below(clamp_unit(x * inv), mid));
 }

@@ -90,7 +90,9 @@ def dequantize_state(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) 
 
 
 def quantize_state(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest-code 8-bit blockwise quantization of flat fp32 ``x`` (optim.h: state_encode)."""
+    """Nearest-code 8-bit blockwise quantization of flat fp32 ``x`` (optim.h: state_encode):
+    with a map of no negative code (the second moment's), a positive value never takes the
+    zero code (the midpoint above 0 is 0; optim.h, state_zero_mid, says why)."""
     n = x.numel()
     blocks = _blockify(x)
     absmax = blocks.abs().amax(dim=1)  # NaN propagates; the zero padding never raises it
@@ -98,6 +100,8 @@ def quantize_state(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, t
     inv = torch.where(absmax > 0, torch.div(torch.ones_like(absmax), absmax), torch.zeros_like(absmax))
     v = (blocks * inv[:, None]).clamp(-1.0, 1.0).reshape(-1)[:n]
     mid = (code[:-1] + code[1:]) / 2
+    if code[0] >= 0:
+        mid = torch.where((code[:-1] == 0) & (code[1:] > 0), 0.0, mid)
     q = torch.searchsorted(mid, v.contiguous(), side="left")  # #{k : mid[k] < v}
     q = torch.where(torch.isnan(v), 0, q)
     return q.to(torch.uint8), absmax
