@@ -223,6 +223,17 @@ class Weight4bit(torch.Tensor):
     def inner_tensors(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in self._inner_names()]
 
+    # The wrapper has no storage of its own (torch's share_memory_ would move its empty
+    # placeholder storage and crash): the codes and statistics are what gets shared
+    # (``Module.share_memory()``, torch.multiprocessing).
+    def share_memory_(self) -> Weight4bit:
+        for t in self.inner_tensors():
+            t.share_memory_()
+        return self
+
+    def is_shared(self) -> bool:
+        return all(t.is_shared() for t in self.inner_tensors())
+
     def __repr__(self) -> str:
         st = self.quant_state
         return (

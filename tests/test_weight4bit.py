@@ -194,12 +194,48 @@ def test_torch_save_and_weights_only_load(double_quant):
 
 def test_whole_module_pickles():
     layer = QLoRALinear(_layer(), r=4)
+    x = torch.randn(3, 64)
+    layer(x)
+    layer.base_layer(x[:1])  # both layers now hold a C++ call plan (when the module is built)
     buf = io.BytesIO()
     torch.save(layer, buf)
     buf.seek(0)
     back = torch.load(buf, weights_only=False)
-    x = torch.randn(3, 64)
+    # a plan belongs to its process and object: never pickled (a spawned process that
+    # unpickled one called the C++ module it had not loaded)
+    assert "_fast_plan" not in back.__dict__ and "_fast_plan" not in back.base_layer.__dict__
     assert torch.equal(back(x), layer(x)) and isinstance(back.base_layer.weight, Weight4bit)
+
+
+def _child_step(layer, x, out):
+    """In a spawned process: the layer's output, and a visible in-place change to lora_B."""
+    out.copy_(layer(x).detach())
+    with torch.no_grad():
+        layer.lora_B.add_(1.0)
+
+
+def test_share_memory_shares_the_codes_and_statistics():
+    """Module.share_memory() on a 4-bit layer (it crashed the process: torch moved the
+    wrapper's empty placeholder storage): the codes, statistics and adapters are in shared
+    memory, a spawned process computes the same output and its in-place update is seen."""
+    import torch.multiprocessing as mp
+
+    layer = QLoRALinear(_layer(), r=4)
+    w = layer.base_layer.weight
+    assert not w.is_shared()
+    assert layer.share_memory() is layer
+    assert w.is_shared() and all(t.is_shared() for t in w.inner_tensors())
+    assert isinstance(layer.base_layer.weight, Weight4bit) and layer.base_layer.weight is w
+    x = torch.randn(3, 64)
+    want = layer(x).detach()
+    b_before = layer.lora_B.detach().clone()
+    out = torch.zeros_like(want).share_memory_()
+    proc = mp.get_context("spawn").Process(target=_child_step, args=(layer, x, out))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0
+    assert torch.equal(out, want)
+    assert torch.equal(layer.lora_B.detach(), b_before + 1.0)
 
 
 # --- state dict ------------------------------------------------------------------------------------

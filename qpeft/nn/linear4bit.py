@@ -244,6 +244,13 @@ class Linear4bit(nn.Module):
     # at most GEMV_MAX_ROWS rows (the GEMV), everything else takes the full path.
     _fast_plan: tuple | None = None
 
+    def __getstate__(self) -> dict:
+        # a plan belongs to this process and this object (it names the layer by id): a
+        # copy or a pickle (torch.save of the module, torch.multiprocessing) plans anew
+        state = self.__dict__.copy()
+        state.pop("_fast_plan", None)
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._fast_plan
         if plan is not None and not _is_compiling():

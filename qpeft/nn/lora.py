@@ -316,6 +316,13 @@ class QLoRALinear(nn.Module):
     # adapter, no dropout in training, no DoRA, fp32 adapters); None: no plan.
     _fast_plan: tuple | None = None
 
+    def __getstate__(self) -> dict:
+        # a plan belongs to this process and this object (it names the layer by id): a
+        # copy or a pickle (torch.save of the module, torch.multiprocessing) plans anew
+        state = self.__dict__.copy()
+        state.pop("_fast_plan", None)
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._fast_plan
         if plan is not None and not _is_compiling():
