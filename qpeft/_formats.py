@@ -64,8 +64,10 @@ NF4_VALUES = (
     1.0,
 )
 # Bit 3 is the sign; the magnitudes are 2^e * (1 + m/2) with a subnormal 0.0625.
-# Code 8 ("-0") decodes to +0.0: bitsandbytes' table holds +0.0 there (its source
-# writes the integer -0), and its CPU dequantizer writes +0.0.
+# Code 8 ("-0") decodes to +0.0: bitsandbytes' table, the quant_map its checkpoints store,
+# holds +0.0 there (its source writes the integer -0). Its kernels disagree with each other
+# (the CUDA and native AVX2 CPU ones compute sign * 0 = -0.0, its AVX-512 and pure-torch
+# CPU paths +0.0); qpeft follows the stored table (tests/test_bitsandbytes_compat.py).
 FP4_NUMERATORS = (
     0.0,
     0.0625,

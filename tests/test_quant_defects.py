@@ -61,7 +61,8 @@ def _assert_4bit_like_bnb(x, blocksize, quant_type, double_quant):
         assert_bits_equal(st.state2.absmax, st_ref.state2.absmax, "nested absmax")
         assert_bits_equal(st.offset.reshape(()), st_ref.offset.reshape(()), "offset")
     # What a checkpoint written by either decodes to (bitsandbytes' own dequantizer). By
-    # value: bitsandbytes' CPU FP4 decoder writes -0.0 for FP4's "-0" code, qpeft +0.0.
+    # value: bitsandbytes' native AVX2 CPU and CUDA FP4 decoders write -0.0 for FP4's "-0"
+    # code, qpeft +0.0 as the stored table (qpeft/_formats.py).
     decoded = qf.dequantize_4bit(packed, st).reshape(-1)
     assert torch.equal(decoded, bnbF.dequantize_4bit(packed_ref, st_ref).reshape(-1))
 
