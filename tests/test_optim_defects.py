@@ -236,6 +236,23 @@ def test_add_param_group_refuses_bad_parameters_and_adds_nothing():
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("cls", [qo.AdamW, qo.AdamW8bit, qo.Lion8bit])
+def test_duplicate_parameter_in_a_group_refused(cls):
+    p = torch.nn.Parameter(torch.randn(8192))
+    with (
+        pytest.raises(ValueError, match="parameter 1 of param group 0 appears twice"),
+        pytest.warns(UserWarning),
+    ):
+        cls([p, p])
+    opt = cls([torch.nn.Parameter(torch.randn(3))])
+    with (
+        pytest.raises(ValueError, match="parameter 2 of param group 1 appears twice"),
+        pytest.warns(UserWarning),
+    ):
+        opt.add_param_group({"params": [p, torch.nn.Parameter(torch.randn(2)), p]})
+    assert len(opt.param_groups) == 1
+
+
 def test_tensor_and_int_hyperparameters_still_accepted():
     """The checks refuse what the step cannot use, not the forms torch.optim takes."""
     a, b = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.ones(5))

@@ -152,8 +152,17 @@ class QpeftOptimizer(torch.optim.Optimizer):
             self._hparams({**self.defaults, **param_group}, f"param group {gi}")
         super().add_param_group(param_group)
         try:
+            seen: set[int] = set()
             for pi, p in enumerate(self.param_groups[gi]["params"]):
                 _check_param(p, f"parameter {pi} of param group {gi}")
+                if id(p) in seen:
+                    # torch only warns (and steps it twice in a row); the fused step would
+                    # update it twice with one step count: neither is what was meant
+                    raise ValueError(
+                        f"parameter {pi} of param group {gi} appears twice in the group: "
+                        "pass each parameter once"
+                    )
+                seen.add(id(p))
                 if _dist.is_dtensor(p):
                     _dist.check_placements(p, f"parameter {pi} of param group {gi}")
         except BaseException:
