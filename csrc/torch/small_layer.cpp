@@ -175,6 +175,15 @@ struct QLoRANode : public torch::autograd::Node {
     return w;
   }
 
+  // The incoming gradient as the composed backward (_backward_composed) takes it:
+  // grad_y.reshape(-1, n) in fp32, any strides; an undefined gradient is zeros, as
+  // torch.autograd.Function materializes it.
+  Tensor composed_dy(const variable_list& grads, const Tensor& x2) const {
+    Tensor dy = grads[0].defined() ? grads[0].reshape({-1, f.n})
+                                   : at::zeros({m, f.n}, x2.options().dtype(at::kFloat));
+    return dy.scalar_type() == at::kFloat ? dy : dy.to(at::kFloat);
+  }
+
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     for (SavedVariable* v :
@@ -303,11 +312,7 @@ struct GemmQLoRABackward final : public QLoRANode {
     const bool need_dx = should_compute_output(0), need_da = should_compute_output(1),
                need_db = should_compute_output(2), need_dbias = should_compute_output(3);
     const int64_t n = w.n, k = w.k;
-    // dy as the Python path has it: grad_y.reshape(-1, n), fp32; an undefined gradient is
-    // zeros, as torch.autograd.Function materializes it
-    Tensor dy = grads[0].defined() ? grads[0].reshape({-1, n})
-                                   : at::zeros({m, n}, x2.options().dtype(at::kFloat));
-    if (dy.scalar_type() != at::kFloat) dy = dy.to(at::kFloat);
+    const Tensor dy = composed_dy(grads, x2);
     Tensor dx, da, db, dbias, g_t;
     const bool merge = need_dx && n <= w.merge_ratio * m;  // merges_lora(m, n)
     if (need_dx && merge) {  // dy (W + (s B) A), g = dy B from the same pass over dy
@@ -332,14 +337,16 @@ struct GemmQLoRABackward final : public QLoRANode {
   }
 };
 
-// y with its autograd node (the GEMM route): next edges to x, A, B and the bias (or its
-// stand-in).
-Tensor gemm_forward_with_grad(const Frozen& f, const Tensor& x, int64_t m, const Tensor& a,
-                              const Tensor& b, const Tensor& bias_input) {
-  auto node = c10::make_intrusive<GemmQLoRABackward>();
+// y with its autograd node Node (GemmQLoRABackward, PanelQLoRABackward) for a route whose
+// forward(f, x, x2, a, b, want_xa) gives (y, xa): next edges to x, A, B and the bias (or
+// its stand-in).
+template <class Node, class Forward>
+Tensor route_forward_with_grad(Forward forward, const Frozen& f, const Tensor& x, int64_t m,
+                               const Tensor& a, const Tensor& b, const Tensor& bias_input) {
+  auto node = c10::make_intrusive<Node>();
   node->set_next_edges(torch::autograd::collect_next_edges(x, a, b, bias_input));
   const Tensor x2 = x.dim() == 2 ? x : x.view({m, f.k});
-  auto [y, xa] = gemm_forward(f, x, x2, a, b, node->should_compute_output(2));
+  auto [y, xa] = forward(f, x, x2, a, b, node->should_compute_output(2));
   node->save(f, x, x2, a, b, xa);
   torch::autograd::set_history(y, node);
   return y;
@@ -462,9 +469,7 @@ struct PanelQLoRABackward final : public QLoRANode {
     const bool need_dx = should_compute_output(0), need_da = should_compute_output(1),
                need_db = should_compute_output(2), need_dbias = should_compute_output(3);
     const int64_t n = w.n;
-    Tensor dy = grads[0].defined() ? grads[0].reshape({-1, n})
-                                   : at::zeros({m, n}, x2.options().dtype(at::kFloat));
-    if (dy.scalar_type() != at::kFloat) dy = dy.to(at::kFloat);
+    const Tensor dy = composed_dy(grads, x2);
     Tensor dx, da, db, dbias;
     const bool merge = need_dx && n <= w.merge_ratio * m;  // merges_lora(m, n)
     if (need_dx && merge) dx = panels_dx(w, dy, Tensor(), at::mul(b, w.scaling), a);
@@ -479,17 +484,6 @@ struct PanelQLoRABackward final : public QLoRANode {
     return {dx, da, db, dbias};
   }
 };
-
-Tensor panel_forward_with_grad(const Frozen& f, const Tensor& x, int64_t m, const Tensor& a,
-                               const Tensor& b, const Tensor& bias_input) {
-  auto node = c10::make_intrusive<PanelQLoRABackward>();
-  node->set_next_edges(torch::autograd::collect_next_edges(x, a, b, bias_input));
-  const Tensor x2 = x.dim() == 2 ? x : x.view({m, f.k});
-  auto [y, xa] = panel_forward(f, x, x2, a, b, node->should_compute_output(2));
-  node->save(f, x, x2, a, b, xa);
-  torch::autograd::set_history(y, node);
-  return y;
-}
 
 bool plain_keys(const Tensor& t) {
   const c10::DispatchKeySet ks = t.key_set();
@@ -748,10 +742,10 @@ PyObject* layer_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const Tensor& bias_input = bias.defined() ? bias : *g_no_bias;
   const Tensor x2 = x.dim() == 2 ? x : x.view({m, k});
   if (route == Route::kGemm) {
-    y = grad ? gemm_forward_with_grad(f, x, m, a, b, bias_input)
+    y = grad ? route_forward_with_grad<GemmQLoRABackward>(gemm_forward, f, x, m, a, b, bias_input)
              : gemm_forward(f, x, x2, a, b, false).first;
   } else if (route == Route::kPanels) {
-    y = grad ? panel_forward_with_grad(f, x, m, a, b, bias_input)
+    y = grad ? route_forward_with_grad<PanelQLoRABackward>(panel_forward, f, x, m, a, b, bias_input)
              : panel_forward(f, x, x2, a, b, false).first;
   } else if (grad) {
     y = forward_with_grad(f, x, m, a, b, bias_input);
