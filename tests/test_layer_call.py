@@ -513,6 +513,27 @@ def test_gemm_route_follows_the_level_and_the_sizes(at_avx2, full_path_calls):
         assert _served_fast(big, x.detach()) and big(x).grad_fn.name() == node
 
 
+def _random_case(m, n, k, r, bias, double_quant, quant_type, lead, seed):
+    """A layer and (x, dy) of m rows (per leading index) that the small kernels do not take
+    (rows are added where they would), for the routes' properties."""
+    rows = m * (lead[0] if lead else 1)
+    if rows <= 32 and rows * n * k <= 1 << 19 and n * k <= 1 << 16:
+        m += 33  # not the small forward
+    q = _layer(
+        n=n,
+        k=k,
+        r=r,
+        bias=bias,
+        quant_type=quant_type,
+        double_quant=double_quant,
+        blocksize=32,
+        seed=seed,
+        train_bias=bias,
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    return q, torch.randn(*lead, m, k, generator=g), torch.randn(*lead, m, n, generator=g)
+
+
 @settings(max_examples=max(4, settings.default.max_examples // 4))
 @given(
     m=st.integers(9, 120),
@@ -528,23 +549,7 @@ def test_gemm_route_follows_the_level_and_the_sizes(at_avx2, full_path_calls):
 def test_gemm_route_same_bits_property(m, n, k, r, bias, double_quant, quant_type, lead, seed, at_avx2):
     """Random layers and rows the GEMM route serves (beyond the small kernels, above the
     GEMV's rows): y and every gradient equal the full path's bit for bit."""
-    rows = m * (lead[0] if lead else 1)
-    if rows <= 32 and rows * n * k <= 1 << 19 and n * k <= 1 << 16:
-        m += 33  # into the GEMM route: not the small forward
-    q = _layer(
-        n=n,
-        k=k,
-        r=r,
-        bias=bias,
-        quant_type=quant_type,
-        double_quant=double_quant,
-        blocksize=32,
-        seed=seed,
-        train_bias=bias,
-    )
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(*lead, m, k, generator=g)
-    dy = torch.randn(*lead, m, n, generator=g)
+    q, x, dy = _random_case(m, n, k, r, bias, double_quant, quant_type, lead, seed)
     assert _served_fast(q, x)
     with qpeft.use_backend("cpu"):
         y_full, g_full, _ = _run(q, x, dy)
@@ -708,23 +713,7 @@ def test_panel_route_same_bits_property(m, n, k, r, bias, double_quant, quant_ty
     from qpeft._native import cpu_module
     from qpeft.backends.cpu import qlora as cpu_qlora
 
-    rows = m * (lead[0] if lead else 1)
-    if rows <= 32 and rows * n * k <= 1 << 19 and n * k <= 1 << 16:
-        m += 33  # not the small forward
-    q = _layer(
-        n=n,
-        k=k,
-        r=r,
-        bias=bias,
-        quant_type=quant_type,
-        double_quant=double_quant,
-        blocksize=32,
-        seed=seed,
-        train_bias=bias,
-    )
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(*lead, m, k, generator=g)
-    dy = torch.randn(*lead, m, n, generator=g)
+    q, x, dy = _random_case(m, n, k, r, bias, double_quant, quant_type, lead, seed)
     mod = cpu_module()
     prev_level, prev_elems = mod.set_isa("scalar"), cpu_qlora.PANEL_ELEMS
     cpu_qlora.PANEL_ELEMS = None if panel_rows is None else panel_rows * k
