@@ -586,8 +586,13 @@ def panel_level(request):
     mod.set_isa(prev)
 
 
-# the GEMM route's cases (the four merge combinations, ...) plus one W of several panels
-PANEL_CASES = GEMM_CASES + [(dict(n=200, k=96, blocksize=32, panel_elems=3072), (45,))]
+# the GEMM route's cases (the four merge combinations, ...) plus Ws of several panels: a
+# plain absmax (panels of 32 rows), and a double-quantized one whose panels start on nested
+# blocks (256 x 64 weights: panels of 256, 256 and 88 rows, the last nested block partial)
+PANEL_CASES = GEMM_CASES + [
+    (dict(n=200, k=96, blocksize=32, double_quant=False, panel_elems=3072), (45,)),
+    (dict(n=600, k=64, panel_elems=256 * 64), (2, 20)),
+]
 
 
 def _same_bits_both_ways(q, x, dy, node):
