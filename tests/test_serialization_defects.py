@@ -375,14 +375,24 @@ def _packed_fields(sd: dict) -> dict:
     return json.loads(bytes(sd["weight.quant_state.bitsandbytes__nf4"].numpy()).decode())
 
 
-def _with_fields(sd: dict, **changes) -> dict:
-    fields = _packed_fields(sd)
-    fields.update(changes)
+def _repacked(sd: dict, fields: dict) -> dict:
     sd = dict(sd)
     sd["weight.quant_state.bitsandbytes__nf4"] = torch.tensor(
         list(json.dumps(fields).encode()), dtype=torch.uint8
     )
     return sd
+
+
+def _with_fields(sd: dict, **changes) -> dict:
+    return _repacked(sd, {**_packed_fields(sd), **changes})
+
+
+def _without_fields(sd: dict, *names: str) -> dict:
+    return _repacked(sd, {k: v for k, v in _packed_fields(sd).items() if k not in names})
+
+
+def _without(sd: dict, key: str) -> dict:
+    return {k: v for k, v in sd.items() if k != key}
 
 
 def _bad_states():
@@ -412,6 +422,20 @@ def _bad_states():
     boolean["weight"] = sd["weight"].bool()
     return {
         "missing nested_absmax": (missing, ValueError, "weight.nested_absmax"),
+        # an absent entry is named as the checkpoint would hold it, "weight." included
+        "missing absmax": (_without(sd, "weight.absmax"), ValueError, "missing 'weight.absmax'"),
+        "missing plain absmax": (_without(plain, "weight.absmax"), ValueError, "missing 'weight.absmax'"),
+        "missing quant_map": (_without(sd, "weight.quant_map"), ValueError, "missing 'weight.quant_map'"),
+        "missing packed blocksize": (
+            _without_fields(sd, "blocksize"),
+            ValueError,
+            re.escape("missing \"weight.quant_state.bitsandbytes__nf4['blocksize']\""),
+        ),
+        "missing packed nested_offset": (
+            _without_fields(sd, "nested_offset"),
+            ValueError,
+            re.escape("weight.quant_state.bitsandbytes__nf4['nested_offset']"),
+        ),
         "short nested_absmax": (short, ValueError, "weight.nested_absmax has 0 entries"),
         "fp16 nested_absmax": (half, ValueError, "weight.nested_absmax must be torch.float32"),
         "nan nested_absmax": (nan, ValueError, "weight.nested_absmax holds NaN"),
@@ -464,6 +488,7 @@ def _nan_(t: torch.Tensor) -> torch.Tensor:
 
 MIDDLE = {  # corruptions of the middle layer ("1") of the file, the key the error names
     "missing nested_absmax": (lambda t: t.pop("1.weight.nested_absmax"), ValueError, "weight.nested_absmax"),
+    "missing absmax": (lambda t: t.pop("1.weight.absmax"), ValueError, "missing '1.weight.absmax'"),
     "nan nested_absmax": (
         lambda t: t.__setitem__("1.weight.nested_absmax", _nan_(t["1.weight.nested_absmax"])),
         ValueError,
