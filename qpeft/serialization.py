@@ -6,7 +6,11 @@
 and ``adapter_config.json`` (peft_type LORA, r, lora_alpha, target_modules, rank_pattern /
 alpha_pattern for layers that differ, use_rslora, use_dora, lora_dropout). So
 ``peft.PeftModel.from_pretrained(base, dir)`` loads it on the same unquantized base model,
-and ``load_adapter`` loads a PEFT-saved LoRA adapter into a converted model.
+and ``load_adapter`` loads a PEFT-saved LoRA adapter into a converted model. PEFT's
+``lora_bias=True`` (a bias on lora_B) has no counterpart in qpeft's adapters: such an
+adapter (the config flag, or any ``lora_B.bias`` key) is refused with a ValueError, as is
+any other LoRA key whose tail qpeft does not know, rather than dropped or loaded in
+another tensor's place.
 
 ``save_quantized`` / ``load_quantized`` write and read the base model (no adapters) with
 the keys transformers + bitsandbytes use for a 4-bit model: ``<path>.weight`` (packed
@@ -53,10 +57,38 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
-_KEY = re.compile(
-    r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?:\.(?!weight$)[^.]+)?(?:\.weight)?$"
-)
+# <path>.<kind> then at most two segments: "weight", an adapter name (PEFT's in-memory
+# names, e.g. "lora_A.default.weight", and its old DoRA "lora_magnitude_vector.default"),
+# or a parameter other than the weight. _lora_key reads the tail and rejects what it
+# does not know, whatever order the file's keys come in.
+_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?P<tail>(?:\.[^.]+){0,2})$")
 _BIAS_KEY = re.compile(r"^(?P<path>.+?)(?:\.base_layer)?\.bias$")
+
+
+_LORA_BIAS = (
+    "lora_bias (PEFT's LoraConfig(lora_bias=True): a bias on lora_B) is not supported: qpeft's "
+    "LoRA adapters have no bias of their own"
+)
+
+
+def _lora_key(name: str) -> tuple[str, str] | None:
+    """``(path, kind)`` of an adapter tensor's key (prefix removed): kind lora_A, lora_B or
+    lora_magnitude_vector; None for a key that is not one. A LoRA key with a tail that
+    names another tensor (lora_B's bias, anything unknown) raises ValueError: loading it
+    in the weight's place, or dropping it, would change the adapter silently."""
+    m = _KEY.match(name)
+    if m is None:
+        return None
+    tail = m["tail"].split(".")[1:]
+    param = tail[-1] if tail and tail[-1] in ("weight", "bias") else None
+    adapter = tail[:-1] if param else tail
+    if param == "bias":
+        if m["kind"] == "lora_B":
+            raise ValueError(f"{name}: {_LORA_BIAS}")
+        raise ValueError(f"{name}: {m['kind']} has no bias in PEFT's LoRA format")
+    if len(adapter) > 1 or (param is None and len(tail) > 1):
+        raise ValueError(f"{name}: not a LoRA tensor this version of qpeft knows")
+    return m["path"], m["kind"]
 
 
 def _safetensors():
@@ -705,6 +737,7 @@ def _checked_config(config, directory) -> dict:
         "use_rslora": field("use_rslora", False, lambda v: type(v) is bool, "true or false"),
         "use_dora": field("use_dora", False, lambda v: type(v) is bool, "true or false"),
         "fan_in_fan_out": field("fan_in_fan_out", False, lambda v: type(v) is bool, "true or false"),
+        "lora_bias": field("lora_bias", False, lambda v: type(v) is bool, "true or false"),
         "bias": field(
             "bias", "none", lambda v: v in ("none", "all", "lora_only"), '"none", "all" or "lora_only"'
         ),
@@ -726,6 +759,8 @@ def _checked_config(config, directory) -> dict:
             if not ok(v):
                 raise ValueError(f"{where}: {key}[{k!r}] must be one of {want}, got {v!r}")
         out[key] = _compile_patterns(patterns, key)
+    if out["lora_bias"]:
+        raise ValueError(f"{where}: {_LORA_BIAS}")
     if out["fan_in_fan_out"]:
         raise ValueError("fan_in_fan_out adapters (GPT-2 style Conv1D layers) are not supported")
     return out
@@ -783,13 +818,20 @@ def load_adapter(
     whole: dict[str, torch.Tensor] = {}
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     keys: dict[tuple[str, str], str] = {}  # (path, kind) -> the file's key, for messages
-    bad = []
+    bad, unknown = [], []
     for key, t in tensors.items():
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        m = _KEY.match(name)
-        if m:
-            grouped.setdefault(m["path"], {})[m["kind"]] = t
-            keys[m["path"], m["kind"]] = key
+        try:
+            lora = _lora_key(name)
+        except ValueError as exc:
+            unknown.append(str(exc).replace(name, key, 1))
+            continue
+        if lora is not None:
+            if lora in keys:  # e.g. "lora_A.weight" and "lora_A.default.weight"
+                unknown.append(f"{key} and {keys[lora]} both hold {lora[1]} of {lora[0]}")
+                continue
+            grouped.setdefault(lora[0], {})[lora[1]] = t
+            keys[lora] = key
             continue
         owner = name.rsplit(".", 1)[0]
         if owner in saved:
@@ -802,6 +844,12 @@ def load_adapter(
             keys[b["path"], "bias"] = key
             continue
         bad.append(key)
+    if unknown:
+        raise ValueError(
+            f"cannot load the adapter in {directory}:\n  "
+            + "\n  ".join(unknown[:8])
+            + ("\n  ..." if len(unknown) > 8 else "")
+        )
     if bad:
         raise ValueError(
             f"adapter file has entries that are not LoRA weights: {bad[:5]}{' ...' if len(bad) > 5 else ''}"

@@ -190,6 +190,28 @@ def test_load_adapter_saved_by_peft(base, ids, tmp_path):
     assert_close_to_hf(_logits(ours, ids), _logits(hf, ids), ref, "logits")
 
 
+def test_peft_lora_bias_adapter_refused(base, tmp_path):
+    """PEFT's LoraConfig(lora_bias=True) adds a bias to lora_B, which qpeft's adapters do not
+    have: load_adapter used to drop it silently (logits off by ~0.1). Refused, naming the
+    feature, with the config flag and with the keys alone."""
+    ours = _converted(base, r=4, alpha=8, target_modules=["q_proj"])
+    hf = peft.get_peft_model(
+        dequantized_copy(base, ours),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True),
+    )
+    hf.save_pretrained(tmp_path)
+    before = {n: m.adapters["default"] for n, m in ours.named_modules() if isinstance(m, QLoRALinear)}
+    with pytest.raises(ValueError, match=r"lora_bias \(PEFT's LoraConfig\(lora_bias=True\).*not supported"):
+        qpeft.load_adapter(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["lora_bias"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"q_proj\.lora_B\.bias: lora_bias .*not supported"):
+        qpeft.load_adapter(ours, tmp_path)
+    after = {n: m.adapters["default"] for n, m in ours.named_modules() if isinstance(m, QLoRALinear)}
+    assert all(before[n] is after[n] for n in before)  # nothing changed
+
+
 def test_load_adapter_with_mismatched_shapes_fails_cleanly(base, tmp_path):
     small_cfg = copy.deepcopy(base.config)
     small_cfg.hidden_size, small_cfg.intermediate_size = 32, 64
