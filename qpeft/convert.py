@@ -8,6 +8,12 @@ a string is a regular expression matched against the whole module name, a list m
 names equal to an entry or ending in ``"." + entry``; ``"all-linear"`` takes every
 ``nn.Linear`` (``exclude`` removes the output head, ``lm_head`` by default).
 
+Task heads stay as they are, trained in full, where PEFT's task models keep them in
+``modules_to_save``: ``classifier`` and ``score`` of a ``*ForSequenceClassification`` or
+``*ForTokenClassification`` model, ``qa_outputs`` of a ``*ForQuestionAnswering`` one (a
+freshly initialised head frozen in 4 bits could not learn). ``save_adapter`` saves them
+whole, so PEFT loads the directory.
+
 Conversion is atomic: the replacements are all built (weights quantized) before the model
 is touched, so an error midway (a non-finite weight, an unknown option, ...) leaves the
 model exactly as it was. Peak memory is therefore the original weights plus their
@@ -41,6 +47,48 @@ __all__ = [
     "unmerge_adapters",
     "weight_bytes",
 ]
+
+# PEFT's task models add these to modules_to_save whatever the config says
+# (PeftModelForSequenceClassification, ...TokenClassification, ...QuestionAnswering), and
+# skip names the model lacks.
+TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def task_type(model: nn.Module) -> str | None:
+    """PEFT's task_type for a transformers model, from its class name (None if unknown)."""
+    name = type(model).__name__
+    for suffix, task in (
+        ("ForCausalLM", "CAUSAL_LM"),
+        ("ForSequenceClassification", "SEQ_CLS"),
+        ("ForTokenClassification", "TOKEN_CLS"),
+        ("ForQuestionAnswering", "QUESTION_ANS"),
+        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def names_module(path: str, name: str) -> bool:
+    """PEFT's modules_to_save matching: the module path is the name or ends in "." + name."""
+    return path == name or path.endswith("." + name)
+
+
+def task_heads(model: nn.Module, task: str | None = None) -> dict[str, nn.Module]:
+    """The modules PEFT trains in full for the model's task (``task``, default from the
+    class name): path -> module, outermost only; names the model lacks are skipped."""
+    names = TASK_HEADS.get(task if task is not None else task_type(model), ())
+    found: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if path and any(names_module(path, t) for t in names):
+            if not any(path.startswith(f + ".") for f in found):
+                found[path] = module
+    return found
+
 
 WRAPPERS = (QLoRALinear, IA3Linear)
 QPEFT_MODULES = (QLoRALinear, IA3Linear, Linear4bit)
@@ -139,8 +187,11 @@ def _inside_qpeft_module(name: str, qpeft_prefixes: list[str]) -> bool:
     return any(name.startswith(p + ".") for p in qpeft_prefixes)
 
 
-def _targets(model: nn.Module, target_modules, exclude) -> dict[int, tuple[nn.Linear, list[str]]]:
-    """id(module) -> (module, every name it is reachable under), for the modules to convert."""
+def _targets(
+    model: nn.Module, target_modules, exclude, heads: Iterable[str] = ()
+) -> dict[int, tuple[nn.Linear, list[str]]]:
+    """id(module) -> (module, every name it is reachable under), for the modules to convert
+    (none inside the task ``heads``, given by path)."""
     if isinstance(target_modules, str) and target_modules != "all-linear":
         wanted = _matcher(target_modules, "target_modules")
     elif target_modules == "all-linear":
@@ -149,7 +200,12 @@ def _targets(model: nn.Module, target_modules, exclude) -> dict[int, tuple[nn.Li
         if not target_modules:
             raise ValueError("target_modules is empty")
         wanted = _matcher(target_modules, "target_modules")
-    excluded = _matcher(exclude, "exclude")
+    matched = _matcher(exclude, "exclude")
+    heads = tuple(heads)
+
+    def excluded(name: str) -> bool:
+        return matched(name) or any(name == h or name.startswith(h + ".") for h in heads)
+
     named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n]
     qpeft_prefixes = [n for n, m in named if isinstance(m, QPEFT_MODULES)]
     # nn.MultiheadAttention reads out_proj.weight directly (F.multi_head_attention_forward):
@@ -200,8 +256,9 @@ def _targets(model: nn.Module, target_modules, exclude) -> dict[int, tuple[nn.Li
             "to convert; use qpeft.add_adapter(model, name, ...) to add another adapter"
         )
     if not chosen:
+        kept = f"; the task heads {list(heads)} stay unconverted" if heads else ""
         raise ValueError(
-            f"target_modules={target_modules!r} (exclude={exclude!r}) selects no nn.Linear layer"
+            f"target_modules={target_modules!r} (exclude={exclude!r}) selects no nn.Linear layer{kept}"
         )
     return chosen
 
@@ -329,7 +386,11 @@ def convert(
     (options: quant_type, blocksize, double_quant, compute_dtype, init, use_rslora, use_dora,
     train_bias); "ia3": ``IA3Linear`` (quantize and quant options); "quantize": a frozen
     ``Linear4bit`` (quant options; nothing trainable: for PEFT's prompt methods). Every
-    parameter but the new adapters (and BitFit biases) is frozen. The summary
+    parameter but the new adapters (and BitFit biases) is frozen. Task heads (``classifier``
+    / ``score`` of a sequence or token classification model, ``qa_outputs`` of a question
+    answering one: PEFT's modules_to_save for the task) are never converted, whatever
+    ``target_modules`` says, and stay trainable with "lora" and "ia3" ("quantize" freezes
+    them too: PEFT's task model makes its own trainable copy). The summary
     (:class:`ConversionSummary`) is stored as ``model.qpeft_summary`` and printed when
     ``verbose``. ``progress``: a stderr progress bar (default: when stderr is a terminal
     and more than 16 layers are converted).
@@ -354,7 +415,8 @@ def convert(
             f"unknown option(s) for method {method!r}: {sorted(unknown)}; known: {sorted(_OPTIONS[method])}"
         )
     t0 = time.perf_counter()
-    targets = _targets(model, target_modules, exclude)
+    heads = task_heads(model)
+    targets = _targets(model, target_modules, exclude, heads)
     if quantize:
         _refuse_meta(targets, method, options)
     before = weight_bytes(model)
@@ -382,6 +444,10 @@ def convert(
             module.set_adapter(module.active_adapter)  # re-enables the adapter (and BitFit bias)
         elif isinstance(module, IA3Linear):
             module.ia3_l.requires_grad_(True)
+    if method != "quantize":
+        for head in heads.values():
+            if not any(isinstance(m, QPEFT_MODULES) for m in head.modules()):
+                head.requires_grad_(True)
     trainable, total = _param_counts(model)
     summary = ConversionSummary(
         method, len(built), trainable, total, before, weight_bytes(model), time.perf_counter() - t0

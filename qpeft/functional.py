@@ -72,6 +72,12 @@ def quantize_4bit(
     256, plus an fp32 offset) when ``double_quant``. Bit-compatible with
     ``bitsandbytes.functional.quantize_4bit(x, blocksize, compress_statistics=double_quant,
     quant_type=quant_type)``.
+
+    Non-finite input raises ValueError unless ``allow_nonfinite=True``; then it is quantized
+    as bitsandbytes quantizes it (the blocks holding NaN/Inf decode to non-finite values;
+    with ``double_quant`` the offset and nested statistics are non-finite too, bit for bit
+    as bitsandbytes has them). An fp32 overflow of the double-quantization offset is
+    treated alike.
     """
     _checks.quantize_4bit(x, blocksize, quant_type)
     packed, absmax = torch.ops.qpeft.quantize_4bit(x, blocksize, quant_type)
@@ -86,12 +92,17 @@ def quantize_4bit(
     )
     if double_quant:
         offset = absmax.mean()  # fp32, as bitsandbytes computes it (the bits must match)
-        if not offset.is_meta and not bool(torch.isfinite(offset)):
+        # with allow_nonfinite the non-finite offset and nested statistics are kept, as
+        # bitsandbytes keeps them (the affected blocks then decode to non-finite values)
+        if not allow_nonfinite and not offset.is_meta and not bool(torch.isfinite(offset)):
             raise ValueError(
                 "double quantization overflowed: the mean of the block absmax values is not finite in fp32 "
-                f"(largest absmax {float(absmax.max()):.3e}); quantize with double_quant=False"
+                f"(largest absmax {float(absmax.max()):.3e}); quantize with double_quant=False, or pass "
+                "allow_nonfinite=True to keep the non-finite statistics as bitsandbytes does"
             )
-        absmax_codes, nested = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+        absmax_codes, nested = quantize_blockwise(
+            absmax - offset, blocksize=NESTED_BLOCKSIZE, allow_nonfinite=allow_nonfinite
+        )
         state.absmax = absmax_codes
         state.offset = offset
         state.state2 = nested
@@ -160,6 +171,14 @@ def quantize_blockwise(
     _checks.quantize_blockwise(x, _checks.tensor_arg(code, "code"), blocksize)
     q, absmax = torch.ops.qpeft.quantize_blockwise(x, code, blocksize)
     _check_finite(x, absmax, allow_nonfinite)
+    if allow_nonfinite and not absmax.is_meta and bool(absmax.isnan().any()):
+        # bitsandbytes' block maximum skips NaN (fmax; 0 for a block of NaN only), where the
+        # native op's propagates it, and its binary search sends a NaN element to code 0:
+        # quantize with the NaN elements zeroed (which leaves the maxima as bitsandbytes has
+        # them) and give those elements code 0. Only input holding NaN takes this path.
+        nan = torch.isnan(x)
+        q, absmax = torch.ops.qpeft.quantize_blockwise(x.masked_fill(nan, 0), code, blocksize)
+        q = q.masked_fill(nan, 0)
     return q, QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=x.dtype, shape=x.shape)
 
 

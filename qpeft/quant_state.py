@@ -17,6 +17,7 @@ from ._formats import BLOCKSIZES_4BIT, FLOAT_DTYPES, QUANT_TYPES, code4
 
 _PACKED_KEY_PREFIX = "quant_state.bitsandbytes__"
 _NESTED_KEYS = ("nested_absmax", "nested_blocksize", "nested_quant_map", "nested_dtype", "nested_offset")
+_TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _VALID_KEYS = {
     "absmax",
     "quant_map",
@@ -198,6 +199,13 @@ class QuantState:
         if len(packed_keys) > 1:
             raise ValueError(f"expected one packed quant_state entry, found {packed_keys}")
         names: dict[str, str] = {}  # short name -> the key to name in errors
+        # what the keys share before their short names ("weight." in a layer's state dict),
+        # so an absent entry is named as the checkpoint would hold it
+        stem = key_prefix
+        if packed_keys:
+            stem += packed_keys[0][: packed_keys[0].rfind("quant_state")]
+        elif dotted := [k for k in d if "." in k]:
+            stem += dotted[0].rsplit(".", 1)[0] + "."
         packed_type = None
         if packed_keys:
             key = packed_keys[0]
@@ -225,9 +233,19 @@ class QuantState:
         unknown = set(d) - _VALID_KEYS
         if unknown:
             raise ValueError(f"unexpected quant state entries: {sorted(unknown)}")
+
+        def absent(key: str) -> str:
+            """The name an absent entry would have: tensors are keys of their own, the other
+            fields live in the packed entry when there is one."""
+            if key in names:
+                return names[key]
+            if packed_keys and key not in _TENSOR_KEYS:
+                return f"{key_prefix}{packed_keys[0]}[{key!r}]"
+            return stem + key
+
         for key in ("quant_type", "absmax", "blocksize", "quant_map", "dtype", "shape"):
             if key not in d:
-                raise ValueError(f"quant state is missing {names.get(key, key_prefix + key)!r}")
+                raise ValueError(f"quant state is missing {absent(key)!r}")
         quant_type = d["quant_type"]
         if quant_type is not None and quant_type not in QUANT_TYPES:
             raise ValueError(f"quant state has unknown quant_type {quant_type!r} ({names['quant_type']})")
@@ -238,18 +256,16 @@ class QuantState:
         blocksize = _int_field(d["blocksize"], names["blocksize"])
         if blocksize not in BLOCKSIZES_4BIT:
             raise ValueError(f"quant state has unsupported blocksize {blocksize!r} ({names['blocksize']})")
-        # tensor keys keep their prefix in messages ("weight.absmax"): name missing ones alike
-        base = names["absmax"][: -len("absmax")] if "absmax" in names else key_prefix
         present = [k for k in _NESTED_KEYS if k in d]
         if strict and present and len(present) != len(_NESTED_KEYS):
-            missing = [base + k for k in _NESTED_KEYS if k not in d]
+            missing = [absent(k) for k in _NESTED_KEYS if k not in d]
             raise ValueError(f"double-quantized state is missing {missing} (it has {present})")
 
         state2 = offset = None
         if "nested_absmax" in d:
             for key in _NESTED_KEYS:
                 if key not in d:
-                    raise ValueError(f"double-quantized state is missing {base + key!r}")
+                    raise ValueError(f"double-quantized state is missing {absent(key)!r}")
             value = d["nested_offset"]
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{names['nested_offset']} must be a number, got {value!r}")

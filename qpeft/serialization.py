@@ -4,9 +4,15 @@
 ``adapter_model.safetensors`` with keys ``base_model.model.<module path>.lora_A.weight``
 ([r, in]), ``...lora_B.weight`` ([out, r]), DoRA's ``...lora_magnitude_vector`` ([out]),
 and ``adapter_config.json`` (peft_type LORA, r, lora_alpha, target_modules, rank_pattern /
-alpha_pattern for layers that differ, use_rslora, use_dora, lora_dropout). So
+alpha_pattern for layers that differ, use_rslora, use_dora, lora_dropout), and modules
+trained in full (modules_to_save, a task model's head among them: see
+``qpeft.convert.TASK_HEADS``) whole under their own keys. So
 ``peft.PeftModel.from_pretrained(base, dir)`` loads it on the same unquantized base model,
-and ``load_adapter`` loads a PEFT-saved LoRA adapter into a converted model.
+and ``load_adapter`` loads a PEFT-saved LoRA adapter into a converted model. PEFT's
+``lora_bias=True`` (a bias on lora_B) has no counterpart in qpeft's adapters: such an
+adapter (the config flag, or any ``lora_B.bias`` key) is refused with a ValueError, as is
+any other LoRA key whose tail qpeft does not know, rather than dropped or loaded in
+another tensor's place.
 
 ``save_quantized`` / ``load_quantized`` write and read the base model (no adapters) with
 the keys transformers + bitsandbytes use for a 4-bit model: ``<path>.weight`` (packed
@@ -44,6 +50,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .convert import TASK_HEADS, names_module, task_heads
+from .convert import task_type as _task_of
 from .nn import IA3Linear, Linear4bit, QLoRALinear
 from .nn.lora import LoRAAdapter
 
@@ -53,10 +61,38 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
-_KEY = re.compile(
-    r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?:\.(?!weight$)[^.]+)?(?:\.weight)?$"
-)
+# <path>.<kind> then at most two segments: "weight", an adapter name (PEFT's in-memory
+# names, e.g. "lora_A.default.weight", and its old DoRA "lora_magnitude_vector.default"),
+# or a parameter other than the weight. _lora_key reads the tail and rejects what it
+# does not know, whatever order the file's keys come in.
+_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?P<tail>(?:\.[^.]+){0,2})$")
 _BIAS_KEY = re.compile(r"^(?P<path>.+?)(?:\.base_layer)?\.bias$")
+
+
+_LORA_BIAS = (
+    "lora_bias (PEFT's LoraConfig(lora_bias=True): a bias on lora_B) is not supported: qpeft's "
+    "LoRA adapters have no bias of their own"
+)
+
+
+def _lora_key(name: str) -> tuple[str, str] | None:
+    """``(path, kind)`` of an adapter tensor's key (prefix removed): kind lora_A, lora_B or
+    lora_magnitude_vector; None for a key that is not one. A LoRA key with a tail that
+    names another tensor (lora_B's bias, anything unknown) raises ValueError: loading it
+    in the weight's place, or dropping it, would change the adapter silently."""
+    m = _KEY.match(name)
+    if m is None:
+        return None
+    tail = m["tail"].split(".")[1:]
+    param = tail[-1] if tail and tail[-1] in ("weight", "bias") else None
+    adapter = tail[:-1] if param else tail
+    if param == "bias":
+        if m["kind"] == "lora_B":
+            raise ValueError(f"{name}: {_LORA_BIAS}")
+        raise ValueError(f"{name}: {m['kind']} has no bias in PEFT's LoRA format")
+    if len(adapter) > 1 or (param is None and len(tail) > 1):
+        raise ValueError(f"{name}: not a LoRA tensor this version of qpeft knows")
+    return m["path"], m["kind"]
 
 
 def _safetensors():
@@ -68,20 +104,6 @@ def _safetensors():
             "(or pip install 'qpeft[test]')"
         ) from None
     return st
-
-
-def _task_type(model: nn.Module) -> str | None:
-    name = type(model).__name__
-    for suffix, task in (
-        ("ForCausalLM", "CAUSAL_LM"),
-        ("ForSequenceClassification", "SEQ_CLS"),
-        ("ForTokenClassification", "TOKEN_CLS"),
-        ("ForQuestionAnswering", "QUESTION_ANS"),
-        ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
-    ):
-        if name.endswith(suffix):
-            return task
-    return None
 
 
 def _linear_like_names(model: nn.Module) -> list[str]:
@@ -107,15 +129,16 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return leaves if selected == set(names) else sorted(names)
 
 
-def _modules_to_save(model: nn.Module, names) -> dict[str, nn.Module]:
-    """PEFT's modules_to_save matching (equal or '.'-suffix) over the model's modules."""
+def _modules_to_save(model: nn.Module, names, optional: Iterable[str] = ()) -> dict[str, nn.Module]:
+    """PEFT's modules_to_save matching (equal or '.'-suffix) over the model's modules. A name
+    that matches none raises ValueError unless it is in ``optional`` (PEFT skips names the
+    model lacks; qpeft does so where nothing would be lost)."""
     if not names:
         return {}
     names = [names] if isinstance(names, str) else list(names)
-    found = {
-        n: m for n, m in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in names)
-    }
-    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in found)]
+    optional = set(optional)
+    found = {n: m for n, m in model.named_modules() if n and any(names_module(n, t) for t in names)}
+    missing = [t for t in names if t not in optional and not any(names_module(n, t) for n in found)]
     if missing:
         raise ValueError(f"modules_to_save names no module of the model: {missing}")
     wrapped = [n for n, m in found.items() if isinstance(m, (QLoRALinear, IA3Linear, Linear4bit))]
@@ -124,6 +147,25 @@ def _modules_to_save(model: nn.Module, names) -> dict[str, nn.Module]:
             f"modules_to_save must be plain modules (e.g. embeddings, heads), not qpeft layers: {wrapped}"
         )
     return found
+
+
+def _heads_to_save(model: nn.Module, task: str | None) -> dict[str, nn.Module]:
+    """The task heads PEFT's task model trains in full and expects in the file (see
+    qpeft.convert.TASK_HEADS); one that is a qpeft layer cannot be saved in a form PEFT loads."""
+    heads = task_heads(model, task)
+    quantized = [
+        n
+        for n, m in heads.items()
+        if any(isinstance(c, (QLoRALinear, IA3Linear, Linear4bit)) for c in m.modules())
+    ]
+    if quantized:
+        raise ValueError(
+            f"{quantized} is the task head of this {task} model, which PEFT trains in full "
+            "(modules_to_save) and expects whole in the adapter file, but here it holds qpeft "
+            "layers; convert leaves task heads unconverted (qpeft.convert), or pass another "
+            "task_type to save_adapter"
+        )
+    return heads
 
 
 # --- crash-safe writes -----------------------------------------------------------------------
@@ -280,9 +322,14 @@ def save_adapter(
     """Write adapter ``adapter_name`` (default: the active one) of every QLoRALinear of ``model``
     in PEFT's LoRA format (see the module doc). Layers without that adapter are left out.
     ``modules_to_save``: names of other modules trained in full (e.g. ``["embed_tokens",
-    "lm_head"]`` after adding tokens), saved whole as PEFT saves its modules_to_save."""
+    "lm_head"]`` after adding tokens), saved whole as PEFT saves its modules_to_save. The
+    task heads PEFT's task models always train in full (``classifier`` / ``score`` for
+    SEQ_CLS and TOKEN_CLS, ``qa_outputs`` for QUESTION_ANS; the task from ``task_type`` or
+    the model's class name) are saved with them, so ``PeftModel.from_pretrained`` finds
+    them."""
     _safetensors()  # fail before any work when the package is missing
-    extra = _modules_to_save(model, modules_to_save)
+    task = task_type if task_type is not None else _task_of(model)
+    extra = _modules_to_save(model, modules_to_save) | _heads_to_save(model, task)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
     if not layers:
         raise ValueError("the model has no qpeft QLoRALinear layer; run qpeft.convert(model) first")
@@ -322,7 +369,7 @@ def save_adapter(
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     config = {
         "peft_type": "LORA",
-        "task_type": task_type if task_type is not None else _task_type(model),
+        "task_type": task,
         "base_model_name_or_path": base_model_name_or_path
         if base_model_name_or_path is not None
         else getattr(getattr(model, "config", None), "_name_or_path", None) or None,
@@ -705,11 +752,13 @@ def _checked_config(config, directory) -> dict:
         "use_rslora": field("use_rslora", False, lambda v: type(v) is bool, "true or false"),
         "use_dora": field("use_dora", False, lambda v: type(v) is bool, "true or false"),
         "fan_in_fan_out": field("fan_in_fan_out", False, lambda v: type(v) is bool, "true or false"),
+        "lora_bias": field("lora_bias", False, lambda v: type(v) is bool, "true or false"),
         "bias": field(
             "bias", "none", lambda v: v in ("none", "all", "lora_only"), '"none", "all" or "lora_only"'
         ),
         "target_modules": field("target_modules", None, is_names, "a string or a list of strings"),
         "modules_to_save": field("modules_to_save", None, is_names, "a list of strings"),
+        "task_type": field("task_type", None, lambda v: v is None or isinstance(v, str), "a string or null"),
     }
     for key, ok, want in (
         ("rank_pattern", is_pos_int, "positive integers"),
@@ -726,6 +775,8 @@ def _checked_config(config, directory) -> dict:
             if not ok(v):
                 raise ValueError(f"{where}: {key}[{k!r}] must be one of {want}, got {v!r}")
         out[key] = _compile_patterns(patterns, key)
+    if out["lora_bias"]:
+        raise ValueError(f"{where}: {_LORA_BIAS}")
     if out["fan_in_fan_out"]:
         raise ValueError("fan_in_fan_out adapters (GPT-2 style Conv1D layers) are not supported")
     return out
@@ -770,6 +821,9 @@ def load_adapter(
     in/out features. The file defines the adapter: an existing adapter of that name is
     replaced (its rank, alpha and flavour come from the file), and layers the file does not
     cover lose an adapter of that name, so they run their base alone while it is active.
+    Tensors of the config's ``modules_to_save`` (plus the heads PEFT's task model adds for
+    its ``task_type``) are copied into those modules; as in PEFT, a name the model lacks is
+    skipped, unless the file holds tensors under it (ValueError: they would be lost).
 
     The files are input: config fields of the wrong type, non-floating tensors, NaN/Inf
     values (unless ``allow_nonfinite=True``) and ranks that disagree with ``r`` /
@@ -779,21 +833,38 @@ def load_adapter(
     raw_config, tensors = _read_adapter(directory)
     config = _checked_config(raw_config, directory)
     modules = dict(model.named_modules())
-    saved = _modules_to_save(model, config["modules_to_save"])
-    whole: dict[str, torch.Tensor] = {}
+    # PEFT's modules_to_save: the config's names and its task model's heads. As PEFT does,
+    # names the model lacks are skipped, unless the file holds tensors under them: those
+    # would be lost.
+    names = config["modules_to_save"] or []
+    names = [names] if isinstance(names, str) else list(names)
+    names += [t for t in TASK_HEADS.get(config["task_type"], ()) if t not in names]
+    stored = [k[len(PREFIX) :] if k.startswith(PREFIX) else k for k in tensors]
+    stored = [k for k in stored if _KEY.match(k) is None]
+    held = {t for t in names if any(f".{k}".find(f".{t}.") >= 0 for k in stored)}
+    saved = _modules_to_save(model, names, optional=set(names) - held)
+    by_length = sorted(saved, key=len, reverse=True)
+    whole: dict[str, tuple[str, str, torch.Tensor]] = {}  # key -> (module path, its state-dict key, tensor)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     keys: dict[tuple[str, str], str] = {}  # (path, kind) -> the file's key, for messages
-    bad = []
+    bad, unknown = [], []
     for key, t in tensors.items():
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        m = _KEY.match(name)
-        if m:
-            grouped.setdefault(m["path"], {})[m["kind"]] = t
-            keys[m["path"], m["kind"]] = key
+        try:
+            lora = _lora_key(name)
+        except ValueError as exc:
+            unknown.append(str(exc).replace(name, key, 1))
             continue
-        owner = name.rsplit(".", 1)[0]
-        if owner in saved:
-            whole[name] = t
+        if lora is not None:
+            if lora in keys:  # e.g. "lora_A.weight" and "lora_A.default.weight"
+                unknown.append(f"{key} and {keys[lora]} both hold {lora[1]} of {lora[0]}")
+                continue
+            grouped.setdefault(lora[0], {})[lora[1]] = t
+            keys[lora] = key
+            continue
+        owner = next((n for n in by_length if name.startswith(n + ".")), None)
+        if owner is not None:
+            whole[name] = (owner, name[len(owner) + 1 :], t)
             keys[name, ""] = key
             continue
         b = _BIAS_KEY.match(name)
@@ -802,6 +873,12 @@ def load_adapter(
             keys[b["path"], "bias"] = key
             continue
         bad.append(key)
+    if unknown:
+        raise ValueError(
+            f"cannot load the adapter in {directory}:\n  "
+            + "\n  ".join(unknown[:8])
+            + ("\n  ..." if len(unknown) > 8 else "")
+        )
     if bad:
         raise ValueError(
             f"adapter file has entries that are not LoRA weights: {bad[:5]}{' ...' if len(bad) > 5 else ''}"
@@ -810,10 +887,9 @@ def load_adapter(
         raise ValueError(f"adapter file in {directory} holds no LoRA weights")
     planned: dict[str, _Planned] = {}
     errors = []
-    targets: dict[str, torch.Tensor] = {}
+    targets: dict[str, tuple[str, str, torch.Tensor]] = {}
     budget = [_PATTERN_BUDGET]
-    for name, t in whole.items():
-        owner, _, attr = name.rpartition(".")
+    for name, (owner, attr, t) in whole.items():
         current = saved[owner].state_dict().get(attr)
         if current is None or current.shape != t.shape:
             have = None if current is None else tuple(current.shape)
@@ -824,7 +900,7 @@ def load_adapter(
         except (TypeError, ValueError) as exc:
             errors.append(str(exc))
             continue
-        targets[name] = t
+        targets[name] = (owner, attr, t)
     for path, parts in grouped.items():
         layer = modules.get(path)
         if not isinstance(layer, QLoRALinear):
@@ -903,8 +979,7 @@ def load_adapter(
     # Everything is checked: from here on only copies of validated tensors into tensors of
     # the same shape and dict updates, none of which can fail on input.
     with torch.no_grad():
-        for name, t in targets.items():
-            owner, _, attr = name.rpartition(".")
+        for owner, attr, t in targets.values():
             dst = saved[owner].state_dict(keep_vars=True)[attr]
             dst.copy_(t)
     for p in planned.values():

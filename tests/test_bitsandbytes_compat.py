@@ -15,6 +15,7 @@ import qpeft.functional as qf
 from qpeft import QuantState
 from qpeft._formats import BLOCKSIZES_4BIT, code4, dynamic_map
 
+from ._helpers import assert_same_values
 from .conftest import CPU_BACKENDS, DTYPES, assert_bits_equal
 
 with warnings.catch_warnings():
@@ -127,3 +128,71 @@ def test_nonfinite_blocks_are_nonfinite_like_bitsandbytes():
         assert bool(torch.isfinite(ours[sl]).all()) == bool(torch.isfinite(theirs[sl]).all()), blk
     assert bool(torch.isfinite(ours[64:192]).all())
     assert torch.equal(ours[64:192], theirs[64:192])
+
+
+NONFINITE = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan")}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("value", list(NONFINITE))
+def test_nonfinite_double_quant_identical_to_bitsandbytes(backend, dtype, quant_type, value):
+    """allow_nonfinite=True with double quantization: the offset (the mean of the block
+    absmax values) is then non-finite too, and bitsandbytes keeps it and quantizes the
+    nested statistics anyway. qpeft used to refuse this ("double quantization overflowed")."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(96, 64, generator=g)
+    x[3, 5] = NONFINITE[value]
+    x[50, 1] = -NONFINITE[value]
+    x = x.to(dtype)
+    p_bnb, s_bnb = _bnb_quantize(x, 64, quant_type, True)
+    packed, state = qf.quantize_4bit(x, 64, quant_type, True, allow_nonfinite=True)
+    assert_bits_equal(packed, p_bnb, "packed codes")
+    assert_bits_equal(state.absmax, s_bnb.absmax, "absmax codes")
+    # NaN's payload is not compared: from bf16 input bitsandbytes' NaN block maximum (and so
+    # the mean) carries the bits 0x7fff0000, qpeft's the canonical 0x7fc00000
+    assert_same_values(state.offset.reshape(-1), s_bnb.offset.reshape(-1), "offset")
+    assert not bool(torch.isfinite(state.offset))
+    assert_bits_equal(state.state2.absmax, s_bnb.state2.absmax, "nested absmax")
+    assert_bits_equal(state.state2.code, s_bnb.state2.code, "nested code")
+    ours, theirs = qf.dequantize_4bit(packed, state), bnbF.dequantize_4bit(p_bnb, s_bnb).reshape(x.shape)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+
+
+def test_double_quant_overflow_identical_to_bitsandbytes_when_allowed():
+    """Finite input whose block maxima sum past fp32's range: the offset overflows to inf.
+    Refused by default (a clear error), quantized as bitsandbytes does on request."""
+    x = torch.tensor([3e38, -3e38, 1e38, 1.0] * 64)
+    with pytest.raises(ValueError, match="double quantization overflowed.*allow_nonfinite=True"):
+        qf.quantize_4bit(x, 32, "nf4", True)
+    packed, state = qf.quantize_4bit(x, 32, "nf4", True, allow_nonfinite=True)
+    p_bnb, s_bnb = _bnb_quantize(x, 32, "nf4", True)
+    assert float(state.offset) == float("inf")
+    assert_bits_equal(packed, p_bnb, "packed codes")
+    assert_bits_equal(state.absmax, s_bnb.absmax, "absmax codes")
+    assert_bits_equal(state.offset.reshape(-1), s_bnb.offset.reshape(-1), "offset")
+    assert_bits_equal(state.state2.absmax, s_bnb.state2.absmax, "nested absmax")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", list(NONFINITE))
+def test_quantize_blockwise_nonfinite_identical(backend, dtype, value):
+    """8-bit blockwise with allow_nonfinite=True: bitsandbytes' block maximum skips NaN
+    (0 for a block of NaN only) and a NaN element gets code 0; the finite elements of a
+    block holding a NaN are quantized as usual."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(256 * 4 + 17, generator=g) * 3
+    x[5] = NONFINITE[value]
+    x[300], x[301] = NONFINITE[value], -NONFINITE[value]
+    x[512:768] = NONFINITE[value]  # a block of non-finite values only
+    x[770] = 0.0
+    x = x.to(dtype)
+    with pytest.raises(ValueError, match="non-finite"):
+        qf.quantize_blockwise(x, 256)
+    q_bnb, s_bnb = bnbF.quantize_blockwise(x, blocksize=256)
+    q, s = qf.quantize_blockwise(x, 256, allow_nonfinite=True)
+    assert_bits_equal(q, q_bnb, "8-bit codes")
+    assert_bits_equal(s.absmax, s_bnb.absmax, "8-bit absmax")

@@ -3,6 +3,8 @@ model-level adapter management, and 4-bit base weights through safetensors."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -94,6 +96,103 @@ def test_target_lists_regex_and_other_methods():
     assert net.qpeft_summary.trainable_params == 0
     net = qpeft.convert(_net(), r=2, quantize=False, use_dora=True, verbose=False)
     assert isinstance(net.blocks[0].v_proj.base_layer, nn.Linear)
+
+
+class NetForSequenceClassification(nn.Module):
+    """Named like a transformers task model: its task (SEQ_CLS) comes from the class name."""
+
+    def __init__(self, d: int = 64, labels: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, d)
+        self.blocks = nn.ModuleList([Block(d)])
+        self.score = nn.Linear(d, labels, bias=False)
+
+    def forward(self, ids):
+        return self.score(self.blocks[0](self.embed(ids))[:, -1])
+
+
+class NestedForSequenceClassification(NetForSequenceClassification):
+    """RoBERTa's head: "classifier" is a module holding two linears."""
+
+    def __init__(self, d: int = 64, labels: int = 3) -> None:
+        super().__init__(d, labels)
+        del self.score
+        self.classifier = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, labels))
+
+    def forward(self, ids):
+        return self.classifier(self.blocks[0](self.embed(ids))[:, -1])
+
+
+class NetForQuestionAnswering(NetForSequenceClassification):
+    def __init__(self, d: int = 64) -> None:
+        super().__init__(d)
+        del self.score
+        self.qa_outputs = nn.Linear(d, 2)
+
+    def forward(self, ids):
+        return self.qa_outputs(self.blocks[0](self.embed(ids)))
+
+
+@pytest.mark.parametrize(
+    ("cls", "head"),
+    [
+        (NetForSequenceClassification, "score"),
+        (NestedForSequenceClassification, "classifier"),
+        (NetForQuestionAnswering, "qa_outputs"),
+    ],
+)
+def test_task_heads_stay_dense_and_trainable(cls, head):
+    """PEFT's task models train their head in full (modules_to_save); convert used to freeze
+    a freshly initialised head in 4 bits. The head is left as it was, whatever
+    target_modules says, and stays trainable (frozen with method="quantize", where PEFT's
+    task model makes its own trainable copy)."""
+    torch.manual_seed(0)
+    model = cls()
+    head_params = {f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()}
+    net = qpeft.convert(model, r=2, verbose=False)
+    layers = {n for n, m in net.named_modules() if isinstance(m, QLoRALinear)}
+    assert layers == {"blocks.0.q_proj", "blocks.0.v_proj", "blocks.0.mlp.0", "blocks.0.mlp.2"}
+    assert not any(isinstance(m, Linear4bit) for m in net.get_submodule(head).modules())
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == head_params | {f"{c}.adapters.default.lora_{ab}" for c in layers for ab in "AB"}
+    n_head = sum(p.numel() for p in net.get_submodule(head).parameters())
+    assert net.qpeft_summary.trainable_params == n_head + 2 * (128 + 128 + 192 + 192)
+    # a head named in target_modules is still not converted, and alone selects nothing
+    net = qpeft.convert(cls(), target_modules=["q_proj", head], r=2, verbose=False)
+    assert {n for n, m in net.named_modules() if isinstance(m, QLoRALinear)} == {"blocks.0.q_proj"}
+    with pytest.raises(ValueError, match=re.escape(f"selects no nn.Linear layer; the task heads ['{head}']")):
+        qpeft.convert(cls(), target_modules=[head], verbose=False)
+    net = qpeft.convert(cls(), method="ia3", verbose=False)
+    assert head_params <= {n for n, p in net.named_parameters() if p.requires_grad}
+    net = qpeft.convert(cls(), method="quantize", verbose=False)
+    assert not any(isinstance(m, Linear4bit) for m in net.get_submodule(head).modules())
+    assert net.qpeft_summary.trainable_params == 0
+
+
+def test_plain_models_keep_their_heads_convertible():
+    """Only task models named as transformers names them have heads kept: a "score" or
+    "classifier" elsewhere is an ordinary linear."""
+
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.score = nn.Linear(16, 16)
+            self.classifier = nn.Linear(16, 4)
+
+    net = qpeft.convert(Plain(), r=2, verbose=False)
+    assert isinstance(net.score, QLoRALinear) and isinstance(net.classifier, QLoRALinear)
+
+
+def test_save_adapter_refuses_a_quantized_task_head(tmp_path):
+    """A head converted by hand cannot be saved as PEFT expects it (whole, in
+    modules_to_save): a clear error instead of a directory PEFT fails on with a KeyError."""
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    net = qpeft.convert(NetForSequenceClassification(), r=2, verbose=False)
+    net.score = QLoRALinear.from_linear(net.score, r=2)
+    with pytest.raises(ValueError, match=r"\['score'\] is the task head of this SEQ_CLS model"):
+        qpeft.save_adapter(net, tmp_path / "ad")
+    qpeft.save_adapter(net, tmp_path / "ad", task_type="CAUSAL_LM")  # no head expected there
 
 
 def test_disabled_adapters_give_exactly_the_quantized_base():

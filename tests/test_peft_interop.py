@@ -190,6 +190,28 @@ def test_load_adapter_saved_by_peft(base, ids, tmp_path):
     assert_close_to_hf(_logits(ours, ids), _logits(hf, ids), ref, "logits")
 
 
+def test_peft_lora_bias_adapter_refused(base, tmp_path):
+    """PEFT's LoraConfig(lora_bias=True) adds a bias to lora_B, which qpeft's adapters do not
+    have: load_adapter used to drop it silently (logits off by ~0.1). Refused, naming the
+    feature, with the config flag and with the keys alone."""
+    ours = _converted(base, r=4, alpha=8, target_modules=["q_proj"])
+    hf = peft.get_peft_model(
+        dequantized_copy(base, ours),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True),
+    )
+    hf.save_pretrained(tmp_path)
+    before = {n: m.adapters["default"] for n, m in ours.named_modules() if isinstance(m, QLoRALinear)}
+    with pytest.raises(ValueError, match=r"lora_bias \(PEFT's LoraConfig\(lora_bias=True\).*not supported"):
+        qpeft.load_adapter(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    del config["lora_bias"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"q_proj\.lora_B\.bias: lora_bias .*not supported"):
+        qpeft.load_adapter(ours, tmp_path)
+    after = {n: m.adapters["default"] for n, m in ours.named_modules() if isinstance(m, QLoRALinear)}
+    assert all(before[n] is after[n] for n in before)  # nothing changed
+
+
 def test_load_adapter_with_mismatched_shapes_fails_cleanly(base, tmp_path):
     small_cfg = copy.deepcopy(base.config)
     small_cfg.hidden_size, small_cfg.intermediate_size = 32, 64
@@ -209,6 +231,101 @@ def test_load_adapter_with_mismatched_shapes_fails_cleanly(base, tmp_path):
     )
     with pytest.raises(ValueError, match="not a QLoRALinear"):
         qpeft.load_adapter(plain, tmp_path / "ok")
+
+
+def _task_model(arch):
+    """A tiny random transformers task model (no downloads), its PEFT task_type, its head."""
+    torch.manual_seed(0)
+    small = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=100
+    )
+    if arch == "llama-seq":
+        cfg = transformers.LlamaConfig(**small, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+        return transformers.LlamaForSequenceClassification(cfg).eval(), "SEQ_CLS", "score"
+    if arch == "roberta-seq":  # its classifier holds two linears (dense, out_proj)
+        cfg = transformers.RobertaConfig(**small, num_labels=3)
+        return transformers.RobertaForSequenceClassification(cfg).eval(), "SEQ_CLS", "classifier"
+    cfg = transformers.BertConfig(**small, num_labels=2)
+    return transformers.BertForQuestionAnswering(cfg).eval(), "QUESTION_ANS", "qa_outputs"
+
+
+def _task_logits(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.start_logits if hasattr(out, "start_logits") else out.logits
+
+
+def _perturb_trainable(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("arch", ["llama-seq", "roberta-seq", "bert-qa"])
+def test_task_model_adapter_loads_in_peft(arch, tmp_path):
+    """qpeft -> PEFT for a task model: convert leaves the head dense and trainable, and
+    save_adapter writes it whole under modules_to_save, as PEFT's task model expects. It used
+    to be a frozen 4-bit layer named in target_modules, and PeftModel.from_pretrained failed
+    with KeyError 'base_model.model.score.weight'."""
+    base, task, head = _task_model(arch)
+    ours = qpeft.convert(copy.deepcopy(base), r=4, alpha=8, verbose=False)
+    _perturb_trainable(ours, 1)  # the adapters and the head, as training would
+    qpeft.save_adapter(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["task_type"] == task and config["modules_to_save"] == [head]
+    assert head not in config["target_modules"]
+    hf = peft.PeftModel.from_pretrained(dequantized_copy(base, ours), tmp_path).eval()
+    for name, p in ours.get_submodule(head).named_parameters():
+        assert torch.equal(
+            hf.base_model.model.get_submodule(head).modules_to_save["default"].get_parameter(name), p
+        )
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(2))
+    ref = copy.deepcopy(hf).merge_and_unload().double()
+    assert_close_to_hf(
+        _task_logits(ours, ids), _task_logits(hf, ids), _task_logits(ref, ids), f"{arch} logits"
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama-seq", "roberta-seq", "bert-qa"])
+def test_peft_task_model_adapter_loads_in_qpeft(arch, tmp_path):
+    """PEFT -> qpeft: a SEQ_CLS config lists modules_to_save ["classifier", "score"] and PEFT
+    skips the one the model lacks; load_adapter used to refuse ("names no module of the
+    model: ['classifier']"). A name the model lacks is skipped unless the file holds tensors
+    under it: those would be lost, so that still raises."""
+    base, task, head = _task_model(arch)
+    ours = qpeft.convert(copy.deepcopy(base), r=4, alpha=8, verbose=False)
+    targets = ["q_proj", "v_proj"] if arch.startswith("llama") else ["query", "value"]
+    hf = peft.get_peft_model(
+        dequantized_copy(base, ours),
+        peft.LoraConfig(task_type=task, r=4, lora_alpha=8, target_modules=targets),
+    )
+    _perturb_trainable(hf, 3)
+    hf.save_pretrained(tmp_path)
+    qpeft.load_adapter(ours, tmp_path)
+    hf.eval()
+    for name, p in ours.get_submodule(head).named_parameters():
+        assert torch.equal(
+            hf.base_model.model.get_submodule(head).modules_to_save["default"].get_parameter(name), p
+        )
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(2))
+    ref = copy.deepcopy(hf).merge_and_unload().double()
+    assert_close_to_hf(
+        _task_logits(ours, ids), _task_logits(hf, ids), _task_logits(ref, ids), f"{arch} logits"
+    )
+    # tensors under a modules_to_save name the model lacks: refused, naming it
+    import safetensors.torch as st
+
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = st.load_file(weights)
+    tensors["base_model.model.pooler_head.weight"] = torch.zeros(3)
+    st.save_file(tensors, weights)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["modules_to_save"] = [*config["modules_to_save"], "pooler_head"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"modules_to_save names no module of the model: \['pooler_head'\]"):
+        qpeft.load_adapter(qpeft.convert(copy.deepcopy(base), r=4, alpha=8, verbose=False), tmp_path)
 
 
 def _prompt_model(base, config, quantized):

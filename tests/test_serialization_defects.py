@@ -375,14 +375,24 @@ def _packed_fields(sd: dict) -> dict:
     return json.loads(bytes(sd["weight.quant_state.bitsandbytes__nf4"].numpy()).decode())
 
 
-def _with_fields(sd: dict, **changes) -> dict:
-    fields = _packed_fields(sd)
-    fields.update(changes)
+def _repacked(sd: dict, fields: dict) -> dict:
     sd = dict(sd)
     sd["weight.quant_state.bitsandbytes__nf4"] = torch.tensor(
         list(json.dumps(fields).encode()), dtype=torch.uint8
     )
     return sd
+
+
+def _with_fields(sd: dict, **changes) -> dict:
+    return _repacked(sd, {**_packed_fields(sd), **changes})
+
+
+def _without_fields(sd: dict, *names: str) -> dict:
+    return _repacked(sd, {k: v for k, v in _packed_fields(sd).items() if k not in names})
+
+
+def _without(sd: dict, key: str) -> dict:
+    return {k: v for k, v in sd.items() if k != key}
 
 
 def _bad_states():
@@ -412,6 +422,20 @@ def _bad_states():
     boolean["weight"] = sd["weight"].bool()
     return {
         "missing nested_absmax": (missing, ValueError, "weight.nested_absmax"),
+        # an absent entry is named as the checkpoint would hold it, "weight." included
+        "missing absmax": (_without(sd, "weight.absmax"), ValueError, "missing 'weight.absmax'"),
+        "missing plain absmax": (_without(plain, "weight.absmax"), ValueError, "missing 'weight.absmax'"),
+        "missing quant_map": (_without(sd, "weight.quant_map"), ValueError, "missing 'weight.quant_map'"),
+        "missing packed blocksize": (
+            _without_fields(sd, "blocksize"),
+            ValueError,
+            re.escape("missing \"weight.quant_state.bitsandbytes__nf4['blocksize']\""),
+        ),
+        "missing packed nested_offset": (
+            _without_fields(sd, "nested_offset"),
+            ValueError,
+            re.escape("weight.quant_state.bitsandbytes__nf4['nested_offset']"),
+        ),
         "short nested_absmax": (short, ValueError, "weight.nested_absmax has 0 entries"),
         "fp16 nested_absmax": (half, ValueError, "weight.nested_absmax must be torch.float32"),
         "nan nested_absmax": (nan, ValueError, "weight.nested_absmax holds NaN"),
@@ -464,6 +488,7 @@ def _nan_(t: torch.Tensor) -> torch.Tensor:
 
 MIDDLE = {  # corruptions of the middle layer ("1") of the file, the key the error names
     "missing nested_absmax": (lambda t: t.pop("1.weight.nested_absmax"), ValueError, "weight.nested_absmax"),
+    "missing absmax": (lambda t: t.pop("1.weight.absmax"), ValueError, "missing '1.weight.absmax'"),
     "nan nested_absmax": (
         lambda t: t.__setitem__("1.weight.nested_absmax", _nan_(t["1.weight.nested_absmax"])),
         ValueError,
@@ -565,6 +590,8 @@ BAD_CONFIGS = {
     "alpha_pattern value": ({"alpha_pattern": {"1": "8"}}, r"alpha_pattern\['1'\]"),
     "dropout": ({"lora_dropout": 1.5}, "'lora_dropout'"),
     "bias": ({"bias": "yes"}, "'bias'"),
+    "string lora_bias": ({"lora_bias": "false"}, "'lora_bias' must be true or false"),
+    "lora_bias": ({"lora_bias": True}, r"lora_bias \(PEFT's LoraConfig\(lora_bias=True\).*is not supported"),
     "rank disagrees": ({"rank_pattern": {"2": 8}}, "lora_A has rank 4 but adapter_config.json gives r = 8"),
 }
 
@@ -579,6 +606,78 @@ def test_bad_adapter_config_refused(tmp_path, case):
     with pytest.raises(ValueError, match=message):
         qpeft.load_adapter(fresh, tmp_path)
     _assert_unchanged(fresh, before)
+
+
+def _as_bin(directory, edit) -> list[str]:
+    """Replace the weights by an ``adapter_model.bin`` (PEFT's older format, which keeps the
+    order of its keys) holding ``edit(tensors)``; returns the keys in file order."""
+    path = os.path.join(directory, "adapter_model.safetensors")
+    tensors = edit(st.load_file(path))
+    os.unlink(path)
+    torch.save(tensors, os.path.join(directory, "adapter_model.bin"))
+    return list(tensors)
+
+
+@pytest.mark.parametrize("bias_first", [True, False], ids=["bias-first", "bias-last"])
+@pytest.mark.parametrize("tail", ["lora_B.bias", "lora_B.default.bias"])
+def test_lora_B_bias_refused_whatever_the_key_order(tmp_path, tail, bias_first):
+    """PEFT's lora_bias=True writes ``<layer>.lora_B.bias``. The old key pattern read ".bias"
+    as an adapter name: the bias vector took lora_B's slot, and a later lora_B.weight
+    overwrote it (the bias silently dropped) or, in a .bin written the other way round, the
+    bias replaced lora_B. Now it is refused whatever the order, even without the config
+    flag, naming the key and the feature."""
+    _saved_adapter(tmp_path)
+    key = f"base_model.model.1.{tail}"
+
+    def edit(t):
+        bias = {key: torch.randn(24)}
+        return {**bias, **t} if bias_first else {**t, **bias}
+
+    order = _as_bin(tmp_path, edit)
+    assert (order.index(key) < order.index("base_model.model.1.lora_B.weight")) == bias_first
+    fresh = _converted(seed=5)
+    before = _snapshot(fresh)
+    with pytest.raises(ValueError, match=re.escape(key) + r": lora_bias .*is not supported"):
+        qpeft.load_adapter(fresh, tmp_path)
+    _assert_unchanged(fresh, before)
+
+
+@pytest.mark.parametrize(
+    ("tail", "message"),
+    [
+        ("lora_A.bias", "lora_A has no bias"),
+        ("lora_magnitude_vector.bias", "lora_magnitude_vector has no bias"),
+        ("lora_A.default.scale", "not a LoRA tensor"),
+    ],
+)
+def test_unknown_lora_tensors_refused(tmp_path, tail, message):
+    _saved_adapter(tmp_path)
+    key = f"base_model.model.2.{tail}"
+    _edit_weights(tmp_path, lambda t: t.__setitem__(key, torch.randn(4)))
+    fresh = _converted(seed=5)
+    before = _snapshot(fresh)
+    with pytest.raises(ValueError, match=re.escape(key) + ": " + message):
+        qpeft.load_adapter(fresh, tmp_path)
+    _assert_unchanged(fresh, before)
+
+
+def test_adapter_named_keys_load_and_duplicates_are_refused(tmp_path):
+    """Keys with PEFT's in-memory adapter name ("lora_A.default.weight") load as the plain
+    ones; a file holding both forms for one layer is refused rather than one silently
+    winning."""
+    model = _saved_adapter(tmp_path)
+    _edit_weights(
+        tmp_path,
+        lambda t: [t.__setitem__(k.replace(".weight", ".default.weight"), t.pop(k)) for k in list(t)],
+    )
+    fresh = qpeft.load_adapter(_converted(seed=5), tmp_path)
+    for a, b in zip(model.modules(), fresh.modules()):
+        if isinstance(a, QLoRALinear):
+            assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+    key = "base_model.model.1.lora_B.default.weight"
+    _edit_weights(tmp_path, lambda t: t.__setitem__("base_model.model.1.lora_B.weight", t[key].clone()))
+    with pytest.raises(ValueError, match="both hold lora_B of 1"):
+        qpeft.load_adapter(_converted(seed=5), tmp_path)
 
 
 def test_config_not_an_object(tmp_path):
