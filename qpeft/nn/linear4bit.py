@@ -37,7 +37,7 @@ from .._formats import (
     code4,
     zero_code4,
 )
-from ..autograd import layer_module, linear_call, linear_plan
+from ..autograd import autocast_enabled, layer_module, linear_call, linear_plan
 from ..quant_state import QuantState
 from ..weight4bit import Weight4bit, gather_full
 
@@ -88,7 +88,7 @@ def _empty_state(
 def result_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a linear layer returns for x: autocast's inside an autocast region, else x's."""
     dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    return torch.get_autocast_dtype(dev) if autocast_enabled(dev) else x.dtype
 
 
 class Linear4bit(nn.Module):
