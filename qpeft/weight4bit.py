@@ -320,11 +320,20 @@ class Weight4bit(torch.Tensor):
         if e0 % bs or (e1 % bs and e1 != n):
             bad = e0 if e0 % bs else e1
             align = bs // math.gcd(k, bs) if k else 1
+            if rows % align == 0 and rows // align >= 2:
+                # world w shards evenly on blocks iff rows / w is a multiple of align
+                sharding = f"e.g. an FSDP world size dividing {rows // align} ({rows} rows / {align})"
+            else:
+                sharding = (
+                    f"no FSDP world size above 1 shards these {rows} rows on block boundaries (that needs "
+                    f"a row count that is a multiple of {align}, at least {2 * align}): keep the module out of "
+                    "fully_shard"
+                )
             raise ValueError(
                 f"Weight4bit{list(shape)}: rows [{r0}, {r1}) cut a quantization block (element {bad} is not a "
                 f"multiple of blocksize {bs}). 4-bit rows can only be sliced or sharded on block boundaries: "
-                f"use row counts that are multiples of {align} (blocksize / gcd(row length {k}, blocksize)), "
-                f"e.g. an FSDP world size dividing {rows} // {align}, or a blocksize dividing {k}"
+                f"use row counts that are multiples of {align} (blocksize / gcd(row length {k}, blocksize)); "
+                f"{sharding}; or use a blocksize dividing {k}"
             )
         new_shape = (r1 - r0, *shape[1:])
         packed = self.packed[e0 // 2 : (e1 + 1) // 2]
