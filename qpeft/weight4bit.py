@@ -398,6 +398,16 @@ class Weight4bit(torch.Tensor):
 
     def _copy_from(self, src) -> None:
         """In-place copy of another 4-bit weight of the same shape and quantization."""
+        if isinstance(src, torch.Tensor) and not isinstance(src, Weight4bit) and src.dtype == torch.uint8:
+            raise NotImplementedError(
+                f"Weight4bit.copy_ got a plain uint8 tensor of shape {tuple(src.shape)}: packed 4-bit codes "
+                "without their quantization statistics. torch.distributed.checkpoint.state_dict."
+                "set_model_state_dict(..., broadcast_from_rank0=True) copies parameters only (a 4-bit "
+                "layer's absmax and code keys never reach the other ranks), so qpeft cannot load through "
+                "it: give every rank the full state dict (set_model_state_dict with full_state_dict=True "
+                "and no broadcast_from_rank0, or model.load_state_dict), or use torch.distributed.checkpoint "
+                "(docs/distributed.md, 'Checkpoints of a sharded model')"
+            )
         if not isinstance(src, Weight4bit):
             raise NotImplementedError(
                 f"Weight4bit.copy_ takes another Weight4bit, got a dense {type(src).__name__} "
