@@ -288,6 +288,39 @@ def _check_llama_ddp(rank, model, losses, grads):
             assert torch.equal(p.grad, grads[n]), n
 
 
+def _check_adapter_io(rank, mesh, model, tmp):
+    # save_adapter of a sharded model writes what the unsharded model writes (rank 0 writes,
+    # every rank returns after); merging a sharded model is refused before any layer changes
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import fully_shard
+
+    import qpeft
+
+    ref_dir, got_dir = os.path.join(tmp, "adapter_ref"), os.path.join(tmp, "adapter_fsdp")
+    if rank == 0:
+        qpeft.save_adapter(model, ref_dir)
+    m = copy.deepcopy(model)
+    for layer in m.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    qpeft.save_adapter(m, got_dir)
+    want, got = (
+        load_file(os.path.join(ref_dir, "adapter_model.safetensors")),
+        load_file(os.path.join(got_dir, "adapter_model.safetensors")),
+    )
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with (
+        open(os.path.join(ref_dir, "adapter_config.json")) as a,
+        open(os.path.join(got_dir, "adapter_config.json")) as b,
+    ):
+        assert a.read() == b.read()
+    with pytest.raises(RuntimeError, match="cannot merge adapters of a model sharded by FSDP2"):
+        qpeft.merge_adapters(m)
+    assert all(mod.merged_adapter is None for mod in m.modules() if isinstance(mod, qpeft.nn.QLoRALinear))
+    with pytest.raises(RuntimeError, match="sharded by FSDP2"):
+        m.model.layers[0].self_attn.q_proj.base_layer.quant_state  # noqa: B018 (the property raises)
+
+
 def _worker(rank: int, port: int, tmp: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -302,6 +335,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         losses, grads = _reference(model)
         _check_llama_fsdp(rank, mesh, model, losses, grads)
         _check_llama_ddp(rank, model, losses, grads)
+        _check_adapter_io(rank, mesh, model, tmp)
         _check_state_dict(mesh)
         _check_dcp_state_dict(rank, mesh, tmp)
         _check_mixed_precision(mesh)
@@ -319,6 +353,7 @@ def test_fsdp2_and_ddp_over_4bit_weights(tmp_path):
     from torch.distributed.fsdp import fully_shard  # noqa: F401
     from transformers import LlamaForCausalLM  # noqa: F401  (the lazy model import, also inherited)
 
+    pytest.importorskip("safetensors")
     mp.start_processes(
         _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork"
     )

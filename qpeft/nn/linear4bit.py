@@ -181,7 +181,15 @@ class Linear4bit(nn.Module):
     @property
     def quant_state(self) -> QuantState:
         """The weight's decoding state (``self.weight.quant_state``)."""
-        return self.weight.quant_state
+        weight = self.weight
+        if _is_sharded_4bit(weight):
+            # not an AttributeError: nn.Module.__getattr__ would hide it behind "no attribute"
+            raise RuntimeError(
+                "this Linear4bit is sharded by FSDP2: its weight is a DTensor over this rank's rows, and the "
+                "whole layer's quant_state exists only while FSDP2 has it gathered (forward/backward, or "
+                "after module.unshard()); weight.to_local().quant_state is this rank's shard's"
+            )
+        return weight.quant_state
 
     @quant_state.setter
     def quant_state(self, state: QuantState) -> None:
