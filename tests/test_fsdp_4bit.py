@@ -151,6 +151,20 @@ def _check_dcp_state_dict(rank, mesh, tmp):
         dcp.load(sd, checkpoint_id=path)
         set_model_state_dict(layer, sd)
         assert torch.equal(layer(x), want), out
+        if out == 512:  # whole nested shards: the unsharded layer's keys, so DCP crosses shardings
+            plain = _linear4bit(out, inp, 64, dq, seed=4)
+            sd = plain.state_dict()
+            dcp.load(sd, checkpoint_id=path, no_dist=True)  # sharded checkpoint -> one process
+            plain.load_state_dict(sd)
+            assert torch.equal(plain(x), want)
+            if rank == 0:
+                dcp.save(ref, checkpoint_id=path + "_plain", no_dist=True)
+            dist.barrier()
+            layer = fresh()
+            sd = get_model_state_dict(layer)
+            dcp.load(sd, checkpoint_id=path + "_plain")  # unsharded checkpoint -> sharded
+            set_model_state_dict(layer, sd)
+            assert torch.equal(layer(x), want)
         layer = fresh()
         layer.load_state_dict(ref)  # a whole (unsharded) state dict into the sharded layer
         assert torch.equal(layer(x), want), out
