@@ -25,11 +25,20 @@ __all__ = [
 _NO_AUTOCAST = contextlib.nullcontext()
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for a device type autocast does not
+    know (``meta``: a meta input gives a meta output, as ``F.linear`` does, not an error)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # "unknown device type for autocast"
+        return False
+
+
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast disabled for ``device_type`` around the ops: a real ``torch.autocast`` context
     only when autocast is on there (entering one costs ~10 us, a tenth of a small layer's
     forward; docs/design.md, "Per-call overhead"), else a shared no-op."""
-    if torch.is_autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return _NO_AUTOCAST
 
@@ -86,7 +95,7 @@ def qlora_forward(
     ``functional.qlora_linear`` calls it directly when nothing needs a gradient."""
     blocksize, nested_blocksize, quant_type, n, k = quant
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if autocast_enabled(dev):
         x = x.to(torch.get_autocast_dtype(dev))
         ctx = torch.autocast(dev, enabled=False)
     else:
@@ -283,7 +292,7 @@ class Linear4bitFunction(torch.autograd.Function):
     def forward(ctx, x, bias, packed, absmax, nested_absmax, nested_code, offset, quant):
         n, k = quant[3], quant[4]
         dev = x.device.type
-        if torch.is_autocast_enabled(dev):
+        if autocast_enabled(dev):
             x = x.to(torch.get_autocast_dtype(dev))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)

@@ -516,15 +516,21 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge_adapters(model: nn.Module, keep_original: bool | None = None) -> dict[str, MergeReport]:
-    """Merge the active adapter of every QLoRALinear; returns each layer's MergeReport by name."""
-    return {
-        n: m.merge(keep_original=keep_original)
+    """Merge the active adapter of every QLoRALinear; returns each layer's MergeReport by name.
+    A model sharded by FSDP2 is refused before any layer changes (RuntimeError naming the way:
+    save the adapter, merge in one process on the unsharded model)."""
+    layers = [
+        (n, m)
         for n, m in model.named_modules()
         if isinstance(m, QLoRALinear) and m.active_adapter is not None
-    }
+    ]
+    for _, m in layers:
+        m.check_not_sharded("merge")
+    return {n: m.merge(keep_original=keep_original) for n, m in layers}
 
 
 def unmerge_adapters(model: nn.Module) -> dict[str, MergeReport]:
-    return {
-        n: m.unmerge() for n, m in model.named_modules() if isinstance(m, QLoRALinear) and m.merged_adapter
-    }
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear) and m.merged_adapter]
+    for _, m in layers:
+        m.check_not_sharded("unmerge")
+    return {n: m.unmerge() for n, m in layers}

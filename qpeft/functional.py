@@ -17,7 +17,7 @@ from . import (
     backends,  # noqa: F401  (registers every backend's kernels)
 )
 from ._formats import NESTED_BLOCKSIZE, code4, dynamic_map
-from .autograd import Linear4bitFunction, QLoRAFunction, linear_4bit_forward, qlora_forward
+from .autograd import Linear4bitFunction, QLoRAFunction, autocast_enabled, linear_4bit_forward, qlora_forward
 from .quant_state import QuantState
 
 __all__ = [
@@ -317,7 +317,7 @@ def linear_4bit(
     # inference: the same forward without an autograd node (a decode step calls this per layer)
     n, k = quant[3], quant[4]
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if autocast_enabled(dev):
         x = x.to(torch.get_autocast_dtype(dev))
         with torch.autocast(dev, enabled=False):
             y = linear_4bit_forward(x.reshape(-1, k), bias, weight_packed, absmax, na, nc, off, quant)

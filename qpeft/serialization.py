@@ -326,7 +326,12 @@ def save_adapter(
     task heads PEFT's task models always train in full (``classifier`` / ``score`` for
     SEQ_CLS and TOKEN_CLS, ``qa_outputs`` for QUESTION_ANS; the task from ``task_type`` or
     the model's class name) are saved with them, so ``PeftModel.from_pretrained`` finds
-    them."""
+    them.
+
+    Under FSDP2 (adapters that are DTensors) the tensors are gathered with ``full_tensor()``,
+    a collective, so every rank must call it; rank 0 of the default process group writes
+    the directory, and every rank returns after the write (or raises its error)
+    (docs/distributed.md, "Adapters, merging")."""
     _safetensors()  # fail before any work when the package is missing
     task = task_type if task_type is not None else _task_of(model)
     extra = _modules_to_save(model, modules_to_save) | _heads_to_save(model, task)
@@ -353,18 +358,27 @@ def save_adapter(
     use_rslora, use_dora, dropout = flavours.pop()
     tensors: dict[str, torch.Tensor] = {}
     ranks, alphas = {}, {}
+    sharded = [False]
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if hasattr(t, "full_tensor"):  # FSDP2's DTensor: gather it (every rank calls this)
+            sharded[0] = True
+            t = t.full_tensor()
+        return t.contiguous().cpu()
+
     for n, m, ad in chosen:
         key = PREFIX + n
-        tensors[key + ".lora_A.weight"] = ad.lora_A.detach().contiguous().cpu()
-        tensors[key + ".lora_B.weight"] = ad.lora_B.detach().contiguous().cpu()
+        tensors[key + ".lora_A.weight"] = whole(ad.lora_A)
+        tensors[key + ".lora_B.weight"] = whole(ad.lora_B)
         if ad.use_dora:
-            tensors[key + ".lora_magnitude_vector"] = ad.magnitude.detach().contiguous().cpu()
+            tensors[key + ".lora_magnitude_vector"] = whole(ad.magnitude)
         if m.train_bias:
-            tensors[key + ".base_layer.bias"] = m.base_layer.bias.detach().contiguous().cpu()
+            tensors[key + ".base_layer.bias"] = whole(m.base_layer.bias)
         ranks[n], alphas[n] = ad.r, ad.alpha
     for n, module in extra.items():
         for pname, t in module.state_dict().items():
-            tensors[f"{PREFIX}{n}.{pname}"] = t.detach().contiguous().cpu()
+            tensors[f"{PREFIX}{n}.{pname}"] = whole(t)
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     config = {
@@ -389,7 +403,27 @@ def save_adapter(
     }
     config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
     # a symlinked directory is replaced where it points, so the link keeps working
-    _write_adapter_dir(os.path.realpath(save_directory), tensors, config_bytes)
+    target = os.path.realpath(save_directory)
+    if not sharded[0]:
+        _write_adapter_dir(target, tensors, config_bytes)
+        return
+    # sharded: every rank holds the whole adapter now; one writer (ranks writing one shared
+    # directory at once would race its swap), and its outcome sent to all, so that no rank
+    # returns before the files exist and none waits on a writer that failed
+    import torch.distributed as dist
+
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            _write_adapter_dir(target, tensors, config_bytes)
+        except Exception as exc:
+            error = exc
+    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise RuntimeError(f"qpeft.save_adapter: rank 0 failed to write {target}: {outcome[0]}")
 
 
 # --- rank_pattern / alpha_pattern keys ------------------------------------------------------

@@ -312,11 +312,10 @@ def setup(args) -> tuple[int, int, torch.device, bool]:
 def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters by name (DTensors under FSDP2; DDP's ``module.`` prefix
     dropped, so a checkpoint loads under any strategy), detached views that DCP loads into
-    in place. Not ``get_model_state_dict``: it resolves every ``model.state_dict()`` key to
-    a module attribute, and the 4-bit layers' state dict carries bitsandbytes' keys
-    (``weight.absmax``, ``weight.quant_state.bitsandbytes__nf4``, ...) that are not
-    attributes. The frozen base is not written: it is rebuilt from --config/--model (same
-    seed) and quantized deterministically."""
+    in place. Not ``get_model_state_dict``, which works on the converted model, sharded or
+    not, but includes the frozen 4-bit base (docs/distributed.md, "Checkpoints of a sharded
+    model"): a checkpoint holds only what training changes. The frozen base is not written:
+    it is rebuilt from --config/--model (same seed) and quantized deterministically."""
     return {n.removeprefix("module."): p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 

@@ -331,11 +331,20 @@ class Weight4bit(torch.Tensor):
         if e0 % bs or (e1 % bs and e1 != n):
             bad = e0 if e0 % bs else e1
             align = bs // math.gcd(k, bs) if k else 1
+            if rows % align == 0 and rows // align >= 2:
+                # world w shards evenly on blocks iff rows / w is a multiple of align
+                sharding = f"e.g. an FSDP world size dividing {rows // align} ({rows} rows / {align})"
+            else:
+                sharding = (
+                    f"no FSDP world size above 1 shards these {rows} rows on block boundaries (that needs "
+                    f"a row count that is a multiple of {align}, at least {2 * align}): keep the module out of "
+                    "fully_shard"
+                )
             raise ValueError(
                 f"Weight4bit{list(shape)}: rows [{r0}, {r1}) cut a quantization block (element {bad} is not a "
                 f"multiple of blocksize {bs}). 4-bit rows can only be sliced or sharded on block boundaries: "
-                f"use row counts that are multiples of {align} (blocksize / gcd(row length {k}, blocksize)), "
-                f"e.g. an FSDP world size dividing {rows} // {align}, or a blocksize dividing {k}"
+                f"use row counts that are multiples of {align} (blocksize / gcd(row length {k}, blocksize)); "
+                f"{sharding}; or use a blocksize dividing {k}"
             )
         new_shape = (r1 - r0, *shape[1:])
         packed = self.packed[e0 // 2 : (e1 + 1) // 2]
@@ -400,6 +409,16 @@ class Weight4bit(torch.Tensor):
 
     def _copy_from(self, src) -> None:
         """In-place copy of another 4-bit weight of the same shape and quantization."""
+        if isinstance(src, torch.Tensor) and not isinstance(src, Weight4bit) and src.dtype == torch.uint8:
+            raise NotImplementedError(
+                f"Weight4bit.copy_ got a plain uint8 tensor of shape {tuple(src.shape)}: packed 4-bit codes "
+                "without their quantization statistics. torch.distributed.checkpoint.state_dict."
+                "set_model_state_dict(..., broadcast_from_rank0=True) copies parameters only (a 4-bit "
+                "layer's absmax and code keys never reach the other ranks), so qpeft cannot load through "
+                "it: give every rank the full state dict (set_model_state_dict with full_state_dict=True "
+                "and no broadcast_from_rank0, or model.load_state_dict), or use torch.distributed.checkpoint "
+                "(docs/distributed.md, 'Checkpoints of a sharded model')"
+            )
         if not isinstance(src, Weight4bit):
             raise NotImplementedError(
                 f"Weight4bit.copy_ takes another Weight4bit, got a dense {type(src).__name__} "

@@ -112,6 +112,74 @@ def _check_state_dict(mesh):
     assert not fresh.quant_state.nested and torch.equal(fresh.dequantize(), dense)
 
 
+def _check_dcp_state_dict(rank, mesh, tmp):
+    # torch's state-dict APIs on a sharded Linear4bit (docs/distributed.md, "Checkpoints"):
+    # every route back into a sharded layer gives the unsharded layer's output bit for bit
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    full_opts = StateDictOptions(full_state_dict=True)
+    # whole nested blocks per shard; straddling nested blocks (fp32 shard absmax); no DQ
+    for out, inp, dq in ((512, 128, True), (64, 128, True), (48, 96, False)):
+        src = _linear4bit(out, inp, 64, dq, seed=3)
+        ref = src.state_dict()
+        x = torch.randn(3, inp, generator=torch.Generator().manual_seed(5))
+        want = src(x)
+        fully_shard(src, mesh=mesh)
+
+        def fresh(out=out, inp=inp, dq=dq):
+            layer = _linear4bit(out, inp, 64, dq, seed=4)  # other values, overwritten by each load
+            fully_shard(layer, mesh=mesh)
+            return layer
+
+        sharded = get_model_state_dict(src)
+        assert isinstance(sharded["weight"], DTensor) and isinstance(sharded["weight.absmax"], DTensor)
+        assert sharded["weight"].to_local().numel() * WORLD == ref["weight"].numel()
+        full = get_model_state_dict(src, options=full_opts)
+        if dq and out == 512 or not dq:  # the unsharded layer's keys and bytes
+            assert full.keys() == ref.keys() and all(torch.equal(full[k], ref[k]) for k in ref)
+        path = os.path.join(tmp, f"dcp_{out}")
+        dcp.save(sharded, checkpoint_id=path)
+        layer = fresh()
+        sd = get_model_state_dict(layer)
+        dcp.load(sd, checkpoint_id=path)
+        set_model_state_dict(layer, sd)
+        assert torch.equal(layer(x), want), out
+        if out == 512:  # whole nested shards: the unsharded layer's keys, so DCP crosses shardings
+            plain = _linear4bit(out, inp, 64, dq, seed=4)
+            sd = plain.state_dict()
+            dcp.load(sd, checkpoint_id=path, no_dist=True)  # sharded checkpoint -> one process
+            plain.load_state_dict(sd)
+            assert torch.equal(plain(x), want)
+            if rank == 0:
+                dcp.save(ref, checkpoint_id=path + "_plain", no_dist=True)
+            dist.barrier()
+            layer = fresh()
+            sd = get_model_state_dict(layer)
+            dcp.load(sd, checkpoint_id=path + "_plain")  # unsharded checkpoint -> sharded
+            set_model_state_dict(layer, sd)
+            assert torch.equal(layer(x), want)
+        layer = fresh()
+        layer.load_state_dict(ref)  # a whole (unsharded) state dict into the sharded layer
+        assert torch.equal(layer(x), want), out
+        layer = fresh()
+        set_model_state_dict(layer, dict(ref), options=full_opts)
+        assert torch.equal(layer(x), want), out
+        if out == 64:  # refused on every rank alike (no rank left waiting in a collective)
+            with pytest.raises(NotImplementedError, match="broadcast_from_rank0"):
+                set_model_state_dict(
+                    fresh(),
+                    dict(ref) if rank == 0 else {},
+                    options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+                )
+
+
 def _check_mixed_precision(mesh):
     # param_dtype relabels the gathered 4-bit weight (its codes are never cast); the adapters
     # are cast by FSDP2, so the result is the unsharded layer's in bf16, bit for bit
@@ -234,7 +302,40 @@ def _check_llama_ddp(rank, model, losses, grads):
             assert torch.equal(p.grad, grads[n]), n
 
 
-def _worker(rank: int, port: int) -> None:
+def _check_adapter_io(rank, mesh, model, tmp):
+    # save_adapter of a sharded model writes what the unsharded model writes (rank 0 writes,
+    # every rank returns after); merging a sharded model is refused before any layer changes
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import fully_shard
+
+    import qpeft
+
+    ref_dir, got_dir = os.path.join(tmp, "adapter_ref"), os.path.join(tmp, "adapter_fsdp")
+    if rank == 0:
+        qpeft.save_adapter(model, ref_dir)
+    m = copy.deepcopy(model)
+    for layer in m.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    qpeft.save_adapter(m, got_dir)
+    want, got = (
+        load_file(os.path.join(ref_dir, "adapter_model.safetensors")),
+        load_file(os.path.join(got_dir, "adapter_model.safetensors")),
+    )
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with (
+        open(os.path.join(ref_dir, "adapter_config.json")) as a,
+        open(os.path.join(got_dir, "adapter_config.json")) as b,
+    ):
+        assert a.read() == b.read()
+    with pytest.raises(RuntimeError, match="cannot merge adapters of a model sharded by FSDP2"):
+        qpeft.merge_adapters(m)
+    assert all(mod.merged_adapter is None for mod in m.modules() if isinstance(mod, qpeft.nn.QLoRALinear))
+    with pytest.raises(RuntimeError, match="sharded by FSDP2"):
+        m.model.layers[0].self_attn.q_proj.base_layer.quant_state  # noqa: B018 (the property raises)
+
+
+def _worker(rank: int, port: int, tmp: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -248,7 +349,9 @@ def _worker(rank: int, port: int) -> None:
         losses, grads = _reference(model)
         _check_llama_fsdp(rank, mesh, model, losses, grads)
         _check_llama_ddp(rank, model, losses, grads)
+        _check_adapter_io(rank, mesh, model, tmp)
         _check_state_dict(mesh)
+        _check_dcp_state_dict(rank, mesh, tmp)
         _check_mixed_precision(mesh)
         _check_refusals(mesh)
         dist.barrier()
@@ -257,11 +360,14 @@ def _worker(rank: int, port: int) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
-def test_fsdp2_and_ddp_over_4bit_weights():
+def test_fsdp2_and_ddp_over_4bit_weights(tmp_path):
     # imported here, once: forked ranks inherit them (spawned ranks re-imported torch and
     # transformers, ~25 s each on the 2-core CI machine). The ranks run 1 thread each.
     pytest.importorskip("transformers")
     from torch.distributed.fsdp import fully_shard  # noqa: F401
     from transformers import LlamaForCausalLM  # noqa: F401  (the lazy model import, also inherited)
 
-    mp.start_processes(_worker, args=(_free_port(),), nprocs=WORLD, join=True, start_method="fork")
+    pytest.importorskip("safetensors")
+    mp.start_processes(
+        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork"
+    )

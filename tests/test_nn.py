@@ -618,3 +618,23 @@ def test_qlora_bad_inputs():
         layer.add_adapter("default")
     with pytest.raises(RuntimeError, match="no adapter is merged"):
         layer.unmerge()
+
+
+@pytest.mark.parametrize("cls", [Linear4bit, QLoRALinear])
+def test_meta_inputs_give_meta_outputs(cls):
+    # as nn.Linear on the meta device (shape inference, FSDP2 / tracing of meta models): a
+    # meta input gives a correctly-shaped meta output, forward and backward, not autocast's
+    # "unknown device type" error
+    with torch.device("meta"):
+        lin = nn.Linear(128, 64)
+    layer = cls.from_linear(lin) if cls is Linear4bit else cls.from_linear(lin, r=4)
+    for shape in ((3, 128), (2, 20, 128), (128,)):
+        for needs_grad in (False, True):
+            x = torch.randn(*shape, device="meta", requires_grad=needs_grad)
+            y = layer(x)
+            assert y.device.type == "meta" and y.shape == lin(x).shape and y.dtype == torch.float32
+            if needs_grad:
+                y.sum().backward()
+                assert x.grad.device.type == "meta" and x.grad.shape == x.shape
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast on for cpu leaves meta alone
+        assert layer(torch.randn(3, 128, device="meta")).dtype == torch.float32

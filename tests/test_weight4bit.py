@@ -401,6 +401,14 @@ def test_row_slice_inside_a_block_is_refused():
     with pytest.raises(ValueError, match=r"cut a quantization block.*multiples of 4"):
         w[1:5]
     assert torch.equal(w[4:8].dequantize(), w.dequantize()[4:8])
+    # the FSDP hint names world sizes that work: 96 rows of 48 in blocks of 64 shard on
+    # blocks when each shard is a multiple of 4 rows, i.e. worlds dividing 24
+    with pytest.raises(ValueError, match=r"world size dividing 24 \(96 rows / 4\)"):
+        _weight(96, 48, blocksize=64)[0:2]
+    # too few rows for any world above 1 (8 rows of 64 in one block of 4096): said so, not
+    # "a world size dividing 8 // 64" (0)
+    with pytest.raises(ValueError, match="no FSDP world size above 1 shards these 8 rows"):
+        _weight(8, 64, blocksize=4096)[0:4]
 
 
 @settings(max_examples=25, deadline=None)

@@ -37,9 +37,9 @@ from .._formats import (
     code4,
     zero_code4,
 )
-from ..autograd import layer_module, linear_call, linear_plan
+from ..autograd import autocast_enabled, layer_module, linear_call, linear_plan
 from ..quant_state import QuantState
-from ..weight4bit import Weight4bit, gather_full
+from ..weight4bit import Weight4bit, _contiguous_strides, gather_full
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -88,7 +88,7 @@ def _empty_state(
 def result_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a linear layer returns for x: autocast's inside an autocast region, else x's."""
     dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    return torch.get_autocast_dtype(dev) if autocast_enabled(dev) else x.dtype
 
 
 class Linear4bit(nn.Module):
@@ -181,7 +181,15 @@ class Linear4bit(nn.Module):
     @property
     def quant_state(self) -> QuantState:
         """The weight's decoding state (``self.weight.quant_state``)."""
-        return self.weight.quant_state
+        weight = self.weight
+        if _is_sharded_4bit(weight):
+            # not an AttributeError: nn.Module.__getattr__ would hide it behind "no attribute"
+            raise RuntimeError(
+                "this Linear4bit is sharded by FSDP2: its weight is a DTensor over this rank's rows, and the "
+                "whole layer's quant_state exists only while FSDP2 has it gathered (forward/backward, or "
+                "after module.unshard()); weight.to_local().quant_state is this rank's shard's"
+            )
+        return weight.quant_state
 
     @quant_state.setter
     def quant_state(self, state: QuantState) -> None:
@@ -320,16 +328,34 @@ class Linear4bit(nn.Module):
     # to, never the codes or the fp32 statistics.)
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         weight = self.weight
-        if not isinstance(weight, Weight4bit):
-            if not isinstance(getattr(weight, "to_local", lambda: None)(), Weight4bit):
-                raise TypeError(f"{prefix}weight is a {type(weight).__name__}, not a qpeft.Weight4bit")
-            # sharded (FSDP2: a DTensor over a Weight4bit shard): the bitsandbytes layout is one
-            # tensor per layer, so gather the 4-bit bytes (a collective: every rank saves)
-            weight = gather_full(weight)
+        if isinstance(weight, Weight4bit):
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            destination[prefix + "weight"] = weight.packed if keep_vars else weight.packed.detach()
+            for k, v in weight.quant_state.as_dict(packed=True).items():
+                destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+            return
+        if not _is_sharded_4bit(weight):
+            raise TypeError(f"{prefix}weight is a {type(weight).__name__}, not a qpeft.Weight4bit")
+        # sharded (FSDP2: a DTensor over a Weight4bit shard): the bitsandbytes keys, with the
+        # per-row tensors (codes, absmax, nested absmax) as DTensors over this rank's shard of
+        # them, as FSDP2 gives every parameter; the rest (code tables, the packed JSON with the
+        # whole shape) is the same on every rank. No collective; full_tensor() (or
+        # get_model_state_dict(full_state_dict=True)) gives the unsharded layout.
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = weight.packed if keep_vars else weight.packed.detach()
-        for k, v in weight.quant_state.as_dict(packed=True).items():
-            destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+        for k, v in _sharded_state_entries(weight).items():
+            destination[prefix + k] = v if keep_vars else v.detach()
+
+    # torch.distributed.checkpoint.state_dict resolves every state-dict key as an attribute
+    # path; under FSDP2 ``self.weight`` is a DTensor, which has no ``absmax`` / ``quant_state``,
+    # so its "weight" segment is resolved on _dcp_weight_owner (its ``weight`` is the local
+    # Weight4bit). The hook only redirects the lookup: the key and its FQN stay the same.
+    def _fqn_modifiers(self) -> dict[str, str]:
+        return {"weight": "_dcp_weight_owner"}
+
+    @property
+    def _dcp_weight_owner(self):
+        weight = self.weight
+        return _WeightOwner(weight.to_local() if _is_sharded_4bit(weight) else weight)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -337,10 +363,15 @@ class Linear4bit(nn.Module):
         w_key = prefix + "weight"
         quant_keys = [k for k in state_dict if k.startswith(w_key + ".")]
         if w_key in state_dict:
+            # DTensor entries (a sharded state dict: FSDP2's, or torch.distributed.checkpoint
+            # loaded into one) are gathered, one layer at a time (a collective: every rank loads)
+            weight = _full_value(state_dict[w_key])
+            quant = {k[len(prefix) :]: _full_value(state_dict[k]) for k in quant_keys}
             try:
-                self._load_weight(
-                    state_dict[w_key], {k[len(prefix) :]: state_dict[k] for k in quant_keys}, prefix
-                )
+                if _is_sharded_4bit(self.weight):
+                    self._load_sharded(weight, quant, prefix)
+                else:
+                    self._load_weight(weight, quant, prefix)
             except (ValueError, TypeError) as exc:
                 # the bias is left alone too: a layer is loaded whole or not at all
                 error_msgs.append(f"While loading {w_key}: {exc}")
@@ -348,20 +379,35 @@ class Linear4bit(nn.Module):
         elif strict:
             missing_keys.append(w_key)
         # The weight is handled above; let nn.Module load the bias (and report its keys).
+        # Sharded (FSDP2), a whole bias tensor is copied here into this rank's rows: nn.Module
+        # would refuse to copy a plain tensor into the DTensor (a DTensor it loads itself).
         params = self._parameters
+        b_key, bias = prefix + "bias", params.get("bias")
+        whole_bias = state_dict.get(b_key) if hasattr(bias, "_local_tensor") else None
+        if not isinstance(whole_bias, torch.Tensor) or hasattr(whole_bias, "_local_tensor"):
+            whole_bias = None
+        elif tuple(whole_bias.shape) != tuple(bias.shape):
+            error_msgs.append(
+                f"size mismatch for {b_key}: copying a param with shape {tuple(whole_bias.shape)} from "
+                f"checkpoint, the shape in current model is {tuple(bias.shape)}."
+            )
+        else:
+            r0, r1 = _shard_row_range(bias, b_key)
+            with torch.no_grad():
+                bias._local_tensor.copy_(whole_bias[r0:r1])
         order = list(params)
-        weight = params.pop("weight")
+        popped = {k: params.pop(k) for k in ("weight", "bias") if k == "weight" or whole_bias is not None}
         try:
             super()._load_from_state_dict(
                 state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
             )
         finally:
             # back in its place: parameters() and state_dict() keep their order after a load
-            params["weight"] = weight
+            params.update(popped)
             ordered = {k: params[k] for k in order if k in params} | params
             params.clear()
             params.update(ordered)
-        skip = set(quant_keys) | {w_key}
+        skip = set(quant_keys) | {w_key, b_key}
         unexpected_keys[:] = [k for k in unexpected_keys if k not in skip]
 
     def prepare_weight(
@@ -417,3 +463,112 @@ class Linear4bit(nn.Module):
 
     def _load_weight(self, weight: torch.Tensor, quant: dict[str, torch.Tensor], prefix: str = "") -> None:
         self.commit_weight(*self.prepare_weight(weight, quant, prefix))
+
+    def _load_sharded(self, weight: torch.Tensor, quant: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Load a whole checkpoint weight into an FSDP2-sharded layer: quantize or check it as
+        :meth:`prepare_weight` does, then copy this rank's rows into the local shard in place.
+        The parameter (the DTensor FSDP2 registered) and its local shard stay the same objects:
+        FSDP2's all-gather buffers are sized for the shard's format, so the checkpoint must be
+        in the layer's format (quant type, blocksize; double quantization if the shard has it)."""
+        packed, state = self.prepare_weight(weight, quant, prefix)
+        param = self.weight
+        local = param._local_tensor
+        st = local.quant_state
+        if (state.quant_type, state.blocksize) != (st.quant_type, st.blocksize):
+            raise ValueError(
+                f"the checkpoint's {prefix}weight is {state.quant_type} with blocksize {state.blocksize}, but this "
+                f"layer, sharded by FSDP2, is {st.quant_type} with blocksize {st.blocksize}: a sharded layer loads "
+                "its own format in place; load the checkpoint before fully_shard, or convert with its format"
+            )
+        r0, r1 = _shard_row_range(param, prefix + "weight")
+        src = Weight4bit(packed, state)._row_slice(r0, r1)
+        if st.nested and not src.nested:
+            raise ValueError(
+                f"the checkpoint's {prefix}weight has no double quantization, but this layer's FSDP2 shards "
+                "keep nested statistics: load it before fully_shard, or convert with double_quant=False"
+            )
+        with torch.no_grad():
+            local.copy_(src)
+
+
+class _WeightOwner:
+    """What ``Linear4bit._fqn_modifiers`` points the "weight" segment of a state-dict key at:
+    an object whose ``weight`` is the (local) Weight4bit, on which every bitsandbytes key resolves."""
+
+    __slots__ = ("weight",)
+
+    def __init__(self, weight) -> None:
+        self.weight = weight
+
+
+def _is_sharded_4bit(t) -> bool:
+    """Whether ``t`` is FSDP2's sharded 4-bit weight: a DTensor over a Weight4bit shard."""
+    return not isinstance(t, Weight4bit) and isinstance(getattr(t, "_local_tensor", None), Weight4bit)
+
+
+def _full_value(t):
+    """The whole tensor of a state-dict entry: a DTensor gathered (a collective), else ``t``."""
+    local = getattr(t, "_local_tensor", None) if not isinstance(t, Weight4bit) else None
+    if local is None:
+        return t
+    if isinstance(local, Weight4bit):
+        return gather_full(t)
+    return t.full_tensor()
+
+
+def _shard_row_range(param, key: str) -> tuple[int, int]:
+    """The rows [r0, r1) of the whole tensor that this rank's shard of ``param`` (FSDP2's
+    DTensor, named ``key``) holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    if tuple(shape[1:]) != tuple(param.shape[1:]):
+        raise ValueError(
+            f"{key} is sharded with placements {tuple(param.placements)}; Linear4bit loads tensors sharded "
+            "by rows only (fully_shard's default Shard(0))"
+        )
+    return int(offset[0]), int(offset[0]) + int(shape[0])
+
+
+def _sharded_state_entries(weight) -> dict[str, torch.Tensor]:
+    """The bitsandbytes state-dict entries (keys relative to the layer) of an FSDP2-sharded
+    weight: ``weight`` (the packed codes), ``weight.absmax`` and ``weight.nested_absmax`` as
+    DTensors with the parameter's mesh and placements over this rank's tensors (rows of the
+    weight are contiguous runs of all three, so a row shard is a shard of each), and the code
+    tables and the packed JSON (with the whole shape and the offset) as plain tensors."""
+    from torch.distributed.tensor import DTensor
+
+    local = weight._local_tensor
+    rows, local_rows = weight.shape[0], local.shape[0]
+    if local_rows == 0 or rows % local_rows:
+        raise NotImplementedError(
+            f"a Weight4bit of {rows} rows sharded unevenly ({local_rows} rows here) has no state dict: "
+            f"use a world size dividing {rows}, or exclude this module from fully_shard"
+        )
+    shards = rows // local_rows
+    st = local.quant_state
+    whole = QuantState(
+        absmax=st.absmax,
+        shape=tuple(weight.shape),
+        code=st.code,
+        blocksize=st.blocksize,
+        quant_type=st.quant_type,
+        dtype=st.dtype,
+        offset=st.offset,
+        state2=st.state2,
+    )
+    entries = {"weight": local.packed}
+    entries.update({"weight." + k: v for k, v in whole.as_dict(packed=True).items()})
+    for key in ("weight", "weight.absmax", "weight.nested_absmax"):
+        if key in entries:
+            t = entries[key]
+            shape = (t.shape[0] * shards, *t.shape[1:])
+            entries[key] = DTensor.from_local(
+                t,
+                weight.device_mesh,
+                weight.placements,
+                run_check=False,
+                shape=shape,
+                stride=_contiguous_strides(shape),
+            )
+    return entries

@@ -36,6 +36,13 @@ from ..weight4bit import Weight4bit
 from .linear4bit import Linear4bit, result_dtype
 from .weight_rows import row_norms
 
+
+def _is_dtensor(t) -> bool:
+    from ..optim.distributed import is_dtensor
+
+    return is_dtensor(t)
+
+
 __all__ = ["LoRAAdapter", "MergeReport", "QLoRALinear"]
 
 INITS = ("default", "gaussian")
@@ -462,10 +469,24 @@ class QLoRALinear(nn.Module):
         otherwise ``unmerge`` subtracts the adapter again (and requantizes, adding error).
         While merged, forward is the base layer alone.
         """
+        self.check_not_sharded("merge")
         if self.merged_adapter is not None:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is already merged; unmerge() first")
         with torch.autocast(self.base_layer.weight.device.type, enabled=False):  # weight arithmetic in fp32
             return self._merge(adapter_name, keep_original)
+
+    def check_not_sharded(self, what: str = "merge") -> None:
+        """RuntimeError if this layer is sharded by FSDP2 (its base weight or an adapter is a
+        DTensor): merging rewrites the whole base weight, which no rank holds, in a format
+        FSDP2's all-gather buffers were sized for (docs/distributed.md, "Adapters, merging")."""
+        tensors = [self.base_layer.weight, *self.parameters(recurse=False)]
+        if any(_is_dtensor(t) for t in tensors):
+            raise RuntimeError(
+                f"qpeft cannot {what} adapters of a model sharded by FSDP2 (fully_shard): no rank holds a "
+                "whole base weight to rewrite. Save the adapter (qpeft.save_adapter works under FSDP2), then "
+                "in one process load it into the unsharded converted model (qpeft.load_adapter) and merge "
+                "there (qpeft.merge_adapters); or merge before fully_shard"
+            )
 
     def _merge(self, adapter_name: str | None, keep_original: bool | None) -> MergeReport:
         name = self.active_adapter if adapter_name is None else adapter_name
@@ -489,6 +510,7 @@ class QLoRALinear(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> MergeReport:
         """Undo ``merge``: restore the kept original bit for bit, or subtract the adapter."""
+        self.check_not_sharded("unmerge")
         if self.merged_adapter is None:
             raise RuntimeError("no adapter is merged")
         with torch.autocast(self.base_layer.weight.device.type, enabled=False):  # weight arithmetic in fp32
