@@ -533,6 +533,7 @@ def small_layer_plan(owner, guards: tuple, packed, state, lora_a, lora_b, bias, 
         # PANEL_ELEMS as planned: the C++ call finds the plan stale when tests change it
         -1 if cpu_qlora.PANEL_ELEMS is None else int(cpu_qlora.PANEL_ELEMS),
         cpu_qlora.FP32_BF16_MIN_WORK,
+        f32gemm.MAX_EXTRA_COLS,
     )
     if lora_a.dim() != 2 or tuple(lora_a.shape) != (ints[2], k) or tuple(lora_b.shape) != (n, ints[2]):
         return None

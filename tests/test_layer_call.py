@@ -419,6 +419,8 @@ GEMM_CASES = [
     (dict(n=300, k=100, double_quant=False, bias=False), (2, 30)),  # forward merged, dx not
     (dict(n=40, k=136, r=3, train_bias=True), (3, 11)),  # dx merged, forward not
     (dict(n=256, k=704), (512,)),  # the demo's down projection
+    (dict(n=48, k=48, r=260), (40,)),  # a rank above the fused GEMM's extra block, merged
+    (dict(n=40, k=100, r=300), (40,)),  # and composed in the forward, merged in dx
 ]
 
 

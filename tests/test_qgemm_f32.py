@@ -281,6 +281,9 @@ LAYER_CASES = [
     (torch.float32, 64, 130, 64, 64, "nf4", True, 64, True, False, True),
     (torch.float32, 300, 45, 200, 16, "nf4", True, 64, True, True, False),
     (torch.float16, 20, 33, 96, 8, "nf4", True, 32, False, True, True),
+    # ranks above the kernel's extra block (MAX_EXTRA_COLS): xa and g by torch's GEMM
+    (torch.float32, 40, 48, 64, 257, "nf4", True, 64, True, False, False),
+    (torch.bfloat16, 24, 40, 72, 300, "fp4", False, 32, False, True, True),
 ]
 
 
@@ -307,9 +310,10 @@ def test_qlora_layer_fused(case, merge, monkeypatch):
     if cpu_qlora._compute_dtype(p["x"]) == torch.float32:
         names = {c[0] for c in calls}
         assert names == {"qgemm_4bit", "qgemm_4bit_dx"}, calls
-        # xa rides in the forward's pass; g in dx's when merged
-        assert ("qgemm_4bit", True) in calls
-        assert (("qgemm_4bit_dx", True) in calls) == merge
+        # xa rides in the forward's pass; g in dx's when merged; neither above the extra block
+        rides = case[4] <= f32gemm.MAX_EXTRA_COLS
+        assert (("qgemm_4bit", True) in calls) == rides
+        assert (("qgemm_4bit_dx", True) in calls) == (merge and rides)
 
 
 @pytest.mark.parametrize("level", ["scalar", "avx512", "avx512_bf16", "amx"])

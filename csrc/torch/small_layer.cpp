@@ -102,6 +102,7 @@ enum IntIdx {
   kPanelKeptElems,    // panels up to this many elements reuse one buffer (_panel_buffer)
   kPanelElemsSet,     // backends/cpu/qlora.py PANEL_ELEMS when planned (-1: None)
   kBf16MinWork,       // fp32 x may compute in bf16 from this M N K on (fp32_may_take_bf16)
+  kMaxExtraCols,      // ranks up to this ride in the fused GEMM's pass (f32gemm.MAX_EXTRA_COLS)
   kIntCount
 };
 
@@ -115,6 +116,7 @@ struct Frozen {
   double scaling;
   int64_t merge_ratio;
   int64_t panel_rows, panel_kept_elems;  // the panel route's (kPanelRows, kPanelKeptElems)
+  int64_t max_extra_cols;                // the GEMM route's (kMaxExtraCols)
 };
 
 inline uintptr_t ptr(const Tensor& t) {
@@ -287,13 +289,13 @@ std::pair<Tensor, Tensor> gemm_forward(const Frozen& f, const Tensor& x, const T
   out_sizes.back() = f.n;
   Tensor y = at::empty(out_sizes, x.options());
   const Tensor y2 = x.dim() == 2 ? y : y.view({m, f.n});
-  Tensor xa = want_xa || !merge ? at::empty({m, f.r}, x.options()) : Tensor();
-  if (merge) {
-    gemm(f, false, x2, at::mul(b, f.scaling), a, y2, false, xa.defined() ? a : Tensor(), xa);
-  } else {
-    gemm(f, false, x2, Tensor(), Tensor(), y2, false, a, xa);
-    y2.addmm_(at::mul(xa.t(), f.scaling).t(), b.t());
-  }
+  // xa rides in the pass when the rank fits the kernel's extra block, else (A x^T)^T
+  const bool ride = (want_xa || !merge) && f.r <= f.max_extra_cols;
+  Tensor xa = ride ? at::empty({m, f.r}, x.options()) : Tensor();
+  gemm(f, false, x2, merge ? at::mul(b, f.scaling) : Tensor(), merge ? a : Tensor(), y2, false,
+       ride ? a : Tensor(), xa);
+  if ((want_xa || !merge) && !ride) xa = at::mm(a, x2.t()).t();
+  if (!merge) y2.addmm_(at::mul(xa.t(), f.scaling).t(), b.t());
   if (f.bias.defined()) y2.add_(f.bias);
   return {y, want_xa ? xa : Tensor()};
 }
@@ -317,10 +319,10 @@ struct GemmQLoRABackward final : public QLoRANode {
     const bool merge = need_dx && n <= w.merge_ratio * m;  // merges_lora(m, n)
     if (need_dx && merge) {  // dy (W + (s B) A), g = dy B from the same pass over dy
       dx = at::empty({m, k}, dy.options());
-      Tensor g = need_da ? at::empty({m, w.r}, dy.options()) : Tensor();
-      gemm(w, true, dy.contiguous(), at::mul(b, w.scaling), a, dx, false, need_da ? b : Tensor(),
-           g);
-      if (need_da) g_t = g.t();
+      const bool ride = need_da && w.r <= w.max_extra_cols;  // else g by mm below
+      Tensor g = ride ? at::empty({m, w.r}, dy.options()) : Tensor();
+      gemm(w, true, dy.contiguous(), at::mul(b, w.scaling), a, dx, false, ride ? b : Tensor(), g);
+      if (ride) g_t = g.t();
     }
     if (need_da || (need_dx && !merge)) {
       if (!g_t.defined()) g_t = at::mm(b.t(), dy.t());
@@ -735,7 +737,8 @@ PyObject* layer_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
            scaling,
            iv[kMergeRatio],
            iv[kPanelRows],
-           iv[kPanelKeptElems]};
+           iv[kPanelKeptElems],
+           iv[kMaxExtraCols]};
   Tensor y;
   // an autograd input must be a defined tensor: without a bias, a shared empty one that
   // needs no gradient stands in for it (the forward reads the bias from f)

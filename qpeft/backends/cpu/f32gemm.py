@@ -50,6 +50,11 @@ def active() -> bool:
 # that W (15.6 vs 19.0, 39.2 vs 45.4 ms), the demo's layers at M = 512 (256 x 256 to 704 x
 # 256, 6-9% less for fwd+bwd on 2 threads).
 PANELS_MIN_ROWS = 256
+
+# The most extra columns (the LoRA rank r, for xa = x A^T or g = dy B riding in the pass)
+# the kernel takes (qgemm_f32.cpp: its extra block fits one column block); the layer
+# computes the rank-r product with torch's GEMM beyond it.
+MAX_EXTRA_COLS = 256
 PANELS_MIN_WEIGHTS = 1 << 22
 
 
@@ -125,9 +130,11 @@ def _call(x, quant, lora, out, accumulate, extra, num_threads, *, dx: bool):
     if extra is not None:
         need(fn, extra, "extra", _F32, 2)
         ne = extra.shape[0] if not dx else extra.shape[1]
-        if extra.shape[1 if not dx else 0] != red or not 0 < ne <= 256:
+        if extra.shape[1 if not dx else 0] != red or not 0 < ne <= MAX_EXTRA_COLS:
             want = f"[e, {k}]" if not dx else f"[{n}, e]"
-            raise ValueError(f"{fn}: extra must be {want} with 0 < e <= 256, got {tuple(extra.shape)}")
+            raise ValueError(
+                f"{fn}: extra must be {want} with 0 < e <= {MAX_EXTRA_COLS}, got {tuple(extra.shape)}"
+            )
         extra = extra.contiguous()
         out2 = torch.empty((x.shape[0], ne), dtype=_F32)
     x = x.contiguous()

@@ -283,7 +283,9 @@ def qlora_linear(
         bs, a = (_scaled_b(lora_b, scaling, rank_scale, cdt), _cast(lora_a, cdt)) if merge else (None, None)
         if cdt == torch.float32 and f32gemm.use_for(x.shape[0], n, k):
             # W decoded into the kernel's own panels, xa = x A^T in the same pass over x
-            want_xa = lora_a is not None and (return_xa or not merge)
+            want_xa = (
+                lora_a is not None and (return_xa or not merge) and lora_a.shape[0] <= f32gemm.MAX_EXTRA_COLS
+            )
             extra = _cast(lora_a, cdt) if want_xa else None
             base = f32gemm.qgemm_4bit(xc, quant, (bs, a) if merge else None, extra=extra)
             base, xa = base if want_xa else (base, None)
@@ -598,6 +600,8 @@ def qlora_linear_backward(
         [n, e]: the pair (that, dy @ E) when the fused fp32 kernel runs (E's columns ride in
         its pass over dy), else just that (the caller computes dy @ E itself)."""
         if dy.dtype == _F32 and f32gemm.use_for(dy.shape[0], n, k):  # W decoded into the kernel's panels
+            if extra is not None and extra.shape[1] > f32gemm.MAX_EXTRA_COLS:
+                extra = None  # too many columns to ride along: the caller forms dy @ E itself
             return f32gemm.qgemm_4bit_dx(dy, quant, lowrank, out=acc, accumulate=acc is not None, extra=extra)
         for r0, r1, w in _decode_panels(*quant):
             w = _cast(w, dy.dtype)
