@@ -272,9 +272,16 @@ class Weight4bit(torch.Tensor):
 
     def __reduce_ex__(self, protocol):
         names = self._inner_names()
+        # a parameter stays one (nn.Parameter marks a tensor subclass with _is_param): a
+        # module pickled whole (torch.save(model)) gets its weight back as a parameter
         return (
             _rebuild_weight4bit,
-            ({n: getattr(self, n) for n in names}, self._meta(), self.requires_grad),
+            (
+                {n: getattr(self, n) for n in names},
+                self._meta(),
+                self.requires_grad,
+                bool(getattr(self, "_is_param", False)),
+            ),
         )
 
     # --- shapes and formats -----------------------------------------------------------------
@@ -597,10 +604,14 @@ def broadcast_4bit(model: torch.nn.Module, src: int = 0, group=None) -> None:
                     dist.broadcast(t, src=src, group=group)
 
 
-def _rebuild_weight4bit(inner: dict, meta: tuple, requires_grad: bool = False) -> Weight4bit:
+def _rebuild_weight4bit(
+    inner: dict, meta: tuple, requires_grad: bool = False, is_param: bool = False
+) -> Weight4bit:
     """Unpickle a Weight4bit (allow-listed for ``torch.load(weights_only=True)``)."""
     shape, dtype = meta[0], meta[1]
     w = Weight4bit(inner["packed"], _state_from(inner, shape, dtype, meta))
+    if is_param:
+        return torch.nn.Parameter(w, requires_grad=requires_grad)
     if requires_grad:
         w.requires_grad_(True)
     return w

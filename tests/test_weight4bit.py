@@ -205,6 +205,25 @@ def test_whole_module_pickles():
     # unpickled one called the C++ module it had not loaded)
     assert "_fast_plan" not in back.__dict__ and "_fast_plan" not in back.base_layer.__dict__
     assert torch.equal(back(x), layer(x)) and isinstance(back.base_layer.weight, Weight4bit)
+    # the weight comes back a parameter (it came back a bare tensor, and a merged layer's
+    # unmerge then failed to assign it), also through torch.load(weights_only=True)
+    assert isinstance(back.base_layer.weight, torch.nn.Parameter)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    want = layer(x)
+    layer.merge()
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    back.unmerge()
+    assert isinstance(back.base_layer.weight, torch.nn.Parameter) and torch.equal(back(x), want)
+    buf = io.BytesIO()
+    torch.save({"w": back.base_layer.weight, "plain": back.base_layer.weight.detach()}, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert isinstance(loaded["w"], torch.nn.Parameter) and not isinstance(loaded["plain"], torch.nn.Parameter)
+    assert isinstance(loaded["plain"], Weight4bit) and torch.equal(loaded["w"], loaded["plain"])
 
 
 def _child_step(layer, x, out):
