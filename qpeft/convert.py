@@ -517,15 +517,20 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 def merge_adapters(model: nn.Module, keep_original: bool | None = None) -> dict[str, MergeReport]:
     """Merge the active adapter of every QLoRALinear; returns each layer's MergeReport by name.
-    A model sharded by FSDP2 is refused before any layer changes (RuntimeError naming the way:
-    save the adapter, merge in one process on the unsharded model)."""
+    Refused before any layer changes (RuntimeError): a model sharded by FSDP2 (naming the way:
+    save the adapter, merge in one process on the unsharded model), a layer already merged or
+    with its adapters disabled."""
     layers = [
         (n, m)
         for n, m in model.named_modules()
         if isinstance(m, QLoRALinear) and m.active_adapter is not None
     ]
-    for _, m in layers:
+    for n, m in layers:  # every refusal before any layer changes
         m.check_not_sharded("merge")
+        if m.merged_adapter is not None:
+            raise RuntimeError(f"{n}: adapter {m.merged_adapter!r} is already merged; unmerge first")
+        if not m.adapters_enabled:
+            raise RuntimeError(f"{n}: adapters are disabled; enable them before merging")
     return {n: m.merge(keep_original=keep_original) for n, m in layers}
 
 

@@ -495,6 +495,32 @@ def test_merge_reports_error_and_unmerge_restores(use_dora):
     assert again.relative > 0 and layer.merged_adapter is None
 
 
+def test_merge_refused_while_disabled():
+    """A disabled layer gives the base layer's output; merging would change that."""
+    import qpeft
+
+    layer = QLoRALinear.from_linear(_linear(64, 32, seed=18), r=4)
+    _randomize_b(layer)
+    x = torch.randn(3, 64)
+    base = layer.base_layer(x)
+    layer.disable_adapters()
+    with pytest.raises(RuntimeError, match="adapters are disabled"):
+        layer.merge()
+    assert layer.merged_adapter is None and torch.equal(layer(x), base)
+    model = torch.nn.Sequential(
+        QLoRALinear.from_linear(_linear(64, 64, seed=19), r=4), QLoRALinear.from_linear(_linear(64, 32), r=4)
+    )
+    model[1].disable_adapters()
+    with pytest.raises(RuntimeError, match="1: adapters are disabled"):
+        qpeft.merge_adapters(model)
+    assert model[0].merged_adapter is None  # nothing merged
+    model[1].enable_adapters()
+    model[1].merge()
+    with pytest.raises(RuntimeError, match="1: adapter 'default' is already merged"):
+        qpeft.merge_adapters(model)
+    assert model[0].merged_adapter is None
+
+
 def test_merge_16bit_base_round_trip():
     lin = _linear(64, 32, seed=17)
     layer = QLoRALinear.from_linear(lin, r=4, quantize=False)

@@ -472,6 +472,9 @@ class QLoRALinear(nn.Module):
         self.check_not_sharded("merge")
         if self.merged_adapter is not None:
             raise RuntimeError(f"adapter {self.merged_adapter!r} is already merged; unmerge() first")
+        if not self.adapters_enabled:
+            # a disabled layer promises the base layer's output, which a merge would change
+            raise RuntimeError("adapters are disabled; enable_adapters() before merging")
         with torch.autocast(self.base_layer.weight.device.type, enabled=False):  # weight arithmetic in fp32
             return self._merge(adapter_name, keep_original)
 
