@@ -426,7 +426,11 @@ def convert(
     built: list[tuple[list[str], nn.Module]] = []
     try:
         for i, (linear, names) in enumerate(targets.values(), 1):
-            built.append((names, _build(linear, method, r, alpha, dropout, quantize, adapter_name, options)))
+            try:
+                module = _build(linear, method, r, alpha, dropout, quantize, adapter_name, options)
+            except (ValueError, TypeError) as exc:  # name the layer: a model has many
+                raise type(exc)(f"converting {names[0]!r}: {exc}") from exc
+            built.append((names, module))
             bar.update(i, names[0])
     except BaseException:
         for p, flag in flags.values():  # quantize=False wrappers froze the original layers

@@ -345,3 +345,18 @@ def test_save_and_load_quantized_base(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         qpeft.load_quantized(wrong, path)
     assert isinstance(wrong.blocks[0].q_proj, nn.Linear)  # the swaps were undone
+
+
+def test_nonfinite_weight_named_with_its_layer():
+    """A weight with NaN/Inf: convert names the layer, and the advice applies to convert (the
+    functional quantizer's allow_nonfinite is not a convert option)."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    with torch.no_grad():
+        model[2].weight[3, 5] = float("nan")
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"converting '2': the weight holds 1 non-finite value.*exclude="):
+        qpeft.convert(model)
+    assert isinstance(model[0], torch.nn.Linear) and isinstance(model[2], torch.nn.Linear)  # nothing replaced
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, model.parameters()))
+    qpeft.convert(model, exclude=["2"])
+    assert isinstance(model[2], torch.nn.Linear)

@@ -169,6 +169,14 @@ class Linear4bit(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
         self.compute_dtype = compute_dtype
+        if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
+            bad = int((~torch.isfinite(w)).sum())
+            raise ValueError(
+                f"the weight holds {bad} non-finite value(s) (NaN or Inf): a 4-bit layer of it would "
+                "output non-finite values. Repair the weight (e.g. torch.nan_to_num_) or leave this "
+                "layer unconverted (convert(..., exclude=...)); qpeft.functional.quantize_4bit(..., "
+                "allow_nonfinite=True) quantizes such a tensor as bitsandbytes does"
+            )
         packed, state = qf.quantize_4bit(w, blocksize, quant_type, double_quant)
         self.weight = nn.Parameter(Weight4bit(packed, state), requires_grad=False)
         if linear.bias is not None:
