@@ -200,6 +200,24 @@ class Weight4bit(torch.Tensor):
     def nested_code(self) -> torch.Tensor | None:
         return self.quant_state.state2.code if self.quant_state.nested else None
 
+    # bitsandbytes' Params4bit names for the format (PEFT's and transformers' bnb code read
+    # them off a 4-bit weight); read-only: requantize the layer to change them
+    @property
+    def quant_type(self) -> str:
+        return self.quant_state.quant_type
+
+    @property
+    def blocksize(self) -> int:
+        return self.quant_state.blocksize
+
+    @property
+    def compress_statistics(self) -> bool:
+        return self.quant_state.nested
+
+    @property
+    def quant_storage(self) -> torch.dtype:
+        return self.packed.dtype
+
     # the bitsandbytes state-dict names of the code tables, so that every state-dict key of a
     # 4-bit layer is an attribute path (torch.distributed.checkpoint.state_dict resolves
     # keys with getattr)

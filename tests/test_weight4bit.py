@@ -226,6 +226,27 @@ def test_whole_module_pickles():
     assert isinstance(loaded["plain"], Weight4bit) and torch.equal(loaded["w"], loaded["plain"])
 
 
+def test_bitsandbytes_names():
+    """bitsandbytes' Linear4bit keywords and Params4bit attribute names."""
+    layer = Linear4bit(64, 32, True, quant_type="fp4", compress_statistics=False)
+    w = layer.weight
+    assert (w.quant_type, w.blocksize, w.compress_statistics, w.quant_storage) == (
+        "fp4",
+        64,
+        False,
+        torch.uint8,
+    )
+    assert not layer.double_quant and not w.nested
+    assert Linear4bit(64, 32, compress_statistics=True, blocksize=128).weight.compress_statistics
+    assert Linear4bit(64, 32, quant_storage=torch.uint8).weight.quant_storage == torch.uint8
+    with pytest.raises(
+        ValueError, match="quant_storage=torch.bfloat16: qpeft keeps the 4-bit codes as uint8"
+    ):
+        Linear4bit(64, 32, quant_storage=torch.bfloat16)
+    with pytest.raises(ValueError, match="disagree"):
+        Linear4bit(64, 32, double_quant=False, compress_statistics=True)
+
+
 def _child_step(layer, x, out):
     """In a spawned process: the layer's output, and a visible in-place change to lora_B."""
     out.copy_(layer(x).detach())

@@ -113,8 +113,26 @@ class Linear4bit(nn.Module):
         compute_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        compress_statistics: bool | None = None,
+        quant_storage: torch.dtype = torch.uint8,
     ) -> None:
+        """``compress_statistics`` and ``quant_storage`` are bitsandbytes' names:
+        ``compress_statistics`` is ``double_quant`` (give one of them); qpeft stores the codes
+        as uint8 (bitsandbytes checkpoints packed in another ``quant_storage`` dtype load,
+        their bytes read as uint8). Unlike bitsandbytes (fp4) the default format is nf4."""
         super().__init__()
+        if compress_statistics is not None:
+            if not double_quant and compress_statistics:  # both given, disagreeing
+                raise ValueError(
+                    "double_quant=False and compress_statistics=True (its bitsandbytes name) disagree"
+                )
+            double_quant = bool(compress_statistics)
+        if quant_storage != torch.uint8:
+            raise ValueError(
+                f"quant_storage={quant_storage}: qpeft keeps the 4-bit codes as uint8 (checkpoints packed "
+                "in other storage dtypes load as their bytes); leave it at torch.uint8"
+            )
         for what, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{what} must be an int, got {type(v).__name__} {v!r}")
