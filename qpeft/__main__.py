@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import selftest
+    from . import demo, selftest
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "out"):
             args.out = check_output_dir(args.out)
         return args.func(args)
-    except (UsageError, selftest.UsageError) as exc:
+    except (UsageError, selftest.UsageError, demo.UsageError) as exc:
         print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -93,6 +93,10 @@ def build_model(size: str, seq_len: int, seed: int):
     return transformers.LlamaForCausalLM(config), config
 
 
+class UsageError(ValueError):
+    """A demo option this run cannot use (python -m qpeft reports it in one line, exit 2)."""
+
+
 def _batches(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator):
     starts = torch.randint(0, data.numel() - seq_len - 1, (batch,), generator=gen)
     return torch.stack([data[s : s + seq_len] for s in starts.tolist()])
@@ -164,7 +168,9 @@ def _memory_table(model, trainable: int, total: int, weights_after: int) -> list
         f"{_mib(full_w + full_g + full_o):>14}",
     ]
     ratio = (weights_after + grads_q + adam_q) / (full_w + full_g + full_o)
-    rows.append(f"  QLoRA needs {ratio:.1%} of the memory of full 16-bit fine-tuning for weights + optimizer")
+    rows.append(
+        f"  QLoRA needs {ratio:.1%} of the memory of full 16-bit fine-tuning for weights, gradients and optimizer"
+    )
     return rows
 
 
@@ -177,6 +183,11 @@ def run(args: argparse.Namespace) -> int:
     data = tok.encode(text)
     split = int(0.9 * data.numel())
     train, held_out = data[:split], data[split:]
+    if args.seq_len >= held_out.numel():
+        raise UsageError(
+            f"--seq-len {args.seq_len}: the held-out text has {held_out.numel()} tokens; use at most "
+            f"{held_out.numel() - 1}"
+        )
     model, config = build_model(args.size, args.seq_len, args.seed)
     model.to(device)
     total = sum(p.numel() for p in model.parameters())
@@ -292,16 +303,42 @@ def _at_least(low: int):
     return parse
 
 
+def _float_in(low: float, high: float, *, closed_high: bool):
+    """A float in [low, high) (closed_high: [low, high]), for argparse."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        ok = low <= value <= high if closed_high else low <= value < high
+        if not ok:  # NaN fails both comparisons
+            raise argparse.ArgumentTypeError(
+                f"must be in [{low:g}, {high:g}{']' if closed_high else ')'}, got {text}"
+            )
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The demo's options; ``--device`` is added (and checked) by ``python -m qpeft``, as
     for every subcommand that takes one. Defaults appear in ``--help``."""
     p.add_argument(
-        "--size", choices=sorted(SIZES), default="small", help="model size (small: ~3.3M parameters)"
+        "--size", choices=sorted(SIZES), default="small", help="model size (small: ~3.0M parameters)"
     )
     p.add_argument("--steps", type=_at_least(1), default=300, help="optimizer steps")
     p.add_argument("--rank", type=_at_least(1), default=8, help="LoRA rank r (alpha = 2r)")
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (0: the fully fused path)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear warm-up, cosine decay)")
+    p.add_argument(
+        "--dropout",
+        type=_float_in(0.0, 1.0, closed_high=False),
+        default=0.0,
+        help="LoRA dropout (0: the fully fused path)",
+    )
+    p.add_argument(
+        "--lr",
+        type=_float_in(1e-12, 10.0, closed_high=True),
+        default=3e-3,
+        help="peak learning rate (linear warm-up, cosine decay)",
+    )
     p.add_argument(
         "--no-train-embeddings",
         dest="train_embeddings",

@@ -113,6 +113,22 @@ def test_check_device_says_why():
         check_device(f"cuda:{torch.cuda.device_count()}")
 
 
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        (["--dropout", "1.0"], "argument --dropout: must be in [0, 1), got 1.0"),
+        (["--dropout", "-0.1"], "argument --dropout: must be in [0, 1), got -0.1"),
+        (["--lr", "nan"], "argument --lr: must be in [1e-12, 10], got nan"),
+        (["--lr", "-1"], "argument --lr: must be in [1e-12, 10], got -1"),
+        (["--seq-len", "100000"], "--seq-len 100000: the held-out text has"),
+    ],
+)
+def test_demo_option_out_of_range_is_one_line_and_exit_2(option, message):
+    r = _python("", "-m", "qpeft", "demo", "--size", "tiny", "--steps", "1", "--out", "", *option)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1], r.stderr
+
+
 def test_out_that_is_a_file_is_refused_before_training(tmp_path):
     target = tmp_path / "taken"
     target.write_text("not a directory")
