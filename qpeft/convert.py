@@ -118,10 +118,16 @@ class ConversionSummary:
         mib = 2.0**20
         pct = 100.0 * self.trainable_params / max(1, self.total_params)
         ratio = self.weight_bytes_after / max(1, self.weight_bytes_before)
+        if self.weight_bytes_before == self.weight_bytes_after == 0:  # a meta-device model
+            memory = "weight memory: none allocated yet (meta device)"
+        else:
+            memory = (
+                f"weight memory {self.weight_bytes_before / mib:.2f} MiB -> "
+                f"{self.weight_bytes_after / mib:.2f} MiB ({ratio:.1%})"
+            )
         return (
             f"qpeft.convert ({self.method}): {self.converted} linear layers in {self.seconds:.1f} s; trainable "
-            f"parameters {self.trainable_params:,} of {self.total_params:,} ({pct:.3f}%); weight memory "
-            f"{self.weight_bytes_before / mib:.2f} MiB -> {self.weight_bytes_after / mib:.2f} MiB ({ratio:.1%})"
+            f"parameters {self.trainable_params:,} of {self.total_params:,} ({pct:.3f}%); {memory}"
         )
 
 

@@ -85,6 +85,7 @@ def test_convert_on_meta_builds_meta_4bit_layers(checkpoint):
     assert isinstance(w, qpeft.Weight4bit) and w.shape == (64, 512) and w.dtype == torch.float32
     assert w.quant_state.blocksize == 32 and not w.quant_state.nested and w.packed.shape == (64 * 512 // 2, 1)
     assert model.lm_head.weight.is_meta and not isinstance(model.lm_head, QLoRALinear)  # excluded
+    assert str(model.qpeft_summary).endswith("weight memory: none allocated yet (meta device)")
 
 
 @pytest.mark.parametrize(
