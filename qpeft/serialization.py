@@ -1062,6 +1062,15 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     records the other names, which ``load_quantized`` fills in."""
     st = _safetensors()
     state = _base_state_dict(model)
+    sharded = [k for k, t in state.items() if hasattr(t, "full_tensor")]
+    if sharded:  # FSDP2's DTensors: no rank holds the whole model
+        raise RuntimeError(
+            f"save_quantized needs an unsharded model; {sharded[0]} (and {len(sharded) - 1} more) are "
+            "sharded by FSDP2. Save before fully_shard, or gather a full state dict "
+            "(torch.distributed.checkpoint.state_dict.get_model_state_dict with "
+            "StateDictOptions(full_state_dict=True)) and save that on one rank "
+            "(docs/distributed.md, 'Checkpoints of a sharded model')"
+        )
     tensors, tied, seen = {}, {}, {}
     for key, t in state.items():
         ident = (

@@ -333,6 +333,9 @@ def _check_adapter_io(rank, mesh, model, tmp):
     assert all(mod.merged_adapter is None for mod in m.modules() if isinstance(mod, qpeft.nn.QLoRALinear))
     with pytest.raises(RuntimeError, match="sharded by FSDP2"):
         m.model.layers[0].self_attn.q_proj.base_layer.quant_state  # noqa: B018 (the property raises)
+    with pytest.raises(RuntimeError, match="save_quantized needs an unsharded model"):
+        qpeft.save_quantized(m, os.path.join(tmp, f"base_{rank}.safetensors"))
+    assert not os.path.exists(os.path.join(tmp, f"base_{rank}.safetensors"))
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:

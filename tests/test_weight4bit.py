@@ -226,6 +226,21 @@ def test_whole_module_pickles():
     assert isinstance(loaded["plain"], Weight4bit) and torch.equal(loaded["w"], loaded["plain"])
 
 
+def test_bias_of_a_biasless_layer_is_unexpected():
+    """A checkpoint's bias loaded into a layer without one is reported (strict: an error),
+    as nn.Linear does; it was silently dropped."""
+    src = Linear4bit.from_linear(torch.nn.Linear(64, 32, bias=True))
+    dst = Linear4bit.from_linear(torch.nn.Linear(64, 32, bias=False))
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "bias"'):
+        dst.load_state_dict(src.state_dict())
+    result = dst.load_state_dict(src.state_dict(), strict=False)
+    assert result.unexpected_keys == ["bias"] and result.missing_keys == []
+    assert torch.equal(dst.weight, src.weight)
+    # the other way: the missing bias is missing
+    result = src.load_state_dict(dst.state_dict(), strict=False)
+    assert result.missing_keys == ["bias"] and result.unexpected_keys == []
+
+
 def test_bitsandbytes_names():
     """bitsandbytes' Linear4bit keywords and Params4bit attribute names."""
     layer = Linear4bit(64, 32, True, quant_type="fp4", compress_statistics=False)

@@ -433,7 +433,9 @@ class Linear4bit(nn.Module):
             ordered = {k: params[k] for k in order if k in params} | params
             params.clear()
             params.update(ordered)
-        skip = set(quant_keys) | {w_key, b_key}
+        # handled here: the statistics, the weight, and a sharded layer's bias copied above (a
+        # bias in the checkpoint of a layer without one stays unexpected, as nn.Linear has it)
+        skip = set(quant_keys) | {w_key} | ({b_key} if whole_bias is not None else set())
         unexpected_keys[:] = [k for k in unexpected_keys if k not in skip]
 
     def prepare_weight(
