@@ -249,6 +249,20 @@ def _task_model(arch):
     return transformers.BertForQuestionAnswering(cfg).eval(), "QUESTION_ANS", "qa_outputs"
 
 
+def _assert_same_head_and_logits(ours, hf, head, arch):
+    """The task head's parameters equal PEFT's modules_to_save copy, and the logits agree
+    within the bound against PEFT's merged fp64 model."""
+    for name, p in ours.get_submodule(head).named_parameters():
+        assert torch.equal(
+            hf.base_model.model.get_submodule(head).modules_to_save["default"].get_parameter(name), p
+        )
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(2))
+    ref = copy.deepcopy(hf).merge_and_unload().double()
+    assert_close_to_hf(
+        _task_logits(ours, ids), _task_logits(hf, ids), _task_logits(ref, ids), f"{arch} logits"
+    )
+
+
 def _task_logits(model, ids):
     with torch.no_grad():
         out = model(input_ids=ids)
@@ -277,15 +291,7 @@ def test_task_model_adapter_loads_in_peft(arch, tmp_path):
     assert config["task_type"] == task and config["modules_to_save"] == [head]
     assert head not in config["target_modules"]
     hf = peft.PeftModel.from_pretrained(dequantized_copy(base, ours), tmp_path).eval()
-    for name, p in ours.get_submodule(head).named_parameters():
-        assert torch.equal(
-            hf.base_model.model.get_submodule(head).modules_to_save["default"].get_parameter(name), p
-        )
-    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(2))
-    ref = copy.deepcopy(hf).merge_and_unload().double()
-    assert_close_to_hf(
-        _task_logits(ours, ids), _task_logits(hf, ids), _task_logits(ref, ids), f"{arch} logits"
-    )
+    _assert_same_head_and_logits(ours, hf, head, arch)
 
 
 @pytest.mark.parametrize("arch", ["llama-seq", "roberta-seq", "bert-qa"])
@@ -305,15 +311,7 @@ def test_peft_task_model_adapter_loads_in_qpeft(arch, tmp_path):
     hf.save_pretrained(tmp_path)
     qpeft.load_adapter(ours, tmp_path)
     hf.eval()
-    for name, p in ours.get_submodule(head).named_parameters():
-        assert torch.equal(
-            hf.base_model.model.get_submodule(head).modules_to_save["default"].get_parameter(name), p
-        )
-    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(2))
-    ref = copy.deepcopy(hf).merge_and_unload().double()
-    assert_close_to_hf(
-        _task_logits(ours, ids), _task_logits(hf, ids), _task_logits(ref, ids), f"{arch} logits"
-    )
+    _assert_same_head_and_logits(ours, hf, head, arch)
     # tensors under a modules_to_save name the model lacks: refused, naming it
     import safetensors.torch as st
 
