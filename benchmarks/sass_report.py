@@ -193,23 +193,33 @@ class Region:
 
 
 def _shortest_through(
-    instrs, blocks, succ, first, last, start_block, end_blocks, anchors
+    instrs, blocks, succ, first, last, start_block, end_blocks, anchors, loads=None
 ) -> list[int] | None:
-    """Fewest-instruction path of blocks from start_block to one of end_blocks through
-    every anchor block (in address order), along forward edges inside [first, last]."""
+    """Path of blocks from start_block to one of end_blocks through every anchor block (in
+    address order), along forward edges inside [first, last]: the one issuing the most
+    steady-state loads (``loads``: instruction indices; none given: every path ties), then
+    the fewest instructions."""
     inside = {b for b, (s, e) in enumerate(blocks) if s >= first and e <= last}
-    size = {b: blocks[b][1] - blocks[b][0] + 1 for b in inside}
+    loads = loads or set()
+    # per block: (-loads it issues, instructions): a path's key is the sum, lower is better
+    cost = {
+        b: (
+            -sum(1 for i in range(blocks[b][0], blocks[b][1] + 1) if i in loads),
+            blocks[b][1] - blocks[b][0] + 1,
+        )
+        for b in inside
+    }
 
     def dist_from(src):  # DAG (forward edges only): relax in address order
-        best = {src: (size[src], [src])}
+        best = {src: (cost[src], [src])}
         for b in sorted(inside):
             if b not in best:
                 continue
             for t in succ.get(b, []):
                 if t in inside and t > b:
-                    cand = (best[b][0] + size[t], best[b][1] + [t])
-                    if t not in best or cand[0] < best[t][0]:
-                        best[t] = cand
+                    key = (best[b][0][0] + cost[t][0], best[b][0][1] + cost[t][1])
+                    if t not in best or key < best[t][0]:
+                        best[t] = (key, best[b][1] + [t])
         return best
 
     path: list[int] = []
@@ -237,10 +247,12 @@ def main_region(instrs: list[Instr], labels: dict[str, int], is_w_load, in_loop_
     source line of the loop statement), a loop holding one of those; without such a loop,
     the whole kernel. Where several innermost loops qualify (none inside another), the one
     holding the widest W load wins (a loop the compiler duplicated for a run-time flag,
-    e.g. vector / scalar), then the smallest. The count is the
-    fewest-instruction path through the region (header to latch, or entry to EXIT) that
-    passes every MMA block and the block of the widest W load: the steady-state path,
-    not the cold branches (tail fix-ups, slow-path calls) beside it."""
+    e.g. vector / scalar), then the smallest. The count is the path through the region
+    (header to latch, or entry to EXIT) that passes every MMA block and the block of the
+    widest W load, issues the most global loads (those outside loops nested in the region:
+    the prefetch of the next tile and the absmax loads are taken, where alternatives exclude
+    each other the branch with more loads), and among those has the fewest instructions:
+    the steady-state path, not the cold branches (tail fix-ups, slow-path calls) beside it."""
     blocks, succ = basic_blocks(instrs, labels)
     block_at = {}
     for b, (s, e) in enumerate(blocks):
@@ -287,12 +299,21 @@ def main_region(instrs: list[Instr], labels: dict[str, int], is_w_load, in_loop_
     mma_blocks = [block_at[i] for i in range(first, last + 1) if is_mma(instrs[i])]
     w = [i for i in range(first, last + 1) if is_w_load(instrs[i])]
     widest = [block_at[max(w, key=lambda i: (load_width(instrs[i].opcode), -i))]] if w else []
+    # The steady state issues every load of the iteration: prefetches guarded by "is there a
+    # next tile", absmax loads guarded by "is this row inside W". Global loads inside a loop
+    # nested in the region (per-element fallbacks) do not count.
+    inner = [(h, t) for h, t in loops(instrs, labels) if first <= h and t <= last and (h, t) != (first, last)]
+    steady = {
+        i
+        for i in range(first, last + 1)
+        if is_global_load(instrs[i]) and not any(h <= i <= t for h, t in inner)
+    }
     for anchors, note in (
         (mma_blocks + widest, ""),
         (widest, "path through the widest W load only"),
         ([], ""),
     ):
-        path = _shortest_through(instrs, blocks, succ, first, last, start, ends, anchors)
+        path = _shortest_through(instrs, blocks, succ, first, last, start, ends, anchors, steady)
         if path is not None:
             return Region(kind, first, last, path, note)
     return Region(kind, first, last, list(range(first, last + 1)), "no path found: every instruction counted")

@@ -71,6 +71,44 @@ def test_innermost_mma_loop_counts_the_path_around_the_cold_block(functions):
     assert [instrs[i].addr for i in region.path] == [0x50, 0x60, 0x70, 0xB0, 0xC0, 0xD0, 0xE0, 0xF0]
 
 
+# An MMA loop (0x10..0xc0) with two forward branches: one skips a guarded prefetch (an
+# LDGSTS: taken in the steady state), one a cold block without loads (not taken), and an
+# inner per-element loop (0x90..0xa0) whose load does not count as steady state.
+_GUARDED = """
+//--------------------- .text.guarded        --------------------------
+guarded:
+.text.guarded:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   HMMA.16816.F32.BF16 R8, R12, R4, R8 ;
+        /*0020*/               @P0 BRA `(.L_x_1) ;
+        /*0030*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0040*/                   LDGSTS.E.BYPASS.128 [R3], [R4.64] ;
+.L_x_1:
+        /*0050*/               @P1 BRA `(.L_x_2) ;
+        /*0060*/                   FMUL R9, R9, R9 ;
+        /*0070*/                   FMUL R9, R9, R9 ;
+.L_x_2:
+        /*0080*/               @P3 BRA `(.L_x_4) ;
+.L_x_3:
+        /*0090*/                   LDG.E.U16 R5, [R6.64] ;
+        /*00a0*/               @P4 BRA `(.L_x_3) ;
+.L_x_4:
+        /*00b0*/                   ISETP.LT.AND P2, PT, R2, R3, PT ;
+        /*00c0*/               @P2 BRA `(.L_x_0) ;
+        /*00d0*/                   EXIT ;
+"""
+
+
+def test_steady_state_path_takes_the_guarded_prefetch_not_the_cold_block():
+    instrs, labels = sr.parse_sass(_GUARDED)["guarded"]
+    region = sr.main_region(instrs, labels, lambda i: False)
+    assert (instrs[region.first].addr, instrs[region.last].addr) == (0x10, 0xC0)
+    # the prefetch (0x30, 0x40) is on the path; the cold FMULs (0x60, 0x70) and the inner
+    # per-element loop's load (0x90, 0xa0) are not
+    assert [instrs[i].addr for i in region.path] == [0x10, 0x20, 0x30, 0x40, 0x50, 0x80, 0xB0, 0xC0]
+
+
 def test_analyze_fixture_wgmma(functions):
     instrs, labels = functions["fixture_wgmma"]
     row = sr.analyze(

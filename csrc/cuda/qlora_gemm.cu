@@ -210,6 +210,74 @@ __device__ __forceinline__ void load_tile(uint16_t* dst, int dld, const uint16_t
   }
 }
 
+// A tile of a row-major [rows, cols] matrix that the reduction loop streams into shared
+// memory chunk after chunk (16-byte cp.async, ld % 8 == 0, 16-byte aligned base): along
+// its columns (COL: the activations, the forward's A) or along its rows (dx's B). The
+// thread's copies, their addresses and the bounds of the fixed dimension are worked out
+// once per pass; a chunk then costs a 64-bit add per copy, and only the last, partial
+// chunk checks the streamed dimension (load_tile's per-chunk 64-bit bounds arithmetic was
+// most of the loop's integer work in the SASS report).
+template <int ROWS, int COLS, bool COL>
+struct TileStream {
+  static_assert(COLS % 8 == 0, "whole 16-byte chunks");
+  static constexpr int kChunks = ROWS * COLS / 8;
+  static constexpr int kIters = (kChunks + kThreads - 1) / kThreads;
+  const uint16_t* base;
+  const uint16_t* src[kIters];
+  int dst[kIters];    // element offset in the shared tile
+  int pos[kIters];    // the copy's offset along the streamed dimension within the chunk
+  int bytes[kIters];  // 16, fewer at the fixed dimension's edge, 0 outside the matrix
+  int64_t step;       // elements from one chunk to the next
+
+  // (row0, col0): the tile's origin at the first chunk the pass loads.
+  __device__ __forceinline__ void init(const uint16_t* s, int64_t ld, int64_t rows, int64_t cols,
+                                       int64_t row0, int64_t col0, int dld) {
+    base = s;
+    step = COL ? kBK : kBK * ld;
+    const int tid = static_cast<int>(threadIdx.x);
+#pragma unroll
+    for (int j = 0; j < kIters; ++j) {
+      const int i = tid + j * kThreads < kChunks ? tid + j * kThreads : 0;
+      const int rr = i / (COLS / 8);
+      const int cc = (i % (COLS / 8)) * 8;
+      const int64_t gr = row0 + rr;
+      const int64_t gc = col0 + cc;
+      dst[j] = rr * dld + cc;
+      pos[j] = COL ? cc : rr;
+      int64_t valid = 8;
+      if (COL) {
+        if (gr >= rows) valid = 0;
+      } else {
+        valid = cols - gc;
+        valid = valid < 0 ? 0 : (valid > 8 ? 8 : valid);
+      }
+      bytes[j] = static_cast<int>(valid) * 2;
+      src[j] = valid > 0 ? s + gr * ld + gc : s;
+    }
+  }
+
+  // One chunk into tile; left: rows (COL: columns) from the chunk's start to the matrix's
+  // end, read only when tail (left < kBK: the last chunk, part of it past the end).
+  __device__ __forceinline__ void issue(uint16_t* tile, bool tail, int64_t left) {
+    const int tid = static_cast<int>(threadIdx.x);
+#pragma unroll
+    for (int j = 0; j < kIters; ++j) {
+      if (kChunks % kThreads != 0 && tid + j * kThreads >= kChunks) break;
+      int b = bytes[j];
+      if (tail) {
+        const int64_t v = left - pos[j];
+        if (v <= 0) {
+          b = 0;
+        } else if (COL && v < 8) {
+          b = b < 2 * static_cast<int>(v) ? b : 2 * static_cast<int>(v);
+        }
+      }
+      ptx::cp_async<16>(tile + dst[j], b > 0 ? src[j] : base, b);
+      src[j] += step;
+    }
+  }
+};
+
 __device__ __forceinline__ float absmax_of(const Params& p, uint32_t blk, const float* s_ncode) {
   return qlora_absmax(p.absmax, p.nested_absmax, p.nested_bs, blk, s_ncode);
 }
@@ -242,7 +310,8 @@ __device__ __forceinline__ void decode32(uint4 w, float am, const float2* tab, u
     uint32_t o[4];
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
-      const float2 c = tab[(word >> (8 * b)) & 0xffu];
+      // PRMT extracts the byte; the shared load scales the index itself ([R.X8])
+      const float2 c = tab[__byte_perm(word, 0u, 0x4440u + b)];
       o[b] = pack2_16<DT>(c.x * am, c.y * am);
     }
     *reinterpret_cast<uint4*>(dst + 8 * q) = make_uint4(o[0], o[1], o[2], o[3]);
@@ -300,34 +369,9 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
     return reinterpret_cast<uint16_t*>(smem + s * S::kStage + S::kAct + kPackedBytes);
   };
 
-  // kWVec: W takes the 16-byte path (K % 32 == 0, aligned); the main loop is compiled once
-  // per value (below), so the per-element path is not a branch inside the fast loop.
   // rank0: the first LoRA rank of the current rank chunk (ranks above BR = 64 run as more
   // chunks of 64, see the rank-chunk passes below).
   int64_t rank0 = 0;
-  auto load_stage = [&](int64_t c, int s, auto wvec, auto wpass) {
-    constexpr bool kWVec = decltype(wvec)::value;
-    constexpr bool kW = decltype(wpass)::value;
-    const int64_t red0 = c * kBK;
-    load_tile<kBM, kBK>(stage_act(s), kActLd, p.act, p.red, p.m, p.red, m0, red0, p.act_vec);
-    if constexpr (kW && kWVec) {  // 16 bytes = 32 weights of one W row
-      int64_t wn, wk;
-      int lr, lc;
-      decode_coords<DX>(red0, o0, wn, wk, lr, lc);
-      const bool ok = wn < p.n && wk < p.k;
-      const uint8_t* w_src = ok ? p.packed + ((wn * p.k + wk) >> 1) : p.packed;
-      ptx::cp_async<16>(stage_packed(s) + tid * 16, w_src, ok ? 16 : 0);
-    }
-    if constexpr (BR > 0) {
-      if constexpr (DX) {  // B [N, r]: rows red0..red0+31, all BR columns
-        load_tile<kBK, BR>(stage_down(s), S::kDownLd, p.down, p.r, p.n, p.r, red0, rank0,
-                           p.down_vec);
-      } else {  // A [r, K]: BR rows, columns red0..red0+31
-        load_tile<BR, kBK>(stage_down(s), S::kDownLd, p.down, p.k, p.r, p.k, rank0, red0,
-                           p.down_vec);
-      }
-    }
-  };
 
   float acc[4][4][4];
 #pragma unroll
@@ -351,12 +395,72 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
 
   // wpass: the main pass (W decode and MMAs, the first rank chunk of L); otherwise a
   // rank-chunk pass (L for ranks rank0..rank0+63 only: activation and D tiles).
+  // kWVec: W takes the 16-byte path (K % 32 == 0, aligned); the main loop is compiled once
+  // per value (below), so the per-element path is not a branch inside the fast loop.
   auto main_loop = [&](auto wvec, auto wpass) {
     constexpr bool kWVec = decltype(wvec)::value;
     constexpr bool kW = decltype(wpass)::value;
+    // The streams of this pass, at chunk c_lo. W: 16 bytes = 32 weights of one W row per
+    // thread (decode_coords); forward: row o0 + tid, the reduction runs along it; dx: row
+    // red0 + tid / 4, the reduction runs down W's rows. w_fixed: the coordinate the
+    // reduction does not move is inside W; w_pos: dx's row offset in the chunk (tail check).
+    const int64_t red_lo = c_lo * kBK;
+    const int64_t full_chunks = p.red / kBK;  // chunks before the partial one, if any
+    TileStream<kBM, kBK, true> act_st;
+    if (p.act_vec) act_st.init(p.act, p.red, p.m, p.red, m0, red_lo, kActLd);
+    using DownStream =
+        std::conditional_t<DX, TileStream<kBK, BR, false>, TileStream<BR, kBK, true>>;
+    [[maybe_unused]] DownStream down_st;
+    if constexpr (BR > 0) {
+      if (p.down_vec) {
+        if constexpr (DX) {  // B [N, r]: rows red0..red0+31, ranks rank0..rank0+BR-1
+          down_st.init(p.down, p.r, p.n, p.r, red_lo, rank0, S::kDownLd);
+        } else {  // A [r, K]: ranks rank0..rank0+BR-1, columns red0..red0+31
+          down_st.init(p.down, p.k, p.r, p.k, rank0, red_lo, S::kDownLd);
+        }
+      }
+    }
+    int64_t wn0, wk0;
+    int lr, lc;
+    decode_coords<DX>(red_lo, o0, wn0, wk0, lr, lc);
+    const bool w_fixed = DX ? wk0 < p.k : wn0 < p.n;
+    const int w_pos = DX ? lr : 0;
+    // the element index of the thread's first weight (absmax block: >> log2_bs) and of its
+    // packed bytes, per chunk c + e_step
+    int64_t e_dec = wn0 * p.k + wk0;
+    const int64_t e_step = DX ? kBK * p.k : kBK;
+    [[maybe_unused]] const uint8_t* w_src = w_fixed ? p.packed + (e_dec >> 1) : p.packed;
+    [[maybe_unused]] const int64_t w_step = w_fixed ? e_step >> 1 : 0;
+
+    auto load_stage = [&](int64_t c, int s) {
+      const bool tail = c >= full_chunks;
+      const int64_t left = p.red - c * kBK;  // reduction steps from this chunk to the end
+      if (p.act_vec) {
+        act_st.issue(stage_act(s), tail, left);
+      } else {
+        load_tile<kBM, kBK>(stage_act(s), kActLd, p.act, p.red, p.m, p.red, m0, c * kBK, false);
+      }
+      if constexpr (kW && kWVec) {
+        const bool ok = w_fixed && (!DX || !tail || w_pos < left);
+        ptx::cp_async<16>(stage_packed(s) + tid * 16, ok ? w_src : p.packed, ok ? 16 : 0);
+        w_src += w_step;
+      }
+      if constexpr (BR > 0) {
+        if (p.down_vec) {
+          down_st.issue(stage_down(s), tail, left);
+        } else if constexpr (DX) {
+          load_tile<kBK, BR>(stage_down(s), S::kDownLd, p.down, p.r, p.n, p.r, c * kBK, rank0,
+                             false);
+        } else {
+          load_tile<BR, kBK>(stage_down(s), S::kDownLd, p.down, p.k, p.r, p.k, rank0, c * kBK,
+                             false);
+        }
+      }
+    };
+
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      if (c_lo + s < c_hi) load_stage(c_lo + s, s, wvec, wpass);
+      if (c_lo + s < c_hi) load_stage(c_lo + s, s);
       ptx::cp_async_commit();  // always: the group count stays uniform
     }
     __syncthreads();  // the tables
@@ -372,14 +476,11 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
         __syncthreads();  // also: every warp is done with the stage the prefetch overwrites
       } else {
         const int64_t red0 = c * kBK;
-        int64_t wn, wk;
-        int lr, lc;
-        decode_coords<DX>(red0, o0, wn, wk, lr, lc);
-        const bool wok = wn < p.n && wk < p.k;
+        const bool wok = w_fixed && (!DX || w_pos < p.red - red0);
         // The absmax before the wait: its loads overlap the pipeline wait and the barrier.
         [[maybe_unused]] float am = 0.0f;
-        if (kWVec && wok)
-          am = absmax_of(p, static_cast<uint32_t>((wn * p.k + wk) >> p.log2_bs), s_ncode);
+        if (kWVec && wok) am = absmax_of(p, static_cast<uint32_t>(e_dec >> p.log2_bs), s_ncode);
+        e_dec += e_step;
         ptx::cp_async_wait<kStages - 2>();
         __syncthreads();
 
@@ -388,6 +489,8 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
           const uint4 w = *reinterpret_cast<const uint4*>(stage_packed(s) + tid * 16);
           decode32<DT>(w, am, s_tab, wd);
         } else {  // per element from global memory (K % 32 != 0 or an unaligned W)
+          int64_t wn, wk;
+          decode_coords<DX>(red0, o0, wn, wk, lr, lc);
 #pragma unroll 1
           for (int j = 0; j < 32; ++j) {
             float v = 0.0f;
@@ -404,7 +507,7 @@ __global__ void __launch_bounds__(kThreads) qlora_gemm_kernel(Params p) {
         __syncthreads();
       }
 
-      if (c + kStages - 1 < c_hi) load_stage(c + kStages - 1, s_next, wvec, wpass);
+      if (c + kStages - 1 < c_hi) load_stage(c + kStages - 1, s_next);
       ptx::cp_async_commit();
 
       const uint16_t* xs = stage_act(s);
