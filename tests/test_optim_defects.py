@@ -9,6 +9,8 @@ group, parameter and key, and a refused load leaves the optimizer as it was.
 
 from __future__ import annotations
 
+import copy
+import io
 import math
 
 import pytest
@@ -352,3 +354,179 @@ def test_largest_step_loads_and_steps():
     opt.load_state_dict(sd)
     opt.step()
     assert opt.state[ps[0]]["step"] == 2**63 - 1
+
+
+# --- load_state_dict as torch's: hooks, copied group values (issue 12) ----------------
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, qo.AdamW, qo.AdamW8bit, qo.PagedLion8bit])
+def test_load_state_dict_runs_pre_and_post_hooks(cls):
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = cls([p], lr=1e-3)
+    p.grad = torch.randn(10)
+    opt.step()
+    sd = opt.state_dict()
+    calls = []
+
+    def replace(o, d):
+        assert o is opt and d is not sd and d == sd  # a shallow copy of what was passed
+        calls.append("replace")
+        d["extra"] = 1  # edits to the copy stay there
+        return {**d, "param_groups": [dict(g, lr=0.123) for g in d["param_groups"]]}
+
+    def edit_in_place(o, d):
+        calls.append("edit")
+        d["param_groups"][0]["weight_decay"] = 0.5  # the replacement: no copy of it is made
+
+    opt.register_load_state_dict_pre_hook(edit_in_place)
+    opt.register_load_state_dict_pre_hook(replace, prepend=True)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("post", o.param_groups[0]["lr"])))
+    opt.load_state_dict(sd)
+    assert calls == ["replace", "edit", ("post", 0.123)]
+    assert "extra" not in sd and sd["param_groups"][0]["lr"] == 1e-3
+    assert opt.param_groups[0]["lr"] == 0.123 and opt.param_groups[0]["weight_decay"] == 0.5
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, qo.AdamW, qo.AdamW8bit, qo.Lion])
+def test_load_state_dict_copies_group_values(cls):
+    pa, pb = torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(10))
+    src = cls([{"params": [pa], "betas": [0.9, 0.99]}], lr=torch.tensor(0.25))  # a list stays one
+    dst = cls([pb], lr=torch.tensor(0.5))
+    pa.grad = torch.randn(10)
+    src.step()
+    sd = src.state_dict()
+    dst.load_state_dict(sd)
+    group, saved = dst.param_groups[0], sd["param_groups"][0]
+    assert group["lr"] is not saved["lr"] and group["betas"] is not saved["betas"]
+    assert float(group["lr"]) == 0.25 and group["betas"] == [0.9, 0.99]
+    assert "qpeft" not in group and group["params"] == [pb]
+    torch.optim.lr_scheduler.LambdaLR(dst, lambda step: 0.5)  # fill_ on dst's lr tensor
+    saved["betas"][0] = 0.5
+    assert float(src.param_groups[0]["lr"]) == 0.25 and float(group["lr"]) == 0.125
+    assert group["betas"] == [0.9, 0.99]
+
+
+# --- copies of an optimizer (issue 12) -------------------------------------------------
+
+
+def _copy(obj, how):
+    if how == "deepcopy":
+        return copy.deepcopy(obj)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_copied_optimizer_steps_and_saves_as_the_original(cls, how):
+    ps = _params()
+    kw = {"min_8bit_size": 256} if "8bit" in cls.__name__ else {}
+    opt = cls([{"params": ps[:2], "lr": 2e-3}, {"params": ps[2:]}], lr=1e-3, state_dict_layout="rows", **kw)
+    _set_grads(ps, 0)
+    opt.step()
+    ps2, opt2 = _copy((ps, opt), how)
+    assert (opt2.optim_bits, opt2.min_8bit_size, opt2.state_dict_layout, opt2.paged) == (
+        opt.optim_bits,
+        opt.min_8bit_size,
+        "rows",
+        opt.paged,
+    )
+    for i in range(1, 3):
+        for p_list, o in ((ps, opt), (ps2, opt2)):
+            _set_grads(p_list, i)
+            o.step()
+    _assert_same(_snapshot(opt2, ps2), _snapshot(opt, ps), f"{how} of {cls.__name__}")
+    sd, sd2 = opt.state_dict(), opt2.state_dict()
+    assert sd2["qpeft"] == sd["qpeft"] and sd2["param_groups"] == sd["param_groups"]
+    opt2.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_paged_state_gets_paged_memory_of_its_own(how):
+    from qpeft._native import cpu_module
+
+    from .test_optim import HostPagedMemory
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(400, 300), torch.nn.Linear(300, 10))  # 120k: paged
+    opt = qo.PagedAdamW8bit(model.parameters(), state_memory=HostPagedMemory())
+    model(torch.randn(8, 400)).pow(2).mean().backward()
+    opt.step()
+    live = cpu_module().host_buffers_live()
+    model2, opt2 = _copy((model, opt), how)
+    assert cpu_module().host_buffers_live() == live + 4  # the weight's two codes, two absmax
+    old, new = opt.state[model[0].weight], opt2.state[model2[0].weight]
+    for name in ("exp_avg_q", "exp_avg_absmax", "exp_avg_sq_q", "exp_avg_sq_absmax"):
+        assert new[name]._qpeft_paged and new[name].data_ptr() != old[name].data_ptr()
+        assert_bits_equal(new[name], old[name], name)
+    assert new["step"] == 1
+    assert opt2.memory_report() == {
+        **opt.memory_report(),
+        "paged_device": 0,
+        "paged_unknown": 469 * 8 + 240_000,
+    }
+    mem2 = opt2._pager.memory
+    mem2.calls.clear()
+    for m_, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        m_(torch.randn(8, 400, generator=torch.Generator().manual_seed(1))).pow(2).mean().backward()
+        o.step()
+    assert mem2.calls == [("device", 120_000), ("device", 469)] * 2  # prefetches the copy's own state
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert_bits_equal(a.detach(), b.detach(), "copy vs original")
+
+
+# --- state accounting of frozen parameters (issue 12) -----------------------------------
+
+
+def test_state_bytes_leave_out_frozen_parameters_without_state():
+    frozen = torch.nn.Parameter(torch.randn(64, 4096), requires_grad=False)
+    small_frozen = torch.nn.Parameter(torch.randn(64), requires_grad=False)
+    lora = torch.nn.Parameter(torch.randn(8, 4096))
+    opt = qo.AdamW8bit([frozen, small_frozen, lora])
+    assert opt.state_bytes() == [0, 0, 8 * 4096 * (2 + 8 / 256)]
+    assert opt.state_bytes_per_param() == 2 + 8 / 256
+    lora.grad = torch.randn_like(lora)
+    opt.step()
+    assert sum(opt.memory_report().values()) == sum(opt.state_bytes())
+    # a parameter frozen after it got state keeps it, and it is counted
+    lora.requires_grad_(False)
+    assert opt.state_bytes() == [0, 0, 8 * 4096 * (2 + 8 / 256)]
+    assert sum(opt.memory_report().values()) == sum(opt.state_bytes())
+    assert qo.AdamW([frozen]).state_bytes_per_param() == 0.0
+    assert qo.Lion([frozen, small_frozen, torch.nn.Parameter(torch.randn(5))]).state_bytes_per_param() == 4.0
+
+
+# --- element-count arguments (issue 12) ---------------------------------------------------
+
+BAD_NUMEL_ARGS = [
+    (math.nan, TypeError, "must be an integer \\(elements\\), got float nan"),
+    (2.5, TypeError, "must be an integer \\(elements\\), got float 2.5"),
+    (4096.0, TypeError, "must be an integer \\(elements\\), got float 4096.0"),
+    (True, TypeError, "must be an integer \\(elements\\), got bool True"),
+    ("4096", TypeError, "must be an integer \\(elements\\), got str '4096'"),
+    (None, TypeError, "must be an integer \\(elements\\), got NoneType None"),
+    (-1, ValueError, "must be >= [01], got -1"),
+]
+
+
+@pytest.mark.parametrize("arg", ["min_8bit_size", "page_min_numel"])
+@pytest.mark.parametrize("bad,exc,match", BAD_NUMEL_ARGS, ids=[repr(c[0]) for c in BAD_NUMEL_ARGS])
+def test_bad_element_count_arguments_refused(arg, bad, exc, match):
+    with pytest.raises(exc, match=f"^{arg} {match}"):
+        qo.PagedAdamW8bit([torch.nn.Parameter(torch.randn(3))], **{arg: bad})
+
+
+def test_element_count_arguments_take_integers():
+    import numpy as np
+
+    with pytest.raises(ValueError, match="^min_8bit_size must be >= 1, got 0"):
+        qo.AdamW8bit([torch.nn.Parameter(torch.randn(3))], min_8bit_size=0)
+    p = torch.nn.Parameter(torch.randn(300))
+    opt = qo.PagedLion8bit([p], min_8bit_size=np.int64(256), page_min_numel=np.int32(0))
+    assert type(opt.min_8bit_size) is int and type(opt._pager.page_min_numel) is int
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert "exp_avg_q" in opt.state[p]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numbers
 from collections import defaultdict
 from collections.abc import Iterable
+from copy import deepcopy
 from itertools import chain
 from math import prod
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from .._formats import FLOAT_DTYPES, dynamic_map
 from .._optim_math import MIN_8BIT_NUMEL, state_blocks
 from . import distributed as _dist
-from .paging import PAGE_MIN_NUMEL, StatePager
+from .paging import PAGE_MIN_NUMEL, StatePager, check_numel_arg
 
 STATE_DICT_KEY = "qpeft"
 _STRIDED = torch.strided
@@ -132,8 +133,7 @@ class QpeftOptimizer(torch.optim.Optimizer):
     ) -> None:
         if optim_bits not in (8, 32):
             raise ValueError(f"optim_bits must be 8 or 32, got {optim_bits}")
-        if min_8bit_size < 1:
-            raise ValueError(f"min_8bit_size must be >= 1, got {min_8bit_size}")
+        min_8bit_size = check_numel_arg(min_8bit_size, "min_8bit_size", 1)
         if state_dict_layout not in LAYOUTS:
             raise ValueError(f"state_dict_layout must be one of {LAYOUTS}, got {state_dict_layout!r}")
         self.optim_bits = optim_bits
@@ -168,6 +168,36 @@ class QpeftOptimizer(torch.optim.Optimizer):
         except BaseException:
             del self.param_groups[gi]
             raise
+
+    # --- copies (copy.deepcopy, pickle, torch.save of the optimizer) ---------------------
+
+    # What this class adds to torch's pickled state (defaults, state, param_groups); the
+    # 8-bit maps are made again on first use.
+    _OWN_ATTRS = ("optim_bits", "state_dict_layout", "min_8bit_size", "_pager")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in self._OWN_ATTRS}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_pager" in state:  # a copy; load_state_dict passes state and param_groups only
+            self._maps = {}
+            self._repage_state()
+
+    def _repage_state(self) -> None:
+        """Give a copy's paged state paged memory of its own: the copy of a paged tensor
+        is ordinary memory that still has the paged marker (its prefetch would fail), and
+        a copy moved elsewhere (torch.load's map_location) may page or not anew."""
+        for p, state in self.state.items():
+            old = self._local_state(state)
+            if self.placement(p) != "paged" and not any(self._pager.is_paged(t) for t in old.values()):
+                continue
+            new = self._new_state(p)
+            for name, t in self._local_state(new).items():
+                if torch.is_tensor(t):
+                    t.copy_(old[name])
+            new["step"] = state["step"]
+            self.state[p] = new
 
     # --- what a parameter's state looks like ---------------------------------------
 
@@ -402,10 +432,16 @@ class QpeftOptimizer(torch.optim.Optimizer):
 
     # --- accounting -----------------------------------------------------------------
 
+    def _gets_state(self, p: torch.Tensor) -> bool:
+        """Whether p has or will get state: a frozen parameter (requires_grad=False)
+        gets no gradient, so no state, unless it had some already."""
+        return p.requires_grad or p in self.state  # `in`: no empty state inserted
+
     def state_bytes(self) -> list[int]:
         """Bytes of per-element state of each parameter, in param_groups order (the
-        layout this optimizer gives it, allocated yet or not; the step counter and
-        the two shared 8-bit maps are not per-element state and are not counted)."""
+        layout this optimizer gives it, allocated yet or not; 0 for a frozen parameter
+        without state; the step counter and the two shared 8-bit maps are not
+        per-element state and are not counted)."""
         out = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -414,14 +450,18 @@ class QpeftOptimizer(torch.optim.Optimizer):
                         prod(shape) * torch.empty((), dtype=dt).element_size()
                         for shape, dt in self._state_spec(p).values()
                     )
+                    if self._gets_state(p)
+                    else 0
                 )
         return out
 
     def state_bytes_per_param(self) -> float:
-        """Optimizer state bytes per parameter element: 8.0 with fp32 AdamW state,
-        2 + 8/256 = 2.03125 for 8-bit AdamW state of tensors whose size is a multiple
-        of 256 (one byte per moment plus one fp32 absmax per 256 elements and moment)."""
-        numel = sum(p.numel() for g in self.param_groups for p in g["params"])
+        """Optimizer state bytes per element of the parameters that have or will get
+        state (frozen ones without state are left out of both counts): 8.0 with fp32
+        AdamW state, 2 + 8/256 = 2.03125 for 8-bit AdamW state of tensors whose size is
+        a multiple of 256 (one byte per moment plus one fp32 absmax per 256 elements
+        and moment)."""
+        numel = sum(p.numel() for p in self._params() if self._gets_state(p))
         return sum(self.state_bytes()) / numel if numel else 0.0
 
     def memory_report(self) -> dict[str, int]:
@@ -518,8 +558,19 @@ class QpeftOptimizer(torch.optim.Optimizer):
         For a DTensor parameter the saved state may be DTensors of any Shard(0)/Replicate
         layout (redistributed) or full plain tensors (this rank's slice is taken); 8-bit
         state in the rows layout is rebuilt for the local shard's blocks, bit-exact where
-        the blocks are the saved ones, requantized where not."""
+        the blocks are the saved ones, requantized where not.
+
+        As torch's: hooks from register_load_state_dict_pre_hook run first, on a shallow
+        copy of ``state_dict`` (one may return a replacement), those from
+        register_load_state_dict_post_hook after the load; the group values are deep
+        copies, shared with neither the state dict nor the optimizer that wrote it."""
         name = type(self).__name__
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError(
                 f"{name}.load_state_dict expects an optimizer state_dict with 'state' and 'param_groups'"
@@ -579,14 +630,18 @@ class QpeftOptimizer(torch.optim.Optimizer):
             p = id_map[key]
             new_state[p] = self._load_param_state(p, saved, *index_of[id(p)], rows=rows)
 
-        new_groups = []
-        for g, sg in zip(groups, saved_groups):
-            ng = {k: v for k, v in sg.items() if k != STATE_DICT_KEY}
+        # Deep copies, as torch's: a tensor lr or a betas list stays the saved optimizer's,
+        # not also this one's (a scheduler on either would change both).
+        new_groups = deepcopy(
+            [{k: v for k, v in sg.items() if k not in ("params", STATE_DICT_KEY)} for sg in saved_groups]
+        )
+        for g, ng in zip(groups, new_groups):
             ng["params"] = g["params"]
-            if "param_names" in g and "param_names" not in sg:
+            if "param_names" in g and "param_names" not in ng:
                 ng["param_names"] = g["param_names"]
-            new_groups.append(ng)
         self.__setstate__({"state": new_state, "param_groups": new_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _load_param_state(
         self, p: torch.Tensor, saved: Any, gi: int, pi: int, rows: bool = False

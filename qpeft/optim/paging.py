@@ -17,6 +17,8 @@ Placement of one parameter's state (``placement``):
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .._dispatch import on_device
@@ -25,6 +27,16 @@ PAGE_MIN_NUMEL = 100_000
 
 # DLPack (type code, bits) of the state dtypes.
 DLPACK_DTYPES = {torch.float32: (2, 32), torch.uint8: (1, 8)}
+
+
+def check_numel_arg(value, name: str, minimum: int) -> int:
+    """An element-count argument (min_8bit_size, page_min_numel) as an int: an integer,
+    not a bool, a float (nan, 2.5) or a string, and at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer (elements), got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def placement(
@@ -99,11 +111,9 @@ class StatePager:
     def __init__(
         self, paged: bool, page_out: bool, page_min_numel: int = PAGE_MIN_NUMEL, memory=None
     ) -> None:
-        if page_min_numel < 0:
-            raise ValueError(f"page_min_numel must be >= 0, got {page_min_numel}")
         self.paged = paged
         self.page_out = page_out
-        self.page_min_numel = page_min_numel
+        self.page_min_numel = check_numel_arg(page_min_numel, "page_min_numel", 0)
         self.memory = memory if memory is not None else CudaManagedMemory()
 
     def placement(self, param: torch.Tensor) -> str:
