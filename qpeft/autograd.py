@@ -132,7 +132,10 @@ class QLoRAFunction(torch.autograd.Function):
     ``forward(x, lora_A, lora_B, bias, frozen)`` with ``frozen = (packed, absmax,
     nested_absmax, nested_code, offset, quant, scaling, rank_scale, out_scale)`` and
     ``quant = (blocksize, nested_blocksize, quant_type, out_features, in_features)``; x
-    has any leading batch dims. Gradients flow to x, lora_A, lora_B and bias. Saved for the backward: x, A, B, the packed
+    is [M, K] and y [M, N]: ``functional.qlora_linear`` reshapes (and casts for autocast)
+    outside ``apply``, so y is no view made inside the Function (in-place ops on it work,
+    as Falcon's ``mlp_output += attention_output``) and the saved x keeps its graph for a
+    backward with ``create_graph=True``. Gradients flow to x, lora_A, lora_B and bias. Saved for the backward: x, A, B, the packed
     weight and its quantization state (never a dequantized W) and xa = x @ A^T (only
     when B needs a gradient). rank_scale and out_scale are constants here.
 
@@ -175,7 +178,6 @@ class QLoRAFunction(torch.autograd.Function):
         )
         ctx.quant = quant
         ctx.scaling = scaling
-        ctx.x_shape = x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
@@ -187,6 +189,13 @@ class QLoRAFunction(torch.autograd.Function):
         blocksize, nested_blocksize, quant_type, n, k = ctx.quant
         need_dx, need_da, need_db, need_dbias = ctx.needs_input_grad[:4]
         with _autocast_off(x2.device.type):  # CPU backward runs on the caller's thread
+            if torch.is_grad_enabled():  # create_graph=True: the op's gradients would be constants
+                weight = (packed, absmax, nested_absmax, nested_code, offset)
+                needs = (need_dx, need_da, need_db, need_dbias)
+                dx, da, db, dbias = graph_backward(
+                    grad_y, x2, lora_a, lora_b, weight, ctx.quant, ctx.scaling, rank_scale, out_scale, needs
+                )
+                return dx, da, db, dbias.to(ctx.bias_dtype) if need_dbias else None, None
             dx, da, db, dbias = _op("qlora_linear_backward", x2)(
                 grad_y.reshape(-1, n),
                 x2,
@@ -212,12 +221,69 @@ class QLoRAFunction(torch.autograd.Function):
                 need_dbias,
             )
         return (
-            dx.reshape(ctx.x_shape) if need_dx else None,
+            dx if need_dx else None,
             da if need_da else None,
             db if need_db else None,
             dbias.to(ctx.bias_dtype) if need_dbias else None,
             None,
         )
+
+
+def graph_backward(grad_y, x2, lora_a, lora_b, weight, quant, scaling, rank_scale, out_scale, needs):
+    """(dx [M, K], dA, dB, dbias) of ``qlora_linear`` (None where ``needs`` asks for none) in
+    differentiable torch ops, for a backward that records a graph (``create_graph=True``:
+    gradient penalties, Hessian-vector products), where ``qlora_linear_backward``'s kernels
+    would return constants and so silently drop every second-order term. The reference's
+    formulas (``backends/default/qlora.py``: fp32, fp64 for fp64 x; within the ops'
+    tolerance of their results) on W dequantized whole from ``weight`` = (packed, absmax,
+    nested_absmax, nested_code, offset), with xa = x A^T recomputed from x and A so that dB
+    depends on them. Without an adapter (lora_a None) only dx and dbias; x2 may then be a
+    stand-in of x's shape and dtype."""
+    from .backends.default.qlora import backward_from, dequantize_weight
+
+    blocksize, nested_blocksize, quant_type, n, k = quant
+    w = dequantize_weight(*weight, blocksize, nested_blocksize, quant_type, n, k)
+    xa = None
+    if needs[2]:
+        cdt = torch.float64 if x2.dtype == torch.float64 else torch.float32
+        xa = torch.nn.functional.linear(x2.to(cdt), lora_a.to(cdt))
+
+    def add_dy_w(dy, acc):  # acc += dy @ W, recorded by autograd
+        acc.addmm_(dy, w.to(acc.dtype))
+
+    grads = backward_from(
+        add_dy_w, grad_y.reshape(-1, n), x2, lora_a, lora_b, xa, scaling, rank_scale, out_scale, *needs
+    )
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def layer_graph_backward(
+    grad_y,
+    x2,
+    lora_a,
+    lora_b,
+    packed,
+    absmax,
+    nested_absmax,
+    nested_code,
+    offset,
+    blocksize,
+    nested_blocksize,
+    quant_type_id,
+    n,
+    k,
+    scaling,
+    *needs,
+):
+    """``graph_backward`` for the autograd nodes of ``qpeft._C_layer`` (their calls have no
+    rank_scale or out_scale; the quant type comes as its id): they call it when the backward
+    records a graph, so the C++ path's gradients are differentiable as the Python path's."""
+    from ._formats import QUANT_TYPE_IDS
+
+    quant_type = next(name for name, i in QUANT_TYPE_IDS.items() if i == quant_type_id)
+    weight = (packed, absmax, nested_absmax, nested_code, offset)
+    quant = (blocksize, nested_blocksize, quant_type, n, k)
+    return graph_backward(grad_y, x2, lora_a, lora_b, weight, quant, scaling, None, None, needs)
 
 
 def _use_gemv(x2: torch.Tensor) -> bool:
@@ -226,10 +292,24 @@ def _use_gemv(x2: torch.Tensor) -> bool:
     the matmul path too); else the 4-bit matmul path (docs/design.md, "Decode path")."""
     if not (1 <= x2.shape[0] <= GEMV_MAX_ROWS and x2.dtype in FLOAT_DTYPES):
         return False
-    gemv = kernel_backend("gemv_4bit", x2.device)
+    return _gemv_serves(x2.device.type)
+
+
+def _gemv_serves(device_type: str) -> bool:
+    """Whether the GEMV path serves decode-sized x on ``device_type`` (see ``_use_gemv``)."""
+    gemv = kernel_backend("gemv_4bit", device_type)
     if gemv is None:
         return False
-    return gemv != "default" or kernel_backend("qlora_linear", x2.device) in ("default", None)
+    return gemv != "default" or kernel_backend("qlora_linear", device_type) in ("default", None)
+
+
+# torch.compile cannot trace the ContextVar read of use_backend (kernel_backend): under it
+# the choice is a constant taken when the graph is traced (under the backend in force then;
+# the ops in the graph still route per call), so fullgraph=True traces the GEMV's rows too.
+# The mark torch.compiler.assume_constant_result sets, set here without it: it would import
+# torch._dynamo (and triton) with qpeft (tests/test_lean_import.py; the fullgraph tests of
+# tests/test_autograd_defects.py fail if torch stops reading this mark).
+_gemv_serves._dynamo_marked_constant = True
 
 
 def linear_4bit_forward(x2, bias, packed, absmax, nested_absmax, nested_code, offset, quant):
@@ -281,7 +361,8 @@ class Linear4bitFunction(torch.autograd.Function):
     """y = x @ dequant(W)^T + bias, W frozen in 4 bits: ``qpeft.functional.linear_4bit``.
 
     ``forward(x, bias, packed, absmax, nested_absmax, nested_code, offset, quant)`` with
-    ``quant`` as in QLoRAFunction. The forward is ``linear_4bit_forward`` (GEMV at M <= 8);
+    ``quant`` as in QLoRAFunction, x [M, K] and y [M, N] (``functional.linear_4bit``
+    reshapes outside ``apply``, as for QLoRAFunction). The forward is ``linear_4bit_forward`` (GEMV at M <= 8);
     the backward is ``qlora_linear_backward`` without an adapter: dx = dy @ dequant(W)
     (recomputed from the packed weight), dbias = sum(dy). x itself is not saved (the
     no-adapter backward reads only its shape and dtype), so a frozen layer keeps no
@@ -290,19 +371,16 @@ class Linear4bitFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, packed, absmax, nested_absmax, nested_code, offset, quant):
-        n, k = quant[3], quant[4]
         dev = x.device.type
         if autocast_enabled(dev):
             x = x.to(torch.get_autocast_dtype(dev))
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, k)
         with _autocast_off(dev):
-            y = linear_4bit_forward(x2, bias, packed, absmax, nested_absmax, nested_code, offset, quant)
+            y = linear_4bit_forward(x, bias, packed, absmax, nested_absmax, nested_code, offset, quant)
         ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
         ctx.quant = quant
         ctx.x_meta = (x.shape, x.dtype)
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y.reshape(*lead, n)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -315,6 +393,17 @@ class Linear4bitFunction(torch.autograd.Function):
         # the op reads only x's shape and dtype here: a zero-stride stand-in costs no memory
         x_like = torch.empty((), dtype=x_dtype, device=grad_y.device).expand(m, k)
         with _autocast_off(grad_y.device.type):
+            if torch.is_grad_enabled():  # create_graph=True: the op's gradients would be constants
+                weight = (packed, absmax, nested_absmax, nested_code, offset)
+                needs = (need_dx, False, False, need_dbias)
+                dx, _, _, dbias = graph_backward(
+                    g2, x_like, None, None, weight, ctx.quant, 0.0, None, None, needs
+                )
+                return (
+                    dx.reshape(x_shape) if need_dx else None,
+                    dbias.to(ctx.bias_dtype) if need_dbias else None,
+                    *([None] * 6),
+                )
             dx, _, _, dbias = _op("qlora_linear_backward", g2)(
                 g2,
                 x_like,
@@ -374,7 +463,10 @@ def _load_layer():
         return False
     from .backends.cpu import qlora as cpu_qlora
 
-    _C_layer.init(abi, torch.autograd.profiler, _dispatch._forced, cpu_qlora)
+    try:
+        _C_layer.init(abi, torch.autograd.profiler, _dispatch._forced, cpu_qlora, layer_graph_backward)
+    except TypeError:
+        return False  # built from older sources (another init): rebuild qpeft to use it
     return _C_layer
 
 

@@ -253,10 +253,23 @@ def qlora_linear(
         or (bias is not None and bias.requires_grad)
     ):
         frozen = (packed, absmax, na, nc, off, quant, args[10], rank_scale, out_scale)
-        return QLoRAFunction.apply(x, lora_A, lora_B, bias, frozen)
+        # the Function takes x as [M, K] and gives y as [M, N]: reshaped (and cast for
+        # autocast) out here, autograd records it, so y is no view made inside the Function
+        # (in-place ops on it work) and the x it saves keeps its graph (create_graph=True)
+        x2 = _rows(x, quant[4])
+        y = QLoRAFunction.apply(x2, lora_A, lora_B, bias, frozen)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], quant[3])
     # nothing needs a gradient: the same forward without an autograd node (its setup is a
     # fifth of a small layer's call; docs/design.md, "Per-call overhead")
     return qlora_forward(*args, False)[0]
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x as QLoRAFunction takes it: [M, K], in autocast's dtype inside an autocast region."""
+    dev = x.device.type
+    if autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))
+    return x if x.dim() == 2 else x.reshape(-1, k)
 
 
 # QuantState -> (the signature its check passed with, _quant_args(state)): what the ops
@@ -312,10 +325,14 @@ def linear_4bit(
     weight_packed = _checks.packed_4bit(weight_packed)
     signature = _checks.qlora_linear(x, weight_packed, quant_state, None, None, bias, None, None)
     absmax, na, nc, off, quant = _state_args(quant_state, signature)
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return Linear4bitFunction.apply(x, bias, weight_packed, absmax, na, nc, off, quant)
-    # inference: the same forward without an autograd node (a decode step calls this per layer)
     n, k = quant[3], quant[4]
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        # [M, K] in, [M, N] out, reshaped out here (see qlora_linear)
+        if x.dim() == 2:
+            return Linear4bitFunction.apply(x, bias, weight_packed, absmax, na, nc, off, quant)
+        y = Linear4bitFunction.apply(x.reshape(-1, k), bias, weight_packed, absmax, na, nc, off, quant)
+        return y.reshape(*x.shape[:-1], n)
+    # inference: the same forward without an autograd node (a decode step calls this per layer)
     dev = x.device.type
     if autocast_enabled(dev):
         x = x.to(torch.get_autocast_dtype(dev))

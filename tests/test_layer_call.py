@@ -147,7 +147,7 @@ def test_autograd_semantics_as_before():
             g2 = torch.autograd.grad(y, (x, q.lora_A), dy)
             with pytest.raises(RuntimeError, match="backward through the graph a second time"):
                 torch.autograd.grad(y, (x, q.lora_A), dy)
-            # create_graph: the gradients are not differentiable (as before), the call works
+            # create_graph: the gradients are differentiable (tests/test_autograd_defects.py)
             dx = torch.autograd.grad(q(x), x, dy, create_graph=True)[0]
             # an in-place change of a saved tensor is caught by the backward
             y = q(x)
@@ -157,7 +157,7 @@ def test_autograd_semantics_as_before():
                 y.backward(dy)
         results[name] = (g1, g2, dx.requires_grad)
     (f1, f2, fr), (u1, u2, ur) = results["fast"], results["full"]
-    assert fr == ur
+    assert fr and ur
     for a, b in zip(f1 + f2, u1 + u2):
         assert torch.equal(a, b)
 
@@ -601,6 +601,9 @@ def _same_bits_both_ways(q, x, dy, node):
     with qpeft.use_backend("cpu"):
         y_full, g_full, fn_full = _run(q, x, dy)
     y_fast, g_fast, fn_fast = _run(q, x, dy)
+    if x.dim() != 2:  # the full path reshapes QLoRAFunction's [M, N] output outside it
+        assert fn_full.name() == "ViewBackward0"
+        fn_full = fn_full.next_functions[0][0]
     assert fn_fast.name() == node and fn_full.name() == "QLoRAFunctionBackward"
     assert y_fast.shape == y_full.shape and torch.equal(y_fast, y_full)
     for a, b in zip(g_fast, g_full):

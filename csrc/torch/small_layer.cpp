@@ -56,6 +56,7 @@ const qpeft::SmallLayerAbi* g_abi = nullptr;
 PyObject* g_profiler = nullptr;          // torch.autograd.profiler (its _is_profiler_enabled)
 PyObject* g_forced = nullptr;            // qpeft._dispatch._forced (use_backend's ContextVar)
 PyObject* g_cpu_qlora = nullptr;         // qpeft.backends.cpu.qlora (PANEL_ELEMS, fp32_takes_bf16)
+PyObject* g_graph_backward = nullptr;    // qpeft.autograd.layer_graph_backward (create_graph)
 PyObject* g_panel_elems_name = nullptr;  // interned "PANEL_ELEMS"
 PyObject* g_profiler_flag = nullptr;     // interned "_is_profiler_enabled"
 // the autograd input standing in for an absent bias (never needs a gradient); never freed,
@@ -186,6 +187,63 @@ struct QLoRANode : public torch::autograd::Node {
     return dy.scalar_type() == at::kFloat ? dy : dy.to(at::kFloat);
   }
 
+  // The backward of a graph task with create_graph=True (grad mode on in the backward): the
+  // kernels form no graph, so the gradients are computed by qpeft.autograd's
+  // layer_graph_backward in differentiable torch ops, as QLoRAFunction's backward does
+  // then (second-order gradients: gradient penalties, Hessian-vector products).
+  variable_list graph_grads(const variable_list& grads) {
+    const Tensor x2 = x2_.unpack(), a = a_.unpack(), b = b_.unpack();
+    const Frozen w = frozen();
+    const Tensor dy =
+        grads[0].defined() ? grads[0] : at::zeros({m, f.n}, x2.options().dtype(at::kFloat));
+    pybind11::gil_scoped_acquire gil;
+    auto wrap = [](const Tensor& t) -> PyObject* {
+      if (t.defined()) return THPVariable_Wrap(t);
+      Py_RETURN_NONE;
+    };
+    PyObject* args[] = {wrap(dy),
+                        wrap(x2),
+                        wrap(a),
+                        wrap(b),
+                        wrap(w.packed),
+                        wrap(w.absmax),
+                        wrap(w.nested_absmax),
+                        wrap(w.nested_code),
+                        wrap(w.offset),
+                        PyLong_FromLongLong(w.blocksize),
+                        PyLong_FromLongLong(w.nested_blocksize),
+                        PyLong_FromLongLong(w.quant_type),
+                        PyLong_FromLongLong(w.n),
+                        PyLong_FromLongLong(w.k),
+                        PyFloat_FromDouble(w.scaling),
+                        PyBool_FromLong(task_should_compute_output(0)),
+                        PyBool_FromLong(task_should_compute_output(1)),
+                        PyBool_FromLong(task_should_compute_output(2)),
+                        PyBool_FromLong(task_should_compute_output(3))};
+    constexpr size_t nargs = sizeof(args) / sizeof(args[0]);
+    PyObject* res = nullptr;
+    if (std::all_of(args, args + nargs, [](PyObject* o) { return o != nullptr; }))
+      res = PyObject_Vectorcall(g_graph_backward, args, nargs, nullptr);
+    for (PyObject* o : args) Py_XDECREF(o);
+    if (res == nullptr || !PyTuple_Check(res) || PyTuple_GET_SIZE(res) != 4) {
+      if (res != nullptr) {
+        Py_DECREF(res);
+        PyErr_SetString(PyExc_RuntimeError, "qpeft: layer_graph_backward must return 4 gradients");
+      }
+      python_error err;
+      err.persist();
+      throw err;
+    }
+    variable_list out(4);
+    for (Py_ssize_t i = 0; i < 4; ++i) {
+      PyObject* g = PyTuple_GET_ITEM(res, i);
+      if (g != Py_None) out[i] = THPVariable_Unpack(g);
+    }
+    Py_DECREF(res);
+    if (out[0].defined()) out[0] = out[0].reshape(x_sizes);
+    return out;
+  }
+
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     for (SavedVariable* v :
@@ -199,6 +257,7 @@ struct SmallQLoRABackward final : public QLoRANode {
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
+    if (c10::GradMode::is_enabled()) return graph_grads(grads);  // create_graph=True
     const Tensor x2 = x2_.unpack(), a = a_.unpack(), b = b_.unpack(), xa = xa_.unpack();
     const Frozen w = frozen();
     const int64_t n = w.n, k = w.k, r = w.r;
@@ -306,6 +365,7 @@ struct GemmQLoRABackward final : public QLoRANode {
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
+    if (c10::GradMode::is_enabled()) return graph_grads(grads);  // create_graph=True
     const Tensor x2 = x2_.unpack(), a = a_.unpack(), b = b_.unpack(), xa = xa_.unpack();
     const Frozen w = frozen();
     // what QLoRAFunction's ctx.needs_input_grad says: every input that requires a gradient,
@@ -465,6 +525,7 @@ struct PanelQLoRABackward final : public QLoRANode {
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
+    if (c10::GradMode::is_enabled()) return graph_grads(grads);  // create_graph=True
     const Tensor x2 = x2_.unpack(), a = a_.unpack(), b = b_.unpack(), xa = xa_.unpack();
     const Frozen w = frozen();
     // every input that requires a gradient, as ctx.needs_input_grad (GemmQLoRABackward)
@@ -845,11 +906,11 @@ PyObject* linear_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // init(abi_capsule, torch.autograd.profiler, qpeft._dispatch._forced,
-//      qpeft.backends.cpu.qlora)
+//      qpeft.backends.cpu.qlora, qpeft.autograd.layer_graph_backward)
 PyObject* layer_init(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 4) {
-    PyErr_SetString(PyExc_TypeError, "qpeft._C_layer.init takes 4 arguments");
+  if (nargs != 5) {
+    PyErr_SetString(PyExc_TypeError, "qpeft._C_layer.init takes 5 arguments");
     return nullptr;
   }
   auto* abi = static_cast<const qpeft::SmallLayerAbi*>(
@@ -870,12 +931,18 @@ PyObject* layer_init(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     PyErr_SetString(PyExc_TypeError, "qpeft._C_layer.init: the fourth argument is a module");
     return nullptr;
   }
+  if (!PyCallable_Check(args[4])) {
+    PyErr_SetString(PyExc_TypeError, "qpeft._C_layer.init: the fifth argument is a callable");
+    return nullptr;
+  }
   Py_INCREF(args[1]);
   Py_INCREF(args[2]);
   Py_INCREF(args[3]);
+  Py_INCREF(args[4]);
   Py_XSETREF(g_profiler, args[1]);
   Py_XSETREF(g_forced, args[2]);
   Py_XSETREF(g_cpu_qlora, args[3]);
+  Py_XSETREF(g_graph_backward, args[4]);
   if (g_panel_elems_name == nullptr) g_panel_elems_name = PyUnicode_InternFromString("PANEL_ELEMS");
   if (g_profiler_flag == nullptr)
     g_profiler_flag = PyUnicode_InternFromString("_is_profiler_enabled");
@@ -902,7 +969,7 @@ PyMethodDef methods[] = {
      METH_FASTCALL,
      "linear_call(plan, module, x): a Linear4bit's y, None (not served here) or NotImplemented"},
     {"init", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(layer_init)), METH_FASTCALL,
-     "init(abi_capsule, profiler_module, forced_backend_var, cpu_qlora_module)"},
+     "init(abi_capsule, profiler_module, forced_backend_var, cpu_qlora_module, graph_backward)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT,

@@ -240,10 +240,10 @@ class Linear4bit(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.in_features:
-            got = x.shape[-1] if x.dim() else "a 0-d tensor"
+            got = f"{x.shape[-1]} features" if x.dim() else "no feature dimension (a 0-d tensor)"
             raise ValueError(
                 f"{type(self).__name__}(in_features={self.in_features}, out_features={self.out_features}) got an "
-                f"input with {got} features (shape {tuple(x.shape)})"
+                f"input with {got} (shape {tuple(x.shape)})"
             )
 
     def qlora(

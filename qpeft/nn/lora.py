@@ -340,10 +340,11 @@ class QLoRALinear(nn.Module):
                 self.__dict__["_fast_plan"] = None  # stale: something it holds changed
         base = self.base_layer
         # a 4-bit base checks x itself (base.qlora / base(x); DoRA's path checks it below)
-        if not isinstance(base, Linear4bit) and x.shape[-1] != self.in_features:
+        if not isinstance(base, Linear4bit) and (x.dim() < 1 or x.shape[-1] != self.in_features):
+            got = f"{x.shape[-1]} features" if x.dim() else "no feature dimension (a 0-d tensor)"
             raise ValueError(
                 f"QLoRALinear(in_features={self.in_features}, out_features={self.out_features}) got an input with "
-                f"{x.shape[-1]} features (shape {tuple(x.shape)})"
+                f"{got} (shape {tuple(x.shape)})"
             )
         name = self.active_adapter
         if (
