@@ -11,6 +11,7 @@ See docs/distributed.md, "Loading on the meta device".
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -163,11 +164,73 @@ def _init_lora_a(init: str, r: int):
     return lambda t: nn.init.normal_(t, std=1.0 / r)
 
 
+def _init_fns(model: nn.Module) -> dict[int, Callable[[nn.Module], None]]:
+    """``id(module) -> _init_weights`` of the innermost transformers model holding it (a
+    composite model's sub-models have their own)."""
+    out: dict[int, Callable[[nn.Module], None]] = {}
+
+    def walk(m: nn.Module, fn) -> None:
+        if callable(getattr(m, "_init_weights", None)) and hasattr(m, "config"):
+            fn = m._init_weights
+        if fn is not None:
+            out[id(m)] = fn
+        for child in m.children():
+            walk(child, fn)
+
+    walk(model, None)
+    return out
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _buffers_from_init(m: nn.Module, names: list[str], init_weights, device) -> dict[str, torch.Tensor]:
+    """Non-persistent buffers ``names`` of ``m`` as transformers computes them on load: its
+    model's ``_init_weights(module)`` (e.g. Gemma's ``embed_scale``, BERT's ``position_ids``)
+    run on a stand-in for ``m`` whose other tensors are meta copies, so nothing loaded is
+    touched and no parameter is allocated. It runs twice, from all-zero and all-one bytes; the
+    buffers that come out equal are the ones it sets (the others are left out)."""
+    runs = []
+    for fill in (0, 255):
+        stand_in = copy.copy(m)
+        stand_in._modules = {}
+        stand_in._parameters = {
+            n: None if p is None else nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+            for n, p in m._parameters.items()
+        }
+        stand_in._buffers = {
+            n: None if b is None else torch.empty_like(b, device="meta") for n, b in m._buffers.items()
+        }
+        for n in names:
+            b = m._buffers[n]
+            stand_in._buffers[n] = torch.empty(b.shape, dtype=b.dtype, device=device)
+            _bytes(stand_in._buffers[n]).fill_(fill)
+        try:
+            with torch.no_grad():
+                init_weights(stand_in)
+        except Exception:  # an _init_weights that needs more of the module than the stand-in has
+            return {}
+        runs.append({n: stand_in._buffers[n] for n in names})
+    zero, one = runs
+    like = {n: (m._buffers[n].shape, m._buffers[n].dtype) for n in names}
+    return {
+        n: zero[n]
+        for n in names
+        if isinstance(zero[n], torch.Tensor)
+        and not zero[n].is_meta
+        and (zero[n].shape, zero[n].dtype) == like[n] == (one[n].shape, one[n].dtype)
+        and torch.equal(_bytes(zero[n]), _bytes(one[n]))
+    }
+
+
 def _materialize_leftovers(model: nn.Module, was_meta: set, device) -> None:
     """Tensors the checkpoint does not hold that were on the meta device: qpeft adapters
     (initialized as their constructors would: LoRA A by PEFT's init, B zeros; IA3 ones) and
     non-persistent buffers a module computes from its config (transformers' rotary
-    embeddings: rebuilt by constructing the module again on ``device``)."""
+    embeddings: rebuilt by constructing the module again on ``device``) or that its model's
+    ``_init_weights`` sets (``_buffers_from_init``)."""
+    init_fns = None
     for m in model.modules():
         if isinstance(m, LoRAAdapter) and (id(m), "lora_A") in was_meta:
             _fill(m, "lora_A", device, _init_lora_a(getattr(m, "_qpeft_init", "default"), m.r))
@@ -183,6 +246,36 @@ def _materialize_leftovers(model: nn.Module, was_meta: set, device) -> None:
             for attr, v in vars(fresh).items():  # e.g. attention_scaling, computed with inv_freq
                 if not attr.startswith("_") and isinstance(v, (int, float)):
                     setattr(m, attr, v)
+        elif meta_buffers:
+            init_fns = _init_fns(model) if init_fns is None else init_fns
+            if id(m) in init_fns:
+                m._buffers.update(_buffers_from_init(m, meta_buffers, init_fns[id(m)], device))
+
+
+def _renamer(model: nn.Module) -> Callable[[str], tuple[str, bool]] | None:
+    """transformers' checkpoint key conversion for ``model`` (transformers >= 5 renames keys on
+    load, e.g. GPT-NeoX's ``embed_out.weight`` -> ``lm_head.weight``): ``key -> (the model's
+    key, whether a tensor conversion, not only a rename, is needed)``; None when transformers
+    has none for the model."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return None
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except Exception:  # not a transformers model
+        return None
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if not renamings and not converters:
+        return None
+
+    def rename(key: str) -> tuple[str, bool]:
+        new, converter = rename_source_key(key, renamings, converters)
+        return new, converter is not None
+
+    return rename
 
 
 def load_safetensors(
@@ -265,13 +358,37 @@ def load_safetensors(
         else:
             seen_ids[id(t)] = key
     aliases = {k: seen_ids[id(t)] for k, (_, _, t, _) in dense.items()}
-    loaded, unexpected = set(), []
-    for path in _files(paths):
+    # keys the model does not have under their own name: transformers' renames for the model's
+    # architecture where they are plain renames; those it converts (e.g. per-expert weights
+    # fused into one tensor) are refused before anything is read
+    files, renamed, converted = _files(paths), {}, []
+    renamer = None
+    for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for key in f.keys():
+                if key in four_bit or key in dense or key in aliases:
+                    continue
+                renamer = renamer or _renamer(model) or (lambda k: (k, False))
+                new, conversion = renamer(key)
+                if conversion:
+                    converted.append(f"{key} -> {new}")
+                elif new in four_bit or new in dense or new in aliases:
+                    renamed[key] = new
+    if converted:
+        raise NotImplementedError(
+            f"load_safetensors: the checkpoint stores {type(model).__name__}'s weights under keys that "
+            f"transformers converts on load (not only renames), which is not supported: "
+            f"{converted[:4]}{' ...' if len(converted) > 4 else ''}; load the model with from_pretrained "
+            "and qpeft.convert it (docs/distributed.md, 'Loading on the meta device')"
+        )
+    loaded, unexpected = set(), []
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for file_key in f.keys():
+                key = renamed.get(file_key, file_key)
                 if key in four_bit:
                     layer = four_bit[key]
-                    sl = f.get_slice(key)
+                    sl = f.get_slice(file_key)
                     shape = tuple(sl.get_shape())
                     if shape != (layer.out_features, layer.in_features):
                         raise ValueError(
@@ -296,7 +413,7 @@ def load_safetensors(
                     loaded.add(key)
                 elif key in dense or key in aliases:
                     owners, name, old, is_buffer = dense[aliases.get(key, key)]
-                    sl = f.get_slice(key)
+                    sl = f.get_slice(file_key)
                     if tuple(sl.get_shape()) != tuple(old.shape):
                         raise ValueError(
                             f"{key}: the checkpoint holds shape {list(sl.get_shape())}, the model {list(old.shape)}"
@@ -308,7 +425,7 @@ def load_safetensors(
                             local.copy_(sl[shard[0] : shard[1]].to(dtype=local.dtype))
                         loaded.add(aliases.get(key, key))
                         continue
-                    value = f.get_tensor(key).to(device=device, dtype=old.dtype)
+                    value = f.get_tensor(file_key).to(device=device, dtype=old.dtype)
                     if is_buffer:
                         for m in owners:
                             m._buffers[name] = value
@@ -316,7 +433,7 @@ def load_safetensors(
                         _set_param(owners, name, value, old.requires_grad)
                     loaded.add(aliases.get(key, key))
                 else:
-                    unexpected.append(key)
+                    unexpected.append(file_key)
     missing = [k for k in [*four_bit, *dense] if k not in loaded]
     if strict and (missing or unexpected):
         raise KeyError(

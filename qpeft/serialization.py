@@ -379,6 +379,15 @@ def save_adapter(
     for n, module in extra.items():
         for pname, t in module.state_dict().items():
             tensors[f"{PREFIX}{n}.{pname}"] = whole(t)
+    # tied modules (embed_tokens and lm_head of a tied model) share storage, which safetensors
+    # refuses to write: every name after the first gets its own copy, as PEFT saves them
+    storages = set()
+    for key, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr in storages:
+            tensors[key] = t.clone()
+        elif ptr is not None:
+            storages.add(ptr)
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     config = {
@@ -858,6 +867,8 @@ def load_adapter(
     Tensors of the config's ``modules_to_save`` (plus the heads PEFT's task model adds for
     its ``task_type``) are copied into those modules; as in PEFT, a name the model lacks is
     skipped, unless the file holds tensors under it (ValueError: they would be lost).
+    Modules that share a tensor (tied embeddings: ``embed_tokens`` and ``lm_head``) but whose
+    tensors in the file differ, as PEFT trains a copy of each, are untied: each gets its own.
 
     The files are input: config fields of the wrong type, non-floating tensors, NaN/Inf
     values (unless ``allow_nonfinite=True``) and ranks that disagree with ``r`` /
@@ -1012,10 +1023,27 @@ def load_adapter(
         )
     # Everything is checked: from here on only copies of validated tensors into tensors of
     # the same shape and dict updates, none of which can fail on input.
+    # Tied modules_to_save (embed_tokens and lm_head of a tied model hold one Parameter): PEFT
+    # trains a copy of each, so where the file's tensors differ every module after the first
+    # gets a Parameter of its own (untied, as under PEFT); equal ones are loaded once.
+    tied: dict[int, list[tuple[str, str, torch.Tensor]]] = {}
+    for owner, attr, t in targets.values():
+        tied.setdefault(id(saved[owner].state_dict(keep_vars=True)[attr]), []).append((owner, attr, t))
     with torch.no_grad():
-        for owner, attr, t in targets.values():
-            dst = saved[owner].state_dict(keep_vars=True)[attr]
-            dst.copy_(t)
+        for group in tied.values():
+            untie = any(not torch.equal(t, group[0][2]) for _, _, t in group[1:])
+            for i, (owner, attr, t) in enumerate(group if untie else group[:1]):
+                dst = saved[owner].state_dict(keep_vars=True)[attr]
+                if i == 0:
+                    dst.copy_(t)
+                    continue
+                holder_name, _, leaf = attr.rpartition(".")
+                holder = saved[owner].get_submodule(holder_name)
+                own = torch.empty_like(dst).copy_(t)
+                if leaf in holder._parameters:
+                    holder._parameters[leaf] = nn.Parameter(own, requires_grad=dst.requires_grad)
+                else:
+                    holder._buffers[leaf] = own
     for p in planned.values():
         ad = p.adapter
         ad.requires_grad_(False)
@@ -1207,12 +1235,18 @@ def _plan_quantized(
         named = file_keys.get(w_key, w_key)[: -len("weight")]
         packed, qstate = module.prepare_weight(mapped[w_key], quant, named)
         quant4.append((module, packed, qstate))
+    # tied tensors (one Parameter under several names, e.g. lm_head.weight and
+    # model.embed_tokens.weight): transformers writes one of the names, so the group is loaded
+    # when the file has any of them (as load_safetensors groups them)
+    tied: dict[int, list[str]] = {}
+    for key, dst in current.items():
+        tied.setdefault(id(dst), []).append(key)
     rest = []
     for key, dst in current.items():
         if key in planned:
             continue
         if key not in mapped:
-            if not adapter_like.search(key):
+            if not adapter_like.search(key) and not any(k in mapped for k in tied[id(dst)]):
                 missing.append(key)
             continue
         src, named = mapped[key], file_keys.get(key, key)

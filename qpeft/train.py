@@ -138,7 +138,34 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--save-at {args.save_at} is after the last step (--steps {args.steps})")
     if args.resume is not None and not os.path.isfile(os.path.join(args.resume, CKPT_META)):
         p.error(f"--resume {args.resume!r} is not a checkpoint written by --save (no {CKPT_META})")
+    if args.resume is not None:
+        differ = _differs_from_checkpoint(args)
+        if differ:
+            p.error(
+                f"--resume {args.resume!r} was saved by a run with other arguments that define the model "
+                f"and its training state ({'; '.join(differ)}): the checkpoint holds only the adapters and "
+                "optimizer state, the base is rebuilt from these arguments, so resume with the saved values"
+            )
     return args
+
+
+# Arguments that define the frozen base (rebuilt on resume, not saved), the adapters' shapes and
+# the optimizer state's layout: a resume must use the values the checkpoint was saved with.
+RESUME_FIXED = ("config", "model", "seed", "quant_type", "double_quant", "targets", "r", "alpha", "optim")
+
+
+def _differs_from_checkpoint(args) -> list[str]:
+    """``--flag saved X, now Y`` for each RESUME_FIXED argument that differs from the one
+    recorded in the checkpoint's CKPT_META (arguments it does not record are not compared)."""
+    try:
+        saved = json.loads(Path(args.resume, CKPT_META).read_text(encoding="utf-8"))["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"{CKPT_META} is unreadable or has no 'args'"]
+    return [
+        f"--{k.replace('_', '-')} saved {saved[k]!r}, now {getattr(args, k)!r}"
+        for k in RESUME_FIXED
+        if k in saved and saved[k] != getattr(args, k)
+    ]
 
 
 # --- model and data ------------------------------------------------------------------------

@@ -295,3 +295,78 @@ def test_tied_embeddings_load_once_and_stay_tied(tmp_path):
     ids = torch.arange(12).reshape(2, 6)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def _small(name):
+    t = transformers
+    if name == "gemma":
+        cfg = t.GemmaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=128,
+        )
+        return t.GemmaForCausalLM, cfg
+    if name == "bert":
+        cfg = t.BertConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=128
+        )
+        return t.BertModel, cfg
+    if name == "gpt_neox":
+        cfg = t.GPTNeoXConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=128
+        )
+        return t.GPTNeoXForCausalLM, cfg
+    cfg = t.MixtralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=128,
+    )
+    return t.MixtralForCausalLM, cfg
+
+
+@pytest.mark.parametrize("name", ["gemma", "bert", "gpt_neox"])
+def test_other_architectures_load_as_from_pretrained(tmp_path, name):
+    """Gemma's embed_scale and BERT's position_ids / token_type_ids are non-persistent buffers
+    of modules that also hold parameters: their model's _init_weights sets them (they stayed
+    on the meta device). GPT-NeoX's save_pretrained writes lm_head.weight as embed_out.weight,
+    which transformers renames on load (its conversion mapping; it was a missing key)."""
+    cls, cfg = _small(name)
+    torch.manual_seed(0)
+    cls(cfg).save_pretrained(tmp_path)
+    ref = qpeft.convert(cls.from_pretrained(tmp_path).eval(), verbose=False)
+    with torch.device("meta"):
+        meta = cls(cfg).eval()
+    model = qpeft.load_safetensors(qpeft.convert(meta, verbose=False), tmp_path)
+    _assert_equal_weights(model, ref)
+    bufs = dict(ref.named_buffers())
+    for n, b in model.named_buffers():
+        assert b.dtype == bufs[n].dtype and torch.equal(b, bufs[n]), n
+    ids = torch.arange(16).reshape(2, 8)
+    with torch.no_grad():
+        out, want = model(ids), ref(ids)
+    key = "last_hidden_state" if name == "bert" else "logits"
+    assert torch.equal(out[key], want[key])
+
+
+def test_checkpoint_keys_transformers_converts_are_refused_by_name(tmp_path):
+    """Mixtral's save_pretrained writes per-expert w1/w2/w3 that transformers fuses into the
+    experts' gate_up_proj / down_proj on load: not supported, said before anything is read."""
+    cls, cfg = _small("mixtral")
+    cls(cfg).save_pretrained(tmp_path)
+    with torch.device("meta"):
+        meta = cls(cfg)
+    qpeft.convert(meta, verbose=False)
+    with pytest.raises(
+        NotImplementedError, match=r"MixtralForCausalLM.*experts\.0\.w1\.weight -> .*experts\.gate_up_proj"
+    ):
+        qpeft.load_safetensors(meta, tmp_path)
+    assert all(p.is_meta for p in meta.parameters())

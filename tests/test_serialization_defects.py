@@ -773,3 +773,105 @@ def test_linear4bit_constructor_argument_types():
         Linear4bit(16, True)
     with pytest.raises(TypeError, match="dtype must be"):
         Linear4bit(16, 8, dtype=torch.float64)
+
+
+# --- 8. tied input/output embeddings (Llama-3.2-1B, Qwen2.5-0.5B, Gemma, T5) --------------------
+def _tied_llama(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        tie_word_embeddings=True,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return transformers, cfg, model
+
+
+def test_load_quantized_reads_transformers_bnb_checkpoint_of_tied_model(tmp_path):
+    """transformers does not write lm_head.weight of a tied model (it is embed_tokens.weight):
+    strict load_quantized counted it missing. A tied group is loaded when the file has any of
+    its names; a group the file lacks entirely is still missing."""
+    transformers, cfg, dense = _tied_llama()
+    dense.save_pretrained(tmp_path / "dense")
+    q = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    hf = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=q, device_map="cpu"
+    )
+    hf.save_pretrained(tmp_path / "bnb")
+    path = tmp_path / "bnb" / "model.safetensors"
+    assert "lm_head.weight" not in st.load_file(path)
+    model = qpeft.convert(transformers.LlamaForCausalLM(cfg), verbose=False)
+    qpeft.load_quantized(model, path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), qpeft.disable_adapters(model):
+        assert torch.allclose(model(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+    tensors = st.load_file(path)
+    del tensors["model.embed_tokens.weight"]
+    st.save_file(tensors, tmp_path / "no_embed.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys \['model.embed_tokens.weight', 'lm_head.weight'\]"):
+        qpeft.load_quantized(
+            qpeft.convert(transformers.LlamaForCausalLM(cfg), verbose=False),
+            tmp_path / "no_embed.safetensors",
+        )
+
+
+def test_save_adapter_of_tied_modules_to_save_loads_in_peft(tmp_path):
+    """embed_tokens and lm_head of a tied model share storage, which safetensors refuses to
+    write; each gets its own copy in the file (as PEFT saves them), PEFT loads the directory,
+    and load_adapter loads equal tensors once, leaving the model tied."""
+    transformers, cfg, base = _tied_llama()
+    peft = pytest.importorskip("peft")
+    model = qpeft.convert(transformers.LlamaForCausalLM(cfg), verbose=False)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(1.0)  # "trained"
+    qpeft.save_adapter(model, tmp_path, modules_to_save=["embed_tokens", "lm_head"])
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path)
+    for name in ("model.embed_tokens", "lm_head"):
+        wrapper = loaded.base_model.model.get_submodule(name)
+        assert torch.equal(wrapper.modules_to_save["default"].weight, model.model.embed_tokens.weight), name
+    fresh = qpeft.convert(transformers.LlamaForCausalLM(cfg), verbose=False)
+    qpeft.load_adapter(fresh, tmp_path)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+
+
+def test_load_adapter_unties_tied_modules_trained_apart_by_peft(tmp_path):
+    """PEFT trains a copy of each of the tied embed_tokens and lm_head (modules_to_save), so
+    their saved tensors differ; load_adapter copied both into the one tied Parameter (the last
+    won: logits off by 1.58). Each module now gets its own, and the logits are PEFT's."""
+    import copy
+
+    _, _, base = _tied_llama()
+    peft = pytest.importorskip("peft")
+    model = qpeft.convert(copy.deepcopy(base), target_modules=["q_proj"], verbose=False).eval()
+    dequantized = copy.deepcopy(base)  # PEFT's base: the very weights qpeft's 4-bit layers hold
+    with torch.no_grad():
+        for a, b in zip(dequantized.model.layers, model.model.layers):
+            a.self_attn.q_proj.weight.copy_(b.self_attn.q_proj.base_layer.dequantize(torch.float32))
+    config = peft.LoraConfig(
+        r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"], init_lora_weights=False
+    )
+    hf = peft.get_peft_model(dequantized, config)
+    opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        hf(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    hf.eval().save_pretrained(tmp_path)
+    qpeft.load_adapter(model, tmp_path)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)

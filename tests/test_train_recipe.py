@@ -196,6 +196,41 @@ def test_none_save_resume(tmp_path):
     assert resumed == full[1:]
 
 
+def test_resume_refuses_other_base_defining_arguments(tmp_path, capsys):
+    """The checkpoint holds adapters and optimizer state; the base is rebuilt from the
+    arguments, so a resume with another seed, format, targets, rank, alpha or optimizer
+    silently trained something else. The differing arguments are named (exit 2)."""
+    ck = str(tmp_path / "ck")
+    args = [*BASE, "--strategy", "none", "--steps", "2"]
+    threads = torch.get_num_threads()
+    try:
+        train.main([*args, "--save", ck, "--save-at", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    meta = os.path.join(ck, train.CKPT_META)
+    saved = json.load(open(meta))
+    saved["args"]["double_quant"] = False  # as if saved without --double-quant
+    with open(meta, "w") as fh:
+        json.dump(saved, fh)
+    other = ["--seed", "7", "--quant-type", "fp4", "--targets", "q_proj", "--r", "2", "--alpha", "4"]
+    other += ["--optim", "adamw8bit"]
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args([*args, "--resume", ck, *other])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    for flag in ("--seed", "--quant-type", "--double-quant", "--targets", "--r", "--alpha", "--optim"):
+        assert f"{flag} saved" in err, flag
+    config = tmp_path / "config.json"
+    transformers.LlamaConfig(**train.TINY_LLAMA).to_json_file(str(config))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(config), *args[2:], "--resume", ck])
+    assert "--config saved 'tiny-llama'" in capsys.readouterr().err
+    saved["args"]["double_quant"] = True
+    with open(meta, "w") as fh:
+        json.dump(saved, fh)
+    assert train.parse_args([*args, "--steps", "3", "--lr", "0.01", "--resume", ck]).resume == ck
+
+
 def test_unshardable_params_is_a_capability_check():
     """fully_shard's ignored_params: non-float parameters without FSDP2's all-gather
     extension; float ones and a subclass that implements the extension are sharded."""
