@@ -6,7 +6,15 @@ plus a LoRA adapter), an ``IA3Linear`` (``method="ia3"``) or a bare ``Linear4bit
 parameters and weight memory before and after. Target and exclude patterns follow PEFT:
 a string is a regular expression matched against the whole module name, a list matches
 names equal to an entry or ending in ``"." + entry``; ``"all-linear"`` takes every
-``nn.Linear`` (``exclude`` removes the output head, ``lm_head`` by default).
+``nn.Linear`` (``exclude`` removes the output head: by default ``lm_head`` and, as PEFT's
+all-linear, the model's ``get_output_embeddings()`` whatever its name) but those whose
+weight is tied to another module's (quantizing would untie them; a tied layer named in
+``target_modules`` is refused).
+
+Layers a transformers model keeps out of quantization (``model._keep_in_fp32_modules``,
+T5's ``wo``) stay dense, as transformers + bitsandbytes keeps them, so ``save_quantized``'s
+file loads there: they get a 16-bit adapter (as PEFT gives them over a bitsandbytes model),
+or are left alone by ``method="quantize"``. The summary lists them.
 
 Task heads stay as they are, trained in full, where PEFT's task models keep them in
 ``modules_to_save``: ``classifier`` and ``score`` of a ``*ForSequenceClassification`` or
@@ -93,6 +101,7 @@ def task_heads(model: nn.Module, task: str | None = None) -> dict[str, nn.Module
 WRAPPERS = (QLoRALinear, IA3Linear)
 QPEFT_MODULES = (QLoRALinear, IA3Linear, Linear4bit)
 METHODS = ("lora", "ia3", "quantize")
+DEFAULT_EXCLUDE = ("lm_head",)
 _QUANT_OPTIONS = {"quant_type", "blocksize", "double_quant", "compute_dtype"}
 _OPTIONS = {
     "lora": _QUANT_OPTIONS | {"init", "use_rslora", "use_dora", "train_bias"},
@@ -113,6 +122,13 @@ class ConversionSummary:
     weight_bytes_before: int
     weight_bytes_after: int
     seconds: float
+    # layers kept in 16 bits (adapted, not quantized, or left alone with method="quantize"):
+    # those matching a transformers model's _keep_in_fp32_modules, as transformers+bitsandbytes
+    # leaves them unquantized
+    kept_dense: tuple[str, ...] = ()
+    # linears "all-linear" left alone: their weight is tied to another module's (quantizing
+    # would untie it)
+    tied: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         mib = 2.0**20
@@ -125,10 +141,20 @@ class ConversionSummary:
                 f"weight memory {self.weight_bytes_before / mib:.2f} MiB -> "
                 f"{self.weight_bytes_after / mib:.2f} MiB ({ratio:.1%})"
             )
+        notes = ""
+        if self.kept_dense:
+            notes += f"; kept dense (model._keep_in_fp32_modules): {_listed(self.kept_dense)}"
+        if self.tied:
+            notes += f"; left unconverted (weight tied to another module's): {_listed(self.tied)}"
         return (
             f"qpeft.convert ({self.method}): {self.converted} linear layers in {self.seconds:.1f} s; trainable "
-            f"parameters {self.trainable_params:,} of {self.total_params:,} ({pct:.3f}%); {memory}"
+            f"parameters {self.trainable_params:,} of {self.total_params:,} ({pct:.3f}%); {memory}{notes}"
         )
+
+
+def _listed(names, n: int = 5) -> str:
+    names = list(names)
+    return f"{', '.join(names[:n])}{' ...' if len(names) > n else ''}"
 
 
 def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
@@ -189,15 +215,69 @@ def _matcher(spec, what: str):
     return lambda name: any(name == e or name.endswith("." + e) for e in entries)
 
 
+def output_embeddings(model: nn.Module) -> nn.Module | None:
+    """A transformers model's output (vocabulary) layer, ``model.get_output_embeddings()``,
+    whatever it is named (``lm_head``, ``lm_head.decoder``, ``cls.predictions.decoder``):
+    PEFT's "all-linear" leaves it out. None for other models."""
+    get = getattr(model, "get_output_embeddings", None)
+    if not callable(get):
+        return None
+    try:
+        out = get()
+    except (AttributeError, NotImplementedError):
+        return None
+    return out if isinstance(out, nn.Module) else None
+
+
+def keep_dense_matcher(model: nn.Module):
+    """Module name -> whether transformers keeps it out of bitsandbytes quantization for
+    ``model._keep_in_fp32_modules`` (T5's ``wo``), matched as transformers matches it
+    (quantizers_utils.should_convert_module): a pattern from the start up to a module
+    boundary, as a regular expression with that boundary, or as a suffix."""
+    patterns = getattr(model, "_keep_in_fp32_modules", None)
+    if not patterns:
+        return lambda name: False
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    compiled = []
+    for key in patterns:
+        try:
+            compiled.append((key, re.compile(rf"(?:{key}){boundary}")))
+        except re.error:
+            compiled.append((key, None))
+    return lambda name: any(
+        (rx is not None and rx.match(name) is not None) or name.endswith(key) for key, rx in compiled
+    )
+
+
+def _tied_elsewhere(model: nn.Module, targets: dict[int, tuple[nn.Linear, list[str]]]) -> dict[int, str]:
+    """id(module) -> a description of the tie, for the targets holding a parameter that another
+    module holds too (``lm_head.weight`` tied to the input embedding): quantizing it would
+    untie them, silently, and ``model.tie_weights()`` could not tie them again."""
+    names_of: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(n)
+    tied = {}
+    for key, (linear, names) in targets.items():
+        for attr, p in linear.named_parameters(recurse=False):
+            own = {f"{n}.{attr}" for n in names}
+            others = [n for n in names_of.get(id(p), []) if n not in own]
+            if others:
+                tied[key] = f"{names[0]}.{attr} is tied to {others[0]}"
+                break
+    return tied
+
+
 def _inside_qpeft_module(name: str, qpeft_prefixes: list[str]) -> bool:
     return any(name.startswith(p + ".") for p in qpeft_prefixes)
 
 
 def _targets(
-    model: nn.Module, target_modules, exclude, heads: Iterable[str] = ()
+    model: nn.Module, target_modules, exclude, heads: Iterable[str] = (), skip: Iterable[nn.Module] = ()
 ) -> dict[int, tuple[nn.Linear, list[str]]]:
     """id(module) -> (module, every name it is reachable under), for the modules to convert
-    (none inside the task ``heads``, given by path)."""
+    (none inside the task ``heads``, given by path, and none of the modules ``skip``)."""
     if isinstance(target_modules, str) and target_modules != "all-linear":
         wanted = _matcher(target_modules, "target_modules")
     elif target_modules == "all-linear":
@@ -208,6 +288,7 @@ def _targets(
         wanted = _matcher(target_modules, "target_modules")
     matched = _matcher(exclude, "exclude")
     heads = tuple(heads)
+    skipped = {id(m) for m in skip}
 
     def excluded(name: str) -> bool:
         return matched(name) or any(name == h or name.startswith(h + ".") for h in heads)
@@ -233,7 +314,7 @@ def _targets(
             hit = wanted(n)
         if not hit:
             continue
-        if any(excluded(alias) for alias in names_of[id(m)]):
+        if id(m) in skipped or any(excluded(alias) for alias in names_of[id(m)]):
             continue
         if isinstance(m, QPEFT_MODULES):
             already.append(n)
@@ -267,6 +348,45 @@ def _targets(
             f"target_modules={target_modules!r} (exclude={exclude!r}) selects no nn.Linear layer{kept}"
         )
     return chosen
+
+
+def _dense_and_tied(
+    model: nn.Module, targets: dict[int, tuple[nn.Linear, list[str]]], target_modules, method: str
+) -> tuple[dict[int, tuple[nn.Linear, list[str]]], set[int], list[str], list[str]]:
+    """The targets to build with quantize=True, split: (targets, the ids of those to build
+    dense, the names of the modules kept dense, the names of the tied linears "all-linear"
+    leaves alone).
+
+    Kept dense: the modules a transformers model keeps out of 4-bit quantization
+    (``_keep_in_fp32_modules``, T5's ``wo``), which transformers + bitsandbytes builds dense,
+    so that ``save_quantized``'s file loads there; PEFT adapts them as 16-bit layers, and so
+    does convert (method "quantize" leaves them alone). Tied: a linear whose weight another
+    module holds too (a tied ``lm_head``) would be untied by quantization; "all-linear" leaves
+    it alone, as it does a projection nn.MultiheadAttention reads, and a target named
+    explicitly is refused."""
+    keep = keep_dense_matcher(model)
+    dense = {k for k, (_, names) in targets.items() if any(keep(n) for n in names)}
+    kept = [targets[k][1][0] for k in dense]
+    if method == "quantize":
+        targets = {k: v for k, v in targets.items() if k not in dense}
+        dense = set()
+    ties = _tied_elsewhere(model, {k: v for k, v in targets.items() if k not in dense})
+    if ties and target_modules != "all-linear":
+        names = [targets[k][1][0] for k in ties]
+        raise ValueError(
+            f"{'; '.join(ties.values())}: quantizing it would untie them (transformers ties an output "
+            "layer to the input embedding, tie_word_embeddings) and model.tie_weights() could not tie them "
+            f"again; leave it out (exclude={names!r}), untie the weights first, or convert with quantize=False"
+        )
+    tied = [targets[k][1][0] for k in ties]
+    targets = {k: v for k, v in targets.items() if k not in ties}
+    if not targets:
+        why = [f"kept dense (model._keep_in_fp32_modules): {_listed(kept)}"] if kept else []
+        why += [f"weight tied to another module's: {_listed(tied)}"] if tied else []
+        raise ValueError(
+            f"target_modules={target_modules!r} selects no nn.Linear layer to quantize; {'; '.join(why)}"
+        )
+    return targets, dense, kept, tied
 
 
 def _refuse_meta(targets: dict[int, tuple[nn.Linear, list[str]]], method: str, options) -> None:
@@ -378,7 +498,7 @@ def convert(
     alpha: float = 16,
     dropout: float = 0.0,
     quantize: bool = True,
-    exclude: str | Iterable[str] | None = ("lm_head",),
+    exclude: str | Iterable[str] | None = DEFAULT_EXCLUDE,
     *,
     method: str = "lora",
     adapter_name: str = "default",
@@ -396,7 +516,8 @@ def convert(
     / ``score`` of a sequence or token classification model, ``qa_outputs`` of a question
     answering one: PEFT's modules_to_save for the task) are never converted, whatever
     ``target_modules`` says, and stay trainable with "lora" and "ia3" ("quantize" freezes
-    them too: PEFT's task model makes its own trainable copy). The summary
+    them too: PEFT's task model makes its own trainable copy). Layers an earlier ``convert``
+    made keep their trainable parameters trainable. The summary
     (:class:`ConversionSummary`) is stored as ``model.qpeft_summary`` and printed when
     ``verbose``. ``progress``: a stderr progress bar (default: when stderr is a terminal
     and more than 16 layers are converted).
@@ -422,18 +543,36 @@ def convert(
         )
     t0 = time.perf_counter()
     heads = task_heads(model)
-    targets = _targets(model, target_modules, exclude, heads)
+    if exclude is not None and not isinstance(exclude, str):
+        exclude = tuple(exclude)
+    skip = ()
+    if target_modules == "all-linear" and exclude == DEFAULT_EXCLUDE:
+        # PEFT's all-linear leaves out the output layer whatever its name (RoBERTa's
+        # lm_head.decoder, BERT's cls.predictions.decoder), which is often tied to the input
+        # embedding; an explicit exclude replaces the default, output layer included
+        out = output_embeddings(model)
+        skip = (out,) if out is not None else ()
+    targets = _targets(model, target_modules, exclude, heads, skip)
+    dense: set[int] = set()
+    kept: list[str] = []
+    tied: list[str] = []
     if quantize:
+        targets, dense, kept, tied = _dense_and_tied(model, targets, target_modules, method)
         _refuse_meta(targets, method, options)
     before = weight_bytes(model)
     flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    # the trainable parameters of layers an earlier convert made stay trainable
+    earlier = [
+        (p, p.requires_grad) for m in model.modules() if isinstance(m, QPEFT_MODULES) for p in m.parameters()
+    ]
     show = progress if progress is not None else (sys.stderr.isatty() and len(targets) > 16)
     bar = _Progress(len(targets), show)
     built: list[tuple[list[str], nn.Module]] = []
     try:
-        for i, (linear, names) in enumerate(targets.values(), 1):
+        for i, (key, (linear, names)) in enumerate(targets.items(), 1):
+            q = quantize and key not in dense
             try:
-                module = _build(linear, method, r, alpha, dropout, quantize, adapter_name, options)
+                module = _build(linear, method, r, alpha, dropout, q, adapter_name, options)
             except (ValueError, TypeError) as exc:  # name the layer: a model has many
                 raise type(exc)(f"converting {names[0]!r}: {exc}") from exc
             built.append((names, module))
@@ -449,6 +588,8 @@ def convert(
             _set_child(model, name, module)
     for p in model.parameters():
         p.requires_grad_(False)
+    for p, flag in earlier:
+        p.requires_grad_(flag)
     for _, module in built:
         if isinstance(module, QLoRALinear):
             module.set_adapter(module.active_adapter)  # re-enables the adapter (and BitFit bias)
@@ -460,7 +601,15 @@ def convert(
                 head.requires_grad_(True)
     trainable, total = _param_counts(model)
     summary = ConversionSummary(
-        method, len(built), trainable, total, before, weight_bytes(model), time.perf_counter() - t0
+        method,
+        len(built),
+        trainable,
+        total,
+        before,
+        weight_bytes(model),
+        time.perf_counter() - t0,
+        tuple(kept),
+        tuple(tied),
     )
     model.qpeft_summary = summary
     ddp_ignore_4bit(model)  # DDP(model) skips the frozen 4-bit weights (docs/distributed.md)

@@ -108,6 +108,9 @@ class Weight4bit(torch.Tensor):
     # a row slice whose statistics had to be re-expressed (a double-quantized weight sliced
     # across a nested block): a copy, so writing into it would not reach the source
     _not_a_view: bool
+    # a double-quantized row slice viewing part of a weight: its offset is the whole weight's,
+    # so a copy into it must not change the offset (the rows outside would decode differently)
+    _partial_nested: bool
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -141,6 +144,7 @@ class Weight4bit(torch.Tensor):
         self.packed = packed
         self.quant_state = quant_state
         self._not_a_view = False
+        self._partial_nested = False
 
     # --- construction and decoding ----------------------------------------------------------
     @classmethod
@@ -178,6 +182,7 @@ class Weight4bit(torch.Tensor):
             )
         torch.Tensor.data.__set__(self, new)
         self.packed, self.quant_state, self._not_a_view = new.packed, new.quant_state, new._not_a_view
+        self._partial_nested = new._partial_nested
 
     @property
     def nested(self) -> bool:
@@ -316,7 +321,9 @@ class Weight4bit(torch.Tensor):
             offset=st.offset,
             state2=st.state2,
         )
-        return Weight4bit(self.packed, new)
+        out = Weight4bit(self.packed, new)
+        out._partial_nested = self._partial_nested  # a view of a partial view is one too
+        return out
 
     def _map_inner(self, fn) -> Weight4bit:
         """fn applied to every inner tensor (clone, device move)."""
@@ -342,7 +349,8 @@ class Weight4bit(torch.Tensor):
     def _row_slice(self, r0: int, r1: int) -> Weight4bit:
         """Rows [r0, r1) along dim 0. A view of the packed bytes and statistics when the slice
         starts and ends on quantization blocks (and, double-quantized, on nested blocks of 256
-        absmax); across a nested block the slice holds its absmax decoded to fp32
+        absmax: such a view of part of the weight shares its offset, which ``copy_`` into it
+        keeps, ``_partial_nested``); across a nested block the slice holds its absmax decoded to fp32
         (``fp32_absmax``: bit-identical decode) and is a copy. Refused inside a block."""
         st = self.quant_state
         shape = tuple(st.shape)
@@ -403,7 +411,9 @@ class Weight4bit(torch.Tensor):
                 offset=st.offset,
                 state2=state2,
             )
-            return Weight4bit(packed, state)
+            out = Weight4bit(packed, state)
+            out._partial_nested = self._partial_nested or (r0, r1) != (0, rows)
+            return out
         state = QuantState(
             absmax=fp32_absmax(st)[b0:b1].clone(),
             shape=new_shape,
@@ -460,20 +470,32 @@ class Weight4bit(torch.Tensor):
             raise ValueError(
                 f"Weight4bit.copy_: {src!r} does not match {self!r} (shape, blocksize, quant_type)"
             )
-        self.packed.copy_(src.packed)
-        if a.nested and b.nested:
-            if a.state2.absmax.shape != b.state2.absmax.shape or a.state2.blocksize != b.state2.blocksize:
-                raise ValueError("Weight4bit.copy_: the nested statistics differ in size")
-            a.absmax.copy_(b.absmax)
-            a.state2.absmax.copy_(b.state2.absmax)  # the code tables are the format's, never written
-            a.offset.copy_(b.offset.reshape(a.offset.shape))
-        elif not a.nested:
-            a.absmax.copy_(fp32_absmax(b))  # bit-identical decode (fp32_absmax)
-        else:
+        if a.nested and not b.nested:
             raise NotImplementedError(
                 "Weight4bit.copy_ into a double-quantized weight from one with fp32 absmax would need "
                 "requantizing the statistics; copy into a weight without double quantization"
             )
+        requantized = None
+        if a.nested:
+            if a.state2.absmax.shape != b.state2.absmax.shape or a.state2.blocksize != b.state2.blocksize:
+                raise ValueError("Weight4bit.copy_: the nested statistics differ in size")
+            if self._partial_nested and not _same_offset(a.offset, b.offset):
+                # the nested codes are relative to the offset, which every row of the weight
+                # shares (writing the source's would change the rows outside this slice): the
+                # source's absmax is re-expressed against ours, requantized exactly as double
+                # quantization does (``_requantize_nested``)
+                requantized = _requantize_nested(fp32_absmax(b), a)
+        self.packed.copy_(src.packed)
+        if requantized is not None:
+            a.absmax.copy_(requantized[0])
+            a.state2.absmax.copy_(requantized[1])
+        elif a.nested:
+            a.absmax.copy_(b.absmax)
+            a.state2.absmax.copy_(b.state2.absmax)  # the code tables are the format's, never written
+            if not self._partial_nested:  # a partial view's offset is the whole weight's (and equal)
+                a.offset.copy_(b.offset.reshape(a.offset.shape))
+        else:
+            a.absmax.copy_(fp32_absmax(b))  # bit-identical decode (fp32_absmax)
 
     def _equal(self, other) -> bool:
         if not isinstance(other, Weight4bit):
@@ -574,6 +596,30 @@ def _state_from(inner: dict, shape, dtype, meta) -> QuantState:
     )
 
 
+def _same_offset(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two double-quantization offsets are the same fp32 value (bit for bit); a meta
+    offset (no value yet) is taken as the same."""
+    if a.is_meta or b.is_meta:
+        return True
+    return torch.equal(
+        a.reshape(-1).view(torch.int32), b.reshape(-1).to(a.device, torch.float32).view(torch.int32)
+    )
+
+
+def _requantize_nested(absmax: torch.Tensor, state: QuantState) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``absmax`` double-quantized against ``state``'s offset (not their own mean): the
+    uint8 codes and nested absmax that ``quantize_4bit`` computes from ``absmax - offset``
+    (``quantize_blockwise``, blocks of the state's nested blocksize). The 4-bit codes then
+    decode to within that 8-bit rounding of the absmax, as after any double quantization."""
+    from . import functional as qf
+
+    offset = state.offset.reshape(()).to(torch.float32)
+    codes, nested = qf.quantize_blockwise(
+        absmax.to(offset.device) - offset, blocksize=state.state2.blocksize, code=state.state2.code
+    )
+    return codes, nested.absmax
+
+
 def gather_full(weight) -> Weight4bit:
     """The whole Weight4bit of an FSDP2-sharded one (a DTensor whose local tensor is a
     Weight4bit shard), all-gathered the way FSDP2 gathers it (the packed bytes and the
@@ -638,7 +684,7 @@ def _rebuild_weight4bit(
 # --- op handlers ------------------------------------------------------------------------------
 def _alias(func, self, *args, **kwargs):
     out = Weight4bit(self.packed, self.quant_state)
-    out._not_a_view = self._not_a_view
+    out._not_a_view, out._partial_nested = self._not_a_view, self._partial_nested
     return out
 
 

@@ -360,3 +360,153 @@ def test_nonfinite_weight_named_with_its_layer():
     assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, model.parameters()))
     qpeft.convert(model, exclude=["2"])
     assert isinstance(model[2], torch.nn.Linear)
+
+
+def test_tied_linear_is_left_alone_or_refused():
+    """A linear whose weight another module holds (a tied output layer): quantizing it untied
+    the two silently, and model.tie_weights() then failed with KeyError ("attribute 'weight'
+    already exists"). "all-linear" leaves it alone (the summary says so), naming it is
+    refused, and quantize=False keeps the tie."""
+    net = _net()
+    net.embed = nn.Embedding(50, 64)
+    net.lm_head.weight = net.embed.weight
+    qpeft.convert(net, exclude=None, verbose=False)
+    assert type(net.lm_head) is nn.Linear and net.lm_head.weight is net.embed.weight
+    assert net.qpeft_summary.tied == ("lm_head",) and "(weight tied to another module's): lm_head" in str(
+        net.qpeft_summary
+    )
+    fresh = _net()
+    fresh.lm_head.weight = fresh.embed.weight
+    with pytest.raises(ValueError, match=r"lm_head\.weight is tied to embed\.weight.*exclude=\['lm_head'\]"):
+        qpeft.convert(fresh, target_modules=["lm_head", "q_proj"], exclude=None, verbose=False)
+    assert not any(isinstance(m, QLoRALinear) for m in fresh.modules())  # nothing replaced
+    qpeft.convert(fresh, target_modules=["lm_head"], exclude=None, quantize=False, verbose=False)
+    assert fresh.lm_head.weight is fresh.embed.weight
+    # assigning a wrapper's weight assigns its base layer's (how tie_weights() ties it again)
+    fresh.lm_head.weight = fresh.embed.weight
+    assert fresh.lm_head.base_layer.weight is fresh.embed.weight and "weight" not in fresh.lm_head._parameters
+    # a 4-bit base refuses a dense weight with a TypeError naming the layers, not a KeyError
+    with pytest.raises(
+        TypeError, match=r"QLoRALinear\.weight is its base layer's: Linear4bit\.weight must be"
+    ):
+        net.blocks[0].q_proj.weight = nn.Parameter(torch.randn(64, 64))
+    ia3 = qpeft.convert(_net(), method="ia3", verbose=False)
+    with pytest.raises(TypeError, match=r"IA3Linear\.weight is its base layer's.*tie_weights"):
+        ia3.blocks[0].q_proj.weight = nn.Parameter(torch.randn(64, 64))
+
+
+def test_tied_llama_head_and_tie_weights():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        tie_word_embeddings=True,
+    )
+    model = qpeft.convert(transformers.LlamaForCausalLM(cfg), exclude=None, verbose=False)
+    assert type(model.lm_head) is nn.Linear and model.qpeft_summary.tied == ("lm_head",)
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("name", ["roberta", "bert"])
+def test_all_linear_leaves_out_the_output_embeddings(name):
+    """PEFT's all-linear leaves out model.get_output_embeddings() whatever its name; qpeft's
+    left out only "lm_head", so RoBERTa's lm_head.decoder and BERT's cls.predictions.decoder
+    were quantized, adapted and untied from the word embeddings."""
+    transformers = pytest.importorskip("transformers")
+    cls, cfg_cls = {
+        "roberta": (transformers.RobertaForMaskedLM, transformers.RobertaConfig),
+        "bert": (transformers.BertForMaskedLM, transformers.BertConfig),
+    }[name]
+    cfg = cfg_cls(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, vocab_size=128
+    )
+    torch.manual_seed(0)
+    model = qpeft.convert(cls(cfg), verbose=False)
+    out = model.get_output_embeddings()
+    assert type(out) is nn.Linear and out.weight is model.get_input_embeddings().weight
+    assert model.qpeft_summary.tied == ()  # left out as the output layer, before any tie check
+    dense = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    assert len(dense) == 1  # every other linear (the MLM head's dense transform too) is converted
+    # an explicit exclude replaces the default: the tied output layer is then left alone as tied
+    model = qpeft.convert(cls(cfg), exclude=None, verbose=False)
+    assert type(model.get_output_embeddings()) is nn.Linear and len(model.qpeft_summary.tied) == 1
+
+
+def test_second_convert_keeps_earlier_adapters_trainable():
+    """convert froze every parameter and re-enabled only its new layers, so a second call
+    (all-linear skips converted layers) froze the adapters the first one made."""
+    net = qpeft.convert(_net(), target_modules=["q_proj", "v_proj"], r=16, verbose=False)
+    first = {n for n, p in net.named_parameters() if p.requires_grad}
+    net.blocks[1].v_proj.lora_B.requires_grad_(False)  # what the user froze stays frozen
+    qpeft.convert(net, r=4, verbose=False)
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert first - {"blocks.1.v_proj.adapters.default.lora_B"} <= trainable
+    assert "blocks.1.v_proj.adapters.default.lora_B" not in trainable
+    mlp = {f"blocks.{i}.mlp.{j}.adapters.default.lora_{ab}" for i in range(2) for j in (0, 2) for ab in "AB"}
+    assert trainable == (first - {"blocks.1.v_proj.adapters.default.lora_B"}) | mlp
+    n = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert net.qpeft_summary.trainable_params == n == 16 * 128 * 3 + 16 * 64 + 4 * 192 * 4
+
+
+def test_keep_dense_matcher_follows_transformers():
+    from qpeft.convert import keep_dense_matcher
+
+    class M(nn.Module):
+        _keep_in_fp32_modules = ["wo", "layer.1", "mlp.gate"]
+
+    keep = keep_dense_matcher(M())
+    assert keep("encoder.block.0.layer.1.DenseReluDense.wo") and keep("layer.1.attn") and keep("mlp.gate")
+    assert not keep("layer.11.attn") and not keep("mlp.gate_proj") and not keep("encoder.block.0.wi")
+    M._keep_in_fp32_modules = None
+    assert not keep_dense_matcher(M())("wo")
+
+
+def test_keep_in_fp32_modules_stay_dense_and_load_in_transformers(tmp_path):
+    """T5 keeps its wo layers out of bitsandbytes quantization (_keep_in_fp32_modules); convert
+    quantized them, so transformers could not load save_quantized's file (size mismatch on
+    DenseReluDense.wo.weight). They stay dense, with a 16-bit LoRA as PEFT gives them."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("safetensors")
+    import json
+
+    cfg = transformers.T5Config(
+        vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4, decoder_start_token_id=0
+    )
+    torch.manual_seed(0)
+    model = qpeft.convert(transformers.T5ForConditionalGeneration(cfg), verbose=False).eval()
+    wo = ("encoder.block.0.layer.1.DenseReluDense.wo", "decoder.block.0.layer.2.DenseReluDense.wo")
+    assert model.qpeft_summary.kept_dense == wo and "kept dense (model._keep_in_fp32_modules)" in str(
+        model.qpeft_summary
+    )
+    for name in wo:
+        layer = model.get_submodule(name)
+        assert (
+            isinstance(layer, QLoRALinear)
+            and type(layer.base_layer) is nn.Linear
+            and layer.lora_A.requires_grad
+        )
+    assert isinstance(model.get_submodule("encoder.block.0.layer.1.DenseReluDense.wi").base_layer, Linear4bit)
+    qpeft.save_quantized(model, tmp_path / "model.safetensors")
+    config = model.config.to_dict()
+    config["quantization_config"] = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    ).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, device_map="cpu")
+    assert type(hf.get_submodule(wo[0])) is nn.Linear
+    ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), qpeft.disable_adapters(model):
+        ours = model(input_ids=ids, decoder_input_ids=ids).logits
+        theirs = hf(input_ids=ids, decoder_input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    quantized = qpeft.convert(transformers.T5ForConditionalGeneration(cfg), method="quantize", verbose=False)
+    assert type(quantized.get_submodule(wo[0])) is nn.Linear and quantized.qpeft_summary.kept_dense == wo

@@ -438,6 +438,35 @@ def test_row_slice_view_writes_reach_the_parent():
     assert torch.equal(w.dequantize()[2:4], src.dequantize())
 
 
+def test_copy_into_a_nested_view_of_part_keeps_the_shared_offset():
+    """512 rows of one block each: two nested blocks of 256 absmax, one offset for both. A copy
+    into rows [0, 256) used to write the source's offset, moving rows 256.. by up to 24.5."""
+    w = _weight(512, 64)
+    other = Weight4bit.from_float(torch.randn(256, 64, generator=torch.Generator().manual_seed(5)) * 10 + 3)
+    before, offset = w.dequantize(), w.offset.clone()
+    top = w[:256]
+    assert top.nested and top.packed.data_ptr() == w.packed.data_ptr()
+    view = top.view(-1)  # views of the view write through the same way
+    view.copy_(other.view(-1))
+    after = w.dequantize()
+    assert torch.equal(after[256:], before[256:]) and torch.equal(w.offset, offset)
+    # the source's absmax re-expressed against the target's offset, as double quantization does
+    codes, nested = qf.quantize_blockwise(fp32_absmax(other.quant_state) - offset, blocksize=256)
+    assert torch.equal(w.absmax[:256], codes) and torch.equal(w.nested_absmax[:1], nested.absmax)
+    assert torch.equal(w.packed[: 256 * 32], other.packed)
+    src = other.dequantize()
+    assert (after[:256] - src).abs().max() <= 0.02 * src.abs().max()
+    # a source with the same offset (a slice of the same weight) is copied bit for bit
+    twin = w.clone()
+    w[256:].copy_(twin[:256])
+    assert torch.equal(w.dequantize()[256:], twin.dequantize()[:256])
+    assert torch.equal(w.dequantize()[:256], twin.dequantize()[:256])
+    # the whole weight (a slice of all its rows too) still takes the source's offset
+    z = torch.empty_like(w)
+    z[0:512].copy_(w)
+    assert torch.equal(z, w)
+
+
 def test_row_slice_across_a_nested_block_holds_fp32_absmax():
     # 64 rows of 4 blocks each: nested blocks of 256 absmax hold 64 rows; rows 10..40 straddle none
     # but start inside one, so the slice re-expresses its absmax in fp32 (bit-identical decode)

@@ -231,7 +231,9 @@ class Linear4bit(nn.Module):
                 raise TypeError(
                     f"{type(self).__name__}.weight must be a qpeft.Weight4bit (or its packed uint8 codes), got "
                     f"a {value.dtype} {type(value).__name__}: a dense weight is quantized by requantize_() "
-                    "or load_state_dict(), never on assignment"
+                    "or load_state_dict(), never on assignment (a weight tied to another module's, as "
+                    "model.tie_weights() ties an output layer to the input embedding, cannot be shared "
+                    "with a 4-bit layer: leave that layer out of qpeft.convert)"
                 )
         super().__setattr__(name, value)
 

@@ -237,6 +237,19 @@ class QLoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    def __setattr__(self, name, value):
+        # ``weight`` and ``bias`` are the base layer's: assigning one (``model.tie_weights()``
+        # sets ``lm_head.weight``) assigns the base layer's, where Linear4bit refuses a dense
+        # weight with a TypeError. nn.Module's own __setattr__ raised a bare KeyError
+        # ("attribute 'weight' already exists") for a Parameter, the property being there.
+        if name in ("weight", "bias") and "base_layer" in self._modules:
+            try:
+                setattr(self.base_layer, name, value)
+            except TypeError as exc:
+                raise TypeError(f"{type(self).__name__}.{name} is its base layer's: {exc}") from None
+            return
+        super().__setattr__(name, value)
+
     def _adapter(self, name: str | None = None) -> LoRAAdapter:
         name = self.active_adapter if name is None else name
         if name not in self.adapters:
