@@ -3,10 +3,11 @@
 Each public call checks its arguments exactly once, at its boundary:
 ``qpeft.functional`` (and the modules through it) for the quantization, GEMV and QLoRA
 ops, which then trust their inputs; the optimizer step ops for their tensors (the step
-ops are the optimizers' boundary, and check every tensor before updating any). The
-native code re-checks every size before it touches memory (csrc/include/qpeft/
-host_checks.h), so a direct ``torch.ops.qpeft.*`` call with inconsistent tensors can
-give a less precise error, but never a crash.
+ops are the optimizers' boundary, and check every tensor before updating any). A
+direct ``torch.ops.qpeft.*`` call is checked by the router before any backend's kernel
+(the ``op_*`` checks at the end: dtypes, element counts, ranks, devices), and the native
+code re-checks every size before it touches memory (csrc/include/qpeft/host_checks.h):
+an inconsistent call gets an error naming the argument, never a crash.
 """
 
 from __future__ import annotations
@@ -593,3 +594,239 @@ def cpu_step_ok(param, grad, n, s1, dtype1, n1, s2, dtype2, n2) -> bool:
         and s1.is_contiguous()
         and s2.is_contiguous()
     )
+
+
+# --- direct op calls: torch.ops.qpeft.* ------------------------------------------------
+# qpeft.functional checks everything above before it calls an op, but a direct call of
+# torch.ops.qpeft.* reaches the kernels with whatever it was given. The native ABI passes
+# each buffer as a pointer and an element count, the element type fixed by the argument
+# (uint8 codes, fp32 absmax, fp32 maps of 256 values, one fp32 offset), so host_checks.h
+# can check counts but not dtypes, and the map's length not at all. These checks of the
+# op's own arguments run in the router (qpeft._dispatch) before any backend's kernel, and
+# before the out= compositions of qpeft._ops: dtypes, element counts, ranks and devices
+# (metadata only, no values read), so a direct call with a wrong dtype or a short buffer
+# raises an error naming the argument on every backend. Calls that skip the dispatcher
+# (kernels composing kernels, the layer's bypass in autograd._op) come after
+# qpeft.functional's checks.
+
+
+def _op_blocks(n: int, bs: int, name: str) -> int:
+    if bs <= 0:
+        raise ValueError(f"{name} must be positive, got {bs}")
+    return -(n // -bs)
+
+
+def _op_tensor(t: torch.Tensor, name: str, dtype: torch.dtype, numel: int) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} elements but the op's other arguments need {numel}")
+
+
+def _op_float(t: torch.Tensor, name: str, dtypes=FLOAT_DTYPES) -> None:
+    if t.dtype not in dtypes:
+        kinds = "float32, float16 or bfloat16" if dtypes is FLOAT_DTYPES else "a floating-point tensor"
+        raise TypeError(f"{name} must be {kinds}, got {t.dtype}")
+
+
+_U8, _F32 = torch.uint8, torch.float32
+
+
+def _op_weight_ok(packed, absmax, nested_absmax, nested_code, offset, bs, nested_bs, n: int) -> bool:
+    """What ``_op_weight`` asks, in one expression (a third of its cost): True means it
+    would pass; False runs it, and it names the problem."""
+    if bs <= 0 or packed.dtype is not _U8 or packed.numel() != (n + 1) // 2:
+        return False
+    nb = -(n // -bs)
+    dev = packed.device
+    if nested_absmax is None:
+        return (
+            nested_code is None
+            and offset is None
+            and absmax.dtype is _F32
+            and absmax.numel() == nb
+            and absmax.device == dev
+        )
+    return (
+        nested_code is not None
+        and offset is not None
+        and nested_bs > 0
+        and absmax.dtype is _U8
+        and nested_absmax.dtype is _F32
+        and nested_code.dtype is _F32
+        and offset.dtype is _F32
+        and absmax.numel() == nb
+        and nested_absmax.numel() == -(nb // -nested_bs)
+        and nested_code.numel() == 256
+        and offset.numel() == 1
+        and absmax.device == dev
+        and nested_absmax.device == dev
+        and nested_code.device == dev
+        and offset.device == dev
+    )
+
+
+def _op_weight(packed, absmax, nested_absmax, nested_code, offset, bs, nested_bs, n: int) -> None:
+    """The packed codes of n elements and their statistics: fp32 absmax, or (double
+    quantization) uint8 absmax codes with nested_absmax, nested_code and offset."""
+    if _op_weight_ok(packed, absmax, nested_absmax, nested_code, offset, bs, nested_bs, n):
+        return
+    nb = _op_blocks(n, bs, "blocksize")
+    _op_tensor(packed, "packed", torch.uint8, (n + 1) // 2)
+    if nested_absmax is None and nested_code is None and offset is None:
+        _op_tensor(absmax, "absmax", torch.float32, nb)
+        same_device(("packed", packed), ("absmax", absmax))
+        return
+    if nested_absmax is None or nested_code is None or offset is None:
+        raise ValueError("nested_absmax, nested_code and offset (double quantization) must be given together")
+    _op_tensor(absmax, "absmax (double-quantized codes)", torch.uint8, nb)
+    _op_tensor(nested_absmax, "nested_absmax", torch.float32, _op_blocks(nb, nested_bs, "nested_blocksize"))
+    _op_tensor(nested_code, "nested_code", torch.float32, 256)
+    _op_tensor(offset, "offset", torch.float32, 1)
+    same_device(
+        ("packed", packed),
+        ("absmax", absmax),
+        ("nested_absmax", nested_absmax),
+        ("nested_code", nested_code),
+        ("offset", offset),
+    )
+
+
+def _op_shape(shape, dtype) -> int:
+    out_dtype(dtype)
+    if min(shape, default=0) < 0:
+        raise ValueError(f"shape must be non-negative, got {tuple(shape)}")
+    return prod(shape)
+
+
+def op_quantize_4bit(x, bs, qt) -> None:
+    _op_float(x, "x")
+
+
+def op_dequantize_4bit(packed, absmax, bs, qt, shape, dtype) -> None:
+    _op_weight(packed, absmax, None, None, None, bs, 0, _op_shape(shape, dtype))
+
+
+def op_dequantize_4bit_nested(
+    packed, absmax_codes, nested_absmax, nested_code, offset, bs, nbs, qt, shape, dtype
+):
+    n = _op_shape(shape, dtype)
+    _op_weight(packed, absmax_codes, nested_absmax, nested_code, offset, bs, nbs, n)
+
+
+def op_quantize_blockwise(x, code, bs) -> None:
+    _op_float(x, "x")
+    _op_tensor(code, "code", torch.float32, 256)
+    same_device(("x", x), ("code", code))
+
+
+def op_dequantize_blockwise(q, absmax, code, bs, dtype) -> None:
+    out_dtype(dtype)
+    if q.dtype != torch.uint8:
+        raise TypeError(f"q must be torch.uint8, got {q.dtype}")
+    _op_tensor(absmax, "absmax", torch.float32, _op_blocks(q.numel(), bs, "blocksize"))
+    _op_tensor(code, "code", torch.float32, 256)
+    same_device(("q", q), ("absmax", absmax), ("code", code))
+
+
+def op_dequantize_4bit_out(packed, absmax, bs, qt, out) -> None:
+    op_dequantize_4bit(packed, absmax, bs, qt, out.shape, out.dtype)
+    same_device(("packed", packed), ("out", out))
+
+
+def op_dequantize_4bit_nested_out(packed, absmax_codes, nested_absmax, nested_code, offset, bs, nbs, qt, out):
+    op_dequantize_4bit_nested(
+        packed, absmax_codes, nested_absmax, nested_code, offset, bs, nbs, qt, out.shape, out.dtype
+    )
+    same_device(("packed", packed), ("out", out))
+
+
+def op_dequantize_blockwise_out(q, absmax, code, bs, out) -> None:
+    op_dequantize_blockwise(q, absmax, code, bs, out.dtype)
+    if out.shape != q.shape:
+        raise ValueError(f"out is {tuple(out.shape)} but q is {tuple(q.shape)}")
+    same_device(("q", q), ("out", out))
+
+
+def _op_matrix(t, name: str, rows: int | None, cols: int, dtypes) -> None:
+    """t is a 2-D [rows, cols] floating-point tensor (rows None: any)."""
+    _op_float(t, name, dtypes)
+    if t.dim() != 2 or t.shape[1] != cols or (rows is not None and t.shape[0] != rows):
+        want = f"[{'M' if rows is None else rows}, {cols}]"
+        why = " (flatten x's leading dimensions first, as qpeft.functional does)" if name == "x" else ""
+        raise ValueError(f"{name} must be 2-D {want}, got shape {tuple(t.shape)}{why}")
+
+
+def _op_layer(x, packed, absmax, nested_absmax, nested_code, offset, bs, nbs, n, k, lora_a, lora_b, extra):
+    """x [M, k] and the weight [n, k] of the layer ops; lora_A [r, k] and lora_B [n, r]
+    (both or neither); ``extra``: the optional per-feature tensors (name, tensor, size)."""
+    _op_weight(packed, absmax, nested_absmax, nested_code, offset, bs, nbs, n * k)
+    dev = x.device
+    if (  # the common call, in one expression: x and the adapter as they should be
+        x.dtype in _LORA_FLOAT_SET
+        and x.dim() == 2
+        and x.shape[1] == k
+        and packed.device == dev
+        and (
+            lora_a is None
+            and lora_b is None
+            or lora_a is not None
+            and lora_b is not None
+            and lora_a.dtype in _LORA_FLOAT_SET
+            and lora_b.dtype in _LORA_FLOAT_SET
+            and lora_a.dim() == 2
+            and lora_b.dim() == 2
+            and lora_a.shape[1] == k
+            and lora_b.shape[0] == n
+            and lora_b.shape[1] == lora_a.shape[0]
+            and lora_a.device == dev
+            and lora_b.device == dev
+        )
+        and all([t is None for _, t, _ in extra])
+    ):
+        return
+    _op_matrix(x, "x", None, k, _LORA_FLOATS)
+    named = [("x", x), ("packed", packed)]
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_A and lora_B must be given together (or both None for no adapter)")
+    r = 0
+    if lora_a is not None:
+        _op_matrix(lora_a, "lora_A", None, k, _LORA_FLOATS)
+        r = lora_a.shape[0]
+        _op_matrix(lora_b, "lora_B", n, r, _LORA_FLOATS)
+        named += [("lora_A", lora_a), ("lora_B", lora_b)]
+    for name, t, size in extra:
+        if t is not None:
+            _op_float(t, name, _LORA_FLOATS)
+            if tuple(t.shape) != (size if size is not None else r,):
+                raise ValueError(
+                    f"{name} must have shape ({size if size is not None else r},), got {tuple(t.shape)}"
+                )
+            named.append((name, t))
+    same_device(*named)
+
+
+def op_qlora_linear(
+    x, packed, absmax, nested_absmax, nested_code, offset, bs, nbs, qt, n, k,
+    lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa,
+) -> None:  # fmt: skip
+    extra = (("bias", bias, n), ("rank_scale", rank_scale, None), ("out_scale", out_scale, n))
+    _op_layer(x, packed, absmax, nested_absmax, nested_code, offset, bs, nbs, n, k, lora_a, lora_b, extra)
+
+
+def op_qlora_linear_backward(
+    grad_y, x, packed, absmax, nested_absmax, nested_code, offset, bs, nbs, qt, n, k,
+    lora_a, lora_b, xa, scaling, rank_scale, out_scale, need_dx, need_da, need_db, need_dbias,
+) -> None:  # fmt: skip
+    extra = (("rank_scale", rank_scale, None), ("out_scale", out_scale, n))
+    _op_layer(x, packed, absmax, nested_absmax, nested_code, offset, bs, nbs, n, k, lora_a, lora_b, extra)
+    _op_matrix(grad_y, "grad_y", x.shape[0], n, _LORA_FLOATS)
+    if need_db and lora_a is not None:
+        _op_matrix(xa, "xa", x.shape[0], lora_a.shape[0], _LORA_FLOATS)
+    same_device(("x", x), ("grad_y", grad_y), ("xa", xa))
+
+
+def op_gemv_4bit(x, packed, absmax, nested_absmax, nested_code, offset, bs, nbs, qt, n, k) -> None:
+    _op_matrix(x, "x", None, k, FLOAT_DTYPES)
+    _op_weight(packed, absmax, nested_absmax, nested_code, offset, bs, nbs, n * k)
+    same_device(("x", x), ("packed", packed))

@@ -72,6 +72,16 @@ _routed: set[tuple[str, str]] = set()
 _mutations: dict[str, tuple[int, ...]] = {}
 
 
+# op -> the check of its arguments the router runs before any backend's kernel
+# (qpeft._checks, "direct op calls")
+_arg_checks: dict[str, Callable] = {}
+
+
+def declare_check(op: str, check: Callable) -> None:
+    """``check(*args)`` validates a call of ``qpeft::op`` before any backend's kernel runs."""
+    _arg_checks[op] = check
+
+
 def declare_mutations(op: str, positions: tuple[int, ...]) -> None:
     """``qpeft::op`` updates the arguments at ``positions`` in place (tensors or lists)."""
     _mutations[op] = positions
@@ -299,6 +309,14 @@ def _router(op: str, device_type: str) -> Callable:
         if fn is None:
             fn = _resolve_default(op, device_type)
         return fn(*args)
+
+    check = _arg_checks.get(op)
+    if check is not None:  # every backend's kernel gets arguments it can read safely
+        unchecked = route
+
+        def route(*args):
+            check(*args)
+            return unchecked(*args)
 
     mutated = _mutations.get(op)
     if mutated:

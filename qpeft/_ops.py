@@ -1,9 +1,11 @@
-"""Every qpeft op: its schema and its fake (meta) implementation, nothing else.
+"""Every qpeft op: its schema, its fake (meta) implementation and the check of a direct call.
 
 Kernels are registered per device key by the backends (``qpeft/backends/<b>/ops.py``
 through ``qpeft._dispatch``); ``qpeft.functional`` and the modules validate arguments
-before calling these ops, which trust their inputs (native code still re-checks every
-size before touching memory). Ops take and return plain tensors.
+before calling these ops. A direct call is checked by the router before any backend's
+kernel runs (``qpeft._checks.op_<name>``: dtypes, element counts, ranks, devices, so no
+kernel reads a buffer as the wrong type or past its end), and native code re-checks
+every size before touching memory. Ops take and return plain tensors.
 
 Shapes (n = numel of the quantized tensor):
   packed 4-bit codes: uint8 [(n + 1) // 2, 1]; absmax: fp32 [ceil(n / blocksize)];
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import DISPATCH_KEYS, declare_mutations, kernel_for, route_other_keys
+from . import _checks
+from ._dispatch import DISPATCH_KEYS, declare_check, declare_mutations, kernel_for, route_other_keys
 
 _lib = torch.library.Library("qpeft", "DEF")
 OPS: list[str] = []  # every op's name, in definition order
@@ -42,6 +45,11 @@ def _define(schema: str, fake, mutated: tuple[int, ...] = ()) -> str:
     torch.library.register_fake(f"qpeft::{name}", fake, lib=_lib)
     if mutated:
         declare_mutations(name, mutated)
+    # a direct call is checked before any backend's kernel (_checks, "direct op calls");
+    # the optimizer step ops check their tensors themselves
+    check = getattr(_checks, f"op_{name}", None)
+    if check is not None:
+        declare_check(name, check)
     return name
 
 
@@ -136,8 +144,10 @@ for _name, _impl, _mutated in (
     ),
 ):
     _op = _define(_name, _none)
+    _check = getattr(_checks, f"op_{_op}")  # the router's check, for this composition
 
-    def _composed(*args, _impl=_impl, _i=_mutated):
+    def _composed(*args, _impl=_impl, _i=_mutated, _check=_check):
+        _check(*args)
         _impl(*args)
         torch.autograd.graph.increment_version(args[_i])
 

@@ -126,7 +126,14 @@ def dequantize_4bit(
     _checks.out_dtype(dtype)
     if out is not None:
         _checks.out_tensor(out, state.shape, dtype, packed)
-        _checks.no_overlap(out, ("packed", packed), ("state.absmax", state.absmax))
+        inputs = [("packed", packed), ("state.absmax", state.absmax)]
+        if state.nested:  # the double-quantization statistics are read while out is written too
+            inputs += [
+                ("state.state2.absmax", state.state2.absmax),
+                ("state.state2.code", state.state2.code),
+                ("state.offset", state.offset),
+            ]
+        _checks.no_overlap(out, *inputs)
     if state.nested:
         nested = (
             state.absmax,

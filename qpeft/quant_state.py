@@ -70,6 +70,14 @@ def _blocks(n: int, blocksize: int) -> int:
     return -(n // -blocksize)
 
 
+def _blocksize_ok(blocksize: Any, quant_type: str | None) -> bool:
+    """4-bit states take the 4-bit kernels' blocksizes; 8-bit blockwise states (quant_type
+    None) any positive integer, as quantize_blockwise (and bitsandbytes) produce them."""
+    if quant_type is None:
+        return type(blocksize) is int and blocksize > 0
+    return blocksize in BLOCKSIZES_4BIT
+
+
 def pack_dict(d: dict[str, Any]) -> torch.Tensor:
     """Non-tensor entries as UTF-8 JSON in a uint8 tensor (safetensors holds only tensors)."""
     return torch.tensor(list(json.dumps(d).encode("utf-8")), dtype=torch.uint8)
@@ -254,7 +262,7 @@ class QuantState:
                 f"{names['quant_type']} is {quant_type!r} but the entry is named for {packed_type!r}"
             )
         blocksize = _int_field(d["blocksize"], names["blocksize"])
-        if blocksize not in BLOCKSIZES_4BIT:
+        if not _blocksize_ok(blocksize, quant_type):
             raise ValueError(f"quant state has unsupported blocksize {blocksize!r} ({names['blocksize']})")
         present = [k for k in _NESTED_KEYS if k in d]
         if strict and present and len(present) != len(_NESTED_KEYS):
@@ -321,7 +329,7 @@ class QuantState:
             check(self.code, "quant_map", torch.float32, 256)
         if self.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name('dtype')} must be float32, float16 or bfloat16, got {self.dtype}")
-        if self.blocksize not in BLOCKSIZES_4BIT:
+        if not _blocksize_ok(self.blocksize, self.quant_type):
             raise ValueError(f"unsupported blocksize {self.blocksize!r} ({name('blocksize')})")
         n = math.prod(self.shape) if self.shape is not None else None
         if n == 0:

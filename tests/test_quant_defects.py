@@ -147,6 +147,45 @@ def test_8bit_blocksize_must_be_positive(blocksize):
         qf.quantize_blockwise(torch.randn(16), blocksize=blocksize)
 
 
+@pytest.mark.parametrize("blocksize", [256, 100, 16, 8192])
+@pytest.mark.parametrize("writer", ["qpeft", "bitsandbytes"])
+def test_8bit_state_dict_round_trip_any_blocksize(blocksize, writer):
+    """QuantState.from_dict / validate take the 8-bit states quantize_blockwise (and
+    bitsandbytes) produce at any positive blocksize; they refused all but the 4-bit ones."""
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(blocksize))
+    q, st = qf.quantize_blockwise(x, blocksize=blocksize)
+    if writer == "bitsandbytes":
+        q, st = bnbF.quantize_blockwise(x, blocksize=blocksize)
+    want = qf.dequantize_blockwise(q, qpeft.QuantState(absmax=st.absmax, code=st.code, blocksize=blocksize))
+    for strict in (False, True):
+        st2 = qpeft.QuantState.from_dict(st.as_dict(), "cpu", strict=strict)
+        assert st2.quant_type is None and st2.blocksize == blocksize
+        st2.validate()
+        assert_bits_equal(qf.dequantize_blockwise(q, st2), want, f"decoded, strict={strict}")
+    if writer == "bitsandbytes":
+        assert_bits_equal(want, bnbF.dequantize_blockwise(q, st), "bitsandbytes' decode")
+
+
+@pytest.mark.parametrize("blocksize", [0, -8, True, "64"])
+def test_8bit_state_dict_blocksize_must_be_a_positive_int(blocksize):
+    _, st = qf.quantize_blockwise(torch.randn(100), blocksize=64)
+    d = st.as_dict()
+    d["blocksize"] = blocksize
+    with pytest.raises(ValueError, match="blocksize"):
+        qpeft.QuantState.from_dict(d, "cpu")
+
+
+def test_4bit_state_dict_keeps_the_4bit_blocksizes():
+    _, st = qf.quantize_4bit(torch.randn(256), 64, "nf4", double_quant=False)
+    d = st.as_dict()
+    d["blocksize"] = 100
+    with pytest.raises(ValueError, match="unsupported blocksize 100"):
+        qpeft.QuantState.from_dict(d, "cpu")
+    st.blocksize = 100
+    with pytest.raises(ValueError, match="unsupported blocksize 100"):
+        st.validate()
+
+
 def test_4bit_blocksizes_stay_bitsandbytes_set():
     # bitsandbytes' quantize_4bit takes only 32..4096; so does qpeft's.
     for bs in (16, 8192):
@@ -258,3 +297,27 @@ def test_kernels_in_a_forked_child(threading):
     finally:
         torch.set_num_threads(prev_threads)
         mod.set_threading("auto")
+
+
+# --- dequantize_4bit(out=) and the double-quantization statistics ----------------------
+
+
+@pytest.mark.parametrize("shared", ["state2.absmax", "state2.code", "offset"])
+def test_dequantize_4bit_out_overlapping_nested_statistics_is_refused(shared):
+    """out= was checked against packed and state.absmax only: an out sharing memory with a
+    double-quantization tensor was decoded from statistics it had partly overwritten."""
+    x = torch.randn(64 * 300, generator=torch.Generator().manual_seed(0))
+    packed, st = qf.quantize_4bit(x, 64, "nf4", double_quant=True)
+    ref = qf.dequantize_4bit(packed, st)
+    buf = torch.zeros(x.numel())
+    if shared == "offset":
+        buf[:1] = st.offset.reshape(1)
+        st.offset = buf[0]
+    else:
+        t = getattr(st.state2, shared.split(".")[1])
+        buf[: t.numel()] = t
+        setattr(st.state2, shared.split(".")[1], buf[: t.numel()])
+    assert torch.equal(qf.dequantize_4bit(packed, st), ref)  # the state itself still decodes
+    with pytest.raises(ValueError, match=f"out overlaps state.{shared}"):
+        qf.dequantize_4bit(packed, st, out=buf)
+    qf.dequantize_4bit(packed, st, out=torch.empty_like(buf))  # a separate out is fine

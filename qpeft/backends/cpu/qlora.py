@@ -300,8 +300,8 @@ def qlora_linear(
     y = base
     if lora_a is not None:  # no adapter: the LoRA terms are skipped, not computed as zeros
         if xa is None:
-            # xa^T = A @ x^T ([r, M]; xa is returned as its transposed view): the rank-r
-            # products in the [r, *] orientation (see _backward_composed)
+            # xa^T = A @ x^T ([r, M]; xa is its transposed view, returned contiguous by
+            # _finish): the rank-r products in the [r, *] orientation (see _backward_composed)
             xa = torch.mm(_cast(lora_a, cdt), xc.t()).t()
         t_t = xa.t() * scaling
         if rank_scale is not None:
@@ -333,7 +333,11 @@ def _finish(y, xa, x, bias, out_scale, cdt, return_xa):
         y.add_(_cast(bias, cdt))
     if out_scale is not None:
         y.mul_(_cast(out_scale, cdt))
-    return _cast(y, x.dtype), (_cast(xa, x.dtype) if return_xa and xa is not None else x.new_empty((0,)))
+    if not return_xa or xa is None:
+        return _cast(y, x.dtype), x.new_empty((0,))
+    # xa is a transposed view on the GEMV and merge paths ([r, M] products): returned
+    # contiguous, as the fake (and every other backend) has it; [M, r] is a small copy
+    return _cast(y, x.dtype), _cast(xa, x.dtype).contiguous()
 
 
 # --- small layers: the whole fp32 forward in one native call ------------------------------
@@ -467,11 +471,13 @@ def _small_backward(
     else:
         nested = (0, 0, 0, 0)
     r = 0
-    xf = xs = None
+    xf = xs = a32 = b32 = None
     if lora_a is None:
         need_da = need_db = False
     else:
-        lora_a, lora_b = _f32c(lora_a), _f32c(lora_b)
+        # fp32 copies under their own names: dA and dB are returned in lora_a's and
+        # lora_b's own dtypes (the fake's, and the reference's)
+        a32, b32 = _f32c(lora_a), _f32c(lora_b)
         r = lora_a.shape[0]
         if rank_scale is not None:
             rank_scale = _f32c(rank_scale)
@@ -499,8 +505,8 @@ def _small_backward(
         QUANT_TYPE_IDS[quant_type],
         *nested,
         nested_blocksize,
-        *_pl(lora_a),
-        *_pl(lora_b),
+        *_pl(a32),
+        *_pl(b32),
         *_pl(xs),
         r,
         scaling,
