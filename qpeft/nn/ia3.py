@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .linear4bit import Linear4bit, result_dtype
-from .lora import dense_linear
+from .lora import dense_linear, set_base_attr
 
 __all__ = ["IA3Linear"]
 
@@ -71,17 +71,8 @@ class IA3Linear(nn.Module):
         return self.base_layer.bias
 
     def __setattr__(self, name, value):
-        # ``weight`` and ``bias`` are the base layer's: assigning one (``model.tie_weights()``
-        # sets ``lm_head.weight``) assigns the base layer's, where Linear4bit refuses a dense
-        # weight with a TypeError. nn.Module's own __setattr__ raised a bare KeyError
-        # ("attribute 'weight' already exists") for a Parameter, the property being there.
-        if name in ("weight", "bias") and "base_layer" in self._modules:
-            try:
-                setattr(self.base_layer, name, value)
-            except TypeError as exc:
-                raise TypeError(f"{type(self).__name__}.{name} is its base layer's: {exc}") from None
-            return
-        super().__setattr__(name, value)
+        if not set_base_attr(self, name, value):
+            super().__setattr__(name, value)
 
     def disable_adapters(self) -> None:
         self.adapters_enabled = False

@@ -89,6 +89,21 @@ def dense_linear(layer: nn.Linear, x: torch.Tensor, bias: bool = True) -> torch.
     return F.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
 
 
+def set_base_attr(layer: nn.Module, name: str, value) -> bool:
+    """``layer.weight = value`` / ``layer.bias = value`` on an adapter layer (QLoRALinear,
+    IA3Linear) assigns its base layer's (``model.tie_weights()`` sets ``lm_head.weight``),
+    where Linear4bit refuses a dense weight with a TypeError; nn.Module's own __setattr__
+    raised a bare KeyError ("attribute 'weight' already exists") for a Parameter, the
+    property being there. True when handled."""
+    if name not in ("weight", "bias") or "base_layer" not in layer._modules:
+        return False
+    try:
+        setattr(layer.base_layer, name, value)
+    except TypeError as exc:
+        raise TypeError(f"{type(layer).__name__}.{name} is its base layer's: {exc}") from None
+    return True
+
+
 class LoRAAdapter(nn.Module):
     """One adapter's parameters: ``lora_A`` [r, in], ``lora_B`` [out, r] (fp32 by default,
     as PEFT keeps adapters over 4-bit bases), optional DoRA ``magnitude`` [out]."""
@@ -238,17 +253,8 @@ class QLoRALinear(nn.Module):
         return self.base_layer.bias
 
     def __setattr__(self, name, value):
-        # ``weight`` and ``bias`` are the base layer's: assigning one (``model.tie_weights()``
-        # sets ``lm_head.weight``) assigns the base layer's, where Linear4bit refuses a dense
-        # weight with a TypeError. nn.Module's own __setattr__ raised a bare KeyError
-        # ("attribute 'weight' already exists") for a Parameter, the property being there.
-        if name in ("weight", "bias") and "base_layer" in self._modules:
-            try:
-                setattr(self.base_layer, name, value)
-            except TypeError as exc:
-                raise TypeError(f"{type(self).__name__}.{name} is its base layer's: {exc}") from None
-            return
-        super().__setattr__(name, value)
+        if not set_base_attr(self, name, value):
+            super().__setattr__(name, value)
 
     def _adapter(self, name: str | None = None) -> LoRAAdapter:
         name = self.active_adapter if name is None else name
