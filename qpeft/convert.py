@@ -645,6 +645,8 @@ def add_adapter(
     clash = [m for m in layers if name in m.adapters]
     if clash:
         raise ValueError(f"adapter {name!r} already exists on {len(clash)} layer(s)")
+    for m in layers:  # refused before any layer changes
+        m.check_can_add()
     for m in layers:
         m.add_adapter(name, r, alpha, dropout, init, use_rslora, use_dora)
 

@@ -54,6 +54,7 @@ from .convert import TASK_HEADS, names_module, task_heads
 from .convert import task_type as _task_of
 from .nn import IA3Linear, Linear4bit, QLoRALinear
 from .nn.lora import LoRAAdapter
+from .optim.distributed import is_dtensor
 
 __all__ = ["load_adapter", "load_quantized", "save_adapter", "save_quantized"]
 
@@ -1021,21 +1022,24 @@ def load_adapter(
         raise RuntimeError(
             f"adapter {adapter_name!r} is merged into some layers; unmerge before loading over it"
         )
-    # Everything is checked: from here on only copies of validated tensors into tensors of
-    # the same shape and dict updates, none of which can fail on input.
     # Tied modules_to_save (embed_tokens and lm_head of a tied model hold one Parameter): PEFT
     # trains a copy of each, so where the file's tensors differ every module after the first
     # gets a Parameter of its own (untied, as under PEFT); equal ones are loaded once.
     tied: dict[int, list[tuple[str, str, torch.Tensor]]] = {}
     for owner, attr, t in targets.values():
         tied.setdefault(id(saved[owner].state_dict(keep_vars=True)[attr]), []).append((owner, attr, t))
+    untie = {key: any(not torch.equal(t, g[0][2]) for _, _, t in g[1:]) for key, g in tied.items()}
+    sharded = any(is_dtensor(t) for t in model.parameters())
+    if sharded:
+        _check_sharded_load(planned, others, adapter_name, untie)
+    # Everything is checked: from here on only copies of validated tensors into tensors of
+    # the same shape and dict updates, none of which can fail on input.
     with torch.no_grad():
-        for group in tied.values():
-            untie = any(not torch.equal(t, group[0][2]) for _, _, t in group[1:])
-            for i, (owner, attr, t) in enumerate(group if untie else group[:1]):
+        for key, group in tied.items():
+            for i, (owner, attr, t) in enumerate(group if untie[key] else group[:1]):
                 dst = saved[owner].state_dict(keep_vars=True)[attr]
                 if i == 0:
-                    dst.copy_(t)
+                    _copy_into(dst, t)
                     continue
                 holder_name, _, leaf = attr.rpartition(".")
                 holder = saved[owner].get_submodule(holder_name)
@@ -1046,11 +1050,14 @@ def load_adapter(
                     holder._buffers[leaf] = own
     for p in planned.values():
         ad = p.adapter
-        ad.requires_grad_(False)
-        p.layer.adapters[adapter_name] = ad
+        if sharded:  # into the parameters FSDP2 manages (_check_sharded_load: same shapes)
+            _load_in_place(p.layer.adapters[adapter_name], ad)
+        else:
+            ad.requires_grad_(False)
+            p.layer.adapters[adapter_name] = ad
         if p.bias is not None:
             with torch.no_grad():
-                p.layer.base_layer.bias.copy_(p.bias)
+                _copy_into(p.layer.base_layer.bias, p.bias)
     for m in others:
         if adapter_name in m.adapters:
             if m.active_adapter == adapter_name:
@@ -1061,6 +1068,61 @@ def load_adapter(
             if isinstance(m, QLoRALinear):
                 m.set_adapter(adapter_name if adapter_name in m.adapters else None)
     return model
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) where dst may be a DTensor (a parameter FSDP2 shards): each rank copies
+    its own part of the whole ``src`` (no communication; every rank read the same file)."""
+    if is_dtensor(dst):
+        from torch.distributed.tensor import distribute_tensor
+
+        src = distribute_tensor(src.to(dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
+    dst.copy_(src)
+
+
+def _check_sharded_load(planned, others, adapter_name, untie) -> None:
+    """RuntimeError unless load_adapter can load into a model sharded by FSDP2 in place.
+
+    FSDP2 all-gathers and reduce-scatters the parameters that existed at fully_shard: a new
+    adapter (or an untied copy of a modules_to_save tensor) would be a plain parameter on
+    every rank, never reduced, so the ranks would train apart. In place, the file's values
+    go into the existing (sharded) parameters: an adapter of this name on every layer the
+    file covers, with the file's rank and flavour, and on no other layer."""
+    why = []
+    for path, p in planned.items():
+        have = p.layer.adapters[adapter_name] if adapter_name in p.layer.adapters else None
+        if have is None:
+            why.append(f"{path} has no adapter {adapter_name!r}")
+        elif have.r != p.adapter.r or have.use_dora != p.adapter.use_dora:
+            why.append(
+                f"{path}: the file's adapter (r={p.adapter.r}, use_dora={p.adapter.use_dora}) differs from the "
+                f"model's {adapter_name!r} (r={have.r}, use_dora={have.use_dora})"
+            )
+    if any(adapter_name in m.adapters for m in others):
+        why.append(f"layers the file does not cover have adapter {adapter_name!r}")
+    if any(untie.values()):
+        why.append("the file's modules_to_save would untie tied tensors")
+    if why:
+        raise RuntimeError(
+            "qpeft.load_adapter into a model sharded by FSDP2 (fully_shard) can only load in place: into "
+            f"an existing adapter {adapter_name!r} of the same rank and flavour on exactly the layers the "
+            "file covers (a new parameter would not be managed by FSDP2, and the ranks would train apart). "
+            "Load the adapter before fully_shard. Here: "
+            + "; ".join(why[:4])
+            + (" ..." if len(why) > 4 else "")
+        )
+
+
+def _load_in_place(have: LoRAAdapter, new: LoRAAdapter) -> None:
+    """The values and settings of ``new`` into ``have`` (same r and flavour), keeping
+    ``have``'s parameter objects (and their requires_grad)."""
+    with torch.no_grad():
+        _copy_into(have.lora_A, new.lora_A)
+        _copy_into(have.lora_B, new.lora_B)
+        if new.magnitude is not None:
+            _copy_into(have.magnitude, new.magnitude)
+    have.alpha, have.use_rslora, have.scaling = new.alpha, new.use_rslora, new.scaling
+    have.dropout_p, have.dropout = new.dropout_p, new.dropout
 
 
 # --- 4-bit base weights ----------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .quant_state import QuantState
 __all__ = ["Weight4bit", "broadcast_4bit", "ddp_ignore_4bit", "gather_full"]
 
 aten = torch.ops.aten
+_BUCKET_OPS = (aten.cat.default,)  # DistributedDataParallel flattens its broadcast buckets with cat
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:
@@ -517,9 +518,20 @@ class Weight4bit(torch.Tensor):
                 return t.packed if isinstance(t, Weight4bit) else t
 
             return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+        hint = ""
+        if func in _BUCKET_OPS:
+            # DistributedDataParallel's construction broadcasts the parameters concatenated into
+            # per-dtype buckets; a frozen 4-bit weight needs neither that nor an all-reduce
+            hint = (
+                ". If this came from DistributedDataParallel (its parameter broadcast concatenates "
+                "parameters), have DDP ignore the frozen 4-bit weights: "
+                "qpeft.weight4bit.ddp_ignore_4bit(module) on the module given to DDP (qpeft.convert does it for "
+                "the model it returns; docs/distributed.md)"
+            )
         raise NotImplementedError(
             f"Weight4bit does not support {func}: it holds 4-bit codes, and no op dequantizes it "
             "silently. Call .dequantize() for a dense tensor (docs/design.md, 'The 4-bit weight tensor')"
+            + hint
         )
 
     # --- FSDP2 extension (docs/distributed.md, "The 4-bit weight under FSDP2") ----------------
@@ -536,16 +548,25 @@ class Weight4bit(torch.Tensor):
         inputs = [self.packed.reshape(-1), st.absmax.reshape(-1)]
         if st.nested:
             inputs.append(st.state2.absmax.reshape(-1))
+        # A shard group of one rank (one process, or HSDP with a shard dimension of 1): FSDP2
+        # skips the all-gather and copies only the first input into the first output, so
+        # the statistics would never reach fsdp_post_all_gather. This rank's shard is then
+        # the whole weight: its statistics travel as metadata (references, no copy).
+        local = tuple(inputs[1:]) if world == 1 else None
         meta = (
             self._meta(),
             st.code,
             st.state2.code if st.nested else None,
             st.offset if st.nested else None,
+            local,
         )
-        return tuple(inputs), meta
+        return tuple(inputs[:1] if world == 1 else inputs), meta
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
-        (shape, dtype, blocksize, quant_type, nested_bs, nested_dtype), code, nested_code, offset = metadata
+        (shape, dtype, blocksize, quant_type, nested_bs, nested_dtype), code, nested_code, offset, local = (
+            metadata
+        )
+        stats = all_gather_outputs[1:] if local is None else local
         dtype = param_dtype if param_dtype in FLOAT_DTYPES else dtype
         if out is not None:
             # the outputs were gathered again into the same storage our inner tensors view
@@ -553,11 +574,11 @@ class Weight4bit(torch.Tensor):
         world = all_gather_outputs[0].numel() // ((math.prod(shape) + 1) // 2)
         full_shape = (shape[0] * world, *shape[1:])
         packed = all_gather_outputs[0].reshape(-1, 1)
-        absmax = all_gather_outputs[1].reshape(-1)
+        absmax = stats[0].reshape(-1)
         state2 = None
         if nested_bs is not None:
             state2 = QuantState(
-                absmax=all_gather_outputs[2].reshape(-1),
+                absmax=stats[1].reshape(-1),
                 code=nested_code,
                 blocksize=nested_bs,
                 dtype=nested_dtype,

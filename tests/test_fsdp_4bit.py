@@ -211,6 +211,69 @@ def _check_refusals(mesh):
         uneven(torch.randn(2, 64))
 
 
+def _check_single_rank_shard_group(rank):
+    # HSDP with a shard dimension of 1 (as on one process): FSDP2 skips the all-gather and
+    # copies only the first all-gather input, so the statistics travel as metadata
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from qpeft.nn import QLoRALinear
+
+    mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5))
+    for double_quant in (True, False):
+        torch.manual_seed(3)
+        layer = QLoRALinear.from_linear(torch.nn.Linear(128, 64), r=4, double_quant=double_quant)
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+        ref = copy.deepcopy(layer)
+        want = ref(x)
+        want.sum().backward()
+        fully_shard(layer, mesh=mesh)
+        for _ in range(2):  # the second forward refills the gathered storage in place
+            got = layer(x)
+            assert torch.equal(got, want)
+        layer.zero_grad()
+        got.sum().backward()
+        assert torch.equal(layer.lora_A.grad.full_tensor(), ref.lora_A.grad)
+
+
+def _check_sharded_adapter_changes(rank, mesh, model, tmp):
+    # load_adapter into a sharded model loads in place (the adapters stay FSDP2's DTensors);
+    # anything that would need new parameters is refused before the model changes
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import qpeft
+
+    src = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in src.named_parameters():
+            if "lora_" in n:
+                p.add_(0.02)
+    path = os.path.join(tmp, f"adapter_src_{rank}")
+    qpeft.save_adapter(src, path)
+    m = copy.deepcopy(model)
+    for layer in m.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    before = {n: p for n, p in m.named_parameters() if "lora_" in n}
+    qpeft.load_adapter(m, path)
+    after = dict(m.named_parameters())
+    for n, p in before.items():
+        assert after[n] is p and type(p).__name__ == "DTensor", n
+        assert torch.equal(p.full_tensor(), dict(src.named_parameters())[n]), n
+    ids = _batch(0)
+    assert torch.equal(m(ids).logits, src(ids).logits)
+    with pytest.raises(RuntimeError, match="can only load in place"):
+        qpeft.load_adapter(m, path, adapter_name="other")
+    with pytest.raises(RuntimeError, match="Add adapters before fully_shard"):
+        qpeft.add_adapter(m, "b", r=4)
+    assert all("b" not in mod.adapters for mod in m.modules() if isinstance(mod, qpeft.nn.QLoRALinear))
+    # DDP over a module whose 4-bit weights are not marked for it to ignore: the error names the fix
+    with pytest.raises(NotImplementedError, match="ddp_ignore_4bit"):
+        DDP(copy.deepcopy(model).model)
+
+
 def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -353,6 +416,8 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         _check_llama_fsdp(rank, mesh, model, losses, grads)
         _check_llama_ddp(rank, model, losses, grads)
         _check_adapter_io(rank, mesh, model, tmp)
+        _check_sharded_adapter_changes(rank, mesh, model, tmp)
+        _check_single_rank_shard_group(rank)
         _check_state_dict(mesh)
         _check_dcp_state_dict(rank, mesh, tmp)
         _check_mixed_precision(mesh)

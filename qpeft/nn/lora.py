@@ -292,6 +292,7 @@ class QLoRALinear(nn.Module):
             raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
         if name in self.adapters:
             raise ValueError(f"this layer already has an adapter named {name!r}")
+        self.check_can_add()
         device = self.base_layer.weight.device
         ad = LoRAAdapter(
             self.in_features, self.out_features, r, alpha, dropout, init, use_rslora, use_dora, device
@@ -302,6 +303,17 @@ class QLoRALinear(nn.Module):
         ad.requires_grad_(False)
         self.adapters[name] = ad
         return ad
+
+    def check_can_add(self) -> None:
+        """RuntimeError if this layer is sharded by FSDP2: FSDP2 manages only the parameters
+        that existed at fully_shard, so a new adapter would be a plain parameter on every rank,
+        never reduced, and the ranks would train apart."""
+        if any(_is_dtensor(t) for t in [self.base_layer.weight, *self.parameters()]):
+            raise RuntimeError(
+                "qpeft cannot add an adapter to a layer sharded by FSDP2 (fully_shard): FSDP2 manages only the "
+                "parameters that existed at fully_shard, so a new adapter would be a plain parameter on every "
+                "rank, never reduced, and the ranks would train apart. Add adapters before fully_shard"
+            )
 
     def delete_adapter(self, name: str) -> None:
         self._adapter(name)
