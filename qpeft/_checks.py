@@ -12,6 +12,7 @@ an inconsistent call gets an error naming the argument, never a crash.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Sequence
 from math import prod
@@ -630,12 +631,15 @@ def _op_float(t: torch.Tensor, name: str, dtypes=FLOAT_DTYPES) -> None:
 
 
 _U8, _F32 = torch.uint8, torch.float32
+_BS4 = frozenset(BLOCKSIZES_4BIT)
 
 
 def _op_weight_ok(packed, absmax, nested_absmax, nested_code, offset, bs, nested_bs, n: int) -> bool:
     """What ``_op_weight`` asks, in one expression (a third of its cost): True means it
     would pass; False runs it, and it names the problem."""
     if bs <= 0 or packed.dtype is not _U8 or packed.numel() != (n + 1) // 2:
+        return False
+    if bs not in _BS4:
         return False
     nb = -(n // -bs)
     dev = packed.device
@@ -650,7 +654,7 @@ def _op_weight_ok(packed, absmax, nested_absmax, nested_code, offset, bs, nested
     return (
         nested_code is not None
         and offset is not None
-        and nested_bs > 0
+        and nested_bs in _BS4
         and absmax.dtype is _U8
         and nested_absmax.dtype is _F32
         and nested_code.dtype is _F32
@@ -671,6 +675,7 @@ def _op_weight(packed, absmax, nested_absmax, nested_code, offset, bs, nested_bs
     quantization) uint8 absmax codes with nested_absmax, nested_code and offset."""
     if _op_weight_ok(packed, absmax, nested_absmax, nested_code, offset, bs, nested_bs, n):
         return
+    blocksize(bs)
     nb = _op_blocks(n, bs, "blocksize")
     _op_tensor(packed, "packed", torch.uint8, (n + 1) // 2)
     if nested_absmax is None and nested_code is None and offset is None:
@@ -679,6 +684,8 @@ def _op_weight(packed, absmax, nested_absmax, nested_code, offset, bs, nested_bs
         return
     if nested_absmax is None or nested_code is None or offset is None:
         raise ValueError("nested_absmax, nested_code and offset (double quantization) must be given together")
+    if nested_bs not in _BS4:
+        raise ValueError(f"nested_blocksize must be one of {BLOCKSIZES_4BIT}, got {nested_bs}")
     _op_tensor(absmax, "absmax (double-quantized codes)", torch.uint8, nb)
     _op_tensor(nested_absmax, "nested_absmax", torch.float32, _op_blocks(nb, nested_bs, "nested_blocksize"))
     _op_tensor(nested_code, "nested_code", torch.float32, 256)
@@ -701,6 +708,7 @@ def _op_shape(shape, dtype) -> int:
 
 def op_quantize_4bit(x, bs, qt) -> None:
     _op_float(x, "x")
+    blocksize(bs)
 
 
 def op_dequantize_4bit(packed, absmax, bs, qt, shape, dtype) -> None:
@@ -748,11 +756,11 @@ def op_dequantize_blockwise_out(q, absmax, code, bs, out) -> None:
     same_device(("q", q), ("out", out))
 
 
-def _op_matrix(t, name: str, rows: int | None, cols: int, dtypes) -> None:
-    """t is a 2-D [rows, cols] floating-point tensor (rows None: any)."""
+def _op_matrix(t, name: str, rows: int | None, cols: int, dtypes, any_rows: str = "M") -> None:
+    """t is a 2-D [rows, cols] floating-point tensor (rows None: any, named ``any_rows``)."""
     _op_float(t, name, dtypes)
     if t.dim() != 2 or t.shape[1] != cols or (rows is not None and t.shape[0] != rows):
-        want = f"[{'M' if rows is None else rows}, {cols}]"
+        want = f"[{any_rows if rows is None else rows}, {cols}]"
         why = " (flatten x's leading dimensions first, as qpeft.functional does)" if name == "x" else ""
         raise ValueError(f"{name} must be 2-D {want}, got shape {tuple(t.shape)}{why}")
 
@@ -791,7 +799,7 @@ def _op_layer(x, packed, absmax, nested_absmax, nested_code, offset, bs, nbs, n,
         raise ValueError("lora_A and lora_B must be given together (or both None for no adapter)")
     r = 0
     if lora_a is not None:
-        _op_matrix(lora_a, "lora_A", None, k, _LORA_FLOATS)
+        _op_matrix(lora_a, "lora_A", None, k, _LORA_FLOATS, any_rows="r")
         r = lora_a.shape[0]
         _op_matrix(lora_b, "lora_B", n, r, _LORA_FLOATS)
         named += [("lora_A", lora_a), ("lora_B", lora_b)]
@@ -806,12 +814,19 @@ def _op_layer(x, packed, absmax, nested_absmax, nested_code, offset, bs, nbs, n,
     same_device(*named)
 
 
+def _op_scaling(scaling) -> None:
+    # every backend the same answer (the native kernels refused, the others returned NaN)
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+
+
 def op_qlora_linear(
     x, packed, absmax, nested_absmax, nested_code, offset, bs, nbs, qt, n, k,
     lora_a, lora_b, scaling, bias, rank_scale, out_scale, return_xa,
 ) -> None:  # fmt: skip
     extra = (("bias", bias, n), ("rank_scale", rank_scale, None), ("out_scale", out_scale, n))
     _op_layer(x, packed, absmax, nested_absmax, nested_code, offset, bs, nbs, n, k, lora_a, lora_b, extra)
+    _op_scaling(scaling)
 
 
 def op_qlora_linear_backward(
@@ -820,6 +835,7 @@ def op_qlora_linear_backward(
 ) -> None:  # fmt: skip
     extra = (("rank_scale", rank_scale, None), ("out_scale", out_scale, n))
     _op_layer(x, packed, absmax, nested_absmax, nested_code, offset, bs, nbs, n, k, lora_a, lora_b, extra)
+    _op_scaling(scaling)
     _op_matrix(grad_y, "grad_y", x.shape[0], n, _LORA_FLOATS)
     if need_db and lora_a is not None:
         _op_matrix(xa, "xa", x.shape[0], lora_a.shape[0], _LORA_FLOATS)

@@ -398,3 +398,53 @@ def test_use_backend_scopes_and_restores():
     with pytest.raises(RuntimeError, match="inside"), qpeft.use_backend("cpu"):
         raise RuntimeError("inside")
     assert qpeft.current_backend() is None
+
+
+@pytest.mark.parametrize("blocksize", [63, 96, 16])
+def test_op_refuses_unsupported_blocksize(backend, blocksize):
+    # the ops' own check, before any backend: every backend gives the same error (the native
+    # kernels refused a blocksize that is not a power of two, the others computed something)
+    from qpeft.functional import _quant_args
+
+    packed, st = qf.quantize_4bit(torch.randn(33, 70), 64, "nf4", double_quant=False)
+    absmax = st.absmax
+    x, a, b = torch.randn(5, 70), torch.randn(3, 70), torch.randn(33, 3)
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        torch.ops.qpeft.qlora_linear(
+            x,
+            packed,
+            absmax,
+            None,
+            None,
+            None,
+            blocksize,
+            256,
+            "nf4",
+            33,
+            70,
+            a,
+            b,
+            0.5,
+            None,
+            None,
+            None,
+            False,
+        )
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        torch.ops.qpeft.dequantize_4bit(packed, absmax, blocksize, "nf4", [33, 70], torch.float32)
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        torch.ops.qpeft.quantize_4bit(torch.randn(256), blocksize, "nf4")
+    packed, st = qf.quantize_4bit(torch.randn(33, 70), 64, "nf4", double_quant=True)
+    absmax, na, nc, off, (bs, _, qt, n, k) = _quant_args(st)
+    with pytest.raises(ValueError, match="nested_blocksize must be one of"):
+        torch.ops.qpeft.qlora_linear(
+            x, packed, absmax, na, nc, off, bs, blocksize, qt, n, k, a, b, 0.5, None, None, None, False
+        )
+    with pytest.raises(ValueError, match="scaling must be finite"):
+        torch.ops.qpeft.qlora_linear(
+            x, packed, absmax, na, nc, off, bs, 256, qt, n, k, a, b, float("nan"), None, None, None, False
+        )
+    with pytest.raises(ValueError, match=r"lora_A must be 2-D \[r, 70\]"):
+        torch.ops.qpeft.qlora_linear(
+            x, packed, absmax, na, nc, off, bs, 256, qt, n, k, a[:, :69], b, 0.5, None, None, None, False
+        )

@@ -62,6 +62,48 @@ def test_strided_batched_mixed_dtypes():
     assert_within(b.grad, *ref["dB"], "dB")
 
 
+def _strided(t):
+    """An equal tensor that is a stride-2 view (every second element of a wider buffer)."""
+    if t is None:
+        return None
+    wide = torch.zeros((*t.shape, 2), dtype=t.dtype, device=t.device)
+    wide[..., 0] = t
+    return wide[..., 0]
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_strided_weight_statistics_and_bias(double_quant):
+    """The op's flat inputs (codes, absmax, nested statistics, offset, bias, rank_scale,
+    out_scale) given as strided views compute what their contiguous copies compute, forward
+    and dx: the kernels index them as flat arrays, so the backend makes them contiguous (a
+    stride-2 bias once gave y off by 2.9, strided codes by 47)."""
+    from qpeft.functional import _quant_args
+
+    torch.manual_seed(0)
+    n, k, r, m = 33, 128, 3, 20
+    packed, st = quantize_4bit(torch.randn(n, k), 64, "nf4", double_quant)
+    absmax, na, nc, off, (bs, nbs, qt, _, _) = _quant_args(st)
+    x, dy = torch.randn(m, k), torch.randn(m, n)
+    a, b = torch.randn(r, k), torch.randn(n, r)
+    bias, rank_scale, out_scale = (torch.rand(s) + 0.5 for s in (n, r, n))
+    quant = (packed, absmax, na, nc, off)
+    runs = []
+    for wrap in (lambda t: t, _strided):
+        pk, am, nab, ncd, of = (wrap(t) for t in quant)
+        assert wrap is not _strided or not pk.is_contiguous()
+        with qpeft.use_backend("triton"):
+            y, xa = torch.ops.qpeft.qlora_linear(
+                x, pk, am, nab, ncd, of, bs, nbs, qt, n, k, a, b, 0.5,
+                wrap(bias), wrap(rank_scale), wrap(out_scale), True,
+            )  # fmt: skip
+            dx = torch.ops.qpeft.qlora_linear_backward(
+                dy, x, pk, am, nab, ncd, of, bs, nbs, qt, n, k, a, b, xa, 0.5,
+                wrap(rank_scale), wrap(out_scale), True, False, False, False,
+            )[0]  # fmt: skip
+        runs.append((y, dx))
+    assert torch.equal(runs[1][0], runs[0][0]) and torch.equal(runs[1][1], runs[0][1])
+
+
 def test_no_grad_inference_skips_xa():
     p = _problem(CASES[1])
     with torch.no_grad(), qpeft.use_backend("triton"):
@@ -281,7 +323,7 @@ def test_register_decode_is_the_reference_dequantize(dtype, n, k, quant_type, do
         None, None, 1.0,
     )  # fmt: skip
     dx, _ = kern.qlora_dx(
-        torch.eye(n, dtype=dtype, device=dev), packed, st.absmax, *nested, code, blocksize, nbs, n, k,
+        torch.eye(n, dtype=dtype), packed, st.absmax, *nested, code, blocksize, nbs, n, k,
         None, None, 1.0,
     )  # fmt: skip
     assert torch.equal(y.cpu().T, ref[:, cols]), "forward W tile"

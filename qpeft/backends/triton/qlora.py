@@ -55,6 +55,13 @@ def _falls_through(op: str, x_at: int, lora_a_at: int):
     return wrap
 
 
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as the kernels read it: contiguous (they index the weight's codes and
+    statistics, bias, rank_scale and out_scale as flat arrays; only x, the LoRA matrices and
+    the outputs are read through strides). A copy only for a strided view."""
+    return None if t is None else t.contiguous()
+
+
 def _matmul(a: torch.Tensor, b: torch.Tensor, act_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
     # On CUDA in the activation dtype with fp32 accumulation (cuBLAS); on the CPU (only
     # under the interpreter) in fp32, as the CPU reference computes.
@@ -89,11 +96,11 @@ def qlora_linear(
     with on_device(x.device):
         return _kernels().qlora_forward(
             x,
-            packed.reshape(-1),
-            absmax,
-            nested_absmax,
-            nested_code,
-            offset,
+            _dense(packed).reshape(-1),
+            _dense(absmax),
+            _dense(nested_absmax),
+            _dense(nested_code),
+            _dense(offset),
             code4(quant_type, x.device),
             blocksize,
             nested_blocksize,
@@ -102,9 +109,9 @@ def qlora_linear(
             lora_a,
             lora_b,
             scaling,
-            bias,
-            rank_scale,
-            out_scale,
+            _dense(bias),
+            _dense(rank_scale),
+            _dense(out_scale),
             return_xa,
         )
 
@@ -148,11 +155,11 @@ def qlora_linear_backward(
         with on_device(x.device):
             dx, g = _kernels().qlora_dx(
                 dy,
-                packed.reshape(-1),
-                absmax,
-                nested_absmax,
-                nested_code,
-                offset,
+                _dense(packed).reshape(-1),
+                _dense(absmax),
+                _dense(nested_absmax),
+                _dense(nested_code),
+                _dense(offset),
                 code4(quant_type, x.device),
                 blocksize,
                 nested_blocksize,
@@ -161,7 +168,7 @@ def qlora_linear_backward(
                 lora_a,
                 lora_b,
                 scaling,
-                rank_scale,
+                _dense(rank_scale),
                 return_g=need_da,
             )
     if need_da:
