@@ -233,9 +233,76 @@ def test_add_param_group_refuses_bad_parameters_and_adds_nothing():
     opt = qo.AdamW([torch.nn.Parameter(torch.randn(3))])
     with pytest.raises(TypeError, match="parameter 1 of param group 1 has dtype torch.float64"):
         opt.add_param_group(
-            {"params": [torch.nn.Parameter(torch.randn(2)), torch.randn(2, dtype=torch.float64)]}
+            {
+                "params": [
+                    torch.nn.Parameter(torch.randn(2)),
+                    torch.randn(2, dtype=torch.float64, requires_grad=True),
+                ]
+            }
         )
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls", [qo.AdamW, qo.AdamW8bit, qo.Lion, qo.PagedAdamW8bit])
+def test_group_flags_qpeft_does_not_implement_are_refused(cls):
+    # torch.optim honours these per group; qpeft's steps do not implement them, so a group
+    # that sets one is refused, never run without it (maximize=True descended)
+    p = torch.nn.Parameter(torch.randn(300))
+    for flag in ("maximize", "amsgrad", "capturable", "differentiable", "fused"):
+        with pytest.raises(ValueError, match=f"param group 0 sets {flag}=True"):
+            cls([{"params": [p], flag: True}])
+    opt = cls([p], lr=1e-2)
+    with pytest.raises(ValueError, match="param group 1 sets amsgrad=True"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "amsgrad": True})
+    assert len(opt.param_groups) == 1
+    cls([{"params": [p], "maximize": False, "foreach": True}])  # falsy flags and foreach: fine
+    p.grad = torch.randn(300)
+    opt.param_groups[0]["maximize"] = True  # set after construction: the step refuses it
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="maximize=True"):
+        opt.step()
+    assert torch.equal(p, before) and len(opt.state) == 0
+
+
+@pytest.mark.parametrize("cls", [qo.AdamW, qo.AdamW8bit, qo.Lion8bit])
+def test_frozen_parameters_of_any_kind_accepted_and_a_4bit_gradient_refused(cls):
+    # model.parameters() of a converted model holds frozen 4-bit weights (and a model may hold
+    # frozen float64 or integer parameters): accepted and never stepped, as torch.optim and
+    # bitsandbytes do. A gradient set by hand on a 4-bit weight is refused by name before any
+    # update (it failed inside the op, after other groups had stepped).
+    import qpeft
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(256, 512))
+    qpeft.convert(m, r=4, alpha=8, verbose=False)
+    w, a = m[0].base_layer.weight, m[0].adapters.default.lora_A
+    frozen = [torch.nn.Parameter(torch.ones(3, dtype=torch.float64), requires_grad=False)]
+    frozen.append(torch.nn.Parameter(torch.ones(3, dtype=torch.int8), requires_grad=False))
+    opt = cls([{"params": [a]}, {"params": [w, *frozen]}], lr=1e-2)
+    assert cls([p for p in m.parameters()], lr=1e-2).param_groups[0]["params"][0] is not None
+    a.grad = torch.randn(a.shape)
+    before = a.detach().clone()
+    opt.step()  # the frozen ones have no gradient: skipped
+    assert not torch.equal(a, before) and w not in opt.state
+    with pytest.raises(TypeError, match="parameter 0 of param group 1 is a 4-bit quantized weight"):
+        cls([{"params": [a]}, {"params": [torch.nn.Parameter(w.detach(), requires_grad=True)]}])
+    w.grad = torch.randn(w.shape)
+    before = a.detach().clone()
+    with pytest.raises(TypeError, match="parameter 0 of param group 1 is a 4-bit quantized weight"):
+        opt.step()
+    assert torch.equal(a, before) and opt.state[a]["step"] == 1
+
+
+@pytest.mark.parametrize("cls", [qo.AdamW, qo.AdamW8bit, qo.Lion])
+def test_parameter_sharing_memory_refused_before_any_update(cls):
+    q = torch.nn.Parameter(torch.randn(300))
+    p = torch.randn(1).expand(8).requires_grad_()  # a leaf whose 8 elements are one
+    opt = cls([q, p], lr=1e-2)
+    q.grad, p.grad = torch.randn(300), torch.randn(8)
+    before = q.detach().clone()
+    with pytest.raises(ValueError, match="parameter 1 of param group 0 has elements that share memory"):
+        opt.step()
+    assert torch.equal(q, before) and len(opt.state) == 0
 
 
 @pytest.mark.parametrize("cls", [qo.AdamW, qo.AdamW8bit, qo.Lion8bit])

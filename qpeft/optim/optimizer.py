@@ -38,6 +38,12 @@ MAX_STEP = 2**63 - 2
 
 
 def _check_param(p: torch.Tensor, where: str) -> None:
+    if _is_4bit(p):
+        raise TypeError(
+            f"{where} is a 4-bit quantized weight (qpeft.Weight4bit: packed codes, frozen); qpeft optimizers "
+            "step float32/float16/bfloat16 parameters: give the optimizer the trainable parameters "
+            "(p for p in model.parameters() if p.requires_grad)"
+        )
     if p.is_complex():
         raise TypeError(
             f"{where} is complex ({p.dtype}); qpeft optimizers support float32/float16/bfloat16 "
@@ -47,6 +53,33 @@ def _check_param(p: torch.Tensor, where: str) -> None:
         raise TypeError(
             f"{where} has dtype {p.dtype}; qpeft optimizers support float32, float16 and bfloat16"
         )
+
+
+def _is_4bit(p: torch.Tensor) -> bool:
+    from ..weight4bit import Weight4bit
+
+    return isinstance(_dist.local(p), Weight4bit)
+
+
+def _check_frozen_or_param(p: torch.Tensor, where: str) -> None:
+    """At add_param_group: a parameter that requires grad must be one the step can update;
+    a frozen one of any kind (a 4-bit base weight, a float64 or integer buffer-like
+    parameter) is accepted, as torch.optim and bitsandbytes accept it, and never stepped:
+    it gets no gradient (should one be set by hand, the step refuses it, before any update)."""
+    if p.requires_grad:
+        _check_param(p, where)
+
+
+# Group keys torch.optim gives a meaning qpeft's fused steps do not implement; the
+# constructors refuse them as keywords (TypeError), a group that sets them truthy is refused
+# too rather than silently run without them (maximize=True would descend).
+UNSUPPORTED_GROUP_FLAGS = ("maximize", "amsgrad", "capturable", "differentiable", "fused")
+
+
+def _check_group_flags(group: dict[str, Any], where: str) -> None:
+    for name in UNSUPPORTED_GROUP_FLAGS:
+        if group.get(name):
+            raise ValueError(f"{where} sets {name}={group[name]!r}, which qpeft's optimizers do not support")
 
 
 def _in(where: str) -> str:
@@ -150,11 +183,12 @@ class QpeftOptimizer(torch.optim.Optimizer):
         gi = len(self.param_groups)
         if isinstance(param_group, dict):  # torch raises the TypeError otherwise
             self._hparams({**self.defaults, **param_group}, f"param group {gi}")
+            _check_group_flags(param_group, f"param group {gi}")
         super().add_param_group(param_group)
         try:
             seen: set[int] = set()
             for pi, p in enumerate(self.param_groups[gi]["params"]):
-                _check_param(p, f"parameter {pi} of param group {gi}")
+                _check_frozen_or_param(p, f"parameter {pi} of param group {gi}")
                 if id(p) in seen:
                     # torch only warns (and steps it twice in a row); the fused step would
                     # update it twice with one step count: neither is what was meant
@@ -300,6 +334,7 @@ class QpeftOptimizer(torch.optim.Optimizer):
         """Check one group and sort its (param, grad, state) items by op call; changes
         nothing. New state is made here but kept out of self.state until stepped."""
         hp = self._hparams(group, f"param group {gi}")
+        _check_group_flags(group, f"param group {gi}")
         # One op call per (device, state layout): on CPU one parallel region for all of
         # the group's tensors. The op updates in place, so a non-contiguous parameter
         # is stepped as a contiguous copy and written back. This loop runs per
@@ -351,6 +386,11 @@ class QpeftOptimizer(torch.optim.Optimizer):
             if batch is None:
                 batch = batches[(device, eight_bit)] = ([], [], [])
             if not p.is_contiguous():
+                if torch._debug_has_internal_overlap(p) == 1:  # e.g. an expand()ed view
+                    raise ValueError(
+                        f"parameter {pi} of param group {gi} has elements that share memory (an expanded "
+                        "view?), so its update cannot be written back: give it storage of its own (.clone())"
+                    )
                 work = p.contiguous()
                 batch[1].append((p, work))
             batch[0].append((work, g, state))
