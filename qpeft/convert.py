@@ -19,7 +19,8 @@ or are left alone by ``method="quantize"``. The summary lists them.
 Task heads stay as they are, trained in full, where PEFT's task models keep them in
 ``modules_to_save``: ``classifier`` and ``score`` of a ``*ForSequenceClassification`` or
 ``*ForTokenClassification`` model, ``qa_outputs`` of a ``*ForQuestionAnswering`` one (a
-freshly initialised head frozen in 4 bits could not learn). ``save_adapter`` saves them
+freshly initialised head frozen in 4 bits could not learn), matched as PEFT matches them,
+by plain string suffix (DistilBERT's ``pre_classifier`` too). ``save_adapter`` saves them
 whole, so PEFT loads the directory.
 
 Conversion is atomic: the replacements are all built (weights quantized) before the model
@@ -82,8 +83,10 @@ def task_type(model: nn.Module) -> str | None:
 
 
 def names_module(path: str, name: str) -> bool:
-    """PEFT's modules_to_save matching: the module path is the name or ends in "." + name."""
-    return path == name or path.endswith("." + name)
+    """PEFT's modules_to_save matching (``_set_trainable``: ``key.endswith(target_key)``), a
+    plain string suffix: "classifier" also names DistilBERT's ``pre_classifier``, which PEFT's
+    SEQ_CLS model therefore trains and saves in full too."""
+    return path.endswith(name)
 
 
 def task_heads(model: nn.Module, task: str | None = None) -> dict[str, nn.Module]:

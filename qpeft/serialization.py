@@ -131,7 +131,7 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def _modules_to_save(model: nn.Module, names, optional: Iterable[str] = ()) -> dict[str, nn.Module]:
-    """PEFT's modules_to_save matching (equal or '.'-suffix) over the model's modules. A name
+    """PEFT's modules_to_save matching (a string suffix: qpeft.convert.names_module) over the model's modules. A name
     that matches none raises ValueError unless it is in ``optional`` (PEFT skips names the
     model lacks; qpeft does so where nothing would be lost)."""
     if not names:
@@ -148,6 +148,12 @@ def _modules_to_save(model: nn.Module, names, optional: Iterable[str] = ()) -> d
             f"modules_to_save must be plain modules (e.g. embeddings, heads), not qpeft layers: {wrapped}"
         )
     return found
+
+
+def _names_tensor(key: str, name: str) -> bool:
+    """Whether tensor ``key`` lies in a module that modules_to_save entry ``name`` names."""
+    parts = key.split(".")
+    return any(names_module(".".join(parts[:i]), name) for i in range(1, len(parts)))
 
 
 def _heads_to_save(model: nn.Module, task: str | None) -> dict[str, nn.Module]:
@@ -887,7 +893,7 @@ def load_adapter(
     names += [t for t in TASK_HEADS.get(config["task_type"], ()) if t not in names]
     stored = [k[len(PREFIX) :] if k.startswith(PREFIX) else k for k in tensors]
     stored = [k for k in stored if _KEY.match(k) is None]
-    held = {t for t in names if any(f".{k}".find(f".{t}.") >= 0 for k in stored)}
+    held = {t for t in names if any(_names_tensor(k, t) for k in stored)}
     saved = _modules_to_save(model, names, optional=set(names) - held)
     by_length = sorted(saved, key=len, reverse=True)
     whole: dict[str, tuple[str, str, torch.Tensor]] = {}  # key -> (module path, its state-dict key, tensor)

@@ -404,3 +404,39 @@ def test_bitfit_biases_travel_to_peft(tmp_path):
     fresh = qpeft.convert(copy.deepcopy(base), r=2, train_bias=True, exclude=None, verbose=False)
     qpeft.load_adapter(fresh, tmp_path)  # and back into qpeft
     assert torch.equal(fresh.b.bias, ours.b.bias) and torch.equal(fresh.b.lora_B, ours.b.lora_B)
+
+
+def _distilbert_seq():
+    torch.manual_seed(0)
+    cfg = transformers.DistilBertConfig(vocab_size=100, dim=64, n_layers=1, n_heads=4, hidden_dim=128)
+    return transformers.DistilBertForSequenceClassification(cfg).eval()
+
+
+def test_distilbert_seq_cls_adapters_travel_both_ways(tmp_path):
+    """PEFT matches modules_to_save by plain string suffix (``key.endswith("classifier")``), so
+    its SEQ_CLS DistilBERT trains and saves ``pre_classifier`` in full too. qpeft matched
+    '.'-suffixes only: load_adapter refused PEFT's file ("entries that are not LoRA weights"),
+    and convert quantized pre_classifier, whose LoRA PEFT then refused (TypeError)."""
+    base = _distilbert_seq()
+    ours = qpeft.convert(copy.deepcopy(base), r=4, alpha=8, verbose=False)
+    assert not isinstance(ours.pre_classifier, QLoRALinear) and ours.pre_classifier.weight.requires_grad
+    _perturb_trainable(ours, 1)
+    qpeft.save_adapter(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier", "pre_classifier"]
+    hf = peft.PeftModel.from_pretrained(dequantized_copy(base, ours), tmp_path / "ours").eval()
+    for head in ("classifier", "pre_classifier"):
+        _assert_same_head_and_logits(ours, hf, head, "distilbert-seq")
+    # PEFT -> qpeft
+    targets = ["q_lin", "v_lin"]
+    ours = qpeft.convert(copy.deepcopy(base), targets, r=4, alpha=8, verbose=False)
+    hf = peft.get_peft_model(
+        dequantized_copy(base, ours),
+        peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=targets),
+    )
+    _perturb_trainable(hf, 3)
+    hf.save_pretrained(tmp_path / "peft")
+    qpeft.load_adapter(ours, tmp_path / "peft")
+    hf.eval()
+    for head in ("classifier", "pre_classifier"):
+        _assert_same_head_and_logits(ours, hf, head, "distilbert-seq")
