@@ -150,6 +150,28 @@ def _modules_to_save(model: nn.Module, names, optional: Iterable[str] = ()) -> d
     return found
 
 
+def _tie_partners(model: nn.Module, extra: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The modules outside ``extra`` that hold a tensor of a module in ``extra`` (``lm_head``
+    of a tied model when ``embed_tokens`` is saved). qpeft trains the one tied tensor, which
+    moves every holder, while PEFT trains a copy of each module it names and leaves the
+    others as they were: they are saved too (and named in modules_to_save), so PEFT gives
+    each the trained tensor."""
+    shared = {id(t) for m in extra.values() for t in m.state_dict(keep_vars=True).values()}
+    partners = {}
+    for n, m in model.named_modules():
+        if not n or any(n == e or n.startswith(e + ".") for e in extra):
+            continue
+        if any(id(t) in shared for t in [*m._parameters.values(), *m._buffers.values()] if t is not None):
+            partners[n] = m
+    wrapped = [n for n, m in partners.items() if isinstance(m, (QLoRALinear, IA3Linear, Linear4bit))]
+    if wrapped:
+        raise ValueError(
+            f"{wrapped} share a tensor with modules_to_save {sorted(extra)} but are qpeft layers, which PEFT's "
+            "format cannot hold in full; leave them out of modules_to_save or convert without them"
+        )
+    return partners
+
+
 def _names_tensor(key: str, name: str) -> bool:
     """Whether tensor ``key`` lies in a module that modules_to_save entry ``name`` names."""
     parts = key.split(".")
@@ -329,7 +351,9 @@ def save_adapter(
     """Write adapter ``adapter_name`` (default: the active one) of every QLoRALinear of ``model``
     in PEFT's LoRA format (see the module doc). Layers without that adapter are left out.
     ``modules_to_save``: names of other modules trained in full (e.g. ``["embed_tokens",
-    "lm_head"]`` after adding tokens), saved whole as PEFT saves its modules_to_save. The
+    "lm_head"]`` after adding tokens), saved whole as PEFT saves its modules_to_save; the
+    modules that share a tensor with them (``lm_head`` of a tied model when ``embed_tokens``
+    is named) are saved and named too, as training moved them as well. The
     task heads PEFT's task models always train in full (``classifier`` / ``score`` for
     SEQ_CLS and TOKEN_CLS, ``qa_outputs`` for QUESTION_ANS; the task from ``task_type`` or
     the model's class name) are saved with them, so ``PeftModel.from_pretrained`` finds
@@ -342,6 +366,7 @@ def save_adapter(
     _safetensors()  # fail before any work when the package is missing
     task = task_type if task_type is not None else _task_of(model)
     extra = _modules_to_save(model, modules_to_save) | _heads_to_save(model, task)
+    extra |= _tie_partners(model, extra)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
     if not layers:
         raise ValueError("the model has no qpeft QLoRALinear layer; run qpeft.convert(model) first")
@@ -874,8 +899,10 @@ def load_adapter(
     Tensors of the config's ``modules_to_save`` (plus the heads PEFT's task model adds for
     its ``task_type``) are copied into those modules; as in PEFT, a name the model lacks is
     skipped, unless the file holds tensors under it (ValueError: they would be lost).
-    Modules that share a tensor (tied embeddings: ``embed_tokens`` and ``lm_head``) but whose
-    tensors in the file differ, as PEFT trains a copy of each, are untied: each gets its own.
+    Modules that share a tensor (tied embeddings: ``embed_tokens`` and ``lm_head``) are
+    untied as PEFT unties them (it trains a copy of each module named in modules_to_save):
+    where the file's tensors for them differ, or the file holds only some of them, each
+    loaded module gets its own tensor and the others keep the original.
 
     The files are input: config fields of the wrong type, non-floating tensors, NaN/Inf
     values (unless ``allow_nonfinite=True``) and ranks that disagree with ``r`` /
@@ -1029,12 +1056,23 @@ def load_adapter(
             f"adapter {adapter_name!r} is merged into some layers; unmerge before loading over it"
         )
     # Tied modules_to_save (embed_tokens and lm_head of a tied model hold one Parameter): PEFT
-    # trains a copy of each, so where the file's tensors differ every module after the first
-    # gets a Parameter of its own (untied, as under PEFT); equal ones are loaded once.
+    # trains a copy of each module it names and leaves the others as they are. A tie is kept
+    # where the file loads every holder of the tensor with equal values (loaded once); else
+    # the loaded modules get Parameters of their own (where the file covers every holder the
+    # first one loads in place) and the others keep the original: untied, as under PEFT.
     tied: dict[int, list[tuple[str, str, torch.Tensor]]] = {}
     for owner, attr, t in targets.values():
         tied.setdefault(id(saved[owner].state_dict(keep_vars=True)[attr]), []).append((owner, attr, t))
-    untie = {key: any(not torch.equal(t, g[0][2]) for _, _, t in g[1:]) for key, g in tied.items()}
+    holders = collections.Counter(
+        id(t)
+        for m in model.modules()
+        for t in [*m._parameters.values(), *m._buffers.values()]
+        if t is not None
+    )
+    partial = {key: len(g) < holders[key] for key, g in tied.items()}
+    untie = {
+        key: partial[key] or any(not torch.equal(t, g[0][2]) for _, _, t in g[1:]) for key, g in tied.items()
+    }
     sharded = any(is_dtensor(t) for t in model.parameters())
     if sharded:
         _check_sharded_load(planned, others, adapter_name, untie)
@@ -1044,7 +1082,7 @@ def load_adapter(
         for key, group in tied.items():
             for i, (owner, attr, t) in enumerate(group if untie[key] else group[:1]):
                 dst = saved[owner].state_dict(keep_vars=True)[attr]
-                if i == 0:
+                if i == 0 and not partial[key]:
                     _copy_into(dst, t)
                     continue
                 holder_name, _, leaf = attr.rpartition(".")
