@@ -68,6 +68,9 @@ PREFIX = "base_model.model."
 # does not know, whatever order the file's keys come in.
 _KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?P<tail>(?:\.[^.]+){0,2})$")
 _BIAS_KEY = re.compile(r"^(?P<path>.+?)(?:\.base_layer)?\.bias$")
+# with bias="all" PEFT also saves the biases its ModulesToSaveWrapper holds inside itself
+# (<module>.original_module.<...>.bias, <module>.modules_to_save[.<adapter>].<...>.bias)
+_WRAPPER_PARTS = ("original_module", "modules_to_save")
 
 
 _LORA_BIAS = (
@@ -405,9 +408,20 @@ def save_adapter(
         tensors[key + ".lora_B.weight"] = whole(ad.lora_B)
         if ad.use_dora:
             tensors[key + ".lora_magnitude_vector"] = whole(ad.magnitude)
-        if m.train_bias:
+        if (m.train_bias or ad.bias != "none") and m.base_layer.bias is not None:
             tensors[key + ".base_layer.bias"] = whole(m.base_layer.bias)
         ranks[n], alphas[n] = ad.r, ad.alpha
+    bias_all = any(ad.bias == "all" for _, _, ad in chosen)
+    if bias_all:  # PEFT's bias="all": every bias of the model, named as PEFT's model names it
+        adapted = {n for n, _, _ in chosen}
+        wrappers = _wrapper_paths(model)
+        for k, t in model.state_dict(keep_vars=True).items():
+            if not k.endswith(".bias"):
+                continue
+            w = next((w for w in wrappers if k.startswith(w + ".base_layer.")), None)
+            if w is not None and w not in adapted:  # a plain layer in PEFT's model
+                k = w + k[len(w) + len(".base_layer") :]
+            tensors[PREFIX + k] = whole(t)
     for n, module in extra.items():
         for pname, t in module.state_dict().items():
             tensors[f"{PREFIX}{n}.{pname}"] = whole(t)
@@ -436,7 +450,11 @@ def save_adapter(
         "lora_dropout": dropout,
         "use_rslora": use_rslora,
         "use_dora": use_dora,
-        "bias": "lora_only" if any(m.train_bias for _, m, _ in chosen) else "none",
+        "bias": "all"
+        if bias_all
+        else "lora_only"
+        if any(m.train_bias or ad.bias != "none" for _, m, ad in chosen)
+        else "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "modules_to_save": sorted({n.rsplit(".", 1)[-1] for n in extra}) or None,
@@ -927,6 +945,7 @@ def load_adapter(
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     keys: dict[tuple[str, str], str] = {}  # (path, kind) -> the file's key, for messages
     bad, unknown = [], []
+    biases: dict[str, tuple[str, torch.Tensor]] = {}  # module path -> (the file's key, tensor)
     for key, t in tensors.items():
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         try:
@@ -943,15 +962,28 @@ def load_adapter(
             continue
         owner = next((n for n in by_length if name.startswith(n + ".")), None)
         if owner is not None:
+            attr = name[len(owner) + 1 :]
+            if config["bias"] == "all" and attr.endswith(".bias") and attr.split(".")[0] in _WRAPPER_PARTS:
+                continue  # PEFT's wrapper copies; the trained bias is <owner>.<...>.bias
             whole[name] = (owner, name[len(owner) + 1 :], t)
             keys[name, ""] = key
             continue
         b = _BIAS_KEY.match(name)
         if b and config["bias"] in ("lora_only", "all") and b["path"] in modules:
-            grouped.setdefault(b["path"], {})["bias"] = t
-            keys[b["path"], "bias"] = key
+            biases[b["path"]] = (key, t)
             continue
         bad.append(key)
+    # the biases of this adapter's LoRA layers train with it; bias="all" also saved every
+    # other bias of the model (LayerNorms, untargeted linears), loaded into those modules
+    other_biases: dict[str, tuple[str, torch.Tensor]] = {}
+    for path, (key, t) in biases.items():
+        if path in grouped:
+            grouped[path]["bias"] = t
+            keys[path, "bias"] = key
+        elif config["bias"] == "all":
+            other_biases[path] = (key, t)
+        else:
+            bad.append(key)
     if unknown:
         raise ValueError(
             f"cannot load the adapter in {directory}:\n  "
@@ -980,6 +1012,23 @@ def load_adapter(
             errors.append(str(exc))
             continue
         targets[name] = (owner, attr, t)
+    bias_targets: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for path, (key, t) in other_biases.items():
+        module = modules[path]
+        holder = module.base_layer if isinstance(module, (QLoRALinear, IA3Linear)) else module
+        dst = holder._parameters.get("bias")
+        if dst is None:
+            dst = holder._buffers.get("bias")
+        if dst is None or dst.shape != t.shape:
+            have = "no bias" if dst is None else f"a bias of shape {tuple(dst.shape)}"
+            errors.append(f'{key}: bias="all" bias of shape {tuple(t.shape)}, but {path} has {have}')
+            continue
+        try:
+            _check_tensor(key, t, dst, allow_nonfinite)
+        except (TypeError, ValueError) as exc:
+            errors.append(str(exc))
+            continue
+        bias_targets.append((dst, t))
     for path, parts in grouped.items():
         layer = modules.get(path)
         if not isinstance(layer, QLoRALinear):
@@ -1040,6 +1089,7 @@ def load_adapter(
                 use_dora,
                 device,
             )
+        ad.bias = config["bias"]
         with torch.no_grad():
             ad.lora_A.copy_(a)
             ad.lora_B.copy_(b)
@@ -1102,6 +1152,13 @@ def load_adapter(
         if p.bias is not None:
             with torch.no_grad():
                 _copy_into(p.layer.base_layer.bias, p.bias)
+    with torch.no_grad():
+        for dst, t in bias_targets:
+            _copy_into(dst, t)
+    if activate:  # PEFT's bias="all" trains every bias of the model
+        for dst, _ in bias_targets:
+            if isinstance(dst, nn.Parameter):
+                dst.requires_grad_(True)
     for m in others:
         if adapter_name in m.adapters:
             if m.active_adapter == adapter_name:
@@ -1165,7 +1222,7 @@ def _load_in_place(have: LoRAAdapter, new: LoRAAdapter) -> None:
         _copy_into(have.lora_B, new.lora_B)
         if new.magnitude is not None:
             _copy_into(have.magnitude, new.magnitude)
-    have.alpha, have.use_rslora, have.scaling = new.alpha, new.use_rslora, new.scaling
+    have.alpha, have.use_rslora, have.scaling, have.bias = new.alpha, new.use_rslora, new.scaling, new.bias
     have.dropout_p, have.dropout = new.dropout_p, new.dropout
 
 
