@@ -19,7 +19,8 @@ or are left alone by ``method="quantize"``. The summary lists them.
 Task heads stay as they are, trained in full, where PEFT's task models keep them in
 ``modules_to_save``: ``classifier`` and ``score`` of a ``*ForSequenceClassification`` or
 ``*ForTokenClassification`` model, ``qa_outputs`` of a ``*ForQuestionAnswering`` one (a
-freshly initialised head frozen in 4 bits could not learn). ``save_adapter`` saves them
+freshly initialised head frozen in 4 bits could not learn), matched as PEFT matches them,
+by plain string suffix (DistilBERT's ``pre_classifier`` too). ``save_adapter`` saves them
 whole, so PEFT loads the directory.
 
 Conversion is atomic: the replacements are all built (weights quantized) before the model
@@ -82,8 +83,10 @@ def task_type(model: nn.Module) -> str | None:
 
 
 def names_module(path: str, name: str) -> bool:
-    """PEFT's modules_to_save matching: the module path is the name or ends in "." + name."""
-    return path == name or path.endswith("." + name)
+    """PEFT's modules_to_save matching (``_set_trainable``: ``key.endswith(target_key)``), a
+    plain string suffix: "classifier" also names DistilBERT's ``pre_classifier``, which PEFT's
+    SEQ_CLS model therefore trains and saves in full too."""
+    return path.endswith(name)
 
 
 def task_heads(model: nn.Module, task: str | None = None) -> dict[str, nn.Module]:
@@ -302,7 +305,7 @@ def _targets(
     for n, m in named:
         names_of.setdefault(id(m), []).append(n)
     chosen: dict[int, tuple[nn.Linear, list[str]]] = {}
-    wrong, already, converted = [], [], []
+    wrong, already, converted, bnb = [], [], [], []
     for n, m in named:
         if _inside_qpeft_module(n, qpeft_prefixes) or id(m) in chosen:
             continue
@@ -318,6 +321,8 @@ def _targets(
             continue
         if isinstance(m, QPEFT_MODULES):
             already.append(n)
+        elif type(m).__module__.split(".")[0] == "bitsandbytes":  # bnb's Linear4bit subclasses nn.Linear
+            bnb.append(f"{n} ({type(m).__name__})")
         elif id(m) in mha_children:
             if wanted is not None:
                 wrong.append(f"{n} (inside nn.MultiheadAttention, which reads its weight directly)")
@@ -325,6 +330,14 @@ def _targets(
             wrong.append(f"{n} ({type(m).__name__})")
         else:
             chosen[id(m)] = (m, names_of[id(m)])
+    if bnb:
+        raise TypeError(
+            f"{', '.join(bnb[:5])}{' ...' if len(bnb) > 5 else ''} are already bitsandbytes 4-bit (or 8-bit) layers "
+            "(the model was loaded with a BitsAndBytesConfig); qpeft.convert quantizes full-precision nn.Linear "
+            "weights. Save that model (model.save_pretrained(dir)), build it without quantization (e.g. "
+            "from_config(model.config)), convert that and load the 4-bit weights into it: "
+            "qpeft.load_quantized(qpeft.convert(model), 'dir/model.safetensors')"
+        )
     if already:
         raise ValueError(
             f"already converted: {', '.join(already[:5])}{' ...' if len(already) > 5 else ''}; use "
@@ -344,6 +357,13 @@ def _targets(
         )
     if not chosen:
         kept = f"; the task heads {list(heads)} stay unconverted" if heads else ""
+        conv1d = [n for n, m in named if type(m).__name__ == "Conv1D"]
+        if conv1d:
+            kept += (
+                f"; the model's projections ({_listed(conv1d)}) are transformers Conv1D layers (GPT-2 style, "
+                "weight stored [in, out]), which qpeft does not convert: replace each by an nn.Linear holding "
+                "its weight transposed first"
+            )
         raise ValueError(
             f"target_modules={target_modules!r} (exclude={exclude!r}) selects no nn.Linear layer{kept}"
         )

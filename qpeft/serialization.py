@@ -68,6 +68,9 @@ PREFIX = "base_model.model."
 # does not know, whatever order the file's keys come in.
 _KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?P<tail>(?:\.[^.]+){0,2})$")
 _BIAS_KEY = re.compile(r"^(?P<path>.+?)(?:\.base_layer)?\.bias$")
+# with bias="all" PEFT also saves the biases its ModulesToSaveWrapper holds inside itself
+# (<module>.original_module.<...>.bias, <module>.modules_to_save[.<adapter>].<...>.bias)
+_WRAPPER_PARTS = ("original_module", "modules_to_save")
 
 
 _LORA_BIAS = (
@@ -131,7 +134,7 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def _modules_to_save(model: nn.Module, names, optional: Iterable[str] = ()) -> dict[str, nn.Module]:
-    """PEFT's modules_to_save matching (equal or '.'-suffix) over the model's modules. A name
+    """PEFT's modules_to_save matching (a string suffix: qpeft.convert.names_module) over the model's modules. A name
     that matches none raises ValueError unless it is in ``optional`` (PEFT skips names the
     model lacks; qpeft does so where nothing would be lost)."""
     if not names:
@@ -148,6 +151,34 @@ def _modules_to_save(model: nn.Module, names, optional: Iterable[str] = ()) -> d
             f"modules_to_save must be plain modules (e.g. embeddings, heads), not qpeft layers: {wrapped}"
         )
     return found
+
+
+def _tie_partners(model: nn.Module, extra: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The modules outside ``extra`` that hold a tensor of a module in ``extra`` (``lm_head``
+    of a tied model when ``embed_tokens`` is saved). qpeft trains the one tied tensor, which
+    moves every holder, while PEFT trains a copy of each module it names and leaves the
+    others as they were: they are saved too (and named in modules_to_save), so PEFT gives
+    each the trained tensor."""
+    shared = {id(t) for m in extra.values() for t in m.state_dict(keep_vars=True).values()}
+    partners = {}
+    for n, m in model.named_modules():
+        if not n or any(n == e or n.startswith(e + ".") for e in extra):
+            continue
+        if any(id(t) in shared for t in [*m._parameters.values(), *m._buffers.values()] if t is not None):
+            partners[n] = m
+    wrapped = [n for n, m in partners.items() if isinstance(m, (QLoRALinear, IA3Linear, Linear4bit))]
+    if wrapped:
+        raise ValueError(
+            f"{wrapped} share a tensor with modules_to_save {sorted(extra)} but are qpeft layers, which PEFT's "
+            "format cannot hold in full; leave them out of modules_to_save or convert without them"
+        )
+    return partners
+
+
+def _names_tensor(key: str, name: str) -> bool:
+    """Whether tensor ``key`` lies in a module that modules_to_save entry ``name`` names."""
+    parts = key.split(".")
+    return any(names_module(".".join(parts[:i]), name) for i in range(1, len(parts)))
 
 
 def _heads_to_save(model: nn.Module, task: str | None) -> dict[str, nn.Module]:
@@ -323,7 +354,9 @@ def save_adapter(
     """Write adapter ``adapter_name`` (default: the active one) of every QLoRALinear of ``model``
     in PEFT's LoRA format (see the module doc). Layers without that adapter are left out.
     ``modules_to_save``: names of other modules trained in full (e.g. ``["embed_tokens",
-    "lm_head"]`` after adding tokens), saved whole as PEFT saves its modules_to_save. The
+    "lm_head"]`` after adding tokens), saved whole as PEFT saves its modules_to_save; the
+    modules that share a tensor with them (``lm_head`` of a tied model when ``embed_tokens``
+    is named) are saved and named too, as training moved them as well. The
     task heads PEFT's task models always train in full (``classifier`` / ``score`` for
     SEQ_CLS and TOKEN_CLS, ``qa_outputs`` for QUESTION_ANS; the task from ``task_type`` or
     the model's class name) are saved with them, so ``PeftModel.from_pretrained`` finds
@@ -336,6 +369,7 @@ def save_adapter(
     _safetensors()  # fail before any work when the package is missing
     task = task_type if task_type is not None else _task_of(model)
     extra = _modules_to_save(model, modules_to_save) | _heads_to_save(model, task)
+    extra |= _tie_partners(model, extra)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
     if not layers:
         raise ValueError("the model has no qpeft QLoRALinear layer; run qpeft.convert(model) first")
@@ -374,9 +408,20 @@ def save_adapter(
         tensors[key + ".lora_B.weight"] = whole(ad.lora_B)
         if ad.use_dora:
             tensors[key + ".lora_magnitude_vector"] = whole(ad.magnitude)
-        if m.train_bias:
+        if (m.train_bias or ad.bias != "none") and m.base_layer.bias is not None:
             tensors[key + ".base_layer.bias"] = whole(m.base_layer.bias)
         ranks[n], alphas[n] = ad.r, ad.alpha
+    bias_all = any(ad.bias == "all" for _, _, ad in chosen)
+    if bias_all:  # PEFT's bias="all": every bias of the model, named as PEFT's model names it
+        adapted = {n for n, _, _ in chosen}
+        wrappers = _wrapper_paths(model)
+        for k, t in model.state_dict(keep_vars=True).items():
+            if not k.endswith(".bias"):
+                continue
+            w = next((w for w in wrappers if k.startswith(w + ".base_layer.")), None)
+            if w is not None and w not in adapted:  # a plain layer in PEFT's model
+                k = w + k[len(w) + len(".base_layer") :]
+            tensors[PREFIX + k] = whole(t)
     for n, module in extra.items():
         for pname, t in module.state_dict().items():
             tensors[f"{PREFIX}{n}.{pname}"] = whole(t)
@@ -405,7 +450,11 @@ def save_adapter(
         "lora_dropout": dropout,
         "use_rslora": use_rslora,
         "use_dora": use_dora,
-        "bias": "lora_only" if any(m.train_bias for _, m, _ in chosen) else "none",
+        "bias": "all"
+        if bias_all
+        else "lora_only"
+        if any(m.train_bias or ad.bias != "none" for _, m, ad in chosen)
+        else "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "modules_to_save": sorted({n.rsplit(".", 1)[-1] for n in extra}) or None,
@@ -868,8 +917,10 @@ def load_adapter(
     Tensors of the config's ``modules_to_save`` (plus the heads PEFT's task model adds for
     its ``task_type``) are copied into those modules; as in PEFT, a name the model lacks is
     skipped, unless the file holds tensors under it (ValueError: they would be lost).
-    Modules that share a tensor (tied embeddings: ``embed_tokens`` and ``lm_head``) but whose
-    tensors in the file differ, as PEFT trains a copy of each, are untied: each gets its own.
+    Modules that share a tensor (tied embeddings: ``embed_tokens`` and ``lm_head``) are
+    untied as PEFT unties them (it trains a copy of each module named in modules_to_save):
+    where the file's tensors for them differ, or the file holds only some of them, each
+    loaded module gets its own tensor and the others keep the original.
 
     The files are input: config fields of the wrong type, non-floating tensors, NaN/Inf
     values (unless ``allow_nonfinite=True``) and ranks that disagree with ``r`` /
@@ -887,13 +938,14 @@ def load_adapter(
     names += [t for t in TASK_HEADS.get(config["task_type"], ()) if t not in names]
     stored = [k[len(PREFIX) :] if k.startswith(PREFIX) else k for k in tensors]
     stored = [k for k in stored if _KEY.match(k) is None]
-    held = {t for t in names if any(f".{k}".find(f".{t}.") >= 0 for k in stored)}
+    held = {t for t in names if any(_names_tensor(k, t) for k in stored)}
     saved = _modules_to_save(model, names, optional=set(names) - held)
     by_length = sorted(saved, key=len, reverse=True)
     whole: dict[str, tuple[str, str, torch.Tensor]] = {}  # key -> (module path, its state-dict key, tensor)
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     keys: dict[tuple[str, str], str] = {}  # (path, kind) -> the file's key, for messages
     bad, unknown = [], []
+    biases: dict[str, tuple[str, torch.Tensor]] = {}  # module path -> (the file's key, tensor)
     for key, t in tensors.items():
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         try:
@@ -910,15 +962,28 @@ def load_adapter(
             continue
         owner = next((n for n in by_length if name.startswith(n + ".")), None)
         if owner is not None:
+            attr = name[len(owner) + 1 :]
+            if config["bias"] == "all" and attr.endswith(".bias") and attr.split(".")[0] in _WRAPPER_PARTS:
+                continue  # PEFT's wrapper copies; the trained bias is <owner>.<...>.bias
             whole[name] = (owner, name[len(owner) + 1 :], t)
             keys[name, ""] = key
             continue
         b = _BIAS_KEY.match(name)
         if b and config["bias"] in ("lora_only", "all") and b["path"] in modules:
-            grouped.setdefault(b["path"], {})["bias"] = t
-            keys[b["path"], "bias"] = key
+            biases[b["path"]] = (key, t)
             continue
         bad.append(key)
+    # the biases of this adapter's LoRA layers train with it; bias="all" also saved every
+    # other bias of the model (LayerNorms, untargeted linears), loaded into those modules
+    other_biases: dict[str, tuple[str, torch.Tensor]] = {}
+    for path, (key, t) in biases.items():
+        if path in grouped:
+            grouped[path]["bias"] = t
+            keys[path, "bias"] = key
+        elif config["bias"] == "all":
+            other_biases[path] = (key, t)
+        else:
+            bad.append(key)
     if unknown:
         raise ValueError(
             f"cannot load the adapter in {directory}:\n  "
@@ -947,6 +1012,23 @@ def load_adapter(
             errors.append(str(exc))
             continue
         targets[name] = (owner, attr, t)
+    bias_targets: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for path, (key, t) in other_biases.items():
+        module = modules[path]
+        holder = module.base_layer if isinstance(module, (QLoRALinear, IA3Linear)) else module
+        dst = holder._parameters.get("bias")
+        if dst is None:
+            dst = holder._buffers.get("bias")
+        if dst is None or dst.shape != t.shape:
+            have = "no bias" if dst is None else f"a bias of shape {tuple(dst.shape)}"
+            errors.append(f'{key}: bias="all" bias of shape {tuple(t.shape)}, but {path} has {have}')
+            continue
+        try:
+            _check_tensor(key, t, dst, allow_nonfinite)
+        except (TypeError, ValueError) as exc:
+            errors.append(str(exc))
+            continue
+        bias_targets.append((dst, t))
     for path, parts in grouped.items():
         layer = modules.get(path)
         if not isinstance(layer, QLoRALinear):
@@ -1007,6 +1089,7 @@ def load_adapter(
                 use_dora,
                 device,
             )
+        ad.bias = config["bias"]
         with torch.no_grad():
             ad.lora_A.copy_(a)
             ad.lora_B.copy_(b)
@@ -1023,12 +1106,23 @@ def load_adapter(
             f"adapter {adapter_name!r} is merged into some layers; unmerge before loading over it"
         )
     # Tied modules_to_save (embed_tokens and lm_head of a tied model hold one Parameter): PEFT
-    # trains a copy of each, so where the file's tensors differ every module after the first
-    # gets a Parameter of its own (untied, as under PEFT); equal ones are loaded once.
+    # trains a copy of each module it names and leaves the others as they are. A tie is kept
+    # where the file loads every holder of the tensor with equal values (loaded once); else
+    # the loaded modules get Parameters of their own (where the file covers every holder the
+    # first one loads in place) and the others keep the original: untied, as under PEFT.
     tied: dict[int, list[tuple[str, str, torch.Tensor]]] = {}
     for owner, attr, t in targets.values():
         tied.setdefault(id(saved[owner].state_dict(keep_vars=True)[attr]), []).append((owner, attr, t))
-    untie = {key: any(not torch.equal(t, g[0][2]) for _, _, t in g[1:]) for key, g in tied.items()}
+    holders = collections.Counter(
+        id(t)
+        for m in model.modules()
+        for t in [*m._parameters.values(), *m._buffers.values()]
+        if t is not None
+    )
+    partial = {key: len(g) < holders[key] for key, g in tied.items()}
+    untie = {
+        key: partial[key] or any(not torch.equal(t, g[0][2]) for _, _, t in g[1:]) for key, g in tied.items()
+    }
     sharded = any(is_dtensor(t) for t in model.parameters())
     if sharded:
         _check_sharded_load(planned, others, adapter_name, untie)
@@ -1038,7 +1132,7 @@ def load_adapter(
         for key, group in tied.items():
             for i, (owner, attr, t) in enumerate(group if untie[key] else group[:1]):
                 dst = saved[owner].state_dict(keep_vars=True)[attr]
-                if i == 0:
+                if i == 0 and not partial[key]:
                     _copy_into(dst, t)
                     continue
                 holder_name, _, leaf = attr.rpartition(".")
@@ -1058,6 +1152,13 @@ def load_adapter(
         if p.bias is not None:
             with torch.no_grad():
                 _copy_into(p.layer.base_layer.bias, p.bias)
+    with torch.no_grad():
+        for dst, t in bias_targets:
+            _copy_into(dst, t)
+    if activate:  # PEFT's bias="all" trains every bias of the model
+        for dst, _ in bias_targets:
+            if isinstance(dst, nn.Parameter):
+                dst.requires_grad_(True)
     for m in others:
         if adapter_name in m.adapters:
             if m.active_adapter == adapter_name:
@@ -1121,7 +1222,7 @@ def _load_in_place(have: LoRAAdapter, new: LoRAAdapter) -> None:
         _copy_into(have.lora_B, new.lora_B)
         if new.magnitude is not None:
             _copy_into(have.magnitude, new.magnitude)
-    have.alpha, have.use_rslora, have.scaling = new.alpha, new.use_rslora, new.scaling
+    have.alpha, have.use_rslora, have.scaling, have.bias = new.alpha, new.use_rslora, new.scaling, new.bias
     have.dropout_p, have.dropout = new.dropout_p, new.dropout
 
 

@@ -510,3 +510,38 @@ def test_keep_in_fp32_modules_stay_dense_and_load_in_transformers(tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     quantized = qpeft.convert(transformers.T5ForConditionalGeneration(cfg), method="quantize", verbose=False)
     assert type(quantized.get_submodule(wo[0])) is nn.Linear and quantized.qpeft_summary.kept_dense == wo
+
+
+def test_convert_refuses_a_model_bitsandbytes_already_quantized(tmp_path):
+    """bitsandbytes' Linear4bit subclasses nn.Linear: convert picked it and failed deep in the
+    quantizer ("input must be float32, float16 or bfloat16, got torch.uint8"). It now names
+    the layers and the way (save_pretrained, then qpeft.load_quantized), before any change."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map="cpu")
+    before = dict(model.named_modules())
+    with pytest.raises(
+        TypeError, match=r"q_proj \(Linear4bit\).*already bitsandbytes 4-bit.*qpeft\.load_quantized"
+    ):
+        qpeft.convert(model, verbose=False)
+    assert dict(model.named_modules()) == before
+
+
+def test_convert_all_linear_names_gpt2_conv1d_layers():
+    """GPT-2's projections are transformers Conv1D layers: "all-linear" said only "selects no
+    nn.Linear layer"; the message now names them and what to do."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=1, n_head=4, n_positions=64)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn.*Conv1D.*nn\.Linear"):
+        qpeft.convert(model, verbose=False)

@@ -404,3 +404,127 @@ def test_bitfit_biases_travel_to_peft(tmp_path):
     fresh = qpeft.convert(copy.deepcopy(base), r=2, train_bias=True, exclude=None, verbose=False)
     qpeft.load_adapter(fresh, tmp_path)  # and back into qpeft
     assert torch.equal(fresh.b.bias, ours.b.bias) and torch.equal(fresh.b.lora_B, ours.b.lora_B)
+
+
+def _distilbert_seq():
+    torch.manual_seed(0)
+    cfg = transformers.DistilBertConfig(vocab_size=100, dim=64, n_layers=1, n_heads=4, hidden_dim=128)
+    return transformers.DistilBertForSequenceClassification(cfg).eval()
+
+
+def test_distilbert_seq_cls_adapters_travel_both_ways(tmp_path):
+    """PEFT matches modules_to_save by plain string suffix (``key.endswith("classifier")``), so
+    its SEQ_CLS DistilBERT trains and saves ``pre_classifier`` in full too. qpeft matched
+    '.'-suffixes only: load_adapter refused PEFT's file ("entries that are not LoRA weights"),
+    and convert quantized pre_classifier, whose LoRA PEFT then refused (TypeError)."""
+    base = _distilbert_seq()
+    ours = qpeft.convert(copy.deepcopy(base), r=4, alpha=8, verbose=False)
+    assert not isinstance(ours.pre_classifier, QLoRALinear) and ours.pre_classifier.weight.requires_grad
+    _perturb_trainable(ours, 1)
+    qpeft.save_adapter(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier", "pre_classifier"]
+    hf = peft.PeftModel.from_pretrained(dequantized_copy(base, ours), tmp_path / "ours").eval()
+    for head in ("classifier", "pre_classifier"):
+        _assert_same_head_and_logits(ours, hf, head, "distilbert-seq")
+    # PEFT -> qpeft
+    targets = ["q_lin", "v_lin"]
+    ours = qpeft.convert(copy.deepcopy(base), targets, r=4, alpha=8, verbose=False)
+    hf = peft.get_peft_model(
+        dequantized_copy(base, ours),
+        peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=targets),
+    )
+    _perturb_trainable(hf, 3)
+    hf.save_pretrained(tmp_path / "peft")
+    qpeft.load_adapter(ours, tmp_path / "peft")
+    hf.eval()
+    for head in ("classifier", "pre_classifier"):
+        _assert_same_head_and_logits(ours, hf, head, "distilbert-seq")
+
+
+def _bloom():
+    torch.manual_seed(0)
+    cfg = transformers.BloomConfig(vocab_size=128, hidden_size=64, n_layer=1, n_head=4)
+    return transformers.BloomForCausalLM(cfg).eval()
+
+
+def _bloom_logits(model):
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_lora_only_bias_adapter_round_trips(tmp_path):
+    """A PEFT bias="lora_only" adapter: load_adapter copied the biases but save_adapter then
+    wrote "bias": "none" and no biases (PEFT's logits off by 0.024), and the biases were frozen.
+    They now train while that adapter is active, as PEFT's do, and are saved again."""
+    base, tm = _bloom(), ["query_key_value", "dense"]
+    ours = qpeft.convert(copy.deepcopy(base), tm, r=4, alpha=8, verbose=False).eval()
+    hf = peft.get_peft_model(
+        dequantized_copy(base, ours), peft.LoraConfig(r=4, lora_alpha=8, target_modules=tm, bias="lora_only")
+    )
+    _perturb_trainable(hf, 3)
+    hf.eval().save_pretrained(tmp_path / "peft")
+    qpeft.load_adapter(ours, tmp_path / "peft")
+    layer = ours.transformer.h[0].self_attention.dense
+    assert layer.bias.requires_grad and not ours.transformer.h[0].mlp.dense_h_to_4h.bias.requires_grad
+    assert torch.allclose(_bloom_logits(ours), _bloom_logits(hf), atol=1e-4, rtol=0)
+    qpeft.save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["bias"] == "lora_only"
+    again = peft.PeftModel.from_pretrained(dequantized_copy(base, ours), tmp_path / "ours").eval()
+    assert torch.allclose(_bloom_logits(ours), _bloom_logits(again), atol=1e-4, rtol=0)
+    qpeft.add_adapter(ours, "other", r=2)
+    qpeft.set_adapter(ours, "other")  # the bias trains with the adapter that trained it
+    assert not layer.bias.requires_grad
+    qpeft.set_adapter(ours, "default")
+    assert layer.bias.requires_grad
+
+
+def test_bias_all_adapter_loads_and_saves_as_peft(tmp_path):
+    """PEFT's bias="all" saves every bias of the model (LayerNorms, linears it does not adapt);
+    load_adapter refused it ("a LayerNorm, not a QLoRALinear"). The biases now load into their
+    modules (qpeft's converted layers the adapter does not cover included), and the adapter
+    saves again with every bias and "bias": "all"."""
+    base = _bloom()
+    ours = qpeft.convert(copy.deepcopy(base), r=4, alpha=8, verbose=False).eval()  # all linears
+    hf = peft.get_peft_model(
+        dequantized_copy(base, ours),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value"], bias="all"),
+    )
+    _perturb_trainable(hf, 3)
+    hf.eval().save_pretrained(tmp_path / "peft")
+    qpeft.load_adapter(ours, tmp_path / "peft")
+    assert ours.transformer.ln_f.bias.requires_grad
+    assert torch.allclose(_bloom_logits(ours), _bloom_logits(hf), atol=1e-4, rtol=0)
+    qpeft.save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["bias"] == "all"
+    again = peft.PeftModel.from_pretrained(dequantized_copy(base, ours), tmp_path / "ours").eval()
+    assert torch.allclose(_bloom_logits(ours), _bloom_logits(again), atol=1e-4, rtol=0)
+    # a bias="all" file whose bias does not fit: refused before anything changes
+    import safetensors.torch as st
+
+    tensors = st.load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    tensors["base_model.model.transformer.ln_f.bias"] = torch.zeros(3)
+    st.save_file(tensors, tmp_path / "peft" / "adapter_model.safetensors")
+    fresh = qpeft.convert(copy.deepcopy(base), r=4, alpha=8, verbose=False)
+    before = fresh.transformer.h[0].input_layernorm.bias.clone()
+    with pytest.raises(ValueError, match=r'ln_f\.bias: bias="all" bias of shape \(3,\)'):
+        qpeft.load_adapter(fresh, tmp_path / "peft")
+    assert torch.equal(fresh.transformer.h[0].input_layernorm.bias, before)
+
+
+def test_bias_all_task_model_adapter_loads(tmp_path):
+    """bias="all" with a task head: PEFT also writes the biases inside its ModulesToSaveWrapper
+    (``classifier.original_module.bias``, ``classifier.modules_to_save.bias``); the head's
+    trained bias is ``classifier.bias``."""
+    base, task, head = _task_model("roberta-seq")
+    ours = qpeft.convert(copy.deepcopy(base), r=4, alpha=8, verbose=False)
+    hf = peft.get_peft_model(
+        dequantized_copy(base, ours),
+        peft.LoraConfig(task_type=task, r=4, lora_alpha=8, target_modules=["query", "value"], bias="all"),
+    )
+    _perturb_trainable(hf, 3)
+    hf.save_pretrained(tmp_path)
+    qpeft.load_adapter(ours, tmp_path)
+    hf.eval()
+    _assert_same_head_and_logits(ours, hf, head, "roberta-seq")

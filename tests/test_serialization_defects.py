@@ -875,3 +875,71 @@ def test_load_adapter_unties_tied_modules_trained_apart_by_peft(tmp_path):
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def _q_proj_llama_and_peft_base(base):
+    """qpeft model converting q_proj only, and PEFT's base: the very weights it holds."""
+    import copy
+
+    model = qpeft.convert(copy.deepcopy(base), target_modules=["q_proj"], verbose=False).eval()
+    dequantized = copy.deepcopy(base)
+    with torch.no_grad():
+        for a, b in zip(dequantized.model.layers, model.model.layers):
+            a.self_attn.q_proj.weight.copy_(b.self_attn.q_proj.base_layer.dequantize(torch.float32))
+    return model, dequantized
+
+
+@pytest.mark.parametrize("side", ["embed_tokens", "lm_head"])
+def test_load_adapter_unties_one_sided_modules_to_save_as_peft(tmp_path, side):
+    """PEFT with modules_to_save naming one side of a tie trains a copy of that module and
+    leaves the other with the original tensor; load_adapter copied the file's tensor into the
+    still-tied Parameter, moving the other side too (logits off by 31.9). The loaded module
+    now gets its own Parameter and the other keeps the original, as under PEFT."""
+    _, _, base = _tied_llama()
+    peft = pytest.importorskip("peft")
+    model, dequantized = _q_proj_llama_and_peft_base(base)
+    original = model.lm_head.weight
+    hf = peft.get_peft_model(
+        dequantized, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=[side])
+    )
+    with torch.no_grad():
+        hf.base_model.model.get_submodule(
+            side if side == "lm_head" else "model.embed_tokens"
+        ).modules_to_save["default"].weight.add_(0.5)
+    hf.eval().save_pretrained(tmp_path)
+    qpeft.load_adapter(model, tmp_path)
+    loaded, other = (
+        (model.lm_head, model.model.embed_tokens)
+        if side == "lm_head"
+        else (
+            model.model.embed_tokens,
+            model.lm_head,
+        )
+    )
+    assert other.weight is original and loaded.weight is not original
+    assert loaded.weight.requires_grad == original.requires_grad
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_save_adapter_of_one_side_of_a_tie_loads_in_peft(tmp_path):
+    """qpeft trains the one tied tensor, moving embed_tokens and lm_head; save_adapter with
+    modules_to_save=["embed_tokens"] wrote the embedding only and PEFT kept lm_head at the
+    original (logits off by 31.9). The other holders of the tensor are saved and named too."""
+    _, _, base = _tied_llama()
+    peft = pytest.importorskip("peft")
+    model, dequantized = _q_proj_llama_and_peft_base(base)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(0.5)  # "trained": lm_head moves with it
+    qpeft.save_adapter(model, tmp_path, modules_to_save=["embed_tokens"])
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["embed_tokens", "lm_head"]
+    hf = peft.PeftModel.from_pretrained(dequantized, tmp_path).eval()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, hf(input_ids=ids).logits, atol=1e-4, rtol=0)
+    fresh, _ = _q_proj_llama_and_peft_base(base)
+    qpeft.load_adapter(fresh, tmp_path)  # equal tensors for every holder: stays tied
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)

@@ -108,6 +108,10 @@ class LoRAAdapter(nn.Module):
     """One adapter's parameters: ``lora_A`` [r, in], ``lora_B`` [out, r] (fp32 by default,
     as PEFT keeps adapters over 4-bit bases), optional DoRA ``magnitude`` [out]."""
 
+    # PEFT's bias setting of an adapter load_adapter loaded ("lora_only", "all"): while it is
+    # active the layer's bias trains (as under PEFT), and save_adapter writes the biases
+    bias: str = "none"
+
     def __init__(
         self,
         in_features: int,
@@ -334,8 +338,11 @@ class QLoRALinear(nn.Module):
         self.active_adapter = name
         for n, ad in self.adapters.items():
             ad.requires_grad_(n == name)
-        if self.train_bias:
-            self.base_layer.bias.requires_grad_(True)
+        trains = self.train_bias or (name is not None and self.adapters[name].bias != "none")
+        if self.base_layer.bias is not None and (
+            trains or any(ad.bias != "none" for ad in self.adapters.values())
+        ):
+            self.base_layer.bias.requires_grad_(trains)
 
     def disable_adapters(self) -> None:
         """From now on forward gives exactly the base layer's output."""
