@@ -386,6 +386,30 @@ def test_lora_over_16bit_base_matches_peft():
     assert_within(pm(x), *_ref_lora(layer, x, x), "PEFT")
 
 
+@pytest.mark.parametrize("quantize", [True, False], ids=["4bit", "16bit"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+def test_non_float_input_is_refused_over_any_base(kind, quantize):
+    # the 16-bit base cast the result back to x's dtype: an int x gave the output truncated,
+    # a bool x "!= 0", a list an AttributeError; the 4-bit base refused them
+    lin = _linear(4, 3, seed=15)
+    if kind == "ia3":
+        layer = IA3Linear.from_linear(lin, quantize=quantize)
+    else:
+        layer = QLoRALinear.from_linear(lin, r=2, quantize=quantize, use_dora=kind == "dora")
+    for x in (
+        torch.tensor([[1, 2, 3, 4]]),
+        torch.ones(1, 4, dtype=torch.bool),
+        torch.ones(1, 4, dtype=torch.cfloat),
+    ):
+        with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+            layer(x)
+    with pytest.raises(TypeError, match="expects a tensor"):
+        layer([[1.0, 2.0, 3.0, 4.0]])
+    layer.disable_adapters()
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        layer(torch.tensor([[1, 2, 3, 4]]))
+
+
 @pytest.mark.parametrize("quantize", [True, False])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_dora_matches_peft(quantize, dropout):

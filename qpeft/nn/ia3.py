@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .linear4bit import Linear4bit, result_dtype
-from .lora import dense_linear, set_base_attr
+from .lora import check_dense_input, dense_linear, set_base_attr
 
 __all__ = ["IA3Linear"]
 
@@ -89,6 +89,7 @@ class IA3Linear(nn.Module):
             if self.ia3_l.requires_grad and torch.is_grad_enabled():
                 return (base(x) * self.ia3_l).to(result_dtype(x))
             return base.qlora(x, out_scale=self.ia3_l.detach())
+        check_dense_input(self, x)
         if not self.adapters_enabled:
             return base(x)
         return (dense_linear(base, x) * self.ia3_l).to(result_dtype(x))
