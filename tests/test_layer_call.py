@@ -293,8 +293,8 @@ def test_vmap_and_jit_trace_take_the_full_path(full_path_calls):
     q = _layer()
     x = torch.randn(3, 64)
     assert _served_fast(q, x)
-    # under vmap x is a batched wrapper: not served (the full path itself has no batching
-    # rule for QLoRAFunction, so the call is checked directly)
+    # under vmap x is a batched wrapper: not served (the call is checked directly; vmap of
+    # the layer itself, on the full path: tests/test_autograd_defects.py)
     seen = []
 
     def probe(xi):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .linear4bit import Linear4bit, result_dtype
+from .linear4bit import Linear4bit, refuse_jit_script, result_dtype
 from .lora import check_dense_input, dense_linear, set_base_attr
 
 __all__ = ["IA3Linear"]
@@ -69,6 +69,8 @@ class IA3Linear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+    __prepare_scriptable__ = refuse_jit_script
 
     def __setattr__(self, name, value):
         if not set_base_attr(self, name, value):

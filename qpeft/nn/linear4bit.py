@@ -91,6 +91,19 @@ def result_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if autocast_enabled(dev) else x.dtype
 
 
+def refuse_jit_script(module: nn.Module):
+    """``__prepare_scriptable__`` of qpeft's layers (torch.jit.script calls it on a module and
+    its submodules first): TorchScript cannot compile them (a tensor subclass weight, an
+    autograd.Function, Python-level dispatch), and failed deep inside with "Unknown type
+    annotation" or a hasattr message."""
+    raise RuntimeError(
+        f"torch.jit.script cannot compile qpeft's {type(module).__name__} (its 4-bit weight is a tensor "
+        "subclass and its autograd a Python autograd.Function): use torch.compile or torch.export, or "
+        "torch.jit.trace (under torch.no_grad() its graph holds the qpeft ops and torch.jit.save keeps it; "
+        "docs/design.md, 'torch.func, torch.jit.trace, TorchScript')"
+    )
+
+
 class Linear4bit(nn.Module):
     """y = x @ dequant(W)^T + bias with W frozen in 4 bits.
 
@@ -241,6 +254,8 @@ class Linear4bit(nn.Module):
         super().__setattr__(name, value)
 
     # --- compute -------------------------------------------------------------------------
+    __prepare_scriptable__ = refuse_jit_script
+
     def check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}")

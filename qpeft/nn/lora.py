@@ -34,7 +34,7 @@ from torch import nn
 from .._checks import _LORA_FLOATS
 from ..autograd import layer_call, layer_module, small_layer_plan
 from ..weight4bit import Weight4bit
-from .linear4bit import Linear4bit, result_dtype
+from .linear4bit import Linear4bit, refuse_jit_script, result_dtype
 from .weight_rows import row_norms
 
 
@@ -262,6 +262,8 @@ class QLoRALinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+    __prepare_scriptable__ = refuse_jit_script
 
     def __setattr__(self, name, value):
         if not set_base_attr(self, name, value):
