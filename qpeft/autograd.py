@@ -129,8 +129,8 @@ def qlora_forward(
 class QLoRAFunction(torch.autograd.Function):
     """y = out_scale * (x @ dequant(W)^T + bias + (scaling * (x @ A^T) * rank_scale) @ B^T).
 
-    ``forward(x, lora_A, lora_B, bias, frozen)`` with ``frozen = (packed, absmax,
-    nested_absmax, nested_code, offset, quant, scaling, rank_scale, out_scale)`` and
+    ``forward(x, lora_A, lora_B, bias, frozen) -> (y, xa)`` with ``frozen = (packed, absmax,
+    nested_absmax, nested_code, offset, quant, scaling, rank_scale, out_scale, return_xa)`` and
     ``quant = (blocksize, nested_blocksize, quant_type, out_features, in_features)``; x
     is [M, K] and y [M, N]: ``functional.qlora_linear`` reshapes (and casts for autocast)
     outside ``apply``, so y is no view made inside the Function (in-place ops on it work,
@@ -148,16 +148,35 @@ class QLoRAFunction(torch.autograd.Function):
     through the cast, so x.grad has x's original dtype.
     """
 
+    # torch.func (grad, vjp, jacrev, vmap, functional_call under them) runs an
+    # autograd.Function only in this form (forward without ctx, setup_context) and vmaps
+    # the forward and backward themselves (the qpeft ops' batching fallback: correct, a loop)
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, bias, frozen):
+    def forward(x, lora_a, lora_b, bias, frozen):
         # frozen = (packed, absmax, nested_absmax, nested_code, offset, quant, scaling,
-        # rank_scale, out_scale): what gets no gradient, one argument instead of nine.
-        # Function.apply works per argument: a no-op Function of 13 arguments cost 21.9 us
-        # per apply, of 5 arguments 11.8 us (AMX Xeon VM; docs/design.md, "Per-call
+        # rank_scale, out_scale, return_xa): what gets no gradient, one argument instead of
+        # ten. Function.apply works per argument: a no-op Function of 13 arguments cost
+        # 21.9 us per apply, of 5 arguments 11.8 us (AMX Xeon VM; docs/design.md, "Per-call
         # overhead"). The frozen tensors are still saved with save_for_backward (their
-        # version counters checked in the backward).
-        packed, absmax, nested_absmax, nested_code, offset, quant, scaling, rank_scale, out_scale = frozen
-        y, x2, xa = qlora_forward(
+        # version counters checked in the backward). return_xa: whether lora_B needs a
+        # gradient (its backward reads xa = x @ A^T, a by-product of the forward kernels),
+        # decided by the caller since this forward has no ctx. Returns (y, xa), xa not
+        # differentiable (empty without return_xa).
+        (
+            packed,
+            absmax,
+            nested_absmax,
+            nested_code,
+            offset,
+            quant,
+            scaling,
+            rank_scale,
+            out_scale,
+            return_xa,
+        ) = frozen
+        y, _, xa = qlora_forward(
             x,
             lora_a,
             lora_b,
@@ -171,18 +190,26 @@ class QLoRAFunction(torch.autograd.Function):
             scaling,
             rank_scale,
             out_scale,
-            ctx.needs_input_grad[2],
+            return_xa,
         )
+        return y, xa
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, lora_a, lora_b, bias, frozen = inputs
+        packed, absmax, nested_absmax, nested_code, offset, quant, scaling, rank_scale, out_scale, _ = frozen
+        xa = output[1]
+        ctx.mark_non_differentiable(xa)
+        # x is [M, K] in the dtype the ops ran in (functional._rows casts it for autocast)
         ctx.save_for_backward(
-            x2, lora_a, lora_b, packed, absmax, nested_absmax, nested_code, offset, xa, rank_scale, out_scale
+            x, lora_a, lora_b, packed, absmax, nested_absmax, nested_code, offset, xa, rank_scale, out_scale
         )
         ctx.quant = quant
         ctx.scaling = scaling
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, _grad_xa):
         x2, lora_a, lora_b, packed, absmax, nested_absmax, nested_code, offset, xa, rank_scale, out_scale = (
             ctx.saved_tensors
         )
@@ -227,6 +254,66 @@ class QLoRAFunction(torch.autograd.Function):
             dbias.to(ctx.bias_dtype) if need_dbias else None,
             None,
         )
+
+
+class TracedQLoRAFunction(torch.autograd.Function):
+    """QLoRAFunction with the frozen tensors as arguments of their own, for
+    ``torch.jit.trace``: its tracer cannot save for the backward a tensor that is no
+    argument of the Function and was made during the trace (the quantization state's
+    offset view), and failed with a bare C++ ``unordered_map::at``. The same forward,
+    saved tensors and backward; only traces take it (the per-argument cost of ``apply``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        x,
+        lora_a,
+        lora_b,
+        bias,
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        rank_scale,
+        out_scale,
+        consts,
+    ):
+        return QLoRAFunction.forward(
+            x,
+            lora_a,
+            lora_b,
+            bias,
+            _frozen_of(packed, absmax, nested_absmax, nested_code, offset, rank_scale, out_scale, consts),
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        frozen = _frozen_of(*inputs[4:])
+        QLoRAFunction.setup_context(ctx, (*inputs[:4], frozen), output)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_xa):
+        return (*QLoRAFunction.backward(ctx, grad_y, grad_xa)[:4], *([None] * 8))
+
+
+def _frozen_of(packed, absmax, nested_absmax, nested_code, offset, rank_scale, out_scale, consts):
+    """QLoRAFunction's ``frozen`` from TracedQLoRAFunction's arguments (consts = (quant,
+    scaling, return_xa))."""
+    quant, scaling, return_xa = consts
+    return (
+        packed,
+        absmax,
+        nested_absmax,
+        nested_code,
+        offset,
+        quant,
+        scaling,
+        rank_scale,
+        out_scale,
+        return_xa,
+    )
 
 
 def graph_backward(grad_y, x2, lora_a, lora_b, weight, quant, scaling, rank_scale, out_scale, needs):
@@ -362,25 +449,27 @@ class Linear4bitFunction(torch.autograd.Function):
 
     ``forward(x, bias, packed, absmax, nested_absmax, nested_code, offset, quant)`` with
     ``quant`` as in QLoRAFunction, x [M, K] and y [M, N] (``functional.linear_4bit``
-    reshapes outside ``apply``, as for QLoRAFunction). The forward is ``linear_4bit_forward`` (GEMV at M <= 8);
+    reshapes and casts for autocast outside ``apply``, as for QLoRAFunction). The forward is ``linear_4bit_forward`` (GEMV at M <= 8);
     the backward is ``qlora_linear_backward`` without an adapter: dx = dy @ dequant(W)
     (recomputed from the packed weight), dbias = sum(dy). x itself is not saved (the
     no-adapter backward reads only its shape and dtype), so a frozen layer keeps no
     activation alive for the backward. Autocast as in QLoRAFunction.
     """
 
+    generate_vmap_rule = True  # torch.func support, as QLoRAFunction's
+
     @staticmethod
-    def forward(ctx, x, bias, packed, absmax, nested_absmax, nested_code, offset, quant):
-        dev = x.device.type
-        if autocast_enabled(dev):
-            x = x.to(torch.get_autocast_dtype(dev))
-        with _autocast_off(dev):
-            y = linear_4bit_forward(x, bias, packed, absmax, nested_absmax, nested_code, offset, quant)
+    def forward(x, bias, packed, absmax, nested_absmax, nested_code, offset, quant):
+        with _autocast_off(x.device.type):
+            return linear_4bit_forward(x, bias, packed, absmax, nested_absmax, nested_code, offset, quant)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, bias, packed, absmax, nested_absmax, nested_code, offset, quant = inputs
         ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
         ctx.quant = quant
         ctx.x_meta = (x.shape, x.dtype)
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y
 
     @staticmethod
     def backward(ctx, grad_y):

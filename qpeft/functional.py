@@ -17,7 +17,14 @@ from . import (
     backends,  # noqa: F401  (registers every backend's kernels)
 )
 from ._formats import NESTED_BLOCKSIZE, code4, dynamic_map
-from .autograd import Linear4bitFunction, QLoRAFunction, autocast_enabled, linear_4bit_forward, qlora_forward
+from .autograd import (
+    Linear4bitFunction,
+    QLoRAFunction,
+    TracedQLoRAFunction,
+    autocast_enabled,
+    linear_4bit_forward,
+    qlora_forward,
+)
 from .quant_state import QuantState
 
 __all__ = [
@@ -259,12 +266,19 @@ def qlora_linear(
         or (lora_A is not None and (lora_A.requires_grad or lora_B.requires_grad))
         or (bias is not None and bias.requires_grad)
     ):
-        frozen = (packed, absmax, na, nc, off, quant, args[10], rank_scale, out_scale)
+        return_xa = lora_B is not None and lora_B.requires_grad  # dB's backward reads xa
+        frozen = (packed, absmax, na, nc, off, quant, args[10], rank_scale, out_scale, return_xa)
         # the Function takes x as [M, K] and gives y as [M, N]: reshaped (and cast for
         # autocast) out here, autograd records it, so y is no view made inside the Function
         # (in-place ops on it work) and the x it saves keeps its graph (create_graph=True)
         x2 = _rows(x, quant[4])
-        y = QLoRAFunction.apply(x2, lora_A, lora_B, bias, frozen)
+        if torch._C._get_tracing_state() is None:
+            y = QLoRAFunction.apply(x2, lora_A, lora_B, bias, frozen)[0]
+        else:  # torch.jit.trace: the frozen tensors as arguments (TracedQLoRAFunction)
+            consts = (quant, args[10], return_xa)
+            y = TracedQLoRAFunction.apply(
+                x2, lora_A, lora_B, bias, *frozen[:5], rank_scale, out_scale, consts
+            )[0]
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], quant[3])
     # nothing needs a gradient: the same forward without an autograd node (its setup is a
     # fifth of a small layer's call; docs/design.md, "Per-call overhead")
@@ -296,7 +310,11 @@ def _state_args(state: QuantState, signature: tuple | None) -> tuple:
     if hit is not None and hit[0] is signature:
         return hit[1]
     args = _quant_args(state)
-    if not state.nested or state.offset.dtype == torch.float32:
+    # not under a torch.func transform: the offset's reshape there is a wrapper of the
+    # transform's level, dead (no storage) once it returns
+    if (
+        not state.nested or state.offset.dtype == torch.float32
+    ) and not torch._C._are_functorch_transforms_active():
         _state_args_cache[state] = (signature, args)
     return args
 
@@ -334,11 +352,9 @@ def linear_4bit(
     absmax, na, nc, off, quant = _state_args(quant_state, signature)
     n, k = quant[3], quant[4]
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        # [M, K] in, [M, N] out, reshaped out here (see qlora_linear)
-        if x.dim() == 2:
-            return Linear4bitFunction.apply(x, bias, weight_packed, absmax, na, nc, off, quant)
-        y = Linear4bitFunction.apply(x.reshape(-1, k), bias, weight_packed, absmax, na, nc, off, quant)
-        return y.reshape(*x.shape[:-1], n)
+        # [M, K] in, [M, N] out, reshaped and cast for autocast out here (see qlora_linear)
+        y = Linear4bitFunction.apply(_rows(x, k), bias, weight_packed, absmax, na, nc, off, quant)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
     # inference: the same forward without an autograd node (a decode step calls this per layer)
     dev = x.device.type
     if autocast_enabled(dev):

@@ -497,6 +497,15 @@ class Weight4bit(torch.Tensor):
                 a.offset.copy_(b.offset.reshape(a.offset.shape))
         else:
             a.absmax.copy_(fp32_absmax(b))  # bit-identical decode (fp32_absmax)
+        # In-place ops inside __torch_dispatch__ run below autograd's ADInplaceOrView key, so
+        # they bump no version counter: bump the written inner tensors' here, which the
+        # layers' autograd nodes saved (Python and C++ alike), so that a backward after this
+        # copy raises torch's "modified by an inplace operation" error, as nn.Linear's does,
+        # instead of silently using the new weight.
+        written = [self.packed, a.absmax]
+        if a.nested:
+            written += [a.state2.absmax, a.offset]
+        torch.autograd.graph.increment_version(written)
 
     def _equal(self, other) -> bool:
         if not isinstance(other, Weight4bit):

@@ -10,6 +10,9 @@
 - A 0-d input to a QLoRALinear over a 16-bit base raised IndexError.
 - An in-place op on a layer's output for x with >= 3 dims raised "is a view and is being
   modified inplace" (the Functions returned a view): Falcon's ``mlp_output += attention_output``.
+- torch.func transforms (grad, jacrev, vmap, functional_call) raised torch's "must override
+  the setup_context staticmethod"; torch.jit.trace with an adapter needing a gradient failed
+  with a bare "unordered_map::at"; torch.jit.script with "Unknown type annotation".
 """
 
 from __future__ import annotations
@@ -250,3 +253,113 @@ def test_inplace_op_on_the_output(name, lead):
         got = _grads(layer, x, inplace=True)
         assert len(got) == len(expected)
         assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+# --- torch.func transforms, torch.jit.trace with a gradient, torch.jit.script ---------------
+# torch.func raised torch's "must override the setup_context staticmethod" (old-style
+# Functions); torch.jit.trace with an adapter needing a gradient failed with a bare C++
+# "unordered_map::at"; torch.jit.script with "Unknown type annotation".
+def _func_layers():
+    def l4():
+        lin = Linear4bit.from_linear(_linear())
+        lin.bias.requires_grad_(True)
+        return lin
+
+    return {
+        "qlora": lambda: _qlora(),
+        "qlora-nobias": _qlora_nobias,
+        "dora": lambda: _qlora(use_dora=True),
+        "linear4bit": l4,
+        "ia3": lambda: IA3Linear.from_linear(_linear()),
+    }
+
+
+def _qlora_nobias():
+    q = QLoRALinear.from_linear(torch.nn.Linear(16, 12, bias=False), r=4, alpha=8)
+    with torch.no_grad():
+        q.lora_B.normal_(0, 0.1)
+    return q
+
+
+def _oracle64(layer, params, x):
+    """The layer's output in fp64 on the dequantized weight, as a function of ``params``
+    (the names of its trainable parameters) and x."""
+    base = layer.base_layer if hasattr(layer, "base_layer") else layer
+    w = base.weight.dequantize().double()
+    b = params.get("bias", base.bias)  # a Linear4bit's bias is trained here
+    y = x @ w.t()
+    if isinstance(layer, QLoRALinear):
+        ad = layer.adapters["default"]
+        a, bb = params["adapters.default.lora_A"], params["adapters.default.lora_B"]
+        delta = layer.scaling * (x @ a.t()) @ bb.t()
+        if ad.use_dora:
+            norm = torch.linalg.vector_norm(w + layer.scaling * bb @ a, dim=1).detach()
+            y = (y + delta) * (params["adapters.default.magnitude"] / norm)
+        else:
+            y = y + delta
+    if b is not None:
+        y = y + b.detach().double() if b is base.bias else y + b
+    if isinstance(layer, IA3Linear):
+        y = y * params["ia3_l"]
+    return y
+
+
+@pytest.mark.parametrize("name", list(_func_layers()))
+def test_torch_func_grad_and_functional_call(name):
+    layer = _func_layers()[name]()
+    x = torch.randn(5, 16)
+    params = {k: p.detach() for k, p in layer.named_parameters() if p.requires_grad}
+
+    def loss(p, x):
+        return torch.func.functional_call(layer, p, (x,)).pow(2).sum()
+
+    gp, gx = torch.func.grad(loss, argnums=(0, 1))(params, x)
+    p64 = {k: v.double().requires_grad_() for k, v in params.items()}
+    x64 = x.double().requires_grad_()
+    _oracle64(layer, p64, x64).pow(2).sum().backward()
+    assert _rel(gx, x64.grad) < 1e-4
+    for k in params:
+        assert _rel(gp[k], p64[k].grad) < 1e-4, k
+    # the eager layer still works afterwards (nothing cached from inside the transform)
+    y = layer(x)
+    assert _rel(y, _oracle64(layer, p64, x.double()).detach()) < 1e-4
+
+
+@pytest.mark.parametrize("name", list(_func_layers()))
+def test_torch_func_jacrev_and_vmap(name):
+    layer = _func_layers()[name]()
+    x = torch.randn(16)
+    params = {k: p.detach().double() for k, p in layer.named_parameters() if p.requires_grad}
+    want = torch.autograd.functional.jacobian(lambda x: _oracle64(layer, params, x), x.double())
+    jac = torch.func.jacrev(layer)(x)
+    assert _rel(jac, want) < 1e-4
+    xs = torch.randn(3, 4, 16)
+    torch.testing.assert_close(torch.func.vmap(layer)(xs), layer(xs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [4, 20])
+def test_jit_trace_with_a_gradient(rows):
+    q = _qlora()
+    x = torch.randn(rows, 16)
+    traced = torch.jit.trace(q, x, check_trace=False)
+    results = []
+    for fn in (traced, q):
+        q.zero_grad()
+        xg = x.clone().requires_grad_()
+        y = fn(xg)
+        y.pow(2).sum().backward()
+        results.append((y.detach(), xg.grad, q.lora_A.grad.clone(), q.lora_B.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    x2 = torch.randn(rows + 1, 16)
+    assert torch.equal(traced(x2), q(x2))
+
+
+@pytest.mark.parametrize(
+    "make", [_qlora, lambda: Linear4bit.from_linear(_linear()), lambda: IA3Linear.from_linear(_linear())]
+)
+def test_jit_script_is_a_clear_error(make):
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile .*torch.compile"):
+        torch.jit.script(make())
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile"):
+        torch.jit.script(torch.nn.Sequential(make()))

@@ -162,6 +162,51 @@ def test_autograd_semantics_as_before():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("double_quant", [True, False], ids=["nested", "fp32-absmax"])
+@pytest.mark.parametrize("kind", ["QLoRALinear", "Linear4bit"])
+@pytest.mark.parametrize("path", ["fast", "full"])
+@pytest.mark.parametrize("rows", [4, 40])
+def test_weight_copy_between_forward_and_backward_is_caught(kind, path, double_quant, rows):
+    # Weight4bit.copy_ writes the inner tensors the backward reads from inside
+    # __torch_dispatch__ (where no version counter moves): it bumps them itself, so the
+    # backward raises as nn.Linear's does, on the first call and on a planned later one
+    if kind == "QLoRALinear":
+        layer = _layer(double_quant=double_quant)
+    else:
+        layer = _base(n=64, k=64, double_quant=double_quant)
+    base = layer.base_layer if kind == "QLoRALinear" else layer
+    other = _base(n=64, k=64, double_quant=double_quant, seed=1)
+    ctx = torch.enable_grad if path == "fast" else lambda: qpeft.use_backend("cpu")
+    for call in ("first", "later"):
+        if call == "first":
+            layer = copy.deepcopy(layer)
+            base = layer.base_layer if kind == "QLoRALinear" else layer
+        else:
+            layer(torch.randn(rows, 64))  # builds the plan the later call is served from
+            assert kind != "QLoRALinear" or path != "fast" or layer._fast_plan is not None
+        x = torch.randn(rows, 64, requires_grad=True)
+        with ctx():
+            y = layer(x)
+        with torch.no_grad():
+            base.weight.copy_(other.weight)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+        # a new forward reads the new weight and its backward runs
+        with ctx():
+            y = layer(x)
+        y.sum().backward()
+        w = other.dequantize(torch.float32)
+        assert torch.allclose(x.grad, torch.ones(rows, 64) @ w + _adapter_dx(layer, rows), atol=1e-4)
+        other = _base(n=64, k=64, double_quant=double_quant, seed=2)
+
+
+def _adapter_dx(layer, rows):
+    if not isinstance(layer, QLoRALinear):
+        return 0.0
+    a, b = layer.lora_A.detach(), layer.lora_B.detach()
+    return layer.scaling * (torch.ones(rows, 64) @ b) @ a
+
+
 def _excluded_cases():
     def dropout_training(q, x):
         q2 = _layer(dropout=0.1)
@@ -248,8 +293,8 @@ def test_vmap_and_jit_trace_take_the_full_path(full_path_calls):
     q = _layer()
     x = torch.randn(3, 64)
     assert _served_fast(q, x)
-    # under vmap x is a batched wrapper: not served (the full path itself has no batching
-    # rule for QLoRAFunction, so the call is checked directly)
+    # under vmap x is a batched wrapper: not served (the call is checked directly; vmap of
+    # the layer itself, on the full path: tests/test_autograd_defects.py)
     seen = []
 
     def probe(xi):

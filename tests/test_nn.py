@@ -208,6 +208,31 @@ def test_autocast_equals_explicit_bf16_input():
     assert layer.lora_A.grad.dtype == torch.float32 and torch.equal(ga, layer.lora_A.grad)
 
 
+@pytest.mark.parametrize("compute_dtype", [None, torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_autocast_output_dtype_is_one_rule(compute_dtype):
+    # autocast's dtype under autocast, as F.linear's, on every path: Linear4bit with
+    # compute_dtype cast y back to x's fp32 (and so did QLoRALinear in eval, not in training
+    # with dropout, whose path honoured autocast)
+    lin = _linear(64, 48, seed=16)
+    layers = {
+        "Linear4bit": Linear4bit.from_linear(lin, compute_dtype=compute_dtype),
+        "QLoRALinear": QLoRALinear.from_linear(lin, r=4, dropout=0.1, compute_dtype=compute_dtype),
+        "DoRA": QLoRALinear.from_linear(lin, r=4, dropout=0.1, use_dora=True, compute_dtype=compute_dtype),
+        "IA3Linear": IA3Linear.from_linear(lin, compute_dtype=compute_dtype),
+    }
+    for x_dtype in (torch.float32, torch.float16):
+        x = torch.randn(20, 64, dtype=x_dtype)
+        for name, layer in layers.items():
+            for training in (False, True):
+                layer.train(training)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    want = F.linear(x, lin.weight).dtype
+                    assert layer(x).dtype == want == torch.bfloat16, (name, training, x_dtype)
+                    assert layer(x[:2]).dtype == want, (name, training, "GEMV rows")
+                # outside autocast: x's dtype, as before
+                assert layer(x).dtype == x_dtype, (name, training)
+
+
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_torch_compile_matches_eager(compiler):
     """The layer traces under torch.compile (fake impls of the ops, no graph break with
@@ -384,6 +409,30 @@ def test_lora_over_16bit_base_matches_peft():
         pm.base_model.model.lin.lora_A["default"].weight.copy_(layer.lora_A)
         pm.base_model.model.lin.lora_B["default"].weight.copy_(layer.lora_B)
     assert_within(pm(x), *_ref_lora(layer, x, x), "PEFT")
+
+
+@pytest.mark.parametrize("quantize", [True, False], ids=["4bit", "16bit"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+def test_non_float_input_is_refused_over_any_base(kind, quantize):
+    # the 16-bit base cast the result back to x's dtype: an int x gave the output truncated,
+    # a bool x "!= 0", a list an AttributeError; the 4-bit base refused them
+    lin = _linear(4, 3, seed=15)
+    if kind == "ia3":
+        layer = IA3Linear.from_linear(lin, quantize=quantize)
+    else:
+        layer = QLoRALinear.from_linear(lin, r=2, quantize=quantize, use_dora=kind == "dora")
+    for x in (
+        torch.tensor([[1, 2, 3, 4]]),
+        torch.ones(1, 4, dtype=torch.bool),
+        torch.ones(1, 4, dtype=torch.cfloat),
+    ):
+        with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+            layer(x)
+    with pytest.raises(TypeError, match="expects a tensor"):
+        layer([[1.0, 2.0, 3.0, 4.0]])
+    layer.disable_adapters()
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        layer(torch.tensor([[1, 2, 3, 4]]))
 
 
 @pytest.mark.parametrize("quantize", [True, False])

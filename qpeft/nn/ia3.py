@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .linear4bit import Linear4bit, result_dtype
-from .lora import dense_linear, set_base_attr
+from .linear4bit import Linear4bit, refuse_jit_script, result_dtype
+from .lora import check_dense_input, dense_linear, set_base_attr
 
 __all__ = ["IA3Linear"]
 
@@ -70,6 +70,8 @@ class IA3Linear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    __prepare_scriptable__ = refuse_jit_script
+
     def __setattr__(self, name, value):
         if not set_base_attr(self, name, value):
             super().__setattr__(name, value)
@@ -89,6 +91,7 @@ class IA3Linear(nn.Module):
             if self.ia3_l.requires_grad and torch.is_grad_enabled():
                 return (base(x) * self.ia3_l).to(result_dtype(x))
             return base.qlora(x, out_scale=self.ia3_l.detach())
+        check_dense_input(self, x)
         if not self.adapters_enabled:
             return base(x)
         return (dense_linear(base, x) * self.ia3_l).to(result_dtype(x))

@@ -91,6 +91,19 @@ def result_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if autocast_enabled(dev) else x.dtype
 
 
+def refuse_jit_script(module: nn.Module):
+    """``__prepare_scriptable__`` of qpeft's layers (torch.jit.script calls it on a module and
+    its submodules first): TorchScript cannot compile them (a tensor subclass weight, an
+    autograd.Function, Python-level dispatch), and failed deep inside with "Unknown type
+    annotation" or a hasattr message."""
+    raise RuntimeError(
+        f"torch.jit.script cannot compile qpeft's {type(module).__name__} (its 4-bit weight is a tensor "
+        "subclass and its autograd a Python autograd.Function): use torch.compile or torch.export, or "
+        "torch.jit.trace (under torch.no_grad() its graph holds the qpeft ops and torch.jit.save keeps it; "
+        "docs/design.md, 'torch.func, torch.jit.trace, TorchScript')"
+    )
+
+
 class Linear4bit(nn.Module):
     """y = x @ dequant(W)^T + bias with W frozen in 4 bits.
 
@@ -99,7 +112,10 @@ class Linear4bit(nn.Module):
     ``nn.Linear`` state dict, which is quantized on load). ``compute_dtype``: when set,
     x is cast to it for the matmul and the result cast back to x's dtype (as
     bitsandbytes does); None computes in x's dtype. On CPU the kernels accumulate in
-    fp32 whatever the dtype.
+    fp32 whatever the dtype. Inside an autocast region autocast's dtype wins, as for
+    ``F.linear``: x computes in it and y comes out in it, with or without
+    ``compute_dtype``, in eval and in training (every adapter layer over this base
+    returns the same dtype).
     """
 
     def __init__(
@@ -238,6 +254,8 @@ class Linear4bit(nn.Module):
         super().__setattr__(name, value)
 
     # --- compute -------------------------------------------------------------------------
+    __prepare_scriptable__ = refuse_jit_script
+
     def check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}")
@@ -263,7 +281,7 @@ class Linear4bit(nn.Module):
         M <= 8 rows); without an adapter but with out_scale, the fused op with its LoRA
         terms skipped. ``bias=False`` leaves the bias out."""
         self.check_input(x)
-        in_dtype = x.dtype
+        out_dtype = result_dtype(x)
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         b = self.bias if bias else None
@@ -272,8 +290,9 @@ class Linear4bit(nn.Module):
             y = qf.linear_4bit(x, w.packed, w.quant_state, b)
         else:
             y = qf.qlora_linear(x, w.packed, w.quant_state, lora_A, lora_B, scaling, b, out_scale=out_scale)
-        # y is in x's dtype (autocast's inside an autocast region); compute_dtype casts back
-        return y.to(in_dtype) if self.compute_dtype is not None and y.dtype != in_dtype else y
+        # y is in x's dtype (autocast's inside an autocast region); compute_dtype casts back to
+        # the dtype every path returns (result_dtype: autocast's there too, as F.linear's)
+        return y.to(out_dtype) if self.compute_dtype is not None and y.dtype != out_dtype else y
 
     # The fast path (docs/design.md, "Per-call overhead"): a plan for qpeft._C_layer's
     # linear_call, built after a call the full path served; it serves inference calls of

@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import _LORA_FLOATS
 from ..autograd import layer_call, layer_module, small_layer_plan
 from ..weight4bit import Weight4bit
-from .linear4bit import Linear4bit, result_dtype
+from .linear4bit import Linear4bit, refuse_jit_script, result_dtype
 from .weight_rows import row_norms
 
 
@@ -87,6 +88,16 @@ def dense_linear(layer: nn.Linear, x: torch.Tensor, bias: bool = True) -> torch.
         dt = torch.float32
     b = layer.bias if bias else None
     return F.linear(x.to(dt), w.to(dt), None if b is None else b.to(dt))
+
+
+def check_dense_input(layer: nn.Module, x) -> None:
+    """x of an adapter layer over a 16-bit base: a floating-point tensor, as a 4-bit base
+    requires (``_checks``); ``dense_linear`` would otherwise cast an integer, bool or complex
+    x's result back to that dtype (truncated) and a list fail on ``x.dim()``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{type(layer).__name__} expects a tensor, got {type(x).__name__}")
+    if x.dtype not in _LORA_FLOATS:
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
 
 
 def set_base_attr(layer: nn.Module, name: str, value) -> bool:
@@ -256,6 +267,8 @@ class QLoRALinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    __prepare_scriptable__ = refuse_jit_script
+
     def __setattr__(self, name, value):
         if not set_base_attr(self, name, value):
             super().__setattr__(name, value)
@@ -378,12 +391,14 @@ class QLoRALinear(nn.Module):
                 self.__dict__["_fast_plan"] = None  # stale: something it holds changed
         base = self.base_layer
         # a 4-bit base checks x itself (base.qlora / base(x); DoRA's path checks it below)
-        if not isinstance(base, Linear4bit) and (x.dim() < 1 or x.shape[-1] != self.in_features):
-            got = f"{x.shape[-1]} features" if x.dim() else "no feature dimension (a 0-d tensor)"
-            raise ValueError(
-                f"QLoRALinear(in_features={self.in_features}, out_features={self.out_features}) got an input with "
-                f"{got} (shape {tuple(x.shape)})"
-            )
+        if not isinstance(base, Linear4bit):
+            check_dense_input(self, x)
+            if x.dim() < 1 or x.shape[-1] != self.in_features:
+                got = f"{x.shape[-1]} features" if x.dim() else "no feature dimension (a 0-d tensor)"
+                raise ValueError(
+                    f"QLoRALinear(in_features={self.in_features}, out_features={self.out_features}) got an input "
+                    f"with {got} (shape {tuple(x.shape)})"
+                )
         name = self.active_adapter
         if (
             not self.adapters_enabled

@@ -163,7 +163,9 @@ def backward_from(
     if lora_a is None:
         need_da = need_db = False
         if need_dx:
-            dx = torch.zeros((x.shape[0], x.shape[1]), dtype=cdt, device=x.device)
+            # from dy, not x (a stand-in without an adapter): under torch.func.vmap dy is
+            # batched, and the in-place add into an unbatched tensor could not be
+            dx = dy.new_zeros((x.shape[0], x.shape[1]))
             add_dy_w(dy, dx)
             dx = _cast(dx, x.dtype)
     rs = _opt(rank_scale, cdt)
