@@ -284,7 +284,8 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
 # tuples, ~3 us of a small layer's call). Valid while ``_checks.state_4bit`` returns the
 # same signature object: any change it detects makes a new one (docs/design.md,
 # "Per-call overhead"). Only kept when the offset is fp32 already, so the argument is a
-# view of it (a cast copy would miss an in-place change of its value).
+# view of it (a cast copy would miss an in-place change of its value); a hit checks that
+# the view still shares the offset's storage (``.data =`` swaps it under the same signature).
 _state_args_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -294,7 +295,12 @@ def _state_args(state: QuantState, signature: tuple | None) -> tuple:
         return _quant_args(state)
     hit = _state_args_cache.get(state)
     if hit is not None and hit[0] is signature:
-        return hit[1]
+        # the offset argument is a view of the state's offset: a `.data =` swap of the
+        # offset's storage (same dtype and shape, so the signature holds) leaves the view
+        # on the old storage, which the view keeps alive (its address is not reused)
+        off = hit[1][3]
+        if off is None or off.data_ptr() == state.offset.data_ptr():
+            return hit[1]
     args = _quant_args(state)
     if not state.nested or state.offset.dtype == torch.float32:
         _state_args_cache[state] = (signature, args)
