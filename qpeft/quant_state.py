@@ -358,7 +358,7 @@ class QuantState:
         if not isinstance(self.offset, torch.Tensor) or self.offset.numel() != 1:
             raise ValueError(f"{name('nested_offset')} must be one number")
         check(self.offset, "nested_offset", torch.float32, 1)
-        if st2.blocksize not in BLOCKSIZES_4BIT:
+        if not _blocksize_ok(st2.blocksize, self.quant_type):  # 8-bit: any, as bitsandbytes nests them
             raise ValueError(f"unsupported nested blocksize {st2.blocksize!r} ({name('nested_blocksize')})")
         if st2.dtype != torch.float32:
             raise ValueError(f"{name('nested_dtype')} must be float32, got {st2.dtype}")
