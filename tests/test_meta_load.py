@@ -4,6 +4,7 @@ converted, bit for bit, and the loader holds one dense weight at a time."""
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import pytest
@@ -434,3 +435,42 @@ def test_load_quantized_into_meta_converted_model(tmp_path):
     ids = torch.arange(12).reshape(2, 6)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_load_safetensors_refuses_a_4bit_checkpoint_by_name(tmp_path):
+    # a bitsandbytes-layout checkpoint read as dense: the packed codes [n*k/2, 1] were taken
+    # for the weight ("the checkpoint holds shape [1024, 1], the model's 4-bit layer [32, 64]")
+    cfg = _config()
+    torch.manual_seed(6)
+    path = tmp_path / "model.safetensors"
+    qpeft.save_quantized(qpeft.convert(transformers.LlamaForCausalLM(cfg).eval(), verbose=False), path)
+    model = _meta(cfg, method="quantize")
+    with pytest.raises(
+        ValueError,
+        match=r"already quantized to 4 bits \(it holds '.*(quant_state\.bitsandbytes__nf4|absmax)'",
+    ):
+        qpeft.load_safetensors(model, tmp_path)
+    with pytest.raises(ValueError, match=r"qpeft\.load_quantized\(model, file\)"):
+        qpeft.load_safetensors(model, path)
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])  # nothing was read
+    ref = qpeft.load_quantized(transformers.LlamaForCausalLM(cfg).eval(), path)
+    _assert_equal_weights(qpeft.load_quantized(model, path), ref)  # what the message says to do
+
+
+def test_load_safetensors_refuses_a_bitsandbytes_checkpoint(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bnb = pytest.importorskip("bitsandbytes")
+    from safetensors.torch import save_file
+
+    lin = nn.Linear(64, 32)
+    b = bnb.nn.Linear4bit(64, 32, quant_type="nf4", compress_statistics=True)
+    b.load_state_dict(lin.state_dict())
+    b = b.to("cpu")
+    save_file({f"0.{k}": v.contiguous() for k, v in b.state_dict().items()}, tmp_path / "model.safetensors")
+    with torch.device("meta"):
+        model = qpeft.convert(nn.Sequential(nn.Linear(64, 32)), method="quantize", verbose=False)
+    with pytest.raises(ValueError, match="already quantized to 4 bits"):
+        qpeft.load_safetensors(model, tmp_path)
+    qpeft.load_quantized(model, tmp_path / "model.safetensors")
+    assert torch.equal(model[0].weight.packed, b.weight.data)
