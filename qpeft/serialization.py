@@ -1266,9 +1266,15 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
     originals = [(path_, put(path_, new)) for path_, new in swaps]
     try:
         quant4, rest = _plan_quantized(model, mapped, file_keys, strict)
+        owners = _tensor_owners(model) if any(dst.is_meta for dst, _ in rest) else {}
+        if any(dst.is_meta and id(dst) not in owners for dst, _ in rest):
+            raise TypeError(
+                "load_quantized: a meta-device tensor of the model's state dict is not one of its "
+                "parameters or buffers (a module's own _save_to_state_dict), so it cannot be assigned; "
+                "materialize the model (to_empty) before loading"
+            )
         for layer, packed, qstate in quant4:
             layer.commit_weight(packed, qstate)
-        owners = _tensor_owners(model) if any(dst.is_meta for dst, _ in rest) else {}
         assigned: set[int] = set()
         with torch.no_grad():
             for dst, src in rest:
