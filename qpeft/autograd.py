@@ -602,8 +602,13 @@ def _plan_common(owner, guards: tuple, packed, state, bias):
         return None
     absmax, na, nc, off, quant = _quant_args(state)
     st2 = state.state2
-    if st2 is not None and state.offset.dtype != torch.float32:
-        return None  # the offset argument would be a cast copy (functional._state_args)
+    if st2 is not None:
+        if state.offset.dtype != torch.float32:
+            return None  # the offset argument would be a cast copy (functional._state_args)
+        # the plan holds the offset itself, not _quant_args' [1] view of it: as for absmax, a
+        # `.data =` swap of its storage is then read by the next call (a view would keep the
+        # old one), and a swap to another dtype or size fails the call's check (stale plan)
+        off = state.offset
     fields = [
         (state, key, getattr(state, key))
         for key in ("absmax", "offset", "state2", "shape", "blocksize", "quant_type")

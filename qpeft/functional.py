@@ -174,11 +174,17 @@ def quantize_blockwise(
     blocksize: int = 256,
     code: torch.Tensor | None = None,
     *,
+    nested: bool = False,
     allow_nonfinite: bool = False,
 ) -> tuple[torch.Tensor, QuantState]:
     """8-bit blockwise quantization with a sorted 256-value map (default: the signed
     dynamic map). Returns ``(q, state)``: uint8 codes of ``x``'s shape and a state with
-    one fp32 absmax per block. Bit-compatible with bitsandbytes' CPU quantize_blockwise."""
+    one fp32 absmax per block. Bit-compatible with bitsandbytes' CPU quantize_blockwise.
+
+    ``nested=True`` also quantizes the absmax, as bitsandbytes' ``nested=True`` does:
+    offset = mean(absmax) in fp32, absmax - offset quantized blockwise (the same blocksize,
+    the signed dynamic map) into uint8 ``state.absmax``, with ``state.offset`` and
+    ``state.state2`` (the nested fp32 absmax and map)."""
     _checks.float_input(x, "input")
     if code is None:
         code = dynamic_map(signed=True, device=x.device)
@@ -193,7 +199,20 @@ def quantize_blockwise(
         nan = torch.isnan(x)
         q, absmax = torch.ops.qpeft.quantize_blockwise(x.masked_fill(nan, 0), code, blocksize)
         q = q.masked_fill(nan, 0)
-    return q, QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=x.dtype, shape=x.shape)
+    if not nested:
+        return q, QuantState(absmax=absmax, code=code, blocksize=blocksize, dtype=x.dtype, shape=x.shape)
+    offset = absmax.mean()  # bitsandbytes' fp32 reduction, then the same subtraction
+    codes, state2 = quantize_blockwise(absmax - offset, blocksize, allow_nonfinite=allow_nonfinite)
+    state = QuantState(
+        absmax=codes,
+        code=code,
+        blocksize=blocksize,
+        dtype=x.dtype,
+        shape=x.shape,
+        offset=offset,
+        state2=state2,
+    )
+    return q, state
 
 
 def dequantize_blockwise(
@@ -204,19 +223,50 @@ def dequantize_blockwise(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode 8-bit blockwise codes: ``code[q] * absmax[block]`` cast to ``out_dtype``
-    (default ``state.dtype``, fp32 when unset; or ``out.dtype``), into ``out`` if given."""
+    (default ``state.dtype``, fp32 when unset; or ``out.dtype``), into ``out`` if given.
+
+    A nested state (``quantize_blockwise(..., nested=True)``, or bitsandbytes') decodes its
+    uint8 absmax first, as bitsandbytes does: ``dequantize_blockwise(state.absmax,
+    state.state2) + state.offset`` in fp32, then the codes with that absmax."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a qpeft.QuantState, got {type(state).__name__}")
     _checks.tensor_arg(q, "q")
     _checks.tensor_arg(state.absmax, "state.absmax")
     _checks.tensor_arg(state.code, "state.code")
     dtype = _result_dtype(out_dtype, out, state.dtype or torch.float32)
-    _checks.dequantize_blockwise(q, state.absmax, state.code, state.blocksize, dtype, out)
+    absmax = _blockwise_absmax(state) if state.nested else state.absmax
+    _checks.dequantize_blockwise(q, absmax, state.code, state.blocksize, dtype, out)
     if out is not None:
         _checks.no_overlap(out, ("q", q), ("state.absmax", state.absmax), ("state.code", state.code))
-        torch.ops.qpeft.dequantize_blockwise_out(q, state.absmax, state.code, state.blocksize, out)
+        torch.ops.qpeft.dequantize_blockwise_out(q, absmax, state.code, state.blocksize, out)
         return out
-    return torch.ops.qpeft.dequantize_blockwise(q, state.absmax, state.code, state.blocksize, dtype)
+    return torch.ops.qpeft.dequantize_blockwise(q, absmax, state.code, state.blocksize, dtype)
+
+
+def _blockwise_absmax(state: QuantState) -> torch.Tensor:
+    """The fp32 absmax of a nested 8-bit state, decoded as bitsandbytes' dequantize_blockwise
+    decodes it (the nested codes in the nested state's dtype, the offset added in place,
+    then fp32), so the result is bit for bit bitsandbytes'."""
+    if not isinstance(state.state2, QuantState):
+        raise TypeError(f"state.state2 must be a qpeft.QuantState, got {type(state.state2).__name__}")
+    if state.absmax.dtype != torch.uint8:
+        raise TypeError(
+            f"state.absmax of a nested state must hold uint8 codes, got {state.absmax.dtype}; "
+            "a state with fp32 absmax has no state2 (set state.state2 = state.offset = None)"
+        )
+    offset = state.offset
+    if not isinstance(offset, torch.Tensor) or not offset.is_floating_point() or offset.numel() != 1:
+        what = (
+            f"a {offset.dtype} tensor of {offset.numel()} elements"
+            if isinstance(offset, torch.Tensor)
+            else offset
+        )
+        raise TypeError(
+            f"state.offset of a nested state must be one floating-point number as a tensor, got {what}"
+        )
+    absmax = dequantize_blockwise(state.absmax, state.state2)
+    absmax += offset
+    return absmax if absmax.dtype == torch.float32 else absmax.float()
 
 
 def qlora_linear(
@@ -298,7 +348,8 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
 # tuples, ~3 us of a small layer's call). Valid while ``_checks.state_4bit`` returns the
 # same signature object: any change it detects makes a new one (docs/design.md,
 # "Per-call overhead"). Only kept when the offset is fp32 already, so the argument is a
-# view of it (a cast copy would miss an in-place change of its value).
+# view of it (a cast copy would miss an in-place change of its value); a hit checks that
+# the view still shares the offset's storage (``.data =`` swaps it under the same signature).
 _state_args_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -308,7 +359,12 @@ def _state_args(state: QuantState, signature: tuple | None) -> tuple:
         return _quant_args(state)
     hit = _state_args_cache.get(state)
     if hit is not None and hit[0] is signature:
-        return hit[1]
+        # the offset argument is a view of the state's offset: a `.data =` swap of the
+        # offset's storage (same dtype and shape, so the signature holds) leaves the view
+        # on the old storage, which the view keeps alive (its address is not reused)
+        off = hit[1][3]
+        if off is None or off.data_ptr() == state.offset.data_ptr():
+            return hit[1]
     args = _quant_args(state)
     # not under a torch.func transform: the offset's reshape there is a wrapper of the
     # transform's level, dead (no storage) once it returns

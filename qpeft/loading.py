@@ -303,6 +303,10 @@ def load_safetensors(
     for bit rows [r0, r1) of the whole weight quantized, so the bounds must fall on
     quantization blocks (``ValueError`` otherwise). The layer then holds that row range.
 
+    A checkpoint that is already 4-bit (bitsandbytes' ``weight.absmax`` /
+    ``weight.quant_state.bitsandbytes__*`` keys) is refused with a ValueError before
+    anything is read: ``qpeft.load_quantized`` loads those.
+
     ``strict``: raise if a tensor the model needs is missing from the checkpoint, or the
     checkpoint has a tensor the model lacks (a ``KeyError`` naming them); otherwise those stay
     as they are / are skipped.
@@ -368,6 +372,15 @@ def load_safetensors(
             for key in f.keys():
                 if key in four_bit or key in dense or key in aliases:
                     continue
+                if ".quant_state.bitsandbytes__" in key or key.endswith(".weight.absmax"):
+                    # a 4-bit checkpoint (save_quantized, transformers + bitsandbytes): its
+                    # weights are packed codes, which this loader would read as dense values
+                    raise ValueError(
+                        f"load_safetensors: {path} is already quantized to 4 bits (it holds {key!r}, "
+                        "bitsandbytes' layout); load_safetensors quantizes dense checkpoints as it reads "
+                        "them: load this one with qpeft.load_quantized(model, file), which also takes a "
+                        "model built on the meta device"
+                    )
                 renamer = renamer or _renamer(model) or (lambda k: (k, False))
                 new, conversion = renamer(key)
                 if conversion:

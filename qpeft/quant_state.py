@@ -156,7 +156,8 @@ class QuantState:
         """The bitsandbytes state-dict entries (strip-prefixed keys, as bitsandbytes writes them).
 
         ``packed=True`` returns only tensors: the non-tensor items go into
-        ``quant_state.bitsandbytes__<quant_type>`` as UTF-8 JSON.
+        ``quant_state.bitsandbytes__<quant_type>`` as UTF-8 JSON. A state on the meta device
+        gives the same entries without reading a value (``nested_offset`` is None).
         """
         d: dict[str, Any] = {
             "quant_type": self.quant_type,
@@ -173,7 +174,9 @@ class QuantState:
                     "nested_blocksize": self.state2.blocksize,
                     "nested_quant_map": self.state2.code.clone(),
                     "nested_dtype": _dtype_name(self.state2.dtype),
-                    "nested_offset": float(self.offset.item()),
+                    # a meta-device state (a layer built on the meta device) has no value to
+                    # read: the entry is there, as the keys are, with None for its number
+                    "nested_offset": None if self.offset.is_meta else float(self.offset.item()),
                 }
             )
         if not packed or self.quant_type is None:
@@ -275,6 +278,11 @@ class QuantState:
                 if key not in d:
                     raise ValueError(f"double-quantized state is missing {absent(key)!r}")
             value = d["nested_offset"]
+            if value is None:
+                raise ValueError(
+                    f"{names['nested_offset']} has no value: the state was written from the meta device "
+                    "(state_dict() of a layer not loaded yet); load a checkpoint with values"
+                )
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{names['nested_offset']} must be a number, got {value!r}")
             offset = torch.tensor(float(value), dtype=torch.float32, device=device)
@@ -350,7 +358,7 @@ class QuantState:
         if not isinstance(self.offset, torch.Tensor) or self.offset.numel() != 1:
             raise ValueError(f"{name('nested_offset')} must be one number")
         check(self.offset, "nested_offset", torch.float32, 1)
-        if st2.blocksize not in BLOCKSIZES_4BIT:
+        if not _blocksize_ok(st2.blocksize, self.quant_type):  # 8-bit: any, as bitsandbytes nests them
             raise ValueError(f"unsupported nested blocksize {st2.blocksize!r} ({name('nested_blocksize')})")
         if st2.dtype != torch.float32:
             raise ValueError(f"{name('nested_dtype')} must be float32, got {st2.dtype}")

@@ -1319,6 +1319,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
     base layer is swapped), then every tensor is loaded. Adapter parameters are not in the
     file and are left as they are. Returns ``model``.
 
+    Into a model built on the meta device, meta tensors take the file's tensors (as
+    ``load_state_dict(assign=True)``; tied ones stay tied), and what the file does not hold
+    is initialized as ``load_safetensors`` initializes it (adapters, rotary buffers...).
+
     Everything is checked before anything changes (each 4-bit state in full: sizes, dtypes,
     finite statistics; every other tensor's shape and kind), so a failing load raises
     ValueError/TypeError naming the key and leaves the model as it was."""
@@ -1363,16 +1367,70 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, *, strict: bool = 
     originals = [(path_, put(path_, new)) for path_, new in swaps]
     try:
         quant4, rest = _plan_quantized(model, mapped, file_keys, strict)
+        owners = _tensor_owners(model) if any(dst.is_meta for dst, _ in rest) else {}
+        if any(dst.is_meta and id(dst) not in owners for dst, _ in rest):
+            raise TypeError(
+                "load_quantized: a meta-device tensor of the model's state dict is not one of its "
+                "parameters or buffers (a module's own _save_to_state_dict), so it cannot be assigned; "
+                "materialize the model (to_empty) before loading"
+            )
         for layer, packed, qstate in quant4:
             layer.commit_weight(packed, qstate)
+        assigned: set[int] = set()
         with torch.no_grad():
             for dst, src in rest:
-                dst.copy_(src)
+                if dst.is_meta:
+                    _assign_loaded(owners[id(dst)], dst, src, assigned)
+                else:
+                    dst.copy_(src)
     except BaseException:
         for path_, old in originals:
             put(path_, old)
         raise
+    if owners:
+        # what the file does not hold and is still on the meta device: adapters initialized,
+        # non-persistent buffers (rotary embeddings...) computed, as load_safetensors does
+        from .loading import _materialize_leftovers
+
+        still_meta = {
+            (id(m), n)
+            for m in model.modules()
+            for n, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+            if t is not None and t.is_meta
+        }
+        _materialize_leftovers(model, still_meta, torch.device("cpu"))
     return model
+
+
+def _tensor_owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
+    """``id(tensor) -> [(module, name, is_buffer)]`` for every parameter and buffer (a tied
+    tensor has several owners)."""
+    owners: dict[int, list[tuple[nn.Module, str, bool]]] = {}
+    for m in model.modules():
+        for n, t in m._parameters.items():
+            if t is not None:
+                owners.setdefault(id(t), []).append((m, n, False))
+        for n, t in m._buffers.items():
+            if t is not None:
+                owners.setdefault(id(t), []).append((m, n, True))
+    return owners
+
+
+def _assign_loaded(owners, dst: torch.Tensor, src: torch.Tensor, assigned: set[int]) -> None:
+    """A meta-device tensor has no storage to copy into: its owners take the file's tensor
+    (in ``dst``'s dtype, where the file's tensors are), as ``load_state_dict(assign=True)``
+    does; a file tensor that fills two untied tensors is copied for the second."""
+    value = src.to(dtype=dst.dtype)
+    if id(value) in assigned:
+        value = value.clone()
+    assigned.add(id(value))
+    if owners[0][2]:
+        for m, n, _ in owners:
+            m._buffers[n] = value
+    else:
+        p = nn.Parameter(value, requires_grad=dst.requires_grad)
+        for m, n, _ in owners:
+            m._parameters[n] = p
 
 
 def _plan_quantized(

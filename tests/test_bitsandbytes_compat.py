@@ -83,6 +83,51 @@ def test_quantize_blockwise_identical(backend, dtype, signed):
         )
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", [64, 100, 256, 4096])
+def test_nested_quantize_blockwise_identical(backend, dtype, blocksize):
+    # bitsandbytes' quantize_blockwise(nested=True): its state loaded with from_dict failed in
+    # dequantize_blockwise ("absmax must be torch.float32, got torch.uint8"), and qpeft had
+    # no nested=True
+    g = torch.Generator().manual_seed(blocksize)
+    for n in (1, 5, 256, 1000, 256 * 77 + 13, 70_000):
+        x = (torch.randn(n, generator=g) * 4).to(dtype)
+        q_bnb, s_bnb = bnbF.quantize_blockwise(x, blocksize=blocksize, nested=True)
+        q, s = qf.quantize_blockwise(x, blocksize, nested=True)
+        what = f"n={n}"
+        assert s.nested and s.state2.blocksize == s_bnb.state2.blocksize == blocksize
+        assert_bits_equal(q, q_bnb, f"{what} 8-bit codes")
+        assert_bits_equal(s.absmax, s_bnb.absmax, f"{what} absmax codes")
+        assert_bits_equal(s.offset, s_bnb.offset, f"{what} offset")
+        assert_bits_equal(s.state2.absmax, s_bnb.state2.absmax, f"{what} nested absmax")
+        assert_bits_equal(s.state2.code, s_bnb.state2.code, f"{what} nested code")
+        ref = bnbF.dequantize_blockwise(q_bnb, s_bnb)
+        assert_bits_equal(qf.dequantize_blockwise(q, s), ref, f"{what} values")
+        # bitsandbytes' state through from_dict, and qpeft's through bitsandbytes' from_dict
+        loaded = QuantState.from_dict(s_bnb.as_dict(), "cpu", strict=True)
+        assert_bits_equal(qf.dequantize_blockwise(q_bnb, loaded), ref, f"{what} values (bnb state)")
+        theirs = bnbF.QuantState.from_dict(s.as_dict(), "cpu")
+        assert_bits_equal(bnbF.dequantize_blockwise(q, theirs), ref, f"{what} values (in bnb)")
+        out = torch.empty(x.shape, dtype=dtype)  # (bitsandbytes' CPU build has no out= kernel)
+        assert_bits_equal(qf.dequantize_blockwise(q, s, out=out), ref, f"{what} values (out=)")
+
+
+def test_nested_blockwise_state_errors_name_the_field():
+    q, s = qf.quantize_blockwise(torch.randn(1000), 256, nested=True)
+    s.absmax = s.absmax.float()
+    with pytest.raises(TypeError, match="state.absmax of a nested state must hold uint8 codes"):
+        qf.dequantize_blockwise(q, s)
+    q, s = qf.quantize_blockwise(torch.randn(1000), 256, nested=True)
+    s.offset = 0.5
+    with pytest.raises(TypeError, match="state.offset of a nested state must be one floating-point number"):
+        qf.dequantize_blockwise(q, s)
+    q, s = qf.quantize_blockwise(torch.randn(1000), 256, nested=True)
+    s.state2.absmax = s.state2.absmax[:0]
+    with pytest.raises(ValueError, match="absmax has 0 elements"):
+        qf.dequantize_blockwise(q, s)
+
+
 def test_tables_match_bitsandbytes():
     for qt in ("nf4", "fp4"):
         assert_bits_equal(code4(qt), bnbF.get_4bit_type(qt, device="cpu"), f"{qt} table")

@@ -184,3 +184,25 @@ def test_compiled_calls_leave_the_check_caches_alone():
         gc.collect()
         assert torch.equal(compiled(x), y)
         assert torch.equal(layer(x), y)
+
+
+@pytest.mark.parametrize("fn", ["linear_4bit", "qlora_linear"])
+def test_offset_storage_swapped_in_place_is_read(fn):
+    # the cached arguments held a [1] view of the offset: `.data =` with the same dtype and
+    # shape (the signature holds) left it on the old storage, so the old offset was decoded
+    packed, state, a, b, x = _layer()
+
+    def call():
+        if fn == "linear_4bit":
+            return qf.linear_4bit(x, packed, state)
+        return qf.qlora_linear(x, packed, state, a, b, 0.5)
+
+    y0 = call()
+    assert torch.equal(call(), y0)  # served from the cache
+    state.offset.data = state.offset.data + 1.0
+    y1 = call()
+    assert not torch.equal(y1, y0)
+    w = qf.dequantize_4bit(packed, state)
+    ref = x @ w.t() + (0.5 * (x @ a.t()) @ b.t() if fn == "qlora_linear" else 0)
+    torch.testing.assert_close(y1, ref, rtol=1e-5, atol=1e-4)
+    assert torch.equal(call(), y1)

@@ -361,6 +361,30 @@ def test_a_changed_layer_is_replanned(full_path_calls):
     assert torch.equal(q(x), full(q))
 
 
+@pytest.mark.parametrize("grad_x", [False, True])
+def test_offset_storage_swapped_in_place_is_read(grad_x):
+    # the plan held a [1] view of the double-quantization offset, which a `.data =` swap of
+    # the offset's storage (same dtype and shape) does not move: the old offset was decoded
+    q = _layer()
+    x, dy = torch.randn(2, 64), torch.randn(2, 64)
+    assert _served_fast(q, x)
+    y_old = q(x)
+    st = q.base_layer.quant_state
+    st.offset.data = st.offset.data + 1.0
+    assert _served_fast(q, x)  # the plan still serves, reading the new storage
+    y, grads, _ = _run(q, x, dy, grad_x)
+    with qpeft.use_backend("cpu"):
+        y_ref, grads_ref, _ = _run(q, x, dy, grad_x)
+    assert not torch.equal(y, y_old) and torch.equal(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        assert (g is None and g_ref is None) or torch.equal(g, g_ref)
+    # another dtype through `.data =`: the plan is stale, the full path casts it
+    st.offset.data = st.offset.data.double()
+    with qpeft.use_backend("cpu"):
+        y_ref = q(x)
+    assert torch.equal(q(x), y_ref)
+
+
 def test_bad_input_errors_unchanged():
     q = _layer()
     x = torch.randn(2, 64)
@@ -872,5 +896,11 @@ def test_linear4bit_a_changed_layer_is_replanned():
     st = lin.quant_state
     st.state2.absmax = st.state2.absmax * 2
     assert torch.equal(lin(x), full())
+    # the offset's storage swapped (same dtype and shape): the plan holds the offset itself,
+    # not a [1] view that would keep decoding the old value
+    y_old = lin(x)
+    st.offset.data = st.offset.data + 1.0
+    assert not torch.equal(lin(x), y_old) and torch.equal(lin(x), full())
+    torch.testing.assert_close(lin(x), x @ lin.dequantize(torch.float32).t() + lin.bias, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="got an input with 64 features"):
         lin(torch.randn(2, 64))

@@ -4,6 +4,7 @@ converted, bit for bit, and the loader holds one dense weight at a time."""
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import pytest
@@ -370,3 +371,106 @@ def test_checkpoint_keys_transformers_converts_are_refused_by_name(tmp_path):
     ):
         qpeft.load_safetensors(meta, tmp_path)
     assert all(p.is_meta for p in meta.parameters())
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_meta_layer_state_dict_has_the_keys_of_a_real_one(double_quant):
+    # a double-quantized layer's packed JSON holds the offset as a number; on the meta device
+    # there is none to read (state_dict raised "Tensor.item() cannot be called on meta tensors")
+    meta = Linear4bit(128, 64, double_quant=double_quant, device="meta")
+    real = Linear4bit(128, 64, double_quant=double_quant)
+    got, want = meta.state_dict(), real.state_dict()
+    assert list(got) == list(want)
+    for k, t in got.items():
+        if "quant_state" in k:
+            continue  # the packed JSON: its length follows the offset's digits
+        assert t.is_meta and (t.shape, t.dtype) == (want[k].shape, want[k].dtype), k
+    assert list(meta.state_dict(keep_vars=True)) == list(want)
+    if double_quant:  # no values to load from: refused by name, not taken as offset 0
+        with pytest.raises(RuntimeError, match="nested_offset.*has no value.*meta device"):
+            real.load_state_dict(got)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_load_quantized_into_meta_model_equals_real_load(tmp_path, tied):
+    # load_quantized reads model.state_dict(keep_vars=True) first (raised on a meta
+    # double-quantized layer) and copied into meta tensors, which left them without data
+    cfg = _config(tie_word_embeddings=tied)
+    torch.manual_seed(4)
+    path = tmp_path / "base.safetensors"
+    qpeft.save_quantized(qpeft.convert(transformers.LlamaForCausalLM(cfg).eval(), verbose=False), path)
+    ref = qpeft.load_quantized(transformers.LlamaForCausalLM(cfg).eval(), path)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    model = qpeft.load_quantized(model, path)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    _assert_equal_weights(model, ref)
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    buffers = dict(ref.named_buffers())
+    for n, b in model.named_buffers():  # non-persistent ones (rotary inv_freq) computed
+        assert torch.equal(b, buffers[n]), n
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_load_quantized_into_meta_converted_model(tmp_path):
+    # a QLoRA model converted on the meta device: the base from the file, the adapters
+    # initialized as load_safetensors initializes them (A drawn, B zeros)
+    cfg = _config()
+    torch.manual_seed(5)
+    path = tmp_path / "base.safetensors"
+    qpeft.save_quantized(qpeft.convert(transformers.LlamaForCausalLM(cfg).eval(), verbose=False), path)
+    ref = qpeft.load_quantized(qpeft.convert(transformers.LlamaForCausalLM(cfg).eval(), verbose=False), path)
+    model = qpeft.load_quantized(_meta(cfg), path)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    _assert_equal_weights(model, ref)
+    for m in model.modules():
+        if isinstance(m, loading.LoRAAdapter):
+            assert m.lora_A.abs().sum() > 0 and not m.lora_B.any()
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_load_safetensors_refuses_a_4bit_checkpoint_by_name(tmp_path):
+    # a bitsandbytes-layout checkpoint read as dense: the packed codes [n*k/2, 1] were taken
+    # for the weight ("the checkpoint holds shape [1024, 1], the model's 4-bit layer [32, 64]")
+    cfg = _config()
+    torch.manual_seed(6)
+    path = tmp_path / "model.safetensors"
+    qpeft.save_quantized(qpeft.convert(transformers.LlamaForCausalLM(cfg).eval(), verbose=False), path)
+    model = _meta(cfg, method="quantize")
+    with pytest.raises(
+        ValueError,
+        match=r"already quantized to 4 bits \(it holds '.*(quant_state\.bitsandbytes__nf4|absmax)'",
+    ):
+        qpeft.load_safetensors(model, tmp_path)
+    with pytest.raises(ValueError, match=r"qpeft\.load_quantized\(model, file\)"):
+        qpeft.load_safetensors(model, path)
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])  # nothing was read
+    ref = qpeft.load_quantized(transformers.LlamaForCausalLM(cfg).eval(), path)
+    _assert_equal_weights(qpeft.load_quantized(model, path), ref)  # what the message says to do
+
+
+def test_load_safetensors_refuses_a_bitsandbytes_checkpoint(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bnb = pytest.importorskip("bitsandbytes")
+    from safetensors.torch import save_file
+
+    lin = nn.Linear(64, 32)
+    b = bnb.nn.Linear4bit(64, 32, quant_type="nf4", compress_statistics=True)
+    b.load_state_dict(lin.state_dict())
+    b = b.to("cpu")
+    save_file({f"0.{k}": v.contiguous() for k, v in b.state_dict().items()}, tmp_path / "model.safetensors")
+    with torch.device("meta"):
+        model = qpeft.convert(nn.Sequential(nn.Linear(64, 32)), method="quantize", verbose=False)
+    with pytest.raises(ValueError, match="already quantized to 4 bits"):
+        qpeft.load_safetensors(model, tmp_path)
+    qpeft.load_quantized(model, tmp_path / "model.safetensors")
+    assert torch.equal(model[0].weight.packed, b.weight.data)
