@@ -374,6 +374,15 @@ def test_fragment_layout_decodes_like_bitsandbytes_order(dtype, n, k, quant_type
     assert torch.equal(y1, y2)
     with pytest.raises(ValueError, match="layout must be"):
         kern.qlora_forward(x, frag, *args, layout="tiled")
+    # the launchers check what they index as flat arrays, whichever path the tile takes (the
+    # in-place fragment read once took a weight that cannot be in the layout, or 10 bytes)
+    with pytest.raises(ValueError, match=f"has {n * k // 2} packed bytes, got 10"):
+        kern.qlora_forward(x, frag[:10], *args, split=0, layout="fragment")
+    with pytest.raises(ValueError, match=f"has {n * k // 2} packed bytes, got 10"):
+        kern.qlora_dx(torch.eye(n, dtype=dtype), packed.reshape(-1)[:10], *args, split=0)
+    small = (st.absmax[: n * 64 // blocksize or 1], *nested, code, blocksize, nbs, n, 64, None, None, 1.0)
+    with pytest.raises(ValueError, match="fragment layout needs in_features divisible by 128"):
+        kern.qlora_forward(x[:, :64], frag[: n * 32], *small, split=0, layout="fragment")
 
 
 def test_misaligned_packed_takes_the_byte_path():

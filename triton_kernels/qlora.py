@@ -1699,10 +1699,19 @@ def _layout(kernel_name, layout, packed, dtype, m, n, k, blocksize, br, plan):
     == 0; not while autotuning, whose tables mix tiles). Every other launch on a fragment
     weight decodes a bitsandbytes-order copy (``unrepack_4bit``; docs/design.md, "The GPU
     fragment layout")."""
+    if packed.dtype != torch.uint8 or not packed.is_contiguous():
+        raise ValueError(
+            f"packed must be contiguous uint8 codes, got {packed.dtype} with strides {packed.stride()}"
+        )
     if layout == "bnb":
+        if packed.numel() != (n * k + 1) // 2:
+            raise ValueError(f"a [{n}, {k}] weight has {(n * k + 1) // 2} packed bytes, got {packed.numel()}")
         return packed, _lut(dtype, packed, k, blocksize)
     if layout != "fragment":
         raise ValueError(f"layout must be 'bnb' or 'fragment', got {layout!r}")
+    from qpeft.layout import _check
+
+    _check(packed, n, k, blocksize)  # shape the layout allows, and its byte count
     if plan is None and _lut(dtype, packed, k, blocksize) and not (autotune_enabled() and not interpreting()):
         if interpreting():
             bk = _INTERPRET_FRAG_CONFIG["BLOCK_K"]
