@@ -654,7 +654,7 @@ def _op_weight_ok(packed, absmax, nested_absmax, nested_code, offset, bs, nested
     return (
         nested_code is not None
         and offset is not None
-        and nested_bs in _BS4
+        and nested_bs > 0
         and absmax.dtype is _U8
         and nested_absmax.dtype is _F32
         and nested_code.dtype is _F32
@@ -684,8 +684,6 @@ def _op_weight(packed, absmax, nested_absmax, nested_code, offset, bs, nested_bs
         return
     if nested_absmax is None or nested_code is None or offset is None:
         raise ValueError("nested_absmax, nested_code and offset (double quantization) must be given together")
-    if nested_bs not in _BS4:
-        raise ValueError(f"nested_blocksize must be one of {BLOCKSIZES_4BIT}, got {nested_bs}")
     _op_tensor(absmax, "absmax (double-quantized codes)", torch.uint8, nb)
     _op_tensor(nested_absmax, "nested_absmax", torch.float32, _op_blocks(nb, nested_bs, "nested_blocksize"))
     _op_tensor(nested_code, "nested_code", torch.float32, 256)
