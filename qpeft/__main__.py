@@ -17,6 +17,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -125,6 +126,11 @@ def check_output_dir(value: str) -> str:
             os.makedirs(value, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"--out {value}: cannot create the directory ({exc.strerror or exc})") from None
+        try:  # writable for the files to come (a probe file, removed at once)
+            with tempfile.TemporaryFile(dir=value, prefix=".qpeft-probe-"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"--out {value}: cannot write files there ({exc.strerror or exc})") from None
     return value
 
 

@@ -279,49 +279,91 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), b)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst, follow_symlinks=False)
-    except OSError:
-        shutil.copy2(src, dst, follow_symlinks=False)
-
-
-def _write_adapter_dir(target: str, tensors: dict[str, torch.Tensor], config_bytes: bytes) -> None:
-    """Replace the adapter pair in directory ``target`` so that no reader ever sees weights and
-    config from different saves: the new directory is assembled beside it (the other entries of
-    the old one carried over as hard links, or copies where links fail) and swapped in with one
-    atomic exchange. Without an exchange call the old directory is renamed aside first, so for
-    an instant the target is absent (a reader fails cleanly); it is never mixed."""
-    st = _safetensors()
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    if os.path.lexists(target) and not os.path.isdir(target):
-        raise FileExistsError(f"{target} exists and is not a directory")
-    _remove_stale_temporaries(target)
+def _swappable(target: str) -> bool:
+    """Whether directory ``target`` may be replaced as a whole: it holds nothing but the
+    adapter pair (regular files), is not a mount point, and is not the working directory or
+    one above it. Anything else in it (a project's files, a mount, files another process is
+    writing) must stay exactly as it is, which a swap of the directory cannot promise."""
+    if os.path.ismount(target):
+        return False
     cwd = os.getcwd()
-    staging = _temp_name(target)
-    os.mkdir(staging)
+    if cwd == target or cwd.startswith(target.rstrip(os.sep) + os.sep):
+        return False
+    for entry in os.scandir(target):
+        if entry.name not in (ADAPTER_WEIGHTS, ADAPTER_CONFIG) or not entry.is_file(follow_symlinks=False):
+            return False
+    return True
+
+
+def _write_pair(
+    directory: str, tensors: dict[str, torch.Tensor], config_bytes: bytes, temporary: bool
+) -> tuple[str, str]:
+    """The adapter pair written and flushed in ``directory`` (under temporary names with
+    ``temporary``, else their own): (weights, config) paths."""
+    st = _safetensors()
+    weights, config = os.path.join(directory, ADAPTER_WEIGHTS), os.path.join(directory, ADAPTER_CONFIG)
+    if temporary:
+        weights, config = _temp_name(weights), _temp_name(config)
     try:
-        if os.path.isdir(target):
-            os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
-            for entry in os.scandir(target):
-                if entry.name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-                    continue
-                dst = os.path.join(staging, entry.name)
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.copytree(entry.path, dst, symlinks=True, copy_function=_link_or_copy)
-                elif entry.is_symlink():
-                    os.symlink(os.readlink(entry.path), dst)
-                else:
-                    _link_or_copy(entry.path, dst)
-        weights = os.path.join(staging, ADAPTER_WEIGHTS)
         st.save_file(tensors, weights, metadata={"format": "pt"})
         _fsync(weights)
-        config = os.path.join(staging, ADAPTER_CONFIG)
         _new_file(config)
         with open(config, "wb") as f:
             f.write(config_bytes)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        for path in (weights, config):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        raise
+    return weights, config
+
+
+def _write_adapter_dir(target: str, tensors: dict[str, torch.Tensor], config_bytes: bytes) -> None:
+    """Write the adapter pair (weights and config) into directory ``target``, changing nothing
+    else in it.
+
+    A new directory, or one that holds nothing but the pair (``_swappable``), is assembled
+    beside the target and renamed in (an existing one swapped with one atomic exchange, or,
+    without an exchange call, renamed aside first: for an instant the target is absent), so
+    no reader ever sees weights and config from different saves. Into any other directory
+    each file of the pair is written under a temporary name inside it and renamed over its
+    target, weights then config: each file is whole, old or new, and nothing else in the
+    directory is touched (it is never copied or rebuilt: a mount inside it, or a file another
+    process writes meanwhile, stays); between the two renames a reader can find the new
+    weights with the old config. That is also the fallback where the parent directory is
+    not writable."""
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise FileExistsError(f"{target} exists and is not a directory")
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        if os.path.isdir(target):
+            _remove_stale_temporaries(os.path.join(target, name))
+    if os.path.isdir(target) and not _swappable(target):
+        _write_in_place(target, tensors, config_bytes)
+        return
+    if os.access(parent, os.W_OK | os.X_OK):
+        _remove_stale_temporaries(target)
+    staging = _temp_name(target)
+    try:
+        os.mkdir(staging)
+    except PermissionError:
+        if not os.path.isdir(target):
+            raise
+        _write_in_place(target, tensors, config_bytes)  # the parent is not ours to write
+        return
+    try:
+        if os.path.isdir(target):
+            os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
+        weights, config = _write_pair(staging, tensors, config_bytes, temporary=False)
+        if os.path.isdir(target) and not _swappable(target):
+            # something else appeared in the target while the pair was written: it stays
+            os.replace(weights, os.path.join(target, ADAPTER_WEIGHTS))
+            os.replace(config, os.path.join(target, ADAPTER_CONFIG))
+            _fsync(target)
+            return
         _fsync(staging)
         if not os.path.isdir(target):
             os.rename(staging, target)
@@ -334,12 +376,22 @@ def _write_adapter_dir(target: str, tensors: dict[str, torch.Tensor], config_byt
                 os.rename(old, target)
                 raise
             staging = old
-        # after the swap ``staging`` names the previous version: removed below
-        _fsync(os.path.dirname(target))
-        if cwd == target or cwd.startswith(target + os.sep):
-            os.chdir(cwd)  # a working directory inside the old version follows to the new one
+        # after the swap ``staging`` names the previous version (the old pair alone): removed below
+        _fsync(parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_in_place(target: str, tensors: dict[str, torch.Tensor], config_bytes: bytes) -> None:
+    weights, config = _write_pair(target, tensors, config_bytes, temporary=True)
+    try:
+        os.replace(weights, os.path.join(target, ADAPTER_WEIGHTS))
+        os.replace(config, os.path.join(target, ADAPTER_CONFIG))
+    finally:
+        for path in (weights, config):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    _fsync(target)
 
 
 def save_adapter(

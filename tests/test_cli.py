@@ -140,6 +140,17 @@ def test_out_that_is_a_file_is_refused_before_training(tmp_path):
     assert target.read_text() == "not a directory"
 
 
+def test_out_where_files_cannot_be_written_is_refused_before_training():
+    # /proc exists and is a directory, but no file can be created in it: refused at start,
+    # not with a traceback after training (checked by creating, and removing, a probe file)
+    from qpeft.__main__ import UsageError, check_output_dir
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs Linux procfs")
+    with pytest.raises(UsageError, match="--out /proc: cannot write files there"):
+        check_output_dir("/proc")
+
+
 @pytest.mark.parametrize("command", ["demo", "quant-report"])
 def test_help_is_plain_text_and_shows_defaults(command):
     r = _python("", "-m", "qpeft", command, "--help")

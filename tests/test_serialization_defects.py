@@ -310,8 +310,9 @@ def _dead_pid() -> int:
 
 
 def test_save_adapter_keeps_other_files_and_works_without_exchange(tmp_path, monkeypatch):
-    """The directory swap carries the directory's other entries over (a Trainer checkpoint
-    holds more than the adapter); the fallback without an atomic exchange gives the same."""
+    """A directory with other entries (a Trainer checkpoint holds more than the adapter) gets
+    the pair replaced file by file and keeps the rest; so does the fallback without an atomic
+    exchange."""
     target = tmp_path / "ckpt"
     qpeft.save_adapter(_converted(seed=0), target)
     (target / "README.md").write_text("notes")
@@ -332,8 +333,8 @@ def test_save_adapter_keeps_other_files_and_works_without_exchange(tmp_path, mon
 
 
 def test_save_adapter_into_the_working_directory(tmp_path, monkeypatch):
-    """The swap replaces the directory: a working directory inside it follows to the new one
-    instead of being left in the deleted old version."""
+    """A directory holding the working directory is never replaced (the pair is written into
+    it): a working directory inside it stays live, not left in a deleted old version."""
     target = tmp_path / "run"
     qpeft.save_adapter(_converted(seed=0), target)
     (target / "logs").mkdir()
@@ -346,6 +347,80 @@ def test_save_adapter_into_the_working_directory(tmp_path, monkeypatch):
     fresh = _converted(seed=5)
     qpeft.load_adapter(fresh, "..")
     _assert_same_adapters(fresh, new_model)
+
+
+def _inodes(root) -> dict[str, int]:
+    return {
+        os.path.relpath(os.path.join(d, n), root): os.lstat(os.path.join(d, n)).st_ino
+        for d, dirs, files in os.walk(root)
+        for n in dirs + files
+    }
+
+
+@pytest.mark.parametrize("start", ["other files", "pair only"])
+def test_save_adapter_never_rebuilds_a_directory_with_other_entries(tmp_path, monkeypatch, start):
+    """Only the pair's two files change: the directory and its other entries keep their
+    identity (the old save rebuilt the whole directory, copying other entries and deleting
+    the old tree, which emptied a volume mounted inside it and lost a file another process
+    wrote meanwhile). A file that appears while the pair is being written stays too, also
+    where the directory held the pair alone before (the swap path re-checks)."""
+    target = tmp_path / "out"
+    qpeft.save_adapter(_converted(seed=0), target)
+    if start == "other files":
+        (target / "data").mkdir()
+        (target / "data" / "precious.txt").write_text("keep")
+        (target / "notes.md").write_text("n")
+    before = _inodes(target)
+    dir_inode = os.stat(target).st_ino
+    real_write_pair = ser._write_pair
+
+    def write_pair(directory, tensors, config_bytes, temporary):
+        out = real_write_pair(directory, tensors, config_bytes, temporary)
+        (target / "late.log").write_text("written meanwhile")
+        return out
+
+    monkeypatch.setattr(ser, "_write_pair", write_pair)
+    new_model = _converted(seed=3)
+    qpeft.save_adapter(new_model, target)
+    monkeypatch.undo()
+    assert (target / "late.log").read_text() == "written meanwhile"
+    assert os.stat(target).st_ino == dir_inode
+    after = _inodes(target)
+    for name, ino in before.items():
+        if name not in ("adapter_config.json", "adapter_model.safetensors"):
+            assert after[name] == ino, name
+    if start == "other files":
+        assert (target / "data" / "precious.txt").read_text() == "keep"
+    top = {name.split(os.sep)[0] for name in before} | {"late.log"}
+    assert sorted(os.listdir(target)) == sorted(top)  # no temporaries left
+    assert _temporaries(tmp_path) == []
+    fresh = _converted(seed=5)
+    qpeft.load_adapter(fresh, target)
+    _assert_same_adapters(fresh, new_model)
+
+
+def test_save_adapter_where_the_parent_is_not_writable(tmp_path, monkeypatch):
+    """A writable directory under a parent the process cannot write (--out ~ under a
+    root-owned /home): the pair is written into it in place instead of staged beside it."""
+    target = tmp_path / "out"
+    qpeft.save_adapter(_converted(seed=0), target)
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if ".qpeft-tmp-" in os.fspath(path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    new_model = _converted(seed=3)
+    qpeft.save_adapter(new_model, target)
+    monkeypatch.undo()
+    fresh = _converted(seed=5)
+    qpeft.load_adapter(fresh, target)
+    _assert_same_adapters(fresh, new_model)
+    with pytest.raises(PermissionError):  # a new directory there cannot be made at all
+        monkeypatch.setattr(os, "mkdir", mkdir)
+        qpeft.save_adapter(new_model, tmp_path / "new")
 
 
 def test_failed_save_quantized_keeps_the_old_file(tmp_path, monkeypatch):
