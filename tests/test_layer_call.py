@@ -904,3 +904,26 @@ def test_linear4bit_a_changed_layer_is_replanned():
     torch.testing.assert_close(lin(x), x @ lin.dequantize(torch.float32).t() + lin.bias, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="got an input with 64 features"):
         lin(torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("kind", ["QLoRALinear", "Linear4bit"])
+def test_activation_checkpointing_recomputes_the_same_saved_tensors(kind):
+    # torch.utils.checkpoint (non-reentrant) compares the tensors the recomputation saves with
+    # the forward's: the first call (the full path, before a plan exists) and the recomputed
+    # one (planned) must save the same double-quantization offset (a [1] view on one path and
+    # the 0-d offset itself on the other failed every backward after the first)
+    from torch.utils.checkpoint import checkpoint
+
+    from qpeft.nn import Linear4bit, QLoRALinear
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(64, 32)
+    layer = QLoRALinear.from_linear(dense, r=4) if kind == "QLoRALinear" else Linear4bit.from_linear(dense)
+    x = torch.randn(5, 64, requires_grad=True)
+    for _ in range(3):
+        x.grad = None
+        checkpoint(layer, x, use_reentrant=False).sum().backward()
+        want = x.grad.clone()
+        x.grad = None
+        layer(x).sum().backward()
+        assert torch.equal(x.grad, want)
