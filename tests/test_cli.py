@@ -140,6 +140,50 @@ def test_out_that_is_a_file_is_refused_before_training(tmp_path):
     assert target.read_text() == "not a directory"
 
 
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        (["--repeat", "0"], "argument --repeat: must be >= 1, got 0"),
+        (["--repeat", "-3"], "argument --repeat: must be >= 1, got -3"),
+        (["--rows", "-1"], "argument --rows: must be >= 1, got -1"),
+        (["--rows", "0"], "argument --rows: must be >= 1, got 0"),
+        (["--cols", "0"], "argument --cols: must be >= 1, got 0"),
+        (["--blocksize", "7"], "argument --blocksize: invalid choice: 7"),
+        (["--blocksize", "0"], "argument --blocksize: invalid choice: 0"),
+        (["--blocksize", "8192"], "argument --blocksize: invalid choice: 8192"),
+    ],
+)
+def test_quant_report_option_out_of_range_is_an_argument_error(option, message, capsys):
+    from qpeft.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["quant-report", "--device", "cpu", *option])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("dtype,bits", [("float32", 32), ("float16", 16), ("bfloat16", 16)])
+def test_quant_report_compares_with_the_chosen_dtype(dtype, bits, capsys):
+    from qpeft.__main__ import main
+
+    argv = [
+        "quant-report",
+        "--device",
+        "cpu",
+        "--rows",
+        "4",
+        "--cols",
+        "64",
+        "--repeat",
+        "1",
+        "--dtype",
+        dtype,
+    ]
+    assert main(argv) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "bits per parameter" in ln)
+    assert line.endswith(f"({dtype}: {bits})"), line
+
+
 @pytest.mark.parametrize("command", ["demo", "quant-report"])
 def test_help_is_plain_text_and_shows_defaults(command):
     r = _python("", "-m", "qpeft", command, "--help")
