@@ -238,6 +238,32 @@ def test_benchmarks_say_where_they_wrote_and_what_they_skipped(tmp_path, monkeyp
     assert "Not installed, so not compared: qpeft_no_such_package" in report
 
 
+def test_benchmarks_refuse_a_bad_out_or_threads_before_running(tmp_path, monkeypatch, capsys):
+    """--out naming a file ran every case, then lost the results to FileExistsError;
+    --threads -1 was a traceback. Both are usage errors (exit 2) before any case runs."""
+    from types import SimpleNamespace
+
+    from benchmarks import __main__ as bench
+
+    def cases(device, quick):
+        raise AssertionError("a case ran")
+
+    monkeypatch.setattr(bench, "MODULES", {"tiny": SimpleNamespace(cases=cases)})
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    for argv, message in [
+        (["--out", str(taken)], f"--out {taken}: exists and is not a directory"),
+        (["--out", "/proc/qpeft_no_such"], "cannot create or write the directory"),
+        (["--threads", "-1"], "argument --threads: must be >= 1, got -1"),
+        (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--quick", "--ops", "tiny", "--out", str(tmp_path / "out"), *argv])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1], argv
+    assert taken.read_text() == "a file"
+
+
 def test_bench_extra_installs_every_optional_package():
     from benchmarks.harness import OPTIONAL
 
