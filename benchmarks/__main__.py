@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -96,6 +97,26 @@ def run_case(case, device: str, quick: bool) -> tuple[list[Result], list[str]]:
     return results, failures
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _unwritable_dir(path: Path) -> str | None:
+    """Why results cannot be written into ``path`` (created if missing), or None: checked
+    before the run, so that a long run does not end in an error with its results lost."""
+    if path.exists() and not path.is_dir():
+        return "exists and is not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as exc:
+        return f"cannot create or write the directory ({exc.strerror or exc})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="every case at tiny sizes, few runs (CI smoke)")
@@ -107,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"case modules, space- or comma-separated (quant,matmul): {', '.join(MODULES)}",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=_at_least_one, default=None, help="torch threads (default: torch's choice)"
+    )
     args = parser.parse_args(argv)
     args.ops = [op for item in args.ops for op in item.split(",") if op]
     unknown = [op for op in args.ops if op not in MODULES]
@@ -117,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
+    problem = _unwritable_dir(args.out)
+    if problem:
+        parser.error(f"--out {args.out}: {problem}")
     if args.threads:
         torch.set_num_threads(args.threads)  # pinned for the whole run
     missing = missing_optional()

@@ -24,6 +24,7 @@ import torch
 
 import qpeft
 import qpeft.functional as qf
+from qpeft._formats import BLOCKSIZES_4BIT
 
 
 def _median_ms(fn, repeat: int) -> float:
@@ -66,7 +67,7 @@ def quant_report(args: argparse.Namespace) -> int:
 
     params = weight.numel()
     stored = packed.numel() + state.absmax.numel() + 4 * state.state2.absmax.numel() + 4
-    print(f"  bits per parameter: {8 * stored / params:.3f} (bf16: 16)")
+    print(f"  bits per parameter: {8 * stored / params:.3f} ({args.dtype}: {torch.finfo(dtype).bits})")
     err = (restored.float() - weight.float()).abs()
     print(
         f"  mean |error| / mean |w|: {float(err.mean() / weight.float().abs().mean()):.4f}, "
@@ -192,15 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     p.set_defaults(func=quant_report)
-    p.add_argument("--rows", type=int, default=4096, help="weight rows")
-    p.add_argument("--cols", type=int, default=4096, help="weight columns")
+    p.add_argument("--rows", type=demo._at_least(1), default=4096, help="weight rows")
+    p.add_argument("--cols", type=demo._at_least(1), default=4096, help="weight columns")
     p.add_argument(
         "--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16", help="weight dtype"
     )
     p.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4", help="4-bit data type")
-    p.add_argument("--blocksize", type=int, default=64, help="elements per absmax block")
+    p.add_argument(
+        "--blocksize", type=int, choices=BLOCKSIZES_4BIT, default=64, help="elements per absmax block"
+    )
     add_device_argument(p)
-    p.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (the median is shown)")
+    p.add_argument(
+        "--repeat", type=demo._at_least(1), default=5, help="timed runs per measurement (the median is shown)"
+    )
     return parser
 
 

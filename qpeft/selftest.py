@@ -562,6 +562,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
         raise UsageError(f"--checks: unknown {', '.join(unknown)}; known: {', '.join(CHECKS)}")
+    if not checks:  # checking nothing must not report "all passed"
+        raise UsageError(f"--checks: {args.checks!r} names no check; give one or more of {', '.join(CHECKS)}")
     available = backends_on(device)
     if args.backends not in ("all", ""):
         backends = [b for b in args.backends.split(",") if b]

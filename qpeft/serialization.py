@@ -99,6 +99,10 @@ def _lora_key(name: str) -> tuple[str, str] | None:
     return m["path"], m["kind"]
 
 
+def _listed_names(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
 def _safetensors():
     try:
         import safetensors.torch as st
@@ -424,6 +428,15 @@ def save_adapter(
     extra |= _tie_partners(model, extra)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
     if not layers:
+        ia3 = [n for n, m in model.named_modules() if isinstance(m, IA3Linear)]
+        if ia3:
+            raise ValueError(
+                f"the model's adapters are IA3 ({_listed_names(ia3)} are IA3Linear, from convert(method='ia3')); "
+                "save_adapter writes PEFT's LoRA format only and qpeft cannot write PEFT's IA3 format. Save the "
+                "IA3 vectors from the state dict instead: {k: v for k, v in model.state_dict().items() if "
+                "k.endswith('.ia3_l')} (torch.save or safetensors), and load them into the same converted model "
+                "with model.load_state_dict(vectors, strict=False)"
+            )
         raise ValueError("the model has no qpeft QLoRALinear layer; run qpeft.convert(model) first")
     if adapter_name is None:
         actives = {m.active_adapter for _, m in layers if m.active_adapter is not None}

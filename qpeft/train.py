@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,10 +65,35 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return value
+
+
+# torch.manual_seed takes 64 bits, and the batches' seed is seed * 1_000_003 + step
+MAX_SEED = 2**32 - 1
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}], got {value}")
     return value
 
 
@@ -100,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches per rank per step")
     p.add_argument("--seq-len", type=_positive, default=64, help="tokens per sequence")
     p.add_argument("--lr", type=_positive_float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random init and the batches")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random init and the batches")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
     p.add_argument("--param-dtype", choices=sorted(DTYPES), help="fsdp2 MixedPrecisionPolicy param_dtype")
     p.add_argument("--reduce-dtype", choices=sorted(DTYPES), help="fsdp2 MixedPrecisionPolicy reduce_dtype")
@@ -110,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", help="directory for a DCP checkpoint at the end (or at --save-at)")
     p.add_argument("--save-at", type=_positive, help="step after which --save is written (default: last)")
     p.add_argument("--resume", help="DCP checkpoint directory written by --save")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's)")
+    p.add_argument(
+        "--threads", type=_non_negative, default=0, help="torch CPU threads per process (0: torch's)"
+    )
     p.add_argument("--log-file", help="rank 0 also writes the per-step losses here as JSON")
     return p
 
@@ -122,8 +151,28 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give the model: --config tiny-llama, --config path/to/config.json or --model DIR")
     if args.config is not None and args.config not in PRESETS and not os.path.isfile(args.config):
         p.error(f"--config {args.config!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+    if args.config is not None and args.config not in PRESETS:
+        try:
+            config = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            p.error(f"--config {args.config!r} is not a readable JSON config.json ({exc})")
+        if not isinstance(config, dict):
+            p.error(f"--config {args.config!r} is not a config.json (its JSON is not an object)")
     if args.model is not None and not os.path.isdir(args.model):
         p.error(f"--model {args.model!r} is not a directory (only local models can be loaded)")
+    if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
+        p.error(f"--model {args.model!r} has no config.json: give a directory written by save_pretrained")
+    if args.device is not None:
+        from .__main__ import UsageError, check_device
+
+        try:
+            check_device(args.device)
+        except UsageError as exc:
+            p.error(str(exc))
+    if args.targets != "all-linear" and not [t for t in args.targets.split(",") if t]:
+        p.error(
+            f"--targets {args.targets!r} names no module: give module names (q_proj,v_proj) or all-linear"
+        )
     if args.tokenizer == "model" and args.model is None:
         p.error("--tokenizer model needs --model DIR (a config-built model has no tokenizer)")
     if args.data is not None and not os.path.isfile(args.data):
@@ -146,7 +195,60 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"and its training state ({'; '.join(differ)}): the checkpoint holds only the adapters and "
                 "optimizer state, the base is rebuilt from these arguments, so resume with the saved values"
             )
+        try:
+            start = _checkpoint_step(args.resume)
+        except (OSError, ValueError, KeyError, TypeError):
+            p.error(f"--resume {args.resume!r}: its {CKPT_META} has no readable 'step'")
+        if start >= args.steps:
+            p.error(f"--resume {args.resume!r} is at step {start}; --steps {args.steps} leaves nothing to do")
+        if args.save is not None and (args.save_at or args.steps) <= start:
+            p.error(
+                f"--save-at {args.save_at or args.steps}: the checkpoint --resume {args.resume!r} is at step "
+                f"{start} and this run trains steps {start + 1}..{args.steps}, so nothing would be saved; "
+                f"give --save-at in {start + 1}..{args.steps}"
+            )
+    # Outputs are checked before any work (on every rank), not found unwritable after training.
+    if args.save is not None:
+        problem = _unwritable_dir(args.save)
+        if problem:
+            p.error(f"--save {args.save!r}: {problem}")
+    if args.log_file is not None:
+        problem = _unwritable_file(args.log_file)
+        if problem:
+            p.error(f"--log-file {args.log_file!r}: {problem}")
     return args
+
+
+def _unwritable_dir(path: str) -> str | None:
+    """Why the directory ``path`` cannot be written (it is created if missing), or None."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "exists and is not a directory"
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as exc:
+        return f"cannot create or write the directory ({exc.strerror or exc})"
+    return None
+
+
+def _unwritable_file(path: str) -> str | None:
+    """Why the file ``path`` cannot be written, or None (nothing is created)."""
+    if os.path.isdir(path):
+        return "is a directory; give a file name"
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        return f"the directory {parent!r} does not exist"
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        return f"cannot write in {parent!r} ({exc.strerror or exc})"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return "is not writable"
+    return None
+
+
+def _checkpoint_step(path: str) -> int:
+    return int(json.loads(Path(path, CKPT_META).read_text(encoding="utf-8"))["step"])
 
 
 # Arguments that define the frozen base (rebuilt on resume, not saved), the adapters' shapes and
@@ -366,7 +468,7 @@ def resume(path: str, model, opt, distributed: bool) -> int:
     state = {"model": _adapter_state(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(state, checkpoint_id=path, no_dist=not distributed)
     set_optimizer_state_dict(model, opt, state["optim"])
-    return int(json.loads(Path(path, CKPT_META).read_text(encoding="utf-8"))["step"])
+    return _checkpoint_step(path)
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -399,15 +501,21 @@ def main(argv=None) -> list[float]:
             options["compute_dtype"] = DTYPES[args.compute_dtype]
         targets = args.targets if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
         torch.manual_seed(args.seed + 1)  # the adapters' init, however the base was obtained
-        qpeft.convert(
-            model.to(device),
-            targets,
-            r=args.r,
-            alpha=args.alpha,
-            dropout=args.dropout,
-            verbose=rank == 0,
-            **options,
-        )
+        try:
+            qpeft.convert(
+                model.to(device),
+                targets,
+                r=args.r,
+                alpha=args.alpha,
+                dropout=args.dropout,
+                verbose=rank == 0,
+                **options,
+            )
+        except (ValueError, TypeError) as exc:
+            if "target_modules" not in str(exc):
+                raise
+            # known only once the model is built; still before any training, on every rank
+            build_parser().error(f"--targets {args.targets!r}: {exc}")
         model.train()
         model = wrap(model, args, device, world)
         params = [p for p in model.parameters() if p.requires_grad]

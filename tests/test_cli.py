@@ -151,6 +151,50 @@ def test_out_where_files_cannot_be_written_is_refused_before_training():
         check_output_dir("/proc")
 
 
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        (["--repeat", "0"], "argument --repeat: must be >= 1, got 0"),
+        (["--repeat", "-3"], "argument --repeat: must be >= 1, got -3"),
+        (["--rows", "-1"], "argument --rows: must be >= 1, got -1"),
+        (["--rows", "0"], "argument --rows: must be >= 1, got 0"),
+        (["--cols", "0"], "argument --cols: must be >= 1, got 0"),
+        (["--blocksize", "7"], "argument --blocksize: invalid choice: 7"),
+        (["--blocksize", "0"], "argument --blocksize: invalid choice: 0"),
+        (["--blocksize", "8192"], "argument --blocksize: invalid choice: 8192"),
+    ],
+)
+def test_quant_report_option_out_of_range_is_an_argument_error(option, message, capsys):
+    from qpeft.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["quant-report", "--device", "cpu", *option])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("dtype,bits", [("float32", 32), ("float16", 16), ("bfloat16", 16)])
+def test_quant_report_compares_with_the_chosen_dtype(dtype, bits, capsys):
+    from qpeft.__main__ import main
+
+    argv = [
+        "quant-report",
+        "--device",
+        "cpu",
+        "--rows",
+        "4",
+        "--cols",
+        "64",
+        "--repeat",
+        "1",
+        "--dtype",
+        dtype,
+    ]
+    assert main(argv) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "bits per parameter" in ln)
+    assert line.endswith(f"({dtype}: {bits})"), line
+
+
 @pytest.mark.parametrize("command", ["demo", "quant-report"])
 def test_help_is_plain_text_and_shows_defaults(command):
     r = _python("", "-m", "qpeft", command, "--help")
@@ -203,6 +247,32 @@ def test_benchmarks_say_where_they_wrote_and_what_they_skipped(tmp_path, monkeyp
     assert f"wrote 2 files to {tmp_path.resolve()}: cpu_quick.md, cpu_quick.json" in err
     report = (tmp_path / "cpu_quick.md").read_text()
     assert "Not installed, so not compared: qpeft_no_such_package" in report
+
+
+def test_benchmarks_refuse_a_bad_out_or_threads_before_running(tmp_path, monkeypatch, capsys):
+    """--out naming a file ran every case, then lost the results to FileExistsError;
+    --threads -1 was a traceback. Both are usage errors (exit 2) before any case runs."""
+    from types import SimpleNamespace
+
+    from benchmarks import __main__ as bench
+
+    def cases(device, quick):
+        raise AssertionError("a case ran")
+
+    monkeypatch.setattr(bench, "MODULES", {"tiny": SimpleNamespace(cases=cases)})
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    for argv, message in [
+        (["--out", str(taken)], f"--out {taken}: exists and is not a directory"),
+        (["--out", "/proc/qpeft_no_such"], "cannot create or write the directory"),
+        (["--threads", "-1"], "argument --threads: must be >= 1, got -1"),
+        (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--quick", "--ops", "tiny", "--out", str(tmp_path / "out"), *argv])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1], argv
+    assert taken.read_text() == "a file"
 
 
 def test_bench_extra_installs_every_optional_package():

@@ -99,7 +99,9 @@ def test_a_kernel_that_raises_fails_naming_the_op(capsys):
     assert "gemv_4bit [cpu," in cap.err and "planted failure" in cap.err
 
 
-@pytest.mark.parametrize("option", [["--checks", "nope"], ["--backends", "cuda"]])
+@pytest.mark.parametrize(
+    "option", [["--checks", "nope"], ["--backends", "cuda"], ["--checks", ""], ["--checks", ","]]
+)
 def test_unknown_check_or_backend_is_a_usage_error(option):
     # through `python -m qpeft`, where qpeft/__main__.py runs as __main__
     r = subprocess.run(

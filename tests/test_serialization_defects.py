@@ -1018,3 +1018,30 @@ def test_save_adapter_of_one_side_of_a_tie_loads_in_peft(tmp_path):
     qpeft.load_adapter(fresh, tmp_path)  # equal tensors for every holder: stays tied
     assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
     assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+
+
+def test_save_adapter_on_an_ia3_model_says_ia3_cannot_be_saved_and_what_works(tmp_path):
+    """It said 'no qpeft QLoRALinear layer; run qpeft.convert(model) first' of a model that
+    convert(method='ia3') had converted. The workaround it names round-trips the vectors."""
+
+    def ia3(seed):
+        torch.manual_seed(seed)
+        return qpeft.convert(nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 8)), method="ia3", verbose=False)
+
+    model = ia3(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("ia3_l"):
+                p.uniform_(0.5, 1.5)
+    with pytest.raises(ValueError, match=r"adapters are IA3 .*cannot write PEFT's IA3 format") as exc:
+        qpeft.save_adapter(model, tmp_path / "out")
+    assert "run qpeft.convert" not in str(exc.value)
+    assert not (tmp_path / "out").exists()
+    # the workaround the message names
+    vectors = {k: v for k, v in model.state_dict().items() if k.endswith(".ia3_l")}
+    st.save_file(vectors, str(tmp_path / "ia3.safetensors"))
+    other = ia3(0)
+    result = other.load_state_dict(st.load_file(str(tmp_path / "ia3.safetensors")), strict=False)
+    assert not result.unexpected_keys
+    x = torch.randn(3, 16)
+    assert torch.equal(other(x), model(x))

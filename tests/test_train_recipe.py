@@ -292,6 +292,17 @@ def test_config_file_and_local_model(tmp_path):
         (["--config", "tiny-llama", "--strategy", "pipeline"], "invalid choice"),
         (["--config", "tiny-llama", "--optim", "sgd"], "invalid choice"),
         (["--config", "tiny-llama", "--quant-type", "int4"], "invalid choice"),
+        (["--config", "tiny-llama", "--device", "foo"], "--device foo: unknown device"),
+        (["--config", "tiny-llama", "--threads", "-1"], "--threads: must be >= 0"),
+        (["--config", "tiny-llama", "--alpha", "inf"], "--alpha: must be a finite number > 0"),
+        (["--config", "tiny-llama", "--lr", "inf"], "--lr: must be a finite number > 0"),
+        (["--config", "tiny-llama", "--weight-decay", "-1"], "--weight-decay: must be a finite number >= 0"),
+        (["--config", "tiny-llama", "--targets", ""], "names no module"),
+        (["--config", "tiny-llama", "--targets", ","], "names no module"),
+        (["--config", "tiny-llama", "--seed", "99999999999999999999"], "--seed: must be in [0, "),
+        (["--config", "tiny-llama", "--log-file", "/no/such/dir/log.json"], "does not exist"),
+        (["--config", "tiny-llama", "--log-file", "/"], "is a directory"),
+        (["--config", "tiny-llama", "--save", "/proc/qpeft_no_such"], "cannot create or write"),
     ],
 )
 def test_argument_errors(argv, message, capsys):
@@ -299,6 +310,64 @@ def test_argument_errors(argv, message, capsys):
         train.parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only message")
+def test_cuda_device_without_a_gpu_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(["--config", "tiny-llama", "--device", "cuda"])
+    assert exc.value.code == 2
+    assert "--device cuda:" in capsys.readouterr().err
+
+
+def test_bad_files_are_argument_errors_before_any_work(tmp_path, capsys):
+    """A bad --config/--model/--save/--log-file is one line and exit 2 from parse_args, not a
+    traceback (--save and --log-file once only after every step had run)."""
+    not_json = tmp_path / "config.txt"
+    not_json.write_text("not json")
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--config", str(not_json)], "is not a readable JSON config.json"),
+        (["--model", str(tmp_path / "empty")], "has no config.json"),
+        (["--config", "tiny-llama", "--save", str(taken)], "exists and is not a directory"),
+        (["--config", "tiny-llama", "--log-file", str(tmp_path)], "is a directory"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            train.parse_args(argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err, argv
+    assert taken.read_text() == "a file"
+    ok = train.parse_args(["--config", "tiny-llama", "--save", str(tmp_path / "new" / "ck")])
+    assert os.path.isdir(ok.save)  # created up front, so a later failure to write it cannot happen
+
+
+def test_targets_matching_nothing_is_an_argument_error_before_training(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main([*BASE, "--strategy", "none", "--steps", "1", "--targets", "bogus_proj"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--targets 'bogus_proj'" in err and "selects no nn.Linear" in err and "step 1" not in err
+
+
+def test_resume_with_save_at_not_after_the_checkpoint_is_refused(tmp_path, capsys):
+    """--save-at at or before the checkpoint's step saved nothing and exited 0."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / train.CKPT_META).write_text(json.dumps({"step": 2, "args": {}}))
+    args = ["--config", "tiny-llama", "--steps", "4", "--resume", str(ck), "--save", str(tmp_path / "new")]
+    for save_at in (["--save-at", "1"], ["--save-at", "2"]):
+        with pytest.raises(SystemExit) as exc:
+            train.parse_args([*args, *save_at])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "is at step 2" in err and "give --save-at in 3..4" in err
+    assert train.parse_args([*args, "--save-at", "3"]).save_at == 3
+    with pytest.raises(SystemExit):
+        train.parse_args([*args[:2], "--steps", "2", *args[4:6]])
+    assert "leaves nothing to do" in capsys.readouterr().err
 
 
 def test_run_time_errors(monkeypatch):
