@@ -18,6 +18,8 @@ from . import (
 )
 from ._formats import NESTED_BLOCKSIZE, code4, dynamic_map
 from .autograd import (
+    EagerLinear4bitFunction,
+    EagerQLoRAFunction,
     Linear4bitFunction,
     QLoRAFunction,
     TracedQLoRAFunction,
@@ -324,8 +326,10 @@ def qlora_linear(
         # autocast) out here, autograd records it, so y is no view made inside the Function
         # (in-place ops on it work) and the x it saves keeps its graph (create_graph=True)
         x2 = _rows(x, quant[4])
-        if torch._C._get_tracing_state() is None:
+        if _setup_context_form():
             y = QLoRAFunction.apply(x2, lora_A, lora_B, bias, frozen)[0]
+        elif torch._C._get_tracing_state() is None:
+            y = EagerQLoRAFunction.apply(x2, lora_A, lora_B, bias, frozen)[0]
         else:  # torch.jit.trace: the frozen tensors as arguments (TracedQLoRAFunction)
             consts = (quant, args[10], return_xa)
             y = TracedQLoRAFunction.apply(
@@ -335,6 +339,15 @@ def qlora_linear(
     # nothing needs a gradient: the same forward without an autograd node (its setup is a
     # fifth of a small layer's call; docs/design.md, "Per-call overhead")
     return qlora_forward(*args, False)[0]
+
+
+def _setup_context_form() -> bool:
+    """Whether the layers' autograd runs in its forward + setup_context form (QLoRAFunction,
+    Linear4bitFunction): under a torch.func transform, which needs it, and while
+    torch.compile traces (dynamo traces that form; its per-call argument binding costs
+    nothing there). Otherwise the ctx-first twins (EagerQLoRAFunction,
+    EagerLinear4bitFunction) skip that binding."""
+    return torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
 
 
 def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -411,7 +424,8 @@ def linear_4bit(
     n, k = quant[3], quant[4]
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         # [M, K] in, [M, N] out, reshaped and cast for autocast out here (see qlora_linear)
-        y = Linear4bitFunction.apply(_rows(x, k), bias, weight_packed, absmax, na, nc, off, quant)
+        fn = Linear4bitFunction if _setup_context_form() else EagerLinear4bitFunction
+        y = fn.apply(_rows(x, k), bias, weight_packed, absmax, na, nc, off, quant)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
     # inference: the same forward without an autograd node (a decode step calls this per layer)
     dev = x.device.type

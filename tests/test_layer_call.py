@@ -17,7 +17,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qpeft
@@ -673,7 +673,7 @@ def _same_bits_both_ways(q, x, dy, node):
     if x.dim() != 2:  # the full path reshapes QLoRAFunction's [M, N] output outside it
         assert fn_full.name() == "ViewBackward0"
         fn_full = fn_full.next_functions[0][0]
-    assert fn_fast.name() == node and fn_full.name() == "QLoRAFunctionBackward"
+    assert fn_fast.name() == node and fn_full.name() == "EagerQLoRAFunctionBackward"
     assert y_fast.shape == y_full.shape and torch.equal(y_fast, y_full)
     for a, b in zip(g_fast, g_full):
         assert (a is None) == (b is None)
@@ -785,6 +785,10 @@ def test_route_leaves_fp32_calls_that_compute_in_bf16(panel_level, monkeypatch, 
     lead=st.sampled_from([(), (3,)]),
     panel_rows=st.sampled_from([None, 1, 3, 8]),
     seed=st.integers(0, 2**16),
+)
+# N = 1: torch's GEMM summed dB in another order for the full path's transposed xa
+@example(
+    m=9, n=1, k=32, r=2, bias=False, double_quant=False, quant_type="nf4", lead=(), panel_rows=None, seed=1
 )
 def test_panel_route_same_bits_property(m, n, k, r, bias, double_quant, quant_type, lead, panel_rows, seed):
     """Random layers, rows and panel sizes at the scalar level: y and every gradient equal

@@ -701,7 +701,11 @@ def _backward_composed(
         if fused and rs is None:
             db = _cast(f32gemm.lora_grad(_cast(xa, cdt), dy, scaling, transpose_out=True), lora_b.dtype)
         else:
-            xa_t = _cast(xa, cdt).t()  # [r, M] (a view of the fused kernel's [M, r], or the panels')
+            # [r, M], row-major whatever xa's layout (the fused kernel's [M, r], or the panels'
+            # [r, M] product seen transposed): for N = 1 torch's GEMM sums in another order
+            # for a transposed operand, and the C++ layer call (PanelQLoRABackward) multiplies
+            # this row-major [r, M]: the same bits on both paths
+            xa_t = _cast(xa, cdt).t().contiguous()
             xs_t = xa_t * scaling if rs is None else xa_t * scaling * rs
             db = _cast(torch.mm(xs_t, dy).t().contiguous(), lora_b.dtype)
     if need_dbias:
